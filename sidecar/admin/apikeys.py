@@ -1,0 +1,101 @@
+"""ApiKeyService servicer."""
+
+from __future__ import annotations
+
+import asyncio
+
+from sidecar._gen.statuspulse.auth.v1 import api_keys_pb2 as pb
+from sidecar._gen.statuspulse.auth.v1 import api_keys_pb2_grpc as pb_grpc
+from sidecar.admin import convert
+from sidecar.admin.rpc import admin_rpc
+from sidecar.core.apikeys import ApiKeyService
+from sidecar.core.clock import Clock
+from sidecar.core.errors import InvalidArgument
+from sidecar.core.models import RequestContext
+
+
+class ApiKeyServicer(pb_grpc.ApiKeyServiceServicer):  # type: ignore[misc]
+    """Admin API for API keys."""
+
+    def __init__(self, service: ApiKeyService, clock: Clock) -> None:
+        self.authenticator = service
+        self._svc = service
+        self._clock = clock
+
+    @admin_rpc
+    async def CreateApiKey(
+        self, request: pb.CreateApiKeyRequest, ctx: RequestContext
+    ) -> pb.CreateApiKeyResponse:
+        minted = await asyncio.to_thread(
+            self._svc.create,
+            ctx,
+            workspace=request.workspace,
+            name=request.name,
+            scopes=list(request.scopes),
+            expires_in=_seconds(request.expires_in_seconds, "expires_in"),
+        )
+        return pb.CreateApiKeyResponse(
+            api_key=convert.api_key(minted.key, self._clock.now()), key=minted.secret
+        )
+
+    @admin_rpc
+    async def ListApiKeys(
+        self, request: pb.ListApiKeysRequest, ctx: RequestContext
+    ) -> pb.ListApiKeysResponse:
+        if request.page_size < 0:
+            raise InvalidArgument("page_size", "must not be negative")
+        state = convert.PB_TO_STATE.get(request.state)
+        if state is None and request.state != pb.API_KEY_STATE_UNSPECIFIED:
+            raise InvalidArgument("state", "unknown state")
+        page = await asyncio.to_thread(
+            self._svc.list,
+            ctx,
+            workspace=request.workspace,
+            state=state,
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        now = self._clock.now()
+        return pb.ListApiKeysResponse(
+            api_keys=[convert.api_key(k, now) for k in page.items],
+            next_page_token=page.next_token,
+        )
+
+    @admin_rpc
+    async def GetApiKey(
+        self, request: pb.GetApiKeyRequest, ctx: RequestContext
+    ) -> pb.GetApiKeyResponse:
+        key = await asyncio.to_thread(self._svc.get, ctx, request.id)
+        return pb.GetApiKeyResponse(api_key=convert.api_key(key, self._clock.now()))
+
+    @admin_rpc
+    async def CreateReplacementApiKey(
+        self, request: pb.CreateReplacementApiKeyRequest, ctx: RequestContext
+    ) -> pb.CreateReplacementApiKeyResponse:
+        minted = await asyncio.to_thread(
+            self._svc.replace,
+            ctx,
+            request.id,
+            grace=_seconds(request.grace_seconds, "grace"),
+            expires_in=_seconds(request.expires_in_seconds, "expires_in"),
+        )
+        now = self._clock.now()
+        assert minted.replaced is not None
+        return pb.CreateReplacementApiKeyResponse(
+            api_key=convert.api_key(minted.key, now),
+            key=minted.secret,
+            replaced=convert.api_key(minted.replaced, now),
+        )
+
+    @admin_rpc
+    async def RevokeApiKey(
+        self, request: pb.RevokeApiKeyRequest, ctx: RequestContext
+    ) -> pb.RevokeApiKeyResponse:
+        key = await asyncio.to_thread(self._svc.revoke, ctx, request.id, reason=request.reason)
+        return pb.RevokeApiKeyResponse(api_key=convert.api_key(key, self._clock.now()))
+
+
+def _seconds(value: int, field: str) -> int:
+    if value < 0:
+        raise InvalidArgument(field, "must not be negative")
+    return value

@@ -1,0 +1,45 @@
+"""Domain records to protobuf messages."""
+
+from __future__ import annotations
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from sidecar._gen.statuspulse.auth.v1 import api_keys_pb2 as pb
+from sidecar.core.models import ApiKey, KeyState
+from sidecar.core.scopes import sort_scopes
+
+STATE_TO_PB = {
+    KeyState.ACTIVE: pb.API_KEY_STATE_ACTIVE,
+    KeyState.EXPIRED: pb.API_KEY_STATE_EXPIRED,
+    KeyState.REVOKED: pb.API_KEY_STATE_REVOKED,
+}
+PB_TO_STATE = {v: k for k, v in STATE_TO_PB.items()}
+
+
+def timestamp(seconds: float | None) -> Timestamp | None:
+    """A protobuf Timestamp, or None for an unset time."""
+    if seconds is None:
+        return None
+    ts = Timestamp()
+    ts.FromSeconds(int(seconds))
+    return ts
+
+
+def api_key(key: ApiKey, now: float) -> pb.ApiKey:
+    """A key's metadata as the API shows it (never the digest)."""
+    return pb.ApiKey(
+        id=key.id,
+        name=key.name,
+        workspace=key.workspace,
+        scopes=sort_scopes(key.scopes),
+        state=STATE_TO_PB[key.state(now)],
+        create_time=timestamp(key.created_at),
+        expire_time=timestamp(key.expires_at),
+        revoke_time=timestamp(key.revoked_at),
+        revoke_reason=key.revoke_reason,
+        replaces=key.replaces,
+        replaced_by=key.replaced_by,
+        last_four=key.last_four,
+        grace_deadline=timestamp(key.grace_deadline),
+        created_by=key.created_by,
+    )

@@ -1,0 +1,78 @@
+"""The admin API client: one channel, the caller's key as Bearer metadata, errors as one line."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TypeVar
+
+import grpc
+
+T = TypeVar("T")
+
+EXIT_API_ERROR = 1
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 69
+
+
+class CliError(Exception):
+    """Printed as one line on stderr, then the CLI exits with ``exit_code``."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_API_ERROR) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class AdminClient:
+    """Holds the channel and the metadata every call carries."""
+
+    def __init__(self, endpoint: str, api_key: str, timeout: float = 10.0) -> None:
+        if not api_key:
+            raise CliError(
+                "STATUSPULSE_API_KEY is not set: export the key to authenticate with "
+                "(the operator key is in <data-dir>/bootstrap-key)",
+                EXIT_USAGE,
+            )
+        self.endpoint = endpoint
+        self.channel = grpc.insecure_channel(endpoint)
+        self.metadata = (("authorization", f"Bearer {api_key}"),)
+        self.timeout = timeout
+
+    def call(self, method: Callable[..., T], request: object) -> T:
+        """Invoke a unary method, turning RPC failures into CliError."""
+        try:
+            return method(request, metadata=self.metadata, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise self._translate(exc) from None
+
+    def _translate(self, exc: grpc.RpcError) -> CliError:
+        code = exc.code() if hasattr(exc, "code") else None
+        details = exc.details() if hasattr(exc, "details") else str(exc)
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and (
+            details is None or "connect" in details.lower() or "deadline" in details.lower()
+        ):
+            return CliError(
+                f"cannot reach the admin API at {self.endpoint} ({code.name.lower()}): "
+                "is `spauth serve` running? set --endpoint or SPAUTH_ENDPOINT",
+                EXIT_UNAVAILABLE,
+            )
+        name = code.name if code is not None else "UNKNOWN"
+        return CliError(f"{name}: {details}")
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+@contextmanager
+def admin_client(endpoint: str, api_key: str) -> Iterator[AdminClient]:
+    client = AdminClient(endpoint, api_key)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def fail(message: str, exit_code: int) -> int:
+    print(f"spauth: error: {message}", file=sys.stderr)
+    return exit_code

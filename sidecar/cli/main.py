@@ -1,0 +1,51 @@
+"""Entry point of the ``spauth`` command."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from sidecar.cli import keys, serve
+from sidecar.cli.client import EXIT_USAGE, CliError, admin_client, fail
+from sidecar.config import ConfigError
+
+
+def build_parser(environ: dict[str, str] | None = None) -> argparse.ArgumentParser:
+    env = os.environ if environ is None else environ
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--endpoint",
+        default=env.get("SPAUTH_ENDPOINT", "127.0.0.1:50051"),
+        help="admin API address (env SPAUTH_ENDPOINT, default 127.0.0.1:50051)",
+    )
+    common.add_argument("--output", "-o", choices=("table", "json"), default="table")
+    parser = argparse.ArgumentParser(
+        prog="spauth", description="StatusPulse Auth: control plane, sidecar and admin CLI"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve.register(sub, common)
+    keys.register(sub, common)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        runner = getattr(args, "runner", None)
+        if runner is not None:
+            return int(runner(args))
+        with admin_client(args.endpoint, os.environ.get("STATUSPULSE_API_KEY", "")) as client:
+            return int(args.handler(client, args))
+    except CliError as exc:
+        return fail(str(exc), exc.exit_code)
+    except ConfigError as exc:
+        return fail(f"configuration: {exc}", EXIT_USAGE)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""The control plane process: the store, the admin gRPC API, and periodic housekeeping."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import grpc
+from grpc_health.v1 import _async as health_aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from sidecar._gen.statuspulse.auth.v1 import api_keys_pb2, api_keys_pb2_grpc
+from sidecar.admin.apikeys import ApiKeyServicer
+from sidecar.config import Settings
+from sidecar.core.apikeys import ApiKeyService, KeyPolicy
+from sidecar.core.clock import Clock, SystemClock
+from sidecar.core.models import Minted
+from sidecar.store import Store, open_store
+
+log = logging.getLogger("sidecar.controlplane")
+
+
+class ControlPlane:
+    """Admin API over a store. ``start()`` binds; ``aclose()`` drains and releases."""
+
+    def __init__(self, settings: Settings, clock: Clock | None = None) -> None:
+        self.settings = settings
+        self.clock = clock or SystemClock()
+        self.store: Store = open_store(settings.store_url)
+        self.keys = ApiKeyService(
+            self.store,
+            self.clock,
+            KeyPolicy(
+                default_lifetime=settings.key_default_lifetime,
+                max_lifetime=settings.key_max_lifetime,
+            ),
+        )
+        self.health = health_aio.HealthServicer()
+        self._server: grpc.aio.Server | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self.admin_port = 0
+
+    def bootstrap(self) -> Minted | None:
+        """Create the operator key on first start (None when one exists already)."""
+        return self.keys.bootstrap_operator_key()
+
+    async def start(self) -> None:
+        server = grpc.aio.server()
+        api_keys_pb2_grpc.add_ApiKeyServiceServicer_to_server(
+            ApiKeyServicer(self.keys, self.clock), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        names = (
+            api_keys_pb2.DESCRIPTOR.services_by_name["ApiKeyService"].full_name,
+            health.SERVICE_NAME,
+            reflection.SERVICE_NAME,
+        )
+        reflection.enable_server_reflection(names, server)
+        self.admin_port = server.add_insecure_port(self.settings.admin_addr)
+        if self.admin_port == 0:
+            raise OSError(f"admin_addr: cannot listen on {self.settings.admin_addr}")
+        await server.start()
+        self._server = server
+        for name in ("", names[0]):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._sweeper = asyncio.create_task(self._sweep_forever())
+        log.info("control plane listening", extra={"admin_addr": self.settings.admin_addr})
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            try:
+                changed = await asyncio.to_thread(self.keys.sweep)
+                if changed:
+                    log.info("swept keys", extra={"changed": changed})
+            except Exception:
+                log.exception("sweep failed; retrying")
+            await asyncio.sleep(self.settings.sweep_interval)
+
+    async def aclose(self, grace: float = 5.0) -> None:
+        """Health NOT_SERVING, stop accepting, drain in-flight calls, close the store."""
+        await self.health.enter_graceful_shutdown()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        if self._server is not None:
+            await self._server.stop(grace)
+        self.store.close()

@@ -1,0 +1,1 @@
+"""The domain: credentials, scopes, policy, decisions. Imports no transport or storage driver."""

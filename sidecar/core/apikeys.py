@@ -1,0 +1,347 @@
+"""API key lifecycle: create, list, get, create replacement, revoke, expire; and authentication
+of a presented key. Every change writes its audit event and change-log entry in one transaction."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import json
+from dataclasses import dataclass, replace
+
+from sidecar.core import keyformat, validation
+from sidecar.core.audit import event
+from sidecar.core.clock import Clock
+from sidecar.core.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+)
+from sidecar.core.models import (
+    OPERATOR_WORKSPACE,
+    ApiKey,
+    Change,
+    KeyState,
+    Minted,
+    Page,
+    Principal,
+    RequestContext,
+)
+from sidecar.core.scopes import ADMIN_FULL, KEYS_MANAGE, parse_scopes, satisfies, sort_scopes
+from sidecar.store.base import Store, UnitOfWork
+
+DAY = 86400
+SYSTEM_ACTOR = "system"
+
+
+@dataclass(frozen=True, slots=True)
+class KeyPolicy:
+    """Lifetimes and paging limits for API keys."""
+
+    default_lifetime: int = 90 * DAY
+    max_lifetime: int = 365 * DAY
+    min_lifetime: int = 60
+    max_grace: int = 30 * DAY
+    default_page_size: int = 50
+    max_page_size: int = 1000
+
+
+def credential_payload(key: ApiKey) -> dict[str, object]:
+    """What a sidecar replica needs to know about a usable key (digest, never the secret)."""
+    return {
+        "id": key.id,
+        "digest": key.digest.hex(),
+        "workspace": key.workspace,
+        "scopes": sort_scopes(key.scopes),
+        "expires_at": key.expires_at,
+    }
+
+
+class ApiKeyService:
+    """The API key use cases; transports call these and map their errors."""
+
+    def __init__(self, store: Store, clock: Clock, policy: KeyPolicy | None = None) -> None:
+        self._store = store
+        self._clock = clock
+        self.policy = policy or KeyPolicy()
+
+    # -- authentication -------------------------------------------------------------------
+
+    def authenticate(self, secret: str) -> Principal:
+        """The principal for a presented key, or Unauthenticated saying why it is refused."""
+        if not secret:
+            raise Unauthenticated("missing API key: send 'authorization: Bearer <key>'")
+        if not keyformat.is_well_formed(secret):
+            raise Unauthenticated("malformed API key (bad prefix, length or checksum)")
+        digest = keyformat.digest(secret)
+        with self._store.read() as uow:
+            key = uow.keys.get_by_digest(digest)
+        if key is None or not hmac.compare_digest(key.digest, digest):
+            raise Unauthenticated("unknown API key")
+        state = key.state(self._clock.now())
+        if state is not KeyState.ACTIVE:
+            raise Unauthenticated(f"API key {state.value}")
+        return Principal(key_id=key.id, workspace=key.workspace, scopes=key.scopes)
+
+    # -- use cases --------------------------------------------------------------------------
+
+    def create(
+        self,
+        ctx: RequestContext,
+        *,
+        workspace: str,
+        name: str,
+        scopes: list[str],
+        expires_in: int = 0,
+    ) -> Minted:
+        """Mint a key in ``workspace``; the caller must hold every scope it grants."""
+        workspace = validation.workspace(workspace)
+        name = validation.name(name)
+        granted = parse_scopes(scopes)
+        lifetime = self._lifetime(expires_in)
+        _require(ctx.principal, KEYS_MANAGE, workspace)
+        _require_grantable(ctx.principal, granted)
+        now = int(self._clock.now())
+        secret = keyformat.mint_key()
+        key = ApiKey(
+            id=keyformat.mint_id(),
+            digest=keyformat.digest(secret),
+            last_four=secret[-4:],
+            name=name,
+            workspace=workspace,
+            scopes=granted,
+            created_at=now,
+            expires_at=now + lifetime,
+            created_by=ctx.principal.key_id,
+        )
+        with self._store.transaction() as uow:
+            uow.keys.insert(key)
+            self._record(uow, ctx, "key.created", key, {"scopes": " ".join(sort_scopes(granted))})
+            uow.changes.append(Change("credential.upserted", key.id, credential_payload(key)))
+        return Minted(key=key, secret=secret)
+
+    def list(
+        self,
+        ctx: RequestContext,
+        *,
+        workspace: str = "",
+        state: KeyState | None = None,
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> Page:
+        """Keys the caller may see, newest first, one page at a time."""
+        if workspace:
+            if workspace != OPERATOR_WORKSPACE:
+                validation.workspace(workspace)
+            _require(ctx.principal, KEYS_MANAGE, workspace)
+            scope: str | None = workspace
+        else:
+            _require(ctx.principal, KEYS_MANAGE, ctx.principal.workspace)
+            scope = None if ctx.principal.is_operator else ctx.principal.workspace
+        size = page_size or self.policy.default_page_size
+        if not 1 <= size <= self.policy.max_page_size:
+            raise InvalidArgument("page_size", f"must be between 1 and {self.policy.max_page_size}")
+        after = _decode_token(page_token) if page_token else None
+        with self._store.read() as uow:
+            items = uow.keys.page(
+                workspace=scope,
+                state=state,
+                now=int(self._clock.now()),
+                limit=size + 1,
+                after=after,
+            )
+        more = len(items) > size
+        items = items[:size]
+        token = _encode_token(items[-1]) if more else ""
+        return Page(items=items, next_token=token)
+
+    def get(self, ctx: RequestContext, key_id: str) -> ApiKey:
+        """One key the caller may see."""
+        with self._store.read() as uow:
+            key = _load(uow, key_id)
+        _require(ctx.principal, KEYS_MANAGE, key.workspace)
+        return key
+
+    def replace(
+        self, ctx: RequestContext, key_id: str, *, grace: int = 0, expires_in: int = 0
+    ) -> Minted:
+        """Create Replacement: a new key with the same workspace, name and scopes, linked to the
+        old one, which stays valid until revoked or until the optional grace deadline."""
+        lifetime = self._lifetime(expires_in)
+        if grace:
+            validation.in_range(grace, 1, self.policy.max_grace, "grace")
+        now = int(self._clock.now())
+        secret = keyformat.mint_key()
+        with self._store.transaction() as uow:
+            old = _load(uow, key_id)
+            _require(ctx.principal, KEYS_MANAGE, old.workspace)
+            _require_grantable(ctx.principal, old.scopes)
+            if old.revoked_at is not None:
+                raise FailedPrecondition(f"key {old.id} is revoked; create a new key instead")
+            if old.replaced_by:
+                raise FailedPrecondition(
+                    f"key {old.id} was already replaced by {old.replaced_by}; replace that one"
+                )
+            new = ApiKey(
+                id=keyformat.mint_id(),
+                digest=keyformat.digest(secret),
+                last_four=secret[-4:],
+                name=old.name,
+                workspace=old.workspace,
+                scopes=old.scopes,
+                created_at=now,
+                expires_at=now + lifetime,
+                created_by=ctx.principal.key_id,
+                replaces=old.id,
+            )
+            deadline = now + grace if grace else None
+            if deadline is not None and old.grace_deadline is not None:
+                deadline = min(deadline, old.grace_deadline)
+            old = replace(old, replaced_by=new.id, grace_deadline=deadline or old.grace_deadline)
+            uow.keys.insert(new)
+            uow.keys.update(old)
+            meta = {"replaces": old.id}
+            if deadline is not None:
+                meta["grace_deadline"] = str(deadline)
+            self._record(uow, ctx, "key.replaced", new, meta)
+            uow.changes.append(Change("credential.upserted", new.id, credential_payload(new)))
+        return Minted(key=new, secret=secret, replaced=old)
+
+    def revoke(self, ctx: RequestContext, key_id: str, *, reason: str = "") -> ApiKey:
+        """Revoke now. Revoking a revoked key returns it unchanged (idempotent)."""
+        reason = reason.strip()
+        if len(reason) > 500 or not reason.isprintable():
+            raise InvalidArgument("reason", "must be at most 500 printable characters")
+        with self._store.transaction() as uow:
+            key = _load(uow, key_id)
+            _require(ctx.principal, KEYS_MANAGE, key.workspace)
+            if key.revoked_at is not None:
+                return key
+            key = replace(key, revoked_at=int(self._clock.now()), revoke_reason=reason)
+            uow.keys.update(key)
+            self._record(uow, ctx, "key.revoked", key, {}, reason=reason)
+            uow.changes.append(Change("credential.revoked", key.id, {"id": key.id}))
+        return key
+
+    def sweep(self) -> int:
+        """Record expiries and carry out grace-deadline revocations that are due; returns how
+        many keys changed. Run periodically by the control plane."""
+        now = int(self._clock.now())
+        with self._store.transaction() as uow:
+            due = uow.keys.due_for_sweep(now)
+            for key in due:
+                if key.grace_deadline is not None and key.grace_deadline <= now:
+                    revoked = replace(key, revoked_at=now, revoke_reason="replacement grace ended")
+                    uow.keys.update(revoked)
+                    self._record_system(uow, "key.revoked", revoked, revoked.revoke_reason)
+                    uow.changes.append(Change("credential.revoked", key.id, {"id": key.id}))
+                else:
+                    uow.keys.update(replace(key, expiry_recorded=True))
+                    self._record_system(uow, "key.expired", key, "")
+                    uow.changes.append(Change("credential.expired", key.id, {"id": key.id}))
+        return len(due)
+
+    def bootstrap_operator_key(self, name: str = "operator") -> Minted | None:
+        """On first start: an ``admin:full`` key for every workspace, or None if one exists."""
+        now = int(self._clock.now())
+        secret = keyformat.mint_key()
+        key = ApiKey(
+            id=keyformat.mint_id(),
+            digest=keyformat.digest(secret),
+            last_four=secret[-4:],
+            name=name,
+            workspace=OPERATOR_WORKSPACE,
+            scopes=frozenset({ADMIN_FULL}),
+            created_at=now,
+            expires_at=now + self.policy.default_lifetime,
+            created_by=SYSTEM_ACTOR,
+        )
+        with self._store.transaction() as uow:
+            if uow.keys.has_operator():
+                return None
+            uow.keys.insert(key)
+            self._record_system(uow, "key.created", key, "bootstrap operator key")
+            uow.changes.append(Change("credential.upserted", key.id, credential_payload(key)))
+        return Minted(key=key, secret=secret)
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _lifetime(self, expires_in: int) -> int:
+        if not expires_in:
+            return self.policy.default_lifetime
+        return validation.in_range(
+            expires_in, self.policy.min_lifetime, self.policy.max_lifetime, "expires_in"
+        )
+
+    def _record(
+        self,
+        uow: UnitOfWork,
+        ctx: RequestContext,
+        action: str,
+        key: ApiKey,
+        metadata: dict[str, str],
+        reason: str = "",
+    ) -> None:
+        uow.audit.append(
+            event(
+                self._clock.now(),
+                ctx.principal.key_id,
+                action,
+                key.workspace,
+                key.id,
+                request_id=ctx.request_id,
+                reason=reason,
+                metadata={"name": key.name, **metadata},
+            )
+        )
+
+    def _record_system(self, uow: UnitOfWork, action: str, key: ApiKey, reason: str) -> None:
+        uow.audit.append(
+            event(self._clock.now(), SYSTEM_ACTOR, action, key.workspace, key.id, reason=reason)
+        )
+
+
+def _load(uow: UnitOfWork, key_id: str) -> ApiKey:
+    if not key_id:
+        raise InvalidArgument("id", "must not be empty")
+    key = uow.keys.get(key_id)
+    if key is None:
+        raise NotFound(f"no API key with id {key_id[:64]!r}")
+    return key
+
+
+def _require(principal: Principal, scope: str, workspace: str) -> None:
+    """The caller must act in ``workspace`` (the operator acts everywhere) and hold ``scope``."""
+    if not principal.is_operator and principal.workspace != workspace:
+        raise PermissionDenied(
+            f"key {principal.key_id} acts only in workspace {principal.workspace!r}"
+        )
+    if not satisfies(principal.scopes, scope):
+        raise PermissionDenied(f"this call needs scope {scope!r}")
+
+
+def _require_grantable(principal: Principal, scopes: frozenset[str]) -> None:
+    """A caller can never mint a key with a scope it does not hold."""
+    missing = sorted(s for s in scopes if not satisfies(principal.scopes, s))
+    if missing:
+        raise PermissionDenied(
+            f"cannot grant scopes the caller does not hold: {', '.join(missing)}"
+        )
+
+
+def _encode_token(key: ApiKey) -> str:
+    raw = json.dumps([key.created_at, key.id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_token(token: str) -> tuple[int, str]:
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        created_at, key_id = json.loads(raw)
+        if not isinstance(created_at, int) or not isinstance(key_id, str):
+            raise ValueError
+    except (ValueError, binascii.Error, TypeError):
+        raise InvalidArgument("page_token", "malformed page token") from None
+    return created_at, key_id

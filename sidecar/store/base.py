@@ -1,0 +1,98 @@
+"""The storage contract. One Protocol per aggregate, grouped in a unit of work so that a change,
+its audit record and its change-log entry commit together or not at all."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from typing import Protocol
+
+from sidecar.core.audit import AuditEvent
+from sidecar.core.models import ApiKey, Change, KeyState
+
+Cursor = tuple[int, str]
+
+
+class KeyRepository(Protocol):
+    """API keys, by id and by digest."""
+
+    def insert(self, key: ApiKey) -> None: ...
+
+    def update(self, key: ApiKey) -> None: ...
+
+    def get(self, key_id: str) -> ApiKey | None: ...
+
+    def get_by_digest(self, digest: bytes) -> ApiKey | None: ...
+
+    def page(
+        self,
+        *,
+        workspace: str | None,
+        state: KeyState | None,
+        now: int,
+        limit: int,
+        after: Cursor | None,
+    ) -> list[ApiKey]:
+        """Keys newest first, strictly after ``after`` = (created_at, id)."""
+        ...
+
+    def due_for_sweep(self, now: int) -> list[ApiKey]:
+        """Unrevoked keys whose expiry is not yet recorded but has passed, or whose grace
+        deadline has passed."""
+        ...
+
+    def usable(self, now: int) -> Iterator[ApiKey]:
+        """Every unrevoked, unexpired key (the replica snapshot)."""
+        ...
+
+    def has_operator(self) -> bool: ...
+
+
+class AuditRepository(Protocol):
+    """The audit trail (append-only)."""
+
+    def append(self, event: AuditEvent) -> None: ...
+
+    def recent(self, limit: int) -> list[AuditEvent]: ...
+
+
+class ChangeLog(Protocol):
+    """Ordered changes with monotonically increasing revisions, for replica resume."""
+
+    def append(self, change: Change) -> int: ...
+
+    def since(self, revision: int, limit: int) -> list[Change]: ...
+
+    def head(self) -> int: ...
+
+
+class UnitOfWork(Protocol):
+    """The repositories, bound to one transaction."""
+
+    @property
+    def keys(self) -> KeyRepository: ...
+
+    @property
+    def audit(self) -> AuditRepository: ...
+
+    @property
+    def changes(self) -> ChangeLog: ...
+
+
+class Store(Protocol):
+    """A backend: transactions, consistent reads, and change notifications."""
+
+    def transaction(self) -> AbstractContextManager[UnitOfWork]:
+        """A write transaction: commits on success, rolls back on any exception."""
+        ...
+
+    def read(self) -> AbstractContextManager[UnitOfWork]:
+        """A consistent read-only view."""
+        ...
+
+    def subscribe(self, callback: Callable[[int], None]) -> Callable[[], None]:
+        """Call ``callback(head_revision)`` after each commit that appended changes; returns an
+        unsubscribe function. Callbacks run on the committing thread and must be quick."""
+        ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,342 @@
+"""SQLite backend: one file in WAL mode, one connection per thread, versioned migrations."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from importlib import resources
+from pathlib import Path
+
+from sidecar.core.audit import AuditEvent
+from sidecar.core.errors import Unavailable
+from sidecar.core.models import ApiKey, Change, KeyState
+from sidecar.store.base import Cursor
+
+_KEY_COLUMNS = (
+    "id, digest, last_four, name, workspace, scopes, created_at, expires_at, created_by, "
+    "revoked_at, revoke_reason, replaces, replaced_by, grace_deadline, expiry_recorded"
+)
+
+
+def _key_from_row(row: sqlite3.Row) -> ApiKey:
+    return ApiKey(
+        id=row[0],
+        digest=bytes(row[1]),
+        last_four=row[2],
+        name=row[3],
+        workspace=row[4],
+        scopes=frozenset(row[5].split()),
+        created_at=row[6],
+        expires_at=row[7],
+        created_by=row[8],
+        revoked_at=row[9],
+        revoke_reason=row[10],
+        replaces=row[11],
+        replaced_by=row[12],
+        grace_deadline=row[13],
+        expiry_recorded=bool(row[14]),
+    )
+
+
+def _key_values(key: ApiKey) -> tuple[object, ...]:
+    return (
+        key.id,
+        key.digest,
+        key.last_four,
+        key.name,
+        key.workspace,
+        " ".join(sorted(key.scopes)),
+        key.created_at,
+        key.expires_at,
+        key.created_by,
+        key.revoked_at,
+        key.revoke_reason,
+        key.replaces,
+        key.replaced_by,
+        key.grace_deadline,
+        int(key.expiry_recorded),
+    )
+
+
+class SqliteKeys:
+    """KeyRepository over one connection."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def insert(self, key: ApiKey) -> None:
+        marks = ", ".join("?" * 15)
+        self._conn.execute(
+            f"INSERT INTO api_keys ({_KEY_COLUMNS}) VALUES ({marks})", _key_values(key)
+        )
+
+    def update(self, key: ApiKey) -> None:
+        values = _key_values(key)
+        columns = [c.strip() for c in _KEY_COLUMNS.split(",")][1:]
+        assignments = ", ".join(f"{c} = ?" for c in columns)
+        self._conn.execute(f"UPDATE api_keys SET {assignments} WHERE id = ?", (*values[1:], key.id))
+
+    def get(self, key_id: str) -> ApiKey | None:
+        row = self._conn.execute(
+            f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE id = ?", (key_id,)
+        ).fetchone()
+        return _key_from_row(row) if row else None
+
+    def get_by_digest(self, digest: bytes) -> ApiKey | None:
+        row = self._conn.execute(
+            f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE digest = ?", (digest,)
+        ).fetchone()
+        return _key_from_row(row) if row else None
+
+    def page(
+        self,
+        *,
+        workspace: str | None,
+        state: KeyState | None,
+        now: int,
+        limit: int,
+        after: Cursor | None,
+    ) -> list[ApiKey]:
+        where: list[str] = []
+        args: list[object] = []
+        if workspace is not None:
+            where.append("workspace = ?")
+            args.append(workspace)
+        if state is KeyState.REVOKED:
+            where.append("revoked_at IS NOT NULL")
+        elif state is KeyState.EXPIRED:
+            where.append("revoked_at IS NULL AND expires_at <= ?")
+            args.append(now)
+        elif state is KeyState.ACTIVE:
+            where.append("revoked_at IS NULL AND expires_at > ?")
+            args.append(now)
+        if after is not None:
+            where.append("(created_at, id) < (?, ?)")
+            args.extend(after)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        rows = self._conn.execute(
+            f"SELECT {_KEY_COLUMNS} FROM api_keys {clause} "
+            "ORDER BY created_at DESC, id DESC LIMIT ?",
+            (*args, limit),
+        ).fetchall()
+        return [_key_from_row(r) for r in rows]
+
+    def due_for_sweep(self, now: int) -> list[ApiKey]:
+        rows = self._conn.execute(
+            f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE revoked_at IS NULL AND "
+            "((expires_at <= ? AND expiry_recorded = 0) OR grace_deadline <= ?)",
+            (now, now),
+        ).fetchall()
+        return [_key_from_row(r) for r in rows]
+
+    def usable(self, now: int) -> Iterator[ApiKey]:
+        cursor = self._conn.execute(
+            f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE revoked_at IS NULL AND expires_at > ?",
+            (now,),
+        )
+        for row in cursor:
+            yield _key_from_row(row)
+
+    def has_operator(self) -> bool:
+        row = self._conn.execute("SELECT 1 FROM api_keys WHERE workspace = '*' LIMIT 1").fetchone()
+        return row is not None
+
+
+class SqliteAudit:
+    """AuditRepository over one connection."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def append(self, event: AuditEvent) -> None:
+        self._conn.execute(
+            "INSERT INTO audit_events (id, time, actor, action, workspace, target, outcome, "
+            "reason, request_id, metadata) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                event.id,
+                event.time,
+                event.actor,
+                event.action,
+                event.workspace,
+                event.target,
+                event.outcome,
+                event.reason,
+                event.request_id,
+                json.dumps(event.metadata, sort_keys=True),
+            ),
+        )
+
+    def recent(self, limit: int) -> list[AuditEvent]:
+        rows = self._conn.execute(
+            "SELECT id, time, actor, action, workspace, target, outcome, reason, request_id, "
+            "metadata FROM audit_events ORDER BY seq DESC LIMIT ?",
+            (limit,),
+        ).fetchall()
+        return [
+            AuditEvent(*row[:9], metadata=json.loads(row[9]))  # type: ignore[misc]
+            for row in rows
+        ]
+
+
+class SqliteChanges:
+    """ChangeLog over one connection."""
+
+    def __init__(self, conn: sqlite3.Connection, appended: list[int]) -> None:
+        self._conn = conn
+        self._appended = appended
+
+    def append(self, change: Change) -> int:
+        cursor = self._conn.execute(
+            "INSERT INTO changes (kind, subject, payload) VALUES (?, ?, ?)",
+            (change.kind, change.subject, json.dumps(change.payload, sort_keys=True)),
+        )
+        revision = int(cursor.lastrowid or 0)
+        self._appended.append(revision)
+        return revision
+
+    def since(self, revision: int, limit: int) -> list[Change]:
+        rows = self._conn.execute(
+            "SELECT revision, kind, subject, payload FROM changes WHERE revision > ? "
+            "ORDER BY revision LIMIT ?",
+            (revision, limit),
+        ).fetchall()
+        return [Change(kind=k, subject=s, payload=json.loads(p), revision=r) for r, k, s, p in rows]
+
+    def head(self) -> int:
+        row = self._conn.execute("SELECT COALESCE(MAX(revision), 0) FROM changes").fetchone()
+        return int(row[0])
+
+
+class SqliteUnitOfWork:
+    """The repositories bound to one connection and transaction."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.appended: list[int] = []
+        self.keys = SqliteKeys(conn)
+        self.audit = SqliteAudit(conn)
+        self.changes = SqliteChanges(conn, self.appended)
+        self.conn = conn
+
+
+def _migrations() -> list[tuple[int, str]]:
+    folder = resources.files("sidecar.store.migrations").joinpath("sqlite")
+    found = []
+    for entry in folder.iterdir():
+        if entry.name.endswith(".sql"):
+            found.append((int(entry.name.split("_", 1)[0]), entry.read_text()))
+    return sorted(found)
+
+
+class SqliteStore:
+    """The embedded default store."""
+
+    def __init__(self, path: Path, *, busy_timeout_ms: int = 5000) -> None:
+        self.path = path
+        self._busy_timeout_ms = busy_timeout_ms
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        self._subscribers: list[Callable[[int], None]] = []
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._migrate()
+
+    def _connect(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            try:
+                conn = sqlite3.connect(
+                    self.path, isolation_level=None, check_same_thread=False, timeout=30
+                )
+            except sqlite3.Error as exc:
+                raise Unavailable(f"store unavailable: {exc}") from exc
+            conn.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("PRAGMA foreign_keys = ON")
+            self._local.conn = conn
+            with self._lock:
+                self._all.append(conn)
+        return conn
+
+    def _migrate(self) -> None:
+        conn = self._connect()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY)"
+            )
+            applied = {r[0] for r in conn.execute("SELECT version FROM schema_migrations")}
+            for version, sql in _migrations():
+                if version in applied:
+                    continue
+                code = "\n".join(ln for ln in sql.splitlines() if not ln.lstrip().startswith("--"))
+                for statement in filter(str.strip, code.split(";")):
+                    conn.execute(statement)
+                conn.execute("INSERT INTO schema_migrations (version) VALUES (?)", (version,))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    @contextmanager
+    def transaction(self) -> Iterator[SqliteUnitOfWork]:
+        conn = self._connect()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise Unavailable(f"store unavailable: {exc}") from exc
+        uow = SqliteUnitOfWork(conn)
+        try:
+            yield uow
+            conn.execute("COMMIT")
+        except sqlite3.OperationalError as exc:
+            self._rollback(conn)
+            raise Unavailable(f"store unavailable: {exc}") from exc
+        except BaseException:
+            self._rollback(conn)
+            raise
+        if uow.appended:
+            self._notify(max(uow.appended))
+
+    @staticmethod
+    def _rollback(conn: sqlite3.Connection) -> None:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+
+    @contextmanager
+    def read(self) -> Iterator[SqliteUnitOfWork]:
+        conn = self._connect()
+        conn.execute("BEGIN")
+        try:
+            yield SqliteUnitOfWork(conn)
+        except sqlite3.OperationalError as exc:
+            raise Unavailable(f"store unavailable: {exc}") from exc
+        finally:
+            self._rollback(conn)
+
+    def subscribe(self, callback: Callable[[int], None]) -> Callable[[], None]:
+        with self._lock:
+            self._subscribers.append(callback)
+
+        def unsubscribe() -> None:
+            with self._lock:
+                if callback in self._subscribers:
+                    self._subscribers.remove(callback)
+
+        return unsubscribe
+
+    def _notify(self, revision: int) -> None:
+        with self._lock:
+            subscribers = list(self._subscribers)
+        for callback in subscribers:
+            callback(revision)
+
+    def close(self) -> None:
+        with self._lock:
+            conns, self._all = self._all, []
+        for conn in conns:
+            conn.close()
+        self._local = threading.local()
