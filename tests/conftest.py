@@ -1,0 +1,102 @@
+"""Shared fixtures: real SQLite files, a real control plane on 127.0.0.1:0, an injected clock."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from sidecar._gen.statuspulse.auth.v1 import api_keys_pb2_grpc
+from sidecar.config import load_settings
+from sidecar.controlplane import ControlPlane
+from sidecar.core.clock import FakeClock
+from sidecar.store.sqlite import SqliteStore
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[SqliteStore]:
+    s = SqliteStore(tmp_path / "spauth.db")
+    yield s
+    s.close()
+
+
+class LoopThread:
+    """An asyncio loop on a background thread, so sync tests can drive async servers."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: object, timeout: float = 30) -> object:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+@dataclass
+class RunningControlPlane:
+    plane: ControlPlane
+    address: str
+    operator_key: str
+    clock: FakeClock
+    data_dir: Path
+
+    def channel(self) -> grpc.Channel:
+        return grpc.insecure_channel(self.address)
+
+    def keys_stub(self, channel: grpc.Channel) -> api_keys_pb2_grpc.ApiKeyServiceStub:
+        return api_keys_pb2_grpc.ApiKeyServiceStub(channel)
+
+
+@pytest.fixture
+def loop_thread() -> Iterator[LoopThread]:
+    lt = LoopThread()
+    yield lt
+    lt.close()
+
+
+@pytest.fixture
+def control_plane(
+    tmp_path: Path, clock: FakeClock, loop_thread: LoopThread
+) -> Iterator[RunningControlPlane]:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    settings = load_settings(
+        {"data_dir": str(data_dir), "admin_addr": "127.0.0.1:0", "sweep_interval": "0.05"},
+        environ={},
+    )
+    plane = ControlPlane(settings, clock=clock)
+    minted = plane.bootstrap()
+    assert minted is not None
+    loop_thread.run(plane.start())
+    yield RunningControlPlane(
+        plane, f"127.0.0.1:{plane.admin_port}", minted.secret, clock, data_dir
+    )
+    loop_thread.run(plane.aclose(grace=1))
+
+
+def bearer(key: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {key}"),)
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago on 127.0.0.1."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
