@@ -79,7 +79,10 @@ class EchoUpstream:
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
         self._server = ThreadingHTTPServer((host, port), EchoHandler)
         self._thread = threading.Thread(
-            target=self._server.serve_forever, name="echo-upstream", daemon=True
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.05},  # shutdown() waits up to one poll interval
+            name="echo-upstream",
+            daemon=True,
         )
 
     @property
