@@ -196,6 +196,7 @@ class EnvoyProcess:
         """Write the config, launch Envoy and wait until it is LIVE and its listener accepts."""
         if self._proc is not None:
             raise EnvoyError("EnvoyProcess already started")
+        self.listen_port = self.admin_port = 0  # read back from this run's Envoy
         self._tmp = tempfile.TemporaryDirectory(prefix="spauth-envoy-")
         workdir = Path(self._tmp.name)
         config_path = workdir / "envoy.yaml"
