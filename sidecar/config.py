@@ -30,6 +30,12 @@ class Settings:
     key_max_lifetime: int = 365 * 86400
     sweep_interval: float = 5.0
     log_level: str = "info"
+    # OAuth (issue 4). An empty issuer means http://<http_addr> (with the bound port).
+    oauth_issuer: str = ""
+    oauth_audience: str = "statuspulse-api"
+    oauth_access_token_ttl: int = 3600
+    oauth_refresh_token_ttl: int = 30 * 86400
+    oauth_signing_key_rotation: int = 30 * 86400
 
     @property
     def store_url(self) -> str:
@@ -37,7 +43,13 @@ class Settings:
         return self.database_url or f"sqlite:///{self.data_dir / 'spauth.db'}"
 
 
-_DURATIONS = {"key_default_lifetime", "key_max_lifetime"}
+_DURATIONS = {
+    "key_default_lifetime",
+    "key_max_lifetime",
+    "oauth_access_token_ttl",
+    "oauth_refresh_token_ttl",
+    "oauth_signing_key_rotation",
+}
 
 
 def _convert(name: str, raw: object) -> object:
@@ -64,6 +76,29 @@ def _check_addr(name: str, value: str) -> None:
         raise ConfigError(f"{name}: expected HOST:PORT, got {value!r}")
 
 
+def _check_oauth(settings: Settings) -> None:
+    issuer = settings.oauth_issuer
+    # RFC 8414 §2: an http(s) URL with no query or fragment; compared by exact string match.
+    if issuer and (
+        not issuer.startswith(("https://", "http://"))
+        or any(c in issuer for c in "?#")
+        or issuer.endswith("/")
+        or len(issuer.split("/", 3)[2]) == 0
+    ):
+        raise ConfigError(
+            f"oauth_issuer: expected an http(s) URL without query, fragment or trailing slash, "
+            f"got {issuer!r}"
+        )
+    if not settings.oauth_audience.strip():
+        raise ConfigError("oauth_audience: must not be empty")
+    if not 60 <= settings.oauth_access_token_ttl <= 86400:
+        raise ConfigError("oauth_access_token_ttl: must be between 1m and 1d")
+    if settings.oauth_refresh_token_ttl < settings.oauth_access_token_ttl:
+        raise ConfigError("oauth_refresh_token_ttl: must be at least oauth_access_token_ttl")
+    if settings.oauth_signing_key_rotation < 2 * settings.oauth_access_token_ttl:
+        raise ConfigError("oauth_signing_key_rotation: must be at least twice the token lifetime")
+
+
 def load_settings(
     overrides: Mapping[str, object] | None = None, environ: Mapping[str, str] | None = None
 ) -> Settings:
@@ -84,6 +119,7 @@ def load_settings(
         raise ConfigError("key_default_lifetime: must be at least 60s and at most key_max_lifetime")
     if settings.sweep_interval <= 0:
         raise ConfigError("sweep_interval: must be positive")
+    _check_oauth(settings)
     if settings.log_level.lower() not in {"debug", "info", "warning", "error"}:
         raise ConfigError(
             f"log_level: expected debug|info|warning|error, got {settings.log_level!r}"

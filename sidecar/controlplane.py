@@ -11,12 +11,26 @@ from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from sidecar._gen.statuspulse.auth.v1 import api_keys_pb2, api_keys_pb2_grpc
+from sidecar._gen.statuspulse.auth.v1 import (
+    api_keys_pb2,
+    api_keys_pb2_grpc,
+    oauth_pb2,
+    oauth_pb2_grpc,
+)
 from sidecar.admin.apikeys import ApiKeyServicer
+from sidecar.admin.apps import OAuthAppServicer
+from sidecar.admin.users import UserServicer
 from sidecar.config import Settings
 from sidecar.core.apikeys import ApiKeyService, KeyPolicy
+from sidecar.core.apps import AppService
 from sidecar.core.clock import Clock, SystemClock
 from sidecar.core.models import Minted
+from sidecar.core.users import UserService
+from sidecar.http.app import build_app
+from sidecar.http.routes import oauth_routes
+from sidecar.http.server import HttpServer
+from sidecar.oauth import config as oauth_config
+from sidecar.oauth.server import AuthorizationServer
 from sidecar.store import Store, open_store
 
 log = logging.getLogger("sidecar.controlplane")
@@ -37,6 +51,10 @@ class ControlPlane:
                 max_lifetime=settings.key_max_lifetime,
             ),
         )
+        self.apps = AppService(self.store, self.clock)
+        self.users = UserService(self.store, self.clock)
+        self.oauth: AuthorizationServer | None = None  # built in start(), once the port is bound
+        self.http = HttpServer(settings.http_addr)
         self.health = health_aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -47,13 +65,22 @@ class ControlPlane:
         return self.keys.bootstrap_operator_key()
 
     async def start(self) -> None:
+        await self._start_http()
         server = grpc.aio.server()
         api_keys_pb2_grpc.add_ApiKeyServiceServicer_to_server(
             ApiKeyServicer(self.keys, self.clock), server
         )
+        oauth_pb2_grpc.add_OAuthAppServiceServicer_to_server(
+            OAuthAppServicer(self.apps, self.keys), server
+        )
+        oauth_pb2_grpc.add_UserServiceServicer_to_server(
+            UserServicer(self.users, self.keys), server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = (
             api_keys_pb2.DESCRIPTOR.services_by_name["ApiKeyService"].full_name,
+            oauth_pb2.DESCRIPTOR.services_by_name["OAuthAppService"].full_name,
+            oauth_pb2.DESCRIPTOR.services_by_name["UserService"].full_name,
             health.SERVICE_NAME,
             reflection.SERVICE_NAME,
         )
@@ -68,10 +95,22 @@ class ControlPlane:
         self._sweeper = asyncio.create_task(self._sweep_forever())
         log.info("control plane listening", extra={"admin_addr": self.settings.admin_addr})
 
+    async def _start_http(self) -> None:
+        """The OAuth authorization server on ``http_addr`` (its issuer names the bound port)."""
+        port = self.http.bind()
+        self.oauth = AuthorizationServer(
+            self.store, self.clock, oauth_config.from_settings(self.settings, port)
+        )
+        await asyncio.to_thread(self.oauth.start)
+        await self.http.start(build_app(oauth_routes(self.oauth, self.keys)))
+        log.info("oauth listening", extra={"http_addr": self.settings.http_addr, "port": port})
+
     async def _sweep_forever(self) -> None:
         while True:
             try:
                 changed = await asyncio.to_thread(self.keys.sweep)
+                if self.oauth is not None:
+                    changed += await asyncio.to_thread(self.oauth.sweep)
                 if changed:
                     log.info("swept keys", extra={"changed": changed})
             except Exception:
@@ -87,4 +126,5 @@ class ControlPlane:
                 await self._sweeper
         if self._server is not None:
             await self._server.stop(grace)
+        await self.http.aclose(grace)
         self.store.close()

@@ -12,7 +12,6 @@ from typing import Any
 
 from sidecar import logs
 from sidecar.config import Settings, load_settings
-from sidecar.controlplane import ControlPlane
 from sidecar.core.models import Minted
 
 BOOTSTRAP_FILE = "bootstrap-key"
@@ -38,6 +37,9 @@ def write_bootstrap_key(data_dir: Path, minted: Minted) -> Path:
 
 async def serve(settings: Settings) -> None:
     """Run until SIGTERM/SIGINT, then drain and exit."""
+    # Imported here so that admin CLI commands do not pay for loading the servers.
+    from sidecar.controlplane import ControlPlane
+
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     plane = ControlPlane(settings)
     minted = plane.bootstrap()
@@ -47,6 +49,8 @@ async def serve(settings: Settings) -> None:
         print(f"It is also in {path} (mode 0600). export STATUSPULSE_API_KEY=$(cat {path})")
     await plane.start()
     print(f"spauth serve: admin gRPC on {settings.admin_addr}", flush=True)
+    if plane.oauth is not None:
+        print(f"spauth serve: OAuth issuer {plane.oauth.config.issuer}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

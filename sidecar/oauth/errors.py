@@ -97,6 +97,13 @@ class InvalidToken(OAuth2Error):
         return {"WWW-Authenticate": 'Bearer realm="statuspulse", error="invalid_token"'}
 
 
+class InsufficientScope(OAuth2Error):
+    """RFC 6750 §3.1: the caller's credential lacks the scope this endpoint needs."""
+
+    error = "insufficient_scope"
+    status_code = 403
+
+
 class ServerError(OAuth2Error):
     error = "server_error"
     status_code = 500
@@ -125,6 +132,7 @@ ALL_OAUTH_ERRORS: tuple[type[OAuth2Error], ...] = (
     UnsupportedResponseType,
     UnsupportedTokenType,
     InvalidToken,
+    InsufficientScope,
     ServerError,
     TemporarilyUnavailable,
 )

@@ -20,6 +20,7 @@ from dataclasses import replace
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from sidecar.core.access_tokens import VerificationKey, verification_key
 from sidecar.core.audit import event
 from sidecar.core.clock import Clock
 from sidecar.core.oauth_changes import signing_key_retired, signing_key_upserted
@@ -71,6 +72,7 @@ class SigningKeys:
         self.rotation_interval = rotation_interval
         self.access_token_ttl = access_token_ttl
         self._loaded: dict[str, rsa.RSAPrivateKey] = {}
+        self._public: dict[str, VerificationKey] = {}
         self._lock = threading.Lock()
 
     def ensure_current(self) -> SigningKey:
@@ -130,6 +132,17 @@ class SigningKeys:
     def published(self) -> list[SigningKey]:
         with self._store.read() as uow:
             return uow.oauth.signing_keys.published()
+
+    def verification_keys(self) -> dict[str, VerificationKey]:
+        """The published keys, loaded for ``verify_access_token`` (cached by ``kid``)."""
+        published = self.published()
+        with self._lock:
+            cache = {k.kid: self._public.get(k.kid) for k in published}
+            for key in published:
+                if cache[key.kid] is None:
+                    cache[key.kid] = verification_key(key.kid, key.alg, key.public_jwk)
+            self._public = {kid: v for kid, v in cache.items() if v is not None}
+            return dict(self._public)
 
     def _rotate(self, uow: UnitOfWork, now: int, actor: str, request_id: str) -> SigningKey:
         current = uow.oauth.signing_keys.current()
