@@ -443,10 +443,11 @@ class SqliteSigningKeys:
         self._t.update(key)
 
     def current(self) -> SigningKey | None:
-        return self._t.one("superseded_at IS NULL ORDER BY created_at DESC, kid LIMIT 1", ())
+        # rowid breaks ties between keys created in the same second (insertion order).
+        return self._t.one("superseded_at IS NULL ORDER BY created_at DESC, rowid DESC LIMIT 1", ())
 
     def published(self) -> list[SigningKey]:
-        return self._t.many("retired_at IS NULL ORDER BY created_at DESC, kid", ())
+        return self._t.many("retired_at IS NULL ORDER BY created_at DESC, rowid DESC", ())
 
 
 _SESSION_COLUMNS = ("digest", "user_id", "workspace", "created_at", "expires_at")
