@@ -11,10 +11,16 @@ from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from sidecar._gen.statuspulse.auth.v1 import api_keys_pb2, api_keys_pb2_grpc
+from sidecar._gen.statuspulse.auth.v1 import (
+    api_keys_pb2,
+    api_keys_pb2_grpc,
+    replication_pb2,
+    replication_pb2_grpc,
+)
 from sidecar.admin.apikeys import ApiKeyServicer
+from sidecar.admin.replication import ReplicationServicer, SnapshotSource
 from sidecar.config import Settings
-from sidecar.core.apikeys import ApiKeyService, KeyPolicy
+from sidecar.core.apikeys import ApiKeyService, KeyPolicy, key_snapshot
 from sidecar.core.clock import Clock, SystemClock
 from sidecar.core.models import Minted
 from sidecar.store import Store, open_store
@@ -37,6 +43,14 @@ class ControlPlane:
                 max_lifetime=settings.key_max_lifetime,
             ),
         )
+        self.snapshot_sources: list[SnapshotSource] = [key_snapshot]
+        self.replication = ReplicationServicer(
+            self.store,
+            self.clock,
+            self.snapshot_sources,
+            heartbeat=settings.sync_heartbeat,
+            sync_token=settings.sync_token,
+        )
         self.health = health_aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -51,9 +65,11 @@ class ControlPlane:
         api_keys_pb2_grpc.add_ApiKeyServiceServicer_to_server(
             ApiKeyServicer(self.keys, self.clock), server
         )
+        replication_pb2_grpc.add_ReplicationServiceServicer_to_server(self.replication, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = (
             api_keys_pb2.DESCRIPTOR.services_by_name["ApiKeyService"].full_name,
+            replication_pb2.DESCRIPTOR.services_by_name["ReplicationService"].full_name,
             health.SERVICE_NAME,
             reflection.SERVICE_NAME,
         )
