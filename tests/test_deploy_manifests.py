@@ -381,8 +381,8 @@ def test_control_plane_config_listens_on_the_pod_ip() -> None:
     # The product defaults to 127.0.0.1; in a pod that would make the ports unreachable.
     raw = _one("ConfigMap", "spauth-control-plane-config")["data"]["config.toml"]
     config = tomllib.loads(raw)
-    assert config["admin"]["listen"] == "0.0.0.0:50051"
-    assert config["http"]["listen"] == "0.0.0.0:8080"
+    assert config["admin_addr"] == "0.0.0.0:50051"
+    assert config["http_addr"] == "0.0.0.0:8080"
     # Connection strings carry passwords: they come from the Secret, never from here.
     for key, value in _flatten(config):
         assert not re.search(r"(?i)password|secret|token|_url$", key), key
@@ -441,9 +441,16 @@ def test_sidecar_command_and_ports() -> None:
 
 def test_policy_configmap_parses_and_uses_known_scopes() -> None:
     policy = tomllib.loads(_one("ConfigMap", "statuspulse-api-policy")["data"]["policy.toml"])
-    scopes = {s for rule in policy["rules"] for s in rule["scopes"]}
+    scopes = {s for route in policy["routes"] for s in route["scopes"]}
     assert scopes
     assert scopes <= SCOPES
+
+
+def test_policy_configmap_passes_the_sidecar_parser() -> None:
+    policy = pytest.importorskip("sidecar.core.policy", reason="the policy parser is not written")
+    text = _one("ConfigMap", "statuspulse-api-policy")["data"]["policy.toml"]
+    parsed = policy.parse_policy(text, source="statuspulse-api-policy")
+    assert parsed.strip_credentials is True
 
 
 def test_envoy_configmap_is_sidecar_pattern_yaml() -> None:
