@@ -938,11 +938,22 @@ def _start_envoy(tmp_path: Path, authz_port: int, app_port: int) -> EnvoyStack:
         stderr=subprocess.STDOUT,
     )
     log.close()
+    try:
+        port = _wait_for_listener(process, admin_path, tmp_path / "envoy.log")
+    except BaseException:
+        process.kill()
+        process.wait()
+        raise
+    return EnvoyStack(process, port)
+
+
+def _wait_for_listener(process: subprocess.Popen[bytes], admin_path: Path, log: Path) -> int:
+    """Wait until Envoy reports ready, then return the port its listener bound."""
     deadline = time.monotonic() + 30  # start-up bound, not a performance assertion
     with requests.Session() as http_client:
         http_client.trust_env = False
         while True:
-            assert process.poll() is None, (tmp_path / "envoy.log").read_text()
+            assert process.poll() is None, log.read_text()
             assert time.monotonic() < deadline, "envoy did not become ready"
             if admin_path.exists() and admin_path.read_text().strip():
                 admin = f"http://{admin_path.read_text().strip()}"
@@ -954,7 +965,7 @@ def _start_envoy(tmp_path: Path, authz_port: int, app_port: int) -> EnvoyStack:
             time.sleep(0.05)
         listeners = http_client.get(f"{admin}/listeners?format=json", timeout=2).json()
     (status,) = listeners["listener_statuses"]
-    return EnvoyStack(process, status["local_address"]["socket_address"]["port_value"])
+    return int(status["local_address"]["socket_address"]["port_value"])
 
 
 @pytest.fixture
