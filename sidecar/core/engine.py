@@ -76,7 +76,7 @@ class Engine:
         if match is not None and match.route.public:
             return Decision(Reason.PUBLIC_ROUTE, did)
         now = self.clock.now()
-        unready = self._unready(now)
+        unready = self.unready(now)
         if unready is not None:
             return Decision(unready, did)
         found = self._authenticate(self._credential(request.headers, policy), now)
@@ -101,7 +101,7 @@ class Engine:
         """Decide a credential against explicit scopes (and optionally a workspace)."""
         did = self.ids.next()
         now = self.clock.now()
-        unready = self._unready(now)
+        unready = self.unready(now)
         if unready is not None:
             return Decision(unready, did)
         found = self._authenticate(credential.strip() or None, now)
@@ -120,7 +120,7 @@ class Engine:
 
     # -- steps ------------------------------------------------------------------------------------
 
-    def _unready(self, now: float) -> Reason | None:
+    def unready(self, now: float) -> Reason | None:
         replica = self.replica
         if not replica.loaded:
             return Reason.REPLICA_NOT_READY
