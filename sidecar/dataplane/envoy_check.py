@@ -158,12 +158,20 @@ class CheckResponses:
         )
 
 
-def parse_check_request(data: bytes) -> ext.CheckRequest | None:
-    """Deserialize, or None for bytes that are not a CheckRequest (answered INVALID_ARGUMENT)."""
+class Malformed:
+    """Stands for bytes that are not a CheckRequest (grpc treats a None request as its own
+    deserialization failure and answers INTERNAL; we answer INVALID_ARGUMENT)."""
+
+
+MALFORMED = Malformed()
+
+
+def parse_check_request(data: bytes) -> ext.CheckRequest | Malformed:
+    """Deserialize, or MALFORMED for bytes that are not a CheckRequest."""
     try:
         return ext.CheckRequest.FromString(data)
     except DecodeError:
-        return None
+        return MALFORMED
 
 
 class CheckHandler:
@@ -179,10 +187,10 @@ class CheckHandler:
         return policy.credential_headers if policy.strip_credentials else ()
 
     def __call__(
-        self, request: ext.CheckRequest | None, context: grpc.ServicerContext
+        self, request: ext.CheckRequest | Malformed, context: grpc.ServicerContext
     ) -> ext.CheckResponse:
         started = time.perf_counter()
-        if request is None:
+        if isinstance(request, Malformed):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed CheckRequest")
         try:
             view = request_view(request)
