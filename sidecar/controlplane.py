@@ -16,15 +16,19 @@ from sidecar._gen.statuspulse.auth.v1 import (
     api_keys_pb2_grpc,
     oauth_pb2,
     oauth_pb2_grpc,
+    replication_pb2,
+    replication_pb2_grpc,
 )
 from sidecar.admin.apikeys import ApiKeyServicer
 from sidecar.admin.apps import OAuthAppServicer
+from sidecar.admin.replication import ReplicationServicer, SnapshotSource
 from sidecar.admin.users import UserServicer
 from sidecar.config import Settings
-from sidecar.core.apikeys import ApiKeyService, KeyPolicy
+from sidecar.core.apikeys import ApiKeyService, KeyPolicy, key_snapshot
 from sidecar.core.apps import AppService
 from sidecar.core.clock import Clock, SystemClock
 from sidecar.core.models import Minted
+from sidecar.core.oauth_changes import oauth_snapshot
 from sidecar.core.users import UserService
 from sidecar.http.app import build_app
 from sidecar.http.routes import oauth_routes
@@ -51,6 +55,14 @@ class ControlPlane:
                 max_lifetime=settings.key_max_lifetime,
             ),
         )
+        self.snapshot_sources: list[SnapshotSource] = [key_snapshot, oauth_snapshot]
+        self.replication = ReplicationServicer(
+            self.store,
+            self.clock,
+            self.snapshot_sources,
+            heartbeat=settings.sync_heartbeat,
+            sync_token=settings.sync_token,
+        )
         self.apps = AppService(self.store, self.clock)
         self.users = UserService(self.store, self.clock)
         self.oauth: AuthorizationServer | None = None  # built in start(), once the port is bound
@@ -76,9 +88,11 @@ class ControlPlane:
         oauth_pb2_grpc.add_UserServiceServicer_to_server(
             UserServicer(self.users, self.keys), server
         )
+        replication_pb2_grpc.add_ReplicationServiceServicer_to_server(self.replication, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = (
             api_keys_pb2.DESCRIPTOR.services_by_name["ApiKeyService"].full_name,
+            replication_pb2.DESCRIPTOR.services_by_name["ReplicationService"].full_name,
             oauth_pb2.DESCRIPTOR.services_by_name["OAuthAppService"].full_name,
             oauth_pb2.DESCRIPTOR.services_by_name["UserService"].full_name,
             health.SERVICE_NAME,
