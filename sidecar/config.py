@@ -65,6 +65,9 @@ class SidecarSettings:
     workers: int = 1
     policy_poll_interval: float = 1.0
     log_level: str = "info"
+    # OAuth access tokens: the issuer and audience they must name (RFC 9068 §4).
+    oauth_issuer: str = "http://127.0.0.1:8080"
+    oauth_audience: str = "statuspulse-api"
 
 
 _DURATIONS = {

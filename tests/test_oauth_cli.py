@@ -12,12 +12,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
 import pytest
 import requests
 from authlib.common.security import generate_token
 from authlib.integrations.requests_client import OAuth2Session
 
-from tests.conftest import free_port
+from sidecar._gen.statuspulse.auth.v1 import authorization_pb2 as authz_pb
+from sidecar._gen.statuspulse.auth.v1 import authorization_pb2_grpc as authz_grpc
+from tests.conftest import free_port, wait_until
 from tests.support.ports import wait_for_port
 from tests.test_oauth_flow import PASSWORD, REDIRECT, form_fields, query
 
@@ -27,6 +30,7 @@ class Serve:
     proc: subprocess.Popen[str]
     endpoint: str
     issuer: str
+    sidecar: str
     data_dir: Path
     log_path: Path
     operator_key: str
@@ -81,11 +85,31 @@ def serve(tmp_path: Path) -> Iterator[Serve]:
     try:
         wait_for_port("127.0.0.1", admin, timeout=30)
         wait_for_port("127.0.0.1", http, timeout=30)
+        wait_for_port("127.0.0.1", sidecar, timeout=30)
         key = (data_dir / "bootstrap-key").read_text().strip()
-        yield Serve(proc, f"127.0.0.1:{admin}", f"http://127.0.0.1:{http}", data_dir, log_path, key)
+        yield Serve(
+            proc,
+            f"127.0.0.1:{admin}",
+            f"http://127.0.0.1:{http}",
+            f"127.0.0.1:{sidecar}",
+            data_dir,
+            log_path,
+            key,
+        )
     finally:
         proc.terminate()
         proc.communicate(timeout=15)
+
+
+def _authorize(serve: Serve, token: str) -> tuple[bool, str]:
+    """Ask the embedded sidecar (in-cluster AuthorizationService) about an access token."""
+    with grpc.insecure_channel(serve.sidecar) as channel:
+        stub = authz_grpc.AuthorizationServiceStub(channel)
+        resp = stub.Authorize(
+            authz_pb.AuthorizeRequest(credential=token, required_scopes=["dashboard:read"]),
+            timeout=10,
+        )
+    return resp.allowed, resp.reason
 
 
 def _browser_flow(serve: Serve, client: OAuth2Session) -> dict[str, str]:
@@ -190,7 +214,11 @@ def test_apps_and_users_lifecycle_through_the_cli(serve: Serve) -> None:
     )
     assert info.json()["active"] is True
 
-    # An admin revokes the session: refresh stops and introspection says inactive.
+    # The embedded sidecar verifies the token with the keys it replicated.
+    wait_until(lambda: _authorize(serve, refreshed["access_token"])[0], timeout=10)
+
+    # An admin revokes the session: refresh stops, introspection says inactive, the sidecar
+    # denies the token.
     revoked = serve.json("apps", "revoke-session", grant_id)
     assert isinstance(revoked, dict) and revoked["revoked_at"]
     assert serve.json("apps", "sessions", client_id) == []

@@ -65,6 +65,8 @@ async def serve(settings: Settings) -> None:
             policy_file=settings.policy_file,
             state_dir=settings.data_dir / "sidecar",
             sync_token=settings.sync_token,
+            oauth_issuer=plane.oauth.config.issuer if plane.oauth else "",
+            oauth_audience=settings.oauth_audience,
         ),
         policy=policy,
     )
