@@ -48,7 +48,9 @@ class Settings:
     @property
     def store_url(self) -> str:
         """The database to open: ``database_url`` or the SQLite file in ``data_dir``."""
-        return self.database_url or f"sqlite:///{self.data_dir / 'spauth.db'}"
+        # Absolute: open_store reads "sqlite:///x" as "/x", so a relative data_dir would put the
+        # database under the filesystem root while the bootstrap key stays in the working dir.
+        return self.database_url or f"sqlite:///{self.data_dir.absolute() / 'spauth.db'}"
 
 
 @dataclass(frozen=True, slots=True)

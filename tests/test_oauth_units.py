@@ -301,3 +301,9 @@ def test_oauth_settings() -> None:
 def test_bad_oauth_settings_name_the_setting(overrides: dict[str, str], needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):
         load_settings(overrides, environ={})
+
+
+def test_store_url_is_absolute_for_a_relative_data_dir() -> None:
+    # A relative data_dir once put the database under "/" (sqlite:///rel -> /rel).
+    url = load_settings({"data_dir": "rel/dir"}, environ={}).store_url
+    assert url == f"sqlite:///{Path('rel/dir').absolute() / 'spauth.db'}"

@@ -7,6 +7,7 @@ sent back to the client's verified redirect URI with ``state`` unchanged."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -27,6 +28,7 @@ from sidecar.oauth.errors import (
 from sidecar.oauth.throttle import SignInThrottle
 from sidecar.store.base import Store, UnitOfWork
 
+log = logging.getLogger("sidecar.oauth")
 MAX_STATE = 2000
 _KNOWN_SCOPES = frozenset(SCOPES)
 # Parameters of the authorization request that travel through the sign-in and consent forms.
@@ -205,6 +207,11 @@ class AuthorizationEndpoint:
         account = f"{workspace}/{email}"
         wait = self._throttle.retry_after(account, source)
         if wait:
+            # Logged, not audited: a flood of attempts must not fill the audit trail.
+            log.warning(
+                "sign-in throttled",
+                extra={"workspace": workspace, "source": source, "request_id": request_id},
+            )
             raise SignInRefused("Too many failed sign-ins. Try again later.", wait)
         with self._store.read() as uow:
             member = uow.oauth.members.get_by_email(workspace, email)
