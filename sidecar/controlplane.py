@@ -77,7 +77,6 @@ class ControlPlane:
         return self.keys.bootstrap_operator_key()
 
     async def start(self) -> None:
-        await self._start_http()
         server = grpc.aio.server()
         api_keys_pb2_grpc.add_ApiKeyServiceServicer_to_server(
             ApiKeyServicer(self.keys, self.clock), server
@@ -102,6 +101,7 @@ class ControlPlane:
         self.admin_port = server.add_insecure_port(self.settings.admin_addr)
         if self.admin_port == 0:
             raise OSError(f"admin_addr: cannot listen on {self.settings.admin_addr}")
+        await self._start_http()
         await server.start()
         self._server = server
         for name in ("", names[0]):

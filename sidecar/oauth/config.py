@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from sidecar.config import Settings
@@ -38,6 +39,12 @@ def from_settings(settings: Settings, http_port: int) -> OAuthConfig:
     if not issuer:
         host = settings.http_addr.rpartition(":")[0]
         issuer = f"http://{host}:{http_port}"
+        if host in ("0.0.0.0", "::", "[::]"):  # noqa: S104 (comparing, not binding)
+            logging.getLogger("sidecar.oauth").warning(
+                "oauth_issuer is not set and http_addr is a wildcard address: tokens will name "
+                "an issuer clients cannot reach; set oauth_issuer to the public URL",
+                extra={"issuer": issuer},
+            )
     return OAuthConfig(
         issuer=issuer,
         audience=settings.oauth_audience,
