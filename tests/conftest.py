@@ -1,8 +1,10 @@
-"""Shared fixtures: real SQLite files, a real control plane on 127.0.0.1:0, an injected clock."""
+"""Shared fixtures: real SQLite files, a real PostgreSQL (one server per session, a fresh database
+per test), a real control plane on 127.0.0.1:0, an injected clock."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,7 +17,11 @@ from sidecar._gen.statuspulse.auth.v1 import api_keys_pb2_grpc
 from sidecar.config import load_settings
 from sidecar.controlplane import ControlPlane
 from sidecar.core.clock import FakeClock
+from sidecar.store.base import Store
 from sidecar.store.sqlite import SqliteStore
+from tests.support.postgres import PostgresServer, postgres_available
+
+_databases = itertools.count(1)
 
 
 @pytest.fixture
@@ -23,9 +29,32 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One PostgreSQL server for the whole run (``make test`` installs it when missing)."""
+    if not postgres_available():
+        pytest.skip("PostgreSQL is not installed (make system-deps installs it)")
+    with PostgresServer() as server:
+        yield server
+
+
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[SqliteStore]:
-    s = SqliteStore(tmp_path / "spauth.db")
+def postgres_url(postgres_server: PostgresServer) -> Iterator[str]:
+    """The URL of a fresh, empty database, dropped after the test."""
+    name = f"spauth_test_{next(_databases)}"
+    yield postgres_server.create_database(name)
+    postgres_server.drop_database(name)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    """A fresh store on each backend: every test that uses it runs once per backend."""
+    if request.param == "postgres":
+        from sidecar.store.postgres import PostgresStore
+
+        s: Store = PostgresStore(request.getfixturevalue("postgres_url"))
+    else:
+        s = SqliteStore(tmp_path / "spauth.db")
     yield s
     s.close()
 

@@ -8,13 +8,17 @@ from sidecar.store.base import Store
 
 
 def open_store(url: str) -> Store:
-    """Open the store named by ``url``: ``sqlite:///path/to/file.db`` or a bare file path."""
+    """Open the store named by ``url``: ``postgresql://…`` (several control-plane replicas share
+    it), or ``sqlite:///path/to/file.db`` / a bare file path (the embedded default)."""
+    if url.startswith(("postgres://", "postgresql://")):
+        # Imported here so the embedded product never needs psycopg installed.
+        from sidecar.store.postgres import PostgresStore
+
+        return PostgresStore(url)
     if url.startswith("sqlite:///"):
         url = url[len("sqlite:///") - 1 :]
     elif url.startswith("sqlite://"):
         url = url[len("sqlite://") :]
-    if url.startswith(("postgres://", "postgresql://")):
-        raise ValueError("database url: PostgreSQL support is not built in this version")
     from sidecar.store.sqlite import SqliteStore
 
     return SqliteStore(Path(url))

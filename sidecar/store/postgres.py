@@ -1,0 +1,376 @@
+"""PostgreSQL backend (psycopg 3, psycopg_pool): the same Protocols as SQLite, for several
+control-plane replicas sharing one database.
+
+Every write transaction first takes one transaction-scoped advisory lock, so writers commit one
+at a time, as they do under SQLite's ``BEGIN IMMEDIATE``. That is what keeps the change log
+gap-free in commit order: with a bare sequence, transaction A could take revision 5 and B
+revision 6, B commit first, and a replica that resumes after 6 would never see 5. Under the lock,
+B takes its revision only after A has committed (PostgreSQL releases an xact lock after the
+commit is visible), so revision order is commit order, and so is the audit trail's storage order.
+It also keeps the read-check-write use cases (single-use codes, refresh-token rotation, the audit
+hash chain) correct across replicas without SERIALIZABLE retries. Reads take no lock: they run in
+a REPEATABLE READ snapshot, which sees a prefix of the log and the tables as of that prefix.
+
+Lost connections, a database that is down, lock and pool timeouts raise ``Unavailable``; the pool
+checks each connection before handing it out and reconnects in the background, so the store
+recovers by itself when the database comes back."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+from psycopg import pq
+from psycopg_pool import ConnectionPool
+
+from sidecar.core.audit import AuditEvent
+from sidecar.core.errors import Unavailable
+from sidecar.core.models import ApiKey, Change, KeyState
+from sidecar.store import migrations
+from sidecar.store.base import Cursor
+from sidecar.store.postgres_oauth import PgOAuthRepositories
+
+# The row mapping is shared with SQLite, so a new column is mapped in one place.
+from sidecar.store.sqlite import _KEY_COLUMNS, _key_from_row, _key_values
+
+log = logging.getLogger("sidecar.store.postgres")
+
+Conn = psycopg.Connection[Any]
+
+# Advisory lock keys (any 64-bit numbers no other application on the database uses).
+WRITER_LOCK = 0x7370_6175_7468_0001  # "spauth" + 1: one writer at a time
+MIGRATION_LOCK = 0x7370_6175_7468_0002  # replicas starting together migrate once
+
+# Per-session limits: a writer waiting longer than LOCK_TIMEOUT for the writer lock (or a row)
+# gives up with Unavailable instead of hanging an admin call; a session that dies mid-transaction
+# (a replica frozen or cut off) releases the writer lock after IDLE_IN_TRANSACTION_TIMEOUT.
+LOCK_TIMEOUT_MS = 5000
+IDLE_IN_TRANSACTION_TIMEOUT_MS = 30000
+
+
+def is_postgres_url(url: str) -> bool:
+    """Whether ``url`` names a PostgreSQL database."""
+    return url.startswith(("postgresql://", "postgres://"))
+
+
+class PgKeys:
+    """KeyRepository over one connection."""
+
+    def __init__(self, conn: Conn) -> None:
+        self._conn = conn
+
+    def insert(self, key: ApiKey) -> None:
+        marks = ", ".join(["%s"] * 15)
+        self._conn.execute(
+            f"INSERT INTO api_keys ({_KEY_COLUMNS}) VALUES ({marks})", _key_values(key)
+        )
+
+    def update(self, key: ApiKey) -> None:
+        values = _key_values(key)
+        columns = [c.strip() for c in _KEY_COLUMNS.split(",")][1:]
+        assignments = ", ".join(f"{c} = %s" for c in columns)
+        self._conn.execute(
+            f"UPDATE api_keys SET {assignments} WHERE id = %s", (*values[1:], key.id)
+        )
+
+    def get(self, key_id: str) -> ApiKey | None:
+        row = self._conn.execute(
+            f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE id = %s", (key_id,)
+        ).fetchone()
+        return _key_from_row(row) if row else None
+
+    def get_by_digest(self, digest: bytes) -> ApiKey | None:
+        row = self._conn.execute(
+            f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE digest = %s", (digest,)
+        ).fetchone()
+        return _key_from_row(row) if row else None
+
+    def page(
+        self,
+        *,
+        workspace: str | None,
+        state: KeyState | None,
+        now: int,
+        limit: int,
+        after: Cursor | None,
+    ) -> list[ApiKey]:
+        where: list[str] = []
+        args: list[object] = []
+        if workspace is not None:
+            where.append("workspace = %s")
+            args.append(workspace)
+        if state is KeyState.REVOKED:
+            where.append("revoked_at IS NOT NULL")
+        elif state is KeyState.EXPIRED:
+            where.append("revoked_at IS NULL AND expires_at <= %s")
+            args.append(now)
+        elif state is KeyState.ACTIVE:
+            where.append("revoked_at IS NULL AND expires_at > %s")
+            args.append(now)
+        if after is not None:
+            where.append("(created_at, id) < (%s, %s)")
+            args.extend(after)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        rows = self._conn.execute(
+            f"SELECT {_KEY_COLUMNS} FROM api_keys {clause} "
+            "ORDER BY created_at DESC, id DESC LIMIT %s",
+            (*args, limit),
+        ).fetchall()
+        return [_key_from_row(r) for r in rows]
+
+    def due_for_sweep(self, now: int) -> list[ApiKey]:
+        rows = self._conn.execute(
+            f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE revoked_at IS NULL AND "
+            "((expires_at <= %s AND expiry_recorded = 0) OR grace_deadline <= %s)",
+            (now, now),
+        ).fetchall()
+        return [_key_from_row(r) for r in rows]
+
+    def usable(self, now: int) -> Iterator[ApiKey]:
+        cursor = self._conn.execute(
+            f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE revoked_at IS NULL AND expires_at > %s",
+            (now,),
+        )
+        for row in cursor:
+            yield _key_from_row(row)
+
+    def has_operator(self) -> bool:
+        row = self._conn.execute("SELECT 1 FROM api_keys WHERE workspace = '*' LIMIT 1").fetchone()
+        return row is not None
+
+
+class PgAudit:
+    """AuditRepository over one connection."""
+
+    def __init__(self, conn: Conn) -> None:
+        self._conn = conn
+
+    def append(self, event: AuditEvent) -> None:
+        self._conn.execute(
+            "INSERT INTO audit_events (id, time, actor, action, workspace, target, outcome, "
+            "reason, request_id, metadata) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            (
+                event.id,
+                event.time,
+                event.actor,
+                event.action,
+                event.workspace,
+                event.target,
+                event.outcome,
+                event.reason,
+                event.request_id,
+                json.dumps(event.metadata, sort_keys=True),
+            ),
+        )
+
+    def recent(self, limit: int) -> list[AuditEvent]:
+        rows = self._conn.execute(
+            "SELECT id, time, actor, action, workspace, target, outcome, reason, request_id, "
+            "metadata FROM audit_events ORDER BY seq DESC LIMIT %s",
+            (limit,),
+        ).fetchall()
+        return [
+            AuditEvent(*row[:9], metadata=json.loads(row[9]))  # type: ignore[misc]
+            for row in rows
+        ]
+
+
+class PgChanges:
+    """ChangeLog over one connection. Appends happen under the writer lock (see the module
+    docstring), so a revision is taken only once every earlier one has committed."""
+
+    def __init__(self, conn: Conn, appended: list[int]) -> None:
+        self._conn = conn
+        self._appended = appended
+
+    def append(self, change: Change) -> int:
+        row = self._conn.execute(
+            "INSERT INTO changes (kind, subject, payload) VALUES (%s, %s, %s) RETURNING revision",
+            (change.kind, change.subject, json.dumps(change.payload, sort_keys=True)),
+        ).fetchone()
+        assert row is not None
+        revision = int(row[0])
+        self._appended.append(revision)
+        return revision
+
+    def since(self, revision: int, limit: int) -> list[Change]:
+        rows = self._conn.execute(
+            "SELECT revision, kind, subject, payload FROM changes WHERE revision > %s "
+            "ORDER BY revision LIMIT %s",
+            (revision, limit),
+        ).fetchall()
+        return [Change(kind=k, subject=s, payload=json.loads(p), revision=r) for r, k, s, p in rows]
+
+    def head(self) -> int:
+        row = self._conn.execute("SELECT COALESCE(MAX(revision), 0) FROM changes").fetchone()
+        return int(row[0]) if row else 0
+
+
+class PgUnitOfWork:
+    """The repositories bound to one connection and transaction."""
+
+    def __init__(self, conn: Conn) -> None:
+        self.appended: list[int] = []
+        self.keys = PgKeys(conn)
+        self.audit = PgAudit(conn)
+        self.changes = PgChanges(conn, self.appended)
+        self.oauth = PgOAuthRepositories(conn)
+        self.conn = conn
+
+
+def _configure(conn: Conn) -> None:
+    """Session settings of every pooled connection (see LOCK_TIMEOUT_MS)."""
+    conn.execute(f"SET lock_timeout = {LOCK_TIMEOUT_MS}")
+    conn.execute(f"SET idle_in_transaction_session_timeout = {IDLE_IN_TRANSACTION_TIMEOUT_MS}")
+
+
+class PostgresStore:
+    """A pool of connections to one PostgreSQL database, shared by any number of replicas."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        min_size: int = 1,
+        max_size: int = 10,
+        timeout: float = 3.0,
+        connect_timeout: int = 3,
+        reconnect_timeout: float = 5.0,
+    ) -> None:
+        self.url = url
+        self._timeout = timeout
+        self._lock = threading.Lock()
+        self._subscribers: list[Callable[[int], None]] = []
+        # check: a connection the server dropped (restart, failover) is replaced before use
+        # rather than failing the call that drew it. reconnect_timeout: after that long without
+        # the database the pool stops retrying in the background and shrinks; the next call
+        # grows it again, so recovery never waits on a long exponential backoff.
+        self._pool: ConnectionPool[Conn] = ConnectionPool(
+            url,
+            min_size=min_size,
+            max_size=max_size,
+            timeout=timeout,
+            reconnect_timeout=reconnect_timeout,
+            kwargs={
+                "autocommit": True,
+                "connect_timeout": connect_timeout,
+                "application_name": "spauth",
+            },
+            configure=_configure,
+            check=ConnectionPool.check_connection,
+            open=False,
+            name="spauth-store",
+        )
+        self._pool.open(wait=False)
+        self._migrate()
+
+    # -- connections and errors ---------------------------------------------------------------
+
+    @contextmanager
+    def _connection(self) -> Iterator[Conn]:
+        try:
+            conn = self._pool.getconn(self._timeout)
+        except psycopg.Error as exc:
+            raise Unavailable(f"store unavailable: {exc}") from exc
+        try:
+            yield conn
+        finally:
+            _rollback(conn)
+            self._pool.putconn(conn)
+
+    def _migrate(self) -> None:
+        with self._connection() as conn, _translated(conn):
+            conn.execute("BEGIN")
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY)"
+            )
+            applied = {r[0] for r in conn.execute("SELECT version FROM schema_migrations")}
+            for version, sql in migrations.load("postgres"):
+                if version in applied:
+                    continue
+                for statement in migrations.statements(sql):
+                    conn.execute(statement)
+                conn.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (version,))
+                log.info("migrated", extra={"version": version})
+            _commit(conn)
+
+    # -- the Store protocol -------------------------------------------------------------------
+
+    @contextmanager
+    def transaction(self) -> Iterator[PgUnitOfWork]:
+        with self._connection() as conn:
+            with _translated(conn):
+                conn.execute("BEGIN")
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITER_LOCK,))
+            uow = PgUnitOfWork(conn)
+            with _translated(conn):
+                yield uow
+                _commit(conn)
+        if uow.appended:
+            self._notify(max(uow.appended))
+
+    @contextmanager
+    def read(self) -> Iterator[PgUnitOfWork]:
+        with self._connection() as conn, _translated(conn):
+            conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            yield PgUnitOfWork(conn)
+
+    def subscribe(self, callback: Callable[[int], None]) -> Callable[[], None]:
+        with self._lock:
+            self._subscribers.append(callback)
+
+        def unsubscribe() -> None:
+            with self._lock:
+                if callback in self._subscribers:
+                    self._subscribers.remove(callback)
+
+        return unsubscribe
+
+    def _notify(self, revision: int) -> None:
+        # Local listeners only: replicas on other processes learn of this commit from the
+        # notification bus, or within one replication heartbeat when there is none.
+        with self._lock:
+            subscribers = list(self._subscribers)
+        for callback in subscribers:
+            callback(revision)
+
+    def close(self) -> None:
+        self._pool.close()
+
+
+@contextmanager
+def _translated(conn: Conn) -> Iterator[None]:
+    """Database faults become ``Unavailable`` (the operation did not take effect); other errors
+    (constraint violations, bugs) pass through unchanged."""
+    try:
+        yield
+    except psycopg.OperationalError as exc:
+        raise Unavailable(f"store unavailable: {exc}") from exc
+    except psycopg.Error as exc:
+        if conn.broken or conn.closed:
+            raise Unavailable(f"store unavailable: {exc}") from exc
+        raise
+
+
+def _commit(conn: Conn) -> None:
+    # COMMIT of a transaction that failed part-way answers ROLLBACK without an error (a caller
+    # swallowed a database error): report it rather than a success that did not happen.
+    if conn.info.transaction_status == pq.TransactionStatus.INERROR:
+        raise Unavailable("store transaction aborted; nothing was written")
+    conn.execute("COMMIT")
+
+
+def _rollback(conn: Conn) -> None:
+    if conn.closed or conn.broken:
+        return
+    if conn.info.transaction_status != pq.TransactionStatus.IDLE:
+        try:
+            conn.execute("ROLLBACK")
+        except psycopg.Error:
+            log.debug("rollback failed; the pool discards the connection")
