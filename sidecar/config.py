@@ -58,6 +58,7 @@ class SidecarSettings:
     """The sidecar (``spauth sidecar``). Env: ``SPAUTH_SIDECAR_<NAME>``."""
 
     listen: str = "127.0.0.1:9191"
+    # HOST:PORT of a control plane, or several replicas as "a:50051,b:50051".
     control_plane: str = "127.0.0.1:50051"
     policy_file: Path | None = None
     state_dir: Path = Path(".spauth-sidecar")
@@ -174,7 +175,9 @@ def load_sidecar_settings(
     env = os.environ if environ is None else environ
     s = _load(SidecarSettings, "SPAUTH_SIDECAR_", overrides, env)
     _check_addr("listen", s.listen)
-    _check_addr("control_plane", s.control_plane)
+    # One or more control-plane replicas, comma-separated; the sidecar moves between them.
+    for target in s.control_plane.split(","):
+        _check_addr("control_plane", target.strip())
     if s.max_staleness < 0:
         raise ConfigError("max_staleness: must be 0 (never) or a positive number of seconds")
     if not 1 <= s.threads <= 64:

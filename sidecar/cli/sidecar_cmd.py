@@ -19,7 +19,11 @@ from sidecar.dataplane.server import Sidecar
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("sidecar", help="run the ext_authz sidecar against a control plane")
     p.add_argument("--listen", help="gRPC listen address (default 127.0.0.1:9191)")
-    p.add_argument("--control-plane", help="control plane admin address (default 127.0.0.1:50051)")
+    p.add_argument(
+        "--control-plane",
+        help="control plane admin address, or several replicas as A:PORT,B:PORT "
+        "(default 127.0.0.1:50051)",
+    )
     p.add_argument("--policy", dest="policy_file", help="route policy TOML (default: built in)")
     p.add_argument("--state-dir", help="where the replica snapshot is kept (.spauth-sidecar)")
     p.add_argument("--max-staleness", help="seconds without sync before failing closed (900)")

@@ -1,6 +1,10 @@
-"""The replica feed: one thread holds a ReplicationService.Subscribe stream to the control plane,
+"""The replica feed: one thread holds a ReplicationService.Subscribe stream to a control plane,
 applies the snapshot and changes in order, reconnects with backoff, resumes from its revision, and
-persists the replica to disk so the sidecar can start and serve while the control plane is down."""
+persists the replica to disk so the sidecar can start and serve while the control plane is down.
+
+With several control-plane replicas (``--control-plane a:50051,b:50051``) the client moves to the
+next one when its stream fails or falls silent, and resumes there from its revision: every
+replica serves the same change log from the shared database, so nothing is missed."""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import os
 import random
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
@@ -81,22 +86,37 @@ class ReplicaFile:
         return True
 
 
+def parse_targets(value: str | Sequence[str]) -> list[str]:
+    """``"a:1,b:2"`` (or a list) as a list of HOST:PORT targets, in order, without repeats."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    targets = list(dict.fromkeys(t.strip() for t in items if t.strip()))
+    if not targets:
+        raise ValueError("control_plane: give at least one HOST:PORT")
+    return targets
+
+
 class SyncClient:
-    """Keeps ``replica`` in step with the control plane."""
+    """Keeps ``replica`` in step with one of the control-plane replicas in ``targets``."""
 
     def __init__(
         self,
         replica: Replica,
-        target: str,
+        targets: str | Sequence[str],
         clock: Clock,
         *,
         state_dir: Path | None = None,
         sync_token: str = "",
         sidecar_id: str = "",
         persist_interval: float = 1.0,
+        silence_timeout: float = 10.0,
     ) -> None:
         self.replica = replica
-        self.target = target
+        self.targets = parse_targets(targets)
+        self._current = 0
+        # A stream with no message (not even the 1 s heartbeat) for this long is dead even if
+        # TCP says otherwise (a frozen or partitioned control plane): cancel it and move on.
+        self.silence_timeout = silence_timeout
+        self._last_message = time.monotonic()
         self.clock = clock
         self.file = ReplicaFile(state_dir) if state_dir is not None else None
         self.metadata = (("authorization", f"Bearer {sync_token}"),) if sync_token else ()
@@ -107,14 +127,23 @@ class SyncClient:
         self._stop = threading.Event()
         self._call: grpc.Future | None = None  # type: ignore[type-arg]
         self._thread = threading.Thread(target=self._run, name="spauth-sync", daemon=True)
+        self._watchdog = threading.Thread(
+            target=self._watch, name="spauth-sync-watchdog", daemon=True
+        )
         self._dirty = False
         self._last_save = 0.0
         self._pending: list[Change] = []
+
+    @property
+    def target(self) -> str:
+        """The control plane this client streams from (or tries next)."""
+        return self.targets[self._current]
 
     def start(self) -> None:
         if self.file is not None and self.file.load(self.replica):
             log.info("serving from persisted replica", extra={"revision": self.replica.revision})
         self._thread.start()
+        self._watchdog.start()
 
     def stop(self) -> None:
         self._stop.set()
@@ -122,14 +151,17 @@ class SyncClient:
         if call is not None:
             call.cancel()
         self._thread.join(5)
+        self._watchdog.join(5)
         self._save(force=True)
 
     def _run(self) -> None:
         backoff = Backoff()
+        failed_in_a_row = 0
         while not self._stop.is_set():
+            received = False
             try:
                 with grpc.insecure_channel(self.target) as channel:
-                    self._stream(pb_grpc.ReplicationServiceStub(channel), backoff)
+                    received = self._stream(pb_grpc.ReplicationServiceStub(channel), backoff)
             except grpc.RpcError as exc:
                 if self._stop.is_set():
                     break
@@ -141,19 +173,49 @@ class SyncClient:
             except ReplicaError:
                 log.exception("bad change from control plane; resyncing from a snapshot")
                 self.replica.revision = 0
+            self._call = None
             self.connected = False
             self.reconnects += 1
-            self._stop.wait(backoff.delay())
+            failed_in_a_row = 0 if received else failed_in_a_row + 1
+            self._rotate()
+            # Straight to the next replica while some are untried; back off once every one has
+            # failed in a row (they are all down, or the network is).
+            if failed_in_a_row >= len(self.targets) or len(self.targets) == 1:
+                self._stop.wait(backoff.delay())
 
-    def _stream(self, stub: pb_grpc.ReplicationServiceStub, backoff: Backoff) -> None:
+    def _rotate(self) -> None:
+        if len(self.targets) > 1:
+            self._current = (self._current + 1) % len(self.targets)
+            log.info("trying the next control plane", extra={"target": self.target})
+
+    def _watch(self) -> None:
+        """Cancel a stream that has been silent for ``silence_timeout`` seconds."""
+        interval = max(0.05, min(1.0, self.silence_timeout / 4))
+        while not self._stop.wait(interval):
+            call = self._call
+            silent = time.monotonic() - self._last_message
+            if call is not None and silent > self.silence_timeout:
+                log.warning(
+                    "replication stream silent; reconnecting",
+                    extra={"target": self.target, "silent_s": round(silent, 1)},
+                )
+                self._call = None
+                call.cancel()
+
+    def _stream(self, stub: pb_grpc.ReplicationServiceStub, backoff: Backoff) -> bool:
+        """Follow one Subscribe stream until it ends; whether any message arrived."""
         after = self.replica.revision if self.replica.loaded else 0
         call = stub.Subscribe(
             pb.SubscribeRequest(after_revision=after, sidecar_id=self.sidecar_id),
             metadata=self.metadata,
         )
+        self._last_message = time.monotonic()
         self._call = call
         self._pending = []
+        received = False
         for message in call:
+            received = True
+            self._last_message = time.monotonic()
             self.connected = True
             backoff.reset()
             self.replica.last_contact = self.clock.now()
@@ -170,6 +232,7 @@ class SyncClient:
                     self._dirty = True
                     log.info("snapshot loaded", extra={"revision": snap.revision})
             self._save()
+        return received
 
     def _save(self, force: bool = False) -> None:
         if self.file is None or not self._dirty or not self.replica.loaded:
