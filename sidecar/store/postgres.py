@@ -260,6 +260,13 @@ class PostgresStore:
                 "autocommit": True,
                 "connect_timeout": connect_timeout,
                 "application_name": "spauth",
+                # A database that vanished without closing the connection (a partition, a host
+                # that died) is noticed in seconds, not after the kernel's retransmission limit.
+                "keepalives": 1,
+                "keepalives_idle": 10,
+                "keepalives_interval": 5,
+                "keepalives_count": 3,
+                "tcp_user_timeout": 15000,
             },
             configure=_configure,
             check=ConnectionPool.check_connection,
