@@ -15,9 +15,11 @@ from __future__ import annotations
 import base64
 import json
 import math
+import random
 import secrets
 import statistics
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -59,7 +61,8 @@ def deployment(tmp_path: Path, pg: PostgresServer) -> Iterator[ScaleOut]:
 
 def record(request: pytest.FixtureRequest, name: str, values: dict[str, object]) -> None:
     """Keep a measurement in the pytest cache and show it in the test output."""
-    folder = request.config.cache.mkdir("scaleout")  # type: ignore[union-attr]
+    cache = request.config.cache
+    folder = cache.mkdir("scaleout") if cache is not None else Path(tempfile.mkdtemp())
     (folder / f"{name}.json").write_text(json.dumps(values, indent=2) + "\n")
     capture = request.config.pluginmanager.getplugin("capturemanager")
     with capture.global_and_fixture_disabled():  # type: ignore[union-attr]
@@ -97,10 +100,14 @@ def test_a_revocation_on_replica_a_reaches_all_three_sidecars(
     admin = s.admin(a)
     delays: list[float] = []
     per_sidecar: dict[str, list[float]] = {sc.name: [] for sc in s.sidecars}
+    jitter = random.Random(8)
     keys = [admin.create() for _ in range(20)]
     wait(lambda: all(all_allow(s.sidecars, key) for key, _ in keys), 10)
     with ThreadPoolExecutor(len(s.sidecars)) as pool:
         for key, key_id in keys:
+            # At a random moment of B's heartbeat cycle: revoking right after the previous
+            # revocation arrived would always land just after B's re-read (the worst case).
+            time.sleep(jitter.uniform(0, 1.0))
             start = time.monotonic()
             admin.revoke(key_id)
             # One poller per sidecar, so each delay is measured on its own.
