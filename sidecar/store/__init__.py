@@ -14,7 +14,8 @@ def open_store(url: str) -> Store:
         # Imported here so the embedded product never needs psycopg installed.
         from sidecar.store.postgres import PostgresStore
 
-        return PostgresStore(url)
+        # A replica may start before its database: wait for it rather than crash-loop.
+        return PostgresStore(url, startup_timeout=60.0)
     if url.startswith("sqlite:///"):
         url = url[len("sqlite:///") - 1 :]
     elif url.startswith("sqlite://"):

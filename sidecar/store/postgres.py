@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -241,6 +242,7 @@ class PostgresStore:
         timeout: float = 3.0,
         connect_timeout: int = 3,
         reconnect_timeout: float = 5.0,
+        startup_timeout: float = 0.0,
     ) -> None:
         self.url = url
         self._timeout = timeout
@@ -274,7 +276,7 @@ class PostgresStore:
             name="spauth-store",
         )
         self._pool.open(wait=False)
-        self._migrate()
+        self._migrate_when_reachable(startup_timeout)
 
     # -- connections and errors ---------------------------------------------------------------
 
@@ -283,12 +285,27 @@ class PostgresStore:
         try:
             conn = self._pool.getconn(self._timeout)
         except psycopg.Error as exc:
-            raise Unavailable(f"store unavailable: {exc}") from exc
+            raise _unavailable(exc) from exc
         try:
             yield conn
         finally:
             _rollback(conn)
             self._pool.putconn(conn)
+
+    def _migrate_when_reachable(self, startup_timeout: float) -> None:
+        """Migrate, waiting up to ``startup_timeout`` seconds for the database to be reachable
+        (a replica may start before its database); then Unavailable."""
+        deadline = time.monotonic() + startup_timeout
+        while True:
+            try:
+                self._migrate()
+                return
+            except Unavailable:
+                if time.monotonic() >= deadline:
+                    self._pool.close()
+                    raise
+                log.warning("waiting for the database")
+                time.sleep(1.0)
 
     def _migrate(self) -> None:
         with self._connection() as conn, _translated(conn):
@@ -358,11 +375,17 @@ def _translated(conn: Conn) -> Iterator[None]:
     try:
         yield
     except psycopg.OperationalError as exc:
-        raise Unavailable(f"store unavailable: {exc}") from exc
+        raise _unavailable(exc) from exc
     except psycopg.Error as exc:
         if conn.broken or conn.closed:
-            raise Unavailable(f"store unavailable: {exc}") from exc
+            raise _unavailable(exc) from exc
         raise
+
+
+def _unavailable(exc: psycopg.Error) -> Unavailable:
+    # The driver's message names hosts, ports and users: logged here, never sent to a client.
+    log.warning("database unavailable", extra={"error": str(exc).strip()})
+    return Unavailable("store unavailable; try again")
 
 
 def _commit(conn: Conn) -> None:
