@@ -11,10 +11,17 @@ from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from sidecar._gen.statuspulse.auth.v1 import api_keys_pb2, api_keys_pb2_grpc
+from sidecar._gen.statuspulse.auth.v1 import (
+    api_keys_pb2,
+    api_keys_pb2_grpc,
+    audit_pb2,
+    audit_pb2_grpc,
+)
 from sidecar.admin.apikeys import ApiKeyServicer
+from sidecar.admin.audit import AuditServicer, load_checkpoint_key
 from sidecar.config import Settings
 from sidecar.core.apikeys import ApiKeyService, KeyPolicy
+from sidecar.core.audit_trail import AuditTrail
 from sidecar.core.clock import Clock, SystemClock
 from sidecar.core.models import Minted
 from sidecar.store import Store, open_store
@@ -37,6 +44,11 @@ class ControlPlane:
                 max_lifetime=settings.key_max_lifetime,
             ),
         )
+        self.audit = AuditTrail(
+            self.store, self.clock, load_checkpoint_key(settings.data_dir / "audit-hmac-key")
+        )
+        self.audit_servicer = AuditServicer(self.audit, self.keys)
+        self._unsubscribe = self.store.subscribe(self.audit_servicer.notify)
         self.health = health_aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -51,9 +63,12 @@ class ControlPlane:
         api_keys_pb2_grpc.add_ApiKeyServiceServicer_to_server(
             ApiKeyServicer(self.keys, self.clock), server
         )
+        audit_pb2_grpc.add_AuditServiceServicer_to_server(self.audit_servicer, server)
+        self.audit_servicer.bind(asyncio.get_running_loop())
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = (
             api_keys_pb2.DESCRIPTOR.services_by_name["ApiKeyService"].full_name,
+            audit_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name,
             health.SERVICE_NAME,
             reflection.SERVICE_NAME,
         )
@@ -85,6 +100,8 @@ class ControlPlane:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
+        self._unsubscribe()
+        self.audit_servicer.close()  # tails end now and resume by cursor elsewhere
         if self._server is not None:
             await self._server.stop(grace)
         self.store.close()

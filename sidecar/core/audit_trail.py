@@ -104,10 +104,18 @@ class AuditTrail:
         token = _encode_token(last.event.time, last.seq) if last else ""
         return AuditPage(items=items, next_token=token)
 
-    def after(self, query: AuditQuery, cursor: int, limit: int = 0) -> list[ChainedRecord]:
-        """Matching records in storage order after ``cursor`` (tail and export)."""
+    def after(
+        self, query: AuditQuery, cursor: int, limit: int = 0
+    ) -> tuple[list[ChainedRecord], int]:
+        """Matching records in storage order after ``cursor`` (tail and export), and how far the
+        scan got: a filtered follower resumes there, not at its last match, so it never rescans
+        rows that did not match (storage positions are assigned in commit order)."""
+        limit = limit or self.policy.batch
         with self._store.read() as uow:
-            return uow.audit.after(cursor, query, limit or self.policy.batch)
+            end = uow.audit.last_seq()
+            found = uow.audit.after(cursor, query, limit)
+        scanned = found[-1].seq if len(found) == limit else max(cursor, end)
+        return found, scanned
 
     def end(self) -> int:
         """The cursor of the newest stored record (a tail with no cursor starts here)."""
