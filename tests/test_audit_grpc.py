@@ -117,6 +117,18 @@ def test_access_needs_admin_full_in_the_workspace_or_the_operator_key(client: Cl
     assert code_of(next, tail) is denied
 
 
+def test_a_filtered_tail_sends_heartbeats_that_move_its_cursor(client: Client) -> None:
+    stream = client.audit.TailAuditRecords(
+        pb.TailAuditRecordsRequest(filter=pb.AuditFilter(workspace="beta")),
+        metadata=bearer(client.plane.operator_key),
+    )
+    start = next(stream)
+    client.create_key("acme", "checks:read")
+    beat = next(stream)
+    stream.cancel()
+    assert not beat.HasField("record") and int(beat.cursor) == int(start.cursor) + 1
+
+
 def test_tail_shows_a_revocation_made_by_another_client_within_a_second(
     client: Client, control_plane: RunningControlPlane
 ) -> None:
@@ -131,8 +143,9 @@ def test_tail_shows_a_revocation_made_by_another_client_within_a_second(
     def follow() -> None:
         started.set()
         for resp in stream:
-            seen.append((resp.record, time.monotonic()))
-            return
+            if resp.HasField("record"):
+                seen.append((resp.record, time.monotonic()))
+                return
 
     reader = threading.Thread(target=follow)
     reader.start()
@@ -158,6 +171,8 @@ def test_tail_resumes_from_a_cursor_without_gaps(client: Client) -> None:
     stream = client.audit.TailAuditRecords(
         pb.TailAuditRecordsRequest(cursor=cursor), metadata=bearer(client.plane.operator_key)
     )
+    first_response = next(stream)
+    assert not first_response.HasField("record") and first_response.cursor == cursor
     got = [next(stream).record.action, next(stream).record.action]
     stream.cancel()
     assert got == ["key.created", "key.revoked"]

@@ -145,12 +145,19 @@ class AuditServicer(pb_grpc.AuditServiceServicer):  # type: ignore[misc]
             cursor = await asyncio.to_thread(self._trail.end)
         waiter = asyncio.Event()
         self._waiters.add(waiter)
+        # The first response tells a client with no cursor where it started, so it can resume
+        # from there even if nothing matched before the connection broke.
+        yield pb.TailAuditRecordsResponse(cursor=encode_cursor(cursor))
         try:
             while not self._closing.is_set():
                 waiter.clear()
                 found, scanned = await asyncio.to_thread(self._trail.after, query, cursor)
                 for rec in found:
-                    yield pb.TailAuditRecordsResponse(record=convert.record(rec))
+                    yield pb.TailAuditRecordsResponse(
+                        record=convert.record(rec), cursor=encode_cursor(rec.seq)
+                    )
+                if scanned > cursor and (not found or found[-1].seq < scanned):
+                    yield pb.TailAuditRecordsResponse(cursor=encode_cursor(scanned))
                 cursor = scanned
                 if found and len(found) >= self._trail.policy.batch:
                     continue

@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from sidecar.cli import keys, serve
+from sidecar.cli import audit, keys, serve
 from sidecar.cli.client import EXIT_USAGE, CliError, admin_client, fail
 from sidecar.config import ConfigError
 
@@ -27,6 +27,7 @@ def build_parser(environ: dict[str, str] | None = None) -> argparse.ArgumentPars
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve.register(sub, common)
     keys.register(sub, common)
+    audit.register(sub, common)
     return parser
 
 

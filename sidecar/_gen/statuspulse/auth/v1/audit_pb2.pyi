@@ -103,10 +103,12 @@ class TailAuditRecordsRequest(_message.Message):
     def __init__(self, filter: _Optional[_Union[AuditFilter, _Mapping]] = ..., cursor: _Optional[str] = ...) -> None: ...
 
 class TailAuditRecordsResponse(_message.Message):
-    __slots__ = ("record",)
+    __slots__ = ("record", "cursor")
     RECORD_FIELD_NUMBER: _ClassVar[int]
+    CURSOR_FIELD_NUMBER: _ClassVar[int]
     record: AuditRecord
-    def __init__(self, record: _Optional[_Union[AuditRecord, _Mapping]] = ...) -> None: ...
+    cursor: str
+    def __init__(self, record: _Optional[_Union[AuditRecord, _Mapping]] = ..., cursor: _Optional[str] = ...) -> None: ...
 
 class ExportAuditRecordsRequest(_message.Message):
     __slots__ = ("filter", "cursor")
