@@ -1,16 +1,21 @@
-"""One typed, frozen configuration, read from flags and ``SPAUTH_*`` environment variables in one
-place and validated at start-up with messages that name the setting. Nothing else reads
-``os.environ``."""
+"""One typed, frozen configuration per process kind, read from flags and ``SPAUTH_*`` environment
+variables in one place and validated at start-up with messages that name the setting. Nothing else
+reads ``os.environ``."""
 
 from __future__ import annotations
 
 import os
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any, TypeVar
 
 from sidecar.core.errors import InvalidArgument
 from sidecar.core.validation import parse_duration
+
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
@@ -19,7 +24,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    """Every setting of the control plane and the embedded product."""
+    """The control plane and the embedded product (``spauth serve``). Env: ``SPAUTH_<NAME>``."""
 
     data_dir: Path = Path(".spauth")
     database_url: str = ""
@@ -29,6 +34,9 @@ class Settings:
     key_default_lifetime: int = 90 * 86400
     key_max_lifetime: int = 365 * 86400
     sweep_interval: float = 5.0
+    sync_heartbeat: float = 1.0
+    sync_token: str = ""
+    policy_file: Path | None = None
     log_level: str = "info"
 
     @property
@@ -37,25 +45,57 @@ class Settings:
         return self.database_url or f"sqlite:///{self.data_dir / 'spauth.db'}"
 
 
+@dataclass(frozen=True, slots=True)
+class SidecarSettings:
+    """The sidecar (``spauth sidecar``). Env: ``SPAUTH_SIDECAR_<NAME>``."""
+
+    listen: str = "127.0.0.1:9191"
+    control_plane: str = "127.0.0.1:50051"
+    policy_file: Path | None = None
+    state_dir: Path = Path(".spauth-sidecar")
+    max_staleness: float = 900.0
+    sync_token: str = ""
+    threads: int = 4
+    workers: int = 1
+    policy_poll_interval: float = 1.0
+    log_level: str = "info"
+
+
 _DURATIONS = {"key_default_lifetime", "key_max_lifetime"}
+_LEVELS = {"debug", "info", "warning", "error"}
 
 
-def _convert(name: str, raw: object) -> object:
-    if name == "data_dir":
+def _convert(name: str, kind: Any, raw: object) -> object:
+    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    if kind is Path:
         return Path(str(raw))
-    if name in _DURATIONS:
-        if isinstance(raw, int):
-            return raw
+    if name in _DURATIONS and not isinstance(raw, int):
         try:
             return parse_duration(str(raw), name)
-        except InvalidArgument as exc:
-            raise ConfigError(f"{name}: {exc.message.split(': ', 1)[1]}") from None
-    if name == "sweep_interval":
+        except InvalidArgument:
+            raise ConfigError(f"{name}: expected a duration such as 90d, got {raw!r}") from None
+    if kind in (int, float):
         try:
-            return float(str(raw))
+            return kind(str(raw))
         except ValueError:
-            raise ConfigError(f"{name}: expected seconds, got {raw!r}") from None
+            raise ConfigError(f"{name}: expected a number, got {raw!r}") from None
     return str(raw)
+
+
+def _load(
+    cls: type[T], prefix: str, overrides: Mapping[str, object] | None, environ: Mapping[str, str]
+) -> T:
+    hints = typing.get_type_hints(cls)
+    values: dict[str, object] = {}
+    for f in fields(cls):  # type: ignore[arg-type]
+        raw = environ.get(f"{prefix}{f.name.upper()}")
+        if raw:
+            values[f.name] = _convert(f.name, hints[f.name], raw)
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            values[name] = _convert(name, hints[name], value)
+    return cls(**values)
 
 
 def _check_addr(name: str, value: str) -> None:
@@ -64,28 +104,43 @@ def _check_addr(name: str, value: str) -> None:
         raise ConfigError(f"{name}: expected HOST:PORT, got {value!r}")
 
 
+def _check_level(value: str) -> None:
+    if value.lower() not in _LEVELS:
+        raise ConfigError(f"log_level: expected debug|info|warning|error, got {value!r}")
+
+
 def load_settings(
     overrides: Mapping[str, object] | None = None, environ: Mapping[str, str] | None = None
 ) -> Settings:
     """Defaults, then ``SPAUTH_<NAME>`` environment variables, then explicit overrides (flags)."""
-    env = os.environ if environ is None else environ
-    values: dict[str, object] = {}
-    for f in fields(Settings):
-        raw = env.get(f"SPAUTH_{f.name.upper()}")
-        if raw is not None and raw != "":
-            values[f.name] = _convert(f.name, raw)
-    for name, value in (overrides or {}).items():
-        if value is not None:
-            values[name] = _convert(name, value)
-    settings = Settings(**values)  # type: ignore[arg-type]
+    s = _load(Settings, "SPAUTH_", overrides, os.environ if environ is None else environ)
     for name in ("admin_addr", "http_addr", "sidecar_addr"):
-        _check_addr(name, getattr(settings, name))
-    if not 60 <= settings.key_default_lifetime <= settings.key_max_lifetime:
+        _check_addr(name, getattr(s, name))
+    if not 60 <= s.key_default_lifetime <= s.key_max_lifetime:
         raise ConfigError("key_default_lifetime: must be at least 60s and at most key_max_lifetime")
-    if settings.sweep_interval <= 0:
+    if s.sweep_interval <= 0:
         raise ConfigError("sweep_interval: must be positive")
-    if settings.log_level.lower() not in {"debug", "info", "warning", "error"}:
-        raise ConfigError(
-            f"log_level: expected debug|info|warning|error, got {settings.log_level!r}"
-        )
-    return settings
+    if s.sync_heartbeat <= 0:
+        raise ConfigError("sync_heartbeat: must be positive")
+    _check_level(s.log_level)
+    return s
+
+
+def load_sidecar_settings(
+    overrides: Mapping[str, object] | None = None, environ: Mapping[str, str] | None = None
+) -> SidecarSettings:
+    """Defaults, then ``SPAUTH_SIDECAR_<NAME>`` environment variables, then flags."""
+    env = os.environ if environ is None else environ
+    s = _load(SidecarSettings, "SPAUTH_SIDECAR_", overrides, env)
+    _check_addr("listen", s.listen)
+    _check_addr("control_plane", s.control_plane)
+    if s.max_staleness < 0:
+        raise ConfigError("max_staleness: must be 0 (never) or a positive number of seconds")
+    if not 1 <= s.threads <= 64:
+        raise ConfigError(f"threads: must be between 1 and 64, got {s.threads}")
+    if not 1 <= s.workers <= 64:
+        raise ConfigError(f"workers: must be between 1 and 64, got {s.workers}")
+    if s.policy_file is not None and not s.policy_file.is_file():
+        raise ConfigError(f"policy_file: no such file {str(s.policy_file)!r}")
+    _check_level(s.log_level)
+    return s

@@ -16,11 +16,14 @@ from sidecar._gen.statuspulse.auth.v1 import (
     api_keys_pb2_grpc,
     audit_pb2,
     audit_pb2_grpc,
+    replication_pb2,
+    replication_pb2_grpc,
 )
 from sidecar.admin.apikeys import ApiKeyServicer
 from sidecar.admin.audit import AuditServicer, load_checkpoint_key
+from sidecar.admin.replication import ReplicationServicer, SnapshotSource
 from sidecar.config import Settings
-from sidecar.core.apikeys import ApiKeyService, KeyPolicy
+from sidecar.core.apikeys import ApiKeyService, KeyPolicy, key_snapshot
 from sidecar.core.audit_trail import AuditTrail
 from sidecar.core.clock import Clock, SystemClock
 from sidecar.core.models import Minted
@@ -49,6 +52,14 @@ class ControlPlane:
         )
         self.audit_servicer = AuditServicer(self.audit, self.keys)
         self._unsubscribe = self.store.subscribe(self.audit_servicer.notify)
+        self.snapshot_sources: list[SnapshotSource] = [key_snapshot]
+        self.replication = ReplicationServicer(
+            self.store,
+            self.clock,
+            self.snapshot_sources,
+            heartbeat=settings.sync_heartbeat,
+            sync_token=settings.sync_token,
+        )
         self.health = health_aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -63,11 +74,13 @@ class ControlPlane:
         api_keys_pb2_grpc.add_ApiKeyServiceServicer_to_server(
             ApiKeyServicer(self.keys, self.clock), server
         )
+        replication_pb2_grpc.add_ReplicationServiceServicer_to_server(self.replication, server)
         audit_pb2_grpc.add_AuditServiceServicer_to_server(self.audit_servicer, server)
         self.audit_servicer.bind(asyncio.get_running_loop())
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = (
             api_keys_pb2.DESCRIPTOR.services_by_name["ApiKeyService"].full_name,
+            replication_pb2.DESCRIPTOR.services_by_name["ReplicationService"].full_name,
             audit_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name,
             health.SERVICE_NAME,
             reflection.SERVICE_NAME,

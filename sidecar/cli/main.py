@@ -7,9 +7,10 @@ import os
 import sys
 from collections.abc import Sequence
 
-from sidecar.cli import audit, keys, serve
+from sidecar.cli import audit, keys, serve, sidecar_cmd
 from sidecar.cli.client import EXIT_USAGE, CliError, admin_client, fail
 from sidecar.config import ConfigError
+from sidecar.core.policy import PolicyError
 
 
 def build_parser(environ: dict[str, str] | None = None) -> argparse.ArgumentParser:
@@ -27,6 +28,7 @@ def build_parser(environ: dict[str, str] | None = None) -> argparse.ArgumentPars
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve.register(sub, common)
     keys.register(sub, common)
+    sidecar_cmd.register(sub, common)
     audit.register(sub, common)
     return parser
 
@@ -34,6 +36,7 @@ def build_parser(environ: dict[str, str] | None = None) -> argparse.ArgumentPars
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         runner = getattr(args, "runner", None)
         if runner is not None:
@@ -44,6 +47,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(str(exc), exc.exit_code)
     except ConfigError as exc:
         return fail(f"configuration: {exc}", EXIT_USAGE)
+    except PolicyError as exc:
+        return fail(f"policy: {exc}", EXIT_USAGE)
     except KeyboardInterrupt:
         return 130
 

@@ -11,9 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from sidecar import logs
-from sidecar.config import Settings, load_settings
+from sidecar.config import Settings, SidecarSettings, load_settings
 from sidecar.controlplane import ControlPlane
 from sidecar.core.models import Minted
+from sidecar.core.policy import PolicyError
+from sidecar.dataplane.policy_source import load_policy
+from sidecar.dataplane.server import Sidecar
 
 BOOTSTRAP_FILE = "bootstrap-key"
 
@@ -24,6 +27,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--admin-addr", help="admin gRPC listen address (default 127.0.0.1:50051)")
     p.add_argument("--http-addr", help="OAuth HTTP listen address (default 127.0.0.1:8080)")
     p.add_argument("--sidecar-addr", help="sidecar gRPC listen address (default 127.0.0.1:9191)")
+    p.add_argument("--policy", dest="policy_file", help="route policy TOML (default: built in)")
     p.set_defaults(handler=None, runner=run)
 
 
@@ -39,6 +43,7 @@ def write_bootstrap_key(data_dir: Path, minted: Minted) -> Path:
 async def serve(settings: Settings) -> None:
     """Run until SIGTERM/SIGINT, then drain and exit."""
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    policy = load_policy(settings.policy_file)
     plane = ControlPlane(settings)
     minted = plane.bootstrap()
     if minted is not None:
@@ -46,12 +51,32 @@ async def serve(settings: Settings) -> None:
         print(f"Operator key (admin:full, all workspaces), shown once: {minted.secret}")
         print(f"It is also in {path} (mode 0600). export STATUSPULSE_API_KEY=$(cat {path})")
     await plane.start()
-    print(f"spauth serve: admin gRPC on {settings.admin_addr}", flush=True)
+    sidecar = Sidecar(
+        SidecarSettings(
+            listen=settings.sidecar_addr,
+            control_plane=f"127.0.0.1:{plane.admin_port}",
+            policy_file=settings.policy_file,
+            state_dir=settings.data_dir / "sidecar",
+            sync_token=settings.sync_token,
+        ),
+        policy=policy,
+    )
+    try:
+        sidecar.start()
+    except BaseException:
+        await plane.aclose()
+        raise
+    print(
+        f"spauth serve: admin gRPC on {settings.admin_addr}, "
+        f"sidecar (ext_authz) on {settings.sidecar_addr}",
+        flush=True,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    await asyncio.to_thread(sidecar.stop)
     await plane.aclose()
 
 
@@ -62,12 +87,13 @@ def run(args: argparse.Namespace) -> int:
             "admin_addr": args.admin_addr,
             "http_addr": args.http_addr,
             "sidecar_addr": args.sidecar_addr,
+            "policy_file": args.policy_file,
         }
     )
     logs.configure(settings.log_level)
     try:
         asyncio.run(serve(settings))
-    except OSError as exc:
+    except (OSError, PolicyError) as exc:
         print(f"spauth: error: {exc}", file=sys.stderr)
         return 1
     return 0

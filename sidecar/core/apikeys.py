@@ -7,6 +7,7 @@ import base64
 import binascii
 import hmac
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 from sidecar.core import keyformat, validation
@@ -57,6 +58,12 @@ def credential_payload(key: ApiKey) -> dict[str, object]:
         "scopes": sort_scopes(key.scopes),
         "expires_at": key.expires_at,
     }
+
+
+def key_snapshot(uow: UnitOfWork, now: int) -> Iterator[Change]:
+    """Every usable key as a replica entry (the API-key part of a replica snapshot)."""
+    for key in uow.keys.usable(now):
+        yield Change("credential.upserted", key.id, credential_payload(key))
 
 
 class ApiKeyService:

@@ -1,0 +1,131 @@
+"""ReplicationService: a snapshot, then every change in revision order, then heartbeats. Changes
+are pushed as soon as the store commits them (in-process notification) and re-read from the
+change log at least every heartbeat, so a missed notification only delays, never loses."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+from collections.abc import AsyncIterator, Callable, Iterable
+
+import grpc
+
+from sidecar._gen.statuspulse.auth.v1 import replication_pb2 as pb
+from sidecar._gen.statuspulse.auth.v1 import replication_pb2_grpc as pb_grpc
+from sidecar.core.clock import Clock
+from sidecar.core.models import Change
+from sidecar.store.base import Store, UnitOfWork
+
+log = logging.getLogger("sidecar.replication")
+
+SnapshotSource = Callable[[UnitOfWork, int], Iterable[Change]]
+CHUNK = 5000
+BATCH = 1000
+
+
+def to_pb(change: Change) -> pb.ReplicaChange:
+    return pb.ReplicaChange(
+        revision=change.revision,
+        kind=change.kind,
+        subject=change.subject,
+        payload_json=json.dumps(change.payload, sort_keys=True),
+    )
+
+
+class ReplicationServicer(pb_grpc.ReplicationServiceServicer):  # type: ignore[misc]
+    """Streams the change log to sidecars."""
+
+    def __init__(
+        self,
+        store: Store,
+        clock: Clock,
+        sources: list[SnapshotSource],
+        *,
+        heartbeat: float = 1.0,
+        sync_token: str = "",
+    ) -> None:
+        self._store = store
+        self._clock = clock
+        self._sources = sources
+        self._heartbeat = heartbeat
+        self._token = sync_token.encode()
+        self.subscribers = 0
+        self.snapshots_sent = 0
+
+    def snapshot(self) -> tuple[int, list[Change]]:
+        """The head revision and every entry, read in one consistent transaction."""
+        now = int(self._clock.now())
+        with self._store.read() as uow:
+            head = uow.changes.head()
+            entries = [entry for source in self._sources for entry in source(uow, now)]
+        return head, entries
+
+    def _changes(self, after: int) -> tuple[int, list[Change]]:
+        with self._store.read() as uow:
+            return uow.changes.head(), uow.changes.since(after, BATCH)
+
+    def _authorized(self, context: grpc.aio.ServicerContext[object, object]) -> bool:
+        if not self._token:
+            return True
+        for name, value in context.invocation_metadata() or ():
+            if name == "authorization" and isinstance(value, str):
+                presented = value.partition(" ")[2].strip().encode()
+                return hmac.compare_digest(presented, self._token)
+        return False
+
+    async def Subscribe(
+        self, request: pb.SubscribeRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> AsyncIterator[pb.SubscribeResponse]:
+        if not self._authorized(context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "sync token required")
+        loop = asyncio.get_running_loop()
+        wake = asyncio.Event()
+
+        def notify(_revision: int) -> None:
+            loop.call_soon_threadsafe(wake.set)
+
+        unsubscribe = self._store.subscribe(notify)
+        self.subscribers += 1
+        try:
+            after = request.after_revision
+            head, _ = await asyncio.to_thread(self._changes, after)
+            # A sidecar ahead of the log (store reset) or with nothing yet gets a snapshot.
+            if after <= 0 or after > head:
+                revision, entries = await asyncio.to_thread(self.snapshot)
+                for response in _snapshot_chunks(revision, entries):
+                    yield response
+                after = revision
+                self.snapshots_sent += 1
+                log.info(
+                    "snapshot sent",
+                    extra={"sidecar": request.sidecar_id, "revision": revision, "n": len(entries)},
+                )
+            while True:
+                wake.clear()
+                head, changes = await asyncio.to_thread(self._changes, after)
+                for change in changes:
+                    yield pb.SubscribeResponse(change=to_pb(change))
+                    after = change.revision
+                if len(changes) == BATCH:
+                    continue
+                try:
+                    await asyncio.wait_for(wake.wait(), self._heartbeat)
+                except TimeoutError:
+                    yield pb.SubscribeResponse(heartbeat=pb.Heartbeat(head_revision=head))
+        finally:
+            self.subscribers -= 1
+            unsubscribe()
+
+
+def _snapshot_chunks(revision: int, entries: list[Change]) -> Iterable[pb.SubscribeResponse]:
+    for start in range(0, max(len(entries), 1), CHUNK):
+        chunk = entries[start : start + CHUNK]
+        yield pb.SubscribeResponse(
+            snapshot=pb.Snapshot(
+                revision=revision,
+                entries=[to_pb(c) for c in chunk],
+                complete=start + CHUNK >= len(entries),
+            )
+        )

@@ -1,0 +1,106 @@
+"""``spauth sidecar``: the data plane on its own, fed by a remote control plane."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from sidecar import logs
+from sidecar.config import SidecarSettings, load_sidecar_settings
+from sidecar.core.policy import PolicyError
+from sidecar.dataplane.server import Sidecar
+
+
+def register(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("sidecar", help="run the ext_authz sidecar against a control plane")
+    p.add_argument("--listen", help="gRPC listen address (default 127.0.0.1:9191)")
+    p.add_argument("--control-plane", help="control plane admin address (default 127.0.0.1:50051)")
+    p.add_argument("--policy", dest="policy_file", help="route policy TOML (default: built in)")
+    p.add_argument("--state-dir", help="where the replica snapshot is kept (.spauth-sidecar)")
+    p.add_argument("--max-staleness", help="seconds without sync before failing closed (900)")
+    p.add_argument("--threads", help="gRPC worker threads per process (4)")
+    p.add_argument("--workers", help="processes sharing the port with SO_REUSEPORT (1)")
+    p.add_argument("--log-level")
+    p.set_defaults(handler=None, runner=run)
+
+
+def _settings(args: argparse.Namespace) -> SidecarSettings:
+    return load_sidecar_settings(
+        {
+            "listen": args.listen,
+            "control_plane": args.control_plane,
+            "policy_file": args.policy_file,
+            "state_dir": args.state_dir,
+            "max_staleness": args.max_staleness,
+            "threads": args.threads,
+            "workers": args.workers,
+            "log_level": args.log_level,
+        }
+    )
+
+
+def serve_one(settings: SidecarSettings) -> int:
+    """Run one sidecar process until SIGTERM/SIGINT, then drain."""
+    try:
+        sidecar = Sidecar(settings)
+        sidecar.start()
+    except (PolicyError, OSError) as exc:
+        print(f"spauth: error: {exc}", file=sys.stderr)
+        return 1
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"spauth sidecar: listening on {settings.listen} (port {sidecar.port})", flush=True)
+    stop.wait()
+    sidecar.stop()
+    return 0
+
+
+def run_workers(settings: SidecarSettings, argv: list[str]) -> int:
+    """Start ``workers`` copies of this command on the same port, each with its own replica and
+    state directory; forward SIGTERM/SIGINT; exit when they all have."""
+    children = []
+    for index in range(settings.workers):
+        state = Path(settings.state_dir) / f"worker-{index}"
+        child_argv = [*argv, "--workers", "1", "--state-dir", str(state)]
+        children.append(subprocess.Popen([sys.executable, "-m", "sidecar", *child_argv]))
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
+    codes = [child.wait() for child in children]
+    return max(codes, default=0)
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    logs.configure(settings.log_level)
+    if settings.workers > 1:
+        argv = _without(list(args.argv), ("--workers", "--state-dir"))
+        return run_workers(settings, argv)
+    return serve_one(settings)
+
+
+def _without(argv: list[str], flags: tuple[str, ...]) -> list[str]:
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg in flags:
+            skip = True
+            continue
+        if any(arg.startswith(f + "=") for f in flags):
+            continue
+        out.append(arg)
+    return out

@@ -1,0 +1,124 @@
+"""A decision is a value: allowed or not, a stable reason code, and what to tell the caller.
+Reason codes double as metric labels and audit fields, so they never change meaning."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import os
+from dataclasses import dataclass
+from typing import NamedTuple
+
+
+class Reason(enum.StrEnum):
+    """Why a request was allowed or denied."""
+
+    OK = "ok"
+    PUBLIC_ROUTE = "public_route"
+    # 401: the credential itself is the problem.
+    MISSING_CREDENTIAL = "missing_credential"
+    MALFORMED_CREDENTIAL = "malformed_credential"
+    UNKNOWN_CREDENTIAL = "unknown_credential"
+    EXPIRED_CREDENTIAL = "expired_credential"
+    REVOKED_CREDENTIAL = "revoked_credential"
+    MALFORMED_TOKEN = "malformed_token"  # noqa: S105 (a reason code)
+    UNKNOWN_KEY = "unknown_key"
+    BAD_SIGNATURE = "bad_signature"
+    ALG_NOT_ALLOWED = "alg_not_allowed"
+    WRONG_TYPE = "wrong_type"
+    WRONG_ISSUER = "wrong_issuer"
+    WRONG_AUDIENCE = "wrong_audience"
+    TOKEN_EXPIRED = "token_expired"  # noqa: S105 (a reason code)
+    TOKEN_NOT_YET_VALID = "token_not_yet_valid"  # noqa: S105 (a reason code)
+    INSUFFICIENT_CLAIMS = "insufficient_claims"
+    TOKEN_REVOKED = "token_revoked"  # noqa: S105 (a reason code)
+    # 403: the credential is fine but does not reach this request.
+    INSUFFICIENT_SCOPE = "insufficient_scope"
+    WORKSPACE_MISMATCH = "workspace_mismatch"
+    NO_ROUTE = "no_route"
+    # Others.
+    MALFORMED_REQUEST = "malformed_request"
+    RATE_LIMITED = "rate_limited"
+    REPLICA_NOT_READY = "replica_not_ready"
+    REPLICA_STALE = "replica_stale"
+
+
+class Outcome(enum.StrEnum):
+    """How a front end should answer, per reason."""
+
+    ALLOW = "allow"
+    UNAUTHENTICATED = "unauthenticated"
+    FORBIDDEN = "forbidden"
+    BAD_REQUEST = "bad_request"
+    TOO_MANY = "too_many_requests"
+    UNAVAILABLE = "unavailable"
+
+
+OUTCOMES: dict[Reason, Outcome] = {
+    Reason.OK: Outcome.ALLOW,
+    Reason.PUBLIC_ROUTE: Outcome.ALLOW,
+    Reason.INSUFFICIENT_SCOPE: Outcome.FORBIDDEN,
+    Reason.WORKSPACE_MISMATCH: Outcome.FORBIDDEN,
+    Reason.NO_ROUTE: Outcome.FORBIDDEN,
+    Reason.MALFORMED_REQUEST: Outcome.BAD_REQUEST,
+    Reason.RATE_LIMITED: Outcome.TOO_MANY,
+    Reason.REPLICA_NOT_READY: Outcome.UNAVAILABLE,
+    Reason.REPLICA_STALE: Outcome.UNAVAILABLE,
+}
+for _reason in Reason:
+    OUTCOMES.setdefault(_reason, Outcome.UNAUTHENTICATED)
+
+HTTP_STATUS: dict[Outcome, int] = {
+    Outcome.ALLOW: 200,
+    Outcome.UNAUTHENTICATED: 401,
+    Outcome.FORBIDDEN: 403,
+    Outcome.BAD_REQUEST: 400,
+    Outcome.TOO_MANY: 429,
+    Outcome.UNAVAILABLE: 503,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who a verified credential speaks for (never the credential itself)."""
+
+    kind: str  # "api_key" or "access_token"
+    id: str  # key id, or the token's jti
+    workspace: str
+    scopes: frozenset[str]
+    expires_at: float
+    subject: str = ""
+    client_id: str = ""
+    grant_id: str = ""
+
+
+class Decision(NamedTuple):
+    """The answer to one check (a NamedTuple: built on every check, so it must be cheap)."""
+
+    reason: Reason
+    decision_id: str
+    identity: Identity | None = None
+    detail: str = ""
+
+    @property
+    def allowed(self) -> bool:
+        return OUTCOMES[self.reason] is Outcome.ALLOW
+
+    @property
+    def outcome(self) -> Outcome:
+        return OUTCOMES[self.reason]
+
+    @property
+    def http_status(self) -> int:
+        return HTTP_STATUS[OUTCOMES[self.reason]]
+
+
+class DecisionIds:
+    """Unique, cheap decision ids: a random per-process prefix and a counter."""
+
+    def __init__(self) -> None:
+        self._prefix = "dec_" + os.urandom(6).hex() + "_"
+        self._counter = itertools.count(1)
+
+    def next(self) -> str:
+        return f"{self._prefix}{next(self._counter):x}"

@@ -1,0 +1,201 @@
+"""The decision engine: from a request's method, path, host, headers and route context to a
+Decision, using only the local replica and policy (no I/O, no exceptions for denials)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable, Mapping
+from typing import NamedTuple
+
+from sidecar.core import keyformat
+from sidecar.core.clock import Clock
+from sidecar.core.decision import Decision, DecisionIds, Identity, Reason
+from sidecar.core.models import OPERATOR_WORKSPACE
+from sidecar.core.policy import Policy
+from sidecar.core.replica import Replica
+from sidecar.core.scopes import ADMIN_FULL
+
+MAX_CREDENTIAL_LENGTH = 8192
+_sha256 = hashlib.sha256
+
+
+class TokenDenied(Exception):
+    """Raised by a token verifier with the reason the token is refused."""
+
+    def __init__(self, reason: Reason, detail: str = "") -> None:
+        super().__init__(reason.value)
+        self.reason = reason
+        self.detail = detail
+
+
+# (token, replica, now) -> Identity, or raise TokenDenied.
+TokenVerifier = Callable[[str, Replica, float], Identity]
+
+
+class CheckInput(NamedTuple):
+    """What the engine needs from a request, whatever transport carried it."""
+
+    method: str
+    path: str  # as received: may carry the raw query string
+    host: str
+    headers: Mapping[str, str]
+    context: Mapping[str, str]
+
+
+class Engine:
+    """Decides checks. ``policy`` may be swapped at any time (reload); reads are lock-free."""
+
+    def __init__(
+        self,
+        replica: Replica,
+        policy: Policy,
+        clock: Clock,
+        *,
+        max_staleness: float = 0.0,
+        token_verifier: TokenVerifier | None = None,
+        token_cache_size: int = 100_000,
+    ) -> None:
+        self.replica = replica
+        self.policy = policy
+        self.clock = clock
+        self.max_staleness = max_staleness
+        self.token_verifier = token_verifier
+        self.ids = DecisionIds()
+        self._token_cache: dict[bytes, Identity] = {}
+        self._token_cache_size = token_cache_size
+
+    # -- entry points -----------------------------------------------------------------------------
+
+    def check(self, request: CheckInput) -> Decision:
+        """Decide an HTTP request against the route policy."""
+        did = self.ids.next()
+        policy = self.policy
+        path = request.path.partition("?")[0]
+        match = policy.match(request.method, path, request.host, request.context, request.headers)
+        if match is not None and match.route.public:
+            return Decision(Reason.PUBLIC_ROUTE, did)
+        now = self.clock.now()
+        unready = self.unready(now)
+        if unready is not None:
+            return Decision(unready, did)
+        found = self._authenticate(self._credential(request.headers, policy), now)
+        if isinstance(found, Decision):
+            return Decision(found.reason, did, detail=found.detail)
+        if match is None:
+            return Decision(Reason.NO_ROUTE, did, found)
+        route = match.route
+        if (
+            route.binds_workspace
+            and found.workspace != OPERATOR_WORKSPACE
+            and match.workspace != found.workspace
+        ):
+            return Decision(Reason.WORKSPACE_MISMATCH, did, found)
+        if not _holds(found.scopes, route.scopes):
+            return Decision(Reason.INSUFFICIENT_SCOPE, did, found, " ".join(route.scopes))
+        return Decision(Reason.OK, did, found)
+
+    def authorize(
+        self, credential: str, required_scopes: Iterable[str], workspace: str = ""
+    ) -> Decision:
+        """Decide a credential against explicit scopes (and optionally a workspace)."""
+        did = self.ids.next()
+        now = self.clock.now()
+        unready = self.unready(now)
+        if unready is not None:
+            return Decision(unready, did)
+        found = self._authenticate(credential.strip() or None, now)
+        if isinstance(found, Decision):
+            return Decision(found.reason, did, detail=found.detail)
+        if workspace and found.workspace not in (workspace, OPERATOR_WORKSPACE):
+            return Decision(Reason.WORKSPACE_MISMATCH, did, found)
+        scopes = tuple(required_scopes)
+        if not _holds(found.scopes, scopes):
+            return Decision(Reason.INSUFFICIENT_SCOPE, did, found, " ".join(scopes))
+        return Decision(Reason.OK, did, found)
+
+    def introspect(self, credential: str) -> Decision:
+        """Whether a credential is active, and whose it is."""
+        return self.authorize(credential, ())
+
+    # -- steps ------------------------------------------------------------------------------------
+
+    def unready(self, now: float) -> Reason | None:
+        replica = self.replica
+        if not replica.loaded:
+            return Reason.REPLICA_NOT_READY
+        if self.max_staleness and now - replica.last_contact > self.max_staleness:
+            return Reason.REPLICA_STALE
+        return None
+
+    @staticmethod
+    def _credential(headers: Mapping[str, str], policy: Policy) -> str | None:
+        """The credential from the first configured header present; '' when malformed."""
+        for name in policy.credential_headers:
+            value = headers.get(name)
+            if value is None:
+                continue
+            if name == "authorization":
+                scheme, _, token = value.partition(" ")
+                if scheme.lower() != "bearer":
+                    return ""
+                return token.strip()
+            return value.strip()
+        return None
+
+    def _authenticate(self, token: str | None, now: float) -> Identity | Decision:
+        if token is None:
+            return _DENY[Reason.MISSING_CREDENTIAL]
+        if not token or len(token) > MAX_CREDENTIAL_LENGTH:
+            return _DENY[Reason.MALFORMED_CREDENTIAL]
+        if token.startswith(keyformat.PREFIX):
+            return self._api_key(token, now)
+        if token.count(".") == 2 and self.token_verifier is not None:
+            return self._access_token(token, now)
+        return _DENY[Reason.MALFORMED_CREDENTIAL]
+
+    def _api_key(self, token: str, now: float) -> Identity | Decision:
+        # Look the digest up first: a hit proves the key is exactly one we minted (so its
+        # checksum is right); only a miss pays for the checksum, to tell malformed from unknown.
+        cred = self.replica.by_digest.get(_sha256(token.encode("utf-8", "replace")).digest())
+        if cred is None:
+            if not keyformat.is_well_formed(token):
+                return _DENY[Reason.MALFORMED_CREDENTIAL]
+            return _DENY[Reason.UNKNOWN_CREDENTIAL]
+        if cred.revoked:
+            return _DENY[Reason.REVOKED_CREDENTIAL]
+        if cred.identity.expires_at <= now:
+            return _DENY[Reason.EXPIRED_CREDENTIAL]
+        return cred.identity
+
+    def _access_token(self, token: str, now: float) -> Identity | Decision:
+        try:
+            raw = token.encode("ascii")
+        except UnicodeEncodeError:
+            return _DENY[Reason.MALFORMED_TOKEN]
+        digest = _sha256(raw).digest()
+        identity = self._token_cache.get(digest)
+        if identity is None:
+            assert self.token_verifier is not None
+            try:
+                identity = self.token_verifier(token, self.replica, now)
+            except TokenDenied as exc:
+                return Decision(exc.reason, "", detail=exc.detail)
+            if len(self._token_cache) >= self._token_cache_size:
+                self._token_cache.clear()
+            self._token_cache[digest] = identity
+        elif identity.expires_at <= now:
+            self._token_cache.pop(digest, None)
+            return _DENY[Reason.TOKEN_EXPIRED]
+        replica = self.replica
+        if identity.grant_id in replica.revoked_grants or identity.id in replica.revoked_jtis:
+            return _DENY[Reason.TOKEN_REVOKED]
+        return identity
+
+
+_DENY = {reason: Decision(reason, "") for reason in Reason}
+
+
+def _holds(held: frozenset[str], required: tuple[str, ...]) -> bool:
+    if ADMIN_FULL in held:
+        return True
+    return all(scope in held for scope in required)

@@ -1,0 +1,99 @@
+"""Envoy ext_authz (``envoy.service.auth.v3.Authorization/Check``): CheckRequest in, Decision from
+the engine, CheckResponse bytes out (see ``wire``).
+
+A denial is a successful RPC carrying a non-OK status and the HTTP answer (Envoy's
+``failure_mode_allow`` does not apply to it); only internal faults are gRPC errors. An empty
+CheckResponse would be an allow (proto3 default code 0), so every response sets its status."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+
+import grpc
+from envoy.service.auth.v3 import external_auth_pb2 as ext
+from google.protobuf.message import DecodeError
+
+from sidecar.core.decision import Decision
+from sidecar.core.engine import CheckInput, Engine
+from sidecar.dataplane.wire import ResponseEncoder
+
+log = logging.getLogger("sidecar.check")
+
+SERVICE = "envoy.service.auth.v3.Authorization"
+
+Observer = Callable[[Decision, CheckInput, str, float], None]
+
+
+def request_view(request: ext.CheckRequest) -> CheckInput:
+    """The engine's view of a CheckRequest. Reads ``headers`` and, when Envoy sends raw headers
+    (``encode_raw_headers``), ``header_map`` instead; duplicates are merged with commas."""
+    http = request.attributes.request.http
+    headers: Mapping[str, str] = http.headers
+    if not headers and http.header_map.headers:
+        merged: dict[str, str] = {}
+        for h in http.header_map.headers:
+            value = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
+            name = h.key.lower()
+            merged[name] = f"{merged[name]},{value}" if name in merged else value
+        headers = merged
+    return CheckInput(
+        http.method, http.path, http.host, headers, request.attributes.context_extensions
+    )
+
+
+class Malformed:
+    """Stands for bytes that are not a CheckRequest (grpc treats a None request as its own
+    deserialization failure and answers INTERNAL; we answer INVALID_ARGUMENT)."""
+
+
+MALFORMED = Malformed()
+
+
+def parse_check_request(data: bytes) -> ext.CheckRequest | Malformed:
+    """Deserialize, or MALFORMED for bytes that are not a CheckRequest."""
+    try:
+        return ext.CheckRequest.FromString(data)
+    except DecodeError:
+        return MALFORMED
+
+
+class CheckHandler:
+    """The Check RPC: decide, answer, then tell observers (metrics, audit, logs)."""
+
+    def __init__(self, engine: Engine, observers: list[Observer] | None = None) -> None:
+        self.engine = engine
+        self.observers = observers if observers is not None else []
+        self.encoder = ResponseEncoder()
+
+    def __call__(
+        self, request: ext.CheckRequest | Malformed, context: grpc.ServicerContext
+    ) -> bytes:
+        started = time.perf_counter()
+        if isinstance(request, Malformed):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed CheckRequest")
+        try:
+            view = request_view(request)
+            decision = self.engine.check(view)
+            policy = self.engine.policy
+            strip = policy.credential_headers if policy.strip_credentials else ()
+            response = self.encoder.encode(decision, strip)
+        except Exception:
+            log.exception("check failed")
+            context.abort(grpc.StatusCode.INTERNAL, "internal error")
+        elapsed = time.perf_counter() - started
+        if self.observers:
+            source = request.attributes.source.address.socket_address.address
+            for observe in self.observers:
+                observe(decision, view, source, elapsed)
+        return response
+
+    def rpc_handler(self) -> grpc.GenericRpcHandler:  # type: ignore[type-arg]
+        """A generic handler with our own deserializer, so garbage bytes get INVALID_ARGUMENT."""
+        method = grpc.unary_unary_rpc_method_handler(
+            self,
+            request_deserializer=parse_check_request,
+            response_serializer=None,  # the handler returns serialized bytes
+        )
+        return grpc.method_handlers_generic_handler(SERVICE, {"Check": method})

@@ -1,0 +1,186 @@
+"""The replica feed: one thread holds a ReplicationService.Subscribe stream to the control plane,
+applies the snapshot and changes in order, reconnects with backoff, resumes from its revision, and
+persists the replica to disk so the sidecar can start and serve while the control plane is down."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import threading
+import time
+from pathlib import Path
+
+import grpc
+
+from sidecar._gen.statuspulse.auth.v1 import replication_pb2 as pb
+from sidecar._gen.statuspulse.auth.v1 import replication_pb2_grpc as pb_grpc
+from sidecar.core.clock import Clock
+from sidecar.core.models import Change
+from sidecar.core.replica import Replica, ReplicaError
+
+log = logging.getLogger("sidecar.sync")
+SNAPSHOT_FILE = "replica.json"
+
+
+def from_pb(change: pb.ReplicaChange) -> Change:
+    return Change(
+        kind=change.kind,
+        subject=change.subject,
+        payload=json.loads(change.payload_json or "{}"),
+        revision=change.revision,
+    )
+
+
+class Backoff:
+    """Exponential backoff with full jitter, bounded."""
+
+    def __init__(self, initial: float = 0.05, maximum: float = 2.0) -> None:
+        self.initial = initial
+        self.maximum = maximum
+        self._next = initial
+
+    def reset(self) -> None:
+        self._next = self.initial
+
+    def delay(self) -> float:
+        value = random.uniform(self.initial, self._next)
+        self._next = min(self.maximum, self._next * 2)
+        return value
+
+
+class ReplicaFile:
+    """The persisted snapshot: written atomically (temp file, fsync, rename)."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / SNAPSHOT_FILE
+        self.state_dir = state_dir
+
+    def save(self, replica: Replica) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = self.path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(replica.dumps())
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)
+
+    def load(self, replica: Replica) -> bool:
+        """Restore the replica; False when there is no usable file."""
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return False
+        try:
+            replica.loads(text)
+        except ReplicaError as exc:
+            log.warning("ignoring unreadable replica file", extra={"error": str(exc)})
+            return False
+        return True
+
+
+class SyncClient:
+    """Keeps ``replica`` in step with the control plane."""
+
+    def __init__(
+        self,
+        replica: Replica,
+        target: str,
+        clock: Clock,
+        *,
+        state_dir: Path | None = None,
+        sync_token: str = "",
+        sidecar_id: str = "",
+        persist_interval: float = 1.0,
+    ) -> None:
+        self.replica = replica
+        self.target = target
+        self.clock = clock
+        self.file = ReplicaFile(state_dir) if state_dir is not None else None
+        self.metadata = (("authorization", f"Bearer {sync_token}"),) if sync_token else ()
+        self.sidecar_id = sidecar_id or f"{os.uname().nodename}:{os.getpid()}"
+        self.persist_interval = persist_interval
+        self.connected = False
+        self.reconnects = 0
+        self._stop = threading.Event()
+        self._call: grpc.Future | None = None  # type: ignore[type-arg]
+        self._thread = threading.Thread(target=self._run, name="spauth-sync", daemon=True)
+        self._dirty = False
+        self._last_save = 0.0
+        self._pending: list[Change] = []
+
+    def start(self) -> None:
+        if self.file is not None and self.file.load(self.replica):
+            log.info("serving from persisted replica", extra={"revision": self.replica.revision})
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        call = self._call
+        if call is not None:
+            call.cancel()
+        self._thread.join(5)
+        self._save(force=True)
+
+    def _run(self) -> None:
+        backoff = Backoff()
+        while not self._stop.is_set():
+            try:
+                with grpc.insecure_channel(self.target) as channel:
+                    self._stream(pb_grpc.ReplicationServiceStub(channel), backoff)
+            except grpc.RpcError as exc:
+                if self._stop.is_set():
+                    break
+                code = exc.code() if hasattr(exc, "code") else None
+                log.warning(
+                    "replication stream lost; reconnecting",
+                    extra={"target": self.target, "code": getattr(code, "name", "?")},
+                )
+            except ReplicaError:
+                log.exception("bad change from control plane; resyncing from a snapshot")
+                self.replica.revision = 0
+            self.connected = False
+            self.reconnects += 1
+            self._stop.wait(backoff.delay())
+
+    def _stream(self, stub: pb_grpc.ReplicationServiceStub, backoff: Backoff) -> None:
+        after = self.replica.revision if self.replica.loaded else 0
+        call = stub.Subscribe(
+            pb.SubscribeRequest(after_revision=after, sidecar_id=self.sidecar_id),
+            metadata=self.metadata,
+        )
+        self._call = call
+        self._pending = []
+        for message in call:
+            self.connected = True
+            backoff.reset()
+            self.replica.last_contact = self.clock.now()
+            kind = message.WhichOneof("event")
+            if kind == "change":
+                self.replica.apply(from_pb(message.change))
+                self._dirty = True
+            elif kind == "snapshot":
+                snap = message.snapshot
+                self._pending.extend(from_pb(e) for e in snap.entries)
+                if snap.complete:
+                    self.replica.load_snapshot(snap.revision, self._pending)
+                    self._pending = []
+                    self._dirty = True
+                    log.info("snapshot loaded", extra={"revision": snap.revision})
+            self._save()
+
+    def _save(self, force: bool = False) -> None:
+        if self.file is None or not self._dirty or not self.replica.loaded:
+            return
+        now = time.monotonic()
+        if not force and now - self._last_save < self.persist_interval:
+            return
+        try:
+            self.file.save(self.replica)
+        except OSError:
+            log.exception("cannot persist replica")
+            return
+        self._dirty = False
+        self._last_save = now
