@@ -50,7 +50,7 @@ class ControlPlane:
         self.audit = AuditTrail(
             self.store, self.clock, load_checkpoint_key(settings.data_dir / "audit-hmac-key")
         )
-        self.audit_servicer = AuditServicer(self.audit, self.keys)
+        self.audit_servicer = AuditServicer(self.audit, self.keys, sync_token=settings.sync_token)
         self._unsubscribe = self.store.subscribe(self.audit_servicer.notify)
         self.snapshot_sources: list[SnapshotSource] = [key_snapshot]
         self.replication = ReplicationServicer(

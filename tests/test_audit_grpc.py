@@ -14,8 +14,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from sidecar._gen.statuspulse.auth.v1 import api_keys_pb2 as kpb
 from sidecar._gen.statuspulse.auth.v1 import audit_pb2 as pb
 from sidecar._gen.statuspulse.auth.v1 import audit_pb2_grpc as pb_grpc
-from sidecar.admin.audit_convert import event_record
-from sidecar.core.audit import event
+from sidecar.auditship.codec import encode
+from sidecar.core.audit import AuditEvent, event
 from tests.conftest import RunningControlPlane, bearer
 
 
@@ -224,6 +224,10 @@ def ingest(
     return client.audit.IngestAuditRecords(  # type: ignore[no-any-return]
         requests, metadata=bearer(key or client.plane.operator_key)
     )
+
+
+def event_record(ev: AuditEvent) -> pb.AuditRecord:
+    return pb.AuditRecord.FromString(encode(ev))
 
 
 def decision(allowed: bool, target: str = "/v1/checks") -> pb.AuditRecord:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hmac
 import logging
 import os
 import secrets
@@ -19,9 +20,9 @@ from sidecar._gen.statuspulse.auth.v1 import audit_pb2_grpc as pb_grpc
 from sidecar.admin import audit_convert as convert
 from sidecar.admin.errors import grpc_code
 from sidecar.admin.rpc import Authenticator, admin_rpc, bearer_token, request_id
-from sidecar.core.audit_trail import AuditTrail, decode_cursor, encode_cursor
+from sidecar.core.audit_trail import SIDECAR, AuditTrail, decode_cursor, encode_cursor
 from sidecar.core.errors import SpauthError
-from sidecar.core.models import RequestContext
+from sidecar.core.models import Principal, RequestContext
 
 log = logging.getLogger("sidecar.admin")
 
@@ -98,9 +99,12 @@ def _filter_kwargs(f: pb.AuditFilter, *, times: bool = True) -> dict[str, Any]:
 class AuditServicer(pb_grpc.AuditServiceServicer):  # type: ignore[misc]
     """Admin API for the audit trail."""
 
-    def __init__(self, trail: AuditTrail, authenticator: Authenticator) -> None:
+    def __init__(
+        self, trail: AuditTrail, authenticator: Authenticator, *, sync_token: str = ""
+    ) -> None:
         self.authenticator = authenticator
         self._trail = trail
+        self._sync_token = sync_token.encode()
         self._waiters: set[asyncio.Event] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = asyncio.Event()
@@ -191,21 +195,44 @@ class AuditServicer(pb_grpc.AuditServiceServicer):  # type: ignore[misc]
         reports = await asyncio.to_thread(self._trail.verify, ctx, request.workspace)
         return pb.VerifyAuditChainResponse(chains=[convert.chain_status(r) for r in reports])
 
-    @admin_rpc
+    def _ingest_principal(self, token: str) -> Principal:
+        """A sidecar presents the sync token (the credential it replicates with); without a
+        configured sync token the sidecar link is trusted as replication is. An ``admin:full``
+        key works too, for its own workspace."""
+        if self._sync_token:
+            if token and hmac.compare_digest(token.encode(), self._sync_token):
+                return SIDECAR
+        elif not token:
+            return SIDECAR
+        return self.authenticator.authenticate(token)
+
     async def IngestAuditRecords(
-        self, request: AsyncIterator[pb.IngestAuditRecordsRequest], ctx: RequestContext
+        self,
+        request: AsyncIterator[pb.IngestAuditRecordsRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
     ) -> pb.IngestAuditRecordsResponse:
+        metadata = context.invocation_metadata()
+        rid = request_id(metadata)  # type: ignore[arg-type]
         acknowledged: list[str] = []
-        stored = 0
-        cursor = 0
-        async for message in request:
-            events = [convert.event(r) for r in message.records]
-            result = await asyncio.to_thread(self._trail.ingest, ctx, events)
-            acknowledged.extend(result.acknowledged)
-            stored += result.stored
-            cursor = result.cursor
-            if result.stored:
-                self._wake()
+        stored = cursor = 0
+        try:
+            token = bearer_token(metadata)  # type: ignore[arg-type]
+            principal = await asyncio.to_thread(self._ingest_principal, token)
+            ctx = RequestContext(principal=principal, request_id=rid, source=context.peer())
+            async for message in request:
+                events = [convert.event(r) for r in message.records]
+                result = await asyncio.to_thread(self._trail.ingest, ctx, events)
+                acknowledged.extend(result.acknowledged)
+                stored += result.stored
+                cursor = result.cursor
+                if result.stored:
+                    self._wake()
+        except SpauthError as exc:
+            log.info("audit ingest refused", extra={"code": exc.code, "request_id": rid})
+            await context.abort(grpc_code(exc), exc.message)
+        except Exception:
+            log.exception("audit ingest failed", extra={"request_id": rid})
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {rid})")
         return pb.IngestAuditRecordsResponse(
             acknowledged_ids=acknowledged, stored=stored, cursor=encode_cursor(cursor)
         )

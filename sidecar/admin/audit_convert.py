@@ -65,22 +65,6 @@ def event(msg: pb.AuditRecord) -> AuditEvent:
     )
 
 
-def event_record(ev: AuditEvent) -> pb.AuditRecord:
-    """A domain event as sent by a shipper (no chain fields)."""
-    return pb.AuditRecord(
-        id=ev.id,
-        time=timestamp(ev.time),
-        actor=ev.actor,
-        action=ev.action,
-        workspace=ev.workspace,
-        target=ev.target,
-        outcome=ev.outcome,
-        reason=ev.reason,
-        request_id=ev.request_id,
-        metadata=ev.metadata,
-    )
-
-
 def _chain_break(brk: ChainBreak) -> pb.AuditChainBreak:
     return pb.AuditChainBreak(
         problem=PROBLEMS[brk.problem],

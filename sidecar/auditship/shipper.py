@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from sidecar.auditship.codec import decode
 from sidecar.auditship.spool import Spool
 from sidecar.auditship.transport import Transport, TransportError
-from sidecar.core.audit import AuditEvent
 
 log = logging.getLogger("sidecar.auditship")
 
@@ -71,51 +70,37 @@ class Shipper:
         payloads, end = self._spool.read(self._spool.acked, self._batch)
         if not payloads:
             return 0
-        events = self._decode(payloads)
-        if events:
-            self._deliver(events)
+        self._deliver(payloads)
         self._spool.ack(end)
-        self._shipped += len(events)
+        self._shipped += len(payloads)
         return len(payloads)
 
-    def _decode(self, payloads: list[bytes]) -> list[AuditEvent]:
-        events = []
-        for payload in payloads:
-            try:
-                events.append(decode(payload))
-            except ValueError as exc:
-                self._rejected += 1
-                log.error("audit spool: unreadable record skipped", extra={"error": str(exc)})
-        return events
-
-    def _deliver(self, events: list[AuditEvent]) -> None:
+    def _deliver(self, payloads: list[bytes]) -> None:
         try:
-            acked = self._transport.send(events)
+            acked = self._transport.send(payloads)
         except TransportError as exc:
             if not exc.rejected:
                 raise
-            acked = self._deliver_one_by_one(events)
-        missing = [ev.id for ev in events if ev.id not in acked]
-        if missing:
-            raise TransportError(f"{len(missing)} records not acknowledged")
+            acked = self._deliver_one_by_one(payloads)
+        # The control plane acknowledges every record of a call or fails the call.
+        if acked != len(payloads):
+            raise TransportError(f"{len(payloads) - acked} records not acknowledged")
 
-    def _deliver_one_by_one(self, events: list[AuditEvent]) -> set[str]:
+    def _deliver_one_by_one(self, payloads: list[bytes]) -> int:
         """The control plane refused the batch: find the records it refuses and skip them
         (logged by id), so one bad record cannot stop the trail."""
-        acked: set[str] = set()
-        for ev in events:
+        for payload in payloads:
             try:
-                acked |= self._transport.send([ev])
+                self._transport.send([payload])
             except TransportError as exc:
                 if not exc.rejected:
                     raise
                 self._rejected += 1
-                acked.add(ev.id)
                 log.error(
                     "audit record refused by the control plane; skipped",
-                    extra={"event_id": ev.id, "error": str(exc)},
+                    extra={"event_id": _event_id(payload), "error": str(exc)},
                 )
-        return acked
+        return len(payloads)
 
     def poll(self) -> float:
         """Ship if a retry is not pending; returns seconds to wait before polling again."""
@@ -159,3 +144,10 @@ class Shipper:
 
     def stats(self) -> ShipperStats:
         return ShipperStats(self._shipped, self._rejected, self._failures, self._last_error)
+
+
+def _event_id(payload: bytes) -> str:
+    try:
+        return decode(payload).id
+    except ValueError:
+        return "(unreadable)"

@@ -1,6 +1,5 @@
 """How shipped records reach the control plane: an injected ``Transport``. ``GrpcTransport``
-uses the IngestAuditRecords client stream; ``TrailTransport`` calls the trail in-process (the
-all-in-one ``spauth serve``)."""
+uses the IngestAuditRecords client stream; ``TrailTransport`` calls the trail in-process."""
 
 from __future__ import annotations
 
@@ -10,13 +9,12 @@ from typing import Protocol
 import grpc
 
 from sidecar._gen.statuspulse.auth.v1 import audit_pb2 as pb
-from sidecar._gen.statuspulse.auth.v1 import audit_pb2_grpc as pb_grpc
-from sidecar.admin.audit_convert import event_record
-from sidecar.core.audit import AuditEvent
+from sidecar.auditship.codec import decode, ingest_request
 from sidecar.core.audit_trail import AuditTrail
 from sidecar.core.errors import InvalidArgument, SpauthError
 from sidecar.core.models import RequestContext
 
+INGEST_METHOD = "/statuspulse.auth.v1.AuditService/IngestAuditRecords"
 MESSAGE_RECORDS = 500  # per IngestAuditRecordsRequest (the server takes up to 1000)
 
 
@@ -30,38 +28,41 @@ class TransportError(Exception):
 
 
 class Transport(Protocol):
-    def send(self, events: Sequence[AuditEvent]) -> set[str]:
-        """Deliver ``events``; returns the ids the control plane acknowledged (stored now or
-        before). Raises TransportError."""
+    def send(self, records: Sequence[bytes]) -> int:
+        """Deliver serialized AuditRecords; returns how many the control plane acknowledged
+        (stored now or before). Raises TransportError."""
         ...
 
 
 class GrpcTransport:
-    """IngestAuditRecords over one channel, authenticated with the sidecar's key."""
+    """IngestAuditRecords over one channel. ``token`` is the sidecar's sync token (or an
+    ``admin:full`` key); empty when the control plane runs without one."""
 
-    def __init__(self, target: str, api_key: str, *, timeout: float = 10.0) -> None:
+    def __init__(self, target: str, token: str = "", *, timeout: float = 10.0) -> None:
         self._channel = grpc.insecure_channel(target)
-        self._stub = pb_grpc.AuditServiceStub(self._channel)
-        self._metadata = (("authorization", f"Bearer {api_key}"),)
+        # Requests are built from spool bytes (no serializer); responses are parsed as usual.
+        self._ingest = self._channel.stream_unary(
+            INGEST_METHOD,
+            request_serializer=None,
+            response_deserializer=pb.IngestAuditRecordsResponse.FromString,
+        )
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._timeout = timeout
 
-    def send(self, events: Sequence[AuditEvent]) -> set[str]:
-        def messages() -> Iterator[pb.IngestAuditRecordsRequest]:
-            for start in range(0, len(events), MESSAGE_RECORDS):
-                chunk = events[start : start + MESSAGE_RECORDS]
-                yield pb.IngestAuditRecordsRequest(records=[event_record(e) for e in chunk])
+    def send(self, records: Sequence[bytes]) -> int:
+        def messages() -> Iterator[bytes]:
+            for start in range(0, len(records), MESSAGE_RECORDS):
+                yield ingest_request(records[start : start + MESSAGE_RECORDS])
 
         try:
-            resp = self._stub.IngestAuditRecords(
-                messages(), metadata=self._metadata, timeout=self._timeout
-            )
+            resp = self._ingest(messages(), metadata=self._metadata, timeout=self._timeout)
         except grpc.RpcError as exc:
             code = exc.code()
             raise TransportError(
                 f"ingest failed: {code.name}: {exc.details()}",
                 rejected=code is grpc.StatusCode.INVALID_ARGUMENT,
             ) from None
-        return set(resp.acknowledged_ids)
+        return len(resp.acknowledged_ids)
 
     def close(self) -> None:
         self._channel.close()
@@ -74,10 +75,11 @@ class TrailTransport:
         self._trail = trail
         self._ctx = ctx
 
-    def send(self, events: Sequence[AuditEvent]) -> set[str]:
+    def send(self, records: Sequence[bytes]) -> int:
         try:
-            return set(self._trail.ingest(self._ctx, events).acknowledged)
-        except InvalidArgument as exc:
-            raise TransportError(exc.message, rejected=True) from None
+            events = [decode(r) for r in records]
+            return len(self._trail.ingest(self._ctx, events).acknowledged)
+        except (ValueError, InvalidArgument) as exc:
+            raise TransportError(str(exc), rejected=True) from None
         except SpauthError as exc:
             raise TransportError(exc.message) from None

@@ -80,11 +80,12 @@ def redact(text: str) -> str:
 def scrub(ev: AuditEvent) -> AuditEvent:
     """The event with every credential-shaped string redacted (defence in depth: callers are
     meant to pass ids only, but a path or a reason typed by a person may carry a secret)."""
-    meta = {redact(k): redact(v) for k, v in ev.metadata.items()}
     fields = (ev.actor, ev.action, ev.workspace, ev.target, ev.reason, ev.request_id)
-    cleaned = tuple(redact(f) for f in fields)
-    if cleaned == fields and meta == ev.metadata:
+    # One regex pass over everything; records almost never match, so this is the whole cost.
+    if _SECRET.search("\n".join((*fields, *ev.metadata.keys(), *ev.metadata.values()))) is None:
         return ev
+    meta = {redact(k): redact(v) for k, v in ev.metadata.items()}
+    cleaned = tuple(redact(f) for f in fields)
     actor, action, workspace, target, reason, request_id = cleaned
     return replace(
         ev,
