@@ -59,6 +59,14 @@ class SidecarSettings:
     workers: int = 1
     policy_poll_interval: float = 1.0
     log_level: str = "info"
+    # Decision records (docs/audit.md): "off" disables them; the spool lives in audit_dir
+    # (default <state_dir>/audit).
+    audit: str = "on"
+    audit_dir: Path | None = None
+    audit_queue_capacity: int = 10_000
+    audit_allow_sample_rate: float = 1.0
+    audit_write_interval: float = 0.01
+    audit_fsync_interval: float = 1.0
 
 
 _DURATIONS = {"key_default_lifetime", "key_max_lifetime"}
@@ -140,7 +148,22 @@ def load_sidecar_settings(
         raise ConfigError(f"threads: must be between 1 and 64, got {s.threads}")
     if not 1 <= s.workers <= 64:
         raise ConfigError(f"workers: must be between 1 and 64, got {s.workers}")
+    _check_audit(s)
     if s.policy_file is not None and not s.policy_file.is_file():
         raise ConfigError(f"policy_file: no such file {str(s.policy_file)!r}")
     _check_level(s.log_level)
     return s
+
+
+def _check_audit(s: SidecarSettings) -> None:
+    if s.audit not in ("on", "off"):
+        raise ConfigError(f"audit: expected on|off, got {s.audit!r}")
+    if s.audit_queue_capacity < 1:
+        raise ConfigError(f"audit_queue_capacity: must be at least 1, got {s.audit_queue_capacity}")
+    if not 0 <= s.audit_allow_sample_rate <= 1:
+        raise ConfigError(
+            f"audit_allow_sample_rate: must be between 0 and 1, got {s.audit_allow_sample_rate}"
+        )
+    for name in ("audit_write_interval", "audit_fsync_interval"):
+        if getattr(s, name) <= 0:
+            raise ConfigError(f"{name}: must be a positive number of seconds")

@@ -100,6 +100,7 @@ class AuditPipeline:
             else None
         )
         self._clock = clock
+        self._transport = transport
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -167,6 +168,8 @@ class AuditPipeline:
         self.flush(sync=True)
         delivered = self.shipper.drain(self._clock() + timeout) if self.shipper else False
         self.spool.close()
+        if self._transport is not None:
+            self._transport.close()
         return delivered
 
     def stats(self) -> PipelineStats:

@@ -32,6 +32,7 @@ def decision_event(
     source: str,
     decision_id: str,
     latency_s: float,
+    extra: dict[str, str] | None = None,
 ) -> AuditEvent:
     """One ``authz.allow`` / ``authz.deny`` record. Its id is the decision id (the value sent
     upstream in x-statuspulse-decision-id), so a response and its record are joined by it."""
@@ -45,5 +46,10 @@ def decision_event(
         outcome="allow" if allowed else "deny",
         reason=reason,
         request_id=decision_id,
-        metadata={"method": method, "source": source, "latency_us": str(round(latency_s * 1e6))},
+        metadata={
+            "method": method,
+            "source": source,
+            "latency_us": str(round(latency_s * 1e6)),
+            **(extra or {}),
+        },
     )

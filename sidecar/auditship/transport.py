@@ -33,6 +33,8 @@ class Transport(Protocol):
         (stored now or before). Raises TransportError."""
         ...
 
+    def close(self) -> None: ...
+
 
 class GrpcTransport:
     """IngestAuditRecords over one channel. ``token`` is the sidecar's sync token (or an
@@ -83,3 +85,6 @@ class TrailTransport:
             raise TransportError(str(exc), rejected=True) from None
         except SpauthError as exc:
             raise TransportError(exc.message) from None
+
+    def close(self) -> None:
+        """Nothing to release."""
