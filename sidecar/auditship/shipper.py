@@ -46,9 +46,9 @@ class Shipper:
         spool: Spool,
         transport: Transport,
         *,
-        batch: int = 500,
+        batch: int = 2000,
         backoff: Backoff | None = None,
-        idle: float = 0.2,
+        idle: float = 0.5,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._spool = spool
@@ -124,7 +124,7 @@ class Shipper:
         return 0.0 if sent else self._idle
 
     def run(self, stop: threading.Event, wake: threading.Event) -> None:
-        """Poll until ``stop``; ``wake`` cuts an idle wait short (new records spooled)."""
+        """Poll until ``stop``; ``wake`` cuts a wait short (shutdown)."""
         while not stop.is_set():
             delay = self.poll()
             if delay > 0:

@@ -16,11 +16,12 @@ DECISION_ACTIONS = frozenset({AUTHZ_ALLOW, AUTHZ_DENY})
 REDACTED = "[redacted]"
 # Credentials the product mints or accepts: spk_ API keys (and any other sp?_ secret with a long
 # random body), JWTs (three base64url parts, the first starting with '{"' = "eyJ"), and whatever
-# follows a Bearer scheme. Ids such as key_XXXXXXXXXXXXXXXX are not matched.
+# follows a Bearer scheme. Ids such as key_XXXXXXXXXXXXXXXX are not matched. (Spelled-out case
+# classes: an inline (?i:...) group made every search three times slower.)
 _SECRET = re.compile(
     r"\bsp[a-z]{1,3}_[0-9A-Za-z]{24,}"
     r"|\beyJ[\w-]{4,}\.[\w-]{4,}\.[\w-]*"
-    r"|(?i:bearer)\s+\S+"
+    r"|\b[Bb][Ee][Aa][Rr][Ee][Rr]\s+\S+"
 )
 
 
