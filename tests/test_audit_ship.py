@@ -312,3 +312,45 @@ def test_metrics_use_the_documented_names(tmp_path: Path) -> None:
     pipeline.flush()
     assert "spauth_audit_spool_bytes " in generate_latest(registry).decode()
     pipeline.close()
+
+
+def test_the_check_observer_records_each_decision(tmp_path: Path) -> None:
+    from sidecar.auditship.observer import DecisionRecorder
+    from sidecar.core.decision import Decision, Identity, Reason
+    from sidecar.core.engine import CheckInput
+
+    draws = iter([0.9, 0.1])
+    config = ShipConfig(tmp_path, allow_sample_rate=0.5)
+    pipeline = AuditPipeline(config, None, rand=lambda: next(draws))
+    observe = DecisionRecorder(pipeline, FakeClock(1_800_000_000.0))
+    key = Identity("api_key", "key_abc", "acme", frozenset({"checks:read"}), 2e9)
+    token = Identity(
+        "access_token", "jti_1", "acme", frozenset(), 2e9, subject="usr_1", client_id="app_1"
+    )
+    view = CheckInput("GET", "/v1/workspaces/acme/checks?api_key=x", "api", {}, {})
+    observe(Decision(Reason.OK, "dec_a_1", key), view, "10.0.0.7", 0.000123)  # sampled out
+    observe(Decision(Reason.OK, "dec_a_2", token), view, "10.0.0.7", 0.000123)
+    observe(Decision(Reason.UNKNOWN_CREDENTIAL, "dec_a_3"), view, "10.0.0.8", 0.00005)
+    allow, deny = pipeline.queue.drain()
+    assert (allow.id, allow.actor, allow.workspace, allow.action) == (
+        "dec_a_2",
+        "usr_1",
+        "acme",
+        "authz.allow",
+    )
+    assert allow.target == "/v1/workspaces/acme/checks" and allow.time == 1_800_000_000.0
+    assert allow.metadata == {
+        "method": "GET",
+        "source": "10.0.0.7",
+        "latency_us": "123",
+        "credential": "jti_1",
+        "client_id": "app_1",
+    }
+    assert (deny.actor, deny.workspace, deny.reason, deny.outcome) == (
+        "anonymous",
+        "",
+        "unknown_credential",
+        "deny",
+    )
+    assert pipeline.queue.stats().sampled_out == 1
+    pipeline.close()

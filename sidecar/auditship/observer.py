@@ -14,10 +14,13 @@ class DecisionRecorder:
     """``observe(decision, view, source, elapsed)`` for ``CheckHandler.observers``."""
 
     def __init__(self, pipeline: AuditPipeline, clock: Clock) -> None:
-        self._pipeline = pipeline
+        self._queue = pipeline.queue
         self._clock = clock
 
     def __call__(self, decision: Decision, view: CheckInput, source: str, elapsed: float) -> None:
+        allowed = decision.allowed
+        if allowed and not self._queue.keep_allow():
+            return  # sampled out before anything is built
         identity = decision.identity
         extra: dict[str, str] = {}
         actor = credential = workspace = ""
@@ -28,10 +31,10 @@ class DecisionRecorder:
             actor = identity.subject or identity.client_id or identity.id
             if identity.kind != "api_key":
                 extra = {"credential": identity.id, "client_id": identity.client_id}
-        self._pipeline.record(
+        self._queue.put(
             decision_event(
                 time=self._clock.now(),
-                allowed=decision.allowed,
+                allowed=allowed,
                 reason=decision.reason.value,
                 credential_id=actor or credential,
                 workspace=workspace,
@@ -41,5 +44,6 @@ class DecisionRecorder:
                 decision_id=decision.decision_id,
                 latency_s=elapsed,
                 extra=extra,
-            )
+            ),
+            sampled=True,
         )

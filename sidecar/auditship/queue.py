@@ -58,17 +58,25 @@ class AuditQueue:
         self._dropped_denials = 0
         self._sampled_out = 0
 
-    def put(self, ev: AuditEvent) -> bool:
-        """Queue ``ev`` without blocking; False when it was dropped or sampled out."""
+    def keep_allow(self) -> bool:
+        """Draw for one allow record: False means sampled out (and counted). Callers that draw
+        before building a record save building the ones they drop."""
+        if self.allow_sample_rate >= 1.0 or self._rand() < self.allow_sample_rate:
+            return True
+        with self._lock:
+            self._sampled_out += 1
+        return False
+
+    def put(self, ev: AuditEvent, *, sampled: bool = False) -> bool:
+        """Queue ``ev`` without blocking; False when it was dropped or sampled out.
+        ``sampled``: the caller already drew ``keep_allow()`` for it."""
         if ev.action == AUTHZ_ALLOW:
+            if not sampled and not self.keep_allow():
+                return False
             return self._put_allow(ev)
         return self._put_deny(ev)  # denials and anything else are never sampled
 
     def _put_allow(self, ev: AuditEvent) -> bool:
-        if self.allow_sample_rate < 1.0 and self._rand() >= self.allow_sample_rate:
-            with self._lock:
-                self._sampled_out += 1
-            return False
         with self._lock:
             if len(self._allows) + len(self._denies) >= self.capacity:
                 self._dropped_allows += 1
