@@ -38,6 +38,8 @@ class Settings:
     sync_token: str = ""
     policy_file: Path | None = None
     log_level: str = "info"
+    # Audit records older than this are pruned behind a signed checkpoint (0: keep forever).
+    audit_retention: int = 0
 
     @property
     def store_url(self) -> str:
@@ -69,7 +71,7 @@ class SidecarSettings:
     audit_fsync_interval: float = 1.0
 
 
-_DURATIONS = {"key_default_lifetime", "key_max_lifetime"}
+_DURATIONS = {"key_default_lifetime", "key_max_lifetime", "audit_retention"}
 _LEVELS = {"debug", "info", "warning", "error"}
 
 

@@ -26,10 +26,12 @@ from sidecar.config import Settings
 from sidecar.core.apikeys import ApiKeyService, KeyPolicy, key_snapshot
 from sidecar.core.audit_trail import AuditTrail
 from sidecar.core.clock import Clock, SystemClock
+from sidecar.core.errors import SpauthError
 from sidecar.core.models import Minted
 from sidecar.store import Store, open_store
 
 log = logging.getLogger("sidecar.controlplane")
+AUDIT_PRUNE_INTERVAL = 3600.0  # retention is in days; checking hourly is plenty
 
 
 class ControlPlane:
@@ -97,6 +99,7 @@ class ControlPlane:
         log.info("control plane listening", extra={"admin_addr": self.settings.admin_addr})
 
     async def _sweep_forever(self) -> None:
+        next_prune = 0.0
         while True:
             try:
                 changed = await asyncio.to_thread(self.keys.sweep)
@@ -104,7 +107,19 @@ class ControlPlane:
                     log.info("swept keys", extra={"changed": changed})
             except Exception:
                 log.exception("sweep failed; retrying")
+            if self.settings.audit_retention and self.clock.now() >= next_prune:
+                next_prune = self.clock.now() + AUDIT_PRUNE_INTERVAL
+                await self._prune_audit()
             await asyncio.sleep(self.settings.sweep_interval)
+
+    async def _prune_audit(self) -> None:
+        before = self.clock.now() - self.settings.audit_retention
+        try:
+            pruned = await asyncio.to_thread(self.audit.prune, before)
+            if pruned:
+                log.info("pruned audit records", extra={"pruned": pruned})
+        except SpauthError as exc:
+            log.error("audit retention refused", extra={"error": exc.message})
 
     async def aclose(self, grace: float = 5.0) -> None:
         """Health NOT_SERVING, stop accepting, drain in-flight calls, close the store."""

@@ -6,6 +6,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -15,8 +16,11 @@ from sidecar._gen.statuspulse.auth.v1 import api_keys_pb2 as kpb
 from sidecar._gen.statuspulse.auth.v1 import audit_pb2 as pb
 from sidecar._gen.statuspulse.auth.v1 import audit_pb2_grpc as pb_grpc
 from sidecar.auditship.codec import encode
+from sidecar.config import load_settings
+from sidecar.controlplane import AUDIT_PRUNE_INTERVAL, ControlPlane
 from sidecar.core.audit import AuditEvent, event
-from tests.conftest import RunningControlPlane, bearer
+from sidecar.core.clock import FakeClock
+from tests.conftest import LoopThread, RunningControlPlane, bearer, wait_until
 
 
 class Client:
@@ -290,3 +294,42 @@ def test_no_secret_anywhere_in_the_trail(
         for blob in blobs:
             assert secret.encode() not in blob
             assert secret[4:-6].encode() not in blob
+
+
+def test_retention_prunes_behind_a_checkpoint_and_verify_still_passes(
+    tmp_path: Path, loop_thread: LoopThread
+) -> None:
+    clock = FakeClock()
+    settings = load_settings(
+        {
+            "data_dir": str(tmp_path),
+            "admin_addr": "127.0.0.1:0",
+            "sweep_interval": "0.05",
+            "audit_retention": "1d",
+        },
+        environ={},
+    )
+    plane = ControlPlane(settings, clock=clock)
+    operator = plane.bootstrap()
+    assert operator is not None
+    loop_thread.run(plane.start())
+    try:
+        running = RunningControlPlane(
+            plane, f"127.0.0.1:{plane.admin_port}", operator.secret, clock, tmp_path
+        )
+        client = Client(running)
+        client.create_key("acme", "checks:read")
+        clock.advance(2 * 86400 + AUDIT_PRUNE_INTERVAL)
+        recent = client.create_key("acme", "checks:read")
+        wait_until(lambda: len(client.list()) == 1)
+        assert client.list()[0].target == recent.api_key.id
+        resp = client.audit.VerifyAuditChain(
+            pb.VerifyAuditChainRequest(), metadata=bearer(operator.secret)
+        )
+        chains = {c.workspace: c for c in resp.chains}
+        assert all(c.ok for c in resp.chains)
+        assert chains["acme"].checkpoint_chain_seq == 1 and chains["acme"].records_checked == 1
+        assert chains["*"].checkpoint_chain_seq == 1 and chains["*"].records_checked == 0
+        client.channel.close()
+    finally:
+        loop_thread.run(plane.aclose(grace=1))
