@@ -17,6 +17,8 @@ import pytest
 from tests.conftest import free_port
 from tests.test_cli import wait_for_port
 
+ROOT = Path(__file__).resolve().parent.parent
+
 
 class Server:
     """``spauth serve`` on fixed ports and data dir, so it can stop and come back."""
@@ -143,7 +145,28 @@ def test_export_writes_json_lines(server: Server, tmp_path: Path) -> None:
     assert [json.loads(x)["id"] for x in resumed.stdout.splitlines()] == [
         r["id"] for r in lines[2:]
     ]
+    check = run_doc_verifier(out, tmp_path)
+    assert check.returncode == 0, check.stderr
+    assert "acme: ok through chain position 2" in check.stdout
+    assert "beta: ok through chain position 1" in check.stdout
+    tampered = tmp_path / "tampered.jsonl"
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    records[2]["target"] = "key_someone_else"
+    tampered.write_text("".join(json.dumps(r) + "\n" for r in records))
+    check = run_doc_verifier(tampered, tmp_path)
+    assert check.returncode == 1 and records[2]["id"] in check.stderr
     assert_no_secret(server, out.read_bytes())
+
+
+def run_doc_verifier(export: Path, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """The verification script printed in docs/audit.md, run as an auditor would."""
+    doc = (ROOT / "docs" / "audit.md").read_text()
+    block = doc.split("<!-- verify-export -->", 1)[1].split("```python\n", 1)[1]
+    script = tmp_path / "verify_export.py"
+    script.write_text(block.split("```", 1)[0])
+    return subprocess.run(
+        [sys.executable, str(script), str(export)], capture_output=True, text=True, timeout=60
+    )
 
 
 def test_verify_names_the_edited_row(server: Server) -> None:

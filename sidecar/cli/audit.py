@@ -99,7 +99,11 @@ def _filter(args: argparse.Namespace, window: bool) -> pb.AuditFilter:
 
 def rfc3339_us(ts: Timestamp) -> str:
     """A record time to the microsecond: ``2026-11-26T15:46:55.123456Z``."""
-    return datetime.fromtimestamp(ts.ToMicroseconds() / 1e6, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    # Integer arithmetic: the chain digests cover integer microseconds, and an auditor
+    # recomputes them from this text (docs/audit.md).
+    us = ts.ToMicroseconds()
+    moment = datetime.fromtimestamp(us // 1_000_000, UTC).replace(microsecond=us % 1_000_000)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def record_json(r: pb.AuditRecord) -> dict[str, object]:
