@@ -38,13 +38,21 @@ class Settings:
     sync_token: str = ""
     policy_file: Path | None = None
     log_level: str = "info"
+    # OAuth (issue 4). An empty issuer means http://<http_addr> (with the bound port).
+    oauth_issuer: str = ""
+    oauth_audience: str = "statuspulse-api"
+    oauth_access_token_ttl: int = 3600
+    oauth_refresh_token_ttl: int = 30 * 86400
+    oauth_signing_key_rotation: int = 30 * 86400
     # Audit records older than this are pruned behind a signed checkpoint (0: keep forever).
     audit_retention: int = 0
 
     @property
     def store_url(self) -> str:
         """The database to open: ``database_url`` or the SQLite file in ``data_dir``."""
-        return self.database_url or f"sqlite:///{self.data_dir / 'spauth.db'}"
+        # Absolute: open_store reads "sqlite:///x" as "/x", so a relative data_dir would put the
+        # database under the filesystem root while the bootstrap key stays in the working dir.
+        return self.database_url or f"sqlite:///{self.data_dir.absolute() / 'spauth.db'}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +69,9 @@ class SidecarSettings:
     workers: int = 1
     policy_poll_interval: float = 1.0
     log_level: str = "info"
+    # OAuth access tokens: the issuer and audience they must name (RFC 9068 §4).
+    oauth_issuer: str = "http://127.0.0.1:8080"
+    oauth_audience: str = "statuspulse-api"
     # Decision records (docs/audit.md): "off" disables them; the spool lives in audit_dir
     # (default <state_dir>/audit).
     audit: str = "on"
@@ -71,7 +82,14 @@ class SidecarSettings:
     audit_fsync_interval: float = 1.0
 
 
-_DURATIONS = {"key_default_lifetime", "key_max_lifetime", "audit_retention"}
+_DURATIONS = {
+    "key_default_lifetime",
+    "key_max_lifetime",
+    "oauth_access_token_ttl",
+    "oauth_refresh_token_ttl",
+    "oauth_signing_key_rotation",
+    "audit_retention",
+}
 _LEVELS = {"debug", "info", "warning", "error"}
 
 
@@ -114,6 +132,29 @@ def _check_addr(name: str, value: str) -> None:
         raise ConfigError(f"{name}: expected HOST:PORT, got {value!r}")
 
 
+def _check_oauth(settings: Settings) -> None:
+    issuer = settings.oauth_issuer
+    # RFC 8414 §2: an http(s) URL with no query or fragment; compared by exact string match.
+    if issuer and (
+        not issuer.startswith(("https://", "http://"))
+        or any(c in issuer for c in "?#")
+        or issuer.endswith("/")
+        or len(issuer.split("/", 3)[2]) == 0
+    ):
+        raise ConfigError(
+            f"oauth_issuer: expected an http(s) URL without query, fragment or trailing slash, "
+            f"got {issuer!r}"
+        )
+    if not settings.oauth_audience.strip():
+        raise ConfigError("oauth_audience: must not be empty")
+    if not 60 <= settings.oauth_access_token_ttl <= 86400:
+        raise ConfigError("oauth_access_token_ttl: must be between 1m and 1d")
+    if settings.oauth_refresh_token_ttl < settings.oauth_access_token_ttl:
+        raise ConfigError("oauth_refresh_token_ttl: must be at least oauth_access_token_ttl")
+    if settings.oauth_signing_key_rotation < 2 * settings.oauth_access_token_ttl:
+        raise ConfigError("oauth_signing_key_rotation: must be at least twice the token lifetime")
+
+
 def _check_level(value: str) -> None:
     if value.lower() not in _LEVELS:
         raise ConfigError(f"log_level: expected debug|info|warning|error, got {value!r}")
@@ -132,6 +173,7 @@ def load_settings(
         raise ConfigError("sweep_interval: must be positive")
     if s.sync_heartbeat <= 0:
         raise ConfigError("sync_heartbeat: must be positive")
+    _check_oauth(s)
     _check_level(s.log_level)
     return s
 

@@ -16,18 +16,30 @@ from sidecar._gen.statuspulse.auth.v1 import (
     api_keys_pb2_grpc,
     audit_pb2,
     audit_pb2_grpc,
+    oauth_pb2,
+    oauth_pb2_grpc,
     replication_pb2,
     replication_pb2_grpc,
 )
 from sidecar.admin.apikeys import ApiKeyServicer
+from sidecar.admin.apps import OAuthAppServicer
 from sidecar.admin.audit import AuditServicer, load_checkpoint_key
 from sidecar.admin.replication import ReplicationServicer, SnapshotSource
+from sidecar.admin.users import UserServicer
 from sidecar.config import Settings
 from sidecar.core.apikeys import ApiKeyService, KeyPolicy, key_snapshot
+from sidecar.core.apps import AppService
 from sidecar.core.audit_trail import AuditTrail
 from sidecar.core.clock import Clock, SystemClock
 from sidecar.core.errors import SpauthError
 from sidecar.core.models import Minted
+from sidecar.core.oauth_changes import oauth_snapshot
+from sidecar.core.users import UserService
+from sidecar.http.app import build_app
+from sidecar.http.routes import oauth_routes
+from sidecar.http.server import HttpServer
+from sidecar.oauth import config as oauth_config
+from sidecar.oauth.server import AuthorizationServer
 from sidecar.store import Store, open_store
 
 log = logging.getLogger("sidecar.controlplane")
@@ -54,7 +66,7 @@ class ControlPlane:
         )
         self.audit_servicer = AuditServicer(self.audit, self.keys, sync_token=settings.sync_token)
         self._unsubscribe = self.store.subscribe(self.audit_servicer.notify)
-        self.snapshot_sources: list[SnapshotSource] = [key_snapshot]
+        self.snapshot_sources: list[SnapshotSource] = [key_snapshot, oauth_snapshot]
         self.replication = ReplicationServicer(
             self.store,
             self.clock,
@@ -62,6 +74,10 @@ class ControlPlane:
             heartbeat=settings.sync_heartbeat,
             sync_token=settings.sync_token,
         )
+        self.apps = AppService(self.store, self.clock)
+        self.users = UserService(self.store, self.clock)
+        self.oauth: AuthorizationServer | None = None  # built in start(), once the port is bound
+        self.http = HttpServer(settings.http_addr)
         self.health = health_aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -76,6 +92,12 @@ class ControlPlane:
         api_keys_pb2_grpc.add_ApiKeyServiceServicer_to_server(
             ApiKeyServicer(self.keys, self.clock), server
         )
+        oauth_pb2_grpc.add_OAuthAppServiceServicer_to_server(
+            OAuthAppServicer(self.apps, self.keys), server
+        )
+        oauth_pb2_grpc.add_UserServiceServicer_to_server(
+            UserServicer(self.users, self.keys), server
+        )
         replication_pb2_grpc.add_ReplicationServiceServicer_to_server(self.replication, server)
         audit_pb2_grpc.add_AuditServiceServicer_to_server(self.audit_servicer, server)
         self.audit_servicer.bind(asyncio.get_running_loop())
@@ -83,6 +105,8 @@ class ControlPlane:
         names = (
             api_keys_pb2.DESCRIPTOR.services_by_name["ApiKeyService"].full_name,
             replication_pb2.DESCRIPTOR.services_by_name["ReplicationService"].full_name,
+            oauth_pb2.DESCRIPTOR.services_by_name["OAuthAppService"].full_name,
+            oauth_pb2.DESCRIPTOR.services_by_name["UserService"].full_name,
             audit_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name,
             health.SERVICE_NAME,
             reflection.SERVICE_NAME,
@@ -91,6 +115,7 @@ class ControlPlane:
         self.admin_port = server.add_insecure_port(self.settings.admin_addr)
         if self.admin_port == 0:
             raise OSError(f"admin_addr: cannot listen on {self.settings.admin_addr}")
+        await self._start_http()
         await server.start()
         self._server = server
         for name in ("", names[0]):
@@ -98,11 +123,23 @@ class ControlPlane:
         self._sweeper = asyncio.create_task(self._sweep_forever())
         log.info("control plane listening", extra={"admin_addr": self.settings.admin_addr})
 
+    async def _start_http(self) -> None:
+        """The OAuth authorization server on ``http_addr`` (its issuer names the bound port)."""
+        port = self.http.bind()
+        self.oauth = AuthorizationServer(
+            self.store, self.clock, oauth_config.from_settings(self.settings, port)
+        )
+        await asyncio.to_thread(self.oauth.start)
+        await self.http.start(build_app(oauth_routes(self.oauth, self.keys)))
+        log.info("oauth listening", extra={"http_addr": self.settings.http_addr, "port": port})
+
     async def _sweep_forever(self) -> None:
         next_prune = 0.0
         while True:
             try:
                 changed = await asyncio.to_thread(self.keys.sweep)
+                if self.oauth is not None:
+                    changed += await asyncio.to_thread(self.oauth.sweep)
                 if changed:
                     log.info("swept keys", extra={"changed": changed})
             except Exception:
@@ -132,4 +169,5 @@ class ControlPlane:
         self.audit_servicer.close()  # tails end now and resume by cursor elsewhere
         if self._server is not None:
             await self._server.stop(grace)
+        await self.http.aclose(grace)
         self.store.close()

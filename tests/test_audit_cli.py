@@ -139,7 +139,8 @@ def test_export_writes_json_lines(server: Server, tmp_path: Path) -> None:
         )
     assert done.returncode == 0, done.stderr
     lines = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(lines) == 4 and "exported 4 records" in done.stderr
+    assert [r["action"] for r in lines].count("key.created") == 4
+    assert f"exported {len(lines)} records" in done.stderr
     assert [r["chain_seq"] for r in lines if r["workspace"] == "acme"] == [1, 2]
     resumed = server.spauth("audit", "export", "--cursor", lines[1]["cursor"])
     assert [json.loads(x)["id"] for x in resumed.stdout.splitlines()] == [
@@ -207,7 +208,10 @@ class Lines:
 def test_tail_follows_across_a_control_plane_restart(server: Server) -> None:
     start = server.json("audit", "list", "--limit", "1")[0]["cursor"]  # type: ignore[index]
     tail = subprocess.Popen(
-        [sys.executable, "-m", "sidecar", "audit", "tail", "--output", "json", "--cursor", start],
+        [
+            *(sys.executable, "-m", "sidecar", "audit", "tail", "--output", "json"),
+            *("--cursor", start, "--workspace", "acme"),
+        ],
         env=server.env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

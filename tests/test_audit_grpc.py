@@ -84,7 +84,8 @@ def test_key_events_are_listed_newest_first_with_filters_and_paging(client: Clie
     b = client.create_key("beta", "checks:read")
     client.plane.clock.advance(10)
     client.revoke(a.api_key.id)
-    records = client.list(page_size=2)
+    # (The OAuth service also records its signing key; this test is about key events.)
+    records = [r for r in client.list(page_size=2) if r.action.startswith("key.")]
     assert [r.action for r in records] == [
         "key.revoked",
         "key.created",
@@ -191,7 +192,7 @@ def test_export_streams_every_record_in_storage_order(client: Client) -> None:
             pb.ExportAuditRecordsRequest(), metadata=bearer(client.plane.operator_key)
         )
     ]
-    assert len(exported) == 4
+    assert [r.action for r in exported].count("key.created") == 4
     cursors = [int(r.cursor) for r in exported]
     assert cursors == sorted(cursors)
     later = client.audit.ExportAuditRecords(
@@ -329,7 +330,7 @@ def test_retention_prunes_behind_a_checkpoint_and_verify_still_passes(
         chains = {c.workspace: c for c in resp.chains}
         assert all(c.ok for c in resp.chains)
         assert chains["acme"].checkpoint_chain_seq == 1 and chains["acme"].records_checked == 1
-        assert chains["*"].checkpoint_chain_seq == 1 and chains["*"].records_checked == 0
+        assert chains["*"].checkpoint_chain_seq >= 1 and chains["*"].records_checked == 0
         client.channel.close()
     finally:
         loop_thread.run(plane.aclose(grace=1))

@@ -269,7 +269,7 @@ def test_bad_input_gets_a_denial_or_invalid_argument_and_the_sidecar_keeps_servi
         == "malformed_credential"
     )
     assert reason(check_request(x_api_key="x" * 100_000)) == "malformed_credential"
-    assert reason(check_request(authorization="Bearer a.b.c")) == "malformed_credential"
+    assert reason(check_request(authorization="Bearer a.b.c")) == "malformed_token"
 
     # encode_raw_headers: the headers map is empty and values come as raw bytes.
     req = check_request()

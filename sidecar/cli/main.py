@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from sidecar.cli import audit, keys, serve, sidecar_cmd
+from sidecar.cli import apps, audit, keys, serve, sidecar_cmd, users
 from sidecar.cli.client import EXIT_USAGE, CliError, admin_client, fail
 from sidecar.config import ConfigError
 from sidecar.core.policy import PolicyError
@@ -29,6 +29,8 @@ def build_parser(environ: dict[str, str] | None = None) -> argparse.ArgumentPars
     serve.register(sub, common)
     keys.register(sub, common)
     sidecar_cmd.register(sub, common)
+    apps.register(sub, common)
+    users.register(sub, common)
     audit.register(sub, common)
     return parser
 

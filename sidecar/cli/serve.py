@@ -12,7 +12,6 @@ from typing import Any
 
 from sidecar import logs
 from sidecar.config import Settings, SidecarSettings, load_settings
-from sidecar.controlplane import ControlPlane
 from sidecar.core.models import Minted
 from sidecar.core.policy import PolicyError
 from sidecar.dataplane.policy_source import load_policy
@@ -42,6 +41,14 @@ def write_bootstrap_key(data_dir: Path, minted: Minted) -> Path:
 
 async def serve(settings: Settings) -> None:
     """Run until SIGTERM/SIGINT, then drain and exit."""
+    # Imported here so that admin CLI commands do not pay for loading the servers.
+    from sidecar.controlplane import ControlPlane
+
+    # Handlers first: a SIGTERM that arrives while the servers start still drains them.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     policy = load_policy(settings.policy_file)
     plane = ControlPlane(settings)
@@ -58,6 +65,8 @@ async def serve(settings: Settings) -> None:
             policy_file=settings.policy_file,
             state_dir=settings.data_dir / "sidecar",
             sync_token=settings.sync_token,
+            oauth_issuer=plane.oauth.config.issuer if plane.oauth else "",
+            oauth_audience=settings.oauth_audience,
         ),
         policy=policy,
     )
@@ -71,10 +80,8 @@ async def serve(settings: Settings) -> None:
         f"sidecar (ext_authz) on {settings.sidecar_addr}",
         flush=True,
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    if plane.oauth is not None:
+        print(f"spauth serve: OAuth issuer {plane.oauth.config.issuer}", flush=True)
     await stop.wait()
     await asyncio.to_thread(sidecar.stop)
     await plane.aclose()

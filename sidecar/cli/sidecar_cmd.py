@@ -25,6 +25,8 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--max-staleness", help="seconds without sync before failing closed (900)")
     p.add_argument("--threads", help="gRPC worker threads per process (4)")
     p.add_argument("--workers", help="processes sharing the port with SO_REUSEPORT (1)")
+    p.add_argument("--oauth-issuer", help="issuer of OAuth access tokens (http://127.0.0.1:8080)")
+    p.add_argument("--oauth-audience", help="audience of OAuth access tokens (statuspulse-api)")
     p.add_argument("--log-level")
     p.set_defaults(handler=None, runner=run)
 
@@ -39,6 +41,8 @@ def _settings(args: argparse.Namespace) -> SidecarSettings:
             "max_staleness": args.max_staleness,
             "threads": args.threads,
             "workers": args.workers,
+            "oauth_issuer": args.oauth_issuer,
+            "oauth_audience": args.oauth_audience,
             "log_level": args.log_level,
         }
     )

@@ -21,6 +21,7 @@ from sidecar.core.clock import Clock, SystemClock
 from sidecar.core.engine import Engine, TokenVerifier
 from sidecar.core.policy import Policy
 from sidecar.core.replica import Replica
+from sidecar.core.token_verifier import ReplicaTokenVerifier
 from sidecar.dataplane.envoy_check import SERVICE as CHECK_SERVICE
 from sidecar.dataplane.envoy_check import CheckHandler, Observer
 from sidecar.dataplane.incluster import AuthorizationServicer
@@ -56,7 +57,8 @@ class Sidecar:
             policy or load_policy(settings.policy_file),
             self.clock,
             max_staleness=settings.max_staleness,
-            token_verifier=token_verifier,
+            token_verifier=token_verifier
+            or ReplicaTokenVerifier(settings.oauth_issuer, settings.oauth_audience),
         )
         self.observers: list[Observer] = []
         self.audit = _audit_pipeline(settings)
