@@ -354,3 +354,38 @@ def test_the_check_observer_records_each_decision(tmp_path: Path) -> None:
     )
     assert pipeline.queue.stats().sampled_out == 1
     pipeline.close()
+
+
+def test_with_a_sync_token_sidecars_must_present_it_and_it_reads_nothing(
+    tmp_path: Path, loop_thread: LoopThread
+) -> None:
+    import grpc
+
+    from sidecar._gen.statuspulse.auth.v1 import audit_pb2, audit_pb2_grpc
+    from sidecar.auditship import TransportError
+
+    token = "sync-" + "x" * 40
+    settings = load_settings(
+        {"data_dir": str(tmp_path), "admin_addr": "127.0.0.1:0", "sync_token": token}, environ={}
+    )
+    plane = ControlPlane(settings, clock=FakeClock(time.time()))
+    loop_thread.run(plane.start())
+    address = f"127.0.0.1:{plane.admin_port}"
+    try:
+        anonymous = GrpcTransport(address)
+        with pytest.raises(TransportError, match="UNAUTHENTICATED") as info:
+            anonymous.send([encode(decision(1))])
+        assert not info.value.rejected  # retried later, not skipped
+        anonymous.close()
+        sidecar = GrpcTransport(address, token)
+        assert sidecar.send([encode(decision(1)), encode(decision(2))]) == 2
+        sidecar.close()
+        assert sorted(stored_decisions(plane)) == ["dec_000001", "dec_000002"]
+        with grpc.insecure_channel(address) as ch, pytest.raises(grpc.RpcError) as read:
+            audit_pb2_grpc.AuditServiceStub(ch).ListAuditRecords(
+                audit_pb2.ListAuditRecordsRequest(),
+                metadata=(("authorization", f"Bearer {token}"),),
+            )
+        assert read.value.code() is grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined]
+    finally:
+        loop_thread.run(plane.aclose(grace=1))
