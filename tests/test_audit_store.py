@@ -1,5 +1,6 @@
-"""The audit trail over a real SQLite file: chain links computed in the appending transaction,
-de-duplication, paging, verification of stored rows, retention, and the 0003 migration."""
+"""The audit trail over each real backend (a SQLite file, a PostgreSQL database): chain links
+computed in the appending transaction, de-duplication, paging, verification of stored rows,
+retention, and the 0003 migration."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from sidecar.core.clock import FakeClock
 from sidecar.core.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from sidecar.core.models import Principal, RequestContext
 from sidecar.store.sqlite import SqliteStore
+from tests.support.rawsql import raw
 
 KEY = b"checkpoint-key-for-tests-32bytes"
 OPERATOR = RequestContext(Principal("key_op", "*", frozenset({"admin:full"})), "req_1")
@@ -34,7 +36,7 @@ def ev(t: float, ws: str = "acme", action: str = "key.created", actor: str = "ke
 
 
 def rows(store: SqliteStore) -> list[tuple[object, ...]]:
-    with sqlite3.connect(store.path) as conn:
+    with raw(store) as conn:
         return conn.execute(
             "SELECT id, workspace, chain_seq, prev_digest, digest FROM audit_events ORDER BY seq"
         ).fetchall()
@@ -74,7 +76,7 @@ def test_the_same_id_is_stored_once(store: SqliteStore) -> None:
 def test_editing_a_stored_row_is_named_by_verify(store: SqliteStore, clock: FakeClock) -> None:
     append(store, *(ev(i) for i in range(1, 8)))
     target = rows(store)[4][0]
-    with sqlite3.connect(store.path) as conn:
+    with raw(store) as conn:
         conn.execute("UPDATE audit_events SET reason = 'nothing to see' WHERE id = ?", (target,))
     (report,) = AuditTrail(store, clock, KEY).verify(OPERATOR, "acme")
     assert report.first_break is not None
@@ -86,7 +88,7 @@ def test_editing_a_stored_row_is_named_by_verify(store: SqliteStore, clock: Fake
 def test_deleting_a_stored_row_is_named_by_verify(store: SqliteStore, clock: FakeClock) -> None:
     append(store, *(ev(i) for i in range(1, 8)))
     ids = [r[0] for r in rows(store)]
-    with sqlite3.connect(store.path) as conn:
+    with raw(store) as conn:
         conn.execute("DELETE FROM audit_events WHERE id = ?", (ids[2],))
     (report,) = AuditTrail(store, clock, KEY).verify(OPERATOR, "acme")
     assert report.first_break is not None
@@ -123,7 +125,7 @@ def test_a_forged_checkpoint_is_reported(store: SqliteStore, clock: FakeClock) -
     append(store, *(ev(i) for i in range(1, 6)))
     trail = AuditTrail(store, clock, KEY)
     trail.prune(before=3.5)
-    with sqlite3.connect(store.path) as conn:
+    with raw(store) as conn:
         conn.execute("UPDATE audit_checkpoints SET chain_seq = chain_seq + 1")
         conn.execute("DELETE FROM audit_events WHERE chain_seq = 4")
     (report,) = trail.verify(OPERATOR, "acme")
@@ -133,7 +135,7 @@ def test_a_forged_checkpoint_is_reported(store: SqliteStore, clock: FakeClock) -
 
 def test_a_broken_chain_is_not_pruned(store: SqliteStore, clock: FakeClock) -> None:
     append(store, *(ev(i) for i in range(1, 6)))
-    with sqlite3.connect(store.path) as conn:
+    with raw(store) as conn:
         conn.execute("UPDATE audit_events SET actor = 'x' WHERE chain_seq = 2")
     with pytest.raises(FailedPrecondition):
         AuditTrail(store, clock, KEY).prune(before=4.5)

@@ -19,10 +19,11 @@ from authlib.oauth2.rfc7636 import create_s256_code_challenge
 
 from sidecar.core.apikeys import ApiKeyService
 from sidecar.core.apps import AppService
-from sidecar.core.audit import event
+from sidecar.core.audit import AuditQuery, event
+from sidecar.core.audit_trail import AuditTrail
 from sidecar.core.clock import FakeClock
 from sidecar.core.errors import Unavailable
-from sidecar.core.models import ApiKey, Change, KeyState, RequestContext
+from sidecar.core.models import ApiKey, Change, KeyState, Principal, RequestContext
 from sidecar.core.oauth_models import (
     AuthorizationCode,
     BrowserSession,
@@ -308,6 +309,30 @@ def test_audit_is_append_only_newest_first(store: Store) -> None:
             uow.audit.append(ev)
     with store.read() as uow:
         assert uow.audit.recent(2) == [events[2], events[1]]
+
+
+def test_concurrent_audit_appends_on_two_replicas_keep_one_valid_chain(
+    store: Store, second: Store, clock: FakeClock
+) -> None:
+    """Each append reads its workspace's chain head and links after it: two replicas appending
+    at once must neither fork the chain nor store records out of commit order."""
+
+    def write(s: Store, n: int) -> None:
+        for i in range(8):
+            with s.transaction() as uow:
+                uow.audit.append(event(100.0 + i, f"key_{n}", "key.created", "acme", f"k{n}-{i}"))
+
+    threads = [threading.Thread(target=write, args=((store, second)[n % 2], n)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    op = RequestContext(Principal("key_op", "*", frozenset({"admin:full"})), "req")
+    (report,) = AuditTrail(store, clock, b"k" * 32).verify(op)
+    assert report.ok and report.records_checked == 48
+    with store.read() as uow:
+        stored = uow.audit.after(0, AuditQuery(), 100)
+    assert [r.link.chain_seq for r in stored] == list(range(1, 49))
 
 
 # -- OAuth repositories -------------------------------------------------------------------------

@@ -29,11 +29,11 @@ import psycopg
 from psycopg import pq
 from psycopg_pool import ConnectionPool
 
-from sidecar.core.audit import AuditEvent
 from sidecar.core.errors import Unavailable
 from sidecar.core.models import ApiKey, Change, KeyState
 from sidecar.store import migrations
 from sidecar.store.base import Cursor
+from sidecar.store.postgres_audit import PgAudit, link_unchained
 from sidecar.store.postgres_oauth import PgOAuthRepositories
 
 # The row mapping is shared with SQLite, so a new column is mapped in one place.
@@ -143,42 +143,6 @@ class PgKeys:
     def has_operator(self) -> bool:
         row = self._conn.execute("SELECT 1 FROM api_keys WHERE workspace = '*' LIMIT 1").fetchone()
         return row is not None
-
-
-class PgAudit:
-    """AuditRepository over one connection."""
-
-    def __init__(self, conn: Conn) -> None:
-        self._conn = conn
-
-    def append(self, event: AuditEvent) -> None:
-        self._conn.execute(
-            "INSERT INTO audit_events (id, time, actor, action, workspace, target, outcome, "
-            "reason, request_id, metadata) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-            (
-                event.id,
-                event.time,
-                event.actor,
-                event.action,
-                event.workspace,
-                event.target,
-                event.outcome,
-                event.reason,
-                event.request_id,
-                json.dumps(event.metadata, sort_keys=True),
-            ),
-        )
-
-    def recent(self, limit: int) -> list[AuditEvent]:
-        rows = self._conn.execute(
-            "SELECT id, time, actor, action, workspace, target, outcome, reason, request_id, "
-            "metadata FROM audit_events ORDER BY seq DESC LIMIT %s",
-            (limit,),
-        ).fetchall()
-        return [
-            AuditEvent(*row[:9], metadata=json.loads(row[9]))  # type: ignore[misc]
-            for row in rows
-        ]
 
 
 class PgChanges:
@@ -322,6 +286,7 @@ class PostgresStore:
                     conn.execute(statement)
                 conn.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (version,))
                 log.info("migrated", extra={"version": version})
+            link_unchained(conn)
             _commit(conn)
 
     # -- the Store protocol -------------------------------------------------------------------
