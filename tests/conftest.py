@@ -76,7 +76,12 @@ def control_plane(
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     settings = load_settings(
-        {"data_dir": str(data_dir), "admin_addr": "127.0.0.1:0", "sweep_interval": "0.05"},
+        {
+            "data_dir": str(data_dir),
+            "admin_addr": "127.0.0.1:0",
+            "http_addr": "127.0.0.1:0",
+            "sweep_interval": "0.05",
+        },
         environ={},
     )
     plane = ControlPlane(settings, clock=clock)

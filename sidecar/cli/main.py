@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from sidecar.cli import keys, serve, sidecar_cmd
+from sidecar.cli import config_cmd, control_plane_cmd, keys, serve, sidecar_cmd
 from sidecar.cli.client import EXIT_USAGE, CliError, admin_client, fail
 from sidecar.config import ConfigError
 from sidecar.core.policy import PolicyError
@@ -29,6 +29,8 @@ def build_parser(environ: dict[str, str] | None = None) -> argparse.ArgumentPars
     serve.register(sub, common)
     keys.register(sub, common)
     sidecar_cmd.register(sub, common)
+    control_plane_cmd.register(sub, common)
+    config_cmd.register(sub, common)
     return parser
 
 
@@ -45,7 +47,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as exc:
         return fail(str(exc), exc.exit_code)
     except ConfigError as exc:
-        return fail(f"configuration: {exc}", EXIT_USAGE)
+        for error in exc.errors[:-1]:
+            fail(f"configuration: {error}", EXIT_USAGE)
+        return fail(f"configuration: {exc.errors[-1]}", EXIT_USAGE)
     except PolicyError as exc:
         return fail(f"policy: {exc}", EXIT_USAGE)
     except KeyboardInterrupt:

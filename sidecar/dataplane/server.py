@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+from envoy.service.auth.v3 import external_auth_pb2 as ext
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -20,10 +23,16 @@ from sidecar.core.engine import Engine, TokenVerifier
 from sidecar.core.policy import Policy
 from sidecar.core.replica import Replica
 from sidecar.dataplane.envoy_check import SERVICE as CHECK_SERVICE
-from sidecar.dataplane.envoy_check import CheckHandler, Observer
+from sidecar.dataplane.envoy_check import CheckHandler, Observer, parse_check_request
 from sidecar.dataplane.incluster import AuthorizationServicer
 from sidecar.dataplane.policy_source import PolicyWatcher, load_policy
 from sidecar.dataplane.sync import SyncClient
+from sidecar.ops.denial_log import DenialLog
+from sidecar.ops.health import Health, Status
+from sidecar.ops.metrics import BAD_CHECK_REQUEST, INTERNAL_ERROR, DecisionMetrics, Metrics
+from sidecar.ops.status_server import StatusServer
+from sidecar.ops.tls import sync_channel_credentials, sync_channel_options
+from sidecar.ops.tracing import CheckFn, Context, start_tracing, traced_check
 
 log = logging.getLogger("sidecar.server")
 
@@ -33,6 +42,7 @@ AUTHZ_SERVICE = authorization_pb2.DESCRIPTOR.services_by_name["AuthorizationServ
 SYNC_HEALTH = "statuspulse.auth.v1.ReplicaSync"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+TICK = 0.25  # housekeeping period, seconds
 
 
 class Sidecar:
@@ -45,9 +55,12 @@ class Sidecar:
         *,
         token_verifier: TokenVerifier | None = None,
         policy: Policy | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
         self.clock = clock or SystemClock()
+        self.metrics = metrics or Metrics()
+        self.metrics.sidecar_metrics()
         self.replica = Replica()
         self.engine = Engine(
             self.replica,
@@ -56,7 +69,10 @@ class Sidecar:
             max_staleness=settings.max_staleness,
             token_verifier=token_verifier,
         )
-        self.observers: list[Observer] = []
+        self.decision_metrics = DecisionMetrics(self.metrics)
+        self.denial_log = DenialLog(settings.denial_log_rate)
+        # Called after every decision, on the RPC thread: keep each one to microseconds.
+        self.observers: list[Observer] = [self.decision_metrics, self.denial_log]
         self.check = CheckHandler(self.engine, self.observers)
         self.sync = SyncClient(
             self.replica,
@@ -64,8 +80,22 @@ class Sidecar:
             self.clock,
             state_dir=settings.state_dir,
             sync_token=settings.sync_token,
+            credentials=sync_channel_credentials(settings),
+            channel_options=sync_channel_options(settings),
         )
-        self.policy_watcher = PolicyWatcher(settings.policy_file, self._set_policy)
+        self.policy_watcher = PolicyWatcher(
+            settings.policy_file, self._set_policy, self._policy_reloaded
+        )
+        self.tracing = start_tracing(
+            settings.tracing_endpoint, "spauth-sidecar", settings.tracing_sample_ratio
+        )
+        self.status_server = (
+            StatusServer(settings.metrics_addr, self.metrics.registry, self.health_report)
+            if settings.metrics_addr
+            else None
+        )
+        # Run at the end of stop(), after in-flight checks drained (e.g. flush the audit queue).
+        self.closers: list[Callable[[], None]] = []
         self.health = health.HealthServicer()
         self._server: grpc.Server | None = None
         self._stop = threading.Event()
@@ -74,16 +104,50 @@ class Sidecar:
         )
         self.port = 0
         self._draining = False
+        self._started_at = self.clock.now()
+        self._reconnects_seen = 0
+        self._last_status: Status | None = None
+        self.metrics.replica_revision.set_function(lambda: self.replica.revision)
+        self.metrics.replica_staleness.set_function(self.staleness)
 
     def _set_policy(self, policy: Policy) -> None:
         self.engine.policy = policy
+
+    def _policy_reloaded(self, result: str) -> None:
+        self.metrics.policy_reloads.labels(result).inc()
+
+    def staleness(self) -> float:
+        """Seconds since the replica last heard from the control plane (or since start)."""
+        last = self.replica.last_contact or self._started_at
+        return max(0.0, self.clock.now() - last)
+
+    def _check_rpc_handler(self) -> grpc.GenericRpcHandler:  # type: ignore[type-arg]
+        """Envoy's Check: the handler, traced when tracing is on, with gRPC errors counted."""
+        check: CheckFn = self.check
+        if self.tracing is not None:
+            check = traced_check(check, self.tracing)
+        count_error = self.decision_metrics.error
+
+        def counted(request: ext.CheckRequest | None, context: Context) -> ext.CheckResponse:
+            try:
+                return check(request, context)
+            except Exception:
+                count_error(BAD_CHECK_REQUEST if request is None else INTERNAL_ERROR, 0.0)
+                raise
+
+        method = grpc.unary_unary_rpc_method_handler(
+            counted,
+            request_deserializer=parse_check_request,
+            response_serializer=ext.CheckResponse.SerializeToString,
+        )
+        return grpc.method_handlers_generic_handler(CHECK_SERVICE, {"Check": method})
 
     def start(self) -> None:
         server = grpc.server(
             ThreadPoolExecutor(max_workers=self.settings.threads, thread_name_prefix="spauth-rpc"),
             options=[("grpc.so_reuseport", 1)],
         )
-        server.add_generic_rpc_handlers((self.check.rpc_handler(),))
+        server.add_generic_rpc_handlers((self._check_rpc_handler(),))
         authorization_pb2_grpc.add_AuthorizationServiceServicer_to_server(
             AuthorizationServicer(self.engine, self.observers), server
         )
@@ -94,6 +158,8 @@ class Sidecar:
         self.port = server.add_insecure_port(self.settings.listen)
         if self.port == 0:
             raise OSError(f"listen: cannot listen on {self.settings.listen}")
+        if self.status_server is not None:
+            self.status_server.start()  # first: probes see NOT_SERVING while the replica loads
         self._update_health()
         self.sync.start()
         server.start()
@@ -105,31 +171,73 @@ class Sidecar:
             extra={"listen": self.settings.listen, "control_plane": self.settings.control_plane},
         )
 
+    def health_report(self) -> Health:
+        """NOT_SERVING while loading, past max_staleness or draining (checks fail closed or are
+        about to stop); DEGRADED while answering from a replica the control plane no longer
+        updates; SERVING otherwise."""
+        if self._draining:
+            return Health(Status.NOT_SERVING, ("draining",))
+        unready = self.engine.unready(self.clock.now())
+        if unready is not None:
+            return Health(Status.NOT_SERVING, (unready.value,))
+        if not self.sync.connected:
+            return Health(Status.DEGRADED, ("control_plane_unreachable",))
+        return Health(Status.SERVING)
+
     def ready(self) -> bool:
         """Whether checks are decided from a usable replica (else they fail closed)."""
-        return self.engine.unready(self.clock.now()) is None and not self._draining
+        return self.health_report().ready
 
     def _update_health(self) -> None:
-        status = SERVING if self.ready() else NOT_SERVING
+        report = self.health_report()
+        status = SERVING if report.ready else NOT_SERVING
         for name in ("", CHECK_SERVICE, AUTHZ_SERVICE):
             self.health.set(name, status)
         self.health.set(SYNC_HEALTH, SERVING if self.sync.connected else NOT_SERVING)
+        if report.status is not self._last_status:
+            level = logging.INFO if report.status is Status.SERVING else logging.WARNING
+            fields = {"status": report.status.value, "reasons": list(report.reasons)}
+            log.log(level, "health changed", extra=fields)
+            self._last_status = report.status
 
     def _housekeeping(self) -> None:
         ticks = 0
-        while not self._stop.wait(0.25):
+        while not self._stop.wait(TICK):
             ticks += 1
             self._update_health()
-            if ticks % max(1, int(self.settings.policy_poll_interval / 0.25)) == 0:
+            reconnects = self.sync.reconnects
+            if reconnects > self._reconnects_seen:
+                self.metrics.sync_reconnects.inc(reconnects - self._reconnects_seen)
+                self._reconnects_seen = reconnects
+            self.denial_log.flush()
+            if ticks % max(1, int(self.settings.policy_poll_interval / TICK)) == 0:
                 self.policy_watcher.poll()
             if ticks % 2400 == 0:  # every ten minutes
                 self.replica.prune(self.clock.now())
 
-    def stop(self, grace: float = 5.0) -> None:
-        """Health NOT_SERVING, stop accepting, drain in-flight calls, stop syncing."""
+    def stop(self, grace: float | None = None) -> None:
+        """Graceful shutdown: health NOT_SERVING; keep answering for ``drain_delay`` so Envoy's
+        health checks (or Kubernetes endpoints) move traffic away; stop accepting and let
+        in-flight checks finish within ``grace``; stop syncing (persisting the replica); flush
+        logs, audit (``closers``) and spans; close the metrics port last."""
+        grace = self.settings.shutdown_grace if grace is None else grace
         self._draining = True
         self._update_health()
+        log.info("draining", extra={"drain_delay": self.settings.drain_delay, "grace": grace})
+        if self.settings.drain_delay and self._server is not None:
+            time.sleep(self.settings.drain_delay)
         self._stop.set()
         if self._server is not None:
             self._server.stop(grace).wait()
         self.sync.stop()
+        self.denial_log.flush(force=True)
+        for close in self.closers:
+            try:
+                close()
+            except Exception:
+                log.exception("shutdown step failed")
+        if self.tracing is not None:
+            self.tracing.shutdown()
+        if self.status_server is not None:
+            self.status_server.stop()
+        log.info("sidecar stopped")
