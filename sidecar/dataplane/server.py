@@ -45,6 +45,17 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 TICK = 0.25  # housekeeping period, seconds
 
 
+# grpcio treats a deserializer's None as its own failure (INTERNAL, "Exception deserializing
+# request!") before the handler runs; a sentinel lets the handler answer INVALID_ARGUMENT and
+# count it.
+_MALFORMED = object()
+
+
+def _deserialize(data: bytes) -> ext.CheckRequest | object:
+    request = parse_check_request(data)
+    return _MALFORMED if request is None else request
+
+
 class Sidecar:
     """One sidecar process. ``start()`` binds and begins syncing; ``stop()`` drains."""
 
@@ -104,6 +115,7 @@ class Sidecar:
         )
         self.port = 0
         self._draining = False
+        self._syncing = False
         self._started_at = self.clock.now()
         self._reconnects_seen = 0
         self._last_status: Status | None = None
@@ -128,16 +140,19 @@ class Sidecar:
             check = traced_check(check, self.tracing)
         count_error = self.decision_metrics.error
 
-        def counted(request: ext.CheckRequest | None, context: Context) -> ext.CheckResponse:
+        def counted(request: ext.CheckRequest | object, context: Context) -> ext.CheckResponse:
+            if request is _MALFORMED:
+                count_error(BAD_CHECK_REQUEST, 0.0)
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed CheckRequest")
             try:
                 return check(request, context)
             except Exception:
-                count_error(BAD_CHECK_REQUEST if request is None else INTERNAL_ERROR, 0.0)
+                count_error(INTERNAL_ERROR, 0.0)
                 raise
 
         method = grpc.unary_unary_rpc_method_handler(
             counted,
-            request_deserializer=parse_check_request,
+            request_deserializer=_deserialize,
             response_serializer=ext.CheckResponse.SerializeToString,
         )
         return grpc.method_handlers_generic_handler(CHECK_SERVICE, {"Check": method})
@@ -159,9 +174,14 @@ class Sidecar:
         if self.port == 0:
             raise OSError(f"listen: cannot listen on {self.settings.listen}")
         if self.status_server is not None:
-            self.status_server.start()  # first: probes see NOT_SERVING while the replica loads
+            try:
+                self.status_server.start()  # first: probes see NOT_SERVING while loading
+            except OSError:
+                server.stop(None)
+                raise
         self._update_health()
         self.sync.start()
+        self._syncing = True
         server.start()
         self._server = server
         self._update_health()
@@ -229,7 +249,8 @@ class Sidecar:
         self._stop.set()
         if self._server is not None:
             self._server.stop(grace).wait()
-        self.sync.stop()
+        if self._syncing:
+            self.sync.stop()
         self.denial_log.flush(force=True)
         for close in self.closers:
             try:
