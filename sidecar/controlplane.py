@@ -80,6 +80,7 @@ class ControlPlane:
         self._server: grpc.aio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._draining = False
+        self._closed = False
         self.admin_port = 0
         self.http_port = 0
 
@@ -162,6 +163,9 @@ class ControlPlane:
         """Health NOT_SERVING (gRPC and /readyz); keep serving for ``drain_delay``; stop
         accepting and drain in-flight calls within ``grace`` (open sync streams are cancelled
         then, and sidecars reconnect elsewhere); flush; close the HTTP port and the store."""
+        if self._closed:
+            return
+        self._closed = True
         grace = self.settings.shutdown_grace if grace is None else grace
         self._draining = True
         await self.health.enter_graceful_shutdown()
