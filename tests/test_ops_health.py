@@ -5,15 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from sidecar.config import load_settings
-from sidecar.controlplane import ControlPlane
 from sidecar.core.clock import FakeClock
 from sidecar.dataplane.server import SYNC_HEALTH, Sidecar
 from sidecar.ops.health import Health, Status
@@ -24,6 +20,7 @@ from tests.support.ops import (
     check_request,
     create_key,
     http_get,
+    plane_on,
     ready,
     running_sidecar,
     sample,
@@ -43,22 +40,6 @@ def grpc_health(port: int, service: str = "") -> int:
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         return int(stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status)
-
-
-@contextmanager
-def plane_on(
-    addr: str, data_dir: Path, clock: FakeClock, loop: LoopThread, **settings: object
-) -> Iterator[tuple[ControlPlane, str]]:
-    """A control plane on a fixed admin address (so a sidecar can be pointed at it first)."""
-    data_dir.mkdir(exist_ok=True)
-    values = {"data_dir": str(data_dir), "admin_addr": addr, "http_addr": "127.0.0.1:0"}
-    plane = ControlPlane(load_settings({**values, **settings}, environ={}), clock=clock)
-    minted = plane.bootstrap()
-    loop.run(plane.start())
-    try:
-        yield plane, minted.secret if minted else ""
-    finally:
-        loop.run(plane.aclose(grace=0))
 
 
 def test_sidecar_health_transitions(tmp_path: Path, loop_thread: LoopThread) -> None:

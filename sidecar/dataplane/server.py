@@ -56,6 +56,20 @@ def _deserialize(data: bytes) -> ext.CheckRequest | object:
     return _MALFORMED if request is None else request
 
 
+class _LiveHealth(health.HealthServicer):
+    """grpc.health.v1 whose Check recomputes the state first, so a probe never sees a status
+    older than /readyz's (Envoy's health checker remembers a NOT_SERVING on first contact).
+    Watch streams follow the housekeeping updates."""
+
+    def __init__(self, refresh: Callable[[], None]) -> None:
+        super().__init__()
+        self._refresh = refresh
+
+    def Check(self, request: object, context: grpc.ServicerContext) -> object:
+        self._refresh()
+        return super().Check(request, context)
+
+
 class Sidecar:
     """One sidecar process. ``start()`` binds and begins syncing; ``stop()`` drains."""
 
@@ -107,7 +121,7 @@ class Sidecar:
         )
         # Run at the end of stop(), after in-flight checks drained (e.g. flush the audit queue).
         self.closers: list[Callable[[], None]] = []
-        self.health = health.HealthServicer()
+        self.health = _LiveHealth(self._update_health)
         self._server: grpc.Server | None = None
         self._stop = threading.Event()
         self._housekeeper = threading.Thread(
@@ -119,6 +133,7 @@ class Sidecar:
         self._started_at = self.clock.now()
         self._reconnects_seen = 0
         self._last_status: Status | None = None
+        self._health_lock = threading.Lock()
         self.metrics.replica_revision.set_function(lambda: self.replica.revision)
         self.metrics.replica_staleness.set_function(self.staleness)
 
@@ -209,6 +224,10 @@ class Sidecar:
         return self.health_report().ready
 
     def _update_health(self) -> None:
+        with self._health_lock:  # housekeeping and health-check RPCs both call this
+            self._set_health()
+
+    def _set_health(self) -> None:
         report = self.health_report()
         status = SERVING if report.ready else NOT_SERVING
         for name in ("", CHECK_SERVICE, AUTHZ_SERVICE):

@@ -11,6 +11,7 @@ import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2 as ext
@@ -19,9 +20,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar._gen.statuspulse.auth.v1 import api_keys_pb2 as pb
 from sidecar._gen.statuspulse.auth.v1 import api_keys_pb2_grpc as pb_grpc
-from sidecar.config import SidecarSettings, load_sidecar_settings
+from sidecar.config import SidecarSettings, load_settings, load_sidecar_settings
+from sidecar.controlplane import ControlPlane
 from sidecar.core.clock import Clock
 from sidecar.dataplane.server import Sidecar
+
+if TYPE_CHECKING:
+    from tests.conftest import LoopThread
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -134,3 +139,19 @@ def running_sidecar(settings: SidecarSettings, clock: Clock | None = None) -> It
 def status_url(sidecar: Sidecar) -> str:
     assert sidecar.status_server is not None
     return f"http://127.0.0.1:{sidecar.status_server.port}"
+
+
+@contextmanager
+def plane_on(
+    addr: str, data_dir: Path, clock: Clock, loop: LoopThread, **settings: object
+) -> Iterator[tuple[ControlPlane, str]]:
+    """A control plane on a fixed admin address (so a sidecar can be pointed at it first)."""
+    data_dir.mkdir(exist_ok=True)
+    values = {"data_dir": str(data_dir), "admin_addr": addr, "http_addr": "127.0.0.1:0"}
+    plane = ControlPlane(load_settings({**values, **settings}, environ={}), clock=clock)
+    minted = plane.bootstrap()
+    loop.run(plane.start())
+    try:
+        yield plane, minted.secret if minted else ""
+    finally:
+        loop.run(plane.aclose(grace=0))
