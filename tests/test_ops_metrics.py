@@ -3,6 +3,9 @@ control plane's on its HTTP port. Names and label values are the fixed ones dash
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import grpc
@@ -25,6 +28,7 @@ from tests.support.ops import (
     call_check,
     check_request,
     create_key,
+    ready,
     running_sidecar,
     sample,
     scrape,
@@ -32,6 +36,7 @@ from tests.support.ops import (
     status_url,
     wait_until,
 )
+from tests.support.ports import free_ports
 
 CHECKS = "/v1/workspaces/acme/checks/1"
 DECISIONS = "spauth_decisions_total"
@@ -179,3 +184,39 @@ def test_metrics_port_conflict_is_a_clear_error(
         with pytest.raises(OSError, match="metrics_addr"):
             second.start()
         second.stop(grace=0)
+
+
+def test_serve_exposes_both_halves_on_its_http_port(tmp_path: Path) -> None:
+    admin, http, side = free_ports(3)
+    log = (tmp_path / "serve.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sidecar", "serve", "--data-dir", str(tmp_path / "data"),
+         "--admin-addr", f"127.0.0.1:{admin}", "--http-addr", f"127.0.0.1:{http}",
+         "--sidecar-addr", f"127.0.0.1:{side}"],
+        stdout=subprocess.DEVNULL, stderr=log,
+    )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{http}"
+        wait_until(lambda: _ready_status(url) == (200, "serving"), what="serve ready")
+        operator = (tmp_path / "data" / "bootstrap-key").read_text().strip()
+        secret, _ = create_key(f"127.0.0.1:{admin}", operator, ["checks:read"])
+        request = check_request(CHECKS, bearer_headers(secret))
+        wait_until(lambda: call_check(side, request).status.code == 0, what="key replicated")
+        samples = scrape(url)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        log.close()
+    # One process, one registry: the sidecar's and the control plane's metrics together.
+    assert sample(samples, DECISIONS, outcome="allow", reason="ok") >= 1
+    assert sample(samples, "spauth_admin_calls_total", method="ApiKeyService/CreateApiKey",
+                  code="OK") == 1  # fmt: skip
+    assert ("spauth_replica_revision", frozenset()) in samples
+
+
+def _ready_status(url: str) -> tuple[int, str]:
+    try:
+        status, body = ready(url)
+    except OSError:
+        return 0, ""
+    return status, str(body["status"])
