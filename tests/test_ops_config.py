@@ -3,6 +3,7 @@ start-up with errors that name the setting, the value and where it came from."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.config import ConfigError, Settings
+from sidecar.config import ConfigError, Settings, SidecarSettings
 from sidecar.ops.configfile import load_control_plane_config, load_sidecar_config
 from tests.support.ops import http_get, wait_until
 from tests.support.ports import free_ports
@@ -160,3 +161,10 @@ def test_bad_config_stops_the_process_with_exit_2(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "max_staleness: must be 0 (never) or a positive number of seconds" in result.stderr
     assert "metrics_addr: expected HOST:PORT, got 'nowhere'" in result.stderr
+
+
+def test_every_setting_is_documented() -> None:
+    doc = (ROOT / "docs" / "configuration.md").read_text()
+    for cls in (Settings, SidecarSettings):
+        for f in dataclasses.fields(cls):
+            assert f"| `{f.name}` |" in doc, f"{cls.__name__}.{f.name} is undocumented"
