@@ -77,7 +77,8 @@ def test_sidecar_health_transitions(tmp_path: Path, loop_thread: LoopThread) -> 
         assert denied.denied_response.status.code == 503
         samples = scrape(url)
         assert sample(samples, "spauth_replica_staleness_seconds") == staleness + 61
-        assert sample(samples, "spauth_sync_reconnects_total") >= 1
+        # Counted by the housekeeping thread, within a tick (0.25 s) of the lost stream.
+        wait_until(lambda: sample(scrape(url), "spauth_sync_reconnects_total") >= 1)
         assert sample(samples, "spauth_decisions_total", outcome="error",
                       reason="replica_stale") == 1  # fmt: skip
 
