@@ -59,11 +59,19 @@ class Settings:
     # SIGTERM: seconds NOT_SERVING but still answering, then seconds to finish in-flight calls.
     drain_delay: float = 0.0
     shutdown_grace: float = 5.0
+    # OAuth (issue 4). An empty issuer means http://<http_addr> (with the bound port).
+    oauth_issuer: str = ""
+    oauth_audience: str = "statuspulse-api"
+    oauth_access_token_ttl: int = 3600
+    oauth_refresh_token_ttl: int = 30 * 86400
+    oauth_signing_key_rotation: int = 30 * 86400
 
     @property
     def store_url(self) -> str:
         """The database to open: ``database_url`` or the SQLite file in ``data_dir``."""
-        return self.database_url or f"sqlite:///{self.data_dir / 'spauth.db'}"
+        # Absolute: open_store reads "sqlite:///x" as "/x", so a relative data_dir would put the
+        # database under the filesystem root while the bootstrap key stays in the working dir.
+        return self.database_url or f"sqlite:///{self.data_dir.absolute() / 'spauth.db'}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,9 +101,18 @@ class SidecarSettings:
     denial_log_rate: float = 100.0
     drain_delay: float = 0.0
     shutdown_grace: float = 5.0
+    # OAuth access tokens: the issuer and audience they must name (RFC 9068 §4).
+    oauth_issuer: str = "http://127.0.0.1:8080"
+    oauth_audience: str = "statuspulse-api"
 
 
-_DURATIONS = {"key_default_lifetime", "key_max_lifetime"}
+_DURATIONS = {
+    "key_default_lifetime",
+    "key_max_lifetime",
+    "oauth_access_token_ttl",
+    "oauth_refresh_token_ttl",
+    "oauth_signing_key_rotation",
+}
 _LEVELS = {"debug", "info", "warning", "error"}
 FILE_SOURCE = "config file"
 FLAG_SOURCE = "command line"
@@ -189,6 +206,29 @@ def _check_addr(errors: _Errors, name: str, value: str) -> None:
         errors.add(name, f"expected HOST:PORT, got {value!r}")
 
 
+def _check_oauth(errors: _Errors, settings: Settings) -> None:
+    issuer = settings.oauth_issuer
+    # RFC 8414 §2: an http(s) URL with no query or fragment; compared by exact string match.
+    if issuer and (
+        not issuer.startswith(("https://", "http://"))
+        or any(c in issuer for c in "?#")
+        or issuer.endswith("/")
+        or len(issuer.split("/", 3)[2]) == 0
+    ):
+        errors.add(
+            "oauth_issuer",
+            f"expected an http(s) URL without query, fragment or trailing slash, got {issuer!r}",
+        )
+    if not settings.oauth_audience.strip():
+        errors.add("oauth_audience", "must not be empty")
+    if not 60 <= settings.oauth_access_token_ttl <= 86400:
+        errors.add("oauth_access_token_ttl", "must be between 1m and 1d")
+    if settings.oauth_refresh_token_ttl < settings.oauth_access_token_ttl:
+        errors.add("oauth_refresh_token_ttl", "must be at least oauth_access_token_ttl")
+    if settings.oauth_signing_key_rotation < 2 * settings.oauth_access_token_ttl:
+        errors.add("oauth_signing_key_rotation", "must be at least twice the token lifetime")
+
+
 def _check_level(errors: _Errors, value: str) -> None:
     if value.lower() not in _LEVELS:
         errors.add("log_level", f"expected debug|info|warning|error, got {value!r}")
@@ -235,6 +275,7 @@ def load_settings(
         errors.add("sweep_interval", "must be positive")
     if s.sync_heartbeat <= 0:
         errors.add("sync_heartbeat", "must be positive")
+    _check_oauth(errors, s)
     _check_level(errors, s.log_level)
     for name in ("admin_tls_cert", "admin_tls_key", "admin_tls_client_ca"):
         _check_file(errors, name, getattr(s, name))

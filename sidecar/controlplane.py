@@ -12,20 +12,30 @@ import grpc
 from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from starlette.applications import Starlette
 
 from sidecar._gen.statuspulse.auth.v1 import (
     api_keys_pb2,
     api_keys_pb2_grpc,
+    oauth_pb2,
+    oauth_pb2_grpc,
     replication_pb2,
     replication_pb2_grpc,
 )
 from sidecar.admin.apikeys import ApiKeyServicer
+from sidecar.admin.apps import OAuthAppServicer
 from sidecar.admin.replication import ReplicationServicer, SnapshotSource
+from sidecar.admin.users import UserServicer
 from sidecar.config import Settings
 from sidecar.core.apikeys import ApiKeyService, KeyPolicy, key_snapshot
+from sidecar.core.apps import AppService
 from sidecar.core.clock import Clock, SystemClock
 from sidecar.core.models import Minted
+from sidecar.core.oauth_changes import oauth_snapshot
+from sidecar.core.users import UserService
+from sidecar.http.app import build_app
+from sidecar.http.routes import oauth_routes
+from sidecar.oauth import config as oauth_config
+from sidecar.oauth.server import AuthorizationServer
 from sidecar.ops.admin_calls import AdminCallInterceptor
 from sidecar.ops.health import Health, Status, worst
 from sidecar.ops.http_routes import ops_routes
@@ -60,7 +70,7 @@ class ControlPlane:
                 max_lifetime=settings.key_max_lifetime,
             ),
         )
-        self.snapshot_sources: list[SnapshotSource] = [key_snapshot]
+        self.snapshot_sources: list[SnapshotSource] = [key_snapshot, oauth_snapshot]
         self.replication = ReplicationServicer(
             self.store,
             self.clock,
@@ -68,15 +78,17 @@ class ControlPlane:
             heartbeat=settings.sync_heartbeat,
             sync_token=settings.sync_token,
         )
+        self.apps = AppService(self.store, self.clock)
+        self.users = UserService(self.store, self.clock)
+        self.oauth: AuthorizationServer | None = None  # built in start(), once the port is bound
         self.health = health_aio.HealthServicer()
         # Other components' health, folded into /readyz (spauth serve adds the sidecar's).
         self.health_checks: list[Callable[[], Health]] = []
         # Run at the end of aclose(), after in-flight calls drained (e.g. flush the audit queue).
         self.closers: list[Callable[[], None]] = []
-        # The integrator mounts these into the OAuth app; until then HttpServer serves them alone.
+        # /metrics, /healthz, /readyz: served on http_addr next to the OAuth routes.
         self.http_routes = ops_routes(self.metrics.registry, self.readiness)
-        app = Starlette(routes=self.http_routes)
-        self.http = HttpServer(app, settings.http_addr, ssl_files=http_ssl_files(settings))
+        self.http = HttpServer(settings.http_addr, ssl_files=http_ssl_files(settings))
         self._server: grpc.aio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._draining = False
@@ -112,11 +124,19 @@ class ControlPlane:
         api_keys_pb2_grpc.add_ApiKeyServiceServicer_to_server(
             ApiKeyServicer(self.keys, self.clock), server
         )
+        oauth_pb2_grpc.add_OAuthAppServiceServicer_to_server(
+            OAuthAppServicer(self.apps, self.keys), server
+        )
+        oauth_pb2_grpc.add_UserServiceServicer_to_server(
+            UserServicer(self.users, self.keys), server
+        )
         replication_pb2_grpc.add_ReplicationServiceServicer_to_server(self.replication, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = (
             api_keys_pb2.DESCRIPTOR.services_by_name["ApiKeyService"].full_name,
             replication_pb2.DESCRIPTOR.services_by_name["ReplicationService"].full_name,
+            oauth_pb2.DESCRIPTOR.services_by_name["OAuthAppService"].full_name,
+            oauth_pb2.DESCRIPTOR.services_by_name["UserService"].full_name,
             health.SERVICE_NAME,
             reflection.SERVICE_NAME,
         )
@@ -129,7 +149,7 @@ class ControlPlane:
             self.admin_port = server.add_secure_port(addr, credentials)
         if self.admin_port == 0:
             raise OSError(f"admin_addr: cannot listen on {addr}")
-        await self.http.start()
+        await self._start_http()
         self.http_port = self.http.port
         try:
             await server.start()
@@ -137,7 +157,7 @@ class ControlPlane:
             await self.http.aclose()
             raise
         self._server = server
-        for name in ("", names[0], names[1]):
+        for name in ("", *names[:4]):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._sweeper = asyncio.create_task(self._sweep_forever())
         log.info(
@@ -149,10 +169,22 @@ class ControlPlane:
             },
         )
 
+    async def _start_http(self) -> None:
+        """The OAuth authorization server on ``http_addr`` (its issuer names the bound port)."""
+        port = self.http.bind()
+        self.oauth = AuthorizationServer(
+            self.store, self.clock, oauth_config.from_settings(self.settings, port)
+        )
+        await asyncio.to_thread(self.oauth.start)
+        await self.http.start(build_app(oauth_routes(self.oauth, self.keys), self.http_routes))
+        log.info("oauth listening", extra={"http_addr": self.settings.http_addr, "port": port})
+
     async def _sweep_forever(self) -> None:
         while True:
             try:
                 changed = await asyncio.to_thread(self.keys.sweep)
+                if self.oauth is not None:
+                    changed += await asyncio.to_thread(self.oauth.sweep)
                 if changed:
                     log.info("swept keys", extra={"changed": changed})
             except Exception:
@@ -184,5 +216,5 @@ class ControlPlane:
                 log.exception("shutdown step failed")
         if self.tracing is not None:
             await asyncio.to_thread(self.tracing.shutdown)
-        await self.http.aclose()
+        await self.http.aclose(grace)
         self.store.close()

@@ -79,7 +79,7 @@ def control_plane(
         {
             "data_dir": str(data_dir),
             "admin_addr": "127.0.0.1:0",
-            "http_addr": "127.0.0.1:0",
+            "http_addr": "127.0.0.1:0",  # the OAuth HTTP server (issue 4), never a fixed port
             "sweep_interval": "0.05",
         },
         environ={},
@@ -105,3 +105,43 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def wait_until(predicate: object, timeout: float = 10.0, interval: float = 0.01) -> None:
+    """Poll ``predicate()`` until true; fail with a clear message after ``timeout`` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s")
+
+
+@pytest.fixture
+def sidecar_factory(tmp_path: Path, control_plane: RunningControlPlane) -> Iterator[object]:
+    """Start sidecars against the control plane fixture; stopped at teardown."""
+    from sidecar.config import SidecarSettings
+    from sidecar.dataplane.server import Sidecar
+
+    started: list[Sidecar] = []
+
+    def start(wait: bool = True, **overrides: object) -> Sidecar:
+        fields = {
+            "listen": "127.0.0.1:0",
+            "control_plane": control_plane.address,
+            "state_dir": tmp_path / f"sidecar-{len(started)}",
+            "metrics_addr": "127.0.0.1:0",  # never the fixed 9192: tests run sidecars side by side
+            **overrides,
+        }
+        sc = Sidecar(SidecarSettings(**fields), clock=control_plane.clock)  # type: ignore[arg-type]
+        sc.start()
+        started.append(sc)
+        if wait:
+            wait_until(lambda: sc.replica.loaded)
+        return sc
+
+    yield start
+    for sc in started:
+        sc.stop(grace=0.5)

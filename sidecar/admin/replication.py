@@ -52,6 +52,7 @@ class ReplicationServicer(pb_grpc.ReplicationServiceServicer):  # type: ignore[m
         self._heartbeat = heartbeat
         self._token = sync_token.encode()
         self.subscribers = 0
+        self.snapshots_sent = 0
 
     def snapshot(self) -> tuple[int, list[Change]]:
         """The head revision and every entry, read in one consistent transaction."""
@@ -96,6 +97,7 @@ class ReplicationServicer(pb_grpc.ReplicationServiceServicer):  # type: ignore[m
                 for response in _snapshot_chunks(revision, entries):
                     yield response
                 after = revision
+                self.snapshots_sent += 1
                 log.info(
                     "snapshot sent",
                     extra={"sidecar": request.sidecar_id, "revision": revision, "n": len(entries)},

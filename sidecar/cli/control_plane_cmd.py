@@ -13,7 +13,6 @@ from typing import Any
 
 from sidecar import logs
 from sidecar.config import Settings
-from sidecar.controlplane import ControlPlane
 from sidecar.ops.configfile import load_control_plane_config
 from sidecar.ops.tracing import TracingUnavailable
 
@@ -63,6 +62,9 @@ def stop_on_signal() -> asyncio.Event:
 
 async def run_control_plane(settings: Settings) -> None:
     """Run until SIGTERM/SIGINT, then drain and return."""
+    # Imported here so that admin CLI commands do not pay for loading the servers.
+    from sidecar.controlplane import ControlPlane
+
     stop = stop_on_signal()
     if not settings.database_url:
         settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)

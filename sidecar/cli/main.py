@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from sidecar.cli import config_cmd, control_plane_cmd, keys, serve, sidecar_cmd
+from sidecar.cli import apps, config_cmd, control_plane_cmd, keys, serve, sidecar_cmd, users
 from sidecar.cli.client import EXIT_USAGE, CliError, admin_client, fail
 from sidecar.config import ConfigError
 from sidecar.core.policy import PolicyError
@@ -31,6 +31,8 @@ def build_parser(environ: dict[str, str] | None = None) -> argparse.ArgumentPars
     sidecar_cmd.register(sub, common)
     control_plane_cmd.register(sub, common)
     config_cmd.register(sub, common)
+    apps.register(sub, common)
+    users.register(sub, common)
     return parser
 
 

@@ -15,7 +15,6 @@ from sidecar.cli.control_plane_cmd import flags as plane_flags
 from sidecar.cli.control_plane_cmd import stop_on_signal
 from sidecar.cli.control_plane_cmd import write_bootstrap_key as _write_key
 from sidecar.config import Settings, SidecarSettings
-from sidecar.controlplane import ControlPlane
 from sidecar.core.models import Minted
 from sidecar.core.policy import PolicyError
 from sidecar.dataplane.policy_source import load_policy
@@ -44,13 +43,15 @@ def write_bootstrap_key(data_dir: Path, minted: Minted) -> Path:
 
 
 def embedded_sidecar_settings(
-    settings: Settings, base: SidecarSettings, admin_port: int
+    settings: Settings, base: SidecarSettings, admin_port: int, oauth_issuer: str
 ) -> SidecarSettings:
     """The embedded sidecar: the [sidecar] table's settings, wired to this control plane."""
     return dataclasses.replace(
         base,
         listen=settings.sidecar_addr,
         control_plane=f"127.0.0.1:{admin_port}",
+        oauth_issuer=oauth_issuer,
+        oauth_audience=settings.oauth_audience,
         policy_file=settings.policy_file,
         state_dir=settings.data_dir / "sidecar",
         sync_token=settings.sync_token,
@@ -60,7 +61,10 @@ def embedded_sidecar_settings(
 
 async def serve(settings: Settings, sidecar_base: SidecarSettings | None = None) -> None:
     """Run until SIGTERM/SIGINT, then drain and exit."""
-    stop = stop_on_signal()
+    # Imported here so that admin CLI commands do not pay for loading the servers.
+    from sidecar.controlplane import ControlPlane
+
+    stop = stop_on_signal()  # first: a SIGTERM that arrives while starting still drains
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     policy = load_policy(settings.policy_file)
     plane = ControlPlane(settings)
@@ -73,7 +77,9 @@ async def serve(settings: Settings, sidecar_base: SidecarSettings | None = None)
     base = sidecar_base or SidecarSettings(metrics_addr="")
     try:
         sidecar = Sidecar(
-            embedded_sidecar_settings(settings, base, plane.admin_port),
+            embedded_sidecar_settings(
+                settings, base, plane.admin_port, plane.oauth.config.issuer if plane.oauth else ""
+            ),
             policy=policy,
             metrics=plane.metrics,
         )
@@ -87,6 +93,8 @@ async def serve(settings: Settings, sidecar_base: SidecarSettings | None = None)
         f"sidecar (ext_authz) on {settings.sidecar_addr}",
         flush=True,
     )
+    if plane.oauth is not None:
+        print(f"spauth serve: OAuth issuer {plane.oauth.config.issuer}", flush=True)
     await stop.wait()
     await asyncio.to_thread(sidecar.stop)
     await plane.aclose()

@@ -31,6 +31,8 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--metrics-addr", help="/metrics, /healthz, /readyz address (127.0.0.1:9192; '' = off)"
     )
+    p.add_argument("--oauth-issuer", help="issuer of OAuth access tokens (http://127.0.0.1:8080)")
+    p.add_argument("--oauth-audience", help="audience of OAuth access tokens (statuspulse-api)")
     p.add_argument("--log-level")
     p.set_defaults(handler=None, runner=run)
 
@@ -47,6 +49,8 @@ def _settings(args: argparse.Namespace) -> SidecarSettings:
             "threads": args.threads,
             "workers": args.workers,
             "metrics_addr": args.metrics_addr,
+            "oauth_issuer": args.oauth_issuer,
+            "oauth_audience": args.oauth_audience,
             "log_level": args.log_level,
         },
     )

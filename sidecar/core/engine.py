@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from sidecar.core import keyformat
 from sidecar.core.clock import Clock
@@ -32,8 +32,7 @@ class TokenDenied(Exception):
 TokenVerifier = Callable[[str, Replica, float], Identity]
 
 
-@dataclass(frozen=True, slots=True)
-class CheckInput:
+class CheckInput(NamedTuple):
     """What the engine needs from a request, whatever transport carried it."""
 
     method: str
@@ -155,10 +154,12 @@ class Engine:
         return _DENY[Reason.MALFORMED_CREDENTIAL]
 
     def _api_key(self, token: str, now: float) -> Identity | Decision:
-        if not keyformat.is_well_formed(token):
-            return _DENY[Reason.MALFORMED_CREDENTIAL]
-        cred = self.replica.by_digest.get(_sha256(token.encode()).digest())
+        # Look the digest up first: a hit proves the key is exactly one we minted (so its
+        # checksum is right); only a miss pays for the checksum, to tell malformed from unknown.
+        cred = self.replica.by_digest.get(_sha256(token.encode("utf-8", "replace")).digest())
         if cred is None:
+            if not keyformat.is_well_formed(token):
+                return _DENY[Reason.MALFORMED_CREDENTIAL]
             return _DENY[Reason.UNKNOWN_CREDENTIAL]
         if cred.revoked:
             return _DENY[Reason.REVOKED_CREDENTIAL]

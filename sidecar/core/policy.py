@@ -111,7 +111,8 @@ class Policy:
             m = route.pattern.fullmatch(path)
             if m is None:
                 continue
-            return Match(route, m.group("workspace") if route.binds_workspace else None)
+            bound = route.binds_workspace and not route.workspace_header
+            return Match(route, m.group("workspace") if bound else None)
         return None
 
 

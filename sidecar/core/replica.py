@@ -173,6 +173,7 @@ class Replica:
             {
                 "format": 1,
                 "revision": self.revision,
+                "last_contact": self.last_contact,
                 "entries": [
                     {"kind": c.kind, "subject": c.subject, "payload": c.payload}
                     for c in self.entries()
@@ -188,9 +189,12 @@ class Replica:
                 raise ReplicaError("unknown replica file format")
             entries = [Change(e["kind"], e["subject"], e["payload"]) for e in doc["entries"]]
             revision = int(doc["revision"])
+            last_contact = float(doc.get("last_contact", 0.0))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ReplicaError(f"unreadable replica file: {exc}") from exc
         self.load_snapshot(revision, entries)
+        # Staleness counts from the last time the control plane was heard, not from the restart.
+        self.last_contact = last_contact
 
 
 _HANDLERS = {

@@ -22,8 +22,9 @@ from sidecar.core.clock import Clock, SystemClock
 from sidecar.core.engine import Engine, TokenVerifier
 from sidecar.core.policy import Policy
 from sidecar.core.replica import Replica
+from sidecar.core.token_verifier import ReplicaTokenVerifier
 from sidecar.dataplane.envoy_check import SERVICE as CHECK_SERVICE
-from sidecar.dataplane.envoy_check import CheckHandler, Observer, parse_check_request
+from sidecar.dataplane.envoy_check import CheckHandler, Malformed, Observer, parse_check_request
 from sidecar.dataplane.incluster import AuthorizationServicer
 from sidecar.dataplane.policy_source import PolicyWatcher, load_policy
 from sidecar.dataplane.sync import SyncClient
@@ -32,7 +33,7 @@ from sidecar.ops.health import Health, Status
 from sidecar.ops.metrics import BAD_CHECK_REQUEST, INTERNAL_ERROR, DecisionMetrics, Metrics
 from sidecar.ops.status_server import StatusServer
 from sidecar.ops.tls import sync_channel_credentials, sync_channel_options
-from sidecar.ops.tracing import CheckFn, Context, start_tracing, traced_check
+from sidecar.ops.tracing import CheckFn, Context, span_annotator, start_tracing, traced_check
 
 log = logging.getLogger("sidecar.server")
 
@@ -43,17 +44,6 @@ SYNC_HEALTH = "statuspulse.auth.v1.ReplicaSync"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 TICK = 0.25  # housekeeping period, seconds
-
-
-# grpcio treats a deserializer's None as its own failure (INTERNAL, "Exception deserializing
-# request!") before the handler runs; a sentinel lets the handler answer INVALID_ARGUMENT and
-# count it.
-_MALFORMED = object()
-
-
-def _deserialize(data: bytes) -> ext.CheckRequest | object:
-    request = parse_check_request(data)
-    return _MALFORMED if request is None else request
 
 
 class _LiveHealth(health.HealthServicer):
@@ -92,7 +82,8 @@ class Sidecar:
             policy or load_policy(settings.policy_file),
             self.clock,
             max_staleness=settings.max_staleness,
-            token_verifier=token_verifier,
+            token_verifier=token_verifier
+            or ReplicaTokenVerifier(settings.oauth_issuer, settings.oauth_audience),
         )
         self.decision_metrics = DecisionMetrics(self.metrics)
         self.denial_log = DenialLog(settings.denial_log_rate)
@@ -114,6 +105,8 @@ class Sidecar:
         self.tracing = start_tracing(
             settings.tracing_endpoint, "spauth-sidecar", settings.tracing_sample_ratio
         )
+        if self.tracing is not None:
+            self.observers.append(span_annotator())
         self.status_server = (
             StatusServer(settings.metrics_addr, self.metrics.registry, self.health_report)
             if settings.metrics_addr
@@ -155,10 +148,10 @@ class Sidecar:
             check = traced_check(check, self.tracing)
         count_error = self.decision_metrics.error
 
-        def counted(request: ext.CheckRequest | object, context: Context) -> ext.CheckResponse:
-            if request is _MALFORMED:
+        def counted(request: ext.CheckRequest | Malformed, context: Context) -> bytes:
+            if isinstance(request, Malformed):
                 count_error(BAD_CHECK_REQUEST, 0.0)
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed CheckRequest")
+                return check(request, context)  # answers INVALID_ARGUMENT
             try:
                 return check(request, context)
             except Exception:
@@ -167,8 +160,8 @@ class Sidecar:
 
         method = grpc.unary_unary_rpc_method_handler(
             counted,
-            request_deserializer=_deserialize,
-            response_serializer=ext.CheckResponse.SerializeToString,
+            request_deserializer=parse_check_request,
+            response_serializer=None,  # the handler returns serialized bytes
         )
         return grpc.method_handlers_generic_handler(CHECK_SERVICE, {"Check": method})
 

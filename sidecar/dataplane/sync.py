@@ -79,7 +79,6 @@ class ReplicaFile:
         except ReplicaError as exc:
             log.warning("ignoring unreadable replica file", extra={"error": str(exc)})
             return False
-        replica.last_contact = self.path.stat().st_mtime
         return True
 
 

@@ -17,13 +17,19 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2 as ext
 
+from sidecar.core.decision import Decision
+from sidecar.core.engine import CheckInput
+from sidecar.ops.metrics import OUTCOME_LABEL
+
 if TYPE_CHECKING:
     from opentelemetry.trace import Tracer
 
 CHECK_SPAN = "envoy.service.auth.v3.Authorization/Check"
 TRACE_HEADERS = ("traceparent", "tracestate")
 Context = grpc.ServicerContext
-CheckFn = Callable[[ext.CheckRequest | None, Context], ext.CheckResponse]
+# The Check handler: a CheckRequest (or a stand-in for bytes that are not one) in, the
+# serialized CheckResponse out.
+CheckFn = Callable[[Any, Context], bytes]
 Metadata = Mapping[str, str] | tuple[tuple[str, Any], ...] | None
 
 
@@ -67,9 +73,9 @@ def start_tracing(endpoint: str, service: str, sample_ratio: float = 1.0) -> Tra
     return Tracing(provider.get_tracer("statuspulse-auth"), provider)
 
 
-def _carrier(request: ext.CheckRequest | None, context: Context) -> dict[str, str]:
+def _carrier(request: object, context: Context) -> dict[str, str]:
     carrier: dict[str, str] = {}
-    if request is not None:
+    if isinstance(request, ext.CheckRequest):
         headers = request.attributes.request.http.headers
         for name in TRACE_HEADERS:
             if name in headers:
@@ -81,26 +87,34 @@ def _carrier(request: ext.CheckRequest | None, context: Context) -> dict[str, st
 
 
 def traced_check(check: CheckFn, tracing: Tracing) -> CheckFn:
-    """Wrap the Check handler in a SERVER span whose parent comes from W3C trace context."""
+    """Wrap the Check handler in a SERVER span whose parent comes from W3C trace context. The
+    decision's attributes are added by ``span_annotator`` (an observer), which runs inside it."""
     from opentelemetry.trace import SpanKind
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
     propagator = TraceContextTextMapPropagator()
     tracer = tracing.tracer
 
-    def handler(request: ext.CheckRequest | None, context: Context) -> ext.CheckResponse:
+    def handler(request: object, context: Context) -> bytes:
         parent = propagator.extract(_carrier(request, context))
-        with tracer.start_as_current_span(CHECK_SPAN, context=parent, kind=SpanKind.SERVER) as span:
-            response = check(request, context)
-            if span.is_recording():
-                meta = response.dynamic_metadata.fields
-                span.set_attribute("spauth.decision_id", meta["decision_id"].string_value)
-                span.set_attribute("spauth.reason", meta["reason"].string_value)
-                span.set_attribute("rpc.grpc.status_code", 0)
-                span.set_attribute("spauth.check_status", response.status.code)
-            return response
+        with tracer.start_as_current_span(CHECK_SPAN, context=parent, kind=SpanKind.SERVER):
+            return check(request, context)
 
     return handler
+
+
+def span_annotator() -> Callable[[Decision, CheckInput, str, float], None]:
+    """A Check observer that puts the decision on the current span (when one is recording)."""
+    from opentelemetry.trace import get_current_span
+
+    def annotate(decision: Decision, _req: CheckInput, _src: str, _t: float) -> None:
+        span = get_current_span()
+        if span.is_recording():
+            span.set_attribute("spauth.decision_id", decision.decision_id)
+            span.set_attribute("spauth.reason", decision.reason.value)
+            span.set_attribute("spauth.outcome", OUTCOME_LABEL[decision.outcome])
+
+    return annotate
 
 
 def metadata_carrier(metadata: Metadata) -> dict[str, str]:

@@ -9,6 +9,16 @@ from typing import Protocol
 
 from sidecar.core.audit import AuditEvent
 from sidecar.core.models import ApiKey, Change, KeyState
+from sidecar.core.oauth_models import (
+    AuthorizationCode,
+    BrowserSession,
+    Grant,
+    Member,
+    OAuthApp,
+    RefreshToken,
+    RevokedToken,
+    SigningKey,
+)
 
 Cursor = tuple[int, str]
 
@@ -78,6 +88,9 @@ class UnitOfWork(Protocol):
     @property
     def changes(self) -> ChangeLog: ...
 
+    @property
+    def oauth(self) -> OAuthRepositories: ...
+
 
 class Store(Protocol):
     """A backend: transactions, consistent reads, and change notifications."""
@@ -96,3 +109,155 @@ class Store(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+# -- OAuth (issue 4) -------------------------------------------------------------------------
+# One repository per OAuth aggregate, reached through ``uow.oauth`` so the OAuth tables stay in
+# their own classes and share the unit of work (one transaction with audit and change log).
+
+
+class OAuthAppRepository(Protocol):
+    """Registered applications, by client_id."""
+
+    def insert(self, app: OAuthApp) -> None: ...
+
+    def update(self, app: OAuthApp) -> None: ...
+
+    def get(self, app_id: str) -> OAuthApp | None: ...
+
+    def list(self, *, workspace: str | None, limit: int) -> list[OAuthApp]:
+        """Undeleted apps, newest first."""
+        ...
+
+
+class MemberRepository(Protocol):
+    """Workspace members, by id and by (workspace, e-mail)."""
+
+    def insert(self, member: Member) -> None: ...
+
+    def get(self, user_id: str) -> Member | None: ...
+
+    def get_by_email(self, workspace: str, email: str) -> Member | None: ...
+
+    def list(self, *, workspace: str | None, limit: int) -> list[Member]: ...
+
+
+class GrantRepository(Protocol):
+    """Grants (an app's sessions)."""
+
+    def insert(self, grant: Grant) -> None: ...
+
+    def update(self, grant: Grant) -> None: ...
+
+    def get(self, grant_id: str) -> Grant | None: ...
+
+    def active_for_app(self, app_id: str) -> list[Grant]:
+        """Unrevoked grants of an app, newest first."""
+        ...
+
+    def revoked_unexpired(self, now: int) -> list[Grant]:
+        """Revoked grants whose access tokens may still be unexpired (the replica snapshot)."""
+        ...
+
+
+class AuthorizationCodeRepository(Protocol):
+    """Authorization codes, by digest."""
+
+    def insert(self, code: AuthorizationCode) -> None: ...
+
+    def update(self, code: AuthorizationCode) -> None: ...
+
+    def get(self, digest: bytes) -> AuthorizationCode | None: ...
+
+    def purge(self, before: int) -> int:
+        """Delete codes that expired before ``before``; returns how many."""
+        ...
+
+
+class RefreshTokenRepository(Protocol):
+    """Refresh tokens, by digest."""
+
+    def insert(self, token: RefreshToken) -> None: ...
+
+    def update(self, token: RefreshToken) -> None: ...
+
+    def get(self, digest: bytes) -> RefreshToken | None: ...
+
+
+class RevokedTokenRepository(Protocol):
+    """Access tokens revoked one by one."""
+
+    def insert(self, token: RevokedToken) -> bool:
+        """Record a revocation; False when the jti was revoked already."""
+        ...
+
+    def get(self, jti: str) -> RevokedToken | None: ...
+
+    def unexpired(self, now: int) -> list[RevokedToken]: ...
+
+
+class SigningKeyRepository(Protocol):
+    """JWT signing keys."""
+
+    def insert(self, key: SigningKey) -> None: ...
+
+    def update(self, key: SigningKey) -> None: ...
+
+    def current(self) -> SigningKey | None:
+        """The key that signs new tokens (newest unsuperseded)."""
+        ...
+
+    def published(self) -> list[SigningKey]:
+        """Keys in the JWKS (not retired), newest first."""
+        ...
+
+
+class BrowserSessionRepository(Protocol):
+    """Signed-in browser sessions at the authorization endpoint, by digest of the cookie."""
+
+    def insert(self, session: BrowserSession) -> None: ...
+
+    def get(self, digest: bytes) -> BrowserSession | None: ...
+
+    def delete(self, digest: bytes) -> None: ...
+
+    def purge(self, before: int) -> int: ...
+
+
+class ServerSecretRepository(Protocol):
+    """Random server-side keys shared by every control-plane process."""
+
+    def get(self, name: str) -> bytes | None: ...
+
+    def insert(self, name: str, value: bytes, now: int) -> None: ...
+
+
+class OAuthRepositories(Protocol):
+    """The OAuth repositories, bound to the same transaction as the rest of the unit of work."""
+
+    @property
+    def apps(self) -> OAuthAppRepository: ...
+
+    @property
+    def members(self) -> MemberRepository: ...
+
+    @property
+    def grants(self) -> GrantRepository: ...
+
+    @property
+    def codes(self) -> AuthorizationCodeRepository: ...
+
+    @property
+    def refresh_tokens(self) -> RefreshTokenRepository: ...
+
+    @property
+    def revoked_tokens(self) -> RevokedTokenRepository: ...
+
+    @property
+    def signing_keys(self) -> SigningKeyRepository: ...
+
+    @property
+    def sessions(self) -> BrowserSessionRepository: ...
+
+    @property
+    def server_secrets(self) -> ServerSecretRepository: ...

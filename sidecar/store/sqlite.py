@@ -14,6 +14,7 @@ from sidecar.core.audit import AuditEvent
 from sidecar.core.errors import Unavailable
 from sidecar.core.models import ApiKey, Change, KeyState
 from sidecar.store.base import Cursor
+from sidecar.store.sqlite_oauth import SqliteOAuthRepositories
 
 _KEY_COLUMNS = (
     "id, digest, last_four, name, workspace, scopes, created_at, expires_at, created_by, "
@@ -218,6 +219,7 @@ class SqliteUnitOfWork:
         self.keys = SqliteKeys(conn)
         self.audit = SqliteAudit(conn)
         self.changes = SqliteChanges(conn, self.appended)
+        self.oauth = SqliteOAuthRepositories(conn)
         self.conn = conn
 
 

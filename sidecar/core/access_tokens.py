@@ -1,0 +1,245 @@
+"""Verification of JWT access tokens (RFC 9068 §4) with keys the caller already holds, so the
+sidecar checks a token with no network call: https://www.rfc-editor.org/rfc/rfc9068#section-4
+
+Pure: no transport, no clock (``now`` is passed in), no JWKS fetch. A rejection raises
+``TokenRejected`` with a stable ``Reason`` (usable as a metric label and audit field).
+
+The signature is checked with ``cryptography`` directly rather than through PyJWT: the algorithm
+is bound to the key when the key is loaded (``VerificationKey``), so a token cannot choose how it
+is verified (no ``none``, no HMAC keyed with a public key), and a verification costs the raw
+RSA operation plus parsing (see docs/oauth.md for the measurements)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+# RFC 9068 §2.1: "typ" is "at+jwt"; §4: resource servers accept "at+jwt" or "application/at+jwt".
+ACCESS_TOKEN_TYPES = frozenset({"at+jwt", "application/at+jwt"})
+# Asymmetric only. RFC 9068 §4: RS256 must be supported; "none" must not be.
+ALLOWED_ALGS = frozenset({"RS256", "ES256"})
+MAX_TOKEN_LENGTH = 8192
+_SHAPE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
+
+
+class Reason(enum.StrEnum):
+    """Why a token was rejected: stable codes."""
+
+    MALFORMED_TOKEN = "malformed_token"  # noqa: S105 (a name, not a secret)
+    UNKNOWN_KEY = "unknown_key"
+    BAD_SIGNATURE = "bad_signature"
+    ALG_NOT_ALLOWED = "alg_not_allowed"
+    WRONG_TYPE = "wrong_type"
+    WRONG_ISSUER = "wrong_issuer"
+    WRONG_AUDIENCE = "wrong_audience"
+    TOKEN_EXPIRED = "token_expired"  # noqa: S105 (a name, not a secret)
+    TOKEN_NOT_YET_VALID = "token_not_yet_valid"  # noqa: S105 (a name, not a secret)
+    INSUFFICIENT_CLAIMS = "insufficient_claims"
+
+
+class TokenRejected(Exception):
+    """The token must not be accepted; ``reason`` says why."""
+
+    def __init__(self, reason: Reason) -> None:
+        super().__init__(reason.value)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class VerificationKey:
+    """A public key and the one algorithm it verifies."""
+
+    kid: str
+    alg: str
+    key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey
+
+
+@dataclass(frozen=True, slots=True)
+class TokenIdentity:
+    """Who a verified token speaks for."""
+
+    subject: str
+    client_id: str
+    workspace: str
+    scopes: frozenset[str]
+    jti: str
+    grant_id: str
+    expires_at: int
+    issued_at: int = 0
+
+
+def _b64decode(segment: str) -> bytes:
+    return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+
+
+def _int_from_b64(value: object) -> int:
+    if not isinstance(value, str) or not value:
+        raise ValueError("missing JWK member")
+    return int.from_bytes(_b64decode(value), "big")
+
+
+def verification_key(kid: str, alg: str, jwk: Mapping[str, object]) -> VerificationKey:
+    """Load a public JWK (RFC 7517) for ``alg``; raises ValueError if they do not fit together.
+
+    This is what a replica does with a ``signing_key.upserted`` change payload."""
+    if alg == "RS256" and jwk.get("kty") == "RSA":
+        numbers = rsa.RSAPublicNumbers(_int_from_b64(jwk.get("e")), _int_from_b64(jwk.get("n")))
+        rsa_key = numbers.public_key()
+        if rsa_key.key_size < 2048:
+            raise ValueError("RSA keys must have at least 2048 bits")
+        return VerificationKey(kid, alg, rsa_key)
+    if alg == "ES256" and jwk.get("kty") == "EC" and jwk.get("crv") == "P-256":
+        ec_numbers = ec.EllipticCurvePublicNumbers(
+            _int_from_b64(jwk.get("x")), _int_from_b64(jwk.get("y")), ec.SECP256R1()
+        )
+        return VerificationKey(kid, alg, ec_numbers.public_key())
+    raise ValueError(f"unsupported key: alg {alg!r} with kty {jwk.get('kty')!r}")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # Two parsers that disagree on a repeated member would disagree on the token's meaning.
+    out: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in out:
+            raise ValueError(f"duplicate member {name!r}")
+        out[name] = value
+    return out
+
+
+def _json_object(segment: str) -> dict[str, Any]:
+    try:
+        value = json.loads(_b64decode(segment), object_pairs_hook=_no_duplicates)
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise TokenRejected(Reason.MALFORMED_TOKEN) from None
+    if not isinstance(value, dict):
+        raise TokenRejected(Reason.MALFORMED_TOKEN)
+    return value
+
+
+def _check_signature(key: VerificationKey, signing_input: bytes, signature: bytes) -> None:
+    try:
+        if isinstance(key.key, rsa.RSAPublicKey):
+            key.key.verify(signature, signing_input, padding.PKCS1v15(), hashes.SHA256())
+            return
+        # JWS (RFC 7518 §3.4) carries ECDSA signatures as raw R || S, 32 bytes each for P-256.
+        if len(signature) != 64:
+            raise TokenRejected(Reason.BAD_SIGNATURE)
+        r = int.from_bytes(signature[:32], "big")
+        s = int.from_bytes(signature[32:], "big")
+        der = encode_dss_signature(r, s)
+        key.key.verify(der, signing_input, ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature:
+        raise TokenRejected(Reason.BAD_SIGNATURE) from None
+
+
+def _verify_header(
+    header: Mapping[str, Any], keys: Mapping[str, VerificationKey]
+) -> VerificationKey:
+    alg = header.get("alg")
+    # RFC 8725 §3.1: the algorithm comes from an allow-list, never from the token alone.
+    if not isinstance(alg, str) or alg not in ALLOWED_ALGS:
+        raise TokenRejected(Reason.ALG_NOT_ALLOWED)
+    if "crit" in header:
+        # RFC 7515 §4.1.11: extensions we do not understand make the token invalid.
+        raise TokenRejected(Reason.MALFORMED_TOKEN)
+    kid = header.get("kid")
+    key = keys.get(kid) if isinstance(kid, str) else None
+    if key is None:
+        raise TokenRejected(Reason.UNKNOWN_KEY)
+    # The key's own algorithm wins: an RS256 key never verifies an ES256 (or HS256) header.
+    if key.alg != alg:
+        raise TokenRejected(Reason.ALG_NOT_ALLOWED)
+    # RFC 9068 §4: "Resource servers MUST verify that the typ header value is at+jwt or
+    # application/at+jwt and reject tokens carrying any other value."
+    typ = header.get("typ")
+    if not isinstance(typ, str) or typ.lower() not in ACCESS_TOKEN_TYPES:
+        raise TokenRejected(Reason.WRONG_TYPE)
+    return key
+
+
+def _number(claims: Mapping[str, Any], name: str) -> float | None:
+    value = claims.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TokenRejected(Reason.INSUFFICIENT_CLAIMS)
+    return float(value)
+
+
+def _string(claims: Mapping[str, Any], name: str) -> str:
+    value = claims.get(name)
+    if not isinstance(value, str) or not value:
+        raise TokenRejected(Reason.INSUFFICIENT_CLAIMS)
+    return value
+
+
+def _verify_claims(
+    claims: Mapping[str, Any], issuer: str, audience: str, now: float, leeway: float
+) -> TokenIdentity:
+    # RFC 9068 §4: the issuer "MUST exactly match the value of the issuer" (RFC 8414).
+    if claims.get("iss") != issuer:
+        raise TokenRejected(Reason.WRONG_ISSUER)
+    # RFC 9068 §4: "MUST validate that the aud claim contains a resource indicator value
+    # corresponding to an identifier the resource server expects for itself".
+    aud = claims.get("aud")
+    audiences = aud if isinstance(aud, list) else [aud]
+    if audience not in audiences:
+        raise TokenRejected(Reason.WRONG_AUDIENCE)
+    exp = _number(claims, "exp")
+    iat = _number(claims, "iat")
+    if exp is None or iat is None:
+        raise TokenRejected(Reason.INSUFFICIENT_CLAIMS)
+    # RFC 7519 §4.1.4: not accepted on or after exp (with a small leeway for clock skew).
+    if now >= exp + leeway:
+        raise TokenRejected(Reason.TOKEN_EXPIRED)
+    nbf = _number(claims, "nbf")
+    if (nbf is not None and now + leeway < nbf) or now + leeway < iat:
+        raise TokenRejected(Reason.TOKEN_NOT_YET_VALID)
+    scope = claims.get("scope", "")
+    if not isinstance(scope, str):
+        raise TokenRejected(Reason.INSUFFICIENT_CLAIMS)
+    return TokenIdentity(
+        subject=_string(claims, "sub"),
+        client_id=_string(claims, "client_id"),
+        workspace=_string(claims, "workspace"),
+        scopes=frozenset(scope.split()),
+        jti=_string(claims, "jti"),
+        grant_id=_string(claims, "sid"),
+        expires_at=int(exp),
+        issued_at=int(iat),
+    )
+
+
+def verify_access_token(
+    token: str,
+    keys: Mapping[str, VerificationKey],
+    *,
+    issuer: str,
+    audience: str,
+    now: float,
+    leeway: float = 30,
+) -> TokenIdentity:
+    """Verify ``token`` (JWS compact serialization) and return its identity, or raise
+    TokenRejected. ``keys`` maps ``kid`` to the published keys. Revocation (grant or jti) is
+    the caller's next step: it needs the replica, not the token."""
+    if len(token) > MAX_TOKEN_LENGTH or not _SHAPE.fullmatch(token):
+        raise TokenRejected(Reason.MALFORMED_TOKEN)
+    header_b64, payload_b64, signature_b64 = token.split(".")
+    key = _verify_header(_json_object(header_b64), keys)
+    try:
+        signature = _b64decode(signature_b64)
+    except (ValueError, binascii.Error):
+        raise TokenRejected(Reason.MALFORMED_TOKEN) from None
+    _check_signature(key, f"{header_b64}.{payload_b64}".encode("ascii"), signature)
+    return _verify_claims(_json_object(payload_b64), issuer, audience, now, leeway)

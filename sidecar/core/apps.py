@@ -1,0 +1,224 @@
+"""OAuth application lifecycle for admins: register, list, show, rotate the client secret,
+delete (revoking its grants), list and revoke its sessions (grants). Every change writes its
+audit event and change-log entries in one transaction."""
+
+from __future__ import annotations
+
+import builtins
+from dataclasses import replace
+from urllib.parse import urlsplit
+
+from sidecar.core import validation
+from sidecar.core.audit import event
+from sidecar.core.clock import Clock
+from sidecar.core.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from sidecar.core.grants import revoke_grant
+from sidecar.core.models import OPERATOR_WORKSPACE, Principal, RequestContext
+from sidecar.core.oauth_models import AppSession, Grant, OAuthApp, RegisteredApp
+from sidecar.core.scopes import ADMIN_FULL, parse_scopes, satisfies, sort_scopes
+from sidecar.oauth import credentials
+from sidecar.store.base import Store, UnitOfWork
+
+MAX_REDIRECT_URIS = 10
+MAX_URI_LENGTH = 2000
+MAX_SECRET_OVERLAP = 30 * 86400
+MAX_LISTED = 1000
+_LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
+def require_admin(principal: Principal, workspace: str) -> None:
+    """Managing apps and members needs ``admin:full`` in their workspace (or the operator)."""
+    if not principal.is_operator and principal.workspace != workspace:
+        raise PermissionDenied(
+            f"key {principal.key_id} acts only in workspace {principal.workspace!r}"
+        )
+    if not satisfies(principal.scopes, ADMIN_FULL):
+        raise PermissionDenied(f"this call needs scope {ADMIN_FULL!r}")
+
+
+def redirect_uri(value: str, field: str = "redirect_uri") -> str:
+    """An absolute redirect URI without fragment (RFC 6749 §3.1.2): https, http on loopback only
+    (RFC 8252 §7.3), or a private-use scheme of a native app (RFC 8252 §7.1, e.g.
+    ``com.example.app:/cb``). Compared later by exact string match (RFC 9700 §4.1.3)."""
+    if not value or len(value) > MAX_URI_LENGTH or not value.isprintable() or " " in value:
+        raise InvalidArgument(field, f"malformed URI {value[:80]!r}")
+    parts = urlsplit(value)
+    if parts.fragment or "#" in value:
+        raise InvalidArgument(field, f"{value[:80]!r} must not contain a fragment")
+    if parts.scheme == "https" and parts.hostname:
+        return value
+    if parts.scheme == "http" and parts.hostname in _LOOPBACK:
+        return value
+    if "." in parts.scheme and parts.scheme not in ("http", "https") and parts.path:
+        return value
+    raise InvalidArgument(
+        field,
+        f"{value[:80]!r}: use https://, http:// on a loopback address, or a reverse-domain "
+        "private-use scheme",
+    )
+
+
+class AppService:
+    """OAuth application use cases for the admin API."""
+
+    def __init__(self, store: Store, clock: Clock) -> None:
+        self._store = store
+        self._clock = clock
+
+    def register(
+        self,
+        ctx: RequestContext,
+        *,
+        workspace: str,
+        name: str,
+        redirect_uris: list[str],
+        scopes: list[str],
+        confidential: bool,
+    ) -> RegisteredApp:
+        """Register an app; a confidential one gets a client secret, returned only here."""
+        workspace = validation.workspace(workspace)
+        name = validation.name(name)
+        uris = tuple(dict.fromkeys(redirect_uri(u, "redirect_uris") for u in redirect_uris))
+        if not 1 <= len(uris) <= MAX_REDIRECT_URIS:
+            raise InvalidArgument("redirect_uris", f"give 1 to {MAX_REDIRECT_URIS} redirect URIs")
+        granted = parse_scopes(scopes)
+        require_admin(ctx.principal, workspace)
+        secret = credentials.mint(credentials.CLIENT_SECRET) if confidential else ""
+        app = OAuthApp(
+            id=credentials.mint_id("app_"),
+            workspace=workspace,
+            name=name,
+            redirect_uris=uris,
+            scopes=granted,
+            confidential=confidential,
+            created_at=int(self._clock.now()),
+            created_by=ctx.principal.key_id,
+            secret_digest=credentials.digest(secret) if secret else None,
+            secret_last_four=secret[-4:],
+        )
+        with self._store.transaction() as uow:
+            uow.oauth.apps.insert(app)
+            meta = {
+                "name": app.name,
+                "scopes": " ".join(sort_scopes(granted)),
+                "confidential": str(confidential).lower(),
+            }
+            self._record(uow, ctx, "app.registered", app, meta)
+        return RegisteredApp(app=app, client_secret=secret)
+
+    def list(self, ctx: RequestContext, *, workspace: str = "") -> list[OAuthApp]:
+        """Apps the caller may see, newest first."""
+        if workspace and workspace != OPERATOR_WORKSPACE:
+            validation.workspace(workspace)
+        scope = workspace or ctx.principal.workspace
+        require_admin(ctx.principal, scope)
+        with self._store.read() as uow:
+            return uow.oauth.apps.list(
+                workspace=None if scope == OPERATOR_WORKSPACE else scope, limit=MAX_LISTED
+            )
+
+    def get(self, ctx: RequestContext, app_id: str) -> OAuthApp:
+        with self._store.read() as uow:
+            app = _load_app(uow, app_id)
+        require_admin(ctx.principal, app.workspace)
+        return app
+
+    def rotate_secret(self, ctx: RequestContext, app_id: str, *, overlap: int) -> RegisteredApp:
+        """A new client secret; the old one keeps working for ``overlap`` seconds."""
+        validation.in_range(overlap, 0, MAX_SECRET_OVERLAP, "overlap")
+        secret = credentials.mint(credentials.CLIENT_SECRET)
+        now = int(self._clock.now())
+        with self._store.transaction() as uow:
+            app = _load_app(uow, app_id)
+            require_admin(ctx.principal, app.workspace)
+            if not app.confidential:
+                raise FailedPrecondition(f"app {app.id} is public: it has no client secret")
+            app = replace(
+                app,
+                secret_digest=credentials.digest(secret),
+                secret_last_four=secret[-4:],
+                previous_secret_digest=app.secret_digest if overlap else None,
+                previous_secret_expires_at=now + overlap if overlap else None,
+            )
+            uow.oauth.apps.update(app)
+            self._record(uow, ctx, "app.secret_rotated", app, {"overlap": str(overlap)})
+        return RegisteredApp(app=app, client_secret=secret)
+
+    def delete(self, ctx: RequestContext, app_id: str) -> OAuthApp:
+        """Delete an app and revoke every grant it holds."""
+        now = self._clock.now()
+        with self._store.transaction() as uow:
+            app = _load_app(uow, app_id)
+            require_admin(ctx.principal, app.workspace)
+            app = replace(app, deleted_at=int(now), secret_digest=None, previous_secret_digest=None)
+            uow.oauth.apps.update(app)
+            grants = uow.oauth.grants.active_for_app(app.id)
+            for grant in grants:
+                revoke_grant(
+                    uow,
+                    grant,
+                    now=now,
+                    actor=ctx.principal.key_id,
+                    reason="app deleted",
+                    request_id=ctx.request_id,
+                )
+            self._record(uow, ctx, "app.deleted", app, {"grants_revoked": str(len(grants))})
+        return app
+
+    def sessions(self, ctx: RequestContext, app_id: str) -> builtins.list[AppSession]:
+        """The app's active grants with the member's e-mail address."""
+        with self._store.read() as uow:
+            app = _load_app(uow, app_id)
+            require_admin(ctx.principal, app.workspace)
+            out = []
+            for grant in uow.oauth.grants.active_for_app(app.id):
+                member = uow.oauth.members.get(grant.user_id)
+                out.append(AppSession(grant=grant, email=member.email if member else ""))
+        return out
+
+    def revoke_session(self, ctx: RequestContext, grant_id: str) -> Grant:
+        """Revoke one grant (idempotent)."""
+        if not grant_id:
+            raise InvalidArgument("grant_id", "must not be empty")
+        with self._store.transaction() as uow:
+            grant = uow.oauth.grants.get(grant_id)
+            if grant is None:
+                raise NotFound(f"no session (grant) with id {grant_id[:64]!r}")
+            require_admin(ctx.principal, grant.workspace)
+            return revoke_grant(
+                uow,
+                grant,
+                now=self._clock.now(),
+                actor=ctx.principal.key_id,
+                reason="revoked by an admin",
+                request_id=ctx.request_id,
+            )
+
+    def _record(
+        self,
+        uow: UnitOfWork,
+        ctx: RequestContext,
+        action: str,
+        app: OAuthApp,
+        metadata: dict[str, str],
+    ) -> None:
+        uow.audit.append(
+            event(
+                self._clock.now(),
+                ctx.principal.key_id,
+                action,
+                app.workspace,
+                app.id,
+                request_id=ctx.request_id,
+                metadata=metadata,
+            )
+        )
+
+
+def _load_app(uow: UnitOfWork, app_id: str) -> OAuthApp:
+    if not app_id:
+        raise InvalidArgument("client_id", "must not be empty")
+    app = uow.oauth.apps.get(app_id)
+    if app is None or app.deleted:
+        raise NotFound(f"no app with client_id {app_id[:64]!r}")
+    return app

@@ -1,0 +1,17 @@
+"""Composition of the HTTP app: each feature contributes a list of routes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from starlette.applications import Starlette
+from starlette.routing import BaseRoute
+
+
+def build_app(*route_groups: Sequence[BaseRoute]) -> Starlette:
+    """One Starlette app serving every group's routes (e.g. ``oauth_routes(...)`` and, later,
+    ``/metrics``, ``/healthz``, ``/readyz``)."""
+    routes: list[BaseRoute] = []
+    for group in route_groups:
+        routes.extend(group)
+    return Starlette(routes=routes)

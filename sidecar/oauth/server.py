@@ -1,0 +1,68 @@
+"""The authorization server assembled from its parts, for the HTTP transport and the control
+plane's housekeeping."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from sidecar.core.clock import Clock
+from sidecar.oauth import rfc8414
+from sidecar.oauth.authorization import AuthorizationEndpoint
+from sidecar.oauth.config import OAuthConfig
+from sidecar.oauth.rfc7009 import RevocationEndpoint
+from sidecar.oauth.rfc7662 import IntrospectionEndpoint
+from sidecar.oauth.sessions import BrowserSessions
+from sidecar.oauth.signing import SigningKeys
+from sidecar.oauth.throttle import SignInThrottle, ThrottlePolicy
+from sidecar.oauth.token import TokenEndpoint
+from sidecar.store.base import Store
+
+
+def _ignore(_: str) -> None:
+    return None
+
+
+class AuthorizationServer:
+    """Every OAuth endpoint's use cases over one store and clock. ``token_events`` receives
+    ``issued``, ``refreshed``, ``revoked`` and ``reuse_detected`` (for metrics)."""
+
+    def __init__(
+        self,
+        store: Store,
+        clock: Clock,
+        config: OAuthConfig,
+        *,
+        throttle: ThrottlePolicy | None = None,
+        token_events: Callable[[str], None] = _ignore,
+    ) -> None:
+        self.config = config
+        self._store = store
+        self._clock = clock
+        self.keys = SigningKeys(
+            store,
+            clock,
+            rotation_interval=config.signing_key_rotation,
+            access_token_ttl=config.access_token_ttl,
+        )
+        self.throttle = SignInThrottle(clock, throttle)
+        self.sessions = BrowserSessions(store, clock, config.session_ttl)
+        self.authorization = AuthorizationEndpoint(store, clock, config, self.throttle)
+        self.token = TokenEndpoint(store, clock, config, self.keys, token_events)
+        self.revocation = RevocationEndpoint(store, clock, config, self.keys, token_events)
+        self.introspection = IntrospectionEndpoint(store, clock, config, self.keys)
+
+    def start(self) -> None:
+        """Create the first signing key if there is none (blocking: call from a thread)."""
+        self.keys.ensure_current()
+
+    def metadata(self) -> dict[str, object]:
+        return rfc8414.metadata(self.config)
+
+    def sweep(self) -> int:
+        """Rotate and retire signing keys, and drop expired codes and sessions."""
+        changed = self.keys.sweep()
+        now = int(self._clock.now())
+        with self._store.transaction() as uow:
+            uow.oauth.codes.purge(now - self.config.code_ttl)
+            uow.oauth.sessions.purge(now)
+        return changed

@@ -1,0 +1,114 @@
+-- OAuth 2.0 (issue 4). Secrets are stored only as SHA-256 digests (refresh tokens, codes, client
+-- secrets, browser sessions) or scrypt hashes (member passwords). Revocation marks, never deletes.
+
+-- Third-party applications (RFC 6749 §2). id is the client_id.
+CREATE TABLE oauth_apps (
+    id TEXT PRIMARY KEY,
+    workspace TEXT NOT NULL,
+    name TEXT NOT NULL,
+    redirect_uris TEXT NOT NULL,
+    scopes TEXT NOT NULL,
+    confidential INTEGER NOT NULL,
+    secret_digest BLOB,
+    secret_last_four TEXT NOT NULL DEFAULT '',
+    previous_secret_digest BLOB,
+    previous_secret_expires_at INTEGER,
+    created_at INTEGER NOT NULL,
+    created_by TEXT NOT NULL,
+    deleted_at INTEGER
+);
+CREATE INDEX oauth_apps_listing ON oauth_apps (workspace, created_at DESC, id DESC);
+
+-- Workspace members (resource owners) who sign in at /oauth/authorize.
+CREATE TABLE oauth_users (
+    id TEXT PRIMARY KEY,
+    workspace TEXT NOT NULL,
+    email TEXT NOT NULL,
+    password_hash TEXT NOT NULL,
+    scopes TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    created_by TEXT NOT NULL,
+    disabled_at INTEGER,
+    UNIQUE (workspace, email)
+);
+
+-- A grant: one member's consent to one app, from one authorization code; the chain of refresh
+-- tokens and the access tokens issued from it. access_expires_at is the latest exp of its
+-- access tokens, so replicas know how long a revocation must be remembered.
+CREATE TABLE oauth_grants (
+    id TEXT PRIMARY KEY,
+    app_id TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    workspace TEXT NOT NULL,
+    scopes TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    last_used_at INTEGER NOT NULL,
+    access_expires_at INTEGER NOT NULL DEFAULT 0,
+    revoked_at INTEGER,
+    revoke_reason TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX oauth_grants_app ON oauth_grants (app_id, revoked_at);
+CREATE INDEX oauth_grants_revoked ON oauth_grants (revoked_at, access_expires_at);
+
+-- Authorization codes (RFC 6749 §4.1.2): single use, short-lived, bound to the PKCE challenge.
+CREATE TABLE oauth_codes (
+    digest BLOB PRIMARY KEY,
+    app_id TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    workspace TEXT NOT NULL,
+    scopes TEXT NOT NULL,
+    redirect_uri TEXT NOT NULL,
+    redirect_uri_given INTEGER NOT NULL,
+    code_challenge TEXT NOT NULL,
+    code_challenge_method TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    used_at INTEGER,
+    grant_id TEXT NOT NULL DEFAULT ''
+);
+
+-- Refresh tokens, rotated on every use (RFC 9700 §4.14.2).
+CREATE TABLE oauth_refresh_tokens (
+    digest BLOB PRIMARY KEY,
+    grant_id TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    rotated_at INTEGER
+);
+CREATE INDEX oauth_refresh_tokens_grant ON oauth_refresh_tokens (grant_id);
+
+-- Access tokens revoked one by one (RFC 7009), remembered until they expire.
+CREATE TABLE oauth_revoked_tokens (
+    jti TEXT PRIMARY KEY,
+    grant_id TEXT NOT NULL,
+    expires_at INTEGER NOT NULL,
+    revoked_at INTEGER NOT NULL
+);
+CREATE INDEX oauth_revoked_tokens_expiry ON oauth_revoked_tokens (expires_at);
+
+-- JWT signing keys. superseded_at: no longer signs; retired_at: left the JWKS.
+CREATE TABLE oauth_signing_keys (
+    kid TEXT PRIMARY KEY,
+    alg TEXT NOT NULL,
+    private_pem BLOB NOT NULL,
+    public_jwk TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    superseded_at INTEGER,
+    retired_at INTEGER
+);
+
+-- Signed-in browser sessions at the authorization endpoint.
+CREATE TABLE oauth_sessions (
+    digest BLOB PRIMARY KEY,
+    user_id TEXT NOT NULL,
+    workspace TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL
+);
+
+-- Server-side secrets shared by every control-plane process (e.g. the CSRF key).
+CREATE TABLE oauth_server_secrets (
+    name TEXT PRIMARY KEY,
+    value BLOB NOT NULL,
+    created_at INTEGER NOT NULL
+);

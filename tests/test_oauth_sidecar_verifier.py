@@ -1,0 +1,109 @@
+"""The sidecar's token verifier over a replica fed with the control plane's change entries."""
+
+from __future__ import annotations
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from sidecar.core.clock import FakeClock
+from sidecar.core.decision import Reason
+from sidecar.core.engine import Engine, TokenDenied
+from sidecar.core.models import Change
+from sidecar.core.oauth_changes import signing_key_retired, signing_key_upserted
+from sidecar.core.policy import parse_policy
+from sidecar.core.replica import Replica
+from sidecar.core.token_verifier import ReplicaTokenVerifier
+from sidecar.oauth import rfc9068
+from sidecar.oauth.signing import generate_key
+
+ISSUER = "http://127.0.0.1:8080"
+NOW = 1_800_000_000
+
+
+def _token(key: object, kid: str, grant: str = "grt_1", ttl: int = 3600) -> str:
+    assert isinstance(key, rsa.RSAPrivateKey)
+    return rfc9068.issue(
+        (kid, key),
+        issuer=ISSUER,
+        audience="statuspulse-api",
+        subject="usr_1",
+        client_id="app_1",
+        scopes=frozenset({"checks:read"}),
+        workspace="acme",
+        grant_id=grant,
+        now=NOW,
+        ttl=ttl,
+    ).token
+
+
+def _at(change: Change, revision: int) -> Change:
+    return Change(change.kind, change.subject, change.payload, revision)
+
+
+@pytest.fixture
+def keyed() -> tuple[Replica, object, str]:
+    key = generate_key(NOW)
+    replica = Replica()
+    replica.load_snapshot(1, [signing_key_upserted(key)])
+    private = serialization.load_pem_private_key(key.private_pem, password=None)
+    return replica, private, key.kid
+
+
+def test_verifies_with_replica_keys_and_follows_rotation(
+    keyed: tuple[Replica, object, str],
+) -> None:
+    replica, private, kid = keyed
+    verify = ReplicaTokenVerifier(ISSUER, "statuspulse-api")
+    identity = verify(_token(private, kid), replica, NOW + 1)
+    assert identity.kind == "access_token" and identity.subject == "usr_1"
+    assert identity.grant_id == "grt_1" and identity.scopes == frozenset({"checks:read"})
+
+    new = generate_key(NOW)
+    new_private = serialization.load_pem_private_key(new.private_pem, password=None)
+    with pytest.raises(TokenDenied) as info:
+        verify(_token(new_private, new.kid), replica, NOW + 1)
+    assert info.value.reason is Reason.UNKNOWN_KEY
+    replica.apply(_at(signing_key_upserted(new), 2))
+    assert verify(_token(new_private, new.kid), replica, NOW + 1).subject == "usr_1"
+    replica.apply(_at(signing_key_retired(kid), 3))
+    with pytest.raises(TokenDenied) as info:
+        verify(_token(private, kid), replica, NOW + 1)
+    assert info.value.reason is Reason.UNKNOWN_KEY
+
+
+def test_unusable_replica_keys_are_ignored(keyed: tuple[Replica, object, str]) -> None:
+    replica, private, kid = keyed
+    replica.signing_keys = {**replica.signing_keys, "bad": {"kid": "bad", "alg": "HS256"}}
+    verify = ReplicaTokenVerifier(ISSUER, "statuspulse-api")
+    assert verify(_token(private, kid), replica, NOW).id.startswith("at_")
+
+
+def test_engine_denies_revoked_grants_and_jtis_after_caching(
+    keyed: tuple[Replica, object, str],
+) -> None:
+    replica, private, kid = keyed
+    policy = parse_policy(
+        '[[routes]]\nname = "c"\npath = "/v1/workspaces/{workspace}/checks/**"\n'
+        'scopes = ["checks:read"]\n'
+    )
+    clock = FakeClock(NOW + 1)
+    engine = Engine(
+        replica, policy, clock, token_verifier=ReplicaTokenVerifier(ISSUER, "statuspulse-api")
+    )
+    token = _token(private, kid)
+    assert engine.authorize(token, ["checks:read"]).reason is Reason.OK
+    assert engine.authorize(token, ["metrics:read"]).reason is Reason.INSUFFICIENT_SCOPE
+    replica.apply(
+        Change("grant.revoked", "grt_1", {"grant_id": "grt_1", "expires_at": NOW + 3600}, 2)
+    )
+    assert engine.authorize(token, ["checks:read"]).reason is Reason.TOKEN_REVOKED
+    other = _token(private, kid, grant="grt_2")
+    identity = engine.authorize(other, ["checks:read"]).identity
+    assert identity is not None
+    replica.apply(
+        Change("token.revoked", identity.id, {"jti": identity.id, "expires_at": NOW + 3600}, 3)
+    )
+    assert engine.authorize(other, ["checks:read"]).reason is Reason.TOKEN_REVOKED
+    clock.advance(3600 + 30)
+    assert engine.authorize(_token(private, kid, grant="grt_3"), []).reason is Reason.TOKEN_EXPIRED

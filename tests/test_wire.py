@@ -1,0 +1,105 @@
+"""The hand-assembled CheckResponse bytes parse back, with the real protobuf classes, into exactly
+the response Envoy must see — for every reason code."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from envoy.config.core.v3.base_pb2 import HeaderValueOption
+from envoy.service.auth.v3 import external_auth_pb2 as ext
+
+from sidecar.core.decision import Decision, Identity, Outcome, Reason
+from sidecar.dataplane.wire import GRPC_CODE, IDENTITY_HEADERS, ResponseEncoder
+
+STRIP = ("authorization", "x-api-key")
+KEY = Identity("api_key", "key_abc", "acme", frozenset({"metrics:read", "checks:read"}), 2e9)
+TOKEN = Identity("access_token", "jti_1", "acme", frozenset({"dashboard:read"}), 2e9,
+                 subject="user_1", client_id="app_1", grant_id="g1")  # fmt: skip
+
+
+def parse(data: bytes) -> ext.CheckResponse:
+    resp = ext.CheckResponse()
+    resp.ParseFromString(data)
+    return resp
+
+
+@pytest.mark.parametrize("identity", [KEY, TOKEN])
+def test_allow_with_identity(identity: Identity) -> None:
+    enc = ResponseEncoder()
+    for n in range(3):  # the second and third use the cache
+        did = f"dec_test_{n:x}" * (n + 1)
+        resp = parse(enc.encode(Decision(Reason.OK, did, identity), STRIP))
+        assert resp.HasField("status")
+        assert resp.status.code == 0
+        assert resp.HasField("ok_response")
+        assert not resp.HasField("denied_response")
+        headers = {o.header.key: o.header.value for o in resp.ok_response.headers}
+        assert all(o.append_action == HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+                   for o in resp.ok_response.headers)  # fmt: skip
+        assert headers["x-statuspulse-decision-id"] == did
+        assert headers["x-statuspulse-workspace"] == "acme"
+        assert headers["x-statuspulse-scopes"] == " ".join(
+            s for s in ("checks:read", "metrics:read", "dashboard:read") if s in identity.scopes
+        )
+        removed = set(resp.ok_response.headers_to_remove)
+        assert set(STRIP) <= removed
+        if identity.kind == "api_key":
+            assert headers["x-statuspulse-key-id"] == "key_abc"
+            assert "x-statuspulse-subject" in removed
+        else:
+            assert headers["x-statuspulse-subject"] == "user_1"
+            assert headers["x-statuspulse-client-id"] == "app_1"
+            assert "x-statuspulse-key-id" in removed
+        assert not (set(headers) & removed)
+        meta = resp.dynamic_metadata.fields
+        assert meta["decision_id"].string_value == did
+        assert meta["reason"].string_value == "ok"
+
+
+def test_public_route_allow_strips_credentials_and_identity_headers() -> None:
+    resp = parse(ResponseEncoder().encode(Decision(Reason.PUBLIC_ROUTE, "dec_1"), STRIP))
+    assert resp.status.code == 0
+    assert set(resp.ok_response.headers_to_remove) == {*STRIP, *IDENTITY_HEADERS}
+
+
+def test_policy_without_stripping_keeps_the_credential_header() -> None:
+    resp = parse(ResponseEncoder().encode(Decision(Reason.OK, "dec_1", KEY), ()))
+    assert "authorization" not in resp.ok_response.headers_to_remove
+
+
+@pytest.mark.parametrize(
+    "reason", [r for r in Reason if Decision(r, "").outcome is not Outcome.ALLOW]
+)
+def test_every_denial(reason: Reason) -> None:
+    detail = "checks:read" if reason is Reason.INSUFFICIENT_SCOPE else ""
+    decision = Decision(reason, "dec_" + "f" * 200, None, detail)  # long id: 2-byte lengths
+    resp = parse(ResponseEncoder().encode(decision, STRIP))
+    assert resp.status.code == GRPC_CODE[decision.outcome] != 0
+    assert resp.status.message == reason.value
+    assert resp.denied_response.status.code == decision.http_status
+    body = json.loads(resp.denied_response.body)
+    assert body == {
+        "error": body["error"],
+        "reason": reason.value,
+        "decision_id": decision.decision_id,
+    }
+    headers = {o.header.key: o.header.value for o in resp.denied_response.headers}
+    assert headers["content-type"] == "application/json"
+    assert headers["x-statuspulse-decision-id"] == decision.decision_id
+    if decision.http_status == 401:
+        assert headers["www-authenticate"].startswith('Bearer realm="statuspulse"')
+        assert body["error"] == "invalid_token"
+    if reason is Reason.INSUFFICIENT_SCOPE:
+        assert headers["www-authenticate"].endswith('scope="checks:read"')
+    assert not resp.HasField("ok_response")
+    assert resp.dynamic_metadata.fields["reason"].string_value == reason.value
+
+
+def test_identity_cache_never_serves_a_stale_identity() -> None:
+    enc = ResponseEncoder()
+    enc.encode(Decision(Reason.OK, "d1", KEY), STRIP)
+    changed = Identity("api_key", "key_abc", "acme", frozenset({"admin:full"}), 2e9)
+    resp = parse(enc.encode(Decision(Reason.OK, "d2", changed), STRIP))
+    headers = {o.header.key: o.header.value for o in resp.ok_response.headers}
+    assert headers["x-statuspulse-scopes"] == "admin:full"
