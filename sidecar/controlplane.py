@@ -40,7 +40,7 @@ from sidecar.ops.admin_calls import AdminCallInterceptor
 from sidecar.ops.health import Health, Status, worst
 from sidecar.ops.http_routes import ops_routes
 from sidecar.ops.http_server import HttpServer
-from sidecar.ops.metrics import Metrics
+from sidecar.ops.metrics import OAUTH_EVENTS, Metrics
 from sidecar.ops.tls import admin_server_credentials, http_ssl_files
 from sidecar.ops.tracing import start_tracing
 from sidecar.store import Store, open_store
@@ -173,11 +173,19 @@ class ControlPlane:
         """The OAuth authorization server on ``http_addr`` (its issuer names the bound port)."""
         port = self.http.bind()
         self.oauth = AuthorizationServer(
-            self.store, self.clock, oauth_config.from_settings(self.settings, port)
+            self.store,
+            self.clock,
+            oauth_config.from_settings(self.settings, port),
+            token_events=self._oauth_token_event,
         )
         await asyncio.to_thread(self.oauth.start)
         await self.http.start(build_app(oauth_routes(self.oauth, self.keys), self.http_routes))
         log.info("oauth listening", extra={"http_addr": self.settings.http_addr, "port": port})
+
+    def _oauth_token_event(self, event: str) -> None:
+        # Only the known events become label values (bounded, whatever a caller passes).
+        if event in OAUTH_EVENTS:
+            self.metrics.oauth_tokens.labels(event).inc()
 
     async def _sweep_forever(self) -> None:
         while True:

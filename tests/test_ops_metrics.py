@@ -37,9 +37,11 @@ from tests.support.ops import (
     wait_until,
 )
 from tests.support.ports import free_ports
+from tests.test_oauth_flow import OAuthEnv, oauth_env, tokens
 
 CHECKS = "/v1/workspaces/acme/checks/1"
 DECISIONS = "spauth_decisions_total"
+__all__ = ["oauth_env"]  # the OAuth flow's fixture, reused here
 
 
 def test_sidecar_metrics_after_real_checks(
@@ -220,3 +222,25 @@ def _ready_status(url: str) -> tuple[int, str]:
     except OSError:
         return 0, ""
     return status, str(body["status"])
+
+
+def test_oauth_token_events_are_counted(oauth_env: OAuthEnv) -> None:
+    env = oauth_env
+    client_id, client_secret = env.register()
+    env.member()
+    client = env.client(client_id, client_secret)
+    first = tokens(env, client)
+    client.refresh_token(env.url("/oauth/token"), refresh_token=first["refresh_token"])
+    # Presenting the rotated-away refresh token again is reuse (RFC 9700 §4.14.2).
+    requests.post(
+        env.url("/oauth/token"),
+        data={"grant_type": "refresh_token", "refresh_token": str(first["refresh_token"])},
+        auth=(client_id, client_secret),
+        timeout=5,
+    )
+    samples = scrape(f"http://127.0.0.1:{env.plane.http_port}")
+    events = {
+        dict(k[1])["event"]: v for k, v in samples.items() if k[0] == "spauth_oauth_tokens_total"
+    }
+    assert events["issued"] >= 1 and events["refreshed"] == 1 and events["reuse_detected"] == 1
+    assert set(events) == {"issued", "refreshed", "revoked", "reuse_detected"}
