@@ -2,7 +2,7 @@
 so it starts and stops with the rest of the process instead of owning the loop and the signal
 handlers the way ``uvicorn.run`` and ``Server.serve`` do; optionally over TLS.
 
-Same lifecycle as sidecar/http/server.py (which it can replace): ``bind()`` claims the port (so
+Lifecycle: ``bind()`` claims the port (so
 the OAuth issuer can name it), ``start(app)`` serves, ``aclose()`` drains."""
 
 from __future__ import annotations
