@@ -66,6 +66,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(f"policy: {exc}", EXIT_USAGE)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`spauth audit export | head`): stop quietly, like cat does.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":
