@@ -109,6 +109,8 @@ class SyncClient:
         sidecar_id: str = "",
         persist_interval: float = 1.0,
         silence_timeout: float = 10.0,
+        credentials: grpc.ChannelCredentials | None = None,
+        channel_options: Sequence[tuple[str, str]] = (),
     ) -> None:
         self.replica = replica
         self.targets = parse_targets(targets)
@@ -117,6 +119,9 @@ class SyncClient:
         # TCP says otherwise (a frozen or partitioned control plane): cancel it and move on.
         self.silence_timeout = silence_timeout
         self._last_message = time.monotonic()
+        # TLS (sidecar/ops/tls.py) when the control plane serves it; plaintext otherwise.
+        self.credentials = credentials
+        self.channel_options = list(channel_options)
         self.clock = clock
         self.file = ReplicaFile(state_dir) if state_dir is not None else None
         self.metadata = (("authorization", f"Bearer {sync_token}"),) if sync_token else ()
@@ -160,7 +165,7 @@ class SyncClient:
         while not self._stop.is_set():
             received = False
             try:
-                with grpc.insecure_channel(self.target) as channel:
+                with self._channel() as channel:
                     received = self._stream(pb_grpc.ReplicationServiceStub(channel), backoff)
             except grpc.RpcError as exc:
                 if self._stop.is_set():
@@ -201,6 +206,11 @@ class SyncClient:
                 )
                 self._call = None
                 call.cancel()
+
+    def _channel(self) -> grpc.Channel:
+        if self.credentials is not None:
+            return grpc.secure_channel(self.target, self.credentials, self.channel_options)
+        return grpc.insecure_channel(self.target, self.channel_options)
 
     def _stream(self, stub: pb_grpc.ReplicationServiceStub, backoff: Backoff) -> bool:
         """Follow one Subscribe stream until it ends; whether any message arrived."""
