@@ -98,6 +98,7 @@ def start_sidecar(
         listen="127.0.0.1:0",
         control_plane=targets,
         state_dir=tmp_path / f"sidecar-{len(started)}",
+        metrics_addr="",
     )
     sc = Sidecar(settings, clock=clock)
     sc.start()
@@ -189,6 +190,7 @@ def test_a_silent_replica_is_abandoned_for_the_next(
             listen="127.0.0.1:0",
             control_plane=f"127.0.0.1:{port},{control_plane.address}",
             state_dir=tmp_path / "sidecar",
+            metrics_addr="",
         )
         sc = Sidecar(settings, clock=clock)
         sc.sync.silence_timeout = 0.3

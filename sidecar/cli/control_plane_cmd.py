@@ -25,6 +25,11 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--config", type=Path, help="TOML config file (top-level settings)")
     p.add_argument("--data-dir", help="state directory for the SQLite store (./.spauth)")
+    p.add_argument(
+        "--database-url",
+        help="postgresql://… shared by every replica (default: SQLite in --data-dir); "
+        "prefer SPAUTH_DATABASE_URL when it carries a password",
+    )
     p.add_argument("--admin-addr", help="admin gRPC listen address (default 127.0.0.1:50051)")
     p.add_argument("--http-addr", help="HTTP listen address (default 127.0.0.1:8080)")
     p.add_argument("--log-level")
@@ -35,6 +40,7 @@ def flags(args: argparse.Namespace) -> dict[str, object]:
     """The settings given as flags (None = not given)."""
     return {
         "data_dir": getattr(args, "data_dir", None),
+        "database_url": getattr(args, "database_url", None),
         "admin_addr": getattr(args, "admin_addr", None),
         "http_addr": getattr(args, "http_addr", None),
         "log_level": getattr(args, "log_level", None),
@@ -72,6 +78,8 @@ async def run_control_plane(settings: Settings) -> None:
     minted = plane.bootstrap()
     if minted is not None:
         # Written to a private file, never printed: this process's output goes to shared logs.
+        # With PostgreSQL the data dir holds only this file: made when the key is.
+        settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         path = write_bootstrap_key(settings.data_dir, minted.secret)
         print(f"Operator key (admin:full) created: {path} (mode 0600)", flush=True)
     await plane.start()

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -25,6 +26,7 @@ import grpc
 from envoy.service.auth.v3 import external_auth_pb2 as ext
 from envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar._gen.statuspulse.auth.v1 import api_keys_pb2 as keys_pb
 from sidecar._gen.statuspulse.auth.v1 import api_keys_pb2_grpc as keys_grpc
@@ -95,7 +97,8 @@ class ControlPlaneProcess(Process):
         argv = [
             sys.executable,
             "-m",
-            "tests.support.control_plane_child",
+            "sidecar",
+            "control-plane",
             "--admin-addr",
             f"127.0.0.1:{self.admin_port}",
             "--http-addr",
@@ -125,7 +128,7 @@ class SidecarProcess(Process):
     """A sidecar with its own port and state directory, following ``targets`` in order."""
 
     def __init__(self, name: str, base: Path, targets: Sequence[str], env: dict[str, str]) -> None:
-        self.port = free_port()
+        self.port, self.metrics_port = free_port(), free_port()
         self.state_dir = base / name
         self.targets = list(targets)
         argv = [
@@ -139,8 +142,9 @@ class SidecarProcess(Process):
             ",".join(targets),
             "--state-dir",
             str(self.state_dir),
+            "--metrics-addr",
+            f"127.0.0.1:{self.metrics_port}",
         ]
-        env = {**env, "SPAUTH_SIDECAR_METRICS_ADDR": f"127.0.0.1:{free_port()}"}
         super().__init__(name, argv, base / f"{name}.log", env)
         self._channel: grpc.Channel | None = None
 
@@ -177,6 +181,19 @@ class SidecarProcess(Process):
         if self._channel is not None:
             self._channel.close()
             self._channel = None
+
+
+def scrape(port: int, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    """The samples of counter ``name`` (without ``_total``) on ``/metrics`` at ``port``, by
+    label set."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        if family.name == name:
+            for s in family.samples:
+                if s.name == f"{name}_total":
+                    samples[tuple(sorted(s.labels.items()))] = s.value
+    return samples
 
 
 class Admin:
