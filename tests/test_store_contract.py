@@ -609,27 +609,42 @@ def test_a_code_redeemed_on_two_replicas_at_once_issues_tokens_once(
     oauth_pair: tuple[_Replica, _Replica, Callable[[], str], str],
 ) -> None:
     """RFC 6749 §4.1.2: a code is single-use even when two replicas race to redeem it."""
-
     a, b, new_code, auth = oauth_pair
     for _ in range(5):
-        assert sorted(_race(a, b, new_code(), auth)) == ["issued", "refused"]
+        code = new_code()
+        assert sorted(_race(a, b, lambda r, code=code: _redeem(r, code, auth))) == [
+            "issued",
+            "refused",
+        ]
 
 
-def _race(a: _Replica, b: _Replica, code: str, auth: str) -> list[str]:
-    """Redeem ``code`` on both replicas at the same moment; what each one got."""
+def test_a_refresh_token_used_on_two_replicas_at_once_is_rotated_once(
+    oauth_pair: tuple[_Replica, _Replica, Callable[[], str], str],
+) -> None:
+    """RFC 9700 §4.14.2: one use rotates the token; the other is a reuse, refused."""
+    a, b, new_code, auth = oauth_pair
+    for _ in range(5):
+        token = str(_redeem(a, new_code(), auth)["refresh_token"])
+        assert sorted(_race(a, b, lambda r, token=token: _refresh(r, token, auth))) == [
+            "issued",
+            "refused",
+        ]
 
+
+def _race(a: _Replica, b: _Replica, call: Callable[[_Replica], object]) -> list[str]:
+    """Run ``call`` on both replicas at the same moment; what each one got."""
     outcomes: list[str] = []
     start = threading.Barrier(2)
 
-    def redeem(replica: _Replica) -> None:
+    def run(replica: _Replica) -> None:
         start.wait()
         try:
-            _redeem(replica, code, auth)
+            call(replica)
             outcomes.append("issued")
         except InvalidGrant:
             outcomes.append("refused")
 
-    threads = [threading.Thread(target=redeem, args=(r,)) for r in (a, b)]
+    threads = [threading.Thread(target=run, args=(r,)) for r in (a, b)]
     for t in threads:
         t.start()
     for t in threads:
