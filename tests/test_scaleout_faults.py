@@ -92,6 +92,7 @@ def none_allow(sidecars: list[SidecarProcess], key: str) -> bool:
 # -- revocation propagation -----------------------------------------------------------------------
 
 
+@pytest.mark.envoy
 def test_a_revocation_on_replica_a_reaches_all_three_sidecars(
     deployment: ScaleOut, request: pytest.FixtureRequest
 ) -> None:
