@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import pytest
 
 from sidecar._gen.statuspulse.auth.v1 import api_keys_pb2 as keys_pb
+from sidecar.core import keyformat
 from sidecar.dataplane.server import Sidecar
 from sidecar.devtools.echo_upstream import EchoUpstream
 from tests.conftest import RunningControlPlane, bearer, wait_until
@@ -54,6 +55,9 @@ class Stack:
                 keys_pb.CreateApiKeyRequest(workspace=workspace, name="e2e", scopes=scopes),
                 metadata=bearer(self.cp.operator_key),
             )
+        # The key reaches the sidecar through replication: wait for it, not for luck.
+        digest = keyformat.digest(resp.key)
+        wait_until(lambda: digest in self.sidecar.replica.by_digest, 5)
         return resp.key, resp.api_key.id
 
     def spauth(self, *args: str) -> subprocess.CompletedProcess[str]:
