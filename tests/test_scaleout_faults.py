@@ -61,7 +61,7 @@ def deployment(tmp_path: Path, pg: PostgresServer) -> Iterator[ScaleOut]:
 
 def record(request: pytest.FixtureRequest, name: str, values: dict[str, object]) -> None:
     """Keep a measurement in the pytest cache and show it in the test output."""
-    cache = request.config.cache
+    cache = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider
     folder = cache.mkdir("scaleout") if cache is not None else Path(tempfile.mkdtemp())
     (folder / f"{name}.json").write_text(json.dumps(values, indent=2) + "\n")
     capture = request.config.pluginmanager.getplugin("capturemanager")
