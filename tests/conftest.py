@@ -17,6 +17,9 @@ from sidecar.controlplane import ControlPlane
 from sidecar.core.clock import FakeClock
 from sidecar.store.sqlite import SqliteStore
 
+# Fixtures of real servers used by several modules: redis_server, redis_url.
+pytest_plugins = ["tests.support.redis"]
+
 
 @pytest.fixture
 def clock() -> FakeClock:

@@ -160,9 +160,9 @@ class WindowRateLimiter:
 
     # -- sharing (called by the sync thread) -----------------------------------------------------
 
-    def drain(self, now: float) -> tuple[list[Delta], list[tuple[str, str, float]]]:
-        """Take the events not yet pushed (and every rate-limited key still in its window, to
-        read its shared count back), and the blocks decided here since the last call."""
+    def drain(self, now: float) -> list[Delta]:
+        """Take the events not yet pushed, and every rate-limited key still in its window (to
+        read its shared count back)."""
         with self._lock:
             deltas: list[Delta] = []
             seen: set[tuple[str, str]] = set()
@@ -175,8 +175,13 @@ class WindowRateLimiter:
             for name, counter in self._tables[RATE].items():
                 if (RATE, name) not in seen and counter.local.total(now) > 0:
                     deltas.append(self._take(RATE, name, counter, now))
+            return deltas
+
+    def take_blocks(self) -> list[tuple[str, str, float]]:
+        """The blocks decided here since the last call (scope, name, until), to publish."""
+        with self._lock:
             blocks, self._new_blocks = self._new_blocks, []
-            return deltas, blocks
+            return blocks
 
     @staticmethod
     def _take(scope: str, name: str, counter: Counter, now: float) -> Delta:
@@ -186,7 +191,9 @@ class WindowRateLimiter:
         counter.pending = {}
         return Delta(scope, name, window.width, oldest, counts)
 
-    def restore(self, deltas: list[Delta], blocks: list[tuple[str, str, float]]) -> None:
+    def restore(
+        self, deltas: list[Delta], blocks: list[tuple[str, str, float]] | None = None
+    ) -> None:
         """Put back what a failed push took, to push it with the next one."""
         with self._lock:
             for delta in deltas:
@@ -196,7 +203,7 @@ class WindowRateLimiter:
                 for k, n in delta.counts.items():
                     counter.pending[k] = counter.pending.get(k, 0) + n
                 self._dirty[(delta.scope, delta.name)] = None
-            self._new_blocks[:0] = blocks
+            self._new_blocks[:0] = blocks or []
 
     def absorb(
         self,

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 
 import redis
 from redis.backoff import AbstractBackoff, EqualJitterBackoff
@@ -125,30 +124,46 @@ class RedisLimitSync:
         if self.connected or self._failures == 1:
             log.warning("rate-limit sync: redis unreachable; limits are local", exc_info=exc)
         self.connected = False
-        if time.monotonic() - self._last_ok > self.stale_after:
+        if self.clock.now() - self._last_ok > self.stale_after:
             self.limiter.forget_shared()
         return max(self.interval, float(self.backoff.compute(self._failures)))
 
     def sync_once(self) -> None:
-        """Push, read back, absorb. Raises a RETRYABLE error (after restoring what it took)."""
+        """Push, read back, absorb, publish new blocks. Raises a RETRYABLE error (after
+        restoring what it took, to push it next time)."""
         limiter = self.limiter
         now = self.clock.now()
-        deltas, blocks = limiter.drain(now)
-        rest, deltas = deltas[MAX_NAMES:], deltas[:MAX_NAMES]
-        if rest:
-            limiter.restore(rest, [])
+        deltas = limiter.drain(now)
+        if len(deltas) > MAX_NAMES:
+            limiter.restore(deltas[MAX_NAMES:])
+            deltas = deltas[:MAX_NAMES]
+        blocks = limiter.take_blocks()
         try:
             views, blocked = self._exchange(deltas, blocks, now)
         except RETRYABLE:
             limiter.restore(deltas, blocks)
             raise
         limiter.absorb(views, blocked, now, self.stale_after)
+        # Blocks the read-back just decided go out now rather than one interval later.
+        blocks = limiter.take_blocks()
+        if blocks:
+            try:
+                self._publish_blocks(blocks)
+            except RETRYABLE:
+                limiter.restore([], blocks)
+                raise
         if not self.connected:
             log.info("rate-limit sync: redis reachable; limits are shared")
         self.connected = True
         self._failures = 0
-        self._last_ok = time.monotonic()
+        self._last_ok = now
         self.syncs += 1
+
+    def _publish_blocks(self, blocks: list[tuple[str, str, float]]) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for scope, name, until in blocks:
+            pipe.zadd(blocked_key(scope), {name: until}, gt=True)
+        pipe.execute()
 
     def _exchange(
         self, deltas: list[Delta], blocks: list[tuple[str, str, float]], now: float
