@@ -44,6 +44,9 @@ class Settings:
     oauth_access_token_ttl: int = 3600
     oauth_refresh_token_ttl: int = 30 * 86400
     oauth_signing_key_rotation: int = 30 * 86400
+    # Scale-out (issue 8): Redis carries change notifications between control-plane replicas and
+    # the sidecars' audit stream. Empty: no bus (the sync heartbeat bounds propagation).
+    redis_url: str = ""
 
     @property
     def store_url(self) -> str:

@@ -23,6 +23,7 @@ from sidecar.admin.apikeys import ApiKeyServicer
 from sidecar.admin.apps import OAuthAppServicer
 from sidecar.admin.replication import ReplicationServicer, SnapshotSource
 from sidecar.admin.users import UserServicer
+from sidecar.bus import RedisChangeBus
 from sidecar.config import Settings
 from sidecar.core.apikeys import ApiKeyService, KeyPolicy, key_snapshot
 from sidecar.core.apps import AppService
@@ -70,6 +71,7 @@ class ControlPlane:
         self.health = health_aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self.bus: RedisChangeBus | None = None
         self.admin_port = 0
 
     def bootstrap(self) -> Minted | None:
@@ -107,6 +109,7 @@ class ControlPlane:
         for name in ("", names[0]):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._sweeper = asyncio.create_task(self._sweep_forever())
+        await self._start_redis()
         log.info("control plane listening", extra={"admin_addr": self.settings.admin_addr})
 
     async def _start_http(self) -> None:
@@ -118,6 +121,14 @@ class ControlPlane:
         await asyncio.to_thread(self.oauth.start)
         await self.http.start(build_app(oauth_routes(self.oauth, self.keys)))
         log.info("oauth listening", extra={"http_addr": self.settings.http_addr, "port": port})
+
+    async def _start_redis(self) -> None:
+        """The change bus between replicas (scale-out); never fails because Redis is down."""
+        url = self.settings.redis_url
+        if not url:
+            return
+        self.bus = RedisChangeBus(url, self.store, self.replication.wake)
+        await self.bus.start()
 
     async def _sweep_forever(self) -> None:
         while True:
@@ -140,5 +151,7 @@ class ControlPlane:
                 await self._sweeper
         if self._server is not None:
             await self._server.stop(grace)
+        if self.bus is not None:
+            await self.bus.aclose()
         await self.http.aclose(grace)
         self.store.close()
