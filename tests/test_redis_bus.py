@@ -136,9 +136,10 @@ def test_without_redis_the_heartbeat_re_read_delivers(
 
 
 def test_redis_killed_mid_test_then_back(tmp_path: Path, loop_thread: LoopThread) -> None:
-    with RedisServer() as server, cluster(
-        tmp_path, server.url, heartbeat_b=3.0, loop=loop_thread
-    ) as c:
+    with (
+        RedisServer() as server,
+        cluster(tmp_path, server.url, heartbeat_b=3.0, loop=loop_thread) as c,
+    ):
         bus_a, bus_b = c.a.bus, c.b.bus
         assert bus_a is not None and bus_b is not None
         wait_until(lambda: bus_a.connected and bus_b.connected)
