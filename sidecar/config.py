@@ -73,6 +73,15 @@ class SidecarSettings:
     # OAuth access tokens: the issuer and audience they must name (RFC 9068 §4).
     oauth_issuer: str = "http://127.0.0.1:8080"
     oauth_audience: str = "statuspulse-api"
+    # Abuse limits (issue 8): failed credential attempts per source address and per key id
+    # within a sliding window of failure_window seconds; 0 turns a limit off.
+    failure_limit_source: int = 50
+    failure_limit_key: int = 20
+    failure_window: float = 60.0
+    # Scale-out: Redis shares rate-limit counts between sidecars (pushed every
+    # ratelimit_sync_interval seconds) and carries the audit stream. Empty: all local.
+    redis_url: str = ""
+    ratelimit_sync_interval: float = 0.2
 
 
 _DURATIONS = {
@@ -170,6 +179,22 @@ def load_settings(
     return s
 
 
+def _check_limits(s: SidecarSettings) -> None:
+    for name in ("failure_limit_source", "failure_limit_key"):
+        if getattr(s, name) < 0:
+            raise ConfigError(f"{name}: must be 0 (off) or a positive count")
+    if not 1 <= s.failure_window <= 86400:
+        raise ConfigError(
+            f"failure_window: must be between 1 and 86400 seconds, got {s.failure_window}"
+        )
+    if not 0.01 <= s.ratelimit_sync_interval <= 60:
+        raise ConfigError("ratelimit_sync_interval: must be between 0.01 and 60 seconds")
+    if s.redis_url and not s.redis_url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(
+            f"redis_url: expected redis://, rediss:// or unix://, got {s.redis_url!r}"
+        )
+
+
 def load_sidecar_settings(
     overrides: Mapping[str, object] | None = None, environ: Mapping[str, str] | None = None
 ) -> SidecarSettings:
@@ -186,5 +211,6 @@ def load_sidecar_settings(
         raise ConfigError(f"workers: must be between 1 and 64, got {s.workers}")
     if s.policy_file is not None and not s.policy_file.is_file():
         raise ConfigError(f"policy_file: no such file {str(s.policy_file)!r}")
+    _check_limits(s)
     _check_level(s.log_level)
     return s

@@ -25,6 +25,7 @@ from sidecar.dataplane.envoy_check import CheckHandler, Observer
 from sidecar.dataplane.incluster import AuthorizationServicer
 from sidecar.dataplane.policy_source import PolicyWatcher, load_policy
 from sidecar.dataplane.sync import SyncClient
+from sidecar.ratelimit import AbuseLimits, RedisLimitSync, WindowRateLimiter
 
 log = logging.getLogger("sidecar.server")
 
@@ -50,6 +51,24 @@ class Sidecar:
         self.settings = settings
         self.clock = clock or SystemClock()
         self.replica = Replica()
+        self.limiter = WindowRateLimiter(
+            AbuseLimits(
+                source_failures=settings.failure_limit_source,
+                key_failures=settings.failure_limit_key,
+                failure_window=settings.failure_window,
+            )
+        )
+        # Shared counts through Redis from a background thread; the Check path never waits.
+        self.limit_sync = (
+            RedisLimitSync(
+                self.limiter,
+                settings.redis_url,
+                self.clock,
+                interval=settings.ratelimit_sync_interval,
+            )
+            if settings.redis_url
+            else None
+        )
         self.engine = Engine(
             self.replica,
             policy or load_policy(settings.policy_file),
@@ -57,6 +76,7 @@ class Sidecar:
             max_staleness=settings.max_staleness,
             token_verifier=token_verifier
             or ReplicaTokenVerifier(settings.oauth_issuer, settings.oauth_audience),
+            limiter=self.limiter,
         )
         self.observers: list[Observer] = []
         self.check = CheckHandler(self.engine, self.observers)
@@ -98,6 +118,8 @@ class Sidecar:
             raise OSError(f"listen: cannot listen on {self.settings.listen}")
         self._update_health()
         self.sync.start()
+        if self.limit_sync is not None:
+            self.limit_sync.start()
         server.start()
         self._server = server
         self._update_health()
@@ -135,3 +157,5 @@ class Sidecar:
         if self._server is not None:
             self._server.stop(grace).wait()
         self.sync.stop()
+        if self.limit_sync is not None:
+            self.limit_sync.stop()
