@@ -122,7 +122,9 @@ class RedisLimitSync:
     def _failed(self, exc: BaseException) -> float:
         self._failures += 1
         if self.connected or self._failures == 1:
-            log.warning("rate-limit sync: redis unreachable; limits are local", exc_info=exc)
+            log.warning(
+                "rate-limit sync: redis unreachable; limits are local", extra={"error": str(exc)}
+            )
         self.connected = False
         if self.clock.now() - self._last_ok > self.stale_after:
             self.limiter.forget_shared()
