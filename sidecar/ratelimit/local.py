@@ -106,7 +106,7 @@ class WindowRateLimiter:
     def _counter(self, scope: str, name: str, span: float, now: float) -> Counter:
         table = self._tables[scope]
         counter = table.get(name)
-        if counter is None or counter.local.width * counter.local.buckets != span:
+        if counter is None or counter.local.span != span:
             if len(table) >= self.limits.max_tracked:
                 self._prune(table, now)
             counter = Counter(BucketWindow(span, self.limits.buckets))
@@ -222,9 +222,7 @@ class WindowRateLimiter:
                 if counter is None:
                     continue
                 if counter.shared is None:
-                    counter.shared = BucketWindow(
-                        counter.local.width * counter.local.buckets, counter.local.buckets
-                    )
+                    counter.shared = BucketWindow(counter.local.span, counter.local.buckets)
                 counter.shared.clear()
                 for k, n in buckets.items():
                     counter.shared.set(k, n, now)

@@ -8,12 +8,13 @@ from __future__ import annotations
 class BucketWindow:
     """Counts per bucket in a ring; bucket ``k`` covers ``[k * width, (k + 1) * width)``."""
 
-    __slots__ = ("_counts", "_head", "_total", "buckets", "width")
+    __slots__ = ("_counts", "_head", "_total", "buckets", "span", "width")
 
     def __init__(self, span: float, buckets: int = 10) -> None:
         if span <= 0 or buckets < 1:
             raise ValueError("a window needs a positive span and at least one bucket")
         self.buckets = buckets
+        self.span = span
         self.width = span / buckets
         self._counts = [0] * buckets
         self._head = 0  # the newest bucket index seen
