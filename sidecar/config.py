@@ -44,6 +44,8 @@ class Settings:
     oauth_access_token_ttl: int = 3600
     oauth_refresh_token_ttl: int = 30 * 86400
     oauth_signing_key_rotation: int = 30 * 86400
+    # Audit records older than this are pruned behind a signed checkpoint (0: keep forever).
+    audit_retention: int = 0
     # Scale-out (issue 8): Redis carries change notifications between control-plane replicas and
     # the sidecars' audit stream. Empty: no bus (the sync heartbeat bounds propagation).
     redis_url: str = ""
@@ -73,6 +75,14 @@ class SidecarSettings:
     # OAuth access tokens: the issuer and audience they must name (RFC 9068 §4).
     oauth_issuer: str = "http://127.0.0.1:8080"
     oauth_audience: str = "statuspulse-api"
+    # Decision records (docs/audit.md): "off" disables them; the spool lives in audit_dir
+    # (default <state_dir>/audit).
+    audit: str = "on"
+    audit_dir: Path | None = None
+    audit_queue_capacity: int = 10_000
+    audit_allow_sample_rate: float = 1.0
+    audit_write_interval: float = 0.01
+    audit_fsync_interval: float = 1.0
     # Abuse limits (issue 8): failed credential attempts per source address and per key id
     # within a sliding window of failure_window seconds; 0 turns a limit off.
     failure_limit_source: int = 50
@@ -90,6 +100,7 @@ _DURATIONS = {
     "oauth_access_token_ttl",
     "oauth_refresh_token_ttl",
     "oauth_signing_key_rotation",
+    "audit_retention",
 }
 _LEVELS = {"debug", "info", "warning", "error"}
 
@@ -209,8 +220,23 @@ def load_sidecar_settings(
         raise ConfigError(f"threads: must be between 1 and 64, got {s.threads}")
     if not 1 <= s.workers <= 64:
         raise ConfigError(f"workers: must be between 1 and 64, got {s.workers}")
+    _check_audit(s)
     if s.policy_file is not None and not s.policy_file.is_file():
         raise ConfigError(f"policy_file: no such file {str(s.policy_file)!r}")
     _check_limits(s)
     _check_level(s.log_level)
     return s
+
+
+def _check_audit(s: SidecarSettings) -> None:
+    if s.audit not in ("on", "off"):
+        raise ConfigError(f"audit: expected on|off, got {s.audit!r}")
+    if s.audit_queue_capacity < 1:
+        raise ConfigError(f"audit_queue_capacity: must be at least 1, got {s.audit_queue_capacity}")
+    if not 0 <= s.audit_allow_sample_rate <= 1:
+        raise ConfigError(
+            f"audit_allow_sample_rate: must be between 0 and 1, got {s.audit_allow_sample_rate}"
+        )
+    for name in ("audit_write_interval", "audit_fsync_interval"):
+        if getattr(s, name) <= 0:
+            raise ConfigError(f"{name}: must be a positive number of seconds")

@@ -14,6 +14,8 @@ from grpc_reflection.v1alpha import reflection
 from sidecar._gen.statuspulse.auth.v1 import (
     api_keys_pb2,
     api_keys_pb2_grpc,
+    audit_pb2,
+    audit_pb2_grpc,
     oauth_pb2,
     oauth_pb2_grpc,
     replication_pb2,
@@ -21,13 +23,16 @@ from sidecar._gen.statuspulse.auth.v1 import (
 )
 from sidecar.admin.apikeys import ApiKeyServicer
 from sidecar.admin.apps import OAuthAppServicer
+from sidecar.admin.audit import AuditServicer, load_checkpoint_key
 from sidecar.admin.replication import ReplicationServicer, SnapshotSource
 from sidecar.admin.users import UserServicer
-from sidecar.bus import RedisChangeBus
+from sidecar.bus import AuditStreamConsumer, RedisChangeBus
 from sidecar.config import Settings
 from sidecar.core.apikeys import ApiKeyService, KeyPolicy, key_snapshot
 from sidecar.core.apps import AppService
+from sidecar.core.audit_trail import AuditTrail
 from sidecar.core.clock import Clock, SystemClock
+from sidecar.core.errors import SpauthError
 from sidecar.core.models import Minted
 from sidecar.core.oauth_changes import oauth_snapshot
 from sidecar.core.users import UserService
@@ -39,6 +44,7 @@ from sidecar.oauth.server import AuthorizationServer
 from sidecar.store import Store, open_store
 
 log = logging.getLogger("sidecar.controlplane")
+AUDIT_PRUNE_INTERVAL = 3600.0  # retention is in days; checking hourly is plenty
 
 
 class ControlPlane:
@@ -56,6 +62,11 @@ class ControlPlane:
                 max_lifetime=settings.key_max_lifetime,
             ),
         )
+        self.audit = AuditTrail(
+            self.store, self.clock, load_checkpoint_key(settings.data_dir / "audit-hmac-key")
+        )
+        self.audit_servicer = AuditServicer(self.audit, self.keys, sync_token=settings.sync_token)
+        self._unsubscribe = self.store.subscribe(self.audit_servicer.notify)
         self.snapshot_sources: list[SnapshotSource] = [key_snapshot, oauth_snapshot]
         self.replication = ReplicationServicer(
             self.store,
@@ -72,6 +83,7 @@ class ControlPlane:
         self._server: grpc.aio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self.bus: RedisChangeBus | None = None
+        self.audit_stream: AuditStreamConsumer | None = None
         self.admin_port = 0
 
     def bootstrap(self) -> Minted | None:
@@ -90,12 +102,15 @@ class ControlPlane:
             UserServicer(self.users, self.keys), server
         )
         replication_pb2_grpc.add_ReplicationServiceServicer_to_server(self.replication, server)
+        audit_pb2_grpc.add_AuditServiceServicer_to_server(self.audit_servicer, server)
+        self.audit_servicer.bind(asyncio.get_running_loop())
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = (
             api_keys_pb2.DESCRIPTOR.services_by_name["ApiKeyService"].full_name,
             replication_pb2.DESCRIPTOR.services_by_name["ReplicationService"].full_name,
             oauth_pb2.DESCRIPTOR.services_by_name["OAuthAppService"].full_name,
             oauth_pb2.DESCRIPTOR.services_by_name["UserService"].full_name,
+            audit_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name,
             health.SERVICE_NAME,
             reflection.SERVICE_NAME,
         )
@@ -123,14 +138,23 @@ class ControlPlane:
         log.info("oauth listening", extra={"http_addr": self.settings.http_addr, "port": port})
 
     async def _start_redis(self) -> None:
-        """The change bus between replicas (scale-out); never fails because Redis is down."""
+        """Scale-out: the change bus between replicas and the consumer of the sidecars' audit
+        stream. Neither fails to start, nor stops the control plane, because Redis is down."""
         url = self.settings.redis_url
         if not url:
             return
-        self.bus = RedisChangeBus(url, self.store, self.replication.wake)
+        self.bus = RedisChangeBus(url, self.store, self._committed_elsewhere)
         await self.bus.start()
+        self.audit_stream = AuditStreamConsumer(url, self.audit)
+        await self.audit_stream.start()
+
+    def _committed_elsewhere(self, revision: int) -> None:
+        """Another replica committed ``revision``: streams and audit tails look now."""
+        self.replication.wake(revision)
+        self.audit_servicer.notify(revision)
 
     async def _sweep_forever(self) -> None:
+        next_prune = 0.0
         while True:
             try:
                 changed = await asyncio.to_thread(self.keys.sweep)
@@ -140,7 +164,19 @@ class ControlPlane:
                     log.info("swept keys", extra={"changed": changed})
             except Exception:
                 log.exception("sweep failed; retrying")
+            if self.settings.audit_retention and self.clock.now() >= next_prune:
+                next_prune = self.clock.now() + AUDIT_PRUNE_INTERVAL
+                await self._prune_audit()
             await asyncio.sleep(self.settings.sweep_interval)
+
+    async def _prune_audit(self) -> None:
+        before = self.clock.now() - self.settings.audit_retention
+        try:
+            pruned = await asyncio.to_thread(self.audit.prune, before)
+            if pruned:
+                log.info("pruned audit records", extra={"pruned": pruned})
+        except SpauthError as exc:
+            log.error("audit retention refused", extra={"error": exc.message})
 
     async def aclose(self, grace: float = 5.0) -> None:
         """Health NOT_SERVING, stop accepting, drain in-flight calls, close the store."""
@@ -149,9 +185,13 @@ class ControlPlane:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
+        self._unsubscribe()
+        self.audit_servicer.close()  # tails end now and resume by cursor elsewhere
         if self._server is not None:
             await self._server.stop(grace)
         if self.bus is not None:
             await self.bus.aclose()
+        if self.audit_stream is not None:
+            await self.audit_stream.aclose()
         await self.http.aclose(grace)
         self.store.close()

@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from sidecar.cli import apps, keys, serve, sidecar_cmd, users
+from sidecar.cli import apps, audit, keys, serve, sidecar_cmd, users
 from sidecar.cli.client import EXIT_USAGE, CliError, admin_client, fail
 from sidecar.config import ConfigError
 from sidecar.core.policy import PolicyError
@@ -31,6 +31,7 @@ def build_parser(environ: dict[str, str] | None = None) -> argparse.ArgumentPars
     sidecar_cmd.register(sub, common)
     apps.register(sub, common)
     users.register(sub, common)
+    audit.register(sub, common)
     return parser
 
 

@@ -14,6 +14,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from sidecar._gen.statuspulse.auth.v1 import authorization_pb2, authorization_pb2_grpc
+from sidecar.auditship import AuditPipeline, GrpcTransport, ShipConfig, Transport
+from sidecar.auditship.observer import DecisionRecorder
+from sidecar.bus.audit_stream import RedisStreamTransport
 from sidecar.config import SidecarSettings
 from sidecar.core.clock import Clock, SystemClock
 from sidecar.core.engine import Engine, TokenVerifier
@@ -79,6 +82,9 @@ class Sidecar:
             limiter=self.limiter,
         )
         self.observers: list[Observer] = []
+        self.audit = _audit_pipeline(settings)
+        if self.audit is not None:
+            self.observers.append(DecisionRecorder(self.audit, self.clock))
         self.check = CheckHandler(self.engine, self.observers)
         self.sync = SyncClient(
             self.replica,
@@ -120,6 +126,8 @@ class Sidecar:
         self.sync.start()
         if self.limit_sync is not None:
             self.limit_sync.start()
+        if self.audit is not None:
+            self.audit.start()
         server.start()
         self._server = server
         self._update_health()
@@ -156,6 +164,28 @@ class Sidecar:
         self._stop.set()
         if self._server is not None:
             self._server.stop(grace).wait()
+        if self.audit is not None:
+            # Every answered check is in the queue now: spool it all, then ship for a while.
+            self.audit.close(timeout=grace)
         self.sync.stop()
         if self.limit_sync is not None:
             self.limit_sync.stop()
+
+
+def _audit_pipeline(settings: SidecarSettings) -> AuditPipeline | None:
+    """Decision records: queue → spool in the state directory → the control plane."""
+    if settings.audit == "off":
+        return None
+    config = ShipConfig(
+        spool_dir=settings.audit_dir or settings.state_dir / "audit",
+        queue_capacity=settings.audit_queue_capacity,
+        allow_sample_rate=settings.audit_allow_sample_rate,
+        write_interval=settings.audit_write_interval,
+        fsync_interval=settings.audit_fsync_interval,
+    )
+    transport: Transport = (
+        RedisStreamTransport(settings.redis_url)
+        if settings.redis_url
+        else GrpcTransport(settings.control_plane, settings.sync_token)
+    )
+    return AuditPipeline(config, transport)

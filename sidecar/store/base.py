@@ -7,7 +7,8 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from typing import Protocol
 
-from sidecar.core.audit import AuditEvent
+from sidecar.core.audit import AuditEvent, AuditQuery
+from sidecar.core.audit_chain import ChainedRecord, Checkpoint, Link
 from sidecar.core.models import ApiKey, Change, KeyState
 from sidecar.core.oauth_models import (
     AuthorizationCode,
@@ -59,11 +60,53 @@ class KeyRepository(Protocol):
 
 
 class AuditRepository(Protocol):
-    """The audit trail (append-only)."""
+    """The audit trail: append-only, one hash chain per workspace."""
 
-    def append(self, event: AuditEvent) -> None: ...
+    def append(self, event: AuditEvent) -> bool:
+        """Store ``event`` (its secrets redacted) linked to its workspace's chain, in the
+        current transaction. False, and nothing stored, when its id is stored already."""
+        ...
 
     def recent(self, limit: int) -> list[AuditEvent]: ...
+
+    def page(
+        self, query: AuditQuery, limit: int, before: tuple[float, int] | None
+    ) -> list[ChainedRecord]:
+        """Records newest first by (time, seq), strictly before ``before``."""
+        ...
+
+    def after(self, seq: int, query: AuditQuery, limit: int) -> list[ChainedRecord]:
+        """Records in storage order, strictly after storage position ``seq``."""
+        ...
+
+    def last_seq(self) -> int:
+        """The storage position of the newest record (0 when empty)."""
+        ...
+
+    def head(self, workspace: str) -> Link | None:
+        """The link of a workspace's newest record, or of its checkpoint when pruned empty."""
+        ...
+
+    def chain(self, workspace: str, after_chain_seq: int, limit: int) -> list[ChainedRecord]:
+        """A workspace's records in chain order, strictly after ``after_chain_seq``."""
+        ...
+
+    def workspaces(self) -> list[str]:
+        """Every workspace that has a chain (records or a checkpoint)."""
+        ...
+
+    def checkpoint(self, workspace: str) -> Checkpoint | None:
+        """The newest retention checkpoint of a workspace."""
+        ...
+
+    def prune_point(self, workspace: str, before: float) -> Link | None:
+        """The last link of the longest chain prefix whose records are all older than
+        ``before`` (None: nothing to prune)."""
+        ...
+
+    def prune(self, checkpoint: Checkpoint) -> int:
+        """Store ``checkpoint`` and delete its workspace's records up to its position."""
+        ...
 
 
 class ChangeLog(Protocol):

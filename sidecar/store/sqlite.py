@@ -10,10 +10,10 @@ from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 
-from sidecar.core.audit import AuditEvent
 from sidecar.core.errors import Unavailable
 from sidecar.core.models import ApiKey, Change, KeyState
 from sidecar.store.base import Cursor
+from sidecar.store.sqlite_audit import SqliteAudit, link_unchained
 from sidecar.store.sqlite_oauth import SqliteOAuthRepositories
 
 _KEY_COLUMNS = (
@@ -151,42 +151,6 @@ class SqliteKeys:
         return row is not None
 
 
-class SqliteAudit:
-    """AuditRepository over one connection."""
-
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self._conn = conn
-
-    def append(self, event: AuditEvent) -> None:
-        self._conn.execute(
-            "INSERT INTO audit_events (id, time, actor, action, workspace, target, outcome, "
-            "reason, request_id, metadata) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                event.id,
-                event.time,
-                event.actor,
-                event.action,
-                event.workspace,
-                event.target,
-                event.outcome,
-                event.reason,
-                event.request_id,
-                json.dumps(event.metadata, sort_keys=True),
-            ),
-        )
-
-    def recent(self, limit: int) -> list[AuditEvent]:
-        rows = self._conn.execute(
-            "SELECT id, time, actor, action, workspace, target, outcome, reason, request_id, "
-            "metadata FROM audit_events ORDER BY seq DESC LIMIT ?",
-            (limit,),
-        ).fetchall()
-        return [
-            AuditEvent(*row[:9], metadata=json.loads(row[9]))  # type: ignore[misc]
-            for row in rows
-        ]
-
-
 class SqliteChanges:
     """ChangeLog over one connection."""
 
@@ -283,6 +247,7 @@ class SqliteStore:
                 for statement in filter(str.strip, code.split(";")):
                     conn.execute(statement)
                 conn.execute("INSERT INTO schema_migrations (version) VALUES (?)", (version,))
+            link_unchained(conn)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")

@@ -1,0 +1,88 @@
+"""Audit records between the domain and protobuf."""
+
+from __future__ import annotations
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from sidecar._gen.statuspulse.auth.v1 import audit_pb2 as pb
+from sidecar.core.audit import AuditEvent
+from sidecar.core.audit_chain import ChainBreak, ChainedRecord, ChainReport, Problem, time_us
+from sidecar.core.audit_trail import encode_cursor
+
+PROBLEMS = {
+    Problem.DIGEST_MISMATCH: pb.AUDIT_CHAIN_PROBLEM_DIGEST_MISMATCH,
+    Problem.LINK_MISMATCH: pb.AUDIT_CHAIN_PROBLEM_LINK_MISMATCH,
+    Problem.MISSING: pb.AUDIT_CHAIN_PROBLEM_MISSING,
+    Problem.CHECKPOINT_INVALID: pb.AUDIT_CHAIN_PROBLEM_CHECKPOINT_INVALID,
+}
+
+
+def timestamp(seconds: float) -> Timestamp:
+    """Seconds as a Timestamp, to the microsecond (the precision the chain covers)."""
+    ts = Timestamp()
+    ts.FromMicroseconds(time_us(seconds))
+    return ts
+
+
+def seconds(ts: Timestamp) -> float:
+    return float(ts.ToMicroseconds()) / 1_000_000
+
+
+def record(rec: ChainedRecord) -> pb.AuditRecord:
+    """A stored record as the API shows it, with its chain link and cursor."""
+    ev = rec.event
+    return pb.AuditRecord(
+        id=ev.id,
+        time=timestamp(ev.time),
+        actor=ev.actor,
+        action=ev.action,
+        workspace=ev.workspace,
+        target=ev.target,
+        outcome=ev.outcome,
+        reason=ev.reason,
+        request_id=ev.request_id,
+        metadata=ev.metadata,
+        cursor=encode_cursor(rec.seq),
+        chain_seq=rec.link.chain_seq,
+        prev_digest=rec.link.prev_digest,
+        digest=rec.link.digest,
+    )
+
+
+def event(msg: pb.AuditRecord) -> AuditEvent:
+    """A shipped record as a domain event (the server sets the chain fields itself)."""
+    return AuditEvent(
+        id=msg.id,
+        time=seconds(msg.time),
+        actor=msg.actor,
+        action=msg.action,
+        workspace=msg.workspace,
+        target=msg.target,
+        outcome=msg.outcome,
+        reason=msg.reason,
+        request_id=msg.request_id,
+        metadata=dict(msg.metadata),
+    )
+
+
+def _chain_break(brk: ChainBreak) -> pb.AuditChainBreak:
+    return pb.AuditChainBreak(
+        problem=PROBLEMS[brk.problem],
+        record_id=brk.record_id,
+        chain_seq=brk.chain_seq,
+        detail=brk.detail,
+    )
+
+
+def chain_status(report: ChainReport) -> pb.AuditChainStatus:
+    status = pb.AuditChainStatus(
+        workspace=report.workspace,
+        ok=report.ok,
+        records_checked=report.records_checked,
+        head_chain_seq=report.head.chain_seq if report.head else 0,
+        head_digest=report.head.digest if report.head else "",
+        checkpoint_chain_seq=report.checkpoint_chain_seq,
+    )
+    if report.first_break is not None:
+        status.first_break.CopyFrom(_chain_break(report.first_break))
+    return status

@@ -1,0 +1,68 @@
+"""Spool payloads are serialized ``AuditRecord`` messages (protos/.../audit.proto), so a batch
+is shipped by concatenating bytes into an ``IngestAuditRecordsRequest``, never re-encoded."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from google.protobuf.message import DecodeError
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from sidecar._gen.statuspulse.auth.v1 import audit_pb2 as pb
+from sidecar.core.audit import AuditEvent
+from sidecar.core.audit_chain import time_us
+
+# IngestAuditRecordsRequest.records is field 1, length-delimited: tag (1 << 3) | 2.
+_RECORDS_TAG = b"\x0a"
+
+
+def encode(ev: AuditEvent) -> bytes:
+    """The spool payload of an event: its AuditRecord, serialized."""
+    us = time_us(ev.time)
+    return pb.AuditRecord(
+        id=ev.id,
+        time=Timestamp(seconds=us // 1_000_000, nanos=us % 1_000_000 * 1000),
+        actor=ev.actor,
+        action=ev.action,
+        workspace=ev.workspace,
+        target=ev.target,
+        outcome=ev.outcome,
+        reason=ev.reason,
+        request_id=ev.request_id,
+        metadata=ev.metadata,
+    ).SerializeToString()
+
+
+def decode(payload: bytes) -> AuditEvent:
+    """The event in a spool payload; ValueError when it is not one."""
+    try:
+        msg = pb.AuditRecord.FromString(payload)
+    except DecodeError as exc:
+        raise ValueError(f"not an audit spool record: {exc}") from None
+    return AuditEvent(
+        id=msg.id,
+        time=msg.time.ToMicroseconds() / 1_000_000,
+        actor=msg.actor,
+        action=msg.action,
+        workspace=msg.workspace,
+        target=msg.target,
+        outcome=msg.outcome,
+        reason=msg.reason,
+        request_id=msg.request_id,
+        metadata=dict(msg.metadata),
+    )
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def ingest_request(payloads: Sequence[bytes]) -> bytes:
+    """A serialized IngestAuditRecordsRequest holding ``payloads`` (protobuf wire format: each
+    repeated message is tag, length, bytes)."""
+    return b"".join(_RECORDS_TAG + _varint(len(p)) + p for p in payloads)

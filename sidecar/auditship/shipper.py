@@ -1,0 +1,153 @@
+"""Ships spooled records to the control plane: at-least-once, in spool order, one batch at a
+time. A batch is acknowledged in the spool only after the control plane acknowledged every id
+in it; a crash before that sends it again, and the control plane stores each id once."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sidecar.auditship.codec import decode
+from sidecar.auditship.spool import Spool
+from sidecar.auditship.transport import Transport, TransportError
+
+log = logging.getLogger("sidecar.auditship")
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Retry delays: ``initial`` doubling up to ``maximum`` (a bound, so a returning control
+    plane is used within ``maximum`` seconds)."""
+
+    initial: float = 0.2
+    maximum: float = 5.0
+    multiplier: float = 2.0
+
+    def delay(self, failures: int) -> float:
+        return float(min(self.maximum, self.initial * self.multiplier ** max(0, failures - 1)))
+
+
+@dataclass(frozen=True, slots=True)
+class ShipperStats:
+    shipped: int
+    rejected: int
+    failures: int
+    last_error: str
+
+
+class Shipper:
+    """Reads the spool after the acknowledged position and sends batches via ``transport``."""
+
+    def __init__(
+        self,
+        spool: Spool,
+        transport: Transport,
+        *,
+        batch: int = 2000,
+        backoff: Backoff | None = None,
+        idle: float = 0.5,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._spool = spool
+        self._transport = transport
+        self._batch = batch
+        self._backoff = backoff or Backoff()
+        self._idle = idle
+        self._clock = clock
+        self._retry_at = 0.0
+        self._consecutive = 0
+        self._shipped = 0
+        self._rejected = 0
+        self._failures = 0
+        self._last_error = ""
+
+    def ship_once(self) -> int:
+        """Send the next batch and acknowledge it in the spool; returns how many records it
+        held (0: nothing to send). Raises TransportError, leaving the spool untouched."""
+        payloads, end = self._spool.read(self._spool.acked, self._batch)
+        if not payloads:
+            return 0
+        self._deliver(payloads)
+        self._spool.ack(end)
+        self._shipped += len(payloads)
+        return len(payloads)
+
+    def _deliver(self, payloads: list[bytes]) -> None:
+        try:
+            acked = self._transport.send(payloads)
+        except TransportError as exc:
+            if not exc.rejected:
+                raise
+            acked = self._deliver_one_by_one(payloads)
+        # The control plane acknowledges every record of a call or fails the call.
+        if acked != len(payloads):
+            raise TransportError(f"{len(payloads) - acked} records not acknowledged")
+
+    def _deliver_one_by_one(self, payloads: list[bytes]) -> int:
+        """The control plane refused the batch: find the records it refuses and skip them
+        (logged by id), so one bad record cannot stop the trail."""
+        for payload in payloads:
+            try:
+                self._transport.send([payload])
+            except TransportError as exc:
+                if not exc.rejected:
+                    raise
+                self._rejected += 1
+                log.error(
+                    "audit record refused by the control plane; skipped",
+                    extra={"event_id": _event_id(payload), "error": str(exc)},
+                )
+        return len(payloads)
+
+    def poll(self) -> float:
+        """Ship if a retry is not pending; returns seconds to wait before polling again."""
+        now = self._clock()
+        if now < self._retry_at:
+            return self._retry_at - now
+        try:
+            sent = self.ship_once()
+        except TransportError as exc:
+            self._consecutive += 1
+            self._failures += 1
+            self._last_error = str(exc)
+            delay = self._backoff.delay(self._consecutive)
+            self._retry_at = now + delay
+            if self._consecutive == 1:
+                log.warning("audit shipping failed; spooling", extra={"error": str(exc)})
+            return delay
+        if self._consecutive:
+            log.info("audit shipping resumed", extra={"after_failures": self._consecutive})
+        self._consecutive = 0
+        return 0.0 if sent else self._idle
+
+    def run(self, stop: threading.Event, wake: threading.Event) -> None:
+        """Poll until ``stop``; ``wake`` cuts a wait short (shutdown)."""
+        while not stop.is_set():
+            delay = self.poll()
+            if delay > 0:
+                wake.wait(delay)
+                wake.clear()
+
+    def drain(self, deadline: float) -> bool:
+        """Ship until the spool is empty, a send fails, or ``deadline`` (clock) passes; True
+        when everything was delivered."""
+        while self._clock() < deadline:
+            try:
+                if self.ship_once() == 0:
+                    return True
+            except TransportError:
+                return False
+        return False
+
+    def stats(self) -> ShipperStats:
+        return ShipperStats(self._shipped, self._rejected, self._failures, self._last_error)
+
+
+def _event_id(payload: bytes) -> str:
+    try:
+        return decode(payload).id
+    except ValueError:
+        return "(unreadable)"

@@ -1,0 +1,248 @@
+"""Tamper evidence for the audit trail: one SHA-256 hash chain per workspace.
+
+Each stored record carries its position in its workspace's chain (``chain_seq`` = 1, 2, ...),
+the digest of the record before it (``prev_digest``; 64 zeros for the first) and its own digest,
+``SHA-256(canonical(record))``, where the canonical form covers every field *and* the two link
+fields. So editing a record breaks its own digest, deleting one leaves a gap in ``chain_seq``, and
+re-hashing an edited record breaks the next record's link. Retention pruning removes a chain's
+prefix and leaves a ``Checkpoint`` (the last pruned record's position and digest) signed with
+HMAC-SHA256 under a server key, so the remaining chain still verifies from a trusted start.
+
+Pure: no I/O. The store computes links inside the appending transaction; ``ChainVerifier``
+walks a chain in batches so a long trail is never loaded whole.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from sidecar.core.audit import AuditEvent
+
+FORMAT_VERSION = 1
+GENESIS = "0" * 64
+
+
+@dataclass(frozen=True, slots=True)
+class Link:
+    """A record's place in its workspace's chain."""
+
+    chain_seq: int
+    prev_digest: str
+    digest: str
+
+
+@dataclass(frozen=True, slots=True)
+class ChainedRecord:
+    """A stored record: the event, its storage position ``seq`` and its chain link."""
+
+    event: AuditEvent
+    seq: int
+    link: Link
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """Where a pruned chain resumes: the last pruned record's position and digest."""
+
+    workspace: str
+    chain_seq: int
+    digest: str
+    time: float
+    signature: str
+
+
+def time_us(seconds: float) -> int:
+    """Record time in the canonical form: integer microseconds since the epoch."""
+    return round(seconds * 1_000_000)
+
+
+def canonical(ev: AuditEvent, chain_seq: int, prev_digest: str) -> bytes:
+    """The bytes a record's digest covers: compact JSON, sorted keys, ASCII only, so any
+    language can reproduce them (docs/audit.md, "Chain format")."""
+    body = {
+        "v": FORMAT_VERSION,
+        "id": ev.id,
+        "time_us": time_us(ev.time),
+        "actor": ev.actor,
+        "action": ev.action,
+        "workspace": ev.workspace,
+        "target": ev.target,
+        "outcome": ev.outcome,
+        "reason": ev.reason,
+        "request_id": ev.request_id,
+        "metadata": dict(ev.metadata),
+        "chain_seq": chain_seq,
+        "prev_digest": prev_digest,
+    }
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def digest(ev: AuditEvent, chain_seq: int, prev_digest: str) -> str:
+    """Hex SHA-256 of the canonical form."""
+    return hashlib.sha256(canonical(ev, chain_seq, prev_digest)).hexdigest()
+
+
+def next_link(ev: AuditEvent, head: Link | None) -> Link:
+    """The link for ``ev`` appended after ``head`` (None: the chain is empty)."""
+    chain_seq = head.chain_seq + 1 if head else 1
+    prev = head.digest if head else GENESIS
+    return Link(chain_seq, prev, digest(ev, chain_seq, prev))
+
+
+def _checkpoint_bytes(workspace: str, chain_seq: int, digest_hex: str, time: float) -> bytes:
+    body = {
+        "v": FORMAT_VERSION,
+        "kind": "checkpoint",
+        "workspace": workspace,
+        "chain_seq": chain_seq,
+        "digest": digest_hex,
+        "time_us": time_us(time),
+    }
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def sign_checkpoint(key: bytes, workspace: str, last: Link, time: float) -> Checkpoint:
+    """A checkpoint after ``last`` (the last record being pruned), signed with ``key``."""
+    mac = hmac.new(key, _checkpoint_bytes(workspace, last.chain_seq, last.digest, time), "sha256")
+    return Checkpoint(workspace, last.chain_seq, last.digest, time, mac.hexdigest())
+
+
+def checkpoint_valid(key: bytes, cp: Checkpoint) -> bool:
+    """True when ``cp`` was signed with ``key`` and not altered since."""
+    expected = hmac.new(
+        key, _checkpoint_bytes(cp.workspace, cp.chain_seq, cp.digest, cp.time), "sha256"
+    )
+    return hmac.compare_digest(expected.hexdigest(), cp.signature)
+
+
+class Problem(enum.StrEnum):
+    """What is wrong at a chain's first broken link."""
+
+    DIGEST_MISMATCH = "digest_mismatch"
+    LINK_MISMATCH = "link_mismatch"
+    MISSING = "missing"
+    CHECKPOINT_INVALID = "checkpoint_invalid"
+
+
+@dataclass(frozen=True, slots=True)
+class ChainBreak:
+    """The first broken link: which record, and why."""
+
+    problem: Problem
+    record_id: str
+    chain_seq: int
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class ChainReport:
+    """The result of verifying one workspace's chain."""
+
+    workspace: str
+    records_checked: int
+    head: Link | None
+    checkpoint_chain_seq: int
+    first_break: ChainBreak | None
+
+    @property
+    def ok(self) -> bool:
+        return self.first_break is None
+
+
+class ChainVerifier:
+    """Walks one workspace's chain in ``chain_seq`` order, fed in batches; stops at the first
+    broken link. Tail truncation (deleting the newest records) leaves a valid shorter chain:
+    compare ``head`` with an anchored copy to catch it (docs/audit.md)."""
+
+    def __init__(self, workspace: str, checkpoint: Checkpoint | None, key: bytes | None) -> None:
+        self.workspace = workspace
+        self._checkpoint = checkpoint
+        self._checked = 0
+        self._break: ChainBreak | None = None
+        self._head: Link | None = None
+        if checkpoint is not None:
+            self._head = Link(checkpoint.chain_seq, "", checkpoint.digest)
+            if key is None or not checkpoint_valid(key, checkpoint):
+                self._break = ChainBreak(
+                    Problem.CHECKPOINT_INVALID,
+                    "",
+                    checkpoint.chain_seq,
+                    "the retention checkpoint's signature does not match its content",
+                )
+
+    @property
+    def broken(self) -> bool:
+        return self._break is not None
+
+    @property
+    def resume_after(self) -> int:
+        """The chain_seq to read after next."""
+        return self._head.chain_seq if self._head else 0
+
+    def feed(self, records: Iterable[ChainedRecord]) -> bool:
+        """Check the next records; False once a link is broken (stop feeding then)."""
+        for record in records:
+            if self._break is not None:
+                return False
+            self._break = self._check(record)
+            if self._break is None:
+                self._head = record.link
+                self._checked += 1
+        return self._break is None
+
+    def _check(self, record: ChainedRecord) -> ChainBreak | None:
+        ev, link = record.event, record.link
+        if digest(ev, link.chain_seq, link.prev_digest) != link.digest:
+            return ChainBreak(
+                Problem.DIGEST_MISMATCH,
+                ev.id,
+                link.chain_seq,
+                f"record {ev.id} (chain position {link.chain_seq}) does not match its digest: "
+                "it was edited after it was stored",
+            )
+        expected = self.resume_after + 1
+        if link.chain_seq != expected:
+            return ChainBreak(
+                Problem.MISSING,
+                ev.id,
+                link.chain_seq,
+                f"chain positions {expected}..{link.chain_seq - 1} are missing before record "
+                f"{ev.id}",
+            )
+        prev = self._head.digest if self._head else GENESIS
+        if not hmac.compare_digest(link.prev_digest, prev):
+            before = "the checkpoint" if self._checked == 0 and self._checkpoint else "the record"
+            return ChainBreak(
+                Problem.LINK_MISMATCH,
+                ev.id,
+                link.chain_seq,
+                f"record {ev.id} (chain position {link.chain_seq}) does not link to {before} "
+                f"before it: one of the two was replaced",
+            )
+        return None
+
+    def report(self) -> ChainReport:
+        return ChainReport(
+            workspace=self.workspace,
+            records_checked=self._checked,
+            head=self._head,
+            checkpoint_chain_seq=self._checkpoint.chain_seq if self._checkpoint else 0,
+            first_break=self._break,
+        )
+
+
+def verify(
+    workspace: str,
+    records: Iterable[ChainedRecord],
+    checkpoint: Checkpoint | None = None,
+    key: bytes | None = None,
+) -> ChainReport:
+    """Verify a whole chain held in memory (the store uses ``ChainVerifier`` in batches)."""
+    verifier = ChainVerifier(workspace, checkpoint, key)
+    verifier.feed(records)
+    return verifier.report()

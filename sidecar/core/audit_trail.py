@@ -1,0 +1,271 @@
+"""The audit trail use cases: list, follow, export, verify, ingest and prune. Every read needs
+``admin:full`` in the workspace concerned, or the operator key (workspace ``*``)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+
+from sidecar.core import validation
+from sidecar.core.audit import DECISION_ACTIONS, AuditEvent, AuditQuery
+from sidecar.core.audit_chain import ChainedRecord, ChainReport, ChainVerifier, sign_checkpoint
+from sidecar.core.clock import Clock
+from sidecar.core.errors import FailedPrecondition, InvalidArgument, PermissionDenied
+from sidecar.core.models import OPERATOR_WORKSPACE, Principal, RequestContext
+from sidecar.core.scopes import ADMIN_FULL, satisfies
+from sidecar.store.base import Store
+
+# Decision records whose credential named no workspace (an unknown or malformed key) are kept
+# in a chain of their own, visible to the operator only.
+NO_WORKSPACE = "-"
+# A sidecar shipping decision records, authenticated by the sync token: it may ingest, nothing
+# else (no scopes, so every read refuses it).
+SIDECAR = Principal(key_id="sidecar", workspace=OPERATOR_WORKSPACE, scopes=frozenset())
+_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+_MAX_FIELD = 512
+_MAX_METADATA = 32
+
+
+@dataclass(frozen=True, slots=True)
+class AuditPolicy:
+    """Paging and batching limits."""
+
+    default_page_size: int = 50
+    max_page_size: int = 1000
+    batch: int = 500
+    max_ingest_batch: int = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class AuditPage:
+    """One page of a listing, newest first."""
+
+    items: list[ChainedRecord]
+    next_token: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class IngestResult:
+    """Ids now stored (by this call or an earlier one), how many were new, and the trail end."""
+
+    acknowledged: list[str]
+    stored: int
+    cursor: int
+
+
+class AuditTrail:
+    """Audit use cases over a store; transports call these and map their errors."""
+
+    def __init__(
+        self,
+        store: Store,
+        clock: Clock,
+        checkpoint_key: bytes,
+        policy: AuditPolicy | None = None,
+    ) -> None:
+        self._store = store
+        self._clock = clock
+        self._key = checkpoint_key
+        self.policy = policy or AuditPolicy()
+
+    # -- reads ------------------------------------------------------------------------------
+
+    def query(
+        self,
+        ctx: RequestContext,
+        *,
+        workspace: str = "",
+        action: str = "",
+        actor: str = "",
+        since: float | None = None,
+        until: float | None = None,
+    ) -> AuditQuery:
+        """A query limited to what the caller may see; refuses a workspace it may not."""
+        return AuditQuery(
+            workspaces=visible_workspaces(ctx.principal, workspace),
+            action=action or None,
+            actor=actor or None,
+            since=since,
+            until=until,
+        )
+
+    def page(self, query: AuditQuery, *, page_size: int = 0, page_token: str = "") -> AuditPage:
+        """Matching records newest first (by record time), one page at a time."""
+        size = page_size or self.policy.default_page_size
+        if not 1 <= size <= self.policy.max_page_size:
+            raise InvalidArgument("page_size", f"must be between 1 and {self.policy.max_page_size}")
+        before = _decode_token(page_token) if page_token else None
+        with self._store.read() as uow:
+            items = uow.audit.page(query, size + 1, before)
+        more = len(items) > size
+        items = items[:size]
+        last = items[-1] if more else None
+        token = _encode_token(last.event.time, last.seq) if last else ""
+        return AuditPage(items=items, next_token=token)
+
+    def after(
+        self, query: AuditQuery, cursor: int, limit: int = 0
+    ) -> tuple[list[ChainedRecord], int]:
+        """Matching records in storage order after ``cursor`` (tail and export), and how far the
+        scan got: a filtered follower resumes there, not at its last match, so it never rescans
+        rows that did not match (storage positions are assigned in commit order)."""
+        limit = limit or self.policy.batch
+        with self._store.read() as uow:
+            end = uow.audit.last_seq()
+            found = uow.audit.after(cursor, query, limit)
+        scanned = found[-1].seq if len(found) == limit else max(cursor, end)
+        return found, scanned
+
+    def end(self) -> int:
+        """The cursor of the newest stored record (a tail with no cursor starts here)."""
+        with self._store.read() as uow:
+            return uow.audit.last_seq()
+
+    # -- verification -----------------------------------------------------------------------
+
+    def verify(self, ctx: RequestContext, workspace: str = "") -> list[ChainReport]:
+        """Walk each visible workspace's chain; each report names its first broken link."""
+        visible = visible_workspaces(ctx.principal, workspace)
+        with self._store.read() as uow:
+            names = [w for w in uow.audit.workspaces() if visible is None or w in visible]
+        if workspace and workspace not in names:
+            names = [workspace]  # an empty chain verifies; say so rather than print nothing
+        return [self.verify_one(name) for name in names]
+
+    def verify_one(self, workspace: str, through: int | None = None) -> ChainReport:
+        """Walk one chain (up to chain position ``through``) in batches, each in its own read,
+        so the trail is never held in memory whole."""
+        with self._store.read() as uow:
+            checkpoint = uow.audit.checkpoint(workspace)
+        verifier = ChainVerifier(workspace, checkpoint, self._key)
+        while not verifier.broken:
+            limit = self.policy.batch
+            if through is not None:
+                limit = min(limit, through - verifier.resume_after)
+                if limit <= 0:
+                    break
+            with self._store.read() as uow:
+                batch = uow.audit.chain(workspace, verifier.resume_after, limit)
+            if not batch:
+                break
+            verifier.feed(batch)
+        return verifier.report()
+
+    # -- writes -----------------------------------------------------------------------------
+
+    def ingest(self, ctx: RequestContext, events: Iterable[AuditEvent]) -> IngestResult:
+        """Store decision records shipped by a sidecar, once each (idempotent by id)."""
+        batch = [_checked_decision(ev) for ev in events]
+        if len(batch) > self.policy.max_ingest_batch:
+            raise InvalidArgument("records", f"at most {self.policy.max_ingest_batch} per message")
+        if ctx.principal != SIDECAR:
+            for ev in batch:
+                _require(ctx.principal, ev.workspace)
+        stored = 0
+        with self._store.transaction() as uow:
+            for ev in batch:
+                stored += uow.audit.append(ev)
+            cursor = uow.audit.last_seq()
+        return IngestResult([ev.id for ev in batch], stored, cursor)
+
+    def prune(self, before: float) -> int:
+        """Retention: in every chain, delete the longest prefix of records older than
+        ``before``, leaving a signed checkpoint so the rest still verifies. A chain that does
+        not verify is left whole (the evidence is kept); returns records deleted."""
+        with self._store.read() as uow:
+            names = uow.audit.workspaces()
+        deleted = 0
+        refused: list[str] = []
+        for name in names:
+            with self._store.read() as uow:
+                point = uow.audit.prune_point(name, before)
+            if point is None:
+                continue
+            # Only what is about to be deleted needs checking: it is vouched for from now on
+            # by the checkpoint's signature alone.
+            report = self.verify_one(name, through=point.chain_seq)
+            if report.first_break is not None:
+                refused.append(f"{name!r}: {report.first_break.detail}")
+                continue
+            checkpoint = sign_checkpoint(self._key, name, point, self._clock.now())
+            with self._store.transaction() as uow:
+                deleted += uow.audit.prune(checkpoint)
+        if refused:
+            raise FailedPrecondition(f"not pruning broken chains: {'; '.join(refused)}")
+        return deleted
+
+
+def visible_workspaces(principal: Principal, workspace: str) -> frozenset[str] | None:
+    """The workspaces the caller may read (None: all); ``workspace`` narrows it to one."""
+    if workspace:
+        if workspace not in (OPERATOR_WORKSPACE, NO_WORKSPACE):
+            validation.workspace(workspace)
+        _require(principal, workspace)
+        return frozenset({workspace})
+    _require(principal, principal.workspace)
+    return None if principal.is_operator else frozenset({principal.workspace})
+
+
+def _require(principal: Principal, workspace: str) -> None:
+    if not principal.is_operator and principal.workspace != workspace:
+        raise PermissionDenied(
+            f"key {principal.key_id} reads the audit trail of workspace "
+            f"{principal.workspace!r} only"
+        )
+    if not satisfies(principal.scopes, ADMIN_FULL):
+        raise PermissionDenied("the audit trail needs scope 'admin:full'")
+
+
+def _checked_decision(ev: AuditEvent) -> AuditEvent:
+    """Sidecars may ship decision records only, with bounded fields (a compromised sidecar
+    must not be able to forge ``key.revoked`` or flood the store with huge rows)."""
+    if ev.action not in DECISION_ACTIONS:
+        raise InvalidArgument("records.action", f"expected one of {sorted(DECISION_ACTIONS)}")
+    if not _ID.fullmatch(ev.id):
+        raise InvalidArgument("records.id", "expected 1-64 characters [A-Za-z0-9._:-]")
+    if ev.time <= 0:
+        raise InvalidArgument("records.time", "must be set")
+    texts = (ev.actor, ev.workspace, ev.target, ev.outcome, ev.reason, ev.request_id)
+    if any(len(t) > _MAX_FIELD for t in texts) or len(ev.metadata) > _MAX_METADATA:
+        raise InvalidArgument("records", f"fields are limited to {_MAX_FIELD} characters")
+    if any(len(k) > 64 or len(v) > _MAX_FIELD for k, v in ev.metadata.items()):
+        raise InvalidArgument("records.metadata", "entry too long")
+    if not ev.workspace:
+        ev = replace(ev, workspace=NO_WORKSPACE)
+    elif ev.workspace != NO_WORKSPACE:
+        validation.workspace(ev.workspace, "records.workspace")
+    return ev
+
+
+def encode_cursor(seq: int) -> str:
+    """A cursor as clients see it (opaque; today the decimal storage position)."""
+    return str(seq)
+
+
+def decode_cursor(text: str) -> int:
+    """The storage position in a cursor; empty means 'not given' (-1)."""
+    if not text:
+        return -1
+    if not text.isdigit() or len(text) > 18:
+        raise InvalidArgument("cursor", "malformed cursor")
+    return int(text)
+
+
+def _encode_token(time: float, seq: int) -> str:
+    raw = json.dumps([time, seq]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_token(token: str) -> tuple[float, int]:
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        time, seq = json.loads(raw)
+        if not isinstance(time, int | float) or not isinstance(seq, int):
+            raise ValueError
+    except (ValueError, binascii.Error, TypeError):
+        raise InvalidArgument("page_token", "malformed page token") from None
+    return float(time), seq

@@ -1,0 +1,205 @@
+"""AuditRepository over SQLite: append links each record into its workspace's hash chain inside
+the caller's transaction (writes are serialised by ``BEGIN IMMEDIATE``, so the head read here is
+the head the record is appended after)."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from typing import Any
+
+from sidecar.core.audit import AuditEvent, AuditQuery, scrub
+from sidecar.core.audit_chain import ChainedRecord, Checkpoint, Link, next_link
+
+_COLUMNS = (
+    "seq, id, time, actor, action, workspace, target, outcome, reason, request_id, metadata, "
+    "chain_seq, prev_digest, digest"
+)
+
+
+def _record(row: tuple[Any, ...]) -> ChainedRecord:
+    seq, eid, time, actor, action, ws, target, outcome, reason, rid, meta, cseq, prev, dig = row
+    ev = AuditEvent(
+        id=str(eid),
+        time=float(time),
+        actor=str(actor),
+        action=str(action),
+        workspace=str(ws),
+        target=str(target),
+        outcome=str(outcome),
+        reason=str(reason),
+        request_id=str(rid),
+        metadata=json.loads(str(meta)),
+    )
+    return ChainedRecord(ev, int(seq), Link(int(cseq), str(prev), str(dig)))
+
+
+def _where(query: AuditQuery) -> tuple[list[str], list[object]]:
+    where: list[str] = []
+    args: list[object] = []
+    if query.workspaces is not None:
+        where.append(f"workspace IN ({', '.join('?' * len(query.workspaces))})")
+        args.extend(sorted(query.workspaces))
+    for column, value in (("action", query.action), ("actor", query.actor)):
+        if value is not None:
+            where.append(f"{column} = ?")
+            args.append(value)
+    if query.since is not None:
+        where.append("time >= ?")
+        args.append(query.since)
+    if query.until is not None:
+        where.append("time < ?")
+        args.append(query.until)
+    return where, args
+
+
+class SqliteAudit:
+    """AuditRepository over one connection."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def append(self, event: AuditEvent) -> bool:
+        ev = scrub(event)
+        if self._conn.execute("SELECT 1 FROM audit_events WHERE id = ?", (ev.id,)).fetchone():
+            return False
+        link = next_link(ev, self.head(ev.workspace))
+        self._conn.execute(
+            "INSERT INTO audit_events (id, time, actor, action, workspace, target, outcome, "
+            "reason, request_id, metadata, chain_seq, prev_digest, digest) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                ev.id,
+                ev.time,
+                ev.actor,
+                ev.action,
+                ev.workspace,
+                ev.target,
+                ev.outcome,
+                ev.reason,
+                ev.request_id,
+                json.dumps(ev.metadata, sort_keys=True),
+                link.chain_seq,
+                link.prev_digest,
+                link.digest,
+            ),
+        )
+        return True
+
+    def recent(self, limit: int) -> list[AuditEvent]:
+        rows = self._conn.execute(
+            f"SELECT {_COLUMNS} FROM audit_events ORDER BY seq DESC LIMIT ?", (limit,)
+        ).fetchall()
+        return [_record(r).event for r in rows]
+
+    def page(
+        self, query: AuditQuery, limit: int, before: tuple[float, int] | None
+    ) -> list[ChainedRecord]:
+        where, args = _where(query)
+        if before is not None:
+            where.append("(time, seq) < (?, ?)")
+            args.extend(before)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        rows = self._conn.execute(
+            f"SELECT {_COLUMNS} FROM audit_events {clause} ORDER BY time DESC, seq DESC LIMIT ?",
+            (*args, limit),
+        ).fetchall()
+        return [_record(r) for r in rows]
+
+    def after(self, seq: int, query: AuditQuery, limit: int) -> list[ChainedRecord]:
+        where, args = _where(query)
+        rows = self._conn.execute(
+            f"SELECT {_COLUMNS} FROM audit_events WHERE {' AND '.join(['seq > ?', *where])} "
+            "ORDER BY seq LIMIT ?",
+            (seq, *args, limit),
+        ).fetchall()
+        return [_record(r) for r in rows]
+
+    def last_seq(self) -> int:
+        row = self._conn.execute("SELECT COALESCE(MAX(seq), 0) FROM audit_events").fetchone()
+        return int(row[0])
+
+    def head(self, workspace: str) -> Link | None:
+        row = self._conn.execute(
+            "SELECT chain_seq, prev_digest, digest FROM audit_events "
+            "WHERE workspace = ? AND chain_seq > 0 ORDER BY chain_seq DESC LIMIT 1",
+            (workspace,),
+        ).fetchone()
+        if row is not None:
+            return Link(int(row[0]), str(row[1]), str(row[2]))
+        cp = self.checkpoint(workspace)
+        return Link(cp.chain_seq, "", cp.digest) if cp else None
+
+    def chain(self, workspace: str, after_chain_seq: int, limit: int) -> list[ChainedRecord]:
+        rows = self._conn.execute(
+            f"SELECT {_COLUMNS} FROM audit_events WHERE workspace = ? AND chain_seq > ? "
+            "ORDER BY chain_seq LIMIT ?",
+            (workspace, after_chain_seq, limit),
+        ).fetchall()
+        return [_record(r) for r in rows]
+
+    def workspaces(self) -> list[str]:
+        rows = self._conn.execute(
+            "SELECT workspace FROM audit_events UNION SELECT workspace FROM audit_checkpoints "
+            "ORDER BY 1"
+        ).fetchall()
+        return [str(r[0]) for r in rows]
+
+    def checkpoint(self, workspace: str) -> Checkpoint | None:
+        row = self._conn.execute(
+            "SELECT workspace, chain_seq, digest, time, signature FROM audit_checkpoints "
+            "WHERE workspace = ? ORDER BY chain_seq DESC LIMIT 1",
+            (workspace,),
+        ).fetchone()
+        if row is None:
+            return None
+        return Checkpoint(str(row[0]), int(row[1]), str(row[2]), float(row[3]), str(row[4]))
+
+    def prune_point(self, workspace: str, before: float) -> Link | None:
+        row = self._conn.execute(
+            "SELECT MIN(chain_seq) FROM audit_events WHERE workspace = ? AND time >= ?",
+            (workspace, before),
+        ).fetchone()
+        newer = row[0] if row else None
+        bound = "chain_seq < ?" if newer is not None else "chain_seq <= ?"
+        row = self._conn.execute(
+            "SELECT chain_seq, prev_digest, digest FROM audit_events "
+            f"WHERE workspace = ? AND chain_seq > 0 AND {bound} ORDER BY chain_seq DESC LIMIT 1",
+            (workspace, newer if newer is not None else 2**62),
+        ).fetchone()
+        return Link(int(row[0]), str(row[1]), str(row[2])) if row else None
+
+    def prune(self, checkpoint: Checkpoint) -> int:
+        self._conn.execute(
+            "INSERT INTO audit_checkpoints (workspace, chain_seq, digest, time, signature) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (
+                checkpoint.workspace,
+                checkpoint.chain_seq,
+                checkpoint.digest,
+                checkpoint.time,
+                checkpoint.signature,
+            ),
+        )
+        cursor = self._conn.execute(
+            "DELETE FROM audit_events WHERE workspace = ? AND chain_seq <= ?",
+            (checkpoint.workspace, checkpoint.chain_seq),
+        )
+        return cursor.rowcount
+
+
+def link_unchained(conn: sqlite3.Connection) -> int:
+    """Link rows stored before the chain existed (chain_seq 0), in storage order; run inside
+    the migration transaction. Returns how many rows it linked."""
+    audit = SqliteAudit(conn)
+    rows = conn.execute(
+        f"SELECT {_COLUMNS} FROM audit_events WHERE chain_seq = 0 ORDER BY seq"
+    ).fetchall()
+    for row in rows:
+        ev = _record(row).event
+        link = next_link(ev, audit.head(ev.workspace))
+        conn.execute(
+            "UPDATE audit_events SET chain_seq = ?, prev_digest = ?, digest = ? WHERE seq = ?",
+            (link.chain_seq, link.prev_digest, link.digest, row[0]),
+        )
+    return len(rows)

@@ -1,0 +1,391 @@
+"""The sidecar's audit pipeline: queue policy, spool recovery, at-least-once shipping to a real
+control plane, a process killed with SIGKILL, and a control plane that is away for a while."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+
+from sidecar.auditship import (
+    AuditPipeline,
+    AuditQueue,
+    Backoff,
+    GrpcTransport,
+    ShipConfig,
+    Shipper,
+    Spool,
+    decision_event,
+)
+from sidecar.auditship.codec import decode, encode
+from sidecar.auditship.metrics import AuditMetrics
+from sidecar.auditship.spool import frame
+from sidecar.config import load_settings
+from sidecar.controlplane import ControlPlane
+from sidecar.core.audit import AuditEvent, event
+from sidecar.core.clock import FakeClock
+from tests.conftest import LoopThread, RunningControlPlane, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def decision(i: int, allowed: bool = True, path: str = "/v1/checks") -> AuditEvent:
+    return decision_event(
+        time=1_800_000_000.0 + i,
+        allowed=allowed,
+        reason="ok" if allowed else "unknown_key",
+        credential_id="key_a",
+        workspace="acme",
+        method="GET",
+        path=path,
+        source="127.0.0.1:5000",
+        decision_id=f"dec_{i:06d}",
+        latency_s=0.0001,
+    )
+
+
+def stored_decisions(plane: ControlPlane) -> list[str]:
+    with plane.store.read() as uow:
+        conn = uow.conn  # type: ignore[attr-defined]
+        rows = conn.execute("SELECT id FROM audit_events WHERE action LIKE 'authz.%'").fetchall()
+    return [r[0] for r in rows]
+
+
+def wait_until(check: Callable[[], bool], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.02)
+
+
+# -- queue ---------------------------------------------------------------------------------
+
+
+def test_a_full_queue_drops_allows_first_and_keeps_denials() -> None:
+    q = AuditQueue(3, deny_headroom=2)
+    assert all(q.put(decision(i)) for i in range(3))
+    assert q.put(decision(3)) is False  # full: the new allow is dropped
+    for i in range(4, 7):
+        assert q.put(decision(i, allowed=False))  # each evicts the oldest allow
+    assert q.put(decision(7, allowed=False))  # past capacity, within the denial headroom
+    stats = q.stats()
+    assert (stats.dropped_allows, stats.dropped_denials, stats.depth) == (4, 0, 4)
+    assert [e.id for e in q.drain()] == [f"dec_{i:06d}" for i in (4, 5, 6, 7)]
+
+
+def test_denials_are_dropped_only_past_the_headroom() -> None:
+    q = AuditQueue(2, deny_headroom=2)
+    results = [q.put(decision(i, allowed=False)) for i in range(6)]
+    assert results == [True] * 4 + [False] * 2
+    assert q.stats().dropped_denials == 2
+
+
+def test_drain_keeps_acceptance_order_across_kinds() -> None:
+    q = AuditQueue(100)
+    kinds = [True, False, False, True, True, False]
+    for i, allowed in enumerate(kinds):
+        q.put(decision(i, allowed))
+    assert [e.id for e in q.drain()] == [f"dec_{i:06d}" for i in range(6)]
+    assert q.drain() == []
+
+
+def test_allows_are_sampled_and_denials_never() -> None:
+    draws = iter([0.1, 0.9, 0.3, 0.7] * 10)
+    q = AuditQueue(100, allow_sample_rate=0.5, rand=lambda: next(draws))
+    kept = [q.put(decision(i)) for i in range(4)]
+    assert kept == [True, False, True, False]
+    assert all(q.put(decision(10 + i, allowed=False)) for i in range(4))
+    assert q.stats().sampled_out == 2 and q.stats().depth == 6
+
+
+# -- records and spool --------------------------------------------------------------------
+
+
+def test_decision_records_carry_no_query_string() -> None:
+    ev = decision(1, False, "/v1/checks?api_key=spk_secret&x=1#frag")
+    assert ev.target == "/v1/checks" and ev.action == "authz.deny" and ev.outcome == "deny"
+    assert ev.id == ev.request_id == "dec_000001"
+    assert decode(encode(ev)) == ev
+
+
+def test_spool_survives_reopen_and_cuts_a_torn_tail(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    spool.append([encode(decision(i)) for i in range(5)])
+    spool.close()
+    segment = next(tmp_path.glob("*.spool"))
+    whole = segment.read_bytes()
+    with open(segment, "ab") as fh:
+        fh.write(frame(encode(decision(5)))[:-7])  # killed inside a write
+    spool = Spool(tmp_path)
+    assert segment.stat().st_size == len(whole)
+    payloads, end = spool.read(spool.acked, 100)
+    assert [decode(p).id for p in payloads] == [f"dec_{i:06d}" for i in range(5)]
+    spool.append([encode(decision(6))])
+    payloads, _ = spool.read(end, 100)
+    assert [decode(p).id for p in payloads] == ["dec_000006"]
+    spool.close()
+
+
+def test_spool_rotates_segments_and_deletes_them_once_shipped(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, segment_bytes=1000)
+    for i in range(30):
+        spool.append([encode(decision(i))])
+    assert len(list(tmp_path.glob("*.spool"))) > 3
+    payloads, end = spool.read(spool.acked, 20)
+    assert len(payloads) == 20
+    spool.ack(end)
+    spool.close()
+    reopened = Spool(tmp_path, segment_bytes=1000)
+    rest, end = reopened.read(reopened.acked, 100)
+    assert [decode(p).id for p in rest] == [f"dec_{i:06d}" for i in range(20, 30)]
+    reopened.ack(end)
+    assert reopened.pending_bytes == 0 and len(list(tmp_path.glob("*.spool"))) == 1
+    reopened.close()
+
+
+def test_an_ack_newer_than_the_surviving_bytes_is_clamped(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    spool.append([encode(decision(i)) for i in range(3)])
+    spool.close()
+    (tmp_path / "shipped").write_text("1 999999\n")  # power loss: data lost, ack kept
+    spool = Spool(tmp_path)
+    spool.append([encode(decision(9))])
+    payloads, _ = spool.read(spool.acked, 10)
+    assert [decode(p).id for p in payloads] == ["dec_000009"]
+    spool.close()
+
+
+# -- shipping -----------------------------------------------------------------------------
+
+
+def test_shipping_backs_off_with_a_bound_while_the_control_plane_is_away(tmp_path: Path) -> None:
+    now = [100.0]
+    spool = Spool(tmp_path)
+    spool.append([encode(decision(1))])
+    transport = GrpcTransport(f"127.0.0.1:{free_port()}", "spk_none", timeout=2)
+    shipper = Shipper(spool, transport, backoff=Backoff(1, 4), clock=lambda: now[0])
+    delays = []
+    for _ in range(5):
+        delays.append(shipper.poll())
+        assert shipper.poll() == delays[-1]  # not due yet: no attempt
+        now[0] += delays[-1]
+    assert delays == [1, 2, 4, 4, 4]
+    assert shipper.stats().failures == 5 and spool.pending_bytes > 0
+    transport.close()
+    spool.close()
+
+
+def test_the_same_records_shipped_twice_are_stored_once(
+    tmp_path: Path, control_plane: RunningControlPlane
+) -> None:
+    transport = GrpcTransport(control_plane.address, control_plane.operator_key)
+    spool = Spool(tmp_path)
+    spool.append([encode(decision(i, i % 3 == 0)) for i in range(50)])
+    shipper = Shipper(spool, transport, batch=20)
+    assert shipper.drain(time.monotonic() + 30)
+    spool.close()
+    (tmp_path / "shipped").unlink()  # as if the acknowledgement never reached the disk
+    again = Spool(tmp_path)
+    assert again.pending_bytes > 0
+    assert Shipper(again, transport, batch=20).drain(time.monotonic() + 30)
+    ids = stored_decisions(control_plane.plane)
+    assert len(ids) == 50 and set(ids) == {f"dec_{i:06d}" for i in range(50)}
+    transport.close()
+    again.close()
+
+
+def test_a_record_the_control_plane_refuses_is_skipped_not_retried_forever(
+    tmp_path: Path, control_plane: RunningControlPlane
+) -> None:
+    transport = GrpcTransport(control_plane.address, control_plane.operator_key)
+    spool = Spool(tmp_path)
+    forged = event(1_800_000_000.0, "key_a", "key.revoked", "acme", "key_b")
+    spool.append([encode(decision(1)), encode(forged), encode(decision(2))])
+    shipper = Shipper(spool, transport)
+    assert shipper.drain(time.monotonic() + 30)
+    assert sorted(stored_decisions(control_plane.plane)) == ["dec_000001", "dec_000002"]
+    assert shipper.stats().rejected == 1 and spool.pending_bytes == 0
+    transport.close()
+    spool.close()
+
+
+@pytest.fixture
+def offline_plane(tmp_path: Path, loop_thread: LoopThread) -> Iterator[tuple[ControlPlane, str]]:
+    """A control plane with its key minted but not listening yet."""
+    settings = load_settings(
+        {"data_dir": str(tmp_path / "cp"), "admin_addr": f"127.0.0.1:{free_port()}"}, environ={}
+    )
+    (tmp_path / "cp").mkdir()
+    plane = ControlPlane(settings, clock=FakeClock(time.time()))
+    minted = plane.bootstrap()
+    assert minted is not None
+    yield plane, minted.secret
+    loop_thread.run(plane.aclose(grace=1))
+
+
+def test_records_are_spooled_while_the_control_plane_is_down_then_delivered(
+    tmp_path: Path, offline_plane: tuple[ControlPlane, str], loop_thread: LoopThread
+) -> None:
+    plane, key = offline_plane
+    transport = GrpcTransport(plane.settings.admin_addr, key, timeout=2)
+    config = ShipConfig(tmp_path / "spool", backoff=Backoff(0.05, 0.2))
+    pipeline = AuditPipeline(config, transport)
+    pipeline.start()
+    for i in range(600):
+        assert pipeline.record(decision(i, allowed=i % 4 != 0))
+    wait_until(lambda: pipeline.stats().written == 600)
+    assert pipeline.shipper is not None
+    wait_until(lambda: pipeline.shipper is not None and pipeline.shipper.stats().failures >= 2)
+    assert pipeline.stats().spool_bytes > 0 and stored_decisions(plane) == []
+
+    loop_thread.run(plane.start())
+    wait_until(lambda: pipeline.stats().spool_bytes == 0)
+    assert pipeline.close(timeout=10)
+    ids = stored_decisions(plane)
+    assert len(ids) == 600 and len(set(ids)) == 600
+    assert pipeline.stats().dropped == 0
+    transport.close()
+
+
+def test_a_killed_process_loses_only_unwritten_records_and_none_twice(
+    tmp_path: Path, control_plane: RunningControlPlane
+) -> None:
+    spool_dir = tmp_path / "spool"
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tests.support.audit_child",
+            str(spool_dir),
+            control_plane.address,
+            control_plane.operator_key,
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout is not None
+    accepted = written = shipped = 0
+    for line in child.stdout:
+        accepted, written, shipped, dropped = map(int, line.split())
+        assert dropped == 0
+        if written >= 3000 and shipped >= 500:
+            break
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait(10)
+    child.stdout.close()
+    assert child.returncode == -signal.SIGKILL
+
+    # Restart: the spool is reopened and everything in it shipped.
+    transport = GrpcTransport(control_plane.address, control_plane.operator_key)
+    pipeline = AuditPipeline(ShipConfig(spool_dir), transport)
+    assert pipeline.close(timeout=30)
+    transport.close()
+    ids = sorted(stored_decisions(control_plane.plane))
+    # At most once: ids are unique. No hole: the kept records are a prefix of what was
+    # recorded. The bound: every record written before the last report is kept.
+    assert len(ids) == len(set(ids))
+    assert ids == [f"dec_{i:08d}" for i in range(len(ids))]
+    assert len(ids) >= written
+    lost = accepted - len(ids)  # a lower bound on the loss: it recorded more after reporting
+    print(f"kill -9: recorded >= {accepted}, written >= {written}, kept {len(ids)}, lost {lost}")
+
+
+def test_metrics_use_the_documented_names(tmp_path: Path) -> None:
+    pipeline = AuditPipeline(ShipConfig(tmp_path, queue_capacity=1), None)
+    pipeline.record(decision(1))
+    pipeline.record(decision(2))
+    registry = CollectorRegistry()
+    registry.register(AuditMetrics(pipeline))
+    text = generate_latest(registry).decode()
+    assert "spauth_audit_queue_depth 1.0" in text
+    assert 'spauth_audit_dropped_total{outcome="allow"} 1.0' in text
+    assert 'spauth_audit_dropped_total{outcome="deny"} 0.0' in text
+    pipeline.flush()
+    assert "spauth_audit_spool_bytes " in generate_latest(registry).decode()
+    pipeline.close()
+
+
+def test_the_check_observer_records_each_decision(tmp_path: Path) -> None:
+    from sidecar.auditship.observer import DecisionRecorder
+    from sidecar.core.decision import Decision, Identity, Reason
+    from sidecar.core.engine import CheckInput
+
+    draws = iter([0.9, 0.1])
+    config = ShipConfig(tmp_path, allow_sample_rate=0.5)
+    pipeline = AuditPipeline(config, None, rand=lambda: next(draws))
+    observe = DecisionRecorder(pipeline, FakeClock(1_800_000_000.0))
+    key = Identity("api_key", "key_abc", "acme", frozenset({"checks:read"}), 2e9)
+    token = Identity(
+        "access_token", "jti_1", "acme", frozenset(), 2e9, subject="usr_1", client_id="app_1"
+    )
+    view = CheckInput("GET", "/v1/workspaces/acme/checks?api_key=x", "api", {}, {})
+    observe(Decision(Reason.OK, "dec_a_1", key), view, "10.0.0.7", 0.000123)  # sampled out
+    observe(Decision(Reason.OK, "dec_a_2", token), view, "10.0.0.7", 0.000123)
+    observe(Decision(Reason.UNKNOWN_CREDENTIAL, "dec_a_3"), view, "10.0.0.8", 0.00005)
+    allow, deny = pipeline.queue.drain()
+    assert (allow.id, allow.actor, allow.workspace, allow.action) == (
+        "dec_a_2",
+        "usr_1",
+        "acme",
+        "authz.allow",
+    )
+    assert allow.target == "/v1/workspaces/acme/checks" and allow.time == 1_800_000_000.0
+    assert allow.metadata == {
+        "method": "GET",
+        "source": "10.0.0.7",
+        "latency_us": "123",
+        "credential": "jti_1",
+        "client_id": "app_1",
+    }
+    assert (deny.actor, deny.workspace, deny.reason, deny.outcome) == (
+        "anonymous",
+        "",
+        "unknown_credential",
+        "deny",
+    )
+    assert pipeline.queue.stats().sampled_out == 1
+    pipeline.close()
+
+
+def test_with_a_sync_token_sidecars_must_present_it_and_it_reads_nothing(
+    tmp_path: Path, loop_thread: LoopThread
+) -> None:
+    import grpc
+
+    from sidecar._gen.statuspulse.auth.v1 import audit_pb2, audit_pb2_grpc
+    from sidecar.auditship import TransportError
+
+    token = "sync-" + "x" * 40
+    settings = load_settings(
+        {"data_dir": str(tmp_path), "admin_addr": "127.0.0.1:0", "sync_token": token}, environ={}
+    )
+    plane = ControlPlane(settings, clock=FakeClock(time.time()))
+    loop_thread.run(plane.start())
+    address = f"127.0.0.1:{plane.admin_port}"
+    try:
+        anonymous = GrpcTransport(address)
+        with pytest.raises(TransportError, match="UNAUTHENTICATED") as info:
+            anonymous.send([encode(decision(1))])
+        assert not info.value.rejected  # retried later, not skipped
+        anonymous.close()
+        sidecar = GrpcTransport(address, token)
+        assert sidecar.send([encode(decision(1)), encode(decision(2))]) == 2
+        sidecar.close()
+        assert sorted(stored_decisions(plane)) == ["dec_000001", "dec_000002"]
+        with grpc.insecure_channel(address) as ch, pytest.raises(grpc.RpcError) as read:
+            audit_pb2_grpc.AuditServiceStub(ch).ListAuditRecords(
+                audit_pb2.ListAuditRecordsRequest(),
+                metadata=(("authorization", f"Bearer {token}"),),
+            )
+        assert read.value.code() is grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined]
+    finally:
+        loop_thread.run(plane.aclose(grace=1))
