@@ -85,7 +85,6 @@ class AuditStreamConsumer:
                 failures += 1
                 if failures == 1:
                     log.warning("audit stream: cannot ingest; retrying", extra={"error": str(exc)})
-                self._own_pending = True
                 await asyncio.sleep(self.backoff.compute(failures))
 
     async def _ensure_group(self) -> None:
@@ -103,15 +102,23 @@ class AuditStreamConsumer:
         if time.monotonic() >= self._next_claim:
             handled = await self.claim()
             self._next_claim = time.monotonic() + self.claim_idle_ms / 3000
-        start = "0" if self._own_pending else ">"
-        block = None if self._own_pending else self.block_ms
+        entries: list[Entry] = []
+        if self._own_pending:
+            entries = await self._read("0", None)
+            self._own_pending = bool(entries)
+        if not self._own_pending:
+            entries = await self._read(">", self.block_ms)
+        try:
+            return handled + await self._store(entries)
+        except BaseException:
+            self._own_pending = True  # left pending: read them again first
+            raise
+
+    async def _read(self, start: str, block: int | None) -> list[Entry]:
         reply: Any = await self._client.xreadgroup(
             self.group, self.consumer, {self.stream: start}, count=self.batch, block=block
         )
-        entries: list[Entry] = reply[0][1] if reply else []
-        if self._own_pending and not entries:
-            self._own_pending = False
-        return handled + await self._store(entries)
+        return reply[0][1] if reply else []
 
     async def claim(self) -> int:
         """Take over entries another consumer read but did not acknowledge in ``claim_idle``."""
@@ -120,7 +127,11 @@ class AuditStreamConsumer:
         )
         entries: list[Entry] = [e for e in reply[1] if e is not None]
         self.claimed += len(entries)
-        return await self._store(entries)
+        try:
+            return await self._store(entries)
+        except BaseException:
+            self._own_pending = True  # claimed, so ours now
+            raise
 
     async def _store(self, entries: list[Entry]) -> int:
         if not entries:
