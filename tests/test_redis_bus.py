@@ -18,12 +18,14 @@ import pytest
 
 from sidecar._gen.statuspulse.auth.v1 import api_keys_pb2 as pb
 from sidecar._gen.statuspulse.auth.v1 import api_keys_pb2_grpc as pb_grpc
+from sidecar.bus import RedisChangeBus
 from sidecar.config import SidecarSettings, load_settings
 from sidecar.controlplane import ControlPlane
 from sidecar.core.clock import FakeClock
 from sidecar.core.decision import Reason
 from sidecar.core.engine import CheckInput
 from sidecar.dataplane.server import Sidecar
+from sidecar.store.sqlite import SqliteStore
 from tests.conftest import LoopThread, bearer, wait_until
 from tests.support.redis import RedisServer
 
@@ -157,3 +159,24 @@ def test_redis_killed_mid_test_then_back(tmp_path: Path, loop_thread: LoopThread
             f"\nA -> sidecar on B: Redis up {before * 1000:.0f} ms, killed {during * 1000:.0f} ms "
             f"(heartbeat 3 s), back {after * 1000:.0f} ms"
         )
+
+
+def test_a_hung_redis_is_noticed_and_left(tmp_path: Path, loop_thread: LoopThread) -> None:
+    """Redis stops answering without closing connections (SIGSTOP): the bus notices from its own
+    keep-alives, reconnects when Redis answers again, and wakes the streams once."""
+    store = SqliteStore(tmp_path / "bus.db")
+    woken: list[int] = []
+    with RedisServer() as server:
+        bus = RedisChangeBus(server.url, store, woken.append, liveness=0.2)
+        loop_thread.run(bus.start())
+        try:
+            wait_until(lambda: bus.connected)
+            server.pause()
+            wait_until(lambda: not bus.connected, timeout=10)
+            server.resume()
+            wait_until(lambda: bus.connected, timeout=15)
+            assert woken.count(0) >= 2  # once per (re)subscription
+        finally:
+            server.resume()
+            loop_thread.run(bus.aclose())
+            store.close()

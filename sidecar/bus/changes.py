@@ -53,11 +53,16 @@ class RedisChangeBus:
         channel: str = CHANNEL,
         backoff: AbstractBackoff | None = None,
         origin: str = "",
+        liveness: float = 5.0,
     ) -> None:
         self.url = url
         self.channel = channel
         self.origin = origin or f"{os.uname().nodename}:{os.getpid()}:{os.urandom(4).hex()}"
         self.backoff = backoff or EqualJitterBackoff(cap=5.0, base=0.1)
+        # Each replica publishes at least every ``liveness`` seconds and hears itself: a
+        # subscription silent for three periods is half-open (a dead peer, a dropped NAT entry)
+        # and is opened again.
+        self.liveness = liveness
         self.connected = False
         self.published = 0
         self.received = 0
@@ -96,10 +101,13 @@ class RedisChangeBus:
         # Several commits in a row make one message with the newest head: a replica that
         # re-reads the log from its streams' positions gets every change up to it anyway.
         while True:
-            await self._to_publish.wait()
+            revision = 0  # a keep-alive, unless a commit comes first
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._to_publish.wait(), self.liveness)
+                revision = self._latest
             self._to_publish.clear()
             try:
-                await self._client.publish(self.channel, encode(self.origin, self._latest))
+                await self._client.publish(self.channel, encode(self.origin, revision))
                 self.published += 1
             except RETRYABLE as exc:
                 # Other replicas fall back to their heartbeat re-read; nothing to resend.
@@ -132,12 +140,17 @@ class RedisChangeBus:
             self.connected = True
             # Commits made elsewhere while we were not listening: look once now.
             self._wake(0)
+            loop_time = asyncio.get_running_loop().time
+            last = loop_time()
             while True:
                 message = await pubsub.get_message(timeout=1.0)
                 if message is None:
+                    if loop_time() - last > 3 * self.liveness:
+                        raise ConnectionError("change bus: subscription silent; reconnecting")
                     continue
+                last = loop_time()
                 parsed = decode(message.get("data"))
-                if parsed is not None and parsed[0] != self.origin:
+                if parsed is not None and parsed[0] != self.origin and parsed[1] > 0:
                     self.received += 1
                     self._wake(parsed[1])
         finally:

@@ -12,6 +12,7 @@ Fixtures: ``redis_server`` (one per session, flushed after each test that uses i
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -80,8 +81,18 @@ class RedisServer:
         """Kill the server (SIGKILL: an outage, not a shutdown) and wait for it to go."""
         proc, self._proc = self._proc, None
         if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)  # a paused process still dies, but be explicit
             proc.kill()
             proc.wait(10)
+
+    def pause(self) -> None:
+        """SIGSTOP: connections stay open but nothing answers (a hung or partitioned Redis)."""
+        if self._proc is not None:
+            self._proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self._proc is not None:
+            self._proc.send_signal(signal.SIGCONT)
 
     def client(self) -> redis.Redis:
         return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2)
