@@ -1,9 +1,13 @@
-"""One typed, frozen configuration per process kind, read from flags and ``SPAUTH_*`` environment
-variables in one place and validated at start-up with messages that name the setting. Nothing else
-reads ``os.environ``."""
+"""One typed, frozen configuration per process kind, read from a config file, ``SPAUTH_*``
+environment variables and flags in one place, and validated at start-up with messages that name
+the setting, the value and where it came from. Nothing else reads ``os.environ``.
+
+Precedence, lowest first: defaults, the config file (sidecar/ops/configfile.py reads it), the
+environment, flags."""
 
 from __future__ import annotations
 
+import difflib
 import os
 import types
 import typing
@@ -19,7 +23,11 @@ T = TypeVar("T")
 
 
 class ConfigError(ValueError):
-    """A setting has a bad value; the message names the setting and the value."""
+    """One or more settings have bad values; each message names the setting and the value."""
+
+    def __init__(self, errors: str | list[str]) -> None:
+        self.errors = [errors] if isinstance(errors, str) else list(errors)
+        super().__init__("; ".join(self.errors))
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +46,19 @@ class Settings:
     sync_token: str = ""
     policy_file: Path | None = None
     log_level: str = "info"
+    # TLS: the admin API (and the sync stream it carries); a client CA turns on mTLS.
+    admin_tls_cert: Path | None = None
+    admin_tls_key: Path | None = None
+    admin_tls_client_ca: Path | None = None
+    # TLS on the HTTP port (OAuth endpoints, /metrics, /healthz, /readyz).
+    http_tls_cert: Path | None = None
+    http_tls_key: Path | None = None
+    # OpenTelemetry: OTLP/gRPC collector URL (http:// = plaintext); empty = tracing off.
+    tracing_endpoint: str = ""
+    tracing_sample_ratio: float = 1.0
+    # SIGTERM: seconds NOT_SERVING but still answering, then seconds to finish in-flight calls.
+    drain_delay: float = 0.0
+    shutdown_grace: float = 5.0
     # OAuth (issue 4). An empty issuer means http://<http_addr> (with the bound port).
     oauth_issuer: str = ""
     oauth_audience: str = "statuspulse-api"
@@ -72,6 +93,19 @@ class SidecarSettings:
     workers: int = 1
     policy_poll_interval: float = 1.0
     log_level: str = "info"
+    # /metrics, /healthz, /readyz over HTTP; empty = off.
+    metrics_addr: str = "127.0.0.1:9192"
+    # Sync over TLS when a CA is set; a client certificate for a control plane that wants mTLS.
+    control_plane_tls_ca: Path | None = None
+    control_plane_tls_cert: Path | None = None
+    control_plane_tls_key: Path | None = None
+    control_plane_tls_server_name: str = ""
+    tracing_endpoint: str = ""
+    tracing_sample_ratio: float = 1.0
+    # Denial log lines per second, per class (with / without a known credential); 0 = all.
+    denial_log_rate: float = 100.0
+    drain_delay: float = 0.0
+    shutdown_grace: float = 5.0
     # OAuth access tokens: the issuer and audience they must name (RFC 9068 §4).
     oauth_issuer: str = "http://127.0.0.1:8080"
     oauth_audience: str = "statuspulse-api"
@@ -103,48 +137,99 @@ _DURATIONS = {
     "audit_retention",
 }
 _LEVELS = {"debug", "info", "warning", "error"}
+FILE_SOURCE = "config file"
+FLAG_SOURCE = "command line"
 
 
 def _convert(name: str, kind: Any, raw: object) -> object:
     if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
+        if raw == "":
+            return None  # an empty value unsets an optional path
         kind = next(a for a in typing.get_args(kind) if a is not type(None))
     if kind is Path:
-        return Path(str(raw))
+        if not isinstance(raw, str | Path):
+            raise ConfigError(f"{name}: expected a path, got {raw!r}")
+        return Path(raw)
     if name in _DURATIONS and not isinstance(raw, int):
         try:
             return parse_duration(str(raw), name)
         except InvalidArgument:
             raise ConfigError(f"{name}: expected a duration such as 90d, got {raw!r}") from None
     if kind in (int, float):
+        expected = "an integer" if kind is int else "a number"
+        # TOML gives typed values: a bool or a fraction is never silently truncated.
+        if isinstance(raw, bool) or (kind is int and isinstance(raw, float)):
+            raise ConfigError(f"{name}: expected {expected}, got {raw!r}")
         try:
             return kind(str(raw))
         except ValueError:
-            raise ConfigError(f"{name}: expected a number, got {raw!r}") from None
-    return str(raw)
+            raise ConfigError(f"{name}: expected {expected}, got {raw!r}") from None
+    if not isinstance(raw, str):
+        raise ConfigError(f"{name}: expected a string, got {raw!r}")
+    return raw
+
+
+class _Errors:
+    """Collects every problem, each tagged with where the offending value came from."""
+
+    def __init__(self, sources: dict[str, str]) -> None:
+        self.sources = sources
+        self.items: list[str] = []
+
+    def add(self, name: str, message: str) -> None:
+        source = self.sources.get(name)
+        self.items.append(f"{name}: {message}" + (f" (from {source})" if source else ""))
+
+    def extend(self, name: str, exc: ConfigError) -> None:
+        source = self.sources.get(name)
+        self.items.extend(e + (f" (from {source})" if source else "") for e in exc.errors)
+
+    def raise_any(self) -> None:
+        if self.items:
+            raise ConfigError(self.items)
 
 
 def _load(
-    cls: type[T], prefix: str, overrides: Mapping[str, object] | None, environ: Mapping[str, str]
-) -> T:
+    cls: type[T],
+    prefix: str,
+    overrides: Mapping[str, object] | None,
+    environ: Mapping[str, str],
+    file_values: Mapping[str, object] | None,
+    file_label: str,
+) -> tuple[T, _Errors]:
+    """The settings object, and an error collector that knows where each value came from."""
     hints = typing.get_type_hints(cls)
+    names = [f.name for f in fields(cls)]  # type: ignore[arg-type]
+    layers: list[tuple[str, Mapping[str, object]]] = [(file_label, file_values or {})]
+    env = {n: environ[f"{prefix}{n.upper()}"] for n in names if environ.get(f"{prefix}{n.upper()}")}
+    layers.append(("", env))
+    layers.append((FLAG_SOURCE, {k: v for k, v in (overrides or {}).items() if v is not None}))
     values: dict[str, object] = {}
-    for f in fields(cls):  # type: ignore[arg-type]
-        raw = environ.get(f"{prefix}{f.name.upper()}")
-        if raw:
-            values[f.name] = _convert(f.name, hints[f.name], raw)
-    for name, value in (overrides or {}).items():
-        if value is not None:
-            values[name] = _convert(name, hints[name], value)
-    return cls(**values)
+    sources: dict[str, str] = {}
+    errors = _Errors(sources)
+    for label, layer in layers:
+        for name, raw in layer.items():
+            sources[name] = label or f"{prefix}{name.upper()}"
+            if name not in hints:
+                close = difflib.get_close_matches(name, names, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                errors.add(name, f"unknown setting{hint}")
+                continue
+            try:
+                values[name] = _convert(name, hints[name], raw)
+            except ConfigError as exc:
+                errors.extend(name, exc)
+    # A bad value keeps its default so the checks below still run: every error is reported.
+    return cls(**values), errors
 
 
-def _check_addr(name: str, value: str) -> None:
+def _check_addr(errors: _Errors, name: str, value: str) -> None:
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"{name}: expected HOST:PORT, got {value!r}")
+        errors.add(name, f"expected HOST:PORT, got {value!r}")
 
 
-def _check_oauth(settings: Settings) -> None:
+def _check_oauth(errors: _Errors, settings: Settings) -> None:
     issuer = settings.oauth_issuer
     # RFC 8414 §2: an http(s) URL with no query or fragment; compared by exact string match.
     if issuer and (
@@ -153,90 +238,146 @@ def _check_oauth(settings: Settings) -> None:
         or issuer.endswith("/")
         or len(issuer.split("/", 3)[2]) == 0
     ):
-        raise ConfigError(
-            f"oauth_issuer: expected an http(s) URL without query, fragment or trailing slash, "
-            f"got {issuer!r}"
+        errors.add(
+            "oauth_issuer",
+            f"expected an http(s) URL without query, fragment or trailing slash, got {issuer!r}",
         )
     if not settings.oauth_audience.strip():
-        raise ConfigError("oauth_audience: must not be empty")
+        errors.add("oauth_audience", "must not be empty")
     if not 60 <= settings.oauth_access_token_ttl <= 86400:
-        raise ConfigError("oauth_access_token_ttl: must be between 1m and 1d")
+        errors.add("oauth_access_token_ttl", "must be between 1m and 1d")
     if settings.oauth_refresh_token_ttl < settings.oauth_access_token_ttl:
-        raise ConfigError("oauth_refresh_token_ttl: must be at least oauth_access_token_ttl")
+        errors.add("oauth_refresh_token_ttl", "must be at least oauth_access_token_ttl")
     if settings.oauth_signing_key_rotation < 2 * settings.oauth_access_token_ttl:
-        raise ConfigError("oauth_signing_key_rotation: must be at least twice the token lifetime")
+        errors.add("oauth_signing_key_rotation", "must be at least twice the token lifetime")
 
 
-def _check_level(value: str) -> None:
+def _check_level(errors: _Errors, value: str) -> None:
     if value.lower() not in _LEVELS:
-        raise ConfigError(f"log_level: expected debug|info|warning|error, got {value!r}")
+        errors.add("log_level", f"expected debug|info|warning|error, got {value!r}")
+
+
+def _check_file(errors: _Errors, name: str, value: Path | None) -> None:
+    if value is not None and not value.is_file():
+        errors.add(name, f"no such file {str(value)!r}")
+
+
+def _check_pair(errors: _Errors, cert: str, key: str, obj: object) -> None:
+    if (getattr(obj, cert) is None) != (getattr(obj, key) is None):
+        errors.add(cert if getattr(obj, cert) is None else key, f"set both {cert} and {key}")
+
+
+def _check_tracing(errors: _Errors, endpoint: str, ratio: float) -> None:
+    if endpoint and not endpoint.startswith(("http://", "https://")):
+        errors.add("tracing_endpoint", f"expected http(s)://HOST:PORT, got {endpoint!r}")
+    if not 0.0 <= ratio <= 1.0:
+        errors.add("tracing_sample_ratio", f"must be between 0 and 1, got {ratio}")
+
+
+def _check_shutdown(errors: _Errors, drain_delay: float, grace: float) -> None:
+    if drain_delay < 0:
+        errors.add("drain_delay", f"must not be negative, got {drain_delay}")
+    if grace < 0:
+        errors.add("shutdown_grace", f"must not be negative, got {grace}")
 
 
 def load_settings(
-    overrides: Mapping[str, object] | None = None, environ: Mapping[str, str] | None = None
+    overrides: Mapping[str, object] | None = None,
+    environ: Mapping[str, str] | None = None,
+    file_values: Mapping[str, object] | None = None,
+    file_label: str = FILE_SOURCE,
 ) -> Settings:
-    """Defaults, then ``SPAUTH_<NAME>`` environment variables, then explicit overrides (flags)."""
-    s = _load(Settings, "SPAUTH_", overrides, os.environ if environ is None else environ)
+    """Defaults, then ``file_values``, then ``SPAUTH_<NAME>`` variables, then ``overrides``."""
+    env = os.environ if environ is None else environ
+    s, errors = _load(Settings, "SPAUTH_", overrides, env, file_values, file_label)
     for name in ("admin_addr", "http_addr", "sidecar_addr"):
-        _check_addr(name, getattr(s, name))
+        _check_addr(errors, name, getattr(s, name))
     if not 60 <= s.key_default_lifetime <= s.key_max_lifetime:
-        raise ConfigError("key_default_lifetime: must be at least 60s and at most key_max_lifetime")
+        errors.add("key_default_lifetime", "must be at least 60s and at most key_max_lifetime")
     if s.sweep_interval <= 0:
-        raise ConfigError("sweep_interval: must be positive")
+        errors.add("sweep_interval", "must be positive")
     if s.sync_heartbeat <= 0:
-        raise ConfigError("sync_heartbeat: must be positive")
-    _check_oauth(s)
-    _check_level(s.log_level)
+        errors.add("sync_heartbeat", "must be positive")
+    _check_oauth(errors, s)
+    _check_level(errors, s.log_level)
+    for name in ("admin_tls_cert", "admin_tls_key", "admin_tls_client_ca"):
+        _check_file(errors, name, getattr(s, name))
+    for name in ("http_tls_cert", "http_tls_key", "policy_file"):
+        _check_file(errors, name, getattr(s, name))
+    _check_pair(errors, "admin_tls_cert", "admin_tls_key", s)
+    _check_pair(errors, "http_tls_cert", "http_tls_key", s)
+    if s.admin_tls_client_ca is not None and s.admin_tls_cert is None:
+        errors.add("admin_tls_client_ca", "mTLS needs admin_tls_cert and admin_tls_key too")
+    _check_tracing(errors, s.tracing_endpoint, s.tracing_sample_ratio)
+    _check_shutdown(errors, s.drain_delay, s.shutdown_grace)
+    _check_redis_url(errors, s.redis_url)
+    errors.raise_any()
     return s
 
 
-def _check_limits(s: SidecarSettings) -> None:
+def _check_redis_url(errors: _Errors, value: str) -> None:
+    if value and not value.startswith(("redis://", "rediss://", "unix://")):
+        errors.add("redis_url", f"expected redis://, rediss:// or unix://, got {value!r}")
+
+
+def _check_limits(errors: _Errors, s: SidecarSettings) -> None:
     for name in ("failure_limit_source", "failure_limit_key"):
         if getattr(s, name) < 0:
-            raise ConfigError(f"{name}: must be 0 (off) or a positive count")
+            errors.add(name, "must be 0 (off) or a positive count")
     if not 1 <= s.failure_window <= 86400:
-        raise ConfigError(
-            f"failure_window: must be between 1 and 86400 seconds, got {s.failure_window}"
-        )
+        errors.add("failure_window", f"must be between 1 and 86400 seconds, got {s.failure_window}")
     if not 0.01 <= s.ratelimit_sync_interval <= 60:
-        raise ConfigError("ratelimit_sync_interval: must be between 0.01 and 60 seconds")
-    if s.redis_url and not s.redis_url.startswith(("redis://", "rediss://", "unix://")):
-        raise ConfigError(
-            f"redis_url: expected redis://, rediss:// or unix://, got {s.redis_url!r}"
-        )
+        errors.add("ratelimit_sync_interval", "must be between 0.01 and 60 seconds")
+    _check_redis_url(errors, s.redis_url)
 
 
 def load_sidecar_settings(
-    overrides: Mapping[str, object] | None = None, environ: Mapping[str, str] | None = None
+    overrides: Mapping[str, object] | None = None,
+    environ: Mapping[str, str] | None = None,
+    file_values: Mapping[str, object] | None = None,
+    file_label: str = FILE_SOURCE,
 ) -> SidecarSettings:
-    """Defaults, then ``SPAUTH_SIDECAR_<NAME>`` environment variables, then flags."""
+    """Defaults, then ``file_values``, then ``SPAUTH_SIDECAR_<NAME>`` variables, then flags."""
     env = os.environ if environ is None else environ
-    s = _load(SidecarSettings, "SPAUTH_SIDECAR_", overrides, env)
-    _check_addr("listen", s.listen)
-    _check_addr("control_plane", s.control_plane)
+    s, errors = _load(SidecarSettings, "SPAUTH_SIDECAR_", overrides, env, file_values, file_label)
+    _check_addr(errors, "listen", s.listen)
+    _check_addr(errors, "control_plane", s.control_plane)
+    if s.metrics_addr:
+        _check_addr(errors, "metrics_addr", s.metrics_addr)
     if s.max_staleness < 0:
-        raise ConfigError("max_staleness: must be 0 (never) or a positive number of seconds")
+        errors.add("max_staleness", "must be 0 (never) or a positive number of seconds")
     if not 1 <= s.threads <= 64:
-        raise ConfigError(f"threads: must be between 1 and 64, got {s.threads}")
+        errors.add("threads", f"must be between 1 and 64, got {s.threads}")
     if not 1 <= s.workers <= 64:
-        raise ConfigError(f"workers: must be between 1 and 64, got {s.workers}")
-    _check_audit(s)
-    if s.policy_file is not None and not s.policy_file.is_file():
-        raise ConfigError(f"policy_file: no such file {str(s.policy_file)!r}")
-    _check_limits(s)
-    _check_level(s.log_level)
+        errors.add("workers", f"must be between 1 and 64, got {s.workers}")
+    if s.policy_poll_interval <= 0:
+        errors.add("policy_poll_interval", "must be positive")
+    if s.denial_log_rate < 0:
+        errors.add("denial_log_rate", "must be 0 (log every denial) or positive")
+    for name in ("policy_file", "control_plane_tls_ca", "control_plane_tls_cert"):
+        _check_file(errors, name, getattr(s, name))
+    _check_file(errors, "control_plane_tls_key", s.control_plane_tls_key)
+    _check_pair(errors, "control_plane_tls_cert", "control_plane_tls_key", s)
+    if s.control_plane_tls_cert is not None and s.control_plane_tls_ca is None:
+        errors.add("control_plane_tls_cert", "a client certificate needs control_plane_tls_ca")
+    _check_audit(errors, s)
+    _check_limits(errors, s)
+    _check_level(errors, s.log_level)
+    _check_tracing(errors, s.tracing_endpoint, s.tracing_sample_ratio)
+    _check_shutdown(errors, s.drain_delay, s.shutdown_grace)
+    errors.raise_any()
     return s
 
 
-def _check_audit(s: SidecarSettings) -> None:
+def _check_audit(errors: _Errors, s: SidecarSettings) -> None:
     if s.audit not in ("on", "off"):
-        raise ConfigError(f"audit: expected on|off, got {s.audit!r}")
+        errors.add("audit", f"expected on|off, got {s.audit!r}")
     if s.audit_queue_capacity < 1:
-        raise ConfigError(f"audit_queue_capacity: must be at least 1, got {s.audit_queue_capacity}")
+        errors.add("audit_queue_capacity", f"must be at least 1, got {s.audit_queue_capacity}")
     if not 0 <= s.audit_allow_sample_rate <= 1:
-        raise ConfigError(
-            f"audit_allow_sample_rate: must be between 0 and 1, got {s.audit_allow_sample_rate}"
+        errors.add(
+            "audit_allow_sample_rate", f"must be between 0 and 1, got {s.audit_allow_sample_rate}"
         )
     for name in ("audit_write_interval", "audit_fsync_interval"):
         if getattr(s, name) <= 0:
-            raise ConfigError(f"{name}: must be a positive number of seconds")
+            errors.add(name, "must be a positive number of seconds")

@@ -1,10 +1,12 @@
-"""The control plane process: the store, the admin gRPC API, and periodic housekeeping."""
+"""The control plane process: the store, the admin gRPC API, the HTTP port (``/metrics``,
+``/healthz``, ``/readyz``), and periodic housekeeping."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import _async as health_aio
@@ -38,9 +40,15 @@ from sidecar.core.oauth_changes import oauth_snapshot
 from sidecar.core.users import UserService
 from sidecar.http.app import build_app
 from sidecar.http.routes import oauth_routes
-from sidecar.http.server import HttpServer
 from sidecar.oauth import config as oauth_config
 from sidecar.oauth.server import AuthorizationServer
+from sidecar.ops.admin_calls import AdminCallInterceptor
+from sidecar.ops.health import Health, Status, worst
+from sidecar.ops.http_routes import ops_routes
+from sidecar.ops.http_server import HttpServer
+from sidecar.ops.metrics import OAUTH_EVENTS, Metrics
+from sidecar.ops.tls import admin_server_credentials, http_ssl_files
+from sidecar.ops.tracing import start_tracing
 from sidecar.store import Store, open_store
 
 log = logging.getLogger("sidecar.controlplane")
@@ -50,9 +58,16 @@ AUDIT_PRUNE_INTERVAL = 3600.0  # retention is in days; checking hourly is plenty
 class ControlPlane:
     """Admin API over a store. ``start()`` binds; ``aclose()`` drains and releases."""
 
-    def __init__(self, settings: Settings, clock: Clock | None = None) -> None:
+    def __init__(
+        self, settings: Settings, clock: Clock | None = None, *, metrics: Metrics | None = None
+    ) -> None:
         self.settings = settings
         self.clock = clock or SystemClock()
+        self.metrics = metrics or Metrics()
+        self.metrics.control_plane_metrics()
+        self.tracing = start_tracing(
+            settings.tracing_endpoint, "spauth-control-plane", settings.tracing_sample_ratio
+        )
         self.store: Store = open_store(settings.store_url)
         self.keys = ApiKeyService(
             self.store,
@@ -78,20 +93,48 @@ class ControlPlane:
         self.apps = AppService(self.store, self.clock)
         self.users = UserService(self.store, self.clock)
         self.oauth: AuthorizationServer | None = None  # built in start(), once the port is bound
-        self.http = HttpServer(settings.http_addr)
         self.health = health_aio.HealthServicer()
+        # Other components' health, folded into /readyz (spauth serve adds the sidecar's).
+        self.health_checks: list[Callable[[], Health]] = []
+        # Run at the end of aclose(), after in-flight calls drained (e.g. flush the audit queue).
+        self.closers: list[Callable[[], None]] = []
+        # /metrics, /healthz, /readyz: served on http_addr next to the OAuth routes.
+        self.http_routes = ops_routes(self.metrics.registry, self.readiness)
+        self.http = HttpServer(settings.http_addr, ssl_files=http_ssl_files(settings))
         self._server: grpc.aio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self.bus: RedisChangeBus | None = None
         self.audit_stream: AuditStreamConsumer | None = None
+        self._draining = False
+        self._closed = False
         self.admin_port = 0
+        self.http_port = 0
 
     def bootstrap(self) -> Minted | None:
         """Create the operator key on first start (None when one exists already)."""
         return self.keys.bootstrap_operator_key()
 
+    async def readiness(self) -> Health:
+        """``/readyz``: not serving before start, while draining, or when the store does not
+        answer; combined with the health of embedded components."""
+        if self._draining:
+            return Health(Status.NOT_SERVING, ("draining",))
+        if self._server is None:
+            return Health(Status.NOT_SERVING, ("starting",))
+        try:
+            await asyncio.wait_for(asyncio.to_thread(self._ping_store), 2.0)
+        except Exception as exc:
+            log.warning("store ping failed", extra={"error": repr(exc)})
+            return Health(Status.NOT_SERVING, ("store_unavailable",))
+        return worst([Health(Status.SERVING), *(check() for check in self.health_checks)])
+
+    def _ping_store(self) -> None:
+        with self.store.read() as uow:
+            uow.changes.head()
+
     async def start(self) -> None:
-        server = grpc.aio.server()
+        interceptor = AdminCallInterceptor(self.metrics.admin_calls, self.tracing)
+        server = grpc.aio.server(interceptors=[interceptor])
         api_keys_pb2_grpc.add_ApiKeyServiceServicer_to_server(
             ApiKeyServicer(self.keys, self.clock), server
         )
@@ -115,26 +158,46 @@ class ControlPlane:
             reflection.SERVICE_NAME,
         )
         reflection.enable_server_reflection(names, server)
-        self.admin_port = server.add_insecure_port(self.settings.admin_addr)
+        credentials = admin_server_credentials(self.settings)
+        addr = self.settings.admin_addr
+        if credentials is None:
+            self.admin_port = server.add_insecure_port(addr)
+        else:
+            self.admin_port = server.add_secure_port(addr, credentials)
         if self.admin_port == 0:
-            raise OSError(f"admin_addr: cannot listen on {self.settings.admin_addr}")
+            raise OSError(f"admin_addr: cannot listen on {addr}")
         await self._start_http()
-        await server.start()
+        self.http_port = self.http.port
+        try:
+            await server.start()
+        except BaseException:
+            await self.http.aclose()
+            raise
         self._server = server
-        for name in ("", names[0]):
+        for name in ("", *names[:4]):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._sweeper = asyncio.create_task(self._sweep_forever())
         await self._start_redis()
-        log.info("control plane listening", extra={"admin_addr": self.settings.admin_addr})
+        log.info(
+            "control plane listening",
+            extra={
+                "admin_addr": addr,
+                "admin_tls": credentials is not None,
+                "http_addr": self.settings.http_addr,
+            },
+        )
 
     async def _start_http(self) -> None:
         """The OAuth authorization server on ``http_addr`` (its issuer names the bound port)."""
         port = self.http.bind()
         self.oauth = AuthorizationServer(
-            self.store, self.clock, oauth_config.from_settings(self.settings, port)
+            self.store,
+            self.clock,
+            oauth_config.from_settings(self.settings, port),
+            token_events=self._oauth_token_event,
         )
         await asyncio.to_thread(self.oauth.start)
-        await self.http.start(build_app(oauth_routes(self.oauth, self.keys)))
+        await self.http.start(build_app(oauth_routes(self.oauth, self.keys), self.http_routes))
         log.info("oauth listening", extra={"http_addr": self.settings.http_addr, "port": port})
 
     async def _start_redis(self) -> None:
@@ -152,6 +215,11 @@ class ControlPlane:
         """Another replica committed ``revision``: streams and audit tails look now."""
         self.replication.wake(revision)
         self.audit_servicer.notify(revision)
+
+    def _oauth_token_event(self, event: str) -> None:
+        # Only the known events become label values (bounded, whatever a caller passes).
+        if event in OAUTH_EVENTS:
+            self.metrics.oauth_tokens.labels(event).inc()
 
     async def _sweep_forever(self) -> None:
         next_prune = 0.0
@@ -178,9 +246,18 @@ class ControlPlane:
         except SpauthError as exc:
             log.error("audit retention refused", extra={"error": exc.message})
 
-    async def aclose(self, grace: float = 5.0) -> None:
-        """Health NOT_SERVING, stop accepting, drain in-flight calls, close the store."""
+    async def aclose(self, grace: float | None = None) -> None:
+        """Health NOT_SERVING (gRPC and /readyz); keep serving for ``drain_delay``; stop
+        accepting and drain in-flight calls within ``grace`` (open sync streams are cancelled
+        then, and sidecars reconnect elsewhere); flush; close the HTTP port and the store."""
+        if self._closed:
+            return
+        self._closed = True
+        grace = self.settings.shutdown_grace if grace is None else grace
+        self._draining = True
         await self.health.enter_graceful_shutdown()
+        if self.settings.drain_delay and self._server is not None:
+            await asyncio.sleep(self.settings.drain_delay)
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -193,5 +270,12 @@ class ControlPlane:
             await self.bus.aclose()
         if self.audit_stream is not None:
             await self.audit_stream.aclose()
+        for close in self.closers:
+            try:
+                await asyncio.to_thread(close)
+            except Exception:
+                log.exception("shutdown step failed")
+        if self.tracing is not None:
+            await asyncio.to_thread(self.tracing.shutdown)
         await self.http.aclose(grace)
         self.store.close()

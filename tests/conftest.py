@@ -135,6 +135,7 @@ def sidecar_factory(tmp_path: Path, control_plane: RunningControlPlane) -> Itera
             "listen": "127.0.0.1:0",
             "control_plane": control_plane.address,
             "state_dir": tmp_path / f"sidecar-{len(started)}",
+            "metrics_addr": "127.0.0.1:0",  # never the fixed 9192: tests run sidecars side by side
             **overrides,
         }
         sc = Sidecar(SidecarSettings(**fields), clock=control_plane.clock)  # type: ignore[arg-type]

@@ -7,7 +7,16 @@ import os
 import sys
 from collections.abc import Sequence
 
-from sidecar.cli import apps, audit, keys, serve, sidecar_cmd, users
+from sidecar.cli import (
+    apps,
+    audit,
+    config_cmd,
+    control_plane_cmd,
+    keys,
+    serve,
+    sidecar_cmd,
+    users,
+)
 from sidecar.cli.client import EXIT_USAGE, CliError, admin_client, fail
 from sidecar.config import ConfigError
 from sidecar.core.policy import PolicyError
@@ -29,6 +38,8 @@ def build_parser(environ: dict[str, str] | None = None) -> argparse.ArgumentPars
     serve.register(sub, common)
     keys.register(sub, common)
     sidecar_cmd.register(sub, common)
+    control_plane_cmd.register(sub, common)
+    config_cmd.register(sub, common)
     apps.register(sub, common)
     users.register(sub, common)
     audit.register(sub, common)
@@ -48,11 +59,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as exc:
         return fail(str(exc), exc.exit_code)
     except ConfigError as exc:
-        return fail(f"configuration: {exc}", EXIT_USAGE)
+        for error in exc.errors[:-1]:
+            fail(f"configuration: {error}", EXIT_USAGE)
+        return fail(f"configuration: {exc.errors[-1]}", EXIT_USAGE)
     except PolicyError as exc:
         return fail(f"policy: {exc}", EXIT_USAGE)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`spauth audit export | head`): stop quietly, like cat does.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

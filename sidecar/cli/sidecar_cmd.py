@@ -11,13 +11,16 @@ from pathlib import Path
 from typing import Any
 
 from sidecar import logs
-from sidecar.config import SidecarSettings, load_sidecar_settings
+from sidecar.config import SidecarSettings
 from sidecar.core.policy import PolicyError
 from sidecar.dataplane.server import Sidecar
+from sidecar.ops.configfile import load_sidecar_config
+from sidecar.ops.tracing import TracingUnavailable
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("sidecar", help="run the ext_authz sidecar against a control plane")
+    p.add_argument("--config", type=Path, help="TOML config file; its [sidecar] table applies")
     p.add_argument("--listen", help="gRPC listen address (default 127.0.0.1:9191)")
     p.add_argument("--control-plane", help="control plane admin address (default 127.0.0.1:50051)")
     p.add_argument("--policy", dest="policy_file", help="route policy TOML (default: built in)")
@@ -25,6 +28,9 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--max-staleness", help="seconds without sync before failing closed (900)")
     p.add_argument("--threads", help="gRPC worker threads per process (4)")
     p.add_argument("--workers", help="processes sharing the port with SO_REUSEPORT (1)")
+    p.add_argument(
+        "--metrics-addr", help="/metrics, /healthz, /readyz address (127.0.0.1:9192; '' = off)"
+    )
     p.add_argument("--oauth-issuer", help="issuer of OAuth access tokens (http://127.0.0.1:8080)")
     p.add_argument("--oauth-audience", help="audience of OAuth access tokens (statuspulse-api)")
     p.add_argument("--redis-url", help="share rate limits and ship audit through Redis (scale-out)")
@@ -36,7 +42,8 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def _settings(args: argparse.Namespace) -> SidecarSettings:
-    return load_sidecar_settings(
+    return load_sidecar_config(
+        args.config,
         {
             "listen": args.listen,
             "control_plane": args.control_plane,
@@ -45,6 +52,7 @@ def _settings(args: argparse.Namespace) -> SidecarSettings:
             "max_staleness": args.max_staleness,
             "threads": args.threads,
             "workers": args.workers,
+            "metrics_addr": args.metrics_addr,
             "oauth_issuer": args.oauth_issuer,
             "oauth_audience": args.oauth_audience,
             "redis_url": args.redis_url,
@@ -52,22 +60,27 @@ def _settings(args: argparse.Namespace) -> SidecarSettings:
             "failure_limit_key": args.failure_limit_key,
             "failure_window": args.failure_window,
             "log_level": args.log_level,
-        }
+        },
     )
 
 
 def serve_one(settings: SidecarSettings) -> int:
-    """Run one sidecar process until SIGTERM/SIGINT, then drain."""
-    try:
-        sidecar = Sidecar(settings)
-        sidecar.start()
-    except (PolicyError, OSError) as exc:
-        print(f"spauth: error: {exc}", file=sys.stderr)
-        return 1
+    """Run one sidecar process until SIGTERM/SIGINT, then drain and exit 0."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    print(f"spauth sidecar: listening on {settings.listen} (port {sidecar.port})", flush=True)
+    try:
+        sidecar = Sidecar(settings)
+        sidecar.start()
+    except (PolicyError, OSError, TracingUnavailable) as exc:
+        print(f"spauth: error: {exc}", file=sys.stderr)
+        return 1
+    port = sidecar.status_server.port if sidecar.status_server else 0
+    print(
+        f"spauth sidecar: listening on {settings.listen} (port {sidecar.port})"
+        + (f", metrics on port {port}" if port else ""),
+        flush=True,
+    )
     stop.wait()
     sidecar.stop()
     return 0
@@ -75,11 +88,14 @@ def serve_one(settings: SidecarSettings) -> int:
 
 def run_workers(settings: SidecarSettings, argv: list[str]) -> int:
     """Start ``workers`` copies of this command on the same port, each with its own replica and
-    state directory; forward SIGTERM/SIGINT; exit when they all have."""
+    state directory; forward SIGTERM/SIGINT; exit when they all have. Worker ``i`` serves its
+    metrics on the metrics port + ``i`` (each process counts its own checks)."""
     children = []
     for index in range(settings.workers):
         state = Path(settings.state_dir) / f"worker-{index}"
         child_argv = [*argv, "--workers", "1", "--state-dir", str(state)]
+        if settings.metrics_addr:
+            child_argv += ["--metrics-addr", _offset_port(settings.metrics_addr, index)]
         children.append(subprocess.Popen([sys.executable, "-m", "sidecar", *child_argv]))
 
     def forward(signum: int, _frame: object) -> None:
@@ -91,6 +107,11 @@ def run_workers(settings: SidecarSettings, argv: list[str]) -> int:
         signal.signal(sig, forward)
     codes = [child.wait() for child in children]
     return max(codes, default=0)
+
+
+def _offset_port(addr: str, index: int) -> str:
+    host, _, port = addr.rpartition(":")
+    return f"{host}:{int(port) + index}" if int(port) else addr
 
 
 def run(args: argparse.Namespace) -> int:

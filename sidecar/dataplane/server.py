@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+from envoy.service.auth.v3 import external_auth_pb2 as ext
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from sidecar._gen.statuspulse.auth.v1 import authorization_pb2, authorization_pb2_grpc
 from sidecar.auditship import AuditPipeline, GrpcTransport, ShipConfig, Transport
+from sidecar.auditship.metrics import AuditMetrics
 from sidecar.auditship.observer import DecisionRecorder
 from sidecar.bus.audit_stream import RedisStreamTransport
 from sidecar.config import SidecarSettings
@@ -24,10 +28,16 @@ from sidecar.core.policy import Policy
 from sidecar.core.replica import Replica
 from sidecar.core.token_verifier import ReplicaTokenVerifier
 from sidecar.dataplane.envoy_check import SERVICE as CHECK_SERVICE
-from sidecar.dataplane.envoy_check import CheckHandler, Observer
+from sidecar.dataplane.envoy_check import CheckHandler, Malformed, Observer, parse_check_request
 from sidecar.dataplane.incluster import AuthorizationServicer
 from sidecar.dataplane.policy_source import PolicyWatcher, load_policy
 from sidecar.dataplane.sync import SyncClient
+from sidecar.ops.denial_log import DenialLog
+from sidecar.ops.health import Health, Status
+from sidecar.ops.metrics import BAD_CHECK_REQUEST, INTERNAL_ERROR, DecisionMetrics, Metrics
+from sidecar.ops.status_server import StatusServer
+from sidecar.ops.tls import sync_channel_credentials, sync_channel_options
+from sidecar.ops.tracing import CheckFn, Context, span_annotator, start_tracing, traced_check
 from sidecar.ratelimit import AbuseLimits, RedisLimitSync, WindowRateLimiter
 
 log = logging.getLogger("sidecar.server")
@@ -38,6 +48,21 @@ AUTHZ_SERVICE = authorization_pb2.DESCRIPTOR.services_by_name["AuthorizationServ
 SYNC_HEALTH = "statuspulse.auth.v1.ReplicaSync"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+TICK = 0.25  # housekeeping period, seconds
+
+
+class _LiveHealth(health.HealthServicer):
+    """grpc.health.v1 whose Check recomputes the state first, so a probe never sees a status
+    older than /readyz's (Envoy's health checker remembers a NOT_SERVING on first contact).
+    Watch streams follow the housekeeping updates."""
+
+    def __init__(self, refresh: Callable[[], None]) -> None:
+        super().__init__()
+        self._refresh = refresh
+
+    def Check(self, request: object, context: grpc.ServicerContext) -> object:
+        self._refresh()
+        return super().Check(request, context)
 
 
 class Sidecar:
@@ -50,9 +75,12 @@ class Sidecar:
         *,
         token_verifier: TokenVerifier | None = None,
         policy: Policy | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
         self.clock = clock or SystemClock()
+        self.metrics = metrics or Metrics()
+        self.metrics.sidecar_metrics()
         self.replica = Replica()
         self.limiter = WindowRateLimiter(
             AbuseLimits(
@@ -81,10 +109,14 @@ class Sidecar:
             or ReplicaTokenVerifier(settings.oauth_issuer, settings.oauth_audience),
             limiter=self.limiter,
         )
-        self.observers: list[Observer] = []
+        self.decision_metrics = DecisionMetrics(self.metrics)
+        self.denial_log = DenialLog(settings.denial_log_rate)
+        # Called after every decision, on the RPC thread: keep each one to microseconds.
+        self.observers: list[Observer] = [self.decision_metrics, self.denial_log]
         self.audit = _audit_pipeline(settings)
         if self.audit is not None:
             self.observers.append(DecisionRecorder(self.audit, self.clock))
+            self.metrics.registry.register(AuditMetrics(self.audit))
         self.check = CheckHandler(self.engine, self.observers)
         self.sync = SyncClient(
             self.replica,
@@ -92,9 +124,25 @@ class Sidecar:
             self.clock,
             state_dir=settings.state_dir,
             sync_token=settings.sync_token,
+            credentials=sync_channel_credentials(settings),
+            channel_options=sync_channel_options(settings),
         )
-        self.policy_watcher = PolicyWatcher(settings.policy_file, self._set_policy)
-        self.health = health.HealthServicer()
+        self.policy_watcher = PolicyWatcher(
+            settings.policy_file, self._set_policy, self._policy_reloaded
+        )
+        self.tracing = start_tracing(
+            settings.tracing_endpoint, "spauth-sidecar", settings.tracing_sample_ratio
+        )
+        if self.tracing is not None:
+            self.observers.append(span_annotator())
+        self.status_server = (
+            StatusServer(settings.metrics_addr, self.metrics.registry, self.health_report)
+            if settings.metrics_addr
+            else None
+        )
+        # Run at the end of stop(), after in-flight checks drained (e.g. flush the audit queue).
+        self.closers: list[Callable[[], None]] = []
+        self.health = _LiveHealth(self._update_health)
         self._server: grpc.Server | None = None
         self._stop = threading.Event()
         self._housekeeper = threading.Thread(
@@ -102,16 +150,55 @@ class Sidecar:
         )
         self.port = 0
         self._draining = False
+        self._syncing = False
+        self._started_at = self.clock.now()
+        self._reconnects_seen = 0
+        self._last_status: Status | None = None
+        self._health_lock = threading.Lock()
+        self.metrics.replica_revision.set_function(lambda: self.replica.revision)
+        self.metrics.replica_staleness.set_function(self.staleness)
 
     def _set_policy(self, policy: Policy) -> None:
         self.engine.policy = policy
+
+    def _policy_reloaded(self, result: str) -> None:
+        self.metrics.policy_reloads.labels(result).inc()
+
+    def staleness(self) -> float:
+        """Seconds since the replica last heard from the control plane (or since start)."""
+        last = self.replica.last_contact or self._started_at
+        return max(0.0, self.clock.now() - last)
+
+    def _check_rpc_handler(self) -> grpc.GenericRpcHandler:  # type: ignore[type-arg]
+        """Envoy's Check: the handler, traced when tracing is on, with gRPC errors counted."""
+        check: CheckFn = self.check
+        if self.tracing is not None:
+            check = traced_check(check, self.tracing)
+        count_error = self.decision_metrics.error
+
+        def counted(request: ext.CheckRequest | Malformed, context: Context) -> bytes:
+            if isinstance(request, Malformed):
+                count_error(BAD_CHECK_REQUEST, 0.0)
+                return check(request, context)  # answers INVALID_ARGUMENT
+            try:
+                return check(request, context)
+            except Exception:
+                count_error(INTERNAL_ERROR, 0.0)
+                raise
+
+        method = grpc.unary_unary_rpc_method_handler(
+            counted,
+            request_deserializer=parse_check_request,
+            response_serializer=None,  # the handler returns serialized bytes
+        )
+        return grpc.method_handlers_generic_handler(CHECK_SERVICE, {"Check": method})
 
     def start(self) -> None:
         server = grpc.server(
             ThreadPoolExecutor(max_workers=self.settings.threads, thread_name_prefix="spauth-rpc"),
             options=[("grpc.so_reuseport", 1)],
         )
-        server.add_generic_rpc_handlers((self.check.rpc_handler(),))
+        server.add_generic_rpc_handlers((self._check_rpc_handler(),))
         authorization_pb2_grpc.add_AuthorizationServiceServicer_to_server(
             AuthorizationServicer(self.engine, self.observers), server
         )
@@ -122,12 +209,19 @@ class Sidecar:
         self.port = server.add_insecure_port(self.settings.listen)
         if self.port == 0:
             raise OSError(f"listen: cannot listen on {self.settings.listen}")
+        if self.status_server is not None:
+            try:
+                self.status_server.start()  # first: probes see NOT_SERVING while loading
+            except OSError:
+                server.stop(None)
+                raise
         self._update_health()
         self.sync.start()
         if self.limit_sync is not None:
             self.limit_sync.start()
         if self.audit is not None:
             self.audit.start()
+        self._syncing = True
         server.start()
         self._server = server
         self._update_health()
@@ -137,39 +231,86 @@ class Sidecar:
             extra={"listen": self.settings.listen, "control_plane": self.settings.control_plane},
         )
 
+    def health_report(self) -> Health:
+        """NOT_SERVING while loading, past max_staleness or draining (checks fail closed or are
+        about to stop); DEGRADED while answering from a replica the control plane no longer
+        updates; SERVING otherwise."""
+        if self._draining:
+            return Health(Status.NOT_SERVING, ("draining",))
+        unready = self.engine.unready(self.clock.now())
+        if unready is not None:
+            return Health(Status.NOT_SERVING, (unready.value,))
+        if not self.sync.connected:
+            return Health(Status.DEGRADED, ("control_plane_unreachable",))
+        return Health(Status.SERVING)
+
     def ready(self) -> bool:
         """Whether checks are decided from a usable replica (else they fail closed)."""
-        return self.engine.unready(self.clock.now()) is None and not self._draining
+        return self.health_report().ready
 
     def _update_health(self) -> None:
-        status = SERVING if self.ready() else NOT_SERVING
+        with self._health_lock:  # housekeeping and health-check RPCs both call this
+            self._set_health()
+
+    def _set_health(self) -> None:
+        report = self.health_report()
+        status = SERVING if report.ready else NOT_SERVING
         for name in ("", CHECK_SERVICE, AUTHZ_SERVICE):
             self.health.set(name, status)
         self.health.set(SYNC_HEALTH, SERVING if self.sync.connected else NOT_SERVING)
+        if report.status is not self._last_status:
+            level = logging.INFO if report.status is Status.SERVING else logging.WARNING
+            fields = {"status": report.status.value, "reasons": list(report.reasons)}
+            log.log(level, "health changed", extra=fields)
+            self._last_status = report.status
 
     def _housekeeping(self) -> None:
         ticks = 0
-        while not self._stop.wait(0.25):
+        while not self._stop.wait(TICK):
             ticks += 1
             self._update_health()
-            if ticks % max(1, int(self.settings.policy_poll_interval / 0.25)) == 0:
+            reconnects = self.sync.reconnects
+            if reconnects > self._reconnects_seen:
+                self.metrics.sync_reconnects.inc(reconnects - self._reconnects_seen)
+                self._reconnects_seen = reconnects
+            self.denial_log.flush()
+            if ticks % max(1, int(self.settings.policy_poll_interval / TICK)) == 0:
                 self.policy_watcher.poll()
             if ticks % 2400 == 0:  # every ten minutes
                 self.replica.prune(self.clock.now())
 
-    def stop(self, grace: float = 5.0) -> None:
-        """Health NOT_SERVING, stop accepting, drain in-flight calls, stop syncing."""
+    def stop(self, grace: float | None = None) -> None:
+        """Graceful shutdown: health NOT_SERVING; keep answering for ``drain_delay`` so Envoy's
+        health checks (or Kubernetes endpoints) move traffic away; stop accepting and let
+        in-flight checks finish within ``grace``; stop syncing (persisting the replica); flush
+        logs, audit (``closers``) and spans; close the metrics port last."""
+        grace = self.settings.shutdown_grace if grace is None else grace
         self._draining = True
         self._update_health()
+        log.info("draining", extra={"drain_delay": self.settings.drain_delay, "grace": grace})
+        if self.settings.drain_delay and self._server is not None:
+            time.sleep(self.settings.drain_delay)
         self._stop.set()
         if self._server is not None:
             self._server.stop(grace).wait()
         if self.audit is not None:
             # Every answered check is in the queue now: spool it all, then ship for a while.
             self.audit.close(timeout=grace)
-        self.sync.stop()
+        if self._syncing:
+            self.sync.stop()
         if self.limit_sync is not None:
             self.limit_sync.stop()
+        self.denial_log.flush(force=True)
+        for close in self.closers:
+            try:
+                close()
+            except Exception:
+                log.exception("shutdown step failed")
+        if self.tracing is not None:
+            self.tracing.shutdown()
+        if self.status_server is not None:
+            self.status_server.stop()
+        log.info("sidecar stopped")
 
 
 def _audit_pipeline(settings: SidecarSettings) -> AuditPipeline | None:

@@ -10,6 +10,7 @@ import os
 import random
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
@@ -94,9 +95,14 @@ class SyncClient:
         sync_token: str = "",
         sidecar_id: str = "",
         persist_interval: float = 1.0,
+        credentials: grpc.ChannelCredentials | None = None,
+        channel_options: Sequence[tuple[str, str]] = (),
     ) -> None:
         self.replica = replica
         self.target = target
+        # TLS (sidecar/ops/tls.py) when the control plane serves it; plaintext otherwise.
+        self.credentials = credentials
+        self.channel_options = list(channel_options)
         self.clock = clock
         self.file = ReplicaFile(state_dir) if state_dir is not None else None
         self.metadata = (("authorization", f"Bearer {sync_token}"),) if sync_token else ()
@@ -128,7 +134,7 @@ class SyncClient:
         backoff = Backoff()
         while not self._stop.is_set():
             try:
-                with grpc.insecure_channel(self.target) as channel:
+                with self._channel() as channel:
                     self._stream(pb_grpc.ReplicationServiceStub(channel), backoff)
             except grpc.RpcError as exc:
                 if self._stop.is_set():
@@ -144,6 +150,11 @@ class SyncClient:
             self.connected = False
             self.reconnects += 1
             self._stop.wait(backoff.delay())
+
+    def _channel(self) -> grpc.Channel:
+        if self.credentials is not None:
+            return grpc.secure_channel(self.target, self.credentials, self.channel_options)
+        return grpc.insecure_channel(self.target, self.channel_options)
 
     def _stream(self, stub: pb_grpc.ReplicationServiceStub, backoff: Backoff) -> None:
         after = self.replica.revision if self.replica.loaded else 0

@@ -1,0 +1,1 @@
+"""Operability: metrics, health, denial logs, tracing, TLS and the configuration file."""

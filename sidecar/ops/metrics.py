@@ -1,0 +1,170 @@
+"""Every ``spauth_*`` Prometheus metric, on one registry per process.
+
+Names are fixed (dashboards and alerts depend on them) and label values are bounded: reason codes,
+three outcomes, two results, four OAuth events, admin method names and gRPC codes. Never a key id,
+workspace or path. A metric is created the first time a component asks for it, so the control
+plane and the sidecar can share one registry in ``spauth serve``.
+
+The Check hot path costs one pre-resolved counter increment and one histogram observation
+(measured in docs/operating.md)."""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from sidecar.core.decision import OUTCOMES, Decision, Outcome, Reason
+from sidecar.core.engine import CheckInput
+
+# The `outcome` label: what Envoy did with the request. Unavailable answers (replica not ready
+# or stale) are 503s, like internal faults: users see an outage, so they count as errors.
+ALLOW, DENY, ERROR = "allow", "deny", "error"
+OUTCOME_LABEL: dict[Outcome, str] = dict.fromkeys(Outcome, DENY)
+OUTCOME_LABEL[Outcome.ALLOW] = ALLOW
+OUTCOME_LABEL[Outcome.UNAVAILABLE] = ERROR
+# `reason` values for checks that ended in a gRPC error rather than a decision.
+INTERNAL_ERROR = "internal_error"
+BAD_CHECK_REQUEST = "malformed_check_request"
+ERROR_REASONS = (INTERNAL_ERROR, BAD_CHECK_REQUEST)
+OAUTH_EVENTS = ("issued", "refreshed", "revoked", "reuse_detected")
+# Check latency in-process is tens of microseconds; Envoy's ext_authz timeout is 0.25-0.5 s.
+CHECK_BUCKETS = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+)  # fmt: skip
+
+
+class Metrics:
+    """The metric objects of one process; each is created on first use (create them from one
+    thread at start-up: ``sidecar_metrics()``, ``control_plane_metrics()``)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+
+    # -- sidecar ----------------------------------------------------------------------------------
+
+    @cached_property
+    def decisions(self) -> Counter:
+        c = Counter(
+            "spauth_decisions",
+            "Checks decided, by outcome (allow|deny|error) and reason code.",
+            ["outcome", "reason"],
+            registry=self.registry,
+        )
+        for reason in Reason:  # export zeros, so rate() has a baseline from the first scrape
+            c.labels(OUTCOME_LABEL[OUTCOMES[reason]], reason.value)
+        for reason_label in ERROR_REASONS:
+            c.labels(ERROR, reason_label)
+        return c
+
+    @cached_property
+    def check_duration(self) -> Histogram:
+        return Histogram(
+            "spauth_check_duration_seconds",
+            "Time to decide and answer one Envoy Check, in the sidecar.",
+            buckets=CHECK_BUCKETS,
+            registry=self.registry,
+        )
+
+    @cached_property
+    def replica_revision(self) -> Gauge:
+        return Gauge(
+            "spauth_replica_revision",
+            "Change-log revision the credential replica is at.",
+            registry=self.registry,
+        )
+
+    @cached_property
+    def replica_staleness(self) -> Gauge:
+        return Gauge(
+            "spauth_replica_staleness_seconds",
+            "Seconds since the replica last heard from the control plane.",
+            registry=self.registry,
+        )
+
+    @cached_property
+    def sync_reconnects(self) -> Counter:
+        return Counter(
+            "spauth_sync_reconnects",
+            "Times the replication stream to the control plane was lost and reopened.",
+            registry=self.registry,
+        )
+
+    @cached_property
+    def policy_reloads(self) -> Counter:
+        c = Counter(
+            "spauth_policy_reloads",
+            "Route policy file reloads, by result (ok|error; error keeps the previous policy).",
+            ["result"],
+            registry=self.registry,
+        )
+        for result in ("ok", "error"):
+            c.labels(result)
+        return c
+
+    # -- audit: sidecar.auditship.metrics.AuditMetrics reads the pipeline at scrape time -------
+
+    # -- control plane ----------------------------------------------------------------------------
+
+    @cached_property
+    def oauth_tokens(self) -> Counter:
+        c = Counter(
+            "spauth_oauth_tokens",
+            "OAuth token events (issued|refreshed|revoked|reuse_detected).",
+            ["event"],
+            registry=self.registry,
+        )
+        for event in OAUTH_EVENTS:
+            c.labels(event)
+        return c
+
+    @cached_property
+    def admin_calls(self) -> Counter:
+        return Counter(
+            "spauth_admin_calls",
+            "Admin API calls, by method (Service/Method) and gRPC status code.",
+            ["method", "code"],
+            registry=self.registry,
+        )
+
+    def sidecar_metrics(self) -> None:
+        """Create the sidecar's metrics now, so they are exported before the first check."""
+        for name in _SIDECAR:
+            getattr(self, name)
+
+    def control_plane_metrics(self) -> None:
+        """Create the control plane's metrics now."""
+        for name in _CONTROL_PLANE:
+            getattr(self, name)
+
+
+_SIDECAR = (
+    "decisions", "check_duration", "replica_revision", "replica_staleness", "sync_reconnects",
+    "policy_reloads",
+)  # fmt: skip
+_CONTROL_PLANE = ("oauth_tokens", "admin_calls")
+
+
+class DecisionMetrics:
+    """The Check observer: ``(decision, request, source, seconds)``. Label children are resolved
+    once, so a check costs one locked increment and one histogram observation."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        decisions = metrics.decisions
+        self._by_reason = {
+            reason: decisions.labels(OUTCOME_LABEL[OUTCOMES[reason]], reason.value)
+            for reason in Reason
+        }
+        self._errors = {r: decisions.labels(ERROR, r) for r in ERROR_REASONS}
+        self._observe = metrics.check_duration.observe
+
+    def __call__(self, decision: Decision, _req: CheckInput, _src: str, elapsed: float) -> None:
+        self._by_reason[decision.reason].inc()
+        if elapsed > 0.0:  # in-cluster Authorize passes 0: only Envoy's Check is timed
+            self._observe(elapsed)
+
+    def error(self, reason: str, elapsed: float) -> None:
+        """A check that ended in a gRPC error (Envoy answers 503)."""
+        self._errors[reason].inc()
+        if elapsed > 0.0:
+            self._observe(elapsed)

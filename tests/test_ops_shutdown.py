@@ -1,0 +1,228 @@
+"""Graceful shutdown under load: a real Envoy (deploy/envoy/front-proxy.yaml) in front of two
+`spauth sidecar` processes, each restarted with SIGTERM while clients keep sending requests.
+Not one request may fail: every answer is the 200 or 401 the credential deserves.
+
+What makes it work (docs/operating.md, "Graceful shutdown"): on SIGTERM the sidecar turns its
+gRPC health NOT_SERVING but keeps answering for `drain_delay`; Envoy's active gRPC health check
+sees it and sends new checks to the other sidecar (with `update_merge_window: 0s`, so the change
+is applied at once); then the sidecar stops accepting, finishes in-flight checks and exits 0. A
+restarted sidecar is NOT_SERVING until its replica is loaded. The shipped front-proxy.yaml has
+neither health check nor merge window yet; the test adds exactly what the docs recommend."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sidecar.core.clock import SystemClock
+from sidecar.core.keyformat import mint_key
+from sidecar.devtools.echo_upstream import EchoUpstream
+from tests.conftest import LoopThread
+from tests.support.envoy import AUTHZ_CLUSTER, EnvoyProcess
+from tests.support.ops import (
+    bearer,
+    call_check,
+    check_request,
+    create_key,
+    http_get,
+    plane_on,
+    sample,
+    scrape,
+    wait_until,
+)
+from tests.support.ports import free_ports
+
+pytestmark = [pytest.mark.envoy, pytest.mark.slow]
+
+CHECKS = "/v1/workspaces/acme/checks/1"
+# The recommended Envoy health check (docs/operating.md), with shorter intervals for the test.
+HEALTH_CHECK = {
+    "timeout": "0.5s",
+    "interval": "0.2s",
+    "no_traffic_interval": "0.2s",
+    "unhealthy_threshold": 1,
+    "healthy_threshold": 1,
+    "grpc_health_check": {},
+}
+DRAIN_DELAY = "1.0"
+
+
+def with_health_checks(config: dict[str, Any]) -> None:
+    for cluster in config["static_resources"]["clusters"]:
+        if cluster["name"] == AUTHZ_CLUSTER:
+            cluster["health_checks"] = [HEALTH_CHECK]
+            # Envoy delays health changes that come within update_merge_window (default 1s)
+            # of the previous membership update: a sidecar restarted a moment ago would make
+            # the next one's NOT_SERVING wait, and traffic would still reach it.
+            cluster["common_lb_config"] = {"update_merge_window": "0s"}
+
+
+class SidecarProcess:
+    """`spauth sidecar` as a subprocess on fixed ports, restartable."""
+
+    def __init__(self, name: str, control_plane: str, tmp: Path) -> None:
+        self.port, self.metrics_port = free_ports(2)
+        self.control_plane = control_plane
+        self.state = tmp / name
+        self.log = tmp / f"{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}"
+
+    def start(self) -> None:
+        env = {**os.environ, "SPAUTH_SIDECAR_DRAIN_DELAY": DRAIN_DELAY}
+        argv = [
+            *(sys.executable, "-m", "sidecar", "sidecar", "--state-dir", str(self.state)),
+            *("--listen", f"127.0.0.1:{self.port}", "--control-plane", self.control_plane),
+            *("--metrics-addr", f"127.0.0.1:{self.metrics_port}"),
+        ]
+        with self.log.open("a") as log:
+            self.proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=log)
+        wait_until(self.ready, timeout=30, what=f"sidecar on {self.port} ready")
+
+    def ready(self) -> bool:
+        assert self.proc is not None
+        assert self.proc.poll() is None, self.log.read_text()
+        try:
+            return http_get(self.url + "/readyz")[0] == 200
+        except OSError:
+            return False
+
+    def terminate(self) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(30)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class Load:
+    """Client threads sending allowed and denied requests through Envoy until stopped."""
+
+    def __init__(self, port: int, secret: str, threads: int = 4) -> None:
+        self.port = port
+        self.keys = [secret, mint_key()]
+        self.results: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i,)) for i in range(threads)]
+
+    def _run(self, index: int) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+        n = index
+        deadline = time.monotonic() + 120  # bounded even if the test forgets to stop it
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            n += 1
+            key = self.keys[n % 2]
+            try:
+                conn.request("GET", CHECKS, headers={"authorization": f"Bearer {key}"})
+                response = conn.getresponse()
+                response.read()
+                outcome = str(response.status)
+                if response.status not in (200, 401) or (response.status == 200) != (n % 2 == 0):
+                    outcome = f"failed {response.status}"
+            except (OSError, http.client.HTTPException) as exc:
+                outcome = f"failed {type(exc).__name__}"
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+            with self._lock:
+                self.results[outcome] += 1
+
+        conn.close()
+
+    def total(self) -> int:
+        with self._lock:
+            return sum(self.results.values())
+
+    def __enter__(self) -> Load:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(30)
+
+
+@pytest.fixture
+def sidecars(tmp_path: Path, loop_thread: LoopThread) -> Iterator[tuple[list[SidecarProcess], str]]:
+    addr = f"127.0.0.1:{free_ports(1)[0]}"
+    with plane_on(addr, tmp_path / "cp", SystemClock(), loop_thread) as (_plane, operator):
+        secret, _ = create_key(addr, operator, ["checks:read"])
+        procs = [SidecarProcess(n, addr, tmp_path) for n in ("a", "b")]
+        try:
+            for p in procs:
+                p.start()
+            yield procs, secret
+        finally:
+            for p in procs:
+                p.kill()
+
+
+def test_rolling_restart_under_load_fails_no_request(
+    sidecars: tuple[list[SidecarProcess], str],
+) -> None:
+    procs, secret = sidecars
+    with (
+        EchoUpstream() as echo,
+        EnvoyProcess(
+            authz=[("127.0.0.1", p.port) for p in procs],
+            upstream=("127.0.0.1", echo.port),
+            customize=with_health_checks,
+        ) as envoy,
+    ):
+        wait_until(lambda: _envoy_sees_healthy(envoy, procs), what="Envoy health checks pass")
+        with Load(envoy.listen_port, secret) as load:
+            wait_until(lambda: load.total() > 50, what="load flowing")
+            during: list[int] = []
+            for proc in procs:
+                before = load.total()
+                assert proc.terminate() == 0, proc.log.read_text()[-2000:]
+                proc.start()
+                wait_until(lambda p=proc: _served_checks(p) > 0, what="traffic back on restarted")  # type: ignore[misc]
+                during.append(load.total() - before)
+    assert all(n > 20 for n in during), during  # the restarts really happened under load
+    failed = {k: v for k, v in load.results.items() if k.startswith("failed")}
+    assert failed == {}, (load.results, envoy.log_text()[-3000:])
+    assert load.results["200"] > 0 and load.results["401"] > 0
+    for proc in procs:
+        log = proc.log.read_text()
+        assert '"msg": "draining"' in log and '"msg": "sidecar stopped"' in log
+
+
+def _envoy_sees_healthy(envoy: EnvoyProcess, procs: list[SidecarProcess]) -> bool:
+    flags = [
+        line for line in envoy.admin_get("/clusters").splitlines()
+        if line.startswith(f"{AUTHZ_CLUSTER}::") and "::health_flags::" in line
+    ]  # fmt: skip
+    return len(flags) == len(procs) and all(f.endswith("::healthy") for f in flags)
+
+
+def _served_checks(proc: SidecarProcess) -> float:
+    samples = scrape(proc.url)
+    return sum(v for (name, _), v in samples.items() if name == "spauth_decisions_total")
+
+
+def test_decisions_counted_in_each_process(sidecars: tuple[list[SidecarProcess], str]) -> None:
+    # Without Envoy: the same sidecar processes, checked directly, count their own decisions.
+    procs, secret = sidecars
+    for proc in procs:
+        assert call_check(proc.port, check_request(CHECKS, bearer(secret))).status.code == 0
+        assert sample(scrape(proc.url), "spauth_decisions_total", outcome="allow", reason="ok") == 1
