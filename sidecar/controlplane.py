@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import _async as health_aio
@@ -28,7 +29,6 @@ from sidecar.admin.apps import OAuthAppServicer
 from sidecar.admin.audit import AuditServicer, load_checkpoint_key
 from sidecar.admin.replication import ReplicationServicer, SnapshotSource
 from sidecar.admin.users import UserServicer
-from sidecar.bus import AuditStreamConsumer, RedisChangeBus
 from sidecar.config import Settings
 from sidecar.core.apikeys import ApiKeyService, KeyPolicy, key_snapshot
 from sidecar.core.apps import AppService
@@ -50,6 +50,9 @@ from sidecar.ops.metrics import OAUTH_EVENTS, Metrics
 from sidecar.ops.tls import admin_server_credentials, http_ssl_files
 from sidecar.ops.tracing import start_tracing
 from sidecar.store import Store, open_store
+
+if TYPE_CHECKING:
+    from sidecar.bus import AuditStreamConsumer, RedisChangeBus
 
 log = logging.getLogger("sidecar.controlplane")
 AUDIT_PRUNE_INTERVAL = 3600.0  # retention is in days; checking hourly is plenty
@@ -206,6 +209,9 @@ class ControlPlane:
         url = self.settings.redis_url
         if not url:
             return
+        # Imported only when used: redis-py loads OpenTelemetry on import.
+        from sidecar.bus import AuditStreamConsumer, RedisChangeBus
+
         self.bus = RedisChangeBus(url, self.store, self._committed_elsewhere)
         await self.bus.start()
         self.audit_stream = AuditStreamConsumer(url, self.audit)

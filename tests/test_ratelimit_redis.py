@@ -7,7 +7,8 @@ import pytest
 import redis
 
 from sidecar.core.clock import FakeClock
-from sidecar.ratelimit import AbuseLimits, RedisLimitSync, WindowRateLimiter
+from sidecar.ratelimit import AbuseLimits, WindowRateLimiter
+from sidecar.ratelimit.shared import RedisLimitSync
 from tests.support.redis import RedisServer
 
 pytestmark = pytest.mark.redis

@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2 as ext
@@ -20,7 +21,6 @@ from sidecar._gen.statuspulse.auth.v1 import authorization_pb2, authorization_pb
 from sidecar.auditship import AuditPipeline, GrpcTransport, ShipConfig, Transport
 from sidecar.auditship.metrics import AuditMetrics
 from sidecar.auditship.observer import DecisionRecorder
-from sidecar.bus.audit_stream import RedisStreamTransport
 from sidecar.config import SidecarSettings
 from sidecar.core.clock import Clock, SystemClock
 from sidecar.core.engine import Engine, TokenVerifier
@@ -38,7 +38,10 @@ from sidecar.ops.metrics import BAD_CHECK_REQUEST, INTERNAL_ERROR, DecisionMetri
 from sidecar.ops.status_server import StatusServer
 from sidecar.ops.tls import sync_channel_credentials, sync_channel_options
 from sidecar.ops.tracing import CheckFn, Context, span_annotator, start_tracing, traced_check
-from sidecar.ratelimit import AbuseLimits, RedisLimitSync, WindowRateLimiter
+from sidecar.ratelimit import AbuseLimits, WindowRateLimiter
+
+if TYPE_CHECKING:
+    from sidecar.ratelimit.shared import RedisLimitSync
 
 log = logging.getLogger("sidecar.server")
 
@@ -89,17 +92,7 @@ class Sidecar:
                 failure_window=settings.failure_window,
             )
         )
-        # Shared counts through Redis from a background thread; the Check path never waits.
-        self.limit_sync = (
-            RedisLimitSync(
-                self.limiter,
-                settings.redis_url,
-                self.clock,
-                interval=settings.ratelimit_sync_interval,
-            )
-            if settings.redis_url
-            else None
-        )
+        self.limit_sync = _limit_sync(settings, self.limiter, self.clock)
         self.engine = Engine(
             self.replica,
             policy or load_policy(settings.policy_file),
@@ -324,9 +317,24 @@ def _audit_pipeline(settings: SidecarSettings) -> AuditPipeline | None:
         write_interval=settings.audit_write_interval,
         fsync_interval=settings.audit_fsync_interval,
     )
-    transport: Transport = (
-        RedisStreamTransport(settings.redis_url)
-        if settings.redis_url
-        else GrpcTransport(settings.control_plane, settings.sync_token)
-    )
+    transport: Transport
+    if settings.redis_url:
+        from sidecar.bus.audit_stream import RedisStreamTransport  # loads redis only if used
+
+        transport = RedisStreamTransport(settings.redis_url)
+    else:
+        transport = GrpcTransport(settings.control_plane, settings.sync_token)
     return AuditPipeline(config, transport)
+
+
+def _limit_sync(
+    settings: SidecarSettings, limiter: WindowRateLimiter, clock: Clock
+) -> RedisLimitSync | None:
+    """Shared counts through Redis from a background thread (the Check path never waits)."""
+    if not settings.redis_url:
+        return None
+    from sidecar.ratelimit.shared import RedisLimitSync  # loads redis only if used
+
+    return RedisLimitSync(
+        limiter, settings.redis_url, clock, interval=settings.ratelimit_sync_interval
+    )
