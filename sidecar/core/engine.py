@@ -12,7 +12,7 @@ from sidecar.core.clock import Clock
 from sidecar.core.decision import Decision, DecisionIds, Identity, Reason
 from sidecar.core.models import OPERATOR_WORKSPACE
 from sidecar.core.policy import Match, Policy
-from sidecar.core.ratelimit import CREDENTIAL_FAILURES, KEY_FAILURES, RateLimiter
+from sidecar.core.ratelimit import CREDENTIAL_FAILURES, RateLimiter
 from sidecar.core.replica import Replica
 from sidecar.core.scopes import ADMIN_FULL
 
@@ -97,11 +97,7 @@ class Engine:
             limited = self._limited(limiter, found, now)
             if limited is not None:
                 return Decision(Reason.RATE_LIMITED, did, found, limited)
-        decision = self._route(match, found, did)
-        if limiter is not None and decision.reason in KEY_FAILURES:
-            # A working key that keeps reaching for other workspaces or scopes is probing.
-            limiter.failed("", found.id, now)
-        return decision
+        return self._route(match, found, did)
 
     @staticmethod
     def _route(match: Match | None, found: Identity, did: str) -> Decision:

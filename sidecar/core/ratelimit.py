@@ -10,16 +10,13 @@ from sidecar.core.decision import OUTCOMES, Outcome, Reason
 
 # A failed credential attempt: a credential was presented and refused. A request without any
 # credential is not an attempt (browsers and health probes send those), and a 403 is a
-# credential that works but does not reach the route.
+# credential that works but does not reach the route: counting those would let a client's bug
+# (asking for a workspace it lacks) lock its own valid key out.
 CREDENTIAL_FAILURES = frozenset(
     r
     for r in Reason
     if OUTCOMES[r] is Outcome.UNAUTHENTICATED and r is not Reason.MISSING_CREDENTIAL
 )
-
-# Counted per key id: its refused credentials, and a working key refused for a workspace or a
-# scope it does not hold (probing). Unknown routes are not counted: that is the policy's gap.
-KEY_FAILURES = CREDENTIAL_FAILURES | {Reason.INSUFFICIENT_SCOPE, Reason.WORKSPACE_MISMATCH}
 
 
 class RateLimiter(Protocol):
@@ -35,8 +32,8 @@ class RateLimiter(Protocol):
         ...
 
     def failed(self, source: str, key_id: str, now: float) -> None:
-        """Count one failed attempt against ``source`` and ``key_id``; either may be '' (an
-        unknown key names no key id; a 403 is counted against the key id only)."""
+        """Count one failed credential attempt against ``source`` and ``key_id``; either may be
+        '' (an unknown key names no key id; the in-cluster API knows no source)."""
         ...
 
     def admit(self, key_id: str, limit: int, period: int, now: float) -> bool:
