@@ -73,6 +73,7 @@ def run(redis_url: str, rounds: int, heartbeat: float) -> list[float]:
             Sidecar(
                 SidecarSettings(
                     listen="127.0.0.1:0",
+                    metrics_addr="",  # no status port: never the fixed 9192
                     control_plane=f"127.0.0.1:{plane.admin_port}",
                     state_dir=Path(tmp) / f"sidecar-{i}",
                 )

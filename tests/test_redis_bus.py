@@ -92,6 +92,7 @@ def cluster(
     sidecar = Sidecar(
         SidecarSettings(
             listen="127.0.0.1:0",
+            metrics_addr="",  # no status port: never the fixed 9192
             control_plane=f"127.0.0.1:{b.admin_port}",
             state_dir=tmp_path / "sidecar",
         ),
