@@ -9,6 +9,7 @@ what this process enforces on its own."""
 
 from __future__ import annotations
 
+import itertools
 import threading
 from dataclasses import dataclass, field
 
@@ -105,12 +106,12 @@ class WindowRateLimiter:
 
     def _counter(self, scope: str, name: str, span: float, now: float) -> Counter:
         table = self._tables[scope]
-        counter = table.get(name)
+        counter = table.pop(name, None)  # re-inserted last: the table is in least-recent order
         if counter is None or counter.local.span != span:
             if len(table) >= self.limits.max_tracked:
-                self._prune(table, now)
+                self._evict(table)
             counter = Counter(BucketWindow(span, self.limits.buckets))
-            table[name] = counter
+        table[name] = counter
         return counter
 
     def _count(self, scope: str, name: str, counter: Counter, now: float) -> None:
@@ -150,12 +151,10 @@ class WindowRateLimiter:
         if until > blocked.get(name, 0.0):
             blocked[name] = until
 
-    def _prune(self, table: dict[str, Counter], now: float) -> None:
-        """Forget names with nothing in their window; if that frees too little, the oldest."""
-        for name in [n for n, c in table.items() if not c.pending and c.local.total(now) == 0]:
-            del table[name]
-        excess = len(table) - self.limits.max_tracked * 9 // 10
-        for name in list(table)[: max(0, excess)]:
+    def _evict(self, table: dict[str, Counter]) -> None:
+        """Forget the tenth of the names counted least recently (no scan: the table is kept in
+        least-recent order), so a flood of new names costs O(1) per name."""
+        for name in list(itertools.islice(table, max(1, self.limits.max_tracked // 10))):
             del table[name]
 
     # -- sharing (called by the sync thread) -----------------------------------------------------
