@@ -204,6 +204,20 @@ def test_tracked_names_are_bounded(clock: FakeClock) -> None:
     assert len(limiter._tables["source"]) <= 100
 
 
+def test_names_counted_recently_survive_eviction(clock: FakeClock) -> None:
+    limiter = WindowRateLimiter(AbuseLimits(source_failures=3, max_tracked=100))
+    now = clock.now()
+    limiter.failed("203.0.113.7", "", now)
+    for i in range(95):
+        limiter.failed(f"10.0.0.{i}", "", now)
+    limiter.failed("203.0.113.7", "", now)  # recent again
+    for i in range(20):
+        limiter.failed(f"10.0.1.{i}", "", now)  # past the bound: the oldest tenth goes
+    assert "10.0.0.0" not in limiter._tables["source"]
+    limiter.failed("203.0.113.7", "", now)
+    assert limiter.source_blocked("203.0.113.7", now)  # its two earlier failures were kept
+
+
 # -- per-key request rates --------------------------------------------------------------------
 
 
