@@ -74,10 +74,9 @@ class SqliteKeys:
         self._conn = conn
 
     def insert(self, key: ApiKey) -> None:
-        marks = ", ".join("?" * 17)
-        self._conn.execute(
-            f"INSERT INTO api_keys ({_KEY_COLUMNS}) VALUES ({marks})", _key_values(key)
-        )
+        values = _key_values(key)
+        marks = ", ".join("?" * len(values))
+        self._conn.execute(f"INSERT INTO api_keys ({_KEY_COLUMNS}) VALUES ({marks})", values)
 
     def update(self, key: ApiKey) -> None:
         values = _key_values(key)
