@@ -5,6 +5,7 @@ from __future__ import annotations
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from sidecar._gen.statuspulse.auth.v1 import audit_pb2 as pb
+from sidecar.auditship.codec import to_pb
 from sidecar.core.audit import AuditEvent
 from sidecar.core.audit_chain import ChainBreak, ChainedRecord, ChainReport, Problem, time_us
 from sidecar.core.audit_trail import encode_cursor
@@ -30,23 +31,12 @@ def seconds(ts: Timestamp) -> float:
 
 def record(rec: ChainedRecord) -> pb.AuditRecord:
     """A stored record as the API shows it, with its chain link and cursor."""
-    ev = rec.event
-    return pb.AuditRecord(
-        id=ev.id,
-        time=timestamp(ev.time),
-        actor=ev.actor,
-        action=ev.action,
-        workspace=ev.workspace,
-        target=ev.target,
-        outcome=ev.outcome,
-        reason=ev.reason,
-        request_id=ev.request_id,
-        metadata=ev.metadata,
-        cursor=encode_cursor(rec.seq),
-        chain_seq=rec.link.chain_seq,
-        prev_digest=rec.link.prev_digest,
-        digest=rec.link.digest,
-    )
+    msg = to_pb(rec.event)
+    msg.cursor = encode_cursor(rec.seq)
+    msg.chain_seq = rec.link.chain_seq
+    msg.prev_digest = rec.link.prev_digest
+    msg.digest = rec.link.digest
+    return msg
 
 
 def event(msg: pb.AuditRecord) -> AuditEvent:

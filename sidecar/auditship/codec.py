@@ -16,8 +16,8 @@ from sidecar.core.audit_chain import time_us
 _RECORDS_TAG = b"\x0a"
 
 
-def encode(ev: AuditEvent) -> bytes:
-    """The spool payload of an event: its AuditRecord, serialized."""
+def to_pb(ev: AuditEvent) -> pb.AuditRecord:
+    """An event as an AuditRecord, its time to the microsecond (the precision the chain covers)."""
     us = time_us(ev.time)
     return pb.AuditRecord(
         id=ev.id,
@@ -30,7 +30,12 @@ def encode(ev: AuditEvent) -> bytes:
         reason=ev.reason,
         request_id=ev.request_id,
         metadata=ev.metadata,
-    ).SerializeToString()
+    )
+
+
+def encode(ev: AuditEvent) -> bytes:
+    """The spool payload of an event: its AuditRecord, serialized."""
+    return bytes(to_pb(ev).SerializeToString())
 
 
 def decode(payload: bytes) -> AuditEvent:
