@@ -67,6 +67,9 @@ class Settings:
     oauth_signing_key_rotation: int = 30 * 86400
     # Audit records older than this are pruned behind a signed checkpoint (0: keep forever).
     audit_retention: int = 0
+    # Scale-out (issue 8): Redis carries change notifications between control-plane replicas and
+    # the sidecars' audit stream. Empty: no bus (the sync heartbeat bounds propagation).
+    redis_url: str = ""
 
     @property
     def store_url(self) -> str:
@@ -115,6 +118,15 @@ class SidecarSettings:
     audit_allow_sample_rate: float = 1.0
     audit_write_interval: float = 0.01
     audit_fsync_interval: float = 1.0
+    # Abuse limits (issue 8): failed credential attempts per source address and per key id
+    # within a sliding window of failure_window seconds; 0 turns a limit off.
+    failure_limit_source: int = 50
+    failure_limit_key: int = 20
+    failure_window: float = 60.0
+    # Scale-out: Redis shares rate-limit counts between sidecars (pushed every
+    # ratelimit_sync_interval seconds) and carries the audit stream. Empty: all local.
+    redis_url: str = ""
+    ratelimit_sync_interval: float = 0.2
 
 
 _DURATIONS = {
@@ -299,8 +311,25 @@ def load_settings(
         errors.add("admin_tls_client_ca", "mTLS needs admin_tls_cert and admin_tls_key too")
     _check_tracing(errors, s.tracing_endpoint, s.tracing_sample_ratio)
     _check_shutdown(errors, s.drain_delay, s.shutdown_grace)
+    _check_redis_url(errors, s.redis_url)
     errors.raise_any()
     return s
+
+
+def _check_redis_url(errors: _Errors, value: str) -> None:
+    if value and not value.startswith(("redis://", "rediss://", "unix://")):
+        errors.add("redis_url", f"expected redis://, rediss:// or unix://, got {value!r}")
+
+
+def _check_limits(errors: _Errors, s: SidecarSettings) -> None:
+    for name in ("failure_limit_source", "failure_limit_key"):
+        if getattr(s, name) < 0:
+            errors.add(name, "must be 0 (off) or a positive count")
+    if not 1 <= s.failure_window <= 86400:
+        errors.add("failure_window", f"must be between 1 and 86400 seconds, got {s.failure_window}")
+    if not 0.01 <= s.ratelimit_sync_interval <= 60:
+        errors.add("ratelimit_sync_interval", "must be between 0.01 and 60 seconds")
+    _check_redis_url(errors, s.redis_url)
 
 
 def load_sidecar_settings(
@@ -335,6 +364,7 @@ def load_sidecar_settings(
     if s.control_plane_tls_cert is not None and s.control_plane_tls_ca is None:
         errors.add("control_plane_tls_cert", "a client certificate needs control_plane_tls_ca")
     _check_audit(errors, s)
+    _check_limits(errors, s)
     _check_level(errors, s.log_level)
     _check_tracing(errors, s.tracing_endpoint, s.tracing_sample_ratio)
     _check_shutdown(errors, s.drain_delay, s.shutdown_grace)

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import _async as health_aio
@@ -49,6 +50,9 @@ from sidecar.ops.metrics import OAUTH_EVENTS, Metrics
 from sidecar.ops.tls import admin_server_credentials, http_ssl_files
 from sidecar.ops.tracing import start_tracing
 from sidecar.store import Store, open_store
+
+if TYPE_CHECKING:
+    from sidecar.bus import AuditStreamConsumer, RedisChangeBus
 
 log = logging.getLogger("sidecar.controlplane")
 AUDIT_PRUNE_INTERVAL = 3600.0  # retention is in days; checking hourly is plenty
@@ -102,6 +106,8 @@ class ControlPlane:
         self.http = HttpServer(settings.http_addr, ssl_files=http_ssl_files(settings))
         self._server: grpc.aio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self.bus: RedisChangeBus | None = None
+        self.audit_stream: AuditStreamConsumer | None = None
         self._draining = False
         self._closed = False
         self.admin_port = 0
@@ -174,6 +180,7 @@ class ControlPlane:
         for name in ("", *names[:4]):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._sweeper = asyncio.create_task(self._sweep_forever())
+        await self._start_redis()
         log.info(
             "control plane listening",
             extra={
@@ -195,6 +202,25 @@ class ControlPlane:
         await asyncio.to_thread(self.oauth.start)
         await self.http.start(build_app(oauth_routes(self.oauth, self.keys), self.http_routes))
         log.info("oauth listening", extra={"http_addr": self.settings.http_addr, "port": port})
+
+    async def _start_redis(self) -> None:
+        """Scale-out: the change bus between replicas and the consumer of the sidecars' audit
+        stream. Neither fails to start, nor stops the control plane, because Redis is down."""
+        url = self.settings.redis_url
+        if not url:
+            return
+        # Imported only when used: redis-py loads OpenTelemetry on import.
+        from sidecar.bus import AuditStreamConsumer, RedisChangeBus
+
+        self.bus = RedisChangeBus(url, self.store, self._committed_elsewhere)
+        await self.bus.start()
+        self.audit_stream = AuditStreamConsumer(url, self.audit)
+        await self.audit_stream.start()
+
+    def _committed_elsewhere(self, revision: int) -> None:
+        """Another replica committed ``revision``: streams and audit tails look now."""
+        self.replication.wake(revision)
+        self.audit_servicer.notify(revision)
 
     def _oauth_token_event(self, event: str) -> None:
         # Only the known events become label values (bounded, whatever a caller passes).
@@ -246,6 +272,10 @@ class ControlPlane:
         self.audit_servicer.close()  # tails end now and resume by cursor elsewhere
         if self._server is not None:
             await self._server.stop(grace)
+        if self.bus is not None:
+            await self.bus.aclose()
+        if self.audit_stream is not None:
+            await self.audit_stream.aclose()
         for close in self.closers:
             try:
                 await asyncio.to_thread(close)

@@ -23,6 +23,9 @@ from tests.support.postgres import PostgresServer, postgres_available
 
 _databases = itertools.count(1)
 
+# Fixtures of real servers used by several modules: redis_server, redis_url.
+pytest_plugins = ["tests.support.redis"]
+
 
 @pytest.fixture
 def clock() -> FakeClock:

@@ -33,6 +33,11 @@ class ApiKeyServicer(pb_grpc.ApiKeyServiceServicer):  # type: ignore[misc]
             name=request.name,
             scopes=list(request.scopes),
             expires_in=_seconds(request.expires_in_seconds, "expires_in"),
+            rate_limit=(
+                (request.rate_limit.requests, request.rate_limit.period_seconds)
+                if request.HasField("rate_limit")
+                else None
+            ),
         )
         return pb.CreateApiKeyResponse(
             api_key=convert.api_key(minted.key, self._clock.now()), key=minted.secret

@@ -42,4 +42,9 @@ def api_key(key: ApiKey, now: float) -> pb.ApiKey:
         last_four=key.last_four,
         grace_deadline=timestamp(key.grace_deadline),
         created_by=key.created_by,
+        rate_limit=(
+            pb.RateLimit(requests=key.rate_limit, period_seconds=key.rate_period)
+            if key.rate_limit
+            else None
+        ),
     )

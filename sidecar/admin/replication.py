@@ -53,6 +53,13 @@ class ReplicationServicer(pb_grpc.ReplicationServiceServicer):  # type: ignore[m
         self._token = sync_token.encode()
         self.subscribers = 0
         self.snapshots_sent = 0
+        self._wakers: set[Callable[[int], None]] = set()
+
+    def wake(self, revision: int) -> None:
+        """Have every open stream re-read the change log now: another control-plane replica
+        committed ``revision`` (told by the change bus, sidecar/bus/)."""
+        for waker in list(self._wakers):
+            waker(revision)
 
     def snapshot(self) -> tuple[int, list[Change]]:
         """The head revision and every entry, read in one consistent transaction."""
@@ -87,6 +94,7 @@ class ReplicationServicer(pb_grpc.ReplicationServiceServicer):  # type: ignore[m
             loop.call_soon_threadsafe(wake.set)
 
         unsubscribe = self._store.subscribe(notify)
+        self._wakers.add(notify)
         self.subscribers += 1
         try:
             after = request.after_revision
@@ -116,6 +124,7 @@ class ReplicationServicer(pb_grpc.ReplicationServiceServicer):  # type: ignore[m
                     yield pb.SubscribeResponse(heartbeat=pb.Heartbeat(head_revision=head))
         finally:
             self.subscribers -= 1
+            self._wakers.discard(notify)
             unsubscribe()
 
 

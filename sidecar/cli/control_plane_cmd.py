@@ -32,6 +32,9 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--admin-addr", help="admin gRPC listen address (default 127.0.0.1:50051)")
     p.add_argument("--http-addr", help="HTTP listen address (default 127.0.0.1:8080)")
+    p.add_argument(
+        "--redis-url", help="change bus between replicas and the audit stream (scale-out)"
+    )
     p.add_argument("--log-level")
     p.set_defaults(handler=None, runner=run)
 
@@ -43,6 +46,7 @@ def flags(args: argparse.Namespace) -> dict[str, object]:
         "database_url": getattr(args, "database_url", None),
         "admin_addr": getattr(args, "admin_addr", None),
         "http_addr": getattr(args, "http_addr", None),
+        "redis_url": getattr(args, "redis_url", None),
         "log_level": getattr(args, "log_level", None),
     }
 

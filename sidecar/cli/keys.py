@@ -11,7 +11,7 @@ from sidecar._gen.statuspulse.auth.v1 import api_keys_pb2_grpc as pb_grpc
 from sidecar.cli.client import EXIT_USAGE, AdminClient, CliError
 from sidecar.cli.output import emit_json, rfc3339, table
 from sidecar.core.errors import InvalidArgument
-from sidecar.core.validation import parse_duration
+from sidecar.core.validation import format_rate, parse_duration, parse_rate
 
 STATES = {
     "active": pb.API_KEY_STATE_ACTIVE,
@@ -31,6 +31,9 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--name", required=True)
     p.add_argument("--scope", action="append", required=True, dest="scopes", metavar="SCOPE")
     p.add_argument("--expires-in", default="", metavar="DURATION", help="e.g. 90d, 24h")
+    p.add_argument(
+        "--rate-limit", default="", metavar="RATE", help="requests per period, e.g. 100/s, 6000/m"
+    )
     p.set_defaults(handler=create)
 
     p = keys.add_parser("list", parents=[common], help="list keys, newest first")
@@ -63,6 +66,16 @@ def _duration(text: str, flag: str) -> int:
         raise CliError(exc.message, EXIT_USAGE) from None
 
 
+def _rate(text: str) -> pb.RateLimit | None:
+    if not text:
+        return None
+    try:
+        requests, period = parse_rate(text, "--rate-limit")
+    except InvalidArgument as exc:
+        raise CliError(exc.message, EXIT_USAGE) from None
+    return pb.RateLimit(requests=requests, period_seconds=period)
+
+
 def key_json(key: pb.ApiKey, secret: str = "") -> dict[str, object]:
     """The documented JSON shape of a key."""
     out: dict[str, object] = {"id": key.id}
@@ -81,6 +94,11 @@ def key_json(key: pb.ApiKey, secret: str = "") -> dict[str, object]:
         revoke_reason=key.revoke_reason or None,
         grace_deadline=rfc3339(key.grace_deadline, key.HasField("grace_deadline")),
         last_four=key.last_four,
+        rate_limit=(
+            format_rate(key.rate_limit.requests, key.rate_limit.period_seconds)
+            if key.HasField("rate_limit")
+            else None
+        ),
     )
     return out
 
@@ -120,6 +138,7 @@ def create(client: AdminClient, args: argparse.Namespace) -> int:
         name=args.name,
         scopes=args.scopes,
         expires_in_seconds=_duration(args.expires_in, "--expires-in"),
+        rate_limit=_rate(args.rate_limit),
     )
     resp = client.call(stub.CreateApiKey, request)
     _print_minted(args, resp.api_key, resp.key)

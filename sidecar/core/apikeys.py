@@ -51,13 +51,17 @@ class KeyPolicy:
 
 def credential_payload(key: ApiKey) -> dict[str, object]:
     """What a sidecar replica needs to know about a usable key (digest, never the secret)."""
-    return {
+    payload: dict[str, object] = {
         "id": key.id,
         "digest": key.digest.hex(),
         "workspace": key.workspace,
         "scopes": sort_scopes(key.scopes),
         "expires_at": key.expires_at,
     }
+    if key.rate_limit:
+        payload["rate_limit"] = key.rate_limit
+        payload["rate_period"] = key.rate_period
+    return payload
 
 
 def key_snapshot(uow: UnitOfWork, now: int) -> Iterator[Change]:
@@ -102,12 +106,15 @@ class ApiKeyService:
         name: str,
         scopes: list[str],
         expires_in: int = 0,
+        rate_limit: tuple[int, int] | None = None,
     ) -> Minted:
-        """Mint a key in ``workspace``; the caller must hold every scope it grants."""
+        """Mint a key in ``workspace``; the caller must hold every scope it grants.
+        ``rate_limit`` is (requests, period seconds), enforced by the sidecars."""
         workspace = validation.workspace(workspace)
         name = validation.name(name)
         granted = parse_scopes(scopes)
         lifetime = self._lifetime(expires_in)
+        requests, period = validation.rate_limit(*rate_limit) if rate_limit else (0, 0)
         _require(ctx.principal, KEYS_MANAGE, workspace)
         _require_grantable(ctx.principal, granted)
         now = int(self._clock.now())
@@ -122,10 +129,15 @@ class ApiKeyService:
             created_at=now,
             expires_at=now + lifetime,
             created_by=ctx.principal.key_id,
+            rate_limit=requests,
+            rate_period=period,
         )
+        meta = {"scopes": " ".join(sort_scopes(granted))}
+        if requests:
+            meta["rate_limit"] = validation.format_rate(requests, period)
         with self._store.transaction() as uow:
             uow.keys.insert(key)
-            self._record(uow, ctx, "key.created", key, {"scopes": " ".join(sort_scopes(granted))})
+            self._record(uow, ctx, "key.created", key, meta)
             uow.changes.append(Change("credential.upserted", key.id, credential_payload(key)))
         return Minted(key=key, secret=secret)
 
@@ -202,6 +214,8 @@ class ApiKeyService:
                 expires_at=now + lifetime,
                 created_by=ctx.principal.key_id,
                 replaces=old.id,
+                rate_limit=old.rate_limit,
+                rate_period=old.rate_period,
             )
             deadline = now + grace if grace else None
             if deadline is not None and old.grace_deadline is not None:

@@ -90,6 +90,10 @@ class Identity:
     subject: str = ""
     client_id: str = ""
     grant_id: str = ""
+    # An API key's own request-rate limit: ``rate_limit`` requests per ``rate_period`` seconds
+    # (0: none), enforced per sidecar and shared through Redis in scale-out.
+    rate_limit: int = 0
+    rate_period: int = 0
 
 
 class Decision(NamedTuple):

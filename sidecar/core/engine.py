@@ -11,7 +11,8 @@ from sidecar.core import keyformat
 from sidecar.core.clock import Clock
 from sidecar.core.decision import Decision, DecisionIds, Identity, Reason
 from sidecar.core.models import OPERATOR_WORKSPACE
-from sidecar.core.policy import Policy
+from sidecar.core.policy import Match, Policy
+from sidecar.core.ratelimit import CREDENTIAL_FAILURES, RateLimiter
 from sidecar.core.replica import Replica
 from sidecar.core.scopes import ADMIN_FULL
 
@@ -40,6 +41,7 @@ class CheckInput(NamedTuple):
     host: str
     headers: Mapping[str, str]
     context: Mapping[str, str]
+    source: str = ""  # the client's address as the proxy saw it; '' when unknown
 
 
 class Engine:
@@ -54,12 +56,14 @@ class Engine:
         max_staleness: float = 0.0,
         token_verifier: TokenVerifier | None = None,
         token_cache_size: int = 100_000,
+        limiter: RateLimiter | None = None,
     ) -> None:
         self.replica = replica
         self.policy = policy
         self.clock = clock
         self.max_staleness = max_staleness
         self.token_verifier = token_verifier
+        self.limiter = limiter
         self.ids = DecisionIds()
         self._token_cache: dict[bytes, Identity] = {}
         self._token_cache_size = token_cache_size
@@ -78,9 +82,26 @@ class Engine:
         unready = self.unready(now)
         if unready is not None:
             return Decision(unready, did)
+        limiter = self.limiter
+        source = request.source
+        # A source over its failure limit is refused before its credential is looked at:
+        # otherwise it could keep guessing and only the status code would change.
+        if limiter is not None and source and limiter.source_blocked(source, now):
+            return Decision(Reason.RATE_LIMITED, did, detail="source")
         found = self._authenticate(self._credential(request.headers, policy), now)
         if isinstance(found, Decision):
+            if limiter is not None and found.reason in CREDENTIAL_FAILURES:
+                return self._failed(limiter, found, did, source, now)
             return Decision(found.reason, did, detail=found.detail)
+        if limiter is not None:
+            limited = self._limited(limiter, found, now)
+            if limited is not None:
+                return Decision(Reason.RATE_LIMITED, did, found, limited)
+        return self._route(match, found, did)
+
+    @staticmethod
+    def _route(match: Match | None, found: Identity, did: str) -> Decision:
+        """Whether an authenticated identity reaches the matched route."""
         if match is None:
             return Decision(Reason.NO_ROUTE, did, found)
         route = match.route
@@ -118,6 +139,28 @@ class Engine:
         return self.authorize(credential, ())
 
     # -- steps ------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _failed(
+        limiter: RateLimiter, found: Decision, did: str, source: str, now: float
+    ) -> Decision:
+        """Count a refused credential against its source and key id; a key id over its limit
+        is answered 429 (and not counted again, so the window can slide)."""
+        key_id = found.identity.id if found.identity is not None else ""
+        if key_id and limiter.key_blocked(key_id, now):
+            return Decision(Reason.RATE_LIMITED, did, detail="key")
+        limiter.failed(source, key_id, now)
+        return Decision(found.reason, did, detail=found.detail)
+
+    @staticmethod
+    def _limited(limiter: RateLimiter, found: Identity, now: float) -> str | None:
+        """Which limit refuses this identity now ('key' failures, 'rate'), or None."""
+        if limiter.key_blocked(found.id, now):
+            return "key"
+        rate = found.rate_limit
+        if rate and not limiter.admit(found.id, rate, found.rate_period, now):
+            return "rate"
+        return None
 
     def unready(self, now: float) -> Reason | None:
         replica = self.replica
@@ -161,10 +204,11 @@ class Engine:
             if not keyformat.is_well_formed(token):
                 return _DENY[Reason.MALFORMED_CREDENTIAL]
             return _DENY[Reason.UNKNOWN_CREDENTIAL]
+        # Revoked and expired keys name their id, so failures can be counted per key id.
         if cred.revoked:
-            return _DENY[Reason.REVOKED_CREDENTIAL]
+            return Decision(Reason.REVOKED_CREDENTIAL, "", cred.identity)
         if cred.identity.expires_at <= now:
-            return _DENY[Reason.EXPIRED_CREDENTIAL]
+            return Decision(Reason.EXPIRED_CREDENTIAL, "", cred.identity)
         return cred.identity
 
     def _access_token(self, token: str, now: float) -> Identity | Decision:

@@ -35,6 +35,9 @@ class ApiKey:
     replaced_by: str = ""
     grace_deadline: int | None = None
     expiry_recorded: bool = False
+    # Requests allowed per ``rate_period`` seconds (0: no limit), enforced by the sidecars.
+    rate_limit: int = 0
+    rate_period: int = 0
 
     def state(self, now: float) -> KeyState:
         """The state at time ``now``: revoked beats expired beats active."""

@@ -96,6 +96,8 @@ class Replica:
             workspace=str(p["workspace"]),
             scopes=frozenset(str(s) for s in p["scopes"]),
             expires_at=int(p["expires_at"]),
+            rate_limit=int(p.get("rate_limit", 0)),
+            rate_period=int(p.get("rate_period", 0)),
         )
         self.by_digest[digest] = Credential(identity, revoked=bool(p.get("revoked", False)))
 
@@ -153,6 +155,9 @@ class Replica:
                 "scopes": sorted(ident.scopes),
                 "expires_at": int(ident.expires_at),
             }
+            if ident.rate_limit:
+                payload["rate_limit"] = ident.rate_limit
+                payload["rate_period"] = ident.rate_period
             if cred.revoked:
                 payload["revoked"] = True
             out.append(Change("credential.upserted", cred.id, payload))

@@ -9,7 +9,10 @@ from sidecar.core.errors import InvalidArgument
 _WORKSPACE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 _DURATION = re.compile(r"(\d+)([smhdw])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_RATE = re.compile(r"(\d+)/(\d*)([smh])")
 MAX_NAME = 100
+MAX_RATE_REQUESTS = 1_000_000
+MAX_RATE_PERIOD = 3600
 
 
 def workspace(value: str, field: str = "workspace") -> str:
@@ -59,3 +62,30 @@ def format_duration(seconds: int) -> str:
         if seconds and seconds % size == 0:
             return f"{seconds // size}{unit}"
     return f"{seconds}s"
+
+
+def rate_limit(requests: int, period: int, field: str = "rate_limit") -> tuple[int, int]:
+    """A per-key request limit: 1 to 1,000,000 requests per 1 s to 1 h."""
+    if not 1 <= requests <= MAX_RATE_REQUESTS:
+        raise InvalidArgument(field, f"requests must be between 1 and {MAX_RATE_REQUESTS}")
+    if not 1 <= period <= MAX_RATE_PERIOD:
+        raise InvalidArgument(field, "period must be between 1s and 1h")
+    return requests, period
+
+
+def parse_rate(text: str, field: str = "rate_limit") -> tuple[int, int]:
+    """``100/s``, ``6000/m``, ``10/5s``, ``1000/h`` as (requests, period seconds)."""
+    found = _RATE.fullmatch(text.strip())
+    if found is None:
+        raise InvalidArgument(field, f"malformed rate {text[:40]!r}: use e.g. 100/s, 6000/m")
+    count, every, unit = found.groups()
+    return rate_limit(int(count), int(every or 1) * _UNITS[unit], field)
+
+
+def format_rate(requests: int, period: int) -> str:
+    """The spelling ``parse_rate`` reads back (``100/s``, ``10/5s``, ``6000/m``)."""
+    for unit, size in (("h", 3600), ("m", 60), ("s", 1)):
+        if period % size == 0:
+            every = period // size
+            return f"{requests}/{every if every > 1 else ''}{unit}"
+    return f"{requests}/{period}s"

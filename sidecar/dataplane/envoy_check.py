@@ -28,8 +28,11 @@ Observer = Callable[[Decision, CheckInput, str, float], None]
 
 def request_view(request: ext.CheckRequest) -> CheckInput:
     """The engine's view of a CheckRequest. Reads ``headers`` and, when Envoy sends raw headers
-    (``encode_raw_headers``), ``header_map`` instead; duplicates are merged with commas."""
-    http = request.attributes.request.http
+    (``encode_raw_headers``), ``header_map`` instead; duplicates are merged with commas. The
+    source is the address of Envoy's downstream TCP peer (CheckRequestUtils::setAttrContextPeer
+    reads the connection's remote address): the client, or a load balancer in front of Envoy."""
+    attributes = request.attributes
+    http = attributes.request.http
     headers: Mapping[str, str] = http.headers
     if not headers and http.header_map.headers:
         merged: dict[str, str] = {}
@@ -39,7 +42,12 @@ def request_view(request: ext.CheckRequest) -> CheckInput:
             merged[name] = f"{merged[name]},{value}" if name in merged else value
         headers = merged
     return CheckInput(
-        http.method, http.path, http.host, headers, request.attributes.context_extensions
+        http.method,
+        http.path,
+        http.host,
+        headers,
+        attributes.context_extensions,
+        attributes.source.address.socket_address.address,
     )
 
 
@@ -84,9 +92,8 @@ class CheckHandler:
             context.abort(grpc.StatusCode.INTERNAL, "internal error")
         elapsed = time.perf_counter() - started
         if self.observers:
-            source = request.attributes.source.address.socket_address.address
             for observe in self.observers:
-                observe(decision, view, source, elapsed)
+                observe(decision, view, view.source, elapsed)
         return response
 
     def rpc_handler(self) -> grpc.GenericRpcHandler:  # type: ignore[type-arg]

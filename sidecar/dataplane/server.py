@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2 as ext
@@ -17,7 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from sidecar._gen.statuspulse.auth.v1 import authorization_pb2, authorization_pb2_grpc
-from sidecar.auditship import AuditPipeline, GrpcTransport, ShipConfig
+from sidecar.auditship import AuditPipeline, GrpcTransport, ShipConfig, Transport
 from sidecar.auditship.metrics import AuditMetrics
 from sidecar.auditship.observer import DecisionRecorder
 from sidecar.config import SidecarSettings
@@ -37,6 +38,10 @@ from sidecar.ops.metrics import BAD_CHECK_REQUEST, INTERNAL_ERROR, DecisionMetri
 from sidecar.ops.status_server import StatusServer
 from sidecar.ops.tls import sync_channel_credentials, sync_channel_options
 from sidecar.ops.tracing import CheckFn, Context, span_annotator, start_tracing, traced_check
+from sidecar.ratelimit import AbuseLimits, WindowRateLimiter
+
+if TYPE_CHECKING:
+    from sidecar.ratelimit.shared import RedisLimitSync
 
 log = logging.getLogger("sidecar.server")
 
@@ -80,6 +85,14 @@ class Sidecar:
         self.metrics = metrics or Metrics()
         self.metrics.sidecar_metrics()
         self.replica = Replica()
+        self.limiter = WindowRateLimiter(
+            AbuseLimits(
+                source_failures=settings.failure_limit_source,
+                key_failures=settings.failure_limit_key,
+                failure_window=settings.failure_window,
+            )
+        )
+        self.limit_sync = _limit_sync(settings, self.limiter, self.clock)
         self.engine = Engine(
             self.replica,
             policy or load_policy(settings.policy_file),
@@ -87,6 +100,7 @@ class Sidecar:
             max_staleness=settings.max_staleness,
             token_verifier=token_verifier
             or ReplicaTokenVerifier(settings.oauth_issuer, settings.oauth_audience),
+            limiter=self.limiter,
         )
         self.decision_metrics = DecisionMetrics(self.metrics)
         self.denial_log = DenialLog(settings.denial_log_rate)
@@ -196,6 +210,8 @@ class Sidecar:
                 raise
         self._update_health()
         self.sync.start()
+        if self.limit_sync is not None:
+            self.limit_sync.start()
         if self.audit is not None:
             self.audit.start()
         self._syncing = True
@@ -275,6 +291,8 @@ class Sidecar:
             self.audit.close(timeout=grace)
         if self._syncing:
             self.sync.stop()
+        if self.limit_sync is not None:
+            self.limit_sync.stop()
         self.denial_log.flush(force=True)
         for close in self.closers:
             try:
@@ -299,4 +317,24 @@ def _audit_pipeline(settings: SidecarSettings) -> AuditPipeline | None:
         write_interval=settings.audit_write_interval,
         fsync_interval=settings.audit_fsync_interval,
     )
-    return AuditPipeline(config, GrpcTransport(settings.control_plane, settings.sync_token))
+    transport: Transport
+    if settings.redis_url:
+        from sidecar.bus.audit_stream import RedisStreamTransport  # loads redis only if used
+
+        transport = RedisStreamTransport(settings.redis_url)
+    else:
+        transport = GrpcTransport(settings.control_plane, settings.sync_token)
+    return AuditPipeline(config, transport)
+
+
+def _limit_sync(
+    settings: SidecarSettings, limiter: WindowRateLimiter, clock: Clock
+) -> RedisLimitSync | None:
+    """Shared counts through Redis from a background thread (the Check path never waits)."""
+    if not settings.redis_url:
+        return None
+    from sidecar.ratelimit.shared import RedisLimitSync  # loads redis only if used
+
+    return RedisLimitSync(
+        limiter, settings.redis_url, clock, interval=settings.ratelimit_sync_interval
+    )

@@ -18,7 +18,8 @@ from sidecar.store.sqlite_oauth import SqliteOAuthRepositories
 
 _KEY_COLUMNS = (
     "id, digest, last_four, name, workspace, scopes, created_at, expires_at, created_by, "
-    "revoked_at, revoke_reason, replaces, replaced_by, grace_deadline, expiry_recorded"
+    "revoked_at, revoke_reason, replaces, replaced_by, grace_deadline, expiry_recorded, "
+    "rate_limit, rate_period"
 )
 
 
@@ -39,6 +40,8 @@ def _key_from_row(row: sqlite3.Row) -> ApiKey:
         replaced_by=row[12],
         grace_deadline=row[13],
         expiry_recorded=bool(row[14]),
+        rate_limit=row[15],
+        rate_period=row[16],
     )
 
 
@@ -59,6 +62,8 @@ def _key_values(key: ApiKey) -> tuple[object, ...]:
         key.replaced_by,
         key.grace_deadline,
         int(key.expiry_recorded),
+        key.rate_limit,
+        key.rate_period,
     )
 
 
@@ -69,10 +74,9 @@ class SqliteKeys:
         self._conn = conn
 
     def insert(self, key: ApiKey) -> None:
-        marks = ", ".join("?" * 15)
-        self._conn.execute(
-            f"INSERT INTO api_keys ({_KEY_COLUMNS}) VALUES ({marks})", _key_values(key)
-        )
+        values = _key_values(key)
+        marks = ", ".join("?" * len(values))
+        self._conn.execute(f"INSERT INTO api_keys ({_KEY_COLUMNS}) VALUES ({marks})", values)
 
     def update(self, key: ApiKey) -> None:
         values = _key_values(key)

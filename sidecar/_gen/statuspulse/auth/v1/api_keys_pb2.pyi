@@ -22,7 +22,7 @@ API_KEY_STATE_EXPIRED: ApiKeyState
 API_KEY_STATE_REVOKED: ApiKeyState
 
 class ApiKey(_message.Message):
-    __slots__ = ("id", "name", "workspace", "scopes", "state", "create_time", "expire_time", "revoke_time", "revoke_reason", "replaces", "replaced_by", "last_four", "grace_deadline", "created_by")
+    __slots__ = ("id", "name", "workspace", "scopes", "state", "create_time", "expire_time", "revoke_time", "revoke_reason", "replaces", "replaced_by", "last_four", "grace_deadline", "created_by", "rate_limit")
     ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     WORKSPACE_FIELD_NUMBER: _ClassVar[int]
@@ -37,6 +37,7 @@ class ApiKey(_message.Message):
     LAST_FOUR_FIELD_NUMBER: _ClassVar[int]
     GRACE_DEADLINE_FIELD_NUMBER: _ClassVar[int]
     CREATED_BY_FIELD_NUMBER: _ClassVar[int]
+    RATE_LIMIT_FIELD_NUMBER: _ClassVar[int]
     id: str
     name: str
     workspace: str
@@ -51,19 +52,30 @@ class ApiKey(_message.Message):
     last_four: str
     grace_deadline: _timestamp_pb2.Timestamp
     created_by: str
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., workspace: _Optional[str] = ..., scopes: _Optional[_Iterable[str]] = ..., state: _Optional[_Union[ApiKeyState, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoke_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoke_reason: _Optional[str] = ..., replaces: _Optional[str] = ..., replaced_by: _Optional[str] = ..., last_four: _Optional[str] = ..., grace_deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_by: _Optional[str] = ...) -> None: ...
+    rate_limit: RateLimit
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., workspace: _Optional[str] = ..., scopes: _Optional[_Iterable[str]] = ..., state: _Optional[_Union[ApiKeyState, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoke_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoke_reason: _Optional[str] = ..., replaces: _Optional[str] = ..., replaced_by: _Optional[str] = ..., last_four: _Optional[str] = ..., grace_deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_by: _Optional[str] = ..., rate_limit: _Optional[_Union[RateLimit, _Mapping]] = ...) -> None: ...
+
+class RateLimit(_message.Message):
+    __slots__ = ("requests", "period_seconds")
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    PERIOD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    requests: int
+    period_seconds: int
+    def __init__(self, requests: _Optional[int] = ..., period_seconds: _Optional[int] = ...) -> None: ...
 
 class CreateApiKeyRequest(_message.Message):
-    __slots__ = ("workspace", "name", "scopes", "expires_in_seconds")
+    __slots__ = ("workspace", "name", "scopes", "expires_in_seconds", "rate_limit")
     WORKSPACE_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     SCOPES_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_IN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    RATE_LIMIT_FIELD_NUMBER: _ClassVar[int]
     workspace: str
     name: str
     scopes: _containers.RepeatedScalarFieldContainer[str]
     expires_in_seconds: int
-    def __init__(self, workspace: _Optional[str] = ..., name: _Optional[str] = ..., scopes: _Optional[_Iterable[str]] = ..., expires_in_seconds: _Optional[int] = ...) -> None: ...
+    rate_limit: RateLimit
+    def __init__(self, workspace: _Optional[str] = ..., name: _Optional[str] = ..., scopes: _Optional[_Iterable[str]] = ..., expires_in_seconds: _Optional[int] = ..., rate_limit: _Optional[_Union[RateLimit, _Mapping]] = ...) -> None: ...
 
 class CreateApiKeyResponse(_message.Message):
     __slots__ = ("api_key", "key")
