@@ -369,9 +369,12 @@ def test_a_flood_of_random_keys_is_denied_locally_and_spares_the_control_plane(
     # Every check of the flood was a local denial of an unknown key; none was allowed, none
     # failed; and no control plane was asked anything.
     # (h2load's "done" leaves out the requests still in flight when its clock ran out.)
+    # The per-source failure limit (on by default) turns most of them into 429 rate_limited:
+    # still local denials, cheaper than the lookup.
     unknown = (("outcome", "deny"), ("reason", "unknown_credential"))
-    assert list(decided) == [unknown]
-    assert decided[unknown] >= done
+    limited = (("outcome", "deny"), ("reason", "rate_limited"))
+    assert set(decided) <= {unknown, limited}
+    assert sum(decided.values()) >= done
     for cp, admin in zip(s.control_planes, admin_before, strict=True):
         assert scrape(cp.http_port, "spauth_admin_calls") == admin
 

@@ -66,10 +66,9 @@ class PgKeys:
         self._conn = conn
 
     def insert(self, key: ApiKey) -> None:
-        marks = ", ".join(["%s"] * 15)
-        self._conn.execute(
-            f"INSERT INTO api_keys ({_KEY_COLUMNS}) VALUES ({marks})", _key_values(key)
-        )
+        values = _key_values(key)
+        marks = ", ".join(["%s"] * len(values))
+        self._conn.execute(f"INSERT INTO api_keys ({_KEY_COLUMNS}) VALUES ({marks})", values)
 
     def update(self, key: ApiKey) -> None:
         values = _key_values(key)
