@@ -1,0 +1,184 @@
+"""Measure each case of a running target: verify, warm up, saturate, then a fixed rate."""
+
+from __future__ import annotations
+
+import hashlib
+import statistics
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench import h2load
+from bench.cases import CHECK_METHOD, GRPC_HEADERS, Case, GrpcCase
+from bench.cpu import pin_tree, tree_cpu_seconds
+from bench.targets import RunningTarget
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How long and how hard to push; ``quick()`` is for smoke tests, not for numbers."""
+
+    server_cpus: frozenset[int]
+    client_cpus: frozenset[int]
+    workdir: Path
+    reps: int = 3
+    duration: float = 5.0  # seconds per saturation rep
+    warmup: float = 2.0  # seconds of saturation before the reps, not measured
+    clients: int = 4
+    streams: int = 16
+    rate: float = 1000.0  # req/s of the fixed-rate run
+    rate_duration: float = 10.0
+
+    def quick(self) -> Settings:
+        """Tiny durations, one rep: proves the pipeline works, measures nothing useful."""
+        return Settings(
+            self.server_cpus,
+            self.client_cpus,
+            self.workdir,
+            reps=1,
+            duration=0.5,
+            warmup=0.2,
+            clients=self.clients,
+            streams=self.streams,
+            rate=self.rate,
+            rate_duration=0.5,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """Settings as JSON-ready values."""
+        out = asdict(self)
+        out["server_cpus"] = sorted(self.server_cpus)
+        out["client_cpus"] = sorted(self.client_cpus)
+        out["workdir"] = str(self.workdir)
+        return out
+
+
+@dataclass
+class CaseResult:
+    """One row of the report."""
+
+    target: str
+    case: str
+    kind: str
+    expect: str
+    status: str = "ok"  # "ok" or "failed"
+    error: str | None = None
+    request_bytes: int | None = None
+    saturation: dict[str, Any] = field(default_factory=dict)
+    fixed_rate: dict[str, Any] = field(default_factory=dict)
+    ratio_to_ceiling: float | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def load_for(case: Case, address: str, workdir: Path) -> h2load.Load:
+    """The h2load request for ``case`` against ``address``."""
+    if isinstance(case, GrpcCase):
+        body = workdir / f"body-{hashlib.sha256(case.request).hexdigest()[:16]}.bin"
+        body.write_bytes(case.body())
+        return h2load.Load(f"http://{address}{CHECK_METHOD}", GRPC_HEADERS, body)
+    status_class = case.expect_status // 100 * 100
+    url = address.rstrip("/") + case.path
+    return h2load.Load(
+        url, tuple(case.headers.items()), None, range(status_class, status_class + 100)
+    )
+
+
+def _per_call_us(cpu_s: float, calls: int) -> float | None:
+    return round(cpu_s / calls * 1e6, 1) if calls else None
+
+
+def _saturation(load: h2load.Load, pids: Sequence[int], s: Settings) -> dict[str, Any]:
+    h2load.saturate(
+        load,
+        duration=s.warmup,
+        clients=s.clients,
+        streams=s.streams,
+        cpus=set(s.client_cpus),
+        workdir=s.workdir,
+    )
+    reps: list[dict[str, Any]] = []
+    for _ in range(s.reps):
+        before = tree_cpu_seconds(pids)
+        run = h2load.saturate(
+            load,
+            duration=s.duration,
+            clients=s.clients,
+            streams=s.streams,
+            cpus=set(s.client_cpus),
+            workdir=s.workdir,
+        )
+        server_cpu = tree_cpu_seconds(pids) - before
+        reps.append(
+            {
+                "rps": run.rps,
+                "requests": run.done,
+                "unexpected": run.unexpected,
+                "server_cpu_us_per_call": _per_call_us(server_cpu, run.done),
+                "client_cpu_us_per_call": _per_call_us(run.client_cpu_s, run.done),
+                "server_cpu_util": round(server_cpu / s.duration, 3),
+            }
+        )
+    summary: dict[str, Any] = {"rps": statistics.median(r["rps"] for r in reps)}
+    for key in ("server_cpu_us_per_call", "client_cpu_us_per_call", "server_cpu_util"):
+        values = [r[key] for r in reps if r[key] is not None]
+        summary[key] = round(statistics.median(values), 3) if values else None
+    summary["unexpected"] = sum(r["unexpected"] for r in reps)
+    summary["reps"] = reps
+    return summary
+
+
+def _fixed_rate(load: h2load.Load, pids: Sequence[int], s: Settings) -> dict[str, Any]:
+    before = tree_cpu_seconds(pids)
+    run = h2load.fixed_rate(
+        load, rate=s.rate, duration=s.rate_duration, cpus=set(s.client_cpus), workdir=s.workdir
+    )
+    server_cpu = tree_cpu_seconds(pids) - before
+    lat = sorted(run.latencies_us)
+    out: dict[str, Any] = {
+        "target_rps": s.rate,
+        "achieved_rps": round(run.stats.rps, 1),
+        "requests": run.stats.done,
+        "unexpected": run.stats.unexpected,
+        "server_cpu_us_per_call": _per_call_us(server_cpu, run.stats.done),
+        "client_cpu_us_per_call": _per_call_us(run.stats.client_cpu_s, run.stats.done),
+    }
+    for label, fraction in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p999", 0.999)):
+        out[f"{label}_ms"] = round(h2load.percentile(lat, fraction) / 1000, 3) if lat else None
+    out["max_ms"] = round(lat[-1] / 1000, 3) if lat else None
+    return out
+
+
+def measure_case(target: RunningTarget, case: Case, s: Settings) -> CaseResult:
+    """Verify ``case`` with one real call, then load it; a failed check skips the load."""
+    result = CaseResult(target.name, case.name, case.kind, case.expect, info=dict(target.info))
+    if isinstance(case, GrpcCase):
+        result.request_bytes = len(case.request)
+    error = case.verify(target.address)
+    if error is not None:
+        result.status, result.error = "failed", f"verification: {error}"
+        return result
+    load = load_for(case, target.address, s.workdir)
+    try:
+        result.saturation = _saturation(load, target.pids, s)
+        result.fixed_rate = _fixed_rate(load, target.pids, s)
+    except (RuntimeError, ValueError) as exc:
+        result.status, result.error = "failed", str(exc)
+        return result
+    unexpected = result.saturation["unexpected"] + result.fixed_rate["unexpected"]
+    if unexpected:
+        result.status = "failed"
+        result.error = f"{unexpected} requests under load failed or got an unexpected status"
+    return result
+
+
+def run_target(target: RunningTarget, s: Settings) -> list[CaseResult]:
+    """Measure every case of a started target, in order."""
+    if target.pin:
+        pin_tree(target.pids, set(s.server_cpus))
+    results = []
+    for case in target.cases:
+        print(f"  {target.name} / {case.name} …", file=sys.stderr, flush=True)
+        results.append(measure_case(target, case, s))
+    return results
