@@ -14,9 +14,17 @@ from pathlib import Path
 from typing import Any
 
 from bench import report
+from bench.ceiling import MAX_WORKERS, SERVER_OPTIONS
 from bench.cpu import default_cpu_split
 from bench.runner import CaseResult, Settings, run_target
-from bench.targets import CEILING, DEFAULT_TARGETS, TargetEnv, TargetError, resolve
+from bench.targets import (
+    CEILING,
+    DEFAULT_TARGETS,
+    SERVER_ENV,
+    TargetEnv,
+    TargetError,
+    resolve,
+)
 
 
 def _cpus(text: str) -> frozenset[int]:
@@ -96,6 +104,12 @@ def document(results: list[CaseResult], settings: Settings, started: dt.datetime
             "case": ceiling.case if ceiling else None,
             "rps": ceiling_rps,
             "env": ceiling.info.get("env") if ceiling else None,
+        },
+        "server_model": {
+            "grpc": "sync server, one process",
+            "max_workers": MAX_WORKERS,
+            "options": dict(SERVER_OPTIONS),
+            "env": dict(SERVER_ENV),
         },
         "ok": all(r.status == "ok" for r in results),
         "results": report.rows(results),

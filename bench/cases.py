@@ -151,13 +151,19 @@ def grpc_case(
 
 @dataclass(frozen=True)
 class HttpCase:
-    """A plain HTTP request through Envoy; ``expect_status`` is the HTTP status it must get."""
+    """A plain HTTP request through Envoy; ``expect_status`` is the HTTP status it must get.
+
+    A GET, or a POST of ``body`` when given (h2load can send nothing else). h2load speaks
+    HTTP/2 prior knowledge (h2c) unless ``http1`` is set; Envoy's ``codec_type: AUTO`` accepts
+    both, an HTTP/1-only listener needs ``http1=True``.
+    """
 
     name: str
     headers: Mapping[str, str]
     expect_status: int = 200
     path: str = "/"
-    method: str = "GET"
+    body: bytes | None = None
+    http1: bool = False
 
     kind: Literal["http"] = "http"
 
@@ -173,7 +179,8 @@ class HttpCase:
             parts.hostname or "127.0.0.1", parts.port, timeout=timeout
         )
         try:
-            conn.request(self.method, self.path, headers=dict(self.headers))
+            method = "GET" if self.body is None else "POST"
+            conn.request(method, self.path, body=self.body, headers=dict(self.headers))
             status = conn.getresponse().status
         except OSError as exc:
             return f"HTTP request failed: {exc}"

@@ -35,6 +35,7 @@ class Load:
     headers: Sequence[tuple[str, str]]
     body_file: Path | None
     ok_statuses: range = range(200, 300)
+    http1: bool = False
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ def duration_arg(seconds: float) -> str:
 
 
 def _argv(load: Load, extra: Sequence[str]) -> list[str]:
-    argv = ["h2load", *extra]
+    argv = ["h2load", *extra, *(["--h1"] if load.http1 else [])]
     for name, value in load.headers:
         argv += ["-H", f"{name}: {value}"]
     if load.body_file is not None:
@@ -74,15 +75,38 @@ def _spawn(argv: list[str], cpus: set[int], out: Path) -> subprocess.Popen[bytes
         return subprocess.Popen([*taskset_prefix(cpus), *argv], stdout=sink, stderr=sink)
 
 
-def _reap(proc: subprocess.Popen[bytes]) -> float:
-    """Wait for ``proc``; return its CPU seconds (user + system) from wait4's rusage."""
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return usage.ru_utime + usage.ru_stime
+class H2loadHung(RuntimeError):
+    """h2load outlived its -D duration by more than HANG_GRACE seconds and was killed."""
+
+
+# h2load can outlive -D (seen with --h1 against a server that closes connections); give up
+# after this many seconds past the planned end rather than waiting forever.
+HANG_GRACE = 20.0
+
+
+def _reap(proc: subprocess.Popen[bytes], deadline: float) -> float:
+    """Wait for ``proc`` until ``deadline`` (monotonic); return its CPU seconds from rusage.
+
+    ``wait4`` rather than ``Popen.wait`` because only it reports the child's CPU time.
+    """
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            return usage.ru_utime + usage.ru_stime
+        if time.monotonic() > deadline:
+            proc.kill()
+            _, status, _ = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            raise H2loadHung(f"h2load (pid {proc.pid}) ran past its duration; killed it")
+        time.sleep(0.02)
 
 
 _FINISHED = re.compile(r"finished in [\d.]+m?s, ([\d.]+) req/s")
-_REQUESTS = re.compile(r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded")
+_REQUESTS = re.compile(
+    r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded, \d+ failed, "
+    r"(\d+) errored, (\d+) timeout"
+)
 _STATUSES = re.compile(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx")
 
 
@@ -91,10 +115,13 @@ def parse_summary(text: str, ok_statuses: range) -> tuple[float, int, int]:
     finished, requests, statuses = (p.search(text) for p in (_FINISHED, _REQUESTS, _STATUSES))
     if not (finished and requests and statuses):
         raise ValueError(f"h2load output not understood:\n{text[-2000:]}")
-    done = int(requests.group(2))
+    # h2load counts a 4xx/5xx as "failed", so judge by status class; "errored" and
+    # "timeout" streams got no status at all. (done and the status counts can disagree by a
+    # few with HTTP/1.1, so neither is derived from the other.)
     by_class = {200 + 100 * i: int(n) for i, n in enumerate(statuses.groups())}
-    expected = sum(n for first, n in by_class.items() if first in ok_statuses)
-    return float(finished.group(1)), done, done - expected
+    wrong_status = sum(n for first, n in by_class.items() if first not in ok_statuses)
+    no_status = int(requests.group(4)) + int(requests.group(5))
+    return float(finished.group(1)), int(requests.group(2)), wrong_status + no_status
 
 
 def saturate(
@@ -104,7 +131,7 @@ def saturate(
     out = workdir / "h2load-saturate.txt"
     extra = ["-c", str(clients), "-m", str(streams), "-t", "1", "-D", duration_arg(duration)]
     proc = _spawn(_argv(load, extra), cpus, out)
-    cpu = _reap(proc)
+    cpu = _reap(proc, time.monotonic() + duration + HANG_GRACE)
     text = out.read_text(errors="replace")
     if proc.returncode != 0:
         raise RuntimeError(f"h2load exited {proc.returncode}:\n{text[-2000:]}")
@@ -140,8 +167,15 @@ def fixed_rate(
         time.sleep(stagger)
     latencies: list[int] = []
     cpu, unexpected = 0.0, 0
-    for proc, log, out in procs:
-        cpu += _reap(proc)
+    deadline = time.monotonic() + duration + HANG_GRACE
+    for i, (proc, log, out) in enumerate(procs):
+        try:
+            cpu += _reap(proc, deadline)
+        except H2loadHung:
+            for rest, _, _ in procs[i + 1 :]:
+                rest.kill()
+                rest.wait()
+            raise
         if proc.returncode != 0:
             raise RuntimeError(f"h2load exited {proc.returncode}:\n{out.read_text()[-2000:]}")
         for line in log.read_text().splitlines():

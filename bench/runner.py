@@ -75,14 +75,22 @@ class CaseResult:
 def load_for(case: Case, address: str, workdir: Path) -> h2load.Load:
     """The h2load request for ``case`` against ``address``."""
     if isinstance(case, GrpcCase):
-        body = workdir / f"body-{hashlib.sha256(case.request).hexdigest()[:16]}.bin"
-        body.write_bytes(case.body())
+        body = _body_file(case.body(), workdir)
         return h2load.Load(f"http://{address}{CHECK_METHOD}", GRPC_HEADERS, body)
     status_class = case.expect_status // 100 * 100
-    url = address.rstrip("/") + case.path
     return h2load.Load(
-        url, tuple(case.headers.items()), None, range(status_class, status_class + 100)
+        address.rstrip("/") + case.path,
+        tuple(case.headers.items()),
+        None if case.body is None else _body_file(case.body, workdir),
+        range(status_class, status_class + 100),
+        http1=case.http1,
     )
+
+
+def _body_file(body: bytes, workdir: Path) -> Path:
+    path = workdir / f"body-{hashlib.sha256(body).hexdigest()[:16]}.bin"
+    path.write_bytes(body)
+    return path
 
 
 def _per_call_us(cpu_s: float, calls: int) -> float | None:

@@ -71,15 +71,29 @@ class TargetError(RuntimeError):
     """A target could not be started or resolved."""
 
 
-def _wait_listening(proc: subprocess.Popen[bytes], port: int, timeout: float, log: Path) -> None:
-    deadline = time.monotonic() + timeout
+def _wait_listening(proc: subprocess.Popen[bytes], port: int, deadline: float, log: Path) -> None:
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise TargetError(f"exited with {proc.returncode} before listening:\n{_tail(log)}")
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
             return
         time.sleep(0.05)
-    raise TargetError(f"not listening on port {port} after {timeout:.0f}s:\n{_tail(log)}")
+    raise TargetError(f"not listening on port {port} in time:\n{_tail(log)}")
+
+
+def _wait_ready(
+    proc: subprocess.Popen[bytes],
+    listen: str,
+    ready: Callable[[str], bool] | None,
+    deadline: float,
+    log: Path,
+) -> None:
+    while ready is not None and not ready(listen):
+        if proc.poll() is not None:
+            raise TargetError(f"exited with {proc.returncode} before ready:\n{_tail(log)}")
+        if time.monotonic() > deadline:
+            raise TargetError(f"listening on {listen} but not ready in time:\n{_tail(log)}")
+        time.sleep(0.1)
 
 
 def _tail(log: Path, chars: int = 2000) -> str:
@@ -106,12 +120,16 @@ def launch_process(
     cases: Sequence[Case],
     *,
     extra_env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    ready: Callable[[str], bool] | None = None,
     ready_timeout: float = 30.0,
 ) -> Iterator[RunningTarget]:
     """Start ``argv`` pinned to the server CPUs; yield it as a target; stop it afterwards.
 
     ``{listen}``, ``{host}`` and ``{port}`` in ``argv`` are replaced by the chosen address.
-    The server's stdout/stderr go to ``<workdir>/<name>.log``.
+    The target counts as started once the port accepts connections and ``ready(listen)``
+    (if given: e.g. a health probe for a server that listens before it has its data) returns
+    True. The server's stdout/stderr go to ``<workdir>/<name>.log``.
     """
     port = env.free_port()
     listen = f"127.0.0.1:{port}"
@@ -123,10 +141,13 @@ def launch_process(
             stdout=sink,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(extra_env or {})},
+            cwd=cwd,
             start_new_session=True,
         )
     try:
-        _wait_listening(proc, port, ready_timeout, log)
+        deadline = time.monotonic() + ready_timeout
+        _wait_listening(proc, port, deadline, log)
+        _wait_ready(proc, listen, ready, deadline, log)
         if "Unknown experiment" in _tail(log, 100_000):
             raise TargetError(f"GRPC_EXPERIMENTS names an unknown experiment:\n{_tail(log)}")
         pin_tree([proc.pid], set(env.server_cpus))
@@ -142,10 +163,15 @@ def ceiling_cases() -> list[Case]:
     return [grpc_case("allow", typical_headers(x_api_key=key), "allow")]
 
 
+_PROJECT_ROOT = Path(__file__).resolve().parent.parent  # so `-m bench.ceiling` imports
+
+
 def ceiling(env: TargetEnv) -> AbstractContextManager[RunningTarget]:
     """The do-nothing server with the chosen experiments (:data:`SERVER_ENV`)."""
     argv = [env.python, "-m", "bench.ceiling", "--listen", "{listen}"]
-    return launch_process(env, "ceiling", argv, ceiling_cases(), extra_env=SERVER_ENV)
+    return launch_process(
+        env, "ceiling", argv, ceiling_cases(), extra_env=SERVER_ENV, cwd=_PROJECT_ROOT
+    )
 
 
 def ceiling_default_experiments(env: TargetEnv) -> AbstractContextManager[RunningTarget]:
@@ -157,6 +183,7 @@ def ceiling_default_experiments(env: TargetEnv) -> AbstractContextManager[Runnin
         argv,
         ceiling_cases(),
         extra_env={"GRPC_EXPERIMENTS": ""},
+        cwd=_PROJECT_ROOT,
     )
 
 
