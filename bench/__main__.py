@@ -50,6 +50,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--server-cpus", type=_cpus, help="CPUs for the server, e.g. 1")
     p.add_argument("--client-cpus", type=_cpus, help="CPUs for h2load, e.g. 0")
+    p.add_argument(
+        "--wait-quiet",
+        type=float,
+        metavar="S",
+        help="before each case wait up to S seconds for other processes to leave the CPUs idle",
+    )
     p.add_argument("--keep-workdir", action="store_true", help="keep logs and h2load output")
     return p.parse_args(argv)
 
@@ -67,6 +73,7 @@ def build_settings(args: argparse.Namespace, workdir: Path) -> Settings:
         "duration": args.duration,
         "rate": args.rate,
         "rate_duration": args.rate_duration,
+        "quiet_wait": args.wait_quiet,
     }
     fields = s.describe() | {k: v for k, v in overrides.items() if v is not None}
     fields.update(server_cpus=s.server_cpus, client_cpus=s.client_cpus, workdir=workdir)
@@ -85,6 +92,9 @@ def run_all(names: Sequence[str], settings: Settings) -> list[CaseResult]:
                 results += run_target(running, settings)
         except TargetError as exc:
             results.append(CaseResult(spec, "(start)", "-", "-", "failed", str(exc)))
+        except Exception as exc:  # a broken plug-in must not cost us the other rows
+            error = f"{type(exc).__name__}: {exc}"
+            results.append(CaseResult(spec, "(start)", "-", "-", "failed", error))
     return results
 
 

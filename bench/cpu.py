@@ -26,6 +26,19 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICKS_PER_SECOND
 
 
+def system_cpu_seconds() -> tuple[float, float]:
+    """(busy, steal) CPU seconds of the whole machine since boot, summed over CPUs.
+
+    Busy minus what the server and h2load used is CPU someone else took during a run: on a
+    shared 2-core box that is the first thing to check when numbers move.
+    """
+    # cpu  user nice system idle iowait irq softirq steal guest guest_nice
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = values[:8]
+    busy = user + nice + system + irq + softirq
+    return busy / _TICKS_PER_SECOND, steal / _TICKS_PER_SECOND
+
+
 def descendants(pid: int) -> list[int]:
     """``pid`` and every live process below it."""
     children: dict[int, list[int]] = {}

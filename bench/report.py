@@ -15,7 +15,7 @@ import grpc
 from google import protobuf
 
 from bench import h2load
-from bench.runner import CaseResult
+from bench.runner import NOISE_LIMIT, CaseResult
 
 SCHEMA_VERSION = 1
 
@@ -73,7 +73,7 @@ def table(results: Sequence[CaseResult]) -> str:
     """A fixed-width table of the headline numbers."""
     head = (
         f"{'target':<28} {'case':<20} {'req/s':>8} {'xceil':>6} {'p50ms':>7} {'p99ms':>7} "
-        f"{'p99.9ms':>8} {'srv us/call':>11} {'cli us/call':>11}  status"
+        f"{'p99.9ms':>8} {'srv us/call':>11} {'cli us/call':>11} {'noise':>5}  status"
     )
     lines = [head, "-" * len(head)]
     for r in results:
@@ -83,8 +83,15 @@ def table(results: Sequence[CaseResult]) -> str:
             f"{_fmt(r.ratio_to_ceiling, '6.2f')} {_fmt(f.get('p50_ms'), '7.2f')} "
             f"{_fmt(f.get('p99_ms'), '7.2f')} {_fmt(f.get('p999_ms'), '8.2f')} "
             f"{_fmt(s.get('server_cpu_us_per_call'), '11.0f')} "
-            f"{_fmt(s.get('client_cpu_us_per_call'), '11.0f')}  "
+            f"{_fmt(s.get('client_cpu_us_per_call'), '11.0f')} "
+            f"{_fmt(s.get('other_cpu_util'), '5.2f')}  "
             + (r.status if r.error is None else f"{r.status}: {r.error}")
+        )
+    noisy = [r for r in results if (r.saturation.get("other_cpu_util") or 0) > NOISE_LIMIT]
+    if noisy:
+        lines.append(
+            f"WARNING: other processes used > {NOISE_LIMIT} CPU during {len(noisy)} row(s) "
+            "('noise' column, in cores): rerun on a quiet machine before trusting them."
         )
     return "\n".join(lines)
 

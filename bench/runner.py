@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import statistics
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -12,8 +13,11 @@ from typing import Any
 
 from bench import h2load
 from bench.cases import CHECK_METHOD, GRPC_HEADERS, Case, GrpcCase
-from bench.cpu import pin_tree, tree_cpu_seconds
+from bench.cpu import pin_tree, system_cpu_seconds, tree_cpu_seconds
 from bench.targets import RunningTarget
+
+# CPU (in cores) used by processes other than server and h2load above which a row is suspect.
+NOISE_LIMIT = 0.1
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,7 @@ class Settings:
     streams: int = 16
     rate: float = 1000.0  # req/s of the fixed-rate run
     rate_duration: float = 10.0
+    quiet_wait: float = 0.0  # max seconds to wait for other processes to go idle, per case
 
     def quick(self) -> Settings:
         """Tiny durations, one rep: proves the pipeline works, measures nothing useful."""
@@ -97,6 +102,31 @@ def _per_call_us(cpu_s: float, calls: int) -> float | None:
     return round(cpu_s / calls * 1e6, 1) if calls else None
 
 
+class _CpuWindow:
+    """CPU used during one run: the server tree's, h2load's, and everybody else's."""
+
+    def __init__(self, pids: Sequence[int]) -> None:
+        self._pids = pids
+        self._start = time.monotonic()
+        self._server = tree_cpu_seconds(pids)
+        self._busy, self._steal = system_cpu_seconds()
+
+    def close(self, client_cpu_s: float, calls: int) -> dict[str, Any]:
+        """Per-call and utilisation figures; call right after the load generator exits."""
+        elapsed = time.monotonic() - self._start
+        server = tree_cpu_seconds(self._pids) - self._server
+        busy, steal = system_cpu_seconds()
+        other = max(0.0, busy - self._busy - server - client_cpu_s)
+        return {
+            "server_cpu_us_per_call": _per_call_us(server, calls),
+            "client_cpu_us_per_call": _per_call_us(client_cpu_s, calls),
+            "server_cpu_util": round(server / elapsed, 3),
+            # > ~0.1 means something else ran during the measurement: distrust the row.
+            "other_cpu_util": round(other / elapsed, 3),
+            "steal_util": round((steal - self._steal) / elapsed, 3),
+        }
+
+
 def _saturation(load: h2load.Load, pids: Sequence[int], s: Settings) -> dict[str, Any]:
     h2load.saturate(
         load,
@@ -108,7 +138,7 @@ def _saturation(load: h2load.Load, pids: Sequence[int], s: Settings) -> dict[str
     )
     reps: list[dict[str, Any]] = []
     for _ in range(s.reps):
-        before = tree_cpu_seconds(pids)
+        window = _CpuWindow(pids)
         run = h2load.saturate(
             load,
             duration=s.duration,
@@ -117,19 +147,10 @@ def _saturation(load: h2load.Load, pids: Sequence[int], s: Settings) -> dict[str
             cpus=set(s.client_cpus),
             workdir=s.workdir,
         )
-        server_cpu = tree_cpu_seconds(pids) - before
-        reps.append(
-            {
-                "rps": run.rps,
-                "requests": run.done,
-                "unexpected": run.unexpected,
-                "server_cpu_us_per_call": _per_call_us(server_cpu, run.done),
-                "client_cpu_us_per_call": _per_call_us(run.client_cpu_s, run.done),
-                "server_cpu_util": round(server_cpu / s.duration, 3),
-            }
-        )
+        cpu = window.close(run.client_cpu_s, run.done)
+        reps.append({"rps": run.rps, "requests": run.done, "unexpected": run.unexpected, **cpu})
     summary: dict[str, Any] = {"rps": statistics.median(r["rps"] for r in reps)}
-    for key in ("server_cpu_us_per_call", "client_cpu_us_per_call", "server_cpu_util"):
+    for key in [k for k in reps[0] if k not in ("rps", "requests", "unexpected")]:
         values = [r[key] for r in reps if r[key] is not None]
         summary[key] = round(statistics.median(values), 3) if values else None
     summary["unexpected"] = sum(r["unexpected"] for r in reps)
@@ -138,24 +159,41 @@ def _saturation(load: h2load.Load, pids: Sequence[int], s: Settings) -> dict[str
 
 
 def _fixed_rate(load: h2load.Load, pids: Sequence[int], s: Settings) -> dict[str, Any]:
-    before = tree_cpu_seconds(pids)
+    window = _CpuWindow(pids)
     run = h2load.fixed_rate(
         load, rate=s.rate, duration=s.rate_duration, cpus=set(s.client_cpus), workdir=s.workdir
     )
-    server_cpu = tree_cpu_seconds(pids) - before
+    cpu = window.close(run.stats.client_cpu_s, run.stats.done)
     lat = sorted(run.latencies_us)
     out: dict[str, Any] = {
         "target_rps": s.rate,
         "achieved_rps": round(run.stats.rps, 1),
         "requests": run.stats.done,
         "unexpected": run.stats.unexpected,
-        "server_cpu_us_per_call": _per_call_us(server_cpu, run.stats.done),
-        "client_cpu_us_per_call": _per_call_us(run.stats.client_cpu_s, run.stats.done),
+        **cpu,
     }
     for label, fraction in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p999", 0.999)):
         out[f"{label}_ms"] = round(h2load.percentile(lat, fraction) / 1000, 3) if lat else None
     out["max_ms"] = round(lat[-1] / 1000, 3) if lat else None
     return out
+
+
+def wait_quiet(limit: float, max_wait: float) -> float | None:
+    """Wait (up to ``max_wait`` s) for a 1-second window in which the machine's busy CPU is
+    below ``limit`` cores; return the last window's busy cores, or None when not asked to wait.
+
+    Our server is idle at that point, so busy time is other people's: on a shared box this
+    trades run time for numbers that mean something.
+    """
+    if max_wait <= 0:
+        return None
+    deadline = time.monotonic() + max_wait
+    while True:
+        before = system_cpu_seconds()[0]
+        time.sleep(1.0)
+        busy = system_cpu_seconds()[0] - before
+        if busy < limit or time.monotonic() > deadline:
+            return round(busy, 3)
 
 
 def measure_case(target: RunningTarget, case: Case, s: Settings) -> CaseResult:
@@ -168,6 +206,7 @@ def measure_case(target: RunningTarget, case: Case, s: Settings) -> CaseResult:
         result.status, result.error = "failed", f"verification: {error}"
         return result
     load = load_for(case, target.address, s.workdir)
+    result.info["busy_before"] = wait_quiet(NOISE_LIMIT, s.quiet_wait)
     try:
         result.saturation = _saturation(load, target.pids, s)
         result.fixed_rate = _fixed_rate(load, target.pids, s)
