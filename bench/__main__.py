@@ -54,7 +54,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--wait-quiet",
         type=float,
         metavar="S",
-        help="before each case wait up to S seconds for other processes to leave the CPUs idle",
+        help="before each measured run wait up to S s for other processes to leave the CPUs idle",
     )
     p.add_argument("--keep-workdir", action="store_true", help="keep logs and h2load output")
     return p.parse_args(argv)

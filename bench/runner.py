@@ -138,6 +138,7 @@ def _saturation(load: h2load.Load, pids: Sequence[int], s: Settings) -> dict[str
     )
     reps: list[dict[str, Any]] = []
     for _ in range(s.reps):
+        busy_before = wait_quiet(NOISE_LIMIT, s.quiet_wait)
         window = _CpuWindow(pids)
         run = h2load.saturate(
             load,
@@ -148,9 +149,17 @@ def _saturation(load: h2load.Load, pids: Sequence[int], s: Settings) -> dict[str
             workdir=s.workdir,
         )
         cpu = window.close(run.client_cpu_s, run.done)
-        reps.append({"rps": run.rps, "requests": run.done, "unexpected": run.unexpected, **cpu})
+        reps.append(
+            {
+                "rps": run.rps,
+                "requests": run.done,
+                "unexpected": run.unexpected,
+                **cpu,
+                "busy_before": busy_before,
+            }
+        )
     summary: dict[str, Any] = {"rps": statistics.median(r["rps"] for r in reps)}
-    for key in [k for k in reps[0] if k not in ("rps", "requests", "unexpected")]:
+    for key in [k for k in reps[0] if k not in ("rps", "requests", "unexpected", "busy_before")]:
         values = [r[key] for r in reps if r[key] is not None]
         summary[key] = round(statistics.median(values), 3) if values else None
     summary["unexpected"] = sum(r["unexpected"] for r in reps)
@@ -159,6 +168,7 @@ def _saturation(load: h2load.Load, pids: Sequence[int], s: Settings) -> dict[str
 
 
 def _fixed_rate(load: h2load.Load, pids: Sequence[int], s: Settings) -> dict[str, Any]:
+    busy_before = wait_quiet(NOISE_LIMIT, s.quiet_wait)
     window = _CpuWindow(pids)
     run = h2load.fixed_rate(
         load, rate=s.rate, duration=s.rate_duration, cpus=set(s.client_cpus), workdir=s.workdir
@@ -171,6 +181,7 @@ def _fixed_rate(load: h2load.Load, pids: Sequence[int], s: Settings) -> dict[str
         "requests": run.stats.done,
         "unexpected": run.stats.unexpected,
         **cpu,
+        "busy_before": busy_before,
     }
     for label, fraction in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p999", 0.999)):
         out[f"{label}_ms"] = round(h2load.percentile(lat, fraction) / 1000, 3) if lat else None
@@ -182,8 +193,8 @@ def wait_quiet(limit: float, max_wait: float) -> float | None:
     """Wait (up to ``max_wait`` s) for a 1-second window in which the machine's busy CPU is
     below ``limit`` cores; return the last window's busy cores, or None when not asked to wait.
 
-    Our server is idle at that point, so busy time is other people's: on a shared box this
-    trades run time for numbers that mean something.
+    Called before each measured run, when our server is idle, so busy time is other people's:
+    on a shared box this trades run time for numbers that mean something.
     """
     if max_wait <= 0:
         return None
@@ -206,7 +217,6 @@ def measure_case(target: RunningTarget, case: Case, s: Settings) -> CaseResult:
         result.status, result.error = "failed", f"verification: {error}"
         return result
     load = load_for(case, target.address, s.workdir)
-    result.info["busy_before"] = wait_quiet(NOISE_LIMIT, s.quiet_wait)
     try:
         result.saturation = _saturation(load, target.pids, s)
         result.fixed_rate = _fixed_rate(load, target.pids, s)
