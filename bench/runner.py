@@ -17,7 +17,7 @@ from bench.cpu import pin_tree, system_cpu_seconds, tree_cpu_seconds
 from bench.targets import RunningTarget
 
 # CPU (in cores) used by processes other than server and h2load above which a run is suspect.
-# A quiet machine shows ~0.05-0.08 (softirq, this process, kernel threads).
+# A quiet machine shows 0.00-0.05 (kernel threads, this process polling).
 NOISE_LIMIT = 0.1
 # With --wait-quiet, a disturbed run is repeated up to this many times.
 NOISY_RETRIES = 2
