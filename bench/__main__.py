@@ -26,6 +26,8 @@ from bench.targets import (
     resolve,
 )
 
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
 
 def _cpus(text: str) -> frozenset[int]:
     return frozenset(int(c) for c in text.split(","))
@@ -39,7 +41,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, help="seconds per saturation repetition")
     p.add_argument("--rate", type=float, help="requests/s of the fixed-rate run (default 1000)")
     p.add_argument("--rate-duration", type=float, help="seconds of the fixed-rate run")
-    p.add_argument("--out", type=Path, default=Path("bench/results"), help="results directory")
+    p.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory")
     p.add_argument(
         "--target",
         action="append",
