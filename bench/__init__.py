@@ -1,0 +1,1 @@
+"""Benchmarks for the ext_authz sidecar."""

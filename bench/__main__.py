@@ -1,0 +1,156 @@
+"""``python -m bench``: run the targets, print a table, write bench/results/*.json."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bench import report
+from bench.ceiling import MAX_WORKERS, SERVER_OPTIONS
+from bench.cpu import default_cpu_split
+from bench.runner import CaseResult, Settings, run_target
+from bench.targets import (
+    CEILING,
+    DEFAULT_TARGETS,
+    SERVER_ENV,
+    TargetEnv,
+    TargetError,
+    resolve,
+)
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def _cpus(text: str) -> frozenset[int]:
+    return frozenset(int(c) for c in text.split(","))
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Command-line flags; explicit --reps/--duration override --quick."""
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p.add_argument("--quick", action="store_true", help="tiny durations, 1 rep (smoke test)")
+    p.add_argument("--reps", type=int, help="saturation repetitions (median is reported)")
+    p.add_argument("--duration", type=float, help="seconds per saturation repetition")
+    p.add_argument("--rate", type=float, help="requests/s of the fixed-rate run (default 1000)")
+    p.add_argument("--rate-duration", type=float, help="seconds of the fixed-rate run")
+    p.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory")
+    p.add_argument(
+        "--target",
+        action="append",
+        dest="targets",
+        metavar="NAME|MODULE:ATTR",
+        help=f"target to run (repeatable; default {DEFAULT_TARGETS}); "
+        f"'{CEILING}' always runs first",
+    )
+    p.add_argument("--server-cpus", type=_cpus, help="CPUs for the server, e.g. 1")
+    p.add_argument("--client-cpus", type=_cpus, help="CPUs for h2load, e.g. 0")
+    p.add_argument(
+        "--wait-quiet",
+        type=float,
+        metavar="S",
+        help="before each measured run wait up to S s for other processes to leave the CPUs idle",
+    )
+    p.add_argument("--keep-workdir", action="store_true", help="keep logs and h2load output")
+    return p.parse_args(argv)
+
+
+def build_settings(args: argparse.Namespace, workdir: Path) -> Settings:
+    """Settings from defaults, --quick, then explicit flags."""
+    server, client = default_cpu_split()
+    s = Settings(
+        args.server_cpus or frozenset(server), args.client_cpus or frozenset(client), workdir
+    )
+    if args.quick:
+        s = s.quick()
+    overrides = {
+        "reps": args.reps,
+        "duration": args.duration,
+        "rate": args.rate,
+        "rate_duration": args.rate_duration,
+        "quiet_wait": args.wait_quiet,
+    }
+    fields = s.describe() | {k: v for k, v in overrides.items() if v is not None}
+    fields.update(server_cpus=s.server_cpus, client_cpus=s.client_cpus, workdir=workdir)
+    return Settings(**fields)
+
+
+def run_all(names: Sequence[str], settings: Settings) -> list[CaseResult]:
+    """Start each target in turn and measure its cases; a target that fails to start is a row."""
+    env = TargetEnv(settings.server_cpus, settings.workdir)
+    results: list[CaseResult] = []
+    for spec in names:
+        print(f"target {spec}", file=sys.stderr, flush=True)
+        try:
+            factory = resolve(spec)
+            with factory(env) as running:
+                results += run_target(running, settings)
+        except TargetError as exc:
+            results.append(CaseResult(spec, "(start)", "-", "-", "failed", str(exc)))
+        except Exception as exc:  # a broken plug-in must not cost us the other rows
+            error = f"{type(exc).__name__}: {exc}"
+            results.append(CaseResult(spec, "(start)", "-", "-", "failed", error))
+    return results
+
+
+def document(results: list[CaseResult], settings: Settings, started: dt.datetime) -> dict[str, Any]:
+    """The JSON document written to disk."""
+    ceiling = next((r for r in results if r.target == CEILING and r.status == "ok"), None)
+    ceiling_rps = ceiling.saturation.get("rps") if ceiling else None
+    report.add_ratios(results, ceiling_rps)
+    return {
+        "schema": report.SCHEMA_VERSION,
+        "started_at": started.isoformat(timespec="seconds"),
+        "finished_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "machine": report.machine_info(),
+        "settings": settings.describe(),
+        "ceiling": {
+            "target": CEILING,
+            "case": ceiling.case if ceiling else None,
+            "rps": ceiling_rps,
+            "env": ceiling.info.get("env") if ceiling else None,
+        },
+        "server_model": {
+            "grpc": "sync server, one process",
+            "max_workers": MAX_WORKERS,
+            "options": dict(SERVER_OPTIONS),
+            "env": dict(SERVER_ENV),
+        },
+        "ok": all(r.status == "ok" for r in results),
+        "results": report.rows(results),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark; exit status 1 when any case failed."""
+    args = parse_args(argv)
+    started = dt.datetime.now(dt.UTC)
+    workdir = Path(tempfile.mkdtemp(prefix="spauth-bench-"))
+    settings = build_settings(args, workdir)
+    # Keep this orchestrating process off the server's CPU too.
+    with contextlib.suppress(OSError):
+        os.sched_setaffinity(0, settings.client_cpus)
+    names = [CEILING, *[t for t in (args.targets or DEFAULT_TARGETS) if t != CEILING]]
+    try:
+        results = run_all(names, settings)
+    finally:
+        if not args.keep_workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    doc = document(results, settings, started)
+    print(report.table(results))
+    for path in report.write(doc, args.out, started.strftime("%Y%m%dT%H%M%SZ")):
+        print(f"wrote {path}", file=sys.stderr)
+    if args.keep_workdir:
+        print(f"logs kept in {workdir}", file=sys.stderr)
+    return 0 if doc["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

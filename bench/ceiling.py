@@ -1,0 +1,83 @@
+"""The do-nothing ext_authz server: the ceiling every other row is compared with.
+
+It uses the server model the sidecar uses — grpcio's *sync* server on a 4-thread pool, one
+process, no SO_REUSEPORT — and answers every Check with the same pre-built allow response
+(status code 0 plus one header), so whatever it costs is framework cost, not ours.
+
+Run: ``python -m bench.ceiling --listen 127.0.0.1:PORT``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+from concurrent import futures
+from types import FrameType
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+
+# The gRPC server settings shared with the sidecar; keep them in step with sidecar's server.
+MAX_WORKERS = 4
+SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
+    # One process per port: with SO_REUSEPORT the kernel balances connections, not requests,
+    # and a stale process could silently keep half the traffic.
+    ("grpc.so_reuseport", 0),
+    ("grpc.max_concurrent_streams", 100),
+)
+
+
+def allow_response() -> external_auth_pb2.CheckResponse:
+    """An explicit allow: status code 0 and one header, as a real allow would carry."""
+    response = external_auth_pb2.CheckResponse()
+    response.status.code = 0
+    header = response.ok_response.headers.add()
+    header.header.key = "x-statuspulse-decision-id"
+    header.header.value = "00000000-0000-0000-0000-000000000000"
+    header.append_action = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+    return response
+
+
+class DoNothingAuthorization(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
+    """Answers every Check with one response built at start-up."""
+
+    def __init__(self) -> None:
+        self._response = allow_response()
+
+    def Check(  # name fixed by the proto
+        self, request: external_auth_pb2.CheckRequest, context: grpc.ServicerContext
+    ) -> external_auth_pb2.CheckResponse:
+        return self._response
+
+
+def serve(listen: str) -> None:
+    """Serve until SIGTERM/SIGINT, then stop with a short grace period."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=MAX_WORKERS), options=list(SERVER_OPTIONS)
+    )
+    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(DoNothingAuthorization(), server)
+    if server.add_insecure_port(listen) == 0:
+        raise SystemExit(f"cannot listen on {listen}")
+    server.start()
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    stop.wait()
+    server.stop(grace=1).wait()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--listen", default="127.0.0.1:9191", help="host:port to serve on")
+    serve(parser.parse_args(argv).listen)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Machine description, the printed table and the JSON files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google import protobuf
+
+from bench import h2load
+from bench.runner import NOISE_LIMIT, CaseResult
+
+SCHEMA_VERSION = 1
+
+
+def cpu_model() -> str:
+    """The 'model name' line of /proc/cpuinfo."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def git_commit() -> str | None:
+    """HEAD of the checkout we run from, with '+dirty' when there are local changes."""
+    here = Path(__file__).parent
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
+def machine_info() -> dict[str, Any]:
+    """What a reader needs to compare two result files."""
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": cpu_model(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "grpcio": grpc.__version__,
+        "protobuf": protobuf.__version__,
+        "h2load": h2load.version(),
+        "git_commit": git_commit(),
+    }
+
+
+def add_ratios(results: Sequence[CaseResult], ceiling_rps: float | None) -> None:
+    """Set ``ratio_to_ceiling`` = saturation rps / the ceiling's, for every measured row."""
+    for r in results:
+        rps = r.saturation.get("rps")
+        if ceiling_rps and rps is not None:
+            r.ratio_to_ceiling = round(rps / ceiling_rps, 3)
+
+
+def _fmt(value: object, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def table(results: Sequence[CaseResult]) -> str:
+    """A fixed-width table of the headline numbers."""
+    head = (
+        f"{'target':<28} {'case':<20} {'req/s':>8} {'xceil':>6} {'p50ms':>7} {'p99ms':>7} "
+        f"{'p99.9ms':>8} {'srv us/call':>11} {'cli us/call':>11} {'noise':>5}  status"
+    )
+    lines = [head, "-" * len(head)]
+    for r in results:
+        s, f = r.saturation, r.fixed_rate
+        lines.append(
+            f"{r.target:<28.28} {r.case:<20.20} {_fmt(s.get('rps'), '8.0f')} "
+            f"{_fmt(r.ratio_to_ceiling, '6.2f')} {_fmt(f.get('p50_ms'), '7.2f')} "
+            f"{_fmt(f.get('p99_ms'), '7.2f')} {_fmt(f.get('p999_ms'), '8.2f')} "
+            f"{_fmt(s.get('server_cpu_us_per_call'), '11.0f')} "
+            f"{_fmt(s.get('client_cpu_us_per_call'), '11.0f')} "
+            f"{_fmt(s.get('other_cpu_util'), '5.2f')}  "
+            + (r.status if r.error is None else f"{r.status}: {r.error}")
+        )
+    noisy = [r for r in results if (r.saturation.get("other_cpu_util") or 0) > NOISE_LIMIT]
+    if noisy:
+        lines.append(
+            f"WARNING: other processes used > {NOISE_LIMIT} CPU during {len(noisy)} row(s) "
+            "('noise' column, in cores): rerun on a quiet machine before trusting them."
+        )
+    return "\n".join(lines)
+
+
+def write(document: dict[str, Any], out_dir: Path, stamp: str) -> list[Path]:
+    """Write ``<stamp>.json`` and ``latest.json`` into ``out_dir``; return both paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(document, indent=2, sort_keys=False) + "\n"
+    paths = [out_dir / f"{stamp}.json", out_dir / "latest.json"]
+    for path in paths:
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(text)
+        tmp.replace(path)  # never leave a half-written latest.json behind
+    return paths
+
+
+def rows(results: Sequence[CaseResult]) -> list[dict[str, Any]]:
+    """Results as JSON-ready dicts."""
+    return [asdict(r) for r in results]

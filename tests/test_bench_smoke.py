@@ -1,0 +1,110 @@
+"""Smoke test of the benchmark: it runs end to end and writes well-formed results.
+
+No timing assertions: the machine is noisy; we only check shape and positivity.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from bench import h2load
+from bench.cases import grpc_case, grpc_frame, typical_headers
+from bench.runner import Settings, run_target
+from bench.targets import TargetEnv, ceiling
+
+ROOT = Path(__file__).resolve().parent.parent
+
+needs_h2load = pytest.mark.skipif(shutil.which("h2load") is None, reason="h2load not installed")
+
+
+@needs_h2load
+def test_quick_run_writes_complete_json(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--target", "ceiling", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=55,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "ceiling" in proc.stdout  # the table
+
+    latest = json.loads((out / "latest.json").read_text())
+    stamped = [p for p in out.glob("*.json") if p.name != "latest.json"]
+    assert len(stamped) == 1
+    assert json.loads(stamped[0].read_text()) == latest
+
+    assert latest["ok"] is True
+    machine = latest["machine"]
+    assert machine["nproc"] >= 1
+    for key in ("cpu_model", "python", "grpcio", "h2load"):
+        assert machine[key]
+    assert latest["ceiling"]["rps"] > 0
+
+    (row,) = latest["results"]
+    assert (row["target"], row["case"], row["status"]) == ("ceiling", "allow", "ok")
+    assert row["ratio_to_ceiling"] == 1.0
+    sat, rate = row["saturation"], row["fixed_rate"]
+    for key in ("rps", "server_cpu_us_per_call", "client_cpu_us_per_call"):
+        assert sat[key] > 0, key
+    assert len(sat["reps"]) == 1
+    for key in ("achieved_rps", "p50_ms", "p99_ms", "p999_ms", "client_cpu_us_per_call"):
+        assert rate[key] > 0, key
+    assert rate["p50_ms"] <= rate["p99_ms"] <= rate["p999_ms"] <= rate["max_ms"]
+    assert sat["unexpected"] == rate["unexpected"] == 0
+
+
+@needs_h2load
+def test_wrong_expected_outcome_fails_the_case(tmp_path: Path) -> None:
+    # The ceiling allows everything, so a case that expects a deny must fail verification
+    # (h2load alone would never notice: it only sees HTTP 200).
+    settings = Settings(frozenset({0}), frozenset({0}), tmp_path).quick()
+    env = TargetEnv(settings.server_cpus, tmp_path)
+    with ceiling(env) as running:
+        deny = grpc_case("expects deny", typical_headers(), "deny")
+        (result,) = run_target(replace(running, cases=[deny]), settings)
+    assert result.status == "failed"
+    assert result.error is not None
+    assert "expected deny" in result.error
+    assert result.saturation == {}
+
+
+def test_grpc_frame_prefix() -> None:
+    assert grpc_frame(b"abc") == b"\x00\x00\x00\x00\x03abc"
+
+
+def test_split_rate_sums_to_total_and_keeps_one_request_per_tick() -> None:
+    rates = h2load.split_rate(1000)
+    assert sum(rates) == pytest.approx(1000, abs=0.05)
+    assert max(rates) <= 100  # h2load's tick is 10 ms: above 100/s it sends bursts
+    assert len(set(rates)) == len(rates)
+
+
+def test_percentile_nearest_rank() -> None:
+    values = list(range(1, 1001))
+    assert h2load.percentile(values, 0.5) == 500
+    assert h2load.percentile(values, 0.99) == 990
+    assert h2load.percentile(values, 0.999) == 999
+    assert h2load.percentile([7], 0.999) == 7
+
+
+def test_parse_summary_counts_unexpected_statuses() -> None:
+    text = (
+        "finished in 5.00s, 7817.00 req/s, 969.31KB/s\n"
+        "requests: 39085 total, 39090 started, 39085 done, 39085 succeeded, 0 failed, "
+        "0 errored, 0 timeout\n"
+        "status codes: 39080 2xx, 0 3xx, 5 4xx, 0 5xx\n"
+    )
+    assert h2load.parse_summary(text, range(200, 300)) == (7817.0, 39085, 5)
+    assert h2load.parse_summary(text, range(400, 500)) == (7817.0, 39085, 39080)
+    with pytest.raises(ValueError, match="not understood"):
+        h2load.parse_summary("connect failed", range(200, 300))
