@@ -192,9 +192,11 @@ CEILING = "ceiling"
 BUILTIN: dict[str, str] = {
     CEILING: "bench.targets:ceiling",
     "ceiling-default-experiments": "bench.targets:ceiling_default_experiments",
+    "sidecar": "bench.sidecar_target:sidecar",
+    "sidecar-audit-off": "bench.sidecar_target:sidecar_audit_off",
 }
 # Run by `python -m bench` without --target (the ceiling always runs: ratios need it).
-DEFAULT_TARGETS: list[str] = [CEILING]
+DEFAULT_TARGETS: list[str] = [CEILING, "sidecar", "sidecar-audit-off"]
 
 
 def resolve(spec: str) -> TargetFactory:

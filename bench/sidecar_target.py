@@ -1,0 +1,130 @@
+"""Benchmark targets for our sidecar: a real control plane (SQLite) feeding ``spauth sidecar``
+over its replication stream, with keys minted through the admin API, measured with the same
+server model and experiments as the ceiling (``bench.targets.SERVER_ENV``, 4 threads).
+
+Cases: a valid key on a route it may use (allow), an unknown well-formed key (deny, 401), a
+valid key on a route that needs a scope it lacks (deny, 403)."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from bench.cases import Case, grpc_case, typical_headers
+from bench.targets import SERVER_ENV, RunningTarget, TargetEnv, TargetError, launch_process
+
+_ROOT = Path(__file__).resolve().parent.parent
+CHECKS = "/v1/workspaces/acme/checks"
+METRICS = "/v1/workspaces/acme/metrics"
+
+
+def _serving(listen: str) -> bool:
+    with grpc.insecure_channel(listen) as channel:
+        try:
+            resp = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=1
+            )
+        except grpc.RpcError:
+            return False
+    return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+@contextlib.contextmanager
+def _control_plane(env: TargetEnv) -> Iterator[tuple[str, str]]:
+    """A control plane on a fresh SQLite file (not pinned: it idles once sidecars are synced)."""
+    data = env.workdir / "control-plane"
+    admin = f"127.0.0.1:{env.free_port()}"
+    http = f"127.0.0.1:{env.free_port()}"
+    log = (env.workdir / "control-plane.log").open("wb")
+    proc = subprocess.Popen(
+        [env.python, "-m", "sidecar", "control-plane", "--data-dir", str(data),
+         "--admin-addr", admin, "--http-addr", http],
+        stdout=log, stderr=subprocess.STDOUT, cwd=_ROOT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        key_file = data / "bootstrap-key"
+        while not key_file.exists() or not _admin_up(admin):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise TargetError("control plane did not start; see control-plane.log")
+            time.sleep(0.1)
+        yield admin, key_file.read_text().strip()
+    finally:
+        proc.terminate()
+        proc.wait(15)
+        log.close()
+
+
+def _admin_up(admin: str) -> bool:
+    with grpc.insecure_channel(admin) as channel:
+        try:
+            grpc.channel_ready_future(channel).result(timeout=0.5)
+        except grpc.FutureTimeoutError:
+            return False
+    return True
+
+
+def _mint(admin: str, operator: str, scopes: list[str]) -> str:
+    from sidecar._gen.statuspulse.auth.v1 import api_keys_pb2 as pb
+    from sidecar._gen.statuspulse.auth.v1 import api_keys_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(admin) as channel:
+        resp = pb_grpc.ApiKeyServiceStub(channel).CreateApiKey(
+            pb.CreateApiKeyRequest(workspace="acme", name="bench", scopes=scopes),
+            metadata=(("authorization", f"Bearer {operator}"),),
+            timeout=10,
+        )
+    return str(resp.key)
+
+
+def sidecar_cases(valid: str) -> list[Case]:
+    unknown = "spk_" + "7" * 32 + "AbC123"
+    from sidecar.core.keyformat import checksum
+
+    unknown = unknown[:-6] + checksum(unknown[:-6])  # well formed, never minted
+    return [
+        grpc_case("allow", typical_headers(authorization=f"Bearer {valid}"), "allow", path=CHECKS),
+        grpc_case("unknown-key", typical_headers(x_api_key=unknown), "deny", path=CHECKS),
+        grpc_case("wrong-scope", typical_headers(x_api_key=valid), "deny", path=METRICS),
+    ]
+
+
+@contextlib.contextmanager
+def _sidecar(env: TargetEnv, name: str, extra_env: Mapping[str, str]) -> Iterator[RunningTarget]:
+    with _control_plane(env) as (admin, operator):
+        valid = _mint(admin, operator, ["checks:read"])
+        argv = [
+            env.python, "-m", "sidecar", "sidecar", "--listen", "{listen}",
+            "--control-plane", admin, "--state-dir", str(env.workdir / f"{name}-state"),
+            "--metrics-addr", "", "--threads", "4",
+        ]  # fmt: skip
+        with launch_process(
+            env,
+            name,
+            argv,
+            sidecar_cases(valid),
+            extra_env={**SERVER_ENV, **extra_env},
+            cwd=_ROOT,
+            ready=_serving,
+        ) as target:
+            yield target
+
+
+def sidecar(env: TargetEnv) -> AbstractContextManager[RunningTarget]:
+    """The sidecar as shipped: metrics, denial log and decision audit records on."""
+    return _sidecar(env, "sidecar", {})
+
+
+def sidecar_audit_off(env: TargetEnv) -> AbstractContextManager[RunningTarget]:
+    """The same with decision records off, to price the audit pipeline in the same run."""
+    return _sidecar(env, "sidecar-audit-off", {"SPAUTH_SIDECAR_AUDIT": "off"})
+
+
+__all__ = ["sidecar", "sidecar_audit_off", "sidecar_cases"]
