@@ -194,9 +194,14 @@ BUILTIN: dict[str, str] = {
     "ceiling-default-experiments": "bench.targets:ceiling_default_experiments",
     "sidecar": "bench.sidecar_target:sidecar",
     "sidecar-audit-off": "bench.sidecar_target:sidecar_audit_off",
+    "envoy": "bench.envoy_targets:envoy_noauth",
+    "envoy+ceiling": "bench.envoy_targets:envoy_ceiling",
+    "envoy+sidecar": "bench.envoy_targets:envoy_sidecar",
 }
 # Run by `python -m bench` without --target (the ceiling always runs: ratios need it).
-DEFAULT_TARGETS: list[str] = [CEILING, "sidecar", "sidecar-audit-off"]
+DEFAULT_TARGETS: list[str] = [
+    CEILING, "sidecar", "sidecar-audit-off", "envoy", "envoy+ceiling", "envoy+sidecar",
+]  # fmt: skip
 
 
 def resolve(spec: str) -> TargetFactory:

@@ -183,6 +183,11 @@ class EnvoyProcess:
         self.admin_port = 0
 
     @property
+    def pid(self) -> int:
+        """The Envoy process id (0 when not running)."""
+        return self._proc.pid if self._proc is not None else 0
+
+    @property
     def url(self) -> str:
         """Base URL of the front-proxy listener, e.g. ``http://127.0.0.1:10000``."""
         return f"http://{self.host}:{self.listen_port}"

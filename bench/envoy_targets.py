@@ -1,0 +1,99 @@
+"""Envoy rows: the same HTTP request through Envoy (deploy/envoy/front-proxy.yaml) with no
+ext_authz, with the do-nothing ceiling, and with our sidecar. Routes answer with Envoy's own
+``direct_response`` so that no Python upstream caps the numbers; Envoy (``--concurrency 1``) and
+the ext_authz server share the server CPU, h2load has the other."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from typing import Any
+
+from bench.cases import HttpCase
+from bench.envoy import envoy_target
+from bench.sidecar_target import CHECKS, _control_plane, _mint, _serving
+from bench.targets import _PROJECT_ROOT, SERVER_ENV, RunningTarget, TargetEnv, launch_process
+from tests.support.envoy import EnvoyProcess
+
+_DIRECT = {"status": 200, "body": {"inline_string": "ok"}}
+
+
+def _direct_responses(config: dict[str, Any], *, authz: bool) -> None:
+    listener = config["static_resources"]["listeners"][0]
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    for vhost in hcm["route_config"]["virtual_hosts"]:
+        for route in vhost["routes"]:
+            route.pop("route", None)
+            route["direct_response"] = _DIRECT
+    if not authz:
+        hcm["http_filters"] = [
+            f for f in hcm["http_filters"] if f["name"] != "envoy.filters.http.ext_authz"
+        ]
+
+
+@contextlib.contextmanager
+def _envoy(
+    env: TargetEnv, name: str, authz_port: int, cases: list[HttpCase], pids: list[int], authz: bool
+) -> Iterator[RunningTarget]:
+    with EnvoyProcess(
+        authz=("127.0.0.1", authz_port or 1),
+        upstream=("127.0.0.1", 1),
+        customize=lambda c: _direct_responses(c, authz=authz),
+    ) as envoy:
+        yield envoy_target(name, envoy.url, cases, [envoy.pid, *pids])
+
+
+def _case(headers: dict[str, str]) -> list[HttpCase]:
+    return [HttpCase("allow", headers, 200, path=CHECKS)]
+
+
+@contextlib.contextmanager
+def _envoy_noauth(env: TargetEnv) -> Iterator[RunningTarget]:
+    with _envoy(env, "envoy", 0, _case({}), [], authz=False) as target:
+        yield target
+
+
+@contextlib.contextmanager
+def _envoy_ceiling(env: TargetEnv) -> Iterator[RunningTarget]:
+    argv = [env.python, "-m", "bench.ceiling", "--listen", "{listen}"]
+    with launch_process(
+        env, "ceiling-behind-envoy", argv, [], extra_env=SERVER_ENV, cwd=_PROJECT_ROOT
+    ) as authz:
+        port = int(authz.address.rsplit(":", 1)[1])
+        with _envoy(env, "envoy+ceiling", port, _case({}), list(authz.pids), True) as target:
+            yield target
+
+
+@contextlib.contextmanager
+def _envoy_sidecar(env: TargetEnv) -> Iterator[RunningTarget]:
+    with _control_plane(env) as (admin, operator):
+        key = _mint(admin, operator, ["checks:read"])
+        argv = [
+            env.python, "-m", "sidecar", "sidecar", "--listen", "{listen}",
+            "--control-plane", admin, "--state-dir", str(env.workdir / "envoy-sidecar-state"),
+            "--metrics-addr", "", "--threads", "4",
+        ]  # fmt: skip
+        with launch_process(
+            env, "sidecar-behind-envoy", argv, [], extra_env=SERVER_ENV, cwd=_PROJECT_ROOT,
+            ready=_serving,
+        ) as authz:  # fmt: skip
+            port = int(authz.address.rsplit(":", 1)[1])
+            cases = _case({"authorization": f"Bearer {key}"})
+            with _envoy(env, "envoy+sidecar", port, cases, list(authz.pids), True) as target:
+                yield target
+
+
+def envoy_noauth(env: TargetEnv) -> AbstractContextManager[RunningTarget]:
+    """Envoy answering by itself: the proxy's own ceiling."""
+    return _envoy_noauth(env)
+
+
+def envoy_ceiling(env: TargetEnv) -> AbstractContextManager[RunningTarget]:
+    """Envoy asking the do-nothing ext_authz server."""
+    return _envoy_ceiling(env)
+
+
+def envoy_sidecar(env: TargetEnv) -> AbstractContextManager[RunningTarget]:
+    """Envoy asking our sidecar (as shipped) with a valid key."""
+    return _envoy_sidecar(env)
