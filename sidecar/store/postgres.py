@@ -30,14 +30,13 @@ from psycopg import pq
 from psycopg_pool import ConnectionPool
 
 from sidecar.core.errors import Unavailable
-from sidecar.core.models import ApiKey, Change, KeyState
+from sidecar.core.models import Change
 from sidecar.store import migrations
-from sidecar.store.base import Cursor
 from sidecar.store.postgres_audit import PgAudit, link_unchained
 from sidecar.store.postgres_oauth import PgOAuthRepositories
 
 # The row mapping is shared with SQLite, so a new column is mapped in one place.
-from sidecar.store.sqlite import _KEY_COLUMNS, _key_from_row, _key_values
+from sidecar.store.sqlite import SqliteKeys
 
 log = logging.getLogger("sidecar.store.postgres")
 
@@ -59,89 +58,22 @@ def is_postgres_url(url: str) -> bool:
     return url.startswith(("postgresql://", "postgres://"))
 
 
-class PgKeys:
-    """KeyRepository over one connection."""
+class QmarkConnection:
+    """psycopg with SQLite's ``?`` placeholders, so the key repository's SQL (standard SQL,
+    row values included) is written once, in ``sqlite.SqliteKeys``."""
 
     def __init__(self, conn: Conn) -> None:
         self._conn = conn
 
-    def insert(self, key: ApiKey) -> None:
-        values = _key_values(key)
-        marks = ", ".join(["%s"] * len(values))
-        self._conn.execute(f"INSERT INTO api_keys ({_KEY_COLUMNS}) VALUES ({marks})", values)
+    def execute(self, sql: str, parameters: Any = (), /) -> Any:
+        return self._conn.execute(sql.replace("?", "%s"), parameters)
 
-    def update(self, key: ApiKey) -> None:
-        values = _key_values(key)
-        columns = [c.strip() for c in _KEY_COLUMNS.split(",")][1:]
-        assignments = ", ".join(f"{c} = %s" for c in columns)
-        self._conn.execute(
-            f"UPDATE api_keys SET {assignments} WHERE id = %s", (*values[1:], key.id)
-        )
 
-    def get(self, key_id: str) -> ApiKey | None:
-        row = self._conn.execute(
-            f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE id = %s", (key_id,)
-        ).fetchone()
-        return _key_from_row(row) if row else None
+class PgKeys(SqliteKeys):
+    """KeyRepository over one PostgreSQL connection."""
 
-    def get_by_digest(self, digest: bytes) -> ApiKey | None:
-        row = self._conn.execute(
-            f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE digest = %s", (digest,)
-        ).fetchone()
-        return _key_from_row(row) if row else None
-
-    def page(
-        self,
-        *,
-        workspace: str | None,
-        state: KeyState | None,
-        now: int,
-        limit: int,
-        after: Cursor | None,
-    ) -> list[ApiKey]:
-        where: list[str] = []
-        args: list[object] = []
-        if workspace is not None:
-            where.append("workspace = %s")
-            args.append(workspace)
-        if state is KeyState.REVOKED:
-            where.append("revoked_at IS NOT NULL")
-        elif state is KeyState.EXPIRED:
-            where.append("revoked_at IS NULL AND expires_at <= %s")
-            args.append(now)
-        elif state is KeyState.ACTIVE:
-            where.append("revoked_at IS NULL AND expires_at > %s")
-            args.append(now)
-        if after is not None:
-            where.append("(created_at, id) < (%s, %s)")
-            args.extend(after)
-        clause = f"WHERE {' AND '.join(where)}" if where else ""
-        rows = self._conn.execute(
-            f"SELECT {_KEY_COLUMNS} FROM api_keys {clause} "
-            "ORDER BY created_at DESC, id DESC LIMIT %s",
-            (*args, limit),
-        ).fetchall()
-        return [_key_from_row(r) for r in rows]
-
-    def due_for_sweep(self, now: int) -> list[ApiKey]:
-        rows = self._conn.execute(
-            f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE revoked_at IS NULL AND "
-            "((expires_at <= %s AND expiry_recorded = 0) OR grace_deadline <= %s)",
-            (now, now),
-        ).fetchall()
-        return [_key_from_row(r) for r in rows]
-
-    def usable(self, now: int) -> Iterator[ApiKey]:
-        cursor = self._conn.execute(
-            f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE revoked_at IS NULL AND expires_at > %s",
-            (now,),
-        )
-        for row in cursor:
-            yield _key_from_row(row)
-
-    def has_operator(self) -> bool:
-        row = self._conn.execute("SELECT 1 FROM api_keys WHERE workspace = '*' LIMIT 1").fetchone()
-        return row is not None
+    def __init__(self, conn: Conn) -> None:
+        super().__init__(QmarkConnection(conn))
 
 
 class PgChanges:

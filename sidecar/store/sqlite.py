@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
+from typing import Any, Protocol
 
 from sidecar.core.errors import Unavailable
 from sidecar.core.models import ApiKey, Change, KeyState
@@ -67,10 +68,17 @@ def _key_values(key: ApiKey) -> tuple[object, ...]:
     )
 
 
-class SqliteKeys:
-    """KeyRepository over one connection."""
+class Executes(Protocol):
+    """What the key repository needs of a connection: ``execute`` with ``?`` placeholders
+    (sqlite3 natively; the PostgreSQL store adapts psycopg), so one set of SQL serves both."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def execute(self, sql: str, parameters: Any = ..., /) -> Any: ...
+
+
+class SqliteKeys:
+    """KeyRepository over one connection (also PostgreSQL's, through ``Executes``)."""
+
+    def __init__(self, conn: Executes) -> None:
         self._conn = conn
 
     def insert(self, key: ApiKey) -> None:
