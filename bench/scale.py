@@ -1,0 +1,108 @@
+"""Sidecar cold start and memory against replica size: N keys are written straight into a fresh
+SQLite store, a control plane serves it, and a sidecar is timed from launch to gRPC health
+SERVING (snapshot streamed and loaded); its RSS is read from /proc afterwards.
+
+    python -m bench.scale [--keys 10000 100000 1000000] [--out bench/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.sidecar_target import _serving
+from bench.targets import SERVER_ENV, TargetEnv
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _fill(db: Path, n: int) -> None:
+    from sidecar.core import keyformat
+    from sidecar.core.apikeys import ApiKeyService
+    from sidecar.core.clock import SystemClock
+    from sidecar.core.models import ApiKey, Change
+    from sidecar.store.sqlite import SqliteStore
+
+    store = SqliteStore(db)
+    ApiKeyService(store, SystemClock()).bootstrap_operator_key()
+    now = int(time.time())
+    with store.transaction() as uow:
+        for i in range(n):
+            secret = keyformat.mint_key()
+            uow.keys.insert(
+                ApiKey(f"key_scale{i:010d}", keyformat.digest(secret), secret[-4:], "bench",
+                       f"ws{i % 1000}", frozenset({"checks:read"}), now, now + 86400, "bench")
+            )  # fmt: skip
+        uow.changes.append(Change("bench.filled", "bench", {"keys": n}))
+    store.close()
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def measure(n: int, work: Path) -> dict[str, float]:
+    """Cold start (launch → SERVING) and RSS of one sidecar with ``n`` keys in its replica."""
+    env = TargetEnv(frozenset({0}), work)
+    data = work / f"cp-{n}"
+    data.mkdir(parents=True)
+    _fill(data / "spauth.db", n)
+    admin, http, listen = (f"127.0.0.1:{env.free_port()}" for _ in range(3))
+    cp = subprocess.Popen(
+        [sys.executable, "-m", "sidecar", "control-plane", "--data-dir", str(data),
+         "--admin-addr", admin, "--http-addr", http],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        time.sleep(2)
+        started = time.monotonic()
+        sc = subprocess.Popen(
+            [sys.executable, "-m", "sidecar", "sidecar", "--listen", listen, "--control-plane",
+             admin, "--state-dir", str(work / f"sc-{n}"), "--metrics-addr", ""],
+            cwd=ROOT, env={**__import__("os").environ, **SERVER_ENV},
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            while not _serving(listen):
+                if sc.poll() is not None or time.monotonic() - started > 600:
+                    raise RuntimeError(f"sidecar with {n} keys never became SERVING")
+                time.sleep(0.05)
+            cold = time.monotonic() - started
+            time.sleep(1)
+            return {"keys": n, "cold_start_s": round(cold, 2), "rss_mb": round(_rss_mb(sc.pid), 1)}
+        finally:
+            sc.terminate()
+            sc.wait(30)
+    finally:
+        cp.terminate()
+        cp.wait(30)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--keys", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = p.parse_args(argv)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in args.keys:
+            row = measure(n, Path(tmp))
+            print(f"{row['keys']:>9} keys  cold start {row['cold_start_s']:>7.2f} s  "
+                  f"RSS {row['rss_mb']:>8.1f} MB", flush=True)  # fmt: skip
+            rows.append(row)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    (args.out / f"scale-{stamp}.json").write_text(json.dumps({"rows": rows}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
