@@ -36,6 +36,7 @@ from sidecar.store.postgres_audit import PgAudit, link_unchained
 from sidecar.store.postgres_oauth import PgOAuthRepositories
 
 # The row mapping is shared with SQLite, so a new column is mapped in one place.
+from sidecar.store.sql import QmarkConnection
 from sidecar.store.sqlite import SqliteKeys
 
 log = logging.getLogger("sidecar.store.postgres")
@@ -56,17 +57,6 @@ IDLE_IN_TRANSACTION_TIMEOUT_MS = 30000
 def is_postgres_url(url: str) -> bool:
     """Whether ``url`` names a PostgreSQL database."""
     return url.startswith(("postgresql://", "postgres://"))
-
-
-class QmarkConnection:
-    """psycopg with SQLite's ``?`` placeholders, so the key repository's SQL (standard SQL,
-    row values included) is written once, in ``sqlite.SqliteKeys``."""
-
-    def __init__(self, conn: Conn) -> None:
-        self._conn = conn
-
-    def execute(self, sql: str, parameters: Any = (), /) -> Any:
-        return self._conn.execute(sql.replace("?", "%s"), parameters)
 
 
 class PgKeys(SqliteKeys):

@@ -1,174 +1,27 @@
 """AuditRepository over PostgreSQL: append links each record into its workspace's hash chain inside
 the caller's transaction. Every write transaction holds the store's writer lock (postgres.py), so
 the head read here is the head the record is appended after, even with several replicas, and
-``seq`` (storage order, which tails resume from) is commit order. Row mapping is SQLite's."""
+``seq`` (storage order, which tails resume from) is commit order. The SQL and the row mapping
+are SQLite's."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import psycopg
 
-from sidecar.core.audit import AuditEvent, AuditQuery, scrub
-from sidecar.core.audit_chain import ChainedRecord, Checkpoint, Link, next_link
-from sidecar.store.sqlite_audit import _COLUMNS, _record
+from sidecar.core.audit_chain import next_link
+from sidecar.store.sql import QmarkConnection
+from sidecar.store.sqlite_audit import _COLUMNS, SqliteAudit, _record
 
 Conn = psycopg.Connection[Any]
 
 
-def _where(query: AuditQuery) -> tuple[list[str], list[object]]:
-    where: list[str] = []
-    args: list[object] = []
-    if query.workspaces is not None:
-        where.append("workspace = ANY(%s)")
-        args.append(sorted(query.workspaces))
-    for column, value in (("action", query.action), ("actor", query.actor)):
-        if value is not None:
-            where.append(f"{column} = %s")
-            args.append(value)
-    if query.since is not None:
-        where.append("time >= %s")
-        args.append(query.since)
-    if query.until is not None:
-        where.append("time < %s")
-        args.append(query.until)
-    return where, args
-
-
-class PgAudit:
-    """AuditRepository over one connection."""
+class PgAudit(SqliteAudit):
+    """The SQLite repository's SQL (standard SQL) over psycopg."""
 
     def __init__(self, conn: Conn) -> None:
-        self._conn = conn
-
-    def append(self, event: AuditEvent) -> bool:
-        ev = scrub(event)
-        if self._conn.execute("SELECT 1 FROM audit_events WHERE id = %s", (ev.id,)).fetchone():
-            return False
-        link = next_link(ev, self.head(ev.workspace))
-        self._conn.execute(
-            "INSERT INTO audit_events (id, time, actor, action, workspace, target, outcome, "
-            "reason, request_id, metadata, chain_seq, prev_digest, digest) "
-            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-            (
-                ev.id,
-                ev.time,
-                ev.actor,
-                ev.action,
-                ev.workspace,
-                ev.target,
-                ev.outcome,
-                ev.reason,
-                ev.request_id,
-                json.dumps(ev.metadata, sort_keys=True),
-                link.chain_seq,
-                link.prev_digest,
-                link.digest,
-            ),
-        )
-        return True
-
-    def recent(self, limit: int) -> list[AuditEvent]:
-        rows = self._conn.execute(
-            f"SELECT {_COLUMNS} FROM audit_events ORDER BY seq DESC LIMIT %s", (limit,)
-        ).fetchall()
-        return [_record(r).event for r in rows]
-
-    def page(
-        self, query: AuditQuery, limit: int, before: tuple[float, int] | None
-    ) -> list[ChainedRecord]:
-        where, args = _where(query)
-        if before is not None:
-            where.append("(time, seq) < (%s, %s)")
-            args.extend(before)
-        clause = f"WHERE {' AND '.join(where)}" if where else ""
-        rows = self._conn.execute(
-            f"SELECT {_COLUMNS} FROM audit_events {clause} ORDER BY time DESC, seq DESC LIMIT %s",
-            (*args, limit),
-        ).fetchall()
-        return [_record(r) for r in rows]
-
-    def after(self, seq: int, query: AuditQuery, limit: int) -> list[ChainedRecord]:
-        where, args = _where(query)
-        rows = self._conn.execute(
-            f"SELECT {_COLUMNS} FROM audit_events WHERE {' AND '.join(['seq > %s', *where])} "
-            "ORDER BY seq LIMIT %s",
-            (seq, *args, limit),
-        ).fetchall()
-        return [_record(r) for r in rows]
-
-    def last_seq(self) -> int:
-        row = self._conn.execute("SELECT COALESCE(MAX(seq), 0) FROM audit_events").fetchone()
-        return int(row[0]) if row else 0
-
-    def head(self, workspace: str) -> Link | None:
-        row = self._conn.execute(
-            "SELECT chain_seq, prev_digest, digest FROM audit_events "
-            "WHERE workspace = %s AND chain_seq > 0 ORDER BY chain_seq DESC LIMIT 1",
-            (workspace,),
-        ).fetchone()
-        if row is not None:
-            return Link(int(row[0]), str(row[1]), str(row[2]))
-        cp = self.checkpoint(workspace)
-        return Link(cp.chain_seq, "", cp.digest) if cp else None
-
-    def chain(self, workspace: str, after_chain_seq: int, limit: int) -> list[ChainedRecord]:
-        rows = self._conn.execute(
-            f"SELECT {_COLUMNS} FROM audit_events WHERE workspace = %s AND chain_seq > %s "
-            "ORDER BY chain_seq LIMIT %s",
-            (workspace, after_chain_seq, limit),
-        ).fetchall()
-        return [_record(r) for r in rows]
-
-    def workspaces(self) -> list[str]:
-        rows = self._conn.execute(
-            "SELECT workspace FROM audit_events UNION SELECT workspace FROM audit_checkpoints "
-            "ORDER BY 1"
-        ).fetchall()
-        return [str(r[0]) for r in rows]
-
-    def checkpoint(self, workspace: str) -> Checkpoint | None:
-        row = self._conn.execute(
-            "SELECT workspace, chain_seq, digest, time, signature FROM audit_checkpoints "
-            "WHERE workspace = %s ORDER BY chain_seq DESC LIMIT 1",
-            (workspace,),
-        ).fetchone()
-        if row is None:
-            return None
-        return Checkpoint(str(row[0]), int(row[1]), str(row[2]), float(row[3]), str(row[4]))
-
-    def prune_point(self, workspace: str, before: float) -> Link | None:
-        row = self._conn.execute(
-            "SELECT MIN(chain_seq) FROM audit_events WHERE workspace = %s AND time >= %s",
-            (workspace, before),
-        ).fetchone()
-        newer = row[0] if row else None
-        bound = "chain_seq < %s" if newer is not None else "chain_seq <= %s"
-        row = self._conn.execute(
-            "SELECT chain_seq, prev_digest, digest FROM audit_events "
-            f"WHERE workspace = %s AND chain_seq > 0 AND {bound} ORDER BY chain_seq DESC LIMIT 1",
-            (workspace, newer if newer is not None else 2**62),
-        ).fetchone()
-        return Link(int(row[0]), str(row[1]), str(row[2])) if row else None
-
-    def prune(self, checkpoint: Checkpoint) -> int:
-        self._conn.execute(
-            "INSERT INTO audit_checkpoints (workspace, chain_seq, digest, time, signature) "
-            "VALUES (%s, %s, %s, %s, %s)",
-            (
-                checkpoint.workspace,
-                checkpoint.chain_seq,
-                checkpoint.digest,
-                checkpoint.time,
-                checkpoint.signature,
-            ),
-        )
-        cursor = self._conn.execute(
-            "DELETE FROM audit_events WHERE workspace = %s AND chain_seq <= %s",
-            (checkpoint.workspace, checkpoint.chain_seq),
-        )
-        return cursor.rowcount
+        super().__init__(QmarkConnection(conn))
 
 
 def link_unchained(conn: Conn) -> int:

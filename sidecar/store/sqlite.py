@@ -9,11 +9,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
-from typing import Any, Protocol
 
 from sidecar.core.errors import Unavailable
 from sidecar.core.models import ApiKey, Change, KeyState
 from sidecar.store.base import Cursor
+from sidecar.store.sql import Executes
 from sidecar.store.sqlite_audit import SqliteAudit, link_unchained
 from sidecar.store.sqlite_oauth import SqliteOAuthRepositories
 
@@ -66,13 +66,6 @@ def _key_values(key: ApiKey) -> tuple[object, ...]:
         key.rate_limit,
         key.rate_period,
     )
-
-
-class Executes(Protocol):
-    """What the key repository needs of a connection: ``execute`` with ``?`` placeholders
-    (sqlite3 natively; the PostgreSQL store adapts psycopg), so one set of SQL serves both."""
-
-    def execute(self, sql: str, parameters: Any = ..., /) -> Any: ...
 
 
 class SqliteKeys:

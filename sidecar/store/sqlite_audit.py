@@ -10,6 +10,7 @@ from typing import Any
 
 from sidecar.core.audit import AuditEvent, AuditQuery, scrub
 from sidecar.core.audit_chain import ChainedRecord, Checkpoint, Link, next_link
+from sidecar.store.sql import Executes
 
 _COLUMNS = (
     "seq, id, time, actor, action, workspace, target, outcome, reason, request_id, metadata, "
@@ -54,9 +55,9 @@ def _where(query: AuditQuery) -> tuple[list[str], list[object]]:
 
 
 class SqliteAudit:
-    """AuditRepository over one connection."""
+    """AuditRepository over one connection (PostgreSQL's too, through ``QmarkConnection``)."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: Executes) -> None:
         self._conn = conn
 
     def append(self, event: AuditEvent) -> bool:
@@ -185,7 +186,7 @@ class SqliteAudit:
             "DELETE FROM audit_events WHERE workspace = ? AND chain_seq <= ?",
             (checkpoint.workspace, checkpoint.chain_seq),
         )
-        return cursor.rowcount
+        return int(cursor.rowcount)
 
 
 def link_unchained(conn: sqlite3.Connection) -> int:
