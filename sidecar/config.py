@@ -110,6 +110,9 @@ class SidecarSettings:
     # OAuth access tokens: the issuer and audience they must name (RFC 9068 §4).
     oauth_issuer: str = "http://127.0.0.1:8080"
     oauth_audience: str = "statuspulse-api"
+    # Verified access tokens kept (by digest) so a repeat skips the signature check; 0 = verify
+    # every request (for measuring cold verification, or a policy that wants no cache).
+    token_cache_size: int = 100_000
     # Decision records (docs/audit.md): "off" disables them; the spool lives in audit_dir
     # (default <state_dir>/audit).
     audit: str = "on"
@@ -351,6 +354,8 @@ def load_sidecar_settings(
         errors.add("max_staleness", "must be 0 (never) or a positive number of seconds")
     if not 1 <= s.threads <= 64:
         errors.add("threads", f"must be between 1 and 64, got {s.threads}")
+    if s.token_cache_size < 0:
+        errors.add("token_cache_size", f"must be 0 (off) or more, got {s.token_cache_size}")
     if not 1 <= s.workers <= 64:
         errors.add("workers", f"must be between 1 and 64, got {s.workers}")
     if s.policy_poll_interval <= 0:

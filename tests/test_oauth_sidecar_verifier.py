@@ -107,3 +107,27 @@ def test_engine_denies_revoked_grants_and_jtis_after_caching(
     assert engine.authorize(other, ["checks:read"]).reason is Reason.TOKEN_REVOKED
     clock.advance(3600 + 30)
     assert engine.authorize(_token(private, kid, grant="grt_3"), []).reason is Reason.TOKEN_EXPIRED
+
+
+@pytest.mark.parametrize(("size", "verifications"), [(100, 1), (0, 3)])
+def test_token_cache_size_zero_verifies_every_request(
+    keyed: tuple[Replica, object, str], size: int, verifications: int
+) -> None:
+    """The cache spares repeats the signature check; size 0 turns it off (cold every time)."""
+    replica, private, kid = keyed
+    real = ReplicaTokenVerifier(ISSUER, "statuspulse-api")
+    calls: list[str] = []
+
+    def counting(token: str, replica: Replica, now: float) -> object:
+        calls.append(token)
+        return real(token, replica, now)
+
+    engine = Engine(
+        replica, parse_policy('[[routes]]\nname = "c"\npath = "/**"\nscopes = ["checks:read"]\n'),
+        FakeClock(NOW + 1), token_verifier=counting,
+        token_cache_size=size,
+    )  # fmt: skip
+    token = _token(private, kid)
+    for _ in range(3):
+        assert engine.authorize(token, ["checks:read"]).reason is Reason.OK
+    assert len(calls) == verifications

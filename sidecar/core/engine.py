@@ -224,9 +224,11 @@ class Engine:
                 identity = self.token_verifier(token, self.replica, now)
             except TokenDenied as exc:
                 return Decision(exc.reason, "", detail=exc.detail)
-            if len(self._token_cache) >= self._token_cache_size:
-                self._token_cache.clear()
-            self._token_cache[digest] = identity
+            size = self._token_cache_size
+            if size:
+                if len(self._token_cache) >= size:
+                    self._token_cache.clear()
+                self._token_cache[digest] = identity
         elif identity.expires_at <= now:
             self._token_cache.pop(digest, None)
             return _DENY[Reason.TOKEN_EXPIRED]

@@ -101,6 +101,7 @@ class Sidecar:
             token_verifier=token_verifier
             or ReplicaTokenVerifier(settings.oauth_issuer, settings.oauth_audience),
             limiter=self.limiter,
+            token_cache_size=settings.token_cache_size,
         )
         self.decision_metrics = DecisionMetrics(self.metrics)
         self.denial_log = DenialLog(settings.denial_log_rate)
@@ -162,7 +163,7 @@ class Sidecar:
         last = self.replica.last_contact or self._started_at
         return max(0.0, self.clock.now() - last)
 
-    def _check_rpc_handler(self) -> grpc.GenericRpcHandler:  # type: ignore[type-arg]
+    def _check_method_handlers(self) -> dict[str, grpc.RpcMethodHandler]:  # type: ignore[type-arg]
         """Envoy's Check: the handler, traced when tracing is on, with gRPC errors counted."""
         check: CheckFn = self.check
         if self.tracing is not None:
@@ -184,14 +185,20 @@ class Sidecar:
             request_deserializer=parse_check_request,
             response_serializer=None,  # the handler returns serialized bytes
         )
-        return grpc.method_handlers_generic_handler(CHECK_SERVICE, {"Check": method})
+        return {"Check": method}
 
     def start(self) -> None:
         server = grpc.server(
             ThreadPoolExecutor(max_workers=self.settings.threads, thread_name_prefix="spauth-rpc"),
             options=[("grpc.so_reuseport", 1)],
         )
-        server.add_generic_rpc_handlers((self._check_rpc_handler(),))
+        check = self._check_method_handlers()
+        # Registered, as generated code does: the core matches the method itself and the call
+        # skips the Python-side lookup through every generic handler.
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(CHECK_SERVICE, check),)
+        )
+        server.add_registered_method_handlers(CHECK_SERVICE, check)  # type: ignore[attr-defined]
         authorization_pb2_grpc.add_AuthorizationServiceServicer_to_server(
             AuthorizationServicer(self.engine, self.observers), server
         )
