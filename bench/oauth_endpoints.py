@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import json
 import sys
+import time
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 from urllib.parse import urlencode
@@ -56,6 +57,7 @@ class EndpointRow:
     error: str | None = None
     requests: int = 0
     errors: int = 0
+    elapsed_s: float | None = None
     rps: float | None = None
     latency_load: str = ""  # what the latencies were measured under
     p50_ms: float | None = None
@@ -164,6 +166,7 @@ def _drive(
         clients,
         requests=run.requests,
         errors=run.errors,
+        elapsed_s=round(run.elapsed_s, 3),
         rps=round(run.requests / run.elapsed_s, 1) if run.elapsed_s else None,
         latency_load=f"closed loop, {clients} clients",
         p50_ms=_ms(lat, 0.5),
@@ -232,7 +235,9 @@ def _rows(cp: ControlPlaneProc, s: Settings) -> list[EndpointRow]:
     duration = s.duration
     count = max(4 * CLIENTS, int(CODE_RATE_BUDGET * duration))
     print(f"  oauth: minting {count} authorization codes …", file=sys.stderr, flush=True)
+    began = time.monotonic()
     codes = _Codes(mint_codes(cp, client, count))
+    print(f"  oauth: minted in {time.monotonic() - began:.1f} s", file=sys.stderr, flush=True)
     rows = [_drive(cp, client, s, "token: authorization_code", TOKEN, codes, CLIENTS, duration)]
     tokens = codes.refresh_tokens
     for clients in (CLIENTS, 2 * CLIENTS):  # no gain from 2x clients: the driver is not the limit
@@ -285,4 +290,16 @@ def table(rows: list[dict[str, Any]]) -> str:
         )
     if any((r["other_cpu_util"] or 0) > NOISE_LIMIT for r in rows):
         lines.append("WARNING: other processes used CPU during some oauth rows ('noise').")
+    if any(_delayed_ack_stall(r) for r in rows):
+        lines.append(
+            "WARNING: p50 ≈ 40 ms with an idle server is the Nagle/delayed-ACK stall: the HTTP "
+            "server's sockets lack TCP_NODELAY (uvicorn writes headers and body separately)."
+        )
     return "\n".join(lines)
+
+
+def _delayed_ack_stall(row: dict[str, Any]) -> bool:
+    # Linux delays an ACK by ~40 ms; a server without TCP_NODELAY holds the response body until
+    # the ACK of its headers arrives, so every keep-alive request waits that long.
+    p50, util = row["p50_ms"], row["server_cpu_util"]
+    return p50 is not None and util is not None and 38 <= p50 <= 50 and util < 0.5
