@@ -33,7 +33,7 @@ from bench.oauth_setup import (
     control_plane,
     mint_codes,
 )
-from bench.runner import NOISE_LIMIT, Settings, _CpuWindow, measure_case
+from bench.runner import NOISE_LIMIT, Settings, _CpuWindow, measure_case, wait_quiet
 from bench.targets import RunningTarget, TargetEnv
 
 SECTION = "oauth_endpoints"  # key of the rows in the results JSON
@@ -70,6 +70,7 @@ class EndpointRow:
     client_cpu_util: float | None = None  # > ~0.8: the driver, not the server, may be the limit
     other_cpu_util: float | None = None
     steal_util: float | None = None
+    busy_before: float | None = None  # busy cores just before the run (with --wait-quiet)
 
 
 class _Repeat:
@@ -147,6 +148,9 @@ def _drive(
     clients: int,
     duration: float,
 ) -> EndpointRow:
+    # With --wait-quiet, start only once others leave the CPUs idle (a run that spends codes
+    # or refresh tokens cannot simply be repeated, so there is no retry as in the runner).
+    busy_before = wait_quiet(NOISE_LIMIT, s.quiet_wait)
     windows: list[_CpuWindow] = []
     run = oauth_driver.run(
         cp.http,
@@ -174,6 +178,7 @@ def _drive(
         p99_ms=_ms(lat, 0.99),
         max_ms=round(lat[-1] / 1000, 3) if lat else None,
         client_cpu_util=round(run.driver_cpu_s / run.elapsed_s, 3) if run.elapsed_s else None,
+        busy_before=busy_before,
         **cpu,
     )
     if run.errors or not run.requests:
@@ -205,8 +210,10 @@ def _introspect_h2load(cp: ControlPlaneProc, client: Client, s: Settings, body: 
         latency_load=f"fixed {short.rate:g}/s",
         **{k: rate.get(k) for k in ("p50_ms", "p90_ms", "p99_ms", "max_ms")},
         **{k: sat.get(k) for k in _CPU_KEYS},
+        busy_before=(sat.get("reps") or [{}])[0].get("busy_before"),
     )
-    row.client_cpu_util = None  # h2load's share is in client_cpu_us_per_call
+    if row.client_cpu_us_per_call is not None and row.rps is not None:
+        row.client_cpu_util = round(row.client_cpu_us_per_call * row.rps / 1e6, 3)  # h2load's
     return row
 
 
