@@ -145,15 +145,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     names = [CEILING, *[t for t in (args.targets or DEFAULT_TARGETS) if t != CEILING]]
     try:
         results = run_all(names, settings)
-        endpoints = [] if args.no_oauth_endpoints else oauth_endpoints.run(settings)
+        endpoints = None if args.no_oauth_endpoints else oauth_endpoints.run(settings)
     finally:
         if not args.keep_workdir:
             shutil.rmtree(workdir, ignore_errors=True)
     doc = document(results, settings, started)
-    doc[oauth_endpoints.SECTION] = endpoints
-    doc["ok"] = doc["ok"] and all(r["status"] == "ok" for r in endpoints)
+    if endpoints is not None:
+        doc[oauth_endpoints.SECTION] = endpoints
+        doc["ok"] = doc["ok"] and endpoints["ok"]
     print(report.table(results))
-    if endpoints:
+    if endpoints is not None:
         print(oauth_endpoints.table(endpoints))
     for path in report.write(doc, args.out, started.strftime("%Y%m%dT%H%M%SZ")):
         print(f"wrote {path}", file=sys.stderr)

@@ -263,8 +263,11 @@ def _rows(cp: ControlPlaneProc, s: Settings) -> list[EndpointRow]:
     return rows
 
 
-def run(s: Settings) -> list[dict[str, Any]]:
-    """Measure every endpoint row; a failure becomes a failed row, never an exception."""
+def run(s: Settings) -> dict[str, Any]:
+    """Measure every endpoint row; a failure becomes a failed row, never an exception.
+
+    Returns the JSON section: ``ok`` (every row ok), ``server`` (what was measured) and
+    ``rows``."""
     print("oauth endpoints", file=sys.stderr, flush=True)
     env = TargetEnv(s.server_cpus, s.workdir)
     try:
@@ -273,15 +276,20 @@ def run(s: Settings) -> list[dict[str, Any]]:
             rows = _rows(cp, s)
     except Exception as exc:  # the main table must survive a broken section
         rows = [EndpointRow("(setup)", "-", 0, "failed", f"{type(exc).__name__}: {exc}")]
-    return [asdict(r) for r in rows]
+    return {
+        "ok": all(r.status == "ok" for r in rows),
+        "server": "spauth control-plane (uvicorn, SQLite store), one process on the server CPUs",
+        "rows": [asdict(r) for r in rows],
+    }
 
 
 def _fmt(value: object, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def table(rows: list[dict[str, Any]]) -> str:
+def table(section: dict[str, Any]) -> str:
     """The section as a fixed-width table."""
+    rows: list[dict[str, Any]] = section["rows"]
     head = (
         f"{'oauth endpoint':<26} {'driver':<7} {'c':>2} {'req/s':>7} {'p50ms':>7} {'p99ms':>7} "
         f"{'srv us/call':>11} {'cli us/call':>11} {'srv cpu':>7} {'noise':>5}  status"

@@ -104,7 +104,9 @@ def test_quick_run_has_jwt_rows(quick_run: tuple[Path, str]) -> None:
 def test_quick_run_has_oauth_endpoint_section(quick_run: tuple[Path, str]) -> None:
     out, stdout = quick_run
     assert "oauth endpoint" in stdout  # its table
-    rows = json.loads((out / "latest.json").read_text())["oauth_endpoints"]
+    section = json.loads((out / "latest.json").read_text())["oauth_endpoints"]
+    assert section["ok"] is True
+    rows = section["rows"]
     assert [(r["endpoint"], r["driver"]) for r in rows] == [
         ("token: authorization_code", "python"),
         ("token: refresh_token", "python"),
