@@ -248,7 +248,7 @@ def _rows(cp: ControlPlaneProc, s: Settings) -> list[EndpointRow]:
     print(f"  oauth: minted in {time.monotonic() - began:.1f} s", file=sys.stderr, flush=True)
     rows = [_drive(cp, client, s, "token: authorization_code", TOKEN, codes, CLIENTS, duration)]
     tokens = codes.refresh_tokens
-    for clients in (CLIENTS, 2 * CLIENTS):  # no gain from 2x clients: the driver is not the limit
+    for clients in (CLIENTS, 2 * CLIENTS):  # 2x no faster: the driver is not the limit
         if len(tokens) < clients:
             error = "not enough refresh tokens from the exchange run"
             rows.append(EndpointRow("token: refresh_token", "python", clients, "failed", error))
