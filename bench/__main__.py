@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import report
+from bench import oauth_endpoints, report
 from bench.ceiling import MAX_WORKERS, SERVER_OPTIONS
 from bench.cpu import default_cpu_split
 from bench.runner import CaseResult, Settings, run_target
@@ -59,6 +59,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="before each measured run wait up to S s for other processes to leave the CPUs idle",
     )
     p.add_argument("--keep-workdir", action="store_true", help="keep logs and h2load output")
+    p.add_argument(
+        "--no-oauth-endpoints",
+        action="store_true",
+        help="skip the OAuth token/introspection endpoint section",
+    )
     return p.parse_args(argv)
 
 
@@ -140,11 +145,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     names = [CEILING, *[t for t in (args.targets or DEFAULT_TARGETS) if t != CEILING]]
     try:
         results = run_all(names, settings)
+        endpoints = None if args.no_oauth_endpoints else oauth_endpoints.run(settings)
     finally:
         if not args.keep_workdir:
             shutil.rmtree(workdir, ignore_errors=True)
     doc = document(results, settings, started)
+    if endpoints is not None:
+        doc[oauth_endpoints.SECTION] = endpoints
+        doc["ok"] = doc["ok"] and endpoints["ok"]
     print(report.table(results))
+    if endpoints is not None:
+        print(oauth_endpoints.table(endpoints))
     for path in report.write(doc, args.out, started.strftime("%Y%m%dT%H%M%SZ")):
         print(f"wrote {path}", file=sys.stderr)
     if args.keep_workdir:

@@ -197,11 +197,14 @@ BUILTIN: dict[str, str] = {
     "envoy": "bench.envoy_targets:envoy_noauth",
     "envoy+ceiling": "bench.envoy_targets:envoy_ceiling",
     "envoy+sidecar": "bench.envoy_targets:envoy_sidecar",
+    "sidecar-jwt": "bench.oauth_targets:sidecar_jwt",
+    "sidecar-jwt-nocache": "bench.oauth_targets:sidecar_jwt_nocache",
 }
 # Run by `python -m bench` without --target (the ceiling always runs: ratios need it).
 DEFAULT_TARGETS: list[str] = [
     CEILING, "sidecar", "sidecar-audit-off", "envoy", "envoy+ceiling", "envoy+sidecar",
 ]  # fmt: skip
+DEFAULT_TARGETS += ["sidecar-jwt", "sidecar-jwt-nocache"]
 
 
 def resolve(spec: str) -> TargetFactory:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,19 +25,39 @@ ROOT = Path(__file__).resolve().parent.parent
 needs_h2load = pytest.mark.skipif(shutil.which("h2load") is None, reason="h2load not installed")
 
 
-@needs_h2load
-def test_quick_run_writes_complete_json(tmp_path: Path) -> None:
-    out = tmp_path / "results"
+# One quick run serves every shape check below: the ceiling, the JWT rows and the OAuth
+# endpoint section (which runs by default).
+QUICK_TARGETS = ("ceiling", "sidecar-jwt", "sidecar-jwt-nocache")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    if shutil.which("h2load") is None:
+        pytest.skip("h2load not installed")
+    out = tmp_path_factory.mktemp("bench") / "results"
+    targets = [arg for name in QUICK_TARGETS for arg in ("--target", name)]
     proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--target", "ceiling", "--out", str(out)],
+        [sys.executable, "-m", "bench", "--quick", *targets, "--out", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=55,
+        timeout=150,
         check=False,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "ceiling" in proc.stdout  # the table
+    return out, proc.stdout
+
+
+def _row(doc: dict[str, Any], target: str) -> dict[str, Any]:
+    rows: list[dict[str, Any]] = [r for r in doc["results"] if r["target"] == target]
+    assert len(rows) == 1, target
+    return rows[0]
+
+
+@needs_h2load
+def test_quick_run_writes_complete_json(quick_run: tuple[Path, str]) -> None:
+    out, stdout = quick_run
+    assert "ceiling" in stdout  # the table
 
     latest = json.loads((out / "latest.json").read_text())
     stamped = [p for p in out.glob("*.json") if p.name != "latest.json"]
@@ -50,8 +71,9 @@ def test_quick_run_writes_complete_json(tmp_path: Path) -> None:
         assert machine[key]
     assert latest["ceiling"]["rps"] > 0
 
-    (row,) = latest["results"]
-    assert (row["target"], row["case"], row["status"]) == ("ceiling", "allow", "ok")
+    assert [r["target"] for r in latest["results"]] == list(QUICK_TARGETS)
+    row = _row(latest, "ceiling")
+    assert (row["case"], row["status"]) == ("allow", "ok")
     assert row["ratio_to_ceiling"] == 1.0
     sat, rate = row["saturation"], row["fixed_rate"]
     for key in ("rps", "server_cpu_us_per_call", "client_cpu_us_per_call"):
@@ -61,6 +83,45 @@ def test_quick_run_writes_complete_json(tmp_path: Path) -> None:
         assert rate[key] > 0, key
     assert rate["p50_ms"] <= rate["p99_ms"] <= rate["p999_ms"] <= rate["max_ms"]
     assert sat["unexpected"] == rate["unexpected"] == 0
+
+
+@needs_h2load
+def test_quick_run_has_jwt_rows(quick_run: tuple[Path, str]) -> None:
+    latest = json.loads((quick_run[0] / "latest.json").read_text())
+    for target, case, env in (
+        ("sidecar-jwt", "jwt-cached", {}),
+        ("sidecar-jwt-nocache", "jwt-cold", {"SPAUTH_SIDECAR_TOKEN_CACHE_SIZE": "0"}),
+    ):
+        row = _row(latest, target)
+        assert (row["case"], row["expect"], row["status"]) == (case, "allow", "ok")
+        assert row["ratio_to_ceiling"] > 0
+        assert row["saturation"]["rps"] > 0
+        assert row["saturation"]["unexpected"] == row["fixed_rate"]["unexpected"] == 0
+        assert env.items() <= row["info"]["env"].items()
+
+
+@needs_h2load
+def test_quick_run_has_oauth_endpoint_section(quick_run: tuple[Path, str]) -> None:
+    out, stdout = quick_run
+    assert "oauth endpoint" in stdout  # its table
+    section = json.loads((out / "latest.json").read_text())["oauth_endpoints"]
+    assert section["ok"] is True
+    rows = section["rows"]
+    assert [(r["endpoint"], r["driver"]) for r in rows] == [
+        ("token: authorization_code", "python"),
+        ("token: refresh_token", "python"),
+        ("token: refresh_token", "python"),
+        ("introspect", "python"),
+        ("introspect", "h2load"),
+    ]
+    assert rows[2]["clients"] == 2 * rows[1]["clients"]  # the driver-is-not-the-limit check
+    for r in rows:
+        assert (r["status"], r["error"], r["errors"]) == ("ok", None, 0), r
+        for key in ("requests", "rps", "p50_ms", "server_cpu_us_per_call"):
+            assert r[key] > 0, (r["endpoint"], key)
+        assert r["p50_ms"] <= r["p99_ms"] <= r["max_ms"]
+        assert r["client_cpu_us_per_call"] > 0
+        assert r["client_cpu_util"] > 0
 
 
 @needs_h2load
