@@ -180,8 +180,8 @@ def _saturation(load: h2load.Load, pids: Sequence[int], s: Settings) -> dict[str
     )
     reps = [_quietly(s, lambda: _saturation_run(load, pids, s)) for _ in range(s.reps)]
     summary: dict[str, Any] = {"rps": statistics.median(r["rps"] for r in reps)}
-    skip = ("rps", "requests", "unexpected", "busy_before", "attempt", "tries")
-    skip = (*skip, "server_cpu_util_by_process")  # per rep only
+    skip: tuple[str, ...] = ("rps", "requests", "unexpected", "busy_before", "attempt", "tries")
+    skip += ("server_cpu_util_by_process",)  # per rep only
     for key in [k for k in reps[0] if k not in skip]:
         values = [r[key] for r in reps if r[key] is not None]
         summary[key] = round(statistics.median(values), 3) if values else None
