@@ -28,7 +28,10 @@ needs_h2load = pytest.mark.skipif(shutil.which("h2load") is None, reason="h2load
 def test_quick_run_writes_complete_json(tmp_path: Path) -> None:
     out = tmp_path / "results"
     proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--target", "ceiling", "--out", str(out)],
+        [
+            *(sys.executable, "-m", "bench", "--quick", "--target", "ceiling"),
+            *("--out", str(out), "--propagation-keys", "0"),  # propagation: the next test
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -61,6 +64,46 @@ def test_quick_run_writes_complete_json(tmp_path: Path) -> None:
         assert rate[key] > 0, key
     assert rate["p50_ms"] <= rate["p99_ms"] <= rate["p999_ms"] <= rate["max_ms"]
     assert sat["unexpected"] == rate["unexpected"] == 0
+
+
+@needs_h2load
+def test_quick_run_with_workers_and_propagation(tmp_path: Path) -> None:
+    # Shape only: a multi-process target reports each process's CPU, and the propagation
+    # section has one well-formed row per scenario (Redis may be missing: then it is skipped).
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--target", "sidecar-workers-2",
+         "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "revocation propagation" in proc.stdout
+    latest = json.loads((out / "latest.json").read_text())
+    assert latest["ok"] is True
+
+    (row,) = [r for r in latest["results"] if r["target"] == "sidecar-workers-2"]
+    assert (row["case"], row["status"]) == ("allow", "ok")
+    assert row["info"]["workers"] == 2
+    assert row["info"]["clients"] == 8
+    (rep,) = row["saturation"]["reps"]
+    by_process = rep["server_cpu_util_by_process"]
+    assert len(by_process) == 3  # the supervisor and two workers
+    assert all(p["cpu_util"] >= 0 for p in by_process)
+
+    section = latest["propagation"]
+    assert section["ok"] is True
+    assert section["poll_interval_ms"] == 1.0
+    names = [s["scenario"] for s in section["scenarios"]]
+    assert names == ["one-control-plane", "two-replicas+redis", "two-replicas-no-bus"]
+    for scenario in section["scenarios"]:
+        if scenario["status"] == "skipped":
+            assert scenario["redis"] and "redis-server not found" in scenario["error"]
+            continue
+        assert scenario["status"] == "ok", scenario
+        assert scenario["pairs"] == scenario["keys"] * scenario["sidecars"]
+        assert 0 < scenario["p50_ms"] <= scenario["p99_ms"] <= scenario["max_ms"]
+        assert sum(scenario["deny_codes"].values()) == scenario["pairs"]
+        assert [s["sidecar"] for s in scenario["per_sidecar"]] == ["s0", "s1", "s2"]
 
 
 @needs_h2load
