@@ -246,6 +246,12 @@ def _measure(sc: Scenario, admin: str, operator: str, addrs: list[str]) -> dict[
             {"sidecar": f"s{i}", "control_plane": homes[i], **_stats(per)}
             for i, per in enumerate(delays)
         ],
+        # With two replicas the all-pairs figures mix two paths: A's sidecars are woken by the
+        # commit itself, B's by the bus or the heartbeat. Per replica tells them apart.
+        "by_control_plane": {
+            home: _stats([d for i, per in enumerate(delays) if homes[i] == home for d in per])
+            for home in sorted(set(homes))
+        },
     }
 
 
@@ -333,6 +339,12 @@ def table(section: dict[str, Any]) -> str:
             f"{_fmt(r.get('p99_ms'), '8.1f')} {_fmt(r.get('max_ms'), '8.1f')}  "
             + (r["status"] if not r.get("error") else f"{r['status']}: {r['error']}")
         )
+        by_home = r.get("by_control_plane", {})
+        for home, st in by_home.items() if len(by_home) > 1 else ():
+            lines.append(
+                f"{'  sidecars on ' + home:<28} {'':>3} {'':>5} {st['pairs']:>5d} "
+                f"{st['p50_ms']:>8.1f} {st['p99_ms']:>8.1f} {st['max_ms']:>8.1f}"
+            )
     return "\n".join(lines)
 
 

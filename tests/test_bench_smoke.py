@@ -104,6 +104,8 @@ def test_quick_run_with_workers_and_propagation(tmp_path: Path) -> None:
         assert 0 < scenario["p50_ms"] <= scenario["p99_ms"] <= scenario["max_ms"]
         assert sum(scenario["deny_codes"].values()) == scenario["pairs"]
         assert [s["sidecar"] for s in scenario["per_sidecar"]] == ["s0", "s1", "s2"]
+        homes = {"A", "B"} if scenario["control_planes"] == 2 else {"A"}
+        assert set(scenario["by_control_plane"]) == homes
 
 
 @needs_h2load
