@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
+from sidecar._gen.statuspulse.auth.v1 import audit_pb2 as pb
 from sidecar.auditship import (
     AuditPipeline,
     AuditQueue,
@@ -26,11 +27,13 @@ from sidecar.auditship import (
 )
 from sidecar.auditship.codec import decode, encode
 from sidecar.auditship.metrics import AuditMetrics
+from sidecar.auditship.records import PendingDecision
 from sidecar.auditship.spool import frame
 from sidecar.config import load_settings
 from sidecar.controlplane import ControlPlane
-from sidecar.core.audit import AuditEvent, event
+from sidecar.core.audit import AuditEvent, event, scrub
 from sidecar.core.clock import FakeClock
+from sidecar.core.decision import Decision, Identity, Reason
 from tests.conftest import LoopThread, RunningControlPlane, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -389,3 +392,40 @@ def test_with_a_sync_token_sidecars_must_present_it_and_it_reads_nothing(
         assert read.value.code() is grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined]
     finally:
         loop_thread.run(plane.aclose(grace=1))
+
+
+_KEY = Identity("api_key", "key_abc", "acme", frozenset({"checks:read"}), 2e9)
+_TOKEN = Identity("access_token", "at_1", "acme", frozenset(), 2e9, subject="usr_1",
+                  client_id="app_1", grant_id="g")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("decision", "method", "path", "source"),
+    [
+        (Decision(Reason.OK, "dec_1", _KEY), "GET", "/v1/workspaces/acme/checks", "10.0.0.7"),
+        (Decision(Reason.OK, "dec_2", _TOKEN), "POST", "/v1/x?api_key=spk_" + "a" * 38, ""),
+        (Decision(Reason.MISSING_CREDENTIAL, "dec_3"), "GET", "/", "::1"),
+        (
+            Decision(Reason.INSUFFICIENT_SCOPE, "dec_4", _KEY, "metrics:read"),
+            "GET",
+            "/m",
+            "1.2.3.4",
+        ),
+        (Decision(Reason.UNKNOWN_CREDENTIAL, "dec_5"), "GET", "/keys/spk_" + "Z" * 38, "h"),
+        (Decision(Reason.UNKNOWN_CREDENTIAL, "dec_6"), "Bearer abc.def", "/é" + "x" * 600, "s"),
+        (Decision(Reason.OK, "", _KEY), "GET", "/", ""),  # no decision id: a fresh event id
+    ],
+)
+def test_hand_assembled_decision_record_equals_the_protobuf_one(
+    decision: Decision, method: str, path: str, source: str
+) -> None:
+    """The writer builds decision records by hand (PendingDecision.payload); they parse into
+    exactly the AuditRecord that encode(scrub(event)) gives, secrets redacted the same way."""
+    pending = PendingDecision(decision, method, path, source, 0.000123, 1_800_000_000.123456)
+    mine = pb.AuditRecord.FromString(pending.payload())
+    reference = pb.AuditRecord.FromString(encode(scrub(pending.event())))
+    if not decision.decision_id:  # both got a random id
+        assert mine.id and mine.id != reference.id
+        mine.id = reference.id
+    assert mine == reference
+    assert "spk_" not in str(mine) and "Bearer abc" not in str(mine)

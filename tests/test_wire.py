@@ -103,3 +103,22 @@ def test_identity_cache_never_serves_a_stale_identity() -> None:
     resp = parse(enc.encode(Decision(Reason.OK, "d2", changed), STRIP))
     headers = {o.header.key: o.header.value for o in resp.ok_response.headers}
     assert headers["x-statuspulse-scopes"] == "admin:full"
+
+
+@pytest.mark.parametrize("identity", [KEY, TOKEN, None])
+def test_templates_equal_a_fresh_build_for_every_id_length(identity: Identity | None) -> None:
+    """Answers come from per-shape templates split at the decision id; whatever the id's length
+    (one- and two-byte length prefixes, prefixes that end in the placeholder's first byte), the
+    bytes equal the response built piece by piece, and a second id of the same length reuses
+    the template correctly."""
+    enc = ResponseEncoder()
+    reasons = (Reason.OK, Reason.UNKNOWN_CREDENTIAL, Reason.INSUFFICIENT_SCOPE)
+    for n in range(1, 300):
+        for reason in reasons:
+            detail = "checks:read" if reason is Reason.INSUFFICIENT_SCOPE else ""
+            for did in ("a" * n, "b" * (n - 1) + "c"):
+                decision = Decision(reason, did, identity, detail)
+                assert enc.encode(decision, STRIP) == enc.build(decision, STRIP), (n, reason)
+    tricky = Identity("api_key", "key_\x01\x02", "acme\x01", frozenset({"checks:read"}), 2e9)
+    decision = Decision(Reason.OK, "d", tricky)  # a one-byte placeholder occurs in the identity
+    assert parse(enc.encode(decision, STRIP)) == parse(enc.build(decision, STRIP))

@@ -11,9 +11,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from sidecar._gen.statuspulse.auth.v1 import audit_pb2 as pb
 from sidecar.core.audit import AuditEvent
 from sidecar.core.audit_chain import time_us
-
-# IngestAuditRecordsRequest.records is field 1, length-delimited: tag (1 << 3) | 2.
-_RECORDS_TAG = b"\x0a"
+from sidecar.protowire import ld
 
 
 def to_pb(ev: AuditEvent) -> pb.AuditRecord:
@@ -58,16 +56,7 @@ def decode(payload: bytes) -> AuditEvent:
     )
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
 def ingest_request(payloads: Sequence[bytes]) -> bytes:
-    """A serialized IngestAuditRecordsRequest holding ``payloads`` (protobuf wire format: each
-    repeated message is tag, length, bytes)."""
-    return b"".join(_RECORDS_TAG + _varint(len(p)) + p for p in payloads)
+    """A serialized IngestAuditRecordsRequest holding ``payloads`` (its ``records``, field 1:
+    each repeated message is tag, length, bytes)."""
+    return b"".join(ld(1, p) for p in payloads)

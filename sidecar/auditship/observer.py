@@ -1,13 +1,16 @@
-"""The one integration point with the sidecar: a Check observer that turns each decision into an
-``authz.allow`` / ``authz.deny`` record and hands it to the pipeline without waiting."""
+"""The one integration point with the sidecar: a Check observer that hands each decision to the
+pipeline without waiting; the writer thread turns it into an ``authz.allow`` / ``authz.deny``
+record (sidecar.auditship.records.PendingDecision)."""
 
 from __future__ import annotations
 
 from sidecar.auditship.pipeline import AuditPipeline
-from sidecar.auditship.records import decision_event
+from sidecar.auditship.records import PendingDecision
 from sidecar.core.clock import Clock
 from sidecar.core.decision import Decision
 from sidecar.core.engine import CheckInput
+
+_new_tuple = tuple.__new__
 
 
 class DecisionRecorder:
@@ -19,31 +22,12 @@ class DecisionRecorder:
 
     def __call__(self, decision: Decision, view: CheckInput, source: str, elapsed: float) -> None:
         allowed = decision.allowed
-        if allowed and not self._queue.keep_allow():
-            return  # sampled out before anything is built
-        identity = decision.identity
-        extra: dict[str, str] = {}
-        actor = credential = workspace = ""
-        if identity is not None:
-            workspace = identity.workspace
-            credential = identity.id
-            # An access token speaks for its subject; the token's jti and client go alongside.
-            actor = identity.subject or identity.client_id or identity.id
-            if identity.kind != "api_key":
-                extra = {"credential": identity.id, "client_id": identity.client_id}
-        self._queue.put(
-            decision_event(
-                time=self._clock.now(),
-                allowed=allowed,
-                reason=decision.reason.value,
-                credential_id=actor or credential,
-                workspace=workspace,
-                method=view.method,
-                path=view.path,
-                source=source,
-                decision_id=decision.decision_id,
-                latency_s=elapsed,
-                extra=extra,
-            ),
-            sampled=True,
+        queue = self._queue
+        if allowed and not queue.keep_allow():
+            return  # sampled out before anything is queued
+        # tuple.__new__: NamedTuple's own __new__ is Python code, and this runs on every check.
+        pending = _new_tuple(
+            PendingDecision,
+            (decision, view.method, view.path, source, elapsed, self._clock.now()),
         )
+        queue.put_pending(pending, allowed)

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sidecar.auditship.codec import encode
-from sidecar.auditship.queue import AuditQueue, QueueStats
+from sidecar.auditship.queue import AuditQueue, Item, QueueStats
+from sidecar.auditship.records import PendingDecision
 from sidecar.auditship.shipper import Backoff, Shipper, ShipperStats
 from sidecar.auditship.spool import Spool
 from sidecar.auditship.transport import Transport
@@ -134,28 +135,28 @@ class AuditPipeline:
 
     def flush(self, *, sync: bool = True) -> int:
         """Move everything queued into the spool now; returns how many records it wrote."""
-        events = self.queue.drain()
-        if not events:
+        items = self.queue.drain_items()
+        if not items:
             if sync:
                 self.spool.sync()
             return 0
         if self.spool.pending_bytes >= self.config.max_spool_bytes:
             # The control plane has been away for long: keep denials, shed allows.
-            kept = [ev for ev in events if ev.action != AUTHZ_ALLOW]
-            self._spool_dropped += len(events) - len(kept)
-            events = kept
+            kept = [item for item in items if not _is_allow(item)]
+            self._spool_dropped += len(items) - len(kept)
+            items = kept
         try:
-            self.spool.append([encode(scrub(ev)) for ev in events])
+            self.spool.append([_payload(item) for item in items])
             if sync:
                 self.spool.sync()
         except OSError:
-            self._write_errors += len(events)
-            log.exception("audit spool write failed; records lost", extra={"count": len(events)})
+            self._write_errors += len(items)
+            log.exception("audit spool write failed; records lost", extra={"count": len(items)})
             return 0
         # The shipper is not woken here: it wakes every ship_interval and sends everything in
         # large batches (one call per 2000 records, not one per 10 ms write).
-        self._written += len(events)
-        return len(events)
+        self._written += len(items)
+        return len(items)
 
     def close(self, timeout: float = 5.0) -> bool:
         """Stop the writer (flushing and fsyncing the queue), then ship what is spooled for up
@@ -182,3 +183,16 @@ class AuditPipeline:
             spool_bytes=self.spool.pending_bytes,
             shipper=self.shipper.stats() if self.shipper else None,
         )
+
+
+def _is_allow(item: Item) -> bool:
+    if isinstance(item, PendingDecision):
+        return item.decision.allowed
+    return item.action == AUTHZ_ALLOW
+
+
+def _payload(item: Item) -> bytes:
+    """A queued decision's hand-assembled record, or any other event's, scrubbed and encoded."""
+    if isinstance(item, PendingDecision):
+        return item.payload()
+    return encode(scrub(item))

@@ -16,7 +16,10 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from sidecar.auditship.records import PendingDecision
 from sidecar.core.audit import AUTHZ_ALLOW, AuditEvent
+
+Item = AuditEvent | PendingDecision
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,8 +53,8 @@ class AuditQueue:
         self.allow_sample_rate = allow_sample_rate
         self._rand = rand
         self._lock = threading.Lock()
-        self._allows: deque[tuple[int, AuditEvent]] = deque()
-        self._denies: deque[tuple[int, AuditEvent]] = deque()
+        self._allows: deque[tuple[int, Item]] = deque()
+        self._denies: deque[tuple[int, Item]] = deque()
         self._order = itertools.count()
         self._accepted = 0
         self._dropped_allows = 0
@@ -76,7 +79,12 @@ class AuditQueue:
             return self._put_allow(ev)
         return self._put_deny(ev)  # denials and anything else are never sampled
 
-    def _put_allow(self, ev: AuditEvent) -> bool:
+    def put_pending(self, pending: PendingDecision, allowed: bool) -> bool:
+        """Queue a decision whose record is built when drained (the caller drew
+        ``keep_allow()`` already for an allow); False when dropped."""
+        return self._put_allow(pending) if allowed else self._put_deny(pending)
+
+    def _put_allow(self, ev: Item) -> bool:
         with self._lock:
             if len(self._allows) + len(self._denies) >= self.capacity:
                 self._dropped_allows += 1
@@ -85,7 +93,7 @@ class AuditQueue:
             self._accepted += 1
         return True
 
-    def _put_deny(self, ev: AuditEvent) -> bool:
+    def _put_deny(self, ev: Item) -> bool:
         with self._lock:
             if len(self._allows) + len(self._denies) >= self.capacity:
                 if self._allows:
@@ -100,7 +108,13 @@ class AuditQueue:
         return True
 
     def drain(self) -> list[AuditEvent]:
-        """Everything queued, in the order it was accepted (the lock is held for a swap)."""
+        """Everything queued, in the order it was accepted, as events (queued decisions become
+        their records here, on the draining thread)."""
+        return [ev.event() if isinstance(ev, PendingDecision) else ev for ev in self.drain_items()]
+
+    def drain_items(self) -> list[Item]:
+        """Everything queued, in the order it was accepted, as queued (the lock is held only
+        for a swap)."""
         with self._lock:
             if not self._allows and not self._denies:
                 return []

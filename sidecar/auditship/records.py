@@ -4,7 +4,21 @@ also redacts anything credential-shaped before the record reaches disk."""
 
 from __future__ import annotations
 
-from sidecar.core.audit import AUTHZ_ALLOW, AUTHZ_DENY, AuditEvent, new_event_id
+from typing import NamedTuple
+
+from sidecar.auditship.codec import encode
+from sidecar.core.audit import (
+    AUTHZ_ALLOW,
+    AUTHZ_DENY,
+    AuditEvent,
+    new_event_id,
+    redact,
+    scrub,
+    secret_in,
+)
+from sidecar.core.audit_chain import time_us
+from sidecar.core.decision import Decision, Identity
+from sidecar.protowire import ld, uint
 
 ANONYMOUS = "anonymous"
 MAX_PATH = 512
@@ -53,3 +67,114 @@ def decision_event(
             **(extra or {}),
         },
     )
+
+
+class PendingDecision(NamedTuple):
+    """What the Check path queues: the decision and the few request fields a record needs. The
+    record itself (:meth:`event`) is built by the writer thread when it drains the queue, so the
+    RPC thread spends a tuple, not a record."""
+
+    decision: Decision
+    method: str
+    path: str
+    source: str
+    latency_s: float
+    time: float
+
+    def event(self) -> AuditEvent:
+        decision = self.decision
+        identity = decision.identity
+        extra: dict[str, str] = {}
+        actor = credential = workspace = ""
+        if identity is not None:
+            workspace = identity.workspace
+            credential = identity.id
+            # An access token speaks for its subject; the token's jti and client go alongside.
+            actor = identity.subject or identity.client_id or identity.id
+            if identity.kind != "api_key":
+                extra = {"credential": identity.id, "client_id": identity.client_id}
+        return decision_event(
+            time=self.time,
+            allowed=decision.allowed,
+            reason=decision.reason.value,
+            credential_id=actor or credential,
+            workspace=workspace,
+            method=self.method,
+            path=self.path,
+            source=self.source,
+            decision_id=decision.decision_id,
+            latency_s=self.latency_s,
+            extra=extra,
+        )
+
+    def payload(self) -> bytes:
+        """The spool payload (a serialized AuditRecord) of :meth:`event`, scrubbed — assembled
+        by hand: a writer thread building and serializing protobuf objects spent ≈ 13 µs per
+        record on the sidecar's CPU; this is ≈ 3 µs. Only the request's own fields (method,
+        path, source) can carry a secret; the rest are ids and codes from the replica.
+        tests/test_audit_ship.py checks it equals ``encode(scrub(event()))`` field for field."""
+        decision = self.decision
+        if not decision.decision_id:
+            return encode(scrub(self.event()))
+        method, target, source = self.method, request_path(self.path), self.source
+        if secret_in(f"{method}\n{target}\n{source}"):
+            method, target, source = redact(method), redact(target), redact(source)
+        us = time_us(self.time)
+        did = decision.decision_id.encode()
+        # Protobuf fields may come in any order; the part fixed by reason and identity is cached.
+        return b"".join(
+            (
+                ld(1, did),
+                ld(9, did),
+                ld(2, uint(1, us // 1_000_000) + uint(2, us % 1_000_000 * 1000)),
+                ld(6, target.encode()) if target else b"",
+                _entry("method", method),
+                _entry("source", source),
+                _entry("latency_us", str(round(self.latency_s * 1e6))),
+                _fixed_part(decision),
+            )
+        )
+
+
+_FIXED: dict[tuple[str, str], tuple[Identity | None, bytes]] = {}
+
+
+def _fixed_part(decision: Decision) -> bytes:
+    """Fields 3, 4, 5, 7, 8 and the identity's metadata: the same for every record of one
+    reason and identity (the identity object is compared, so a replaced key is rebuilt)."""
+    identity = decision.identity
+    key = (decision.reason.value, "" if identity is None else identity.id)
+    cached = _FIXED.get(key)
+    if cached is not None and cached[0] is identity:
+        return cached[1]
+    allowed = decision.allowed
+    workspace = actor = ""
+    extra = b""
+    if identity is not None:
+        workspace = identity.workspace
+        actor = identity.subject or identity.client_id or identity.id
+        if identity.kind != "api_key":
+            extra = _entry("credential", identity.id) + _entry("client_id", identity.client_id)
+    part = b"".join(
+        (
+            ld(3, (actor or ANONYMOUS).encode()),
+            _ALLOW_ACTION if allowed else _DENY_ACTION,
+            ld(5, workspace.encode()) if workspace else b"",
+            _ALLOW_OUTCOME if allowed else _DENY_OUTCOME,
+            ld(8, decision.reason.value.encode()),
+            extra,
+        )
+    )
+    if len(_FIXED) >= 100_000:
+        _FIXED.clear()
+    _FIXED[key] = (identity, part)
+    return part
+
+
+# AuditRecord fields 4 (action) and 7 (outcome); 10 is the metadata map (entry: key 1, value 2).
+_ALLOW_ACTION, _DENY_ACTION = ld(4, AUTHZ_ALLOW.encode()), ld(4, AUTHZ_DENY.encode())
+_ALLOW_OUTCOME, _DENY_OUTCOME = ld(7, b"allow"), ld(7, b"deny")
+
+
+def _entry(key: str, value: str) -> bytes:
+    return ld(10, ld(1, key.encode()) + (ld(2, value.encode()) if value else b""))

@@ -73,6 +73,11 @@ def event(
     )
 
 
+def secret_in(text: str) -> bool:
+    """Whether ``text`` holds anything shaped like a credential."""
+    return _SECRET.search(text) is not None
+
+
 def redact(text: str) -> str:
     """``text`` with anything shaped like a credential replaced by ``[redacted]``."""
     return _SECRET.sub(REDACTED, text)

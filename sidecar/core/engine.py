@@ -18,6 +18,7 @@ from sidecar.core.scopes import ADMIN_FULL
 
 MAX_CREDENTIAL_LENGTH = 8192
 _sha256 = hashlib.sha256
+_new_tuple = tuple.__new__
 
 
 class TokenDenied(Exception):
@@ -74,14 +75,18 @@ class Engine:
         """Decide an HTTP request against the route policy."""
         did = self.ids.next()
         policy = self.policy
-        path = request.path.partition("?")[0]
+        path = request.path
+        if "?" in path:
+            path = path.partition("?")[0]
         match = policy.match(request.method, path, request.host, request.context, request.headers)
         if match is not None and match.route.public:
             return Decision(Reason.PUBLIC_ROUTE, did)
         now = self.clock.now()
-        unready = self.unready(now)
-        if unready is not None:
-            return Decision(unready, did)
+        replica = self.replica
+        if not replica.loaded or (
+            self.max_staleness and now - replica.last_contact > self.max_staleness
+        ):
+            return Decision(self.unready(now) or Reason.REPLICA_NOT_READY, did)
         limiter = self.limiter
         source = request.source
         # A source over its failure limit is refused before its credential is looked at:
@@ -89,10 +94,12 @@ class Engine:
         if limiter is not None and source and limiter.source_blocked(source, now):
             return Decision(Reason.RATE_LIMITED, did, detail="source")
         found = self._authenticate(self._credential(request.headers, policy), now)
-        if isinstance(found, Decision):
+        if found.__class__ is Decision:
+            assert isinstance(found, Decision)
             if limiter is not None and found.reason in CREDENTIAL_FAILURES:
                 return self._failed(limiter, found, did, source, now)
             return Decision(found.reason, did, detail=found.detail)
+        assert isinstance(found, Identity)
         if limiter is not None:
             limited = self._limited(limiter, found, now)
             if limited is not None:
@@ -113,7 +120,9 @@ class Engine:
             return Decision(Reason.WORKSPACE_MISMATCH, did, found)
         if not _holds(found.scopes, route.scopes):
             return Decision(Reason.INSUFFICIENT_SCOPE, did, found, " ".join(route.scopes))
-        return Decision(Reason.OK, did, found)
+        # The allow every good request takes: tuple.__new__ skips NamedTuple's Python-level
+        # __new__ (≈ 0.3 µs of a ≈ 3 µs decision).
+        return _new_tuple(Decision, (Reason.OK, did, found, ""))
 
     def authorize(
         self, credential: str, required_scopes: Iterable[str], workspace: str = ""
@@ -242,6 +251,4 @@ _DENY = {reason: Decision(reason, "") for reason in Reason}
 
 
 def _holds(held: frozenset[str], required: tuple[str, ...]) -> bool:
-    if ADMIN_FULL in held:
-        return True
-    return all(scope in held for scope in required)
+    return ADMIN_FULL in held or held.issuperset(required)

@@ -24,6 +24,11 @@ log = logging.getLogger("sidecar.check")
 SERVICE = "envoy.service.auth.v3.Authorization"
 
 Observer = Callable[[Decision, CheckInput, str, float], None]
+# Reason labels of checks that end in a gRPC error instead of a decision (metrics).
+INTERNAL_ERROR = "internal_error"
+MALFORMED_CHECK_REQUEST = "malformed_check_request"
+_perf_counter = time.perf_counter
+_new_tuple = tuple.__new__
 
 
 def request_view(request: ext.CheckRequest) -> CheckInput:
@@ -41,13 +46,17 @@ def request_view(request: ext.CheckRequest) -> CheckInput:
             name = h.key.lower()
             merged[name] = f"{merged[name]},{value}" if name in merged else value
         headers = merged
-    return CheckInput(
-        http.method,
-        http.path,
-        http.host,
-        headers,
-        attributes.context_extensions,
-        attributes.source.address.socket_address.address,
+    # tuple.__new__: NamedTuple's own __new__ is Python code, and this runs on every check.
+    return _new_tuple(
+        CheckInput,
+        (
+            http.method,
+            http.path,
+            http.host,
+            headers,
+            attributes.context_extensions,
+            attributes.source.address.socket_address.address,
+        ),
     )
 
 
@@ -68,32 +77,45 @@ def parse_check_request(data: bytes) -> ext.CheckRequest | Malformed:
 
 
 class CheckHandler:
-    """The Check RPC: decide, answer, then tell observers (metrics, audit, logs)."""
+    """The Check RPC: decide, answer, then tell observers (metrics, audit, logs). ``on_error``
+    counts the checks that end in a gRPC error instead of a decision (a malformed request, an
+    internal fault)."""
 
-    def __init__(self, engine: Engine, observers: list[Observer] | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        observers: list[Observer] | None = None,
+        on_error: Callable[[str, float], None] | None = None,
+    ) -> None:
         self.engine = engine
         self.observers = observers if observers is not None else []
+        self.on_error = on_error
         self.encoder = ResponseEncoder()
 
     def __call__(
         self, request: ext.CheckRequest | Malformed, context: grpc.ServicerContext
     ) -> bytes:
-        started = time.perf_counter()
-        if isinstance(request, Malformed):
+        started = _perf_counter()
+        if request.__class__ is Malformed:
+            if self.on_error is not None:
+                self.on_error(MALFORMED_CHECK_REQUEST, 0.0)
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed CheckRequest")
         try:
             view = request_view(request)
-            decision = self.engine.check(view)
-            policy = self.engine.policy
-            strip = policy.credential_headers if policy.strip_credentials else ()
-            response = self.encoder.encode(decision, strip)
+            engine = self.engine
+            decision = engine.check(view)
+            policy = engine.policy
+            response = self.encoder.encode(
+                decision, policy.credential_headers if policy.strip_credentials else ()
+            )
         except Exception:
             log.exception("check failed")
+            if self.on_error is not None:
+                self.on_error(INTERNAL_ERROR, 0.0)
             context.abort(grpc.StatusCode.INTERNAL, "internal error")
-        elapsed = time.perf_counter() - started
-        if self.observers:
-            for observe in self.observers:
-                observe(decision, view, view.source, elapsed)
+        elapsed = _perf_counter() - started
+        for observe in self.observers:
+            observe(decision, view, view.source, elapsed)
         return response
 
     def rpc_handler(self) -> grpc.GenericRpcHandler:  # type: ignore[type-arg]

@@ -13,7 +13,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import grpc
-from envoy.service.auth.v3 import external_auth_pb2 as ext
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -28,16 +27,16 @@ from sidecar.core.policy import Policy
 from sidecar.core.replica import Replica
 from sidecar.core.token_verifier import ReplicaTokenVerifier
 from sidecar.dataplane.envoy_check import SERVICE as CHECK_SERVICE
-from sidecar.dataplane.envoy_check import CheckHandler, Malformed, Observer, parse_check_request
+from sidecar.dataplane.envoy_check import CheckHandler, Observer, parse_check_request
 from sidecar.dataplane.incluster import AuthorizationServicer
 from sidecar.dataplane.policy_source import PolicyWatcher, load_policy
 from sidecar.dataplane.sync import SyncClient
 from sidecar.ops.denial_log import DenialLog
 from sidecar.ops.health import Health, Status
-from sidecar.ops.metrics import BAD_CHECK_REQUEST, INTERNAL_ERROR, DecisionMetrics, Metrics
+from sidecar.ops.metrics import DecisionMetrics, Metrics
 from sidecar.ops.status_server import StatusServer
 from sidecar.ops.tls import sync_channel_credentials, sync_channel_options
-from sidecar.ops.tracing import CheckFn, Context, span_annotator, start_tracing, traced_check
+from sidecar.ops.tracing import CheckFn, span_annotator, start_tracing, traced_check
 from sidecar.ratelimit import AbuseLimits, WindowRateLimiter
 
 if TYPE_CHECKING:
@@ -111,7 +110,7 @@ class Sidecar:
         if self.audit is not None:
             self.observers.append(DecisionRecorder(self.audit, self.clock))
             self.metrics.registry.register(AuditMetrics(self.audit))
-        self.check = CheckHandler(self.engine, self.observers)
+        self.check = CheckHandler(self.engine, self.observers, self.decision_metrics.error)
         self.sync = SyncClient(
             self.replica,
             settings.control_plane,
@@ -164,24 +163,13 @@ class Sidecar:
         return max(0.0, self.clock.now() - last)
 
     def _check_method_handlers(self) -> dict[str, grpc.RpcMethodHandler]:  # type: ignore[type-arg]
-        """Envoy's Check: the handler, traced when tracing is on, with gRPC errors counted."""
+        """Envoy's Check: the handler (which counts its own gRPC errors), traced when tracing
+        is on."""
         check: CheckFn = self.check
         if self.tracing is not None:
             check = traced_check(check, self.tracing)
-        count_error = self.decision_metrics.error
-
-        def counted(request: ext.CheckRequest | Malformed, context: Context) -> bytes:
-            if isinstance(request, Malformed):
-                count_error(BAD_CHECK_REQUEST, 0.0)
-                return check(request, context)  # answers INVALID_ARGUMENT
-            try:
-                return check(request, context)
-            except Exception:
-                count_error(INTERNAL_ERROR, 0.0)
-                raise
-
         method = grpc.unary_unary_rpc_method_handler(
-            counted,
+            check,
             request_deserializer=parse_check_request,
             response_serializer=None,  # the handler returns serialized bytes
         )

@@ -19,6 +19,7 @@ from google.rpc.status_pb2 import Status
 
 from sidecar.core.decision import Decision, Identity, Outcome, Reason
 from sidecar.core.scopes import sort_scopes
+from sidecar.protowire import ld as _ld
 
 OVERWRITE = HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 DECISION_HEADER = "x-statuspulse-decision-id"
@@ -51,31 +52,6 @@ _CACHE_LIMIT = 100_000
 
 def _field(name: str, message: type) -> int:
     return int(message.DESCRIPTOR.fields_by_name[name].number)  # type: ignore[attr-defined]
-
-
-_SMALL = [bytes([i]) for i in range(128)]
-
-
-def _varint(n: int) -> bytes:
-    if n < 128:
-        return _SMALL[n]
-    if n < 16384:
-        return bytes(((n & 0x7F) | 0x80, n >> 7))
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-_TAGS = {field: _varint(field << 3 | 2) for field in range(1, 16)}
-
-
-def _ld(field: int, payload: bytes) -> bytes:
-    """A length-delimited field: tag, length, payload (fields 1-15 have one-byte tags)."""
-    n = len(payload)
-    return _TAGS[field] + (_SMALL[n] if n < 128 else _varint(n)) + payload
 
 
 _RESP_STATUS = _field("status", ext.CheckResponse)
@@ -122,89 +98,112 @@ def www_authenticate(decision: Decision) -> str | None:
 
 class ResponseEncoder:
     """Serialized CheckResponses for decisions; ``strip`` are the credential headers to remove
-    upstream (read on every allow, so a policy reload takes effect at once)."""
+    upstream (read on every allow, so a policy reload takes effect at once).
+
+    A response differs from the previous one of the same shape (identity or denial reason,
+    ``strip``, length of the decision id) only in its decision id, so each shape is built once
+    with a placeholder id, split there, and later answers are ``decision_id.join(pieces)``."""
 
     def __init__(self) -> None:
-        self._identity: dict[str, tuple[Identity, tuple[str, ...], bytes]] = {}
-        self._public: dict[tuple[str, ...], bytes] = {}
-        self._denied: dict[tuple[Reason, str], tuple[bytes, bytes, bytes]] = {}
+        # shape key -> (identity the pieces were built for, strip, pieces)
+        self._allow: dict[tuple[str, int], tuple[Identity | None, tuple[str, ...], list[bytes]]]
+        self._allow = {}
+        self._denied: dict[tuple[Reason, str, int], list[bytes]] = {}
         self._reason_meta = {r: _meta_entry("reason", r.value.encode()) for r in Reason}
 
     def encode(self, decision: Decision, strip: tuple[str, ...]) -> bytes:
         did = decision.decision_id.encode()
+        ident = decision.identity
+        if decision.reason is Reason.OK or decision.reason is Reason.PUBLIC_ROUTE:
+            key = ("" if ident is None else ident.id, len(did))
+            cached = self._allow.get(key)
+            if cached is not None and cached[0] is ident and cached[1] == strip:
+                return did.join(cached[2])
+            pieces = self._template(decision, strip)
+            if pieces is None:
+                return self.build(decision, strip)
+            if len(self._allow) >= _CACHE_LIMIT:
+                self._allow.clear()
+            self._allow[key] = (ident, strip, pieces)
+            return did.join(pieces)
+        dkey = (decision.reason, decision.detail, len(did))
+        pieces = self._denied.get(dkey)
+        if pieces is None:
+            pieces = self._template(decision, strip)
+            if pieces is None:
+                return self.build(decision, strip)
+            if len(self._denied) < 4096:
+                self._denied[dkey] = pieces
+        return did.join(pieces)
+
+    def _template(self, decision: Decision, strip: tuple[str, ...]) -> list[bytes] | None:
+        """The response for ``decision``'s shape, split where the decision id goes, and checked
+        against the response built for ``decision`` itself; None if they differ (the
+        placeholder also occurred elsewhere), and the caller builds piece by piece."""
+        n = len(decision.decision_id)
+        # Border-free (its first character occurs nowhere else in it), so an occurrence found
+        # by split can never start inside a length prefix in front of the real slot.
+        placeholder = "\x01" + "\x02" * (n - 1)
+        pieces = self.build(decision._replace(decision_id=placeholder), strip).split(
+            placeholder.encode()
+        )
+        if not n or decision.decision_id.encode().join(pieces) != self.build(decision, strip):
+            return None
+        return pieces
+
+    def build(self, decision: Decision, strip: tuple[str, ...]) -> bytes:
+        """The response assembled piece by piece (no whole-response cache)."""
+        did = decision.decision_id.encode()
         meta = _ld(_RESP_META, _meta_entry("decision_id", did) + self._reason_meta[decision.reason])
         if decision.outcome is Outcome.ALLOW:
-            ok = _decision_header(_OK_HEADERS, did) + self._allow_part(decision.identity, strip)
+            ok = _decision_header(_OK_HEADERS, did) + _allow_part(decision.identity, strip)
             return _STATUS_OK + _ld(_RESP_OK, ok) + meta
-        status, denied, body_prefix = self._deny_parts(decision)
+        status, denied, body_prefix = _deny_parts(decision)
         body = _ld(_DENIED_BODY, body_prefix + did + b'"}')
         denied_bytes = denied + _decision_header(_DENIED_HEADERS, did) + body
         return status + _ld(_RESP_DENIED, denied_bytes) + meta
 
-    def _allow_part(self, ident: Identity | None, strip: tuple[str, ...]) -> bytes:
-        if ident is None:
-            part = self._public.get(strip)
-            if part is None:
-                part = ext.OkHttpResponse(
-                    headers_to_remove=[*strip, *IDENTITY_HEADERS]
-                ).SerializeToString()
-                self._public[strip] = part
-            return part
-        cached = self._identity.get(ident.id)
-        if cached is not None and cached[0] is ident and cached[1] == strip:
-            return cached[2]
-        part = self._identity_part(ident, strip)
-        if len(self._identity) >= _CACHE_LIMIT:
-            self._identity.clear()
-        self._identity[ident.id] = (ident, strip, part)
-        return part
 
-    @staticmethod
-    def _identity_part(ident: Identity, strip: tuple[str, ...]) -> bytes:
-        values = (
-            ident.workspace,
-            ident.id if ident.kind == "api_key" else "",
-            ident.subject,
-            ident.client_id,
-            " ".join(sort_scopes(ident.scopes)),
+def _allow_part(ident: Identity | None, strip: tuple[str, ...]) -> bytes:
+    if ident is None:
+        return bytes(
+            ext.OkHttpResponse(headers_to_remove=[*strip, *IDENTITY_HEADERS]).SerializeToString()
         )
-        ok = ext.OkHttpResponse(headers_to_remove=strip)
-        for name, value in zip(IDENTITY_HEADERS, values, strict=True):
-            if value:
-                ok.headers.add(header=HeaderValue(key=name, value=value), append_action=OVERWRITE)
-            else:
-                # Never let a client-supplied identity header through.
-                ok.headers_to_remove.append(name)
-        return bytes(ok.SerializeToString())
+    values = (
+        ident.workspace,
+        ident.id if ident.kind == "api_key" else "",
+        ident.subject,
+        ident.client_id,
+        " ".join(sort_scopes(ident.scopes)),
+    )
+    ok = ext.OkHttpResponse(headers_to_remove=strip)
+    for name, value in zip(IDENTITY_HEADERS, values, strict=True):
+        if value:
+            ok.headers.add(header=HeaderValue(key=name, value=value), append_action=OVERWRITE)
+        else:
+            # Never let a client-supplied identity header through.
+            ok.headers_to_remove.append(name)
+    return bytes(ok.SerializeToString())
 
-    def _deny_parts(self, decision: Decision) -> tuple[bytes, bytes, bytes]:
-        key = (decision.reason, decision.detail)
-        parts = self._denied.get(key)
-        if parts is None:
-            outcome = decision.outcome
-            status = _ld(
-                _RESP_STATUS,
-                Status(code=GRPC_CODE[outcome], message=decision.reason.value).SerializeToString(),
-            )
-            denied = ext.DeniedHttpResponse(
-                status=HttpStatus(code=decision.http_status),
-                headers=[
-                    HeaderValueOption(header=HeaderValue(key=k, value=v), append_action=OVERWRITE)
-                    for k, v in (
-                        ("content-type", "application/json"),
-                        ("cache-control", "no-store"),
-                    )
-                ],
-            )
-            challenge = www_authenticate(decision)
-            if challenge is not None:
-                denied.headers.add(
-                    header=HeaderValue(key="www-authenticate", value=challenge),
-                    append_action=OVERWRITE,
-                )
-            error = "forbidden" if decision.reason is Reason.NO_ROUTE else _ERROR[outcome]
-            prefix = json.dumps({"error": error, "reason": decision.reason.value})[:-1]
-            parts = (status, denied.SerializeToString(), f'{prefix}, "decision_id": "'.encode())
-            if len(self._denied) < 4096:
-                self._denied[key] = parts
-        return parts
+
+def _deny_parts(decision: Decision) -> tuple[bytes, bytes, bytes]:
+    outcome = decision.outcome
+    status = _ld(
+        _RESP_STATUS,
+        Status(code=GRPC_CODE[outcome], message=decision.reason.value).SerializeToString(),
+    )
+    denied = ext.DeniedHttpResponse(
+        status=HttpStatus(code=decision.http_status),
+        headers=[
+            HeaderValueOption(header=HeaderValue(key=k, value=v), append_action=OVERWRITE)
+            for k, v in (("content-type", "application/json"), ("cache-control", "no-store"))
+        ],
+    )
+    challenge = www_authenticate(decision)
+    if challenge is not None:
+        denied.headers.add(
+            header=HeaderValue(key="www-authenticate", value=challenge), append_action=OVERWRITE
+        )
+    error = "forbidden" if decision.reason is Reason.NO_ROUTE else _ERROR[outcome]
+    prefix = json.dumps({"error": error, "reason": decision.reason.value})[:-1]
+    return status, denied.SerializeToString(), f'{prefix}, "decision_id": "'.encode()

@@ -5,17 +5,18 @@ three outcomes, two results, four OAuth events, admin method names and gRPC code
 workspace or path. A metric is created the first time a component asks for it, so the control
 plane and the sidecar can share one registry in ``spauth serve``.
 
-The Check hot path costs one pre-resolved counter increment and one histogram observation
-(measured in docs/operating.md)."""
+The Check hot path writes only its own thread's tally (sidecar.ops.check_tally): a few list
+increments, no lock (measured in docs/operating.md)."""
 
 from __future__ import annotations
 
 from functools import cached_property
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from sidecar.core.decision import OUTCOMES, Decision, Outcome, Reason
 from sidecar.core.engine import CheckInput
+from sidecar.ops.check_tally import CheckTally
 
 # The `outcome` label: what Envoy did with the request. Unavailable answers (replica not ready
 # or stale) are 503s, like internal faults: users see an outage, so they count as errors.
@@ -24,8 +25,8 @@ OUTCOME_LABEL: dict[Outcome, str] = dict.fromkeys(Outcome, DENY)
 OUTCOME_LABEL[Outcome.ALLOW] = ALLOW
 OUTCOME_LABEL[Outcome.UNAVAILABLE] = ERROR
 # `reason` values for checks that ended in a gRPC error rather than a decision.
-INTERNAL_ERROR = "internal_error"
-BAD_CHECK_REQUEST = "malformed_check_request"
+INTERNAL_ERROR = "internal_error"  # = sidecar.dataplane.envoy_check.INTERNAL_ERROR
+BAD_CHECK_REQUEST = "malformed_check_request"  # = envoy_check.MALFORMED_CHECK_REQUEST
 ERROR_REASONS = (INTERNAL_ERROR, BAD_CHECK_REQUEST)
 OAUTH_EVENTS = ("issued", "refreshed", "revoked", "reuse_detected")
 # Check latency in-process is tens of microseconds; Envoy's ext_authz timeout is 0.25-0.5 s.
@@ -44,27 +45,15 @@ class Metrics:
     # -- sidecar ----------------------------------------------------------------------------------
 
     @cached_property
-    def decisions(self) -> Counter:
-        c = Counter(
-            "spauth_decisions",
-            "Checks decided, by outcome (allow|deny|error) and reason code.",
-            ["outcome", "reason"],
-            registry=self.registry,
-        )
-        for reason in Reason:  # export zeros, so rate() has a baseline from the first scrape
-            c.labels(OUTCOME_LABEL[OUTCOMES[reason]], reason.value)
-        for reason_label in ERROR_REASONS:
-            c.labels(ERROR, reason_label)
-        return c
-
-    @cached_property
-    def check_duration(self) -> Histogram:
-        return Histogram(
-            "spauth_check_duration_seconds",
-            "Time to decide and answer one Envoy Check, in the sidecar.",
-            buckets=CHECK_BUCKETS,
-            registry=self.registry,
-        )
+    def check_tally(self) -> CheckTally:
+        """``spauth_decisions_total{outcome,reason}`` and ``spauth_check_duration_seconds``,
+        counted per RPC thread (sidecar.ops.check_tally); every series exported from the start,
+        so rate() has a baseline from the first scrape."""
+        labels = [(OUTCOME_LABEL[OUTCOMES[r]], r.value) for r in Reason]
+        labels += [(ERROR, r) for r in ERROR_REASONS]
+        tally = CheckTally(labels, CHECK_BUCKETS)
+        self.registry.register(tally)
+        return tally
 
     @cached_property
     def replica_revision(self) -> Gauge:
@@ -139,32 +128,26 @@ class Metrics:
 
 
 _SIDECAR = (
-    "decisions", "check_duration", "replica_revision", "replica_staleness", "sync_reconnects",
+    "check_tally", "replica_revision", "replica_staleness", "sync_reconnects",
     "policy_reloads",
 )  # fmt: skip
 _CONTROL_PLANE = ("oauth_tokens", "admin_calls")
 
 
 class DecisionMetrics:
-    """The Check observer: ``(decision, request, source, seconds)``. Label children are resolved
-    once, so a check costs one locked increment and one histogram observation."""
+    """The Check observer: ``(decision, request, source, seconds)``. Slots are resolved once,
+    so a check costs a few list increments on its own thread's tally."""
 
     def __init__(self, metrics: Metrics) -> None:
-        decisions = metrics.decisions
-        self._by_reason = {
-            reason: decisions.labels(OUTCOME_LABEL[OUTCOMES[reason]], reason.value)
-            for reason in Reason
-        }
-        self._errors = {r: decisions.labels(ERROR, r) for r in ERROR_REASONS}
-        self._observe = metrics.check_duration.observe
+        tally = metrics.check_tally
+        self._slot = {r: tally.index(OUTCOME_LABEL[OUTCOMES[r]], r.value) for r in Reason}
+        self._errors = {r: tally.index(ERROR, r) for r in ERROR_REASONS}
+        self._count = tally.count
 
     def __call__(self, decision: Decision, _req: CheckInput, _src: str, elapsed: float) -> None:
-        self._by_reason[decision.reason].inc()
-        if elapsed > 0.0:  # in-cluster Authorize passes 0: only Envoy's Check is timed
-            self._observe(elapsed)
+        # in-cluster Authorize passes elapsed 0: only Envoy's Check is timed
+        self._count(self._slot[decision.reason], elapsed)
 
     def error(self, reason: str, elapsed: float) -> None:
         """A check that ended in a gRPC error (Envoy answers 503)."""
-        self._errors[reason].inc()
-        if elapsed > 0.0:
-            self._observe(elapsed)
+        self._count(self._errors[reason], elapsed)
