@@ -37,6 +37,11 @@ class HttpServer:
                 sock = socket.create_server((host, port), family=family)
             except OSError as exc:
                 raise OSError(f"http_addr: cannot listen on {self.addr} ({exc.strerror})") from None
+            # asyncio sets TCP_NODELAY only on sockets created with proto=IPPROTO_TCP, and
+            # create_server() passes 0: without this, uvicorn's two writes (headers, body) make
+            # every keep-alive response wait ~40 ms for the client's delayed ACK (Nagle).
+            # Accepted connections inherit it from the listening socket on Linux.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.setblocking(False)
             self._sock = sock
             self.port = int(sock.getsockname()[1])
