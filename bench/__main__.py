@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import oauth_endpoints, report
+from bench import oauth_endpoints, propagation, report
 from bench.ceiling import MAX_WORKERS, SERVER_OPTIONS
 from bench.cpu import default_cpu_split
 from bench.runner import CaseResult, Settings, run_target
@@ -64,6 +64,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="skip the OAuth token/introspection endpoint section",
     )
+    p.add_argument(
+        "--propagation-keys",
+        type=int,
+        metavar="K",
+        help="keys revoked per propagation scenario (default 20, 2 with --quick; 0 = skip)",
+    )
     return p.parse_args(argv)
 
 
@@ -105,8 +111,14 @@ def run_all(names: Sequence[str], settings: Settings) -> list[CaseResult]:
     return results
 
 
-def document(results: list[CaseResult], settings: Settings, started: dt.datetime) -> dict[str, Any]:
-    """The JSON document written to disk."""
+def document(
+    results: list[CaseResult],
+    settings: Settings,
+    started: dt.datetime,
+    sections: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """The JSON document written to disk; ``sections`` (e.g. propagation) are added at the end,
+    and one whose ``ok`` is false makes the document's ``ok`` false."""
     ceiling = next((r for r in results if r.target == CEILING and r.status == "ok"), None)
     ceiling_rps = ceiling.saturation.get("rps") if ceiling else None
     report.add_ratios(results, ceiling_rps)
@@ -128,8 +140,10 @@ def document(results: list[CaseResult], settings: Settings, started: dt.datetime
             "options": dict(SERVER_OPTIONS),
             "env": dict(SERVER_ENV),
         },
-        "ok": all(r.status == "ok" for r in results),
+        "ok": all(r.status == "ok" for r in results)
+        and all(section.get("ok", True) for section in (sections or {}).values()),
         "results": report.rows(results),
+        **(sections or {}),
     }
 
 
@@ -143,19 +157,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     with contextlib.suppress(OSError):
         os.sched_setaffinity(0, settings.client_cpus)
     names = [CEILING, *[t for t in (args.targets or DEFAULT_TARGETS) if t != CEILING]]
+    keys = args.propagation_keys
+    keys = (2 if args.quick else 20) if keys is None else keys
+    sections: dict[str, dict[str, Any]] = {}
     try:
         results = run_all(names, settings)
         endpoints = None if args.no_oauth_endpoints else oauth_endpoints.run(settings)
+        if keys > 0:  # after the load: it needs no quiet machine, but must not disturb one
+            sections["propagation"] = propagation.run(workdir / "propagation", keys)
     finally:
         if not args.keep_workdir:
             shutil.rmtree(workdir, ignore_errors=True)
-    doc = document(results, settings, started)
     if endpoints is not None:
-        doc[oauth_endpoints.SECTION] = endpoints
-        doc["ok"] = doc["ok"] and endpoints["ok"]
+        sections[oauth_endpoints.SECTION] = endpoints
+    doc = document(results, settings, started, sections)
     print(report.table(results))
     if endpoints is not None:
         print(oauth_endpoints.table(endpoints))
+    if "propagation" in sections:
+        print(propagation.table(sections["propagation"]))
     for path in report.write(doc, args.out, started.strftime("%Y%m%dT%H%M%SZ")):
         print(f"wrote {path}", file=sys.stderr)
     if args.keep_workdir:

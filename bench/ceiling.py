@@ -4,13 +4,17 @@ It uses the server model the sidecar uses — grpcio's *sync* server on a 4-thre
 process, no SO_REUSEPORT — and answers every Check with the same pre-built allow response
 (status code 0 plus one header), so whatever it costs is framework cost, not ours.
 
-Run: ``python -m bench.ceiling --listen 127.0.0.1:PORT``.
+Run: ``python -m bench.ceiling --listen 127.0.0.1:PORT``. With ``--processes N`` it starts N
+such servers on the same port with SO_REUSEPORT (the do-nothing counterpart of
+``spauth sidecar --workers N``, for the workers rows).
 """
 
 from __future__ import annotations
 
 import argparse
 import signal
+import subprocess
+import sys
 import threading
 from concurrent import futures
 from types import FrameType
@@ -52,10 +56,11 @@ class DoNothingAuthorization(external_auth_pb2_grpc.AuthorizationServicer):  # t
         return self._response
 
 
-def serve(listen: str) -> None:
+def serve(listen: str, *, reuseport: bool = False) -> None:
     """Serve until SIGTERM/SIGINT, then stop with a short grace period."""
+    options = dict(SERVER_OPTIONS) | ({"grpc.so_reuseport": 1} if reuseport else {})
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=MAX_WORKERS), options=list(SERVER_OPTIONS)
+        futures.ThreadPoolExecutor(max_workers=MAX_WORKERS), options=list(options.items())
     )
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(DoNothingAuthorization(), server)
     if server.add_insecure_port(listen) == 0:
@@ -72,11 +77,34 @@ def serve(listen: str) -> None:
     server.stop(grace=1).wait()
 
 
+def serve_processes(listen: str, processes: int) -> None:
+    """``processes`` servers sharing ``listen`` (SO_REUSEPORT); SIGTERM/SIGINT are forwarded."""
+    argv = [sys.executable, "-m", "bench.ceiling", "--listen", listen, "--reuseport"]
+    children: list[subprocess.Popen[bytes]] = []
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    children += [subprocess.Popen(argv) for _ in range(processes)]
+    for child in children:
+        child.wait()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--listen", default="127.0.0.1:9191", help="host:port to serve on")
-    serve(parser.parse_args(argv).listen)
+    parser.add_argument("--processes", type=int, default=1, help="servers on the port (1)")
+    parser.add_argument("--reuseport", action="store_true", help="bind with SO_REUSEPORT")
+    args = parser.parse_args(argv)
+    if args.processes > 1:
+        serve_processes(args.listen, args.processes)
+    else:
+        serve(args.listen, reuseport=args.reuseport)
 
 
 if __name__ == "__main__":

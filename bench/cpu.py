@@ -67,6 +67,14 @@ def tree_cpu_seconds(pids: Iterable[int]) -> float:
     return sum(process_cpu_seconds(p) for p in seen)
 
 
+def tree_cpu_by_process(pids: Iterable[int]) -> dict[int, float]:
+    """CPU seconds of each process in the trees of ``pids`` (to see how workers share load)."""
+    seen: set[int] = set()
+    for pid in pids:
+        seen.update(descendants(pid))
+    return {p: process_cpu_seconds(p) for p in sorted(seen)}
+
+
 def threads(pid: int) -> list[int]:
     """Thread ids of a process."""
     try:

@@ -7,13 +7,13 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from bench import h2load
 from bench.cases import CHECK_METHOD, GRPC_HEADERS, Case, GrpcCase
-from bench.cpu import pin_tree, system_cpu_seconds, tree_cpu_seconds
+from bench.cpu import pin_tree, system_cpu_seconds, tree_cpu_by_process, tree_cpu_seconds
 from bench.targets import RunningTarget
 
 # CPU (in cores) used by processes other than server and h2load above which a run is suspect.
@@ -112,6 +112,7 @@ class _CpuWindow:
         self._pids = pids
         self._start = time.monotonic()
         self._server = tree_cpu_seconds(pids)
+        self._by_process = tree_cpu_by_process(pids)
         self._busy, self._steal = system_cpu_seconds()
 
     def close(self, client_cpu_s: float, calls: int) -> dict[str, Any]:
@@ -120,6 +121,13 @@ class _CpuWindow:
         server = tree_cpu_seconds(self._pids) - self._server
         busy, steal = system_cpu_seconds()
         other = max(0.0, busy - self._busy - server - client_cpu_s)
+        extra: dict[str, Any] = {}
+        by_process = tree_cpu_by_process(self._pids)
+        if len(by_process) > 1:  # e.g. --workers N: show how the processes shared the load
+            extra["server_cpu_util_by_process"] = [
+                {"pid": pid, "cpu_util": round((cpu - self._by_process.get(pid, 0.0)) / elapsed, 3)}
+                for pid, cpu in by_process.items()
+            ]
         return {
             "server_cpu_us_per_call": _per_call_us(server, calls),
             "client_cpu_us_per_call": _per_call_us(client_cpu_s, calls),
@@ -127,6 +135,7 @@ class _CpuWindow:
             # > ~0.1 means something else ran during the measurement: distrust the row.
             "other_cpu_util": round(other / elapsed, 3),
             "steal_util": round((steal - self._steal) / elapsed, 3),
+            **extra,
         }
 
 
@@ -171,7 +180,8 @@ def _saturation(load: h2load.Load, pids: Sequence[int], s: Settings) -> dict[str
     )
     reps = [_quietly(s, lambda: _saturation_run(load, pids, s)) for _ in range(s.reps)]
     summary: dict[str, Any] = {"rps": statistics.median(r["rps"] for r in reps)}
-    skip = ("rps", "requests", "unexpected", "busy_before", "attempt", "tries")
+    skip: tuple[str, ...] = ("rps", "requests", "unexpected", "busy_before", "attempt", "tries")
+    skip += ("server_cpu_util_by_process",)  # per rep only
     for key in [k for k in reps[0] if k not in skip]:
         values = [r[key] for r in reps if r[key] is not None]
         summary[key] = round(statistics.median(values), 3) if values else None
@@ -225,6 +235,8 @@ def wait_quiet(limit: float, max_wait: float) -> float | None:
 def measure_case(target: RunningTarget, case: Case, s: Settings) -> CaseResult:
     """Verify ``case`` with one real call, then load it; a failed check skips the load."""
     result = CaseResult(target.name, case.name, case.kind, case.expect, info=dict(target.info))
+    if target.clients is not None:
+        result.info["clients"] = target.clients
     if isinstance(case, GrpcCase):
         result.request_bytes = len(case.request)
     error = case.verify(target.address)
@@ -249,6 +261,8 @@ def run_target(target: RunningTarget, s: Settings) -> list[CaseResult]:
     """Measure every case of a started target, in order."""
     if target.pin:
         pin_tree(target.pids, set(s.server_cpus))
+    if target.clients is not None:
+        s = replace(s, clients=target.clients)
     results = []
     for case in target.cases:
         print(f"  {target.name} / {case.name} …", file=sys.stderr, flush=True)

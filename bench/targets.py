@@ -62,6 +62,9 @@ class RunningTarget:
     pids: Sequence[int]
     info: Mapping[str, object] = field(default_factory=dict)  # copied into the JSON result
     pin: bool = True  # pin ``pids`` (and children) to the server CPUs before measuring
+    # h2load connections for saturation (None = Settings.clients). SO_REUSEPORT balances
+    # connections, so a target with N processes on one port needs enough of them.
+    clients: int | None = None
 
 
 TargetFactory = Callable[[TargetEnv], AbstractContextManager[RunningTarget]]
@@ -199,12 +202,16 @@ BUILTIN: dict[str, str] = {
     "envoy+sidecar": "bench.envoy_targets:envoy_sidecar",
     "sidecar-jwt": "bench.oauth_targets:sidecar_jwt",
     "sidecar-jwt-nocache": "bench.oauth_targets:sidecar_jwt_nocache",
+    "sidecar-workers-1": "bench.workers_target:sidecar_workers_1",
+    "sidecar-workers-2": "bench.workers_target:sidecar_workers_2",
+    "ceiling-workers-2": "bench.workers_target:ceiling_workers_2",
 }
 # Run by `python -m bench` without --target (the ceiling always runs: ratios need it).
 DEFAULT_TARGETS: list[str] = [
     CEILING, "sidecar", "sidecar-audit-off", "envoy", "envoy+ceiling", "envoy+sidecar",
 ]  # fmt: skip
 DEFAULT_TARGETS += ["sidecar-jwt", "sidecar-jwt-nocache"]
+DEFAULT_TARGETS += ["sidecar-workers-1", "sidecar-workers-2", "ceiling-workers-2"]
 
 
 def resolve(spec: str) -> TargetFactory:

@@ -37,7 +37,10 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("bench") / "results"
     targets = [arg for name in QUICK_TARGETS for arg in ("--target", name)]
     proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", *targets, "--out", str(out)],
+        [
+            *(sys.executable, "-m", "bench", "--quick", *targets, "--out", str(out)),
+            *("--propagation-keys", "0"),  # propagation: a test of its own
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -122,6 +125,48 @@ def test_quick_run_has_oauth_endpoint_section(quick_run: tuple[Path, str]) -> No
         assert r["p50_ms"] <= r["p99_ms"] <= r["max_ms"]
         assert r["client_cpu_us_per_call"] > 0
         assert r["client_cpu_util"] > 0
+
+
+@needs_h2load
+def test_quick_run_with_workers_and_propagation(tmp_path: Path) -> None:
+    # Shape only: a multi-process target reports each process's CPU, and the propagation
+    # section has one well-formed row per scenario (Redis may be missing: then it is skipped).
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--target", "sidecar-workers-2",
+         "--no-oauth-endpoints", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "revocation propagation" in proc.stdout
+    latest = json.loads((out / "latest.json").read_text())
+    assert latest["ok"] is True
+
+    (row,) = [r for r in latest["results"] if r["target"] == "sidecar-workers-2"]
+    assert (row["case"], row["status"]) == ("allow", "ok")
+    assert row["info"]["workers"] == 2
+    assert row["info"]["clients"] == 8
+    (rep,) = row["saturation"]["reps"]
+    by_process = rep["server_cpu_util_by_process"]
+    assert len(by_process) == 3  # the supervisor and two workers
+    assert all(p["cpu_util"] >= 0 for p in by_process)
+
+    section = latest["propagation"]
+    assert section["ok"] is True
+    assert section["poll_interval_ms"] == 1.0
+    names = [s["scenario"] for s in section["scenarios"]]
+    assert names == ["one-control-plane", "two-replicas+redis", "two-replicas-no-bus"]
+    for scenario in section["scenarios"]:
+        if scenario["status"] == "skipped":
+            assert scenario["redis"] and "redis-server not found" in scenario["error"]
+            continue
+        assert scenario["status"] == "ok", scenario
+        assert scenario["pairs"] == scenario["keys"] * scenario["sidecars"]
+        assert 0 < scenario["p50_ms"] <= scenario["p99_ms"] <= scenario["max_ms"]
+        assert sum(scenario["deny_codes"].values()) == scenario["pairs"]
+        assert [s["sidecar"] for s in scenario["per_sidecar"]] == ["s0", "s1", "s2"]
+        homes = {"A", "B"} if scenario["control_planes"] == 2 else {"A"}
+        assert set(scenario["by_control_plane"]) == homes
 
 
 @needs_h2load

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import signal
 import subprocess
 import sys
@@ -102,24 +103,51 @@ def serve_one(settings: SidecarSettings) -> int:
 def run_workers(settings: SidecarSettings, argv: list[str]) -> int:
     """Start ``workers`` copies of this command on the same port, each with its own replica and
     state directory; forward SIGTERM/SIGINT; exit when they all have. Worker ``i`` serves its
-    metrics on the metrics port + ``i`` (each process counts its own checks)."""
-    children = []
+    metrics on the metrics port + ``i`` (each process counts its own checks).
+
+    A worker that exits on its own (crash, OOM kill) would leave the port served by fewer
+    processes without anyone noticing, so the others are stopped and this process exits non-zero:
+    the supervisor (systemd, Kubernetes) restarts the whole set."""
+    children: list[subprocess.Popen[bytes]] = []
+    stopping = False
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for child in children:
+            if child.returncode is None:
+                child.send_signal(signum)
+
+    # Before starting anything: a signal during start-up must reach the workers too.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
     for index in range(settings.workers):
         state = Path(settings.state_dir) / f"worker-{index}"
         child_argv = [*argv, "--workers", "1", "--state-dir", str(state)]
         if settings.metrics_addr:
             child_argv += ["--metrics-addr", _offset_port(settings.metrics_addr, index)]
         children.append(subprocess.Popen([sys.executable, "-m", "sidecar", *child_argv]))
-
-    def forward(signum: int, _frame: object) -> None:
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signum)
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, forward)
-    codes = [child.wait() for child in children]
-    return max(codes, default=0)
+        if stopping:  # signalled while starting: stop the ones started so far
+            forward(signal.SIGTERM, None)
+    failed = 0
+    while any(child.returncode is None for child in children):
+        pid, status = os.wait()  # any worker; retried after a signal handler runs (PEP 475)
+        child = next((c for c in children if c.pid == pid), None)
+        if child is None:
+            continue
+        child.returncode = os.waitstatus_to_exitcode(status)
+        if not stopping:
+            index = children.index(child)
+            print(
+                f"spauth: error: worker {index} (pid {pid}) exited with {child.returncode}; "
+                "stopping the other workers",
+                file=sys.stderr,
+                flush=True,
+            )
+            code = child.returncode
+            failed = code if code > 0 else 128 - code if code < 0 else 1  # killed: 128 + signal
+            forward(signal.SIGTERM, None)
+    return failed or max((c.returncode or 0 for c in children), default=0)
 
 
 def _offset_port(addr: str, index: int) -> str:

@@ -1,0 +1,72 @@
+"""``spauth sidecar --workers N``: the supervisor starts N workers on one port, each with its own
+state directory, forwards SIGTERM, and notices a worker that dies on its own."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bench.cpu import descendants
+from tests.conftest import RunningControlPlane
+from tests.support.ports import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _alive(pid: int) -> bool:
+    return Path(f"/proc/{pid}").exists()
+
+
+@pytest.fixture
+def supervisor(
+    control_plane: RunningControlPlane, tmp_path: Path
+) -> Iterator[tuple[subprocess.Popen[bytes], list[int]]]:
+    argv = [
+        sys.executable, "-m", "sidecar", "sidecar", "--workers", "2",
+        "--listen", f"127.0.0.1:{free_port()}", "--control-plane", control_plane.address,
+        "--state-dir", str(tmp_path / "state"), "--metrics-addr", "",
+    ]  # fmt: skip
+    log = tmp_path / "supervisor.log"
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(argv, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while len(workers := descendants(proc.pid)[1:]) < 2 or not all(
+            (tmp_path / "state" / f"worker-{i}").exists() for i in range(2)
+        ):
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "workers did not start"
+            time.sleep(0.1)
+        yield proc, workers
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+        for pid in descendants(proc.pid)[1:]:
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_sigterm_to_the_supervisor_stops_every_worker(
+    supervisor: tuple[subprocess.Popen[bytes], list[int]],
+) -> None:
+    proc, workers = supervisor
+    proc.send_signal(signal.SIGTERM)  # to the supervisor only, not its process group
+    assert proc.wait(30) == 0
+    assert not any(_alive(pid) for pid in workers)
+
+
+def test_a_worker_dying_stops_the_others_and_fails(
+    supervisor: tuple[subprocess.Popen[bytes], list[int]], tmp_path: Path
+) -> None:
+    proc, workers = supervisor
+    os.kill(workers[0], signal.SIGKILL)
+    assert proc.wait(30) == 128 + signal.SIGKILL
+    assert not any(_alive(pid) for pid in workers)
+    assert "exited with -9; stopping the other workers" in (tmp_path / "supervisor.log").read_text()
