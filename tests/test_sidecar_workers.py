@@ -70,3 +70,32 @@ def test_a_worker_dying_stops_the_others_and_fails(
     assert proc.wait(30) == 128 + signal.SIGKILL
     assert not any(_alive(pid) for pid in workers)
     assert "exited with -9; stopping the other workers" in (tmp_path / "supervisor.log").read_text()
+
+
+def test_a_second_sidecar_on_a_taken_port_fails_to_start(
+    control_plane: RunningControlPlane, tmp_path: Path
+) -> None:
+    """Only `--workers` shares a port (SO_REUSEPORT on its children): a stale or second
+    sidecar on the same address must fail loudly instead of quietly taking connections."""
+    listen = f"127.0.0.1:{free_port()}"
+
+    def sidecar(name: str) -> list[str]:
+        return [
+            sys.executable, "-m", "sidecar", "sidecar", "--listen", listen,
+            "--control-plane", control_plane.address, "--state-dir", str(tmp_path / name),
+            "--metrics-addr", "",
+        ]  # fmt: skip
+
+    first = subprocess.Popen(sidecar("a"), cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout is not None
+        assert "listening on" in first.stdout.readline()
+        second = subprocess.run(
+            sidecar("b"), cwd=ROOT, capture_output=True, text=True, timeout=30, check=False
+        )
+        assert second.returncode == 1
+        assert f"cannot listen on {listen}" in second.stderr
+        assert "Traceback" not in second.stderr
+    finally:
+        first.terminate()
+        first.communicate(timeout=15)

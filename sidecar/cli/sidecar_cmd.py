@@ -71,6 +71,7 @@ def _settings(args: argparse.Namespace) -> SidecarSettings:
 
 
 GC_GEN0_THRESHOLD = 20_000
+WORKER_ENV = "SPAUTH_SIDECAR_WORKER_INDEX"  # internal: marks a process run_workers started
 
 
 def serve_one(settings: SidecarSettings) -> int:
@@ -79,7 +80,8 @@ def serve_one(settings: SidecarSettings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        sidecar = Sidecar(settings)
+        # Set by run_workers for its children only: they share one port on purpose.
+        sidecar = Sidecar(settings, reuse_port=WORKER_ENV in os.environ)
         sidecar.start()
     except (PolicyError, OSError, TracingUnavailable) as exc:
         print(f"spauth: error: {exc}", file=sys.stderr)
@@ -126,7 +128,8 @@ def run_workers(settings: SidecarSettings, argv: list[str]) -> int:
         child_argv = [*argv, "--workers", "1", "--state-dir", str(state)]
         if settings.metrics_addr:
             child_argv += ["--metrics-addr", _offset_port(settings.metrics_addr, index)]
-        children.append(subprocess.Popen([sys.executable, "-m", "sidecar", *child_argv]))
+        env = {**os.environ, WORKER_ENV: str(index)}
+        children.append(subprocess.Popen([sys.executable, "-m", "sidecar", *child_argv], env=env))
         if stopping:  # signalled while starting: stop the ones started so far
             forward(signal.SIGTERM, None)
     failed = 0

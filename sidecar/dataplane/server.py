@@ -78,8 +78,13 @@ class Sidecar:
         token_verifier: TokenVerifier | None = None,
         policy: Policy | None = None,
         metrics: Metrics | None = None,
+        reuse_port: bool = False,
     ) -> None:
         self.settings = settings
+        # SO_REUSEPORT only for the workers of `--workers N`: otherwise a stale or second
+        # sidecar on the same port would silently take a share of the connections instead of
+        # failing to start.
+        self.reuse_port = reuse_port
         self.clock = clock or SystemClock()
         self.metrics = metrics or Metrics()
         self.metrics.sidecar_metrics()
@@ -178,7 +183,7 @@ class Sidecar:
     def start(self) -> None:
         server = grpc.server(
             ThreadPoolExecutor(max_workers=self.settings.threads, thread_name_prefix="spauth-rpc"),
-            options=[("grpc.so_reuseport", 1)],
+            options=[("grpc.so_reuseport", int(self.reuse_port))],
         )
         check = self._check_method_handlers()
         # Registered, as generated code does: the core matches the method itself and the call
@@ -194,7 +199,10 @@ class Sidecar:
         reflection.enable_server_reflection(
             (CHECK_SERVICE, AUTHZ_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-        self.port = server.add_insecure_port(self.settings.listen)
+        try:
+            self.port = server.add_insecure_port(self.settings.listen)
+        except RuntimeError:  # grpcio raises when the address is taken
+            self.port = 0
         if self.port == 0:
             raise OSError(f"listen: cannot listen on {self.settings.listen}")
         if self.status_server is not None:
