@@ -22,6 +22,7 @@ import grpc
 import requests
 
 from bench.cpu import taskset_prefix
+from bench.sidecar_target import _admin_up
 from bench.targets import TargetEnv, TargetError
 
 _ROOT = Path(__file__).resolve().parent.parent
@@ -69,15 +70,6 @@ class PendingCode:
 
     code: str
     verifier: str
-
-
-def _admin_up(admin: str) -> bool:
-    with grpc.insecure_channel(admin) as channel:
-        try:
-            grpc.channel_ready_future(channel).result(timeout=0.5)
-        except grpc.FutureTimeoutError:
-            return False
-    return True
 
 
 def _http_up(http: str) -> str | None:

@@ -47,7 +47,7 @@ def test_unknown_kinds_are_skipped_but_advance_the_revision() -> None:
 
 def test_persistence_round_trip(tmp_path: Path) -> None:
     r = Replica()
-    r.load_snapshot(3, [upsert("spk_a", "key_a", "acme", ["checks:read"], 2e9)])
+    r.load_snapshot(3, [upsert("spk_a", "key_a", "acme", ["checks:read"], 2e9)], "log-a")
     r.apply(Change("credential.revoked", "key_a", {"id": "key_a"}, revision=4))
     r.apply(Change("signing_key.upserted", "k1", {"kid": "k1", "alg": "ES256"}, revision=5))
     r.apply(Change("grant.revoked", "g1", {"grant_id": "g1", "expires_at": 2e9}, revision=6))
@@ -56,7 +56,7 @@ def test_persistence_round_trip(tmp_path: Path) -> None:
     assert (tmp_path / "replica.json").stat().st_mode & 0o777 == 0o600
     restored = Replica()
     assert f.load(restored)
-    assert restored.revision == 6
+    assert (restored.revision, restored.log_id) == (6, "log-a")
     assert restored.by_digest == r.by_digest
     assert restored.signing_keys == r.signing_keys
     assert restored.revoked_grants == r.revoked_grants

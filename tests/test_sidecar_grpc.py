@@ -18,9 +18,11 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from sidecar._gen.statuspulse.auth.v1 import api_keys_pb2 as keys_pb
 from sidecar._gen.statuspulse.auth.v1 import authorization_pb2 as authz_pb
 from sidecar._gen.statuspulse.auth.v1 import authorization_pb2_grpc as authz_grpc
+from sidecar.config import load_settings
+from sidecar.controlplane import ControlPlane
 from sidecar.core import keyformat
 from sidecar.dataplane.server import Sidecar
-from tests.conftest import RunningControlPlane, bearer, free_port, wait_until
+from tests.conftest import LoopThread, RunningControlPlane, bearer, free_port, wait_until
 
 StartSidecar = Callable[..., Sidecar]
 CHECKS = "/v1/workspaces/acme/checks"
@@ -388,3 +390,50 @@ def test_policy_reload_and_invalid_policy_keeps_the_old_one(
     assert "line 1" in sc.policy_watcher.last_error
     assert "bogus:scope" in sc.policy_watcher.last_error
     assert client.check(check_request("/x", authorization=f"Bearer {key}")).status.code == 7
+
+
+def test_a_replica_from_another_change_log_is_replaced_not_resumed(
+    tmp_path: Path,
+    control_plane: RunningControlPlane,
+    sidecar_factory: StartSidecar,
+    loop_thread: LoopThread,
+) -> None:
+    """Revisions count within one change log. A sidecar whose persisted replica came from
+    another database (re-created, or the state dir moved to another control plane) must get a
+    snapshot, not that log's later changes spliced onto the foreign state — which would keep
+    honouring keys that do not exist there."""
+    old_key, _ = mint(control_plane, ["checks:read"])
+    state = tmp_path / "moved-state"
+    sidecar_factory(state_dir=state).stop(grace=0.1)
+
+    data_dir = tmp_path / "other-data"
+    data_dir.mkdir()
+    settings = load_settings(
+        {"data_dir": str(data_dir), "admin_addr": "127.0.0.1:0", "http_addr": "127.0.0.1:0"},
+        environ={},
+    )
+    other = ControlPlane(settings, clock=control_plane.clock)
+    minted = other.bootstrap()
+    assert minted is not None
+    loop_thread.run(other.start())
+    try:
+        other_cp = RunningControlPlane(
+            other, f"127.0.0.1:{other.admin_port}", minted.secret, control_plane.clock, data_dir
+        )
+        new_keys = [mint(other_cp, ["checks:read"])[0] for _ in range(4)]  # its head is past ours
+        sidecar = sidecar_factory(wait=False, state_dir=state, control_plane=other_cp.address)
+        client = Client(sidecar.port)
+        wait_until(
+            lambda: (
+                client.check(check_request(authorization=f"Bearer {new_keys[0]}")).status.code == 0
+            ),
+            5,
+        )
+        assert other.replication.snapshots_sent == 1
+        assert sidecar.replica.log_id == other.replication.log_id()
+        assert sidecar.replica.log_id != control_plane.plane.replication.log_id()
+        assert client.check(check_request(authorization=f"Bearer {old_key}")).status.code == 16
+        for key in new_keys:
+            assert client.check(check_request(authorization=f"Bearer {key}")).status.code == 0
+    finally:
+        loop_thread.run(other.aclose(grace=1))

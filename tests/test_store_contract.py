@@ -183,6 +183,31 @@ def test_change_log_appends_in_order_and_resumes(store: Store) -> None:
     assert tail[0].kind == "credential.revoked"
 
 
+def test_change_log_has_a_fixed_random_id(store: Store, tmp_path: Path) -> None:
+    """Sidecars resume only within the log their revision counts in: its id is random per
+    database, and the same for every store opened on it."""
+    with store.read() as uow:
+        first = uow.changes.log_id()
+    with store.transaction() as uow:
+        uow.changes.append(Change("credential.revoked", "k", {}))
+    with store.read() as uow:
+        assert uow.changes.log_id() == first
+    assert len(first) == 32 and int(first, 16) >= 0
+    other = SqliteStore(tmp_path / "another.db")
+    try:
+        with other.read() as uow:
+            other_id = uow.changes.log_id()
+        assert other_id not in ("", first)
+    finally:
+        other.close()
+    again = SqliteStore(tmp_path / "another.db")  # reopened: migrations do not run twice
+    try:
+        with again.read() as uow:
+            assert uow.changes.log_id() == other_id
+    finally:
+        again.close()
+
+
 def test_a_failed_transaction_writes_nothing_and_notifies_no_one(store: Store) -> None:
     seen: list[int] = []
     store.subscribe(seen.append)

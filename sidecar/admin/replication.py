@@ -54,6 +54,7 @@ class ReplicationServicer(pb_grpc.ReplicationServiceServicer):  # type: ignore[m
         self.subscribers = 0
         self.snapshots_sent = 0
         self._wakers: set[Callable[[int], None]] = set()
+        self._log_id = ""  # read once: fixed for the life of the store
 
     def wake(self, revision: int) -> None:
         """Have every open stream re-read the change log now: another control-plane replica
@@ -68,6 +69,13 @@ class ReplicationServicer(pb_grpc.ReplicationServiceServicer):  # type: ignore[m
             head = uow.changes.head()
             entries = [entry for source in self._sources for entry in source(uow, now)]
         return head, entries
+
+    def log_id(self) -> str:
+        """The change log's identity (sidecars resume only within the same log)."""
+        if not self._log_id:
+            with self._store.read() as uow:
+                self._log_id = uow.changes.log_id()
+        return self._log_id
 
     def _changes(self, after: int) -> tuple[int, list[Change]]:
         with self._store.read() as uow:
@@ -99,10 +107,12 @@ class ReplicationServicer(pb_grpc.ReplicationServiceServicer):  # type: ignore[m
         try:
             after = request.after_revision
             head, _ = await asyncio.to_thread(self._changes, after)
-            # A sidecar ahead of the log (store reset) or with nothing yet gets a snapshot.
-            if after <= 0 or after > head:
+            log_id = await asyncio.to_thread(self.log_id)
+            # A sidecar with nothing yet, ahead of the log (store reset) or whose revision
+            # counts in another log (a different or re-created database) gets a snapshot.
+            if after <= 0 or after > head or request.log_id != log_id:
                 revision, entries = await asyncio.to_thread(self.snapshot)
-                for response in _snapshot_chunks(revision, entries):
+                for response in _snapshot_chunks(revision, entries, log_id):
                     yield response
                 after = revision
                 self.snapshots_sent += 1
@@ -128,7 +138,9 @@ class ReplicationServicer(pb_grpc.ReplicationServiceServicer):  # type: ignore[m
             unsubscribe()
 
 
-def _snapshot_chunks(revision: int, entries: list[Change]) -> Iterable[pb.SubscribeResponse]:
+def _snapshot_chunks(
+    revision: int, entries: list[Change], log_id: str
+) -> Iterable[pb.SubscribeResponse]:
     for start in range(0, max(len(entries), 1), CHUNK):
         chunk = entries[start : start + CHUNK]
         yield pb.SubscribeResponse(
@@ -136,5 +148,6 @@ def _snapshot_chunks(revision: int, entries: list[Change]) -> Iterable[pb.Subscr
                 revision=revision,
                 entries=[to_pb(c) for c in chunk],
                 complete=start + CHUNK >= len(entries),
+                log_id=log_id,
             )
         )

@@ -83,21 +83,12 @@ class PendingDecision(NamedTuple):
 
     def event(self) -> AuditEvent:
         decision = self.decision
-        identity = decision.identity
-        extra: dict[str, str] = {}
-        actor = credential = workspace = ""
-        if identity is not None:
-            workspace = identity.workspace
-            credential = identity.id
-            # An access token speaks for its subject; the token's jti and client go alongside.
-            actor = identity.subject or identity.client_id or identity.id
-            if identity.kind != "api_key":
-                extra = {"credential": identity.id, "client_id": identity.client_id}
+        workspace, actor, extra = _who(decision.identity)
         return decision_event(
             time=self.time,
             allowed=decision.allowed,
             reason=decision.reason.value,
-            credential_id=actor or credential,
+            credential_id=actor,
             workspace=workspace,
             method=self.method,
             path=self.path,
@@ -136,6 +127,17 @@ class PendingDecision(NamedTuple):
         )
 
 
+def _who(identity: Identity | None) -> tuple[str, str, dict[str, str]]:
+    """Workspace, actor and extra metadata of a decision record. An access token speaks for its
+    subject; the token's jti and client go alongside."""
+    if identity is None:
+        return "", "", {}
+    actor = identity.subject or identity.client_id or identity.id
+    if identity.kind == "api_key":
+        return identity.workspace, actor, {}
+    return identity.workspace, actor, {"credential": identity.id, "client_id": identity.client_id}
+
+
 _FIXED: dict[tuple[str, str], tuple[Identity | None, bytes]] = {}
 
 
@@ -148,13 +150,8 @@ def _fixed_part(decision: Decision) -> bytes:
     if cached is not None and cached[0] is identity:
         return cached[1]
     allowed = decision.allowed
-    workspace = actor = ""
-    extra = b""
-    if identity is not None:
-        workspace = identity.workspace
-        actor = identity.subject or identity.client_id or identity.id
-        if identity.kind != "api_key":
-            extra = _entry("credential", identity.id) + _entry("client_id", identity.client_id)
+    workspace, actor, meta = _who(identity)
+    extra = b"".join(_entry(k, v) for k, v in meta.items())
     part = b"".join(
         (
             ld(3, (actor or ANONYMOUS).encode()),

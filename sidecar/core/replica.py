@@ -39,6 +39,8 @@ class Replica:
 
     def __init__(self) -> None:
         self.revision = 0
+        # The change log ``revision`` counts in (the control plane's store); '' when unknown.
+        self.log_id = ""
         self.loaded = False
         self.by_digest: dict[bytes, Credential] = {}
         self._digest_of: dict[str, bytes] = {}
@@ -54,8 +56,9 @@ class Replica:
 
     # -- writes (one thread) -----------------------------------------------------------------
 
-    def load_snapshot(self, revision: int, entries: list[Change]) -> None:
-        """Replace the whole state with ``entries`` as of ``revision``."""
+    def load_snapshot(self, revision: int, entries: list[Change], log_id: str = "") -> None:
+        """Replace the whole state with ``entries`` as of ``revision`` of change log
+        ``log_id``."""
         fresh = Replica()
         for entry in entries:
             fresh._apply(entry)
@@ -66,6 +69,7 @@ class Replica:
         self.revoked_grants = fresh.revoked_grants
         self.revoked_jtis = fresh.revoked_jtis
         self.revision = revision
+        self.log_id = log_id
         self.loaded = True
 
     def apply(self, change: Change) -> None:
@@ -178,6 +182,7 @@ class Replica:
             {
                 "format": 1,
                 "revision": self.revision,
+                "log_id": self.log_id,
                 "last_contact": self.last_contact,
                 "entries": [
                     {"kind": c.kind, "subject": c.subject, "payload": c.payload}
@@ -194,10 +199,11 @@ class Replica:
                 raise ReplicaError("unknown replica file format")
             entries = [Change(e["kind"], e["subject"], e["payload"]) for e in doc["entries"]]
             revision = int(doc["revision"])
+            log_id = str(doc.get("log_id", ""))  # files written before it existed: unknown
             last_contact = float(doc.get("last_contact", 0.0))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ReplicaError(f"unreadable replica file: {exc}") from exc
-        self.load_snapshot(revision, entries)
+        self.load_snapshot(revision, entries, log_id)
         # Staleness counts from the last time the control plane was heard, not from the restart.
         self.last_contact = last_contact
 

@@ -216,7 +216,9 @@ class SyncClient:
         """Follow one Subscribe stream until it ends; whether any message arrived."""
         after = self.replica.revision if self.replica.loaded else 0
         call = stub.Subscribe(
-            pb.SubscribeRequest(after_revision=after, sidecar_id=self.sidecar_id),
+            pb.SubscribeRequest(
+                after_revision=after, sidecar_id=self.sidecar_id, log_id=self.replica.log_id
+            ),
             metadata=self.metadata,
         )
         self._last_message = time.monotonic()
@@ -237,7 +239,7 @@ class SyncClient:
                 snap = message.snapshot
                 self._pending.extend(from_pb(e) for e in snap.entries)
                 if snap.complete:
-                    self.replica.load_snapshot(snap.revision, self._pending)
+                    self.replica.load_snapshot(snap.revision, self._pending, snap.log_id)
                     self._pending = []
                     self._dirty = True
                     log.info("snapshot loaded", extra={"revision": snap.revision})

@@ -118,6 +118,10 @@ class ChangeLog(Protocol):
 
     def head(self) -> int: ...
 
+    def log_id(self) -> str:
+        """This log's identity (random, fixed at creation): revisions count within one log."""
+        ...
+
 
 class UnitOfWork(Protocol):
     """The repositories, bound to one transaction."""

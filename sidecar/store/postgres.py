@@ -96,6 +96,10 @@ class PgChanges:
         row = self._conn.execute("SELECT COALESCE(MAX(revision), 0) FROM changes").fetchone()
         return int(row[0]) if row else 0
 
+    def log_id(self) -> str:
+        row = self._conn.execute("SELECT log_id FROM change_log_meta WHERE id = 1").fetchone()
+        return str(row[0]) if row else ""
+
 
 class PgUnitOfWork:
     """The repositories bound to one connection and transaction."""
