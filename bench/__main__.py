@@ -21,6 +21,7 @@ from bench.targets import (
     CEILING,
     DEFAULT_TARGETS,
     SERVER_ENV,
+    RunningTarget,
     TargetEnv,
     TargetError,
     resolve,
@@ -60,6 +61,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--keep-workdir", action="store_true", help="keep logs and h2load output")
     p.add_argument(
+        "--unpaired",
+        action="store_true",
+        help="measure the ceiling once instead of before every saturation rep of other targets",
+    )
+    p.add_argument(
         "--no-oauth-endpoints",
         action="store_true",
         help="skip the OAuth token/introspection endpoint section",
@@ -93,21 +99,30 @@ def build_settings(args: argparse.Namespace, workdir: Path) -> Settings:
     return Settings(**fields)
 
 
-def run_all(names: Sequence[str], settings: Settings) -> list[CaseResult]:
-    """Start each target in turn and measure its cases; a target that fails to start is a row."""
+def run_all(names: Sequence[str], settings: Settings, *, paired: bool = True) -> list[CaseResult]:
+    """Start each target in turn and measure its cases; a target that fails to start is a row.
+    The ceiling (``names[0]``) is measured first and, with ``paired``, kept running so every
+    later saturation rep is paired with a ceiling rep taken just before it."""
     env = TargetEnv(settings.server_cpus, settings.workdir)
     results: list[CaseResult] = []
-    for spec in names:
-        print(f"target {spec}", file=sys.stderr, flush=True)
-        try:
-            factory = resolve(spec)
-            with factory(env) as running:
-                results += run_target(running, settings)
-        except TargetError as exc:
-            results.append(CaseResult(spec, "(start)", "-", "-", "failed", str(exc)))
-        except Exception as exc:  # a broken plug-in must not cost us the other rows
-            error = f"{type(exc).__name__}: {exc}"
-            results.append(CaseResult(spec, "(start)", "-", "-", "failed", error))
+    with contextlib.ExitStack() as stack:
+        ceiling: RunningTarget | None = None
+        for spec in names:
+            print(f"target {spec}", file=sys.stderr, flush=True)
+            try:
+                factory = resolve(spec)
+                if spec == CEILING:
+                    running = stack.enter_context(factory(env))
+                    results += run_target(running, settings)
+                    ceiling = running if paired else None
+                    continue
+                with factory(env) as running:
+                    results += run_target(running, settings, ceiling)
+            except TargetError as exc:
+                results.append(CaseResult(spec, "(start)", "-", "-", "failed", str(exc)))
+            except Exception as exc:  # a broken plug-in must not cost us the other rows
+                error = f"{type(exc).__name__}: {exc}"
+                results.append(CaseResult(spec, "(start)", "-", "-", "failed", error))
     return results
 
 
@@ -161,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     keys = (2 if args.quick else 20) if keys is None else keys
     sections: dict[str, dict[str, Any]] = {}
     try:
-        results = run_all(names, settings)
+        results = run_all(names, settings, paired=not args.unpaired)
         endpoints = None if args.no_oauth_endpoints else oauth_endpoints.run(settings)
         if keys > 0:  # after the load: it needs no quiet machine, but must not disturb one
             sections["propagation"] = propagation.run(workdir / "propagation", keys)

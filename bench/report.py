@@ -58,10 +58,14 @@ def machine_info() -> dict[str, Any]:
 
 
 def add_ratios(results: Sequence[CaseResult], ceiling_rps: float | None) -> None:
-    """Set ``ratio_to_ceiling`` = saturation rps / the ceiling's, for every measured row."""
+    """Set ``ratio_to_ceiling``: the median of the row's paired ratios (each rep over a ceiling
+    rep run just before it) when it has them, else saturation rps / the ceiling row's."""
     for r in results:
         rps = r.saturation.get("rps")
-        if ceiling_rps and rps is not None:
+        paired = r.saturation.get("paired_ratio")
+        if paired is not None:
+            r.ratio_to_ceiling = paired
+        elif ceiling_rps and rps is not None:
             r.ratio_to_ceiling = round(rps / ceiling_rps, 3)
 
 

@@ -169,7 +169,15 @@ def _saturation_run(load: h2load.Load, pids: Sequence[int], s: Settings) -> dict
     return {"rps": run.rps, "requests": run.done, "unexpected": run.unexpected, **cpu}
 
 
-def _saturation(load: h2load.Load, pids: Sequence[int], s: Settings) -> dict[str, Any]:
+# One saturation rep of the ceiling, run right before each rep of another target: the machine's
+# speed drifts by ±10-15 % over minutes, so each rep is compared with a ceiling measured
+# seconds earlier, and the ratio is the median of those paired ratios.
+Baseline = Callable[[], dict[str, Any]]
+
+
+def _saturation(
+    load: h2load.Load, pids: Sequence[int], s: Settings, baseline: Baseline | None = None
+) -> dict[str, Any]:
     h2load.saturate(  # warm-up, not measured
         load,
         duration=s.warmup,
@@ -178,10 +186,21 @@ def _saturation(load: h2load.Load, pids: Sequence[int], s: Settings) -> dict[str
         cpus=set(s.client_cpus),
         workdir=s.workdir,
     )
-    reps = [_quietly(s, lambda: _saturation_run(load, pids, s)) for _ in range(s.reps)]
+    reps = []
+    for _ in range(s.reps):
+        ceiling = baseline() if baseline is not None else None
+        rep = _quietly(s, lambda: _saturation_run(load, pids, s))
+        if ceiling is not None:
+            rep["ceiling_rps"] = ceiling["rps"]
+            rep["ceiling_server_cpu_us_per_call"] = ceiling["server_cpu_us_per_call"]
+        reps.append(rep)
     summary: dict[str, Any] = {"rps": statistics.median(r["rps"] for r in reps)}
+    if baseline is not None:
+        summary["paired_ratio"] = round(
+            statistics.median(r["rps"] / r["ceiling_rps"] for r in reps if r["ceiling_rps"]), 3
+        )
     skip: tuple[str, ...] = ("rps", "requests", "unexpected", "busy_before", "attempt", "tries")
-    skip += ("server_cpu_util_by_process",)  # per rep only
+    skip += ("server_cpu_util_by_process", "ceiling_rps", "ceiling_server_cpu_us_per_call")
     for key in [k for k in reps[0] if k not in skip]:
         values = [r[key] for r in reps if r[key] is not None]
         summary[key] = round(statistics.median(values), 3) if values else None
@@ -232,8 +251,11 @@ def wait_quiet(limit: float, max_wait: float) -> float | None:
             return round(busy, 3)
 
 
-def measure_case(target: RunningTarget, case: Case, s: Settings) -> CaseResult:
-    """Verify ``case`` with one real call, then load it; a failed check skips the load."""
+def measure_case(
+    target: RunningTarget, case: Case, s: Settings, baseline: Baseline | None = None
+) -> CaseResult:
+    """Verify ``case`` with one real call, then load it; a failed check skips the load.
+    ``baseline`` (one ceiling rep) runs before each saturation rep when given."""
     result = CaseResult(target.name, case.name, case.kind, case.expect, info=dict(target.info))
     if target.clients is not None:
         result.info["clients"] = target.clients
@@ -245,7 +267,7 @@ def measure_case(target: RunningTarget, case: Case, s: Settings) -> CaseResult:
         return result
     load = load_for(case, target.address, s.workdir)
     try:
-        result.saturation = _saturation(load, target.pids, s)
+        result.saturation = _saturation(load, target.pids, s, baseline)
         result.fixed_rate = _fixed_rate(load, target.pids, s)
     except (RuntimeError, ValueError) as exc:
         result.status, result.error = "failed", str(exc)
@@ -257,14 +279,26 @@ def measure_case(target: RunningTarget, case: Case, s: Settings) -> CaseResult:
     return result
 
 
-def run_target(target: RunningTarget, s: Settings) -> list[CaseResult]:
-    """Measure every case of a started target, in order."""
+def run_target(
+    target: RunningTarget, s: Settings, ceiling: RunningTarget | None = None
+) -> list[CaseResult]:
+    """Measure every case of a started target, in order; with a running ``ceiling``, each
+    saturation rep is paired with a ceiling rep just before it (``paired_ratio``)."""
     if target.pin:
         pin_tree(target.pids, set(s.server_cpus))
     if target.clients is not None:
         s = replace(s, clients=target.clients)
+    baseline: Baseline | None = None
+    if ceiling is not None:
+        ceiling_load = load_for(ceiling.cases[0], ceiling.address, s.workdir)
+        # The ceiling's own h2load settings (connections), not the target's.
+        plain = replace(s, clients=ceiling.clients or s.clients)
+
+        def baseline() -> dict[str, Any]:
+            return _quietly(plain, lambda: _saturation_run(ceiling_load, ceiling.pids, plain))
+
     results = []
     for case in target.cases:
         print(f"  {target.name} / {case.name} …", file=sys.stderr, flush=True)
-        results.append(measure_case(target, case, s))
+        results.append(measure_case(target, case, s, baseline))
     return results

@@ -100,6 +100,11 @@ def test_quick_run_has_jwt_rows(quick_run: tuple[Path, str]) -> None:
         assert row["ratio_to_ceiling"] > 0
         assert row["saturation"]["rps"] > 0
         assert row["saturation"]["unexpected"] == row["fixed_rate"]["unexpected"] == 0
+        # Each rep is paired with a ceiling rep run just before it; the ratio is their median.
+        (rep,) = row["saturation"]["reps"]
+        assert rep["ceiling_rps"] > 0 and rep["ceiling_server_cpu_us_per_call"] > 0
+        assert row["ratio_to_ceiling"] == row["saturation"]["paired_ratio"]
+        assert row["ratio_to_ceiling"] == round(rep["rps"] / rep["ceiling_rps"], 3)
         assert env.items() <= row["info"]["env"].items()
 
 
