@@ -31,12 +31,14 @@ class Settings:
     client_cpus: frozenset[int]
     workdir: Path
     reps: int = 3
-    duration: float = 5.0  # seconds per saturation rep
-    warmup: float = 2.0  # seconds of saturation before the reps, not measured
+    # Short reps: each is paired with a ceiling rep (see _saturation), and drift between the two
+    # matters more than length; 3 s is 300 ticks of /proc CPU time.
+    duration: float = 3.0  # seconds per saturation rep
+    warmup: float = 1.0  # seconds of saturation before the reps, not measured
     clients: int = 4
     streams: int = 16
     rate: float = 1000.0  # req/s of the fixed-rate run
-    rate_duration: float = 10.0
+    rate_duration: float = 5.0
     quiet_wait: float = 0.0  # max seconds to wait for other processes to go idle, per case
 
     def quick(self) -> Settings:
