@@ -18,15 +18,13 @@ from google.protobuf.message import DecodeError
 from sidecar.core.decision import Decision
 from sidecar.core.engine import CheckInput, Engine
 from sidecar.dataplane.wire import ResponseEncoder
+from sidecar.ops.metrics import BAD_CHECK_REQUEST, INTERNAL_ERROR
 
 log = logging.getLogger("sidecar.check")
 
 SERVICE = "envoy.service.auth.v3.Authorization"
 
 Observer = Callable[[Decision, CheckInput, str, float], None]
-# Reason labels of checks that end in a gRPC error instead of a decision (metrics).
-INTERNAL_ERROR = "internal_error"
-MALFORMED_CHECK_REQUEST = "malformed_check_request"
 _perf_counter = time.perf_counter
 _new_tuple = tuple.__new__
 
@@ -98,7 +96,7 @@ class CheckHandler:
         started = _perf_counter()
         if request.__class__ is Malformed:
             if self.on_error is not None:
-                self.on_error(MALFORMED_CHECK_REQUEST, 0.0)
+                self.on_error(BAD_CHECK_REQUEST, 0.0)
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed CheckRequest")
         try:
             view = request_view(request)
@@ -114,15 +112,25 @@ class CheckHandler:
                 self.on_error(INTERNAL_ERROR, 0.0)
             context.abort(grpc.StatusCode.INTERNAL, "internal error")
         elapsed = _perf_counter() - started
-        for observe in self.observers:
-            observe(decision, view, view.source, elapsed)
+        try:
+            for observe in self.observers:
+                observe(decision, view, view.source, elapsed)
+        except Exception:  # an observer's bug must not pass unseen; Envoy gets an error (deny)
+            if self.on_error is not None:
+                self.on_error(INTERNAL_ERROR, 0.0)
+            raise
         return response
 
     def rpc_handler(self) -> grpc.GenericRpcHandler:  # type: ignore[type-arg]
-        """A generic handler with our own deserializer, so garbage bytes get INVALID_ARGUMENT."""
-        method = grpc.unary_unary_rpc_method_handler(
-            self,
-            request_deserializer=parse_check_request,
-            response_serializer=None,  # the handler returns serialized bytes
-        )
-        return grpc.method_handlers_generic_handler(SERVICE, {"Check": method})
+        """A generic handler for this Check (tests and embedding; the sidecar registers it)."""
+        return grpc.method_handlers_generic_handler(SERVICE, {"Check": check_method(self)})
+
+
+def check_method(
+    handler: Callable[[ext.CheckRequest | Malformed, grpc.ServicerContext], bytes],
+) -> grpc.RpcMethodHandler:  # type: ignore[type-arg]
+    """Check as a gRPC method: our own deserializer, so garbage bytes get INVALID_ARGUMENT, and
+    no serializer, because the handler returns serialized bytes."""
+    return grpc.unary_unary_rpc_method_handler(
+        handler, request_deserializer=parse_check_request, response_serializer=None
+    )

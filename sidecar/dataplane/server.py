@@ -27,7 +27,7 @@ from sidecar.core.policy import Policy
 from sidecar.core.replica import Replica
 from sidecar.core.token_verifier import ReplicaTokenVerifier
 from sidecar.dataplane.envoy_check import SERVICE as CHECK_SERVICE
-from sidecar.dataplane.envoy_check import CheckHandler, Observer, parse_check_request
+from sidecar.dataplane.envoy_check import CheckHandler, Observer, check_method
 from sidecar.dataplane.incluster import AuthorizationServicer
 from sidecar.dataplane.policy_source import PolicyWatcher, load_policy
 from sidecar.dataplane.sync import SyncClient
@@ -173,12 +173,7 @@ class Sidecar:
         check: CheckFn = self.check
         if self.tracing is not None:
             check = traced_check(check, self.tracing)
-        method = grpc.unary_unary_rpc_method_handler(
-            check,
-            request_deserializer=parse_check_request,
-            response_serializer=None,  # the handler returns serialized bytes
-        )
-        return {"Check": method}
+        return {"Check": check_method(check)}
 
     def start(self) -> None:
         server = grpc.server(

@@ -25,8 +25,8 @@ OUTCOME_LABEL: dict[Outcome, str] = dict.fromkeys(Outcome, DENY)
 OUTCOME_LABEL[Outcome.ALLOW] = ALLOW
 OUTCOME_LABEL[Outcome.UNAVAILABLE] = ERROR
 # `reason` values for checks that ended in a gRPC error rather than a decision.
-INTERNAL_ERROR = "internal_error"  # = sidecar.dataplane.envoy_check.INTERNAL_ERROR
-BAD_CHECK_REQUEST = "malformed_check_request"  # = envoy_check.MALFORMED_CHECK_REQUEST
+INTERNAL_ERROR = "internal_error"
+BAD_CHECK_REQUEST = "malformed_check_request"
 ERROR_REASONS = (INTERNAL_ERROR, BAD_CHECK_REQUEST)
 OAUTH_EVENTS = ("issued", "refreshed", "revoked", "reuse_detected")
 # Check latency in-process is tens of microseconds; Envoy's ext_authz timeout is 0.25-0.5 s.
