@@ -112,3 +112,11 @@ def default_cpu_split(available: Sequence[int] | None = None) -> tuple[set[int],
 def taskset_prefix(cpus: set[int]) -> list[str]:
     """``taskset -c LIST`` argv prefix: pins a child from its first instruction."""
     return ["taskset", "-c", ",".join(str(c) for c in sorted(cpus))]
+
+
+def off_server_prefix(server_cpus: frozenset[int] | set[int]) -> list[str]:
+    """A taskset prefix keeping a helper process (a control plane feeding the measured sidecar)
+    off the server CPUs, so its work is not taken from the server's share; empty when there is
+    no other CPU."""
+    others = set(range(os.cpu_count() or 1)) - set(server_cpus)
+    return taskset_prefix(others) if others else []

@@ -21,7 +21,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 import grpc
 import requests
 
-from bench.cpu import taskset_prefix
+from bench.cpu import off_server_prefix, taskset_prefix
 from bench.sidecar_target import _admin_up
 from bench.targets import TargetEnv, TargetError
 
@@ -83,14 +83,14 @@ def _http_up(http: str) -> str | None:
 
 @contextlib.contextmanager
 def control_plane(env: TargetEnv, name: str, *, pin: bool) -> Iterator[ControlPlaneProc]:
-    """A control plane on a fresh SQLite file; ``pin`` puts it on the server CPUs (needed when
-    it is what is measured; the sidecar rows leave it free, as bench.sidecar_target does)."""
+    """A control plane on a fresh SQLite file; ``pin`` puts it on the server CPUs (when it is what
+    is measured); otherwise it is kept off them, as bench.sidecar_target does."""
     data = env.workdir / f"{name}-data"
     admin = f"127.0.0.1:{env.free_port()}"
     http = f"127.0.0.1:{env.free_port()}"
     argv = [env.python, "-m", "sidecar", "control-plane", "--data-dir", str(data),
             "--admin-addr", admin, "--http-addr", http]  # fmt: skip
-    prefix = taskset_prefix(set(env.server_cpus)) if pin else []
+    prefix = taskset_prefix(set(env.server_cpus)) if pin else off_server_prefix(env.server_cpus)
     log = (env.workdir / f"{name}.log").open("wb")
     proc = subprocess.Popen(
         [*prefix, *argv], stdout=log, stderr=subprocess.STDOUT, cwd=_ROOT, start_new_session=True

@@ -7,8 +7,9 @@ control plane through the authorization-code flow with PKCE (bench.oauth_setup).
   so every request verifies the signature and claims: the cost of a token seen for the first
   time. (A cache-off target is the honest way to get it: h2load cannot vary the token.)
 
-The control plane is not pinned and its CPU is not counted: it idles once the sidecar has
-replicated (as in bench.sidecar_target)."""
+The control plane is kept off the server CPUs and its CPU is not counted (as in
+bench.sidecar_target): it ingests the sidecar's decision records, which is not the sidecar's
+work."""
 
 from __future__ import annotations
 

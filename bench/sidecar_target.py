@@ -18,6 +18,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.cases import Case, grpc_case, typical_headers
+from bench.cpu import off_server_prefix
 from bench.targets import SERVER_ENV, RunningTarget, TargetEnv, TargetError, launch_process
 
 _ROOT = Path(__file__).resolve().parent.parent
@@ -38,13 +39,16 @@ def _serving(listen: str) -> bool:
 
 @contextlib.contextmanager
 def _control_plane(env: TargetEnv) -> Iterator[tuple[str, str]]:
-    """A control plane on a fresh SQLite file (not pinned: it idles once sidecars are synced)."""
+    """A control plane on a fresh SQLite file, kept off the server CPUs: with decision records on
+    it ingests thousands of records a second, work the sidecar's row must not be charged for
+    (nor lose its CPU to)."""
     data = env.workdir / "control-plane"
     admin = f"127.0.0.1:{env.free_port()}"
     http = f"127.0.0.1:{env.free_port()}"
     log = (env.workdir / "control-plane.log").open("wb")
     proc = subprocess.Popen(
-        [env.python, "-m", "sidecar", "control-plane", "--data-dir", str(data),
+        [*off_server_prefix(env.server_cpus),
+         env.python, "-m", "sidecar", "control-plane", "--data-dir", str(data),
          "--admin-addr", admin, "--http-addr", http],
         stdout=log, stderr=subprocess.STDOUT, cwd=_ROOT, start_new_session=True,
     )  # fmt: skip
