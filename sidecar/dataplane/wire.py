@@ -48,6 +48,7 @@ _ERROR = {
     Outcome.UNAVAILABLE: "temporarily_unavailable",
 }
 _CACHE_LIMIT = 100_000
+_DENIED_LIMIT = 4096
 
 
 def _field(name: str, message: type) -> int:
@@ -105,17 +106,20 @@ class ResponseEncoder:
     with a placeholder id, split there, and later answers are ``decision_id.join(pieces)``."""
 
     def __init__(self) -> None:
-        # shape key -> (identity the pieces were built for, strip, pieces)
-        self._allow: dict[tuple[str, int], tuple[Identity | None, tuple[str, ...], list[bytes]]]
-        self._allow = {}
+        # (reason, identity id, id length) -> (identity the pieces were built for, strip, pieces)
+        self._allow: dict[
+            tuple[Reason, str, int], tuple[Identity | None, tuple[str, ...], list[bytes]]
+        ] = {}
+        # (reason, detail, id length) -> pieces: a denial names no identity and strips nothing
         self._denied: dict[tuple[Reason, str, int], list[bytes]] = {}
         self._reason_meta = {r: _meta_entry("reason", r.value.encode()) for r in Reason}
 
     def encode(self, decision: Decision, strip: tuple[str, ...]) -> bytes:
         did = decision.decision_id.encode()
-        ident = decision.identity
-        if decision.reason is Reason.OK or decision.reason is Reason.PUBLIC_ROUTE:
-            key = ("" if ident is None else ident.id, len(did))
+        reason = decision.reason
+        if reason is Reason.OK or reason is Reason.PUBLIC_ROUTE:
+            ident = decision.identity
+            key = (reason, "" if ident is None else ident.id, len(did))
             cached = self._allow.get(key)
             if cached is not None and cached[0] is ident and cached[1] == strip:
                 return did.join(cached[2])
@@ -126,14 +130,15 @@ class ResponseEncoder:
                 self._allow.clear()
             self._allow[key] = (ident, strip, pieces)
             return did.join(pieces)
-        dkey = (decision.reason, decision.detail, len(did))
+        dkey = (reason, decision.detail, len(did))
         pieces = self._denied.get(dkey)
         if pieces is None:
+            if len(self._denied) >= _DENIED_LIMIT:  # details are bounded; never build twice
+                return self.build(decision, strip)
             pieces = self._template(decision, strip)
             if pieces is None:
                 return self.build(decision, strip)
-            if len(self._denied) < 4096:
-                self._denied[dkey] = pieces
+            self._denied[dkey] = pieces
         return did.join(pieces)
 
     def _template(self, decision: Decision, strip: tuple[str, ...]) -> list[bytes] | None:
