@@ -23,35 +23,20 @@ Run with ``python -m bench.hotpath <stage> sidecar ...`` by the targets below, n
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
-from collections.abc import Iterator
 from contextlib import AbstractContextManager
-from pathlib import Path
 from typing import Any
 
-from bench.sidecar_target import _control_plane, _mint, _serving, sidecar_cases
-from bench.targets import SERVER_ENV, RunningTarget, TargetEnv, launch_process
+from bench.sidecar_target import _sidecar
+from bench.targets import RunningTarget, TargetEnv
 
-_ROOT = Path(__file__).resolve().parent.parent
 STAGE_ENV = "SPAUTH_BENCH_STAGE"
 
 
-@contextlib.contextmanager
-def _stage(env: TargetEnv, stage: str) -> Iterator[RunningTarget]:
-    with _control_plane(env) as (admin, operator):
-        valid = _mint(admin, operator, ["checks:read"])
-        argv = [
-            env.python, "-m", "bench.hotpath", "sidecar", "--listen", "{listen}",
-            "--control-plane", admin, "--state-dir", str(env.workdir / f"stage-{stage}"),
-            "--metrics-addr", "", "--threads", "4",
-        ]  # fmt: skip
-        extra = {**SERVER_ENV, "SPAUTH_SIDECAR_AUDIT": "off", STAGE_ENV: stage}
-        with launch_process(
-            env, stage, argv, sidecar_cases(valid)[:1], extra_env=extra, cwd=_ROOT, ready=_serving
-        ) as target:
-            yield target
+def _stage(env: TargetEnv, stage: str) -> AbstractContextManager[RunningTarget]:
+    extra = {"SPAUTH_SIDECAR_AUDIT": "off", STAGE_ENV: stage}
+    return _sidecar(env, f"stage-{stage}", extra, module="bench.hotpath", allow_only=True)
 
 
 def _factory(stage: str) -> Any:

@@ -101,19 +101,29 @@ def sidecar_cases(valid: str) -> list[Case]:
 
 
 @contextlib.contextmanager
-def _sidecar(env: TargetEnv, name: str, extra_env: Mapping[str, str]) -> Iterator[RunningTarget]:
+def _sidecar(
+    env: TargetEnv,
+    name: str,
+    extra_env: Mapping[str, str],
+    *,
+    module: str = "sidecar",
+    allow_only: bool = False,
+) -> Iterator[RunningTarget]:
+    """``python -m <module> sidecar`` fed by a fresh control plane; ``module`` may wrap the
+    sidecar's entry point (bench.hotpath does), ``allow_only`` keeps just the allow case."""
     with _control_plane(env) as (admin, operator):
         valid = _mint(admin, operator, ["checks:read"])
         argv = [
-            env.python, "-m", "sidecar", "sidecar", "--listen", "{listen}",
+            env.python, "-m", module, "sidecar", "--listen", "{listen}",
             "--control-plane", admin, "--state-dir", str(env.workdir / f"{name}-state"),
             "--metrics-addr", "", "--threads", "4",
         ]  # fmt: skip
+        cases = sidecar_cases(valid)
         with launch_process(
             env,
             name,
             argv,
-            sidecar_cases(valid),
+            cases[:1] if allow_only else cases,
             extra_env={**SERVER_ENV, **extra_env},
             cwd=_ROOT,
             ready=_serving,
