@@ -1,12 +1,14 @@
 """SQLite repositories for the OAuth tables (migration 0002), bound to the connection and
-transaction of a ``SqliteUnitOfWork`` through ``uow.oauth``."""
+transaction of a ``SqliteUnitOfWork`` through ``uow.oauth``. The SQL is standard (``TRUE``,
+``ON CONFLICT … DO NOTHING``), so PostgreSQL runs the same classes over a ``QmarkConnection``
+(sidecar/store/postgres_oauth.py); the one dialect difference, the insertion-order column of
+signing keys, is a class attribute."""
 
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Callable, Sequence
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from sidecar.core.oauth_models import (
     AuthorizationCode,
@@ -18,6 +20,7 @@ from sidecar.core.oauth_models import (
     RevokedToken,
     SigningKey,
 )
+from sidecar.store.sql import Executes
 
 T = TypeVar("T")
 
@@ -39,11 +42,11 @@ class _Table(Generic[T]):
 
     def __init__(
         self,
-        conn: sqlite3.Connection,
+        conn: Executes,
         table: str,
         columns: Sequence[str],
         to_row: Callable[[T], tuple[object, ...]],
-        from_row: Callable[[sqlite3.Row], T],
+        from_row: Callable[[Any], T],
     ) -> None:
         self._conn = conn
         self._table = table
@@ -77,7 +80,7 @@ class _Table(Generic[T]):
         return [self._from_row(r) for r in rows]
 
     def delete(self, where: str, args: tuple[object, ...]) -> int:
-        return self._conn.execute(f"DELETE FROM {self._table} WHERE {where}", args).rowcount
+        return int(self._conn.execute(f"DELETE FROM {self._table} WHERE {where}", args).rowcount)
 
 
 # -- apps ---------------------------------------------------------------------------------------
@@ -117,7 +120,7 @@ def _app_row(a: OAuthApp) -> tuple[object, ...]:
     )
 
 
-def _app(r: sqlite3.Row) -> OAuthApp:
+def _app(r: Any) -> OAuthApp:
     return OAuthApp(
         id=r[0],
         workspace=r[1],
@@ -138,7 +141,7 @@ def _app(r: sqlite3.Row) -> OAuthApp:
 class SqliteOAuthApps:
     """OAuthAppRepository."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: Executes) -> None:
         self._t = _Table(conn, "oauth_apps", _APP_COLUMNS, _app_row, _app)
 
     def insert(self, app: OAuthApp) -> None:
@@ -184,14 +187,14 @@ def _member_row(m: Member) -> tuple[object, ...]:
     )
 
 
-def _member(r: sqlite3.Row) -> Member:
+def _member(r: Any) -> Member:
     return Member(r[0], r[1], r[2], r[3], _scopes(r[4]), r[5], r[6], r[7])
 
 
 class SqliteMembers:
     """MemberRepository."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: Executes) -> None:
         self._t = _Table(conn, "oauth_users", _MEMBER_COLUMNS, _member_row, _member)
 
     def insert(self, member: Member) -> None:
@@ -205,7 +208,7 @@ class SqliteMembers:
 
     def list(self, *, workspace: str | None, limit: int) -> list[Member]:
         if workspace is None:
-            return self._t.many("1 ORDER BY created_at DESC, id DESC LIMIT ?", (limit,))
+            return self._t.many("TRUE ORDER BY created_at DESC, id DESC LIMIT ?", (limit,))
         return self._t.many(
             "workspace = ? ORDER BY created_at DESC, id DESC LIMIT ?", (workspace, limit)
         )
@@ -242,14 +245,14 @@ def _grant_row(g: Grant) -> tuple[object, ...]:
     )
 
 
-def _grant(r: sqlite3.Row) -> Grant:
+def _grant(r: Any) -> Grant:
     return Grant(r[0], r[1], r[2], r[3], _scopes(r[4]), r[5], r[6], r[7], r[8], r[9])
 
 
 class SqliteGrants:
     """GrantRepository."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: Executes) -> None:
         self._t = _Table(conn, "oauth_grants", _GRANT_COLUMNS, _grant_row, _grant)
 
     def insert(self, grant: Grant) -> None:
@@ -307,7 +310,7 @@ def _code_row(c: AuthorizationCode) -> tuple[object, ...]:
     )
 
 
-def _code(r: sqlite3.Row) -> AuthorizationCode:
+def _code(r: Any) -> AuthorizationCode:
     return AuthorizationCode(
         bytes(r[0]),
         r[1],
@@ -328,7 +331,7 @@ def _code(r: sqlite3.Row) -> AuthorizationCode:
 class SqliteCodes:
     """AuthorizationCodeRepository."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: Executes) -> None:
         self._t = _Table(conn, "oauth_codes", _CODE_COLUMNS, _code_row, _code)
 
     def insert(self, code: AuthorizationCode) -> None:
@@ -351,14 +354,14 @@ def _refresh_row(t: RefreshToken) -> tuple[object, ...]:
     return (t.digest, t.grant_id, t.created_at, t.expires_at, t.rotated_at)
 
 
-def _refresh(r: sqlite3.Row) -> RefreshToken:
+def _refresh(r: Any) -> RefreshToken:
     return RefreshToken(bytes(r[0]), r[1], r[2], r[3], r[4])
 
 
 class SqliteRefreshTokens:
     """RefreshTokenRepository."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: Executes) -> None:
         self._t = _Table(conn, "oauth_refresh_tokens", _REFRESH_COLUMNS, _refresh_row, _refresh)
 
     def insert(self, token: RefreshToken) -> None:
@@ -378,21 +381,25 @@ def _revoked_row(t: RevokedToken) -> tuple[object, ...]:
     return (t.jti, t.grant_id, t.expires_at, t.revoked_at)
 
 
-def _revoked(r: sqlite3.Row) -> RevokedToken:
+def _revoked(r: Any) -> RevokedToken:
     return RevokedToken(r[0], r[1], r[2], r[3])
 
 
 class SqliteRevokedTokens:
     """RevokedTokenRepository."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: Executes) -> None:
+        self._conn = conn
         self._t = _Table(conn, "oauth_revoked_tokens", _REVOKED_COLUMNS, _revoked_row, _revoked)
 
     def insert(self, token: RevokedToken) -> bool:
-        if self.get(token.jti) is not None:
-            return False
-        self._t.insert(token)
-        return True
+        """False when the jti was revoked already (by this or a racing writer)."""
+        cursor = self._conn.execute(
+            "INSERT INTO oauth_revoked_tokens (jti, grant_id, expires_at, revoked_at) "
+            "VALUES (?, ?, ?, ?) ON CONFLICT (jti) DO NOTHING",
+            _revoked_row(token),
+        )
+        return bool(cursor.rowcount == 1)
 
     def get(self, jti: str) -> RevokedToken | None:
         return self._t.one("jti = ?", (jti,))
@@ -426,14 +433,18 @@ def _key_row(k: SigningKey) -> tuple[object, ...]:
     )
 
 
-def _key(r: sqlite3.Row) -> SigningKey:
+def _key(r: Any) -> SigningKey:
     return SigningKey(r[0], r[1], bytes(r[2]), json.loads(r[3]), r[4], r[5], r[6])
 
 
 class SqliteSigningKeys:
     """SigningKeyRepository."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    # Breaks ties between keys created in the same second (insertion order): SQLite's rowid;
+    # PostgreSQL has an identity column for it.
+    ORDER_COLUMN = "rowid"
+
+    def __init__(self, conn: Executes) -> None:
         self._t = _Table(conn, "oauth_signing_keys", _KEY_COLUMNS, _key_row, _key)
 
     def insert(self, key: SigningKey) -> None:
@@ -443,11 +454,12 @@ class SqliteSigningKeys:
         self._t.update(key)
 
     def current(self) -> SigningKey | None:
-        # rowid breaks ties between keys created in the same second (insertion order).
-        return self._t.one("superseded_at IS NULL ORDER BY created_at DESC, rowid DESC LIMIT 1", ())
+        order = f"ORDER BY created_at DESC, {self.ORDER_COLUMN} DESC"
+        return self._t.one(f"superseded_at IS NULL {order} LIMIT 1", ())
 
     def published(self) -> list[SigningKey]:
-        return self._t.many("retired_at IS NULL ORDER BY created_at DESC, rowid DESC", ())
+        order = f"ORDER BY created_at DESC, {self.ORDER_COLUMN} DESC"
+        return self._t.many(f"retired_at IS NULL {order}", ())
 
 
 _SESSION_COLUMNS = ("digest", "user_id", "workspace", "created_at", "expires_at")
@@ -457,14 +469,14 @@ def _session_row(s: BrowserSession) -> tuple[object, ...]:
     return (s.digest, s.user_id, s.workspace, s.created_at, s.expires_at)
 
 
-def _session(r: sqlite3.Row) -> BrowserSession:
+def _session(r: Any) -> BrowserSession:
     return BrowserSession(bytes(r[0]), r[1], r[2], r[3], r[4])
 
 
 class SqliteBrowserSessions:
     """BrowserSessionRepository."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: Executes) -> None:
         self._t = _Table(conn, "oauth_sessions", _SESSION_COLUMNS, _session_row, _session)
 
     def insert(self, session: BrowserSession) -> None:
@@ -483,7 +495,7 @@ class SqliteBrowserSessions:
 class SqliteServerSecrets:
     """ServerSecretRepository."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: Executes) -> None:
         self._conn = conn
 
     def get(self, name: str) -> bytes | None:
@@ -502,13 +514,15 @@ class SqliteServerSecrets:
 class SqliteOAuthRepositories:
     """``uow.oauth``: every OAuth repository over the unit of work's connection."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    signing_keys_class: type[SqliteSigningKeys] = SqliteSigningKeys
+
+    def __init__(self, conn: Executes) -> None:
         self.apps = SqliteOAuthApps(conn)
         self.members = SqliteMembers(conn)
         self.grants = SqliteGrants(conn)
         self.codes = SqliteCodes(conn)
         self.refresh_tokens = SqliteRefreshTokens(conn)
         self.revoked_tokens = SqliteRevokedTokens(conn)
-        self.signing_keys = SqliteSigningKeys(conn)
+        self.signing_keys = self.signing_keys_class(conn)
         self.sessions = SqliteBrowserSessions(conn)
         self.server_secrets = SqliteServerSecrets(conn)
