@@ -15,7 +15,7 @@ from envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
 from sidecar.core import keyformat
 from sidecar.core.decision import Decision
 from sidecar.core.engine import CheckInput
-from sidecar.dataplane.envoy_check import CheckHandler, Observer
+from sidecar.dataplane.envoy_check import SERVICE, CheckHandler, Observer, check_method
 from sidecar.ops.metrics import BAD_CHECK_REQUEST, INTERNAL_ERROR
 from sidecar.ops.overhead import PATH, _engine
 
@@ -32,7 +32,9 @@ def serve() -> Iterator[object]:
         secret = keyformat.mint_key()
         handler = CheckHandler(_engine(secret), observers, lambda reason, _t: errors.append(reason))
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-        server.add_generic_rpc_handlers((handler.rpc_handler(),))
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(SERVICE, {"Check": check_method(handler)}),)
+        )
         port = server.add_insecure_port("127.0.0.1:0")
         server.start()
         servers.append(server)

@@ -121,10 +121,6 @@ class CheckHandler:
             raise
         return response
 
-    def rpc_handler(self) -> grpc.GenericRpcHandler:  # type: ignore[type-arg]
-        """A generic handler for this Check (tests and embedding; the sidecar registers it)."""
-        return grpc.method_handlers_generic_handler(SERVICE, {"Check": check_method(self)})
-
 
 def check_method(
     handler: Callable[[ext.CheckRequest | Malformed, grpc.ServicerContext], bytes],
