@@ -40,7 +40,7 @@ from sidecar.core.oauth_changes import oauth_snapshot
 from sidecar.core.users import UserService
 from sidecar.http.app import build_app
 from sidecar.http.routes import oauth_routes
-from sidecar.oauth import config as oauth_config
+from sidecar.oauth.config import OAuthConfig
 from sidecar.oauth.server import AuthorizationServer
 from sidecar.ops.admin_calls import AdminCallInterceptor
 from sidecar.ops.health import Health, Status, worst
@@ -196,7 +196,7 @@ class ControlPlane:
         self.oauth = AuthorizationServer(
             self.store,
             self.clock,
-            oauth_config.from_settings(self.settings, port),
+            oauth_config(self.settings, port),
             token_events=self._oauth_token_event,
         )
         await asyncio.to_thread(self.oauth.start)
@@ -285,3 +285,25 @@ class ControlPlane:
             await asyncio.to_thread(self.tracing.shutdown)
         await self.http.aclose(grace)
         self.store.close()
+
+
+def oauth_config(settings: Settings, http_port: int) -> OAuthConfig:
+    """The OAuth configuration of a control plane whose HTTP server is bound to ``http_port``
+    (the default issuer names the bound port, so ``--http-addr 127.0.0.1:0`` works)."""
+    issuer = settings.oauth_issuer
+    if not issuer:
+        host = settings.http_addr.rpartition(":")[0]
+        issuer = f"http://{host}:{http_port}"
+        if host in ("0.0.0.0", "::", "[::]"):  # noqa: S104 (comparing, not binding)
+            logging.getLogger("sidecar.oauth").warning(
+                "oauth_issuer is not set and http_addr is a wildcard address: tokens will name "
+                "an issuer clients cannot reach; set oauth_issuer to the public URL",
+                extra={"issuer": issuer},
+            )
+    return OAuthConfig(
+        issuer=issuer,
+        audience=settings.oauth_audience,
+        access_token_ttl=settings.oauth_access_token_ttl,
+        refresh_token_ttl=settings.oauth_refresh_token_ttl,
+        signing_key_rotation=settings.oauth_signing_key_rotation,
+    )

@@ -17,7 +17,7 @@ from sidecar._gen.statuspulse.auth.v1 import api_keys_pb2_grpc
 from sidecar.config import load_settings
 from sidecar.controlplane import ControlPlane
 from sidecar.core.clock import FakeClock
-from sidecar.store.base import Store
+from sidecar.core.storage import Store
 from sidecar.store.sqlite import SqliteStore
 from tests.support.postgres import PostgresServer, postgres_available
 

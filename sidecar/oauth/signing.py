@@ -25,7 +25,7 @@ from sidecar.core.audit import event
 from sidecar.core.clock import Clock
 from sidecar.core.oauth_changes import signing_key_retired, signing_key_upserted
 from sidecar.core.oauth_models import SigningKey
-from sidecar.store.base import Store, UnitOfWork
+from sidecar.core.storage import Store, UnitOfWork
 
 ALG = "RS256"
 KEY_BITS = 2048

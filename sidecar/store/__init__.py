@@ -1,10 +1,11 @@
-"""Storage behind narrow Protocols (``base``); backends chosen in one place (``open_store``)."""
+"""Storage implementations of the narrow Protocols in ``sidecar.core.storage``; backends chosen
+in one place (``open_store``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from sidecar.store.base import Store
+from sidecar.core.storage import Store
 
 
 def open_store(url: str) -> Store:

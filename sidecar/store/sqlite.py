@@ -12,7 +12,7 @@ from pathlib import Path
 
 from sidecar.core.errors import Unavailable
 from sidecar.core.models import ApiKey, Change, KeyState
-from sidecar.store.base import Cursor
+from sidecar.core.storage import Cursor
 from sidecar.store.sql import Executes
 from sidecar.store.sqlite_audit import SqliteAudit, link_unchained
 from sidecar.store.sqlite_oauth import SqliteOAuthRepositories

@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 import psycopg
 
-from sidecar.store.base import Store
+from sidecar.core.storage import Store
 from sidecar.store.postgres import PostgresStore
 from sidecar.store.sqlite import SqliteStore
 

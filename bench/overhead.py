@@ -1,5 +1,5 @@
 """Measure what the ops observers add to one Check, in-process (``python -m
-sidecar.ops.overhead``). Numbers are per call, best of five runs; docs/operating.md quotes them.
+bench.overhead``). Numbers are per call, best of five runs; docs/operating.md quotes them.
 Not a test: timings on a shared machine are noise, so nothing asserts on them."""
 
 from __future__ import annotations
