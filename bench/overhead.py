@@ -16,11 +16,11 @@ from sidecar.core.clock import SystemClock
 from sidecar.core.decision import Decision, Identity, Reason
 from sidecar.core.engine import CheckInput, Engine
 from sidecar.core.models import Change
-from sidecar.core.replica import Replica
 from sidecar.dataplane.envoy_check import CheckHandler
 from sidecar.dataplane.policy_source import load_policy
 from sidecar.ops.denial_log import DenialLog
 from sidecar.ops.metrics import DecisionMetrics, Metrics
+from sidecar.replication.replica import Replica
 
 PATH = "/v1/workspaces/acme/checks/1"
 

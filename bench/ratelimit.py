@@ -15,10 +15,10 @@ from sidecar.core.clock import SystemClock
 from sidecar.core.engine import CheckInput, Engine
 from sidecar.core.models import Change
 from sidecar.core.policy import parse_policy
-from sidecar.core.replica import Replica
 from sidecar.dataplane.envoy_check import request_view
 from sidecar.dataplane.policy_source import default_policy_text
 from sidecar.ratelimit import WindowRateLimiter
+from sidecar.replication.replica import Replica
 
 N = 100_000
 

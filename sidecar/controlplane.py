@@ -27,7 +27,6 @@ from sidecar._gen.statuspulse.auth.v1 import (
 from sidecar.admin.apikeys import ApiKeyServicer
 from sidecar.admin.apps import OAuthAppServicer
 from sidecar.admin.audit import AuditServicer, load_checkpoint_key
-from sidecar.admin.replication import ReplicationServicer, SnapshotSource
 from sidecar.admin.users import UserServicer
 from sidecar.config import Settings
 from sidecar.core.apikeys import ApiKeyService, KeyPolicy, key_snapshot
@@ -36,7 +35,6 @@ from sidecar.core.audit_trail import AuditTrail
 from sidecar.core.clock import Clock, SystemClock
 from sidecar.core.errors import SpauthError
 from sidecar.core.models import Minted
-from sidecar.core.oauth_changes import oauth_snapshot
 from sidecar.core.users import UserService
 from sidecar.http.app import build_app
 from sidecar.http.routes import oauth_routes
@@ -49,10 +47,13 @@ from sidecar.ops.http_server import HttpServer
 from sidecar.ops.metrics import OAUTH_EVENTS, Metrics
 from sidecar.ops.tls import admin_server_credentials, http_ssl_files
 from sidecar.ops.tracing import start_tracing
+from sidecar.replication.changes import oauth_snapshot
+from sidecar.replication.server import ReplicationServicer, SnapshotSource
 from sidecar.store import Store, open_store
 
 if TYPE_CHECKING:
-    from sidecar.bus import AuditStreamConsumer, RedisChangeBus
+    from sidecar.bus import AuditStreamConsumer
+    from sidecar.replication.bus import RedisChangeBus
 
 log = logging.getLogger("sidecar.controlplane")
 AUDIT_PRUNE_INTERVAL = 3600.0  # retention is in days; checking hourly is plenty
@@ -210,7 +211,8 @@ class ControlPlane:
         if not url:
             return
         # Imported only when used: redis-py loads OpenTelemetry on import.
-        from sidecar.bus import AuditStreamConsumer, RedisChangeBus
+        from sidecar.bus import AuditStreamConsumer
+        from sidecar.replication.bus import RedisChangeBus
 
         self.bus = RedisChangeBus(url, self.store, self._committed_elsewhere)
         await self.bus.start()

@@ -12,8 +12,8 @@ from sidecar.core.decision import Reason
 from sidecar.core.engine import CheckInput, Engine
 from sidecar.core.models import Change
 from sidecar.core.policy import parse_policy
-from sidecar.core.replica import Replica
 from sidecar.dataplane.policy_source import default_policy_text
+from sidecar.replication.replica import Replica
 
 
 def upsert(key: str, key_id: str, workspace: str, scopes: list[str], expires_at: float) -> Change:

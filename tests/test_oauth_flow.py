@@ -24,7 +24,7 @@ from sidecar.config import load_settings
 from sidecar.controlplane import ControlPlane
 from sidecar.core.access_tokens import verify_access_token
 from sidecar.core.clock import FakeClock
-from sidecar.core.oauth_changes import oauth_snapshot
+from sidecar.replication.changes import oauth_snapshot
 from tests.conftest import LoopThread, bearer
 
 REDIRECT = "http://127.0.0.1:9/callback"

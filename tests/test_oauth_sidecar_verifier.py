@@ -10,12 +10,12 @@ from sidecar.core.clock import FakeClock
 from sidecar.core.decision import Reason
 from sidecar.core.engine import Engine, TokenDenied
 from sidecar.core.models import Change
-from sidecar.core.oauth_changes import signing_key_retired, signing_key_upserted
 from sidecar.core.policy import parse_policy
-from sidecar.core.replica import Replica
 from sidecar.core.token_verifier import ReplicaTokenVerifier
 from sidecar.oauth import rfc9068
 from sidecar.oauth.signing import generate_key
+from sidecar.replication.changes import signing_key_retired, signing_key_upserted
+from sidecar.replication.replica import Replica
 
 ISSUER = "http://127.0.0.1:8080"
 NOW = 1_800_000_000

@@ -15,10 +15,10 @@ from sidecar.core.errors import InvalidArgument
 from sidecar.core.models import Change
 from sidecar.core.policy import parse_policy
 from sidecar.core.ratelimit import CREDENTIAL_FAILURES
-from sidecar.core.replica import Replica
 from sidecar.core.validation import format_rate, parse_rate
 from sidecar.dataplane.policy_source import default_policy_text
 from sidecar.ratelimit import AbuseLimits, BucketWindow, WindowRateLimiter
+from sidecar.replication.replica import Replica
 
 LIMITS = AbuseLimits(source_failures=5, key_failures=3, failure_window=60, buckets=10)
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from sidecar.core.models import Change
-from sidecar.core.replica import Replica, ReplicaError
-from sidecar.dataplane.sync import ReplicaFile
+from sidecar.replication.client import ReplicaFile
+from sidecar.replication.replica import Replica, ReplicaError
 from tests.test_engine import upsert
 
 

@@ -21,7 +21,7 @@ from sidecar.controlplane import ControlPlane
 from sidecar.core.clock import FakeClock
 from sidecar.core.models import RequestContext
 from sidecar.dataplane.server import Sidecar
-from sidecar.dataplane.sync import parse_targets
+from sidecar.replication.client import parse_targets
 from tests.conftest import LoopThread, RunningControlPlane, wait_until
 
 

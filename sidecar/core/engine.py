@@ -13,8 +13,8 @@ from sidecar.core.decision import Decision, DecisionIds, Identity, Reason
 from sidecar.core.models import OPERATOR_WORKSPACE
 from sidecar.core.policy import Match, Policy
 from sidecar.core.ratelimit import CREDENTIAL_FAILURES, RateLimiter
-from sidecar.core.replica import Replica
 from sidecar.core.scopes import ADMIN_FULL
+from sidecar.replication.replica import Replica
 
 MAX_CREDENTIAL_LENGTH = 8192
 _sha256 = hashlib.sha256

@@ -18,7 +18,7 @@ from sidecar.core.access_tokens import (
 )
 from sidecar.core.decision import Identity, Reason
 from sidecar.core.engine import TokenDenied
-from sidecar.core.replica import Replica
+from sidecar.replication.replica import Replica
 
 log = logging.getLogger("sidecar.tokens")
 ACCESS_TOKEN = "access_token"  # noqa: S105 (an identity kind)
