@@ -10,13 +10,13 @@ from collections.abc import Callable
 
 from envoy.service.auth.v3 import external_auth_pb2 as ext
 
+from sidecar.authz.engine import CheckInput, Engine
+from sidecar.authz.policy import parse_policy
+from sidecar.authz.policy_source import default_policy_text
 from sidecar.core import keyformat
 from sidecar.core.clock import SystemClock
-from sidecar.core.engine import CheckInput, Engine
 from sidecar.core.models import Change
-from sidecar.core.policy import parse_policy
 from sidecar.dataplane.envoy_check import request_view
-from sidecar.dataplane.policy_source import default_policy_text
 from sidecar.ratelimit import WindowRateLimiter
 from sidecar.replication.replica import Replica
 

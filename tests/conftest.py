@@ -155,7 +155,7 @@ def wait_until(predicate: object, timeout: float = 10.0, interval: float = 0.01)
 def sidecar_factory(tmp_path: Path, control_plane: RunningControlPlane) -> Iterator[object]:
     """Start sidecars against the control plane fixture; stopped at teardown."""
     from sidecar.config import SidecarSettings
-    from sidecar.dataplane.server import Sidecar
+    from sidecar.dataplane.process import Sidecar
 
     started: list[Sidecar] = []
 

@@ -6,13 +6,13 @@ import hashlib
 
 import pytest
 
+from sidecar.authz.decision import Reason
+from sidecar.authz.engine import CheckInput, Engine
+from sidecar.authz.policy import parse_policy
+from sidecar.authz.policy_source import default_policy_text
 from sidecar.core import keyformat
 from sidecar.core.clock import FakeClock
-from sidecar.core.decision import Reason
-from sidecar.core.engine import CheckInput, Engine
 from sidecar.core.models import Change
-from sidecar.core.policy import parse_policy
-from sidecar.dataplane.policy_source import default_policy_text
 from sidecar.replication.replica import Replica
 
 

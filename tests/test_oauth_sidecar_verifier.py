@@ -6,12 +6,12 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from sidecar.authz.decision import Reason
+from sidecar.authz.engine import Engine, TokenDenied
+from sidecar.authz.policy import parse_policy
+from sidecar.authz.token_verifier import ReplicaTokenVerifier
 from sidecar.core.clock import FakeClock
-from sidecar.core.decision import Reason
-from sidecar.core.engine import Engine, TokenDenied
 from sidecar.core.models import Change
-from sidecar.core.policy import parse_policy
-from sidecar.core.token_verifier import ReplicaTokenVerifier
 from sidecar.oauth import rfc9068
 from sidecar.oauth.signing import generate_key
 from sidecar.replication.changes import signing_key_retired, signing_key_upserted

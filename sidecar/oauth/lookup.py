@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from sidecar.authz.access_tokens import TokenRejected, VerificationKey, verify_access_token
 from sidecar.core import credentials
-from sidecar.core.access_tokens import TokenRejected, VerificationKey, verify_access_token
 from sidecar.core.oauth_models import Grant
 from sidecar.core.storage import UnitOfWork
 from sidecar.oauth.config import OAuthConfig

@@ -20,7 +20,7 @@ from dataclasses import replace
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from sidecar.core.access_tokens import VerificationKey, verification_key
+from sidecar.authz.access_tokens import VerificationKey, verification_key
 from sidecar.core.audit import event
 from sidecar.core.clock import Clock
 from sidecar.core.oauth_models import SigningKey

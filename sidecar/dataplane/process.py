@@ -20,15 +20,15 @@ from sidecar._gen.statuspulse.auth.v1 import authorization_pb2, authorization_pb
 from sidecar.auditship import AuditPipeline, GrpcTransport, ShipConfig, Transport
 from sidecar.auditship.metrics import AuditMetrics
 from sidecar.auditship.observer import DecisionRecorder
+from sidecar.authz.engine import Engine, TokenVerifier
+from sidecar.authz.policy import Policy
+from sidecar.authz.policy_source import PolicyWatcher, load_policy
+from sidecar.authz.token_verifier import ReplicaTokenVerifier
 from sidecar.config import SidecarSettings
 from sidecar.core.clock import Clock, SystemClock
-from sidecar.core.engine import Engine, TokenVerifier
-from sidecar.core.policy import Policy
-from sidecar.core.token_verifier import ReplicaTokenVerifier
 from sidecar.dataplane.envoy_check import SERVICE as CHECK_SERVICE
 from sidecar.dataplane.envoy_check import CheckHandler, Observer, check_method
 from sidecar.dataplane.incluster import AuthorizationServicer
-from sidecar.dataplane.policy_source import PolicyWatcher, load_policy
 from sidecar.ops.denial_log import DenialLog
 from sidecar.ops.health import Health, Status
 from sidecar.ops.metrics import DecisionMetrics, Metrics
