@@ -5,7 +5,8 @@ message, every field a C call); the framework itself costs ~150 µs per call, so
 our budget. Protobuf's wire format is concatenative — repeated fields may arrive in several runs
 and a message field is a tag, a length and bytes — so the parts that depend only on the identity
 or the reason are serialized once by protobuf itself and cached, and each call adds only its
-decision id. tests/test_check_responses.py parses every shape back with the real CheckResponse class."""
+decision id. tests/test_check_responses.py parses every shape back with the real CheckResponse
+class."""
 
 from __future__ import annotations
 
