@@ -18,7 +18,7 @@ from sidecar.config import load_settings
 from sidecar.controlplane import ControlPlane
 from sidecar.core.clock import FakeClock
 from sidecar.core.storage import Store
-from sidecar.store.sqlite import SqliteStore
+from sidecar.store.sql.sqlite import SqliteStore
 from tests.support.postgres import PostgresServer, postgres_available
 
 _databases = itertools.count(1)
@@ -53,7 +53,7 @@ def postgres_url(postgres_server: PostgresServer) -> Iterator[str]:
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     """A fresh store on each backend: every test that uses it runs once per backend."""
     if request.param == "postgres":
-        from sidecar.store.postgres import PostgresStore
+        from sidecar.store.sql.postgres import PostgresStore
 
         s: Store = PostgresStore(request.getfixturevalue("postgres_url"))
     else:

@@ -25,7 +25,7 @@ from sidecar.controlplane import ControlPlane
 from sidecar.core.clock import FakeClock
 from sidecar.dataplane.process import Sidecar
 from sidecar.replication.bus import RedisChangeBus
-from sidecar.store.sqlite import SqliteStore
+from sidecar.store.sql.sqlite import SqliteStore
 from tests.conftest import LoopThread, bearer, wait_until
 from tests.support.redis import RedisServer
 

@@ -31,13 +31,14 @@ from psycopg_pool import ConnectionPool
 
 from sidecar.core.errors import Unavailable
 from sidecar.core.models import Change
-from sidecar.store import migrations
-from sidecar.store.postgres_audit import PgAudit, link_unchained
-from sidecar.store.postgres_oauth import PgOAuthRepositories
+from sidecar.store.sql import migrations
+from sidecar.store.sql.audit import link_unchained
+from sidecar.store.sql.postgres_audit import PgAudit
+from sidecar.store.sql.postgres_oauth import PgOAuthRepositories
 
 # The row mapping is shared with SQLite, so a new column is mapped in one place.
-from sidecar.store.sql import QmarkConnection
-from sidecar.store.sqlite import SqliteKeys
+from sidecar.store.sql.qmark import QmarkConnection
+from sidecar.store.sql.sqlite import SqlKeys
 
 log = logging.getLogger("sidecar.store.postgres")
 
@@ -59,7 +60,7 @@ def is_postgres_url(url: str) -> bool:
     return url.startswith(("postgresql://", "postgres://"))
 
 
-class PgKeys(SqliteKeys):
+class PgKeys(SqlKeys):
     """KeyRepository over one PostgreSQL connection."""
 
     def __init__(self, conn: Conn) -> None:
@@ -211,7 +212,7 @@ class PostgresStore:
                     conn.execute(statement)
                 conn.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (version,))
                 log.info("migrated", extra={"version": version})
-            link_unchained(conn)
+            link_unchained(QmarkConnection(conn))
             _commit(conn)
 
     # -- the Store protocol -------------------------------------------------------------------
