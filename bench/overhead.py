@@ -14,13 +14,13 @@ from envoy.service.auth.v3 import external_auth_pb2 as ext
 from sidecar.authz.decision import Decision, Identity, Reason
 from sidecar.authz.engine import CheckInput, Engine
 from sidecar.authz.policy_source import load_policy
+from sidecar.authz.replica import Replica
 from sidecar.core import keyformat
 from sidecar.core.clock import SystemClock
 from sidecar.core.models import Change
 from sidecar.dataplane.envoy_check import CheckHandler
 from sidecar.ops.denial_log import DenialLog
 from sidecar.ops.metrics import DecisionMetrics, Metrics
-from sidecar.replication.replica import Replica
 
 PATH = "/v1/workspaces/acme/checks/1"
 

@@ -13,12 +13,12 @@ from envoy.service.auth.v3 import external_auth_pb2 as ext
 from sidecar.authz.engine import CheckInput, Engine
 from sidecar.authz.policy import parse_policy
 from sidecar.authz.policy_source import default_policy_text
+from sidecar.authz.replica import Replica
 from sidecar.core import keyformat
 from sidecar.core.clock import SystemClock
 from sidecar.core.models import Change
 from sidecar.dataplane.envoy_check import request_view
 from sidecar.ratelimit import WindowRateLimiter
-from sidecar.replication.replica import Replica
 
 N = 100_000
 

@@ -32,6 +32,7 @@ from sidecar.config import Settings
 from sidecar.core.apikeys import ApiKeyService, KeyPolicy, key_snapshot
 from sidecar.core.apps import AppService
 from sidecar.core.audit_trail import AuditTrail
+from sidecar.core.changes import oauth_snapshot
 from sidecar.core.clock import Clock, SystemClock
 from sidecar.core.errors import SpauthError
 from sidecar.core.models import Minted
@@ -47,7 +48,6 @@ from sidecar.ops.http_server import HttpServer
 from sidecar.ops.metrics import OAUTH_EVENTS, Metrics
 from sidecar.ops.tls import admin_server_credentials, http_ssl_files
 from sidecar.ops.tracing import start_tracing
-from sidecar.replication.changes import oauth_snapshot
 from sidecar.replication.server import ReplicationServicer, SnapshotSource
 from sidecar.store import Store, open_store
 

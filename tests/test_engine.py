@@ -10,10 +10,10 @@ from sidecar.authz.decision import Reason
 from sidecar.authz.engine import CheckInput, Engine
 from sidecar.authz.policy import parse_policy
 from sidecar.authz.policy_source import default_policy_text
+from sidecar.authz.replica import Replica
 from sidecar.core import keyformat
 from sidecar.core.clock import FakeClock
 from sidecar.core.models import Change
-from sidecar.replication.replica import Replica
 
 
 def upsert(key: str, key_id: str, workspace: str, scopes: list[str], expires_at: float) -> Change:

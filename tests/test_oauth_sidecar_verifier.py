@@ -9,13 +9,13 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from sidecar.authz.decision import Reason
 from sidecar.authz.engine import Engine, TokenDenied
 from sidecar.authz.policy import parse_policy
+from sidecar.authz.replica import Replica
 from sidecar.authz.token_verifier import ReplicaTokenVerifier
+from sidecar.core.changes import signing_key_retired, signing_key_upserted
 from sidecar.core.clock import FakeClock
 from sidecar.core.models import Change
 from sidecar.oauth import rfc9068
 from sidecar.oauth.signing import generate_key
-from sidecar.replication.changes import signing_key_retired, signing_key_upserted
-from sidecar.replication.replica import Replica
 
 ISSUER = "http://127.0.0.1:8080"
 NOW = 1_800_000_000

@@ -12,13 +12,13 @@ from sidecar.authz.engine import CheckInput, Engine
 from sidecar.authz.policy import parse_policy
 from sidecar.authz.policy_source import default_policy_text
 from sidecar.authz.ratelimit import CREDENTIAL_FAILURES
+from sidecar.authz.replica import Replica
 from sidecar.core import keyformat
 from sidecar.core.clock import FakeClock
 from sidecar.core.errors import InvalidArgument
 from sidecar.core.models import Change
 from sidecar.core.validation import format_rate, parse_rate
 from sidecar.ratelimit import AbuseLimits, BucketWindow, WindowRateLimiter
-from sidecar.replication.replica import Replica
 
 LIMITS = AbuseLimits(source_failures=5, key_failures=3, failure_window=60, buckets=10)
 

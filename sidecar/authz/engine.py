@@ -10,11 +10,11 @@ from typing import NamedTuple
 from sidecar.authz.decision import Decision, DecisionIds, Identity, Reason
 from sidecar.authz.policy import Match, Policy
 from sidecar.authz.ratelimit import CREDENTIAL_FAILURES, RateLimiter
+from sidecar.authz.replica import Replica
 from sidecar.core import keyformat
 from sidecar.core.clock import Clock
 from sidecar.core.models import OPERATOR_WORKSPACE
 from sidecar.core.scopes import ADMIN_FULL
-from sidecar.replication.replica import Replica
 
 MAX_CREDENTIAL_LENGTH = 8192
 _sha256 = hashlib.sha256

@@ -18,7 +18,7 @@ from sidecar.authz.access_tokens import (
 )
 from sidecar.authz.decision import Identity, Reason
 from sidecar.authz.engine import TokenDenied
-from sidecar.replication.replica import Replica
+from sidecar.authz.replica import Replica
 
 log = logging.getLogger("sidecar.tokens")
 ACCESS_TOKEN = "access_token"  # noqa: S105 (an identity kind)

@@ -6,9 +6,9 @@ from __future__ import annotations
 from dataclasses import replace
 
 from sidecar.core.audit import event
+from sidecar.core.changes import grant_revoked, token_revoked
 from sidecar.core.oauth_models import Grant, RevokedToken
 from sidecar.core.storage import UnitOfWork
-from sidecar.replication.changes import grant_revoked, token_revoked
 
 
 def revoke_grant(

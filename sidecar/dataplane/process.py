@@ -23,6 +23,7 @@ from sidecar.auditship.observer import DecisionRecorder
 from sidecar.authz.engine import Engine, TokenVerifier
 from sidecar.authz.policy import Policy
 from sidecar.authz.policy_source import PolicyWatcher, load_policy
+from sidecar.authz.replica import Replica
 from sidecar.authz.token_verifier import ReplicaTokenVerifier
 from sidecar.config import SidecarSettings
 from sidecar.core.clock import Clock, SystemClock
@@ -37,7 +38,6 @@ from sidecar.ops.tls import sync_channel_credentials, sync_channel_options
 from sidecar.ops.tracing import CheckFn, span_annotator, start_tracing, traced_check
 from sidecar.ratelimit import AbuseLimits, WindowRateLimiter
 from sidecar.replication.client import SyncClient
-from sidecar.replication.replica import Replica
 
 if TYPE_CHECKING:
     from sidecar.ratelimit.shared import RedisLimitSync

@@ -22,10 +22,10 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from sidecar.authz.access_tokens import VerificationKey, verification_key
 from sidecar.core.audit import event
+from sidecar.core.changes import signing_key_retired, signing_key_upserted
 from sidecar.core.clock import Clock
 from sidecar.core.oauth_models import SigningKey
 from sidecar.core.storage import Store, UnitOfWork
-from sidecar.replication.changes import signing_key_retired, signing_key_upserted
 
 ALG = "RS256"
 KEY_BITS = 2048
