@@ -14,6 +14,7 @@ from sidecar.core.models import ApiKey, Change, KeyState
 from sidecar.core.storage import Cursor
 from sidecar.store.sql import migrations
 from sidecar.store.sql.audit import SqlAudit, link_unchained
+from sidecar.store.sql.listeners import CommitListeners
 from sidecar.store.sql.oauth import SqlOAuthRepositories
 from sidecar.store.sql.qmark import Executes
 
@@ -205,7 +206,7 @@ class SqliteStore:
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
-        self._subscribers: list[Callable[[int], None]] = []
+        self._listeners = CommitListeners()
         path.parent.mkdir(parents=True, exist_ok=True)
         self._migrate()
 
@@ -265,7 +266,7 @@ class SqliteStore:
             self._rollback(conn)
             raise
         if uow.appended:
-            self._notify(max(uow.appended))
+            self._listeners.notify(max(uow.appended))
 
     @staticmethod
     def _rollback(conn: sqlite3.Connection) -> None:
@@ -284,21 +285,7 @@ class SqliteStore:
             self._rollback(conn)
 
     def subscribe(self, callback: Callable[[int], None]) -> Callable[[], None]:
-        with self._lock:
-            self._subscribers.append(callback)
-
-        def unsubscribe() -> None:
-            with self._lock:
-                if callback in self._subscribers:
-                    self._subscribers.remove(callback)
-
-        return unsubscribe
-
-    def _notify(self, revision: int) -> None:
-        with self._lock:
-            subscribers = list(self._subscribers)
-        for callback in subscribers:
-            callback(revision)
+        return self._listeners.subscribe(callback)
 
     def close(self) -> None:
         with self._lock:
