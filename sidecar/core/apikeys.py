@@ -10,14 +10,13 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
-from sidecar.core import keyformat, validation
+from sidecar.core import keyformat, permissions, validation
 from sidecar.core.audit import event
 from sidecar.core.clock import Clock
 from sidecar.core.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
-    PermissionDenied,
     Unauthenticated,
 )
 from sidecar.core.models import (
@@ -30,7 +29,7 @@ from sidecar.core.models import (
     Principal,
     RequestContext,
 )
-from sidecar.core.scopes import ADMIN_FULL, KEYS_MANAGE, parse_scopes, satisfies, sort_scopes
+from sidecar.core.scopes import ADMIN_FULL, KEYS_MANAGE, parse_scopes, sort_scopes
 from sidecar.core.storage import Store, UnitOfWork
 
 DAY = 86400
@@ -115,8 +114,8 @@ class ApiKeyService:
         granted = parse_scopes(scopes)
         lifetime = self._lifetime(expires_in)
         requests, period = validation.rate_limit(*rate_limit) if rate_limit else (0, 0)
-        _require(ctx.principal, KEYS_MANAGE, workspace)
-        _require_grantable(ctx.principal, granted)
+        permissions.require(ctx.principal, workspace, KEYS_MANAGE)
+        permissions.require_grantable(ctx.principal, granted)
         now = int(self._clock.now())
         secret = keyformat.mint_key()
         key = ApiKey(
@@ -154,10 +153,10 @@ class ApiKeyService:
         if workspace:
             if workspace != OPERATOR_WORKSPACE:
                 validation.workspace(workspace)
-            _require(ctx.principal, KEYS_MANAGE, workspace)
+            permissions.require(ctx.principal, workspace, KEYS_MANAGE)
             scope: str | None = workspace
         else:
-            _require(ctx.principal, KEYS_MANAGE, ctx.principal.workspace)
+            permissions.require(ctx.principal, ctx.principal.workspace, KEYS_MANAGE)
             scope = None if ctx.principal.is_operator else ctx.principal.workspace
         size = page_size or self.policy.default_page_size
         if not 1 <= size <= self.policy.max_page_size:
@@ -180,7 +179,7 @@ class ApiKeyService:
         """One key the caller may see."""
         with self._store.read() as uow:
             key = _load(uow, key_id)
-        _require(ctx.principal, KEYS_MANAGE, key.workspace)
+        permissions.require(ctx.principal, key.workspace, KEYS_MANAGE)
         return key
 
     def replace(
@@ -195,8 +194,8 @@ class ApiKeyService:
         secret = keyformat.mint_key()
         with self._store.transaction() as uow:
             old = _load(uow, key_id)
-            _require(ctx.principal, KEYS_MANAGE, old.workspace)
-            _require_grantable(ctx.principal, old.scopes)
+            permissions.require(ctx.principal, old.workspace, KEYS_MANAGE)
+            permissions.require_grantable(ctx.principal, old.scopes)
             if old.revoked_at is not None:
                 raise FailedPrecondition(f"key {old.id} is revoked; create a new key instead")
             if old.replaced_by:
@@ -237,7 +236,7 @@ class ApiKeyService:
             raise InvalidArgument("reason", "must be at most 500 printable characters")
         with self._store.transaction() as uow:
             key = _load(uow, key_id)
-            _require(ctx.principal, KEYS_MANAGE, key.workspace)
+            permissions.require(ctx.principal, key.workspace, KEYS_MANAGE)
             if key.revoked_at is not None:
                 return key
             key = replace(key, revoked_at=int(self._clock.now()), revoke_reason=reason)
@@ -331,25 +330,6 @@ def _load(uow: UnitOfWork, key_id: str) -> ApiKey:
     if key is None:
         raise NotFound(f"no API key with id {key_id[:64]!r}")
     return key
-
-
-def _require(principal: Principal, scope: str, workspace: str) -> None:
-    """The caller must act in ``workspace`` (the operator acts everywhere) and hold ``scope``."""
-    if not principal.is_operator and principal.workspace != workspace:
-        raise PermissionDenied(
-            f"key {principal.key_id} acts only in workspace {principal.workspace!r}"
-        )
-    if not satisfies(principal.scopes, scope):
-        raise PermissionDenied(f"this call needs scope {scope!r}")
-
-
-def _require_grantable(principal: Principal, scopes: frozenset[str]) -> None:
-    """A caller can never mint a key with a scope it does not hold."""
-    missing = sorted(s for s in scopes if not satisfies(principal.scopes, s))
-    if missing:
-        raise PermissionDenied(
-            f"cannot grant scopes the caller does not hold: {', '.join(missing)}"
-        )
 
 
 def _encode_token(key: ApiKey) -> str:

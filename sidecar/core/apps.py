@@ -8,14 +8,14 @@ import builtins
 from dataclasses import replace
 from urllib.parse import urlsplit
 
-from sidecar.core import credentials, validation
+from sidecar.core import credentials, permissions, validation
 from sidecar.core.audit import event
 from sidecar.core.clock import Clock
-from sidecar.core.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from sidecar.core.errors import FailedPrecondition, InvalidArgument, NotFound
 from sidecar.core.grants import revoke_grant
-from sidecar.core.models import OPERATOR_WORKSPACE, Principal, RequestContext
+from sidecar.core.models import OPERATOR_WORKSPACE, RequestContext
 from sidecar.core.oauth_models import AppSession, Grant, OAuthApp, RegisteredApp
-from sidecar.core.scopes import ADMIN_FULL, parse_scopes, satisfies, sort_scopes
+from sidecar.core.scopes import parse_scopes, sort_scopes
 from sidecar.core.storage import Store, UnitOfWork
 
 MAX_REDIRECT_URIS = 10
@@ -23,16 +23,6 @@ MAX_URI_LENGTH = 2000
 MAX_SECRET_OVERLAP = 30 * 86400
 MAX_LISTED = 1000
 _LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
-
-
-def require_admin(principal: Principal, workspace: str) -> None:
-    """Managing apps and members needs ``admin:full`` in their workspace (or the operator)."""
-    if not principal.is_operator and principal.workspace != workspace:
-        raise PermissionDenied(
-            f"key {principal.key_id} acts only in workspace {principal.workspace!r}"
-        )
-    if not satisfies(principal.scopes, ADMIN_FULL):
-        raise PermissionDenied(f"this call needs scope {ADMIN_FULL!r}")
 
 
 def redirect_uri(value: str, field: str = "redirect_uri") -> str:
@@ -81,7 +71,7 @@ class AppService:
         if not 1 <= len(uris) <= MAX_REDIRECT_URIS:
             raise InvalidArgument("redirect_uris", f"give 1 to {MAX_REDIRECT_URIS} redirect URIs")
         granted = parse_scopes(scopes)
-        require_admin(ctx.principal, workspace)
+        permissions.require(ctx.principal, workspace)
         secret = credentials.mint(credentials.CLIENT_SECRET) if confidential else ""
         app = OAuthApp(
             id=credentials.mint_id("app_"),
@@ -110,7 +100,7 @@ class AppService:
         if workspace and workspace != OPERATOR_WORKSPACE:
             validation.workspace(workspace)
         scope = workspace or ctx.principal.workspace
-        require_admin(ctx.principal, scope)
+        permissions.require(ctx.principal, scope)
         with self._store.read() as uow:
             return uow.oauth.apps.list(
                 workspace=None if scope == OPERATOR_WORKSPACE else scope, limit=MAX_LISTED
@@ -119,7 +109,7 @@ class AppService:
     def get(self, ctx: RequestContext, app_id: str) -> OAuthApp:
         with self._store.read() as uow:
             app = _load_app(uow, app_id)
-        require_admin(ctx.principal, app.workspace)
+        permissions.require(ctx.principal, app.workspace)
         return app
 
     def rotate_secret(self, ctx: RequestContext, app_id: str, *, overlap: int) -> RegisteredApp:
@@ -129,7 +119,7 @@ class AppService:
         now = int(self._clock.now())
         with self._store.transaction() as uow:
             app = _load_app(uow, app_id)
-            require_admin(ctx.principal, app.workspace)
+            permissions.require(ctx.principal, app.workspace)
             if not app.confidential:
                 raise FailedPrecondition(f"app {app.id} is public: it has no client secret")
             app = replace(
@@ -148,7 +138,7 @@ class AppService:
         now = self._clock.now()
         with self._store.transaction() as uow:
             app = _load_app(uow, app_id)
-            require_admin(ctx.principal, app.workspace)
+            permissions.require(ctx.principal, app.workspace)
             app = replace(app, deleted_at=int(now), secret_digest=None, previous_secret_digest=None)
             uow.oauth.apps.update(app)
             grants = uow.oauth.grants.active_for_app(app.id)
@@ -168,7 +158,7 @@ class AppService:
         """The app's active grants with the member's e-mail address."""
         with self._store.read() as uow:
             app = _load_app(uow, app_id)
-            require_admin(ctx.principal, app.workspace)
+            permissions.require(ctx.principal, app.workspace)
             out = []
             for grant in uow.oauth.grants.active_for_app(app.id):
                 member = uow.oauth.members.get(grant.user_id)
@@ -183,7 +173,7 @@ class AppService:
             grant = uow.oauth.grants.get(grant_id)
             if grant is None:
                 raise NotFound(f"no session (grant) with id {grant_id[:64]!r}")
-            require_admin(ctx.principal, grant.workspace)
+            permissions.require(ctx.principal, grant.workspace)
             return revoke_grant(
                 uow,
                 grant,

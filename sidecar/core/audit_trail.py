@@ -10,13 +10,12 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
-from sidecar.core import validation
+from sidecar.core import permissions, validation
 from sidecar.core.audit import DECISION_ACTIONS, AuditEvent, AuditQuery
 from sidecar.core.audit_chain import ChainedRecord, ChainReport, ChainVerifier, sign_checkpoint
 from sidecar.core.clock import Clock
-from sidecar.core.errors import FailedPrecondition, InvalidArgument, PermissionDenied
+from sidecar.core.errors import FailedPrecondition, InvalidArgument
 from sidecar.core.models import OPERATOR_WORKSPACE, Principal, RequestContext
-from sidecar.core.scopes import ADMIN_FULL, satisfies
 from sidecar.core.storage import Store
 
 # Decision records whose credential named no workspace (an unknown or malformed key) are kept
@@ -164,7 +163,7 @@ class AuditTrail:
             raise InvalidArgument("records", f"at most {self.policy.max_ingest_batch} per message")
         if ctx.principal != SIDECAR:
             for ev in batch:
-                _require(ctx.principal, ev.workspace)
+                permissions.require(ctx.principal, ev.workspace)
         stored = 0
         with self._store.transaction() as uow:
             for ev in batch:
@@ -204,20 +203,10 @@ def visible_workspaces(principal: Principal, workspace: str) -> frozenset[str] |
     if workspace:
         if workspace not in (OPERATOR_WORKSPACE, NO_WORKSPACE):
             validation.workspace(workspace)
-        _require(principal, workspace)
+        permissions.require(principal, workspace)
         return frozenset({workspace})
-    _require(principal, principal.workspace)
+    permissions.require(principal, principal.workspace)
     return None if principal.is_operator else frozenset({principal.workspace})
-
-
-def _require(principal: Principal, workspace: str) -> None:
-    if not principal.is_operator and principal.workspace != workspace:
-        raise PermissionDenied(
-            f"key {principal.key_id} reads the audit trail of workspace "
-            f"{principal.workspace!r} only"
-        )
-    if not satisfies(principal.scopes, ADMIN_FULL):
-        raise PermissionDenied("the audit trail needs scope 'admin:full'")
 
 
 def _checked_decision(ev: AuditEvent) -> AuditEvent:

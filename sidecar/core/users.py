@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import re
 
-from sidecar.core import credentials, passwords, validation
-from sidecar.core.apps import require_admin
+from sidecar.core import credentials, passwords, permissions, validation
 from sidecar.core.audit import event
 from sidecar.core.clock import Clock
 from sidecar.core.errors import AlreadyExists, InvalidArgument
@@ -53,7 +52,7 @@ class UserService:
         if problem:
             raise InvalidArgument("password", problem)
         held = parse_scopes(scopes) if scopes else DEFAULT_MEMBER_SCOPES
-        require_admin(ctx.principal, workspace)
+        permissions.require(ctx.principal, workspace)
         member = Member(
             id=credentials.mint_id("usr_"),
             workspace=workspace,
@@ -85,7 +84,7 @@ class UserService:
         if workspace and workspace != OPERATOR_WORKSPACE:
             validation.workspace(workspace)
         scope = workspace or ctx.principal.workspace
-        require_admin(ctx.principal, scope)
+        permissions.require(ctx.principal, scope)
         with self._store.read() as uow:
             return uow.oauth.members.list(
                 workspace=None if scope == OPERATOR_WORKSPACE else scope, limit=MAX_LISTED

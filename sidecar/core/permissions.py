@@ -1,0 +1,29 @@
+"""The one admin permission rule, used by keys, apps, members and the audit trail: a caller acts
+in its own workspace (the operator key in every workspace) and needs the call's scope there."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from sidecar.core.errors import PermissionDenied
+from sidecar.core.models import Principal
+from sidecar.core.scopes import ADMIN_FULL, satisfies
+
+
+def require(principal: Principal, workspace: str, scope: str = ADMIN_FULL) -> None:
+    """Raise PermissionDenied unless ``principal`` may act in ``workspace`` with ``scope``."""
+    if not principal.is_operator and principal.workspace != workspace:
+        raise PermissionDenied(
+            f"key {principal.key_id} acts only in workspace {principal.workspace!r}"
+        )
+    if not satisfies(principal.scopes, scope):
+        raise PermissionDenied(f"this call needs scope {scope!r}")
+
+
+def require_grantable(principal: Principal, scopes: Iterable[str]) -> None:
+    """A caller can never hand out a scope it does not hold."""
+    missing = sorted(s for s in scopes if not satisfies(principal.scopes, s))
+    if missing:
+        raise PermissionDenied(
+            f"cannot grant scopes the caller does not hold: {', '.join(missing)}"
+        )
