@@ -24,6 +24,7 @@ from sidecar._gen.statuspulse.auth.v1 import (
     replication_pb2,
     replication_pb2_grpc,
 )
+from sidecar.admin import http_rules
 from sidecar.admin.apikeys import ApiKeyServicer
 from sidecar.admin.apps import OAuthAppServicer
 from sidecar.admin.audit import AuditServicer, load_checkpoint_key
@@ -38,7 +39,10 @@ from sidecar.core.errors import SpauthError
 from sidecar.core.models import Minted
 from sidecar.core.oauth_changes import oauth_snapshot
 from sidecar.core.users import UserService
+from sidecar.dataplane.policy_source import load_policy
+from sidecar.http.admin_api import AdminHttpApi
 from sidecar.http.app import build_app
+from sidecar.http.openapi_route import openapi_routes
 from sidecar.http.routes import oauth_routes
 from sidecar.oauth import config as oauth_config
 from sidecar.oauth.server import AuthorizationServer
@@ -105,6 +109,7 @@ class ControlPlane:
         self.http_routes = ops_routes(self.metrics.registry, self.readiness)
         self.http = HttpServer(settings.http_addr, ssl_files=http_ssl_files(settings))
         self._server: grpc.aio.Server | None = None
+        self.servicers: dict[str, object] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self.bus: RedisChangeBus | None = None
         self.audit_stream: AuditStreamConsumer | None = None
@@ -138,14 +143,23 @@ class ControlPlane:
     async def start(self) -> None:
         interceptor = AdminCallInterceptor(self.metrics.admin_calls, self.tracing)
         server = grpc.aio.server(interceptors=[interceptor])
+        policy = load_policy(self.settings.policy_file)
+        self.servicers = {
+            "statuspulse.auth.v1.ApiKeyService": ApiKeyServicer(
+                self.keys, self.clock, lambda: policy
+            ),
+            "statuspulse.auth.v1.OAuthAppService": OAuthAppServicer(self.apps, self.keys),
+            "statuspulse.auth.v1.UserService": UserServicer(self.users, self.keys),
+            "statuspulse.auth.v1.AuditService": self.audit_servicer,
+        }
         api_keys_pb2_grpc.add_ApiKeyServiceServicer_to_server(
-            ApiKeyServicer(self.keys, self.clock), server
+            self.servicers["statuspulse.auth.v1.ApiKeyService"], server
         )
         oauth_pb2_grpc.add_OAuthAppServiceServicer_to_server(
-            OAuthAppServicer(self.apps, self.keys), server
+            self.servicers["statuspulse.auth.v1.OAuthAppService"], server
         )
         oauth_pb2_grpc.add_UserServiceServicer_to_server(
-            UserServicer(self.users, self.keys), server
+            self.servicers["statuspulse.auth.v1.UserService"], server
         )
         replication_pb2_grpc.add_ReplicationServiceServicer_to_server(self.replication, server)
         audit_pb2_grpc.add_AuditServiceServicer_to_server(self.audit_servicer, server)
@@ -200,7 +214,15 @@ class ControlPlane:
             token_events=self._oauth_token_event,
         )
         await asyncio.to_thread(self.oauth.start)
-        await self.http.start(build_app(oauth_routes(self.oauth, self.keys), self.http_routes))
+        admin = AdminHttpApi(http_rules.bindings(), self.servicers)
+        await self.http.start(
+            build_app(
+                oauth_routes(self.oauth, self.keys),
+                admin.routes(),
+                openapi_routes(),
+                self.http_routes,
+            )
+        )
         log.info("oauth listening", extra={"http_addr": self.settings.http_addr, "port": port})
 
     async def _start_redis(self) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from sidecar.core import keyformat, validation
 from sidecar.core.audit import event
 from sidecar.core.clock import Clock
+from sidecar.core.decision import Identity
 from sidecar.core.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -182,6 +183,11 @@ class ApiKeyService:
             key = _load(uow, key_id)
         _require(ctx.principal, KEYS_MANAGE, key.workspace)
         return key
+
+    def whoami(self, ctx: RequestContext) -> ApiKey:
+        """The calling key itself: any authenticated key may read its own metadata."""
+        with self._store.read() as uow:
+            return _load(uow, ctx.principal.key_id)
 
     def replace(
         self, ctx: RequestContext, key_id: str, *, grace: int = 0, expires_in: int = 0
@@ -366,3 +372,16 @@ def _decode_token(token: str) -> tuple[int, str]:
     except (ValueError, binascii.Error, TypeError):
         raise InvalidArgument("page_token", "malformed page token") from None
     return created_at, key_id
+
+
+def key_identity(key: ApiKey) -> Identity:
+    """The identity a sidecar's replica holds for ``key`` (what its checks decide with)."""
+    return Identity(
+        kind="api_key",
+        id=key.id,
+        workspace=key.workspace,
+        scopes=frozenset(key.scopes),
+        expires_at=key.expires_at,
+        rate_limit=key.rate_limit,
+        rate_period=key.rate_period,
+    )

@@ -1,0 +1,232 @@
+"""The admin API over HTTP/JSON on a real control plane (port 0), with a real HTTP client:
+routes derived from the protos' annotations, the same rules and codes as gRPC, RFC 9457
+problems, cursor pagination, x-request-id, whoami, and the OpenAPI document."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from openapi_spec_validator import validate
+
+from sidecar.admin import http_rules, openapi
+from sidecar.core.errors import ALL_ERRORS, InvalidArgument, SpauthError
+from sidecar.http.problems import HTTP_STATUS, status_of
+from tests.conftest import RunningControlPlane
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def http(control_plane: RunningControlPlane) -> Iterator[httpx.Client]:
+    base = f"http://127.0.0.1:{control_plane.plane.http_port}"
+    with httpx.Client(base_url=base, timeout=10) as client:
+        yield client
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {key}"}
+
+
+def create_key(http: httpx.Client, key: str, workspace: str = "acme", **body: object) -> dict:  # type: ignore[type-arg]
+    payload = {"name": "ci", "scopes": ["checks:read"], **body}
+    r = http.post(f"/v1/workspaces/{workspace}/keys", json=payload, headers=auth(key))
+    assert r.status_code == 200, r.text
+    return r.json()  # type: ignore[no-any-return]
+
+
+def test_key_lifecycle_with_cli_field_names(
+    http: httpx.Client, control_plane: RunningControlPlane
+) -> None:
+    op = control_plane.operator_key
+    created = create_key(http, op, expires_in_seconds=3600)
+    key = created["api_key"]
+    assert created["key"].startswith("spk_")
+    assert key["workspace"] == "acme" and key["state"] == "API_KEY_STATE_ACTIVE"
+    assert {"created_at", "expires_at", "last_four", "replaced_by"} <= key.keys()
+    got = http.get(f"/v1/keys/{key['id']}", headers=auth(op)).json()
+    assert created["key"] not in json.dumps(got)
+    replaced = http.post(f"/v1/keys/{key['id']}:replace", json={}, headers=auth(op)).json()
+    assert replaced["api_key"]["replaces"] == key["id"]
+    revoked = http.delete(
+        f"/v1/keys/{key['id']}", params={"reason": "rotated"}, headers=auth(op)
+    ).json()
+    assert revoked["api_key"]["state"] == "API_KEY_STATE_REVOKED"
+    assert revoked["api_key"]["revoke_reason"] == "rotated"
+
+
+def test_cursor_pagination_visits_every_key_once(
+    http: httpx.Client, control_plane: RunningControlPlane
+) -> None:
+    op = control_plane.operator_key
+    made = {create_key(http, op, name=f"k{i}")["api_key"]["id"] for i in range(5)}
+    seen: list[str] = []
+    token = ""
+    while True:
+        page = http.get(
+            "/v1/workspaces/acme/keys",
+            params={"page_size": 2, "page_token": token},
+            headers=auth(op),
+        ).json()
+        assert len(page["api_keys"]) <= 2
+        seen += [k["id"] for k in page["api_keys"]]
+        token = page["next_page_token"]
+        if not token:
+            break
+    assert sorted(seen) == sorted(made)
+
+
+def test_problems_carry_the_stable_code_and_the_grpc_status(
+    http: httpx.Client, control_plane: RunningControlPlane
+) -> None:
+    r = http.post(
+        "/v1/workspaces/acme/keys",
+        json={"name": "x", "scopes": ["nope:read"]},
+        headers={**auth(control_plane.operator_key), "x-request-id": "trace-42"},
+    )
+    assert r.status_code == 400
+    assert r.headers["content-type"] == "application/problem+json"
+    assert r.headers["x-request-id"] == "trace-42"
+    body = r.json()
+    assert body["code"] == "invalid_argument" and body["field"] == "scopes"
+    assert body["grpc_status"] == "INVALID_ARGUMENT" and body["request_id"] == "trace-42"
+    missing = http.get("/v1/keys/key_doesnotexist000", headers=auth(control_plane.operator_key))
+    assert (missing.status_code, missing.json()["code"]) == (404, "not_found")
+
+
+@pytest.mark.parametrize(
+    ("headers", "detail"),
+    [
+        ({}, "missing API key"),
+        ({"authorization": "Basic Zm9vOmJhcg=="}, "Bearer"),
+        ({"authorization": "Bearer spk_nope"}, "malformed"),
+    ],
+)
+def test_missing_or_wrong_key_is_401_with_a_challenge(
+    http: httpx.Client, headers: dict[str, str], detail: str
+) -> None:
+    r = http.get("/v1/keys", headers=headers)
+    assert r.status_code == 401
+    assert r.headers["www-authenticate"].startswith("Bearer")
+    assert detail in r.json()["detail"]
+
+
+def test_another_workspaces_key_reads_and_changes_nothing(
+    http: httpx.Client, control_plane: RunningControlPlane
+) -> None:
+    op = control_plane.operator_key
+    globex = create_key(http, op, "globex")["api_key"]["id"]
+    attacker = create_key(http, op, "acme", scopes=["keys:manage", "checks:read"])["key"]
+    assert http.get(f"/v1/keys/{globex}", headers=auth(attacker)).status_code == 403
+    assert http.delete(f"/v1/keys/{globex}", headers=auth(attacker)).status_code == 403
+    r = http.post(
+        "/v1/workspaces/globex/keys",
+        json={"name": "x", "scopes": ["checks:read"]},
+        headers=auth(attacker),
+    )
+    assert r.status_code == 403
+    listed = http.get("/v1/keys", params={"workspace": "globex"}, headers=auth(attacker))
+    assert listed.status_code == 403
+    # The body cannot move a request into another workspace: the path wins.
+    r = http.post(
+        "/v1/workspaces/acme/keys",
+        json={"workspace": "globex", "name": "x", "scopes": ["checks:read"]},
+        headers=auth(attacker),
+    )
+    assert r.status_code == 200 and r.json()["api_key"]["workspace"] == "acme"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "kwargs", "status", "code"),
+    [
+        ("POST", "/v1/workspaces/acme/keys", {"content": b"{not json"}, 400, "invalid_argument"),
+        ("POST", "/v1/workspaces/acme/keys", {"content": b"[1]"}, 400, "invalid_argument"),
+        ("POST", "/v1/workspaces/acme/keys", {"json": {"bogus": 1}}, 400, "invalid_argument"),
+        ("POST", "/v1/workspaces/acme/keys", {"json": {"name": 5}}, 400, "invalid_argument"),
+        ("GET", "/v1/keys", {"params": {"page_size": "x"}}, 400, "invalid_argument"),
+        ("GET", "/v1/keys", {"params": {"nope": "1"}}, 400, "invalid_argument"),
+        ("GET", "/v1/keys", {"params": {"state": "LOST"}}, 400, "invalid_argument"),
+        ("GET", "/v1/keys", {"content": b"{}"}, 400, "invalid_argument"),
+        ("POST", "/v1/workspaces/acme/keys", {"content": b"{" * 70000}, 400, "invalid_argument"),
+        ("GET", "/v1/nowhere", {}, 404, "not_found"),
+        ("PUT", "/v1/keys/key_x", {}, 405, "method_not_allowed"),
+    ],
+)
+def test_bad_input_gets_a_precise_problem(
+    http: httpx.Client,
+    control_plane: RunningControlPlane,
+    method: str,
+    path: str,
+    kwargs: dict,  # type: ignore[type-arg]
+    status: int,
+    code: str,
+) -> None:
+    r = http.request(method, path, headers=auth(control_plane.operator_key), **kwargs)
+    assert (r.status_code, r.json()["code"]) == (status, code), r.text
+
+
+def test_whoami_describes_the_key_and_the_policys_decision(
+    http: httpx.Client, control_plane: RunningControlPlane
+) -> None:
+    key = create_key(http, control_plane.operator_key, scopes=["checks:read"])["key"]
+    me = http.get("/v1/whoami", headers=auth(key)).json()
+    assert me["api_key"]["scopes"] == ["checks:read"] and "decision" not in me
+    allowed = http.get(
+        "/v1/whoami",
+        params={"method": "GET", "path": "/v1/workspaces/acme/checks"},
+        headers=auth(key),
+    ).json()["decision"]
+    assert (allowed["allowed"], allowed["reason"], allowed["http_status"]) == (True, "ok", 200)
+    denied = http.get(
+        "/v1/whoami",
+        params={"method": "POST", "path": "/v1/workspaces/acme/checks"},
+        headers=auth(key),
+    ).json()["decision"]
+    assert (denied["reason"], denied["http_status"]) == ("insufficient_scope", 403)
+    assert denied["required_scopes"] == ["checks:write"]
+    other = http.get(
+        "/v1/whoami",
+        params={"method": "GET", "path": "/v1/workspaces/globex/checks"},
+        headers=auth(key),
+    ).json()["decision"]
+    assert other["reason"] == "workspace_mismatch"
+    bad = http.get("/v1/whoami", params={"method": "FETCH", "path": "/x"}, headers=auth(key))
+    assert (bad.status_code, bad.json()["field"]) == (400, "method")
+
+
+def test_every_domain_error_has_an_http_status() -> None:
+    for cls in ALL_ERRORS:
+        error = cls("f", "m") if cls is InvalidArgument else cls("m")  # type: ignore[call-arg]
+        assert status_of(error) in HTTP_STATUS.values()
+    assert status_of(SpauthError("x")) == 500
+
+
+def test_openapi_is_valid_served_and_committed_fresh(http: httpx.Client) -> None:
+    served = http.get("/openapi.json").json()
+    validate(served)
+    committed = (ROOT / "docs" / "openapi.json").read_text()
+    assert committed == openapi.render(), (
+        "docs/openapi.json is stale (an RPC or its google.api.http annotation changed): "
+        "run `make openapi` and commit it"
+    )
+    assert served == json.loads(committed)
+
+
+def test_every_annotated_rpc_is_documented_and_routed() -> None:
+    """A new annotated RPC needs nothing else: it is in the document and has a route."""
+    spec = openapi.document()
+    operations = {op["operationId"] for path in spec["paths"].values() for op in path.values()}
+    for binding in http_rules.bindings():
+        assert binding.operation_id in operations
+    unary = [
+        m.full_name
+        for name in http_rules.ADMIN_SERVICES
+        for m in http_rules.service(name).methods
+        if not (m.client_streaming or m.server_streaming)
+        and m.name != "IngestAuditRecords"  # sidecar-to-control-plane, sync token only
+    ]
+    bound = {b.method.full_name for b in http_rules.bindings()}
+    assert set(unary) <= bound, f"unary admin RPCs without google.api.http: {set(unary) - bound}"
