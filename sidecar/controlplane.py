@@ -221,6 +221,7 @@ class ControlPlane:
                 admin.routes(),
                 openapi_routes(),
                 self.http_routes,
+                exception_handlers={404: admin.unrouted},
             )
         )
         log.info("oauth listening", extra={"http_addr": self.settings.http_addr, "port": port})

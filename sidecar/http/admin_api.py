@@ -14,8 +14,9 @@ from typing import Any
 
 from google.protobuf import json_format, message_factory
 from google.protobuf.message import Message
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from sidecar.admin.http_rules import Binding
@@ -57,6 +58,14 @@ class AdminHttpApi:
                 return binding, values, []
             allowed.append(binding.verb)
         return None, {}, allowed
+
+    async def unrouted(self, request: Request, exc: Exception) -> Response:
+        """Starlette's own 404 (a path its router cannot even match, e.g. with a newline):
+        a problem document under /v1/, Starlette's plain answer elsewhere."""
+        if not request.scope["path"].startswith(PREFIX) or not isinstance(exc, HTTPException):
+            return PlainTextResponse("Not Found", status_code=404)
+        detail = f"no admin API route for {request.method} {request.scope['path']!r}"
+        return problem(exc.status_code, "not_found", detail, request_id(request))
 
     async def dispatch(self, request: Request) -> Response:
         rid = request_id(request)
