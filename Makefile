@@ -28,7 +28,10 @@ lint: setup-test system-deps
 	ruff check .
 	ruff format --check .
 	mypy
-	buf lint
+	@# buf cannot fetch buf.build/googleapis offline, so it lints the image protoc builds with
+	@# googleapis' protos from the googleapis-common-protos wheel (only our files: --path).
+	$(PY) scripts/genproto.py --descriptor-set .buf-image.binpb
+	buf lint '.buf-image.binpb#format=binpb' --path statuspulse/auth/v1
 
 proto:
 	$(PY) scripts/genproto.py

@@ -5,6 +5,9 @@ problems, cursor pagination, x-request-id, whoami, and the OpenAPI document."""
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -230,3 +233,20 @@ def test_every_annotated_rpc_is_documented_and_routed() -> None:
     ]
     bound = {b.method.full_name for b in http_rules.bindings()}
     assert set(unary) <= bound, f"unary admin RPCs without google.api.http: {set(unary) - bound}"
+
+
+@pytest.mark.skipif(shutil.which("buf") is None, reason="buf is not installed (make system-deps)")
+def test_buf_lint_passes_on_the_annotated_protos(tmp_path: Path) -> None:
+    image = tmp_path / "image.binpb"
+    subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "genproto.py"), "--descriptor-set", str(image)],
+        check=True,
+    )
+    done = subprocess.run(
+        ["buf", "lint", f"{image}#format=binpb", "--path", "statuspulse/auth/v1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
