@@ -30,7 +30,7 @@ lint: setup-test system-deps
 	mypy
 	@# buf cannot fetch buf.build/googleapis offline, so it lints the image protoc builds with
 	@# googleapis' protos from the googleapis-common-protos wheel (only our files: --path).
-	$(PY) scripts/genproto.py --descriptor-set .buf-image.binpb
+	$(PY) scripts/genproto.py --descriptor-set .buf-image.binpb --source-info
 	buf lint '.buf-image.binpb#format=binpb' --path statuspulse/auth/v1
 
 proto:

@@ -44,14 +44,14 @@ def sources() -> list[str]:
     return sorted(str(p.relative_to(PROTOS)) for p in PROTOS.rglob("*.proto"))
 
 
-def descriptor_set(path: Path) -> None:
-    """Write protos/ as one FileDescriptorSet, imports and source info included."""
+def descriptor_set(path: Path, *, source_info: bool = False) -> None:
+    """Write protos/ as one FileDescriptorSet with every import (source info for buf lint)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     args = [
         "protoc",
         *include_paths(),
         "--include_imports",
-        "--include_source_info",
+        *(["--include_source_info"] if source_info else []),
         f"--descriptor_set_out={path}",
         *sources(),
     ]
@@ -93,9 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--descriptor-set", type=Path, help="write only a descriptor set here")
+    parser.add_argument("--source-info", action="store_true", help="with --descriptor-set")
     args = parser.parse_args(argv)
     if args.descriptor_set is not None:
-        descriptor_set(args.descriptor_set)
+        descriptor_set(args.descriptor_set, source_info=args.source_info)
         return 0
     generate(args.out)
     return 0

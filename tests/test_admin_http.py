@@ -238,10 +238,8 @@ def test_every_annotated_rpc_is_documented_and_routed() -> None:
 @pytest.mark.skipif(shutil.which("buf") is None, reason="buf is not installed (make system-deps)")
 def test_buf_lint_passes_on_the_annotated_protos(tmp_path: Path) -> None:
     image = tmp_path / "image.binpb"
-    subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "genproto.py"), "--descriptor-set", str(image)],
-        check=True,
-    )
+    genproto = [sys.executable, str(ROOT / "scripts" / "genproto.py")]
+    subprocess.run([*genproto, "--descriptor-set", str(image), "--source-info"], check=True)
     done = subprocess.run(
         ["buf", "lint", f"{image}#format=binpb", "--path", "statuspulse/auth/v1"],
         cwd=ROOT,
