@@ -29,6 +29,7 @@ from sidecar.admin.apikeys import ApiKeyServicer
 from sidecar.admin.apps import OAuthAppServicer
 from sidecar.admin.audit import AuditServicer, load_checkpoint_key
 from sidecar.admin.replication import ReplicationServicer, SnapshotSource
+from sidecar.admin.throttle import FailureThrottle
 from sidecar.admin.users import UserServicer
 from sidecar.config import Settings
 from sidecar.core.apikeys import ApiKeyService, KeyPolicy, key_snapshot
@@ -87,7 +88,12 @@ class ControlPlane:
         self.audit = AuditTrail(
             self.store, self.clock, load_checkpoint_key(settings.data_dir / "audit-hmac-key")
         )
-        self.audit_servicer = AuditServicer(self.audit, self.keys, sync_token=settings.sync_token)
+        # Every admin call (gRPC or HTTP) authenticates through this: refused keys are counted
+        # per source address.
+        self.guard = FailureThrottle(
+            self.keys, self.clock, settings.admin_failure_limit, settings.admin_failure_window
+        )
+        self.audit_servicer = AuditServicer(self.audit, self.guard, sync_token=settings.sync_token)
         self._unsubscribe = self.store.subscribe(self.audit_servicer.notify)
         self.snapshot_sources: list[SnapshotSource] = [key_snapshot, oauth_snapshot]
         self.replication = ReplicationServicer(
@@ -146,10 +152,10 @@ class ControlPlane:
         policy = load_policy(self.settings.policy_file)
         self.servicers = {
             "statuspulse.auth.v1.ApiKeyService": ApiKeyServicer(
-                self.keys, self.clock, lambda: policy
+                self.keys, self.clock, lambda: policy, self.guard
             ),
-            "statuspulse.auth.v1.OAuthAppService": OAuthAppServicer(self.apps, self.keys),
-            "statuspulse.auth.v1.UserService": UserServicer(self.users, self.keys),
+            "statuspulse.auth.v1.OAuthAppService": OAuthAppServicer(self.apps, self.guard),
+            "statuspulse.auth.v1.UserService": UserServicer(self.users, self.guard),
             "statuspulse.auth.v1.AuditService": self.audit_servicer,
         }
         api_keys_pb2_grpc.add_ApiKeyServiceServicer_to_server(

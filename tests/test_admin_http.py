@@ -11,14 +11,19 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
 from openapi_spec_validator import validate
 
+from sidecar._gen.statuspulse.auth.v1 import api_keys_pb2 as keys_pb
 from sidecar.admin import http_rules, openapi
-from sidecar.core.errors import ALL_ERRORS, InvalidArgument, SpauthError
+from sidecar.config import load_settings
+from sidecar.controlplane import ControlPlane
+from sidecar.core.clock import FakeClock
+from sidecar.core.errors import ALL_ERRORS, InvalidArgument, RateLimited, SpauthError
 from sidecar.http.problems import HTTP_STATUS, status_of
-from tests.conftest import RunningControlPlane
+from tests.conftest import LoopThread, RunningControlPlane, bearer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -201,9 +206,12 @@ def test_whoami_describes_the_key_and_the_policys_decision(
 
 
 def test_every_domain_error_has_an_http_status() -> None:
+    args: dict[type[SpauthError], tuple[object, ...]] = {InvalidArgument: ("f", "m")}
+    args[RateLimited] = ("m", 1)
     for cls in ALL_ERRORS:
-        error = cls("f", "m") if cls is InvalidArgument else cls("m")  # type: ignore[call-arg]
+        error = cls(*args.get(cls, ("m",)))  # type: ignore[arg-type]
         assert status_of(error) in HTTP_STATUS.values()
+    assert status_of(RateLimited("m", 1)) == 429
     assert status_of(SpauthError("x")) == 500
 
 
@@ -248,3 +256,49 @@ def test_buf_lint_passes_on_the_annotated_protos(tmp_path: Path) -> None:
         timeout=120,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.fixture
+def strict_plane(
+    tmp_path: Path, clock: FakeClock, loop_thread: LoopThread
+) -> Iterator[RunningControlPlane]:
+    """A control plane that refuses an address after 3 refused keys per 60 s."""
+    data = tmp_path / "strict"
+    data.mkdir()
+    values = {
+        "data_dir": str(data),
+        "admin_addr": "127.0.0.1:0",
+        "http_addr": "127.0.0.1:0",
+        "admin_failure_limit": "3",
+        "admin_failure_window": "60",
+    }
+    plane = ControlPlane(load_settings(values, environ={}), clock=clock)
+    minted = plane.bootstrap()
+    assert minted is not None
+    loop_thread.run(plane.start())
+    yield RunningControlPlane(plane, f"127.0.0.1:{plane.admin_port}", minted.secret, clock, data)
+    loop_thread.run(plane.aclose(grace=0))
+
+
+def test_refused_keys_from_one_address_get_429_with_retry_after_on_both_transports(
+    strict_plane: RunningControlPlane, clock: FakeClock
+) -> None:
+    op = auth(strict_plane.operator_key)
+    wrong = auth("spk_" + "A" * 38)
+    base = f"http://127.0.0.1:{strict_plane.plane.http_port}"
+    with httpx.Client(base_url=base) as http:
+        assert http.get("/v1/keys").status_code == 401  # no key at all: not an attempt
+        assert [http.get("/v1/keys", headers=wrong).status_code for _ in range(3)] == [401] * 3
+        limited = http.get("/v1/keys", headers=op)  # the address is refused, whatever it sends
+        assert limited.status_code == 429
+        assert limited.headers["retry-after"] == "60"
+        assert limited.json()["code"] == "rate_limited"
+        with strict_plane.channel() as channel:
+            stub = strict_plane.keys_stub(channel)
+            with pytest.raises(grpc.RpcError) as info:
+                stub.ListApiKeys(
+                    keys_pb.ListApiKeysRequest(), metadata=bearer(strict_plane.operator_key)
+                )
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        clock.advance(61)
+        assert http.get("/v1/keys", headers=op).status_code == 200

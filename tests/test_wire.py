@@ -124,11 +124,15 @@ def test_templates_equal_a_fresh_build_for_every_id_length(identity: Identity | 
     assert parse(enc.encode(decision, STRIP)) == parse(enc.build(decision, STRIP))
 
 
+RATED_MINUTE = Identity("api_key", "key_r", "acme", frozenset(), 2e9, rate_limit=5, rate_period=60)
+RATED_SECOND = Identity("api_key", "key_s", "acme", frozenset(), 2e9, rate_limit=5, rate_period=1)
+
+
 @pytest.mark.parametrize(
     ("identity", "detail", "expected"),
     [
-        (Identity("api_key", "key_r", "acme", frozenset(), 2e9, rate_limit=5, rate_period=60), "rate", "60"),
-        (Identity("api_key", "key_s", "acme", frozenset(), 2e9, rate_limit=5, rate_period=1), "rate", "1"),
+        (RATED_MINUTE, "rate", "60"),
+        (RATED_SECOND, "rate", "1"),
         (KEY, "key", "30"),
         (None, "source", "30"),
     ],

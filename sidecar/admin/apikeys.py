@@ -8,7 +8,7 @@ from collections.abc import Callable
 from sidecar._gen.statuspulse.auth.v1 import api_keys_pb2 as pb
 from sidecar._gen.statuspulse.auth.v1 import api_keys_pb2_grpc as pb_grpc
 from sidecar.admin import convert
-from sidecar.admin.rpc import admin_rpc
+from sidecar.admin.rpc import Authenticator, admin_rpc
 from sidecar.core.apikeys import ApiKeyService, key_identity
 from sidecar.core.clock import Clock
 from sidecar.core.engine import route_decision
@@ -23,9 +23,13 @@ class ApiKeyServicer(pb_grpc.ApiKeyServiceServicer):  # type: ignore[misc]
     """Admin API for API keys."""
 
     def __init__(
-        self, service: ApiKeyService, clock: Clock, policy: Callable[[], Policy] | None = None
+        self,
+        service: ApiKeyService,
+        clock: Clock,
+        policy: Callable[[], Policy] | None = None,
+        authenticator: Authenticator | None = None,
     ) -> None:
-        self.authenticator = service
+        self.authenticator: Authenticator = authenticator or service
         self._svc = service
         self._clock = clock
         self._policy = policy

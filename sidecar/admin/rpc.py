@@ -28,6 +28,13 @@ class Authenticator(Protocol):
     def authenticate(self, secret: str) -> Principal: ...
 
 
+class SourceAware:
+    """Base of authenticators that also take the caller's address (``admin.throttle``)."""
+
+    def authenticate(self, secret: str, source: str = "") -> Principal:
+        raise NotImplementedError
+
+
 def bearer_token(metadata: tuple[tuple[str, str | bytes], ...] | None) -> str:
     """The credential from ``authorization: Bearer <key>`` metadata, or ''."""
     for name, value in metadata or ():
@@ -55,7 +62,10 @@ async def authenticated(
 ) -> RequestContext:
     """The request context of a call presenting ``token``: every admin transport (gRPC, the
     HTTP/JSON API) authenticates here, so the rules are the same on each."""
-    principal = await asyncio.to_thread(authenticator.authenticate, token)
+    if isinstance(authenticator, SourceAware):
+        principal = await asyncio.to_thread(authenticator.authenticate, token, source)
+    else:
+        principal = await asyncio.to_thread(authenticator.authenticate, token)
     return RequestContext(principal=principal, request_id=rid, source=source)
 
 

@@ -174,7 +174,6 @@ class ResponseEncoder:
         denied_bytes = denied + _decision_header(_DENIED_HEADERS, did) + body
         return status + _ld(_RESP_DENIED, denied_bytes) + meta
 
-
     def retry_after(self, decision: Decision) -> int | None:
         """RFC 9110 §10.2.3 Retry-After for a 429: an upper bound on the wait. A key over its own
         rate frees a slot within its period (the window slides); a blocked source or key id is

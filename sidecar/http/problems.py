@@ -14,7 +14,7 @@ import grpc
 from starlette.responses import JSONResponse
 
 from sidecar.admin.errors import grpc_code
-from sidecar.core.errors import InvalidArgument, SpauthError
+from sidecar.core.errors import InvalidArgument, RateLimited, SpauthError
 
 MEDIA_TYPE = "application/problem+json"
 TYPE_PREFIX = "https://statuspulse.example/problems/"
@@ -94,4 +94,8 @@ def error_problem(error: SpauthError, request_id: str) -> JSONResponse:
     extra: dict[str, Any] = {"grpc_status": grpc_code(error).name}
     if isinstance(error, InvalidArgument):
         extra["field"] = error.field
-    return problem(status, error.code, error.message, request_id, **extra)
+    headers = None
+    if isinstance(error, RateLimited):
+        # RFC 9110 §10.2.3 (RFC 6585 §4: a 429 MAY say how long to wait).
+        headers = {"retry-after": str(error.retry_after)}
+    return problem(status, error.code, error.message, request_id, headers=headers, **extra)
