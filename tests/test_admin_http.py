@@ -302,3 +302,29 @@ def test_refused_keys_from_one_address_get_429_with_retry_after_on_both_transpor
             assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         clock.advance(61)
         assert http.get("/v1/keys", headers=op).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("template", "path", "values"),
+    [
+        ("/v1/keys/{id}", "/v1/keys/key_1", ["key_1"]),
+        ("/v1/keys/{id}:replace", "/v1/keys/key_1:replace", ["key_1"]),
+        ("/v1/workspaces/{workspace}/keys", "/v1/workspaces/acme/keys", ["acme"]),
+    ],
+)
+def test_templates_match_one_segment_per_variable(
+    template: str, path: str, values: list[str]
+) -> None:
+    pattern, _names = http_rules.compile_template(template)
+    found = pattern.fullmatch(path)
+    assert found is not None and list(found.groups()) == values
+    assert pattern.fullmatch(path + "/x") is None
+    assert pattern.fullmatch(path.replace("1", "1/2")) is None or "1" not in path
+
+
+@pytest.mark.parametrize(
+    "template", ["v1/keys", "/v1/{filter.workspace}/x", "/v1/{name=**}", "/v1/a b", "/v1/x:a/b"]
+)
+def test_unsupported_templates_are_refused_at_start_up(template: str) -> None:
+    with pytest.raises(http_rules.RuleError):
+        http_rules.compile_template(template)

@@ -3,8 +3,9 @@
 plane's HTTP routes and the OpenAPI document are derived from these, so an RPC gains an HTTP
 route by gaining an annotation, and nothing else.
 
-Supported template syntax: literal segments, ``{field}`` or ``{field.sub}`` variables matching
-one segment, and a final ``:verb``. Anything else is refused at start-up (``RuleError``)."""
+Supported template syntax: literal segments, ``{field}`` variables (a top-level field of the
+request, matching one segment) and a final ``:verb``. Anything else (``{a.b}``, ``{x=**}``) is
+refused at start-up (``RuleError``): the OpenAPI document and its tools could not follow it."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from google.protobuf.descriptor import (
 from sidecar._gen.statuspulse.auth.v1 import api_keys_pb2, audit_pb2, oauth_pb2
 
 _VERBS = ("get", "post", "put", "patch", "delete")
-_VARIABLE = re.compile(r"\{([a-z_][a-z0-9_]*(?:\.[a-z_][a-z0-9_]*)*)\}")
+_VARIABLE = re.compile(r"\{([a-z_][a-z0-9_]*)\}")
 _LITERAL = re.compile(r"[A-Za-z0-9._~-]+")
 
 

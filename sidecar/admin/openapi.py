@@ -133,7 +133,7 @@ def operation(binding: Binding, schemas: _Schemas) -> dict[str, Any]:
         },
     }
     if binding.body == "*":
-        omit = [name for name in binding.variables if "." not in name]
+        omit = binding.variables  # path variables win over the body: not part of it
         body = schemas.ref(binding.input, omit=omit, suffix="Body" if omit else "")
         op["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
     elif binding.body:
