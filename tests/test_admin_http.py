@@ -14,6 +14,7 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
+from google.protobuf.descriptor import Descriptor
 from openapi_spec_validator import validate
 
 from sidecar._gen.statuspulse.auth.v1 import api_keys_pb2 as keys_pb
@@ -328,3 +329,34 @@ def test_templates_match_one_segment_per_variable(
 def test_unsupported_templates_are_refused_at_start_up(template: str) -> None:
     with pytest.raises(http_rules.RuleError):
         http_rules.compile_template(template)
+
+
+def _messages(message: Descriptor, seen: set[str]) -> Iterator[Descriptor]:
+    if message.full_name in seen or message.full_name.startswith("google.protobuf."):
+        return
+    seen.add(message.full_name)
+    yield message
+    for field in message.fields:
+        if field.message_type is not None and not field.message_type.GetOptions().map_entry:
+            yield from _messages(field.message_type, seen)
+
+
+# The CLI's names for time fields (`spauth keys list -o json`); a new one is added here.
+TIME_NAMES = {
+    "create_time": "created_at",
+    "expire_time": "expires_at",
+    "revoke_time": "revoked_at",
+    "last_use_time": "last_used_at",
+    "delete_time": "deleted_at",
+    "previous_secret_expire_time": "previous_secret_expires_at",
+}
+
+
+def test_json_names_are_the_clis_snake_case() -> None:
+    """As `spauth -o json`: the field's snake_case name, `*_time` fields as `*_at`."""
+    seen: set[str] = set()
+    for binding in http_rules.bindings():
+        for message in [*_messages(binding.input, seen), *_messages(binding.output, seen)]:
+            for field in message.fields:
+                expected = TIME_NAMES.get(field.name, field.name)
+                assert field.json_name == expected, f"{message.full_name}.{field.name}"
