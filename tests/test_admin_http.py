@@ -177,6 +177,14 @@ def test_bad_input_gets_a_precise_problem(
     assert (r.status_code, r.json()["code"]) == (status, code), r.text
 
 
+def test_a_parse_error_does_not_echo_a_long_value(
+    http: httpx.Client, control_plane: RunningControlPlane
+) -> None:
+    body = {"name": "x", "scopes": ["checks:read"], "expires_in_seconds": "9" * 5000}
+    r = http.post("/v1/workspaces/acme/keys", json=body, headers=auth(control_plane.operator_key))
+    assert r.status_code == 400 and len(r.json()["detail"]) < 400
+
+
 def test_whoami_describes_the_key_and_the_policys_decision(
     http: httpx.Client, control_plane: RunningControlPlane
 ) -> None:

@@ -27,6 +27,7 @@ from sidecar.http.problems import error_problem, problem
 
 log = logging.getLogger("sidecar.http.admin")
 MAX_BODY = 64 * 1024
+MAX_DETAIL = 300
 PREFIX = "/v1/"
 _ALL_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
@@ -148,7 +149,10 @@ def build_request(
     try:
         json_format.ParseDict(data, message)
     except json_format.ParseError as exc:
-        raise InvalidArgument("body" if binding.body else "query", str(exc)) from None
+        # The parser quotes the offending value: keep the message short whatever was sent.
+        detail = str(exc)
+        detail = detail if len(detail) <= MAX_DETAIL else detail[:MAX_DETAIL] + "…"
+        raise InvalidArgument("body" if binding.body else "query", detail) from None
     return message
 
 
