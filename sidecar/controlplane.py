@@ -220,7 +220,7 @@ class ControlPlane:
             token_events=self._oauth_token_event,
         )
         await asyncio.to_thread(self.oauth.start)
-        admin = AdminHttpApi(http_rules.bindings(), self.servicers)
+        admin = AdminHttpApi(http_rules.bindings(), self.servicers, self.metrics.admin_calls)
         await self.http.start(
             build_app(
                 oauth_routes(self.oauth, self.keys),

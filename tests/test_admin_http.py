@@ -104,6 +104,12 @@ def test_problems_carry_the_stable_code_and_the_grpc_status(
     assert body["grpc_status"] == "INVALID_ARGUMENT" and body["request_id"] == "trace-42"
     missing = http.get("/v1/keys/key_doesnotexist000", headers=auth(control_plane.operator_key))
     assert (missing.status_code, missing.json()["code"]) == (404, "not_found")
+    # Counted as admin calls, like the gRPC ones.
+    metrics = http.get("/metrics").text
+    assert 'spauth_admin_calls_total{code="NOT_FOUND",method="ApiKeyService/GetApiKey"} 1.0' in (
+        metrics
+    )
+    assert 'code="INVALID_ARGUMENT",method="ApiKeyService/CreateApiKey"} 1.0' in metrics
 
 
 @pytest.mark.parametrize(

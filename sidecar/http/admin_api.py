@@ -14,11 +14,13 @@ from typing import Any
 
 from google.protobuf import json_format, message_factory
 from google.protobuf.message import Message
+from prometheus_client import Counter
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from sidecar.admin.errors import grpc_code
 from sidecar.admin.http_rules import Binding
 from sidecar.admin.rpc import authenticated, bearer_token, core_method
 from sidecar.core.errors import InvalidArgument, SpauthError
@@ -35,12 +37,20 @@ _ALL_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 class AdminHttpApi:
     """Dispatches ``/v1/...`` requests to the servicer of the matching binding."""
 
-    def __init__(self, bindings: Sequence[Binding], servicers: Mapping[str, Any]) -> None:
+    def __init__(
+        self,
+        bindings: Sequence[Binding],
+        servicers: Mapping[str, Any],
+        calls: Counter | None = None,
+    ) -> None:
         missing = {b.method.containing_service.full_name for b in bindings} - set(servicers)
         if missing:
             raise ValueError(f"no servicer for {', '.join(sorted(missing))}")
         self.bindings = list(bindings)
         self.servicers = dict(servicers)
+        # spauth_admin_calls_total{method,code}: the gRPC calls' counter, so a call counts the
+        # same whichever transport carried it (only bound methods: the label set is fixed).
+        self.calls = calls
 
     def routes(self) -> list[BaseRoute]:
         # Every method reaches dispatch, so an unbound one gets a problem document too.
@@ -103,12 +113,20 @@ class AdminHttpApi:
             )
         except SpauthError as exc:
             log.info("admin http call refused", extra={"code": exc.code, "request_id": rid})
+            self._count(binding, grpc_code(exc).name)
             return error_problem(exc, rid)
         except Exception:
             log.exception("admin http call failed", extra={"request_id": rid})
+            self._count(binding, "INTERNAL")
             return error_problem(SpauthError("internal"), rid)
+        self._count(binding, "OK")
         body = json_format.MessageToDict(result, always_print_fields_with_no_presence=True)
         return JSONResponse(body, headers={"x-request-id": rid, "cache-control": "no-store"})
+
+    def _count(self, binding: Binding, code: str) -> None:
+        if self.calls is not None:
+            service = binding.method.containing_service.name
+            self.calls.labels(f"{service}/{binding.method.name}", code).inc()
 
 
 async def _body(request: Request) -> bytes:
