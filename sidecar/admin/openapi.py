@@ -10,11 +10,14 @@ strings (numbers are accepted on input), every field without presence always pre
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from collections.abc import Sequence
+from importlib import resources
 from typing import Any
 
+from google.protobuf import descriptor_pb2
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
 from sidecar.admin.http_rules import Binding, bindings, field_at
@@ -53,6 +56,54 @@ _PROBLEM_SCHEMA = {
 }
 
 
+# FileDescriptorProto field numbers (google/protobuf/descriptor.proto) in SourceCodeInfo paths.
+_MESSAGE, _SERVICE, _FIELD, _METHOD, _NESTED = 4, 6, 2, 2, 3
+
+
+@functools.cache
+def comments() -> dict[str, str]:
+    """Leading comments of protos/ by full name (``pkg.Message``, ``pkg.Message.field``,
+    ``pkg.Service.Method``), from the descriptor set scripts/genproto.py ships with the code."""
+    data = resources.files("sidecar._gen.statuspulse.auth.v1").joinpath("descriptors.binpb")
+    files = descriptor_pb2.FileDescriptorSet.FromString(data.read_bytes())
+    found: dict[str, str] = {}
+    for file in files.file:
+        names = _names(file)
+        for location in file.source_code_info.location:
+            name = names.get(tuple(location.path))
+            text = " ".join(line.strip() for line in location.leading_comments.splitlines())
+            if name and text:
+                found[name] = text
+    return found
+
+
+def _names(file: descriptor_pb2.FileDescriptorProto) -> dict[tuple[int, ...], str]:
+    """SourceCodeInfo paths of a file's services, methods, messages and fields -> full names."""
+    names: dict[tuple[int, ...], str] = {}
+    for s, service in enumerate(file.service):
+        names[(_SERVICE, s)] = f"{file.package}.{service.name}"
+        for m, method in enumerate(service.method):
+            names[(_SERVICE, s, _METHOD, m)] = f"{file.package}.{service.name}.{method.name}"
+
+    def messages(
+        items: Sequence[descriptor_pb2.DescriptorProto], prefix: str, path: tuple[int, ...]
+    ) -> None:
+        for i, message in enumerate(items):
+            full, here = f"{prefix}.{message.name}", (*path, i)
+            names[here] = full
+            for f, field in enumerate(message.field):
+                names[(*here, _FIELD, f)] = f"{full}.{field.name}"
+            messages(message.nested_type, full, (*here, _NESTED))
+
+    messages(file.message_type, file.package, (_MESSAGE,))
+    return names
+
+
+def _described(schema: dict[str, Any], full_name: str) -> dict[str, Any]:
+    text = comments().get(full_name)
+    return {**schema, "description": text} if text else schema
+
+
 class _Schemas:
     """Component schemas, added as messages and enums are referenced."""
 
@@ -72,15 +123,16 @@ class _Schemas:
         for field in message.fields:
             if field.name in omit:
                 continue
-            properties[field.json_name] = self.field(field)
+            properties[field.json_name] = _described(self.field(field), field.full_name)
             if field.is_repeated or field.message_type is None:
                 required.append(field.json_name)
-        return {
+        schema = {
             "type": "object",
             "properties": properties,
             "required": required,
             "additionalProperties": False,
         }
+        return _described(schema, message.full_name)
 
     def field(self, field: FieldDescriptor) -> Any:
         nested = field.message_type
@@ -119,6 +171,7 @@ def operation(binding: Binding, schemas: _Schemas) -> dict[str, Any]:
     op: dict[str, Any] = {
         "operationId": binding.operation_id,
         "summary": f"{binding.method.containing_service.name}.{binding.method.name}",
+        "description": comments().get(binding.method.full_name, ""),
         "tags": [binding.method.containing_service.name],
         "parameters": params,
         "responses": {
