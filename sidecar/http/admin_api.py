@@ -75,17 +75,15 @@ class AdminHttpApi:
         a problem document under /v1/, Starlette's plain answer elsewhere."""
         if not request.scope["path"].startswith(PREFIX) or not isinstance(exc, HTTPException):
             return PlainTextResponse("Not Found", status_code=404)
-        detail = f"no admin API route for {request.method} {request.scope['path']!r}"
-        return problem(exc.status_code, "not_found", detail, request_id(request))
+        return problem(exc.status_code, "not_found", _no_route(request), request_id(request))
 
     async def dispatch(self, request: Request) -> Response:
         rid = request_id(request)
         binding, values, allowed = self.match(request.method, request.scope["path"])
         if binding is None:
             status, code = (405, "method_not_allowed") if allowed else (404, "not_found")
-            detail = f"no admin API route for {request.method} {request.scope['path']}"
             headers = {"allow": ", ".join(sorted(set(allowed)))} if allowed else None
-            return problem(status, code, detail, rid, headers=headers)
+            return problem(status, code, _no_route(request), rid, headers=headers)
         response = await self._call(binding, values, request, rid)
         log.info(
             "admin http call",
@@ -127,6 +125,12 @@ class AdminHttpApi:
         if self.calls is not None:
             service = binding.method.containing_service.name
             self.calls.labels(f"{service}/{binding.method.name}", code).inc()
+
+
+def _no_route(request: Request) -> str:
+    path = request.scope["path"]
+    shown = repr(path if len(path) <= 200 else path[:200] + "…")
+    return f"no admin API route for {request.method[:10]} {shown}"
 
 
 async def _body(request: Request) -> bytes:
