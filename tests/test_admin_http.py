@@ -239,6 +239,7 @@ def test_openapi_is_valid_served_and_committed_fresh(http: httpx.Client) -> None
         "run `make openapi` and commit it"
     )
     assert served == json.loads(committed)
+    assert "(docs/openapi.json)" in (ROOT / "README.md").read_text()  # the downloadable spec
 
 
 def test_every_annotated_rpc_is_documented_and_routed() -> None:
