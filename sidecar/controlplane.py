@@ -39,8 +39,9 @@ from sidecar.core.clock import Clock, SystemClock
 from sidecar.core.errors import SpauthError
 from sidecar.core.models import Minted
 from sidecar.core.oauth_changes import oauth_snapshot
+from sidecar.core.policy import Policy
 from sidecar.core.users import UserService
-from sidecar.dataplane.policy_source import load_policy
+from sidecar.dataplane.policy_source import PolicyWatcher, load_policy
 from sidecar.http.admin_api import AdminHttpApi
 from sidecar.http.app import build_app
 from sidecar.http.openapi_route import openapi_routes
@@ -103,6 +104,10 @@ class ControlPlane:
             heartbeat=settings.sync_heartbeat,
             sync_token=settings.sync_token,
         )
+        # The sidecars' route policy, for whoami's "what would the policy decide" (reloaded when
+        # the file changes, as the sidecar does).
+        self.policy = load_policy(settings.policy_file)
+        self.policy_watcher = PolicyWatcher(settings.policy_file, self._set_policy)
         self.apps = AppService(self.store, self.clock)
         self.users = UserService(self.store, self.clock)
         self.oauth: AuthorizationServer | None = None  # built in start(), once the port is bound
@@ -149,10 +154,9 @@ class ControlPlane:
     async def start(self) -> None:
         interceptor = AdminCallInterceptor(self.metrics.admin_calls, self.tracing)
         server = grpc.aio.server(interceptors=[interceptor])
-        policy = load_policy(self.settings.policy_file)
         self.servicers = {
             "statuspulse.auth.v1.ApiKeyService": ApiKeyServicer(
-                self.keys, self.clock, lambda: policy, self.guard
+                self.keys, self.clock, lambda: self.policy, self.guard
             ),
             "statuspulse.auth.v1.OAuthAppService": OAuthAppServicer(self.apps, self.guard),
             "statuspulse.auth.v1.UserService": UserServicer(self.users, self.guard),
@@ -246,6 +250,9 @@ class ControlPlane:
         self.audit_stream = AuditStreamConsumer(url, self.audit)
         await self.audit_stream.start()
 
+    def _set_policy(self, policy: Policy) -> None:
+        self.policy = policy
+
     def _committed_elsewhere(self, revision: int) -> None:
         """Another replica committed ``revision``: streams and audit tails look now."""
         self.replication.wake(revision)
@@ -260,6 +267,7 @@ class ControlPlane:
         next_prune = 0.0
         while True:
             try:
+                await asyncio.to_thread(self.policy_watcher.poll)
                 changed = await asyncio.to_thread(self.keys.sweep)
                 if self.oauth is not None:
                     changed += await asyncio.to_thread(self.oauth.sweep)

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -24,7 +25,7 @@ from sidecar.controlplane import ControlPlane
 from sidecar.core.clock import FakeClock
 from sidecar.core.errors import ALL_ERRORS, InvalidArgument, RateLimited, SpauthError
 from sidecar.http.problems import HTTP_STATUS, status_of
-from tests.conftest import LoopThread, RunningControlPlane, bearer
+from tests.conftest import LoopThread, RunningControlPlane, bearer, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -274,26 +275,61 @@ def test_buf_lint_passes_on_the_annotated_protos(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+@contextmanager
+def plane_with(
+    tmp_path: Path, clock: FakeClock, loop: LoopThread, **settings: str
+) -> Iterator[RunningControlPlane]:
+    """A control plane on port 0 with extra settings."""
+    data = tmp_path / "plane"
+    data.mkdir()
+    values = {"data_dir": str(data), "admin_addr": "127.0.0.1:0", "http_addr": "127.0.0.1:0"}
+    plane = ControlPlane(load_settings({**values, **settings}, environ={}), clock=clock)
+    minted = plane.bootstrap()
+    assert minted is not None
+    loop.run(plane.start())
+    try:
+        yield RunningControlPlane(
+            plane, f"127.0.0.1:{plane.admin_port}", minted.secret, clock, data
+        )
+    finally:
+        loop.run(plane.aclose(grace=0))
+
+
 @pytest.fixture
 def strict_plane(
     tmp_path: Path, clock: FakeClock, loop_thread: LoopThread
 ) -> Iterator[RunningControlPlane]:
     """A control plane that refuses an address after 3 refused keys per 60 s."""
-    data = tmp_path / "strict"
-    data.mkdir()
-    values = {
-        "data_dir": str(data),
-        "admin_addr": "127.0.0.1:0",
-        "http_addr": "127.0.0.1:0",
-        "admin_failure_limit": "3",
-        "admin_failure_window": "60",
-    }
-    plane = ControlPlane(load_settings(values, environ={}), clock=clock)
-    minted = plane.bootstrap()
-    assert minted is not None
-    loop_thread.run(plane.start())
-    yield RunningControlPlane(plane, f"127.0.0.1:{plane.admin_port}", minted.secret, clock, data)
-    loop_thread.run(plane.aclose(grace=0))
+    limits = {"admin_failure_limit": "3", "admin_failure_window": "60"}
+    with plane_with(tmp_path, clock, loop_thread, **limits) as plane:
+        yield plane
+
+
+def test_whoami_follows_a_changed_policy_file(
+    tmp_path: Path, clock: FakeClock, loop_thread: LoopThread
+) -> None:
+    policy = tmp_path / "policy.toml"
+    original = (ROOT / "deploy" / "policy" / "statuspulse-api.toml").read_text()
+    policy.write_text(original)
+    settings = {"policy_file": str(policy), "sweep_interval": "0.05"}
+    with plane_with(tmp_path, clock, loop_thread, **settings) as plane:
+        base = f"http://127.0.0.1:{plane.plane.http_port}"
+        with httpx.Client(base_url=base) as http:
+            key = create_key(http, plane.operator_key, scopes=["checks:read"])["key"]
+            question = {"method": "GET", "path": "/v1/workspaces/acme/checks"}
+
+            def reason() -> str:
+                me = http.get("/v1/whoami", params=question, headers=auth(key)).json()
+                return str(me["decision"]["reason"])
+
+            assert reason() == "ok"
+            needs_write = original.replace(
+                'path = "/v1/workspaces/{workspace}/checks/**"\nscopes = ["checks:read"]',
+                'path = "/v1/workspaces/{workspace}/checks/**"\nscopes = ["checks:write"]',
+            )
+            assert needs_write != original
+            policy.write_text(needs_write)
+            wait_until(lambda: reason() == "insufficient_scope")
 
 
 def test_refused_keys_from_one_address_get_429_with_retry_after_on_both_transports(
