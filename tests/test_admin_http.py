@@ -89,6 +89,38 @@ def test_cursor_pagination_visits_every_key_once(
     assert sorted(seen) == sorted(made)
 
 
+def test_members_apps_and_sessions_page_by_cursor(
+    http: httpx.Client, control_plane: RunningControlPlane, clock: FakeClock
+) -> None:
+    op = auth(control_plane.operator_key)
+    emails = set()
+    for i in range(5):
+        email = f"m{i}@acme.example"
+        body = {"email": email, "password": "correct horse battery staple"}
+        r = http.post("/v1/workspaces/acme/members", json=body, headers=op)
+        assert r.status_code == 200, r.text
+        emails.add(email)
+        if i % 2:
+            clock.advance(1)  # some share a created_at second: the id breaks the tie
+    seen: list[str] = []
+    token = ""
+    while True:
+        params = {"page_size": 2, "page_token": token}
+        got = http.get("/v1/workspaces/acme/members", params=params, headers=op).json()
+        assert len(got["users"]) <= 2
+        seen += [u["email"] for u in got["users"]]
+        token = got["next_page_token"]
+        if not token:
+            break
+    assert sorted(seen) == sorted(emails)
+    everyone = http.get("/v1/workspaces/acme/members", headers=op).json()
+    assert len(everyone["users"]) == 5 and everyone["next_page_token"] == ""
+    bad = http.get("/v1/members", params={"page_token": "%%%"}, headers=op)
+    assert (bad.status_code, bad.json()["field"]) == (400, "page_token")
+    apps = http.get("/v1/apps", params={"workspace": "acme", "page_size": 1}, headers=op)
+    assert apps.json() == {"apps": [], "next_page_token": ""}
+
+
 def test_problems_carry_the_stable_code_and_the_grpc_status(
     http: httpx.Client, control_plane: RunningControlPlane
 ) -> None:

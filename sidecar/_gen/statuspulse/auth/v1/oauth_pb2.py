@@ -27,7 +27,7 @@ from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fstatuspulse/auth/v1/oauth.proto\x12\x13statuspulse.auth.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb8\x03\n\x08OAuthApp\x12\x1c\n\tclient_id\x18\x01 \x01(\tR\tclient_id\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\tworkspace\x18\x03 \x01(\t\x12$\n\rredirect_uris\x18\x04 \x03(\tR\rredirect_uris\x12\x0e\n\x06scopes\x18\x05 \x03(\t\x12\x14\n\x0c\x63onfidential\x18\x06 \x01(\x08\x12;\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\ncreated_at\x12\x1e\n\ncreated_by\x18\x08 \x01(\tR\ncreated_by\x12*\n\x10secret_last_four\x18\t \x01(\tR\x10secret_last_four\x12[\n\x1bprevious_secret_expire_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x1aprevious_secret_expires_at\x12;\n\x0b\x64\x65lete_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.TimestampR\ndeleted_at\"\xf8\x02\n\x0fOAuthAppSession\x12\x1a\n\x08grant_id\x18\x01 \x01(\tR\x08grant_id\x12\x1c\n\tclient_id\x18\x02 \x01(\tR\tclient_id\x12\x11\n\tworkspace\x18\x03 \x01(\t\x12\x18\n\x07user_id\x18\x04 \x01(\tR\x07user_id\x12\r\n\x05\x65mail\x18\x05 \x01(\t\x12\x0e\n\x06scopes\x18\x06 \x03(\t\x12;\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\ncreated_at\x12?\n\rlast_use_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x0clast_used_at\x12;\n\x0brevoke_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampR\nrevoked_at\x12$\n\rrevoke_reason\x18\n \x01(\tR\rrevoke_reason\"\xa1\x01\n\x04User\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tworkspace\x18\x02 \x01(\t\x12\r\n\x05\x65mail\x18\x03 \x01(\t\x12\x0e\n\x06scopes\x18\x04 \x03(\t\x12;\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\ncreated_at\x12\x1e\n\ncreated_by\x18\x06 \x01(\tR\ncreated_by\"\x86\x01\n\x17RegisterOAuthAppRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12$\n\rredirect_uris\x18\x03 \x03(\tR\rredirect_uris\x12\x0e\n\x06scopes\x18\x04 \x03(\t\x12\x14\n\x0c\x63onfidential\x18\x05 \x01(\x08\"l\n\x18RegisterOAuthAppResponse\x12*\n\x03\x61pp\x18\x01 \x01(\x0b\x32\x1d.statuspulse.auth.v1.OAuthApp\x12$\n\rclient_secret\x18\x02 \x01(\tR\rclient_secret\")\n\x14ListOAuthAppsRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\"D\n\x15ListOAuthAppsResponse\x12+\n\x04\x61pps\x18\x01 \x03(\x0b\x32\x1d.statuspulse.auth.v1.OAuthApp\"2\n\x12GetOAuthAppRequest\x12\x1c\n\tclient_id\x18\x01 \x01(\tR\tclient_id\"A\n\x13GetOAuthAppResponse\x12*\n\x03\x61pp\x18\x01 \x01(\x0b\x32\x1d.statuspulse.auth.v1.OAuthApp\"e\n\x1bRotateOAuthAppSecretRequest\x12\x1c\n\tclient_id\x18\x01 \x01(\tR\tclient_id\x12(\n\x0foverlap_seconds\x18\x02 \x01(\x03R\x0foverlap_seconds\"p\n\x1cRotateOAuthAppSecretResponse\x12*\n\x03\x61pp\x18\x01 \x01(\x0b\x32\x1d.statuspulse.auth.v1.OAuthApp\x12$\n\rclient_secret\x18\x02 \x01(\tR\rclient_secret\"5\n\x15\x44\x65leteOAuthAppRequest\x12\x1c\n\tclient_id\x18\x01 \x01(\tR\tclient_id\"D\n\x16\x44\x65leteOAuthAppResponse\x12*\n\x03\x61pp\x18\x01 \x01(\x0b\x32\x1d.statuspulse.auth.v1.OAuthApp\";\n\x1bListOAuthAppSessionsRequest\x12\x1c\n\tclient_id\x18\x01 \x01(\tR\tclient_id\"V\n\x1cListOAuthAppSessionsResponse\x12\x36\n\x08sessions\x18\x01 \x03(\x0b\x32$.statuspulse.auth.v1.OAuthAppSession\":\n\x1cRevokeOAuthAppSessionRequest\x12\x1a\n\x08grant_id\x18\x01 \x01(\tR\x08grant_id\"V\n\x1dRevokeOAuthAppSessionResponse\x12\x35\n\x07session\x18\x01 \x01(\x0b\x32$.statuspulse.auth.v1.OAuthAppSession\"W\n\x11\x43reateUserRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\r\n\x05\x65mail\x18\x02 \x01(\t\x12\x10\n\x08password\x18\x03 \x01(\t\x12\x0e\n\x06scopes\x18\x04 \x03(\t\"=\n\x12\x43reateUserResponse\x12\'\n\x04user\x18\x01 \x01(\x0b\x32\x19.statuspulse.auth.v1.User\"%\n\x10ListUsersRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\"=\n\x11ListUsersResponse\x12(\n\x05users\x18\x01 \x03(\x0b\x32\x19.statuspulse.auth.v1.User2\xca\x08\n\x0fOAuthAppService\x12\x9b\x01\n\x10RegisterOAuthApp\x12,.statuspulse.auth.v1.RegisterOAuthAppRequest\x1a-.statuspulse.auth.v1.RegisterOAuthAppResponse\"*\x82\xd3\xe4\x93\x02$\"\x1f/v1/workspaces/{workspace}/apps:\x01*\x12\x9b\x01\n\rListOAuthApps\x12).statuspulse.auth.v1.ListOAuthAppsRequest\x1a*.statuspulse.auth.v1.ListOAuthAppsResponse\"3\x82\xd3\xe4\x93\x02-\x12\x08/v1/appsZ!\x12\x1f/v1/workspaces/{workspace}/apps\x12~\n\x0bGetOAuthApp\x12\'.statuspulse.auth.v1.GetOAuthAppRequest\x1a(.statuspulse.auth.v1.GetOAuthAppResponse\"\x1c\x82\xd3\xe4\x93\x02\x16\x12\x14/v1/apps/{client_id}\x12\xa9\x01\n\x14RotateOAuthAppSecret\x12\x30.statuspulse.auth.v1.RotateOAuthAppSecretRequest\x1a\x31.statuspulse.auth.v1.RotateOAuthAppSecretResponse\",\x82\xd3\xe4\x93\x02&\"!/v1/apps/{client_id}:rotateSecret:\x01*\x12\x87\x01\n\x0e\x44\x65leteOAuthApp\x12*.statuspulse.auth.v1.DeleteOAuthAppRequest\x1a+.statuspulse.auth.v1.DeleteOAuthAppResponse\"\x1c\x82\xd3\xe4\x93\x02\x16*\x14/v1/apps/{client_id}\x12\xa2\x01\n\x14ListOAuthAppSessions\x12\x30.statuspulse.auth.v1.ListOAuthAppSessionsRequest\x1a\x31.statuspulse.auth.v1.ListOAuthAppSessionsResponse\"%\x82\xd3\xe4\x93\x02\x1f\x12\x1d/v1/apps/{client_id}/sessions\x12\x9f\x01\n\x15RevokeOAuthAppSession\x12\x31.statuspulse.auth.v1.RevokeOAuthAppSessionRequest\x1a\x32.statuspulse.auth.v1.RevokeOAuthAppSessionResponse\"\x1f\x82\xd3\xe4\x93\x02\x19*\x17/v1/sessions/{grant_id}2\xb4\x02\n\x0bUserService\x12\x8c\x01\n\nCreateUser\x12&.statuspulse.auth.v1.CreateUserRequest\x1a\'.statuspulse.auth.v1.CreateUserResponse\"-\x82\xd3\xe4\x93\x02\'\"\"/v1/workspaces/{workspace}/members:\x01*\x12\x95\x01\n\tListUsers\x12%.statuspulse.auth.v1.ListUsersRequest\x1a&.statuspulse.auth.v1.ListUsersResponse\"9\x82\xd3\xe4\x93\x02\x33\x12\x0b/v1/membersZ$\x12\"/v1/workspaces/{workspace}/membersb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fstatuspulse/auth/v1/oauth.proto\x12\x13statuspulse.auth.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb8\x03\n\x08OAuthApp\x12\x1c\n\tclient_id\x18\x01 \x01(\tR\tclient_id\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\tworkspace\x18\x03 \x01(\t\x12$\n\rredirect_uris\x18\x04 \x03(\tR\rredirect_uris\x12\x0e\n\x06scopes\x18\x05 \x03(\t\x12\x14\n\x0c\x63onfidential\x18\x06 \x01(\x08\x12;\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\ncreated_at\x12\x1e\n\ncreated_by\x18\x08 \x01(\tR\ncreated_by\x12*\n\x10secret_last_four\x18\t \x01(\tR\x10secret_last_four\x12[\n\x1bprevious_secret_expire_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x1aprevious_secret_expires_at\x12;\n\x0b\x64\x65lete_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.TimestampR\ndeleted_at\"\xf8\x02\n\x0fOAuthAppSession\x12\x1a\n\x08grant_id\x18\x01 \x01(\tR\x08grant_id\x12\x1c\n\tclient_id\x18\x02 \x01(\tR\tclient_id\x12\x11\n\tworkspace\x18\x03 \x01(\t\x12\x18\n\x07user_id\x18\x04 \x01(\tR\x07user_id\x12\r\n\x05\x65mail\x18\x05 \x01(\t\x12\x0e\n\x06scopes\x18\x06 \x03(\t\x12;\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\ncreated_at\x12?\n\rlast_use_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x0clast_used_at\x12;\n\x0brevoke_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampR\nrevoked_at\x12$\n\rrevoke_reason\x18\n \x01(\tR\rrevoke_reason\"\xa1\x01\n\x04User\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tworkspace\x18\x02 \x01(\t\x12\r\n\x05\x65mail\x18\x03 \x01(\t\x12\x0e\n\x06scopes\x18\x04 \x03(\t\x12;\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\ncreated_at\x12\x1e\n\ncreated_by\x18\x06 \x01(\tR\ncreated_by\"\x86\x01\n\x17RegisterOAuthAppRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12$\n\rredirect_uris\x18\x03 \x03(\tR\rredirect_uris\x12\x0e\n\x06scopes\x18\x04 \x03(\t\x12\x14\n\x0c\x63onfidential\x18\x05 \x01(\x08\"l\n\x18RegisterOAuthAppResponse\x12*\n\x03\x61pp\x18\x01 \x01(\x0b\x32\x1d.statuspulse.auth.v1.OAuthApp\x12$\n\rclient_secret\x18\x02 \x01(\tR\rclient_secret\"g\n\x14ListOAuthAppsRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x1c\n\tpage_size\x18\x02 \x01(\x05R\tpage_size\x12\x1e\n\npage_token\x18\x03 \x01(\tR\npage_token\"n\n\x15ListOAuthAppsResponse\x12+\n\x04\x61pps\x18\x01 \x03(\x0b\x32\x1d.statuspulse.auth.v1.OAuthApp\x12(\n\x0fnext_page_token\x18\x02 \x01(\tR\x0fnext_page_token\"2\n\x12GetOAuthAppRequest\x12\x1c\n\tclient_id\x18\x01 \x01(\tR\tclient_id\"A\n\x13GetOAuthAppResponse\x12*\n\x03\x61pp\x18\x01 \x01(\x0b\x32\x1d.statuspulse.auth.v1.OAuthApp\"e\n\x1bRotateOAuthAppSecretRequest\x12\x1c\n\tclient_id\x18\x01 \x01(\tR\tclient_id\x12(\n\x0foverlap_seconds\x18\x02 \x01(\x03R\x0foverlap_seconds\"p\n\x1cRotateOAuthAppSecretResponse\x12*\n\x03\x61pp\x18\x01 \x01(\x0b\x32\x1d.statuspulse.auth.v1.OAuthApp\x12$\n\rclient_secret\x18\x02 \x01(\tR\rclient_secret\"5\n\x15\x44\x65leteOAuthAppRequest\x12\x1c\n\tclient_id\x18\x01 \x01(\tR\tclient_id\"D\n\x16\x44\x65leteOAuthAppResponse\x12*\n\x03\x61pp\x18\x01 \x01(\x0b\x32\x1d.statuspulse.auth.v1.OAuthApp\"y\n\x1bListOAuthAppSessionsRequest\x12\x1c\n\tclient_id\x18\x01 \x01(\tR\tclient_id\x12\x1c\n\tpage_size\x18\x02 \x01(\x05R\tpage_size\x12\x1e\n\npage_token\x18\x03 \x01(\tR\npage_token\"\x80\x01\n\x1cListOAuthAppSessionsResponse\x12\x36\n\x08sessions\x18\x01 \x03(\x0b\x32$.statuspulse.auth.v1.OAuthAppSession\x12(\n\x0fnext_page_token\x18\x02 \x01(\tR\x0fnext_page_token\":\n\x1cRevokeOAuthAppSessionRequest\x12\x1a\n\x08grant_id\x18\x01 \x01(\tR\x08grant_id\"V\n\x1dRevokeOAuthAppSessionResponse\x12\x35\n\x07session\x18\x01 \x01(\x0b\x32$.statuspulse.auth.v1.OAuthAppSession\"W\n\x11\x43reateUserRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\r\n\x05\x65mail\x18\x02 \x01(\t\x12\x10\n\x08password\x18\x03 \x01(\t\x12\x0e\n\x06scopes\x18\x04 \x03(\t\"=\n\x12\x43reateUserResponse\x12\'\n\x04user\x18\x01 \x01(\x0b\x32\x19.statuspulse.auth.v1.User\"c\n\x10ListUsersRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x1c\n\tpage_size\x18\x02 \x01(\x05R\tpage_size\x12\x1e\n\npage_token\x18\x03 \x01(\tR\npage_token\"g\n\x11ListUsersResponse\x12(\n\x05users\x18\x01 \x03(\x0b\x32\x19.statuspulse.auth.v1.User\x12(\n\x0fnext_page_token\x18\x02 \x01(\tR\x0fnext_page_token2\xca\x08\n\x0fOAuthAppService\x12\x9b\x01\n\x10RegisterOAuthApp\x12,.statuspulse.auth.v1.RegisterOAuthAppRequest\x1a-.statuspulse.auth.v1.RegisterOAuthAppResponse\"*\x82\xd3\xe4\x93\x02$\"\x1f/v1/workspaces/{workspace}/apps:\x01*\x12\x9b\x01\n\rListOAuthApps\x12).statuspulse.auth.v1.ListOAuthAppsRequest\x1a*.statuspulse.auth.v1.ListOAuthAppsResponse\"3\x82\xd3\xe4\x93\x02-\x12\x08/v1/appsZ!\x12\x1f/v1/workspaces/{workspace}/apps\x12~\n\x0bGetOAuthApp\x12\'.statuspulse.auth.v1.GetOAuthAppRequest\x1a(.statuspulse.auth.v1.GetOAuthAppResponse\"\x1c\x82\xd3\xe4\x93\x02\x16\x12\x14/v1/apps/{client_id}\x12\xa9\x01\n\x14RotateOAuthAppSecret\x12\x30.statuspulse.auth.v1.RotateOAuthAppSecretRequest\x1a\x31.statuspulse.auth.v1.RotateOAuthAppSecretResponse\",\x82\xd3\xe4\x93\x02&\"!/v1/apps/{client_id}:rotateSecret:\x01*\x12\x87\x01\n\x0e\x44\x65leteOAuthApp\x12*.statuspulse.auth.v1.DeleteOAuthAppRequest\x1a+.statuspulse.auth.v1.DeleteOAuthAppResponse\"\x1c\x82\xd3\xe4\x93\x02\x16*\x14/v1/apps/{client_id}\x12\xa2\x01\n\x14ListOAuthAppSessions\x12\x30.statuspulse.auth.v1.ListOAuthAppSessionsRequest\x1a\x31.statuspulse.auth.v1.ListOAuthAppSessionsResponse\"%\x82\xd3\xe4\x93\x02\x1f\x12\x1d/v1/apps/{client_id}/sessions\x12\x9f\x01\n\x15RevokeOAuthAppSession\x12\x31.statuspulse.auth.v1.RevokeOAuthAppSessionRequest\x1a\x32.statuspulse.auth.v1.RevokeOAuthAppSessionResponse\"\x1f\x82\xd3\xe4\x93\x02\x19*\x17/v1/sessions/{grant_id}2\xb4\x02\n\x0bUserService\x12\x8c\x01\n\nCreateUser\x12&.statuspulse.auth.v1.CreateUserRequest\x1a\'.statuspulse.auth.v1.CreateUserResponse\"-\x82\xd3\xe4\x93\x02\'\"\"/v1/workspaces/{workspace}/members:\x01*\x12\x95\x01\n\tListUsers\x12%.statuspulse.auth.v1.ListUsersRequest\x1a&.statuspulse.auth.v1.ListUsersResponse\"9\x82\xd3\xe4\x93\x02\x33\x12\x0b/v1/membersZ$\x12\"/v1/workspaces/{workspace}/membersb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -63,39 +63,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGISTEROAUTHAPPRESPONSE']._serialized_start=1242
   _globals['_REGISTEROAUTHAPPRESPONSE']._serialized_end=1350
   _globals['_LISTOAUTHAPPSREQUEST']._serialized_start=1352
-  _globals['_LISTOAUTHAPPSREQUEST']._serialized_end=1393
-  _globals['_LISTOAUTHAPPSRESPONSE']._serialized_start=1395
-  _globals['_LISTOAUTHAPPSRESPONSE']._serialized_end=1463
-  _globals['_GETOAUTHAPPREQUEST']._serialized_start=1465
-  _globals['_GETOAUTHAPPREQUEST']._serialized_end=1515
-  _globals['_GETOAUTHAPPRESPONSE']._serialized_start=1517
-  _globals['_GETOAUTHAPPRESPONSE']._serialized_end=1582
-  _globals['_ROTATEOAUTHAPPSECRETREQUEST']._serialized_start=1584
-  _globals['_ROTATEOAUTHAPPSECRETREQUEST']._serialized_end=1685
-  _globals['_ROTATEOAUTHAPPSECRETRESPONSE']._serialized_start=1687
-  _globals['_ROTATEOAUTHAPPSECRETRESPONSE']._serialized_end=1799
-  _globals['_DELETEOAUTHAPPREQUEST']._serialized_start=1801
-  _globals['_DELETEOAUTHAPPREQUEST']._serialized_end=1854
-  _globals['_DELETEOAUTHAPPRESPONSE']._serialized_start=1856
-  _globals['_DELETEOAUTHAPPRESPONSE']._serialized_end=1924
-  _globals['_LISTOAUTHAPPSESSIONSREQUEST']._serialized_start=1926
-  _globals['_LISTOAUTHAPPSESSIONSREQUEST']._serialized_end=1985
-  _globals['_LISTOAUTHAPPSESSIONSRESPONSE']._serialized_start=1987
-  _globals['_LISTOAUTHAPPSESSIONSRESPONSE']._serialized_end=2073
-  _globals['_REVOKEOAUTHAPPSESSIONREQUEST']._serialized_start=2075
-  _globals['_REVOKEOAUTHAPPSESSIONREQUEST']._serialized_end=2133
-  _globals['_REVOKEOAUTHAPPSESSIONRESPONSE']._serialized_start=2135
-  _globals['_REVOKEOAUTHAPPSESSIONRESPONSE']._serialized_end=2221
-  _globals['_CREATEUSERREQUEST']._serialized_start=2223
-  _globals['_CREATEUSERREQUEST']._serialized_end=2310
-  _globals['_CREATEUSERRESPONSE']._serialized_start=2312
-  _globals['_CREATEUSERRESPONSE']._serialized_end=2373
-  _globals['_LISTUSERSREQUEST']._serialized_start=2375
-  _globals['_LISTUSERSREQUEST']._serialized_end=2412
-  _globals['_LISTUSERSRESPONSE']._serialized_start=2414
-  _globals['_LISTUSERSRESPONSE']._serialized_end=2475
-  _globals['_OAUTHAPPSERVICE']._serialized_start=2478
-  _globals['_OAUTHAPPSERVICE']._serialized_end=3576
-  _globals['_USERSERVICE']._serialized_start=3579
-  _globals['_USERSERVICE']._serialized_end=3887
+  _globals['_LISTOAUTHAPPSREQUEST']._serialized_end=1455
+  _globals['_LISTOAUTHAPPSRESPONSE']._serialized_start=1457
+  _globals['_LISTOAUTHAPPSRESPONSE']._serialized_end=1567
+  _globals['_GETOAUTHAPPREQUEST']._serialized_start=1569
+  _globals['_GETOAUTHAPPREQUEST']._serialized_end=1619
+  _globals['_GETOAUTHAPPRESPONSE']._serialized_start=1621
+  _globals['_GETOAUTHAPPRESPONSE']._serialized_end=1686
+  _globals['_ROTATEOAUTHAPPSECRETREQUEST']._serialized_start=1688
+  _globals['_ROTATEOAUTHAPPSECRETREQUEST']._serialized_end=1789
+  _globals['_ROTATEOAUTHAPPSECRETRESPONSE']._serialized_start=1791
+  _globals['_ROTATEOAUTHAPPSECRETRESPONSE']._serialized_end=1903
+  _globals['_DELETEOAUTHAPPREQUEST']._serialized_start=1905
+  _globals['_DELETEOAUTHAPPREQUEST']._serialized_end=1958
+  _globals['_DELETEOAUTHAPPRESPONSE']._serialized_start=1960
+  _globals['_DELETEOAUTHAPPRESPONSE']._serialized_end=2028
+  _globals['_LISTOAUTHAPPSESSIONSREQUEST']._serialized_start=2030
+  _globals['_LISTOAUTHAPPSESSIONSREQUEST']._serialized_end=2151
+  _globals['_LISTOAUTHAPPSESSIONSRESPONSE']._serialized_start=2154
+  _globals['_LISTOAUTHAPPSESSIONSRESPONSE']._serialized_end=2282
+  _globals['_REVOKEOAUTHAPPSESSIONREQUEST']._serialized_start=2284
+  _globals['_REVOKEOAUTHAPPSESSIONREQUEST']._serialized_end=2342
+  _globals['_REVOKEOAUTHAPPSESSIONRESPONSE']._serialized_start=2344
+  _globals['_REVOKEOAUTHAPPSESSIONRESPONSE']._serialized_end=2430
+  _globals['_CREATEUSERREQUEST']._serialized_start=2432
+  _globals['_CREATEUSERREQUEST']._serialized_end=2519
+  _globals['_CREATEUSERRESPONSE']._serialized_start=2521
+  _globals['_CREATEUSERRESPONSE']._serialized_end=2582
+  _globals['_LISTUSERSREQUEST']._serialized_start=2584
+  _globals['_LISTUSERSREQUEST']._serialized_end=2683
+  _globals['_LISTUSERSRESPONSE']._serialized_start=2685
+  _globals['_LISTUSERSRESPONSE']._serialized_end=2788
+  _globals['_OAUTHAPPSERVICE']._serialized_start=2791
+  _globals['_OAUTHAPPSERVICE']._serialized_end=3889
+  _globals['_USERSERVICE']._serialized_start=3892
+  _globals['_USERSERVICE']._serialized_end=4200
 # @@protoc_insertion_point(module_scope)
