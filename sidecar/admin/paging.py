@@ -22,15 +22,15 @@ def page(
 ) -> tuple[list[T], str]:
     """The page of ``items`` (newest first by ``key``) after ``page_token``, and the token
     of the next page ('' when this is the last). ``page_size`` 0 means every remaining item."""
-    if page_size < 0:
-        raise InvalidArgument("page_size", "must not be negative")
+    if not 0 <= page_size <= MAX_PAGE:
+        raise InvalidArgument("page_size", f"must be between 0 (all) and {MAX_PAGE}")
     # Sorted here, not trusted from the store: its collation may order equal times' ids
     # differently from the comparison below.
     remaining = sorted(items, key=key, reverse=True)
     if page_token:
         after = _decode(page_token)
         remaining = [item for item in remaining if key(item) < after]
-    size = min(page_size, MAX_PAGE) if page_size else len(remaining)
+    size = page_size or len(remaining)
     chunk = remaining[:size]
     more = len(remaining) > size and bool(chunk)
     return chunk, _encode(key(chunk[-1])) if more else ""
