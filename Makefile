@@ -28,6 +28,7 @@ lint: setup-test system-deps
 	ruff check .
 	ruff format --check .
 	mypy
+	lint-imports
 	@# buf cannot fetch buf.build/googleapis offline, so it lints the image protoc builds with
 	@# googleapis' protos from the googleapis-common-protos wheel (only our files: --path).
 	$(PY) scripts/genproto.py --descriptor-set .buf-image.binpb --source-info

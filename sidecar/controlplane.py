@@ -28,25 +28,24 @@ from sidecar.admin import http_rules
 from sidecar.admin.apikeys import ApiKeyServicer
 from sidecar.admin.apps import OAuthAppServicer
 from sidecar.admin.audit import AuditServicer, load_checkpoint_key
-from sidecar.admin.replication import ReplicationServicer, SnapshotSource
+from sidecar.admin.http_api import AdminHttpApi
+from sidecar.admin.openapi_route import openapi_routes
 from sidecar.admin.throttle import FailureThrottle
 from sidecar.admin.users import UserServicer
+from sidecar.authz.policy import Policy
+from sidecar.authz.policy_source import PolicyWatcher, load_policy
 from sidecar.config import Settings
 from sidecar.core.apikeys import ApiKeyService, KeyPolicy, key_snapshot
 from sidecar.core.apps import AppService
 from sidecar.core.audit_trail import AuditTrail
+from sidecar.core.changes import oauth_snapshot
 from sidecar.core.clock import Clock, SystemClock
 from sidecar.core.errors import SpauthError
 from sidecar.core.models import Minted
-from sidecar.core.oauth_changes import oauth_snapshot
-from sidecar.core.policy import Policy
 from sidecar.core.users import UserService
-from sidecar.dataplane.policy_source import PolicyWatcher, load_policy
-from sidecar.http.admin_api import AdminHttpApi
 from sidecar.http.app import build_app
-from sidecar.http.openapi_route import openapi_routes
 from sidecar.http.routes import oauth_routes
-from sidecar.oauth import config as oauth_config
+from sidecar.oauth.config import OAuthConfig
 from sidecar.oauth.server import AuthorizationServer
 from sidecar.ops.admin_calls import AdminCallInterceptor
 from sidecar.ops.health import Health, Status, worst
@@ -55,13 +54,25 @@ from sidecar.ops.http_server import HttpServer
 from sidecar.ops.metrics import OAUTH_EVENTS, Metrics
 from sidecar.ops.tls import admin_server_credentials, http_ssl_files
 from sidecar.ops.tracing import start_tracing
+from sidecar.ratelimit.local import AbuseLimits, WindowRateLimiter
+from sidecar.replication.server import ReplicationServicer, SnapshotSource
 from sidecar.store import Store, open_store
 
 if TYPE_CHECKING:
-    from sidecar.bus import AuditStreamConsumer, RedisChangeBus
+    from sidecar.bus import AuditStreamConsumer
+    from sidecar.replication.bus import RedisChangeBus
 
 log = logging.getLogger("sidecar.controlplane")
 AUDIT_PRUNE_INTERVAL = 3600.0  # retention is in days; checking hourly is plenty
+
+
+def _failure_limiter(limit: int, window: float) -> WindowRateLimiter | None:
+    """The sidecar's limiter, counting refused admin keys per source address (None: off)."""
+    if limit <= 0:
+        return None
+    return WindowRateLimiter(
+        AbuseLimits(source_failures=limit, key_failures=0, failure_window=window)
+    )
 
 
 class ControlPlane:
@@ -92,7 +103,10 @@ class ControlPlane:
         # Every admin call (gRPC or HTTP) authenticates through this: refused keys are counted
         # per source address.
         self.guard = FailureThrottle(
-            self.keys, self.clock, settings.admin_failure_limit, settings.admin_failure_window
+            self.keys,
+            self.clock,
+            _failure_limiter(settings.admin_failure_limit, settings.admin_failure_window),
+            settings.admin_failure_window,
         )
         self.audit_servicer = AuditServicer(self.audit, self.guard, sync_token=settings.sync_token)
         self._unsubscribe = self.store.subscribe(self.audit_servicer.notify)
@@ -220,7 +234,7 @@ class ControlPlane:
         self.oauth = AuthorizationServer(
             self.store,
             self.clock,
-            oauth_config.from_settings(self.settings, port),
+            oauth_config(self.settings, port),
             token_events=self._oauth_token_event,
         )
         await asyncio.to_thread(self.oauth.start)
@@ -243,7 +257,8 @@ class ControlPlane:
         if not url:
             return
         # Imported only when used: redis-py loads OpenTelemetry on import.
-        from sidecar.bus import AuditStreamConsumer, RedisChangeBus
+        from sidecar.bus import AuditStreamConsumer
+        from sidecar.replication.bus import RedisChangeBus
 
         self.bus = RedisChangeBus(url, self.store, self._committed_elsewhere)
         await self.bus.start()
@@ -322,3 +337,25 @@ class ControlPlane:
             await asyncio.to_thread(self.tracing.shutdown)
         await self.http.aclose(grace)
         self.store.close()
+
+
+def oauth_config(settings: Settings, http_port: int) -> OAuthConfig:
+    """The OAuth configuration of a control plane whose HTTP server is bound to ``http_port``
+    (the default issuer names the bound port, so ``--http-addr 127.0.0.1:0`` works)."""
+    issuer = settings.oauth_issuer
+    if not issuer:
+        host = settings.http_addr.rpartition(":")[0]
+        issuer = f"http://{host}:{http_port}"
+        if host in ("0.0.0.0", "::", "[::]"):  # noqa: S104 (comparing, not binding)
+            logging.getLogger("sidecar.oauth").warning(
+                "oauth_issuer is not set and http_addr is a wildcard address: tokens will name "
+                "an issuer clients cannot reach; set oauth_issuer to the public URL",
+                extra={"issuer": issuer},
+            )
+    return OAuthConfig(
+        issuer=issuer,
+        audience=settings.oauth_audience,
+        access_token_ttl=settings.oauth_access_token_ttl,
+        refresh_token_ttl=settings.oauth_refresh_token_ttl,
+        signing_key_rotation=settings.oauth_signing_key_rotation,
+    )

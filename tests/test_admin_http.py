@@ -20,11 +20,11 @@ from openapi_spec_validator import validate
 
 from sidecar._gen.statuspulse.auth.v1 import api_keys_pb2 as keys_pb
 from sidecar.admin import http_rules, openapi
+from sidecar.admin.problems import HTTP_STATUS, status_of
 from sidecar.config import load_settings
 from sidecar.controlplane import ControlPlane
 from sidecar.core.clock import FakeClock
 from sidecar.core.errors import ALL_ERRORS, InvalidArgument, RateLimited, SpauthError
-from sidecar.http.problems import HTTP_STATUS, status_of
 from tests.conftest import LoopThread, RunningControlPlane, bearer, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent

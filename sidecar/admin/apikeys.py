@@ -9,12 +9,13 @@ from sidecar._gen.statuspulse.auth.v1 import api_keys_pb2 as pb
 from sidecar._gen.statuspulse.auth.v1 import api_keys_pb2_grpc as pb_grpc
 from sidecar.admin import convert
 from sidecar.admin.rpc import Authenticator, admin_rpc
-from sidecar.core.apikeys import ApiKeyService, key_identity
+from sidecar.authz.decision import Identity
+from sidecar.authz.engine import route_decision
+from sidecar.authz.policy import METHODS, Policy
+from sidecar.core.apikeys import ApiKeyService
 from sidecar.core.clock import Clock
-from sidecar.core.engine import route_decision
 from sidecar.core.errors import InvalidArgument
-from sidecar.core.models import RequestContext
-from sidecar.core.policy import METHODS, Policy
+from sidecar.core.models import ApiKey, RequestContext
 
 MAX_PATH = 2048
 
@@ -131,6 +132,19 @@ class ApiKeyServicer(pb_grpc.ApiKeyServiceServicer):  # type: ignore[misc]
             )
         )
         return response
+
+
+def key_identity(key: ApiKey) -> Identity:
+    """The identity a sidecar's replica holds for ``key`` (what its checks decide with)."""
+    return Identity(
+        kind="api_key",
+        id=key.id,
+        workspace=key.workspace,
+        scopes=frozenset(key.scopes),
+        expires_at=key.expires_at,
+        rate_limit=key.rate_limit,
+        rate_period=key.rate_period,
+    )
 
 
 def _route_question(request: pb.WhoAmIRequest) -> tuple[str, str]:

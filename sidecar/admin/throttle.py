@@ -9,10 +9,10 @@ from __future__ import annotations
 import math
 
 from sidecar.admin.rpc import Authenticator, SourceAware
+from sidecar.authz.ratelimit import RateLimiter
 from sidecar.core.clock import Clock
 from sidecar.core.errors import RateLimited, Unauthenticated
 from sidecar.core.models import Principal
-from sidecar.ratelimit.local import AbuseLimits, WindowRateLimiter
 
 
 def source_host(peer: str) -> str:
@@ -26,21 +26,23 @@ def source_host(peer: str) -> str:
 
 
 class FailureThrottle(SourceAware):
-    """An ``Authenticator`` that counts refused keys per source (``limit`` per ``window`` s)."""
+    """An ``Authenticator`` that counts refused keys per source in ``limiter`` (the sidecar's
+    ``WindowRateLimiter``, built with the limit and ``window`` by the control plane), or only
+    authenticates when ``limiter`` is None (the limit is off)."""
 
-    def __init__(self, inner: Authenticator, clock: Clock, limit: int, window: float) -> None:
+    def __init__(
+        self, inner: Authenticator, clock: Clock, limiter: RateLimiter | None, window: float
+    ) -> None:
         self._inner = inner
         self._clock = clock
-        self._enabled = limit > 0
-        self._limiter = WindowRateLimiter(
-            AbuseLimits(source_failures=limit, key_failures=0, failure_window=window)
-        )
+        self._limiter = limiter
         self._retry_after = max(1, math.ceil(window))
 
     def authenticate(self, secret: str, source: str = "") -> Principal:
         host = source_host(source)
         now = self._clock.now()
-        if self._enabled and host and self._limiter.source_blocked(host, now):
+        limiter = self._limiter
+        if limiter is not None and host and limiter.source_blocked(host, now):
             raise RateLimited(
                 "too many refused API keys from this address; try again later",
                 self._retry_after,
@@ -49,6 +51,6 @@ class FailureThrottle(SourceAware):
             return self._inner.authenticate(secret)
         except Unauthenticated:
             # A request without any key is not an attempt (as on the sidecar).
-            if self._enabled and host and secret:
-                self._limiter.failed(host, "", now)
+            if limiter is not None and host and secret:
+                limiter.failed(host, "", now)
             raise

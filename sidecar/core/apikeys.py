@@ -13,7 +13,6 @@ from dataclasses import dataclass, replace
 from sidecar.core import keyformat, validation
 from sidecar.core.audit import event
 from sidecar.core.clock import Clock
-from sidecar.core.decision import Identity
 from sidecar.core.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -32,7 +31,7 @@ from sidecar.core.models import (
     RequestContext,
 )
 from sidecar.core.scopes import ADMIN_FULL, KEYS_MANAGE, parse_scopes, satisfies, sort_scopes
-from sidecar.store.base import Store, UnitOfWork
+from sidecar.core.storage import Store, UnitOfWork
 
 DAY = 86400
 SYSTEM_ACTOR = "system"
@@ -372,16 +371,3 @@ def _decode_token(token: str) -> tuple[int, str]:
     except (ValueError, binascii.Error, TypeError):
         raise InvalidArgument("page_token", "malformed page token") from None
     return created_at, key_id
-
-
-def key_identity(key: ApiKey) -> Identity:
-    """The identity a sidecar's replica holds for ``key`` (what its checks decide with)."""
-    return Identity(
-        kind="api_key",
-        id=key.id,
-        workspace=key.workspace,
-        scopes=frozenset(key.scopes),
-        expires_at=key.expires_at,
-        rate_limit=key.rate_limit,
-        rate_period=key.rate_period,
-    )

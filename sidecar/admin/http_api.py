@@ -3,7 +3,7 @@
 by the same seam as a gRPC call (``sidecar.admin.rpc.authenticated``) and runs the very servicer
 method gRPC runs; its response is the proto3 JSON mapping of the response message, with the
 fields' ``json_name`` (snake_case, as ``spauth -o json``). Errors are RFC 9457 problem documents
-(``sidecar.http.problems``)."""
+(``sidecar.admin.problems``)."""
 
 from __future__ import annotations
 
@@ -22,10 +22,9 @@ from starlette.routing import BaseRoute, Route
 
 from sidecar.admin.errors import grpc_code
 from sidecar.admin.http_rules import Binding
-from sidecar.admin.rpc import authenticated, bearer_token, core_method
+from sidecar.admin.problems import error_problem, problem
+from sidecar.admin.rpc import authenticated, bearer_token, core_method, request_id
 from sidecar.core.errors import InvalidArgument, SpauthError
-from sidecar.http.errors import request_id, source
-from sidecar.http.problems import error_problem, problem
 
 log = logging.getLogger("sidecar.http.admin")
 MAX_BODY = 64 * 1024
@@ -75,10 +74,10 @@ class AdminHttpApi:
         a problem document under /v1/, Starlette's plain answer elsewhere."""
         if not request.scope["path"].startswith(PREFIX) or not isinstance(exc, HTTPException):
             return PlainTextResponse("Not Found", status_code=404)
-        return problem(exc.status_code, "not_found", _no_route(request), request_id(request))
+        return problem(exc.status_code, "not_found", _no_route(request), _request_id(request))
 
     async def dispatch(self, request: Request) -> Response:
-        rid = request_id(request)
+        rid = _request_id(request)
         binding, values, allowed = self.match(request.method, request.scope["path"])
         if binding is None:
             status, code = (405, "method_not_allowed") if allowed else (404, "not_found")
@@ -102,7 +101,8 @@ class AdminHttpApi:
         try:
             given = request.headers.get("authorization")
             token = bearer_token((("authorization", given),) if given is not None else ())
-            ctx = await authenticated(servicer.authenticator, token, rid, source(request))
+            peer = request.client.host if request.client else ""  # proxy headers: not trusted
+            ctx = await authenticated(servicer.authenticator, token, rid, peer)
             message = build_request(
                 binding, values, list(request.query_params.multi_items()), await _body(request)
             )
@@ -125,6 +125,12 @@ class AdminHttpApi:
         if self.calls is not None:
             service = binding.method.containing_service.name
             self.calls.labels(f"{service}/{binding.method.name}", code).inc()
+
+
+def _request_id(request: Request) -> str:
+    """The caller's ``x-request-id`` when well-formed, else a fresh one (the gRPC rule)."""
+    given = request.headers.get("x-request-id")
+    return request_id((("x-request-id", given),) if given is not None else ())
 
 
 def _no_route(request: Request) -> str:
