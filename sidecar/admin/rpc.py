@@ -31,6 +31,13 @@ class Authenticator(Protocol):
     def authenticate(self, secret: str) -> Principal: ...
 
 
+class SourceAware:
+    """Base of authenticators that also take the caller's address (``admin.throttle``)."""
+
+    def authenticate(self, secret: str, source: str = "") -> Principal:
+        raise NotImplementedError
+
+
 def bearer_token(metadata: Metadata) -> str:
     """The credential from ``authorization: Bearer <key>`` metadata, or ''."""
     for name, value in metadata or ():
@@ -50,20 +57,12 @@ def request_id(metadata: Metadata) -> str:
     return "req_" + secrets.token_hex(8)
 
 
+Handler = Callable[[Any, Req, RequestContext], Awaitable[Resp]]
 StreamMethod = Callable[[Any, Req, RequestContext], AsyncIterator[Resp]]
 
 # A stream re-authenticates its key this often (checked before each message it sends), so a
 # revoked key stops receiving records.
 REAUTH_SECONDS = 10.0
-
-
-async def _authenticated(
-    servicer: Any, context: grpc.aio.ServicerContext[Any, Any], metadata: Metadata, rid: str
-) -> tuple[str, RequestContext]:
-    """The caller's bearer token and its request context; raises Unauthenticated."""
-    token = bearer_token(metadata)
-    principal = await asyncio.to_thread(servicer.authenticator.authenticate, token)
-    return token, RequestContext(principal=principal, request_id=rid, source=context.peer())
 
 
 def _begin(context: grpc.aio.ServicerContext[Any, Any]) -> tuple[Metadata, str]:
@@ -86,6 +85,23 @@ async def abort(
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {rid})")
 
 
+async def authenticated(
+    authenticator: Authenticator, token: str, rid: str, source: str
+) -> RequestContext:
+    """The request context of a call presenting ``token``: every admin transport (gRPC, the
+    HTTP/JSON API) authenticates here, so the rules are the same on each."""
+    if isinstance(authenticator, SourceAware):
+        principal = await asyncio.to_thread(authenticator.authenticate, token, source)
+    else:
+        principal = await asyncio.to_thread(authenticator.authenticate, token)
+    return RequestContext(principal=principal, request_id=rid, source=source)
+
+
+def core_method(method: Callable[..., Awaitable[Any]]) -> Handler[Any, Any]:
+    """The undecorated ``(self, request, ctx)`` method behind an ``admin_rpc`` method."""
+    return method.__wrapped__  # type: ignore[attr-defined,no-any-return]
+
+
 def admin_rpc(
     method: Callable[[Any, Req, RequestContext], Awaitable[Resp]],
 ) -> Callable[[Any, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]]:
@@ -98,7 +114,8 @@ def admin_rpc(
     ) -> Resp:
         metadata, rid = _begin(context)
         try:
-            _, ctx = await _authenticated(self, context, metadata, rid)
+            token = bearer_token(metadata)
+            ctx = await authenticated(self.authenticator, token, rid, context.peer())
             return await method(self, request, ctx)
         except Exception as exc:
             await abort(context, exc, method.__name__, rid)
@@ -118,12 +135,13 @@ def admin_stream(
     ) -> AsyncIterator[Resp]:
         metadata, rid = _begin(context)
         try:
-            token, ctx = await _authenticated(self, context, metadata, rid)
+            token = bearer_token(metadata)
+            ctx = await authenticated(self.authenticator, token, rid, context.peer())
             loop = asyncio.get_running_loop()
             reauth_at = loop.time() + REAUTH_SECONDS
             async for item in method(self, request, ctx):
                 if loop.time() >= reauth_at:
-                    await asyncio.to_thread(self.authenticator.authenticate, token)
+                    await authenticated(self.authenticator, token, rid, context.peer())
                     reauth_at = loop.time() + REAUTH_SECONDS
                 yield item
         except Exception as exc:
