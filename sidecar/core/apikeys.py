@@ -10,7 +10,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
-from sidecar.core import keyformat, permissions, validation
+from sidecar.core import changes, keyformat, permissions, validation
 from sidecar.core.audit import event
 from sidecar.core.clock import Clock
 from sidecar.core.errors import (
@@ -48,25 +48,10 @@ class KeyPolicy:
     max_page_size: int = 1000
 
 
-def credential_payload(key: ApiKey) -> dict[str, object]:
-    """What a sidecar replica needs to know about a usable key (digest, never the secret)."""
-    payload: dict[str, object] = {
-        "id": key.id,
-        "digest": key.digest.hex(),
-        "workspace": key.workspace,
-        "scopes": sort_scopes(key.scopes),
-        "expires_at": key.expires_at,
-    }
-    if key.rate_limit:
-        payload["rate_limit"] = key.rate_limit
-        payload["rate_period"] = key.rate_period
-    return payload
-
-
 def key_snapshot(uow: UnitOfWork, now: int) -> Iterator[Change]:
     """Every usable key as a replica entry (the API-key part of a replica snapshot)."""
     for key in uow.keys.usable(now):
-        yield Change("credential.upserted", key.id, credential_payload(key))
+        yield changes.credential_upserted(key)
 
 
 class ApiKeyService:
@@ -137,7 +122,7 @@ class ApiKeyService:
         with self._store.transaction() as uow:
             uow.keys.insert(key)
             self._record(uow, ctx, "key.created", key, meta)
-            uow.changes.append(Change("credential.upserted", key.id, credential_payload(key)))
+            uow.changes.append(changes.credential_upserted(key))
         return Minted(key=key, secret=secret)
 
     def list(
@@ -231,7 +216,7 @@ class ApiKeyService:
             if deadline is not None:
                 meta["grace_deadline"] = str(deadline)
             self._record(uow, ctx, "key.replaced", new, meta)
-            uow.changes.append(Change("credential.upserted", new.id, credential_payload(new)))
+            uow.changes.append(changes.credential_upserted(new))
         return Minted(key=new, secret=secret, replaced=old)
 
     def revoke(self, ctx: RequestContext, key_id: str, *, reason: str = "") -> ApiKey:
@@ -247,7 +232,7 @@ class ApiKeyService:
             key = replace(key, revoked_at=int(self._clock.now()), revoke_reason=reason)
             uow.keys.update(key)
             self._record(uow, ctx, "key.revoked", key, {}, reason=reason)
-            uow.changes.append(Change("credential.revoked", key.id, {"id": key.id}))
+            uow.changes.append(changes.credential_revoked(key.id))
         return key
 
     def sweep(self) -> int:
@@ -261,11 +246,11 @@ class ApiKeyService:
                     revoked = replace(key, revoked_at=now, revoke_reason="replacement grace ended")
                     uow.keys.update(revoked)
                     self._record_system(uow, "key.revoked", revoked, revoked.revoke_reason)
-                    uow.changes.append(Change("credential.revoked", key.id, {"id": key.id}))
+                    uow.changes.append(changes.credential_revoked(key.id))
                 else:
                     uow.keys.update(replace(key, expiry_recorded=True))
                     self._record_system(uow, "key.expired", key, "")
-                    uow.changes.append(Change("credential.expired", key.id, {"id": key.id}))
+                    uow.changes.append(changes.credential_expired(key.id))
         return len(due)
 
     def bootstrap_operator_key(self, name: str = "operator") -> Minted | None:
@@ -288,7 +273,7 @@ class ApiKeyService:
                 return None
             uow.keys.insert(key)
             self._record_system(uow, "key.created", key, "bootstrap operator key")
-            uow.changes.append(Change("credential.upserted", key.id, credential_payload(key)))
+            uow.changes.append(changes.credential_upserted(key))
         return Minted(key=key, secret=secret)
 
     # -- helpers ----------------------------------------------------------------------------
