@@ -28,6 +28,7 @@ from sidecar.admin.apikeys import ApiKeyServicer
 from sidecar.admin.apps import OAuthAppServicer
 from sidecar.admin.audit import AuditServicer, load_checkpoint_key
 from sidecar.admin.replication import ReplicationServicer, SnapshotSource
+from sidecar.admin.signing_keys import SigningKeyServicer
 from sidecar.admin.users import UserServicer
 from sidecar.config import Settings
 from sidecar.core.apikeys import ApiKeyService, KeyPolicy, key_snapshot
@@ -41,7 +42,8 @@ from sidecar.core.users import UserService
 from sidecar.http.app import build_app
 from sidecar.http.routes import oauth_routes
 from sidecar.oauth import config as oauth_config
-from sidecar.oauth.server import AuthorizationServer
+from sidecar.oauth.key_admin import SigningKeyAdmin
+from sidecar.oauth.server import AuthorizationServer, signing_keys
 from sidecar.ops.admin_calls import AdminCallInterceptor
 from sidecar.ops.health import Health, Status, worst
 from sidecar.ops.http_routes import ops_routes
@@ -56,6 +58,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sidecar.controlplane")
 AUDIT_PRUNE_INTERVAL = 3600.0  # retention is in days; checking hourly is plenty
+OPERATOR_CHECK_INTERVAL = 3600.0
 
 
 class ControlPlane:
@@ -95,6 +98,13 @@ class ControlPlane:
         )
         self.apps = AppService(self.store, self.clock)
         self.users = UserService(self.store, self.clock)
+        # The signing keys need no port (the issuer does): the admin API rotates them too.
+        self.signing_keys = signing_keys(
+            self.store,
+            self.clock,
+            oauth_config.from_settings(settings, 0),
+            oauth_config.key_encryption(settings),
+        )
         self.oauth: AuthorizationServer | None = None  # built in start(), once the port is bound
         self.health = health_aio.HealthServicer()
         # Other components' health, folded into /readyz (spauth serve adds the sidecar's).
@@ -147,6 +157,12 @@ class ControlPlane:
         oauth_pb2_grpc.add_UserServiceServicer_to_server(
             UserServicer(self.users, self.keys), server
         )
+        oauth_pb2_grpc.add_SigningKeyServiceServicer_to_server(
+            SigningKeyServicer(
+                SigningKeyAdmin(self.signing_keys, self.clock), self.keys, self.clock
+            ),
+            server,
+        )
         replication_pb2_grpc.add_ReplicationServiceServicer_to_server(self.replication, server)
         audit_pb2_grpc.add_AuditServiceServicer_to_server(self.audit_servicer, server)
         self.audit_servicer.bind(asyncio.get_running_loop())
@@ -157,6 +173,7 @@ class ControlPlane:
             oauth_pb2.DESCRIPTOR.services_by_name["OAuthAppService"].full_name,
             oauth_pb2.DESCRIPTOR.services_by_name["UserService"].full_name,
             audit_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name,
+            oauth_pb2.DESCRIPTOR.services_by_name["SigningKeyService"].full_name,
             health.SERVICE_NAME,
             reflection.SERVICE_NAME,
         )
@@ -179,6 +196,7 @@ class ControlPlane:
         self._server = server
         for name in ("", *names[:4]):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await asyncio.to_thread(self.check_operator_keys)
         self._sweeper = asyncio.create_task(self._sweep_forever())
         await self._start_redis()
         log.info(
@@ -198,6 +216,7 @@ class ControlPlane:
             self.clock,
             oauth_config.from_settings(self.settings, port),
             token_events=self._oauth_token_event,
+            keys=self.signing_keys,
         )
         await asyncio.to_thread(self.oauth.start)
         await self.http.start(build_app(oauth_routes(self.oauth, self.keys), self.http_routes))
@@ -227,9 +246,28 @@ class ControlPlane:
         if event in OAUTH_EVENTS:
             self.metrics.oauth_tokens.labels(event).inc()
 
+    def check_operator_keys(self) -> int:
+        """Export when the last usable operator key expires, and warn in the log when that is
+        within ``operator_key_warning`` (or already past); returns the expiry (0: none)."""
+        expiry = self.keys.operator_expiry()
+        self.metrics.operator_key_expiry.set(expiry)
+        left = expiry - self.clock.now()
+        if left <= self.settings.operator_key_warning:
+            log.warning(
+                "operator key expiring: create a second operator key (or `spauth operator "
+                "mint` with local access to the store) before the last one expires",
+                extra={"expires_at": expiry, "seconds_left": max(0, int(left))},
+            )
+        return expiry
+
     async def _sweep_forever(self) -> None:
         next_prune = 0.0
+        next_operator_check = self.clock.now() + OPERATOR_CHECK_INTERVAL
         while True:
+            if self.clock.now() >= next_operator_check:
+                next_operator_check = self.clock.now() + OPERATOR_CHECK_INTERVAL
+                with contextlib.suppress(SpauthError):
+                    await asyncio.to_thread(self.check_operator_keys)
             try:
                 changed = await asyncio.to_thread(self.keys.sweep)
                 if self.oauth is not None:

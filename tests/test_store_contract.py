@@ -43,6 +43,7 @@ from sidecar.store.base import Store
 from sidecar.store.postgres import PostgresStore
 from sidecar.store.sqlite import SqliteStore
 from tests.support.postgres import PostgresServer
+from tests.support.signing import TEST_KEK
 
 # -- helpers ------------------------------------------------------------------------------------
 
@@ -487,17 +488,22 @@ def test_signing_keys_current_and_published_in_insertion_order(store: Store) -> 
         return SigningKey(**fields)  # type: ignore[arg-type]
 
     with store.transaction() as uow:
-        assert uow.oauth.signing_keys.current() is None
+        assert uow.oauth.signing_keys.current(300) is None
         uow.oauth.signing_keys.insert(key("k1", 100, superseded_at=200, retired_at=300))
         uow.oauth.signing_keys.insert(key("k2", 200, superseded_at=200))
         uow.oauth.signing_keys.insert(key("k3", 200))  # same second as k2: insertion order wins
+        uow.oauth.signing_keys.insert(key("k4", 250, activates_at=400))  # ahead of time
     with store.read() as uow:
-        assert uow.oauth.signing_keys.current() == key("k3", 200)
-        assert [k.kid for k in uow.oauth.signing_keys.published()] == ["k3", "k2"]
+        assert uow.oauth.signing_keys.current(300) == key("k3", 200)
+        assert [k.kid for k in uow.oauth.signing_keys.published()] == ["k4", "k3", "k2"]
+        assert [k.kid for k in uow.oauth.signing_keys.pending(300)] == ["k4"]
+        assert uow.oauth.signing_keys.current(400) == key("k4", 250, activates_at=400)
+        assert uow.oauth.signing_keys.pending(400) == []
+        assert [k.kid for k in uow.oauth.signing_keys.all()] == ["k4", "k3", "k2", "k1"]
     with store.transaction() as uow:
         uow.oauth.signing_keys.update(key("k3", 200, superseded_at=250))
     with store.read() as uow:
-        assert uow.oauth.signing_keys.current() is None
+        assert uow.oauth.signing_keys.current(300) is None
 
 
 def _fields(obj: object) -> dict[str, object]:
@@ -548,8 +554,12 @@ class _Replica:
 
     def __init__(self, store: Store, clock: FakeClock) -> None:
 
+        # Replicas share the key-encryption key, as a deployment must (docs/oauth.md).
         self.server = AuthorizationServer(
-            store, clock, OAuthConfig(issuer="http://127.0.0.1:8080", audience="statuspulse-api")
+            store,
+            clock,
+            OAuthConfig(issuer="http://127.0.0.1:8080", audience="statuspulse-api"),
+            encryption=TEST_KEK,
         )
         self.server.start()
 
