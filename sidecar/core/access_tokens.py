@@ -155,8 +155,9 @@ def _verify_header(
     # RFC 8725 §3.1: the algorithm comes from an allow-list, never from the token alone.
     if not isinstance(alg, str) or alg not in ALLOWED_ALGS:
         raise TokenRejected(Reason.ALG_NOT_ALLOWED)
-    if "crit" in header:
-        # RFC 7515 §4.1.11: extensions we do not understand make the token invalid.
+    if "crit" in header or "b64" in header:
+        # RFC 7515 §4.1.11: extensions we do not understand make the token invalid; RFC 7797's
+        # unencoded payload ("b64") would change what the signature covers.
         raise TokenRejected(Reason.MALFORMED_TOKEN)
     kid = header.get("kid")
     key = keys.get(kid) if isinstance(kid, str) else None
@@ -173,13 +174,18 @@ def _verify_header(
     return key
 
 
-def _number(claims: Mapping[str, Any], name: str) -> float | None:
+def _number(claims: Mapping[str, Any], name: str) -> int | None:
+    """A NumericDate (RFC 7519 §2): a JSON number, compared in whole seconds (as PyJWT does,
+    so both agree at the boundary); NaN and infinities are refused."""
     value = claims.get(name)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TokenRejected(Reason.INSUFFICIENT_CLAIMS)
-    return float(value)
+    try:
+        return int(value)
+    except (ValueError, OverflowError):
+        raise TokenRejected(Reason.INSUFFICIENT_CLAIMS) from None
 
 
 def _string(claims: Mapping[str, Any], name: str) -> str:
@@ -204,7 +210,8 @@ def _verify_claims(
     # corresponding to an identifier the resource server expects for itself".
     aud = claims.get("aud")
     audiences = aud if isinstance(aud, list) else [aud]
-    if audience not in audiences:
+    # RFC 7519 §4.1.3: a string or an array of strings; anything else is not an audience.
+    if audience not in audiences or not all(isinstance(a, str) for a in audiences):
         raise TokenRejected(Reason.WRONG_AUDIENCE)
     exp = _number(claims, "exp")
     iat = _number(claims, "iat")
