@@ -369,6 +369,8 @@ def test_control_plane_deployment() -> None:
     assert env == {
         "SPAUTH_DATABASE_URL": {"name": "spauth-secrets", "key": "database-url"},
         "SPAUTH_REDIS_URL": {"name": "spauth-secrets", "key": "redis-url"},
+        # Replicas share one store, so they must share the signing keys' KEK.
+        "SPAUTH_KEY_ENCRYPTION_KEY": {"name": "spauth-secrets", "key": "key-encryption-key"},
     }
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
