@@ -43,7 +43,8 @@ from sidecar.http.app import build_app
 from sidecar.http.routes import oauth_routes
 from sidecar.oauth import config as oauth_config
 from sidecar.oauth.key_admin import SigningKeyAdmin
-from sidecar.oauth.server import AuthorizationServer, signing_keys
+from sidecar.oauth.server import AuthorizationServer
+from sidecar.oauth.signing import SigningKeys
 from sidecar.ops.admin_calls import AdminCallInterceptor
 from sidecar.ops.health import Health, Status, worst
 from sidecar.ops.http_routes import ops_routes
@@ -99,11 +100,13 @@ class ControlPlane:
         self.apps = AppService(self.store, self.clock)
         self.users = UserService(self.store, self.clock)
         # The signing keys need no port (the issuer does): the admin API rotates them too.
-        self.signing_keys = signing_keys(
+        self.signing_keys = SigningKeys(
             self.store,
             self.clock,
-            oauth_config.from_settings(settings, 0),
-            oauth_config.key_encryption(settings),
+            rotation_interval=settings.oauth_signing_key_rotation,
+            access_token_ttl=settings.oauth_access_token_ttl,
+            encryption=oauth_config.key_encryption(settings),
+            lead_time=settings.oauth_signing_key_lead_time,
         )
         self.oauth: AuthorizationServer | None = None  # built in start(), once the port is bound
         self.health = health_aio.HealthServicer()

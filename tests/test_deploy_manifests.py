@@ -82,6 +82,7 @@ METRIC_LABELS: dict[str, frozenset[str]] = {
     "spauth_policy_reloads_total": frozenset({"result"}),
     "spauth_oauth_tokens_total": frozenset({"event"}),
     "spauth_admin_calls_total": frozenset({"method", "code"}),
+    "spauth_operator_key_expiry_timestamp_seconds": frozenset(),
 }
 # Labels Prometheus attaches to every scraped series (PodMonitor target labels).
 TARGET_LABELS = frozenset({"namespace", "pod", "container", "instance", "job"})
