@@ -5,6 +5,7 @@ verifier's lifetime and workspace rules, key-encryption keys, and operator key e
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import sqlite3
@@ -30,6 +31,7 @@ from sidecar.core.errors import FailedPrecondition, PermissionDenied
 from sidecar.core.models import RequestContext
 from sidecar.core.policy import parse_policy
 from sidecar.core.replica import Replica
+from sidecar.http.client_address import resolve
 from sidecar.oauth import kek, rfc9068
 from sidecar.oauth.kek import KekError, KeyEncryption
 from sidecar.oauth.signing import SigningKeys
@@ -420,3 +422,34 @@ def test_a_shared_store_needs_an_explicit_kek() -> None:
         environ={"SPAUTH_KEY_ENCRYPTION_KEY": kek.generate()},
     )
     assert settings.key_encryption_key
+
+
+# -- the client's address behind trusted proxies ---------------------------------------------------
+
+PROXIES = (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("::1/128"))
+
+
+@pytest.mark.parametrize(
+    ("peer", "forwarded", "client"),
+    [
+        ("203.0.113.9", ["198.51.100.7"], "203.0.113.9"),  # not from a proxy: header ignored
+        ("10.0.0.2", ["198.51.100.7"], "198.51.100.7"),
+        ("10.0.0.2", ["1.2.3.4, 198.51.100.7, 10.0.0.5"], "198.51.100.7"),  # right-most untrusted
+        ("10.0.0.2", ["1.2.3.4", "198.51.100.7"], "198.51.100.7"),  # repeated headers, in order
+        ("10.0.0.2", ["198.51.100.7, not-an-address"], "10.0.0.2"),  # a forged hop: stop
+        ("10.0.0.2", ["10.0.0.7"], "10.0.0.2"),  # only proxies: the peer
+        ("10.0.0.2", [], "10.0.0.2"),
+        ("::1", ["2001:db8::1"], "2001:db8::1"),
+    ],
+)
+def test_client_address_is_the_right_most_untrusted_hop(
+    peer: str, forwarded: list[str], client: str
+) -> None:
+    assert resolve(peer, forwarded, PROXIES) == client
+
+
+def test_trusted_proxies_are_validated() -> None:
+    from sidecar.config import ConfigError
+
+    with pytest.raises(ConfigError, match="trusted_proxies: expected addresses or CIDR"):
+        load_settings({"trusted_proxies": "10.0.0.0/33"}, environ={})
