@@ -7,6 +7,7 @@ sent back to the client's verified redirect URI with ``state`` unchanged."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -222,8 +223,10 @@ class AuthorizationEndpoint:
         """Check the member's password, throttled per account and source together (so a
         stranger's failures never lock the member out of their own browser) and per source."""
         address = _well_formed_email(email)
-        # Whatever was typed is throttled under some name; a malformed one never matches.
-        account = f"{workspace}/{address or email.strip().lower()[:254]}"
+        # Whatever was typed is throttled under some name; a malformed one (perhaps a password)
+        # only as a digest, even in memory.
+        typed = hashlib.sha256(email.encode("utf-8", "replace")).hexdigest()
+        account = f"{workspace}/{address or '#' + typed}"
         wait = self._throttle.retry_after(account, source)
         if wait:
             # Logged, not audited: a flood of attempts must not fill the audit trail.
