@@ -18,7 +18,10 @@ import pytest
 import requests
 from authlib.oauth2.rfc7636 import create_s256_code_challenge
 
+from sidecar._gen.statuspulse.auth.v1 import api_keys_pb2 as keys_pb
+from sidecar._gen.statuspulse.auth.v1 import api_keys_pb2_grpc as keys_grpc
 from sidecar._gen.statuspulse.auth.v1 import oauth_pb2 as pb
+from sidecar._gen.statuspulse.auth.v1 import oauth_pb2_grpc as pb_grpc
 from sidecar.config import load_settings
 from sidecar.controlplane import ControlPlane
 from sidecar.core.access_tokens import Reason, TokenRejected, verification_key, verify_access_token
@@ -453,3 +456,48 @@ def test_trusted_proxies_are_validated() -> None:
 
     with pytest.raises(ConfigError, match="trusted_proxies: expected addresses or CIDR"):
         load_settings({"trusted_proxies": "10.0.0.0/33"}, environ={})
+
+
+# -- who may offboard and rotate: the hostile tenant -------------------------------------------
+
+
+def _key(env: OAuthEnv, workspace: str, scopes: list[str]) -> str:
+    stub = keys_grpc.ApiKeyServiceStub(grpc.insecure_channel(env.admin))
+    resp = stub.CreateApiKey(
+        keys_pb.CreateApiKeyRequest(workspace=workspace, name="k", scopes=scopes),
+        metadata=bearer(env.operator_key),
+    )
+    return str(resp.key)
+
+
+def test_another_workspace_cannot_offboard_a_member_nor_rotate_keys(oauth_env: OAuthEnv) -> None:
+    env = oauth_env
+    user_id = env.member()
+    users = pb_grpc.UserServiceStub(grpc.insecure_channel(env.admin))
+    globex_admin = _key(env, "globex", ["admin:full"])
+    acme_manager = _key(env, "acme", ["keys:manage"])
+    calls = [
+        (users.DisableUser, pb.DisableUserRequest(id=user_id)),
+        (users.DeleteUser, pb.DeleteUserRequest(id=user_id)),
+        (users.ResetUserPassword, pb.ResetUserPasswordRequest(id=user_id, password=PASSWORD)),
+    ]
+    for caller in (globex_admin, acme_manager):
+        for method, request in calls:
+            with pytest.raises(grpc.RpcError) as info:
+                method(request, metadata=bearer(caller))
+            assert info.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    acme_admin = _key(env, "acme", ["admin:full"])
+    signing = pb_grpc.SigningKeyServiceStub(grpc.insecure_channel(env.admin))
+    with pytest.raises(grpc.RpcError) as info:
+        signing.RotateSigningKey(
+            pb.RotateSigningKeyRequest(immediate=True), metadata=bearer(acme_admin)
+        )
+    assert info.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    # Nothing changed: the member is active, one signing key is current.
+    listed = users.ListUsers(pb.ListUsersRequest(workspace="acme"), metadata=bearer(acme_admin))
+    assert [u.state for u in listed.users] == ["active"]
+    keys = signing.ListSigningKeys(pb.ListSigningKeysRequest(), metadata=bearer(env.operator_key))
+    assert [k.state for k in keys.keys] == ["current"]
+    with pytest.raises(grpc.RpcError) as info:
+        users.DisableUser(pb.DisableUserRequest(id="usr_nope"), metadata=bearer(acme_admin))
+    assert info.value.code() is grpc.StatusCode.NOT_FOUND
