@@ -271,8 +271,11 @@ def test_the_replica_enforces_a_grace_deadline_without_the_control_plane(
         replica.load_snapshot(uow.changes.head(), list(key_snapshot(uow, int(clock.now()))))
         changes = uow.changes.since(0, 100)
     assert any(c.payload.get("grace_deadline") for c in changes if c.subject == old.key.id)
-    for change in changes:  # a replica following the log learns the same
-        Replica().apply(change)
+    follower = Replica()  # a replica following the log learns the same deadline
+    for change in changes:
+        follower.apply(change)
+    (followed,) = [c for c in follower.by_digest.values() if c.id == old.key.id]
+    assert followed.expires_at == clock.now() + 600
     replica.last_contact = clock.now()
     engine = Engine(replica, parse_policy(_POLICY), clock)
 
