@@ -22,23 +22,23 @@ from sidecar._gen.statuspulse.auth.v1 import api_keys_pb2 as keys_pb
 from sidecar._gen.statuspulse.auth.v1 import api_keys_pb2_grpc as keys_grpc
 from sidecar._gen.statuspulse.auth.v1 import oauth_pb2 as pb
 from sidecar._gen.statuspulse.auth.v1 import oauth_pb2_grpc as pb_grpc
+from sidecar.authz.access_tokens import Reason, TokenRejected, verification_key, verify_access_token
+from sidecar.authz.decision import Reason as Decided
+from sidecar.authz.engine import Engine
+from sidecar.authz.policy import parse_policy
+from sidecar.authz.replica import Replica
 from sidecar.config import load_settings
 from sidecar.controlplane import ControlPlane
-from sidecar.core.access_tokens import Reason, TokenRejected, verification_key, verify_access_token
 from sidecar.core.apikeys import ApiKeyService, key_snapshot
 from sidecar.core.apps import uri_problem
 from sidecar.core.clock import FakeClock
-from sidecar.core.decision import Reason as Decided
-from sidecar.core.engine import Engine
 from sidecar.core.errors import FailedPrecondition, PermissionDenied
 from sidecar.core.models import RequestContext
-from sidecar.core.policy import parse_policy
-from sidecar.core.replica import Replica
+from sidecar.core.storage import Store
 from sidecar.http.client_address import resolve
 from sidecar.oauth import kek, rfc9068
 from sidecar.oauth.kek import KekError, KeyEncryption
 from sidecar.oauth.signing import SigningKeys
-from sidecar.store.base import Store
 from tests.conftest import LoopThread, bearer
 from tests.support.signing import key_pair
 from tests.test_oauth_flow import PASSWORD, REDIRECT, OAuthEnv, form_fields, tokens
@@ -245,7 +245,7 @@ def test_a_grant_ends_at_its_absolute_lifetime(oauth_env: OAuthEnv) -> None:
             "refresh_token"
         ]
     with env.plane.store.read() as uow:
-        from sidecar.oauth import credentials
+        from sidecar.core import credentials
 
         stored = uow.oauth.refresh_tokens.get(credentials.digest(refresh))
     assert stored is not None and stored.expires_at - stored.created_at < 30 * 86400

@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sidecar.core.access_tokens import (
+from sidecar.authz.access_tokens import (
     TokenRejected,
     VerificationKey,
     verification_key,
