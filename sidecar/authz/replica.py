@@ -118,7 +118,8 @@ class Replica:
             id=m.id,
             workspace=m.workspace,
             scopes=m.scopes,
-            expires_at=m.expires_at,
+            # A replaced key's grace deadline ends it like an expiry, enforced here.
+            expires_at=min(m.expires_at, m.grace_deadline or m.expires_at),
             rate_limit=m.rate_limit,
             rate_period=m.rate_period,
         )

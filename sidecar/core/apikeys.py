@@ -34,6 +34,9 @@ from sidecar.core.storage import Store, UnitOfWork
 
 DAY = 86400
 SYSTEM_ACTOR = "system"
+BREAK_GLASS_ACTOR = "break-glass"
+# The operator may hold two keys at once, so it can rotate without a gap.
+MAX_OPERATOR_KEYS = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +97,8 @@ class ApiKeyService:
     ) -> Minted:
         """Mint a key in ``workspace``; the caller must hold every scope it grants.
         ``rate_limit`` is (requests, period seconds), enforced by the sidecars."""
-        workspace = validation.workspace(workspace)
+        if workspace != OPERATOR_WORKSPACE:
+            workspace = validation.workspace(workspace)
         name = validation.name(name)
         granted = parse_scopes(scopes)
         lifetime = self._lifetime(expires_in)
@@ -120,6 +124,8 @@ class ApiKeyService:
         if requests:
             meta["rate_limit"] = validation.format_rate(requests, period)
         with self._store.transaction() as uow:
+            if key.is_operator:
+                _require_operator_room(uow, now)
             uow.keys.insert(key)
             self._record(uow, ctx, "key.created", key, meta)
             uow.changes.append(changes.credential_upserted(key))
@@ -192,6 +198,8 @@ class ApiKeyService:
                 raise FailedPrecondition(
                     f"key {old.id} was already replaced by {old.replaced_by}; replace that one"
                 )
+            if old.is_operator:
+                _require_operator_room(uow, now)
             new = ApiKey(
                 id=keyformat.mint_id(),
                 digest=keyformat.digest(secret),
@@ -217,19 +225,36 @@ class ApiKeyService:
                 meta["grace_deadline"] = str(deadline)
             self._record(uow, ctx, "key.replaced", new, meta)
             uow.changes.append(changes.credential_upserted(new))
+            if deadline is not None:
+                uow.changes.append(changes.credential_upserted(old))
         return Minted(key=new, secret=secret, replaced=old)
 
-    def revoke(self, ctx: RequestContext, key_id: str, *, reason: str = "") -> ApiKey:
-        """Revoke now. Revoking a revoked key returns it unchanged (idempotent)."""
+    def revoke(
+        self, ctx: RequestContext, key_id: str, *, reason: str = "", force: bool = False
+    ) -> ApiKey:
+        """Revoke now. Revoking a revoked key returns it unchanged (idempotent). Like creating
+        and replacing, revoking needs every scope the key holds: a ``keys:manage`` key cannot
+        lock a workspace out of administration by revoking its ``admin:full`` keys. Revoking
+        the last usable operator key needs ``force`` (recovery is then the break-glass
+        command)."""
         reason = reason.strip()
         if len(reason) > 500 or not reason.isprintable():
             raise InvalidArgument("reason", "must be at most 500 printable characters")
+        now = int(self._clock.now())
         with self._store.transaction() as uow:
             key = _load(uow, key_id)
             permissions.require(ctx.principal, key.workspace, KEYS_MANAGE)
+            permissions.require_grantable(ctx.principal, key.scopes, "revoke a key with")
             if key.revoked_at is not None:
                 return key
-            key = replace(key, revoked_at=int(self._clock.now()), revoke_reason=reason)
+            if key.is_operator and not force:
+                others = [k for k in uow.keys.active_operators(now) if k.id != key.id]
+                if not others:
+                    raise FailedPrecondition(
+                        f"key {key.id} is the last usable operator key: create a second one "
+                        "first, or pass force (recovery then needs `spauth operator mint`)"
+                    )
+            key = replace(key, revoked_at=now, revoke_reason=reason)
             uow.keys.update(key)
             self._record(uow, ctx, "key.revoked", key, {}, reason=reason)
             uow.changes.append(changes.credential_revoked(key.id))
@@ -276,6 +301,44 @@ class ApiKeyService:
             uow.changes.append(changes.credential_upserted(key))
         return Minted(key=key, secret=secret)
 
+    def break_glass_operator_key(self, os_user: str, name: str = "break-glass") -> Minted:
+        """Recovery with local access to the store (``spauth operator mint``): a new operator
+        key whatever keys exist, audited as break-glass with the local user's name."""
+        now = int(self._clock.now())
+        secret = keyformat.mint_key()
+        key = ApiKey(
+            id=keyformat.mint_id(),
+            digest=keyformat.digest(secret),
+            last_four=secret[-4:],
+            name=validation.name(name),
+            workspace=OPERATOR_WORKSPACE,
+            scopes=frozenset({ADMIN_FULL}),
+            created_at=now,
+            expires_at=now + self.policy.default_lifetime,
+            created_by=BREAK_GLASS_ACTOR,
+        )
+        with self._store.transaction() as uow:
+            uow.keys.insert(key)
+            uow.audit.append(
+                event(
+                    now,
+                    BREAK_GLASS_ACTOR,
+                    "key.created",
+                    key.workspace,
+                    key.id,
+                    reason="break-glass: operator key minted with local access to the store",
+                    metadata={"name": key.name, "os_user": os_user[:100], "break_glass": "true"},
+                )
+            )
+            uow.changes.append(changes.credential_upserted(key))
+        return Minted(key=key, secret=secret)
+
+    def operator_expiry(self) -> int:
+        """When the last usable operator key expires (0: none is usable)."""
+        with self._store.read() as uow:
+            operators = uow.keys.active_operators(int(self._clock.now()))
+        return operators[0].expires_at if operators else 0
+
     # -- helpers ----------------------------------------------------------------------------
 
     def _lifetime(self, expires_in: int) -> int:
@@ -320,6 +383,13 @@ def _load(uow: UnitOfWork, key_id: str) -> ApiKey:
     if key is None:
         raise NotFound(f"no API key with id {key_id[:64]!r}")
     return key
+
+
+def _require_operator_room(uow: UnitOfWork, now: int) -> None:
+    if len(uow.keys.active_operators(now)) >= MAX_OPERATOR_KEYS:
+        raise FailedPrecondition(
+            f"the operator holds {MAX_OPERATOR_KEYS} usable keys already: revoke one first"
+        )
 
 
 def _encode_token(key: ApiKey) -> str:

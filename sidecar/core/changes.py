@@ -3,7 +3,8 @@ with one builder (``Message.change()``) and one parser (``parse``) per kind. The
 as JSON; only this module writes or reads its fields.
 
 - ``credential.upserted`` ``{"id", "digest", "workspace", "scopes", "expires_at"[, "rate_limit",
-  "rate_period"][, "revoked"]}``: a usable API key (its digest, never the secret).
+  "rate_period"][, "grace_deadline"][, "revoked"]}``: a usable API key (its digest, never the
+  secret); a replaced key carries its grace deadline, which the replica enforces as an expiry.
 - ``credential.revoked`` / ``credential.expired`` ``{"id"}``: the key stops working.
 - ``signing_key.upserted`` ``{"kid", "alg", "public_jwk": {...}}``: a key joined the JWKS.
 - ``signing_key.retired`` ``{"kid"}``: the key left the JWKS; tokens it signed are all expired.
@@ -66,6 +67,8 @@ class CredentialUpserted:
     rate_limit: int = 0
     rate_period: int = 0
     revoked: bool = False  # only in a replica's own snapshot (a tombstone)
+    # A replaced key's grace deadline: the replicas end the key then, even offline.
+    grace_deadline: int | None = None
 
     @classmethod
     def of(cls, key: ApiKey) -> CredentialUpserted:
@@ -77,6 +80,7 @@ class CredentialUpserted:
             key.expires_at,
             key.rate_limit,
             key.rate_period,
+            grace_deadline=key.grace_deadline,
         )
 
     def change(self) -> Change:
@@ -92,6 +96,8 @@ class CredentialUpserted:
             payload["rate_period"] = self.rate_period
         if self.revoked:
             payload["revoked"] = True
+        if self.grace_deadline is not None:
+            payload["grace_deadline"] = self.grace_deadline
         return Change(ChangeKind.CREDENTIAL_UPSERTED.value, self.id, payload)
 
     @classmethod
@@ -105,6 +111,7 @@ class CredentialUpserted:
             rate_limit=int(p.get("rate_limit", 0)),
             rate_period=int(p.get("rate_period", 0)),
             revoked=bool(p.get("revoked", False)),
+            grace_deadline=None if p.get("grace_deadline") is None else int(p["grace_deadline"]),
         )
 
 

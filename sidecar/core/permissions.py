@@ -20,10 +20,16 @@ def require(principal: Principal, workspace: str, scope: str = ADMIN_FULL) -> No
         raise PermissionDenied(f"this call needs scope {scope!r}")
 
 
-def require_grantable(principal: Principal, scopes: Iterable[str]) -> None:
-    """A caller can never hand out a scope it does not hold."""
+def require_grantable(principal: Principal, scopes: Iterable[str], verb: str = "grant") -> None:
+    """A caller can never mint, replace or revoke a key with a scope it does not hold."""
     missing = sorted(s for s in scopes if not satisfies(principal.scopes, s))
     if missing:
         raise PermissionDenied(
-            f"cannot grant scopes the caller does not hold: {', '.join(missing)}"
+            f"cannot {verb} scopes the caller does not hold: {', '.join(missing)}"
         )
+
+
+def require_operator(principal: Principal) -> None:
+    """Server-wide settings (e.g. the signing keys) are the operator's alone."""
+    if not principal.is_operator or not satisfies(principal.scopes, ADMIN_FULL):
+        raise PermissionDenied("this call needs the operator key (workspace '*', admin:full)")
