@@ -130,6 +130,9 @@ class SidecarSettings:
     # ratelimit_sync_interval seconds) and carries the audit stream. Empty: all local.
     redis_url: str = ""
     ratelimit_sync_interval: float = 0.2
+    # Credential uses (last used, daily counts) are reported to the control plane every
+    # usage_report_interval seconds; 0 turns usage reporting off.
+    usage_report_interval: float = 10.0
 
 
 _DURATIONS = {
@@ -332,6 +335,8 @@ def _check_limits(errors: _Errors, s: SidecarSettings) -> None:
         errors.add("failure_window", f"must be between 1 and 86400 seconds, got {s.failure_window}")
     if not 0.01 <= s.ratelimit_sync_interval <= 60:
         errors.add("ratelimit_sync_interval", "must be between 0.01 and 60 seconds")
+    if s.usage_report_interval and not 0.05 <= s.usage_report_interval <= 3600:
+        errors.add("usage_report_interval", "must be 0 (off) or between 0.05 and 3600 seconds")
     _check_redis_url(errors, s.redis_url)
 
 

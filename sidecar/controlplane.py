@@ -23,11 +23,14 @@ from sidecar._gen.statuspulse.auth.v1 import (
     oauth_pb2_grpc,
     replication_pb2,
     replication_pb2_grpc,
+    usage_pb2,
+    usage_pb2_grpc,
 )
 from sidecar.admin.apikeys import ApiKeyServicer
 from sidecar.admin.apps import OAuthAppServicer
 from sidecar.admin.audit import AuditServicer, load_checkpoint_key
 from sidecar.admin.replication import ReplicationServicer, SnapshotSource
+from sidecar.admin.usage import UsageServicer
 from sidecar.admin.users import UserServicer
 from sidecar.config import Settings
 from sidecar.core.apikeys import ApiKeyService, KeyPolicy, key_snapshot
@@ -37,6 +40,7 @@ from sidecar.core.clock import Clock, SystemClock
 from sidecar.core.errors import SpauthError
 from sidecar.core.models import Minted
 from sidecar.core.oauth_changes import oauth_snapshot
+from sidecar.core.usage import UsageService
 from sidecar.core.users import UserService
 from sidecar.http.app import build_app
 from sidecar.http.routes import oauth_routes
@@ -80,6 +84,7 @@ class ControlPlane:
                 max_lifetime=settings.key_max_lifetime,
             ),
         )
+        self.usage = UsageService(self.store, self.clock)
         self.audit = AuditTrail(
             self.store, self.clock, load_checkpoint_key(settings.data_dir / "audit-hmac-key")
         )
@@ -139,7 +144,10 @@ class ControlPlane:
         interceptor = AdminCallInterceptor(self.metrics.admin_calls, self.tracing)
         server = grpc.aio.server(interceptors=[interceptor])
         api_keys_pb2_grpc.add_ApiKeyServiceServicer_to_server(
-            ApiKeyServicer(self.keys, self.clock), server
+            ApiKeyServicer(self.keys, self.clock, self.usage), server
+        )
+        usage_pb2_grpc.add_UsageServiceServicer_to_server(
+            UsageServicer(self.usage, self.keys, sync_token=self.settings.sync_token), server
         )
         oauth_pb2_grpc.add_OAuthAppServiceServicer_to_server(
             OAuthAppServicer(self.apps, self.keys), server
@@ -157,6 +165,7 @@ class ControlPlane:
             oauth_pb2.DESCRIPTOR.services_by_name["OAuthAppService"].full_name,
             oauth_pb2.DESCRIPTOR.services_by_name["UserService"].full_name,
             audit_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name,
+            usage_pb2.DESCRIPTOR.services_by_name["UsageService"].full_name,
             health.SERVICE_NAME,
             reflection.SERVICE_NAME,
         )
@@ -238,10 +247,18 @@ class ControlPlane:
                     log.info("swept keys", extra={"changed": changed})
             except Exception:
                 log.exception("sweep failed; retrying")
-            if self.settings.audit_retention and self.clock.now() >= next_prune:
+            if self.clock.now() >= next_prune:
                 next_prune = self.clock.now() + AUDIT_PRUNE_INTERVAL
-                await self._prune_audit()
+                if self.settings.audit_retention:
+                    await self._prune_audit()
+                await self._prune_usage()
             await asyncio.sleep(self.settings.sweep_interval)
+
+    async def _prune_usage(self) -> None:
+        try:
+            await asyncio.to_thread(self.usage.prune)
+        except SpauthError as exc:
+            log.error("usage retention failed", extra={"error": exc.message})
 
     async def _prune_audit(self) -> None:
         before = self.clock.now() - self.settings.audit_retention

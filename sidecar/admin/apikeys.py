@@ -12,15 +12,17 @@ from sidecar.core.apikeys import ApiKeyService
 from sidecar.core.clock import Clock
 from sidecar.core.errors import InvalidArgument
 from sidecar.core.models import RequestContext
+from sidecar.core.usage import UsageService
 
 
 class ApiKeyServicer(pb_grpc.ApiKeyServiceServicer):  # type: ignore[misc]
     """Admin API for API keys."""
 
-    def __init__(self, service: ApiKeyService, clock: Clock) -> None:
+    def __init__(self, service: ApiKeyService, clock: Clock, usage: UsageService) -> None:
         self.authenticator = service
         self._svc = service
         self._clock = clock
+        self._usage = usage
 
     @admin_rpc
     async def CreateApiKey(
@@ -59,10 +61,11 @@ class ApiKeyServicer(pb_grpc.ApiKeyServiceServicer):  # type: ignore[misc]
             state=state,
             page_size=request.page_size,
             page_token=request.page_token,
+            unused_for=_seconds(request.unused_for_seconds, "unused_for"),
         )
         now = self._clock.now()
         return pb.ListApiKeysResponse(
-            api_keys=[convert.api_key(k, now) for k in page.items],
+            api_keys=[convert.api_key(k, now, page.last_used.get(k.id)) for k in page.items],
             next_page_token=page.next_token,
         )
 
@@ -71,7 +74,11 @@ class ApiKeyServicer(pb_grpc.ApiKeyServiceServicer):  # type: ignore[misc]
         self, request: pb.GetApiKeyRequest, ctx: RequestContext
     ) -> pb.GetApiKeyResponse:
         key = await asyncio.to_thread(self._svc.get, ctx, request.id)
-        return pb.GetApiKeyResponse(api_key=convert.api_key(key, self._clock.now()))
+        usage = await asyncio.to_thread(self._usage.of, key.id)
+        return pb.GetApiKeyResponse(
+            api_key=convert.api_key(key, self._clock.now(), usage.last_used_at),
+            daily_uses=convert.daily_uses(usage.daily),
+        )
 
     @admin_rpc
     async def CreateReplacementApiKey(

@@ -7,6 +7,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from sidecar._gen.statuspulse.auth.v1 import api_keys_pb2 as pb
 from sidecar.core.models import ApiKey, KeyState
 from sidecar.core.scopes import sort_scopes
+from sidecar.core.usage import format_day
 
 STATE_TO_PB = {
     KeyState.ACTIVE: pb.API_KEY_STATE_ACTIVE,
@@ -25,8 +26,8 @@ def timestamp(seconds: float | None) -> Timestamp | None:
     return ts
 
 
-def api_key(key: ApiKey, now: float) -> pb.ApiKey:
-    """A key's metadata as the API shows it (never the digest)."""
+def api_key(key: ApiKey, now: float, last_used: int | None = None) -> pb.ApiKey:
+    """A key's metadata as the API shows it (never the digest), with its last use if known."""
     return pb.ApiKey(
         id=key.id,
         name=key.name,
@@ -47,4 +48,10 @@ def api_key(key: ApiKey, now: float) -> pb.ApiKey:
             if key.rate_limit
             else None
         ),
+        last_use_time=timestamp(last_used),
     )
+
+
+def daily_uses(daily: list[tuple[int, int]]) -> list[pb.DailyUse]:
+    """(epoch day, uses) pairs as DailyUse messages."""
+    return [pb.DailyUse(date=format_day(day), uses=uses) for day, uses in daily]

@@ -39,6 +39,12 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p = keys.add_parser("list", parents=[common], help="list keys, newest first")
     p.add_argument("--workspace", default="")
     p.add_argument("--state", choices=sorted(STATES), default="all")
+    p.add_argument(
+        "--unused-for",
+        default="",
+        metavar="DURATION",
+        help="only keys not used (never used: not created) within DURATION, e.g. 30d",
+    )
     p.set_defaults(handler=list_keys)
 
     p = keys.add_parser("show", parents=[common], help="show one key")
@@ -99,6 +105,7 @@ def key_json(key: pb.ApiKey, secret: str = "") -> dict[str, object]:
             if key.HasField("rate_limit")
             else None
         ),
+        last_used_at=rfc3339(key.last_use_time, key.HasField("last_use_time")),
     )
     return out
 
@@ -115,11 +122,13 @@ def _print_keys(args: argparse.Namespace, keys: list[pb.ApiKey]) -> None:
             ",".join(k.scopes),
             STATE_NAMES.get(k.state, "?"),
             rfc3339(k.expire_time) or "",
+            rfc3339(k.last_use_time, k.HasField("last_use_time")) or "never",
             f"…{k.last_four}",
         ]
         for k in keys
     ]
-    print(table(rows, ["ID", "NAME", "WORKSPACE", "SCOPES", "STATE", "EXPIRES", "KEY"]))
+    headers = ["ID", "NAME", "WORKSPACE", "SCOPES", "STATE", "EXPIRES", "LAST USED", "KEY"]
+    print(table(rows, headers))
 
 
 def _print_minted(args: argparse.Namespace, key: pb.ApiKey, secret: str) -> None:
@@ -151,7 +160,11 @@ def list_keys(client: AdminClient, args: argparse.Namespace) -> int:
     token = ""
     while True:
         request = pb.ListApiKeysRequest(
-            workspace=args.workspace, state=STATES[args.state], page_size=200, page_token=token
+            workspace=args.workspace,
+            state=STATES[args.state],
+            page_size=200,
+            page_token=token,
+            unused_for_seconds=_duration(args.unused_for, "--unused-for"),
         )
         resp = client.call(stub.ListApiKeys, request)
         keys.extend(resp.api_keys)
@@ -166,9 +179,14 @@ def show(client: AdminClient, args: argparse.Namespace) -> int:
     stub = pb_grpc.ApiKeyServiceStub(client.channel)
     resp = client.call(stub.GetApiKey, pb.GetApiKeyRequest(id=args.id))
     if args.output == "json":
-        emit_json(key_json(resp.api_key))
-    else:
-        _print_keys(args, [resp.api_key])
+        out = key_json(resp.api_key)
+        out["daily_uses"] = [{"date": d.date, "uses": d.uses} for d in resp.daily_uses]
+        emit_json(out)
+        return 0
+    _print_keys(args, [resp.api_key])
+    if resp.daily_uses:
+        print()
+        print(table([[d.date, str(d.uses)] for d in resp.daily_uses], ["DAY (UTC)", "USES"]))
     return 0
 
 

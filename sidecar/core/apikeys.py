@@ -149,8 +149,10 @@ class ApiKeyService:
         state: KeyState | None = None,
         page_size: int = 0,
         page_token: str = "",
+        unused_for: int = 0,
     ) -> Page:
-        """Keys the caller may see, newest first, one page at a time."""
+        """Keys the caller may see, newest first, one page at a time, with their last use.
+        ``unused_for`` > 0 keeps keys unused (or, never used, created) for that many seconds."""
         if workspace:
             if workspace != OPERATOR_WORKSPACE:
                 validation.workspace(workspace)
@@ -163,18 +165,23 @@ class ApiKeyService:
         if not 1 <= size <= self.policy.max_page_size:
             raise InvalidArgument("page_size", f"must be between 1 and {self.policy.max_page_size}")
         after = _decode_token(page_token) if page_token else None
+        if unused_for < 0:
+            raise InvalidArgument("unused_for", "must not be negative")
+        now = int(self._clock.now())
         with self._store.read() as uow:
             items = uow.keys.page(
                 workspace=scope,
                 state=state,
-                now=int(self._clock.now()),
+                now=now,
                 limit=size + 1,
                 after=after,
+                unused_since=now - unused_for if unused_for else None,
             )
-        more = len(items) > size
-        items = items[:size]
+            more = len(items) > size
+            items = items[:size]
+            last_used = uow.usage.last_used([k.id for k in items])
         token = _encode_token(items[-1]) if more else ""
-        return Page(items=items, next_token=token)
+        return Page(items=items, next_token=token, last_used=last_used)
 
     def get(self, ctx: RequestContext, key_id: str) -> ApiKey:
         """One key the caller may see."""

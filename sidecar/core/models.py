@@ -89,6 +89,8 @@ class Page:
 
     items: list[ApiKey]
     next_token: str = ""
+    # Last use time per key id of ``items`` (keys never seen used are absent).
+    last_used: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,7 +3,7 @@ its audit record and its change-log entry commit together or not at all."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import Protocol
 
@@ -20,6 +20,7 @@ from sidecar.core.oauth_models import (
     RevokedToken,
     SigningKey,
 )
+from sidecar.core.usage import CredentialUse
 
 Cursor = tuple[int, str]
 
@@ -43,8 +44,10 @@ class KeyRepository(Protocol):
         now: int,
         limit: int,
         after: Cursor | None,
+        unused_since: int | None = None,
     ) -> list[ApiKey]:
-        """Keys newest first, strictly after ``after`` = (created_at, id)."""
+        """Keys newest first, strictly after ``after`` = (created_at, id). ``unused_since``
+        keeps keys whose last use (or, never used, creation) is before that time."""
         ...
 
     def due_for_sweep(self, now: int) -> list[ApiKey]:
@@ -109,6 +112,27 @@ class AuditRepository(Protocol):
         ...
 
 
+class UsageRepository(Protocol):
+    """Credential uses reported by sidecars: last use per credential, counts per UTC day."""
+
+    def record(self, report_id: str, uses: Sequence[CredentialUse], now: int) -> bool:
+        """Add a report's counts; False, and nothing added, when ``report_id`` was recorded
+        before."""
+        ...
+
+    def last_used(self, credential_ids: Sequence[str]) -> dict[str, int]:
+        """Last use time of each id that was ever used."""
+        ...
+
+    def daily(self, credential_id: str, since_day: int) -> list[tuple[int, int]]:
+        """(epoch day, uses) from ``since_day`` on, oldest first."""
+        ...
+
+    def prune(self, before_day: int) -> int:
+        """Delete daily counts and report ids older than ``before_day``."""
+        ...
+
+
 class ChangeLog(Protocol):
     """Ordered changes with monotonically increasing revisions, for replica resume."""
 
@@ -137,6 +161,9 @@ class UnitOfWork(Protocol):
 
     @property
     def oauth(self) -> OAuthRepositories: ...
+
+    @property
+    def usage(self) -> UsageRepository: ...
 
 
 class Store(Protocol):

@@ -38,6 +38,7 @@ from sidecar.store.postgres_oauth import PgOAuthRepositories
 # The row mapping is shared with SQLite, so a new column is mapped in one place.
 from sidecar.store.sql import QmarkConnection
 from sidecar.store.sqlite import SqliteKeys
+from sidecar.store.sqlite_usage import SqlUsage
 
 log = logging.getLogger("sidecar.store.postgres")
 
@@ -110,6 +111,7 @@ class PgUnitOfWork:
         self.audit = PgAudit(conn)
         self.changes = PgChanges(conn, self.appended)
         self.oauth = PgOAuthRepositories(conn)
+        self.usage = SqlUsage(QmarkConnection(conn))
         self.conn = conn
 
 

@@ -16,6 +16,7 @@ from sidecar.store.base import Cursor
 from sidecar.store.sql import Executes
 from sidecar.store.sqlite_audit import SqliteAudit, link_unchained
 from sidecar.store.sqlite_oauth import SqliteOAuthRepositories
+from sidecar.store.sqlite_usage import SqlUsage
 
 _KEY_COLUMNS = (
     "id, digest, last_four, name, workspace, scopes, created_at, expires_at, created_by, "
@@ -105,9 +106,16 @@ class SqliteKeys:
         now: int,
         limit: int,
         after: Cursor | None,
+        unused_since: int | None = None,
     ) -> list[ApiKey]:
         where: list[str] = []
         args: list[object] = []
+        if unused_since is not None:
+            where.append(
+                "COALESCE((SELECT last_used_at FROM credential_last_use "
+                "WHERE credential_id = api_keys.id), created_at) < ?"
+            )
+            args.append(unused_since)
         if workspace is not None:
             where.append("workspace = ?")
             args.append(workspace)
@@ -193,6 +201,7 @@ class SqliteUnitOfWork:
         self.audit = SqliteAudit(conn)
         self.changes = SqliteChanges(conn, self.appended)
         self.oauth = SqliteOAuthRepositories(conn)
+        self.usage = SqlUsage(conn)
         self.conn = conn
 
 

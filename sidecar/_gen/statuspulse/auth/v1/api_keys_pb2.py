@@ -26,39 +26,41 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"statuspulse/auth/v1/api_keys.proto\x12\x13statuspulse.auth.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd6\x03\n\x06\x41piKey\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\tworkspace\x18\x03 \x01(\t\x12\x0e\n\x06scopes\x18\x04 \x03(\t\x12/\n\x05state\x18\x05 \x01(\x0e\x32 .statuspulse.auth.v1.ApiKeyState\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0brevoke_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rrevoke_reason\x18\t \x01(\t\x12\x10\n\x08replaces\x18\n \x01(\t\x12\x13\n\x0breplaced_by\x18\x0b \x01(\t\x12\x11\n\tlast_four\x18\x0c \x01(\t\x12\x32\n\x0egrace_deadline\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ncreated_by\x18\x0e \x01(\t\x12\x32\n\nrate_limit\x18\x0f \x01(\x0b\x32\x1e.statuspulse.auth.v1.RateLimit\"5\n\tRateLimit\x12\x10\n\x08requests\x18\x01 \x01(\x03\x12\x16\n\x0eperiod_seconds\x18\x02 \x01(\x03\"\x96\x01\n\x13\x43reateApiKeyRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06scopes\x18\x03 \x03(\t\x12\x1a\n\x12\x65xpires_in_seconds\x18\x04 \x01(\x03\x12\x32\n\nrate_limit\x18\x05 \x01(\x0b\x32\x1e.statuspulse.auth.v1.RateLimit\"Q\n\x14\x43reateApiKeyResponse\x12,\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x1b.statuspulse.auth.v1.ApiKey\x12\x0b\n\x03key\x18\x02 \x01(\t\"\x7f\n\x12ListApiKeysRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12/\n\x05state\x18\x02 \x01(\x0e\x32 .statuspulse.auth.v1.ApiKeyState\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"]\n\x13ListApiKeysResponse\x12-\n\x08\x61pi_keys\x18\x01 \x03(\x0b\x32\x1b.statuspulse.auth.v1.ApiKey\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1e\n\x10GetApiKeyRequest\x12\n\n\x02id\x18\x01 \x01(\t\"A\n\x11GetApiKeyResponse\x12,\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x1b.statuspulse.auth.v1.ApiKey\"_\n\x1e\x43reateReplacementApiKeyRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rgrace_seconds\x18\x02 \x01(\x03\x12\x1a\n\x12\x65xpires_in_seconds\x18\x03 \x01(\x03\"\x8b\x01\n\x1f\x43reateReplacementApiKeyResponse\x12,\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x1b.statuspulse.auth.v1.ApiKey\x12\x0b\n\x03key\x18\x02 \x01(\t\x12-\n\x08replaced\x18\x03 \x01(\x0b\x32\x1b.statuspulse.auth.v1.ApiKey\"1\n\x13RevokeApiKeyRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"D\n\x14RevokeApiKeyResponse\x12,\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x1b.statuspulse.auth.v1.ApiKey*|\n\x0b\x41piKeyState\x12\x1d\n\x19\x41PI_KEY_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41PI_KEY_STATE_ACTIVE\x10\x01\x12\x19\n\x15\x41PI_KEY_STATE_EXPIRED\x10\x02\x12\x19\n\x15\x41PI_KEY_STATE_REVOKED\x10\x03\x32\x9e\x04\n\rApiKeyService\x12\x63\n\x0c\x43reateApiKey\x12(.statuspulse.auth.v1.CreateApiKeyRequest\x1a).statuspulse.auth.v1.CreateApiKeyResponse\x12`\n\x0bListApiKeys\x12\'.statuspulse.auth.v1.ListApiKeysRequest\x1a(.statuspulse.auth.v1.ListApiKeysResponse\x12Z\n\tGetApiKey\x12%.statuspulse.auth.v1.GetApiKeyRequest\x1a&.statuspulse.auth.v1.GetApiKeyResponse\x12\x84\x01\n\x17\x43reateReplacementApiKey\x12\x33.statuspulse.auth.v1.CreateReplacementApiKeyRequest\x1a\x34.statuspulse.auth.v1.CreateReplacementApiKeyResponse\x12\x63\n\x0cRevokeApiKey\x12(.statuspulse.auth.v1.RevokeApiKeyRequest\x1a).statuspulse.auth.v1.RevokeApiKeyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"statuspulse/auth/v1/api_keys.proto\x12\x13statuspulse.auth.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x89\x04\n\x06\x41piKey\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\tworkspace\x18\x03 \x01(\t\x12\x0e\n\x06scopes\x18\x04 \x03(\t\x12/\n\x05state\x18\x05 \x01(\x0e\x32 .statuspulse.auth.v1.ApiKeyState\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0brevoke_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rrevoke_reason\x18\t \x01(\t\x12\x10\n\x08replaces\x18\n \x01(\t\x12\x13\n\x0breplaced_by\x18\x0b \x01(\t\x12\x11\n\tlast_four\x18\x0c \x01(\t\x12\x32\n\x0egrace_deadline\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ncreated_by\x18\x0e \x01(\t\x12\x32\n\nrate_limit\x18\x0f \x01(\x0b\x32\x1e.statuspulse.auth.v1.RateLimit\x12\x31\n\rlast_use_time\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"&\n\x08\x44\x61ilyUse\x12\x0c\n\x04\x64\x61te\x18\x01 \x01(\t\x12\x0c\n\x04uses\x18\x02 \x01(\x03\"5\n\tRateLimit\x12\x10\n\x08requests\x18\x01 \x01(\x03\x12\x16\n\x0eperiod_seconds\x18\x02 \x01(\x03\"\x96\x01\n\x13\x43reateApiKeyRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06scopes\x18\x03 \x03(\t\x12\x1a\n\x12\x65xpires_in_seconds\x18\x04 \x01(\x03\x12\x32\n\nrate_limit\x18\x05 \x01(\x0b\x32\x1e.statuspulse.auth.v1.RateLimit\"Q\n\x14\x43reateApiKeyResponse\x12,\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x1b.statuspulse.auth.v1.ApiKey\x12\x0b\n\x03key\x18\x02 \x01(\t\"\x9b\x01\n\x12ListApiKeysRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12/\n\x05state\x18\x02 \x01(\x0e\x32 .statuspulse.auth.v1.ApiKeyState\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\x12\x1a\n\x12unused_for_seconds\x18\x05 \x01(\x03\"]\n\x13ListApiKeysResponse\x12-\n\x08\x61pi_keys\x18\x01 \x03(\x0b\x32\x1b.statuspulse.auth.v1.ApiKey\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1e\n\x10GetApiKeyRequest\x12\n\n\x02id\x18\x01 \x01(\t\"t\n\x11GetApiKeyResponse\x12,\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x1b.statuspulse.auth.v1.ApiKey\x12\x31\n\ndaily_uses\x18\x02 \x03(\x0b\x32\x1d.statuspulse.auth.v1.DailyUse\"_\n\x1e\x43reateReplacementApiKeyRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rgrace_seconds\x18\x02 \x01(\x03\x12\x1a\n\x12\x65xpires_in_seconds\x18\x03 \x01(\x03\"\x8b\x01\n\x1f\x43reateReplacementApiKeyResponse\x12,\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x1b.statuspulse.auth.v1.ApiKey\x12\x0b\n\x03key\x18\x02 \x01(\t\x12-\n\x08replaced\x18\x03 \x01(\x0b\x32\x1b.statuspulse.auth.v1.ApiKey\"1\n\x13RevokeApiKeyRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"D\n\x14RevokeApiKeyResponse\x12,\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x1b.statuspulse.auth.v1.ApiKey*|\n\x0b\x41piKeyState\x12\x1d\n\x19\x41PI_KEY_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41PI_KEY_STATE_ACTIVE\x10\x01\x12\x19\n\x15\x41PI_KEY_STATE_EXPIRED\x10\x02\x12\x19\n\x15\x41PI_KEY_STATE_REVOKED\x10\x03\x32\x9e\x04\n\rApiKeyService\x12\x63\n\x0c\x43reateApiKey\x12(.statuspulse.auth.v1.CreateApiKeyRequest\x1a).statuspulse.auth.v1.CreateApiKeyResponse\x12`\n\x0bListApiKeys\x12\'.statuspulse.auth.v1.ListApiKeysRequest\x1a(.statuspulse.auth.v1.ListApiKeysResponse\x12Z\n\tGetApiKey\x12%.statuspulse.auth.v1.GetApiKeyRequest\x1a&.statuspulse.auth.v1.GetApiKeyResponse\x12\x84\x01\n\x17\x43reateReplacementApiKey\x12\x33.statuspulse.auth.v1.CreateReplacementApiKeyRequest\x1a\x34.statuspulse.auth.v1.CreateReplacementApiKeyResponse\x12\x63\n\x0cRevokeApiKey\x12(.statuspulse.auth.v1.RevokeApiKeyRequest\x1a).statuspulse.auth.v1.RevokeApiKeyResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'statuspulse.auth.v1.api_keys_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_APIKEYSTATE']._serialized_start=1539
-  _globals['_APIKEYSTATE']._serialized_end=1663
+  _globals['_APIKEYSTATE']._serialized_start=1710
+  _globals['_APIKEYSTATE']._serialized_end=1834
   _globals['_APIKEY']._serialized_start=93
-  _globals['_APIKEY']._serialized_end=563
-  _globals['_RATELIMIT']._serialized_start=565
-  _globals['_RATELIMIT']._serialized_end=618
-  _globals['_CREATEAPIKEYREQUEST']._serialized_start=621
-  _globals['_CREATEAPIKEYREQUEST']._serialized_end=771
-  _globals['_CREATEAPIKEYRESPONSE']._serialized_start=773
-  _globals['_CREATEAPIKEYRESPONSE']._serialized_end=854
-  _globals['_LISTAPIKEYSREQUEST']._serialized_start=856
-  _globals['_LISTAPIKEYSREQUEST']._serialized_end=983
-  _globals['_LISTAPIKEYSRESPONSE']._serialized_start=985
-  _globals['_LISTAPIKEYSRESPONSE']._serialized_end=1078
-  _globals['_GETAPIKEYREQUEST']._serialized_start=1080
-  _globals['_GETAPIKEYREQUEST']._serialized_end=1110
-  _globals['_GETAPIKEYRESPONSE']._serialized_start=1112
-  _globals['_GETAPIKEYRESPONSE']._serialized_end=1177
-  _globals['_CREATEREPLACEMENTAPIKEYREQUEST']._serialized_start=1179
-  _globals['_CREATEREPLACEMENTAPIKEYREQUEST']._serialized_end=1274
-  _globals['_CREATEREPLACEMENTAPIKEYRESPONSE']._serialized_start=1277
-  _globals['_CREATEREPLACEMENTAPIKEYRESPONSE']._serialized_end=1416
-  _globals['_REVOKEAPIKEYREQUEST']._serialized_start=1418
-  _globals['_REVOKEAPIKEYREQUEST']._serialized_end=1467
-  _globals['_REVOKEAPIKEYRESPONSE']._serialized_start=1469
-  _globals['_REVOKEAPIKEYRESPONSE']._serialized_end=1537
-  _globals['_APIKEYSERVICE']._serialized_start=1666
-  _globals['_APIKEYSERVICE']._serialized_end=2208
+  _globals['_APIKEY']._serialized_end=614
+  _globals['_DAILYUSE']._serialized_start=616
+  _globals['_DAILYUSE']._serialized_end=654
+  _globals['_RATELIMIT']._serialized_start=656
+  _globals['_RATELIMIT']._serialized_end=709
+  _globals['_CREATEAPIKEYREQUEST']._serialized_start=712
+  _globals['_CREATEAPIKEYREQUEST']._serialized_end=862
+  _globals['_CREATEAPIKEYRESPONSE']._serialized_start=864
+  _globals['_CREATEAPIKEYRESPONSE']._serialized_end=945
+  _globals['_LISTAPIKEYSREQUEST']._serialized_start=948
+  _globals['_LISTAPIKEYSREQUEST']._serialized_end=1103
+  _globals['_LISTAPIKEYSRESPONSE']._serialized_start=1105
+  _globals['_LISTAPIKEYSRESPONSE']._serialized_end=1198
+  _globals['_GETAPIKEYREQUEST']._serialized_start=1200
+  _globals['_GETAPIKEYREQUEST']._serialized_end=1230
+  _globals['_GETAPIKEYRESPONSE']._serialized_start=1232
+  _globals['_GETAPIKEYRESPONSE']._serialized_end=1348
+  _globals['_CREATEREPLACEMENTAPIKEYREQUEST']._serialized_start=1350
+  _globals['_CREATEREPLACEMENTAPIKEYREQUEST']._serialized_end=1445
+  _globals['_CREATEREPLACEMENTAPIKEYRESPONSE']._serialized_start=1448
+  _globals['_CREATEREPLACEMENTAPIKEYRESPONSE']._serialized_end=1587
+  _globals['_REVOKEAPIKEYREQUEST']._serialized_start=1589
+  _globals['_REVOKEAPIKEYREQUEST']._serialized_end=1638
+  _globals['_REVOKEAPIKEYRESPONSE']._serialized_start=1640
+  _globals['_REVOKEAPIKEYRESPONSE']._serialized_end=1708
+  _globals['_APIKEYSERVICE']._serialized_start=1837
+  _globals['_APIKEYSERVICE']._serialized_end=2379
 # @@protoc_insertion_point(module_scope)

@@ -22,7 +22,7 @@ API_KEY_STATE_EXPIRED: ApiKeyState
 API_KEY_STATE_REVOKED: ApiKeyState
 
 class ApiKey(_message.Message):
-    __slots__ = ("id", "name", "workspace", "scopes", "state", "create_time", "expire_time", "revoke_time", "revoke_reason", "replaces", "replaced_by", "last_four", "grace_deadline", "created_by", "rate_limit")
+    __slots__ = ("id", "name", "workspace", "scopes", "state", "create_time", "expire_time", "revoke_time", "revoke_reason", "replaces", "replaced_by", "last_four", "grace_deadline", "created_by", "rate_limit", "last_use_time")
     ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     WORKSPACE_FIELD_NUMBER: _ClassVar[int]
@@ -38,6 +38,7 @@ class ApiKey(_message.Message):
     GRACE_DEADLINE_FIELD_NUMBER: _ClassVar[int]
     CREATED_BY_FIELD_NUMBER: _ClassVar[int]
     RATE_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    LAST_USE_TIME_FIELD_NUMBER: _ClassVar[int]
     id: str
     name: str
     workspace: str
@@ -53,7 +54,16 @@ class ApiKey(_message.Message):
     grace_deadline: _timestamp_pb2.Timestamp
     created_by: str
     rate_limit: RateLimit
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., workspace: _Optional[str] = ..., scopes: _Optional[_Iterable[str]] = ..., state: _Optional[_Union[ApiKeyState, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoke_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoke_reason: _Optional[str] = ..., replaces: _Optional[str] = ..., replaced_by: _Optional[str] = ..., last_four: _Optional[str] = ..., grace_deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_by: _Optional[str] = ..., rate_limit: _Optional[_Union[RateLimit, _Mapping]] = ...) -> None: ...
+    last_use_time: _timestamp_pb2.Timestamp
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., workspace: _Optional[str] = ..., scopes: _Optional[_Iterable[str]] = ..., state: _Optional[_Union[ApiKeyState, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoke_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoke_reason: _Optional[str] = ..., replaces: _Optional[str] = ..., replaced_by: _Optional[str] = ..., last_four: _Optional[str] = ..., grace_deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_by: _Optional[str] = ..., rate_limit: _Optional[_Union[RateLimit, _Mapping]] = ..., last_use_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class DailyUse(_message.Message):
+    __slots__ = ("date", "uses")
+    DATE_FIELD_NUMBER: _ClassVar[int]
+    USES_FIELD_NUMBER: _ClassVar[int]
+    date: str
+    uses: int
+    def __init__(self, date: _Optional[str] = ..., uses: _Optional[int] = ...) -> None: ...
 
 class RateLimit(_message.Message):
     __slots__ = ("requests", "period_seconds")
@@ -86,16 +96,18 @@ class CreateApiKeyResponse(_message.Message):
     def __init__(self, api_key: _Optional[_Union[ApiKey, _Mapping]] = ..., key: _Optional[str] = ...) -> None: ...
 
 class ListApiKeysRequest(_message.Message):
-    __slots__ = ("workspace", "state", "page_size", "page_token")
+    __slots__ = ("workspace", "state", "page_size", "page_token", "unused_for_seconds")
     WORKSPACE_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    UNUSED_FOR_SECONDS_FIELD_NUMBER: _ClassVar[int]
     workspace: str
     state: ApiKeyState
     page_size: int
     page_token: str
-    def __init__(self, workspace: _Optional[str] = ..., state: _Optional[_Union[ApiKeyState, str]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+    unused_for_seconds: int
+    def __init__(self, workspace: _Optional[str] = ..., state: _Optional[_Union[ApiKeyState, str]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., unused_for_seconds: _Optional[int] = ...) -> None: ...
 
 class ListApiKeysResponse(_message.Message):
     __slots__ = ("api_keys", "next_page_token")
@@ -112,10 +124,12 @@ class GetApiKeyRequest(_message.Message):
     def __init__(self, id: _Optional[str] = ...) -> None: ...
 
 class GetApiKeyResponse(_message.Message):
-    __slots__ = ("api_key",)
+    __slots__ = ("api_key", "daily_uses")
     API_KEY_FIELD_NUMBER: _ClassVar[int]
+    DAILY_USES_FIELD_NUMBER: _ClassVar[int]
     api_key: ApiKey
-    def __init__(self, api_key: _Optional[_Union[ApiKey, _Mapping]] = ...) -> None: ...
+    daily_uses: _containers.RepeatedCompositeFieldContainer[DailyUse]
+    def __init__(self, api_key: _Optional[_Union[ApiKey, _Mapping]] = ..., daily_uses: _Optional[_Iterable[_Union[DailyUse, _Mapping]]] = ...) -> None: ...
 
 class CreateReplacementApiKeyRequest(_message.Message):
     __slots__ = ("id", "grace_seconds", "expires_in_seconds")
