@@ -8,7 +8,7 @@ from sidecar._gen.statuspulse.auth.v1 import api_keys_pb2 as pb
 from sidecar._gen.statuspulse.auth.v1 import api_keys_pb2_grpc as pb_grpc
 from sidecar.admin import convert
 from sidecar.admin.rpc import admin_rpc
-from sidecar.core.apikeys import ApiKeyService
+from sidecar.core.apikeys import ApiKeyService, KeyEdit
 from sidecar.core.clock import Clock
 from sidecar.core.errors import InvalidArgument
 from sidecar.core.models import RequestContext
@@ -40,6 +40,9 @@ class ApiKeyServicer(pb_grpc.ApiKeyServiceServicer):  # type: ignore[misc]
                 if request.HasField("rate_limit")
                 else None
             ),
+            description=request.description,
+            client_cidrs=list(request.client_cidrs),
+            rotation_period=_seconds(request.rotation_period_seconds, "rotation_period"),
         )
         return pb.CreateApiKeyResponse(
             api_key=convert.api_key(minted.key, self._clock.now()), key=minted.secret
@@ -62,6 +65,8 @@ class ApiKeyServicer(pb_grpc.ApiKeyServiceServicer):  # type: ignore[misc]
             page_size=request.page_size,
             page_token=request.page_token,
             unused_for=_seconds(request.unused_for_seconds, "unused_for"),
+            expiring_within=_seconds(request.expiring_within_seconds, "expiring_within"),
+            rotation_due=request.rotation_due,
         )
         now = self._clock.now()
         return pb.ListApiKeysResponse(
@@ -105,6 +110,48 @@ class ApiKeyServicer(pb_grpc.ApiKeyServiceServicer):  # type: ignore[misc]
     ) -> pb.RevokeApiKeyResponse:
         key = await asyncio.to_thread(self._svc.revoke, ctx, request.id, reason=request.reason)
         return pb.RevokeApiKeyResponse(api_key=convert.api_key(key, self._clock.now()))
+
+    @admin_rpc
+    async def UpdateApiKey(
+        self, request: pb.UpdateApiKeyRequest, ctx: RequestContext
+    ) -> pb.UpdateApiKeyResponse:
+        key = await asyncio.to_thread(self._svc.update, ctx, request.id, _edit(request))
+        return pb.UpdateApiKeyResponse(api_key=convert.api_key(key, self._clock.now()))
+
+    @admin_rpc
+    async def SuspendApiKey(
+        self, request: pb.SuspendApiKeyRequest, ctx: RequestContext
+    ) -> pb.SuspendApiKeyResponse:
+        key = await asyncio.to_thread(self._svc.suspend, ctx, request.id, reason=request.reason)
+        return pb.SuspendApiKeyResponse(api_key=convert.api_key(key, self._clock.now()))
+
+    @admin_rpc
+    async def ResumeApiKey(
+        self, request: pb.ResumeApiKeyRequest, ctx: RequestContext
+    ) -> pb.ResumeApiKeyResponse:
+        key = await asyncio.to_thread(self._svc.resume, ctx, request.id)
+        return pb.ResumeApiKeyResponse(api_key=convert.api_key(key, self._clock.now()))
+
+
+def _edit(request: pb.UpdateApiKeyRequest) -> KeyEdit:
+    if request.clear_rate_limit and request.HasField("rate_limit"):
+        raise InvalidArgument("rate_limit", "set a rate limit or clear it, not both")
+    rate: tuple[int, int] | None = None
+    if request.clear_rate_limit:
+        rate = (0, 0)
+    elif request.HasField("rate_limit"):
+        rate = (request.rate_limit.requests, request.rate_limit.period_seconds)
+    return KeyEdit(
+        name=request.name if request.HasField("name") else None,
+        description=request.description if request.HasField("description") else None,
+        rate_limit=rate,
+        client_cidrs=list(request.client_cidrs.cidrs) if request.HasField("client_cidrs") else None,
+        rotation_period=(
+            _seconds(request.rotation_period_seconds, "rotation_period")
+            if request.HasField("rotation_period_seconds")
+            else None
+        ),
+    )
 
 
 def _seconds(value: int, field: str) -> int:

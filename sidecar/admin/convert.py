@@ -13,6 +13,7 @@ STATE_TO_PB = {
     KeyState.ACTIVE: pb.API_KEY_STATE_ACTIVE,
     KeyState.EXPIRED: pb.API_KEY_STATE_EXPIRED,
     KeyState.REVOKED: pb.API_KEY_STATE_REVOKED,
+    KeyState.SUSPENDED: pb.API_KEY_STATE_SUSPENDED,
 }
 PB_TO_STATE = {v: k for k, v in STATE_TO_PB.items()}
 
@@ -49,6 +50,11 @@ def api_key(key: ApiKey, now: float, last_used: int | None = None) -> pb.ApiKey:
             else None
         ),
         last_use_time=timestamp(last_used),
+        description=key.description,
+        client_cidrs=list(key.client_cidrs),
+        suspend_time=timestamp(key.suspended_at),
+        rotation_period_seconds=key.rotation_period,
+        rotation_due_time=timestamp(key.rotation_due_at),
     )
 
 

@@ -47,6 +47,9 @@ class KeyPolicy:
     max_grace: int = 30 * DAY
     default_page_size: int = 50
     max_page_size: int = 1000
+    # A key expiring within this window is "expiring": one key.expiring event, the metric.
+    expiry_warning: int = 14 * DAY
+    min_rotation_period: int = DAY
 
 
 def credential_payload(key: ApiKey) -> dict[str, object]:
@@ -61,7 +64,24 @@ def credential_payload(key: ApiKey) -> dict[str, object]:
     if key.rate_limit:
         payload["rate_limit"] = key.rate_limit
         payload["rate_period"] = key.rate_period
+    if key.suspended_at is not None:
+        payload["suspended"] = True
+    if key.client_cidrs:
+        payload["client_cidrs"] = list(key.client_cidrs)
     return payload
+
+
+@dataclass(frozen=True, slots=True)
+class KeyEdit:
+    """Fields to change on a key; None leaves a field as it is. ``rate_limit`` (0, 0) removes
+    the limit, ``client_cidrs`` () allows every network, ``rotation_period`` 0 removes the
+    schedule."""
+
+    name: str | None = None
+    description: str | None = None
+    rate_limit: tuple[int, int] | None = None
+    client_cidrs: list[str] | None = None
+    rotation_period: int | None = None
 
 
 def key_snapshot(uow: UnitOfWork, now: int) -> Iterator[Change]:
@@ -107,14 +127,22 @@ class ApiKeyService:
         scopes: list[str],
         expires_in: int = 0,
         rate_limit: tuple[int, int] | None = None,
+        description: str = "",
+        client_cidrs: list[str] | None = None,
+        rotation_period: int = 0,
     ) -> Minted:
         """Mint a key in ``workspace``; the caller must hold every scope it grants.
-        ``rate_limit`` is (requests, period seconds), enforced by the sidecars."""
+        ``rate_limit`` is (requests, period seconds), enforced by the sidecars, as are
+        ``client_cidrs``; ``rotation_period`` seconds after creation the key is due for
+        rotation."""
         workspace = validation.workspace(workspace)
         name = validation.name(name)
         granted = parse_scopes(scopes)
         lifetime = self._lifetime(expires_in)
         requests, period = validation.rate_limit(*rate_limit) if rate_limit else (0, 0)
+        about = validation.description(description)
+        networks = validation.client_cidrs(client_cidrs or [])
+        rotation = self._rotation_period(rotation_period)
         _require(ctx.principal, KEYS_MANAGE, workspace)
         _require_grantable(ctx.principal, granted)
         now = int(self._clock.now())
@@ -131,10 +159,17 @@ class ApiKeyService:
             created_by=ctx.principal.key_id,
             rate_limit=requests,
             rate_period=period,
+            description=about,
+            client_cidrs=networks,
+            rotation_period=rotation,
         )
         meta = {"scopes": " ".join(sort_scopes(granted))}
         if requests:
             meta["rate_limit"] = validation.format_rate(requests, period)
+        if networks:
+            meta["client_cidrs"] = " ".join(networks)
+        if rotation:
+            meta["rotation_period"] = validation.format_duration(rotation)
         with self._store.transaction() as uow:
             uow.keys.insert(key)
             self._record(uow, ctx, "key.created", key, meta)
@@ -150,6 +185,8 @@ class ApiKeyService:
         page_size: int = 0,
         page_token: str = "",
         unused_for: int = 0,
+        expiring_within: int = 0,
+        rotation_due: bool = False,
     ) -> Page:
         """Keys the caller may see, newest first, one page at a time, with their last use.
         ``unused_for`` > 0 keeps keys unused (or, never used, created) for that many seconds."""
@@ -165,8 +202,9 @@ class ApiKeyService:
         if not 1 <= size <= self.policy.max_page_size:
             raise InvalidArgument("page_size", f"must be between 1 and {self.policy.max_page_size}")
         after = _decode_token(page_token) if page_token else None
-        if unused_for < 0:
-            raise InvalidArgument("unused_for", "must not be negative")
+        for field, value in (("unused_for", unused_for), ("expiring_within", expiring_within)):
+            if value < 0:
+                raise InvalidArgument(field, "must not be negative")
         now = int(self._clock.now())
         with self._store.read() as uow:
             items = uow.keys.page(
@@ -176,6 +214,8 @@ class ApiKeyService:
                 limit=size + 1,
                 after=after,
                 unused_since=now - unused_for if unused_for else None,
+                expiring_before=now + expiring_within if expiring_within else None,
+                rotation_due=rotation_due,
             )
             more = len(items) > size
             items = items[:size]
@@ -223,6 +263,9 @@ class ApiKeyService:
                 replaces=old.id,
                 rate_limit=old.rate_limit,
                 rate_period=old.rate_period,
+                description=old.description,
+                client_cidrs=old.client_cidrs,
+                rotation_period=old.rotation_period,
             )
             deadline = now + grace if grace else None
             if deadline is not None and old.grace_deadline is not None:
@@ -237,11 +280,83 @@ class ApiKeyService:
             uow.changes.append(Change("credential.upserted", new.id, credential_payload(new)))
         return Minted(key=new, secret=secret, replaced=old)
 
+    def update(self, ctx: RequestContext, key_id: str, edit: KeyEdit) -> ApiKey:
+        """Edit a key without re-issuing it; each change is audited (old and new values, never
+        a secret) and replicated. Changing nothing changes nothing (and records nothing)."""
+        fields = self._edited_fields(edit)
+        with self._store.transaction() as uow:
+            key = _load(uow, key_id)
+            _require(ctx.principal, KEYS_MANAGE, key.workspace)
+            if key.revoked_at is not None:
+                raise FailedPrecondition(f"key {key.id} is revoked; it cannot be edited")
+            changed = {f: v for f, v in fields.items() if getattr(key, f) != v}
+            if not changed:
+                return key
+            new = replace(key, **changed)  # type: ignore[arg-type]
+            if "rotation_period" in changed:
+                new = replace(new, rotation_due_recorded=False)
+            uow.keys.update(new)
+            meta = {name: _describe(name, getattr(new, name), new) for name in changed}
+            self._record(uow, ctx, "key.updated", new, meta)
+            self._replicate(uow, new)
+        return new
+
+    def suspend(self, ctx: RequestContext, key_id: str, *, reason: str = "") -> ApiKey:
+        """Deny a key (reason ``suspended_credential``) until it is resumed; idempotent."""
+        reason = _reason(reason)
+        with self._store.transaction() as uow:
+            key = _load(uow, key_id)
+            _require(ctx.principal, KEYS_MANAGE, key.workspace)
+            if key.revoked_at is not None:
+                raise FailedPrecondition(f"key {key.id} is revoked; it cannot be suspended")
+            if key.suspended_at is not None:
+                return key
+            key = replace(key, suspended_at=int(self._clock.now()))
+            uow.keys.update(key)
+            self._record(uow, ctx, "key.suspended", key, {}, reason=reason)
+            self._replicate(uow, key)
+        return key
+
+    def resume(self, ctx: RequestContext, key_id: str) -> ApiKey:
+        """Lift a suspension; idempotent."""
+        with self._store.transaction() as uow:
+            key = _load(uow, key_id)
+            _require(ctx.principal, KEYS_MANAGE, key.workspace)
+            if key.revoked_at is not None:
+                raise FailedPrecondition(f"key {key.id} is revoked; it cannot be resumed")
+            if key.suspended_at is None:
+                return key
+            key = replace(key, suspended_at=None)
+            uow.keys.update(key)
+            self._record(uow, ctx, "key.resumed", key, {})
+            self._replicate(uow, key)
+        return key
+
+    def _edited_fields(self, edit: KeyEdit) -> dict[str, object]:
+        fields: dict[str, object] = {}
+        if edit.name is not None:
+            fields["name"] = validation.name(edit.name)
+        if edit.description is not None:
+            fields["description"] = validation.description(edit.description)
+        if edit.rate_limit is not None:
+            requests, period = edit.rate_limit
+            if requests or period:
+                requests, period = validation.rate_limit(requests, period)
+            fields["rate_limit"], fields["rate_period"] = requests, period
+        if edit.client_cidrs is not None:
+            fields["client_cidrs"] = validation.client_cidrs(edit.client_cidrs)
+        if edit.rotation_period is not None:
+            fields["rotation_period"] = self._rotation_period(edit.rotation_period)
+        return fields
+
+    def _replicate(self, uow: UnitOfWork, key: ApiKey) -> None:
+        """Tell the sidecars about a changed key, unless it can no longer authenticate."""
+        if key.state(self._clock.now()) in (KeyState.ACTIVE, KeyState.SUSPENDED):
+            uow.changes.append(Change("credential.upserted", key.id, credential_payload(key)))
+
     def revoke(self, ctx: RequestContext, key_id: str, *, reason: str = "") -> ApiKey:
         """Revoke now. Revoking a revoked key returns it unchanged (idempotent)."""
-        reason = reason.strip()
-        if len(reason) > 500 or not reason.isprintable():
-            raise InvalidArgument("reason", "must be at most 500 printable characters")
+        reason = _reason(reason)
         with self._store.transaction() as uow:
             key = _load(uow, key_id)
             _require(ctx.principal, KEYS_MANAGE, key.workspace)
@@ -269,7 +384,39 @@ class ApiKeyService:
                     uow.keys.update(replace(key, expiry_recorded=True))
                     self._record_system(uow, "key.expired", key, "")
                     uow.changes.append(Change("credential.expired", key.id, {"id": key.id}))
+            noticed = self._notices(uow, now)
+        return len(due) + noticed
+
+    def _notices(self, uow: UnitOfWork, now: int) -> int:
+        """Record, once per key, that it entered the expiry warning window (``key.expiring``)
+        and that its rotation is due (``key.rotation_due``)."""
+        due = uow.keys.due_for_notice(now, now + self.policy.expiry_warning)
+        for key in due:
+            updated = key
+            if not key.expiry_warned and key.expires_at <= now + self.policy.expiry_warning:
+                updated = replace(updated, expiry_warned=True)
+                self._record_system(
+                    uow, "key.expiring", key, "", {"expires_at": str(key.expires_at)}
+                )
+            rotation_at = key.rotation_due_at
+            if (
+                not key.rotation_due_recorded
+                and not key.replaced_by
+                and rotation_at is not None
+                and rotation_at <= now
+            ):
+                updated = replace(updated, rotation_due_recorded=True)
+                self._record_system(
+                    uow, "key.rotation_due", key, "", {"rotation_due_at": str(rotation_at)}
+                )
+            uow.keys.update(updated)
         return len(due)
+
+    def expiring_counts(self) -> dict[str, int]:
+        """Usable keys inside the expiry warning window, per workspace (for the metric)."""
+        now = int(self._clock.now())
+        with self._store.read() as uow:
+            return uow.keys.expiring_by_workspace(now, now + self.policy.expiry_warning)
 
     def bootstrap_operator_key(self, name: str = "operator") -> Minted | None:
         """On first start: an ``admin:full`` key for every workspace, or None if one exists."""
@@ -325,10 +472,50 @@ class ApiKeyService:
             )
         )
 
-    def _record_system(self, uow: UnitOfWork, action: str, key: ApiKey, reason: str) -> None:
-        uow.audit.append(
-            event(self._clock.now(), SYSTEM_ACTOR, action, key.workspace, key.id, reason=reason)
+    def _rotation_period(self, seconds: int) -> int:
+        if not seconds:
+            return 0
+        return validation.in_range(
+            seconds, self.policy.min_rotation_period, self.policy.max_lifetime, "rotation_period"
         )
+
+    def _record_system(
+        self,
+        uow: UnitOfWork,
+        action: str,
+        key: ApiKey,
+        reason: str,
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        uow.audit.append(
+            event(
+                self._clock.now(),
+                SYSTEM_ACTOR,
+                action,
+                key.workspace,
+                key.id,
+                reason=reason,
+                metadata=metadata,
+            )
+        )
+
+
+def _reason(reason: str) -> str:
+    reason = reason.strip()
+    if len(reason) > 500 or not reason.isprintable():
+        raise InvalidArgument("reason", "must be at most 500 printable characters")
+    return reason
+
+
+def _describe(name: str, value: object, key: ApiKey) -> str:
+    """An edited field's new value as an audit metadata string."""
+    if name in ("rate_limit", "rate_period"):
+        return validation.format_rate(key.rate_limit, key.rate_period) if key.rate_limit else ""
+    if name == "client_cidrs":
+        return " ".join(key.client_cidrs)
+    if name == "rotation_period":
+        return validation.format_duration(key.rotation_period) if key.rotation_period else ""
+    return str(value)
 
 
 def _load(uow: UnitOfWork, key_id: str) -> ApiKey:

@@ -45,14 +45,27 @@ class KeyRepository(Protocol):
         limit: int,
         after: Cursor | None,
         unused_since: int | None = None,
+        expiring_before: int | None = None,
+        rotation_due: bool = False,
     ) -> list[ApiKey]:
         """Keys newest first, strictly after ``after`` = (created_at, id). ``unused_since``
-        keeps keys whose last use (or, never used, creation) is before that time."""
+        keeps keys whose last use (or, never used, creation) is before that time;
+        ``expiring_before`` usable keys expiring by then; ``rotation_due`` usable, unreplaced
+        keys past their rotation schedule."""
         ...
 
     def due_for_sweep(self, now: int) -> list[ApiKey]:
         """Unrevoked keys whose expiry is not yet recorded but has passed, or whose grace
         deadline has passed."""
+        ...
+
+    def due_for_notice(self, now: int, warn_before: int) -> list[ApiKey]:
+        """Usable keys not yet warned of that expire by ``warn_before``, and usable, unreplaced
+        keys past their rotation schedule not yet recorded as due."""
+        ...
+
+    def expiring_by_workspace(self, now: int, before: int) -> dict[str, int]:
+        """Usable keys expiring by ``before``, counted per workspace."""
         ...
 
     def usable(self, now: int) -> Iterator[ApiKey]:

@@ -27,7 +27,6 @@ USED = frozenset(
         Reason.RATE_LIMITED,
     }
 )
-API_KEY = "api_key"
 
 
 class UsageTally:
@@ -45,12 +44,10 @@ class UsageTally:
         self.dropped = 0  # written by RPC threads without a lock: approximate by design
 
     def __call__(self, decision: Decision, view: CheckInput, source: str, elapsed: float) -> None:
-        if decision.reason not in USED:
-            return
         identity = decision.identity
-        if identity is None:
+        if identity is None or decision.reason not in USED:
             return
-        key = identity.id if identity.kind == API_KEY else identity.grant_id
+        key = identity.grant_id or identity.id  # an access token counts for its grant
         try:
             counts = self._local.slot[0]
         except AttributeError:
@@ -58,7 +55,7 @@ class UsageTally:
         try:
             counts[key] += 1
         except KeyError:
-            if len(counts) < self._max and key:
+            if len(counts) < self._max:
                 counts[key] = 1
             else:
                 self.dropped += 1

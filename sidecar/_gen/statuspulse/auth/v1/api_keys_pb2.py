@@ -26,41 +26,55 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"statuspulse/auth/v1/api_keys.proto\x12\x13statuspulse.auth.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x89\x04\n\x06\x41piKey\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\tworkspace\x18\x03 \x01(\t\x12\x0e\n\x06scopes\x18\x04 \x03(\t\x12/\n\x05state\x18\x05 \x01(\x0e\x32 .statuspulse.auth.v1.ApiKeyState\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0brevoke_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rrevoke_reason\x18\t \x01(\t\x12\x10\n\x08replaces\x18\n \x01(\t\x12\x13\n\x0breplaced_by\x18\x0b \x01(\t\x12\x11\n\tlast_four\x18\x0c \x01(\t\x12\x32\n\x0egrace_deadline\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ncreated_by\x18\x0e \x01(\t\x12\x32\n\nrate_limit\x18\x0f \x01(\x0b\x32\x1e.statuspulse.auth.v1.RateLimit\x12\x31\n\rlast_use_time\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"&\n\x08\x44\x61ilyUse\x12\x0c\n\x04\x64\x61te\x18\x01 \x01(\t\x12\x0c\n\x04uses\x18\x02 \x01(\x03\"5\n\tRateLimit\x12\x10\n\x08requests\x18\x01 \x01(\x03\x12\x16\n\x0eperiod_seconds\x18\x02 \x01(\x03\"\x96\x01\n\x13\x43reateApiKeyRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06scopes\x18\x03 \x03(\t\x12\x1a\n\x12\x65xpires_in_seconds\x18\x04 \x01(\x03\x12\x32\n\nrate_limit\x18\x05 \x01(\x0b\x32\x1e.statuspulse.auth.v1.RateLimit\"Q\n\x14\x43reateApiKeyResponse\x12,\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x1b.statuspulse.auth.v1.ApiKey\x12\x0b\n\x03key\x18\x02 \x01(\t\"\x9b\x01\n\x12ListApiKeysRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12/\n\x05state\x18\x02 \x01(\x0e\x32 .statuspulse.auth.v1.ApiKeyState\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\x12\x1a\n\x12unused_for_seconds\x18\x05 \x01(\x03\"]\n\x13ListApiKeysResponse\x12-\n\x08\x61pi_keys\x18\x01 \x03(\x0b\x32\x1b.statuspulse.auth.v1.ApiKey\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1e\n\x10GetApiKeyRequest\x12\n\n\x02id\x18\x01 \x01(\t\"t\n\x11GetApiKeyResponse\x12,\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x1b.statuspulse.auth.v1.ApiKey\x12\x31\n\ndaily_uses\x18\x02 \x03(\x0b\x32\x1d.statuspulse.auth.v1.DailyUse\"_\n\x1e\x43reateReplacementApiKeyRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rgrace_seconds\x18\x02 \x01(\x03\x12\x1a\n\x12\x65xpires_in_seconds\x18\x03 \x01(\x03\"\x8b\x01\n\x1f\x43reateReplacementApiKeyResponse\x12,\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x1b.statuspulse.auth.v1.ApiKey\x12\x0b\n\x03key\x18\x02 \x01(\t\x12-\n\x08replaced\x18\x03 \x01(\x0b\x32\x1b.statuspulse.auth.v1.ApiKey\"1\n\x13RevokeApiKeyRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"D\n\x14RevokeApiKeyResponse\x12,\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x1b.statuspulse.auth.v1.ApiKey*|\n\x0b\x41piKeyState\x12\x1d\n\x19\x41PI_KEY_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41PI_KEY_STATE_ACTIVE\x10\x01\x12\x19\n\x15\x41PI_KEY_STATE_EXPIRED\x10\x02\x12\x19\n\x15\x41PI_KEY_STATE_REVOKED\x10\x03\x32\x9e\x04\n\rApiKeyService\x12\x63\n\x0c\x43reateApiKey\x12(.statuspulse.auth.v1.CreateApiKeyRequest\x1a).statuspulse.auth.v1.CreateApiKeyResponse\x12`\n\x0bListApiKeys\x12\'.statuspulse.auth.v1.ListApiKeysRequest\x1a(.statuspulse.auth.v1.ListApiKeysResponse\x12Z\n\tGetApiKey\x12%.statuspulse.auth.v1.GetApiKeyRequest\x1a&.statuspulse.auth.v1.GetApiKeyResponse\x12\x84\x01\n\x17\x43reateReplacementApiKey\x12\x33.statuspulse.auth.v1.CreateReplacementApiKeyRequest\x1a\x34.statuspulse.auth.v1.CreateReplacementApiKeyResponse\x12\x63\n\x0cRevokeApiKey\x12(.statuspulse.auth.v1.RevokeApiKeyRequest\x1a).statuspulse.auth.v1.RevokeApiKeyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"statuspulse/auth/v1/api_keys.proto\x12\x13statuspulse.auth.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xbe\x05\n\x06\x41piKey\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\tworkspace\x18\x03 \x01(\t\x12\x0e\n\x06scopes\x18\x04 \x03(\t\x12/\n\x05state\x18\x05 \x01(\x0e\x32 .statuspulse.auth.v1.ApiKeyState\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0brevoke_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rrevoke_reason\x18\t \x01(\t\x12\x10\n\x08replaces\x18\n \x01(\t\x12\x13\n\x0breplaced_by\x18\x0b \x01(\t\x12\x11\n\tlast_four\x18\x0c \x01(\t\x12\x32\n\x0egrace_deadline\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ncreated_by\x18\x0e \x01(\t\x12\x32\n\nrate_limit\x18\x0f \x01(\x0b\x32\x1e.statuspulse.auth.v1.RateLimit\x12\x31\n\rlast_use_time\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x64\x65scription\x18\x11 \x01(\t\x12\x14\n\x0c\x63lient_cidrs\x18\x12 \x03(\t\x12\x30\n\x0csuspend_time\x18\x13 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1f\n\x17rotation_period_seconds\x18\x14 \x01(\x03\x12\x35\n\x11rotation_due_time\x18\x15 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"&\n\x08\x44\x61ilyUse\x12\x0c\n\x04\x64\x61te\x18\x01 \x01(\t\x12\x0c\n\x04uses\x18\x02 \x01(\x03\"5\n\tRateLimit\x12\x10\n\x08requests\x18\x01 \x01(\x03\x12\x16\n\x0eperiod_seconds\x18\x02 \x01(\x03\"\xe2\x01\n\x13\x43reateApiKeyRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06scopes\x18\x03 \x03(\t\x12\x1a\n\x12\x65xpires_in_seconds\x18\x04 \x01(\x03\x12\x32\n\nrate_limit\x18\x05 \x01(\x0b\x32\x1e.statuspulse.auth.v1.RateLimit\x12\x13\n\x0b\x64\x65scription\x18\x06 \x01(\t\x12\x14\n\x0c\x63lient_cidrs\x18\x07 \x03(\t\x12\x1f\n\x17rotation_period_seconds\x18\x08 \x01(\x03\"Q\n\x14\x43reateApiKeyResponse\x12,\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x1b.statuspulse.auth.v1.ApiKey\x12\x0b\n\x03key\x18\x02 \x01(\t\"\xd2\x01\n\x12ListApiKeysRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12/\n\x05state\x18\x02 \x01(\x0e\x32 .statuspulse.auth.v1.ApiKeyState\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\x12\x1a\n\x12unused_for_seconds\x18\x05 \x01(\x03\x12\x1f\n\x17\x65xpiring_within_seconds\x18\x06 \x01(\x03\x12\x14\n\x0crotation_due\x18\x07 \x01(\x08\"]\n\x13ListApiKeysResponse\x12-\n\x08\x61pi_keys\x18\x01 \x03(\x0b\x32\x1b.statuspulse.auth.v1.ApiKey\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1e\n\x10GetApiKeyRequest\x12\n\n\x02id\x18\x01 \x01(\t\"t\n\x11GetApiKeyResponse\x12,\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x1b.statuspulse.auth.v1.ApiKey\x12\x31\n\ndaily_uses\x18\x02 \x03(\x0b\x32\x1d.statuspulse.auth.v1.DailyUse\"_\n\x1e\x43reateReplacementApiKeyRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rgrace_seconds\x18\x02 \x01(\x03\x12\x1a\n\x12\x65xpires_in_seconds\x18\x03 \x01(\x03\"\x8b\x01\n\x1f\x43reateReplacementApiKeyResponse\x12,\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x1b.statuspulse.auth.v1.ApiKey\x12\x0b\n\x03key\x18\x02 \x01(\t\x12-\n\x08replaced\x18\x03 \x01(\x0b\x32\x1b.statuspulse.auth.v1.ApiKey\"1\n\x13RevokeApiKeyRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"D\n\x14RevokeApiKeyResponse\x12,\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x1b.statuspulse.auth.v1.ApiKey\"\x1c\n\x0b\x43lientCidrs\x12\r\n\x05\x63idrs\x18\x01 \x03(\t\"\xaf\x02\n\x13UpdateApiKeyRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\x04name\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x18\n\x0b\x64\x65scription\x18\x03 \x01(\tH\x01\x88\x01\x01\x12\x32\n\nrate_limit\x18\x04 \x01(\x0b\x32\x1e.statuspulse.auth.v1.RateLimit\x12\x18\n\x10\x63lear_rate_limit\x18\x05 \x01(\x08\x12\x36\n\x0c\x63lient_cidrs\x18\x06 \x01(\x0b\x32 .statuspulse.auth.v1.ClientCidrs\x12$\n\x17rotation_period_seconds\x18\x07 \x01(\x03H\x02\x88\x01\x01\x42\x07\n\x05_nameB\x0e\n\x0c_descriptionB\x1a\n\x18_rotation_period_seconds\"D\n\x14UpdateApiKeyResponse\x12,\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x1b.statuspulse.auth.v1.ApiKey\"2\n\x14SuspendApiKeyRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"E\n\x15SuspendApiKeyResponse\x12,\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x1b.statuspulse.auth.v1.ApiKey\"!\n\x13ResumeApiKeyRequest\x12\n\n\x02id\x18\x01 \x01(\t\"D\n\x14ResumeApiKeyResponse\x12,\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x1b.statuspulse.auth.v1.ApiKey*\x99\x01\n\x0b\x41piKeyState\x12\x1d\n\x19\x41PI_KEY_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41PI_KEY_STATE_ACTIVE\x10\x01\x12\x19\n\x15\x41PI_KEY_STATE_EXPIRED\x10\x02\x12\x19\n\x15\x41PI_KEY_STATE_REVOKED\x10\x03\x12\x1b\n\x17\x41PI_KEY_STATE_SUSPENDED\x10\x04\x32\xd0\x06\n\rApiKeyService\x12\x63\n\x0c\x43reateApiKey\x12(.statuspulse.auth.v1.CreateApiKeyRequest\x1a).statuspulse.auth.v1.CreateApiKeyResponse\x12`\n\x0bListApiKeys\x12\'.statuspulse.auth.v1.ListApiKeysRequest\x1a(.statuspulse.auth.v1.ListApiKeysResponse\x12Z\n\tGetApiKey\x12%.statuspulse.auth.v1.GetApiKeyRequest\x1a&.statuspulse.auth.v1.GetApiKeyResponse\x12\x84\x01\n\x17\x43reateReplacementApiKey\x12\x33.statuspulse.auth.v1.CreateReplacementApiKeyRequest\x1a\x34.statuspulse.auth.v1.CreateReplacementApiKeyResponse\x12\x63\n\x0cRevokeApiKey\x12(.statuspulse.auth.v1.RevokeApiKeyRequest\x1a).statuspulse.auth.v1.RevokeApiKeyResponse\x12\x63\n\x0cUpdateApiKey\x12(.statuspulse.auth.v1.UpdateApiKeyRequest\x1a).statuspulse.auth.v1.UpdateApiKeyResponse\x12\x66\n\rSuspendApiKey\x12).statuspulse.auth.v1.SuspendApiKeyRequest\x1a*.statuspulse.auth.v1.SuspendApiKeyResponse\x12\x63\n\x0cResumeApiKey\x12(.statuspulse.auth.v1.ResumeApiKeyRequest\x1a).statuspulse.auth.v1.ResumeApiKeyResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'statuspulse.auth.v1.api_keys_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_APIKEYSTATE']._serialized_start=1710
-  _globals['_APIKEYSTATE']._serialized_end=1834
+  _globals['_APIKEYSTATE']._serialized_start=2657
+  _globals['_APIKEYSTATE']._serialized_end=2810
   _globals['_APIKEY']._serialized_start=93
-  _globals['_APIKEY']._serialized_end=614
-  _globals['_DAILYUSE']._serialized_start=616
-  _globals['_DAILYUSE']._serialized_end=654
-  _globals['_RATELIMIT']._serialized_start=656
-  _globals['_RATELIMIT']._serialized_end=709
-  _globals['_CREATEAPIKEYREQUEST']._serialized_start=712
-  _globals['_CREATEAPIKEYREQUEST']._serialized_end=862
-  _globals['_CREATEAPIKEYRESPONSE']._serialized_start=864
-  _globals['_CREATEAPIKEYRESPONSE']._serialized_end=945
-  _globals['_LISTAPIKEYSREQUEST']._serialized_start=948
-  _globals['_LISTAPIKEYSREQUEST']._serialized_end=1103
-  _globals['_LISTAPIKEYSRESPONSE']._serialized_start=1105
-  _globals['_LISTAPIKEYSRESPONSE']._serialized_end=1198
-  _globals['_GETAPIKEYREQUEST']._serialized_start=1200
-  _globals['_GETAPIKEYREQUEST']._serialized_end=1230
-  _globals['_GETAPIKEYRESPONSE']._serialized_start=1232
-  _globals['_GETAPIKEYRESPONSE']._serialized_end=1348
-  _globals['_CREATEREPLACEMENTAPIKEYREQUEST']._serialized_start=1350
-  _globals['_CREATEREPLACEMENTAPIKEYREQUEST']._serialized_end=1445
-  _globals['_CREATEREPLACEMENTAPIKEYRESPONSE']._serialized_start=1448
-  _globals['_CREATEREPLACEMENTAPIKEYRESPONSE']._serialized_end=1587
-  _globals['_REVOKEAPIKEYREQUEST']._serialized_start=1589
-  _globals['_REVOKEAPIKEYREQUEST']._serialized_end=1638
-  _globals['_REVOKEAPIKEYRESPONSE']._serialized_start=1640
-  _globals['_REVOKEAPIKEYRESPONSE']._serialized_end=1708
-  _globals['_APIKEYSERVICE']._serialized_start=1837
-  _globals['_APIKEYSERVICE']._serialized_end=2379
+  _globals['_APIKEY']._serialized_end=795
+  _globals['_DAILYUSE']._serialized_start=797
+  _globals['_DAILYUSE']._serialized_end=835
+  _globals['_RATELIMIT']._serialized_start=837
+  _globals['_RATELIMIT']._serialized_end=890
+  _globals['_CREATEAPIKEYREQUEST']._serialized_start=893
+  _globals['_CREATEAPIKEYREQUEST']._serialized_end=1119
+  _globals['_CREATEAPIKEYRESPONSE']._serialized_start=1121
+  _globals['_CREATEAPIKEYRESPONSE']._serialized_end=1202
+  _globals['_LISTAPIKEYSREQUEST']._serialized_start=1205
+  _globals['_LISTAPIKEYSREQUEST']._serialized_end=1415
+  _globals['_LISTAPIKEYSRESPONSE']._serialized_start=1417
+  _globals['_LISTAPIKEYSRESPONSE']._serialized_end=1510
+  _globals['_GETAPIKEYREQUEST']._serialized_start=1512
+  _globals['_GETAPIKEYREQUEST']._serialized_end=1542
+  _globals['_GETAPIKEYRESPONSE']._serialized_start=1544
+  _globals['_GETAPIKEYRESPONSE']._serialized_end=1660
+  _globals['_CREATEREPLACEMENTAPIKEYREQUEST']._serialized_start=1662
+  _globals['_CREATEREPLACEMENTAPIKEYREQUEST']._serialized_end=1757
+  _globals['_CREATEREPLACEMENTAPIKEYRESPONSE']._serialized_start=1760
+  _globals['_CREATEREPLACEMENTAPIKEYRESPONSE']._serialized_end=1899
+  _globals['_REVOKEAPIKEYREQUEST']._serialized_start=1901
+  _globals['_REVOKEAPIKEYREQUEST']._serialized_end=1950
+  _globals['_REVOKEAPIKEYRESPONSE']._serialized_start=1952
+  _globals['_REVOKEAPIKEYRESPONSE']._serialized_end=2020
+  _globals['_CLIENTCIDRS']._serialized_start=2022
+  _globals['_CLIENTCIDRS']._serialized_end=2050
+  _globals['_UPDATEAPIKEYREQUEST']._serialized_start=2053
+  _globals['_UPDATEAPIKEYREQUEST']._serialized_end=2356
+  _globals['_UPDATEAPIKEYRESPONSE']._serialized_start=2358
+  _globals['_UPDATEAPIKEYRESPONSE']._serialized_end=2426
+  _globals['_SUSPENDAPIKEYREQUEST']._serialized_start=2428
+  _globals['_SUSPENDAPIKEYREQUEST']._serialized_end=2478
+  _globals['_SUSPENDAPIKEYRESPONSE']._serialized_start=2480
+  _globals['_SUSPENDAPIKEYRESPONSE']._serialized_end=2549
+  _globals['_RESUMEAPIKEYREQUEST']._serialized_start=2551
+  _globals['_RESUMEAPIKEYREQUEST']._serialized_end=2584
+  _globals['_RESUMEAPIKEYRESPONSE']._serialized_start=2586
+  _globals['_RESUMEAPIKEYRESPONSE']._serialized_end=2654
+  _globals['_APIKEYSERVICE']._serialized_start=2813
+  _globals['_APIKEYSERVICE']._serialized_end=3661
 # @@protoc_insertion_point(module_scope)
