@@ -41,6 +41,8 @@ class Settings:
     sidecar_addr: str = "127.0.0.1:9191"
     key_default_lifetime: int = 90 * 86400
     key_max_lifetime: int = 365 * 86400
+    # Keys expiring within this window are "expiring": an audit event, a webhook, the metric.
+    key_expiry_warning: int = 14 * 86400
     sweep_interval: float = 5.0
     sync_heartbeat: float = 1.0
     sync_token: str = ""
@@ -137,6 +139,7 @@ class SidecarSettings:
 
 _DURATIONS = {
     "key_default_lifetime",
+    "key_expiry_warning",
     "key_max_lifetime",
     "oauth_access_token_ttl",
     "oauth_refresh_token_ttl",
@@ -301,6 +304,8 @@ def load_settings(
         _check_addr(errors, name, getattr(s, name))
     if not 60 <= s.key_default_lifetime <= s.key_max_lifetime:
         errors.add("key_default_lifetime", "must be at least 60s and at most key_max_lifetime")
+    if not 0 <= s.key_expiry_warning <= s.key_max_lifetime:
+        errors.add("key_expiry_warning", "must be between 0 and key_max_lifetime")
     if s.sweep_interval <= 0:
         errors.add("sweep_interval", "must be positive")
     if s.sync_heartbeat <= 0:

@@ -50,6 +50,7 @@ from sidecar.ops.admin_calls import AdminCallInterceptor
 from sidecar.ops.health import Health, Status, worst
 from sidecar.ops.http_routes import ops_routes
 from sidecar.ops.http_server import HttpServer
+from sidecar.ops.key_metrics import KeyExpiryMetrics
 from sidecar.ops.metrics import OAUTH_EVENTS, Metrics
 from sidecar.ops.tls import admin_server_credentials, http_ssl_files
 from sidecar.ops.tracing import start_tracing
@@ -82,9 +83,12 @@ class ControlPlane:
             KeyPolicy(
                 default_lifetime=settings.key_default_lifetime,
                 max_lifetime=settings.key_max_lifetime,
+                expiry_warning=settings.key_expiry_warning,
             ),
         )
         self.usage = UsageService(self.store, self.clock)
+        self.key_expiry = KeyExpiryMetrics(self.keys.policy.expiry_warning)
+        self.metrics.registry.register(self.key_expiry)
         self.audit = AuditTrail(
             self.store, self.clock, load_checkpoint_key(settings.data_dir / "audit-hmac-key")
         )
@@ -241,6 +245,7 @@ class ControlPlane:
         while True:
             try:
                 changed = await asyncio.to_thread(self.keys.sweep)
+                self.key_expiry.update(await asyncio.to_thread(self.keys.expiring_counts))
                 if self.oauth is not None:
                     changed += await asyncio.to_thread(self.oauth.sweep)
                 if changed:

@@ -82,6 +82,8 @@ METRIC_LABELS: dict[str, frozenset[str]] = {
     "spauth_policy_reloads_total": frozenset({"result"}),
     "spauth_oauth_tokens_total": frozenset({"event"}),
     "spauth_admin_calls_total": frozenset({"method", "code"}),
+    "spauth_keys_expiring": frozenset({"workspace"}),
+    "spauth_keys_expiry_warning_seconds": frozenset(),
 }
 # Labels Prometheus attaches to every scraped series (PodMonitor target labels).
 TARGET_LABELS = frozenset({"namespace", "pod", "container", "instance", "job"})

@@ -16,6 +16,7 @@ from sidecar.core.clock import FakeClock
 from sidecar.core.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from sidecar.core.models import KeyState, Principal, RequestContext
 from sidecar.dataplane.server import Sidecar
+from sidecar.ops.key_metrics import KeyExpiryMetrics
 from sidecar.store.base import Store
 from tests.conftest import RunningControlPlane, bearer, wait_until
 from tests.test_sidecar_grpc import Client, check_request, mint
@@ -247,3 +248,34 @@ def test_audit_query_finds_edits(store: Store) -> None:
     with store.read() as uow:
         found = uow.audit.page(AuditQuery(workspaces=frozenset({"acme"})), 10, None)
     assert [r.event.action for r in found][:2] == ["key.updated", "key.created"]
+
+
+# -- the expiring-keys metric -------------------------------------------------------------------
+
+
+def test_expiring_metric_labels_are_bounded() -> None:
+    metric = KeyExpiryMetrics(14 * DAY, top=2)
+    metric.update({"a": 5, "b": 3, "c": 2, "d": 1, "*": 1})
+    assert metric.series() == {"a": 5, "b": 3, "other": 3, "operator": 1}
+    metric.update({})
+    assert metric.series() == {"other": 0}
+
+
+def test_control_plane_exports_expiring_keys_per_workspace(
+    control_plane: RunningControlPlane,
+) -> None:
+    with control_plane.channel() as ch:
+        control_plane.keys_stub(ch).CreateApiKey(
+            pb.CreateApiKeyRequest(
+                workspace="acme", name="soon", scopes=["checks:read"], expires_in_seconds=3 * DAY
+            ),
+            metadata=bearer(control_plane.operator_key),
+        )
+    registry = control_plane.plane.metrics.registry
+
+    def expiring(workspace: str) -> float | None:
+        return registry.get_sample_value("spauth_keys_expiring", {"workspace": workspace})
+
+    wait_until(lambda: expiring("acme") == 1)
+    assert expiring("other") == 0
+    assert registry.get_sample_value("spauth_keys_expiry_warning_seconds") == 14 * DAY
