@@ -132,6 +132,20 @@ class ApiKeyServicer(pb_grpc.ApiKeyServiceServicer):  # type: ignore[misc]
         key = await asyncio.to_thread(self._svc.resume, ctx, request.id)
         return pb.ResumeApiKeyResponse(api_key=convert.api_key(key, self._clock.now()))
 
+    @admin_rpc
+    async def RecordApiKeyRotationStep(
+        self, request: pb.RecordApiKeyRotationStepRequest, ctx: RequestContext
+    ) -> pb.RecordApiKeyRotationStepResponse:
+        await asyncio.to_thread(
+            self._svc.record_rotation_step,
+            ctx,
+            request.id,
+            request.step,
+            target=request.target,
+            detail=request.detail,
+        )
+        return pb.RecordApiKeyRotationStepResponse()
+
 
 def _edit(request: pb.UpdateApiKeyRequest) -> KeyEdit:
     if request.clear_rate_limit and request.HasField("rate_limit"):

@@ -8,6 +8,7 @@ from typing import Any
 
 from sidecar._gen.statuspulse.auth.v1 import api_keys_pb2 as pb
 from sidecar._gen.statuspulse.auth.v1 import api_keys_pb2_grpc as pb_grpc
+from sidecar.cli import rotate
 from sidecar.cli.client import EXIT_USAGE, AdminClient, CliError
 from sidecar.cli.output import emit_json, rfc3339, table
 from sidecar.core.errors import InvalidArgument
@@ -102,6 +103,8 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p = keys.add_parser("resume", parents=[common], help="lift a suspension")
     p.add_argument("id")
     p.set_defaults(handler=resume)
+
+    rotate.register(keys, common)
 
 
 def _duration(text: str, flag: str) -> int:

@@ -35,6 +35,15 @@ from sidecar.store.base import Store, UnitOfWork
 
 DAY = 86400
 SYSTEM_ACTOR = "system"
+ROTATION_STEPS = (
+    "started",
+    "secret_written",
+    "verified",
+    "old_key_unused",
+    "grace_ended",
+    "completed",
+    "failed",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,6 +340,24 @@ class ApiKeyService:
             self._record(uow, ctx, "key.resumed", key, {})
             self._replicate(uow, key)
         return key
+
+    def record_rotation_step(
+        self, ctx: RequestContext, key_id: str, step: str, *, target: str, detail: str = ""
+    ) -> None:
+        """Audit a step of a client-driven rotation (``spauth keys rotate``) of ``key_id``."""
+        if step not in ROTATION_STEPS:
+            raise InvalidArgument("step", f"must be one of {', '.join(ROTATION_STEPS)}")
+        target = _reason(target)
+        if not target:
+            raise InvalidArgument("target", "must not be empty")
+        detail = _reason(detail)
+        with self._store.transaction() as uow:
+            key = _load(uow, key_id)
+            _require(ctx.principal, KEYS_MANAGE, key.workspace)
+            meta = {"step": step, "target": target}
+            if key.replaced_by:
+                meta["replaced_by"] = key.replaced_by
+            self._record(uow, ctx, "key.rotation", key, meta, reason=detail)
 
     def _edited_fields(self, edit: KeyEdit) -> dict[str, object]:
         fields: dict[str, object] = {}

@@ -242,3 +242,19 @@ class ResumeApiKeyResponse(_message.Message):
     API_KEY_FIELD_NUMBER: _ClassVar[int]
     api_key: ApiKey
     def __init__(self, api_key: _Optional[_Union[ApiKey, _Mapping]] = ...) -> None: ...
+
+class RecordApiKeyRotationStepRequest(_message.Message):
+    __slots__ = ("id", "step", "target", "detail")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    step: str
+    target: str
+    detail: str
+    def __init__(self, id: _Optional[str] = ..., step: _Optional[str] = ..., target: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...
+
+class RecordApiKeyRotationStepResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

@@ -77,6 +77,11 @@ class ApiKeyServiceStub:
                 request_serializer=statuspulse_dot_auth_dot_v1_dot_api__keys__pb2.ResumeApiKeyRequest.SerializeToString,
                 response_deserializer=statuspulse_dot_auth_dot_v1_dot_api__keys__pb2.ResumeApiKeyResponse.FromString,
                 _registered_method=True)
+        self.RecordApiKeyRotationStep = channel.unary_unary(
+                '/statuspulse.auth.v1.ApiKeyService/RecordApiKeyRotationStep',
+                request_serializer=statuspulse_dot_auth_dot_v1_dot_api__keys__pb2.RecordApiKeyRotationStepRequest.SerializeToString,
+                response_deserializer=statuspulse_dot_auth_dot_v1_dot_api__keys__pb2.RecordApiKeyRotationStepResponse.FromString,
+                _registered_method=True)
 
 
 class ApiKeyServiceServicer:
@@ -142,6 +147,16 @@ class ApiKeyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RecordApiKeyRotationStep(self, request, context):
+        """RecordApiKeyRotationStep writes a key.rotation audit record for a step of
+        `spauth keys rotate` that happens outside the control plane (the secret written to its
+        target, verified, the old key found unused). Steps the control plane carries out itself
+        (the replacement, the revocation) are audited by those calls.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ApiKeyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -184,6 +199,11 @@ def add_ApiKeyServiceServicer_to_server(servicer, server):
                     servicer.ResumeApiKey,
                     request_deserializer=statuspulse_dot_auth_dot_v1_dot_api__keys__pb2.ResumeApiKeyRequest.FromString,
                     response_serializer=statuspulse_dot_auth_dot_v1_dot_api__keys__pb2.ResumeApiKeyResponse.SerializeToString,
+            ),
+            'RecordApiKeyRotationStep': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordApiKeyRotationStep,
+                    request_deserializer=statuspulse_dot_auth_dot_v1_dot_api__keys__pb2.RecordApiKeyRotationStepRequest.FromString,
+                    response_serializer=statuspulse_dot_auth_dot_v1_dot_api__keys__pb2.RecordApiKeyRotationStepResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -404,6 +424,33 @@ class ApiKeyService:
             '/statuspulse.auth.v1.ApiKeyService/ResumeApiKey',
             statuspulse_dot_auth_dot_v1_dot_api__keys__pb2.ResumeApiKeyRequest.SerializeToString,
             statuspulse_dot_auth_dot_v1_dot_api__keys__pb2.ResumeApiKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordApiKeyRotationStep(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/statuspulse.auth.v1.ApiKeyService/RecordApiKeyRotationStep',
+            statuspulse_dot_auth_dot_v1_dot_api__keys__pb2.RecordApiKeyRotationStepRequest.SerializeToString,
+            statuspulse_dot_auth_dot_v1_dot_api__keys__pb2.RecordApiKeyRotationStepResponse.FromString,
             options,
             channel_credentials,
             insecure,
