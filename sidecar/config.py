@@ -72,6 +72,11 @@ class Settings:
     # Scale-out (issue 8): Redis carries change notifications between control-plane replicas and
     # the sidecars' audit stream. Empty: no bus (the sync heartbeat bounds propagation).
     redis_url: str = ""
+    # Webhooks (issue 17): "public" calls only https URLs that resolve to public addresses
+    # (a tenant cannot aim the control plane at its internal network); "any" lifts that
+    # (development, tests). Due deliveries are sent every webhook_poll_interval seconds.
+    webhook_destinations: str = "public"
+    webhook_poll_interval: float = 1.0
 
     @property
     def store_url(self) -> str:
@@ -306,6 +311,10 @@ def load_settings(
         errors.add("key_default_lifetime", "must be at least 60s and at most key_max_lifetime")
     if not 0 <= s.key_expiry_warning <= s.key_max_lifetime:
         errors.add("key_expiry_warning", "must be between 0 and key_max_lifetime")
+    if s.webhook_destinations not in ("public", "any"):
+        errors.add("webhook_destinations", f"expected public|any, got {s.webhook_destinations!r}")
+    if not 0.05 <= s.webhook_poll_interval <= 3600:
+        errors.add("webhook_poll_interval", "must be between 0.05 and 3600 seconds")
     if s.sweep_interval <= 0:
         errors.add("sweep_interval", "must be positive")
     if s.sync_heartbeat <= 0:

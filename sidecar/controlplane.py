@@ -25,6 +25,8 @@ from sidecar._gen.statuspulse.auth.v1 import (
     replication_pb2_grpc,
     usage_pb2,
     usage_pb2_grpc,
+    webhooks_pb2,
+    webhooks_pb2_grpc,
 )
 from sidecar.admin.apikeys import ApiKeyServicer
 from sidecar.admin.apps import OAuthAppServicer
@@ -32,6 +34,7 @@ from sidecar.admin.audit import AuditServicer, load_checkpoint_key
 from sidecar.admin.replication import ReplicationServicer, SnapshotSource
 from sidecar.admin.usage import UsageServicer
 from sidecar.admin.users import UserServicer
+from sidecar.admin.webhooks import WebhookServicer
 from sidecar.config import Settings
 from sidecar.core.apikeys import ApiKeyService, KeyPolicy, key_snapshot
 from sidecar.core.apps import AppService
@@ -42,6 +45,7 @@ from sidecar.core.models import Minted
 from sidecar.core.oauth_changes import oauth_snapshot
 from sidecar.core.usage import UsageService
 from sidecar.core.users import UserService
+from sidecar.core.webhooks import WebhookService
 from sidecar.http.app import build_app
 from sidecar.http.routes import oauth_routes
 from sidecar.oauth import config as oauth_config
@@ -55,6 +59,8 @@ from sidecar.ops.metrics import OAUTH_EVENTS, Metrics
 from sidecar.ops.tls import admin_server_credentials, http_ssl_files
 from sidecar.ops.tracing import start_tracing
 from sidecar.store import Store, open_store
+from sidecar.webhooks.delivery import Deliverer
+from sidecar.webhooks.sealing import load_sealer
 
 if TYPE_CHECKING:
     from sidecar.bus import AuditStreamConsumer, RedisChangeBus
@@ -87,6 +93,14 @@ class ControlPlane:
             ),
         )
         self.usage = UsageService(self.store, self.clock)
+        sealer = load_sealer(settings.data_dir / "webhook-key")
+        self.webhooks = WebhookService(self.store, self.clock, sealer)
+        self.deliverer = Deliverer(
+            self.store,
+            self.clock,
+            sealer,
+            allow_private=settings.webhook_destinations == "any",
+        )
         self.key_expiry = KeyExpiryMetrics(self.keys.policy.expiry_warning)
         self.metrics.registry.register(self.key_expiry)
         self.audit = AuditTrail(
@@ -115,6 +129,7 @@ class ControlPlane:
         self.http = HttpServer(settings.http_addr, ssl_files=http_ssl_files(settings))
         self._server: grpc.aio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._deliveries: asyncio.Task[None] | None = None
         self.bus: RedisChangeBus | None = None
         self.audit_stream: AuditStreamConsumer | None = None
         self._draining = False
@@ -150,6 +165,9 @@ class ControlPlane:
         api_keys_pb2_grpc.add_ApiKeyServiceServicer_to_server(
             ApiKeyServicer(self.keys, self.clock, self.usage), server
         )
+        webhooks_pb2_grpc.add_WebhookServiceServicer_to_server(
+            WebhookServicer(self.webhooks, self.keys), server
+        )
         usage_pb2_grpc.add_UsageServiceServicer_to_server(
             UsageServicer(self.usage, self.keys, sync_token=self.settings.sync_token), server
         )
@@ -170,6 +188,7 @@ class ControlPlane:
             oauth_pb2.DESCRIPTOR.services_by_name["UserService"].full_name,
             audit_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name,
             usage_pb2.DESCRIPTOR.services_by_name["UsageService"].full_name,
+            webhooks_pb2.DESCRIPTOR.services_by_name["WebhookService"].full_name,
             health.SERVICE_NAME,
             reflection.SERVICE_NAME,
         )
@@ -193,6 +212,7 @@ class ControlPlane:
         for name in ("", *names[:4]):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._sweeper = asyncio.create_task(self._sweep_forever())
+        self._deliveries = asyncio.create_task(self._deliver_forever())
         await self._start_redis()
         log.info(
             "control plane listening",
@@ -259,6 +279,15 @@ class ControlPlane:
                 await self._prune_usage()
             await asyncio.sleep(self.settings.sweep_interval)
 
+    async def _deliver_forever(self) -> None:
+        """The webhook outbox: due deliveries sent every webhook_poll_interval seconds."""
+        while True:
+            try:
+                await asyncio.to_thread(self.deliverer.run_once)
+            except Exception:
+                log.exception("webhook delivery pass failed; retrying")
+            await asyncio.sleep(self.settings.webhook_poll_interval)
+
     async def _prune_usage(self) -> None:
         try:
             await asyncio.to_thread(self.usage.prune)
@@ -286,10 +315,11 @@ class ControlPlane:
         await self.health.enter_graceful_shutdown()
         if self.settings.drain_delay and self._server is not None:
             await asyncio.sleep(self.settings.drain_delay)
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+        for task in (self._sweeper, self._deliveries):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         self._unsubscribe()
         self.audit_servicer.close()  # tails end now and resume by cursor elsewhere
         if self._server is not None:

@@ -353,13 +353,15 @@ def test_vault_kv2_target_builds_the_documented_requests(monkeypatch: pytest.Mon
         assert target.read() == "spk_new"
     finally:
         server.shutdown()
+        server.server_close()
     posts = [s for s in _VaultKv.seen if s[0] == "POST"]
     assert posts == [
         (
             "POST",
             "/v1/secret/data/statuspulse/ci",
             "s.test-token",
-            {"data": {"other": "kept", "api_key": "spk_new"}},
+            # KV v2's write body: the secret under "data" (hvac adds empty "options").
+            {"options": {}, "data": {"other": "kept", "api_key": "spk_new"}},
         )
     ]
     assert all(token == "s.test-token" for _, _, token, _ in _VaultKv.seen)

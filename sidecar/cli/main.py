@@ -16,6 +16,7 @@ from sidecar.cli import (
     serve,
     sidecar_cmd,
     users,
+    webhooks,
 )
 from sidecar.cli.client import EXIT_USAGE, CliError, admin_client, fail
 from sidecar.config import ConfigError
@@ -43,6 +44,7 @@ def build_parser(environ: dict[str, str] | None = None) -> argparse.ArgumentPars
     apps.register(sub, common)
     users.register(sub, common)
     audit.register(sub, common)
+    webhooks.register(sub, common)
     return parser
 
 

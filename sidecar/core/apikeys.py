@@ -10,7 +10,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
-from sidecar.core import keyformat, validation
+from sidecar.core import keyformat, validation, webhooks
 from sidecar.core.audit import event
 from sidecar.core.clock import Clock
 from sidecar.core.errors import (
@@ -393,6 +393,7 @@ class ApiKeyService:
             uow.keys.update(key)
             self._record(uow, ctx, "key.revoked", key, {}, reason=reason)
             uow.changes.append(Change("credential.revoked", key.id, {"id": key.id}))
+            self._notify(uow, webhooks.KEY_REVOKED, key, reason=reason)
         return key
 
     def sweep(self) -> int:
@@ -407,6 +408,7 @@ class ApiKeyService:
                     uow.keys.update(revoked)
                     self._record_system(uow, "key.revoked", revoked, revoked.revoke_reason)
                     uow.changes.append(Change("credential.revoked", key.id, {"id": key.id}))
+                    self._notify(uow, webhooks.KEY_REVOKED, revoked, reason=revoked.revoke_reason)
                 else:
                     uow.keys.update(replace(key, expiry_recorded=True))
                     self._record_system(uow, "key.expired", key, "")
@@ -425,6 +427,7 @@ class ApiKeyService:
                 self._record_system(
                     uow, "key.expiring", key, "", {"expires_at": str(key.expires_at)}
                 )
+                self._notify(uow, webhooks.KEY_EXPIRING, key)
             rotation_at = key.rotation_due_at
             if (
                 not key.rotation_due_recorded
@@ -436,6 +439,7 @@ class ApiKeyService:
                 self._record_system(
                     uow, "key.rotation_due", key, "", {"rotation_due_at": str(rotation_at)}
                 )
+                self._notify(uow, webhooks.KEY_ROTATION_DUE, key)
             uow.keys.update(updated)
         return len(due)
 
@@ -498,6 +502,20 @@ class ApiKeyService:
                 metadata={"name": key.name, **metadata},
             )
         )
+
+    def _notify(self, uow: UnitOfWork, event: str, key: ApiKey, reason: str = "") -> None:
+        """Queue a webhook delivery about ``key`` (same transaction as the change)."""
+        data: dict[str, object] = {
+            "key_id": key.id,
+            "name": key.name,
+            "expires_at": key.expires_at,
+            "replaced_by": key.replaced_by or None,
+        }
+        if reason:
+            data["reason"] = reason
+        if key.rotation_due_at is not None:
+            data["rotation_due_at"] = key.rotation_due_at
+        webhooks.emit(uow, self._clock.now(), key.workspace, event, data)
 
     def _rotation_period(self, seconds: int) -> int:
         if not seconds:

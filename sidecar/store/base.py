@@ -21,6 +21,7 @@ from sidecar.core.oauth_models import (
     SigningKey,
 )
 from sidecar.core.usage import CredentialUse
+from sidecar.core.webhooks import Delivery, Webhook
 
 Cursor = tuple[int, str]
 
@@ -146,6 +147,34 @@ class UsageRepository(Protocol):
         ...
 
 
+class WebhookRepository(Protocol):
+    """Per-workspace webhooks and the outbox of their deliveries."""
+
+    def insert(self, hook: Webhook) -> None: ...
+
+    def update(self, hook: Webhook) -> None:
+        """Change a webhook's url, events or deletion time."""
+        ...
+
+    def get(self, webhook_id: str) -> Webhook | None: ...
+
+    def of_workspace(self, workspace: str) -> list[Webhook]:
+        """Undeleted webhooks of a workspace, oldest first."""
+        ...
+
+    def enqueue(self, delivery: Delivery) -> None: ...
+
+    def due(self, now: int, limit: int) -> list[Delivery]:
+        """Pending deliveries whose next attempt is due, soonest first."""
+        ...
+
+    def record_attempt(self, delivery: Delivery) -> None:
+        """Store a delivery's status, attempts, next attempt time and last error."""
+        ...
+
+    def recent_deliveries(self, webhook_id: str, limit: int) -> list[Delivery]: ...
+
+
 class ChangeLog(Protocol):
     """Ordered changes with monotonically increasing revisions, for replica resume."""
 
@@ -177,6 +206,9 @@ class UnitOfWork(Protocol):
 
     @property
     def usage(self) -> UsageRepository: ...
+
+    @property
+    def webhooks(self) -> WebhookRepository: ...
 
 
 class Store(Protocol):

@@ -39,6 +39,7 @@ from sidecar.store.postgres_oauth import PgOAuthRepositories
 from sidecar.store.sql import QmarkConnection
 from sidecar.store.sqlite import SqliteKeys
 from sidecar.store.sqlite_usage import SqlUsage
+from sidecar.store.sqlite_webhooks import SqlWebhooks
 
 log = logging.getLogger("sidecar.store.postgres")
 
@@ -111,6 +112,7 @@ class PgUnitOfWork:
         self.audit = PgAudit(conn)
         self.changes = PgChanges(conn, self.appended)
         self.oauth = PgOAuthRepositories(conn)
+        self.webhooks = SqlWebhooks(QmarkConnection(conn))
         self.usage = SqlUsage(QmarkConnection(conn))
         self.conn = conn
 

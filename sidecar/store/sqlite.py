@@ -17,6 +17,7 @@ from sidecar.store.sql import Executes
 from sidecar.store.sqlite_audit import SqliteAudit, link_unchained
 from sidecar.store.sqlite_oauth import SqliteOAuthRepositories
 from sidecar.store.sqlite_usage import SqlUsage
+from sidecar.store.sqlite_webhooks import SqlWebhooks
 
 _KEY_COLUMNS = (
     "id, digest, last_four, name, workspace, scopes, created_at, expires_at, created_by, "
@@ -245,6 +246,7 @@ class SqliteUnitOfWork:
         self.audit = SqliteAudit(conn)
         self.changes = SqliteChanges(conn, self.appended)
         self.oauth = SqliteOAuthRepositories(conn)
+        self.webhooks = SqlWebhooks(conn)
         self.usage = SqlUsage(conn)
         self.conn = conn
 
