@@ -272,3 +272,17 @@ def test_cli_adds_lists_and_removes(
     assert main(["webhooks", "remove", added["id"], *base]) == 0
     assert main(["webhooks", "list", "--workspace", "acme", *base]) == 0
     assert json.loads(capsys.readouterr().out) == []
+
+
+def test_member_disabled_hook_queues_the_event(parts: Parts, receiver: Receiver) -> None:
+    from sidecar.core.oauth_models import Member
+    from sidecar.core.webhooks import MEMBER_DISABLED, member_disabled
+
+    parts.hooks.add(ACME, workspace="acme", url=receiver.url, events=[MEMBER_DISABLED])
+    member = Member("usr_1", "acme", "dev@acme.example", "", frozenset(), 1, "key_a")
+    with parts.store.transaction() as uow:
+        assert member_disabled(uow, parts.clock.now(), member) == 1
+    assert parts.deliverer.run_once() == 1
+    event = json.loads(receiver.requests[0][1])
+    assert event["type"] == MEMBER_DISABLED
+    assert event["data"] == {"user_id": "usr_1", "email": "dev@acme.example"}

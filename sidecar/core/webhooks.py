@@ -22,6 +22,7 @@ from sidecar.core.audit import event as audit_event
 from sidecar.core.clock import Clock
 from sidecar.core.errors import InvalidArgument, NotFound, PermissionDenied
 from sidecar.core.models import OPERATOR_WORKSPACE, Principal, RequestContext
+from sidecar.core.oauth_models import Member
 from sidecar.core.scopes import KEYS_MANAGE, satisfies
 from sidecar.core.validation import workspace as valid_workspace
 
@@ -86,6 +87,13 @@ def emit(uow: UnitOfWork, now: float, workspace: str, event: str, data: dict[str
         uow.webhooks.enqueue(_delivery(hook, event, workspace, data, int(now)))
         queued += 1
     return queued
+
+
+def member_disabled(uow: UnitOfWork, now: float, member: Member) -> int:
+    """The hook for the member-disabling use case (issue 14): call it in the transaction that
+    disables ``member``, so the ``member.disabled`` delivery exists exactly when that commits."""
+    data: dict[str, object] = {"user_id": member.id, "email": member.email}
+    return emit(uow, now, member.workspace, MEMBER_DISABLED, data)
 
 
 def _delivery(
