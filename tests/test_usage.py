@@ -271,3 +271,32 @@ def test_last_used_from_checks_and_of_a_replaced_key(
             metadata=bearer(control_plane.operator_key),
         )
     assert {k.id for k in stale.api_keys} == {key_id, idle_id}
+
+
+def test_an_apps_session_shows_the_last_access_token_use(store: Store) -> None:
+    from sidecar.core.apps import AppService
+    from sidecar.core.oauth_models import Grant
+
+    clock = FakeClock(1_800_000_000)
+    apps = AppService(store, clock)
+    app = apps.register(
+        OPERATOR,
+        workspace="acme",
+        name="dashboard",
+        redirect_uris=["https://app.example/cb"],
+        scopes=["checks:read"],
+        confidential=True,
+    ).app
+    grant = Grant(
+        "grt_1", app.id, "usr_1", "acme", frozenset({"checks:read"}), 1_799_000_000, 1_799_000_000
+    )
+    with store.transaction() as uow:
+        uow.oauth.grants.insert(grant)
+    (session,) = apps.sessions(OPERATOR, app.id)
+    assert session.grant.last_used_at == 1_799_000_000  # the last refresh
+    used_at = int(clock.now())
+    UsageService(store, clock).report(
+        OPERATOR, UsageReport("r1", (use("grt_1", 4, used_at, UseKind.OAUTH_GRANT),))
+    )
+    (session,) = apps.sessions(OPERATOR, app.id)
+    assert session.grant.last_used_at == used_at
