@@ -127,17 +127,19 @@ class UsageReporter:
         self._consecutive = 0
         return not self._next
 
-    def close(self, attempts: int = 2) -> bool:
-        """Stop the thread and report what is left (RPC threads have stopped): True when
-        everything was acknowledged."""
+    def close(self) -> bool:
+        """Stop the thread and report what is left (RPC threads have stopped): the outstanding
+        report, then the next one, giving up at the first failure so a control plane that is
+        away delays shutdown by one timeout at most. True when everything was acknowledged."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
         done = False
-        for _ in range(attempts):
+        for _ in range(2):
+            failures = self._failures
             done = self.poll(final=True)
-            if done:
+            if done or self._failures > failures:
                 break
         self._transport.close()
         return done
