@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -77,6 +78,9 @@ class Settings:
     # (development, tests). Due deliveries are sent every webhook_poll_interval seconds.
     webhook_destinations: str = "public"
     webhook_poll_interval: float = 1.0
+    # The AES-256 key (64 hex digits) sealing webhook signing secrets; every control-plane
+    # replica needs the same one. Empty: a key file in data_dir (one replica).
+    webhook_key: str = ""
 
     @property
     def store_url(self) -> str:
@@ -313,6 +317,8 @@ def load_settings(
         errors.add("key_expiry_warning", "must be between 0 and key_max_lifetime")
     if s.webhook_destinations not in ("public", "any"):
         errors.add("webhook_destinations", f"expected public|any, got {s.webhook_destinations!r}")
+    if s.webhook_key and not re.fullmatch(r"[0-9a-fA-F]{64}", s.webhook_key):
+        errors.add("webhook_key", "must be 64 hex digits (a 256-bit key): openssl rand -hex 32")
     if not 0.05 <= s.webhook_poll_interval <= 3600:
         errors.add("webhook_poll_interval", "must be between 0.05 and 3600 seconds")
     if s.sweep_interval <= 0:

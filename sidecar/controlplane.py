@@ -60,7 +60,7 @@ from sidecar.ops.tls import admin_server_credentials, http_ssl_files
 from sidecar.ops.tracing import start_tracing
 from sidecar.store import Store, open_store
 from sidecar.webhooks.delivery import Deliverer
-from sidecar.webhooks.sealing import load_sealer
+from sidecar.webhooks.sealing import AesGcmSealer, load_sealer
 
 if TYPE_CHECKING:
     from sidecar.bus import AuditStreamConsumer, RedisChangeBus
@@ -93,7 +93,11 @@ class ControlPlane:
             ),
         )
         self.usage = UsageService(self.store, self.clock)
-        sealer = load_sealer(settings.data_dir / "webhook-key")
+        sealer = (
+            AesGcmSealer(bytes.fromhex(settings.webhook_key))
+            if settings.webhook_key
+            else load_sealer(settings.data_dir / "webhook-key")
+        )
         self.webhooks = WebhookService(self.store, self.clock, sealer)
         self.deliverer = Deliverer(
             self.store,

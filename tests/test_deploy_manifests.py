@@ -371,6 +371,7 @@ def test_control_plane_deployment() -> None:
     assert env == {
         "SPAUTH_DATABASE_URL": {"name": "spauth-secrets", "key": "database-url"},
         "SPAUTH_REDIS_URL": {"name": "spauth-secrets", "key": "redis-url"},
+        "SPAUTH_WEBHOOK_KEY": {"name": "spauth-secrets", "key": "webhook-key"},
     }
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}

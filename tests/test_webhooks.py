@@ -286,3 +286,16 @@ def test_member_disabled_hook_queues_the_event(parts: Parts, receiver: Receiver)
     event = json.loads(receiver.requests[0][1])
     assert event["type"] == MEMBER_DISABLED
     assert event["data"] == {"user_id": "usr_1", "email": "dev@acme.example"}
+
+
+def test_the_shared_webhook_key_is_validated_and_never_printed() -> None:
+    from sidecar.config import ConfigError, load_settings
+    from sidecar.ops.configfile import effective
+
+    key = "ab" * 32
+    settings = load_settings(environ={"SPAUTH_WEBHOOK_KEY": key})
+    rows = {name: value for name, value, _ in effective(settings, {}, environ={})}
+    assert rows["webhook_key"] == '"<redacted>"'
+    with pytest.raises(ConfigError) as info:
+        load_settings(environ={"SPAUTH_WEBHOOK_KEY": "short"})
+    assert "webhook_key" in str(info.value.errors) and "short" not in str(info.value.errors)
