@@ -115,9 +115,12 @@ def test_store_counts_a_report_once_and_keeps_the_latest_use(store: Store) -> No
         assert uow.usage.daily("key_a", day - 30) == [(day - 1, 2), (day, 8)]
         assert uow.usage.daily("key_a", day) == [(day, 8)]
     with store.transaction() as uow:
-        assert uow.usage.prune(t // DAY) == 1  # the older day's row (reports arrived today)
+        assert uow.usage.prune(t // DAY, t) == 1  # the older day's row (reports arrived at t)
     with store.read() as uow:
         assert uow.usage.daily("key_a", 0) == [(t // DAY, 8)]
+    with store.transaction() as uow:
+        assert uow.usage.prune(0, t + 1) == 3  # the three report ids
+        assert uow.usage.record("r1", [use("key_a", 1, t)], t)  # forgotten: counted again
 
 
 def test_store_lists_keys_unused_since(store: Store) -> None:

@@ -23,6 +23,9 @@ DAY = 86400
 MAX_REPORT_ENTRIES = 10_000
 MAX_USES = 1 << 40  # far above any sidecar's count in a report interval
 DAILY_WINDOW_DAYS = 30
+# Report ids are kept this long: a sidecar resends an unacknowledged report within minutes, so
+# two days is ample, and the table stays at one row per report and sidecar for that long.
+REPORT_ID_RETENTION = 2 * DAY
 _REPORT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _CREDENTIAL_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
@@ -91,10 +94,11 @@ class UsageService:
         return KeyUsage(last, daily)
 
     def prune(self) -> int:
-        """Drop daily counts and report ids older than the retention; returns rows deleted."""
-        before_day = int(self._clock.now()) // DAY - self.retention_days
+        """Drop daily counts older than the retention and report ids older than
+        REPORT_ID_RETENTION; returns rows deleted."""
+        now = int(self._clock.now())
         with self._store.transaction() as uow:
-            return uow.usage.prune(before_day)
+            return uow.usage.prune(now // DAY - self.retention_days, now - REPORT_ID_RETENTION)
 
 
 def validate(report: UsageReport, now: float) -> UsageReport:

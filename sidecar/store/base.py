@@ -142,8 +142,9 @@ class UsageRepository(Protocol):
         """(epoch day, uses) from ``since_day`` on, oldest first."""
         ...
 
-    def prune(self, before_day: int) -> int:
-        """Delete daily counts and report ids older than ``before_day``."""
+    def prune(self, before_day: int, reports_before: int) -> int:
+        """Delete daily counts older than ``before_day`` and report ids received before
+        ``reports_before``."""
         ...
 
 

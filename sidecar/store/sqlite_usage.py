@@ -61,11 +61,11 @@ class SqlUsage:
         ).fetchall()
         return [(int(r[0]), int(r[1])) for r in rows]
 
-    def prune(self, before_day: int) -> int:
+    def prune(self, before_day: int, reports_before: int) -> int:
         daily = self._conn.execute(
             "DELETE FROM credential_uses_daily WHERE day < ?", (before_day,)
         ).rowcount
         reports = self._conn.execute(
-            "DELETE FROM usage_reports WHERE received_at < ?", (before_day * 86400,)
+            "DELETE FROM usage_reports WHERE received_at < ?", (reports_before,)
         ).rowcount
         return int(daily) + int(reports)
