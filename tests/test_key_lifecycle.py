@@ -4,6 +4,7 @@ sidecar fed by a real control plane."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 
 import grpc
@@ -279,3 +280,39 @@ def test_control_plane_exports_expiring_keys_per_workspace(
     wait_until(lambda: expiring("acme") == 1)
     assert expiring("other") == 0
     assert registry.get_sample_value("spauth_keys_expiry_warning_seconds") == 14 * DAY
+
+
+def test_cli_edits_suspends_and_lists(
+    control_plane: RunningControlPlane,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from sidecar.cli.main import main
+
+    monkeypatch.setenv("STATUSPULSE_API_KEY", control_plane.operator_key)
+    ep = ["--endpoint", control_plane.address]
+    _, key_id = mint(control_plane, ["checks:read"])
+    args = [
+        "keys",
+        "update",
+        key_id,
+        "--description",
+        "CI of acme/web",
+        "--client-cidr",
+        "10.0.0.0/8",
+    ]
+    assert main([*args, "--rotate-every", "60d", *ep]) == 0
+    capsys.readouterr()
+    assert main(["keys", "show", key_id, *ep]) == 0
+    out = capsys.readouterr().out
+    assert "description: CI of acme/web" in out and "client_cidrs: 10.0.0.0/8" in out
+    assert "rotate_every: 60d" in out and "never" in out  # LAST USED
+    assert main(["keys", "suspend", key_id, "--reason", "leak", *ep, "-o", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["state"] == "suspended"
+    assert main(["keys", "list", "--state", "suspended", *ep, "-o", "json"]) == 0
+    assert [k["id"] for k in json.loads(capsys.readouterr().out)] == [key_id]
+    assert main(["keys", "resume", key_id, *ep, "-o", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["suspended_at"] is None
+    assert main(["keys", "list", "--expiring-within", "14d", *ep, "-o", "json"]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+    assert main(["keys", "update", key_id, "--rate-limit", "fast", *ep]) == 2  # usage error

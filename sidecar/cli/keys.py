@@ -231,6 +231,21 @@ def list_keys(client: AdminClient, args: argparse.Namespace) -> int:
     return 0
 
 
+# Shown under the table by `keys show` when set.
+_DETAILS = (
+    "description",
+    "client_cidrs",
+    "rate_limit",
+    "suspended_at",
+    "rotate_every",
+    "rotation_due_at",
+    "replaces",
+    "replaced_by",
+    "revoke_reason",
+    "grace_deadline",
+)
+
+
 def show(client: AdminClient, args: argparse.Namespace) -> int:
     stub = pb_grpc.ApiKeyServiceStub(client.channel)
     resp = client.call(stub.GetApiKey, pb.GetApiKeyRequest(id=args.id))
@@ -240,6 +255,9 @@ def show(client: AdminClient, args: argparse.Namespace) -> int:
         emit_json(out)
         return 0
     _print_keys(args, [resp.api_key])
+    details = {k: v for k, v in key_json(resp.api_key).items() if k in _DETAILS and v}
+    for name, value in details.items():
+        print(f"{name}: {' '.join(value) if isinstance(value, list) else value}")
     if resp.daily_uses:
         print()
         print(table([[d.date, str(d.uses)] for d in resp.daily_uses], ["DAY (UTC)", "USES"]))
