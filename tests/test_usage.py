@@ -253,6 +253,10 @@ def test_last_used_from_checks_and_of_a_replaced_key(
     for _ in range(3):
         assert client.check(check_request(authorization=f"Bearer {secret}")).status.code == 0
     wait_until(lambda: sum(d.uses for d in get_key(control_plane, key_id).daily_uses) == 3)
+    registry = sc.metrics.registry
+    assert registry.get_sample_value("spauth_usage_reported_total") == 3
+    assert registry.get_sample_value("spauth_usage_pending") == 0
+    assert registry.get_sample_value("spauth_usage_dropped_total") == 0
     used_at = get_key(control_plane, key_id).api_key.last_use_time.seconds
     assert used_at == int(control_plane.clock.now())
     assert not get_key(control_plane, idle_id).api_key.HasField("last_use_time")

@@ -39,6 +39,7 @@ from sidecar.ops.tls import sync_channel_credentials, sync_channel_options
 from sidecar.ops.tracing import CheckFn, span_annotator, start_tracing, traced_check
 from sidecar.ratelimit import AbuseLimits, WindowRateLimiter
 from sidecar.usage import GrpcUsageTransport, UsageReporter, UsageTally
+from sidecar.usage.metrics import UsageMetrics
 
 if TYPE_CHECKING:
     from sidecar.ratelimit.shared import RedisLimitSync
@@ -119,6 +120,7 @@ class Sidecar:
         self.usage = _usage_reporter(settings, self.clock)
         if self.usage is not None:
             self.observers.append(self.usage.tally)
+            self.metrics.registry.register(UsageMetrics(self.usage))
         self.check = CheckHandler(self.engine, self.observers, self.decision_metrics.error)
         self.sync = SyncClient(
             self.replica,
