@@ -12,7 +12,7 @@ import shutil
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -78,14 +78,18 @@ def client(control_plane: RunningControlPlane) -> Iterator[AdminClient]:
 
 
 def runbook(
-    cp: RunningControlPlane, client: AdminClient, target: Any, state: Path, said: list[str]
+    cp: RunningControlPlane,
+    client: AdminClient,
+    target: Any,
+    state: Path,
+    progress: Callable[[str], None],
 ) -> Runbook:
     return Runbook(
         client,
         target,
         state,
         Timing(grace=3600, settle=60, poll=10),
-        progress=said.append,
+        progress=progress,
         clock=cp.clock.now,
         sleep=cp.clock.advance,
     )
@@ -99,14 +103,13 @@ def test_rotation_waits_until_the_old_key_is_unused_then_revokes_it(
     env.write_text("OTHER=kept\nSTATUSPULSE_API_KEY=" + old_secret + "\n")
     said: list[str] = []
     target = DotenvTarget("dotenv:" + str(env), str(env))
-    book = runbook(control_plane, client, target, tmp_path / "state.json", said)
 
     def use_old_key_once(message: str) -> None:
         said.append(message)
         if message.startswith("waiting") and len(said) < 8:
             report_use(control_plane, old_id, f"r{len(said)}")  # CI still on the old key
 
-    book._say = use_old_key_once
+    book = runbook(control_plane, client, target, tmp_path / "state.json", use_old_key_once)
     new_id = book.run(old_id)
     new_secret = target.read()
     assert new_secret and new_secret != old_secret
@@ -137,14 +140,13 @@ def test_grace_period_ends_the_wait(
     _, old_id = mint(control_plane, ["checks:read"])
     env = tmp_path / "ci.env"
     said: list[str] = []
-    book = runbook(control_plane, client, parse(f"dotenv:{env}"), tmp_path / "s.json", said)
 
     def always_used(message: str) -> None:
         said.append(message)
         if message.startswith("waiting"):
             report_use(control_plane, old_id, f"g{len(said)}")
 
-    book._say = always_used
+    book = runbook(control_plane, client, parse(f"dotenv:{env}"), tmp_path / "s.json", always_used)
     book.run(old_id)
     assert "grace_ended" in rotation_steps(control_plane, old_id)
     assert get_key(control_plane, old_id).state == pb.API_KEY_STATE_REVOKED
@@ -162,8 +164,7 @@ def test_an_interrupted_rotation_resumes_and_revokes_the_lost_replacement(
         if message.startswith("created"):
             raise KeyboardInterrupt  # killed between minting and storing the secret
 
-    first = runbook(control_plane, client, parse(f"dotenv:{env}"), state, said)
-    first._say = crash_after_create
+    first = runbook(control_plane, client, parse(f"dotenv:{env}"), state, crash_after_create)
     with pytest.raises(KeyboardInterrupt):
         first.run(old_id)
     saved = RotationState.load(state, old_id, f"dotenv:{env}")
@@ -175,7 +176,7 @@ def test_an_interrupted_rotation_resumes_and_revokes_the_lost_replacement(
     with pytest.raises(StateError):
         RotationState.load(state, old_id, "dotenv:/elsewhere")
 
-    new_id = runbook(control_plane, client, parse(f"dotenv:{env}"), state, said).run(old_id)
+    new_id = runbook(control_plane, client, parse(f"dotenv:{env}"), state, said.append).run(old_id)
     assert new_id != lost
     lost_key = get_key(control_plane, lost)
     assert lost_key.state == pb.API_KEY_STATE_REVOKED
@@ -197,8 +198,7 @@ def test_verification_refuses_a_target_holding_another_secret(
         if message.startswith("wrote"):
             env.write_text("STATUSPULSE_API_KEY=spk_not_the_new_one\n")
 
-    book = runbook(control_plane, client, target, tmp_path / "s.json", said)
-    book._say = tamper
+    book = runbook(control_plane, client, target, tmp_path / "s.json", tamper)
     with pytest.raises(CliError, match="verification failed: UNAUTHENTICATED"):
         book.run(old_id)
     assert get_key(control_plane, old_id).state == pb.API_KEY_STATE_ACTIVE
