@@ -10,7 +10,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
-from sidecar.core import keyformat, validation, webhooks
+from sidecar.core import key_notices, keyformat, validation, webhooks
 from sidecar.core.audit import event
 from sidecar.core.clock import Clock
 from sidecar.core.errors import (
@@ -34,7 +34,7 @@ from sidecar.core.scopes import ADMIN_FULL, KEYS_MANAGE, parse_scopes, satisfies
 from sidecar.store.base import Store, UnitOfWork
 
 DAY = 86400
-SYSTEM_ACTOR = "system"
+SYSTEM_ACTOR = key_notices.SYSTEM_ACTOR
 ROTATION_STEPS = (
     "started",
     "secret_written",
@@ -393,7 +393,7 @@ class ApiKeyService:
             uow.keys.update(key)
             self._record(uow, ctx, "key.revoked", key, {}, reason=reason)
             uow.changes.append(Change("credential.revoked", key.id, {"id": key.id}))
-            self._notify(uow, webhooks.KEY_REVOKED, key, reason=reason)
+            key_notices.notify(uow, self._clock.now(), webhooks.KEY_REVOKED, key, reason=reason)
         return key
 
     def sweep(self) -> int:
@@ -406,42 +406,23 @@ class ApiKeyService:
                 if key.grace_deadline is not None and key.grace_deadline <= now:
                     revoked = replace(key, revoked_at=now, revoke_reason="replacement grace ended")
                     uow.keys.update(revoked)
-                    self._record_system(uow, "key.revoked", revoked, revoked.revoke_reason)
+                    key_notices.system_event(
+                        uow, self._clock.now(), "key.revoked", revoked, revoked.revoke_reason
+                    )
                     uow.changes.append(Change("credential.revoked", key.id, {"id": key.id}))
-                    self._notify(uow, webhooks.KEY_REVOKED, revoked, reason=revoked.revoke_reason)
+                    key_notices.notify(
+                        uow,
+                        self._clock.now(),
+                        webhooks.KEY_REVOKED,
+                        revoked,
+                        reason=revoked.revoke_reason,
+                    )
                 else:
                     uow.keys.update(replace(key, expiry_recorded=True))
-                    self._record_system(uow, "key.expired", key, "")
+                    key_notices.system_event(uow, self._clock.now(), "key.expired", key, "")
                     uow.changes.append(Change("credential.expired", key.id, {"id": key.id}))
-            noticed = self._notices(uow, now)
+            noticed = key_notices.record(uow, now, self.policy.expiry_warning)
         return len(due) + noticed
-
-    def _notices(self, uow: UnitOfWork, now: int) -> int:
-        """Record, once per key, that it entered the expiry warning window (``key.expiring``)
-        and that its rotation is due (``key.rotation_due``)."""
-        due = uow.keys.due_for_notice(now, now + self.policy.expiry_warning)
-        for key in due:
-            updated = key
-            if not key.expiry_warned and key.expires_at <= now + self.policy.expiry_warning:
-                updated = replace(updated, expiry_warned=True)
-                self._record_system(
-                    uow, "key.expiring", key, "", {"expires_at": str(key.expires_at)}
-                )
-                self._notify(uow, webhooks.KEY_EXPIRING, key)
-            rotation_at = key.rotation_due_at
-            if (
-                not key.rotation_due_recorded
-                and not key.replaced_by
-                and rotation_at is not None
-                and rotation_at <= now
-            ):
-                updated = replace(updated, rotation_due_recorded=True)
-                self._record_system(
-                    uow, "key.rotation_due", key, "", {"rotation_due_at": str(rotation_at)}
-                )
-                self._notify(uow, webhooks.KEY_ROTATION_DUE, key)
-            uow.keys.update(updated)
-        return len(due)
 
     def expiring_counts(self) -> dict[str, int]:
         """Usable keys inside the expiry warning window, per workspace (for the metric)."""
@@ -468,7 +449,9 @@ class ApiKeyService:
             if uow.keys.has_operator():
                 return None
             uow.keys.insert(key)
-            self._record_system(uow, "key.created", key, "bootstrap operator key")
+            key_notices.system_event(
+                uow, self._clock.now(), "key.created", key, "bootstrap operator key"
+            )
             uow.changes.append(Change("credential.upserted", key.id, credential_payload(key)))
         return Minted(key=key, secret=secret)
 
@@ -503,45 +486,11 @@ class ApiKeyService:
             )
         )
 
-    def _notify(self, uow: UnitOfWork, event: str, key: ApiKey, reason: str = "") -> None:
-        """Queue a webhook delivery about ``key`` (same transaction as the change)."""
-        data: dict[str, object] = {
-            "key_id": key.id,
-            "name": key.name,
-            "expires_at": key.expires_at,
-            "replaced_by": key.replaced_by or None,
-        }
-        if reason:
-            data["reason"] = reason
-        if key.rotation_due_at is not None:
-            data["rotation_due_at"] = key.rotation_due_at
-        webhooks.emit(uow, self._clock.now(), key.workspace, event, data)
-
     def _rotation_period(self, seconds: int) -> int:
         if not seconds:
             return 0
         return validation.in_range(
             seconds, self.policy.min_rotation_period, self.policy.max_lifetime, "rotation_period"
-        )
-
-    def _record_system(
-        self,
-        uow: UnitOfWork,
-        action: str,
-        key: ApiKey,
-        reason: str,
-        metadata: dict[str, str] | None = None,
-    ) -> None:
-        uow.audit.append(
-            event(
-                self._clock.now(),
-                SYSTEM_ACTOR,
-                action,
-                key.workspace,
-                key.id,
-                reason=reason,
-                metadata=metadata,
-            )
         )
 
 
