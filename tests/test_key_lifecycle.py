@@ -16,9 +16,9 @@ from sidecar.core.audit import AuditQuery
 from sidecar.core.clock import FakeClock
 from sidecar.core.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from sidecar.core.models import KeyState, Principal, RequestContext
-from sidecar.dataplane.server import Sidecar
+from sidecar.core.storage import Store
+from sidecar.dataplane.process import Sidecar
 from sidecar.ops.key_metrics import KeyExpiryMetrics
-from sidecar.store.base import Store
 from tests.conftest import RunningControlPlane, bearer, wait_until
 from tests.test_sidecar_grpc import Client, check_request, mint
 

@@ -14,15 +14,15 @@ import pytest
 from sidecar._gen.statuspulse.auth.v1 import api_keys_pb2 as keys_pb
 from sidecar._gen.statuspulse.auth.v1 import usage_pb2 as pb
 from sidecar._gen.statuspulse.auth.v1 import usage_pb2_grpc as pb_grpc
+from sidecar.authz.decision import Decision, Identity, Reason
+from sidecar.authz.engine import CheckInput
 from sidecar.core.apikeys import ApiKeyService
 from sidecar.core.clock import FakeClock
-from sidecar.core.decision import Decision, Identity, Reason
-from sidecar.core.engine import CheckInput
 from sidecar.core.errors import InvalidArgument, PermissionDenied
 from sidecar.core.models import Principal, RequestContext
+from sidecar.core.storage import Store
 from sidecar.core.usage import DAY, CredentialUse, UsageReport, UsageService, UseKind
-from sidecar.dataplane.server import Sidecar
-from sidecar.store.base import Store
+from sidecar.dataplane.process import Sidecar
 from sidecar.usage import GrpcUsageTransport, UsageReporter, UsageTally
 from sidecar.usage.transport import to_pb
 from tests.conftest import RunningControlPlane, bearer, free_port, wait_until
@@ -156,7 +156,7 @@ def test_store_lists_keys_unused_since(store: Store) -> None:
 def test_bad_reports_are_refused_with_the_field(
     tmp_path: Path, bad: UsageReport, field: str
 ) -> None:
-    from sidecar.store.sqlite import SqliteStore
+    from sidecar.store.sql.sqlite import SqliteStore
 
     store = SqliteStore(tmp_path / "s.db")
     with pytest.raises(InvalidArgument) as info:
@@ -166,7 +166,7 @@ def test_bad_reports_are_refused_with_the_field(
 
 
 def test_a_workspace_key_cannot_report_usage(tmp_path: Path) -> None:
-    from sidecar.store.sqlite import SqliteStore
+    from sidecar.store.sql.sqlite import SqliteStore
 
     store = SqliteStore(tmp_path / "s.db")
     tenant = RequestContext(Principal("key_t", "globex", frozenset({"admin:full"})), "req_2")
@@ -254,7 +254,8 @@ def test_last_used_from_checks_and_of_a_replaced_key(
         assert client.check(check_request(authorization=f"Bearer {secret}")).status.code == 0
     wait_until(lambda: sum(d.uses for d in get_key(control_plane, key_id).daily_uses) == 3)
     registry = sc.metrics.registry
-    assert registry.get_sample_value("spauth_usage_reported_total") == 3
+    # The control plane stores a report before the reporter hears back: wait for its count.
+    wait_until(lambda: registry.get_sample_value("spauth_usage_reported_total") == 3)
     assert registry.get_sample_value("spauth_usage_pending") == 0
     assert registry.get_sample_value("spauth_usage_dropped_total") == 0
     used_at = get_key(control_plane, key_id).api_key.last_use_time.seconds

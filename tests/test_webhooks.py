@@ -21,8 +21,8 @@ from sidecar.core.apikeys import ApiKeyService
 from sidecar.core.clock import FakeClock
 from sidecar.core.errors import InvalidArgument, NotFound, PermissionDenied
 from sidecar.core.models import Principal, RequestContext
+from sidecar.core.storage import Store
 from sidecar.core.webhooks import KEY_EXPIRING, KEY_REVOKED, WebhookService
-from sidecar.store.base import Store
 from sidecar.webhooks.delivery import Deliverer, RetryPolicy
 from sidecar.webhooks.sealing import AesGcmSealer, load_sealer
 from sidecar.webhooks.signing import SIGNATURE_HEADER, signature, verify

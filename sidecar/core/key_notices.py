@@ -13,7 +13,7 @@ from sidecar.core.audit import event
 from sidecar.core.models import ApiKey
 
 if TYPE_CHECKING:
-    from sidecar.store.base import UnitOfWork
+    from sidecar.core.storage import UnitOfWork
 
 SYSTEM_ACTOR = "system"
 

@@ -17,7 +17,7 @@ from sidecar.core.errors import InvalidArgument, PermissionDenied
 from sidecar.core.models import RequestContext
 
 if TYPE_CHECKING:  # the store's Protocols name CredentialUse: import only for typing
-    from sidecar.store.base import Store
+    from sidecar.core.storage import Store
 
 DAY = 86400
 MAX_REPORT_ENTRIES = 10_000

@@ -27,7 +27,7 @@ from sidecar.core.scopes import KEYS_MANAGE, satisfies
 from sidecar.core.validation import workspace as valid_workspace
 
 if TYPE_CHECKING:
-    from sidecar.store.base import Store, UnitOfWork
+    from sidecar.core.storage import Store, UnitOfWork
 
 KEY_EXPIRING = "key.expiring"
 KEY_REVOKED = "key.revoked"

@@ -13,8 +13,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
-from sidecar.core.decision import Decision, Reason
-from sidecar.core.engine import CheckInput
+from sidecar.authz.decision import Decision, Reason
+from sidecar.authz.engine import CheckInput
 
 # The credential authenticated (the request may still be refused for its route or rate):
 # these are uses. A revoked, expired or unknown credential is not.

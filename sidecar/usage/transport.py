@@ -10,7 +10,7 @@ import grpc
 from sidecar._gen.statuspulse.auth.v1 import usage_pb2 as pb
 from sidecar._gen.statuspulse.auth.v1 import usage_pb2_grpc as pb_grpc
 from sidecar.core.usage import UsageReport, UseKind
-from sidecar.dataplane.sync import parse_targets
+from sidecar.replication.client import parse_targets
 
 KIND_TO_PB = {
     UseKind.API_KEY: pb.CREDENTIAL_KIND_API_KEY,

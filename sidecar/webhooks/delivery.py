@@ -23,8 +23,8 @@ from dataclasses import dataclass, replace
 from urllib.parse import urlsplit
 
 from sidecar.core.clock import Clock
+from sidecar.core.storage import Store
 from sidecar.core.webhooks import Delivery, Sealer
-from sidecar.store.base import Store
 from sidecar.webhooks.signing import DELIVERY_HEADER, EVENT_HEADER, SIGNATURE_HEADER, signature
 
 log = logging.getLogger("sidecar.webhooks")

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from ipaddress import ip_network
 from typing import Any
 
-from sidecar.core.decision import Identity
+from sidecar.authz.decision import Identity
 from sidecar.core.models import Change
 
 

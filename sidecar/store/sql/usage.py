@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from sidecar.core.usage import CredentialUse
-from sidecar.store.sql import Executes
+from sidecar.store.sql.qmark import Executes
 
 
 class SqlUsage:

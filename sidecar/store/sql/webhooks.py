@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from sidecar.core.webhooks import Delivery, Webhook
-from sidecar.store.sql import Executes
+from sidecar.store.sql.qmark import Executes
 
 _HOOK = "id, workspace, url, events, sealed_secret, created_at, created_by, deleted_at"
 _DELIVERY = (
