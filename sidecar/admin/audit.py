@@ -22,6 +22,7 @@ from sidecar.admin.rpc import (
     Authenticator,
     SidecarAuthenticator,
     admin_rpc,
+    authenticated,
     bearer_token,
     request_id,
 )
@@ -70,8 +71,7 @@ def admin_stream(
         context.set_trailing_metadata((("x-request-id", rid),))
         try:
             token = bearer_token(metadata)  # type: ignore[arg-type]
-            principal = await asyncio.to_thread(self.authenticator.authenticate, token)
-            ctx = RequestContext(principal=principal, request_id=rid, source=context.peer())
+            ctx = await authenticated(self.authenticator, token, rid, context.peer())
             loop = asyncio.get_running_loop()
             reauth_at = loop.time() + REAUTH_SECONDS
             async for item in method(self, request, ctx):

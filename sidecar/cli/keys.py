@@ -24,7 +24,8 @@ STATES = {
 STATE_NAMES = {v: k for k, v in STATES.items() if k != "all"}
 
 
-def register(sub: Any, common: argparse.ArgumentParser) -> None:
+def register(sub: Any, common: argparse.ArgumentParser) -> Any:
+    """Add ``keys`` and its commands; returns its sub-parsers (``keys verify`` joins them)."""
     keys = sub.add_parser("keys", help="manage API keys").add_subparsers(
         dest="keys_command", required=True, metavar="COMMAND"
     )
@@ -105,6 +106,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(handler=resume)
 
     rotate.register(keys, common)
+    return keys
 
 
 def _duration(text: str, flag: str) -> int:

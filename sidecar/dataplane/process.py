@@ -121,7 +121,12 @@ class Sidecar:
         if self.usage is not None:
             self.observers.append(self.usage.tally)
             self.metrics.registry.register(UsageMetrics(self.usage))
-        self.check = CheckHandler(self.engine, self.observers, self.decision_metrics.error)
+        self.check = CheckHandler(
+            self.engine,
+            self.observers,
+            self.decision_metrics.error,
+            failure_window=settings.failure_window,
+        )
         self.sync = SyncClient(
             self.replica,
             settings.control_plane,

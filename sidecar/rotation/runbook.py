@@ -118,18 +118,15 @@ class Runbook:
         self._record(state, "verified")
 
     def _authenticates(self, secret: str, new_key_id: str) -> str:
-        """'' when ``secret`` authenticates as ``new_key_id`` through the admin API, else why
-        not. A key without keys:manage is refused with PERMISSION_DENIED, which still proves
-        the control plane accepted it as a credential."""
+        """'' when ``secret`` authenticates as ``new_key_id`` through the admin API's WhoAmI
+        (any active key may call it), else why not."""
         try:
-            resp = self._stub.GetApiKey(
-                pb.GetApiKeyRequest(id=new_key_id),
+            resp = self._stub.WhoAmI(
+                pb.WhoAmIRequest(),
                 metadata=(("authorization", f"Bearer {secret}"),),
                 timeout=self._client.timeout,
             )
         except grpc.RpcError as exc:
-            if exc.code() is grpc.StatusCode.PERMISSION_DENIED:
-                return ""
             return f"{exc.code().name}: {exc.details()}"
         if resp.api_key.id != new_key_id:
             return f"the stored secret is another key ({resp.api_key.id})"

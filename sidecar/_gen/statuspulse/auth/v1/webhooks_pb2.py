@@ -23,36 +23,45 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"statuspulse/auth/v1/webhooks.proto\x12\x13statuspulse.auth.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb7\x01\n\x07Webhook\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tworkspace\x18\x02 \x01(\t\x12\x0b\n\x03url\x18\x03 \x01(\t\x12\x0e\n\x06\x65vents\x18\x04 \x03(\t\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12?\n\x11recent_deliveries\x18\x06 \x03(\x0b\x32$.statuspulse.auth.v1.WebhookDelivery\"\xfc\x01\n\x0fWebhookDelivery\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05\x65vent\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x04 \x01(\x05\x12\x12\n\nlast_error\x18\x05 \x01(\t\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11next_attempt_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0c\x64\x65liver_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"F\n\x14\x43reateWebhookRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12\x0e\n\x06\x65vents\x18\x03 \x03(\t\"V\n\x15\x43reateWebhookResponse\x12-\n\x07webhook\x18\x01 \x01(\x0b\x32\x1c.statuspulse.auth.v1.Webhook\x12\x0e\n\x06secret\x18\x02 \x01(\t\"(\n\x13ListWebhooksRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\"F\n\x14ListWebhooksResponse\x12.\n\x08webhooks\x18\x01 \x03(\x0b\x32\x1c.statuspulse.auth.v1.Webhook\"\"\n\x14\x44\x65leteWebhookRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteWebhookResponse\" \n\x12TestWebhookRequest\x12\n\n\x02id\x18\x01 \x01(\t\"M\n\x13TestWebhookResponse\x12\x36\n\x08\x64\x65livery\x18\x01 \x01(\x0b\x32$.statuspulse.auth.v1.WebhookDelivery2\xa7\x03\n\x0eWebhookService\x12\x66\n\rCreateWebhook\x12).statuspulse.auth.v1.CreateWebhookRequest\x1a*.statuspulse.auth.v1.CreateWebhookResponse\x12\x63\n\x0cListWebhooks\x12(.statuspulse.auth.v1.ListWebhooksRequest\x1a).statuspulse.auth.v1.ListWebhooksResponse\x12\x66\n\rDeleteWebhook\x12).statuspulse.auth.v1.DeleteWebhookRequest\x1a*.statuspulse.auth.v1.DeleteWebhookResponse\x12`\n\x0bTestWebhook\x12\'.statuspulse.auth.v1.TestWebhookRequest\x1a(.statuspulse.auth.v1.TestWebhookResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"statuspulse/auth/v1/webhooks.proto\x12\x13statuspulse.auth.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd6\x01\n\x07Webhook\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tworkspace\x18\x02 \x01(\t\x12\x0b\n\x03url\x18\x03 \x01(\t\x12\x0e\n\x06\x65vents\x18\x04 \x03(\t\x12;\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\ncreated_at\x12R\n\x11recent_deliveries\x18\x06 \x03(\x0b\x32$.statuspulse.auth.v1.WebhookDeliveryR\x11recent_deliveries\"\xb3\x02\n\x0fWebhookDelivery\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05\x65vent\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x04 \x01(\x05\x12\x1e\n\nlast_error\x18\x05 \x01(\tR\nlast_error\x12;\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\ncreated_at\x12\x46\n\x11next_attempt_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x0fnext_attempt_at\x12>\n\x0c\x64\x65liver_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x0c\x64\x65livered_at\"F\n\x14\x43reateWebhookRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12\x0e\n\x06\x65vents\x18\x03 \x03(\t\"V\n\x15\x43reateWebhookResponse\x12-\n\x07webhook\x18\x01 \x01(\x0b\x32\x1c.statuspulse.auth.v1.Webhook\x12\x0e\n\x06secret\x18\x02 \x01(\t\"(\n\x13ListWebhooksRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\"F\n\x14ListWebhooksResponse\x12.\n\x08webhooks\x18\x01 \x03(\x0b\x32\x1c.statuspulse.auth.v1.Webhook\"\"\n\x14\x44\x65leteWebhookRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteWebhookResponse\" \n\x12TestWebhookRequest\x12\n\n\x02id\x18\x01 \x01(\t\"M\n\x13TestWebhookResponse\x12\x36\n\x08\x64\x65livery\x18\x01 \x01(\x0b\x32$.statuspulse.auth.v1.WebhookDelivery2\xc6\x04\n\x0eWebhookService\x12\x96\x01\n\rCreateWebhook\x12).statuspulse.auth.v1.CreateWebhookRequest\x1a*.statuspulse.auth.v1.CreateWebhookResponse\".\x82\xd3\xe4\x93\x02(\"#/v1/workspaces/{workspace}/webhooks:\x01*\x12\x90\x01\n\x0cListWebhooks\x12(.statuspulse.auth.v1.ListWebhooksRequest\x1a).statuspulse.auth.v1.ListWebhooksResponse\"+\x82\xd3\xe4\x93\x02%\x12#/v1/workspaces/{workspace}/webhooks\x12\x81\x01\n\rDeleteWebhook\x12).statuspulse.auth.v1.DeleteWebhookRequest\x1a*.statuspulse.auth.v1.DeleteWebhookResponse\"\x19\x82\xd3\xe4\x93\x02\x13*\x11/v1/webhooks/{id}\x12\x83\x01\n\x0bTestWebhook\x12\'.statuspulse.auth.v1.TestWebhookRequest\x1a(.statuspulse.auth.v1.TestWebhookResponse\"!\x82\xd3\xe4\x93\x02\x1b\"\x16/v1/webhooks/{id}:test:\x01*b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'statuspulse.auth.v1.webhooks_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WEBHOOK']._serialized_start=93
-  _globals['_WEBHOOK']._serialized_end=276
-  _globals['_WEBHOOKDELIVERY']._serialized_start=279
-  _globals['_WEBHOOKDELIVERY']._serialized_end=531
-  _globals['_CREATEWEBHOOKREQUEST']._serialized_start=533
-  _globals['_CREATEWEBHOOKREQUEST']._serialized_end=603
-  _globals['_CREATEWEBHOOKRESPONSE']._serialized_start=605
-  _globals['_CREATEWEBHOOKRESPONSE']._serialized_end=691
-  _globals['_LISTWEBHOOKSREQUEST']._serialized_start=693
-  _globals['_LISTWEBHOOKSREQUEST']._serialized_end=733
-  _globals['_LISTWEBHOOKSRESPONSE']._serialized_start=735
-  _globals['_LISTWEBHOOKSRESPONSE']._serialized_end=805
-  _globals['_DELETEWEBHOOKREQUEST']._serialized_start=807
-  _globals['_DELETEWEBHOOKREQUEST']._serialized_end=841
-  _globals['_DELETEWEBHOOKRESPONSE']._serialized_start=843
-  _globals['_DELETEWEBHOOKRESPONSE']._serialized_end=866
-  _globals['_TESTWEBHOOKREQUEST']._serialized_start=868
-  _globals['_TESTWEBHOOKREQUEST']._serialized_end=900
-  _globals['_TESTWEBHOOKRESPONSE']._serialized_start=902
-  _globals['_TESTWEBHOOKRESPONSE']._serialized_end=979
-  _globals['_WEBHOOKSERVICE']._serialized_start=982
-  _globals['_WEBHOOKSERVICE']._serialized_end=1405
+  _globals['_WEBHOOKSERVICE'].methods_by_name['CreateWebhook']._loaded_options = None
+  _globals['_WEBHOOKSERVICE'].methods_by_name['CreateWebhook']._serialized_options = b'\202\323\344\223\002(\"#/v1/workspaces/{workspace}/webhooks:\001*'
+  _globals['_WEBHOOKSERVICE'].methods_by_name['ListWebhooks']._loaded_options = None
+  _globals['_WEBHOOKSERVICE'].methods_by_name['ListWebhooks']._serialized_options = b'\202\323\344\223\002%\022#/v1/workspaces/{workspace}/webhooks'
+  _globals['_WEBHOOKSERVICE'].methods_by_name['DeleteWebhook']._loaded_options = None
+  _globals['_WEBHOOKSERVICE'].methods_by_name['DeleteWebhook']._serialized_options = b'\202\323\344\223\002\023*\021/v1/webhooks/{id}'
+  _globals['_WEBHOOKSERVICE'].methods_by_name['TestWebhook']._loaded_options = None
+  _globals['_WEBHOOKSERVICE'].methods_by_name['TestWebhook']._serialized_options = b'\202\323\344\223\002\033\"\026/v1/webhooks/{id}:test:\001*'
+  _globals['_WEBHOOK']._serialized_start=123
+  _globals['_WEBHOOK']._serialized_end=337
+  _globals['_WEBHOOKDELIVERY']._serialized_start=340
+  _globals['_WEBHOOKDELIVERY']._serialized_end=647
+  _globals['_CREATEWEBHOOKREQUEST']._serialized_start=649
+  _globals['_CREATEWEBHOOKREQUEST']._serialized_end=719
+  _globals['_CREATEWEBHOOKRESPONSE']._serialized_start=721
+  _globals['_CREATEWEBHOOKRESPONSE']._serialized_end=807
+  _globals['_LISTWEBHOOKSREQUEST']._serialized_start=809
+  _globals['_LISTWEBHOOKSREQUEST']._serialized_end=849
+  _globals['_LISTWEBHOOKSRESPONSE']._serialized_start=851
+  _globals['_LISTWEBHOOKSRESPONSE']._serialized_end=921
+  _globals['_DELETEWEBHOOKREQUEST']._serialized_start=923
+  _globals['_DELETEWEBHOOKREQUEST']._serialized_end=957
+  _globals['_DELETEWEBHOOKRESPONSE']._serialized_start=959
+  _globals['_DELETEWEBHOOKRESPONSE']._serialized_end=982
+  _globals['_TESTWEBHOOKREQUEST']._serialized_start=984
+  _globals['_TESTWEBHOOKREQUEST']._serialized_end=1016
+  _globals['_TESTWEBHOOKRESPONSE']._serialized_start=1018
+  _globals['_TESTWEBHOOKRESPONSE']._serialized_end=1095
+  _globals['_WEBHOOKSERVICE']._serialized_start=1098
+  _globals['_WEBHOOKSERVICE']._serialized_end=1680
 # @@protoc_insertion_point(module_scope)
