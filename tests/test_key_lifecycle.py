@@ -316,3 +316,34 @@ def test_cli_edits_suspends_and_lists(
     assert main(["keys", "list", "--expiring-within", "14d", *ep, "-o", "json"]) == 0
     assert json.loads(capsys.readouterr().out) == []
     assert main(["keys", "update", key_id, "--rate-limit", "fast", *ep]) == 2  # usage error
+
+
+def test_edits_suspension_and_webhooks_over_the_http_api(
+    control_plane: RunningControlPlane,
+) -> None:
+    import httpx
+
+    _, key_id = mint(control_plane, ["checks:read"])
+    api = f"http://127.0.0.1:{control_plane.plane.http_port}"
+    auth = {"authorization": f"Bearer {control_plane.operator_key}"}
+    with httpx.Client(base_url=api, headers=auth, timeout=10) as http:
+        edited = http.patch(
+            f"/v1/keys/{key_id}",
+            json={"description": "CI", "client_cidrs": {"cidrs": ["10.0.0.0/8"]}},
+        )
+        assert edited.status_code == 200, edited.text
+        assert edited.json()["api_key"]["client_cidrs"] == ["10.0.0.0/8"]
+        suspended = http.post(f"/v1/keys/{key_id}:suspend", json={"reason": "leak"})
+        assert suspended.json()["api_key"]["state"] == "API_KEY_STATE_SUSPENDED"
+        assert "suspended_at" in suspended.json()["api_key"]
+        got = http.get(f"/v1/keys/{key_id}").json()
+        assert got["api_key"]["description"] == "CI" and "last_used_at" not in got["api_key"]
+        hook = http.post(
+            "/v1/workspaces/acme/webhooks",
+            json={"url": "https://hooks.example.com/x", "events": ["key.revoked"]},
+        )
+        assert hook.status_code == 200 and hook.json()["secret"].startswith("whsec_")
+        listed = http.get("/v1/workspaces/acme/webhooks").json()
+        assert [w["url"] for w in listed["webhooks"]] == ["https://hooks.example.com/x"]
+        bad = http.patch(f"/v1/keys/{key_id}", json={"client_cidrs": {"cidrs": ["nope"]}})
+        assert bad.status_code == 400
