@@ -436,6 +436,10 @@ TIME_NAMES = {
     "rotation_due_time": "rotation_due_at",
     "next_attempt_time": "next_attempt_at",
     "deliver_time": "delivered_at",
+    "last_sign_in_time": "last_sign_in_at",
+    "disable_time": "disabled_at",
+    "activate_time": "activates_at",
+    "supersede_time": "superseded_at",
 }
 
 

@@ -299,3 +299,19 @@ def test_the_shared_webhook_key_is_validated_and_never_printed() -> None:
     with pytest.raises(ConfigError) as info:
         load_settings(environ={"SPAUTH_WEBHOOK_KEY": "short"})
     assert "webhook_key" in str(info.value.errors) and "short" not in str(info.value.errors)
+
+
+def test_disabling_a_member_sends_member_disabled_once(parts: Parts, receiver: Receiver) -> None:
+    from sidecar.core.users import UserService
+    from sidecar.core.webhooks import MEMBER_DISABLED
+
+    parts.hooks.add(OPERATOR, workspace="acme", url=receiver.url, events=[MEMBER_DISABLED])
+    users = UserService(parts.store, parts.clock)
+    member = users.create(
+        OPERATOR, workspace="acme", email="dev@acme.example", password="correct horse battery"
+    )
+    users.disable(OPERATOR, member.id)
+    users.disable(OPERATOR, member.id)  # already disabled: no second event
+    assert parts.deliverer.run_once() == 1
+    (request,) = receiver.requests
+    assert json.loads(request[1])["data"] == {"user_id": member.id, "email": "dev@acme.example"}

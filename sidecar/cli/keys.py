@@ -79,6 +79,11 @@ def register(sub: Any, common: argparse.ArgumentParser) -> Any:
     p = keys.add_parser("revoke", parents=[common], help="revoke a key now")
     p.add_argument("id")
     p.add_argument("--reason", default="")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="allow revoking the last usable operator key (recovery: spauth operator mint)",
+    )
     p.set_defaults(handler=revoke)
 
     p = keys.add_parser("update", parents=[common], help="edit a key without re-issuing it")
@@ -288,7 +293,8 @@ def _print_one(args: argparse.Namespace, key: pb.ApiKey) -> int:
 
 def revoke(client: AdminClient, args: argparse.Namespace) -> int:
     stub = pb_grpc.ApiKeyServiceStub(client.channel)
-    resp = client.call(stub.RevokeApiKey, pb.RevokeApiKeyRequest(id=args.id, reason=args.reason))
+    request = pb.RevokeApiKeyRequest(id=args.id, reason=args.reason, force=args.force)
+    resp = client.call(stub.RevokeApiKey, request)
     return _print_one(args, resp.api_key)
 
 

@@ -1,4 +1,4 @@
--- The same change as sqlite/0006_usage.sql, in PostgreSQL types.
+-- The same change as sqlite/0007_usage.sql, in PostgreSQL types.
 CREATE TABLE credential_uses_daily (
     credential_id TEXT NOT NULL,
     day INTEGER NOT NULL,
