@@ -39,6 +39,7 @@ from sidecar.core.models import Minted
 from sidecar.core.oauth_changes import oauth_snapshot
 from sidecar.core.users import UserService
 from sidecar.http.app import build_app
+from sidecar.http.console import ConsoleServices, console_routes
 from sidecar.http.routes import oauth_routes
 from sidecar.oauth import config as oauth_config
 from sidecar.oauth.server import AuthorizationServer
@@ -200,7 +201,23 @@ class ControlPlane:
             token_events=self._oauth_token_event,
         )
         await asyncio.to_thread(self.oauth.start)
-        await self.http.start(build_app(oauth_routes(self.oauth, self.keys), self.http_routes))
+        console = console_routes(
+            ConsoleServices(
+                keys=self.keys,
+                apps=self.apps,
+                users=self.users,
+                audit=self.audit,
+                oauth=self.oauth,
+                store=self.store,
+                clock=self.clock,
+            ),
+            # Secure cookies when browsers reach this port over HTTPS: served with TLS here,
+            # or behind a TLS-terminating proxy whose public URL is the https:// issuer.
+            secure_cookies=self.oauth.config.secure_cookies or self.http.ssl_files is not None,
+        )
+        await self.http.start(
+            build_app(oauth_routes(self.oauth, self.keys), self.http_routes, console)
+        )
         log.info("oauth listening", extra={"http_addr": self.settings.http_addr, "port": port})
 
     async def _start_redis(self) -> None:

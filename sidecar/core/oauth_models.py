@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from sidecar.core.models import Principal
+
 
 @dataclass(frozen=True, slots=True)
 class OAuthApp:
@@ -49,6 +51,11 @@ class Member:
     created_at: int
     created_by: str
     disabled_at: int | None = None
+
+    def principal(self) -> Principal:
+        """The member as the caller of a use case (the web console): the use cases check its
+        workspace and scopes exactly as a key's, and audit it by member id as the actor."""
+        return Principal(key_id=self.id, workspace=self.workspace, scopes=self.scopes)
 
 
 @dataclass(frozen=True, slots=True)
