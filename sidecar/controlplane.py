@@ -39,7 +39,7 @@ from sidecar.core.models import Minted
 from sidecar.core.oauth_changes import oauth_snapshot
 from sidecar.core.users import UserService
 from sidecar.http.app import build_app
-from sidecar.http.console import ConsoleServices, console_routes
+from sidecar.http.console import ConsoleServices, SessionPolicy, console_routes
 from sidecar.http.routes import oauth_routes
 from sidecar.oauth import config as oauth_config
 from sidecar.oauth.server import AuthorizationServer
@@ -214,6 +214,10 @@ class ControlPlane:
             # Secure cookies when browsers reach this port over HTTPS: served with TLS here,
             # or behind a TLS-terminating proxy whose public URL is the https:// issuer.
             secure_cookies=self.oauth.config.secure_cookies or self.http.ssl_files is not None,
+            policy=SessionPolicy(
+                idle=self.settings.console_idle_timeout,
+                absolute=self.settings.console_session_lifetime,
+            ),
         )
         await self.http.start(
             build_app(oauth_routes(self.oauth, self.keys), self.http_routes, console)

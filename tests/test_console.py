@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from sidecar.config import ConfigError, load_settings
 from sidecar.core.models import KeyState
 from sidecar.http.console.render import CSP
 from sidecar.http.console.sessions import COOKIE_NAME, SessionPolicy
@@ -353,3 +354,15 @@ def test_audit_log_filters_and_exports_json_lines(
     assert admin.get("/console/audit?since=yesterday").status_code == 400
     future = admin.get("/console/audit/export?since=2100-01-01T00:00").text
     assert future == ""
+
+
+def test_session_lifetimes_are_settings_checked_at_start_up() -> None:
+    settings = load_settings(
+        {"console_idle_timeout": "15m", "console_session_lifetime": "12h"}, environ={}
+    )
+    assert (settings.console_idle_timeout, settings.console_session_lifetime) == (900, 43200)
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"console_idle_timeout": "2h", "console_session_lifetime": "1h"}, environ={})
+    assert "console_session_lifetime" in str(caught.value)
+    with pytest.raises(ConfigError, match="console_idle_timeout"):
+        load_settings({"console_idle_timeout": "10s"}, environ={})
