@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 
 from sidecar.config import ConfigError, load_settings
+from sidecar.core import errors
 from sidecar.core.models import KeyState
+from sidecar.http.console.errors import console_error
 from sidecar.http.console.render import CSP
 from sidecar.http.console.sessions import COOKIE_NAME, SessionPolicy
 from tests.conftest import LoopThread, RunningControlPlane
@@ -366,3 +368,15 @@ def test_session_lifetimes_are_settings_checked_at_start_up() -> None:
     assert "console_session_lifetime" in str(caught.value)
     with pytest.raises(ConfigError, match="console_idle_timeout"):
         load_settings({"console_idle_timeout": "10s"}, environ={})
+
+
+def test_error_pages_show_safe_messages_and_hide_internal_detail() -> None:
+    denied = console_error(errors.PermissionDenied("this call needs scope 'keys:manage'"), "r1")
+    assert (denied.status, denied.code) == (403, "permission_denied")
+    assert "keys:manage" in denied.message
+    assert console_error(errors.InvalidArgument("name", "must not be empty"), "r1").status == 400
+    assert console_error(errors.AlreadyExists("x"), "r1").status == 409
+    down = console_error(errors.Unavailable("postgres at 10.0.0.5 refused"), "req_42")
+    assert down.status == 503 and "10.0.0.5" not in down.message and "req_42" in down.message
+    internal = console_error(errors.SpauthError("stack detail"), "req_43")
+    assert internal.status == 500 and "stack detail" not in internal.message
