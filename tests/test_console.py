@@ -380,3 +380,12 @@ def test_error_pages_show_safe_messages_and_hide_internal_detail() -> None:
     assert down.status == 503 and "10.0.0.5" not in down.message and "req_42" in down.message
     internal = console_error(errors.SpauthError("stack detail"), "req_43")
     assert internal.status == 500 and "stack detail" not in internal.message
+
+
+def test_names_typed_by_members_are_escaped(admin: ConsoleClient) -> None:
+    planted = '<script src="//evil.example/x.js"></script><img src=x onerror=alert(1)>'
+    generate(admin, planted, ["checks:read"])
+    for path in ("/console/keys", "/console/audit"):
+        page = admin.get(path).text
+        assert "<script src=\"//evil" not in page and "<img src=x" not in page
+    assert "&lt;script src=&#34;//evil.example/x.js&#34;&gt;" in admin.get("/console/keys").text

@@ -56,10 +56,14 @@ class SignInPages:
         try:
             form = await read_form(request)
             if not await asyncio.to_thread(self._sessions.check_csrf, pre, form.get("csrf_token")):
-                # Login CSRF: without the token bound to this browser's cookie, refuse.
-                return render.page(
-                    "signin.html", 403, csrf="", error="Reload the page and sign in again."
+                # Login CSRF: without the token bound to this browser's cookie, refuse (and
+                # offer a fresh form, bound to a fresh cookie).
+                pre = self._sessions.new_pre_session()
+                refused = await self._form(
+                    pre, error="The form expired. Sign in again.", status=403
                 )
+                self._cookies.set(refused, PRE_COOKIE_NAME, pre, max_age=None)
+                return refused
             workspace = form.get("workspace").strip().lower()
             email = form.get("email")
             try:
