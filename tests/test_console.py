@@ -97,6 +97,8 @@ def test_session_cookie_flags_and_sign_out(control_plane: RunningControlPlane) -
     token = csrf_of(client.get("/console").text)
     out = client.post("/console/signout", [("csrf_token", token)])
     assert out.status_code == 303 and out.headers["location"] == "/console/signin"
+    member = control_plane.plane.users.list(OPERATOR, workspace="acme")[0]
+    assert audit_rows(control_plane.data_dir, "signout") == [(member.id, member.id)]
     # The session is gone server-side, not only the cookie: replaying the old cookie fails.
     replay = ConsoleClient(client.base)
     replay.http.cookies.set(COOKIE_NAME, signed_in.cookies[COOKIE_NAME], path="/console")
@@ -387,5 +389,5 @@ def test_names_typed_by_members_are_escaped(admin: ConsoleClient) -> None:
     generate(admin, planted, ["checks:read"])
     for path in ("/console/keys", "/console/audit"):
         page = admin.get(path).text
-        assert "<script src=\"//evil" not in page and "<img src=x" not in page
+        assert '<script src="//evil' not in page and "<img src=x" not in page
     assert "&lt;script src=&#34;//evil.example/x.js&#34;&gt;" in admin.get("/console/keys").text

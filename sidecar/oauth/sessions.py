@@ -13,6 +13,7 @@ import hmac
 import secrets
 import threading
 
+from sidecar.core.audit import event
 from sidecar.core.clock import Clock
 from sidecar.core.oauth_models import BrowserSession, Member
 from sidecar.store.base import Store
@@ -98,6 +99,21 @@ class BrowserSessions:
     def end(self, session_id: str) -> None:
         with self._store.transaction() as uow:
             uow.oauth.sessions.delete(_digest(session_id))
+
+    def sign_out(self, session_id: str, member: Member, request_id: str) -> None:
+        """End a signed-in session at the member's request, audited with the member as actor."""
+        with self._store.transaction() as uow:
+            uow.oauth.sessions.delete(_digest(session_id))
+            uow.audit.append(
+                event(
+                    self._clock.now(),
+                    member.id,
+                    "signout",
+                    member.workspace,
+                    member.id,
+                    request_id=request_id,
+                )
+            )
 
     def purge(self) -> int:
         with self._store.transaction() as uow:

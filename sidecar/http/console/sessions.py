@@ -65,6 +65,9 @@ class ConsoleSessions:
             return None
         return SignedIn(member, session_id, self._seal(session_id))
 
+    def sign_out(self, signed: SignedIn, request_id: str) -> None:
+        self._sessions.sign_out(signed.session_id, signed.member, request_id)
+
     def end(self, cookie: str) -> None:
         session_id = cookie.split(".", 1)[0]
         if session_id:

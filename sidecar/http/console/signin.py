@@ -108,7 +108,7 @@ class SignInPages:
             ok = await asyncio.to_thread(self._sessions.check_csrf, signed.session_id, token)
             if not ok:
                 return render.page("error.html", 403, error=CSRF_REFUSED)
-            await asyncio.to_thread(self._sessions.end, cookie)
+            await asyncio.to_thread(self._sessions.sign_out, signed, request_id(request))
         response = RedirectResponse(SIGN_IN_PATH, 303, headers=render.PAGE_HEADERS)
         self._cookies.clear(response, COOKIE_NAME)
         return response
