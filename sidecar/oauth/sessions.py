@@ -16,7 +16,7 @@ import threading
 from sidecar.core.audit import event
 from sidecar.core.clock import Clock
 from sidecar.core.oauth_models import BrowserSession, Member
-from sidecar.store.base import Store
+from sidecar.core.storage import Store
 
 COOKIE_NAME = "spauth_session"
 _CSRF_KEY_NAME = "csrf_key"
