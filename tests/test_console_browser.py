@@ -21,7 +21,7 @@ import requests
 from authlib.common.security import generate_token
 from authlib.integrations.requests_client import OAuth2Session
 
-from sidecar.dataplane.server import Sidecar
+from sidecar.dataplane.process import Sidecar
 from tests.conftest import RunningControlPlane
 from tests.support.console import OPERATOR, PASSWORD, add_member
 from tests.support.ops import bearer, call_check, check_request, wait_until

@@ -13,6 +13,7 @@ from sidecar.core.apikeys import ApiKeyService
 from sidecar.core.apps import AppService
 from sidecar.core.audit_trail import AuditTrail
 from sidecar.core.clock import Clock
+from sidecar.core.storage import Store
 from sidecar.core.users import UserService
 from sidecar.http.console.apps import AppPages
 from sidecar.http.console.audit import AuditPages
@@ -24,7 +25,6 @@ from sidecar.http.console.signin import SignInPages
 from sidecar.http.console.visit import Visit
 from sidecar.oauth.server import AuthorizationServer
 from sidecar.oauth.sessions import BrowserSessions
-from sidecar.store.base import Store
 
 # The only files served from static/: nothing else is reachable by path.
 STATIC = {"console.css": "text/css", "console.js": "text/javascript"}
