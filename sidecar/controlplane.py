@@ -24,10 +24,16 @@ from sidecar._gen.statuspulse.auth.v1 import (
     replication_pb2,
     replication_pb2_grpc,
 )
+from sidecar.admin import http_rules
 from sidecar.admin.apikeys import ApiKeyServicer
 from sidecar.admin.apps import OAuthAppServicer
 from sidecar.admin.audit import AuditServicer, load_checkpoint_key
+from sidecar.admin.http_api import AdminHttpApi
+from sidecar.admin.openapi_route import openapi_routes
+from sidecar.admin.throttle import FailureThrottle
 from sidecar.admin.users import UserServicer
+from sidecar.authz.policy import Policy
+from sidecar.authz.policy_source import PolicyWatcher, load_policy
 from sidecar.config import Settings
 from sidecar.core.apikeys import ApiKeyService, KeyPolicy, key_snapshot
 from sidecar.core.apps import AppService
@@ -49,6 +55,7 @@ from sidecar.ops.http_server import HttpServer
 from sidecar.ops.metrics import OAUTH_EVENTS, Metrics
 from sidecar.ops.tls import admin_server_credentials, http_ssl_files
 from sidecar.ops.tracing import start_tracing
+from sidecar.ratelimit.local import AbuseLimits, WindowRateLimiter
 from sidecar.replication.server import ReplicationServicer, SnapshotSource
 from sidecar.store import Store, open_store
 
@@ -58,6 +65,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sidecar.controlplane")
 AUDIT_PRUNE_INTERVAL = 3600.0  # retention is in days; checking hourly is plenty
+
+
+def _failure_limiter(limit: int, window: float) -> WindowRateLimiter | None:
+    """The sidecar's limiter, counting refused admin keys per source address (None: off)."""
+    if limit <= 0:
+        return None
+    return WindowRateLimiter(
+        AbuseLimits(source_failures=limit, key_failures=0, failure_window=window)
+    )
 
 
 class ControlPlane:
@@ -85,7 +101,15 @@ class ControlPlane:
         self.audit = AuditTrail(
             self.store, self.clock, load_checkpoint_key(settings.data_dir / "audit-hmac-key")
         )
-        self.audit_servicer = AuditServicer(self.audit, self.keys, sync_token=settings.sync_token)
+        # Every admin call (gRPC or HTTP) authenticates through this: refused keys are counted
+        # per source address.
+        self.guard = FailureThrottle(
+            self.keys,
+            self.clock,
+            _failure_limiter(settings.admin_failure_limit, settings.admin_failure_window),
+            settings.admin_failure_window,
+        )
+        self.audit_servicer = AuditServicer(self.audit, self.guard, sync_token=settings.sync_token)
         self._unsubscribe = self.store.subscribe(self.audit_servicer.notify)
         self.snapshot_sources: list[SnapshotSource] = [key_snapshot, oauth_snapshot]
         self.replication = ReplicationServicer(
@@ -95,6 +119,10 @@ class ControlPlane:
             heartbeat=settings.sync_heartbeat,
             sync_token=settings.sync_token,
         )
+        # The sidecars' route policy, for whoami's "what would the policy decide" (reloaded when
+        # the file changes, as the sidecar does).
+        self.policy = load_policy(settings.policy_file)
+        self.policy_watcher = PolicyWatcher(settings.policy_file, self._set_policy)
         self.apps = AppService(self.store, self.clock)
         self.users = UserService(self.store, self.clock)
         self.oauth: AuthorizationServer | None = None  # built in start(), once the port is bound
@@ -107,6 +135,7 @@ class ControlPlane:
         self.http_routes = ops_routes(self.metrics.registry, self.readiness)
         self.http = HttpServer(settings.http_addr, ssl_files=http_ssl_files(settings))
         self._server: grpc.aio.Server | None = None
+        self.servicers: dict[str, object] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self.bus: RedisChangeBus | None = None
         self.audit_stream: AuditStreamConsumer | None = None
@@ -140,14 +169,22 @@ class ControlPlane:
     async def start(self) -> None:
         interceptor = AdminCallInterceptor(self.metrics.admin_calls, self.tracing)
         server = grpc.aio.server(interceptors=[interceptor])
+        self.servicers = {
+            "statuspulse.auth.v1.ApiKeyService": ApiKeyServicer(
+                self.keys, self.clock, lambda: self.policy, self.guard
+            ),
+            "statuspulse.auth.v1.OAuthAppService": OAuthAppServicer(self.apps, self.guard),
+            "statuspulse.auth.v1.UserService": UserServicer(self.users, self.guard),
+            "statuspulse.auth.v1.AuditService": self.audit_servicer,
+        }
         api_keys_pb2_grpc.add_ApiKeyServiceServicer_to_server(
-            ApiKeyServicer(self.keys, self.clock), server
+            self.servicers["statuspulse.auth.v1.ApiKeyService"], server
         )
         oauth_pb2_grpc.add_OAuthAppServiceServicer_to_server(
-            OAuthAppServicer(self.apps, self.keys), server
+            self.servicers["statuspulse.auth.v1.OAuthAppService"], server
         )
         oauth_pb2_grpc.add_UserServiceServicer_to_server(
-            UserServicer(self.users, self.keys), server
+            self.servicers["statuspulse.auth.v1.UserService"], server
         )
         replication_pb2_grpc.add_ReplicationServiceServicer_to_server(self.replication, server)
         audit_pb2_grpc.add_AuditServiceServicer_to_server(self.audit_servicer, server)
@@ -220,8 +257,16 @@ class ControlPlane:
                 absolute=self.settings.console_session_lifetime,
             ),
         )
+        admin = AdminHttpApi(http_rules.bindings(), self.servicers, self.metrics.admin_calls)
         await self.http.start(
-            build_app(oauth_routes(self.oauth, self.keys), self.http_routes, console)
+            build_app(
+                oauth_routes(self.oauth, self.keys),
+                admin.routes(),
+                openapi_routes(),
+                console,
+                self.http_routes,
+                exception_handlers={404: admin.unrouted},
+            )
         )
         log.info("oauth listening", extra={"http_addr": self.settings.http_addr, "port": port})
 
@@ -240,6 +285,9 @@ class ControlPlane:
         self.audit_stream = AuditStreamConsumer(url, self.audit)
         await self.audit_stream.start()
 
+    def _set_policy(self, policy: Policy) -> None:
+        self.policy = policy
+
     def _committed_elsewhere(self, revision: int) -> None:
         """Another replica committed ``revision``: streams and audit tails look now."""
         self.replication.wake(revision)
@@ -254,6 +302,7 @@ class ControlPlane:
         next_prune = 0.0
         while True:
             try:
+                await asyncio.to_thread(self.policy_watcher.poll)
                 changed = await asyncio.to_thread(self.keys.sweep)
                 if self.oauth is not None:
                     changed += await asyncio.to_thread(self.oauth.sweep)

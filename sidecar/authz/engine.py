@@ -250,5 +250,17 @@ class Engine:
 _DENY = {reason: Decision(reason, "") for reason in Reason}
 
 
+def route_decision(
+    policy: Policy, method: str, path: str, identity: Identity, decision_id: str = ""
+) -> tuple[Decision, Match | None]:
+    """What ``Engine.check`` decides on ``method path`` for an already authenticated identity,
+    by the same matching and route rule (``spauth whoami --method --path``); replica state and
+    rate limits, which each sidecar keeps for itself, are not part of it."""
+    match = policy.match(method, path.partition("?")[0])
+    if match is not None and match.route.public:
+        return Decision(Reason.PUBLIC_ROUTE, decision_id, identity), match
+    return Engine._route(match, identity, decision_id), match
+
+
 def _holds(held: frozenset[str], required: tuple[str, ...]) -> bool:
     return ADMIN_FULL in held or held.issuperset(required)

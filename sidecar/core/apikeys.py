@@ -188,6 +188,11 @@ class ApiKeyService:
         _require(ctx.principal, KEYS_MANAGE, key.workspace)
         return key
 
+    def whoami(self, ctx: RequestContext) -> ApiKey:
+        """The calling key itself: any authenticated key may read its own metadata."""
+        with self._store.read() as uow:
+            return _load(uow, ctx.principal.key_id)
+
     def replace(
         self, ctx: RequestContext, key_id: str, *, grace: int = 0, expires_in: int = 0
     ) -> Minted:

@@ -115,7 +115,12 @@ class Sidecar:
         if self.audit is not None:
             self.observers.append(DecisionRecorder(self.audit, self.clock))
             self.metrics.registry.register(AuditMetrics(self.audit))
-        self.check = CheckHandler(self.engine, self.observers, self.decision_metrics.error)
+        self.check = CheckHandler(
+            self.engine,
+            self.observers,
+            self.decision_metrics.error,
+            failure_window=settings.failure_window,
+        )
         self.sync = SyncClient(
             self.replica,
             settings.control_plane,

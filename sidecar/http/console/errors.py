@@ -19,6 +19,7 @@ CONSOLE_STATUS: dict[type[errors.SpauthError], int] = {
     errors.FailedPrecondition: 409,
     # The change did not take effect (never a false success).
     errors.Unavailable: 503,
+    errors.RateLimited: 429,
 }
 
 _HIDDEN = {
