@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,11 +15,12 @@ from starlette.responses import RedirectResponse, Response
 
 from sidecar.core.errors import InvalidArgument, SpauthError
 from sidecar.core.models import RequestContext
+from sidecar.http.client_address import Network, client_address
 from sidecar.http.console import render
 from sidecar.http.console.errors import console_error
 from sidecar.http.console.sessions import COOKIE_NAME, ConsoleSessions
 from sidecar.http.console.visit import Form, Visit
-from sidecar.http.errors import request_id, source
+from sidecar.http.errors import request_id
 from sidecar.http.forms import read_pairs
 from sidecar.oauth.errors import OAuth2Error
 
@@ -63,9 +64,15 @@ def error_page(exc: SpauthError, rid: str, common: dict[str, Any] | None = None)
 class Guard:
     """Wraps page functions into Starlette endpoints."""
 
-    def __init__(self, sessions: ConsoleSessions, cookies: Cookies) -> None:
+    def __init__(
+        self,
+        sessions: ConsoleSessions,
+        cookies: Cookies,
+        trusted_proxies: Sequence[Network] = (),
+    ) -> None:
         self.sessions = sessions
         self.cookies = cookies
+        self._trusted = trusted_proxies
 
     def __call__(self, page: Page) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
@@ -80,7 +87,9 @@ class Guard:
             visit = Visit(
                 request=request,
                 member=signed.member,
-                ctx=RequestContext(signed.member.principal(), rid, source(request)),
+                ctx=RequestContext(
+                    signed.member.principal(), rid, client_address(request, self._trusted)
+                ),
                 csrf=await asyncio.to_thread(self.sessions.csrf_token, signed.session_id),
             )
             response = await self._run(page, visit, signed.session_id)

@@ -65,8 +65,9 @@ def console_routes(
     browser = BrowserSessions(services.store, services.clock, policy.absolute)
     sessions = ConsoleSessions(browser, services.clock, policy)
     cookies = Cookies(secure=secure_cookies, idle=policy.idle)
-    guard = Guard(sessions, cookies)
-    signin = SignInPages(services.oauth.authorization, sessions, cookies)
+    trusted = services.oauth.config.trusted_proxies
+    guard = Guard(sessions, cookies, trusted)
+    signin = SignInPages(services.oauth.authorization, sessions, cookies, trusted)
     keys = KeyPages(services.keys, services.clock)
     apps = AppPages(services.apps)
     members = MemberPages(services.users)

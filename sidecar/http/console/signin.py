@@ -5,12 +5,14 @@ adds the workspace field and its own session cookie."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
 from sidecar.core import validation
 from sidecar.core.errors import SpauthError
+from sidecar.http.client_address import Network, client_address
 from sidecar.http.console import render
 from sidecar.http.console.guard import (
     CSRF_REFUSED,
@@ -20,7 +22,7 @@ from sidecar.http.console.guard import (
     read_form,
 )
 from sidecar.http.console.sessions import COOKIE_NAME, PRE_COOKIE_NAME, ConsoleSessions
-from sidecar.http.errors import request_id, source
+from sidecar.http.errors import request_id
 from sidecar.oauth.authorization import AuthorizationEndpoint, SignInRefused
 
 HOME_PATH = "/console"
@@ -30,9 +32,14 @@ class SignInPages:
     """GET/POST /console/signin and POST /console/signout."""
 
     def __init__(
-        self, endpoint: AuthorizationEndpoint, sessions: ConsoleSessions, cookies: Cookies
+        self,
+        endpoint: AuthorizationEndpoint,
+        sessions: ConsoleSessions,
+        cookies: Cookies,
+        trusted_proxies: Sequence[Network] = (),
     ) -> None:
         self._endpoint = endpoint
+        self._trusted = trusted_proxies
         self._sessions = sessions
         self._cookies = cookies
 
@@ -73,7 +80,7 @@ class SignInPages:
                     workspace,
                     email,
                     form.get("password"),
-                    source=source(request),
+                    source=client_address(request, self._trusted),
                     request_id=rid,
                 )
             except SignInRefused as exc:
