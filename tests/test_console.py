@@ -391,3 +391,53 @@ def test_names_typed_by_members_are_escaped(admin: ConsoleClient) -> None:
         page = admin.get(path).text
         assert '<script src="//evil' not in page and "<img src=x" not in page
     assert "&lt;script src=&#34;//evil.example/x.js&#34;&gt;" in admin.get("/console/keys").text
+
+
+def test_member_lifecycle_disable_enable_reset(
+    admin: ConsoleClient, control_plane: RunningControlPlane
+) -> None:
+    plane = control_plane.plane
+    owner = plane.users.list(OPERATOR, workspace="acme")[0]
+    dev = add_member(plane, "dev@acme.test", ["keys:manage", "checks:read"])
+    dev_client = ConsoleClient(admin.base)
+    assert dev_client.sign_in("dev@acme.test").status_code == 303
+    assert dev_client.get("/console/keys").status_code == 200
+    token = csrf_of(admin.get("/console/members").text)
+    disabled = admin.post(f"/console/members/{dev.id}/disable", [("csrf_token", token)])
+    assert disabled.status_code == 303
+    # The disabled member's session ends at its next request; signing in again is refused.
+    assert dev_client.get("/console/keys", allow_redirects=False).status_code == 303
+    assert ConsoleClient(admin.base).sign_in("dev@acme.test").status_code == 401
+    assert "disabled" in admin.get("/console/members").text
+    enabled = admin.post(f"/console/members/{dev.id}/enable", [("csrf_token", token)])
+    assert enabled.status_code == 303
+    assert ConsoleClient(admin.base).sign_in("dev@acme.test").status_code == 303
+    new_password = "a brand new passphrase"
+    reset = admin.submit(
+        f"/console/members/{dev.id}/reset",
+        f"/console/members/{dev.id}/reset",
+        [("password", new_password)],
+    )
+    assert reset.status_code == 303
+    assert ConsoleClient(admin.base).sign_in("dev@acme.test").status_code == 401
+    assert (
+        ConsoleClient(admin.base).sign_in("dev@acme.test", password=new_password).status_code == 303
+    )
+    for action in ("user.disabled", "user.enabled", "user.password_reset"):
+        assert audit_rows(control_plane.data_dir, action) == [(owner.id, dev.id)], action
+    # Another workspace's admin can neither see nor change the member.
+    add_member(plane, "mallory@evil.test", ["admin:full"], workspace="evil")
+    mallory = ConsoleClient(admin.base)
+    mallory.sign_in("mallory@evil.test", workspace="evil")
+    assert mallory.get(f"/console/members/{dev.id}/reset").status_code == 404
+    evil_token = csrf_of(mallory.get("/console/members").text)
+    for verb in ("disable", "enable"):
+        resp = mallory.post(f"/console/members/{dev.id}/{verb}", [("csrf_token", evil_token)])
+        assert resp.status_code == 403, verb
+    resp = mallory.post(
+        f"/console/members/{dev.id}/reset", [("csrf_token", evil_token), ("password", "x" * 20)]
+    )
+    assert resp.status_code == 403
+    assert (
+        ConsoleClient(admin.base).sign_in("dev@acme.test", password=new_password).status_code == 303
+    )

@@ -100,6 +100,10 @@ def console_routes(
         ),
         Route("/console/members", guard(members.list), methods=get),
         Route("/console/members", guard(members.add), methods=post),
+        Route("/console/members/{user_id}/disable", guard(members.disable), methods=post),
+        Route("/console/members/{user_id}/enable", guard(members.enable), methods=post),
+        Route("/console/members/{user_id}/reset", guard(members.reset_form), methods=get),
+        Route("/console/members/{user_id}/reset", guard(members.reset), methods=post),
         Route("/console/audit", guard(audit.list), methods=get),
         Route("/console/audit/export", guard(audit.export), methods=get),
     ]
