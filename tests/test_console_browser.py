@@ -2,8 +2,8 @@
 chromedriver, against a real control plane and a real sidecar (gRPC ext_authz Check). The flow
 a workspace owner follows: sign in with the keyboard, generate a key and read it off the page,
 use it through the sidecar, create a replacement, revoke the old key (the sidecar denies it),
-register an app, revoke a member's session, add a member; and a member without keys:manage
-cannot reach the Key Manager.
+register an app, revoke a member's session, add and disable members; and a member without
+keys:manage cannot reach the Key Manager.
 
 Set CONSOLE_SCREENSHOTS=docs/console to refresh the screenshots that docs/console.md shows."""
 
@@ -23,7 +23,7 @@ from authlib.integrations.requests_client import OAuth2Session
 
 from sidecar.dataplane.process import Sidecar
 from tests.conftest import RunningControlPlane
-from tests.support.console import OPERATOR, PASSWORD, add_member
+from tests.support.console import OPERATOR, PASSWORD, ConsoleClient, add_member
 from tests.support.ops import bearer, call_check, check_request, wait_until
 
 webdriver = pytest.importorskip("selenium.webdriver")
@@ -169,6 +169,7 @@ def test_workspace_owner_flow_in_chromium(
     base = f"http://127.0.0.1:{plane.http_port}"
     owner = add_member(plane, "owner@acme.test", ["admin:full"])
     add_member(plane, "dev@acme.test", ["dashboard:read", "checks:read"])
+    add_member(plane, "viewer@acme.test", ["dashboard:read", "checks:read"])
     sidecar = sidecar_factory()
     shot = Shots(browser, tmp_path)
     find = browser.find_element
@@ -250,6 +251,13 @@ def test_workspace_owner_flow_in_chromium(
     find(By.ID, "password").send_keys("a long enough password")
     find(By.CSS_SELECTOR, "form[action='/console/members'] button[type=submit]").click()
     showing(browser, "new@acme.test")
+    # Disable a member: the member's row says so and the member can no longer sign in.
+    find(By.CSS_SELECTOR, "button[aria-label='Disable dev@acme.test']").click()
+    wait_until(
+        lambda: browser.find_elements(By.CSS_SELECTOR, "button[aria-label='Enable dev@acme.test']"),
+        what="dev disabled",
+    )
+    assert ConsoleClient(base).sign_in("dev@acme.test").status_code == 401
     shot("members")
 
     # Audit log: the owner is the actor of every change.
@@ -269,7 +277,7 @@ def test_workspace_owner_flow_in_chromium(
     # Sign out; a member without keys:manage cannot reach the Key Manager.
     find(By.CSS_SELECTOR, "header form button").click()
     showing(browser, "Sign in to the console")
-    sign_in_with_keyboard(browser, base, "dev@acme.test")
+    sign_in_with_keyboard(browser, base, "viewer@acme.test")
     assert not browser.find_elements(By.LINK_TEXT, "API Access")
     browser.get(base + "/console/keys")
     showing(browser, "permission_denied")
