@@ -6,7 +6,10 @@ test_console_browser.py."""
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,8 +28,10 @@ from tests.support.console import (
     csrf_of,
     secret_of,
 )
+from tests.support.docblocks import shell_blocks
 from tests.support.ops import plane_on
 
+DOCS = Path(__file__).resolve().parent.parent / "docs"
 IDLE = SessionPolicy().idle
 ABSOLUTE = SessionPolicy().absolute
 
@@ -441,3 +446,30 @@ def test_member_lifecycle_disable_enable_reset(
     assert (
         ConsoleClient(admin.base).sign_in("dev@acme.test", password=new_password).status_code == 303
     )
+
+
+def test_the_docs_block_creates_a_member_who_can_sign_in(
+    control_plane: RunningControlPlane, tmp_path: Path
+) -> None:
+    """docs/console.md's shell block, as pasted, in a directory laid out like `spauth serve`'s."""
+    (block,) = [b for b in shell_blocks(DOCS / "console.md") if not b.skipped]
+    (tmp_path / ".spauth").mkdir()
+    (tmp_path / ".spauth" / "bootstrap-key").write_text(control_plane.operator_key)
+    env = {
+        **os.environ,
+        "SPAUTH_ENDPOINT": control_plane.address,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+    }
+    done = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", block.text],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    client = ConsoleClient(base(control_plane))
+    assert client.sign_in("owner@acme.example").status_code == 303
+    assert "OAuth Applications" in client.get("/console").text  # admin:full
