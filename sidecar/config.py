@@ -72,6 +72,10 @@ class Settings:
     oauth_access_token_ttl: int = 3600
     oauth_refresh_token_ttl: int = 30 * 86400
     oauth_signing_key_rotation: int = 30 * 86400
+    # The web console (/console): a session ends after this long without a request, and at the
+    # latest this long after sign-in.
+    console_idle_timeout: int = 30 * 60
+    console_session_lifetime: int = 8 * 3600
     # A new signing key is published (JWKS, every replica) this long before it signs.
     oauth_signing_key_lead_time: int = 300
     # A grant's absolute lifetime: after it the member signs in again, however often the
@@ -179,6 +183,8 @@ _DURATIONS = {
     "oauth_grant_lifetime",
     "operator_key_warning",
     "audit_retention",
+    "console_idle_timeout",
+    "console_session_lifetime",
 }
 _LEVELS = {"debug", "info", "warning", "error"}
 FILE_SOURCE = "config file"
@@ -294,6 +300,10 @@ def _check_oauth(errors: _Errors, settings: Settings) -> None:
         errors.add("oauth_refresh_token_ttl", "must be at least oauth_access_token_ttl")
     if settings.oauth_signing_key_rotation < 2 * settings.oauth_access_token_ttl:
         errors.add("oauth_signing_key_rotation", "must be at least twice the token lifetime")
+    if not 60 <= settings.console_idle_timeout <= 86400:
+        errors.add("console_idle_timeout", "must be between 1m and 1d")
+    if not settings.console_idle_timeout <= settings.console_session_lifetime <= 7 * 86400:
+        errors.add("console_session_lifetime", "must be between console_idle_timeout and 7d")
     if not 0 <= settings.oauth_signing_key_lead_time < settings.oauth_signing_key_rotation:
         errors.add(
             "oauth_signing_key_lead_time", "must be at least 0 and less than the rotation interval"

@@ -53,6 +53,7 @@ from sidecar.core.usage import UsageService
 from sidecar.core.users import UserService
 from sidecar.core.webhooks import WebhookService
 from sidecar.http.app import build_app
+from sidecar.http.console import ConsoleServices, SessionPolicy, console_routes
 from sidecar.http.routes import oauth_routes
 from sidecar.oauth import kek
 from sidecar.oauth.config import OAuthConfig
@@ -301,12 +302,31 @@ class ControlPlane:
             keys=self.signing_keys,
         )
         await asyncio.to_thread(self.oauth.start)
+        console = console_routes(
+            ConsoleServices(
+                keys=self.keys,
+                apps=self.apps,
+                users=self.users,
+                audit=self.audit,
+                oauth=self.oauth,
+                store=self.store,
+                clock=self.clock,
+            ),
+            # Secure cookies when browsers reach this port over HTTPS: served with TLS here,
+            # or behind a TLS-terminating proxy whose public URL is the https:// issuer.
+            secure_cookies=self.oauth.config.secure_cookies or self.http.ssl_files is not None,
+            policy=SessionPolicy(
+                idle=self.settings.console_idle_timeout,
+                absolute=self.settings.console_session_lifetime,
+            ),
+        )
         admin = AdminHttpApi(http_rules.bindings(), self.servicers, self.metrics.admin_calls)
         await self.http.start(
             build_app(
                 oauth_routes(self.oauth, self.keys),
                 admin.routes(),
                 openapi_routes(),
+                console,
                 self.http_routes,
                 exception_handlers={404: admin.unrouted},
             )

@@ -134,6 +134,11 @@ class ApiKeyService:
 
     # -- use cases --------------------------------------------------------------------------
 
+    def require_manager(self, ctx: RequestContext, workspace: str) -> None:
+        """Refuse unless the caller may manage keys in ``workspace``: the check ``create`` makes,
+        for a transport that shows a form before calling it (the web console)."""
+        _require(ctx.principal, KEYS_MANAGE, workspace)
+
     def create(
         self,
         ctx: RequestContext,
