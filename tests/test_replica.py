@@ -54,6 +54,16 @@ def test_every_kind_round_trips_through_its_builder_and_parser() -> None:
     made = [
         changes.CredentialUpserted("key_a", b"\x01" * 32, "acme", frozenset({"checks:read"}), 9),
         changes.CredentialUpserted("key_b", b"\x02" * 32, "acme", frozenset(), 9, 5, 60, True),
+        changes.CredentialUpserted(
+            "key_c",
+            b"\x03" * 32,
+            "acme",
+            frozenset(),
+            9,
+            grace_deadline=5,
+            suspended=True,
+            client_cidrs=("10.0.0.0/8",),
+        ),
         changes.CredentialRevoked("key_a"),
         changes.CredentialExpired("key_a"),
         changes.SigningKeyUpserted("k1", "ES256", {"kty": "EC", "crv": "P-256"}),
@@ -103,3 +113,23 @@ def test_prune_forgets_long_expired_entries() -> None:
     )
     assert r.prune(now=1000 + 86400 + 1) == 1
     assert [c.id for c in r.by_digest.values()] == ["key_b"]
+
+
+def test_a_snapshot_of_the_replica_keeps_suspension_and_client_networks() -> None:
+    """The persisted replica is built by the same builder, so no field is lost on a restart."""
+    r = Replica()
+    key = changes.CredentialUpserted(
+        "key_a",
+        b"\x01" * 32,
+        "acme",
+        frozenset(),
+        int(2e9),
+        suspended=True,
+        client_cidrs=("10.0.0.0/8",),
+    )
+    r.load_snapshot(1, [key.change()])
+    restored = Replica()
+    restored.load_snapshot(1, r.entries())
+    assert restored.by_digest == r.by_digest
+    cred = restored.by_digest[b"\x01" * 32]
+    assert cred.suspended and [str(n) for n in cred.identity.networks] == ["10.0.0.0/8"]

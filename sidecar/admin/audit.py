@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import os
 import secrets
@@ -19,13 +18,14 @@ from sidecar._gen.statuspulse.auth.v1 import audit_pb2_grpc as pb_grpc
 from sidecar.admin import audit_convert as convert
 from sidecar.admin.rpc import (
     Authenticator,
+    SidecarAuthenticator,
     abort,
     admin_rpc,
     admin_stream,
     bearer_token,
     request_id,
 )
-from sidecar.core.audit_trail import SIDECAR, AuditTrail, decode_cursor, encode_cursor
+from sidecar.core.audit_trail import AuditTrail, decode_cursor, encode_cursor
 from sidecar.core.models import Principal, RequestContext
 
 log = logging.getLogger("sidecar.admin")
@@ -64,7 +64,7 @@ class AuditServicer(pb_grpc.AuditServiceServicer):  # type: ignore[misc]
     ) -> None:
         self.authenticator = authenticator
         self._trail = trail
-        self._sync_token = sync_token.encode()
+        self._sidecars = SidecarAuthenticator(authenticator, sync_token)
         self._waiters: set[asyncio.Event] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = asyncio.Event()
@@ -156,15 +156,8 @@ class AuditServicer(pb_grpc.AuditServiceServicer):  # type: ignore[misc]
         return pb.VerifyAuditChainResponse(chains=[convert.chain_status(r) for r in reports])
 
     def _ingest_principal(self, token: str) -> Principal:
-        """A sidecar presents the sync token (the credential it replicates with); without a
-        configured sync token the sidecar link is trusted as replication is. An ``admin:full``
-        key works too, for its own workspace."""
-        if self._sync_token:
-            if token and hmac.compare_digest(token.encode(), self._sync_token):
-                return SIDECAR
-        elif not token:
-            return SIDECAR
-        return self.authenticator.authenticate(token)
+        """A sidecar (the sync token), or an ``admin:full`` key for its own workspace."""
+        return self._sidecars.authenticate(token)
 
     async def IngestAuditRecords(
         self,

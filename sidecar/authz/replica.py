@@ -9,6 +9,7 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from ipaddress import ip_network
 from typing import Any
 
 from sidecar.authz.decision import Identity
@@ -25,6 +26,7 @@ class Credential:
 
     identity: Identity
     revoked: bool = False
+    suspended: bool = False
 
     @property
     def id(self) -> str:
@@ -122,8 +124,9 @@ class Replica:
             expires_at=min(m.expires_at, m.grace_deadline or m.expires_at),
             rate_limit=m.rate_limit,
             rate_period=m.rate_period,
+            networks=tuple(ip_network(c) for c in m.client_cidrs),
         )
-        self.by_digest[m.digest] = Credential(identity, revoked=m.revoked)
+        self.by_digest[m.digest] = Credential(identity, revoked=m.revoked, suspended=m.suspended)
 
     def _revoke_credential(self, m: changes.CredentialRevoked) -> None:
         digest = self._digest_of.get(m.id)
@@ -181,6 +184,8 @@ class Replica:
                 ident.rate_limit,
                 ident.rate_period,
                 cred.revoked,
+                suspended=cred.suspended,
+                client_cidrs=tuple(str(n) for n in ident.networks),
             )
             out.append(message.change())
         out.extend(changes.SigningKeyUpserted.parse(v).change() for v in self.signing_keys.values())

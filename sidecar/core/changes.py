@@ -3,8 +3,9 @@ with one builder (``Message.change()``) and one parser (``parse``) per kind. The
 as JSON; only this module writes or reads its fields.
 
 - ``credential.upserted`` ``{"id", "digest", "workspace", "scopes", "expires_at"[, "rate_limit",
-  "rate_period"][, "grace_deadline"][, "revoked"]}``: a usable API key (its digest, never the
-  secret); a replaced key carries its grace deadline, which the replica enforces as an expiry.
+  "rate_period"][, "suspended"][, "client_cidrs"][, "grace_deadline"][, "revoked"]}``: a usable
+  API key (its digest, never the secret); a replaced key carries its grace deadline, which the
+  replica enforces as an expiry.
 - ``credential.revoked`` / ``credential.expired`` ``{"id"}``: the key stops working.
 - ``signing_key.upserted`` ``{"kid", "alg", "public_jwk": {...}}``: a key joined the JWKS.
 - ``signing_key.retired`` ``{"kid"}``: the key left the JWKS; tokens it signed are all expired.
@@ -69,6 +70,8 @@ class CredentialUpserted:
     revoked: bool = False  # only in a replica's own snapshot (a tombstone)
     # A replaced key's grace deadline: the replicas end the key then, even offline.
     grace_deadline: int | None = None
+    suspended: bool = False
+    client_cidrs: tuple[str, ...] = ()  # the networks it may be used from (empty: any)
 
     @classmethod
     def of(cls, key: ApiKey) -> CredentialUpserted:
@@ -81,6 +84,8 @@ class CredentialUpserted:
             key.rate_limit,
             key.rate_period,
             grace_deadline=key.grace_deadline,
+            suspended=key.suspended_at is not None,
+            client_cidrs=tuple(key.client_cidrs),
         )
 
     def change(self) -> Change:
@@ -94,6 +99,10 @@ class CredentialUpserted:
         if self.rate_limit:
             payload["rate_limit"] = self.rate_limit
             payload["rate_period"] = self.rate_period
+        if self.suspended:
+            payload["suspended"] = True
+        if self.client_cidrs:
+            payload["client_cidrs"] = list(self.client_cidrs)
         if self.revoked:
             payload["revoked"] = True
         if self.grace_deadline is not None:
@@ -112,6 +121,8 @@ class CredentialUpserted:
             rate_period=int(p.get("rate_period", 0)),
             revoked=bool(p.get("revoked", False)),
             grace_deadline=None if p.get("grace_deadline") is None else int(p["grace_deadline"]),
+            suspended=bool(p.get("suspended", False)),
+            client_cidrs=tuple(str(c) for c in p.get("client_cidrs", ())),
         )
 
 

@@ -10,9 +10,14 @@ from sidecar.core.models import Principal
 from sidecar.core.scopes import ADMIN_FULL, satisfies
 
 
+def acts_in(principal: Principal, workspace: str) -> bool:
+    """Whether ``principal`` acts in ``workspace``: its own, or any for the operator."""
+    return principal.is_operator or principal.workspace == workspace
+
+
 def require(principal: Principal, workspace: str, scope: str = ADMIN_FULL) -> None:
     """Raise PermissionDenied unless ``principal`` may act in ``workspace`` with ``scope``."""
-    if not principal.is_operator and principal.workspace != workspace:
+    if not acts_in(principal, workspace):
         raise PermissionDenied(
             f"key {principal.key_id} acts only in workspace {principal.workspace!r}"
         )
@@ -33,3 +38,10 @@ def require_operator(principal: Principal) -> None:
     """Server-wide settings (e.g. the signing keys) are the operator's alone."""
     if not principal.is_operator or not satisfies(principal.scopes, ADMIN_FULL):
         raise PermissionDenied("this call needs the operator key (workspace '*', admin:full)")
+
+
+def require_operator_or_sidecar(principal: Principal, action: str) -> None:
+    """What sidecars report (usage) only they or the operator may write: a workspace's key could
+    otherwise make another workspace's key look used."""
+    if not principal.is_operator:
+        raise PermissionDenied(f"only a sidecar or the operator key may {action}")
