@@ -19,12 +19,21 @@ from sidecar.controlplane import ControlPlane
 from sidecar.core.clock import FakeClock
 from sidecar.store.base import Store
 from sidecar.store.sqlite import SqliteStore
+from tests.support.ports import DEFAULT_PORTS, hold_ports
 from tests.support.postgres import PostgresServer, postgres_available
 
 _databases = itertools.count(1)
 
 # Fixtures of real servers used by several modules: redis_server, redis_url.
 pytest_plugins = ["tests.support.redis"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def default_ports_taken() -> Iterator[list[int]]:
+    """The product's default ports stay taken for the whole run, so a test that binds one fails
+    here as it would next to `spauth serve` on its defaults: tests bind port 0 or a free port."""
+    with hold_ports(DEFAULT_PORTS) as held:
+        yield held
 
 
 @pytest.fixture

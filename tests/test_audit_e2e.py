@@ -245,7 +245,12 @@ class Plane:
 
     def start(self) -> ControlPlane:
         settings = load_settings(
-            {"data_dir": str(self.data_dir), "admin_addr": f"127.0.0.1:{self.port}"}, environ={}
+            {
+                "data_dir": str(self.data_dir),
+                "admin_addr": f"127.0.0.1:{self.port}",
+                "http_addr": "127.0.0.1:0",
+            },
+            environ={},
         )
         self.plane = ControlPlane(settings)
         self.loop.run(self.plane.start())

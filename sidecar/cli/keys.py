@@ -38,7 +38,12 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
 
     p = keys.add_parser("list", parents=[common], help="list keys, newest first")
     p.add_argument("--workspace", default="")
-    p.add_argument("--state", choices=sorted(STATES), default="all")
+    p.add_argument(
+        "--state",
+        choices=sorted(STATES),
+        default="all",
+        help="only keys in this state (default: all)",
+    )
     p.set_defaults(handler=list_keys)
 
     p = keys.add_parser("show", parents=[common], help="show one key")
@@ -168,8 +173,22 @@ def show(client: AdminClient, args: argparse.Namespace) -> int:
     if args.output == "json":
         emit_json(key_json(resp.api_key))
     else:
-        _print_keys(args, [resp.api_key])
+        print(_key_fields(key_json(resp.api_key)))
     return 0
+
+
+def _key_fields(fields: dict[str, object]) -> str:
+    """One key as a FIELD/VALUE table: every field of the JSON shape, ``-`` where unset."""
+    rows = [[name, _cell(value)] for name, value in fields.items()]
+    return table(rows, ["FIELD", "VALUE"])
+
+
+def _cell(value: object) -> str:
+    if value is None or value == "":
+        return "-"
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value)
+    return str(value)
 
 
 def replace(client: AdminClient, args: argparse.Namespace) -> int:
