@@ -25,8 +25,12 @@ $(VENV)/.serve: $(BIN)/python pyproject.toml constraints.txt
 	$(PIP) -e '.[envoy]'
 	@touch $@
 
+# xds-protos ships its own, older copy of opentelemetry/proto/…/common_pb2.py: whichever of it
+# and opentelemetry-proto pip unpacks last wins, and with xds-protos' copy tracing cannot import
+# (InstrumentationScope is missing). Reinstalling opentelemetry-proto last makes its copy win.
 $(VENV)/.test: $(BIN)/python pyproject.toml constraints.txt
 	$(PIP) -e '.[test]'
+	$(PIP) --force-reinstall --no-deps opentelemetry-proto
 	@touch $@
 
 $(BUF):
