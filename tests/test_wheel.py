@@ -45,11 +45,16 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def installed(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A new venv holding the wheel and its dependencies at the pinned versions; its bin/."""
+    """A new venv holding the wheel and its dependencies at the pinned versions; its bin/.
+
+    This interpreter's pip installs into it (``--python``), so the venv needs no pip of its own,
+    and ``--no-compile`` skips byte-compiling thousands of generated modules up front: together
+    a minute less, the same files."""
     venv = tmp_path_factory.mktemp("venv")
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    into = ("--python", str(venv / "bin" / "python"))
     subprocess.run(
-        [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", *PINNED, str(wheel)],
+        [sys.executable, "-m", "pip", *into, "install", "-q", "--no-compile", *PINNED, str(wheel)],
         check=True,
         capture_output=True,
         timeout=600,
