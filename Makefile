@@ -12,7 +12,7 @@ BUF := $(VENV)/buf/node_modules/.bin/buf
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT := DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get
 
-.PHONY: serve test lint proto bench lock envoy system-deps
+.PHONY: serve test lint proto openapi descriptors bench lock envoy system-deps
 
 # Debian and Ubuntu split venv support off python3 (python3-venv): install it when missing.
 $(BIN)/python:
@@ -58,10 +58,22 @@ lint: $(VENV)/.test $(BUF)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
-	$(BUF) lint
+	$(BIN)/lint-imports
+	@# buf cannot fetch buf.build/googleapis offline, so it lints the image protoc builds with
+	@# googleapis' protos from the googleapis-common-protos wheel (only our files: --path).
+	$(BIN)/python scripts/genproto.py --descriptor-set .buf-image.binpb --source-info
+	$(BUF) lint '.buf-image.binpb#format=binpb' --path statuspulse/auth/v1
 
 proto: $(VENV)/.test
 	$(BIN)/python scripts/genproto.py
+
+# docs/openapi.json: the HTTP/JSON admin API, from protos/ (run after `make proto`).
+openapi: $(VENV)/.test
+	$(BIN)/python -m sidecar.admin.openapi > docs/openapi.json
+
+# The descriptor set Envoy's gRPC-JSON transcoder loads (deploy/envoy/admin-transcoder.yaml).
+descriptors: $(VENV)/.test
+	$(BIN)/python scripts/genproto.py --descriptor-set deploy/envoy/statuspulse-auth.pb
 
 bench: $(VENV)/.test system-deps
 	$(BIN)/python -m bench

@@ -46,6 +46,9 @@ class Settings:
     sync_token: str = ""
     policy_file: Path | None = None
     log_level: str = "info"
+    # Refused keys per source address per window on the admin API (gRPC and HTTP); 0: off.
+    admin_failure_limit: int = 50
+    admin_failure_window: float = 60.0
     # TLS: the admin API (and the sync stream it carries); a client CA turns on mTLS.
     admin_tls_cert: Path | None = None
     admin_tls_key: Path | None = None
@@ -315,6 +318,10 @@ def load_settings(
     _check_tracing(errors, s.tracing_endpoint, s.tracing_sample_ratio)
     _check_shutdown(errors, s.drain_delay, s.shutdown_grace)
     _check_redis_url(errors, s.redis_url)
+    if s.admin_failure_limit < 0:
+        errors.add("admin_failure_limit", "must be 0 (off) or a positive count")
+    if not 1 <= s.admin_failure_window <= 86400:
+        errors.add("admin_failure_window", "must be between 1 and 86400 seconds")
     errors.raise_any()
     return s
 

@@ -24,23 +24,28 @@ from sidecar._gen.statuspulse.auth.v1 import (
     replication_pb2,
     replication_pb2_grpc,
 )
+from sidecar.admin import http_rules
 from sidecar.admin.apikeys import ApiKeyServicer
 from sidecar.admin.apps import OAuthAppServicer
 from sidecar.admin.audit import AuditServicer, load_checkpoint_key
-from sidecar.admin.replication import ReplicationServicer, SnapshotSource
+from sidecar.admin.http_api import AdminHttpApi
+from sidecar.admin.openapi_route import openapi_routes
+from sidecar.admin.throttle import FailureThrottle
 from sidecar.admin.users import UserServicer
+from sidecar.authz.policy import Policy
+from sidecar.authz.policy_source import PolicyWatcher, load_policy
 from sidecar.config import Settings
 from sidecar.core.apikeys import ApiKeyService, KeyPolicy, key_snapshot
 from sidecar.core.apps import AppService
 from sidecar.core.audit_trail import AuditTrail
+from sidecar.core.changes import oauth_snapshot
 from sidecar.core.clock import Clock, SystemClock
 from sidecar.core.errors import SpauthError
 from sidecar.core.models import Minted
-from sidecar.core.oauth_changes import oauth_snapshot
 from sidecar.core.users import UserService
 from sidecar.http.app import build_app
 from sidecar.http.routes import oauth_routes
-from sidecar.oauth import config as oauth_config
+from sidecar.oauth.config import OAuthConfig
 from sidecar.oauth.server import AuthorizationServer
 from sidecar.ops.admin_calls import AdminCallInterceptor
 from sidecar.ops.health import Health, Status, worst
@@ -49,13 +54,25 @@ from sidecar.ops.http_server import HttpServer
 from sidecar.ops.metrics import OAUTH_EVENTS, Metrics
 from sidecar.ops.tls import admin_server_credentials, http_ssl_files
 from sidecar.ops.tracing import start_tracing
+from sidecar.ratelimit.local import AbuseLimits, WindowRateLimiter
+from sidecar.replication.server import ReplicationServicer, SnapshotSource
 from sidecar.store import Store, open_store
 
 if TYPE_CHECKING:
-    from sidecar.bus import AuditStreamConsumer, RedisChangeBus
+    from sidecar.bus import AuditStreamConsumer
+    from sidecar.replication.bus import RedisChangeBus
 
 log = logging.getLogger("sidecar.controlplane")
 AUDIT_PRUNE_INTERVAL = 3600.0  # retention is in days; checking hourly is plenty
+
+
+def _failure_limiter(limit: int, window: float) -> WindowRateLimiter | None:
+    """The sidecar's limiter, counting refused admin keys per source address (None: off)."""
+    if limit <= 0:
+        return None
+    return WindowRateLimiter(
+        AbuseLimits(source_failures=limit, key_failures=0, failure_window=window)
+    )
 
 
 class ControlPlane:
@@ -83,7 +100,15 @@ class ControlPlane:
         self.audit = AuditTrail(
             self.store, self.clock, load_checkpoint_key(settings.data_dir / "audit-hmac-key")
         )
-        self.audit_servicer = AuditServicer(self.audit, self.keys, sync_token=settings.sync_token)
+        # Every admin call (gRPC or HTTP) authenticates through this: refused keys are counted
+        # per source address.
+        self.guard = FailureThrottle(
+            self.keys,
+            self.clock,
+            _failure_limiter(settings.admin_failure_limit, settings.admin_failure_window),
+            settings.admin_failure_window,
+        )
+        self.audit_servicer = AuditServicer(self.audit, self.guard, sync_token=settings.sync_token)
         self._unsubscribe = self.store.subscribe(self.audit_servicer.notify)
         self.snapshot_sources: list[SnapshotSource] = [key_snapshot, oauth_snapshot]
         self.replication = ReplicationServicer(
@@ -93,6 +118,10 @@ class ControlPlane:
             heartbeat=settings.sync_heartbeat,
             sync_token=settings.sync_token,
         )
+        # The sidecars' route policy, for whoami's "what would the policy decide" (reloaded when
+        # the file changes, as the sidecar does).
+        self.policy = load_policy(settings.policy_file)
+        self.policy_watcher = PolicyWatcher(settings.policy_file, self._set_policy)
         self.apps = AppService(self.store, self.clock)
         self.users = UserService(self.store, self.clock)
         self.oauth: AuthorizationServer | None = None  # built in start(), once the port is bound
@@ -105,6 +134,7 @@ class ControlPlane:
         self.http_routes = ops_routes(self.metrics.registry, self.readiness)
         self.http = HttpServer(settings.http_addr, ssl_files=http_ssl_files(settings))
         self._server: grpc.aio.Server | None = None
+        self.servicers: dict[str, object] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self.bus: RedisChangeBus | None = None
         self.audit_stream: AuditStreamConsumer | None = None
@@ -138,14 +168,22 @@ class ControlPlane:
     async def start(self) -> None:
         interceptor = AdminCallInterceptor(self.metrics.admin_calls, self.tracing)
         server = grpc.aio.server(interceptors=[interceptor])
+        self.servicers = {
+            "statuspulse.auth.v1.ApiKeyService": ApiKeyServicer(
+                self.keys, self.clock, lambda: self.policy, self.guard
+            ),
+            "statuspulse.auth.v1.OAuthAppService": OAuthAppServicer(self.apps, self.guard),
+            "statuspulse.auth.v1.UserService": UserServicer(self.users, self.guard),
+            "statuspulse.auth.v1.AuditService": self.audit_servicer,
+        }
         api_keys_pb2_grpc.add_ApiKeyServiceServicer_to_server(
-            ApiKeyServicer(self.keys, self.clock), server
+            self.servicers["statuspulse.auth.v1.ApiKeyService"], server
         )
         oauth_pb2_grpc.add_OAuthAppServiceServicer_to_server(
-            OAuthAppServicer(self.apps, self.keys), server
+            self.servicers["statuspulse.auth.v1.OAuthAppService"], server
         )
         oauth_pb2_grpc.add_UserServiceServicer_to_server(
-            UserServicer(self.users, self.keys), server
+            self.servicers["statuspulse.auth.v1.UserService"], server
         )
         replication_pb2_grpc.add_ReplicationServiceServicer_to_server(self.replication, server)
         audit_pb2_grpc.add_AuditServiceServicer_to_server(self.audit_servicer, server)
@@ -196,11 +234,20 @@ class ControlPlane:
         self.oauth = AuthorizationServer(
             self.store,
             self.clock,
-            oauth_config.from_settings(self.settings, port),
+            oauth_config(self.settings, port),
             token_events=self._oauth_token_event,
         )
         await asyncio.to_thread(self.oauth.start)
-        await self.http.start(build_app(oauth_routes(self.oauth, self.keys), self.http_routes))
+        admin = AdminHttpApi(http_rules.bindings(), self.servicers, self.metrics.admin_calls)
+        await self.http.start(
+            build_app(
+                oauth_routes(self.oauth, self.keys),
+                admin.routes(),
+                openapi_routes(),
+                self.http_routes,
+                exception_handlers={404: admin.unrouted},
+            )
+        )
         log.info("oauth listening", extra={"http_addr": self.settings.http_addr, "port": port})
 
     async def _start_redis(self) -> None:
@@ -210,12 +257,16 @@ class ControlPlane:
         if not url:
             return
         # Imported only when used: redis-py loads OpenTelemetry on import.
-        from sidecar.bus import AuditStreamConsumer, RedisChangeBus
+        from sidecar.bus import AuditStreamConsumer
+        from sidecar.replication.bus import RedisChangeBus
 
         self.bus = RedisChangeBus(url, self.store, self._committed_elsewhere)
         await self.bus.start()
         self.audit_stream = AuditStreamConsumer(url, self.audit)
         await self.audit_stream.start()
+
+    def _set_policy(self, policy: Policy) -> None:
+        self.policy = policy
 
     def _committed_elsewhere(self, revision: int) -> None:
         """Another replica committed ``revision``: streams and audit tails look now."""
@@ -231,6 +282,7 @@ class ControlPlane:
         next_prune = 0.0
         while True:
             try:
+                await asyncio.to_thread(self.policy_watcher.poll)
                 changed = await asyncio.to_thread(self.keys.sweep)
                 if self.oauth is not None:
                     changed += await asyncio.to_thread(self.oauth.sweep)
@@ -285,3 +337,25 @@ class ControlPlane:
             await asyncio.to_thread(self.tracing.shutdown)
         await self.http.aclose(grace)
         self.store.close()
+
+
+def oauth_config(settings: Settings, http_port: int) -> OAuthConfig:
+    """The OAuth configuration of a control plane whose HTTP server is bound to ``http_port``
+    (the default issuer names the bound port, so ``--http-addr 127.0.0.1:0`` works)."""
+    issuer = settings.oauth_issuer
+    if not issuer:
+        host = settings.http_addr.rpartition(":")[0]
+        issuer = f"http://{host}:{http_port}"
+        if host in ("0.0.0.0", "::", "[::]"):  # noqa: S104 (comparing, not binding)
+            logging.getLogger("sidecar.oauth").warning(
+                "oauth_issuer is not set and http_addr is a wildcard address: tokens will name "
+                "an issuer clients cannot reach; set oauth_issuer to the public URL",
+                extra={"issuer": issuer},
+            )
+    return OAuthConfig(
+        issuer=issuer,
+        audience=settings.oauth_audience,
+        access_token_ttl=settings.oauth_access_token_ttl,
+        refresh_token_ttl=settings.oauth_refresh_token_ttl,
+        signing_key_rotation=settings.oauth_signing_key_rotation,
+    )

@@ -69,7 +69,7 @@ def test_the_wheel_holds_every_data_file_of_the_package(wheel: Path) -> None:
         for p in (ROOT / "sidecar").rglob("*")
         if p.is_file() and p.suffix not in (".py", ".pyc") and "__pycache__" not in p.parts
     ]
-    assert "sidecar/dataplane/default_policy.toml" in data
+    assert "sidecar/authz/default_policy.toml" in data
     assert sorted(set(data) - names) == []
 
 

@@ -7,6 +7,7 @@ import asyncio
 from sidecar._gen.statuspulse.auth.v1 import oauth_pb2 as pb
 from sidecar._gen.statuspulse.auth.v1 import oauth_pb2_grpc as pb_grpc
 from sidecar.admin.convert import timestamp
+from sidecar.admin.paging import page
 from sidecar.admin.rpc import Authenticator, admin_rpc
 from sidecar.core.models import RequestContext
 from sidecar.core.oauth_models import Member
@@ -52,4 +53,10 @@ class UserServicer(pb_grpc.UserServiceServicer):  # type: ignore[misc]
         self, request: pb.ListUsersRequest, ctx: RequestContext
     ) -> pb.ListUsersResponse:
         members = await asyncio.to_thread(self._svc.list, ctx, workspace=request.workspace)
-        return pb.ListUsersResponse(users=[user_pb(m) for m in members])
+        chunk, token = page(
+            members,
+            lambda m: (float(m.created_at), m.id),
+            request.page_size,
+            request.page_token,
+        )
+        return pb.ListUsersResponse(users=[user_pb(m) for m in chunk], next_page_token=token)

@@ -22,7 +22,8 @@ STATES = {
 STATE_NAMES = {v: k for k, v in STATES.items() if k != "all"}
 
 
-def register(sub: Any, common: argparse.ArgumentParser) -> None:
+def register(sub: Any, common: argparse.ArgumentParser) -> Any:
+    """Add ``keys`` and its commands; returns its sub-parsers (``keys verify`` joins them)."""
     keys = sub.add_parser("keys", help="manage API keys").add_subparsers(
         dest="keys_command", required=True, metavar="COMMAND"
     )
@@ -60,6 +61,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("id")
     p.add_argument("--reason", default="")
     p.set_defaults(handler=revoke)
+    return keys
 
 
 def _duration(text: str, flag: str) -> int:

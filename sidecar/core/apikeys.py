@@ -31,7 +31,7 @@ from sidecar.core.models import (
     RequestContext,
 )
 from sidecar.core.scopes import ADMIN_FULL, KEYS_MANAGE, parse_scopes, satisfies, sort_scopes
-from sidecar.store.base import Store, UnitOfWork
+from sidecar.core.storage import Store, UnitOfWork
 
 DAY = 86400
 SYSTEM_ACTOR = "system"
@@ -182,6 +182,11 @@ class ApiKeyService:
             key = _load(uow, key_id)
         _require(ctx.principal, KEYS_MANAGE, key.workspace)
         return key
+
+    def whoami(self, ctx: RequestContext) -> ApiKey:
+        """The calling key itself: any authenticated key may read its own metadata."""
+        with self._store.read() as uow:
+            return _load(uow, ctx.principal.key_id)
 
     def replace(
         self, ctx: RequestContext, key_id: str, *, grace: int = 0, expires_in: int = 0

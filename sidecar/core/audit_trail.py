@@ -17,7 +17,7 @@ from sidecar.core.clock import Clock
 from sidecar.core.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from sidecar.core.models import OPERATOR_WORKSPACE, Principal, RequestContext
 from sidecar.core.scopes import ADMIN_FULL, satisfies
-from sidecar.store.base import Store
+from sidecar.core.storage import Store
 
 # Decision records whose credential named no workspace (an unknown or malformed key) are kept
 # in a chain of their own, visible to the operator only.

@@ -15,9 +15,9 @@ import grpc
 from envoy.service.auth.v3 import external_auth_pb2 as ext
 from google.protobuf.message import DecodeError
 
-from sidecar.core.decision import Decision
-from sidecar.core.engine import CheckInput, Engine
-from sidecar.dataplane.wire import ResponseEncoder
+from sidecar.authz.decision import Decision
+from sidecar.authz.engine import CheckInput, Engine
+from sidecar.dataplane.check_responses import ResponseEncoder
 from sidecar.ops.metrics import BAD_CHECK_REQUEST, INTERNAL_ERROR
 
 log = logging.getLogger("sidecar.check")
@@ -84,11 +84,13 @@ class CheckHandler:
         engine: Engine,
         observers: list[Observer] | None = None,
         on_error: Callable[[str, float], None] | None = None,
+        *,
+        failure_window: float = 60.0,
     ) -> None:
         self.engine = engine
         self.observers = observers if observers is not None else []
         self.on_error = on_error
-        self.encoder = ResponseEncoder()
+        self.encoder = ResponseEncoder(failure_window)
 
     def __call__(
         self, request: ext.CheckRequest | Malformed, context: grpc.ServicerContext

@@ -23,60 +23,79 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fstatuspulse/auth/v1/oauth.proto\x12\x13statuspulse.auth.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xcc\x02\n\x08OAuthApp\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\tworkspace\x18\x03 \x01(\t\x12\x15\n\rredirect_uris\x18\x04 \x03(\t\x12\x0e\n\x06scopes\x18\x05 \x03(\t\x12\x14\n\x0c\x63onfidential\x18\x06 \x01(\x08\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ncreated_by\x18\x08 \x01(\t\x12\x18\n\x10secret_last_four\x18\t \x01(\t\x12?\n\x1bprevious_secret_expire_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x64\x65lete_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa5\x02\n\x0fOAuthAppSession\x12\x10\n\x08grant_id\x18\x01 \x01(\t\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\x11\n\tworkspace\x18\x03 \x01(\t\x12\x0f\n\x07user_id\x18\x04 \x01(\t\x12\r\n\x05\x65mail\x18\x05 \x01(\t\x12\x0e\n\x06scopes\x18\x06 \x03(\t\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rlast_use_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0brevoke_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rrevoke_reason\x18\n \x01(\t\"\x89\x01\n\x04User\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tworkspace\x18\x02 \x01(\t\x12\r\n\x05\x65mail\x18\x03 \x01(\t\x12\x0e\n\x06scopes\x18\x04 \x03(\t\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ncreated_by\x18\x06 \x01(\t\"w\n\x17RegisterOAuthAppRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x15\n\rredirect_uris\x18\x03 \x03(\t\x12\x0e\n\x06scopes\x18\x04 \x03(\t\x12\x14\n\x0c\x63onfidential\x18\x05 \x01(\x08\"]\n\x18RegisterOAuthAppResponse\x12*\n\x03\x61pp\x18\x01 \x01(\x0b\x32\x1d.statuspulse.auth.v1.OAuthApp\x12\x15\n\rclient_secret\x18\x02 \x01(\t\")\n\x14ListOAuthAppsRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\"D\n\x15ListOAuthAppsResponse\x12+\n\x04\x61pps\x18\x01 \x03(\x0b\x32\x1d.statuspulse.auth.v1.OAuthApp\"\'\n\x12GetOAuthAppRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\"A\n\x13GetOAuthAppResponse\x12*\n\x03\x61pp\x18\x01 \x01(\x0b\x32\x1d.statuspulse.auth.v1.OAuthApp\"I\n\x1bRotateOAuthAppSecretRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x17\n\x0foverlap_seconds\x18\x02 \x01(\x03\"a\n\x1cRotateOAuthAppSecretResponse\x12*\n\x03\x61pp\x18\x01 \x01(\x0b\x32\x1d.statuspulse.auth.v1.OAuthApp\x12\x15\n\rclient_secret\x18\x02 \x01(\t\"*\n\x15\x44\x65leteOAuthAppRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\"D\n\x16\x44\x65leteOAuthAppResponse\x12*\n\x03\x61pp\x18\x01 \x01(\x0b\x32\x1d.statuspulse.auth.v1.OAuthApp\"0\n\x1bListOAuthAppSessionsRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\"V\n\x1cListOAuthAppSessionsResponse\x12\x36\n\x08sessions\x18\x01 \x03(\x0b\x32$.statuspulse.auth.v1.OAuthAppSession\"0\n\x1cRevokeOAuthAppSessionRequest\x12\x10\n\x08grant_id\x18\x01 \x01(\t\"V\n\x1dRevokeOAuthAppSessionResponse\x12\x35\n\x07session\x18\x01 \x01(\x0b\x32$.statuspulse.auth.v1.OAuthAppSession\"W\n\x11\x43reateUserRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\r\n\x05\x65mail\x18\x02 \x01(\t\x12\x10\n\x08password\x18\x03 \x01(\t\x12\x0e\n\x06scopes\x18\x04 \x03(\t\"=\n\x12\x43reateUserResponse\x12\'\n\x04user\x18\x01 \x01(\x0b\x32\x19.statuspulse.auth.v1.User\"%\n\x10ListUsersRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\"=\n\x11ListUsersResponse\x12(\n\x05users\x18\x01 \x03(\x0b\x32\x19.statuspulse.auth.v1.User2\xb1\x06\n\x0fOAuthAppService\x12o\n\x10RegisterOAuthApp\x12,.statuspulse.auth.v1.RegisterOAuthAppRequest\x1a-.statuspulse.auth.v1.RegisterOAuthAppResponse\x12\x66\n\rListOAuthApps\x12).statuspulse.auth.v1.ListOAuthAppsRequest\x1a*.statuspulse.auth.v1.ListOAuthAppsResponse\x12`\n\x0bGetOAuthApp\x12\'.statuspulse.auth.v1.GetOAuthAppRequest\x1a(.statuspulse.auth.v1.GetOAuthAppResponse\x12{\n\x14RotateOAuthAppSecret\x12\x30.statuspulse.auth.v1.RotateOAuthAppSecretRequest\x1a\x31.statuspulse.auth.v1.RotateOAuthAppSecretResponse\x12i\n\x0e\x44\x65leteOAuthApp\x12*.statuspulse.auth.v1.DeleteOAuthAppRequest\x1a+.statuspulse.auth.v1.DeleteOAuthAppResponse\x12{\n\x14ListOAuthAppSessions\x12\x30.statuspulse.auth.v1.ListOAuthAppSessionsRequest\x1a\x31.statuspulse.auth.v1.ListOAuthAppSessionsResponse\x12~\n\x15RevokeOAuthAppSession\x12\x31.statuspulse.auth.v1.RevokeOAuthAppSessionRequest\x1a\x32.statuspulse.auth.v1.RevokeOAuthAppSessionResponse2\xc8\x01\n\x0bUserService\x12]\n\nCreateUser\x12&.statuspulse.auth.v1.CreateUserRequest\x1a\'.statuspulse.auth.v1.CreateUserResponse\x12Z\n\tListUsers\x12%.statuspulse.auth.v1.ListUsersRequest\x1a&.statuspulse.auth.v1.ListUsersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fstatuspulse/auth/v1/oauth.proto\x12\x13statuspulse.auth.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb8\x03\n\x08OAuthApp\x12\x1c\n\tclient_id\x18\x01 \x01(\tR\tclient_id\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\tworkspace\x18\x03 \x01(\t\x12$\n\rredirect_uris\x18\x04 \x03(\tR\rredirect_uris\x12\x0e\n\x06scopes\x18\x05 \x03(\t\x12\x14\n\x0c\x63onfidential\x18\x06 \x01(\x08\x12;\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\ncreated_at\x12\x1e\n\ncreated_by\x18\x08 \x01(\tR\ncreated_by\x12*\n\x10secret_last_four\x18\t \x01(\tR\x10secret_last_four\x12[\n\x1bprevious_secret_expire_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x1aprevious_secret_expires_at\x12;\n\x0b\x64\x65lete_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.TimestampR\ndeleted_at\"\xf8\x02\n\x0fOAuthAppSession\x12\x1a\n\x08grant_id\x18\x01 \x01(\tR\x08grant_id\x12\x1c\n\tclient_id\x18\x02 \x01(\tR\tclient_id\x12\x11\n\tworkspace\x18\x03 \x01(\t\x12\x18\n\x07user_id\x18\x04 \x01(\tR\x07user_id\x12\r\n\x05\x65mail\x18\x05 \x01(\t\x12\x0e\n\x06scopes\x18\x06 \x03(\t\x12;\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\ncreated_at\x12?\n\rlast_use_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x0clast_used_at\x12;\n\x0brevoke_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampR\nrevoked_at\x12$\n\rrevoke_reason\x18\n \x01(\tR\rrevoke_reason\"\xa1\x01\n\x04User\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tworkspace\x18\x02 \x01(\t\x12\r\n\x05\x65mail\x18\x03 \x01(\t\x12\x0e\n\x06scopes\x18\x04 \x03(\t\x12;\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\ncreated_at\x12\x1e\n\ncreated_by\x18\x06 \x01(\tR\ncreated_by\"\x86\x01\n\x17RegisterOAuthAppRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12$\n\rredirect_uris\x18\x03 \x03(\tR\rredirect_uris\x12\x0e\n\x06scopes\x18\x04 \x03(\t\x12\x14\n\x0c\x63onfidential\x18\x05 \x01(\x08\"l\n\x18RegisterOAuthAppResponse\x12*\n\x03\x61pp\x18\x01 \x01(\x0b\x32\x1d.statuspulse.auth.v1.OAuthApp\x12$\n\rclient_secret\x18\x02 \x01(\tR\rclient_secret\"g\n\x14ListOAuthAppsRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x1c\n\tpage_size\x18\x02 \x01(\x05R\tpage_size\x12\x1e\n\npage_token\x18\x03 \x01(\tR\npage_token\"n\n\x15ListOAuthAppsResponse\x12+\n\x04\x61pps\x18\x01 \x03(\x0b\x32\x1d.statuspulse.auth.v1.OAuthApp\x12(\n\x0fnext_page_token\x18\x02 \x01(\tR\x0fnext_page_token\"2\n\x12GetOAuthAppRequest\x12\x1c\n\tclient_id\x18\x01 \x01(\tR\tclient_id\"A\n\x13GetOAuthAppResponse\x12*\n\x03\x61pp\x18\x01 \x01(\x0b\x32\x1d.statuspulse.auth.v1.OAuthApp\"e\n\x1bRotateOAuthAppSecretRequest\x12\x1c\n\tclient_id\x18\x01 \x01(\tR\tclient_id\x12(\n\x0foverlap_seconds\x18\x02 \x01(\x03R\x0foverlap_seconds\"p\n\x1cRotateOAuthAppSecretResponse\x12*\n\x03\x61pp\x18\x01 \x01(\x0b\x32\x1d.statuspulse.auth.v1.OAuthApp\x12$\n\rclient_secret\x18\x02 \x01(\tR\rclient_secret\"5\n\x15\x44\x65leteOAuthAppRequest\x12\x1c\n\tclient_id\x18\x01 \x01(\tR\tclient_id\"D\n\x16\x44\x65leteOAuthAppResponse\x12*\n\x03\x61pp\x18\x01 \x01(\x0b\x32\x1d.statuspulse.auth.v1.OAuthApp\"y\n\x1bListOAuthAppSessionsRequest\x12\x1c\n\tclient_id\x18\x01 \x01(\tR\tclient_id\x12\x1c\n\tpage_size\x18\x02 \x01(\x05R\tpage_size\x12\x1e\n\npage_token\x18\x03 \x01(\tR\npage_token\"\x80\x01\n\x1cListOAuthAppSessionsResponse\x12\x36\n\x08sessions\x18\x01 \x03(\x0b\x32$.statuspulse.auth.v1.OAuthAppSession\x12(\n\x0fnext_page_token\x18\x02 \x01(\tR\x0fnext_page_token\":\n\x1cRevokeOAuthAppSessionRequest\x12\x1a\n\x08grant_id\x18\x01 \x01(\tR\x08grant_id\"V\n\x1dRevokeOAuthAppSessionResponse\x12\x35\n\x07session\x18\x01 \x01(\x0b\x32$.statuspulse.auth.v1.OAuthAppSession\"W\n\x11\x43reateUserRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\r\n\x05\x65mail\x18\x02 \x01(\t\x12\x10\n\x08password\x18\x03 \x01(\t\x12\x0e\n\x06scopes\x18\x04 \x03(\t\"=\n\x12\x43reateUserResponse\x12\'\n\x04user\x18\x01 \x01(\x0b\x32\x19.statuspulse.auth.v1.User\"c\n\x10ListUsersRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x1c\n\tpage_size\x18\x02 \x01(\x05R\tpage_size\x12\x1e\n\npage_token\x18\x03 \x01(\tR\npage_token\"g\n\x11ListUsersResponse\x12(\n\x05users\x18\x01 \x03(\x0b\x32\x19.statuspulse.auth.v1.User\x12(\n\x0fnext_page_token\x18\x02 \x01(\tR\x0fnext_page_token2\xca\x08\n\x0fOAuthAppService\x12\x9b\x01\n\x10RegisterOAuthApp\x12,.statuspulse.auth.v1.RegisterOAuthAppRequest\x1a-.statuspulse.auth.v1.RegisterOAuthAppResponse\"*\x82\xd3\xe4\x93\x02$\"\x1f/v1/workspaces/{workspace}/apps:\x01*\x12\x9b\x01\n\rListOAuthApps\x12).statuspulse.auth.v1.ListOAuthAppsRequest\x1a*.statuspulse.auth.v1.ListOAuthAppsResponse\"3\x82\xd3\xe4\x93\x02-\x12\x08/v1/appsZ!\x12\x1f/v1/workspaces/{workspace}/apps\x12~\n\x0bGetOAuthApp\x12\'.statuspulse.auth.v1.GetOAuthAppRequest\x1a(.statuspulse.auth.v1.GetOAuthAppResponse\"\x1c\x82\xd3\xe4\x93\x02\x16\x12\x14/v1/apps/{client_id}\x12\xa9\x01\n\x14RotateOAuthAppSecret\x12\x30.statuspulse.auth.v1.RotateOAuthAppSecretRequest\x1a\x31.statuspulse.auth.v1.RotateOAuthAppSecretResponse\",\x82\xd3\xe4\x93\x02&\"!/v1/apps/{client_id}:rotateSecret:\x01*\x12\x87\x01\n\x0e\x44\x65leteOAuthApp\x12*.statuspulse.auth.v1.DeleteOAuthAppRequest\x1a+.statuspulse.auth.v1.DeleteOAuthAppResponse\"\x1c\x82\xd3\xe4\x93\x02\x16*\x14/v1/apps/{client_id}\x12\xa2\x01\n\x14ListOAuthAppSessions\x12\x30.statuspulse.auth.v1.ListOAuthAppSessionsRequest\x1a\x31.statuspulse.auth.v1.ListOAuthAppSessionsResponse\"%\x82\xd3\xe4\x93\x02\x1f\x12\x1d/v1/apps/{client_id}/sessions\x12\x9f\x01\n\x15RevokeOAuthAppSession\x12\x31.statuspulse.auth.v1.RevokeOAuthAppSessionRequest\x1a\x32.statuspulse.auth.v1.RevokeOAuthAppSessionResponse\"\x1f\x82\xd3\xe4\x93\x02\x19*\x17/v1/sessions/{grant_id}2\xb4\x02\n\x0bUserService\x12\x8c\x01\n\nCreateUser\x12&.statuspulse.auth.v1.CreateUserRequest\x1a\'.statuspulse.auth.v1.CreateUserResponse\"-\x82\xd3\xe4\x93\x02\'\"\"/v1/workspaces/{workspace}/members:\x01*\x12\x95\x01\n\tListUsers\x12%.statuspulse.auth.v1.ListUsersRequest\x1a&.statuspulse.auth.v1.ListUsersResponse\"9\x82\xd3\xe4\x93\x02\x33\x12\x0b/v1/membersZ$\x12\"/v1/workspaces/{workspace}/membersb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'statuspulse.auth.v1.oauth_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_OAUTHAPP']._serialized_start=90
-  _globals['_OAUTHAPP']._serialized_end=422
-  _globals['_OAUTHAPPSESSION']._serialized_start=425
-  _globals['_OAUTHAPPSESSION']._serialized_end=718
-  _globals['_USER']._serialized_start=721
-  _globals['_USER']._serialized_end=858
-  _globals['_REGISTEROAUTHAPPREQUEST']._serialized_start=860
-  _globals['_REGISTEROAUTHAPPREQUEST']._serialized_end=979
-  _globals['_REGISTEROAUTHAPPRESPONSE']._serialized_start=981
-  _globals['_REGISTEROAUTHAPPRESPONSE']._serialized_end=1074
-  _globals['_LISTOAUTHAPPSREQUEST']._serialized_start=1076
-  _globals['_LISTOAUTHAPPSREQUEST']._serialized_end=1117
-  _globals['_LISTOAUTHAPPSRESPONSE']._serialized_start=1119
-  _globals['_LISTOAUTHAPPSRESPONSE']._serialized_end=1187
-  _globals['_GETOAUTHAPPREQUEST']._serialized_start=1189
-  _globals['_GETOAUTHAPPREQUEST']._serialized_end=1228
-  _globals['_GETOAUTHAPPRESPONSE']._serialized_start=1230
-  _globals['_GETOAUTHAPPRESPONSE']._serialized_end=1295
-  _globals['_ROTATEOAUTHAPPSECRETREQUEST']._serialized_start=1297
-  _globals['_ROTATEOAUTHAPPSECRETREQUEST']._serialized_end=1370
-  _globals['_ROTATEOAUTHAPPSECRETRESPONSE']._serialized_start=1372
-  _globals['_ROTATEOAUTHAPPSECRETRESPONSE']._serialized_end=1469
-  _globals['_DELETEOAUTHAPPREQUEST']._serialized_start=1471
-  _globals['_DELETEOAUTHAPPREQUEST']._serialized_end=1513
-  _globals['_DELETEOAUTHAPPRESPONSE']._serialized_start=1515
-  _globals['_DELETEOAUTHAPPRESPONSE']._serialized_end=1583
-  _globals['_LISTOAUTHAPPSESSIONSREQUEST']._serialized_start=1585
-  _globals['_LISTOAUTHAPPSESSIONSREQUEST']._serialized_end=1633
-  _globals['_LISTOAUTHAPPSESSIONSRESPONSE']._serialized_start=1635
-  _globals['_LISTOAUTHAPPSESSIONSRESPONSE']._serialized_end=1721
-  _globals['_REVOKEOAUTHAPPSESSIONREQUEST']._serialized_start=1723
-  _globals['_REVOKEOAUTHAPPSESSIONREQUEST']._serialized_end=1771
-  _globals['_REVOKEOAUTHAPPSESSIONRESPONSE']._serialized_start=1773
-  _globals['_REVOKEOAUTHAPPSESSIONRESPONSE']._serialized_end=1859
-  _globals['_CREATEUSERREQUEST']._serialized_start=1861
-  _globals['_CREATEUSERREQUEST']._serialized_end=1948
-  _globals['_CREATEUSERRESPONSE']._serialized_start=1950
-  _globals['_CREATEUSERRESPONSE']._serialized_end=2011
-  _globals['_LISTUSERSREQUEST']._serialized_start=2013
-  _globals['_LISTUSERSREQUEST']._serialized_end=2050
-  _globals['_LISTUSERSRESPONSE']._serialized_start=2052
-  _globals['_LISTUSERSRESPONSE']._serialized_end=2113
-  _globals['_OAUTHAPPSERVICE']._serialized_start=2116
-  _globals['_OAUTHAPPSERVICE']._serialized_end=2933
-  _globals['_USERSERVICE']._serialized_start=2936
-  _globals['_USERSERVICE']._serialized_end=3136
+  _globals['_OAUTHAPPSERVICE'].methods_by_name['RegisterOAuthApp']._loaded_options = None
+  _globals['_OAUTHAPPSERVICE'].methods_by_name['RegisterOAuthApp']._serialized_options = b'\202\323\344\223\002$\"\037/v1/workspaces/{workspace}/apps:\001*'
+  _globals['_OAUTHAPPSERVICE'].methods_by_name['ListOAuthApps']._loaded_options = None
+  _globals['_OAUTHAPPSERVICE'].methods_by_name['ListOAuthApps']._serialized_options = b'\202\323\344\223\002-\022\010/v1/appsZ!\022\037/v1/workspaces/{workspace}/apps'
+  _globals['_OAUTHAPPSERVICE'].methods_by_name['GetOAuthApp']._loaded_options = None
+  _globals['_OAUTHAPPSERVICE'].methods_by_name['GetOAuthApp']._serialized_options = b'\202\323\344\223\002\026\022\024/v1/apps/{client_id}'
+  _globals['_OAUTHAPPSERVICE'].methods_by_name['RotateOAuthAppSecret']._loaded_options = None
+  _globals['_OAUTHAPPSERVICE'].methods_by_name['RotateOAuthAppSecret']._serialized_options = b'\202\323\344\223\002&\"!/v1/apps/{client_id}:rotateSecret:\001*'
+  _globals['_OAUTHAPPSERVICE'].methods_by_name['DeleteOAuthApp']._loaded_options = None
+  _globals['_OAUTHAPPSERVICE'].methods_by_name['DeleteOAuthApp']._serialized_options = b'\202\323\344\223\002\026*\024/v1/apps/{client_id}'
+  _globals['_OAUTHAPPSERVICE'].methods_by_name['ListOAuthAppSessions']._loaded_options = None
+  _globals['_OAUTHAPPSERVICE'].methods_by_name['ListOAuthAppSessions']._serialized_options = b'\202\323\344\223\002\037\022\035/v1/apps/{client_id}/sessions'
+  _globals['_OAUTHAPPSERVICE'].methods_by_name['RevokeOAuthAppSession']._loaded_options = None
+  _globals['_OAUTHAPPSERVICE'].methods_by_name['RevokeOAuthAppSession']._serialized_options = b'\202\323\344\223\002\031*\027/v1/sessions/{grant_id}'
+  _globals['_USERSERVICE'].methods_by_name['CreateUser']._loaded_options = None
+  _globals['_USERSERVICE'].methods_by_name['CreateUser']._serialized_options = b'\202\323\344\223\002\'\"\"/v1/workspaces/{workspace}/members:\001*'
+  _globals['_USERSERVICE'].methods_by_name['ListUsers']._loaded_options = None
+  _globals['_USERSERVICE'].methods_by_name['ListUsers']._serialized_options = b'\202\323\344\223\0023\022\013/v1/membersZ$\022\"/v1/workspaces/{workspace}/members'
+  _globals['_OAUTHAPP']._serialized_start=120
+  _globals['_OAUTHAPP']._serialized_end=560
+  _globals['_OAUTHAPPSESSION']._serialized_start=563
+  _globals['_OAUTHAPPSESSION']._serialized_end=939
+  _globals['_USER']._serialized_start=942
+  _globals['_USER']._serialized_end=1103
+  _globals['_REGISTEROAUTHAPPREQUEST']._serialized_start=1106
+  _globals['_REGISTEROAUTHAPPREQUEST']._serialized_end=1240
+  _globals['_REGISTEROAUTHAPPRESPONSE']._serialized_start=1242
+  _globals['_REGISTEROAUTHAPPRESPONSE']._serialized_end=1350
+  _globals['_LISTOAUTHAPPSREQUEST']._serialized_start=1352
+  _globals['_LISTOAUTHAPPSREQUEST']._serialized_end=1455
+  _globals['_LISTOAUTHAPPSRESPONSE']._serialized_start=1457
+  _globals['_LISTOAUTHAPPSRESPONSE']._serialized_end=1567
+  _globals['_GETOAUTHAPPREQUEST']._serialized_start=1569
+  _globals['_GETOAUTHAPPREQUEST']._serialized_end=1619
+  _globals['_GETOAUTHAPPRESPONSE']._serialized_start=1621
+  _globals['_GETOAUTHAPPRESPONSE']._serialized_end=1686
+  _globals['_ROTATEOAUTHAPPSECRETREQUEST']._serialized_start=1688
+  _globals['_ROTATEOAUTHAPPSECRETREQUEST']._serialized_end=1789
+  _globals['_ROTATEOAUTHAPPSECRETRESPONSE']._serialized_start=1791
+  _globals['_ROTATEOAUTHAPPSECRETRESPONSE']._serialized_end=1903
+  _globals['_DELETEOAUTHAPPREQUEST']._serialized_start=1905
+  _globals['_DELETEOAUTHAPPREQUEST']._serialized_end=1958
+  _globals['_DELETEOAUTHAPPRESPONSE']._serialized_start=1960
+  _globals['_DELETEOAUTHAPPRESPONSE']._serialized_end=2028
+  _globals['_LISTOAUTHAPPSESSIONSREQUEST']._serialized_start=2030
+  _globals['_LISTOAUTHAPPSESSIONSREQUEST']._serialized_end=2151
+  _globals['_LISTOAUTHAPPSESSIONSRESPONSE']._serialized_start=2154
+  _globals['_LISTOAUTHAPPSESSIONSRESPONSE']._serialized_end=2282
+  _globals['_REVOKEOAUTHAPPSESSIONREQUEST']._serialized_start=2284
+  _globals['_REVOKEOAUTHAPPSESSIONREQUEST']._serialized_end=2342
+  _globals['_REVOKEOAUTHAPPSESSIONRESPONSE']._serialized_start=2344
+  _globals['_REVOKEOAUTHAPPSESSIONRESPONSE']._serialized_end=2430
+  _globals['_CREATEUSERREQUEST']._serialized_start=2432
+  _globals['_CREATEUSERREQUEST']._serialized_end=2519
+  _globals['_CREATEUSERRESPONSE']._serialized_start=2521
+  _globals['_CREATEUSERRESPONSE']._serialized_end=2582
+  _globals['_LISTUSERSREQUEST']._serialized_start=2584
+  _globals['_LISTUSERSREQUEST']._serialized_end=2683
+  _globals['_LISTUSERSRESPONSE']._serialized_start=2685
+  _globals['_LISTUSERSRESPONSE']._serialized_end=2788
+  _globals['_OAUTHAPPSERVICE']._serialized_start=2791
+  _globals['_OAUTHAPPSERVICE']._serialized_end=3889
+  _globals['_USERSERVICE']._serialized_start=3892
+  _globals['_USERSERVICE']._serialized_end=4200
 # @@protoc_insertion_point(module_scope)

@@ -1,5 +1,6 @@
 import datetime
 
+from google.api import annotations_pb2 as _annotations_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
@@ -98,16 +99,22 @@ class RegisterOAuthAppResponse(_message.Message):
     def __init__(self, app: _Optional[_Union[OAuthApp, _Mapping]] = ..., client_secret: _Optional[str] = ...) -> None: ...
 
 class ListOAuthAppsRequest(_message.Message):
-    __slots__ = ("workspace",)
+    __slots__ = ("workspace", "page_size", "page_token")
     WORKSPACE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     workspace: str
-    def __init__(self, workspace: _Optional[str] = ...) -> None: ...
+    page_size: int
+    page_token: str
+    def __init__(self, workspace: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListOAuthAppsResponse(_message.Message):
-    __slots__ = ("apps",)
+    __slots__ = ("apps", "next_page_token")
     APPS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     apps: _containers.RepeatedCompositeFieldContainer[OAuthApp]
-    def __init__(self, apps: _Optional[_Iterable[_Union[OAuthApp, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, apps: _Optional[_Iterable[_Union[OAuthApp, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class GetOAuthAppRequest(_message.Message):
     __slots__ = ("client_id",)
@@ -150,16 +157,22 @@ class DeleteOAuthAppResponse(_message.Message):
     def __init__(self, app: _Optional[_Union[OAuthApp, _Mapping]] = ...) -> None: ...
 
 class ListOAuthAppSessionsRequest(_message.Message):
-    __slots__ = ("client_id",)
+    __slots__ = ("client_id", "page_size", "page_token")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     client_id: str
-    def __init__(self, client_id: _Optional[str] = ...) -> None: ...
+    page_size: int
+    page_token: str
+    def __init__(self, client_id: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListOAuthAppSessionsResponse(_message.Message):
-    __slots__ = ("sessions",)
+    __slots__ = ("sessions", "next_page_token")
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     sessions: _containers.RepeatedCompositeFieldContainer[OAuthAppSession]
-    def __init__(self, sessions: _Optional[_Iterable[_Union[OAuthAppSession, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, sessions: _Optional[_Iterable[_Union[OAuthAppSession, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class RevokeOAuthAppSessionRequest(_message.Message):
     __slots__ = ("grant_id",)
@@ -192,13 +205,19 @@ class CreateUserResponse(_message.Message):
     def __init__(self, user: _Optional[_Union[User, _Mapping]] = ...) -> None: ...
 
 class ListUsersRequest(_message.Message):
-    __slots__ = ("workspace",)
+    __slots__ = ("workspace", "page_size", "page_token")
     WORKSPACE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     workspace: str
-    def __init__(self, workspace: _Optional[str] = ...) -> None: ...
+    page_size: int
+    page_token: str
+    def __init__(self, workspace: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListUsersResponse(_message.Message):
-    __slots__ = ("users",)
+    __slots__ = ("users", "next_page_token")
     USERS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     users: _containers.RepeatedCompositeFieldContainer[User]
-    def __init__(self, users: _Optional[_Iterable[_Union[User, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, users: _Optional[_Iterable[_Union[User, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...

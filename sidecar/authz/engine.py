@@ -7,13 +7,13 @@ import hashlib
 from collections.abc import Callable, Iterable, Mapping
 from typing import NamedTuple
 
+from sidecar.authz.decision import Decision, DecisionIds, Identity, Reason
+from sidecar.authz.policy import Match, Policy
+from sidecar.authz.ratelimit import CREDENTIAL_FAILURES, RateLimiter
+from sidecar.authz.replica import Replica
 from sidecar.core import keyformat
 from sidecar.core.clock import Clock
-from sidecar.core.decision import Decision, DecisionIds, Identity, Reason
 from sidecar.core.models import OPERATOR_WORKSPACE
-from sidecar.core.policy import Match, Policy
-from sidecar.core.ratelimit import CREDENTIAL_FAILURES, RateLimiter
-from sidecar.core.replica import Replica
 from sidecar.core.scopes import ADMIN_FULL
 
 MAX_CREDENTIAL_LENGTH = 8192
@@ -248,6 +248,18 @@ class Engine:
 
 
 _DENY = {reason: Decision(reason, "") for reason in Reason}
+
+
+def route_decision(
+    policy: Policy, method: str, path: str, identity: Identity, decision_id: str = ""
+) -> tuple[Decision, Match | None]:
+    """What ``Engine.check`` decides on ``method path`` for an already authenticated identity,
+    by the same matching and route rule (``spauth whoami --method --path``); replica state and
+    rate limits, which each sidecar keeps for itself, are not part of it."""
+    match = policy.match(method, path.partition("?")[0])
+    if match is not None and match.route.public:
+        return Decision(Reason.PUBLIC_ROUTE, decision_id, identity), match
+    return Engine._route(match, identity, decision_id), match
 
 
 def _holds(held: frozenset[str], required: tuple[str, ...]) -> bool:
