@@ -432,6 +432,10 @@ TIME_NAMES = {
     "last_use_time": "last_used_at",
     "delete_time": "deleted_at",
     "previous_secret_expire_time": "previous_secret_expires_at",
+    "last_sign_in_time": "last_sign_in_at",
+    "disable_time": "disabled_at",
+    "activate_time": "activates_at",
+    "supersede_time": "superseded_at",
 }
 
 

@@ -109,7 +109,9 @@ class ApiKeyServicer(pb_grpc.ApiKeyServiceServicer):  # type: ignore[misc]
     async def RevokeApiKey(
         self, request: pb.RevokeApiKeyRequest, ctx: RequestContext
     ) -> pb.RevokeApiKeyResponse:
-        key = await asyncio.to_thread(self._svc.revoke, ctx, request.id, reason=request.reason)
+        key = await asyncio.to_thread(
+            self._svc.revoke, ctx, request.id, reason=request.reason, force=request.force
+        )
         return pb.RevokeApiKeyResponse(api_key=convert.api_key(key, self._clock.now()))
 
     @admin_rpc

@@ -170,6 +170,7 @@ ADMIN_SERVICES = (
     "statuspulse.auth.v1.OAuthAppService",
     "statuspulse.auth.v1.UserService",
     "statuspulse.auth.v1.AuditService",
+    "statuspulse.auth.v1.SigningKeyService",
 )
 # Imported for their side effect: they add the admin services to the default pool.
 _MODULES = (api_keys_pb2, audit_pb2, oauth_pb2)

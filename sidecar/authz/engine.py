@@ -241,6 +241,10 @@ class Engine:
         elif identity.expires_at <= now:
             self._token_cache.pop(digest, None)
             return _DENY[Reason.TOKEN_EXPIRED]
+        elif identity.key_id not in self.replica.signing_keys:
+            # Its signing key was retired since: the cached verification no longer holds.
+            self._token_cache.pop(digest, None)
+            return _DENY[Reason.UNKNOWN_KEY]
         replica = self.replica
         if identity.grant_id in replica.revoked_grants or identity.id in replica.revoked_jtis:
             return _DENY[Reason.TOKEN_REVOKED]

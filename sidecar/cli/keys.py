@@ -60,6 +60,11 @@ def register(sub: Any, common: argparse.ArgumentParser) -> Any:
     p = keys.add_parser("revoke", parents=[common], help="revoke a key now")
     p.add_argument("id")
     p.add_argument("--reason", default="")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="allow revoking the last usable operator key (recovery: spauth operator mint)",
+    )
     p.set_defaults(handler=revoke)
     return keys
 
@@ -207,7 +212,8 @@ def replace(client: AdminClient, args: argparse.Namespace) -> int:
 
 def revoke(client: AdminClient, args: argparse.Namespace) -> int:
     stub = pb_grpc.ApiKeyServiceStub(client.channel)
-    resp = client.call(stub.RevokeApiKey, pb.RevokeApiKeyRequest(id=args.id, reason=args.reason))
+    request = pb.RevokeApiKeyRequest(id=args.id, reason=args.reason, force=args.force)
+    resp = client.call(stub.RevokeApiKey, request)
     if args.output == "json":
         emit_json(key_json(resp.api_key))
     else:

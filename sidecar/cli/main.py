@@ -15,6 +15,8 @@ from sidecar.cli import (
     config_cmd,
     control_plane_cmd,
     keys,
+    oauth_cmd,
+    operator_cmd,
     serve,
     sidecar_cmd,
     users,
@@ -61,6 +63,8 @@ def build_parser(environ: dict[str, str] | None = None) -> argparse.ArgumentPars
     config_cmd.register(sub, common)
     apps.register(sub, common)
     users.register(sub, common)
+    oauth_cmd.register(sub, common)
+    operator_cmd.register(sub, common)
     audit.register(sub, common)
     whoami.register(sub, common)
     whoami.register_verify(key_commands, common)

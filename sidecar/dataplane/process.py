@@ -103,7 +103,11 @@ class Sidecar:
             self.clock,
             max_staleness=settings.max_staleness,
             token_verifier=token_verifier
-            or ReplicaTokenVerifier(settings.oauth_issuer, settings.oauth_audience),
+            or ReplicaTokenVerifier(
+                settings.oauth_issuer,
+                settings.oauth_audience,
+                max_lifetime=settings.oauth_access_token_ttl,
+            ),
             limiter=self.limiter,
             token_cache_size=settings.token_cache_size,
         )

@@ -30,6 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar._gen.statuspulse.auth.v1 import api_keys_pb2 as keys_pb
 from sidecar._gen.statuspulse.auth.v1 import api_keys_pb2_grpc as keys_grpc
+from sidecar.oauth import kek
 from tests.support.ports import free_port, wait_for_port
 from tests.support.postgres import PostgresServer
 
@@ -231,6 +232,8 @@ class ScaleOut:
             **{k: v for k, v in os.environ.items() if not k.startswith("SPAUTH_")},
             "PYTHONPATH": str(REPO),
             "PYTHONUNBUFFERED": "1",
+            # Every control-plane replica of one store shares the key-encryption key.
+            "SPAUTH_KEY_ENCRYPTION_KEY": kek.generate(),
         }
         self.control_planes: list[ControlPlaneProcess] = []
         self.sidecars: list[SidecarProcess] = []

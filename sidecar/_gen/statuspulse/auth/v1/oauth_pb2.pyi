@@ -61,20 +61,42 @@ class OAuthAppSession(_message.Message):
     def __init__(self, grant_id: _Optional[str] = ..., client_id: _Optional[str] = ..., workspace: _Optional[str] = ..., user_id: _Optional[str] = ..., email: _Optional[str] = ..., scopes: _Optional[_Iterable[str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_use_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoke_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoke_reason: _Optional[str] = ...) -> None: ...
 
 class User(_message.Message):
-    __slots__ = ("id", "workspace", "email", "scopes", "create_time", "created_by")
+    __slots__ = ("id", "workspace", "email", "scopes", "create_time", "created_by", "state", "last_sign_in_time", "disable_time")
     ID_FIELD_NUMBER: _ClassVar[int]
     WORKSPACE_FIELD_NUMBER: _ClassVar[int]
     EMAIL_FIELD_NUMBER: _ClassVar[int]
     SCOPES_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     CREATED_BY_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    LAST_SIGN_IN_TIME_FIELD_NUMBER: _ClassVar[int]
+    DISABLE_TIME_FIELD_NUMBER: _ClassVar[int]
     id: str
     workspace: str
     email: str
     scopes: _containers.RepeatedScalarFieldContainer[str]
     create_time: _timestamp_pb2.Timestamp
     created_by: str
-    def __init__(self, id: _Optional[str] = ..., workspace: _Optional[str] = ..., email: _Optional[str] = ..., scopes: _Optional[_Iterable[str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_by: _Optional[str] = ...) -> None: ...
+    state: str
+    last_sign_in_time: _timestamp_pb2.Timestamp
+    disable_time: _timestamp_pb2.Timestamp
+    def __init__(self, id: _Optional[str] = ..., workspace: _Optional[str] = ..., email: _Optional[str] = ..., scopes: _Optional[_Iterable[str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_by: _Optional[str] = ..., state: _Optional[str] = ..., last_sign_in_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., disable_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class SigningKey(_message.Message):
+    __slots__ = ("kid", "alg", "state", "create_time", "activate_time", "supersede_time")
+    KID_FIELD_NUMBER: _ClassVar[int]
+    ALG_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    SUPERSEDE_TIME_FIELD_NUMBER: _ClassVar[int]
+    kid: str
+    alg: str
+    state: str
+    create_time: _timestamp_pb2.Timestamp
+    activate_time: _timestamp_pb2.Timestamp
+    supersede_time: _timestamp_pb2.Timestamp
+    def __init__(self, kid: _Optional[str] = ..., alg: _Optional[str] = ..., state: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., activate_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., supersede_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class RegisterOAuthAppRequest(_message.Message):
     __slots__ = ("workspace", "name", "redirect_uris", "scopes", "confidential")
@@ -221,3 +243,83 @@ class ListUsersResponse(_message.Message):
     users: _containers.RepeatedCompositeFieldContainer[User]
     next_page_token: str
     def __init__(self, users: _Optional[_Iterable[_Union[User, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class DisableUserRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class DisableUserResponse(_message.Message):
+    __slots__ = ("user", "grants_revoked")
+    USER_FIELD_NUMBER: _ClassVar[int]
+    GRANTS_REVOKED_FIELD_NUMBER: _ClassVar[int]
+    user: User
+    grants_revoked: int
+    def __init__(self, user: _Optional[_Union[User, _Mapping]] = ..., grants_revoked: _Optional[int] = ...) -> None: ...
+
+class EnableUserRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class EnableUserResponse(_message.Message):
+    __slots__ = ("user",)
+    USER_FIELD_NUMBER: _ClassVar[int]
+    user: User
+    def __init__(self, user: _Optional[_Union[User, _Mapping]] = ...) -> None: ...
+
+class DeleteUserRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class DeleteUserResponse(_message.Message):
+    __slots__ = ("user", "grants_revoked")
+    USER_FIELD_NUMBER: _ClassVar[int]
+    GRANTS_REVOKED_FIELD_NUMBER: _ClassVar[int]
+    user: User
+    grants_revoked: int
+    def __init__(self, user: _Optional[_Union[User, _Mapping]] = ..., grants_revoked: _Optional[int] = ...) -> None: ...
+
+class ResetUserPasswordRequest(_message.Message):
+    __slots__ = ("id", "password")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    PASSWORD_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    password: str
+    def __init__(self, id: _Optional[str] = ..., password: _Optional[str] = ...) -> None: ...
+
+class ResetUserPasswordResponse(_message.Message):
+    __slots__ = ("user", "grants_revoked")
+    USER_FIELD_NUMBER: _ClassVar[int]
+    GRANTS_REVOKED_FIELD_NUMBER: _ClassVar[int]
+    user: User
+    grants_revoked: int
+    def __init__(self, user: _Optional[_Union[User, _Mapping]] = ..., grants_revoked: _Optional[int] = ...) -> None: ...
+
+class ListSigningKeysRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListSigningKeysResponse(_message.Message):
+    __slots__ = ("keys",)
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    keys: _containers.RepeatedCompositeFieldContainer[SigningKey]
+    def __init__(self, keys: _Optional[_Iterable[_Union[SigningKey, _Mapping]]] = ...) -> None: ...
+
+class RotateSigningKeyRequest(_message.Message):
+    __slots__ = ("immediate",)
+    IMMEDIATE_FIELD_NUMBER: _ClassVar[int]
+    immediate: bool
+    def __init__(self, immediate: _Optional[bool] = ...) -> None: ...
+
+class RotateSigningKeyResponse(_message.Message):
+    __slots__ = ("key", "retired_kids")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    RETIRED_KIDS_FIELD_NUMBER: _ClassVar[int]
+    key: SigningKey
+    retired_kids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, key: _Optional[_Union[SigningKey, _Mapping]] = ..., retired_kids: _Optional[_Iterable[str]] = ...) -> None: ...
