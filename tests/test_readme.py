@@ -29,7 +29,7 @@ pytestmark = [pytest.mark.envoy, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 DOCS = ROOT / "docs"
-RUN = (README, DOCS / "audit.md", DOCS / "operating.md")
+RUN = (README, DOCS / "audit.md", DOCS / "oauth.md", DOCS / "operating.md")
 # The answer each `curl -i … # NNN` line documents, in order.
 _DOCUMENTED_STATUS = re.compile(r"^curl -i .*#\s*(\d{3})\b", re.MULTILINE)
 _STATUS_LINE = re.compile(r"^HTTP/[\d.]+ (\d{3})", re.MULTILINE)
