@@ -157,6 +157,8 @@ class SidecarProcess:
                     self.control_plane,
                     "--state-dir",
                     str(self.state),
+                    "--metrics-addr",
+                    "",  # no status port: never the fixed default 9192
                 ],
                 cwd=ROOT,
                 stdout=log,
@@ -245,7 +247,12 @@ class Plane:
 
     def start(self) -> ControlPlane:
         settings = load_settings(
-            {"data_dir": str(self.data_dir), "admin_addr": f"127.0.0.1:{self.port}"}, environ={}
+            {
+                "data_dir": str(self.data_dir),
+                "admin_addr": f"127.0.0.1:{self.port}",
+                "http_addr": "127.0.0.1:0",
+            },
+            environ={},
         )
         self.plane = ControlPlane(settings)
         self.loop.run(self.plane.start())
@@ -266,7 +273,12 @@ def test_control_plane_down_spools_then_delivers(tmp_path: Path, loop_thread: Lo
     address = f"127.0.0.1:{cp.port}"
     key = mint(address, minted.secret, ["checks:read"])
     sidecar = Sidecar(
-        SidecarSettings(listen="127.0.0.1:0", control_plane=address, state_dir=tmp_path / "sc")
+        SidecarSettings(
+            listen="127.0.0.1:0",
+            metrics_addr="",  # no status port: never the fixed default 9192
+            control_plane=address,
+            state_dir=tmp_path / "sc",
+        )
     )
     sidecar.start()
     try:

@@ -174,7 +174,7 @@ def test_shipping_backs_off_with_a_bound_while_the_control_plane_is_away(tmp_pat
     spool = Spool(tmp_path)
     spool.append([encode(decision(1))])
     transport = GrpcTransport(f"127.0.0.1:{free_port()}", "spk_none", timeout=2)
-    shipper = Shipper(spool, transport, backoff=Backoff(1, 4), clock=lambda: now[0])
+    shipper = Shipper(spool, transport, backoff=Backoff(1, 4, jitter=0.0), clock=lambda: now[0])
     delays = []
     for _ in range(5):
         delays.append(shipper.poll())
@@ -184,6 +184,28 @@ def test_shipping_backs_off_with_a_bound_while_the_control_plane_is_away(tmp_pat
     assert shipper.stats().failures == 5 and spool.pending_bytes > 0
     transport.close()
     spool.close()
+
+
+def test_backoff_survives_a_million_failures_and_stays_bounded() -> None:
+    # 2.0 ** 1024 overflows a float: an uncapped exponent killed the thread after ~85 minutes.
+    for failures in (1025, 10**6, 10**18):
+        assert Backoff(0.2, 5.0, jitter=0.0).delay(failures) == 5.0
+        assert Backoff(0.2, 5.0, jitter=0.5, random=lambda: 0.999).delay(failures) > 2.5
+
+
+def test_backoff_jitter_takes_a_random_fraction_off_the_delay() -> None:
+    draws = iter([0.0, 1.0, 0.5])
+    backoff = Backoff(1, 4, jitter=0.5, random=lambda: next(draws))
+    assert [backoff.delay(3), backoff.delay(3), backoff.delay(3)] == [4.0, 2.0, 3.0]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"initial": 0}, {"initial": 6}, {"multiplier": 1}, {"jitter": 1}, {"jitter": -0.1}],
+)
+def test_backoff_rejects_settings_that_never_grow_or_never_wait(kwargs: dict[str, float]) -> None:
+    with pytest.raises(ValueError, match="backoff"):
+        Backoff(**kwargs)
 
 
 def test_the_same_records_shipped_twice_are_stored_once(
@@ -224,7 +246,12 @@ def test_a_record_the_control_plane_refuses_is_skipped_not_retried_forever(
 def offline_plane(tmp_path: Path, loop_thread: LoopThread) -> Iterator[tuple[ControlPlane, str]]:
     """A control plane with its key minted but not listening yet."""
     settings = load_settings(
-        {"data_dir": str(tmp_path / "cp"), "admin_addr": f"127.0.0.1:{free_port()}"}, environ={}
+        {
+            "data_dir": str(tmp_path / "cp"),
+            "admin_addr": f"127.0.0.1:{free_port()}",
+            "http_addr": "127.0.0.1:0",
+        },
+        environ={},
     )
     (tmp_path / "cp").mkdir()
     plane = ControlPlane(settings, clock=FakeClock(time.time()))
@@ -369,7 +396,13 @@ def test_with_a_sync_token_sidecars_must_present_it_and_it_reads_nothing(
 
     token = "sync-" + "x" * 40
     settings = load_settings(
-        {"data_dir": str(tmp_path), "admin_addr": "127.0.0.1:0", "sync_token": token}, environ={}
+        {
+            "data_dir": str(tmp_path),
+            "admin_addr": "127.0.0.1:0",
+            "http_addr": "127.0.0.1:0",
+            "sync_token": token,
+        },
+        environ={},
     )
     plane = ControlPlane(settings, clock=FakeClock(time.time()))
     loop_thread.run(plane.start())

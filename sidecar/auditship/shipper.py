@@ -5,10 +5,12 @@ in it; a crash before that sends it again, and the control plane stores each id 
 from __future__ import annotations
 
 import logging
+import math
+import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sidecar.auditship.codec import decode
 from sidecar.auditship.spool import Spool
@@ -19,15 +21,36 @@ log = logging.getLogger("sidecar.auditship")
 
 @dataclass(frozen=True, slots=True)
 class Backoff:
-    """Retry delays: ``initial`` doubling up to ``maximum`` (a bound, so a returning control
-    plane is used within ``maximum`` seconds)."""
+    """Retry delays: ``initial`` growing by ``multiplier`` up to ``maximum`` (a bound, so a
+    returning control plane is used within ``maximum`` seconds), less a random fraction of up to
+    ``jitter`` so sidecars that lost the control plane together do not retry in lockstep."""
 
     initial: float = 0.2
     maximum: float = 5.0
     multiplier: float = 2.0
+    jitter: float = 0.5
+    random: Callable[[], float] = field(default=random.random, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.initial <= self.maximum:
+            raise ValueError(
+                f"backoff needs 0 < initial <= maximum, got {self.initial}, {self.maximum}"
+            )
+        if self.multiplier <= 1:
+            raise ValueError(f"backoff multiplier must be > 1, got {self.multiplier}")
+        if not 0 <= self.jitter < 1:
+            raise ValueError(f"backoff jitter must be in [0, 1), got {self.jitter}")
 
     def delay(self, failures: int) -> float:
-        return float(min(self.maximum, self.initial * self.multiplier ** max(0, failures - 1)))
+        """The wait after the ``failures``-th failure in a row (any count, even 10**6)."""
+        # The exponent stops where the delay reaches the maximum: past it a power only grows
+        # towards a float OverflowError (2.0 ** 1024), which would kill the shipping thread.
+        exponent = min(max(0, failures - 1), self._last_step())
+        ceiling = min(self.maximum, self.initial * self.multiplier**exponent)
+        return ceiling * (1.0 - self.jitter * self.random())
+
+    def _last_step(self) -> int:
+        return math.ceil(math.log(self.maximum / self.initial, self.multiplier))
 
 
 @dataclass(frozen=True, slots=True)

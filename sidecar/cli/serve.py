@@ -8,7 +8,7 @@ import asyncio
 import dataclasses
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from sidecar import logs
 from sidecar.authz.policy import PolicyError
@@ -43,6 +43,25 @@ def write_bootstrap_key(data_dir: Path, minted: Minted) -> Path:
     return _write_key(data_dir, minted.secret)
 
 
+def announce_operator_key(secret: str, path: Path, out: TextIO | None = None) -> None:
+    """Show the new operator key once, on a terminal only: output that is not a terminal is
+    usually a log file (``spauth serve > serve.log &``), and a log must never hold a secret."""
+    out = out or sys.stdout
+    if out.isatty():
+        print(f"Operator key (admin:full, all workspaces), shown once: {secret}", file=out)
+    else:
+        print(
+            "Operator key (admin:full, all workspaces) created; not printed here: this output "
+            "is not a terminal",
+            file=out,
+        )
+    print(
+        f"It is in {path} (mode 0600). export STATUSPULSE_API_KEY=$(cat {path})",
+        file=out,
+        flush=True,
+    )
+
+
 def embedded_sidecar_settings(
     settings: Settings, base: SidecarSettings, admin_port: int, oauth_issuer: str
 ) -> SidecarSettings:
@@ -72,9 +91,7 @@ async def serve(settings: Settings, sidecar_base: SidecarSettings | None = None)
     plane = ControlPlane(settings)
     minted = plane.bootstrap()
     if minted is not None:
-        path = write_bootstrap_key(settings.data_dir, minted)
-        print(f"Operator key (admin:full, all workspaces), shown once: {minted.secret}")
-        print(f"It is also in {path} (mode 0600). export STATUSPULSE_API_KEY=$(cat {path})")
+        announce_operator_key(minted.secret, write_bootstrap_key(settings.data_dir, minted))
     await plane.start()
     base = sidecar_base or SidecarSettings(metrics_addr="")
     try:
