@@ -305,6 +305,7 @@ class ControlPlane:
         console = console_routes(
             ConsoleServices(
                 keys=self.keys,
+                usage=self.usage,
                 apps=self.apps,
                 users=self.users,
                 audit=self.audit,
