@@ -245,6 +245,7 @@ def list_keys(client: AdminClient, args: argparse.Namespace) -> int:
 
 # Shown under the table by `keys show` when set.
 
+
 def show(client: AdminClient, args: argparse.Namespace) -> int:
     stub = pb_grpc.ApiKeyServiceStub(client.channel)
     resp = client.call(stub.GetApiKey, pb.GetApiKeyRequest(id=args.id))
