@@ -243,9 +243,6 @@ def list_keys(client: AdminClient, args: argparse.Namespace) -> int:
     return 0
 
 
-# Shown under the table by `keys show` when set.
-
-
 def show(client: AdminClient, args: argparse.Namespace) -> int:
     stub = pb_grpc.ApiKeyServiceStub(client.channel)
     resp = client.call(stub.GetApiKey, pb.GetApiKeyRequest(id=args.id))
@@ -254,10 +251,9 @@ def show(client: AdminClient, args: argparse.Namespace) -> int:
         out["daily_uses"] = [{"date": d.date, "uses": d.uses} for d in resp.daily_uses]
         emit_json(out)
         return 0
-    print(_key_fields(key_json(resp.api_key)))
-    if resp.daily_uses:
-        print()
-        print(table([[d.date, str(d.uses)] for d in resp.daily_uses], ["DAY (UTC)", "USES"]))
+    fields = key_json(resp.api_key)
+    fields["daily_uses"] = [f"{d.date}:{d.uses}" for d in resp.daily_uses]
+    print(_key_fields(fields))
     return 0
 
 
@@ -268,7 +264,7 @@ def _key_fields(fields: dict[str, object]) -> str:
 
 
 def _cell(value: object) -> str:
-    if value is None or value == "":
+    if value is None or value == "" or value == []:
         return "-"
     if isinstance(value, list):
         return ",".join(str(v) for v in value)
