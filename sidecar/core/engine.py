@@ -11,6 +11,7 @@ from sidecar.core import keyformat
 from sidecar.core.clock import Clock
 from sidecar.core.decision import Decision, DecisionIds, Identity, Reason
 from sidecar.core.models import OPERATOR_WORKSPACE
+from sidecar.core.paths import non_canonical
 from sidecar.core.policy import Match, Policy
 from sidecar.core.ratelimit import CREDENTIAL_FAILURES, RateLimiter
 from sidecar.core.replica import Replica
@@ -78,6 +79,9 @@ class Engine:
         path = request.path
         if "?" in path:
             path = path.partition("?")[0]
+        # Canonical paths or no decision: checked before any route, public ones included.
+        if non_canonical(path) is not None:
+            return Decision(Reason.NON_CANONICAL_PATH, did)
         match = policy.match(request.method, path, request.host, request.context, request.headers)
         if match is not None and match.route.public:
             return Decision(Reason.PUBLIC_ROUTE, did)
@@ -104,19 +108,19 @@ class Engine:
             limited = self._limited(limiter, found, now)
             if limited is not None:
                 return Decision(Reason.RATE_LIMITED, did, found, limited)
-        return self._route(match, found, did)
+        return self._route(match, found, did, policy.allow_operator_key)
 
     @staticmethod
-    def _route(match: Match | None, found: Identity, did: str) -> Decision:
-        """Whether an authenticated identity reaches the matched route."""
+    def _route(match: Match | None, found: Identity, did: str, operator: bool) -> Decision:
+        """Whether an authenticated identity reaches the matched route. The operator key is an
+        admin credential: on a route it is refused unless the policy allows it explicitly."""
         if match is None:
             return Decision(Reason.NO_ROUTE, did, found)
         route = match.route
-        if (
-            route.binds_workspace
-            and found.workspace != OPERATOR_WORKSPACE
-            and match.workspace != found.workspace
-        ):
+        if found.workspace == OPERATOR_WORKSPACE:
+            if not operator:
+                return Decision(Reason.OPERATOR_NOT_ALLOWED, did, found)
+        elif route.binds_workspace and match.workspace != found.workspace:
             return Decision(Reason.WORKSPACE_MISMATCH, did, found)
         if not _holds(found.scopes, route.scopes):
             return Decision(Reason.INSUFFICIENT_SCOPE, did, found, " ".join(route.scopes))
