@@ -26,13 +26,13 @@ from sidecar._gen.statuspulse.auth.v1 import (
 )
 from sidecar.admin.apikeys import ApiKeyServicer
 from sidecar.admin.apps import OAuthAppServicer
-from sidecar.admin.audit import AuditServicer, load_checkpoint_key
+from sidecar.admin.audit import AuditServicer
 from sidecar.admin.replication import ReplicationServicer, SnapshotSource
 from sidecar.admin.users import UserServicer
 from sidecar.config import Settings
 from sidecar.core.apikeys import ApiKeyService, KeyPolicy, key_snapshot
 from sidecar.core.apps import AppService
-from sidecar.core.audit_trail import AuditTrail
+from sidecar.core.audit_trail import AuditPolicy, AuditTrail
 from sidecar.core.clock import Clock, SystemClock
 from sidecar.core.errors import SpauthError
 from sidecar.core.models import Minted
@@ -47,6 +47,7 @@ from sidecar.ops.health import Health, Status, worst
 from sidecar.ops.http_routes import ops_routes
 from sidecar.ops.http_server import HttpServer
 from sidecar.ops.metrics import OAUTH_EVENTS, Metrics
+from sidecar.ops.secrets_files import audit_signing_key, control_plane_sync_token
 from sidecar.ops.tls import admin_server_credentials, http_ssl_files
 from sidecar.ops.tracing import start_tracing
 from sidecar.store import Store, open_store
@@ -80,10 +81,15 @@ class ControlPlane:
                 max_lifetime=settings.key_max_lifetime,
             ),
         )
+        # Never anonymous: without a configured token one is generated into the data dir.
+        self.sync_token = control_plane_sync_token(settings)
         self.audit = AuditTrail(
-            self.store, self.clock, load_checkpoint_key(settings.data_dir / "audit-hmac-key")
+            self.store,
+            self.clock,
+            audit_signing_key(settings),
+            AuditPolicy(max_future_skew=settings.audit_max_future_skew),
         )
-        self.audit_servicer = AuditServicer(self.audit, self.keys, sync_token=settings.sync_token)
+        self.audit_servicer = AuditServicer(self.audit, self.keys, sync_token=self.sync_token)
         self._unsubscribe = self.store.subscribe(self.audit_servicer.notify)
         self.snapshot_sources: list[SnapshotSource] = [key_snapshot, oauth_snapshot]
         self.replication = ReplicationServicer(
@@ -91,7 +97,7 @@ class ControlPlane:
             self.clock,
             self.snapshot_sources,
             heartbeat=settings.sync_heartbeat,
-            sync_token=settings.sync_token,
+            sync_token=self.sync_token,
         )
         self.apps = AppService(self.store, self.clock)
         self.users = UserService(self.store, self.clock)

@@ -266,7 +266,12 @@ def test_control_plane_down_spools_then_delivers(tmp_path: Path, loop_thread: Lo
     address = f"127.0.0.1:{cp.port}"
     key = mint(address, minted.secret, ["checks:read"])
     sidecar = Sidecar(
-        SidecarSettings(listen="127.0.0.1:0", control_plane=address, state_dir=tmp_path / "sc")
+        SidecarSettings(
+            listen="127.0.0.1:0",
+            control_plane=address,
+            state_dir=tmp_path / "sc",
+            sync_token=plane.sync_token,
+        )
     )
     sidecar.start()
     try:

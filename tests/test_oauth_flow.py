@@ -26,6 +26,7 @@ from sidecar.core.access_tokens import verify_access_token
 from sidecar.core.clock import FakeClock
 from sidecar.core.oauth_changes import oauth_snapshot
 from tests.conftest import LoopThread, bearer
+from tests.support.sync import TEST_SYNC_TOKEN
 
 REDIRECT = "http://127.0.0.1:9/callback"
 PASSWORD = "correct horse battery staple"
@@ -136,6 +137,7 @@ def oauth_env(tmp_path: Path, clock: FakeClock, loop_thread: LoopThread) -> Iter
             "admin_addr": "127.0.0.1:0",
             "http_addr": "127.0.0.1:0",
             "sweep_interval": "3600",
+            "sync_token": TEST_SYNC_TOKEN,
         },
         environ={},
     )

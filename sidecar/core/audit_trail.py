@@ -6,18 +6,27 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 from sidecar.core import validation
-from sidecar.core.audit import DECISION_ACTIONS, AuditEvent, AuditQuery
-from sidecar.core.audit_chain import ChainedRecord, ChainReport, ChainVerifier, sign_checkpoint
+from sidecar.core.audit import DECISION_ACTIONS, AuditEvent, AuditQuery, scrub
+from sidecar.core.audit_chain import (
+    ChainedRecord,
+    ChainReport,
+    ChainVerifier,
+    canonical,
+    sign_checkpoint,
+)
 from sidecar.core.clock import Clock
 from sidecar.core.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from sidecar.core.models import OPERATOR_WORKSPACE, Principal, RequestContext
 from sidecar.core.scopes import ADMIN_FULL, satisfies
 from sidecar.store.base import Store
+
+log = logging.getLogger("sidecar.audit")
 
 # Decision records whose credential named no workspace (an unknown or malformed key) are kept
 # in a chain of their own, visible to the operator only.
@@ -38,6 +47,9 @@ class AuditPolicy:
     max_page_size: int = 1000
     batch: int = 500
     max_ingest_batch: int = 1000
+    # Ingest refuses a record dated more than this many seconds after the control plane's clock
+    # (a record from the future would sit at the top of every listing).
+    max_future_skew: float = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +83,7 @@ class AuditTrail:
         self._clock = clock
         self._key = checkpoint_key
         self.policy = policy or AuditPolicy()
+        self.conflicts = 0  # ingested records refused: their id was stored with other content
 
     # -- reads ------------------------------------------------------------------------------
 
@@ -158,17 +171,32 @@ class AuditTrail:
     # -- writes -----------------------------------------------------------------------------
 
     def ingest(self, ctx: RequestContext, events: Iterable[AuditEvent]) -> IngestResult:
-        """Store decision records shipped by a sidecar, once each (idempotent by id)."""
-        batch = [_checked_decision(ev) for ev in events]
+        """Store decision records shipped by a sidecar, once each. Only a sidecar (the sync
+        token) writes them: an API key, even ``admin:full``, could otherwise claim a decision
+        id before the sidecar's record arrives. A record whose id is stored already is
+        acknowledged only when it is that same record (a re-send); different content under a
+        stored id is refused (``conflicts`` counts them) and nothing of the batch is stored."""
+        if ctx.principal != SIDECAR:
+            raise PermissionDenied("decision records are written by sidecars (the sync token)")
+        latest = self._clock.now() + self.policy.max_future_skew
+        batch = [_checked_decision(ev, latest) for ev in events]
         if len(batch) > self.policy.max_ingest_batch:
             raise InvalidArgument("records", f"at most {self.policy.max_ingest_batch} per message")
-        if ctx.principal != SIDECAR:
-            for ev in batch:
-                _require(ctx.principal, ev.workspace)
         stored = 0
         with self._store.transaction() as uow:
             for ev in batch:
-                stored += uow.audit.append(ev)
+                known = uow.audit.get(ev.id)
+                if known is None:
+                    stored += uow.audit.append(ev)
+                elif not same_record(known, ev):
+                    self.conflicts += 1
+                    log.warning(
+                        "audit ingest: a record differs from the stored one with its id",
+                        extra={"event_id": ev.id, "workspace": ev.workspace},
+                    )
+                    raise InvalidArgument(
+                        "records.id", f"{ev.id} is stored already with different content"
+                    )
             cursor = uow.audit.last_seq()
         return IngestResult([ev.id for ev in batch], stored, cursor)
 
@@ -220,15 +248,24 @@ def _require(principal: Principal, workspace: str) -> None:
         raise PermissionDenied("the audit trail needs scope 'admin:full'")
 
 
-def _checked_decision(ev: AuditEvent) -> AuditEvent:
+def same_record(stored: AuditEvent, incoming: AuditEvent) -> bool:
+    """Whether ``incoming`` is a re-send of ``stored`` (compared as stored: scrubbed, time to
+    the microsecond the chain hashes)."""
+    return canonical(stored, 0, "") == canonical(scrub(incoming), 0, "")
+
+
+def _checked_decision(ev: AuditEvent, latest: float) -> AuditEvent:
     """Sidecars may ship decision records only, with bounded fields (a compromised sidecar
-    must not be able to forge ``key.revoked`` or flood the store with huge rows)."""
+    must not be able to forge ``key.revoked`` or flood the store with huge rows), dated no
+    later than ``latest``."""
     if ev.action not in DECISION_ACTIONS:
         raise InvalidArgument("records.action", f"expected one of {sorted(DECISION_ACTIONS)}")
     if not _ID.fullmatch(ev.id):
         raise InvalidArgument("records.id", "expected 1-64 characters [A-Za-z0-9._:-]")
     if ev.time <= 0:
         raise InvalidArgument("records.time", "must be set")
+    if ev.time > latest:
+        raise InvalidArgument("records.time", "is in the future (beyond the allowed clock skew)")
     texts = (ev.actor, ev.workspace, ev.target, ev.outcome, ev.reason, ev.request_id)
     if any(len(t) > _MAX_FIELD for t in texts) or len(ev.metadata) > _MAX_METADATA:
         raise InvalidArgument("records", f"fields are limited to {_MAX_FIELD} characters")
@@ -236,7 +273,8 @@ def _checked_decision(ev: AuditEvent) -> AuditEvent:
         raise InvalidArgument("records.metadata", "entry too long")
     if not ev.workspace:
         ev = replace(ev, workspace=NO_WORKSPACE)
-    elif ev.workspace != NO_WORKSPACE:
+    elif ev.workspace not in (NO_WORKSPACE, OPERATOR_WORKSPACE):
+        # '*': the operator key's decisions, in the operator chain.
         validation.workspace(ev.workspace, "records.workspace")
     return ev
 

@@ -67,6 +67,10 @@ class AuditRepository(Protocol):
         current transaction. False, and nothing stored, when its id is stored already."""
         ...
 
+    def get(self, event_id: str) -> AuditEvent | None:
+        """The stored record with this id, as stored (scrubbed)."""
+        ...
+
     def recent(self, limit: int) -> list[AuditEvent]: ...
 
     def page(

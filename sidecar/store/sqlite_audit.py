@@ -87,6 +87,12 @@ class SqliteAudit:
         )
         return True
 
+    def get(self, event_id: str) -> AuditEvent | None:
+        row = self._conn.execute(
+            f"SELECT {_COLUMNS} FROM audit_events WHERE id = ?", (event_id,)
+        ).fetchone()
+        return None if row is None else _record(row).event
+
     def recent(self, limit: int) -> list[AuditEvent]:
         rows = self._conn.execute(
             f"SELECT {_COLUMNS} FROM audit_events ORDER BY seq DESC LIMIT ?", (limit,)
