@@ -124,19 +124,23 @@ def render_config(
     admin: Address,
     authz: Sequence[Address],
     upstream: Address,
+    listener_name: str = LISTENER_NAME,
+    upstream_cluster: str = UPSTREAM_CLUSTER,
 ) -> Config:
-    """Load ``source`` and point its listener, admin and clusters at the given addresses."""
+    """Load ``source`` and point its listener, admin and clusters at the given addresses
+    (``listener_name`` and ``upstream_cluster`` for configs that name them otherwise, such as
+    deploy/envoy/sidecar-pattern.yaml's ``inbound`` and ``app``)."""
     config: Config = yaml.safe_load(source.read_text())
     try:
         resources = config["static_resources"]
         config["admin"]["address"] = _socket_address(*admin)
-        listener = _named(resources["listeners"], LISTENER_NAME, "listener", source)
+        listener = _named(resources["listeners"], listener_name, "listener", source)
         listener["address"] = _socket_address(*listen)
         clusters = resources["clusters"]
     except (KeyError, TypeError) as exc:
         raise EnvoyError(f"{source}: unexpected shape, missing {exc}") from exc
     _set_endpoints(_named(clusters, AUTHZ_CLUSTER, "cluster", source), authz, source)
-    _set_endpoints(_named(clusters, UPSTREAM_CLUSTER, "cluster", source), [upstream], source)
+    _set_endpoints(_named(clusters, upstream_cluster, "cluster", source), [upstream], source)
     return config
 
 
@@ -161,6 +165,8 @@ class EnvoyProcess:
         log_level: str = "warn",
         startup_timeout: float = 30.0,
         binary: str | None = None,
+        listener_name: str = LISTENER_NAME,
+        upstream_cluster: str = UPSTREAM_CLUSTER,
     ) -> None:
         self.config = render_config(
             config,
@@ -168,9 +174,12 @@ class EnvoyProcess:
             admin=(host, admin_port),
             authz=_addresses(authz),
             upstream=upstream,
+            listener_name=listener_name,
+            upstream_cluster=upstream_cluster,
         )
         if customize is not None:
             customize(self.config)
+        self._listener_name = listener_name
         self.host = host
         self._binary = binary
         self._log_level = log_level
@@ -258,9 +267,9 @@ class EnvoyProcess:
     def _listener_port(self) -> int:
         statuses = json.loads(self.admin_get("/listeners?format=json"))["listener_statuses"]
         for status in statuses:
-            if status["name"] == LISTENER_NAME:
+            if status["name"] == self._listener_name:
                 return int(status["local_address"]["socket_address"]["port_value"])
-        raise EnvoyError(f"admin /listeners has no {LISTENER_NAME!r}: {statuses}")
+        raise EnvoyError(f"admin /listeners has no {self._listener_name!r}: {statuses}")
 
     def admin_get(self, path: str) -> str:
         """GET ``path`` (e.g. ``/stats?filter=ext_authz``) from the admin API; return the body."""
