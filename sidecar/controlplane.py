@@ -88,6 +88,7 @@ class ControlPlane:
             self.clock,
             audit_signing_key(settings),
             AuditPolicy(max_future_skew=settings.audit_max_future_skew),
+            on_conflict=self.metrics.audit_ingest_conflicts.inc,
         )
         self.audit_servicer = AuditServicer(self.audit, self.keys, sync_token=self.sync_token)
         self._unsubscribe = self.store.subscribe(self.audit_servicer.notify)

@@ -27,6 +27,7 @@ from sidecar.dataplane.server import Sidecar
 from sidecar.devtools.echo_upstream import EchoUpstream
 from tests.conftest import LoopThread, RunningControlPlane, bearer, free_port, wait_until
 from tests.support.envoy import EnvoyProcess
+from tests.support.sync import token_file
 
 pytestmark = [pytest.mark.envoy, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parent.parent
@@ -157,6 +158,8 @@ class SidecarProcess:
                     self.control_plane,
                     "--state-dir",
                     str(self.state),
+                    "--sync-token-file",
+                    str(token_file(self.state.parent)),
                 ],
                 cwd=ROOT,
                 stdout=log,

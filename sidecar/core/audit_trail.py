@@ -8,7 +8,7 @@ import binascii
 import json
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
 from sidecar.core import validation
@@ -78,8 +78,10 @@ class AuditTrail:
         clock: Clock,
         checkpoint_key: bytes,
         policy: AuditPolicy | None = None,
+        on_conflict: Callable[[], None] | None = None,
     ) -> None:
         self._store = store
+        self._on_conflict = on_conflict
         self._clock = clock
         self._key = checkpoint_key
         self.policy = policy or AuditPolicy()
@@ -190,6 +192,8 @@ class AuditTrail:
                     stored += uow.audit.append(ev)
                 elif not same_record(known, ev):
                     self.conflicts += 1
+                    if self._on_conflict is not None:
+                        self._on_conflict()
                     log.warning(
                         "audit ingest: a record differs from the stored one with its id",
                         extra={"event_id": ev.id, "workspace": ev.workspace},

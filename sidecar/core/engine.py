@@ -23,12 +23,14 @@ _new_tuple = tuple.__new__
 
 
 class TokenDenied(Exception):
-    """Raised by a token verifier with the reason the token is refused."""
+    """Raised by a token verifier with the reason the token is refused; ``identity`` is who a
+    token whose signature verified names (its refused use is attributed to it)."""
 
-    def __init__(self, reason: Reason, detail: str = "") -> None:
+    def __init__(self, reason: Reason, detail: str = "", identity: Identity | None = None) -> None:
         super().__init__(reason.value)
         self.reason = reason
         self.detail = detail
+        self.identity = identity
 
 
 # (token, replica, now) -> Identity, or raise TokenDenied.
@@ -102,7 +104,9 @@ class Engine:
             assert isinstance(found, Decision)
             if limiter is not None and found.reason in CREDENTIAL_FAILURES:
                 return self._failed(limiter, found, did, source, now)
-            return Decision(found.reason, did, detail=found.detail)
+            # The identity, when known (revoked or expired key, verified token), goes with the
+            # denial: its audit record lands in that workspace's chain, not as anonymous.
+            return Decision(found.reason, did, found.identity, found.detail)
         assert isinstance(found, Identity)
         if limiter is not None:
             limited = self._limited(limiter, found, now)
@@ -139,7 +143,7 @@ class Engine:
             return Decision(unready, did)
         found = self._authenticate(credential.strip() or None, now)
         if isinstance(found, Decision):
-            return Decision(found.reason, did, detail=found.detail)
+            return Decision(found.reason, did, found.identity, found.detail)
         if workspace and found.workspace not in (workspace, OPERATOR_WORKSPACE):
             return Decision(Reason.WORKSPACE_MISMATCH, did, found)
         scopes = tuple(required_scopes)
@@ -159,11 +163,12 @@ class Engine:
     ) -> Decision:
         """Count a refused credential against its source and key id; a key id over its limit
         is answered 429 (and not counted again, so the window can slide)."""
-        key_id = found.identity.id if found.identity is not None else ""
+        ident = found.identity
+        key_id = ident.id if ident is not None and ident.kind == "api_key" else ""
         if key_id and limiter.key_blocked(key_id, now):
-            return Decision(Reason.RATE_LIMITED, did, detail="key")
+            return Decision(Reason.RATE_LIMITED, did, ident, "key")
         limiter.failed(source, key_id, now)
-        return Decision(found.reason, did, detail=found.detail)
+        return Decision(found.reason, did, ident, found.detail)
 
     @staticmethod
     def _limited(limiter: RateLimiter, found: Identity, now: float) -> str | None:
@@ -236,7 +241,7 @@ class Engine:
             try:
                 identity = self.token_verifier(token, self.replica, now)
             except TokenDenied as exc:
-                return Decision(exc.reason, "", detail=exc.detail)
+                return Decision(exc.reason, "", exc.identity, exc.detail)
             size = self._token_cache_size
             if size:
                 if len(self._token_cache) >= size:
@@ -244,10 +249,10 @@ class Engine:
                 self._token_cache[digest] = identity
         elif identity.expires_at <= now:
             self._token_cache.pop(digest, None)
-            return _DENY[Reason.TOKEN_EXPIRED]
+            return Decision(Reason.TOKEN_EXPIRED, "", identity)
         replica = self.replica
         if identity.grant_id in replica.revoked_grants or identity.id in replica.revoked_jtis:
-            return _DENY[Reason.TOKEN_REVOKED]
+            return Decision(Reason.TOKEN_REVOKED, "", identity)
         return identity
 
 

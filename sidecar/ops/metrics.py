@@ -116,6 +116,14 @@ class Metrics:
             registry=self.registry,
         )
 
+    @cached_property
+    def audit_ingest_conflicts(self) -> Counter:
+        return Counter(
+            "spauth_audit_ingest_conflicts",
+            "Ingested decision records refused: their id is stored with other content.",
+            registry=self.registry,
+        )
+
     def sidecar_metrics(self) -> None:
         """Create the sidecar's metrics now, so they are exported before the first check."""
         for name in _SIDECAR:
@@ -131,7 +139,7 @@ _SIDECAR = (
     "check_tally", "replica_revision", "replica_staleness", "sync_reconnects",
     "policy_reloads",
 )  # fmt: skip
-_CONTROL_PLANE = ("oauth_tokens", "admin_calls")
+_CONTROL_PLANE = ("oauth_tokens", "admin_calls", "audit_ingest_conflicts")
 
 
 class DecisionMetrics:
