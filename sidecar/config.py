@@ -76,6 +76,9 @@ class Settings:
     # kept outside the database and the same on every replica. Unset: <data_dir>/audit-hmac-key.
     audit_signing_key: str = ""
     audit_signing_key_file: Path | None = None
+    # Every chain's head is signed this often (when it moved): a chain shorter than its last
+    # signed head, rewritten from it or gone is reported by `spauth audit verify`.
+    audit_sign_interval: float = 60.0
     # Scale-out (issue 8): Redis carries change notifications between control-plane replicas and
     # the sidecars' audit stream. Empty: no bus (the sync heartbeat bounds propagation).
     redis_url: str = ""
@@ -321,6 +324,8 @@ def load_settings(
         _check_file(errors, name, getattr(s, name))
     for name in ("sync_token_file", "audit_signing_key_file"):
         _check_file(errors, name, getattr(s, name))
+    if s.audit_sign_interval <= 0:
+        errors.add("audit_sign_interval", "must be a positive number of seconds")
     if s.audit_max_future_skew < 0:
         errors.add("audit_max_future_skew", "must be 0 or a positive number of seconds")
     _check_pair(errors, "admin_tls_cert", "admin_tls_key", s)

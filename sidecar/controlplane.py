@@ -235,7 +235,7 @@ class ControlPlane:
             self.metrics.oauth_tokens.labels(event).inc()
 
     async def _sweep_forever(self) -> None:
-        next_prune = 0.0
+        next_prune = next_sign = 0.0
         while True:
             try:
                 changed = await asyncio.to_thread(self.keys.sweep)
@@ -248,7 +248,17 @@ class ControlPlane:
             if self.settings.audit_retention and self.clock.now() >= next_prune:
                 next_prune = self.clock.now() + AUDIT_PRUNE_INTERVAL
                 await self._prune_audit()
+            if self.clock.now() >= next_sign:
+                next_sign = self.clock.now() + self.settings.audit_sign_interval
+                await self._sign_audit_heads()
             await asyncio.sleep(self.settings.sweep_interval)
+
+    async def _sign_audit_heads(self) -> None:
+        """A periodic signed checkpoint of every chain's head (docs/security.md)."""
+        try:
+            await asyncio.to_thread(self.audit.sign_heads)
+        except SpauthError as exc:
+            log.warning("signing audit heads failed; retrying", extra={"error": exc.message})
 
     async def _prune_audit(self) -> None:
         before = self.clock.now() - self.settings.audit_retention
@@ -288,6 +298,8 @@ class ControlPlane:
                 await asyncio.to_thread(close)
             except Exception:
                 log.exception("shutdown step failed")
+        if self._sweeper is not None:  # started: sign what the last calls and closers wrote
+            await self._sign_audit_heads()
         if self.tracing is not None:
             await asyncio.to_thread(self.tracing.shutdown)
         await self.http.aclose(grace)

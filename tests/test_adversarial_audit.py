@@ -5,9 +5,10 @@ replication stream without the sync token. Real control plane, real sidecar, rea
 from __future__ import annotations
 
 import json
+import sqlite3
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -23,9 +24,15 @@ from sidecar.auditship.spool import parse_frames
 from sidecar.config import load_settings
 from sidecar.controlplane import ControlPlane
 from sidecar.core.audit import AuditEvent
+from sidecar.core.audit_chain import sign_heads
+from sidecar.core.audit_trail import SIDECAR, AuditTrail
 from sidecar.core.clock import FakeClock
 from sidecar.core.decision import DecisionIds, Identity, Reason
+from sidecar.core.errors import FailedPrecondition
+from sidecar.core.models import Principal, RequestContext
 from sidecar.dataplane.server import Sidecar
+from sidecar.store import open_store
+from sidecar.store.sqlite import SqliteStore
 from tests.conftest import LoopThread, RunningControlPlane, bearer, free_port, wait_until
 from tests.support.ops import call_check, check_request, create_key
 from tests.support.sync import TEST_SYNC_TOKEN
@@ -273,3 +280,134 @@ def test_decisions_ship_to_whichever_control_plane_is_up(
     assert transport.send([encode(record("dec_" + "05" * 12, "acme", now))]) == 1
     transport.close()
     assert stored(control_plane.plane, "dec_" + "05" * 12) is not None
+
+
+# -- tail and whole-chain tampering ----------------------------------------------------------
+
+SIGNING_KEY = b"s" * 32
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[SqliteStore]:
+    """A real SQLite file that the attacker (these tests) also edits with plain SQL."""
+    store = SqliteStore(tmp_path / "trail.db")
+    yield store
+    store.close()
+
+
+def _trail_with(db: SqliteStore, clock: FakeClock, key: bytes = SIGNING_KEY) -> AuditTrail:
+    return AuditTrail(db, clock, key)
+
+
+def _fill(trail: AuditTrail, clock: FakeClock, workspace: str, n: int, tag: str = "") -> None:
+    ctx = RequestContext(SIDECAR, "req-shipper")
+    trail.ingest(ctx, [record(f"dec_{workspace}{tag}_{i}", workspace, clock.now() - 100 + i)
+                       for i in range(n)])  # fmt: skip
+
+
+def _problems(trail: AuditTrail) -> dict[str, str]:
+    op = RequestContext(Principal("key_op", "*", frozenset({"admin:full"})), "req-op")
+    return {
+        r.workspace: (r.first_break.problem.value if r.first_break else "ok")
+        for r in trail.verify(op)
+    }
+
+
+def _sql(db: SqliteStore, statement: str, *args: object) -> None:
+    with sqlite3.connect(db.path) as conn:
+        conn.execute(statement, args)
+
+
+def test_deleting_the_newest_records_is_reported(db: SqliteStore, clock: FakeClock) -> None:
+    trail = _trail_with(db, clock)
+    _fill(trail, clock, "acme", 5)
+    assert trail.sign_heads()
+    _sql(db, "DELETE FROM audit_events WHERE workspace = 'acme' AND chain_seq > 3")
+    assert _problems(trail) == {"acme": "truncated"}
+    # The control plane will not sign the shortened chain as the new truth.
+    with pytest.raises(FailedPrecondition, match="shorter"):
+        trail.sign_heads()
+
+
+def test_rewriting_the_tail_with_recomputed_hashes_is_reported(
+    db: SqliteStore, clock: FakeClock
+) -> None:
+    trail = _trail_with(db, clock)
+    _fill(trail, clock, "acme", 5)
+    assert trail.sign_heads()
+    # The attacker knows the chain format: delete the last record, append another in its
+    # place with a correct digest and link. The chain walk alone finds nothing wrong...
+    _sql(db, "DELETE FROM audit_events WHERE workspace = 'acme' AND chain_seq = 5")
+    with db.transaction() as uow:
+        uow.audit.append(record("dec_forged", "acme", clock.now(), actor="key_innocent"))
+    # ...but the record at the signed head's position is not the one that was signed.
+    assert _problems(trail) == {"acme": "head_mismatch"}
+    with pytest.raises(FailedPrecondition, match="rewritten"):
+        trail.sign_heads()
+
+
+def test_deleting_a_whole_chain_is_reported(db: SqliteStore, clock: FakeClock) -> None:
+    trail = _trail_with(db, clock)
+    _fill(trail, clock, "acme", 3)
+    _fill(trail, clock, "globex", 3)
+    assert trail.sign_heads()
+    _sql(db, "DELETE FROM audit_events WHERE workspace = 'globex'")
+    assert _problems(trail) == {"acme": "ok", "globex": "chain_missing"}
+
+
+def test_signed_heads_cannot_be_forged_without_the_key(db: SqliteStore, clock: FakeClock) -> None:
+    trail = _trail_with(db, clock)
+    _fill(trail, clock, "acme", 5)
+    assert trail.sign_heads()
+    _sql(db, "DELETE FROM audit_events WHERE workspace = 'acme' AND chain_seq > 3")
+    # Re-sign the shortened chain with a key of the attacker's own: not the signing key.
+    with db.read() as uow:
+        heads = {"acme": uow.audit.head("acme")}
+    forged = sign_heads(b"attacker-key-0123456789abcdef!!", heads, clock.now())  # type: ignore[arg-type]
+    _sql(db, "INSERT INTO audit_signed_heads (body, signature) VALUES (?, ?)", forged.body,
+         forged.signature)  # fmt: skip
+    assert _problems(trail) == {"acme": "heads_invalid"}
+
+
+def test_replicas_sharing_the_signing_key_verify_each_others_heads(
+    db: SqliteStore, clock: FakeClock
+) -> None:
+    """The key comes from a file or secret given to every replica (audit_signing_key_file),
+    not from each data dir: a replica verifies what another signed."""
+    one, two = _trail_with(db, clock), _trail_with(db, clock)
+    _fill(one, clock, "acme", 3)
+    assert one.sign_heads()
+    _fill(two, clock, "acme", 2, tag="b")
+    assert two.sign_heads()
+    assert _problems(one) == _problems(two) == {"acme": "ok"}
+    assert not one.sign_heads()  # nothing moved: nothing new to sign
+    other_key = _trail_with(db, clock, b"k" * 32)
+    assert _problems(other_key) == {"acme": "heads_invalid"}
+
+
+def test_a_control_plane_with_the_signing_key_file_signs_and_verifies(
+    tmp_path: Path, loop_thread: LoopThread
+) -> None:
+    key_file = tmp_path / "audit-signing-key"
+    key_file.write_text("ab" * 32 + "\n")
+    settings = load_settings(
+        {
+            "data_dir": str(tmp_path / "data"),
+            "admin_addr": "127.0.0.1:0",
+            "http_addr": "127.0.0.1:0",
+            "audit_signing_key_file": str(key_file),
+        },
+        environ={},
+    )
+    plane = ControlPlane(settings, clock=FakeClock())
+    minted = plane.bootstrap()
+    assert minted is not None
+    loop_thread.run(plane.start())
+    try:
+        wait_until(lambda: plane.audit.sign_heads() is False)  # signed at start (or now)
+    finally:
+        loop_thread.run(plane.aclose(grace=0))
+    assert not (tmp_path / "data" / "audit-hmac-key").exists()  # the file's key, not a new one
+    shared = AuditTrail(open_store(settings.store_url), FakeClock(), bytes.fromhex("ab" * 32))
+    op = RequestContext(plane.keys.authenticate(minted.secret), "req")
+    assert all(r.ok for r in shared.verify(op))

@@ -14,17 +14,23 @@ from dataclasses import dataclass, replace
 from sidecar.core import validation
 from sidecar.core.audit import DECISION_ACTIONS, AuditEvent, AuditQuery, scrub
 from sidecar.core.audit_chain import (
+    ChainBreak,
     ChainedRecord,
     ChainReport,
     ChainVerifier,
+    Link,
+    Problem,
+    SignedHeads,
     canonical,
+    heads_valid,
     sign_checkpoint,
+    sign_heads,
 )
 from sidecar.core.clock import Clock
 from sidecar.core.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from sidecar.core.models import OPERATOR_WORKSPACE, Principal, RequestContext
 from sidecar.core.scopes import ADMIN_FULL, satisfies
-from sidecar.store.base import Store
+from sidecar.store.base import Store, UnitOfWork
 
 log = logging.getLogger("sidecar.audit")
 
@@ -143,20 +149,57 @@ class AuditTrail:
     # -- verification -----------------------------------------------------------------------
 
     def verify(self, ctx: RequestContext, workspace: str = "") -> list[ChainReport]:
-        """Walk each visible workspace's chain; each report names its first broken link."""
+        """Walk each visible workspace's chain; each report names its first broken link. The
+        newest signed heads (signed with the key outside the database) add what a chain walk
+        alone cannot see: a chain shorter than its signed head, rewritten from it, or gone."""
         visible = visible_workspaces(ctx.principal, workspace)
         with self._store.read() as uow:
-            names = [w for w in uow.audit.workspaces() if visible is None or w in visible]
+            present = uow.audit.workspaces()
+            signed = uow.audit.latest_signed_heads()
+        heads = signed.heads if signed is not None else {}
+        names = sorted(w for w in {*present, *heads} if visible is None or w in visible)
         if workspace and workspace not in names:
             names = [workspace]  # an empty chain verifies; say so rather than print nothing
-        return [self.verify_one(name) for name in names]
+        forged = signed is not None and not heads_valid(self._key, signed)
+        reports = []
+        for name in names:
+            if forged:
+                reports.append(_heads_forged(name))
+            elif name not in present:
+                reports.append(_chain_gone(name, heads[name]))
+            else:
+                reports.append(self.verify_one(name, signed=heads.get(name)))
+        return reports
 
-    def verify_one(self, workspace: str, through: int | None = None) -> ChainReport:
+    def sign_heads(self) -> bool:
+        """Sign the head of every chain now, unless nothing moved since the newest signed heads
+        (a periodic signed checkpoint; the control plane calls it every audit_sign_interval).
+        Returns whether it stored new signed heads."""
+        with self._store.transaction() as uow:
+            current: dict[str, Link] = {}
+            for name in uow.audit.workspaces():
+                link = uow.audit.head(name)
+                if link is not None:
+                    current[name] = link
+            latest = uow.audit.latest_signed_heads()
+            if latest is not None:
+                # Never sign over tampering: that would make it the new truth.
+                problem = _drifted(uow, latest, current, self._key)
+                if problem:
+                    raise FailedPrecondition(f"not signing audit heads: {problem}")
+                if latest.heads == {w: (k.chain_seq, k.digest) for w, k in current.items()}:
+                    return False
+            uow.audit.add_signed_heads(sign_heads(self._key, current, self._clock.now()))
+        return True
+
+    def verify_one(
+        self, workspace: str, through: int | None = None, signed: tuple[int, str] | None = None
+    ) -> ChainReport:
         """Walk one chain (up to chain position ``through``) in batches, each in its own read,
-        so the trail is never held in memory whole."""
+        so the trail is never held in memory whole; ``signed`` is its last signed head."""
         with self._store.read() as uow:
             checkpoint = uow.audit.checkpoint(workspace)
-        verifier = ChainVerifier(workspace, checkpoint, self._key)
+        verifier = ChainVerifier(workspace, checkpoint, self._key, signed)
         while not verifier.broken:
             limit = self.policy.batch
             if through is not None:
@@ -229,6 +272,42 @@ class AuditTrail:
         if refused:
             raise FailedPrecondition(f"not pruning broken chains: {'; '.join(refused)}")
         return deleted
+
+
+def _drifted(uow: UnitOfWork, latest: SignedHeads, current: dict[str, Link], key: bytes) -> str:
+    """Why the trail no longer extends ``latest`` ('' when it does): a forged signature, a
+    chain gone or shorter, or another record where a signed head was."""
+    if not heads_valid(key, latest):
+        return "the newest signed heads do not match their signature"
+    for workspace, (seq, digest_hex) in latest.heads.items():
+        link = current.get(workspace)
+        if link is None or link.chain_seq < seq:
+            return f"chain {workspace!r} is shorter than its last signed head"
+        at = uow.audit.chain(workspace, seq - 1, 1)
+        if at and at[0].link.chain_seq == seq and at[0].link.digest != digest_hex:
+            return f"chain {workspace!r} was rewritten from its last signed head"
+    return ""
+
+
+def _chain_gone(workspace: str, signed: tuple[int, str]) -> ChainReport:
+    brk = ChainBreak(
+        Problem.CHAIN_MISSING,
+        "",
+        0,
+        f"the chain had {signed[0]} records when its head was last signed and now has none",
+    )
+    return ChainReport(workspace, 0, None, 0, brk)
+
+
+def _heads_forged(workspace: str) -> ChainReport:
+    brk = ChainBreak(
+        Problem.HEADS_INVALID,
+        "",
+        0,
+        "the newest signed heads do not match their signature: they were written without the "
+        "audit signing key",
+    )
+    return ChainReport(workspace, 0, None, 0, brk)
 
 
 def visible_workspaces(principal: Principal, workspace: str) -> frozenset[str] | None:
