@@ -56,6 +56,11 @@ class Settings:
     # TLS on the HTTP port (OAuth endpoints, /metrics, /healthz, /readyz).
     http_tls_cert: Path | None = None
     http_tls_key: Path | None = None
+    # The HTTP port's limits: seconds to receive a request's headers, then its body, and open
+    # connections at most (a slow client is disconnected, not waited for).
+    http_read_timeout: float = 10.0
+    http_body_timeout: float = 30.0
+    http_max_connections: int = 512
     # OpenTelemetry: OTLP/gRPC collector URL (http:// = plaintext); empty = tracing off.
     tracing_endpoint: str = ""
     tracing_sample_ratio: float = 1.0
@@ -324,6 +329,11 @@ def load_settings(
         _check_file(errors, name, getattr(s, name))
     for name in ("sync_token_file", "audit_signing_key_file"):
         _check_file(errors, name, getattr(s, name))
+    for name in ("http_read_timeout", "http_body_timeout"):
+        if getattr(s, name) <= 0:
+            errors.add(name, "must be a positive number of seconds")
+    if s.http_max_connections < 1:
+        errors.add("http_max_connections", f"must be at least 1, got {s.http_max_connections}")
     if s.audit_sign_interval <= 0:
         errors.add("audit_sign_interval", "must be a positive number of seconds")
     if s.audit_max_future_skew < 0:

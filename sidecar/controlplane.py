@@ -44,6 +44,7 @@ from sidecar.oauth import config as oauth_config
 from sidecar.oauth.server import AuthorizationServer
 from sidecar.ops.admin_calls import AdminCallInterceptor
 from sidecar.ops.health import Health, Status, worst
+from sidecar.ops.http_guard import HttpLimits
 from sidecar.ops.http_routes import ops_routes
 from sidecar.ops.http_server import HttpServer
 from sidecar.ops.metrics import OAUTH_EVENTS, Metrics
@@ -110,7 +111,15 @@ class ControlPlane:
         self.closers: list[Callable[[], None]] = []
         # /metrics, /healthz, /readyz: served on http_addr next to the OAuth routes.
         self.http_routes = ops_routes(self.metrics.registry, self.readiness)
-        self.http = HttpServer(settings.http_addr, ssl_files=http_ssl_files(settings))
+        self.http = HttpServer(
+            settings.http_addr,
+            ssl_files=http_ssl_files(settings),
+            limits=HttpLimits(
+                read_timeout=settings.http_read_timeout,
+                body_timeout=settings.http_body_timeout,
+                max_connections=settings.http_max_connections,
+            ),
+        )
         self._server: grpc.aio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self.bus: RedisChangeBus | None = None
