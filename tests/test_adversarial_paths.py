@@ -346,3 +346,43 @@ def test_ingest_routes_workspace_header_survives_the_strip(front: Front) -> None
         "POST", "/v1/ingest/metrics", {**writer, "x-statuspulse-workspace-id": "globex"}
     )
     assert status == 403 and body["reason"] == "workspace_mismatch"
+
+
+def test_an_allowed_operator_key_never_sends_a_star_upstream() -> None:
+    """With the explicit opt-in (allow_operator_key = true) the operator key is allowed, and
+    its workspace '*' (which an upstream would read as 'every workspace') is never sent."""
+    from envoy.service.auth.v3 import external_auth_pb2 as ext
+
+    from sidecar.core.decision import Decision, Identity, Reason
+    from sidecar.core.policy import parse_policy
+    from sidecar.dataplane.wire import ResponseEncoder
+
+    policy = parse_policy(
+        "[credentials]\nallow_operator_key = true\n\n[[routes]]\n"
+        'path = "/v1/workspaces/{workspace}/checks/**"\nscopes = ["checks:read"]\n'
+    )
+    assert policy.allow_operator_key
+    operator = Identity("api_key", "key_op", "*", frozenset({"admin:full"}), 2e9)
+    raw = ResponseEncoder().encode(Decision(Reason.OK, "dec_" + "0" * 24, operator), ())
+    ok = ext.CheckResponse.FromString(raw).ok_response
+    sent = {h.header.key: h.header.value for h in ok.headers}
+    assert "x-statuspulse-workspace" not in sent and "*" not in sent.values()
+    assert "x-statuspulse-workspace" in ok.headers_to_remove
+    assert sent["x-statuspulse-key-id"] == "key_op"
+
+
+def test_operator_key_allowed_by_policy_over_grpc_sends_no_star(
+    control_plane: RunningControlPlane, sidecar_factory: Callable[..., Sidecar], tmp_path: Path
+) -> None:
+    policy = tmp_path / "operator.toml"
+    policy.write_text(
+        "[credentials]\nallow_operator_key = true\n\n[[routes]]\n"
+        'path = "/v1/workspaces/{workspace}/checks/**"\nscopes = ["checks:read"]\n'
+    )
+    sc = sidecar_factory(policy_file=policy)
+    auth = {"authorization": f"Bearer {control_plane.operator_key}"}
+    response = call_check(sc.port, check_request(CHECKS, auth))
+    assert response.status.code == 0
+    sent = {h.header.key: h.header.value for h in response.ok_response.headers}
+    assert "*" not in sent.values() and "x-statuspulse-workspace" not in sent
+    assert "x-statuspulse-workspace" in response.ok_response.headers_to_remove
