@@ -82,7 +82,7 @@ class Engine:
         if "?" in path:
             path = path.partition("?")[0]
         # Canonical paths or no decision: checked before any route, public ones included.
-        if non_canonical(path) is not None:
+        if non_canonical(path):
             return Decision(Reason.NON_CANONICAL_PATH, did)
         match = policy.match(request.method, path, request.host, request.context, request.headers)
         if match is not None and match.route.public:
