@@ -28,6 +28,7 @@ lint: setup-test system-deps
 	ruff check .
 	ruff format --check .
 	mypy
+	lint-imports
 	buf lint
 
 proto:

@@ -18,7 +18,7 @@ the process, its threads and its replica are the shipped ones; only the handler 
   ``burn400`` ≈ 7.4 µs in-process here): what a microsecond of tight Python costs under load.
 
 Server CPU µs per call minus ``noop``'s is the stage's cost under load; compare it with the
-same stage in-process (``python -m sidecar.ops.overhead``). docs/performance.md has a run.
+same stage in-process (``python -m bench.overhead``). docs/performance.md has a run.
 Run with ``python -m bench.hotpath <stage> sidecar ...`` by the targets below, not by hand."""
 
 from __future__ import annotations

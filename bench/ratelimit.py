@@ -10,14 +10,14 @@ from collections.abc import Callable
 
 from envoy.service.auth.v3 import external_auth_pb2 as ext
 
+from sidecar.authz.engine import CheckInput, Engine
+from sidecar.authz.policy import parse_policy
+from sidecar.authz.policy_source import default_policy_text
+from sidecar.authz.replica import Replica
 from sidecar.core import keyformat
 from sidecar.core.clock import SystemClock
-from sidecar.core.engine import CheckInput, Engine
 from sidecar.core.models import Change
-from sidecar.core.policy import parse_policy
-from sidecar.core.replica import Replica
 from sidecar.dataplane.envoy_check import request_view
-from sidecar.dataplane.policy_source import default_policy_text
 from sidecar.ratelimit import WindowRateLimiter
 
 N = 100_000

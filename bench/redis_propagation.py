@@ -20,11 +20,11 @@ import grpc
 
 from sidecar._gen.statuspulse.auth.v1 import api_keys_pb2 as pb
 from sidecar._gen.statuspulse.auth.v1 import api_keys_pb2_grpc as pb_grpc
+from sidecar.authz.decision import Reason
+from sidecar.authz.engine import CheckInput
 from sidecar.config import SidecarSettings, load_settings
 from sidecar.controlplane import ControlPlane
-from sidecar.core.decision import Reason
-from sidecar.core.engine import CheckInput
-from sidecar.dataplane.server import Sidecar
+from sidecar.dataplane.process import Sidecar
 from tests.support.redis import RedisServer
 
 

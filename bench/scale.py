@@ -26,7 +26,7 @@ def _fill(db: Path, n: int) -> None:
     from sidecar.core.apikeys import ApiKeyService
     from sidecar.core.clock import SystemClock
     from sidecar.core.models import ApiKey, Change
-    from sidecar.store.sqlite import SqliteStore
+    from sidecar.store.sql.sqlite import SqliteStore
 
     store = SqliteStore(db)
     ApiKeyService(store, SystemClock()).bootstrap_operator_key()

@@ -17,8 +17,8 @@ from sidecar._gen.statuspulse.auth.v1 import api_keys_pb2_grpc
 from sidecar.config import load_settings
 from sidecar.controlplane import ControlPlane
 from sidecar.core.clock import FakeClock
-from sidecar.store.base import Store
-from sidecar.store.sqlite import SqliteStore
+from sidecar.core.storage import Store
+from sidecar.store.sql.sqlite import SqliteStore
 from tests.support.postgres import PostgresServer, postgres_available
 from tests.support.sync import TEST_SYNC_TOKEN
 
@@ -54,7 +54,7 @@ def postgres_url(postgres_server: PostgresServer) -> Iterator[str]:
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     """A fresh store on each backend: every test that uses it runs once per backend."""
     if request.param == "postgres":
-        from sidecar.store.postgres import PostgresStore
+        from sidecar.store.sql.postgres import PostgresStore
 
         s: Store = PostgresStore(request.getfixturevalue("postgres_url"))
     else:
@@ -157,7 +157,7 @@ def wait_until(predicate: object, timeout: float = 10.0, interval: float = 0.01)
 def sidecar_factory(tmp_path: Path, control_plane: RunningControlPlane) -> Iterator[object]:
     """Start sidecars against the control plane fixture; stopped at teardown."""
     from sidecar.config import SidecarSettings
-    from sidecar.dataplane.server import Sidecar
+    from sidecar.dataplane.process import Sidecar
 
     started: list[Sidecar] = []
 

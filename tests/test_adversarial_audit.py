@@ -21,18 +21,18 @@ from sidecar.auditship.codec import decode, encode
 from sidecar.auditship.records import decision_event
 from sidecar.auditship.shipper import DEAD_LETTER_FILE
 from sidecar.auditship.spool import parse_frames
+from sidecar.authz.decision import DecisionIds, Identity, Reason
 from sidecar.config import load_settings
 from sidecar.controlplane import ControlPlane
 from sidecar.core.audit import AuditEvent
 from sidecar.core.audit_chain import sign_heads
 from sidecar.core.audit_trail import SIDECAR, AuditTrail
 from sidecar.core.clock import FakeClock
-from sidecar.core.decision import DecisionIds, Identity, Reason
 from sidecar.core.errors import FailedPrecondition
 from sidecar.core.models import Principal, RequestContext
-from sidecar.dataplane.server import Sidecar
+from sidecar.dataplane.process import Sidecar
 from sidecar.store import open_store
-from sidecar.store.sqlite import SqliteStore
+from sidecar.store.sql.sqlite import SqliteStore
 from tests.conftest import LoopThread, RunningControlPlane, bearer, free_port, wait_until
 from tests.support.ops import call_check, check_request, create_key
 from tests.support.sync import TEST_SYNC_TOKEN
@@ -209,10 +209,10 @@ def _operator_ctx(cp: RunningControlPlane) -> object:
 
 def test_a_verified_tokens_refused_use_is_attributed() -> None:
     from sidecar.auditship.records import PendingDecision
+    from sidecar.authz.engine import CheckInput, Engine, TokenDenied
+    from sidecar.authz.policy_source import load_policy
+    from sidecar.authz.replica import Replica
     from sidecar.core.clock import FakeClock as Clock
-    from sidecar.core.engine import CheckInput, Engine, TokenDenied
-    from sidecar.core.replica import Replica
-    from sidecar.dataplane.policy_source import load_policy
 
     who = Identity("access_token", "jti_9", "acme", frozenset(), 0.0, "usr_1", "app_1", "g_1")
 

@@ -12,6 +12,7 @@ import pytest
 from envoy.service.auth.v3 import external_auth_pb2 as ext
 from envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
 
+from bench.overhead import PATH, _engine
 from sidecar.core import keyformat
 from sidecar.dataplane.envoy_check import (
     MAX_CHECK_REQUEST_BYTES,
@@ -22,7 +23,6 @@ from sidecar.dataplane.envoy_check import (
     request_view,
 )
 from sidecar.ops.metrics import BAD_CHECK_REQUEST
-from sidecar.ops.overhead import PATH, _engine
 
 
 @pytest.fixture

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.core.paths import non_canonical
-from sidecar.dataplane.policy_source import default_policy_text
-from sidecar.dataplane.server import Sidecar
+from sidecar.authz.paths import non_canonical
+from sidecar.authz.policy_source import default_policy_text
+from sidecar.dataplane.process import Sidecar
 from sidecar.devtools.echo_upstream import EchoUpstream
 from tests.conftest import RunningControlPlane, wait_until
 from tests.support.envoy import EnvoyProcess
@@ -353,9 +353,9 @@ def test_an_allowed_operator_key_never_sends_a_star_upstream() -> None:
     its workspace '*' (which an upstream would read as 'every workspace') is never sent."""
     from envoy.service.auth.v3 import external_auth_pb2 as ext
 
-    from sidecar.core.decision import Decision, Identity, Reason
-    from sidecar.core.policy import parse_policy
-    from sidecar.dataplane.wire import ResponseEncoder
+    from sidecar.authz.decision import Decision, Identity, Reason
+    from sidecar.authz.policy import parse_policy
+    from sidecar.dataplane.check_responses import ResponseEncoder
 
     policy = parse_policy(
         "[credentials]\nallow_operator_key = true\n\n[[routes]]\n"

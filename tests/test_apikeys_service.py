@@ -14,7 +14,7 @@ from sidecar.core.errors import (
     Unauthenticated,
 )
 from sidecar.core.models import KeyState, Principal, RequestContext
-from sidecar.store.sqlite import SqliteStore
+from sidecar.store.sql.sqlite import SqliteStore
 
 DAY = 86400
 

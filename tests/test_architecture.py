@@ -50,11 +50,28 @@ def _imports(path: Path) -> set[str]:
     return names
 
 
+# The core, and the use cases above it (the decision engine, the OAuth server), import no
+# transport; the import-linter contracts in pyproject.toml say the same for whole packages.
+INNER = [ROOT / "sidecar" / name for name in ("core", "authz", "oauth")]
+
+
 @pytest.mark.parametrize(
-    "path", sorted((ROOT / "sidecar" / "core").rglob("*.py")), ids=lambda p: p.name
+    "path",
+    sorted(p for folder in INNER for p in folder.rglob("*.py")),
+    ids=lambda p: str(p.relative_to(ROOT / "sidecar")),
 )
 def test_core_imports_no_transport_or_driver(path: Path) -> None:
     assert not (_imports(path) & FORBIDDEN)
+
+
+def test_import_contracts_hold() -> None:
+    """The layers in pyproject.toml (processes -> transports -> use cases -> core) and the
+    forbidden imports of the core: ``lint-imports`` exits non-zero on an upward import."""
+    lint_imports = Path(sys.executable).with_name("lint-imports")
+    result = subprocess.run(
+        [str(lint_imports), "--no-cache"], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def _all_subclasses(cls: type) -> set[type]:

@@ -23,7 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sidecar._gen.statuspulse.auth.v1 import api_keys_pb2 as keys_pb
 from sidecar.config import SidecarSettings, load_settings
 from sidecar.controlplane import ControlPlane
-from sidecar.dataplane.server import Sidecar
+from sidecar.dataplane.process import Sidecar
 from sidecar.devtools.echo_upstream import EchoUpstream
 from tests.conftest import LoopThread, RunningControlPlane, bearer, free_port, wait_until
 from tests.support.envoy import EnvoyProcess

@@ -26,8 +26,8 @@ from sidecar.core import keyformat
 from sidecar.core.audit import event
 from sidecar.core.audit_trail import AuditTrail
 from sidecar.core.clock import FakeClock
-from sidecar.dataplane.server import Sidecar
-from sidecar.store.sqlite import SqliteStore
+from sidecar.dataplane.process import Sidecar
+from sidecar.store.sql.sqlite import SqliteStore
 from tests.conftest import LoopThread, wait_until
 from tests.support.ports import free_port
 from tests.support.redis import RedisServer

@@ -29,11 +29,11 @@ from sidecar.auditship.codec import decode, encode
 from sidecar.auditship.metrics import AuditMetrics
 from sidecar.auditship.records import PendingDecision
 from sidecar.auditship.spool import frame
+from sidecar.authz.decision import Decision, Identity, Reason
 from sidecar.config import load_settings
 from sidecar.controlplane import ControlPlane
 from sidecar.core.audit import AuditEvent, event, scrub
 from sidecar.core.clock import FakeClock
-from sidecar.core.decision import Decision, Identity, Reason
 from tests.conftest import LoopThread, RunningControlPlane, free_port
 from tests.support.sync import TEST_SYNC_TOKEN
 
@@ -326,8 +326,8 @@ def test_metrics_use_the_documented_names(tmp_path: Path) -> None:
 
 def test_the_check_observer_records_each_decision(tmp_path: Path) -> None:
     from sidecar.auditship.observer import DecisionRecorder
-    from sidecar.core.decision import Decision, Identity, Reason
-    from sidecar.core.engine import CheckInput
+    from sidecar.authz.decision import Decision, Identity, Reason
+    from sidecar.authz.engine import CheckInput
 
     draws = iter([0.9, 0.1])
     config = ShipConfig(tmp_path, allow_sample_rate=0.5)

@@ -16,7 +16,7 @@ from sidecar.core.audit_trail import NO_WORKSPACE, SIDECAR, AuditTrail
 from sidecar.core.clock import FakeClock
 from sidecar.core.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from sidecar.core.models import Principal, RequestContext
-from sidecar.store.sqlite import SqliteStore
+from sidecar.store.sql.sqlite import SqliteStore
 from tests.support.rawsql import raw
 
 KEY = b"checkpoint-key-for-tests-32bytes"
@@ -213,7 +213,7 @@ def test_rows_stored_before_the_chain_are_linked_by_the_migration(
     tmp_path: Path, clock: FakeClock
 ) -> None:
     path = tmp_path / "old.db"
-    folder = resources.files("sidecar.store.migrations").joinpath("sqlite")
+    folder = resources.files("sidecar.store.sql.migrations").joinpath("sqlite")
     with sqlite3.connect(path) as conn:
         conn.executescript(folder.joinpath("0001_init.sql").read_text())
         conn.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY)")

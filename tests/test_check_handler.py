@@ -12,12 +12,12 @@ import pytest
 from envoy.service.auth.v3 import external_auth_pb2 as ext
 from envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
 
+from bench.overhead import PATH, _engine
+from sidecar.authz.decision import Decision
+from sidecar.authz.engine import CheckInput
 from sidecar.core import keyformat
-from sidecar.core.decision import Decision
-from sidecar.core.engine import CheckInput
 from sidecar.dataplane.envoy_check import SERVICE, CheckHandler, Observer, check_method
 from sidecar.ops.metrics import BAD_CHECK_REQUEST, INTERNAL_ERROR
-from sidecar.ops.overhead import PATH, _engine
 
 
 def _failing_observer(decision: Decision, view: CheckInput, source: str, t: float) -> None:

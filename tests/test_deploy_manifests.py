@@ -459,7 +459,7 @@ def test_policy_configmap_parses_and_uses_known_scopes() -> None:
 
 
 def test_policy_configmap_passes_the_sidecar_parser() -> None:
-    policy = pytest.importorskip("sidecar.core.policy", reason="the policy parser is not written")
+    policy = pytest.importorskip("sidecar.authz.policy", reason="the policy parser is not written")
     text = _one("ConfigMap", "statuspulse-api-policy")["data"]["policy.toml"]
     parsed = policy.parse_policy(text, source="statuspulse-api-policy")
     assert parsed.strip_credentials is True

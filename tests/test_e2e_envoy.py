@@ -16,7 +16,7 @@ import pytest
 
 from sidecar._gen.statuspulse.auth.v1 import api_keys_pb2 as keys_pb
 from sidecar.core import keyformat
-from sidecar.dataplane.server import Sidecar
+from sidecar.dataplane.process import Sidecar
 from sidecar.devtools.echo_upstream import EchoUpstream
 from tests.conftest import RunningControlPlane, bearer, wait_until
 from tests.support.envoy import EnvoyProcess

@@ -6,14 +6,14 @@ import hashlib
 
 import pytest
 
+from sidecar.authz.decision import Reason
+from sidecar.authz.engine import CheckInput, Engine
+from sidecar.authz.policy import parse_policy
+from sidecar.authz.policy_source import default_policy_text
+from sidecar.authz.replica import Replica
 from sidecar.core import keyformat
 from sidecar.core.clock import FakeClock
-from sidecar.core.decision import Reason
-from sidecar.core.engine import CheckInput, Engine
 from sidecar.core.models import Change
-from sidecar.core.policy import parse_policy
-from sidecar.core.replica import Replica
-from sidecar.dataplane.policy_source import default_policy_text
 
 
 def upsert(key: str, key_id: str, workspace: str, scopes: list[str], expires_at: float) -> Change:

@@ -11,10 +11,10 @@ import grpc
 import pytest
 
 from sidecar._gen.statuspulse.auth.v1 import api_keys_pb2 as pb
+from sidecar.authz.decision import Reason
+from sidecar.authz.engine import CheckInput
 from sidecar.cli.main import main as spauth
-from sidecar.core.decision import Reason
-from sidecar.core.engine import CheckInput
-from sidecar.store.sqlite import SqliteStore
+from sidecar.store.sql.sqlite import SqliteStore
 from tests.conftest import RunningControlPlane, bearer, wait_until
 
 

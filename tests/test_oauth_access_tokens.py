@@ -12,7 +12,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from sidecar.core.access_tokens import (
+from sidecar.authz.access_tokens import (
     Reason,
     TokenRejected,
     VerificationKey,

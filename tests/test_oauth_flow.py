@@ -20,11 +20,11 @@ from authlib.oauth2.rfc7636 import create_s256_code_challenge
 
 from sidecar._gen.statuspulse.auth.v1 import oauth_pb2 as pb
 from sidecar._gen.statuspulse.auth.v1 import oauth_pb2_grpc as pb_grpc
+from sidecar.authz.access_tokens import verify_access_token
 from sidecar.config import load_settings
 from sidecar.controlplane import ControlPlane
-from sidecar.core.access_tokens import verify_access_token
+from sidecar.core.changes import oauth_snapshot
 from sidecar.core.clock import FakeClock
-from sidecar.core.oauth_changes import oauth_snapshot
 from tests.conftest import LoopThread, bearer
 from tests.support.sync import TEST_SYNC_TOKEN
 

@@ -6,14 +6,14 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from sidecar.authz.decision import Reason
+from sidecar.authz.engine import Engine, TokenDenied
+from sidecar.authz.policy import parse_policy
+from sidecar.authz.replica import Replica
+from sidecar.authz.token_verifier import ReplicaTokenVerifier
+from sidecar.core.changes import signing_key_retired, signing_key_upserted
 from sidecar.core.clock import FakeClock
-from sidecar.core.decision import Reason
-from sidecar.core.engine import Engine, TokenDenied
 from sidecar.core.models import Change
-from sidecar.core.oauth_changes import signing_key_retired, signing_key_upserted
-from sidecar.core.policy import parse_policy
-from sidecar.core.replica import Replica
-from sidecar.core.token_verifier import ReplicaTokenVerifier
 from sidecar.oauth import rfc9068
 from sidecar.oauth.signing import generate_key
 

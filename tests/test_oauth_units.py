@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 
 from sidecar.config import ConfigError, load_settings
-from sidecar.core import errors
+from sidecar.core import credentials, errors, passwords
 from sidecar.core.apps import redirect_uri
 from sidecar.core.clock import FakeClock
 from sidecar.core.oauth_models import OAuthApp
 from sidecar.http.errors import HTTP_ERRORS, oauth_error
-from sidecar.oauth import client_auth, credentials, passwords, rfc7636
+from sidecar.oauth import client_auth, rfc7636
 from sidecar.oauth.authorization import response_uri
 from sidecar.oauth.errors import (
     ALL_OAUTH_ERRORS,

@@ -11,7 +11,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sidecar.core.clock import FakeClock
-from sidecar.dataplane.server import SYNC_HEALTH, Sidecar
+from sidecar.dataplane.process import SYNC_HEALTH, Sidecar
 from sidecar.ops.health import Health, Status
 from tests.conftest import LoopThread, RunningControlPlane
 from tests.support.ops import (

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.core.decision import Decision, Identity, Reason
-from sidecar.core.engine import CheckInput
+from sidecar.authz.decision import Decision, Identity, Reason
+from sidecar.authz.engine import CheckInput
 from sidecar.core.keyformat import mint_key
 from sidecar.ops.denial_log import DenialLog, TokenBucket, safe_path
 from tests.conftest import RunningControlPlane

@@ -14,11 +14,11 @@ import requests
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sidecar._gen.statuspulse.auth.v1 import api_keys_pb2 as pb
-from sidecar.core.decision import Reason
+from sidecar.authz.decision import Reason
+from sidecar.authz.policy_source import default_policy_text
 from sidecar.core.keyformat import mint_key
 from sidecar.dataplane.envoy_check import SERVICE
-from sidecar.dataplane.policy_source import default_policy_text
-from sidecar.dataplane.server import Sidecar
+from sidecar.dataplane.process import Sidecar
 from sidecar.devtools.echo_upstream import EchoUpstream
 from sidecar.ops.metrics import ERROR_REASONS
 from tests.conftest import RunningControlPlane, bearer

@@ -149,7 +149,7 @@ def test_tracing_off_imports_no_opentelemetry(tmp_path: Path) -> None:
     code = f"""
 import sys
 from sidecar.config import load_sidecar_settings, load_settings
-from sidecar.dataplane.server import Sidecar
+from sidecar.dataplane.process import Sidecar
 from sidecar.controlplane import ControlPlane
 Sidecar(load_sidecar_settings({{"state_dir": {str(tmp_path)!r}}}, environ={{}}))
 ControlPlane(load_settings({{"data_dir": {str(tmp_path)!r}}}, environ={{}}))

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.core.policy import PolicyError, compile_path, parse_policy
-from sidecar.dataplane.policy_source import default_policy_text
+from sidecar.authz.policy import PolicyError, compile_path, parse_policy
+from sidecar.authz.policy_source import default_policy_text
 
 ROOT = Path(__file__).resolve().parent.parent
 

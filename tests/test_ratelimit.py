@@ -7,17 +7,17 @@ import hashlib
 
 import pytest
 
+from sidecar.authz.decision import Decision, Reason
+from sidecar.authz.engine import CheckInput, Engine
+from sidecar.authz.policy import parse_policy
+from sidecar.authz.policy_source import default_policy_text
+from sidecar.authz.ratelimit import CREDENTIAL_FAILURES
+from sidecar.authz.replica import Replica
 from sidecar.core import keyformat
 from sidecar.core.clock import FakeClock
-from sidecar.core.decision import Decision, Reason
-from sidecar.core.engine import CheckInput, Engine
 from sidecar.core.errors import InvalidArgument
 from sidecar.core.models import Change
-from sidecar.core.policy import parse_policy
-from sidecar.core.ratelimit import CREDENTIAL_FAILURES
-from sidecar.core.replica import Replica
 from sidecar.core.validation import format_rate, parse_rate
-from sidecar.dataplane.policy_source import default_policy_text
 from sidecar.ratelimit import AbuseLimits, BucketWindow, WindowRateLimiter
 
 LIMITS = AbuseLimits(source_failures=5, key_failures=3, failure_window=60, buckets=10)

@@ -15,7 +15,7 @@ from envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
 
 from sidecar._gen.statuspulse.auth.v1 import api_keys_pb2 as pb
 from sidecar.core import keyformat
-from sidecar.dataplane.server import Sidecar
+from sidecar.dataplane.process import Sidecar
 from tests.conftest import RunningControlPlane, bearer, wait_until
 from tests.support.redis import RedisServer
 

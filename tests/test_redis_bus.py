@@ -18,14 +18,14 @@ import pytest
 
 from sidecar._gen.statuspulse.auth.v1 import api_keys_pb2 as pb
 from sidecar._gen.statuspulse.auth.v1 import api_keys_pb2_grpc as pb_grpc
-from sidecar.bus import RedisChangeBus
+from sidecar.authz.decision import Reason
+from sidecar.authz.engine import CheckInput
 from sidecar.config import SidecarSettings, load_settings
 from sidecar.controlplane import ControlPlane
 from sidecar.core.clock import FakeClock
-from sidecar.core.decision import Reason
-from sidecar.core.engine import CheckInput
-from sidecar.dataplane.server import Sidecar
-from sidecar.store.sqlite import SqliteStore
+from sidecar.dataplane.process import Sidecar
+from sidecar.replication.bus import RedisChangeBus
+from sidecar.store.sql.sqlite import SqliteStore
 from tests.conftest import LoopThread, bearer, wait_until
 from tests.support.redis import RedisServer
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from sidecar.authz.replica import Replica, ReplicaError
 from sidecar.core.models import Change
-from sidecar.core.replica import Replica, ReplicaError
-from sidecar.dataplane.sync import ReplicaFile
+from sidecar.replication.client import ReplicaFile
 from tests.test_engine import upsert
 
 

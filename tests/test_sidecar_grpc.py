@@ -21,7 +21,7 @@ from sidecar._gen.statuspulse.auth.v1 import authorization_pb2_grpc as authz_grp
 from sidecar.config import load_settings
 from sidecar.controlplane import ControlPlane
 from sidecar.core import keyformat
-from sidecar.dataplane.server import Sidecar
+from sidecar.dataplane.process import Sidecar
 from tests.conftest import LoopThread, RunningControlPlane, bearer, free_port, wait_until
 from tests.support.sync import TEST_SYNC_TOKEN
 

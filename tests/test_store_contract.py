@@ -34,14 +34,15 @@ from sidecar.core.oauth_models import (
     RevokedToken,
     SigningKey,
 )
+from sidecar.core.storage import Store
 from sidecar.core.users import UserService
 from sidecar.oauth.config import OAuthConfig
 from sidecar.oauth.errors import InvalidGrant
 from sidecar.oauth.server import AuthorizationServer
-from sidecar.store import migrations, open_store
-from sidecar.store.base import Store
-from sidecar.store.postgres import PostgresStore
-from sidecar.store.sqlite import SqliteStore
+from sidecar.store import open_store
+from sidecar.store.sql import migrations
+from sidecar.store.sql.postgres import PostgresStore
+from sidecar.store.sql.sqlite import SqliteStore
 from tests.support.postgres import PostgresServer
 
 # -- helpers ------------------------------------------------------------------------------------

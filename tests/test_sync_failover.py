@@ -20,8 +20,8 @@ from sidecar.config import ConfigError, SidecarSettings, load_settings, load_sid
 from sidecar.controlplane import ControlPlane
 from sidecar.core.clock import FakeClock
 from sidecar.core.models import RequestContext
-from sidecar.dataplane.server import Sidecar
-from sidecar.dataplane.sync import parse_targets
+from sidecar.dataplane.process import Sidecar
+from sidecar.replication.client import parse_targets
 from tests.conftest import LoopThread, RunningControlPlane, wait_until
 
 SYNC_TOKEN = "failover-test-sync-token"

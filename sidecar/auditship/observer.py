@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from sidecar.auditship.pipeline import AuditPipeline
 from sidecar.auditship.records import PendingDecision
+from sidecar.authz.decision import Decision
+from sidecar.authz.engine import CheckInput
 from sidecar.core.clock import Clock
-from sidecar.core.decision import Decision
-from sidecar.core.engine import CheckInput
 
 _new_tuple = tuple.__new__
 

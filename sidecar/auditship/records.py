@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from sidecar.auditship.codec import encode
+from sidecar.authz.decision import Decision, Identity
 from sidecar.core.audit import (
     AUTHZ_ALLOW,
     AUTHZ_DENY,
@@ -17,7 +18,6 @@ from sidecar.core.audit import (
     secret_in,
 )
 from sidecar.core.audit_chain import time_us
-from sidecar.core.decision import Decision, Identity
 from sidecar.protowire import ld, uint
 
 ANONYMOUS = "anonymous"

@@ -7,6 +7,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from sidecar.authz.policy import PolicyError
 from sidecar.cli import (
     apps,
     audit,
@@ -19,7 +20,6 @@ from sidecar.cli import (
 )
 from sidecar.cli.client import EXIT_USAGE, CliError, admin_client, fail
 from sidecar.config import ConfigError
-from sidecar.core.policy import PolicyError
 
 
 def build_parser(environ: dict[str, str] | None = None) -> argparse.ArgumentParser:

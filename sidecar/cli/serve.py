@@ -11,14 +11,14 @@ from pathlib import Path
 from typing import Any
 
 from sidecar import logs
+from sidecar.authz.policy import PolicyError
+from sidecar.authz.policy_source import load_policy
 from sidecar.cli.control_plane_cmd import flags as plane_flags
 from sidecar.cli.control_plane_cmd import stop_on_signal
 from sidecar.cli.control_plane_cmd import write_bootstrap_key as _write_key
 from sidecar.config import Settings, SidecarSettings
 from sidecar.core.models import Minted
-from sidecar.core.policy import PolicyError
-from sidecar.dataplane.policy_source import load_policy
-from sidecar.dataplane.server import Sidecar
+from sidecar.dataplane.process import Sidecar
 from sidecar.ops.configfile import load_control_plane_config, load_sidecar_config
 from sidecar.ops.tracing import TracingUnavailable
 

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from sidecar import logs
+from sidecar.authz.policy import PolicyError
 from sidecar.config import SidecarSettings
-from sidecar.core.policy import PolicyError
-from sidecar.dataplane.server import Sidecar
+from sidecar.dataplane.process import Sidecar
 from sidecar.ops.configfile import load_sidecar_config
 from sidecar.ops.tracing import TracingUnavailable
 

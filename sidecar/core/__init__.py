@@ -1,1 +1,2 @@
-"""The domain: credentials, scopes, policy, decisions. Imports no transport or storage driver."""
+"""The domain: credentials, scopes, records, storage Protocols, use cases. Imports no transport or
+storage driver (the decision engine is ``sidecar.authz``)."""

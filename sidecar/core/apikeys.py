@@ -31,7 +31,7 @@ from sidecar.core.models import (
     RequestContext,
 )
 from sidecar.core.scopes import ADMIN_FULL, KEYS_MANAGE, parse_scopes, satisfies, sort_scopes
-from sidecar.store.base import Store, UnitOfWork
+from sidecar.core.storage import Store, UnitOfWork
 
 DAY = 86400
 SYSTEM_ACTOR = "system"

@@ -8,7 +8,7 @@ import builtins
 from dataclasses import replace
 from urllib.parse import urlsplit
 
-from sidecar.core import validation
+from sidecar.core import credentials, validation
 from sidecar.core.audit import event
 from sidecar.core.clock import Clock
 from sidecar.core.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
@@ -16,8 +16,7 @@ from sidecar.core.grants import revoke_grant
 from sidecar.core.models import OPERATOR_WORKSPACE, Principal, RequestContext
 from sidecar.core.oauth_models import AppSession, Grant, OAuthApp, RegisteredApp
 from sidecar.core.scopes import ADMIN_FULL, parse_scopes, satisfies, sort_scopes
-from sidecar.oauth import credentials
-from sidecar.store.base import Store, UnitOfWork
+from sidecar.core.storage import Store, UnitOfWork
 
 MAX_REDIRECT_URIS = 10
 MAX_URI_LENGTH = 2000

@@ -30,7 +30,7 @@ from sidecar.core.clock import Clock
 from sidecar.core.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from sidecar.core.models import OPERATOR_WORKSPACE, Principal, RequestContext
 from sidecar.core.scopes import ADMIN_FULL, satisfies
-from sidecar.store.base import Store, UnitOfWork
+from sidecar.core.storage import Store, UnitOfWork
 
 log = logging.getLogger("sidecar.audit")
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 from dataclasses import replace
 
 from sidecar.core.audit import event
-from sidecar.core.oauth_changes import grant_revoked, token_revoked
+from sidecar.core.changes import grant_revoked, token_revoked
 from sidecar.core.oauth_models import Grant, RevokedToken
-from sidecar.store.base import UnitOfWork
+from sidecar.core.storage import UnitOfWork
 
 
 def revoke_grant(

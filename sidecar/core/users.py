@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from sidecar.core import validation
+from sidecar.core import credentials, passwords, validation
 from sidecar.core.apps import require_admin
 from sidecar.core.audit import event
 from sidecar.core.clock import Clock
@@ -13,8 +13,7 @@ from sidecar.core.errors import AlreadyExists, InvalidArgument
 from sidecar.core.models import OPERATOR_WORKSPACE, RequestContext
 from sidecar.core.oauth_models import Member
 from sidecar.core.scopes import ADMIN_FULL, KEYS_MANAGE, SCOPES, parse_scopes, sort_scopes
-from sidecar.oauth import credentials, passwords
-from sidecar.store.base import Store
+from sidecar.core.storage import Store
 
 # What a member may delegate to apps unless the admin says otherwise: everything but managing
 # credentials.

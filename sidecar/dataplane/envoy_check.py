@@ -16,9 +16,9 @@ from envoy.config.core.v3.base_pb2 import HeaderValue
 from envoy.service.auth.v3 import external_auth_pb2 as ext
 from google.protobuf.message import DecodeError
 
-from sidecar.core.decision import Decision
-from sidecar.core.engine import CheckInput, Engine
-from sidecar.dataplane.wire import ResponseEncoder
+from sidecar.authz.decision import Decision
+from sidecar.authz.engine import CheckInput, Engine
+from sidecar.dataplane.check_responses import ResponseEncoder
 from sidecar.ops.metrics import BAD_CHECK_REQUEST, INTERNAL_ERROR
 
 log = logging.getLogger("sidecar.check")

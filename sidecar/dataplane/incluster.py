@@ -7,8 +7,8 @@ import grpc
 
 from sidecar._gen.statuspulse.auth.v1 import authorization_pb2 as pb
 from sidecar._gen.statuspulse.auth.v1 import authorization_pb2_grpc as pb_grpc
-from sidecar.core.decision import Decision, Outcome, Reason
-from sidecar.core.engine import CheckInput, Engine
+from sidecar.authz.decision import Decision, Outcome, Reason
+from sidecar.authz.engine import CheckInput, Engine
 from sidecar.core.errors import InvalidArgument
 from sidecar.core.scopes import parse_scopes, sort_scopes
 from sidecar.dataplane.envoy_check import Observer

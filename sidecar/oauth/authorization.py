@@ -12,11 +12,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from sidecar.core import credentials, passwords
 from sidecar.core.audit import event
 from sidecar.core.clock import Clock
 from sidecar.core.oauth_models import AuthorizationCode, Member, OAuthApp
 from sidecar.core.scopes import SCOPES, satisfies, sort_scopes
-from sidecar.oauth import credentials, passwords, rfc7636
+from sidecar.core.storage import Store, UnitOfWork
+from sidecar.oauth import rfc7636
 from sidecar.oauth.config import OAuthConfig
 from sidecar.oauth.errors import (
     AccessDenied,
@@ -26,7 +28,6 @@ from sidecar.oauth.errors import (
     UnsupportedResponseType,
 )
 from sidecar.oauth.throttle import SignInThrottle
-from sidecar.store.base import Store, UnitOfWork
 
 log = logging.getLogger("sidecar.oauth")
 MAX_STATE = 2000

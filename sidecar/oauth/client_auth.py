@@ -13,8 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import unquote_plus
 
+from sidecar.core import credentials
 from sidecar.core.oauth_models import OAuthApp
-from sidecar.oauth import credentials
 from sidecar.oauth.errors import InvalidClient, InvalidRequest
 
 BASIC = "client_secret_basic"

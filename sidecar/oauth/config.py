@@ -1,11 +1,10 @@
-"""The authorization server's settings (built from ``sidecar.config.Settings``)."""
+"""The authorization server's settings (the control plane builds them from its
+``sidecar.config.Settings``: ``sidecar.controlplane.oauth_config``)."""
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
-from sidecar.config import Settings
 from sidecar.core.scopes import SCOPES
 
 
@@ -30,25 +29,3 @@ class OAuthConfig:
 
     def endpoint(self, path: str) -> str:
         return self.issuer.rstrip("/") + path
-
-
-def from_settings(settings: Settings, http_port: int) -> OAuthConfig:
-    """The OAuth configuration of a control plane whose HTTP server is bound to ``http_port``
-    (the default issuer names the bound port, so ``--http-addr 127.0.0.1:0`` works)."""
-    issuer = settings.oauth_issuer
-    if not issuer:
-        host = settings.http_addr.rpartition(":")[0]
-        issuer = f"http://{host}:{http_port}"
-        if host in ("0.0.0.0", "::", "[::]"):  # noqa: S104 (comparing, not binding)
-            logging.getLogger("sidecar.oauth").warning(
-                "oauth_issuer is not set and http_addr is a wildcard address: tokens will name "
-                "an issuer clients cannot reach; set oauth_issuer to the public URL",
-                extra={"issuer": issuer},
-            )
-    return OAuthConfig(
-        issuer=issuer,
-        audience=settings.oauth_audience,
-        access_token_ttl=settings.oauth_access_token_ttl,
-        refresh_token_ttl=settings.oauth_refresh_token_ttl,
-        signing_key_rotation=settings.oauth_signing_key_rotation,
-    )

@@ -6,11 +6,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from sidecar.core.access_tokens import TokenRejected, VerificationKey, verify_access_token
+from sidecar.authz.access_tokens import TokenRejected, VerificationKey, verify_access_token
+from sidecar.core import credentials
 from sidecar.core.oauth_models import Grant
-from sidecar.oauth import credentials
+from sidecar.core.storage import UnitOfWork
 from sidecar.oauth.config import OAuthConfig
-from sidecar.store.base import UnitOfWork
 
 ACCESS_TOKEN = "access_token"  # noqa: S105 (a token type name)
 REFRESH_TOKEN = "refresh_token"  # noqa: S105 (a token type name)

@@ -12,11 +12,11 @@ from sidecar.core.audit import event
 from sidecar.core.clock import Clock
 from sidecar.core.grants import revoke_access_token, revoke_grant
 from sidecar.core.oauth_models import OAuthApp
+from sidecar.core.storage import Store
 from sidecar.oauth.config import OAuthConfig
 from sidecar.oauth.errors import InvalidRequest, UnauthorizedClient, UnsupportedTokenType
 from sidecar.oauth.lookup import REFRESH_TOKEN, TOKEN_TYPE_HINTS, find_token
 from sidecar.oauth.signing import SigningKeys
-from sidecar.store.base import Store
 
 
 def _ignore(_: str) -> None:

@@ -13,10 +13,10 @@ from sidecar.core.clock import Clock
 from sidecar.core.models import Principal
 from sidecar.core.oauth_models import OAuthApp
 from sidecar.core.scopes import ADMIN_FULL, satisfies, sort_scopes
+from sidecar.core.storage import Store
 from sidecar.oauth.config import OAuthConfig
 from sidecar.oauth.lookup import ACCESS_TOKEN, TokenFacts, find_token
 from sidecar.oauth.signing import SigningKeys
-from sidecar.store.base import Store
 
 INACTIVE: dict[str, object] = {"active": False}
 

@@ -1,6 +1,6 @@
 """JWT profile for OAuth 2.0 access tokens: issuance. https://www.rfc-editor.org/rfc/rfc9068
 
-Verification lives in ``sidecar.core.access_tokens`` (the sidecar uses it)."""
+Verification lives in ``sidecar.authz.access_tokens`` (the sidecar uses it)."""
 
 from __future__ import annotations
 

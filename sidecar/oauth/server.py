@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from sidecar.core.clock import Clock
+from sidecar.core.storage import Store
 from sidecar.oauth import rfc8414
 from sidecar.oauth.authorization import AuthorizationEndpoint
 from sidecar.oauth.config import OAuthConfig
@@ -15,7 +16,6 @@ from sidecar.oauth.sessions import BrowserSessions
 from sidecar.oauth.signing import SigningKeys
 from sidecar.oauth.throttle import SignInThrottle, ThrottlePolicy
 from sidecar.oauth.token import TokenEndpoint
-from sidecar.store.base import Store
 
 
 def _ignore(_: str) -> None:

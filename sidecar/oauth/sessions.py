@@ -15,7 +15,7 @@ import threading
 
 from sidecar.core.clock import Clock
 from sidecar.core.oauth_models import BrowserSession, Member
-from sidecar.store.base import Store
+from sidecar.core.storage import Store
 
 COOKIE_NAME = "spauth_session"
 _CSRF_KEY_NAME = "csrf_key"

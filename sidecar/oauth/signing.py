@@ -20,12 +20,12 @@ from dataclasses import replace
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from sidecar.core.access_tokens import VerificationKey, verification_key
+from sidecar.authz.access_tokens import VerificationKey, verification_key
 from sidecar.core.audit import event
+from sidecar.core.changes import signing_key_retired, signing_key_upserted
 from sidecar.core.clock import Clock
-from sidecar.core.oauth_changes import signing_key_retired, signing_key_upserted
 from sidecar.core.oauth_models import SigningKey
-from sidecar.store.base import Store, UnitOfWork
+from sidecar.core.storage import Store, UnitOfWork
 
 ALG = "RS256"
 KEY_BITS = 2048

@@ -10,12 +10,14 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
+from sidecar.core import credentials
 from sidecar.core.audit import event
 from sidecar.core.clock import Clock
 from sidecar.core.grants import revoke_grant
 from sidecar.core.oauth_models import AuthorizationCode, Grant, OAuthApp, RefreshToken
 from sidecar.core.scopes import sort_scopes
-from sidecar.oauth import client_auth, credentials, rfc7636, rfc9068
+from sidecar.core.storage import Store, UnitOfWork
+from sidecar.oauth import client_auth, rfc7636, rfc9068
 from sidecar.oauth.config import OAuthConfig
 from sidecar.oauth.errors import (
     InvalidGrant,
@@ -25,7 +27,6 @@ from sidecar.oauth.errors import (
     UnsupportedGrantType,
 )
 from sidecar.oauth.signing import SigningKeys
-from sidecar.store.base import Store, UnitOfWork
 
 AUTHORIZATION_CODE = "authorization_code"
 REFRESH_TOKEN = "refresh_token"  # noqa: S105 (a grant type name)

@@ -19,8 +19,8 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
-from sidecar.core.decision import OUTCOMES, Decision, Outcome, Reason
-from sidecar.core.engine import CheckInput
+from sidecar.authz.decision import OUTCOMES, Decision, Outcome, Reason
+from sidecar.authz.engine import CheckInput
 from sidecar.ops.metrics import OUTCOME_LABEL
 
 log = logging.getLogger("sidecar.decisions")

@@ -14,8 +14,8 @@ from functools import cached_property
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from sidecar.core.decision import OUTCOMES, Decision, Outcome, Reason
-from sidecar.core.engine import CheckInput
+from sidecar.authz.decision import OUTCOMES, Decision, Outcome, Reason
+from sidecar.authz.engine import CheckInput
 from sidecar.ops.check_tally import CheckTally
 
 # The `outcome` label: what Envoy did with the request. Unavailable answers (replica not ready

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2 as ext
 
-from sidecar.core.decision import Decision
-from sidecar.core.engine import CheckInput
+from sidecar.authz.decision import Decision
+from sidecar.authz.engine import CheckInput
 from sidecar.ops.metrics import OUTCOME_LABEL
 
 if TYPE_CHECKING:

@@ -53,7 +53,7 @@ class Delta:
 
 
 class WindowRateLimiter:
-    """Implements ``sidecar.core.ratelimit.RateLimiter``."""
+    """Implements ``sidecar.authz.ratelimit.RateLimiter``."""
 
     def __init__(self, limits: AbuseLimits | None = None, *, sharing: bool = False) -> None:
         self.limits = limits or AbuseLimits()

@@ -1,10 +1,11 @@
-"""Storage behind narrow Protocols (``base``); backends chosen in one place (``open_store``)."""
+"""Storage implementations of the narrow Protocols in ``sidecar.core.storage``; backends chosen
+in one place (``open_store``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from sidecar.store.base import Store
+from sidecar.core.storage import Store
 
 
 def open_store(url: str) -> Store:
@@ -12,7 +13,7 @@ def open_store(url: str) -> Store:
     it), or ``sqlite:///path/to/file.db`` / a bare file path (the embedded default)."""
     if url.startswith(("postgres://", "postgresql://")):
         # Imported here so the embedded product never needs psycopg installed.
-        from sidecar.store.postgres import PostgresStore
+        from sidecar.store.sql.postgres import PostgresStore
 
         # A replica may start before its database: wait for it rather than crash-loop.
         return PostgresStore(url, startup_timeout=60.0)
@@ -20,7 +21,7 @@ def open_store(url: str) -> Store:
         url = url[len("sqlite:///") - 1 :]
     elif url.startswith("sqlite://"):
         url = url[len("sqlite://") :]
-    from sidecar.store.sqlite import SqliteStore
+    from sidecar.store.sql.sqlite import SqliteStore
 
     return SqliteStore(Path(url))
 

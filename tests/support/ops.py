@@ -23,7 +23,7 @@ from sidecar._gen.statuspulse.auth.v1 import api_keys_pb2_grpc as pb_grpc
 from sidecar.config import SidecarSettings, load_settings, load_sidecar_settings
 from sidecar.controlplane import ControlPlane
 from sidecar.core.clock import Clock
-from sidecar.dataplane.server import Sidecar
+from sidecar.dataplane.process import Sidecar
 from tests.support.sync import TEST_SYNC_TOKEN
 
 if TYPE_CHECKING:

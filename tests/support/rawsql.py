@@ -11,9 +11,9 @@ from typing import Any, Protocol
 
 import psycopg
 
-from sidecar.store.base import Store
-from sidecar.store.postgres import PostgresStore
-from sidecar.store.sqlite import SqliteStore
+from sidecar.core.storage import Store
+from sidecar.store.sql.postgres import PostgresStore
+from sidecar.store.sql.sqlite import SqliteStore
 
 
 class Rows(Protocol):

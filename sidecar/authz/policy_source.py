@@ -8,14 +8,14 @@ from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
-from sidecar.core.policy import Policy, PolicyError, parse_policy
+from sidecar.authz.policy import Policy, PolicyError, parse_policy
 
 log = logging.getLogger("sidecar.policy")
 
 
 def default_policy_text() -> str:
     """The packaged StatusPulse API policy (same as deploy/policy/statuspulse-api.toml)."""
-    return resources.files("sidecar.dataplane").joinpath("default_policy.toml").read_text()
+    return resources.files("sidecar.authz").joinpath("default_policy.toml").read_text()
 
 
 def load_policy(path: Path | None) -> Policy:

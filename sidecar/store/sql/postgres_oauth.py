@@ -9,19 +9,19 @@ from typing import Any
 
 import psycopg
 
-from sidecar.store.sql import QmarkConnection
-from sidecar.store.sqlite_oauth import SqliteOAuthRepositories, SqliteSigningKeys
+from sidecar.store.sql.oauth import SqlOAuthRepositories, SqlSigningKeys
+from sidecar.store.sql.qmark import QmarkConnection
 
 Conn = psycopg.Connection[Any]
 
 
-class PgSigningKeys(SqliteSigningKeys):
+class PgSigningKeys(SqlSigningKeys):
     """SigningKeyRepository; ties broken by the ``seq`` identity column."""
 
     ORDER_COLUMN = "seq"
 
 
-class PgOAuthRepositories(SqliteOAuthRepositories):
+class PgOAuthRepositories(SqlOAuthRepositories):
     """``uow.oauth`` over one PostgreSQL connection."""
 
     signing_keys_class = PgSigningKeys

@@ -10,15 +10,15 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-from sidecar.core.access_tokens import (
+from sidecar.authz.access_tokens import (
     TokenRejected,
     VerificationKey,
     verification_key,
     verify_access_token,
 )
-from sidecar.core.decision import Identity, Reason
-from sidecar.core.engine import TokenDenied
-from sidecar.core.replica import Replica
+from sidecar.authz.decision import Identity, Reason
+from sidecar.authz.engine import TokenDenied
+from sidecar.authz.replica import Replica
 
 log = logging.getLogger("sidecar.tokens")
 ACCESS_TOKEN = "access_token"  # noqa: S105 (an identity kind)

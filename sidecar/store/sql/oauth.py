@@ -1,7 +1,7 @@
 """SQLite repositories for the OAuth tables (migration 0002), bound to the connection and
 transaction of a ``SqliteUnitOfWork`` through ``uow.oauth``. The SQL is standard (``TRUE``,
 ``ON CONFLICT … DO NOTHING``), so PostgreSQL runs the same classes over a ``QmarkConnection``
-(sidecar/store/postgres_oauth.py); the one dialect difference, the insertion-order column of
+(sidecar/store/sql/postgres_oauth.py); the one dialect difference, the insertion-order column of
 signing keys, is a class attribute."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from sidecar.core.oauth_models import (
     RevokedToken,
     SigningKey,
 )
-from sidecar.store.sql import Executes
+from sidecar.store.sql.qmark import Executes
 
 T = TypeVar("T")
 
@@ -138,7 +138,7 @@ def _app(r: Any) -> OAuthApp:
     )
 
 
-class SqliteOAuthApps:
+class SqlOAuthApps:
     """OAuthAppRepository."""
 
     def __init__(self, conn: Executes) -> None:
@@ -191,7 +191,7 @@ def _member(r: Any) -> Member:
     return Member(r[0], r[1], r[2], r[3], _scopes(r[4]), r[5], r[6], r[7])
 
 
-class SqliteMembers:
+class SqlMembers:
     """MemberRepository."""
 
     def __init__(self, conn: Executes) -> None:
@@ -249,7 +249,7 @@ def _grant(r: Any) -> Grant:
     return Grant(r[0], r[1], r[2], r[3], _scopes(r[4]), r[5], r[6], r[7], r[8], r[9])
 
 
-class SqliteGrants:
+class SqlGrants:
     """GrantRepository."""
 
     def __init__(self, conn: Executes) -> None:
@@ -328,7 +328,7 @@ def _code(r: Any) -> AuthorizationCode:
     )
 
 
-class SqliteCodes:
+class SqlCodes:
     """AuthorizationCodeRepository."""
 
     def __init__(self, conn: Executes) -> None:
@@ -358,7 +358,7 @@ def _refresh(r: Any) -> RefreshToken:
     return RefreshToken(bytes(r[0]), r[1], r[2], r[3], r[4])
 
 
-class SqliteRefreshTokens:
+class SqlRefreshTokens:
     """RefreshTokenRepository."""
 
     def __init__(self, conn: Executes) -> None:
@@ -385,7 +385,7 @@ def _revoked(r: Any) -> RevokedToken:
     return RevokedToken(r[0], r[1], r[2], r[3])
 
 
-class SqliteRevokedTokens:
+class SqlRevokedTokens:
     """RevokedTokenRepository."""
 
     def __init__(self, conn: Executes) -> None:
@@ -437,7 +437,7 @@ def _key(r: Any) -> SigningKey:
     return SigningKey(r[0], r[1], bytes(r[2]), json.loads(r[3]), r[4], r[5], r[6])
 
 
-class SqliteSigningKeys:
+class SqlSigningKeys:
     """SigningKeyRepository."""
 
     # Breaks ties between keys created in the same second (insertion order): SQLite's rowid;
@@ -473,7 +473,7 @@ def _session(r: Any) -> BrowserSession:
     return BrowserSession(bytes(r[0]), r[1], r[2], r[3], r[4])
 
 
-class SqliteBrowserSessions:
+class SqlBrowserSessions:
     """BrowserSessionRepository."""
 
     def __init__(self, conn: Executes) -> None:
@@ -492,7 +492,7 @@ class SqliteBrowserSessions:
         return self._t.delete("expires_at < ?", (before,))
 
 
-class SqliteServerSecrets:
+class SqlServerSecrets:
     """ServerSecretRepository."""
 
     def __init__(self, conn: Executes) -> None:
@@ -511,18 +511,18 @@ class SqliteServerSecrets:
         )
 
 
-class SqliteOAuthRepositories:
+class SqlOAuthRepositories:
     """``uow.oauth``: every OAuth repository over the unit of work's connection."""
 
-    signing_keys_class: type[SqliteSigningKeys] = SqliteSigningKeys
+    signing_keys_class: type[SqlSigningKeys] = SqlSigningKeys
 
     def __init__(self, conn: Executes) -> None:
-        self.apps = SqliteOAuthApps(conn)
-        self.members = SqliteMembers(conn)
-        self.grants = SqliteGrants(conn)
-        self.codes = SqliteCodes(conn)
-        self.refresh_tokens = SqliteRefreshTokens(conn)
-        self.revoked_tokens = SqliteRevokedTokens(conn)
+        self.apps = SqlOAuthApps(conn)
+        self.members = SqlMembers(conn)
+        self.grants = SqlGrants(conn)
+        self.codes = SqlCodes(conn)
+        self.refresh_tokens = SqlRefreshTokens(conn)
+        self.revoked_tokens = SqlRevokedTokens(conn)
         self.signing_keys = self.signing_keys_class(conn)
-        self.sessions = SqliteBrowserSessions(conn)
-        self.server_secrets = SqliteServerSecrets(conn)
+        self.sessions = SqlBrowserSessions(conn)
+        self.server_secrets = SqlServerSecrets(conn)

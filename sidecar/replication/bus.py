@@ -20,7 +20,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import AbstractBackoff, EqualJitterBackoff, NoBackoff
 from redis.exceptions import RedisError
 
-from sidecar.store.base import Store
+from sidecar.core.storage import Store
 
 log = logging.getLogger("sidecar.bus")
 

@@ -7,14 +7,14 @@ import hashlib
 from collections.abc import Callable, Iterable, Mapping
 from typing import NamedTuple
 
+from sidecar.authz.decision import Decision, DecisionIds, Identity, Reason
+from sidecar.authz.paths import non_canonical
+from sidecar.authz.policy import Match, Policy
+from sidecar.authz.ratelimit import CREDENTIAL_FAILURES, RateLimiter
+from sidecar.authz.replica import Replica
 from sidecar.core import keyformat
 from sidecar.core.clock import Clock
-from sidecar.core.decision import Decision, DecisionIds, Identity, Reason
 from sidecar.core.models import OPERATOR_WORKSPACE
-from sidecar.core.paths import non_canonical
-from sidecar.core.policy import Match, Policy
-from sidecar.core.ratelimit import CREDENTIAL_FAILURES, RateLimiter
-from sidecar.core.replica import Replica
 from sidecar.core.scopes import ADMIN_FULL
 
 MAX_CREDENTIAL_LENGTH = 8192

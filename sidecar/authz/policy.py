@@ -19,7 +19,7 @@ credential's); ``{name}`` or ``*`` match one segment; a final ``**`` matches any
 Optional per route: ``hosts``, ``context`` (Envoy ``context_extensions`` that must be present),
 ``workspace_header`` (take the workspace from a header instead of the path), ``public = true``.
 
-Paths are matched only when canonical (sidecar.core.paths: no dot-segments, no encoded ``.``,
+Paths are matched only when canonical (sidecar.authz.paths: no dot-segments, no encoded ``.``,
 ``/`` or ``\\``, no backslash, no ``;``); others are refused with ``non_canonical_path`` before
 any route is looked at. Hosts are compared in lower case without port or trailing dot.
 """
@@ -31,7 +31,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from sidecar.core.paths import canonical_host
+from sidecar.authz.paths import canonical_host
 from sidecar.core.scopes import SCOPES
 
 METHODS = frozenset(

@@ -20,17 +20,16 @@ from sidecar._gen.statuspulse.auth.v1 import authorization_pb2, authorization_pb
 from sidecar.auditship import AuditPipeline, GrpcTransport, ShipConfig, Transport
 from sidecar.auditship.metrics import AuditMetrics
 from sidecar.auditship.observer import DecisionRecorder
+from sidecar.authz.engine import Engine, TokenVerifier
+from sidecar.authz.policy import Policy
+from sidecar.authz.policy_source import PolicyWatcher, load_policy
+from sidecar.authz.replica import Replica
+from sidecar.authz.token_verifier import ReplicaTokenVerifier
 from sidecar.config import SidecarSettings
 from sidecar.core.clock import Clock, SystemClock
-from sidecar.core.engine import Engine, TokenVerifier
-from sidecar.core.policy import Policy
-from sidecar.core.replica import Replica
-from sidecar.core.token_verifier import ReplicaTokenVerifier
 from sidecar.dataplane.envoy_check import SERVICE as CHECK_SERVICE
 from sidecar.dataplane.envoy_check import CheckHandler, Observer, check_method
 from sidecar.dataplane.incluster import AuthorizationServicer
-from sidecar.dataplane.policy_source import PolicyWatcher, load_policy
-from sidecar.dataplane.sync import SyncClient
 from sidecar.ops.denial_log import DenialLog
 from sidecar.ops.health import Health, Status
 from sidecar.ops.metrics import DecisionMetrics, Metrics
@@ -39,6 +38,7 @@ from sidecar.ops.status_server import StatusServer
 from sidecar.ops.tls import sync_channel_credentials, sync_channel_options
 from sidecar.ops.tracing import CheckFn, span_annotator, start_tracing, traced_check
 from sidecar.ratelimit import AbuseLimits, WindowRateLimiter
+from sidecar.replication.client import SyncClient
 
 if TYPE_CHECKING:
     from sidecar.ratelimit.shared import RedisLimitSync

@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from sidecar.core.decision import Identity
+from sidecar.authz.decision import Identity
 from sidecar.core.models import Change
 
 

@@ -21,9 +21,9 @@ import grpc
 
 from sidecar._gen.statuspulse.auth.v1 import replication_pb2 as pb
 from sidecar._gen.statuspulse.auth.v1 import replication_pb2_grpc as pb_grpc
+from sidecar.authz.replica import Replica, ReplicaError
 from sidecar.core.clock import Clock
 from sidecar.core.models import Change
-from sidecar.core.replica import Replica, ReplicaError
 
 log = logging.getLogger("sidecar.sync")
 SNAPSHOT_FILE = "replica.json"

@@ -17,7 +17,7 @@ from sidecar._gen.statuspulse.auth.v1 import replication_pb2_grpc as pb_grpc
 from sidecar.core.clock import Clock
 from sidecar.core.errors import Unavailable
 from sidecar.core.models import Change
-from sidecar.store.base import Store, UnitOfWork
+from sidecar.core.storage import Store, UnitOfWork
 
 log = logging.getLogger("sidecar.replication")
 

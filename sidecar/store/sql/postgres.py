@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -31,13 +30,15 @@ from psycopg_pool import ConnectionPool
 
 from sidecar.core.errors import Unavailable
 from sidecar.core.models import Change
-from sidecar.store import migrations
-from sidecar.store.postgres_audit import PgAudit, link_unchained
-from sidecar.store.postgres_oauth import PgOAuthRepositories
+from sidecar.store.sql import migrations
+from sidecar.store.sql.audit import link_unchained
 
 # The row mapping is shared with SQLite, so a new column is mapped in one place.
-from sidecar.store.sql import QmarkConnection
-from sidecar.store.sqlite import SqliteKeys
+from sidecar.store.sql.listeners import CommitListeners
+from sidecar.store.sql.postgres_audit import PgAudit
+from sidecar.store.sql.postgres_oauth import PgOAuthRepositories
+from sidecar.store.sql.qmark import QmarkConnection
+from sidecar.store.sql.sqlite import SqlKeys
 
 log = logging.getLogger("sidecar.store.postgres")
 
@@ -59,7 +60,7 @@ def is_postgres_url(url: str) -> bool:
     return url.startswith(("postgresql://", "postgres://"))
 
 
-class PgKeys(SqliteKeys):
+class PgKeys(SqlKeys):
     """KeyRepository over one PostgreSQL connection."""
 
     def __init__(self, conn: Conn) -> None:
@@ -135,8 +136,7 @@ class PostgresStore:
     ) -> None:
         self.url = url
         self._timeout = timeout
-        self._lock = threading.Lock()
-        self._subscribers: list[Callable[[int], None]] = []
+        self._listeners = CommitListeners()
         # check: a connection the server dropped (restart, failover) is replaced before use
         # rather than failing the call that drew it. reconnect_timeout: after that long without
         # the database the pool stops retrying in the background and shrinks; the next call
@@ -211,7 +211,7 @@ class PostgresStore:
                     conn.execute(statement)
                 conn.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (version,))
                 log.info("migrated", extra={"version": version})
-            link_unchained(conn)
+            link_unchained(QmarkConnection(conn))
             _commit(conn)
 
     # -- the Store protocol -------------------------------------------------------------------
@@ -227,7 +227,7 @@ class PostgresStore:
                 yield uow
                 _commit(conn)
         if uow.appended:
-            self._notify(max(uow.appended))
+            self._listeners.notify(max(uow.appended))
 
     @contextmanager
     def read(self) -> Iterator[PgUnitOfWork]:
@@ -236,23 +236,7 @@ class PostgresStore:
             yield PgUnitOfWork(conn)
 
     def subscribe(self, callback: Callable[[int], None]) -> Callable[[], None]:
-        with self._lock:
-            self._subscribers.append(callback)
-
-        def unsubscribe() -> None:
-            with self._lock:
-                if callback in self._subscribers:
-                    self._subscribers.remove(callback)
-
-        return unsubscribe
-
-    def _notify(self, revision: int) -> None:
-        # Local listeners only: replicas on other processes learn of this commit from the
-        # notification bus, or within one replication heartbeat when there is none.
-        with self._lock:
-            subscribers = list(self._subscribers)
-        for callback in subscribers:
-            callback(revision)
+        return self._listeners.subscribe(callback)
 
     def close(self) -> None:
         self._pool.close()

@@ -9,8 +9,8 @@ import pytest
 from envoy.config.core.v3.base_pb2 import HeaderValueOption
 from envoy.service.auth.v3 import external_auth_pb2 as ext
 
-from sidecar.core.decision import Decision, Identity, Outcome, Reason
-from sidecar.dataplane.wire import (
+from sidecar.authz.decision import Decision, Identity, Outcome, Reason
+from sidecar.dataplane.check_responses import (
     FOREIGN_SPELLINGS,
     GRPC_CODE,
     IDENTITY_HEADERS,

@@ -5,7 +5,8 @@ message, every field a C call); the framework itself costs ~150 µs per call, so
 our budget. Protobuf's wire format is concatenative — repeated fields may arrive in several runs
 and a message field is a tag, a length and bytes — so the parts that depend only on the identity
 or the reason are serialized once by protobuf itself and cached, and each call adds only its
-decision id. tests/test_wire.py parses every shape back with the real CheckResponse class."""
+decision id. tests/test_check_responses.py parses every shape back with the real CheckResponse
+class."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from envoy.type.v3.http_status_pb2 import HttpStatus
 from google.protobuf.struct_pb2 import Struct
 from google.rpc.status_pb2 import Status
 
-from sidecar.core.decision import Decision, Identity, Outcome, Reason
+from sidecar.authz.decision import Decision, Identity, Outcome, Reason
 from sidecar.core.scopes import sort_scopes
 from sidecar.protowire import ld as _ld
 

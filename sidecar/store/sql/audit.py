@@ -5,12 +5,11 @@ the head the record is appended after)."""
 from __future__ import annotations
 
 import json
-import sqlite3
 from typing import Any
 
 from sidecar.core.audit import AuditEvent, AuditQuery, scrub
 from sidecar.core.audit_chain import ChainedRecord, Checkpoint, Link, SignedHeads, next_link
-from sidecar.store.sql import Executes
+from sidecar.store.sql.qmark import Executes
 
 _COLUMNS = (
     "seq, id, time, actor, action, workspace, target, outcome, reason, request_id, metadata, "
@@ -54,7 +53,7 @@ def _where(query: AuditQuery) -> tuple[list[str], list[object]]:
     return where, args
 
 
-class SqliteAudit:
+class SqlAudit:
     """AuditRepository over one connection (PostgreSQL's too, through ``QmarkConnection``)."""
 
     def __init__(self, conn: Executes) -> None:
@@ -207,10 +206,10 @@ class SqliteAudit:
         return int(cursor.rowcount)
 
 
-def link_unchained(conn: sqlite3.Connection) -> int:
+def link_unchained(conn: Executes) -> int:
     """Link rows stored before the chain existed (chain_seq 0), in storage order; run inside
     the migration transaction. Returns how many rows it linked."""
-    audit = SqliteAudit(conn)
+    audit = SqlAudit(conn)
     rows = conn.execute(
         f"SELECT {_COLUMNS} FROM audit_events WHERE chain_seq = 0 ORDER BY seq"
     ).fetchall()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from sidecar.core.decision import OUTCOMES, Outcome, Reason
+from sidecar.authz.decision import OUTCOMES, Outcome, Reason
 
 # A failed credential attempt: a credential was presented and refused. A request without any
 # credential is not an attempt (browsers and health probes send those), and a 403 is a

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from sidecar.core.models import Change
 from sidecar.core.oauth_models import Grant, RevokedToken, SigningKey
-from sidecar.store.base import UnitOfWork
+from sidecar.core.storage import UnitOfWork
 
 SIGNING_KEY_UPSERTED = "signing_key.upserted"
 SIGNING_KEY_RETIRED = "signing_key.retired"

@@ -7,15 +7,16 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from importlib import resources
 from pathlib import Path
 
 from sidecar.core.errors import Unavailable
 from sidecar.core.models import ApiKey, Change, KeyState
-from sidecar.store.base import Cursor
-from sidecar.store.sql import Executes
-from sidecar.store.sqlite_audit import SqliteAudit, link_unchained
-from sidecar.store.sqlite_oauth import SqliteOAuthRepositories
+from sidecar.core.storage import Cursor
+from sidecar.store.sql import migrations
+from sidecar.store.sql.audit import SqlAudit, link_unchained
+from sidecar.store.sql.listeners import CommitListeners
+from sidecar.store.sql.oauth import SqlOAuthRepositories
+from sidecar.store.sql.qmark import Executes
 
 _KEY_COLUMNS = (
     "id, digest, last_four, name, workspace, scopes, created_at, expires_at, created_by, "
@@ -68,7 +69,7 @@ def _key_values(key: ApiKey) -> tuple[object, ...]:
     )
 
 
-class SqliteKeys:
+class SqlKeys:
     """KeyRepository over one connection (also PostgreSQL's, through ``Executes``)."""
 
     def __init__(self, conn: Executes) -> None:
@@ -189,20 +190,11 @@ class SqliteUnitOfWork:
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.appended: list[int] = []
-        self.keys = SqliteKeys(conn)
-        self.audit = SqliteAudit(conn)
+        self.keys = SqlKeys(conn)
+        self.audit = SqlAudit(conn)
         self.changes = SqliteChanges(conn, self.appended)
-        self.oauth = SqliteOAuthRepositories(conn)
+        self.oauth = SqlOAuthRepositories(conn)
         self.conn = conn
-
-
-def _migrations() -> list[tuple[int, str]]:
-    folder = resources.files("sidecar.store.migrations").joinpath("sqlite")
-    found = []
-    for entry in folder.iterdir():
-        if entry.name.endswith(".sql"):
-            found.append((int(entry.name.split("_", 1)[0]), entry.read_text()))
-    return sorted(found)
 
 
 class SqliteStore:
@@ -214,7 +206,7 @@ class SqliteStore:
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
-        self._subscribers: list[Callable[[int], None]] = []
+        self._listeners = CommitListeners()
         path.parent.mkdir(parents=True, exist_ok=True)
         self._migrate()
 
@@ -244,11 +236,10 @@ class SqliteStore:
                 "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY)"
             )
             applied = {r[0] for r in conn.execute("SELECT version FROM schema_migrations")}
-            for version, sql in _migrations():
+            for version, sql in migrations.load("sqlite"):
                 if version in applied:
                     continue
-                code = "\n".join(ln for ln in sql.splitlines() if not ln.lstrip().startswith("--"))
-                for statement in filter(str.strip, code.split(";")):
+                for statement in migrations.statements(sql):
                     conn.execute(statement)
                 conn.execute("INSERT INTO schema_migrations (version) VALUES (?)", (version,))
             link_unchained(conn)
@@ -275,7 +266,7 @@ class SqliteStore:
             self._rollback(conn)
             raise
         if uow.appended:
-            self._notify(max(uow.appended))
+            self._listeners.notify(max(uow.appended))
 
     @staticmethod
     def _rollback(conn: sqlite3.Connection) -> None:
@@ -294,21 +285,7 @@ class SqliteStore:
             self._rollback(conn)
 
     def subscribe(self, callback: Callable[[int], None]) -> Callable[[], None]:
-        with self._lock:
-            self._subscribers.append(callback)
-
-        def unsubscribe() -> None:
-            with self._lock:
-                if callback in self._subscribers:
-                    self._subscribers.remove(callback)
-
-        return unsubscribe
-
-    def _notify(self, revision: int) -> None:
-        with self._lock:
-            subscribers = list(self._subscribers)
-        for callback in subscribers:
-            callback(revision)
+        return self._listeners.subscribe(callback)
 
     def close(self) -> None:
         with self._lock:

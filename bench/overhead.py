@@ -1,5 +1,5 @@
 """Measure what the ops observers add to one Check, in-process (``python -m
-sidecar.ops.overhead``). Numbers are per call, best of five runs; docs/operating.md quotes them.
+bench.overhead``). Numbers are per call, best of five runs; docs/operating.md quotes them.
 Not a test: timings on a shared machine are noise, so nothing asserts on them."""
 
 from __future__ import annotations
@@ -11,14 +11,14 @@ from collections.abc import Callable
 
 from envoy.service.auth.v3 import external_auth_pb2 as ext
 
+from sidecar.authz.decision import Decision, Identity, Reason
+from sidecar.authz.engine import CheckInput, Engine
+from sidecar.authz.policy_source import load_policy
+from sidecar.authz.replica import Replica
 from sidecar.core import keyformat
 from sidecar.core.clock import SystemClock
-from sidecar.core.decision import Decision, Identity, Reason
-from sidecar.core.engine import CheckInput, Engine
 from sidecar.core.models import Change
-from sidecar.core.replica import Replica
 from sidecar.dataplane.envoy_check import CheckHandler
-from sidecar.dataplane.policy_source import load_policy
 from sidecar.ops.denial_log import DenialLog
 from sidecar.ops.metrics import DecisionMetrics, Metrics
 
