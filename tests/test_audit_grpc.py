@@ -316,6 +316,7 @@ def test_retention_prunes_behind_a_checkpoint_and_verify_still_passes(
         {
             "data_dir": str(tmp_path),
             "admin_addr": "127.0.0.1:0",
+            "http_addr": "127.0.0.1:0",  # never the fixed 8080
             "sweep_interval": "0.05",
             "audit_retention": "1d",
             "sync_token": TEST_SYNC_TOKEN,
