@@ -3,7 +3,7 @@
 PY ?= python3
 PIP = $(PY) -m pip install --disable-pip-version-check -q
 
-.PHONY: setup setup-test system-deps serve test lint proto bench
+.PHONY: setup setup-test system-deps serve test lint proto openapi descriptors bench
 
 setup:
 	$(PIP) -e .
@@ -29,10 +29,21 @@ lint: setup-test system-deps
 	ruff format --check .
 	mypy
 	lint-imports
-	buf lint
+	@# buf cannot fetch buf.build/googleapis offline, so it lints the image protoc builds with
+	@# googleapis' protos from the googleapis-common-protos wheel (only our files: --path).
+	$(PY) scripts/genproto.py --descriptor-set .buf-image.binpb --source-info
+	buf lint '.buf-image.binpb#format=binpb' --path statuspulse/auth/v1
 
 proto:
 	$(PY) scripts/genproto.py
+
+# docs/openapi.json: the HTTP/JSON admin API, from protos/ (run after `make proto`).
+openapi:
+	$(PY) -m sidecar.admin.openapi > docs/openapi.json
+
+# The descriptor set Envoy's gRPC-JSON transcoder loads (deploy/envoy/admin-transcoder.yaml).
+descriptors:
+	$(PY) scripts/genproto.py --descriptor-set deploy/envoy/statuspulse-auth.pb
 
 bench: setup-test system-deps
 	$(PY) -m bench

@@ -8,6 +8,7 @@ environment, flags."""
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import types
 import typing
@@ -49,6 +50,9 @@ class Settings:
     sync_token_file: Path | None = None
     policy_file: Path | None = None
     log_level: str = "info"
+    # Refused keys per source address per window on the admin API (gRPC and HTTP); 0: off.
+    admin_failure_limit: int = 50
+    admin_failure_window: float = 60.0
     # TLS: the admin API (and the sync stream it carries); a client CA turns on mTLS.
     admin_tls_cert: Path | None = None
     admin_tls_key: Path | None = None
@@ -73,6 +77,21 @@ class Settings:
     oauth_access_token_ttl: int = 3600
     oauth_refresh_token_ttl: int = 30 * 86400
     oauth_signing_key_rotation: int = 30 * 86400
+    # A new signing key is published (JWKS, every replica) this long before it signs.
+    oauth_signing_key_lead_time: int = 300
+    # A grant's absolute lifetime: after it the member signs in again, however often the
+    # refresh token was rotated.
+    oauth_grant_lifetime: int = 90 * 86400
+    # Key-encryption keys for the signing keys' private parts (sidecar/oauth/kek.py), newest
+    # first: the variable SPAUTH_KEY_ENCRYPTION_KEY, or a file; with neither, a KEK is generated
+    # into <data_dir>/key-encryption-key (mode 0600) on first start.
+    key_encryption_key: str = ""
+    key_encryption_key_file: Path | None = None
+    # Proxies whose X-Forwarded-For names the client of an OAuth request (sign-in throttling,
+    # audit): comma-separated addresses or CIDR blocks. Empty: the TCP peer is the client.
+    trusted_proxies: str = ""
+    # An operator key expiring within this many seconds is warned about (log and metric).
+    operator_key_warning: int = 14 * 86400
     # Audit records older than this are pruned behind a signed checkpoint (0: keep forever).
     audit_retention: int = 0
     # Ingest refuses decision records dated more than this many seconds ahead of this clock.
@@ -129,6 +148,9 @@ class SidecarSettings:
     # OAuth access tokens: the issuer and audience they must name (RFC 9068 §4).
     oauth_issuer: str = "http://127.0.0.1:8080"
     oauth_audience: str = "statuspulse-api"
+    # The control plane's access-token lifetime: a token claiming a longer one (exp - iat,
+    # beyond the clock-skew leeway) is refused, whoever signed it.
+    oauth_access_token_ttl: int = 3600
     # Verified access tokens kept (by digest) so a repeat skips the signature check; 0 = verify
     # every request (for measuring cold verification, or a policy that wants no cache).
     token_cache_size: int = 100_000
@@ -157,6 +179,9 @@ _DURATIONS = {
     "oauth_access_token_ttl",
     "oauth_refresh_token_ttl",
     "oauth_signing_key_rotation",
+    "oauth_signing_key_lead_time",
+    "oauth_grant_lifetime",
+    "operator_key_warning",
     "audit_retention",
 }
 _LEVELS = {"debug", "info", "warning", "error"}
@@ -273,6 +298,41 @@ def _check_oauth(errors: _Errors, settings: Settings) -> None:
         errors.add("oauth_refresh_token_ttl", "must be at least oauth_access_token_ttl")
     if settings.oauth_signing_key_rotation < 2 * settings.oauth_access_token_ttl:
         errors.add("oauth_signing_key_rotation", "must be at least twice the token lifetime")
+    if not 0 <= settings.oauth_signing_key_lead_time < settings.oauth_signing_key_rotation:
+        errors.add(
+            "oauth_signing_key_lead_time", "must be at least 0 and less than the rotation interval"
+        )
+    if not settings.oauth_access_token_ttl <= settings.oauth_grant_lifetime <= 366 * 86400:
+        errors.add("oauth_grant_lifetime", "must be between oauth_access_token_ttl and 366d")
+    if settings.key_encryption_key and settings.key_encryption_key_file is not None:
+        errors.add("key_encryption_key", "set key_encryption_key or key_encryption_key_file")
+    kek_set = settings.key_encryption_key or settings.key_encryption_key_file is not None
+    if settings.database_url and not kek_set:
+        # A KEK generated into one replica's data directory would leave the others unable to
+        # sign: a shared store needs the same KEK on every replica.
+        errors.add(
+            "key_encryption_key",
+            "a shared store (database_url) needs the same key-encryption key on every "
+            "control-plane replica: set SPAUTH_KEY_ENCRYPTION_KEY or key_encryption_key_file "
+            "(generate one with `spauth oauth generate-kek`)",
+        )
+    try:
+        trusted_networks(settings.trusted_proxies)
+    except ValueError as exc:
+        errors.add("trusted_proxies", str(exc))
+
+
+def trusted_networks(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """``trusted_proxies`` parsed: comma-separated addresses or CIDR blocks."""
+    out = []
+    for item in (i.strip() for i in text.split(",")):
+        if not item:
+            continue
+        try:
+            out.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ValueError(f"expected addresses or CIDR blocks, got {item!r}") from None
+    return tuple(out)
 
 
 def _check_level(errors: _Errors, value: str) -> None:
@@ -345,6 +405,10 @@ def load_settings(
     _check_tracing(errors, s.tracing_endpoint, s.tracing_sample_ratio)
     _check_shutdown(errors, s.drain_delay, s.shutdown_grace)
     _check_redis_url(errors, s.redis_url)
+    if s.admin_failure_limit < 0:
+        errors.add("admin_failure_limit", "must be 0 (off) or a positive count")
+    if not 1 <= s.admin_failure_window <= 86400:
+        errors.add("admin_failure_window", "must be between 1 and 86400 seconds")
     errors.raise_any()
     return s
 
@@ -384,6 +448,8 @@ def load_sidecar_settings(
         errors.add("max_staleness", "must be 0 (never) or a positive number of seconds")
     if not 1 <= s.threads <= 64:
         errors.add("threads", f"must be between 1 and 64, got {s.threads}")
+    if not 60 <= s.oauth_access_token_ttl <= 86400:
+        errors.add("oauth_access_token_ttl", "must be between 1m and 1d")
     if s.token_cache_size < 0:
         errors.add("token_cache_size", f"must be 0 (off) or more, got {s.token_cache_size}")
     if not 1 <= s.workers <= 64:

@@ -24,11 +24,18 @@ from sidecar._gen.statuspulse.auth.v1 import (
     replication_pb2,
     replication_pb2_grpc,
 )
+from sidecar.admin import http_rules
 from sidecar.admin.apikeys import ApiKeyServicer
 from sidecar.admin.apps import OAuthAppServicer
 from sidecar.admin.audit import AuditServicer
+from sidecar.admin.http_api import AdminHttpApi
+from sidecar.admin.openapi_route import openapi_routes
+from sidecar.admin.signing_keys import SigningKeyServicer
+from sidecar.admin.throttle import FailureThrottle
 from sidecar.admin.users import UserServicer
-from sidecar.config import Settings
+from sidecar.authz.policy import Policy
+from sidecar.authz.policy_source import PolicyWatcher, load_policy
+from sidecar.config import Settings, trusted_networks
 from sidecar.core.apikeys import ApiKeyService, KeyPolicy, key_snapshot
 from sidecar.core.apps import AppService
 from sidecar.core.audit_trail import AuditPolicy, AuditTrail
@@ -39,8 +46,12 @@ from sidecar.core.models import Minted
 from sidecar.core.users import UserService
 from sidecar.http.app import build_app
 from sidecar.http.routes import oauth_routes
+from sidecar.oauth import kek
 from sidecar.oauth.config import OAuthConfig
+from sidecar.oauth.kek import KeyEncryption
+from sidecar.oauth.key_admin import SigningKeyAdmin
 from sidecar.oauth.server import AuthorizationServer
+from sidecar.oauth.signing import SigningKeys
 from sidecar.ops.admin_calls import AdminCallInterceptor
 from sidecar.ops.health import Health, Status, worst
 from sidecar.ops.http_guard import HttpLimits
@@ -50,6 +61,7 @@ from sidecar.ops.metrics import OAUTH_EVENTS, Metrics
 from sidecar.ops.secrets_files import audit_signing_key, control_plane_sync_token
 from sidecar.ops.tls import admin_server_credentials, http_ssl_files
 from sidecar.ops.tracing import start_tracing
+from sidecar.ratelimit.local import AbuseLimits, WindowRateLimiter
 from sidecar.replication.server import ReplicationServicer, SnapshotSource
 from sidecar.store import Store, open_store
 
@@ -59,6 +71,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sidecar.controlplane")
 AUDIT_PRUNE_INTERVAL = 3600.0  # retention is in days; checking hourly is plenty
+OPERATOR_CHECK_INTERVAL = 3600.0
+
+
+def _failure_limiter(limit: int, window: float) -> WindowRateLimiter | None:
+    """The sidecar's limiter, counting refused admin keys per source address (None: off)."""
+    if limit <= 0:
+        return None
+    return WindowRateLimiter(
+        AbuseLimits(source_failures=limit, key_failures=0, failure_window=window)
+    )
 
 
 class ControlPlane:
@@ -92,7 +114,15 @@ class ControlPlane:
             AuditPolicy(max_future_skew=settings.audit_max_future_skew),
             on_conflict=self.metrics.audit_ingest_conflicts.inc,
         )
-        self.audit_servicer = AuditServicer(self.audit, self.keys, sync_token=self.sync_token)
+        # Every admin call (gRPC or HTTP) authenticates through this: refused keys are counted
+        # per source address.
+        self.guard = FailureThrottle(
+            self.keys,
+            self.clock,
+            _failure_limiter(settings.admin_failure_limit, settings.admin_failure_window),
+            settings.admin_failure_window,
+        )
+        self.audit_servicer = AuditServicer(self.audit, self.guard, sync_token=self.sync_token)
         self._unsubscribe = self.store.subscribe(self.audit_servicer.notify)
         self.snapshot_sources: list[SnapshotSource] = [key_snapshot, oauth_snapshot]
         self.replication = ReplicationServicer(
@@ -102,8 +132,21 @@ class ControlPlane:
             heartbeat=settings.sync_heartbeat,
             sync_token=self.sync_token,
         )
+        # The sidecars' route policy, for whoami's "what would the policy decide" (reloaded when
+        # the file changes, as the sidecar does).
+        self.policy = load_policy(settings.policy_file)
+        self.policy_watcher = PolicyWatcher(settings.policy_file, self._set_policy)
         self.apps = AppService(self.store, self.clock)
         self.users = UserService(self.store, self.clock)
+        # The signing keys need no port (the issuer does): the admin API rotates them too.
+        self.signing_keys = SigningKeys(
+            self.store,
+            self.clock,
+            rotation_interval=settings.oauth_signing_key_rotation,
+            access_token_ttl=settings.oauth_access_token_ttl,
+            encryption=key_encryption(settings),
+            lead_time=settings.oauth_signing_key_lead_time,
+        )
         self.oauth: AuthorizationServer | None = None  # built in start(), once the port is bound
         self.health = health_aio.HealthServicer()
         # Other components' health, folded into /readyz (spauth serve adds the sidecar's).
@@ -122,6 +165,7 @@ class ControlPlane:
             ),
         )
         self._server: grpc.aio.Server | None = None
+        self.servicers: dict[str, object] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self.bus: RedisChangeBus | None = None
         self.audit_stream: AuditStreamConsumer | None = None
@@ -155,14 +199,28 @@ class ControlPlane:
     async def start(self) -> None:
         interceptor = AdminCallInterceptor(self.metrics.admin_calls, self.tracing)
         server = grpc.aio.server(interceptors=[interceptor])
+        self.servicers = {
+            "statuspulse.auth.v1.ApiKeyService": ApiKeyServicer(
+                self.keys, self.clock, lambda: self.policy, self.guard
+            ),
+            "statuspulse.auth.v1.OAuthAppService": OAuthAppServicer(self.apps, self.guard),
+            "statuspulse.auth.v1.UserService": UserServicer(self.users, self.guard),
+            "statuspulse.auth.v1.AuditService": self.audit_servicer,
+            "statuspulse.auth.v1.SigningKeyService": SigningKeyServicer(
+                SigningKeyAdmin(self.signing_keys, self.clock), self.guard, self.clock
+            ),
+        }
         api_keys_pb2_grpc.add_ApiKeyServiceServicer_to_server(
-            ApiKeyServicer(self.keys, self.clock), server
+            self.servicers["statuspulse.auth.v1.ApiKeyService"], server
         )
         oauth_pb2_grpc.add_OAuthAppServiceServicer_to_server(
-            OAuthAppServicer(self.apps, self.keys), server
+            self.servicers["statuspulse.auth.v1.OAuthAppService"], server
         )
         oauth_pb2_grpc.add_UserServiceServicer_to_server(
-            UserServicer(self.users, self.keys), server
+            self.servicers["statuspulse.auth.v1.UserService"], server
+        )
+        oauth_pb2_grpc.add_SigningKeyServiceServicer_to_server(
+            self.servicers["statuspulse.auth.v1.SigningKeyService"], server
         )
         replication_pb2_grpc.add_ReplicationServiceServicer_to_server(self.replication, server)
         audit_pb2_grpc.add_AuditServiceServicer_to_server(self.audit_servicer, server)
@@ -174,6 +232,7 @@ class ControlPlane:
             oauth_pb2.DESCRIPTOR.services_by_name["OAuthAppService"].full_name,
             oauth_pb2.DESCRIPTOR.services_by_name["UserService"].full_name,
             audit_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name,
+            oauth_pb2.DESCRIPTOR.services_by_name["SigningKeyService"].full_name,
             health.SERVICE_NAME,
             reflection.SERVICE_NAME,
         )
@@ -196,6 +255,7 @@ class ControlPlane:
         self._server = server
         for name in ("", *names[:4]):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await asyncio.to_thread(self.check_operator_keys)
         self._sweeper = asyncio.create_task(self._sweep_forever())
         await self._start_redis()
         log.info(
@@ -215,9 +275,19 @@ class ControlPlane:
             self.clock,
             oauth_config(self.settings, port),
             token_events=self._oauth_token_event,
+            keys=self.signing_keys,
         )
         await asyncio.to_thread(self.oauth.start)
-        await self.http.start(build_app(oauth_routes(self.oauth, self.keys), self.http_routes))
+        admin = AdminHttpApi(http_rules.bindings(), self.servicers, self.metrics.admin_calls)
+        await self.http.start(
+            build_app(
+                oauth_routes(self.oauth, self.keys),
+                admin.routes(),
+                openapi_routes(),
+                self.http_routes,
+                exception_handlers={404: admin.unrouted},
+            )
+        )
         log.info("oauth listening", extra={"http_addr": self.settings.http_addr, "port": port})
 
     async def _start_redis(self) -> None:
@@ -235,6 +305,9 @@ class ControlPlane:
         self.audit_stream = AuditStreamConsumer(url, self.audit)
         await self.audit_stream.start()
 
+    def _set_policy(self, policy: Policy) -> None:
+        self.policy = policy
+
     def _committed_elsewhere(self, revision: int) -> None:
         """Another replica committed ``revision``: streams and audit tails look now."""
         self.replication.wake(revision)
@@ -245,10 +318,30 @@ class ControlPlane:
         if event in OAUTH_EVENTS:
             self.metrics.oauth_tokens.labels(event).inc()
 
+    def check_operator_keys(self) -> int:
+        """Export when the last usable operator key expires, and warn in the log when that is
+        within ``operator_key_warning`` (or already past); returns the expiry (0: none)."""
+        expiry = self.keys.operator_expiry()
+        self.metrics.operator_key_expiry.set(expiry)
+        left = expiry - self.clock.now()
+        if left <= self.settings.operator_key_warning:
+            log.warning(
+                "operator key expiring: create a second operator key (or `spauth operator "
+                "mint` with local access to the store) before the last one expires",
+                extra={"expires_at": expiry, "seconds_left": max(0, int(left))},
+            )
+        return expiry
+
     async def _sweep_forever(self) -> None:
         next_prune = next_sign = 0.0
+        next_operator_check = self.clock.now() + OPERATOR_CHECK_INTERVAL
         while True:
+            if self.clock.now() >= next_operator_check:
+                next_operator_check = self.clock.now() + OPERATOR_CHECK_INTERVAL
+                with contextlib.suppress(SpauthError):
+                    await asyncio.to_thread(self.check_operator_keys)
             try:
+                await asyncio.to_thread(self.policy_watcher.poll)
                 changed = await asyncio.to_thread(self.keys.sweep)
                 if self.oauth is not None:
                     changed += await asyncio.to_thread(self.oauth.sweep)
@@ -336,4 +429,22 @@ def oauth_config(settings: Settings, http_port: int) -> OAuthConfig:
         access_token_ttl=settings.oauth_access_token_ttl,
         refresh_token_ttl=settings.oauth_refresh_token_ttl,
         signing_key_rotation=settings.oauth_signing_key_rotation,
+        signing_key_lead_time=settings.oauth_signing_key_lead_time,
+        grant_lifetime=settings.oauth_grant_lifetime,
+        trusted_proxies=trusted_networks(settings.trusted_proxies),
     )
+
+
+def key_encryption(settings: Settings) -> KeyEncryption:
+    """The KEKs from ``key_encryption_key`` (env SPAUTH_KEY_ENCRYPTION_KEY), from
+    ``key_encryption_key_file``, or generated into the data directory on first start (the
+    settings' checks refuse the last with a shared store: every replica needs the same KEK)."""
+    if settings.key_encryption_key:
+        return KeyEncryption(kek.parse(settings.key_encryption_key, "key_encryption_key"))
+    if settings.key_encryption_key_file is not None:
+        path = settings.key_encryption_key_file
+        try:
+            return KeyEncryption(kek.parse(path.read_text(), f"key_encryption_key_file {path}"))
+        except OSError as exc:
+            raise kek.KekError(f"key_encryption_key_file: cannot read {path}: {exc}") from None
+    return KeyEncryption(kek.load_or_create(settings.data_dir / kek.KEK_FILE))

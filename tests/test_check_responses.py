@@ -131,3 +131,36 @@ def test_templates_equal_a_fresh_build_for_every_id_length(identity: Identity | 
     tricky = Identity("api_key", "key_\x01\x02", "acme\x01", frozenset({"checks:read"}), 2e9)
     decision = Decision(Reason.OK, "d", tricky)  # a one-byte placeholder occurs in the identity
     assert parse(enc.encode(decision, STRIP)) == parse(enc.build(decision, STRIP))
+
+
+RATED_MINUTE = Identity("api_key", "key_r", "acme", frozenset(), 2e9, rate_limit=5, rate_period=60)
+RATED_SECOND = Identity("api_key", "key_s", "acme", frozenset(), 2e9, rate_limit=5, rate_period=1)
+
+
+@pytest.mark.parametrize(
+    ("identity", "detail", "expected"),
+    [
+        (RATED_MINUTE, "rate", "60"),
+        (RATED_SECOND, "rate", "1"),
+        (KEY, "key", "30"),
+        (None, "source", "30"),
+    ],
+)  # fmt: skip
+def test_a_429_says_when_to_retry(identity: Identity | None, detail: str, expected: str) -> None:
+    enc = ResponseEncoder(failure_window=29.5)
+    for n in range(2):  # built, then from the template cache
+        decision = Decision(Reason.RATE_LIMITED, f"dec_{n}", identity, detail)
+        denied = parse(enc.encode(decision, STRIP)).denied_response
+        assert denied.status.code == 429
+        headers = {o.header.key: o.header.value for o in denied.headers}
+        assert headers["retry-after"] == expected
+
+
+def test_only_a_429_carries_retry_after() -> None:
+    enc = ResponseEncoder()
+    for reason in Reason:
+        if reason is Reason.RATE_LIMITED:
+            continue
+        resp = parse(enc.encode(Decision(reason, "dec_1", KEY), STRIP))
+        headers = [o.header.key for o in resp.denied_response.headers]
+        assert "retry-after" not in headers

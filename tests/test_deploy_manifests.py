@@ -82,6 +82,7 @@ METRIC_LABELS: dict[str, frozenset[str]] = {
     "spauth_policy_reloads_total": frozenset({"result"}),
     "spauth_oauth_tokens_total": frozenset({"event"}),
     "spauth_admin_calls_total": frozenset({"method", "code"}),
+    "spauth_operator_key_expiry_timestamp_seconds": frozenset(),
 }
 # Labels Prometheus attaches to every scraped series (PodMonitor target labels).
 TARGET_LABELS = frozenset({"namespace", "pod", "container", "instance", "job"})
@@ -369,6 +370,8 @@ def test_control_plane_deployment() -> None:
     assert env == {
         "SPAUTH_DATABASE_URL": {"name": "spauth-secrets", "key": "database-url"},
         "SPAUTH_REDIS_URL": {"name": "spauth-secrets", "key": "redis-url"},
+        # Replicas share one store, so they must share the signing keys' KEK.
+        "SPAUTH_KEY_ENCRYPTION_KEY": {"name": "spauth-secrets", "key": "key-encryption-key"},
         # Never anonymous replication or ingest; heads signed with a key outside the database.
         "SPAUTH_SYNC_TOKEN": {"name": "spauth-sync", "key": "sync-token"},
         "SPAUTH_AUDIT_SIGNING_KEY": {"name": "spauth-audit", "key": "audit-signing-key"},

@@ -16,6 +16,7 @@ from sidecar.authz.engine import CheckInput
 from sidecar.cli.main import main as spauth
 from sidecar.store.sql.sqlite import SqliteStore
 from tests.conftest import RunningControlPlane, bearer, wait_until
+from tests.support.ops import call_check, check_request
 
 
 def create(
@@ -108,3 +109,17 @@ def test_a_sidecar_enforces_the_replicated_limit(
     assert decisions[-1].http_status == 429
     control_plane.clock.advance(10)
     assert sidecar.engine.check(view).reason is Reason.OK
+
+
+def test_the_sidecars_429_says_when_to_retry(
+    control_plane: RunningControlPlane, sidecar_factory: object
+) -> None:
+    made = create(control_plane, pb.RateLimit(requests=2, period_seconds=30))
+    sidecar = sidecar_factory()  # type: ignore[operator]
+    wait_until(lambda: any(c.id == made.api_key.id for c in sidecar.replica.by_digest.values()))
+    request = check_request("/v1/workspaces/acme/checks", {"authorization": f"Bearer {made.key}"})
+    answers = [call_check(sidecar.port, request) for _ in range(3)]
+    assert [a.status.code for a in answers[:2]] == [0, 0]
+    denied = answers[2].denied_response
+    assert denied.status.code == 429
+    assert {h.header.key: h.header.value for h in denied.headers}["retry-after"] == "30"

@@ -20,7 +20,7 @@ from sidecar.authz.access_tokens import (
     verify_access_token,
 )
 from sidecar.oauth import rfc9068
-from sidecar.oauth.signing import generate_key
+from tests.support.signing import key_pair
 
 ISSUER = "https://auth.statuspulse.test"
 AUDIENCE = "statuspulse-api"
@@ -29,9 +29,7 @@ NOW = 1_800_000_000
 
 @pytest.fixture(scope="module")
 def signing() -> tuple[str, rsa.RSAPrivateKey, dict[str, VerificationKey]]:
-    key = generate_key(NOW)
-    private = serialization.load_pem_private_key(key.private_pem, password=None)
-    assert isinstance(private, rsa.RSAPrivateKey)
+    key, private = key_pair(NOW)
     keys = {key.kid: verification_key(key.kid, key.alg, key.public_jwk)}
     return key.kid, private, keys
 

@@ -163,10 +163,9 @@ def test_forged_and_foreign_tokens_are_refused(stack: OAuthStack) -> None:
     header = jwt.get_unverified_header(access)
     claims = jwt.decode(access, options={"verify_signature": False})
     assert env.plane.oauth is not None
+    # The signing key as a thief who got it would hold it (the store keeps it only encrypted).
     with env.plane.store.read() as uow:
-        current = uow.oauth.signing_keys.current()
-    assert current is not None
-    private = serialization.load_pem_private_key(current.private_pem, password=None)
+        _, private = env.plane.oauth.keys.signer(uow)
     public_pem = private.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
@@ -191,6 +190,9 @@ def test_forged_and_foreign_tokens_are_refused(stack: OAuthStack) -> None:
         "wrong_type": [
             jwt.encode(claims, private, algorithm="RS256", headers={"kid": header["kid"]})
         ],
+        # Even with the real key: no century-long tokens, no operator-wide ones.
+        "lifetime_too_long": [signed(exp=claims["iat"] + 100 * 365 * 86400)],
+        "invalid_workspace": [signed(workspace="*"), signed(workspace="Acme/../x")],
     }
     for reason, forged in cases.items():
         for token in forged:

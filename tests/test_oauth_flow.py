@@ -12,6 +12,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import grpc
+import jwt
 import pytest
 import requests
 from authlib.common.security import generate_token
@@ -598,7 +599,13 @@ def test_metadata_and_jwks(oauth_env: OAuthEnv) -> None:
     assert all("d" not in k and "p" not in k for k in jwks["keys"])
 
 
-def test_signing_key_rotation_keeps_the_previous_key_published(oauth_env: OAuthEnv) -> None:
+def _kid(token: object) -> str:
+    return str(jwt.get_unverified_header(str(token))["kid"])
+
+
+def test_signing_key_rotation_publishes_ahead_and_keeps_the_previous_key(
+    oauth_env: OAuthEnv,
+) -> None:
     env = oauth_env
     assert env.plane.oauth is not None
     keys = env.plane.oauth.keys
@@ -607,10 +614,20 @@ def test_signing_key_rotation_keeps_the_previous_key_published(oauth_env: OAuthE
     env.member()
     client = env.client(client_id, secret)
     old_token = tokens(env, client)
-    second = keys.rotate()
-    third = keys.rotate()
+    second, _ = keys.rotate()
+    # Ahead-of-time rollover: published (JWKS and replicas) before it signs anything.
+    assert [k["kid"] for k in keys.jwks()["keys"]] == [second.kid, first.kid]
+    assert any(second.kid in p for p in env.changes("signing_key.upserted"))
+    assert _kid(tokens(env, client)["access_token"]) == first.kid
+    assert keys.rotate()[0].kid == second.kid  # one pending key at a time
+    env.clock.advance(keys.lead_time)
+    assert keys.sweep() == 1  # the first key is superseded: its private part destroyed
+    assert _kid(tokens(env, client)["access_token"]) == second.kid
+    third, _ = keys.rotate()
+    env.clock.advance(keys.lead_time)
+    keys.sweep()
     published = [k["kid"] for k in keys.jwks()["keys"]]
-    assert published[:2] == [third.kid, second.kid] and first.kid in published
+    assert published == [third.kid, second.kid, first.kid]
     # Tokens signed by the first key may still be alive: it stays until they expire.
     assert keys.sweep() == 0
     env.clock.advance(3600 + 121)
@@ -619,10 +636,13 @@ def test_signing_key_rotation_keeps_the_previous_key_published(oauth_env: OAuthE
     assert any(first.kid in p for p in env.changes("signing_key.retired"))
     with env.plane.store.read() as uow:
         snapshot = oauth_snapshot(uow, env.clock.now())
+        private_parts = {k.kid: k.private_pem for k in uow.oauth.signing_keys.all()}
     assert {c.subject for c in snapshot if c.kind == "signing_key.upserted"} == {
         third.kid,
         second.kid,
     }
+    assert private_parts[first.kid] == b"" and private_parts[second.kid] == b""
+    assert private_parts[third.kid].startswith(b"spk1.")
     assert isinstance(old_token["access_token"], str)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from sidecar.authz.decision import Reason
@@ -15,7 +14,7 @@ from sidecar.core.changes import signing_key_retired, signing_key_upserted
 from sidecar.core.clock import FakeClock
 from sidecar.core.models import Change
 from sidecar.oauth import rfc9068
-from sidecar.oauth.signing import generate_key
+from tests.support.signing import key_pair
 
 ISSUER = "http://127.0.0.1:8080"
 NOW = 1_800_000_000
@@ -43,10 +42,9 @@ def _at(change: Change, revision: int) -> Change:
 
 @pytest.fixture
 def keyed() -> tuple[Replica, object, str]:
-    key = generate_key(NOW)
+    key, private = key_pair(NOW)
     replica = Replica()
     replica.load_snapshot(1, [signing_key_upserted(key)])
-    private = serialization.load_pem_private_key(key.private_pem, password=None)
     return replica, private, key.kid
 
 
@@ -59,8 +57,7 @@ def test_verifies_with_replica_keys_and_follows_rotation(
     assert identity.kind == "access_token" and identity.subject == "usr_1"
     assert identity.grant_id == "grt_1" and identity.scopes == frozenset({"checks:read"})
 
-    new = generate_key(NOW)
-    new_private = serialization.load_pem_private_key(new.private_pem, password=None)
+    new, new_private = key_pair(NOW)
     with pytest.raises(TokenDenied) as info:
         verify(_token(new_private, new.kid), replica, NOW + 1)
     assert info.value.reason is Reason.UNKNOWN_KEY

@@ -105,25 +105,39 @@ def test_password_policy(password: str, ok: bool) -> None:
 # -- throttling -----------------------------------------------------------------------------------
 
 
-def test_throttle_per_account_and_per_source() -> None:
+def test_throttle_backs_off_per_account_and_source_together() -> None:
     clock = FakeClock()
-    throttle = SignInThrottle(clock, ThrottlePolicy(per_account=3, per_source=5, window=60))
+    throttle = SignInThrottle(clock, ThrottlePolicy(free_failures=3, max_backoff=8))
     for _ in range(3):
         assert throttle.retry_after("acme/a", "10.0.0.1") == 0
         throttle.failed("acme/a", "10.0.0.1")
-    assert throttle.retry_after("acme/a", "10.0.0.2") > 0  # the account, from anywhere
+    # The guessing pair waits a short backoff; the member, from elsewhere, does not.
+    assert throttle.retry_after("acme/a", "10.0.0.1") == 1
+    assert throttle.retry_after("acme/a", "10.0.0.2") == 0
     assert throttle.retry_after("acme/b", "10.0.0.1") == 0
-    throttle.failed("acme/b", "10.0.0.1")
-    throttle.failed("acme/c", "10.0.0.1")
-    assert throttle.retry_after("acme/d", "10.0.0.1") > 0  # the source, for any account
+    waits = []
+    for _ in range(5):
+        clock.advance(throttle.retry_after("acme/a", "10.0.0.1"))
+        throttle.failed("acme/a", "10.0.0.1")
+        waits.append(throttle.retry_after("acme/a", "10.0.0.1"))
+    assert waits == [2, 4, 8, 8, 8]  # doubling, capped at max_backoff
+
+
+def test_throttle_per_source_across_accounts() -> None:
+    clock = FakeClock()
+    throttle = SignInThrottle(clock, ThrottlePolicy(free_failures=100, per_source=5, window=60))
+    for account in "abcde":
+        throttle.failed(f"acme/{account}", "10.0.0.1")
+    assert throttle.retry_after("acme/z", "10.0.0.1") > 0  # the source, for any account
+    assert throttle.retry_after("acme/z", "10.0.0.2") == 0
     clock.advance(61)
-    assert throttle.retry_after("acme/a", "10.0.0.1") == 0
+    assert throttle.retry_after("acme/z", "10.0.0.1") == 0
 
 
-def test_successful_sign_in_clears_the_account() -> None:
-    throttle = SignInThrottle(FakeClock(), ThrottlePolicy(per_account=2, per_source=100))
+def test_successful_sign_in_clears_the_pair() -> None:
+    throttle = SignInThrottle(FakeClock(), ThrottlePolicy(free_failures=2, per_source=100))
     throttle.failed("acme/a", "s")
-    throttle.succeeded("acme/a")
+    throttle.succeeded("acme/a", "s")
     throttle.failed("acme/a", "s")
     assert throttle.retry_after("acme/a", "s") == 0
 

@@ -105,17 +105,20 @@ def test_config_check_prints_the_effective_config_without_secrets(tmp_path: Path
         'admin_addr = "0.0.0.0:50051"\nsync_token = "s3cret-sync"\n'
         'database_url = "postgresql://spauth:hunter2@db:5432/spauth"\n[sidecar]\nthreads = 2\n',
     )
-    result = spauth("config", "check", str(path), env={"SPAUTH_SIDECAR_WORKERS": "2"})
+    kek = "Qk9HVVMtYnV0LTMyLWJ5dGVzLWxvbmctZm9yLXRlc3Q"
+    env = {"SPAUTH_SIDECAR_WORKERS": "2", "SPAUTH_KEY_ENCRYPTION_KEY": kek}
+    result = spauth("config", "check", str(path), env=env)
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert "s3cret-sync" not in out and "hunter2" not in out
+    assert "s3cret-sync" not in out and "hunter2" not in out and kek not in out
     lines = {line.split(" = ")[0]: line for line in out.splitlines() if " = " in line}
     assert lines["admin_addr"].endswith("# config file")
     assert lines["http_addr"].endswith("# default")
     assert lines["workers"].endswith("# SPAUTH_SIDECAR_WORKERS")
     assert "postgresql://spauth:<redacted>@db:5432/spauth" in lines["database_url"]
     # The output is itself a valid config file (secrets aside).
-    again = spauth("config", "check", str(write(tmp_path, out.replace('"<redacted>"', '""'))))
+    again_path = write(tmp_path, out.replace('"<redacted>"', '""'))
+    again = spauth("config", "check", str(again_path), env={"SPAUTH_KEY_ENCRYPTION_KEY": kek})
     assert again.returncode == 0, again.stderr
 
 

@@ -10,6 +10,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -44,6 +45,7 @@ from sidecar.store.sql import migrations
 from sidecar.store.sql.postgres import PostgresStore
 from sidecar.store.sql.sqlite import SqliteStore
 from tests.support.postgres import PostgresServer
+from tests.support.signing import TEST_KEK
 
 # -- helpers ------------------------------------------------------------------------------------
 
@@ -160,6 +162,14 @@ def test_key_sweep_usable_and_operator(store: Store) -> None:
         assert sorted(k.id for k in uow.keys.due_for_sweep(2000)) == ["key_0001", "key_0003"]
         assert sorted(k.id for k in uow.keys.usable(2000)) == ["key_0003", "key_0004", "key_0006"]
         assert uow.keys.has_operator()
+    with store.transaction() as uow:
+        uow.keys.insert(make_key(7, workspace="*", expires_at=20_000))
+        uow.keys.insert(make_key(8, workspace="*", revoked_at=1900))
+    with store.read() as uow:
+        operators = uow.keys.active_operators(2000)
+        assert [k.id for k in operators] == ["key_0007", "key_0006"]  # latest expiry first
+        assert [k.id for k in uow.keys.active_operators(10_000)] == ["key_0007"]
+        assert uow.keys.active_operators(20_000) == []
 
 
 # -- change log, transactions, notifications -----------------------------------------------------
@@ -411,6 +421,12 @@ def test_oauth_apps_and_members(store: Store) -> None:
             "usr_1",
         ]
         assert [m.id for m in uow.oauth.members.list(workspace="acme", limit=1)] == ["usr_1"]
+    offboarded = replace(member, disabled_at=7, last_signin_at=6, deleted_at=8, email="x@y.z")
+    with store.transaction() as uow:
+        uow.oauth.members.update(offboarded)
+    with store.read() as uow:
+        assert uow.oauth.members.get("usr_1") == offboarded
+        assert [m.id for m in uow.oauth.members.list(workspace=None, limit=10)] == ["usr_2"]
 
 
 def test_oauth_grants_codes_and_tokens(store: Store) -> None:
@@ -442,6 +458,8 @@ def test_oauth_grants_codes_and_tokens(store: Store) -> None:
     with store.read() as uow:
         assert uow.oauth.grants.get("grt_1") == revoked
         assert [g.id for g in uow.oauth.grants.active_for_app("app_1")] == ["grt_2"]
+        assert [g.id for g in uow.oauth.grants.active_for_user("usr_1")] == ["grt_2"]
+        assert uow.oauth.grants.active_for_user("usr_9") == []
         assert [g.id for g in uow.oauth.grants.revoked_unexpired(3999)] == ["grt_1"]
         assert uow.oauth.grants.revoked_unexpired(4000) == []
         assert uow.oauth.codes.get(code.digest) == used
@@ -471,8 +489,15 @@ def test_oauth_revoked_tokens_sessions_and_secrets(store: Store) -> None:
         assert uow.oauth.server_secrets.get("other") is None
     with store.transaction() as uow:
         uow.oauth.sessions.delete(session.digest)
+        uow.oauth.sessions.insert(BrowserSession(b"\x08" * 32, "usr_1", "acme", 10, 90))
+        uow.oauth.sessions.insert(BrowserSession(b"\x09" * 32, "usr_2", "acme", 10, 90))
     with store.read() as uow:
         assert uow.oauth.sessions.get(session.digest) is None
+    with store.transaction() as uow:
+        assert uow.oauth.sessions.delete_for_user("usr_1") == 1
+    with store.read() as uow:
+        assert uow.oauth.sessions.get(b"\x08" * 32) is None
+        assert uow.oauth.sessions.get(b"\x09" * 32) is not None
 
 
 def test_signing_keys_current_and_published_in_insertion_order(store: Store) -> None:
@@ -488,17 +513,22 @@ def test_signing_keys_current_and_published_in_insertion_order(store: Store) -> 
         return SigningKey(**fields)  # type: ignore[arg-type]
 
     with store.transaction() as uow:
-        assert uow.oauth.signing_keys.current() is None
+        assert uow.oauth.signing_keys.current(300) is None
         uow.oauth.signing_keys.insert(key("k1", 100, superseded_at=200, retired_at=300))
         uow.oauth.signing_keys.insert(key("k2", 200, superseded_at=200))
         uow.oauth.signing_keys.insert(key("k3", 200))  # same second as k2: insertion order wins
+        uow.oauth.signing_keys.insert(key("k4", 250, activates_at=400))  # ahead of time
     with store.read() as uow:
-        assert uow.oauth.signing_keys.current() == key("k3", 200)
-        assert [k.kid for k in uow.oauth.signing_keys.published()] == ["k3", "k2"]
+        assert uow.oauth.signing_keys.current(300) == key("k3", 200)
+        assert [k.kid for k in uow.oauth.signing_keys.published()] == ["k4", "k3", "k2"]
+        assert [k.kid for k in uow.oauth.signing_keys.pending(300)] == ["k4"]
+        assert uow.oauth.signing_keys.current(400) == key("k4", 250, activates_at=400)
+        assert uow.oauth.signing_keys.pending(400) == []
+        assert [k.kid for k in uow.oauth.signing_keys.all()] == ["k4", "k3", "k2", "k1"]
     with store.transaction() as uow:
         uow.oauth.signing_keys.update(key("k3", 200, superseded_at=250))
     with store.read() as uow:
-        assert uow.oauth.signing_keys.current() is None
+        assert uow.oauth.signing_keys.current(300) is None
 
 
 def _fields(obj: object) -> dict[str, object]:
@@ -549,8 +579,12 @@ class _Replica:
 
     def __init__(self, store: Store, clock: FakeClock) -> None:
 
+        # Replicas share the key-encryption key, as a deployment must (docs/oauth.md).
         self.server = AuthorizationServer(
-            store, clock, OAuthConfig(issuer="http://127.0.0.1:8080", audience="statuspulse-api")
+            store,
+            clock,
+            OAuthConfig(issuer="http://127.0.0.1:8080", audience="statuspulse-api"),
+            encryption=TEST_KEK,
         )
         self.server.start()
 

@@ -21,6 +21,7 @@ from sidecar.controlplane import ControlPlane
 from sidecar.core.clock import FakeClock
 from sidecar.core.models import RequestContext
 from sidecar.dataplane.process import Sidecar
+from sidecar.oauth import kek
 from sidecar.replication.client import parse_targets
 from tests.conftest import LoopThread, RunningControlPlane, wait_until
 
@@ -60,11 +61,13 @@ def cluster(request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock) ->
     else:
         url = f"sqlite:///{tmp_path / 'shared.db'}"
     replicas = []
+    shared_kek = kek.generate()  # every replica of one store shares the KEK
     for n in range(2):
         settings = load_settings(
             {
                 "data_dir": str(tmp_path / f"cp{n}"),
                 "database_url": url,
+                "key_encryption_key": shared_kek,
                 "admin_addr": "127.0.0.1:0",
                 "http_addr": "127.0.0.1:0",
                 "sync_heartbeat": "0.1",

@@ -3,24 +3,37 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from sidecar._gen.statuspulse.auth.v1 import api_keys_pb2 as pb
 from sidecar._gen.statuspulse.auth.v1 import api_keys_pb2_grpc as pb_grpc
 from sidecar.admin import convert
-from sidecar.admin.rpc import admin_rpc
+from sidecar.admin.rpc import Authenticator, admin_rpc
+from sidecar.authz.decision import Identity
+from sidecar.authz.engine import route_decision
+from sidecar.authz.policy import METHODS, Policy
 from sidecar.core.apikeys import ApiKeyService
 from sidecar.core.clock import Clock
 from sidecar.core.errors import InvalidArgument
-from sidecar.core.models import RequestContext
+from sidecar.core.models import ApiKey, RequestContext
+
+MAX_PATH = 2048
 
 
 class ApiKeyServicer(pb_grpc.ApiKeyServiceServicer):  # type: ignore[misc]
     """Admin API for API keys."""
 
-    def __init__(self, service: ApiKeyService, clock: Clock) -> None:
-        self.authenticator = service
+    def __init__(
+        self,
+        service: ApiKeyService,
+        clock: Clock,
+        policy: Callable[[], Policy] | None = None,
+        authenticator: Authenticator | None = None,
+    ) -> None:
+        self.authenticator: Authenticator = authenticator or service
         self._svc = service
         self._clock = clock
+        self._policy = policy
 
     @admin_rpc
     async def CreateApiKey(
@@ -96,8 +109,55 @@ class ApiKeyServicer(pb_grpc.ApiKeyServiceServicer):  # type: ignore[misc]
     async def RevokeApiKey(
         self, request: pb.RevokeApiKeyRequest, ctx: RequestContext
     ) -> pb.RevokeApiKeyResponse:
-        key = await asyncio.to_thread(self._svc.revoke, ctx, request.id, reason=request.reason)
+        key = await asyncio.to_thread(
+            self._svc.revoke, ctx, request.id, reason=request.reason, force=request.force
+        )
         return pb.RevokeApiKeyResponse(api_key=convert.api_key(key, self._clock.now()))
+
+    @admin_rpc
+    async def WhoAmI(self, request: pb.WhoAmIRequest, ctx: RequestContext) -> pb.WhoAmIResponse:
+        key = await asyncio.to_thread(self._svc.whoami, ctx)
+        response = pb.WhoAmIResponse(api_key=convert.api_key(key, self._clock.now()))
+        if not request.method and not request.path:
+            return response
+        method, path = _route_question(request)
+        if self._policy is None:
+            raise InvalidArgument("path", "this control plane has no route policy to consult")
+        decision, match = route_decision(self._policy(), method, path, key_identity(key))
+        response.decision.CopyFrom(
+            pb.RouteDecision(
+                allowed=decision.allowed,
+                reason=decision.reason.value,
+                http_status=decision.http_status,
+                route=match.route.name if match is not None else "",
+                required_scopes=list(match.route.scopes) if match is not None else [],
+            )
+        )
+        return response
+
+
+def key_identity(key: ApiKey) -> Identity:
+    """The identity a sidecar's replica holds for ``key`` (what its checks decide with)."""
+    return Identity(
+        kind="api_key",
+        id=key.id,
+        workspace=key.workspace,
+        scopes=frozenset(key.scopes),
+        expires_at=key.expires_at,
+        rate_limit=key.rate_limit,
+        rate_period=key.rate_period,
+    )
+
+
+def _route_question(request: pb.WhoAmIRequest) -> tuple[str, str]:
+    """The (method, path) of a whoami question, validated."""
+    method = request.method.upper()
+    if method not in METHODS:
+        raise InvalidArgument("method", f"must be one of {', '.join(sorted(METHODS))}")
+    path = request.path
+    if not path.startswith("/") or len(path) > MAX_PATH:
+        raise InvalidArgument("path", f"must start with / and be at most {MAX_PATH} characters")
+    return method, path
 
 
 def _seconds(value: int, field: str) -> int:

@@ -7,6 +7,7 @@ import asyncio
 from sidecar._gen.statuspulse.auth.v1 import oauth_pb2 as pb
 from sidecar._gen.statuspulse.auth.v1 import oauth_pb2_grpc as pb_grpc
 from sidecar.admin.convert import timestamp
+from sidecar.admin.paging import page
 from sidecar.admin.rpc import Authenticator, admin_rpc
 from sidecar.core.apps import AppService
 from sidecar.core.errors import InvalidArgument
@@ -48,6 +49,10 @@ def session_pb(session: AppSession) -> pb.OAuthAppSession:
     )
 
 
+def _created(app: OAuthApp) -> tuple[float, str]:
+    return float(app.created_at), app.id
+
+
 class OAuthAppServicer(pb_grpc.OAuthAppServiceServicer):  # type: ignore[misc]
     """Admin API for OAuth apps."""
 
@@ -77,7 +82,8 @@ class OAuthAppServicer(pb_grpc.OAuthAppServiceServicer):  # type: ignore[misc]
         self, request: pb.ListOAuthAppsRequest, ctx: RequestContext
     ) -> pb.ListOAuthAppsResponse:
         apps = await asyncio.to_thread(self._svc.list, ctx, workspace=request.workspace)
-        return pb.ListOAuthAppsResponse(apps=[app_pb(a) for a in apps])
+        chunk, token = page(apps, _created, request.page_size, request.page_token)
+        return pb.ListOAuthAppsResponse(apps=[app_pb(a) for a in chunk], next_page_token=token)
 
     @admin_rpc
     async def GetOAuthApp(
@@ -111,7 +117,15 @@ class OAuthAppServicer(pb_grpc.OAuthAppServiceServicer):  # type: ignore[misc]
         self, request: pb.ListOAuthAppSessionsRequest, ctx: RequestContext
     ) -> pb.ListOAuthAppSessionsResponse:
         sessions = await asyncio.to_thread(self._svc.sessions, ctx, request.client_id)
-        return pb.ListOAuthAppSessionsResponse(sessions=[session_pb(s) for s in sessions])
+        chunk, token = page(
+            sessions,
+            lambda s: (float(s.grant.created_at), s.grant.id),
+            request.page_size,
+            request.page_token,
+        )
+        return pb.ListOAuthAppSessionsResponse(
+            sessions=[session_pb(s) for s in chunk], next_page_token=token
+        )
 
     @admin_rpc
     async def RevokeOAuthAppSession(

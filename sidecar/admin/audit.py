@@ -16,7 +16,13 @@ from sidecar._gen.statuspulse.auth.v1 import audit_pb2 as pb
 from sidecar._gen.statuspulse.auth.v1 import audit_pb2_grpc as pb_grpc
 from sidecar.admin import audit_convert as convert
 from sidecar.admin.errors import grpc_code
-from sidecar.admin.rpc import Authenticator, admin_rpc, bearer_token, request_id
+from sidecar.admin.rpc import (
+    Authenticator,
+    admin_rpc,
+    authenticated,
+    bearer_token,
+    request_id,
+)
 from sidecar.core.audit_trail import SIDECAR, AuditTrail, decode_cursor, encode_cursor
 from sidecar.core.errors import SpauthError, Unauthenticated
 from sidecar.core.models import Principal, RequestContext
@@ -49,8 +55,7 @@ def admin_stream(
         context.set_trailing_metadata((("x-request-id", rid),))
         try:
             token = bearer_token(metadata)  # type: ignore[arg-type]
-            principal = await asyncio.to_thread(self.authenticator.authenticate, token)
-            ctx = RequestContext(principal=principal, request_id=rid, source=context.peer())
+            ctx = await authenticated(self.authenticator, token, rid, context.peer())
             loop = asyncio.get_running_loop()
             reauth_at = loop.time() + REAUTH_SECONDS
             async for item in method(self, request, ctx):

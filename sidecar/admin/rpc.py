@@ -28,6 +28,13 @@ class Authenticator(Protocol):
     def authenticate(self, secret: str) -> Principal: ...
 
 
+class SourceAware:
+    """Base of authenticators that also take the caller's address (``admin.throttle``)."""
+
+    def authenticate(self, secret: str, source: str = "") -> Principal:
+        raise NotImplementedError
+
+
 def bearer_token(metadata: tuple[tuple[str, str | bytes], ...] | None) -> str:
     """The credential from ``authorization: Bearer <key>`` metadata, or ''."""
     for name, value in metadata or ():
@@ -50,6 +57,23 @@ def request_id(metadata: tuple[tuple[str, str | bytes], ...] | None) -> str:
 Handler = Callable[[Any, Req, RequestContext], Awaitable[Resp]]
 
 
+async def authenticated(
+    authenticator: Authenticator, token: str, rid: str, source: str
+) -> RequestContext:
+    """The request context of a call presenting ``token``: every admin transport (gRPC, the
+    HTTP/JSON API) authenticates here, so the rules are the same on each."""
+    if isinstance(authenticator, SourceAware):
+        principal = await asyncio.to_thread(authenticator.authenticate, token, source)
+    else:
+        principal = await asyncio.to_thread(authenticator.authenticate, token)
+    return RequestContext(principal=principal, request_id=rid, source=source)
+
+
+def core_method(method: Callable[..., Awaitable[Any]]) -> Handler[Any, Any]:
+    """The undecorated ``(self, request, ctx)`` method behind an ``admin_rpc`` method."""
+    return method.__wrapped__  # type: ignore[attr-defined,no-any-return]
+
+
 def admin_rpc(
     method: Callable[[Any, Req, RequestContext], Awaitable[Resp]],
 ) -> Callable[[Any, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]]:
@@ -64,8 +88,7 @@ def admin_rpc(
         context.set_trailing_metadata((("x-request-id", rid),))
         try:
             token = bearer_token(metadata)  # type: ignore[arg-type]
-            principal = await asyncio.to_thread(self.authenticator.authenticate, token)
-            ctx = RequestContext(principal=principal, request_id=rid, source=context.peer())
+            ctx = await authenticated(self.authenticator, token, rid, context.peer())
             return await method(self, request, ctx)
         except SpauthError as exc:
             log.info(

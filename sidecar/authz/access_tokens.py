@@ -17,7 +17,7 @@ import enum
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
@@ -31,6 +31,8 @@ ACCESS_TOKEN_TYPES = frozenset({"at+jwt", "application/at+jwt"})
 ALLOWED_ALGS = frozenset({"RS256", "ES256"})
 MAX_TOKEN_LENGTH = 8192
 _SHAPE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
+# A workspace slug (sidecar.core.validation.workspace).
+_WORKSPACE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 
 
 class Reason(enum.StrEnum):
@@ -46,6 +48,8 @@ class Reason(enum.StrEnum):
     TOKEN_EXPIRED = "token_expired"  # noqa: S105 (a name, not a secret)
     TOKEN_NOT_YET_VALID = "token_not_yet_valid"  # noqa: S105 (a name, not a secret)
     INSUFFICIENT_CLAIMS = "insufficient_claims"
+    LIFETIME_TOO_LONG = "lifetime_too_long"
+    INVALID_WORKSPACE = "invalid_workspace"
 
 
 class TokenRejected(Exception):
@@ -80,6 +84,7 @@ class TokenIdentity:
     grant_id: str
     expires_at: int
     issued_at: int = 0
+    key_id: str = ""
 
 
 def _b64decode(segment: str) -> bytes:
@@ -153,8 +158,9 @@ def _verify_header(
     # RFC 8725 §3.1: the algorithm comes from an allow-list, never from the token alone.
     if not isinstance(alg, str) or alg not in ALLOWED_ALGS:
         raise TokenRejected(Reason.ALG_NOT_ALLOWED)
-    if "crit" in header:
-        # RFC 7515 §4.1.11: extensions we do not understand make the token invalid.
+    if "crit" in header or "b64" in header:
+        # RFC 7515 §4.1.11: extensions we do not understand make the token invalid; RFC 7797's
+        # unencoded payload ("b64") would change what the signature covers.
         raise TokenRejected(Reason.MALFORMED_TOKEN)
     kid = header.get("kid")
     key = keys.get(kid) if isinstance(kid, str) else None
@@ -171,13 +177,18 @@ def _verify_header(
     return key
 
 
-def _number(claims: Mapping[str, Any], name: str) -> float | None:
+def _number(claims: Mapping[str, Any], name: str) -> int | None:
+    """A NumericDate (RFC 7519 §2): a JSON number, compared in whole seconds (as PyJWT does,
+    so both agree at the boundary); NaN and infinities are refused."""
     value = claims.get(name)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TokenRejected(Reason.INSUFFICIENT_CLAIMS)
-    return float(value)
+    try:
+        return int(value)
+    except (ValueError, OverflowError):
+        raise TokenRejected(Reason.INSUFFICIENT_CLAIMS) from None
 
 
 def _string(claims: Mapping[str, Any], name: str) -> str:
@@ -188,7 +199,12 @@ def _string(claims: Mapping[str, Any], name: str) -> str:
 
 
 def _verify_claims(
-    claims: Mapping[str, Any], issuer: str, audience: str, now: float, leeway: float
+    claims: Mapping[str, Any],
+    issuer: str,
+    audience: str,
+    now: float,
+    leeway: float,
+    max_lifetime: float | None,
 ) -> TokenIdentity:
     # RFC 9068 §4: the issuer "MUST exactly match the value of the issuer" (RFC 8414).
     if claims.get("iss") != issuer:
@@ -197,7 +213,8 @@ def _verify_claims(
     # corresponding to an identifier the resource server expects for itself".
     aud = claims.get("aud")
     audiences = aud if isinstance(aud, list) else [aud]
-    if audience not in audiences:
+    # RFC 7519 §4.1.3: a string or an array of strings; anything else is not an audience.
+    if audience not in audiences or not all(isinstance(a, str) for a in audiences):
         raise TokenRejected(Reason.WRONG_AUDIENCE)
     exp = _number(claims, "exp")
     iat = _number(claims, "iat")
@@ -209,13 +226,22 @@ def _verify_claims(
     nbf = _number(claims, "nbf")
     if (nbf is not None and now + leeway < nbf) or now + leeway < iat:
         raise TokenRejected(Reason.TOKEN_NOT_YET_VALID)
+    # The issuer never signs a token that lives longer than its access-token TTL: a longer
+    # one was signed by someone else holding a key (a stolen key mints century-long tokens).
+    if max_lifetime is not None and exp - iat > max_lifetime + leeway:
+        raise TokenRejected(Reason.LIFETIME_TOO_LONG)
     scope = claims.get("scope", "")
     if not isinstance(scope, str):
         raise TokenRejected(Reason.INSUFFICIENT_CLAIMS)
+    workspace = _string(claims, "workspace")
+    # An access token acts for one member in one workspace: never "*" (the operator's), never
+    # something that is not a workspace name.
+    if not _WORKSPACE.fullmatch(workspace):
+        raise TokenRejected(Reason.INVALID_WORKSPACE)
     return TokenIdentity(
         subject=_string(claims, "sub"),
         client_id=_string(claims, "client_id"),
-        workspace=_string(claims, "workspace"),
+        workspace=workspace,
         scopes=frozenset(scope.split()),
         jti=_string(claims, "jti"),
         grant_id=_string(claims, "sid"),
@@ -232,10 +258,12 @@ def verify_access_token(
     audience: str,
     now: float,
     leeway: float = 30,
+    max_lifetime: float | None = None,
 ) -> TokenIdentity:
     """Verify ``token`` (JWS compact serialization) and return its identity, or raise
-    TokenRejected. ``keys`` maps ``kid`` to the published keys. Revocation (grant or jti) is
-    the caller's next step: it needs the replica, not the token."""
+    TokenRejected. ``keys`` maps ``kid`` to the published keys; ``max_lifetime`` (the issuer's
+    access-token TTL) bounds ``exp - iat``. Revocation (grant or jti) is the caller's next
+    step: it needs the replica, not the token."""
     if len(token) > MAX_TOKEN_LENGTH or not _SHAPE.fullmatch(token):
         raise TokenRejected(Reason.MALFORMED_TOKEN)
     header_b64, payload_b64, signature_b64 = token.split(".")
@@ -247,7 +275,8 @@ def verify_access_token(
     _check_signature(key, f"{header_b64}.{payload_b64}".encode("ascii"), signature)
     claims = _json_object(payload_b64)
     try:
-        return _verify_claims(claims, issuer, audience, now, leeway)
+        identity = _verify_claims(claims, issuer, audience, now, leeway, max_lifetime)
     except TokenRejected as exc:
         exc.claims = claims  # signed by us: worth naming in the audit trail
         raise
+    return replace(identity, key_id=key.kid)

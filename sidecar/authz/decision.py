@@ -31,6 +31,8 @@ class Reason(enum.StrEnum):
     TOKEN_EXPIRED = "token_expired"  # noqa: S105 (a reason code)
     TOKEN_NOT_YET_VALID = "token_not_yet_valid"  # noqa: S105 (a reason code)
     INSUFFICIENT_CLAIMS = "insufficient_claims"
+    LIFETIME_TOO_LONG = "lifetime_too_long"
+    INVALID_WORKSPACE = "invalid_workspace"
     TOKEN_REVOKED = "token_revoked"  # noqa: S105 (a reason code)
     # 403: the credential is fine but does not reach this request.
     INSUFFICIENT_SCOPE = "insufficient_scope"
@@ -96,6 +98,9 @@ class Identity:
     subject: str = ""
     client_id: str = ""
     grant_id: str = ""
+    # The signing key that verified an access token: a cached token is denied once its key
+    # leaves the replica (retired, e.g. by ``rotate-signing-key --now``).
+    key_id: str = ""
     # An API key's own request-rate limit: ``rate_limit`` requests per ``rate_period`` seconds
     # (0: none), enforced per sidecar and shared through Redis in scale-out.
     rate_limit: int = 0

@@ -250,6 +250,10 @@ class Engine:
         elif identity.expires_at <= now:
             self._token_cache.pop(digest, None)
             return Decision(Reason.TOKEN_EXPIRED, "", identity)
+        elif identity.key_id not in self.replica.signing_keys:
+            # Its signing key was retired since: the cached verification no longer holds.
+            self._token_cache.pop(digest, None)
+            return _DENY[Reason.UNKNOWN_KEY]
         replica = self.replica
         if identity.grant_id in replica.revoked_grants or identity.id in replica.revoked_jtis:
             return Decision(Reason.TOKEN_REVOKED, "", identity)
@@ -257,6 +261,21 @@ class Engine:
 
 
 _DENY = {reason: Decision(reason, "") for reason in Reason}
+
+
+def route_decision(
+    policy: Policy, method: str, path: str, identity: Identity, decision_id: str = ""
+) -> tuple[Decision, Match | None]:
+    """What ``Engine.check`` decides on ``method path`` for an already authenticated identity,
+    by the same matching and route rule (``spauth whoami --method --path``); replica state and
+    rate limits, which each sidecar keeps for itself, are not part of it."""
+    bare = path.partition("?")[0]
+    if non_canonical(bare):
+        return Decision(Reason.NON_CANONICAL_PATH, decision_id, identity), None
+    match = policy.match(method, bare)
+    if match is not None and match.route.public:
+        return Decision(Reason.PUBLIC_ROUTE, decision_id, identity), match
+    return Engine._route(match, identity, decision_id, policy.allow_operator_key), match
 
 
 def _holds(held: frozenset[str], required: tuple[str, ...]) -> bool:

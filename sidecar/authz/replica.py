@@ -99,7 +99,8 @@ class Replica:
             id=str(p["id"]),
             workspace=str(p["workspace"]),
             scopes=frozenset(str(s) for s in p["scopes"]),
-            expires_at=int(p["expires_at"]),
+            # A replaced key's grace deadline ends it like an expiry, enforced here.
+            expires_at=min(int(p["expires_at"]), int(p.get("grace_deadline") or p["expires_at"])),
             rate_limit=int(p.get("rate_limit", 0)),
             rate_period=int(p.get("rate_period", 0)),
         )

@@ -27,10 +27,18 @@ ACCESS_TOKEN = "access_token"  # noqa: S105 (an identity kind)
 class ReplicaTokenVerifier:
     """``(token, replica, now) -> Identity``; raises TokenDenied with the stable reason."""
 
-    def __init__(self, issuer: str, audience: str, *, leeway: float = 30) -> None:
+    def __init__(
+        self,
+        issuer: str,
+        audience: str,
+        *,
+        leeway: float = 30,
+        max_lifetime: float | None = None,
+    ) -> None:
         self.issuer = issuer
         self.audience = audience
         self.leeway = leeway
+        self.max_lifetime = max_lifetime
         self._lock = threading.Lock()
         # (what the replica held, the keys loaded from it), swapped as one object.
         self._state: tuple[tuple[tuple[str, int], ...], dict[str, VerificationKey]] = ((), {})
@@ -44,6 +52,7 @@ class ReplicaTokenVerifier:
                 audience=self.audience,
                 now=now,
                 leeway=self.leeway,
+                max_lifetime=self.max_lifetime,
             )
         except TokenRejected as exc:
             # The verifier's reasons are a subset of the engine's, with the same spelling.
@@ -57,6 +66,7 @@ class ReplicaTokenVerifier:
             subject=found.subject,
             client_id=found.client_id,
             grant_id=found.grant_id,
+            key_id=found.key_id,
         )
 
     def keys(self, published: Mapping[str, Mapping[str, Any]]) -> dict[str, VerificationKey]:

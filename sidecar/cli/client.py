@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 import grpc
@@ -24,10 +26,40 @@ class CliError(Exception):
         self.exit_code = exit_code
 
 
+@dataclass(frozen=True, slots=True)
+class TlsFiles:
+    """PEM files for an admin port that serves TLS (``ca``) or mTLS (``ca``, ``cert``, ``key``).
+    An empty ``ca`` trusts the system's roots."""
+
+    ca: str = ""
+    cert: str = ""
+    key: str = ""
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        if bool(self.cert) != bool(self.key):
+            raise CliError("--tls-cert and --tls-key go together (mTLS)", EXIT_USAGE)
+        return grpc.ssl_channel_credentials(
+            root_certificates=_read(self.ca, "--tls-ca"),
+            private_key=_read(self.key, "--tls-key"),
+            certificate_chain=_read(self.cert, "--tls-cert"),
+        )
+
+
+def _read(path: str, flag: str) -> bytes | None:
+    if not path:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise CliError(f"{flag}: cannot read {path}: {exc.strerror}", EXIT_USAGE) from None
+
+
 class AdminClient:
     """Holds the channel and the metadata every call carries."""
 
-    def __init__(self, endpoint: str, api_key: str, timeout: float = 10.0) -> None:
+    def __init__(
+        self, endpoint: str, api_key: str, timeout: float = 10.0, tls: TlsFiles | None = None
+    ) -> None:
         if not api_key:
             raise CliError(
                 "STATUSPULSE_API_KEY is not set: export the key to authenticate with "
@@ -35,7 +67,11 @@ class AdminClient:
                 EXIT_USAGE,
             )
         self.endpoint = endpoint
-        self.channel = grpc.insecure_channel(endpoint)
+        self.channel = (
+            grpc.insecure_channel(endpoint)
+            if tls is None
+            else grpc.secure_channel(endpoint, tls.credentials())
+        )
         self.metadata = (("authorization", f"Bearer {api_key}"),)
         self.timeout = timeout
 
@@ -64,9 +100,19 @@ class AdminClient:
         self.channel.close()
 
 
+def tls_files(args: object) -> TlsFiles | None:
+    """The ``--tls-*`` options of a command, or None for a plaintext admin port."""
+    files = TlsFiles(
+        getattr(args, "tls_ca", "") or "",
+        getattr(args, "tls_cert", "") or "",
+        getattr(args, "tls_key", "") or "",
+    )
+    return files if (files.ca or files.cert or files.key or getattr(args, "tls", False)) else None
+
+
 @contextmanager
-def admin_client(endpoint: str, api_key: str) -> Iterator[AdminClient]:
-    client = AdminClient(endpoint, api_key)
+def admin_client(endpoint: str, api_key: str, tls: TlsFiles | None = None) -> Iterator[AdminClient]:
+    client = AdminClient(endpoint, api_key, tls=tls)
     try:
         yield client
     finally:

@@ -13,6 +13,7 @@ from typing import Any
 
 from sidecar import logs
 from sidecar.config import Settings
+from sidecar.oauth.kek import KekError
 from sidecar.ops.configfile import load_control_plane_config
 from sidecar.ops.tracing import TracingUnavailable
 
@@ -101,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     logs.configure(settings.log_level)
     try:
         asyncio.run(run_control_plane(settings))
-    except (OSError, TracingUnavailable) as exc:
+    except (OSError, TracingUnavailable, KekError) as exc:
         print(f"spauth: error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -22,7 +22,8 @@ STATES = {
 STATE_NAMES = {v: k for k, v in STATES.items() if k != "all"}
 
 
-def register(sub: Any, common: argparse.ArgumentParser) -> None:
+def register(sub: Any, common: argparse.ArgumentParser) -> Any:
+    """Add ``keys`` and its commands; returns its sub-parsers (``keys verify`` joins them)."""
     keys = sub.add_parser("keys", help="manage API keys").add_subparsers(
         dest="keys_command", required=True, metavar="COMMAND"
     )
@@ -54,7 +55,13 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p = keys.add_parser("revoke", parents=[common], help="revoke a key now")
     p.add_argument("id")
     p.add_argument("--reason", default="")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="allow revoking the last usable operator key (recovery: spauth operator mint)",
+    )
     p.set_defaults(handler=revoke)
+    return keys
 
 
 def _duration(text: str, flag: str) -> int:
@@ -186,7 +193,8 @@ def replace(client: AdminClient, args: argparse.Namespace) -> int:
 
 def revoke(client: AdminClient, args: argparse.Namespace) -> int:
     stub = pb_grpc.ApiKeyServiceStub(client.channel)
-    resp = client.call(stub.RevokeApiKey, pb.RevokeApiKeyRequest(id=args.id, reason=args.reason))
+    request = pb.RevokeApiKeyRequest(id=args.id, reason=args.reason, force=args.force)
+    resp = client.call(stub.RevokeApiKey, request)
     if args.output == "json":
         emit_json(key_json(resp.api_key))
     else:

@@ -14,11 +14,14 @@ from sidecar.cli import (
     config_cmd,
     control_plane_cmd,
     keys,
+    oauth_cmd,
+    operator_cmd,
     serve,
     sidecar_cmd,
     users,
+    whoami,
 )
-from sidecar.cli.client import EXIT_USAGE, CliError, admin_client, fail
+from sidecar.cli.client import EXIT_USAGE, CliError, admin_client, fail, tls_files
 from sidecar.config import ConfigError
 
 
@@ -31,18 +34,38 @@ def build_parser(environ: dict[str, str] | None = None) -> argparse.ArgumentPars
         help="admin API address (env SPAUTH_ENDPOINT, default 127.0.0.1:50051)",
     )
     common.add_argument("--output", "-o", choices=("table", "json"), default="table")
+    tls = common.add_argument_group("TLS to the admin API (any of these turns TLS on)")
+    tls.add_argument(
+        "--tls", action="store_true", default=bool(env.get("SPAUTH_TLS")),
+        help="use TLS with the system's trusted roots (env SPAUTH_TLS=1)",
+    )  # fmt: skip
+    for name, what in (
+        ("ca", "CA certificate (PEM) that signed the admin port's certificate"),
+        ("cert", "client certificate (PEM) for an mTLS admin port"),
+        ("key", "the client certificate's private key (PEM)"),
+    ):
+        tls.add_argument(
+            f"--tls-{name}",
+            default=env.get(f"SPAUTH_TLS_{name.upper()}", ""),
+            metavar="FILE",
+            help=f"{what} (env SPAUTH_TLS_{name.upper()})",
+        )
     parser = argparse.ArgumentParser(
         prog="spauth", description="StatusPulse Auth: control plane, sidecar and admin CLI"
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve.register(sub, common)
-    keys.register(sub, common)
+    key_commands = keys.register(sub, common)
     sidecar_cmd.register(sub, common)
     control_plane_cmd.register(sub, common)
     config_cmd.register(sub, common)
     apps.register(sub, common)
     users.register(sub, common)
+    oauth_cmd.register(sub, common)
+    operator_cmd.register(sub, common)
     audit.register(sub, common)
+    whoami.register(sub, common)
+    whoami.register_verify(key_commands, common)
     return parser
 
 
@@ -54,7 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         runner = getattr(args, "runner", None)
         if runner is not None:
             return int(runner(args))
-        with admin_client(args.endpoint, os.environ.get("STATUSPULSE_API_KEY", "")) as client:
+        key = os.environ.get("STATUSPULSE_API_KEY", "")
+        with admin_client(args.endpoint, key, tls_files(args)) as client:
             return int(args.handler(client, args))
     except CliError as exc:
         return fail(str(exc), exc.exit_code)

@@ -19,6 +19,7 @@ from sidecar.cli.control_plane_cmd import write_bootstrap_key as _write_key
 from sidecar.config import Settings, SidecarSettings
 from sidecar.core.models import Minted
 from sidecar.dataplane.process import Sidecar
+from sidecar.oauth.kek import KekError
 from sidecar.ops.configfile import load_control_plane_config, load_sidecar_config
 from sidecar.ops.tracing import TracingUnavailable
 
@@ -56,6 +57,7 @@ def embedded_sidecar_settings(
         control_plane=f"127.0.0.1:{admin_port}",
         oauth_issuer=oauth_issuer,
         oauth_audience=settings.oauth_audience,
+        oauth_access_token_ttl=settings.oauth_access_token_ttl,
         policy_file=settings.policy_file,
         state_dir=settings.data_dir / "sidecar",
         # The control plane's own (configured or generated): the embedded sidecar is no exception.
@@ -122,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     logs.configure(settings.log_level)
     try:
         asyncio.run(serve(settings, sidecar_base))
-    except (OSError, PolicyError, TracingUnavailable) as exc:
+    except (OSError, PolicyError, TracingUnavailable, KekError) as exc:
         print(f"spauth: error: {exc}", file=sys.stderr)
         return 1
     return 0

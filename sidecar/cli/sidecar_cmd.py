@@ -44,6 +44,10 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--oauth-issuer", help="issuer of OAuth access tokens (http://127.0.0.1:8080)")
     p.add_argument("--oauth-audience", help="audience of OAuth access tokens (statuspulse-api)")
+    p.add_argument(
+        "--oauth-access-token-ttl",
+        help="the control plane's access-token lifetime; longer-lived tokens are refused (1h)",
+    )
     p.add_argument("--redis-url", help="share rate limits and ship audit through Redis (scale-out)")
     p.add_argument("--failure-limit-source", help="failed credentials per source per window (50)")
     p.add_argument("--failure-limit-key", help="failed credentials per key id per window (20)")
@@ -67,6 +71,7 @@ def _settings(args: argparse.Namespace) -> SidecarSettings:
             "metrics_addr": args.metrics_addr,
             "oauth_issuer": args.oauth_issuer,
             "oauth_audience": args.oauth_audience,
+            "oauth_access_token_ttl": args.oauth_access_token_ttl,
             "redis_url": args.redis_url,
             "failure_limit_source": args.failure_limit_source,
             "failure_limit_key": args.failure_limit_key,

@@ -1,4 +1,5 @@
-"""``spauth users create|list``: workspace members who sign in at /oauth/authorize."""
+"""``spauth users create|list|disable|enable|delete|reset-password``: workspace members who
+sign in at /oauth/authorize, and their offboarding."""
 
 from __future__ import annotations
 
@@ -36,6 +37,22 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--workspace", default="")
     p.set_defaults(handler=list_users)
 
+    for name, handler, text in (
+        ("disable", disable, "refuse sign-in and revoke every grant (tokens denied everywhere)"),
+        ("enable", enable, "let a disabled member sign in again"),
+        ("delete", delete, "delete a member, revoking every grant (audit history stays)"),
+    ):
+        p = users.add_parser(name, parents=[common], help=text)
+        p.add_argument("id")
+        p.set_defaults(handler=handler)
+    p = users.add_parser(
+        "reset-password",
+        parents=[common],
+        help="set a new password (read from stdin) and sign the member out everywhere",
+    )
+    p.add_argument("id")
+    p.set_defaults(handler=reset_password)
+
 
 def read_password() -> str:
     """From the terminal without echo, or the first line of piped stdin (never from argv,
@@ -63,6 +80,9 @@ def user_json(user: pb.User) -> dict[str, object]:
         "scopes": list(user.scopes),
         "created_at": rfc3339(user.create_time),
         "created_by": user.created_by,
+        "state": user.state,
+        "last_sign_in_at": rfc3339(user.last_sign_in_time, user.HasField("last_sign_in_time")),
+        "disabled_at": rfc3339(user.disable_time, user.HasField("disable_time")),
     }
 
 
@@ -70,8 +90,19 @@ def _print(args: argparse.Namespace, users: list[pb.User]) -> None:
     if args.output == "json":
         emit_json([user_json(u) for u in users])
         return
-    rows = [[u.id, u.email, u.workspace, ",".join(u.scopes)] for u in users]
-    print(table(rows, ["ID", "EMAIL", "WORKSPACE", "SCOPES"]))
+    rows = [
+        [
+            u.id,
+            u.email,
+            u.workspace,
+            u.state,
+            str(rfc3339(u.create_time)),
+            rfc3339(u.last_sign_in_time, u.HasField("last_sign_in_time")) or "never",
+            ",".join(u.scopes),
+        ]
+        for u in users
+    ]
+    print(table(rows, ["ID", "EMAIL", "WORKSPACE", "STATE", "CREATED", "LAST SIGN-IN", "SCOPES"]))
 
 
 def create(client: AdminClient, args: argparse.Namespace) -> int:
@@ -91,3 +122,41 @@ def list_users(client: AdminClient, args: argparse.Namespace) -> int:
     resp = client.call(pb_grpc.UserServiceStub(client.channel).ListUsers, request)
     _print(args, list(resp.users))
     return 0
+
+
+def _changed(args: argparse.Namespace, user: pb.User, grants_revoked: int | None) -> int:
+    if args.output == "json":
+        out = user_json(user)
+        if grants_revoked is not None:
+            out["grants_revoked"] = grants_revoked
+        emit_json(out)
+        return 0
+    _print(args, [user])
+    if grants_revoked is not None:
+        print(f"grants revoked: {grants_revoked}")
+    return 0
+
+
+def disable(client: AdminClient, args: argparse.Namespace) -> int:
+    stub = pb_grpc.UserServiceStub(client.channel)
+    resp = client.call(stub.DisableUser, pb.DisableUserRequest(id=args.id))
+    return _changed(args, resp.user, resp.grants_revoked)
+
+
+def enable(client: AdminClient, args: argparse.Namespace) -> int:
+    stub = pb_grpc.UserServiceStub(client.channel)
+    resp = client.call(stub.EnableUser, pb.EnableUserRequest(id=args.id))
+    return _changed(args, resp.user, None)
+
+
+def delete(client: AdminClient, args: argparse.Namespace) -> int:
+    stub = pb_grpc.UserServiceStub(client.channel)
+    resp = client.call(stub.DeleteUser, pb.DeleteUserRequest(id=args.id))
+    return _changed(args, resp.user, resp.grants_revoked)
+
+
+def reset_password(client: AdminClient, args: argparse.Namespace) -> int:
+    stub = pb_grpc.UserServiceStub(client.channel)
+    request = pb.ResetUserPasswordRequest(id=args.id, password=read_password())
+    resp = client.call(stub.ResetUserPassword, request)
+    return _changed(args, resp.user, resp.grants_revoked)

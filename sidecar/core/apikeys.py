@@ -35,6 +35,9 @@ from sidecar.core.storage import Store, UnitOfWork
 
 DAY = 86400
 SYSTEM_ACTOR = "system"
+BREAK_GLASS_ACTOR = "break-glass"
+# The operator may hold two keys at once, so it can rotate without a gap.
+MAX_OPERATOR_KEYS = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +64,10 @@ def credential_payload(key: ApiKey) -> dict[str, object]:
     if key.rate_limit:
         payload["rate_limit"] = key.rate_limit
         payload["rate_period"] = key.rate_period
+    if key.grace_deadline is not None:
+        # A replaced key's grace deadline travels to the replicas, which enforce it themselves:
+        # the old key stops at the deadline even while the control plane is down.
+        payload["grace_deadline"] = key.grace_deadline
     return payload
 
 
@@ -110,7 +117,8 @@ class ApiKeyService:
     ) -> Minted:
         """Mint a key in ``workspace``; the caller must hold every scope it grants.
         ``rate_limit`` is (requests, period seconds), enforced by the sidecars."""
-        workspace = validation.workspace(workspace)
+        if workspace != OPERATOR_WORKSPACE:
+            workspace = validation.workspace(workspace)
         name = validation.name(name)
         granted = parse_scopes(scopes)
         lifetime = self._lifetime(expires_in)
@@ -136,6 +144,8 @@ class ApiKeyService:
         if requests:
             meta["rate_limit"] = validation.format_rate(requests, period)
         with self._store.transaction() as uow:
+            if key.is_operator:
+                _require_operator_room(uow, now)
             uow.keys.insert(key)
             self._record(uow, ctx, "key.created", key, meta)
             uow.changes.append(Change("credential.upserted", key.id, credential_payload(key)))
@@ -183,6 +193,11 @@ class ApiKeyService:
         _require(ctx.principal, KEYS_MANAGE, key.workspace)
         return key
 
+    def whoami(self, ctx: RequestContext) -> ApiKey:
+        """The calling key itself: any authenticated key may read its own metadata."""
+        with self._store.read() as uow:
+            return _load(uow, ctx.principal.key_id)
+
     def replace(
         self, ctx: RequestContext, key_id: str, *, grace: int = 0, expires_in: int = 0
     ) -> Minted:
@@ -203,6 +218,8 @@ class ApiKeyService:
                 raise FailedPrecondition(
                     f"key {old.id} was already replaced by {old.replaced_by}; replace that one"
                 )
+            if old.is_operator:
+                _require_operator_room(uow, now)
             new = ApiKey(
                 id=keyformat.mint_id(),
                 digest=keyformat.digest(secret),
@@ -228,19 +245,36 @@ class ApiKeyService:
                 meta["grace_deadline"] = str(deadline)
             self._record(uow, ctx, "key.replaced", new, meta)
             uow.changes.append(Change("credential.upserted", new.id, credential_payload(new)))
+            if deadline is not None:
+                uow.changes.append(Change("credential.upserted", old.id, credential_payload(old)))
         return Minted(key=new, secret=secret, replaced=old)
 
-    def revoke(self, ctx: RequestContext, key_id: str, *, reason: str = "") -> ApiKey:
-        """Revoke now. Revoking a revoked key returns it unchanged (idempotent)."""
+    def revoke(
+        self, ctx: RequestContext, key_id: str, *, reason: str = "", force: bool = False
+    ) -> ApiKey:
+        """Revoke now. Revoking a revoked key returns it unchanged (idempotent). Like creating
+        and replacing, revoking needs every scope the key holds: a ``keys:manage`` key cannot
+        lock a workspace out of administration by revoking its ``admin:full`` keys. Revoking
+        the last usable operator key needs ``force`` (recovery is then the break-glass
+        command)."""
         reason = reason.strip()
         if len(reason) > 500 or not reason.isprintable():
             raise InvalidArgument("reason", "must be at most 500 printable characters")
+        now = int(self._clock.now())
         with self._store.transaction() as uow:
             key = _load(uow, key_id)
             _require(ctx.principal, KEYS_MANAGE, key.workspace)
+            _require_grantable(ctx.principal, key.scopes, "revoke a key with")
             if key.revoked_at is not None:
                 return key
-            key = replace(key, revoked_at=int(self._clock.now()), revoke_reason=reason)
+            if key.is_operator and not force:
+                others = [k for k in uow.keys.active_operators(now) if k.id != key.id]
+                if not others:
+                    raise FailedPrecondition(
+                        f"key {key.id} is the last usable operator key: create a second one "
+                        "first, or pass force (recovery then needs `spauth operator mint`)"
+                    )
+            key = replace(key, revoked_at=now, revoke_reason=reason)
             uow.keys.update(key)
             self._record(uow, ctx, "key.revoked", key, {}, reason=reason)
             uow.changes.append(Change("credential.revoked", key.id, {"id": key.id}))
@@ -286,6 +320,44 @@ class ApiKeyService:
             self._record_system(uow, "key.created", key, "bootstrap operator key")
             uow.changes.append(Change("credential.upserted", key.id, credential_payload(key)))
         return Minted(key=key, secret=secret)
+
+    def break_glass_operator_key(self, os_user: str, name: str = "break-glass") -> Minted:
+        """Recovery with local access to the store (``spauth operator mint``): a new operator
+        key whatever keys exist, audited as break-glass with the local user's name."""
+        now = int(self._clock.now())
+        secret = keyformat.mint_key()
+        key = ApiKey(
+            id=keyformat.mint_id(),
+            digest=keyformat.digest(secret),
+            last_four=secret[-4:],
+            name=validation.name(name),
+            workspace=OPERATOR_WORKSPACE,
+            scopes=frozenset({ADMIN_FULL}),
+            created_at=now,
+            expires_at=now + self.policy.default_lifetime,
+            created_by=BREAK_GLASS_ACTOR,
+        )
+        with self._store.transaction() as uow:
+            uow.keys.insert(key)
+            uow.audit.append(
+                event(
+                    now,
+                    BREAK_GLASS_ACTOR,
+                    "key.created",
+                    key.workspace,
+                    key.id,
+                    reason="break-glass: operator key minted with local access to the store",
+                    metadata={"name": key.name, "os_user": os_user[:100], "break_glass": "true"},
+                )
+            )
+            uow.changes.append(Change("credential.upserted", key.id, credential_payload(key)))
+        return Minted(key=key, secret=secret)
+
+    def operator_expiry(self) -> int:
+        """When the last usable operator key expires (0: none is usable)."""
+        with self._store.read() as uow:
+            operators = uow.keys.active_operators(int(self._clock.now()))
+        return operators[0].expires_at if operators else 0
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -343,12 +415,19 @@ def _require(principal: Principal, scope: str, workspace: str) -> None:
         raise PermissionDenied(f"this call needs scope {scope!r}")
 
 
-def _require_grantable(principal: Principal, scopes: frozenset[str]) -> None:
-    """A caller can never mint a key with a scope it does not hold."""
+def _require_grantable(principal: Principal, scopes: frozenset[str], verb: str = "grant") -> None:
+    """A caller can never mint, replace or revoke a key with a scope it does not hold."""
     missing = sorted(s for s in scopes if not satisfies(principal.scopes, s))
     if missing:
         raise PermissionDenied(
-            f"cannot grant scopes the caller does not hold: {', '.join(missing)}"
+            f"cannot {verb} scopes the caller does not hold: {', '.join(missing)}"
+        )
+
+
+def _require_operator_room(uow: UnitOfWork, now: int) -> None:
+    if len(uow.keys.active_operators(now)) >= MAX_OPERATOR_KEYS:
+        raise FailedPrecondition(
+            f"the operator holds {MAX_OPERATOR_KEYS} usable keys already: revoke one first"
         )
 
 

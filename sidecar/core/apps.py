@@ -5,8 +5,9 @@ audit event and change-log entries in one transaction."""
 from __future__ import annotations
 
 import builtins
+import re
 from dataclasses import replace
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from sidecar.core import credentials, validation
 from sidecar.core.audit import event
@@ -23,6 +24,9 @@ MAX_URI_LENGTH = 2000
 MAX_SECRET_OVERLAP = 30 * 86400
 MAX_LISTED = 1000
 _LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
+# A DNS name or IPv4 address (letters, digits, dots, dashes), or an IPv6 literal (hex and
+# colons): no percent-encoding, no characters a browser would map to something else.
+_HOST = re.compile(r"[a-z0-9](?:[a-z0-9.-]{0,251}[a-z0-9])?|[0-9a-f:]{2,39}")
 
 
 def require_admin(principal: Principal, workspace: str) -> None:
@@ -35,26 +39,62 @@ def require_admin(principal: Principal, workspace: str) -> None:
         raise PermissionDenied(f"this call needs scope {ADMIN_FULL!r}")
 
 
+def require_operator(principal: Principal) -> None:
+    """Server-wide settings (e.g. the signing keys) are the operator's alone."""
+    if not principal.is_operator or not satisfies(principal.scopes, ADMIN_FULL):
+        raise PermissionDenied("this call needs the operator key (workspace '*', admin:full)")
+
+
 def redirect_uri(value: str, field: str = "redirect_uri") -> str:
     """An absolute redirect URI without fragment (RFC 6749 §3.1.2): https, http on loopback only
     (RFC 8252 §7.3), or a private-use scheme of a native app (RFC 8252 §7.1, e.g.
-    ``com.example.app:/cb``). Compared later by exact string match (RFC 9700 §4.1.3)."""
-    if not value or len(value) > MAX_URI_LENGTH or not value.isprintable() or " " in value:
-        raise InvalidArgument(field, f"malformed URI {value[:80]!r}")
+    ``com.example.app:/cb``). Compared later by exact string match (RFC 9700 §4.1.3).
+
+    Checked the way a browser will parse it (WHATWG URL Standard), not only as RFC 3986 does:
+    a browser reads ``\\`` as ``/`` in http(s) URLs and strips tabs and newlines, so
+    ``http://evil.example\\@127.0.0.1/cb`` is a loopback URI to ``urlsplit`` but sends the code
+    to ``evil.example``. Backslashes, userinfo (``@`` before the host), percent-encoded or
+    non-ASCII hosts and control characters are refused outright."""
+    problem = uri_problem(value)
+    if problem:
+        raise InvalidArgument(field, f"{value[:80]!r}: {problem}")
+    return value
+
+
+def uri_problem(value: str) -> str:
+    """Why ``value`` is not an acceptable redirect URI ('' when it is)."""
+    if not value or len(value) > MAX_URI_LENGTH or not value.isascii():
+        return "malformed URI (empty, too long or not ASCII)"
+    if not value.isprintable() or any(c in value for c in " \t\r\n"):
+        return "malformed URI (blanks or control characters)"
+    if "\\" in value:
+        return "must not contain a backslash (browsers read it as '/')"
+    if "#" in value:
+        return "must not contain a fragment"
     parts = urlsplit(value)
-    if parts.fragment or "#" in value:
-        raise InvalidArgument(field, f"{value[:80]!r} must not contain a fragment")
-    if parts.scheme == "https" and parts.hostname:
-        return value
-    if parts.scheme == "http" and parts.hostname in _LOOPBACK:
-        return value
-    if "." in parts.scheme and parts.scheme not in ("http", "https") and parts.path:
-        return value
-    raise InvalidArgument(
-        field,
-        f"{value[:80]!r}: use https://, http:// on a loopback address, or a reverse-domain "
-        "private-use scheme",
-    )
+    if parts.scheme in ("http", "https"):
+        return _web_uri_problem(value, parts)
+    if "." in parts.scheme and parts.path and not parts.netloc:
+        return ""
+    return "use https://, http:// on a loopback address, or a reverse-domain private-use scheme"
+
+
+def _web_uri_problem(value: str, parts: SplitResult) -> str:
+    if not value.startswith(f"{parts.scheme}://"):
+        return "an http(s) URI must start with scheme://"
+    if "@" in parts.netloc:
+        return "must not contain userinfo ('@' before the host)"
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        return "malformed host or port"
+    if not host or not _HOST.fullmatch(host):
+        return "malformed host"
+    if parts.netloc.rsplit(":", 1)[-1] == "" or (port is not None and port == 0):
+        return "malformed port"
+    if parts.scheme == "https" or host in _LOOPBACK:
+        return ""
+    return "http:// is allowed on a loopback address only (127.0.0.1, [::1], localhost)"
 
 
 class AppService:

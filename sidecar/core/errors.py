@@ -61,6 +61,17 @@ class Unavailable(SpauthError):
     code = "unavailable"
 
 
+class RateLimited(SpauthError):
+    """Too many requests (e.g. too many refused keys from one address); ``retry_after`` is an
+    upper bound, in seconds, on when to try again."""
+
+    code = "rate_limited"
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 ALL_ERRORS: tuple[type[SpauthError], ...] = (
     SpauthError,
     InvalidArgument,
@@ -70,4 +81,5 @@ ALL_ERRORS: tuple[type[SpauthError], ...] = (
     AlreadyExists,
     FailedPrecondition,
     Unavailable,
+    RateLimited,
 )

@@ -49,6 +49,19 @@ class Member:
     created_at: int
     created_by: str
     disabled_at: int | None = None
+    last_signin_at: int | None = None
+    deleted_at: int | None = None
+
+    @property
+    def state(self) -> str:
+        """``active``, ``disabled`` or ``deleted``: only an active member signs in or refreshes."""
+        if self.deleted_at is not None:
+            return "deleted"
+        return "active" if self.disabled_at is None else "disabled"
+
+    @property
+    def active(self) -> bool:
+        return self.disabled_at is None and self.deleted_at is None
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,8 +135,10 @@ class RevokedToken:
 
 @dataclass(frozen=True, slots=True)
 class SigningKey:
-    """A JWT signing key. The current key has no ``superseded_at``; a superseded key stays in the
-    JWKS until ``retired_at`` so tokens it signed keep verifying until they expire."""
+    """A JWT signing key. Published (JWKS, replicas) from ``created_at``, it signs from
+    ``activates_at`` until ``superseded_at``, then stays in the JWKS until ``retired_at`` so
+    tokens it signed keep verifying until they expire. ``private_pem`` is the private key
+    encrypted under a key-encryption key (sidecar/oauth/kek.py); empty once superseded."""
 
     kid: str
     alg: str
@@ -132,6 +147,7 @@ class SigningKey:
     created_at: int
     superseded_at: int | None = None
     retired_at: int | None = None
+    activates_at: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -58,6 +58,10 @@ class KeyRepository(Protocol):
 
     def has_operator(self) -> bool: ...
 
+    def active_operators(self, now: int) -> list[ApiKey]:
+        """Unrevoked, unexpired operator keys (workspace ``*``), latest expiry first."""
+        ...
+
 
 class AuditRepository(Protocol):
     """The audit trail: append-only, one hash chain per workspace."""
@@ -194,11 +198,15 @@ class MemberRepository(Protocol):
 
     def insert(self, member: Member) -> None: ...
 
+    def update(self, member: Member) -> None: ...
+
     def get(self, user_id: str) -> Member | None: ...
 
     def get_by_email(self, workspace: str, email: str) -> Member | None: ...
 
-    def list(self, *, workspace: str | None, limit: int) -> list[Member]: ...
+    def list(self, *, workspace: str | None, limit: int) -> list[Member]:
+        """Undeleted members, newest first."""
+        ...
 
 
 class GrantRepository(Protocol):
@@ -212,6 +220,10 @@ class GrantRepository(Protocol):
 
     def active_for_app(self, app_id: str) -> list[Grant]:
         """Unrevoked grants of an app, newest first."""
+        ...
+
+    def active_for_user(self, user_id: str) -> list[Grant]:
+        """Unrevoked grants of a member, newest first."""
         ...
 
     def revoked_unexpired(self, now: int) -> list[Grant]:
@@ -262,8 +274,17 @@ class SigningKeyRepository(Protocol):
 
     def update(self, key: SigningKey) -> None: ...
 
-    def current(self) -> SigningKey | None:
-        """The key that signs new tokens (newest unsuperseded)."""
+    def current(self, now: int) -> SigningKey | None:
+        """The key that signs new tokens at ``now``: the newest unsuperseded key whose
+        ``activates_at`` has come."""
+        ...
+
+    def pending(self, now: int) -> list[SigningKey]:
+        """Published keys that do not sign yet (ahead-of-time rollover), newest first."""
+        ...
+
+    def all(self) -> list[SigningKey]:
+        """Every key, retired ones included, newest first."""
         ...
 
     def published(self) -> list[SigningKey]:
@@ -279,6 +300,10 @@ class BrowserSessionRepository(Protocol):
     def get(self, digest: bytes) -> BrowserSession | None: ...
 
     def delete(self, digest: bytes) -> None: ...
+
+    def delete_for_user(self, user_id: str) -> int:
+        """Sign a member out of every browser; returns how many sessions ended."""
+        ...
 
     def purge(self, before: int) -> int: ...
 

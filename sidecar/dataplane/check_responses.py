@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 
 from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
 from envoy.service.auth.v3 import external_auth_pb2 as ext
@@ -127,7 +128,9 @@ class ResponseEncoder:
     ``strip``, length of the decision id) only in its decision id, so each shape is built once
     with a placeholder id, split there, and later answers are ``decision_id.join(pieces)``."""
 
-    def __init__(self) -> None:
+    def __init__(self, failure_window: float = 60.0) -> None:
+        # Retry-After of a 429 for a blocked source or key id (the block ends within a window).
+        self.failure_retry = max(1, math.ceil(failure_window))
         # (reason, identity id, id length) -> (identity the pieces were built for, strip, pieces)
         self._allow: dict[
             tuple[Reason, str, int], tuple[Identity | None, tuple[str, ...], list[bytes]]
@@ -152,7 +155,10 @@ class ResponseEncoder:
                 self._allow.clear()
             self._allow[key] = (ident, strip, pieces)
             return did.join(pieces)
-        dkey = (reason, decision.detail, len(did))
+        detail = decision.detail
+        if reason is Reason.RATE_LIMITED:  # the Retry-After is part of the response's shape
+            detail = f"{detail}:{self.retry_after(decision)}"
+        dkey = (reason, detail, len(did))
         pieces = self._denied.get(dkey)
         if pieces is None:
             if len(self._denied) >= _DENIED_LIMIT:  # details are bounded; never build twice
@@ -185,10 +191,21 @@ class ResponseEncoder:
         if decision.outcome is Outcome.ALLOW:
             ok = _decision_header(_OK_HEADERS, did) + _allow_part(decision.identity, strip)
             return _STATUS_OK + _ld(_RESP_OK, ok) + meta
-        status, denied, body_prefix = _deny_parts(decision)
+        status, denied, body_prefix = _deny_parts(decision, self.retry_after(decision))
         body = _ld(_DENIED_BODY, body_prefix + did + b'"}')
         denied_bytes = denied + _decision_header(_DENIED_HEADERS, did) + body
         return status + _ld(_RESP_DENIED, denied_bytes) + meta
+
+    def retry_after(self, decision: Decision) -> int | None:
+        """RFC 9110 §10.2.3 Retry-After for a 429: an upper bound on the wait. A key over its own
+        rate frees a slot within its period (the window slides); a blocked source or key id is
+        let in again within the failure window. None for every other decision."""
+        if decision.reason is not Reason.RATE_LIMITED:
+            return None
+        ident = decision.identity
+        if decision.detail == "rate" and ident is not None and ident.rate_period:
+            return max(1, ident.rate_period)
+        return self.failure_retry
 
 
 def _allow_part(ident: Identity | None, strip: tuple[str, ...]) -> bytes:
@@ -213,7 +230,7 @@ def _allow_part(ident: Identity | None, strip: tuple[str, ...]) -> bytes:
     return bytes(ok.SerializeToString())
 
 
-def _deny_parts(decision: Decision) -> tuple[bytes, bytes, bytes]:
+def _deny_parts(decision: Decision, retry_after: int | None) -> tuple[bytes, bytes, bytes]:
     outcome = decision.outcome
     status = _ld(
         _RESP_STATUS,
@@ -226,6 +243,10 @@ def _deny_parts(decision: Decision) -> tuple[bytes, bytes, bytes]:
             for k, v in (("content-type", "application/json"), ("cache-control", "no-store"))
         ],
     )
+    if retry_after is not None:
+        denied.headers.add(
+            header=HeaderValue(key="retry-after", value=str(retry_after)), append_action=OVERWRITE
+        )
     challenge = www_authenticate(decision)
     if challenge is not None:
         denied.headers.add(

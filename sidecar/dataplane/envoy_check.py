@@ -109,11 +109,13 @@ class CheckHandler:
         engine: Engine,
         observers: list[Observer] | None = None,
         on_error: Callable[[str, float], None] | None = None,
+        *,
+        failure_window: float = 60.0,
     ) -> None:
         self.engine = engine
         self.observers = observers if observers is not None else []
         self.on_error = on_error
-        self.encoder = ResponseEncoder()
+        self.encoder = ResponseEncoder(failure_window)
 
     def __call__(
         self, request: ext.CheckRequest | Malformed, context: grpc.ServicerContext

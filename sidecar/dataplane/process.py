@@ -104,7 +104,11 @@ class Sidecar:
             self.clock,
             max_staleness=settings.max_staleness,
             token_verifier=token_verifier
-            or ReplicaTokenVerifier(settings.oauth_issuer, settings.oauth_audience),
+            or ReplicaTokenVerifier(
+                settings.oauth_issuer,
+                settings.oauth_audience,
+                max_lifetime=settings.oauth_access_token_ttl,
+            ),
             limiter=self.limiter,
             token_cache_size=settings.token_cache_size,
         )
@@ -116,7 +120,12 @@ class Sidecar:
         if self.audit is not None:
             self.observers.append(DecisionRecorder(self.audit, self.clock))
             self.metrics.registry.register(AuditMetrics(self.audit))
-        self.check = CheckHandler(self.engine, self.observers, self.decision_metrics.error)
+        self.check = CheckHandler(
+            self.engine,
+            self.observers,
+            self.decision_metrics.error,
+            failure_window=settings.failure_window,
+        )
         self.sync = SyncClient(
             self.replica,
             settings.control_plane,

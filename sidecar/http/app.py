@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.routing import BaseRoute
 
 
-def build_app(*route_groups: Sequence[BaseRoute]) -> Starlette:
-    """One Starlette app serving every group's routes (e.g. ``oauth_routes(...)`` and, later,
-    ``/metrics``, ``/healthz``, ``/readyz``)."""
+def build_app(
+    *route_groups: Sequence[BaseRoute], exception_handlers: Mapping[Any, Any] | None = None
+) -> Starlette:
+    """One Starlette app serving every group's routes (e.g. ``oauth_routes(...)``, the admin
+    API, ``/metrics``, ``/healthz``, ``/readyz``)."""
     routes: list[BaseRoute] = []
     for group in route_groups:
         routes.extend(group)
-    return Starlette(routes=routes)
+    return Starlette(routes=routes, exception_handlers=dict(exception_handlers or {}))

@@ -18,7 +18,8 @@ from starlette.responses import RedirectResponse, Response
 from sidecar.core.errors import SpauthError
 from sidecar.core.oauth_models import Member
 from sidecar.http import pages
-from sidecar.http.errors import request_id, source
+from sidecar.http.client_address import client_address
+from sidecar.http.errors import request_id
 from sidecar.http.forms import read_pairs
 from sidecar.oauth.authorization import (
     REQUEST_PARAMS,
@@ -112,7 +113,7 @@ class AuthorizePages:
                 auth.app.workspace,
                 email,
                 form.get("password", ""),
-                source=source(request),
+                source=client_address(request, self.server.config.trusted_proxies),
                 request_id=request_id(request),
             )
         except SignInRefused as exc:

@@ -37,6 +37,7 @@ HTTP_ERRORS: dict[type[errors.SpauthError], type[OAuth2Error]] = {
     errors.FailedPrecondition: InvalidRequest,
     # A store failure: the request did not take effect (never a false success).
     errors.Unavailable: TemporarilyUnavailable,
+    errors.RateLimited: TemporarilyUnavailable,
 }
 
 

@@ -7,17 +7,21 @@ sent back to the client's verified redirect URI with ``state`` unchanged."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from sidecar.core import credentials, passwords
-from sidecar.core.audit import event
+from sidecar.core.apps import uri_problem
+from sidecar.core.audit import AuditEvent, event
 from sidecar.core.clock import Clock
+from sidecar.core.errors import InvalidArgument
 from sidecar.core.oauth_models import AuthorizationCode, Member, OAuthApp
 from sidecar.core.scopes import SCOPES, satisfies, sort_scopes
 from sidecar.core.storage import Store, UnitOfWork
+from sidecar.core.users import normalize_email
 from sidecar.oauth import rfc7636
 from sidecar.oauth.config import OAuthConfig
 from sidecar.oauth.errors import (
@@ -98,6 +102,14 @@ class AuthorizationRequest:
         return params
 
 
+def _well_formed_email(typed: str) -> str | None:
+    """The normalized address, or None when what was typed is not an e-mail address."""
+    try:
+        return normalize_email(typed)
+    except InvalidArgument:
+        return None
+
+
 def response_uri(redirect_uri: str, params: dict[str, str]) -> str:
     """§4.1.2: add parameters to the redirect URI's query, keeping the query it already has."""
     parts = urlsplit(redirect_uri)
@@ -176,11 +188,17 @@ class AuthorizationEndpoint:
             # RFC 9700 §4.1.3 / §2.1: exact string comparison with a registered URI.
             if values["redirect_uri"] not in app.redirect_uris:
                 raise PageError("The redirect_uri is not registered for this application.")
-            return app, values["redirect_uri"]
-        # §3.1.2.3: may be omitted only when exactly one URI is registered.
-        if len(app.redirect_uris) != 1:
+            uri = values["redirect_uri"]
+        elif len(app.redirect_uris) == 1:
+            # §3.1.2.3: may be omitted only when exactly one URI is registered.
+            uri = app.redirect_uris[0]
+        else:
             raise PageError("The request has no redirect_uri.")
-        return app, app.redirect_uris[0]
+        # Parsed again as a browser will (a URI registered before that check existed may be
+        # one a browser sends elsewhere): never redirect to it.
+        if uri_problem(uri):
+            raise PageError("The registered redirect_uri is not safe to redirect to.")
+        return app, uri
 
     @staticmethod
     def _requested_scopes(
@@ -203,9 +221,13 @@ class AuthorizationEndpoint:
     def sign_in(
         self, workspace: str, email: str, password: str, *, source: str, request_id: str
     ) -> Member:
-        """Check the member's password, throttled per account and per source."""
-        email = email.strip().lower()[:254]
-        account = f"{workspace}/{email}"
+        """Check the member's password, throttled per account and source together (so a
+        stranger's failures never lock the member out of their own browser) and per source."""
+        address = _well_formed_email(email)
+        # Whatever was typed is throttled under some name; a malformed one (perhaps a password)
+        # only as a digest, even in memory.
+        typed = hashlib.sha256(email.encode("utf-8", "replace")).hexdigest()
+        account = f"{workspace}/{address or '#' + typed}"
         wait = self._throttle.retry_after(account, source)
         if wait:
             # Logged, not audited: a flood of attempts must not fill the audit trail.
@@ -214,23 +236,39 @@ class AuthorizationEndpoint:
                 extra={"workspace": workspace, "source": source, "request_id": request_id},
             )
             raise SignInRefused("Too many failed sign-ins. Try again later.", wait)
-        with self._store.read() as uow:
-            member = uow.oauth.members.get_by_email(workspace, email)
-        stored = member.password_hash if member else passwords.dummy_hash()
-        ok = passwords.verify_password(password[: passwords.MAX_LENGTH], stored)
-        if member is None or not ok or member.disabled_at is not None:
+        member = None
+        if address is not None:
+            with self._store.read() as uow:
+                member = uow.oauth.members.get_by_email(workspace, address)
+        stored = member.password_hash if member and member.password_hash else None
+        ok = passwords.verify_password(
+            password[: passwords.MAX_LENGTH], stored or passwords.dummy_hash()
+        )
+        if member is None or stored is None or not ok or not member.active:
             self._throttle.failed(account, source)
-            self._audit_sign_in(member, workspace, email, source, request_id, ok=False)
+            self._audit_sign_in(member, workspace, address, source, request_id, ok=False)
             raise SignInRefused("Wrong e-mail address or password.")
-        self._throttle.succeeded(account)
-        self._audit_sign_in(member, workspace, email, source, request_id, ok=True)
+        self._throttle.succeeded(account, source)
+        return self._signed_in(member, source, request_id)
+
+    def _signed_in(self, member: Member, source: str, request_id: str) -> Member:
+        now = int(self._clock.now())
+        with self._store.transaction() as uow:
+            fresh = uow.oauth.members.get(member.id) or member
+            member = replace(fresh, last_signin_at=now)
+            uow.oauth.members.update(member)
+            uow.audit.append(
+                self._sign_in_event(
+                    member, member.workspace, member.email, source, request_id, ok=True
+                )
+            )
         return member
 
     def _audit_sign_in(
         self,
         member: Member | None,
         workspace: str,
-        email: str,
+        address: str | None,
         source: str,
         request_id: str,
         *,
@@ -238,18 +276,43 @@ class AuthorizationEndpoint:
     ) -> None:
         with self._store.transaction() as uow:
             uow.audit.append(
-                event(
-                    self._clock.now(),
-                    member.id if member else "anonymous",
-                    "signin.succeeded" if ok else "signin.failed",
-                    workspace,
-                    member.id if member else "",
-                    outcome="success" if ok else "failure",
-                    reason="" if ok else ("wrong password" if member else "unknown e-mail address"),
-                    request_id=request_id,
-                    metadata={"email": email, "source": source},
-                )
+                self._sign_in_event(member, workspace, address, source, request_id, ok=ok)
             )
+
+    def _sign_in_event(
+        self,
+        member: Member | None,
+        workspace: str,
+        address: str | None,
+        source: str,
+        request_id: str,
+        *,
+        ok: bool,
+    ) -> AuditEvent:
+        if ok:
+            reason = ""
+        elif address is None:
+            reason = "malformed e-mail address"
+        elif member is None:
+            reason = "unknown e-mail address"
+        else:
+            reason = "wrong password" if member.active else f"member {member.state}"
+        # Only a well-formed address is recorded: what is typed into the e-mail box of a failed
+        # sign-in is often a password, and the trail is append-only.
+        metadata = {"source": source}
+        if address is not None:
+            metadata["email"] = address
+        return event(
+            self._clock.now(),
+            member.id if member else "anonymous",
+            "signin.succeeded" if ok else "signin.failed",
+            workspace,
+            member.id if member else "",
+            outcome="success" if ok else "failure",
+            reason=reason,
+            request_id=request_id,
+            metadata=metadata,
+        )
 
     # -- consent -------------------------------------------------------------------------------
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from ipaddress import IPv4Network, IPv6Network
 
 from sidecar.core.scopes import SCOPES
 
@@ -20,6 +21,10 @@ class OAuthConfig:
     code_ttl: int = 600
     session_ttl: int = 3600
     signing_key_rotation: int = 30 * 86400
+    signing_key_lead_time: int = 300
+    grant_lifetime: int = 90 * 86400
+    # Proxies whose X-Forwarded-For names the client (sidecar/http/client_address.py).
+    trusted_proxies: tuple[IPv4Network | IPv6Network, ...] = ()
     scopes_supported: tuple[str, ...] = SCOPES
 
     @property

@@ -66,7 +66,13 @@ def _access_token(
 ) -> TokenFacts | None:
     try:
         identity = verify_access_token(
-            token, keys, issuer=config.issuer, audience=config.audience, now=now, leeway=0
+            token,
+            keys,
+            issuer=config.issuer,
+            audience=config.audience,
+            now=now,
+            leeway=0,
+            max_lifetime=config.access_token_ttl,
         )
     except TokenRejected:
         # Unsigned, foreign, expired or malformed: nothing we could revoke or vouch for.

@@ -3,13 +3,15 @@ plane's housekeeping."""
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable
 
 from sidecar.core.clock import Clock
 from sidecar.core.storage import Store
-from sidecar.oauth import rfc8414
+from sidecar.oauth import kek, rfc8414
 from sidecar.oauth.authorization import AuthorizationEndpoint
 from sidecar.oauth.config import OAuthConfig
+from sidecar.oauth.kek import KeyEncryption
 from sidecar.oauth.rfc7009 import RevocationEndpoint
 from sidecar.oauth.rfc7662 import IntrospectionEndpoint
 from sidecar.oauth.sessions import BrowserSessions
@@ -20,6 +22,20 @@ from sidecar.oauth.token import TokenEndpoint
 
 def _ignore(_: str) -> None:
     return None
+
+
+def signing_keys(
+    store: Store, clock: Clock, config: OAuthConfig, encryption: KeyEncryption
+) -> SigningKeys:
+    """The signing key set as ``config`` schedules it."""
+    return SigningKeys(
+        store,
+        clock,
+        rotation_interval=config.signing_key_rotation,
+        access_token_ttl=config.access_token_ttl,
+        encryption=encryption,
+        lead_time=config.signing_key_lead_time,
+    )
 
 
 class AuthorizationServer:
@@ -34,15 +50,19 @@ class AuthorizationServer:
         *,
         throttle: ThrottlePolicy | None = None,
         token_events: Callable[[str], None] = _ignore,
+        keys: SigningKeys | None = None,
+        encryption: KeyEncryption | None = None,
     ) -> None:
         self.config = config
         self._store = store
         self._clock = clock
-        self.keys = SigningKeys(
+        # Without keys from the control plane (tests), a random in-memory KEK: keys created
+        # under it are unusable after a restart, never readable from the store.
+        self.keys = keys or signing_keys(
             store,
             clock,
-            rotation_interval=config.signing_key_rotation,
-            access_token_ttl=config.access_token_ttl,
+            config,
+            encryption or KeyEncryption([secrets.token_bytes(kek.KEK_BYTES)]),
         )
         self.throttle = SignInThrottle(clock, throttle)
         self.sessions = BrowserSessions(store, clock, config.session_ttl)

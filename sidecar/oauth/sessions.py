@@ -86,7 +86,7 @@ class BrowserSessions:
             if session is None or session.expires_at <= self._clock.now():
                 return None
             member = uow.oauth.members.get(session.user_id)
-        if member is None or member.disabled_at is not None:
+        if member is None or not member.active:
             return None
         return member
 

@@ -165,7 +165,7 @@ class TokenEndpoint:
         request_id: str,
     ) -> TokenResponse:
         member = uow.oauth.members.get(stored.user_id)
-        if member is None or member.disabled_at is not None:
+        if member is None or not member.active:
             raise InvalidGrant("the member who granted this code no longer exists")
         grant = Grant(
             id=credentials.mint_id("grt_"),
@@ -200,6 +200,13 @@ class TokenEndpoint:
                 raise InvalidGrant("unknown refresh token")
             if grant.revoked:
                 raise InvalidGrant("refresh token revoked")
+            # The member is loaded on every refresh: a disabled or deleted member's grant
+            # stops here even if its revocation had not been written.
+            member = uow.oauth.members.get(grant.user_id)
+            if member is None or not member.active:
+                raise InvalidGrant("the member who granted this token is disabled")
+            if now >= grant.created_at + self._config.grant_lifetime:
+                raise InvalidGrant("the grant reached its absolute lifetime: sign in again")
             if stored.rotated_at is not None:
                 # RFC 9700 §4.14.2: a rotated token used again means one of two parties holds a
                 # stolen copy; revoke the whole grant so neither can continue.
@@ -249,7 +256,10 @@ class TokenEndpoint:
                 digest=credentials.digest(refresh),
                 grant_id=grant.id,
                 created_at=int(now),
-                expires_at=int(now) + cfg.refresh_token_ttl,
+                # Never beyond the grant's absolute lifetime (rotation does not extend it).
+                expires_at=min(
+                    int(now) + cfg.refresh_token_ttl, grant.created_at + cfg.grant_lifetime
+                ),
             )
         )
         grant = replace(

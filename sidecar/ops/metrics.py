@@ -124,6 +124,14 @@ class Metrics:
             registry=self.registry,
         )
 
+    @cached_property
+    def operator_key_expiry(self) -> Gauge:
+        return Gauge(
+            "spauth_operator_key_expiry_timestamp_seconds",
+            "When the last usable operator key expires (Unix time; 0: no usable operator key).",
+            registry=self.registry,
+        )
+
     def sidecar_metrics(self) -> None:
         """Create the sidecar's metrics now, so they are exported before the first check."""
         for name in _SIDECAR:
@@ -139,7 +147,7 @@ _SIDECAR = (
     "check_tally", "replica_revision", "replica_staleness", "sync_reconnects",
     "policy_reloads",
 )  # fmt: skip
-_CONTROL_PLANE = ("oauth_tokens", "admin_calls", "audit_ingest_conflicts")
+_CONTROL_PLANE = ("oauth_tokens", "admin_calls", "operator_key_expiry", "audit_ingest_conflicts")
 
 
 class DecisionMetrics:

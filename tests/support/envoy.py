@@ -45,6 +45,8 @@ __all__ = [
     "EnvoyError",
     "EnvoyProcess",
     "find_envoy",
+    "point_cluster",
+    "point_listener",
     "render_config",
 ]
 
@@ -144,6 +146,21 @@ def render_config(
     return config
 
 
+def point_listener(config: Config, name: str, listen: Address, admin: Address) -> None:
+    """Point listener ``name`` and the admin API of any config at the given addresses."""
+    config["admin"]["address"] = _socket_address(*admin)
+    resources = config["static_resources"]
+    _named(resources["listeners"], name, "listener", Path("<config>"))["address"] = _socket_address(
+        *listen
+    )
+
+
+def point_cluster(config: Config, name: str, addresses: Sequence[Address]) -> None:
+    """Point cluster ``name`` of any config at ``addresses``."""
+    clusters = config["static_resources"]["clusters"]
+    _set_endpoints(_named(clusters, name, "cluster", Path("<config>")), addresses, Path("<config>"))
+
+
 class EnvoyProcess:
     """A real Envoy process serving ``config`` on loopback; use as a context manager.
 
@@ -155,8 +172,8 @@ class EnvoyProcess:
     def __init__(
         self,
         *,
-        authz: Address | Sequence[Address],
-        upstream: Address,
+        authz: Address | Sequence[Address] = (),
+        upstream: Address | None = None,
         listen_port: int = 0,
         admin_port: int = 0,
         host: str = "127.0.0.1",
@@ -167,19 +184,29 @@ class EnvoyProcess:
         binary: str | None = None,
         listener_name: str = LISTENER_NAME,
         upstream_cluster: str = UPSTREAM_CLUSTER,
+        rendered: Config | None = None,
+        listener: str = LISTENER_NAME,
     ) -> None:
-        self.config = render_config(
-            config,
-            listen=(host, listen_port),
-            admin=(host, admin_port),
-            authz=_addresses(authz),
-            upstream=upstream,
-            listener_name=listener_name,
-            upstream_cluster=upstream_cluster,
-        )
+        # ``rendered``: a config the caller rewrote itself (another file than the front proxy,
+        # e.g. with ``point_listener``/``point_cluster``); ``listener`` names its listener.
+        # Or ``config`` with its listener and upstream cluster named ``listener_name`` and
+        # ``upstream_cluster`` (deploy/envoy/sidecar-pattern.yaml: ``inbound``, ``app``).
+        if rendered is None:
+            assert upstream is not None, "upstream is required for the front-proxy config"
+            rendered = render_config(
+                config,
+                listen=(host, listen_port),
+                admin=(host, admin_port),
+                authz=_addresses(authz),
+                upstream=upstream,
+                listener_name=listener_name,
+                upstream_cluster=upstream_cluster,
+            )
+            listener = listener_name
+        self.config = rendered
+        self.listener = listener
         if customize is not None:
             customize(self.config)
-        self._listener_name = listener_name
         self.host = host
         self._binary = binary
         self._log_level = log_level
@@ -267,9 +294,9 @@ class EnvoyProcess:
     def _listener_port(self) -> int:
         statuses = json.loads(self.admin_get("/listeners?format=json"))["listener_statuses"]
         for status in statuses:
-            if status["name"] == self._listener_name:
+            if status["name"] == self.listener:
                 return int(status["local_address"]["socket_address"]["port_value"])
-        raise EnvoyError(f"admin /listeners has no {self._listener_name!r}: {statuses}")
+        raise EnvoyError(f"admin /listeners has no {self.listener!r}: {statuses}")
 
     def admin_get(self, path: str) -> str:
         """GET ``path`` (e.g. ``/stats?filter=ext_authz``) from the admin API; return the body."""

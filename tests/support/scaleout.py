@@ -30,6 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar._gen.statuspulse.auth.v1 import api_keys_pb2 as keys_pb
 from sidecar._gen.statuspulse.auth.v1 import api_keys_pb2_grpc as keys_grpc
+from sidecar.oauth import kek
 from tests.support.ports import free_port, wait_for_port
 from tests.support.postgres import PostgresServer
 from tests.support.sync import TEST_SYNC_TOKEN
@@ -235,6 +236,8 @@ class ScaleOut:
             # Every replica and sidecar shares one sync token, as deploy/k8s does with a Secret.
             "SPAUTH_SYNC_TOKEN": TEST_SYNC_TOKEN,
             "SPAUTH_SIDECAR_SYNC_TOKEN": TEST_SYNC_TOKEN,
+            # Every control-plane replica of one store shares the key-encryption key.
+            "SPAUTH_KEY_ENCRYPTION_KEY": kek.generate(),
         }
         self.control_planes: list[ControlPlaneProcess] = []
         self.sidecars: list[SidecarProcess] = []

@@ -171,6 +171,8 @@ _MEMBER_COLUMNS = (
     "created_at",
     "created_by",
     "disabled_at",
+    "last_signin_at",
+    "deleted_at",
 )
 
 
@@ -184,11 +186,13 @@ def _member_row(m: Member) -> tuple[object, ...]:
         m.created_at,
         m.created_by,
         m.disabled_at,
+        m.last_signin_at,
+        m.deleted_at,
     )
 
 
 def _member(r: Any) -> Member:
-    return Member(r[0], r[1], r[2], r[3], _scopes(r[4]), r[5], r[6], r[7])
+    return Member(r[0], r[1], r[2], r[3], _scopes(r[4]), r[5], r[6], r[7], r[8], r[9])
 
 
 class SqlMembers:
@@ -200,6 +204,9 @@ class SqlMembers:
     def insert(self, member: Member) -> None:
         self._t.insert(member)
 
+    def update(self, member: Member) -> None:
+        self._t.update(member)
+
     def get(self, user_id: str) -> Member | None:
         return self._t.one("id = ?", (user_id,))
 
@@ -207,11 +214,10 @@ class SqlMembers:
         return self._t.one("workspace = ? AND email = ?", (workspace, email))
 
     def list(self, *, workspace: str | None, limit: int) -> list[Member]:
+        order = "ORDER BY created_at DESC, id DESC LIMIT ?"
         if workspace is None:
-            return self._t.many("TRUE ORDER BY created_at DESC, id DESC LIMIT ?", (limit,))
-        return self._t.many(
-            "workspace = ? ORDER BY created_at DESC, id DESC LIMIT ?", (workspace, limit)
-        )
+            return self._t.many(f"deleted_at IS NULL {order}", (limit,))
+        return self._t.many(f"deleted_at IS NULL AND workspace = ? {order}", (workspace, limit))
 
 
 # -- grants -------------------------------------------------------------------------------------
@@ -267,6 +273,11 @@ class SqlGrants:
     def active_for_app(self, app_id: str) -> list[Grant]:
         return self._t.many(
             "app_id = ? AND revoked_at IS NULL ORDER BY created_at DESC, id DESC", (app_id,)
+        )
+
+    def active_for_user(self, user_id: str) -> list[Grant]:
+        return self._t.many(
+            "user_id = ? AND revoked_at IS NULL ORDER BY created_at DESC, id DESC", (user_id,)
         )
 
     def revoked_unexpired(self, now: int) -> list[Grant]:
@@ -418,6 +429,7 @@ _KEY_COLUMNS = (
     "created_at",
     "superseded_at",
     "retired_at",
+    "activates_at",
 )
 
 
@@ -430,11 +442,12 @@ def _key_row(k: SigningKey) -> tuple[object, ...]:
         k.created_at,
         k.superseded_at,
         k.retired_at,
+        k.activates_at,
     )
 
 
 def _key(r: Any) -> SigningKey:
-    return SigningKey(r[0], r[1], bytes(r[2]), json.loads(r[3]), r[4], r[5], r[6])
+    return SigningKey(r[0], r[1], bytes(r[2]), json.loads(r[3]), r[4], r[5], r[6], r[7])
 
 
 class SqlSigningKeys:
@@ -453,9 +466,16 @@ class SqlSigningKeys:
     def update(self, key: SigningKey) -> None:
         self._t.update(key)
 
-    def current(self) -> SigningKey | None:
-        order = f"ORDER BY created_at DESC, {self.ORDER_COLUMN} DESC"
-        return self._t.one(f"superseded_at IS NULL {order} LIMIT 1", ())
+    def current(self, now: int) -> SigningKey | None:
+        order = f"ORDER BY activates_at DESC, created_at DESC, {self.ORDER_COLUMN} DESC"
+        return self._t.one(f"superseded_at IS NULL AND activates_at <= ? {order} LIMIT 1", (now,))
+
+    def pending(self, now: int) -> list[SigningKey]:
+        order = f"ORDER BY activates_at DESC, {self.ORDER_COLUMN} DESC"
+        return self._t.many(f"retired_at IS NULL AND activates_at > ? {order}", (now,))
+
+    def all(self) -> list[SigningKey]:
+        return self._t.many(f"TRUE ORDER BY created_at DESC, {self.ORDER_COLUMN} DESC", ())
 
     def published(self) -> list[SigningKey]:
         order = f"ORDER BY created_at DESC, {self.ORDER_COLUMN} DESC"
@@ -487,6 +507,9 @@ class SqlBrowserSessions:
 
     def delete(self, digest: bytes) -> None:
         self._t.delete("digest = ?", (digest,))
+
+    def delete_for_user(self, user_id: str) -> int:
+        return self._t.delete("user_id = ?", (user_id,))
 
     def purge(self, before: int) -> int:
         return self._t.delete("expires_at < ?", (before,))

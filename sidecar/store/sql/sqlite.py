@@ -151,6 +151,14 @@ class SqlKeys:
         row = self._conn.execute("SELECT 1 FROM api_keys WHERE workspace = '*' LIMIT 1").fetchone()
         return row is not None
 
+    def active_operators(self, now: int) -> list[ApiKey]:
+        rows = self._conn.execute(
+            f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE workspace = '*' AND revoked_at IS NULL "
+            "AND expires_at > ? ORDER BY expires_at DESC, id DESC",
+            (now,),
+        ).fetchall()
+        return [_key_from_row(r) for r in rows]
+
 
 class SqliteChanges:
     """ChangeLog over one connection."""

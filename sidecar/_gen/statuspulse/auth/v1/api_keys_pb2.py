@@ -23,42 +23,61 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"statuspulse/auth/v1/api_keys.proto\x12\x13statuspulse.auth.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd6\x03\n\x06\x41piKey\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\tworkspace\x18\x03 \x01(\t\x12\x0e\n\x06scopes\x18\x04 \x03(\t\x12/\n\x05state\x18\x05 \x01(\x0e\x32 .statuspulse.auth.v1.ApiKeyState\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0brevoke_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rrevoke_reason\x18\t \x01(\t\x12\x10\n\x08replaces\x18\n \x01(\t\x12\x13\n\x0breplaced_by\x18\x0b \x01(\t\x12\x11\n\tlast_four\x18\x0c \x01(\t\x12\x32\n\x0egrace_deadline\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ncreated_by\x18\x0e \x01(\t\x12\x32\n\nrate_limit\x18\x0f \x01(\x0b\x32\x1e.statuspulse.auth.v1.RateLimit\"5\n\tRateLimit\x12\x10\n\x08requests\x18\x01 \x01(\x03\x12\x16\n\x0eperiod_seconds\x18\x02 \x01(\x03\"\x96\x01\n\x13\x43reateApiKeyRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06scopes\x18\x03 \x03(\t\x12\x1a\n\x12\x65xpires_in_seconds\x18\x04 \x01(\x03\x12\x32\n\nrate_limit\x18\x05 \x01(\x0b\x32\x1e.statuspulse.auth.v1.RateLimit\"Q\n\x14\x43reateApiKeyResponse\x12,\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x1b.statuspulse.auth.v1.ApiKey\x12\x0b\n\x03key\x18\x02 \x01(\t\"\x7f\n\x12ListApiKeysRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12/\n\x05state\x18\x02 \x01(\x0e\x32 .statuspulse.auth.v1.ApiKeyState\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"]\n\x13ListApiKeysResponse\x12-\n\x08\x61pi_keys\x18\x01 \x03(\x0b\x32\x1b.statuspulse.auth.v1.ApiKey\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1e\n\x10GetApiKeyRequest\x12\n\n\x02id\x18\x01 \x01(\t\"A\n\x11GetApiKeyResponse\x12,\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x1b.statuspulse.auth.v1.ApiKey\"_\n\x1e\x43reateReplacementApiKeyRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rgrace_seconds\x18\x02 \x01(\x03\x12\x1a\n\x12\x65xpires_in_seconds\x18\x03 \x01(\x03\"\x8b\x01\n\x1f\x43reateReplacementApiKeyResponse\x12,\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x1b.statuspulse.auth.v1.ApiKey\x12\x0b\n\x03key\x18\x02 \x01(\t\x12-\n\x08replaced\x18\x03 \x01(\x0b\x32\x1b.statuspulse.auth.v1.ApiKey\"1\n\x13RevokeApiKeyRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"D\n\x14RevokeApiKeyResponse\x12,\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x1b.statuspulse.auth.v1.ApiKey*|\n\x0b\x41piKeyState\x12\x1d\n\x19\x41PI_KEY_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41PI_KEY_STATE_ACTIVE\x10\x01\x12\x19\n\x15\x41PI_KEY_STATE_EXPIRED\x10\x02\x12\x19\n\x15\x41PI_KEY_STATE_REVOKED\x10\x03\x32\x9e\x04\n\rApiKeyService\x12\x63\n\x0c\x43reateApiKey\x12(.statuspulse.auth.v1.CreateApiKeyRequest\x1a).statuspulse.auth.v1.CreateApiKeyResponse\x12`\n\x0bListApiKeys\x12\'.statuspulse.auth.v1.ListApiKeysRequest\x1a(.statuspulse.auth.v1.ListApiKeysResponse\x12Z\n\tGetApiKey\x12%.statuspulse.auth.v1.GetApiKeyRequest\x1a&.statuspulse.auth.v1.GetApiKeyResponse\x12\x84\x01\n\x17\x43reateReplacementApiKey\x12\x33.statuspulse.auth.v1.CreateReplacementApiKeyRequest\x1a\x34.statuspulse.auth.v1.CreateReplacementApiKeyResponse\x12\x63\n\x0cRevokeApiKey\x12(.statuspulse.auth.v1.RevokeApiKeyRequest\x1a).statuspulse.auth.v1.RevokeApiKeyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"statuspulse/auth/v1/api_keys.proto\x12\x13statuspulse.auth.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc9\x04\n\x06\x41piKey\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\tworkspace\x18\x03 \x01(\t\x12\x0e\n\x06scopes\x18\x04 \x03(\t\x12/\n\x05state\x18\x05 \x01(\x0e\x32 .statuspulse.auth.v1.ApiKeyState\x12;\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\ncreated_at\x12;\n\x0b\x65xpire_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\nexpires_at\x12;\n\x0brevoke_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\nrevoked_at\x12$\n\rrevoke_reason\x18\t \x01(\tR\rrevoke_reason\x12\x10\n\x08replaces\x18\n \x01(\t\x12 \n\x0breplaced_by\x18\x0b \x01(\tR\x0breplaced_by\x12\x1c\n\tlast_four\x18\x0c \x01(\tR\tlast_four\x12\x42\n\x0egrace_deadline\x18\r \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x0egrace_deadline\x12\x1e\n\ncreated_by\x18\x0e \x01(\tR\ncreated_by\x12>\n\nrate_limit\x18\x0f \x01(\x0b\x32\x1e.statuspulse.auth.v1.RateLimitR\nrate_limit\"E\n\tRateLimit\x12\x10\n\x08requests\x18\x01 \x01(\x03\x12&\n\x0eperiod_seconds\x18\x02 \x01(\x03R\x0eperiod_seconds\"\xb6\x01\n\x13\x43reateApiKeyRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06scopes\x18\x03 \x03(\t\x12.\n\x12\x65xpires_in_seconds\x18\x04 \x01(\x03R\x12\x65xpires_in_seconds\x12>\n\nrate_limit\x18\x05 \x01(\x0b\x32\x1e.statuspulse.auth.v1.RateLimitR\nrate_limit\"Z\n\x14\x43reateApiKeyResponse\x12\x35\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x1b.statuspulse.auth.v1.ApiKeyR\x07\x61pi_key\x12\x0b\n\x03key\x18\x02 \x01(\t\"\x96\x01\n\x12ListApiKeysRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12/\n\x05state\x18\x02 \x01(\x0e\x32 .statuspulse.auth.v1.ApiKeyState\x12\x1c\n\tpage_size\x18\x03 \x01(\x05R\tpage_size\x12\x1e\n\npage_token\x18\x04 \x01(\tR\npage_token\"x\n\x13ListApiKeysResponse\x12\x37\n\x08\x61pi_keys\x18\x01 \x03(\x0b\x32\x1b.statuspulse.auth.v1.ApiKeyR\x08\x61pi_keys\x12(\n\x0fnext_page_token\x18\x02 \x01(\tR\x0fnext_page_token\"\x1e\n\x10GetApiKeyRequest\x12\n\n\x02id\x18\x01 \x01(\t\"J\n\x11GetApiKeyResponse\x12\x35\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x1b.statuspulse.auth.v1.ApiKeyR\x07\x61pi_key\"\x82\x01\n\x1e\x43reateReplacementApiKeyRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12$\n\rgrace_seconds\x18\x02 \x01(\x03R\rgrace_seconds\x12.\n\x12\x65xpires_in_seconds\x18\x03 \x01(\x03R\x12\x65xpires_in_seconds\"\x94\x01\n\x1f\x43reateReplacementApiKeyResponse\x12\x35\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x1b.statuspulse.auth.v1.ApiKeyR\x07\x61pi_key\x12\x0b\n\x03key\x18\x02 \x01(\t\x12-\n\x08replaced\x18\x03 \x01(\x0b\x32\x1b.statuspulse.auth.v1.ApiKey\"@\n\x13RevokeApiKeyRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\r\n\x05\x66orce\x18\x03 \x01(\x08\"M\n\x14RevokeApiKeyResponse\x12\x35\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x1b.statuspulse.auth.v1.ApiKeyR\x07\x61pi_key\"-\n\rWhoAmIRequest\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\"\x8b\x01\n\rRouteDecision\x12\x0f\n\x07\x61llowed\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12 \n\x0bhttp_status\x18\x03 \x01(\x05R\x0bhttp_status\x12\r\n\x05route\x18\x04 \x01(\t\x12(\n\x0frequired_scopes\x18\x05 \x03(\tR\x0frequired_scopes\"}\n\x0eWhoAmIResponse\x12\x35\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x1b.statuspulse.auth.v1.ApiKeyR\x07\x61pi_key\x12\x34\n\x08\x64\x65\x63ision\x18\x02 \x01(\x0b\x32\".statuspulse.auth.v1.RouteDecision*|\n\x0b\x41piKeyState\x12\x1d\n\x19\x41PI_KEY_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41PI_KEY_STATE_ACTIVE\x10\x01\x12\x19\n\x15\x41PI_KEY_STATE_EXPIRED\x10\x02\x12\x19\n\x15\x41PI_KEY_STATE_REVOKED\x10\x03\x32\xb8\x06\n\rApiKeyService\x12\x8f\x01\n\x0c\x43reateApiKey\x12(.statuspulse.auth.v1.CreateApiKeyRequest\x1a).statuspulse.auth.v1.CreateApiKeyResponse\"*\x82\xd3\xe4\x93\x02$\"\x1f/v1/workspaces/{workspace}/keys:\x01*\x12\x95\x01\n\x0bListApiKeys\x12\'.statuspulse.auth.v1.ListApiKeysRequest\x1a(.statuspulse.auth.v1.ListApiKeysResponse\"3\x82\xd3\xe4\x93\x02-\x12\x08/v1/keysZ!\x12\x1f/v1/workspaces/{workspace}/keys\x12q\n\tGetApiKey\x12%.statuspulse.auth.v1.GetApiKeyRequest\x1a&.statuspulse.auth.v1.GetApiKeyResponse\"\x15\x82\xd3\xe4\x93\x02\x0f\x12\r/v1/keys/{id}\x12\xa6\x01\n\x17\x43reateReplacementApiKey\x12\x33.statuspulse.auth.v1.CreateReplacementApiKeyRequest\x1a\x34.statuspulse.auth.v1.CreateReplacementApiKeyResponse\" \x82\xd3\xe4\x93\x02\x1a\"\x15/v1/keys/{id}:replace:\x01*\x12z\n\x0cRevokeApiKey\x12(.statuspulse.auth.v1.RevokeApiKeyRequest\x1a).statuspulse.auth.v1.RevokeApiKeyResponse\"\x15\x82\xd3\xe4\x93\x02\x0f*\r/v1/keys/{id}\x12\x65\n\x06WhoAmI\x12\".statuspulse.auth.v1.WhoAmIRequest\x1a#.statuspulse.auth.v1.WhoAmIResponse\"\x12\x82\xd3\xe4\x93\x02\x0c\x12\n/v1/whoamib\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'statuspulse.auth.v1.api_keys_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_APIKEYSTATE']._serialized_start=1539
-  _globals['_APIKEYSTATE']._serialized_end=1663
-  _globals['_APIKEY']._serialized_start=93
-  _globals['_APIKEY']._serialized_end=563
-  _globals['_RATELIMIT']._serialized_start=565
-  _globals['_RATELIMIT']._serialized_end=618
-  _globals['_CREATEAPIKEYREQUEST']._serialized_start=621
-  _globals['_CREATEAPIKEYREQUEST']._serialized_end=771
-  _globals['_CREATEAPIKEYRESPONSE']._serialized_start=773
-  _globals['_CREATEAPIKEYRESPONSE']._serialized_end=854
-  _globals['_LISTAPIKEYSREQUEST']._serialized_start=856
-  _globals['_LISTAPIKEYSREQUEST']._serialized_end=983
-  _globals['_LISTAPIKEYSRESPONSE']._serialized_start=985
-  _globals['_LISTAPIKEYSRESPONSE']._serialized_end=1078
-  _globals['_GETAPIKEYREQUEST']._serialized_start=1080
-  _globals['_GETAPIKEYREQUEST']._serialized_end=1110
-  _globals['_GETAPIKEYRESPONSE']._serialized_start=1112
-  _globals['_GETAPIKEYRESPONSE']._serialized_end=1177
-  _globals['_CREATEREPLACEMENTAPIKEYREQUEST']._serialized_start=1179
-  _globals['_CREATEREPLACEMENTAPIKEYREQUEST']._serialized_end=1274
-  _globals['_CREATEREPLACEMENTAPIKEYRESPONSE']._serialized_start=1277
-  _globals['_CREATEREPLACEMENTAPIKEYRESPONSE']._serialized_end=1416
-  _globals['_REVOKEAPIKEYREQUEST']._serialized_start=1418
-  _globals['_REVOKEAPIKEYREQUEST']._serialized_end=1467
-  _globals['_REVOKEAPIKEYRESPONSE']._serialized_start=1469
-  _globals['_REVOKEAPIKEYRESPONSE']._serialized_end=1537
-  _globals['_APIKEYSERVICE']._serialized_start=1666
-  _globals['_APIKEYSERVICE']._serialized_end=2208
+  _globals['_APIKEYSERVICE'].methods_by_name['CreateApiKey']._loaded_options = None
+  _globals['_APIKEYSERVICE'].methods_by_name['CreateApiKey']._serialized_options = b'\202\323\344\223\002$\"\037/v1/workspaces/{workspace}/keys:\001*'
+  _globals['_APIKEYSERVICE'].methods_by_name['ListApiKeys']._loaded_options = None
+  _globals['_APIKEYSERVICE'].methods_by_name['ListApiKeys']._serialized_options = b'\202\323\344\223\002-\022\010/v1/keysZ!\022\037/v1/workspaces/{workspace}/keys'
+  _globals['_APIKEYSERVICE'].methods_by_name['GetApiKey']._loaded_options = None
+  _globals['_APIKEYSERVICE'].methods_by_name['GetApiKey']._serialized_options = b'\202\323\344\223\002\017\022\r/v1/keys/{id}'
+  _globals['_APIKEYSERVICE'].methods_by_name['CreateReplacementApiKey']._loaded_options = None
+  _globals['_APIKEYSERVICE'].methods_by_name['CreateReplacementApiKey']._serialized_options = b'\202\323\344\223\002\032\"\025/v1/keys/{id}:replace:\001*'
+  _globals['_APIKEYSERVICE'].methods_by_name['RevokeApiKey']._loaded_options = None
+  _globals['_APIKEYSERVICE'].methods_by_name['RevokeApiKey']._serialized_options = b'\202\323\344\223\002\017*\r/v1/keys/{id}'
+  _globals['_APIKEYSERVICE'].methods_by_name['WhoAmI']._loaded_options = None
+  _globals['_APIKEYSERVICE'].methods_by_name['WhoAmI']._serialized_options = b'\202\323\344\223\002\014\022\n/v1/whoami'
+  _globals['_APIKEYSTATE']._serialized_start=2186
+  _globals['_APIKEYSTATE']._serialized_end=2310
+  _globals['_APIKEY']._serialized_start=123
+  _globals['_APIKEY']._serialized_end=708
+  _globals['_RATELIMIT']._serialized_start=710
+  _globals['_RATELIMIT']._serialized_end=779
+  _globals['_CREATEAPIKEYREQUEST']._serialized_start=782
+  _globals['_CREATEAPIKEYREQUEST']._serialized_end=964
+  _globals['_CREATEAPIKEYRESPONSE']._serialized_start=966
+  _globals['_CREATEAPIKEYRESPONSE']._serialized_end=1056
+  _globals['_LISTAPIKEYSREQUEST']._serialized_start=1059
+  _globals['_LISTAPIKEYSREQUEST']._serialized_end=1209
+  _globals['_LISTAPIKEYSRESPONSE']._serialized_start=1211
+  _globals['_LISTAPIKEYSRESPONSE']._serialized_end=1331
+  _globals['_GETAPIKEYREQUEST']._serialized_start=1333
+  _globals['_GETAPIKEYREQUEST']._serialized_end=1363
+  _globals['_GETAPIKEYRESPONSE']._serialized_start=1365
+  _globals['_GETAPIKEYRESPONSE']._serialized_end=1439
+  _globals['_CREATEREPLACEMENTAPIKEYREQUEST']._serialized_start=1442
+  _globals['_CREATEREPLACEMENTAPIKEYREQUEST']._serialized_end=1572
+  _globals['_CREATEREPLACEMENTAPIKEYRESPONSE']._serialized_start=1575
+  _globals['_CREATEREPLACEMENTAPIKEYRESPONSE']._serialized_end=1723
+  _globals['_REVOKEAPIKEYREQUEST']._serialized_start=1725
+  _globals['_REVOKEAPIKEYREQUEST']._serialized_end=1789
+  _globals['_REVOKEAPIKEYRESPONSE']._serialized_start=1791
+  _globals['_REVOKEAPIKEYRESPONSE']._serialized_end=1868
+  _globals['_WHOAMIREQUEST']._serialized_start=1870
+  _globals['_WHOAMIREQUEST']._serialized_end=1915
+  _globals['_ROUTEDECISION']._serialized_start=1918
+  _globals['_ROUTEDECISION']._serialized_end=2057
+  _globals['_WHOAMIRESPONSE']._serialized_start=2059
+  _globals['_WHOAMIRESPONSE']._serialized_end=2184
+  _globals['_APIKEYSERVICE']._serialized_start=2313
+  _globals['_APIKEYSERVICE']._serialized_end=3137
 # @@protoc_insertion_point(module_scope)

@@ -6,7 +6,7 @@ import warnings
 
 from sidecar._gen.statuspulse.auth.v1 import api_keys_pb2 as statuspulse_dot_auth_dot_v1_dot_api__keys__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -62,6 +62,11 @@ class ApiKeyServiceStub:
                 request_serializer=statuspulse_dot_auth_dot_v1_dot_api__keys__pb2.RevokeApiKeyRequest.SerializeToString,
                 response_deserializer=statuspulse_dot_auth_dot_v1_dot_api__keys__pb2.RevokeApiKeyResponse.FromString,
                 _registered_method=True)
+        self.WhoAmI = channel.unary_unary(
+                '/statuspulse.auth.v1.ApiKeyService/WhoAmI',
+                request_serializer=statuspulse_dot_auth_dot_v1_dot_api__keys__pb2.WhoAmIRequest.SerializeToString,
+                response_deserializer=statuspulse_dot_auth_dot_v1_dot_api__keys__pb2.WhoAmIResponse.FromString,
+                _registered_method=True)
 
 
 class ApiKeyServiceServicer:
@@ -105,6 +110,14 @@ class ApiKeyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WhoAmI(self, request, context):
+        """WhoAmI describes the calling key and, given method and path, what the sidecar's route
+        policy would decide for that request with this key (and why). Any active key may call it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ApiKeyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -132,6 +145,11 @@ def add_ApiKeyServiceServicer_to_server(servicer, server):
                     servicer.RevokeApiKey,
                     request_deserializer=statuspulse_dot_auth_dot_v1_dot_api__keys__pb2.RevokeApiKeyRequest.FromString,
                     response_serializer=statuspulse_dot_auth_dot_v1_dot_api__keys__pb2.RevokeApiKeyResponse.SerializeToString,
+            ),
+            'WhoAmI': grpc.unary_unary_rpc_method_handler(
+                    servicer.WhoAmI,
+                    request_deserializer=statuspulse_dot_auth_dot_v1_dot_api__keys__pb2.WhoAmIRequest.FromString,
+                    response_serializer=statuspulse_dot_auth_dot_v1_dot_api__keys__pb2.WhoAmIResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -271,6 +289,33 @@ class ApiKeyService:
             '/statuspulse.auth.v1.ApiKeyService/RevokeApiKey',
             statuspulse_dot_auth_dot_v1_dot_api__keys__pb2.RevokeApiKeyRequest.SerializeToString,
             statuspulse_dot_auth_dot_v1_dot_api__keys__pb2.RevokeApiKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WhoAmI(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/statuspulse.auth.v1.ApiKeyService/WhoAmI',
+            statuspulse_dot_auth_dot_v1_dot_api__keys__pb2.WhoAmIRequest.SerializeToString,
+            statuspulse_dot_auth_dot_v1_dot_api__keys__pb2.WhoAmIResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -23,10 +23,11 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fstatuspulse/auth/v1/audit.proto\x12\x13statuspulse.auth.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf5\x02\n\x0b\x41uditRecord\x12\n\n\x02id\x18\x01 \x01(\t\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x04 \x01(\t\x12\x11\n\tworkspace\x18\x05 \x01(\t\x12\x0e\n\x06target\x18\x06 \x01(\t\x12\x0f\n\x07outcome\x18\x07 \x01(\t\x12\x0e\n\x06reason\x18\x08 \x01(\t\x12\x12\n\nrequest_id\x18\t \x01(\t\x12@\n\x08metadata\x18\n \x03(\x0b\x32..statuspulse.auth.v1.AuditRecord.MetadataEntry\x12\x0e\n\x06\x63ursor\x18\x0b \x01(\t\x12\x11\n\tchain_seq\x18\x0c \x01(\x03\x12\x13\n\x0bprev_digest\x18\r \x01(\t\x12\x0e\n\x06\x64igest\x18\x0e \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x95\x01\n\x0b\x41uditFilter\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x02 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\x12)\n\x05since\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"r\n\x17ListAuditRecordsRequest\x12\x30\n\x06\x66ilter\x18\x01 \x01(\x0b\x32 .statuspulse.auth.v1.AuditFilter\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"f\n\x18ListAuditRecordsResponse\x12\x31\n\x07records\x18\x01 \x03(\x0b\x32 .statuspulse.auth.v1.AuditRecord\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"[\n\x17TailAuditRecordsRequest\x12\x30\n\x06\x66ilter\x18\x01 \x01(\x0b\x32 .statuspulse.auth.v1.AuditFilter\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\t\"\\\n\x18TailAuditRecordsResponse\x12\x30\n\x06record\x18\x01 \x01(\x0b\x32 .statuspulse.auth.v1.AuditRecord\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\t\"]\n\x19\x45xportAuditRecordsRequest\x12\x30\n\x06\x66ilter\x18\x01 \x01(\x0b\x32 .statuspulse.auth.v1.AuditFilter\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\t\"N\n\x1a\x45xportAuditRecordsResponse\x12\x30\n\x06record\x18\x01 \x01(\x0b\x32 .statuspulse.auth.v1.AuditRecord\",\n\x17VerifyAuditChainRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\"\x80\x01\n\x0f\x41uditChainBreak\x12\x37\n\x07problem\x18\x01 \x01(\x0e\x32&.statuspulse.auth.v1.AuditChainProblem\x12\x11\n\trecord_id\x18\x02 \x01(\t\x12\x11\n\tchain_seq\x18\x03 \x01(\x03\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"\xd0\x01\n\x10\x41uditChainStatus\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\x17\n\x0frecords_checked\x18\x03 \x01(\x03\x12\x16\n\x0ehead_chain_seq\x18\x04 \x01(\x03\x12\x13\n\x0bhead_digest\x18\x05 \x01(\t\x12\x1c\n\x14\x63heckpoint_chain_seq\x18\x06 \x01(\x03\x12\x39\n\x0b\x66irst_break\x18\x07 \x01(\x0b\x32$.statuspulse.auth.v1.AuditChainBreak\"Q\n\x18VerifyAuditChainResponse\x12\x35\n\x06\x63hains\x18\x01 \x03(\x0b\x32%.statuspulse.auth.v1.AuditChainStatus\"N\n\x19IngestAuditRecordsRequest\x12\x31\n\x07records\x18\x01 \x03(\x0b\x32 .statuspulse.auth.v1.AuditRecord\"V\n\x1aIngestAuditRecordsResponse\x12\x18\n\x10\x61\x63knowledged_ids\x18\x01 \x03(\t\x12\x0e\n\x06stored\x18\x02 \x01(\x05\x12\x0e\n\x06\x63ursor\x18\x03 \x01(\t*\xed\x02\n\x11\x41uditChainProblem\x12#\n\x1f\x41UDIT_CHAIN_PROBLEM_UNSPECIFIED\x10\x00\x12\'\n#AUDIT_CHAIN_PROBLEM_DIGEST_MISMATCH\x10\x01\x12%\n!AUDIT_CHAIN_PROBLEM_LINK_MISMATCH\x10\x02\x12\x1f\n\x1b\x41UDIT_CHAIN_PROBLEM_MISSING\x10\x03\x12*\n&AUDIT_CHAIN_PROBLEM_CHECKPOINT_INVALID\x10\x04\x12!\n\x1d\x41UDIT_CHAIN_PROBLEM_TRUNCATED\x10\x05\x12%\n!AUDIT_CHAIN_PROBLEM_HEAD_MISMATCH\x10\x06\x12%\n!AUDIT_CHAIN_PROBLEM_CHAIN_MISSING\x10\x07\x12%\n!AUDIT_CHAIN_PROBLEM_HEADS_INVALID\x10\x08\x32\xd5\x04\n\x0c\x41uditService\x12o\n\x10ListAuditRecords\x12,.statuspulse.auth.v1.ListAuditRecordsRequest\x1a-.statuspulse.auth.v1.ListAuditRecordsResponse\x12q\n\x10TailAuditRecords\x12,.statuspulse.auth.v1.TailAuditRecordsRequest\x1a-.statuspulse.auth.v1.TailAuditRecordsResponse0\x01\x12w\n\x12\x45xportAuditRecords\x12..statuspulse.auth.v1.ExportAuditRecordsRequest\x1a/.statuspulse.auth.v1.ExportAuditRecordsResponse0\x01\x12o\n\x10VerifyAuditChain\x12,.statuspulse.auth.v1.VerifyAuditChainRequest\x1a-.statuspulse.auth.v1.VerifyAuditChainResponse\x12w\n\x12IngestAuditRecords\x12..statuspulse.auth.v1.IngestAuditRecordsRequest\x1a/.statuspulse.auth.v1.IngestAuditRecordsResponse(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fstatuspulse/auth/v1/audit.proto\x12\x13statuspulse.auth.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x99\x03\n\x0b\x41uditRecord\x12\n\n\x02id\x18\x01 \x01(\t\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x04 \x01(\t\x12\x11\n\tworkspace\x18\x05 \x01(\t\x12\x0e\n\x06target\x18\x06 \x01(\t\x12\x0f\n\x07outcome\x18\x07 \x01(\t\x12\x0e\n\x06reason\x18\x08 \x01(\t\x12\x1e\n\nrequest_id\x18\t \x01(\tR\nrequest_id\x12@\n\x08metadata\x18\n \x03(\x0b\x32..statuspulse.auth.v1.AuditRecord.MetadataEntry\x12\x0e\n\x06\x63ursor\x18\x0b \x01(\t\x12\x1c\n\tchain_seq\x18\x0c \x01(\x03R\tchain_seq\x12 \n\x0bprev_digest\x18\r \x01(\tR\x0bprev_digest\x12\x0e\n\x06\x64igest\x18\x0e \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x95\x01\n\x0b\x41uditFilter\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x02 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\x12)\n\x05since\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x89\x01\n\x17ListAuditRecordsRequest\x12\x30\n\x06\x66ilter\x18\x01 \x01(\x0b\x32 .statuspulse.auth.v1.AuditFilter\x12\x1c\n\tpage_size\x18\x02 \x01(\x05R\tpage_size\x12\x1e\n\npage_token\x18\x03 \x01(\tR\npage_token\"w\n\x18ListAuditRecordsResponse\x12\x31\n\x07records\x18\x01 \x03(\x0b\x32 .statuspulse.auth.v1.AuditRecord\x12(\n\x0fnext_page_token\x18\x02 \x01(\tR\x0fnext_page_token\"[\n\x17TailAuditRecordsRequest\x12\x30\n\x06\x66ilter\x18\x01 \x01(\x0b\x32 .statuspulse.auth.v1.AuditFilter\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\t\"\\\n\x18TailAuditRecordsResponse\x12\x30\n\x06record\x18\x01 \x01(\x0b\x32 .statuspulse.auth.v1.AuditRecord\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\t\"]\n\x19\x45xportAuditRecordsRequest\x12\x30\n\x06\x66ilter\x18\x01 \x01(\x0b\x32 .statuspulse.auth.v1.AuditFilter\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\t\"N\n\x1a\x45xportAuditRecordsResponse\x12\x30\n\x06record\x18\x01 \x01(\x0b\x32 .statuspulse.auth.v1.AuditRecord\",\n\x17VerifyAuditChainRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\"\x96\x01\n\x0f\x41uditChainBreak\x12\x37\n\x07problem\x18\x01 \x01(\x0e\x32&.statuspulse.auth.v1.AuditChainProblem\x12\x1c\n\trecord_id\x18\x02 \x01(\tR\trecord_id\x12\x1c\n\tchain_seq\x18\x03 \x01(\x03R\tchain_seq\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"\xa1\x02\n\x10\x41uditChainStatus\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12(\n\x0frecords_checked\x18\x03 \x01(\x03R\x0frecords_checked\x12&\n\x0ehead_chain_seq\x18\x04 \x01(\x03R\x0ehead_chain_seq\x12 \n\x0bhead_digest\x18\x05 \x01(\tR\x0bhead_digest\x12\x32\n\x14\x63heckpoint_chain_seq\x18\x06 \x01(\x03R\x14\x63heckpoint_chain_seq\x12\x46\n\x0b\x66irst_break\x18\x07 \x01(\x0b\x32$.statuspulse.auth.v1.AuditChainBreakR\x0b\x66irst_break\"Q\n\x18VerifyAuditChainResponse\x12\x35\n\x06\x63hains\x18\x01 \x03(\x0b\x32%.statuspulse.auth.v1.AuditChainStatus\"N\n\x19IngestAuditRecordsRequest\x12\x31\n\x07records\x18\x01 \x03(\x0b\x32 .statuspulse.auth.v1.AuditRecord\"h\n\x1aIngestAuditRecordsResponse\x12*\n\x10\x61\x63knowledged_ids\x18\x01 \x03(\tR\x10\x61\x63knowledged_ids\x12\x0e\n\x06stored\x18\x02 \x01(\x05\x12\x0e\n\x06\x63ursor\x18\x03 \x01(\t*\xed\x02\n\x11\x41uditChainProblem\x12#\n\x1f\x41UDIT_CHAIN_PROBLEM_UNSPECIFIED\x10\x00\x12\'\n#AUDIT_CHAIN_PROBLEM_DIGEST_MISMATCH\x10\x01\x12%\n!AUDIT_CHAIN_PROBLEM_LINK_MISMATCH\x10\x02\x12\x1f\n\x1b\x41UDIT_CHAIN_PROBLEM_MISSING\x10\x03\x12*\n&AUDIT_CHAIN_PROBLEM_CHECKPOINT_INVALID\x10\x04\x12!\n\x1d\x41UDIT_CHAIN_PROBLEM_TRUNCATED\x10\x05\x12%\n!AUDIT_CHAIN_PROBLEM_HEAD_MISMATCH\x10\x06\x12%\n!AUDIT_CHAIN_PROBLEM_CHAIN_MISSING\x10\x07\x12%\n!AUDIT_CHAIN_PROBLEM_HEADS_INVALID\x10\x08\x32\xb7\x05\n\x0c\x41uditService\x12\x8a\x01\n\x10ListAuditRecords\x12,.statuspulse.auth.v1.ListAuditRecordsRequest\x1a-.statuspulse.auth.v1.ListAuditRecordsResponse\"\x19\x82\xd3\xe4\x93\x02\x13\x12\x11/v1/audit/records\x12q\n\x10TailAuditRecords\x12,.statuspulse.auth.v1.TailAuditRecordsRequest\x1a-.statuspulse.auth.v1.TailAuditRecordsResponse0\x01\x12w\n\x12\x45xportAuditRecords\x12..statuspulse.auth.v1.ExportAuditRecordsRequest\x1a/.statuspulse.auth.v1.ExportAuditRecordsResponse0\x01\x12\xb4\x01\n\x10VerifyAuditChain\x12,.statuspulse.auth.v1.VerifyAuditChainRequest\x1a-.statuspulse.auth.v1.VerifyAuditChainResponse\"C\x82\xd3\xe4\x93\x02=\x12\x10/v1/audit/chainsZ)\x12\'/v1/workspaces/{workspace}/audit/chains\x12w\n\x12IngestAuditRecords\x12..statuspulse.auth.v1.IngestAuditRecordsRequest\x1a/.statuspulse.auth.v1.IngestAuditRecordsResponse(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,38 +36,42 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_AUDITRECORD_METADATAENTRY']._loaded_options = None
   _globals['_AUDITRECORD_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_AUDITCHAINPROBLEM']._serialized_start=1839
-  _globals['_AUDITCHAINPROBLEM']._serialized_end=2204
-  _globals['_AUDITRECORD']._serialized_start=90
-  _globals['_AUDITRECORD']._serialized_end=463
-  _globals['_AUDITRECORD_METADATAENTRY']._serialized_start=416
-  _globals['_AUDITRECORD_METADATAENTRY']._serialized_end=463
-  _globals['_AUDITFILTER']._serialized_start=466
-  _globals['_AUDITFILTER']._serialized_end=615
-  _globals['_LISTAUDITRECORDSREQUEST']._serialized_start=617
-  _globals['_LISTAUDITRECORDSREQUEST']._serialized_end=731
-  _globals['_LISTAUDITRECORDSRESPONSE']._serialized_start=733
-  _globals['_LISTAUDITRECORDSRESPONSE']._serialized_end=835
-  _globals['_TAILAUDITRECORDSREQUEST']._serialized_start=837
-  _globals['_TAILAUDITRECORDSREQUEST']._serialized_end=928
-  _globals['_TAILAUDITRECORDSRESPONSE']._serialized_start=930
-  _globals['_TAILAUDITRECORDSRESPONSE']._serialized_end=1022
-  _globals['_EXPORTAUDITRECORDSREQUEST']._serialized_start=1024
-  _globals['_EXPORTAUDITRECORDSREQUEST']._serialized_end=1117
-  _globals['_EXPORTAUDITRECORDSRESPONSE']._serialized_start=1119
-  _globals['_EXPORTAUDITRECORDSRESPONSE']._serialized_end=1197
-  _globals['_VERIFYAUDITCHAINREQUEST']._serialized_start=1199
-  _globals['_VERIFYAUDITCHAINREQUEST']._serialized_end=1243
-  _globals['_AUDITCHAINBREAK']._serialized_start=1246
-  _globals['_AUDITCHAINBREAK']._serialized_end=1374
-  _globals['_AUDITCHAINSTATUS']._serialized_start=1377
-  _globals['_AUDITCHAINSTATUS']._serialized_end=1585
-  _globals['_VERIFYAUDITCHAINRESPONSE']._serialized_start=1587
-  _globals['_VERIFYAUDITCHAINRESPONSE']._serialized_end=1668
-  _globals['_INGESTAUDITRECORDSREQUEST']._serialized_start=1670
-  _globals['_INGESTAUDITRECORDSREQUEST']._serialized_end=1748
-  _globals['_INGESTAUDITRECORDSRESPONSE']._serialized_start=1750
-  _globals['_INGESTAUDITRECORDSRESPONSE']._serialized_end=1836
-  _globals['_AUDITSERVICE']._serialized_start=2207
-  _globals['_AUDITSERVICE']._serialized_end=2804
+  _globals['_AUDITSERVICE'].methods_by_name['ListAuditRecords']._loaded_options = None
+  _globals['_AUDITSERVICE'].methods_by_name['ListAuditRecords']._serialized_options = b'\202\323\344\223\002\023\022\021/v1/audit/records'
+  _globals['_AUDITSERVICE'].methods_by_name['VerifyAuditChain']._loaded_options = None
+  _globals['_AUDITSERVICE'].methods_by_name['VerifyAuditChain']._serialized_options = b'\202\323\344\223\002=\022\020/v1/audit/chainsZ)\022\'/v1/workspaces/{workspace}/audit/chains'
+  _globals['_AUDITCHAINPROBLEM']._serialized_start=2067
+  _globals['_AUDITCHAINPROBLEM']._serialized_end=2432
+  _globals['_AUDITRECORD']._serialized_start=120
+  _globals['_AUDITRECORD']._serialized_end=529
+  _globals['_AUDITRECORD_METADATAENTRY']._serialized_start=482
+  _globals['_AUDITRECORD_METADATAENTRY']._serialized_end=529
+  _globals['_AUDITFILTER']._serialized_start=532
+  _globals['_AUDITFILTER']._serialized_end=681
+  _globals['_LISTAUDITRECORDSREQUEST']._serialized_start=684
+  _globals['_LISTAUDITRECORDSREQUEST']._serialized_end=821
+  _globals['_LISTAUDITRECORDSRESPONSE']._serialized_start=823
+  _globals['_LISTAUDITRECORDSRESPONSE']._serialized_end=942
+  _globals['_TAILAUDITRECORDSREQUEST']._serialized_start=944
+  _globals['_TAILAUDITRECORDSREQUEST']._serialized_end=1035
+  _globals['_TAILAUDITRECORDSRESPONSE']._serialized_start=1037
+  _globals['_TAILAUDITRECORDSRESPONSE']._serialized_end=1129
+  _globals['_EXPORTAUDITRECORDSREQUEST']._serialized_start=1131
+  _globals['_EXPORTAUDITRECORDSREQUEST']._serialized_end=1224
+  _globals['_EXPORTAUDITRECORDSRESPONSE']._serialized_start=1226
+  _globals['_EXPORTAUDITRECORDSRESPONSE']._serialized_end=1304
+  _globals['_VERIFYAUDITCHAINREQUEST']._serialized_start=1306
+  _globals['_VERIFYAUDITCHAINREQUEST']._serialized_end=1350
+  _globals['_AUDITCHAINBREAK']._serialized_start=1353
+  _globals['_AUDITCHAINBREAK']._serialized_end=1503
+  _globals['_AUDITCHAINSTATUS']._serialized_start=1506
+  _globals['_AUDITCHAINSTATUS']._serialized_end=1795
+  _globals['_VERIFYAUDITCHAINRESPONSE']._serialized_start=1797
+  _globals['_VERIFYAUDITCHAINRESPONSE']._serialized_end=1878
+  _globals['_INGESTAUDITRECORDSREQUEST']._serialized_start=1880
+  _globals['_INGESTAUDITRECORDSREQUEST']._serialized_end=1958
+  _globals['_INGESTAUDITRECORDSRESPONSE']._serialized_start=1960
+  _globals['_INGESTAUDITRECORDSRESPONSE']._serialized_end=2064
+  _globals['_AUDITSERVICE']._serialized_start=2435
+  _globals['_AUDITSERVICE']._serialized_end=3130
 # @@protoc_insertion_point(module_scope)

@@ -6,7 +6,7 @@ import warnings
 
 from sidecar._gen.statuspulse.auth.v1 import oauth_pb2 as statuspulse_dot_auth_dot_v1_dot_oauth__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -393,6 +393,26 @@ class UserServiceStub:
                 request_serializer=statuspulse_dot_auth_dot_v1_dot_oauth__pb2.ListUsersRequest.SerializeToString,
                 response_deserializer=statuspulse_dot_auth_dot_v1_dot_oauth__pb2.ListUsersResponse.FromString,
                 _registered_method=True)
+        self.DisableUser = channel.unary_unary(
+                '/statuspulse.auth.v1.UserService/DisableUser',
+                request_serializer=statuspulse_dot_auth_dot_v1_dot_oauth__pb2.DisableUserRequest.SerializeToString,
+                response_deserializer=statuspulse_dot_auth_dot_v1_dot_oauth__pb2.DisableUserResponse.FromString,
+                _registered_method=True)
+        self.EnableUser = channel.unary_unary(
+                '/statuspulse.auth.v1.UserService/EnableUser',
+                request_serializer=statuspulse_dot_auth_dot_v1_dot_oauth__pb2.EnableUserRequest.SerializeToString,
+                response_deserializer=statuspulse_dot_auth_dot_v1_dot_oauth__pb2.EnableUserResponse.FromString,
+                _registered_method=True)
+        self.DeleteUser = channel.unary_unary(
+                '/statuspulse.auth.v1.UserService/DeleteUser',
+                request_serializer=statuspulse_dot_auth_dot_v1_dot_oauth__pb2.DeleteUserRequest.SerializeToString,
+                response_deserializer=statuspulse_dot_auth_dot_v1_dot_oauth__pb2.DeleteUserResponse.FromString,
+                _registered_method=True)
+        self.ResetUserPassword = channel.unary_unary(
+                '/statuspulse.auth.v1.UserService/ResetUserPassword',
+                request_serializer=statuspulse_dot_auth_dot_v1_dot_oauth__pb2.ResetUserPasswordRequest.SerializeToString,
+                response_deserializer=statuspulse_dot_auth_dot_v1_dot_oauth__pb2.ResetUserPasswordResponse.FromString,
+                _registered_method=True)
 
 
 class UserServiceServicer:
@@ -413,6 +433,36 @@ class UserServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DisableUser(self, request, context):
+        """DisableUser stops a member: sign-in refused, every grant revoked at once (refresh tokens
+        stop working and every sidecar denies the member's access tokens), browser sessions ended.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EnableUser(self, request, context):
+        """EnableUser lets a disabled member sign in again (revoked grants stay revoked).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteUser(self, request, context):
+        """DeleteUser removes a member as DisableUser does, for good; the audit history keeps the id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResetUserPassword(self, request, context):
+        """ResetUserPassword sets a new password and signs the member out everywhere (every grant
+        revoked, browser sessions ended).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_UserServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -425,6 +475,26 @@ def add_UserServiceServicer_to_server(servicer, server):
                     servicer.ListUsers,
                     request_deserializer=statuspulse_dot_auth_dot_v1_dot_oauth__pb2.ListUsersRequest.FromString,
                     response_serializer=statuspulse_dot_auth_dot_v1_dot_oauth__pb2.ListUsersResponse.SerializeToString,
+            ),
+            'DisableUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.DisableUser,
+                    request_deserializer=statuspulse_dot_auth_dot_v1_dot_oauth__pb2.DisableUserRequest.FromString,
+                    response_serializer=statuspulse_dot_auth_dot_v1_dot_oauth__pb2.DisableUserResponse.SerializeToString,
+            ),
+            'EnableUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.EnableUser,
+                    request_deserializer=statuspulse_dot_auth_dot_v1_dot_oauth__pb2.EnableUserRequest.FromString,
+                    response_serializer=statuspulse_dot_auth_dot_v1_dot_oauth__pb2.EnableUserResponse.SerializeToString,
+            ),
+            'DeleteUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteUser,
+                    request_deserializer=statuspulse_dot_auth_dot_v1_dot_oauth__pb2.DeleteUserRequest.FromString,
+                    response_serializer=statuspulse_dot_auth_dot_v1_dot_oauth__pb2.DeleteUserResponse.SerializeToString,
+            ),
+            'ResetUserPassword': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResetUserPassword,
+                    request_deserializer=statuspulse_dot_auth_dot_v1_dot_oauth__pb2.ResetUserPasswordRequest.FromString,
+                    response_serializer=statuspulse_dot_auth_dot_v1_dot_oauth__pb2.ResetUserPasswordResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -482,6 +552,236 @@ class UserService:
             '/statuspulse.auth.v1.UserService/ListUsers',
             statuspulse_dot_auth_dot_v1_dot_oauth__pb2.ListUsersRequest.SerializeToString,
             statuspulse_dot_auth_dot_v1_dot_oauth__pb2.ListUsersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DisableUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/statuspulse.auth.v1.UserService/DisableUser',
+            statuspulse_dot_auth_dot_v1_dot_oauth__pb2.DisableUserRequest.SerializeToString,
+            statuspulse_dot_auth_dot_v1_dot_oauth__pb2.DisableUserResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EnableUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/statuspulse.auth.v1.UserService/EnableUser',
+            statuspulse_dot_auth_dot_v1_dot_oauth__pb2.EnableUserRequest.SerializeToString,
+            statuspulse_dot_auth_dot_v1_dot_oauth__pb2.EnableUserResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/statuspulse.auth.v1.UserService/DeleteUser',
+            statuspulse_dot_auth_dot_v1_dot_oauth__pb2.DeleteUserRequest.SerializeToString,
+            statuspulse_dot_auth_dot_v1_dot_oauth__pb2.DeleteUserResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResetUserPassword(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/statuspulse.auth.v1.UserService/ResetUserPassword',
+            statuspulse_dot_auth_dot_v1_dot_oauth__pb2.ResetUserPasswordRequest.SerializeToString,
+            statuspulse_dot_auth_dot_v1_dot_oauth__pb2.ResetUserPasswordResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class SigningKeyServiceStub:
+    """SigningKeyService manages the JWT signing keys of the authorization server (operator only).
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ListSigningKeys = channel.unary_unary(
+                '/statuspulse.auth.v1.SigningKeyService/ListSigningKeys',
+                request_serializer=statuspulse_dot_auth_dot_v1_dot_oauth__pb2.ListSigningKeysRequest.SerializeToString,
+                response_deserializer=statuspulse_dot_auth_dot_v1_dot_oauth__pb2.ListSigningKeysResponse.FromString,
+                _registered_method=True)
+        self.RotateSigningKey = channel.unary_unary(
+                '/statuspulse.auth.v1.SigningKeyService/RotateSigningKey',
+                request_serializer=statuspulse_dot_auth_dot_v1_dot_oauth__pb2.RotateSigningKeyRequest.SerializeToString,
+                response_deserializer=statuspulse_dot_auth_dot_v1_dot_oauth__pb2.RotateSigningKeyResponse.FromString,
+                _registered_method=True)
+
+
+class SigningKeyServiceServicer:
+    """SigningKeyService manages the JWT signing keys of the authorization server (operator only).
+    """
+
+    def ListSigningKeys(self, request, context):
+        """ListSigningKeys lists the keys in the JWKS (pending, current, superseded), newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RotateSigningKey(self, request, context):
+        """RotateSigningKey publishes a new key that signs after the lead time (scheduled), or at
+        once with every older key retired (immediate: every sidecar drops them and denies tokens
+        they signed, cached or not).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_SigningKeyServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ListSigningKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSigningKeys,
+                    request_deserializer=statuspulse_dot_auth_dot_v1_dot_oauth__pb2.ListSigningKeysRequest.FromString,
+                    response_serializer=statuspulse_dot_auth_dot_v1_dot_oauth__pb2.ListSigningKeysResponse.SerializeToString,
+            ),
+            'RotateSigningKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateSigningKey,
+                    request_deserializer=statuspulse_dot_auth_dot_v1_dot_oauth__pb2.RotateSigningKeyRequest.FromString,
+                    response_serializer=statuspulse_dot_auth_dot_v1_dot_oauth__pb2.RotateSigningKeyResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'statuspulse.auth.v1.SigningKeyService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('statuspulse.auth.v1.SigningKeyService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class SigningKeyService:
+    """SigningKeyService manages the JWT signing keys of the authorization server (operator only).
+    """
+
+    @staticmethod
+    def ListSigningKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/statuspulse.auth.v1.SigningKeyService/ListSigningKeys',
+            statuspulse_dot_auth_dot_v1_dot_oauth__pb2.ListSigningKeysRequest.SerializeToString,
+            statuspulse_dot_auth_dot_v1_dot_oauth__pb2.ListSigningKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateSigningKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/statuspulse.auth.v1.SigningKeyService/RotateSigningKey',
+            statuspulse_dot_auth_dot_v1_dot_oauth__pb2.RotateSigningKeyRequest.SerializeToString,
+            statuspulse_dot_auth_dot_v1_dot_oauth__pb2.RotateSigningKeyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -6,7 +6,7 @@ import warnings
 
 from sidecar._gen.statuspulse.auth.v1 import replication_pb2 as statuspulse_dot_auth_dot_v1_dot_replication__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
