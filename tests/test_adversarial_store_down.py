@@ -16,6 +16,7 @@ from sidecar._gen.statuspulse.auth.v1 import replication_pb2_grpc as rpb_grpc
 from sidecar.config import load_settings
 from sidecar.controlplane import ControlPlane
 from sidecar.core.clock import FakeClock
+from sidecar.oauth import kek
 from tests.conftest import LoopThread, bearer
 from tests.support.postgres import PostgresServer, postgres_available
 from tests.support.sync import TEST_SYNC_TOKEN
@@ -39,6 +40,7 @@ def test_subscribe_answers_unavailable_while_the_store_is_down(
             "admin_addr": "127.0.0.1:0",
             "http_addr": "127.0.0.1:0",
             "sync_token": TEST_SYNC_TOKEN,
+            "key_encryption_key": kek.generate(),  # a shared store needs one (issue #14)
         },
         environ={},
     )
