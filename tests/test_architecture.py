@@ -13,6 +13,7 @@ import pytest
 
 from sidecar.admin.errors import GRPC_CODES
 from sidecar.core import errors
+from sidecar.http.console.errors import CONSOLE_STATUS
 
 ROOT = Path(__file__).resolve().parent.parent
 FORBIDDEN = {"grpc", "redis", "sqlite3", "psycopg", "starlette", "uvicorn", "envoy", "google"}
@@ -87,3 +88,8 @@ def test_every_domain_error_has_a_grpc_mapping() -> None:
     assert set(errors.ALL_ERRORS) - {errors.SpauthError} == classes
     for cls in classes:
         assert cls in GRPC_CODES, f"{cls.__name__} has no gRPC mapping"
+
+
+def test_every_domain_error_has_a_console_page_status() -> None:
+    for cls in _all_subclasses(errors.SpauthError):
+        assert cls in CONSOLE_STATUS, f"{cls.__name__} has no console mapping"

@@ -93,6 +93,7 @@ class AuditServicer(pb_grpc.AuditServiceServicer):  # type: ignore[misc]
     ) -> None:
         self.authenticator = authenticator
         self._trail = trail
+        # Decision records are stricter than the shared seam: the sync token only, never a key.
         self._sync_token = sync_token.encode()
         self._waiters: set[asyncio.Event] = set()
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -7,6 +7,7 @@ import enum
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from ipaddress import IPv4Network, IPv6Network
 from typing import NamedTuple
 
 
@@ -21,6 +22,7 @@ class Reason(enum.StrEnum):
     UNKNOWN_CREDENTIAL = "unknown_credential"
     EXPIRED_CREDENTIAL = "expired_credential"
     REVOKED_CREDENTIAL = "revoked_credential"
+    SUSPENDED_CREDENTIAL = "suspended_credential"
     MALFORMED_TOKEN = "malformed_token"  # noqa: S105 (a reason code)
     UNKNOWN_KEY = "unknown_key"
     BAD_SIGNATURE = "bad_signature"
@@ -40,6 +42,8 @@ class Reason(enum.StrEnum):
     NO_ROUTE = "no_route"
     # The operator key (workspace ``*``) is an admin credential, not a data-plane one.
     OPERATOR_NOT_ALLOWED = "operator_not_allowed"
+    # The key may be used only from its client networks, and this request came from elsewhere.
+    CLIENT_NOT_ALLOWED = "client_not_allowed"
     # Others.
     MALFORMED_REQUEST = "malformed_request"
     # 400: dot-segments, encoded '.', '/' or '\\', backslashes or ';' parameters in the path.
@@ -68,6 +72,7 @@ OUTCOMES: dict[Reason, Outcome] = {
     Reason.NO_ROUTE: Outcome.FORBIDDEN,
     Reason.OPERATOR_NOT_ALLOWED: Outcome.FORBIDDEN,
     Reason.NON_CANONICAL_PATH: Outcome.BAD_REQUEST,
+    Reason.CLIENT_NOT_ALLOWED: Outcome.FORBIDDEN,
     Reason.MALFORMED_REQUEST: Outcome.BAD_REQUEST,
     Reason.RATE_LIMITED: Outcome.TOO_MANY,
     Reason.REPLICA_NOT_READY: Outcome.UNAVAILABLE,
@@ -105,6 +110,8 @@ class Identity:
     # (0: none), enforced per sidecar and shared through Redis in scale-out.
     rate_limit: int = 0
     rate_period: int = 0
+    # An API key's client networks (empty: any source), enforced against the request's source.
+    networks: tuple[IPv4Network | IPv6Network, ...] = ()
 
 
 class Decision(NamedTuple):

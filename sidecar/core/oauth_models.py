@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from sidecar.core.models import Principal
+
 
 @dataclass(frozen=True, slots=True)
 class OAuthApp:
@@ -62,6 +64,11 @@ class Member:
     @property
     def active(self) -> bool:
         return self.disabled_at is None and self.deleted_at is None
+
+    def principal(self) -> Principal:
+        """The member as the caller of a use case (the web console): the use cases check its
+        workspace and scopes exactly as a key's, and audit it by member id as the actor."""
+        return Principal(key_id=self.id, workspace=self.workspace, scopes=self.scopes)
 
 
 @dataclass(frozen=True, slots=True)

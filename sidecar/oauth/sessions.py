@@ -13,6 +13,7 @@ import hmac
 import secrets
 import threading
 
+from sidecar.core.audit import event
 from sidecar.core.clock import Clock
 from sidecar.core.oauth_models import BrowserSession, Member
 from sidecar.core.storage import Store
@@ -56,8 +57,13 @@ class BrowserSessions:
 
     def csrf_token(self, session_id: str) -> str:
         """The token every form of this session carries."""
-        mac = hmac.new(self._csrf_key(), b"csrf:" + session_id.encode(), hashlib.sha256)
-        return mac.hexdigest()
+        return self.mac("csrf", session_id)
+
+    def mac(self, purpose: str, value: str) -> str:
+        """HMAC-SHA256 of ``value`` under the server key, separated by ``purpose`` (a token
+        made for one purpose never passes for another)."""
+        data = purpose.encode() + b":" + value.encode("utf-8", "surrogateescape")
+        return hmac.new(self._csrf_key(), data, hashlib.sha256).hexdigest()
 
     def check_csrf(self, session_id: str, token: str) -> bool:
         return bool(session_id) and hmac.compare_digest(self.csrf_token(session_id), token)
@@ -93,6 +99,21 @@ class BrowserSessions:
     def end(self, session_id: str) -> None:
         with self._store.transaction() as uow:
             uow.oauth.sessions.delete(_digest(session_id))
+
+    def sign_out(self, session_id: str, member: Member, request_id: str) -> None:
+        """End a signed-in session at the member's request, audited with the member as actor."""
+        with self._store.transaction() as uow:
+            uow.oauth.sessions.delete(_digest(session_id))
+            uow.audit.append(
+                event(
+                    self._clock.now(),
+                    member.id,
+                    "signout",
+                    member.workspace,
+                    member.id,
+                    request_id=request_id,
+                )
+            )
 
     def purge(self) -> int:
         with self._store.transaction() as uow:

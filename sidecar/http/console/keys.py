@@ -1,0 +1,97 @@
+"""Settings > Security > API Access: the Key Manager. Every page calls the same ApiKeyService
+use cases as the admin API, with the signed-in member as the caller."""
+
+from __future__ import annotations
+
+import asyncio
+
+from starlette.responses import RedirectResponse, Response
+
+from sidecar.core.apikeys import DAY, ApiKeyService
+from sidecar.core.clock import Clock
+from sidecar.core.errors import InvalidArgument
+from sidecar.core.models import KeyState
+from sidecar.http.console import render
+from sidecar.http.console.visit import Visit
+
+KEYS_PATH = "/console/keys"
+# Choices offered on the forms, in seconds (the use cases enforce the policy's bounds).
+EXPIRY_CHOICES = {"30": 30 * DAY, "90": 90 * DAY, "180": 180 * DAY, "365": 365 * DAY}
+GRACE_CHOICES = {"0": 0, "1h": 3600, "24h": DAY, "7d": 7 * DAY}
+STATES = {state.value: state for state in KeyState}
+
+
+def choice(options: dict[str, int], value: str, field: str) -> int:
+    if value not in options:
+        raise InvalidArgument(field, f"choose one of {', '.join(options)}")
+    return options[value]
+
+
+class KeyPages:
+    """List, generate, replace and revoke keys of the member's workspace."""
+
+    def __init__(self, keys: ApiKeyService, clock: Clock) -> None:
+        self._keys = keys
+        self._clock = clock
+
+    async def list(self, visit: Visit) -> Response:
+        wanted = visit.query("state")
+        if wanted and wanted not in STATES:
+            raise InvalidArgument("state", f"choose one of {', '.join(STATES)}")
+        page = await asyncio.to_thread(
+            self._keys.list,
+            visit.ctx,
+            workspace=visit.workspace,
+            state=STATES.get(wanted),
+            page_token=visit.query("page_token"),
+        )
+        now = self._clock.now()
+        rows = [(key, key.state(now).value) for key in page.items]
+        return visit.render(
+            "keys.html", rows=rows, state=wanted, states=list(STATES), next_token=page.next_token
+        )
+
+    async def new(self, visit: Visit) -> Response:
+        self._keys.require_manager(visit.ctx, visit.workspace)
+        return visit.render("key_new.html", expiry_choices=list(EXPIRY_CHOICES))
+
+    async def create(self, visit: Visit) -> Response:
+        form = visit.form
+        minted = await asyncio.to_thread(
+            self._keys.create,
+            visit.ctx,
+            workspace=visit.workspace,
+            name=form.get("name"),
+            scopes=form.getall("scopes"),
+            expires_in=choice(EXPIRY_CHOICES, form.get("expires_days", "90"), "expires_days"),
+        )
+        return visit.render("key_secret.html", minted=minted)
+
+    async def replace_form(self, visit: Visit) -> Response:
+        key = await asyncio.to_thread(self._keys.get, visit.ctx, visit.path_param("key_id"))
+        return visit.render("key_replace.html", key=key, grace_choices=list(GRACE_CHOICES))
+
+    async def replace(self, visit: Visit) -> Response:
+        minted = await asyncio.to_thread(
+            self._keys.replace,
+            visit.ctx,
+            visit.path_param("key_id"),
+            grace=choice(GRACE_CHOICES, visit.form.get("grace", "0"), "grace"),
+        )
+        return visit.render("key_secret.html", minted=minted)
+
+    async def revoke_form(self, visit: Visit) -> Response:
+        key = await asyncio.to_thread(self._keys.get, visit.ctx, visit.path_param("key_id"))
+        return visit.render("key_revoke.html", key=key)
+
+    async def revoke(self, visit: Visit) -> Response:
+        if visit.form.get("confirm") != "yes":
+            raise InvalidArgument("confirm", "tick the box to confirm the revocation")
+        await asyncio.to_thread(
+            self._keys.revoke,
+            visit.ctx,
+            visit.path_param("key_id"),
+            reason=visit.form.get("reason"),
+        )
+        # Post/redirect/get: the list is safe to reload (no secret on it).
+        return RedirectResponse(KEYS_PATH, 303, headers=render.PAGE_HEADERS)
