@@ -143,7 +143,8 @@ def _topology(sc: Scenario, env: TargetEnv, redis_url: str) -> Iterator[tuple[st
             listen = f"127.0.0.1:{env.free_port()}"
             argv = [env.python, "-m", "sidecar", "sidecar", "--listen", listen,
                     "--control-plane", home, "--state-dir", str(work / f"s{i}"),
-                    "--metrics-addr", "", *bus]  # fmt: skip
+                    "--metrics-addr", "", "--sync-token-file", str(data / "sync-token"),
+                    *bus]  # fmt: skip
             procs.append(_spawn(work, f"sidecar-{i}", argv))
             addrs.append(listen)
         # Sidecars start while B does (they retry until it answers): starts overlap.

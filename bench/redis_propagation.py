@@ -76,6 +76,7 @@ def run(redis_url: str, rounds: int, heartbeat: float) -> list[float]:
                     metrics_addr="",  # no status port: never the fixed 9192
                     control_plane=f"127.0.0.1:{plane.admin_port}",
                     state_dir=Path(tmp) / f"sidecar-{i}",
+                    sync_token=plane.sync_token,  # both replicas read the shared data dir's
                 )
             )
             for i, plane in enumerate((b, b, a))

@@ -23,6 +23,7 @@ from sidecar.core.storage import Store
 from sidecar.store.sql.sqlite import SqliteStore
 from tests.support.ports import DEFAULT_PORTS, hold_ports
 from tests.support.postgres import PostgresServer, postgres_available
+from tests.support.sync import TEST_SYNC_TOKEN
 
 _databases = itertools.count(1)
 
@@ -131,6 +132,7 @@ def control_plane(
             "admin_addr": "127.0.0.1:0",
             "http_addr": "127.0.0.1:0",  # the OAuth HTTP server (issue 4), never a fixed port
             "sweep_interval": "0.05",
+            "sync_token": TEST_SYNC_TOKEN,
         },
         environ={},
     )
@@ -183,6 +185,7 @@ def sidecar_factory(tmp_path: Path, control_plane: RunningControlPlane) -> Itera
             "control_plane": control_plane.address,
             "state_dir": tmp_path / f"sidecar-{len(started)}",
             "metrics_addr": "127.0.0.1:0",  # never the fixed 9192: tests run sidecars side by side
+            "sync_token": TEST_SYNC_TOKEN,
             **overrides,
         }
         sc = Sidecar(SidecarSettings(**fields), clock=control_plane.clock)  # type: ignore[arg-type]

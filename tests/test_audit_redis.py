@@ -264,6 +264,7 @@ def test_a_sidecar_ships_decisions_to_the_control_plane_through_redis(
             metrics_addr="",  # no status port: never the fixed 9192
             control_plane=f"127.0.0.1:{plane.admin_port}",
             state_dir=tmp_path / "sc",
+            sync_token=plane.sync_token,
             redis_url=redis_url,
             audit_write_interval=0.005,
         ),

@@ -35,13 +35,14 @@ from sidecar.controlplane import ControlPlane
 from sidecar.core.audit import AuditEvent, event, scrub
 from sidecar.core.clock import FakeClock
 from tests.conftest import LoopThread, RunningControlPlane, free_port
+from tests.support.sync import TEST_SYNC_TOKEN
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def decision(i: int, allowed: bool = True, path: str = "/v1/checks") -> AuditEvent:
     return decision_event(
-        time=1_800_000_000.0 + i,
+        time=1_700_000_000.0 + i,  # in the past of every clock here (ingest refuses the future)
         allowed=allowed,
         reason="ok" if allowed else "unknown_key",
         credential_id="key_a",
@@ -211,7 +212,7 @@ def test_backoff_rejects_settings_that_never_grow_or_never_wait(kwargs: dict[str
 def test_the_same_records_shipped_twice_are_stored_once(
     tmp_path: Path, control_plane: RunningControlPlane
 ) -> None:
-    transport = GrpcTransport(control_plane.address, control_plane.operator_key)
+    transport = GrpcTransport(control_plane.address, TEST_SYNC_TOKEN)
     spool = Spool(tmp_path)
     spool.append([encode(decision(i, i % 3 == 0)) for i in range(50)])
     shipper = Shipper(spool, transport, batch=20)
@@ -230,7 +231,7 @@ def test_the_same_records_shipped_twice_are_stored_once(
 def test_a_record_the_control_plane_refuses_is_skipped_not_retried_forever(
     tmp_path: Path, control_plane: RunningControlPlane
 ) -> None:
-    transport = GrpcTransport(control_plane.address, control_plane.operator_key)
+    transport = GrpcTransport(control_plane.address, TEST_SYNC_TOKEN)
     spool = Spool(tmp_path)
     forged = event(1_800_000_000.0, "key_a", "key.revoked", "acme", "key_b")
     spool.append([encode(decision(1)), encode(forged), encode(decision(2))])
@@ -249,7 +250,8 @@ def offline_plane(tmp_path: Path, loop_thread: LoopThread) -> Iterator[tuple[Con
         {
             "data_dir": str(tmp_path / "cp"),
             "admin_addr": f"127.0.0.1:{free_port()}",
-            "http_addr": "127.0.0.1:0",
+            "http_addr": "127.0.0.1:0",  # never the fixed 8080
+            "sync_token": TEST_SYNC_TOKEN,
         },
         environ={},
     )
@@ -264,8 +266,8 @@ def offline_plane(tmp_path: Path, loop_thread: LoopThread) -> Iterator[tuple[Con
 def test_records_are_spooled_while_the_control_plane_is_down_then_delivered(
     tmp_path: Path, offline_plane: tuple[ControlPlane, str], loop_thread: LoopThread
 ) -> None:
-    plane, key = offline_plane
-    transport = GrpcTransport(plane.settings.admin_addr, key, timeout=2)
+    plane, _key = offline_plane
+    transport = GrpcTransport(plane.settings.admin_addr, TEST_SYNC_TOKEN, timeout=2)
     config = ShipConfig(tmp_path / "spool", backoff=Backoff(0.05, 0.2))
     pipeline = AuditPipeline(config, transport)
     pipeline.start()
@@ -296,7 +298,7 @@ def test_a_killed_process_loses_only_unwritten_records_and_none_twice(
             "tests.support.audit_child",
             str(spool_dir),
             control_plane.address,
-            control_plane.operator_key,
+            TEST_SYNC_TOKEN,
         ],
         cwd=ROOT,
         stdout=subprocess.PIPE,
@@ -315,7 +317,7 @@ def test_a_killed_process_loses_only_unwritten_records_and_none_twice(
     assert child.returncode == -signal.SIGKILL
 
     # Restart: the spool is reopened and everything in it shipped.
-    transport = GrpcTransport(control_plane.address, control_plane.operator_key)
+    transport = GrpcTransport(control_plane.address, TEST_SYNC_TOKEN)
     pipeline = AuditPipeline(ShipConfig(spool_dir), transport)
     assert pipeline.close(timeout=30)
     transport.close()
@@ -413,6 +415,13 @@ def test_with_a_sync_token_sidecars_must_present_it_and_it_reads_nothing(
             anonymous.send([encode(decision(1))])
         assert not info.value.rejected  # retried later, not skipped
         anonymous.close()
+        # An API key, even the operator's, never ingests: it is not the sync token.
+        operator = plane.bootstrap()
+        assert operator is not None
+        keyed = GrpcTransport(address, operator.secret)
+        with pytest.raises(TransportError, match="UNAUTHENTICATED"):
+            keyed.send([encode(decision(1))])
+        keyed.close()
         sidecar = GrpcTransport(address, token)
         assert sidecar.send([encode(decision(1)), encode(decision(2))]) == 2
         sidecar.close()

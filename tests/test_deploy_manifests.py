@@ -375,6 +375,9 @@ def test_control_plane_deployment() -> None:
         "SPAUTH_WEBHOOK_KEY": {"name": "spauth-secrets", "key": "webhook-key"},
         # Replicas share one store, so they must share the signing keys' KEK.
         "SPAUTH_KEY_ENCRYPTION_KEY": {"name": "spauth-secrets", "key": "key-encryption-key"},
+        # Never anonymous replication or ingest; heads signed with a key outside the database.
+        "SPAUTH_SYNC_TOKEN": {"name": "spauth-sync", "key": "sync-token"},
+        "SPAUTH_AUDIT_SIGNING_KEY": {"name": "spauth-audit", "key": "audit-signing-key"},
     }
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
@@ -428,6 +431,15 @@ def test_app_pod_has_envoy_sidecar_and_app() -> None:
     names = [c["name"] for c in _pod_spec(deployment)["containers"]]
     assert names == ["envoy", "spauth-sidecar", "app"]
     assert _container(deployment, "envoy")["image"] == "envoyproxy/envoy:v1.40-latest"
+
+
+def test_sidecars_present_the_same_sync_token_as_the_control_plane() -> None:
+    plane = _container(_one("Deployment", "spauth-control-plane"), "control-plane")
+    ref = {e["name"]: e.get("valueFrom", {}).get("secretKeyRef") for e in plane["env"]}
+    api = _one("Deployment", "statuspulse-api")
+    sidecar = _container(api, "spauth-sidecar")
+    mine = {e["name"]: e.get("valueFrom", {}).get("secretKeyRef") for e in sidecar["env"]}
+    assert mine["SPAUTH_SIDECAR_SYNC_TOKEN"] == ref["SPAUTH_SYNC_TOKEN"]
 
 
 def test_sidecar_command_and_ports() -> None:

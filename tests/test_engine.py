@@ -68,7 +68,8 @@ def test_table_of_decisions(engine: Engine, keys: dict[str, str]) -> None:
         ("/v1/workspaces/globex/checks", bearer(keys["reader"]), Reason.WORKSPACE_MISMATCH),
         ("/v1/workspaces/acme/metrics", bearer(keys["reader"]), Reason.INSUFFICIENT_SCOPE),
         ("/v1/workspaces/acme/metrics", bearer(keys["admin"]), Reason.OK),
-        ("/v1/workspaces/globex/metrics", bearer(keys["op"]), Reason.OK),
+        # The operator key is an admin credential: refused on routes unless the policy allows it.
+        ("/v1/workspaces/globex/metrics", bearer(keys["op"]), Reason.OPERATOR_NOT_ALLOWED),
         ("/nowhere", bearer(keys["reader"]), Reason.NO_ROUTE),
         ("/nowhere", {}, Reason.MISSING_CREDENTIAL),
         ("/healthz", {}, Reason.PUBLIC_ROUTE),

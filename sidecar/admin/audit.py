@@ -5,11 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hmac
 import logging
-import os
-import secrets
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -20,14 +18,13 @@ from sidecar.admin import audit_convert as convert
 from sidecar.admin.errors import grpc_code
 from sidecar.admin.rpc import (
     Authenticator,
-    SidecarAuthenticator,
     admin_rpc,
     authenticated,
     bearer_token,
     request_id,
 )
-from sidecar.core.audit_trail import AuditTrail, decode_cursor, encode_cursor
-from sidecar.core.errors import SpauthError
+from sidecar.core.audit_trail import SIDECAR, AuditTrail, decode_cursor, encode_cursor
+from sidecar.core.errors import SpauthError, Unauthenticated
 from sidecar.core.models import Principal, RequestContext
 
 log = logging.getLogger("sidecar.admin")
@@ -42,19 +39,6 @@ POLL_SECONDS = 0.25
 # A stream re-authenticates its key this often (checked before each record it sends), so a
 # revoked key stops receiving records.
 REAUTH_SECONDS = 10.0
-
-
-def load_checkpoint_key(path: Path) -> bytes:
-    """The HMAC key that signs retention checkpoints; created (mode 0600) on first use."""
-    try:
-        return bytes.fromhex(path.read_text().strip())
-    except FileNotFoundError:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with contextlib.suppress(FileExistsError):
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as fh:
-                fh.write(secrets.token_hex(32) + "\n")
-        return bytes.fromhex(path.read_text().strip())
 
 
 def admin_stream(
@@ -109,7 +93,8 @@ class AuditServicer(pb_grpc.AuditServiceServicer):  # type: ignore[misc]
     ) -> None:
         self.authenticator = authenticator
         self._trail = trail
-        self._sidecars = SidecarAuthenticator(authenticator, sync_token)
+        # Decision records are stricter than the shared seam: the sync token only, never a key.
+        self._sync_token = sync_token.encode()
         self._waiters: set[asyncio.Event] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = asyncio.Event()
@@ -201,8 +186,12 @@ class AuditServicer(pb_grpc.AuditServiceServicer):  # type: ignore[misc]
         return pb.VerifyAuditChainResponse(chains=[convert.chain_status(r) for r in reports])
 
     def _ingest_principal(self, token: str) -> Principal:
-        """A sidecar (the sync token), or an ``admin:full`` key for its own workspace."""
-        return self._sidecars.authenticate(token)
+        """Only a sidecar, presenting the sync token, ingests decision records: never an API
+        key (a tenant would write records under decision ids it read), never anyone without
+        a credential. A control plane without a sync token accepts no ingest at all."""
+        if self._sync_token and token and hmac.compare_digest(token.encode(), self._sync_token):
+            return SIDECAR
+        raise Unauthenticated("audit ingest needs the sync token")
 
     async def IngestAuditRecords(
         self,

@@ -6,17 +6,23 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from sidecar.auditship.codec import decode
-from sidecar.auditship.spool import Spool
+from sidecar.auditship.spool import Spool, frame
 from sidecar.auditship.transport import Transport, TransportError
 
 log = logging.getLogger("sidecar.auditship")
+
+# Records the control plane refused, kept as spool frames (sidecar.auditship.spool.frame) so an
+# operator can read and re-send them: nothing is dropped silently.
+DEAD_LETTER_FILE = "dead-letter"
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,8 +79,10 @@ class Shipper:
         backoff: Backoff | None = None,
         idle: float = 0.5,
         clock: Callable[[], float] = time.monotonic,
+        dead_letter: Path | None = None,
     ) -> None:
         self._spool = spool
+        self._dead_letter = dead_letter
         self._transport = transport
         self._batch = batch
         self._backoff = backoff or Backoff()
@@ -110,20 +118,35 @@ class Shipper:
             raise TransportError(f"{len(payloads) - acked} records not acknowledged")
 
     def _deliver_one_by_one(self, payloads: list[bytes]) -> int:
-        """The control plane refused the batch: find the records it refuses and skip them
-        (logged by id), so one bad record cannot stop the trail."""
+        """The control plane refused the batch: find the records it refuses and move them to
+        the dead-letter file (logged by id, counted), so one bad record cannot stop the trail
+        and none is lost unseen."""
         for payload in payloads:
             try:
                 self._transport.send([payload])
             except TransportError as exc:
                 if not exc.rejected:
                     raise
+                self._dead(payload)
                 self._rejected += 1
                 log.error(
-                    "audit record refused by the control plane; skipped",
-                    extra={"event_id": _event_id(payload), "error": str(exc)},
+                    "audit record refused by the control plane; kept in the dead-letter file",
+                    extra={
+                        "event_id": _event_id(payload),
+                        "error": str(exc),
+                        "dead_letter": str(self._dead_letter or ""),
+                    },
                 )
         return len(payloads)
+
+    def _dead(self, payload: bytes) -> None:
+        if self._dead_letter is None:
+            return
+        fd = os.open(self._dead_letter, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        with os.fdopen(fd, "ab") as fh:
+            fh.write(frame(payload))
+            fh.flush()
+            os.fsync(fh.fileno())
 
     def poll(self) -> float:
         """Ship if a retry is not pending; returns seconds to wait before polling again."""

@@ -63,7 +63,11 @@ def announce_operator_key(secret: str, path: Path, out: TextIO | None = None) ->
 
 
 def embedded_sidecar_settings(
-    settings: Settings, base: SidecarSettings, admin_port: int, oauth_issuer: str
+    settings: Settings,
+    base: SidecarSettings,
+    admin_port: int,
+    oauth_issuer: str,
+    sync_token: str = "",
 ) -> SidecarSettings:
     """The embedded sidecar: the [sidecar] table's settings, wired to this control plane."""
     return dataclasses.replace(
@@ -75,7 +79,8 @@ def embedded_sidecar_settings(
         oauth_access_token_ttl=settings.oauth_access_token_ttl,
         policy_file=settings.policy_file,
         state_dir=settings.data_dir / "sidecar",
-        sync_token=settings.sync_token,
+        # The control plane's own (configured or generated): the embedded sidecar is no exception.
+        sync_token=sync_token or settings.sync_token,
         tracing_endpoint=base.tracing_endpoint or settings.tracing_endpoint,
     )
 
@@ -97,7 +102,11 @@ async def serve(settings: Settings, sidecar_base: SidecarSettings | None = None)
     try:
         sidecar = Sidecar(
             embedded_sidecar_settings(
-                settings, base, plane.admin_port, plane.oauth.config.issuer if plane.oauth else ""
+                settings,
+                base,
+                plane.admin_port,
+                plane.oauth.config.issuer if plane.oauth else "",
+                plane.sync_token,
             ),
             policy=policy,
             metrics=plane.metrics,

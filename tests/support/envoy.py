@@ -126,19 +126,23 @@ def render_config(
     admin: Address,
     authz: Sequence[Address],
     upstream: Address,
+    listener_name: str = LISTENER_NAME,
+    upstream_cluster: str = UPSTREAM_CLUSTER,
 ) -> Config:
-    """Load ``source`` and point its listener, admin and clusters at the given addresses."""
+    """Load ``source`` and point its listener, admin and clusters at the given addresses
+    (``listener_name`` and ``upstream_cluster`` for configs that name them otherwise, such as
+    deploy/envoy/sidecar-pattern.yaml's ``inbound`` and ``app``)."""
     config: Config = yaml.safe_load(source.read_text())
     try:
         resources = config["static_resources"]
         config["admin"]["address"] = _socket_address(*admin)
-        listener = _named(resources["listeners"], LISTENER_NAME, "listener", source)
+        listener = _named(resources["listeners"], listener_name, "listener", source)
         listener["address"] = _socket_address(*listen)
         clusters = resources["clusters"]
     except (KeyError, TypeError) as exc:
         raise EnvoyError(f"{source}: unexpected shape, missing {exc}") from exc
     _set_endpoints(_named(clusters, AUTHZ_CLUSTER, "cluster", source), authz, source)
-    _set_endpoints(_named(clusters, UPSTREAM_CLUSTER, "cluster", source), [upstream], source)
+    _set_endpoints(_named(clusters, upstream_cluster, "cluster", source), [upstream], source)
     return config
 
 
@@ -178,11 +182,15 @@ class EnvoyProcess:
         log_level: str = "warn",
         startup_timeout: float = 30.0,
         binary: str | None = None,
+        listener_name: str = LISTENER_NAME,
+        upstream_cluster: str = UPSTREAM_CLUSTER,
         rendered: Config | None = None,
         listener: str = LISTENER_NAME,
     ) -> None:
         # ``rendered``: a config the caller rewrote itself (another file than the front proxy,
         # e.g. with ``point_listener``/``point_cluster``); ``listener`` names its listener.
+        # Or ``config`` with its listener and upstream cluster named ``listener_name`` and
+        # ``upstream_cluster`` (deploy/envoy/sidecar-pattern.yaml: ``inbound``, ``app``).
         if rendered is None:
             assert upstream is not None, "upstream is required for the front-proxy config"
             rendered = render_config(
@@ -191,7 +199,10 @@ class EnvoyProcess:
                 admin=(host, admin_port),
                 authz=_addresses(authz),
                 upstream=upstream,
+                listener_name=listener_name,
+                upstream_cluster=upstream_cluster,
             )
+            listener = listener_name
         self.config = rendered
         self.listener = listener
         if customize is not None:
