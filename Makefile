@@ -3,13 +3,17 @@
 PY ?= python3
 PIP = $(PY) -m pip install --disable-pip-version-check -q
 
-.PHONY: setup setup-test system-deps serve test lint proto openapi descriptors bench
+.PHONY: setup setup-test setup-bench system-deps serve test lint proto openapi descriptors bench
 
 setup:
 	$(PIP) -e .
 
 setup-test:
 	$(PIP) -e '.[test]'
+
+# Only what the bench needs (tests/test_bench_deps.py keeps it that way): no pytest.
+setup-bench:
+	$(PIP) -e '.[bench]'
 
 system-deps:
 	@command -v redis-server >/dev/null || { apt-get update -q && apt-get install -y -q redis-server; }
@@ -45,5 +49,5 @@ openapi:
 descriptors:
 	$(PY) scripts/genproto.py --descriptor-set deploy/envoy/statuspulse-auth.pb
 
-bench: setup-test system-deps
+bench: setup-bench system-deps
 	$(PY) -m bench
