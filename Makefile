@@ -22,8 +22,9 @@ system-deps:
 	@ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; }
 	@command -v buf >/dev/null || npm install -g -s @bufbuild/buf
 
+# GRPC_EXPERIMENTS: the gRPC server model the bench measures (docs/deployment.md).
 serve: setup
-	spauth serve
+	GRPC_EXPERIMENTS=-event_engine_listener spauth serve
 
 test: setup-test system-deps
 	$(PY) -m pytest
