@@ -141,4 +141,9 @@ def sidecar_audit_off(env: TargetEnv) -> AbstractContextManager[RunningTarget]:
     return _sidecar(env, "sidecar-audit-off", {"SPAUTH_SIDECAR_AUDIT": "off"})
 
 
-__all__ = ["sidecar", "sidecar_audit_off", "sidecar_cases"]
+def sidecar_usage_off(env: TargetEnv) -> AbstractContextManager[RunningTarget]:
+    """The same with usage counting (last used) off, to price the per-check tally."""
+    return _sidecar(env, "sidecar-usage-off", {"SPAUTH_SIDECAR_USAGE_REPORT_INTERVAL": "0"})
+
+
+__all__ = ["sidecar", "sidecar_audit_off", "sidecar_cases", "sidecar_usage_off"]

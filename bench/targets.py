@@ -197,6 +197,7 @@ BUILTIN: dict[str, str] = {
     "ceiling-default-experiments": "bench.targets:ceiling_default_experiments",
     "sidecar": "bench.sidecar_target:sidecar",
     "sidecar-audit-off": "bench.sidecar_target:sidecar_audit_off",
+    "sidecar-usage-off": "bench.sidecar_target:sidecar_usage_off",
     "envoy": "bench.envoy_targets:envoy_noauth",
     "envoy+ceiling": "bench.envoy_targets:envoy_ceiling",
     "envoy+sidecar": "bench.envoy_targets:envoy_sidecar",

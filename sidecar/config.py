@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import os
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -42,6 +43,8 @@ class Settings:
     sidecar_addr: str = "127.0.0.1:9191"
     key_default_lifetime: int = 90 * 86400
     key_max_lifetime: int = 365 * 86400
+    # Keys expiring within this window are "expiring": an audit event, a webhook, the metric.
+    key_expiry_warning: int = 14 * 86400
     sweep_interval: float = 5.0
     sync_heartbeat: float = 1.0
     sync_token: str = ""
@@ -93,6 +96,14 @@ class Settings:
     # Scale-out (issue 8): Redis carries change notifications between control-plane replicas and
     # the sidecars' audit stream. Empty: no bus (the sync heartbeat bounds propagation).
     redis_url: str = ""
+    # Webhooks (issue 17): "public" calls only https URLs that resolve to public addresses
+    # (a tenant cannot aim the control plane at its internal network); "any" lifts that
+    # (development, tests). Due deliveries are sent every webhook_poll_interval seconds.
+    webhook_destinations: str = "public"
+    webhook_poll_interval: float = 1.0
+    # The AES-256 key (64 hex digits) sealing webhook signing secrets; every control-plane
+    # replica needs the same one. Empty: a key file in data_dir (one replica).
+    webhook_key: str = ""
 
     @property
     def store_url(self) -> str:
@@ -156,10 +167,14 @@ class SidecarSettings:
     # ratelimit_sync_interval seconds) and carries the audit stream. Empty: all local.
     redis_url: str = ""
     ratelimit_sync_interval: float = 0.2
+    # Credential uses (last used, daily counts) are reported to the control plane every
+    # usage_report_interval seconds; 0 turns usage reporting off.
+    usage_report_interval: float = 10.0
 
 
 _DURATIONS = {
     "key_default_lifetime",
+    "key_expiry_warning",
     "key_max_lifetime",
     "oauth_access_token_ttl",
     "oauth_refresh_token_ttl",
@@ -368,6 +383,14 @@ def load_settings(
         _check_addr(errors, name, getattr(s, name))
     if not 60 <= s.key_default_lifetime <= s.key_max_lifetime:
         errors.add("key_default_lifetime", "must be at least 60s and at most key_max_lifetime")
+    if not 0 <= s.key_expiry_warning <= s.key_max_lifetime:
+        errors.add("key_expiry_warning", "must be between 0 and key_max_lifetime")
+    if s.webhook_destinations not in ("public", "any"):
+        errors.add("webhook_destinations", f"expected public|any, got {s.webhook_destinations!r}")
+    if s.webhook_key and not re.fullmatch(r"[0-9a-fA-F]{64}", s.webhook_key):
+        errors.add("webhook_key", "must be 64 hex digits (a 256-bit key): openssl rand -hex 32")
+    if not 0.05 <= s.webhook_poll_interval <= 3600:
+        errors.add("webhook_poll_interval", "must be between 0.05 and 3600 seconds")
     if s.sweep_interval <= 0:
         errors.add("sweep_interval", "must be positive")
     if s.sync_heartbeat <= 0:
@@ -406,6 +429,8 @@ def _check_limits(errors: _Errors, s: SidecarSettings) -> None:
         errors.add("failure_window", f"must be between 1 and 86400 seconds, got {s.failure_window}")
     if not 0.01 <= s.ratelimit_sync_interval <= 60:
         errors.add("ratelimit_sync_interval", "must be between 0.01 and 60 seconds")
+    if s.usage_report_interval and not 0.05 <= s.usage_report_interval <= 3600:
+        errors.add("usage_report_interval", "must be 0 (off) or between 0.05 and 3600 seconds")
     _check_redis_url(errors, s.redis_url)
 
 

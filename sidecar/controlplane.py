@@ -23,6 +23,10 @@ from sidecar._gen.statuspulse.auth.v1 import (
     oauth_pb2_grpc,
     replication_pb2,
     replication_pb2_grpc,
+    usage_pb2,
+    usage_pb2_grpc,
+    webhooks_pb2,
+    webhooks_pb2_grpc,
 )
 from sidecar.admin import http_rules
 from sidecar.admin.apikeys import ApiKeyServicer
@@ -32,7 +36,9 @@ from sidecar.admin.http_api import AdminHttpApi
 from sidecar.admin.openapi_route import openapi_routes
 from sidecar.admin.signing_keys import SigningKeyServicer
 from sidecar.admin.throttle import FailureThrottle
+from sidecar.admin.usage import UsageServicer
 from sidecar.admin.users import UserServicer
+from sidecar.admin.webhooks import WebhookServicer
 from sidecar.authz.policy import Policy
 from sidecar.authz.policy_source import PolicyWatcher, load_policy
 from sidecar.config import Settings, trusted_networks
@@ -43,7 +49,9 @@ from sidecar.core.changes import oauth_snapshot
 from sidecar.core.clock import Clock, SystemClock
 from sidecar.core.errors import SpauthError
 from sidecar.core.models import Minted
+from sidecar.core.usage import UsageService
 from sidecar.core.users import UserService
+from sidecar.core.webhooks import WebhookService
 from sidecar.http.app import build_app
 from sidecar.http.console import ConsoleServices, SessionPolicy, console_routes
 from sidecar.http.routes import oauth_routes
@@ -57,12 +65,15 @@ from sidecar.ops.admin_calls import AdminCallInterceptor
 from sidecar.ops.health import Health, Status, worst
 from sidecar.ops.http_routes import ops_routes
 from sidecar.ops.http_server import HttpServer
+from sidecar.ops.key_metrics import KeyExpiryMetrics
 from sidecar.ops.metrics import OAUTH_EVENTS, Metrics
 from sidecar.ops.tls import admin_server_credentials, http_ssl_files
 from sidecar.ops.tracing import start_tracing
 from sidecar.ratelimit.local import AbuseLimits, WindowRateLimiter
 from sidecar.replication.server import ReplicationServicer, SnapshotSource
 from sidecar.store import Store, open_store
+from sidecar.webhooks.delivery import Deliverer
+from sidecar.webhooks.sealing import AesGcmSealer, load_sealer
 
 if TYPE_CHECKING:
     from sidecar.bus import AuditStreamConsumer
@@ -102,8 +113,24 @@ class ControlPlane:
             KeyPolicy(
                 default_lifetime=settings.key_default_lifetime,
                 max_lifetime=settings.key_max_lifetime,
+                expiry_warning=settings.key_expiry_warning,
             ),
         )
+        self.usage = UsageService(self.store, self.clock)
+        sealer = (
+            AesGcmSealer(bytes.fromhex(settings.webhook_key))
+            if settings.webhook_key
+            else load_sealer(settings.data_dir / "webhook-key")
+        )
+        self.webhooks = WebhookService(self.store, self.clock, sealer)
+        self.deliverer = Deliverer(
+            self.store,
+            self.clock,
+            sealer,
+            allow_private=settings.webhook_destinations == "any",
+        )
+        self.key_expiry = KeyExpiryMetrics(self.keys.policy.expiry_warning)
+        self.metrics.registry.register(self.key_expiry)
         self.audit = AuditTrail(
             self.store, self.clock, load_checkpoint_key(settings.data_dir / "audit-hmac-key")
         )
@@ -152,6 +179,7 @@ class ControlPlane:
         self._server: grpc.aio.Server | None = None
         self.servicers: dict[str, object] = {}
         self._sweeper: asyncio.Task[None] | None = None
+        self._deliveries: asyncio.Task[None] | None = None
         self.bus: RedisChangeBus | None = None
         self.audit_stream: AuditStreamConsumer | None = None
         self._draining = False
@@ -186,17 +214,25 @@ class ControlPlane:
         server = grpc.aio.server(interceptors=[interceptor])
         self.servicers = {
             "statuspulse.auth.v1.ApiKeyService": ApiKeyServicer(
-                self.keys, self.clock, lambda: self.policy, self.guard
+                self.keys, self.clock, lambda: self.policy, self.guard, usage=self.usage
             ),
             "statuspulse.auth.v1.OAuthAppService": OAuthAppServicer(self.apps, self.guard),
             "statuspulse.auth.v1.UserService": UserServicer(self.users, self.guard),
             "statuspulse.auth.v1.AuditService": self.audit_servicer,
+            "statuspulse.auth.v1.WebhookService": WebhookServicer(self.webhooks, self.guard),
             "statuspulse.auth.v1.SigningKeyService": SigningKeyServicer(
                 SigningKeyAdmin(self.signing_keys, self.clock), self.guard, self.clock
             ),
         }
         api_keys_pb2_grpc.add_ApiKeyServiceServicer_to_server(
             self.servicers["statuspulse.auth.v1.ApiKeyService"], server
+        )
+        webhooks_pb2_grpc.add_WebhookServiceServicer_to_server(
+            self.servicers["statuspulse.auth.v1.WebhookService"], server
+        )
+        # Sidecars only (the sync token), never over the HTTP API.
+        usage_pb2_grpc.add_UsageServiceServicer_to_server(
+            UsageServicer(self.usage, self.guard, sync_token=self.settings.sync_token), server
         )
         oauth_pb2_grpc.add_OAuthAppServiceServicer_to_server(
             self.servicers["statuspulse.auth.v1.OAuthAppService"], server
@@ -217,6 +253,8 @@ class ControlPlane:
             oauth_pb2.DESCRIPTOR.services_by_name["OAuthAppService"].full_name,
             oauth_pb2.DESCRIPTOR.services_by_name["UserService"].full_name,
             audit_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name,
+            usage_pb2.DESCRIPTOR.services_by_name["UsageService"].full_name,
+            webhooks_pb2.DESCRIPTOR.services_by_name["WebhookService"].full_name,
             oauth_pb2.DESCRIPTOR.services_by_name["SigningKeyService"].full_name,
             health.SERVICE_NAME,
             reflection.SERVICE_NAME,
@@ -242,6 +280,7 @@ class ControlPlane:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         await asyncio.to_thread(self.check_operator_keys)
         self._sweeper = asyncio.create_task(self._sweep_forever())
+        self._deliveries = asyncio.create_task(self._deliver_forever())
         await self._start_redis()
         log.info(
             "control plane listening",
@@ -347,16 +386,34 @@ class ControlPlane:
             try:
                 await asyncio.to_thread(self.policy_watcher.poll)
                 changed = await asyncio.to_thread(self.keys.sweep)
+                self.key_expiry.update(await asyncio.to_thread(self.keys.expiring_counts))
                 if self.oauth is not None:
                     changed += await asyncio.to_thread(self.oauth.sweep)
                 if changed:
                     log.info("swept keys", extra={"changed": changed})
             except Exception:
                 log.exception("sweep failed; retrying")
-            if self.settings.audit_retention and self.clock.now() >= next_prune:
+            if self.clock.now() >= next_prune:
                 next_prune = self.clock.now() + AUDIT_PRUNE_INTERVAL
-                await self._prune_audit()
+                if self.settings.audit_retention:
+                    await self._prune_audit()
+                await self._prune_usage()
             await asyncio.sleep(self.settings.sweep_interval)
+
+    async def _deliver_forever(self) -> None:
+        """The webhook outbox: due deliveries sent every webhook_poll_interval seconds."""
+        while True:
+            try:
+                await asyncio.to_thread(self.deliverer.run_once)
+            except Exception:
+                log.exception("webhook delivery pass failed; retrying")
+            await asyncio.sleep(self.settings.webhook_poll_interval)
+
+    async def _prune_usage(self) -> None:
+        try:
+            await asyncio.to_thread(self.usage.prune)
+        except SpauthError as exc:
+            log.error("usage retention failed", extra={"error": exc.message})
 
     async def _prune_audit(self) -> None:
         before = self.clock.now() - self.settings.audit_retention
@@ -379,10 +436,11 @@ class ControlPlane:
         await self.health.enter_graceful_shutdown()
         if self.settings.drain_delay and self._server is not None:
             await asyncio.sleep(self.settings.drain_delay)
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+        for task in (self._sweeper, self._deliveries):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         self._unsubscribe()
         self.audit_servicer.close()  # tails end now and resume by cursor elsewhere
         if self._server is not None:

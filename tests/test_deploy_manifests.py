@@ -94,6 +94,8 @@ METRIC_LABELS: dict[str, frozenset[str]] = {
     "spauth_policy_reloads_total": frozenset({"result"}),
     "spauth_oauth_tokens_total": frozenset({"event"}),
     "spauth_admin_calls_total": frozenset({"method", "code"}),
+    "spauth_keys_expiring": frozenset({"workspace"}),
+    "spauth_keys_expiry_warning_seconds": frozenset(),
     "spauth_operator_key_expiry_timestamp_seconds": frozenset(),
 }
 # Labels Prometheus attaches to every scraped series (PodMonitor target labels).
@@ -382,6 +384,7 @@ def test_control_plane_deployment() -> None:
     assert env == {
         "SPAUTH_DATABASE_URL": {"name": "spauth-secrets", "key": "database-url"},
         "SPAUTH_REDIS_URL": {"name": "spauth-secrets", "key": "redis-url"},
+        "SPAUTH_WEBHOOK_KEY": {"name": "spauth-secrets", "key": "webhook-key"},
         # Replicas share one store, so they must share the signing keys' KEK.
         "SPAUTH_KEY_ENCRYPTION_KEY": {"name": "spauth-secrets", "key": "key-encryption-key"},
     }

@@ -4,6 +4,7 @@ requests like a browser would. Time is a FakeClock shared with the server."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from sidecar.config import load_settings
 from sidecar.controlplane import ControlPlane
 from sidecar.core.changes import oauth_snapshot
 from sidecar.core.clock import FakeClock
+from sidecar.core.models import Principal, RequestContext
 from tests.conftest import LoopThread, bearer
 
 REDIRECT = "http://127.0.0.1:9/callback"
@@ -477,6 +479,13 @@ def test_wrong_client_credentials(oauth_env: OAuthEnv) -> None:
 
 def test_refresh_token_reuse_revokes_the_grant(oauth_env: OAuthEnv) -> None:
     env = oauth_env
+    operator = RequestContext(Principal("key_op", "*", frozenset({"admin:full"})), "req_t")
+    hook, _ = env.plane.webhooks.add(
+        operator,
+        workspace="acme",
+        url="https://hooks.example.com/spauth",
+        events=["oauth.refresh_token_reuse"],
+    )
     client_id, secret = env.register()
     env.member()
     client = env.client(client_id, secret)
@@ -498,6 +507,11 @@ def test_refresh_token_reuse_revokes_the_grant(oauth_env: OAuthEnv) -> None:
     assert "refresh.reuse_detected" in env.audit_actions()
     payloads = env.changes("grant.revoked")
     assert len(payloads) == 1 and '"expires_at"' in payloads[0]
+    # The workspace's webhook got the event, queued in the transaction that revoked the grant.
+    with env.plane.store.read() as uow:
+        (queued,) = uow.webhooks.recent_deliveries(hook.id, 10)
+    body = json.loads(queued.body)
+    assert body["type"] == "oauth.refresh_token_reuse" and body["data"]["client_id"] == client_id
 
 
 def test_scope_rules(oauth_env: OAuthEnv) -> None:

@@ -12,10 +12,11 @@ from sidecar.admin.rpc import Authenticator, admin_rpc
 from sidecar.authz.decision import Identity
 from sidecar.authz.engine import route_decision
 from sidecar.authz.policy import METHODS, Policy
-from sidecar.core.apikeys import ApiKeyService
+from sidecar.core.apikeys import ApiKeyService, KeyEdit
 from sidecar.core.clock import Clock
 from sidecar.core.errors import InvalidArgument
 from sidecar.core.models import ApiKey, RequestContext
+from sidecar.core.usage import UsageService
 
 MAX_PATH = 2048
 
@@ -29,11 +30,13 @@ class ApiKeyServicer(pb_grpc.ApiKeyServiceServicer):  # type: ignore[misc]
         clock: Clock,
         policy: Callable[[], Policy] | None = None,
         authenticator: Authenticator | None = None,
+        usage: UsageService | None = None,
     ) -> None:
         self.authenticator: Authenticator = authenticator or service
         self._svc = service
         self._clock = clock
         self._policy = policy
+        self._usage = usage
 
     @admin_rpc
     async def CreateApiKey(
@@ -51,6 +54,9 @@ class ApiKeyServicer(pb_grpc.ApiKeyServiceServicer):  # type: ignore[misc]
                 if request.HasField("rate_limit")
                 else None
             ),
+            description=request.description,
+            client_cidrs=list(request.client_cidrs),
+            rotation_period=_seconds(request.rotation_period_seconds, "rotation_period"),
         )
         return pb.CreateApiKeyResponse(
             api_key=convert.api_key(minted.key, self._clock.now()), key=minted.secret
@@ -72,10 +78,13 @@ class ApiKeyServicer(pb_grpc.ApiKeyServiceServicer):  # type: ignore[misc]
             state=state,
             page_size=request.page_size,
             page_token=request.page_token,
+            unused_for=_seconds(request.unused_for_seconds, "unused_for"),
+            expiring_within=_seconds(request.expiring_within_seconds, "expiring_within"),
+            rotation_due=request.rotation_due,
         )
         now = self._clock.now()
         return pb.ListApiKeysResponse(
-            api_keys=[convert.api_key(k, now) for k in page.items],
+            api_keys=[convert.api_key(k, now, page.last_used.get(k.id)) for k in page.items],
             next_page_token=page.next_token,
         )
 
@@ -84,7 +93,13 @@ class ApiKeyServicer(pb_grpc.ApiKeyServiceServicer):  # type: ignore[misc]
         self, request: pb.GetApiKeyRequest, ctx: RequestContext
     ) -> pb.GetApiKeyResponse:
         key = await asyncio.to_thread(self._svc.get, ctx, request.id)
-        return pb.GetApiKeyResponse(api_key=convert.api_key(key, self._clock.now()))
+        if self._usage is None:
+            return pb.GetApiKeyResponse(api_key=convert.api_key(key, self._clock.now()))
+        usage = await asyncio.to_thread(self._usage.of, key.id)
+        return pb.GetApiKeyResponse(
+            api_key=convert.api_key(key, self._clock.now(), usage.last_used_at),
+            daily_uses=convert.daily_uses(usage.daily),
+        )
 
     @admin_rpc
     async def CreateReplacementApiKey(
@@ -135,6 +150,41 @@ class ApiKeyServicer(pb_grpc.ApiKeyServiceServicer):  # type: ignore[misc]
         )
         return response
 
+    @admin_rpc
+    async def UpdateApiKey(
+        self, request: pb.UpdateApiKeyRequest, ctx: RequestContext
+    ) -> pb.UpdateApiKeyResponse:
+        key = await asyncio.to_thread(self._svc.update, ctx, request.id, _edit(request))
+        return pb.UpdateApiKeyResponse(api_key=convert.api_key(key, self._clock.now()))
+
+    @admin_rpc
+    async def SuspendApiKey(
+        self, request: pb.SuspendApiKeyRequest, ctx: RequestContext
+    ) -> pb.SuspendApiKeyResponse:
+        key = await asyncio.to_thread(self._svc.suspend, ctx, request.id, reason=request.reason)
+        return pb.SuspendApiKeyResponse(api_key=convert.api_key(key, self._clock.now()))
+
+    @admin_rpc
+    async def ResumeApiKey(
+        self, request: pb.ResumeApiKeyRequest, ctx: RequestContext
+    ) -> pb.ResumeApiKeyResponse:
+        key = await asyncio.to_thread(self._svc.resume, ctx, request.id)
+        return pb.ResumeApiKeyResponse(api_key=convert.api_key(key, self._clock.now()))
+
+    @admin_rpc
+    async def RecordApiKeyRotationStep(
+        self, request: pb.RecordApiKeyRotationStepRequest, ctx: RequestContext
+    ) -> pb.RecordApiKeyRotationStepResponse:
+        await asyncio.to_thread(
+            self._svc.record_rotation_step,
+            ctx,
+            request.id,
+            request.step,
+            target=request.target,
+            detail=request.detail,
+        )
+        return pb.RecordApiKeyRotationStepResponse()
+
 
 def key_identity(key: ApiKey) -> Identity:
     """The identity a sidecar's replica holds for ``key`` (what its checks decide with)."""
@@ -158,6 +208,27 @@ def _route_question(request: pb.WhoAmIRequest) -> tuple[str, str]:
     if not path.startswith("/") or len(path) > MAX_PATH:
         raise InvalidArgument("path", f"must start with / and be at most {MAX_PATH} characters")
     return method, path
+
+
+def _edit(request: pb.UpdateApiKeyRequest) -> KeyEdit:
+    if request.clear_rate_limit and request.HasField("rate_limit"):
+        raise InvalidArgument("rate_limit", "set a rate limit or clear it, not both")
+    rate: tuple[int, int] | None = None
+    if request.clear_rate_limit:
+        rate = (0, 0)
+    elif request.HasField("rate_limit"):
+        rate = (request.rate_limit.requests, request.rate_limit.period_seconds)
+    return KeyEdit(
+        name=request.name if request.HasField("name") else None,
+        description=request.description if request.HasField("description") else None,
+        rate_limit=rate,
+        client_cidrs=list(request.client_cidrs.cidrs) if request.HasField("client_cidrs") else None,
+        rotation_period=(
+            _seconds(request.rotation_period_seconds, "rotation_period")
+            if request.HasField("rotation_period_seconds")
+            else None
+        ),
+    )
 
 
 def _seconds(value: int, field: str) -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hmac
 import logging
 import os
 import secrets
@@ -21,12 +20,13 @@ from sidecar.admin import audit_convert as convert
 from sidecar.admin.errors import grpc_code
 from sidecar.admin.rpc import (
     Authenticator,
+    SidecarAuthenticator,
     admin_rpc,
     authenticated,
     bearer_token,
     request_id,
 )
-from sidecar.core.audit_trail import SIDECAR, AuditTrail, decode_cursor, encode_cursor
+from sidecar.core.audit_trail import AuditTrail, decode_cursor, encode_cursor
 from sidecar.core.errors import SpauthError
 from sidecar.core.models import Principal, RequestContext
 
@@ -109,7 +109,7 @@ class AuditServicer(pb_grpc.AuditServiceServicer):  # type: ignore[misc]
     ) -> None:
         self.authenticator = authenticator
         self._trail = trail
-        self._sync_token = sync_token.encode()
+        self._sidecars = SidecarAuthenticator(authenticator, sync_token)
         self._waiters: set[asyncio.Event] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = asyncio.Event()
@@ -201,15 +201,8 @@ class AuditServicer(pb_grpc.AuditServiceServicer):  # type: ignore[misc]
         return pb.VerifyAuditChainResponse(chains=[convert.chain_status(r) for r in reports])
 
     def _ingest_principal(self, token: str) -> Principal:
-        """A sidecar presents the sync token (the credential it replicates with); without a
-        configured sync token the sidecar link is trusted as replication is. An ``admin:full``
-        key works too, for its own workspace."""
-        if self._sync_token:
-            if token and hmac.compare_digest(token.encode(), self._sync_token):
-                return SIDECAR
-        elif not token:
-            return SIDECAR
-        return self.authenticator.authenticate(token)
+        """A sidecar (the sync token), or an ``admin:full`` key for its own workspace."""
+        return self._sidecars.authenticate(token)
 
     async def IngestAuditRecords(
         self,

@@ -22,7 +22,7 @@ from google.protobuf.descriptor import (
     ServiceDescriptor,
 )
 
-from sidecar._gen.statuspulse.auth.v1 import api_keys_pb2, audit_pb2, oauth_pb2
+from sidecar._gen.statuspulse.auth.v1 import api_keys_pb2, audit_pb2, oauth_pb2, webhooks_pb2
 
 _VERBS = ("get", "post", "put", "patch", "delete")
 _VARIABLE = re.compile(r"\{([a-z_][a-z0-9_]*)\}")
@@ -164,13 +164,15 @@ def service(full_name: str) -> ServiceDescriptor:
 
 
 # The admin surface: what the HTTP API and the OpenAPI document cover. Replication and audit
-# ingestion are sidecar-to-control-plane streams, and AuthorizationService is the sidecar's.
+# ingestion are sidecar-to-control-plane streams, as is usage reporting (UsageService), and
+# AuthorizationService is the sidecar's.
 ADMIN_SERVICES = (
     "statuspulse.auth.v1.ApiKeyService",
     "statuspulse.auth.v1.OAuthAppService",
     "statuspulse.auth.v1.UserService",
     "statuspulse.auth.v1.AuditService",
+    "statuspulse.auth.v1.WebhookService",
     "statuspulse.auth.v1.SigningKeyService",
 )
 # Imported for their side effect: they add the admin services to the default pool.
-_MODULES = (api_keys_pb2, audit_pb2, oauth_pb2)
+_MODULES = (api_keys_pb2, audit_pb2, oauth_pb2, webhooks_pb2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hmac
 import logging
 import re
 import secrets
@@ -14,6 +15,7 @@ from typing import Any, Protocol, TypeVar
 import grpc
 
 from sidecar.admin.errors import grpc_code
+from sidecar.core.audit_trail import SIDECAR
 from sidecar.core.errors import SpauthError, Unauthenticated
 from sidecar.core.models import Principal, RequestContext
 
@@ -26,6 +28,25 @@ Resp = TypeVar("Resp")
 
 class Authenticator(Protocol):
     def authenticate(self, secret: str) -> Principal: ...
+
+
+class SidecarAuthenticator:
+    """Who may feed the control plane what sidecars observe (decision records, usage): a
+    sidecar presenting the sync token (the credential it replicates with), or without a
+    configured sync token any caller without a credential, as replication trusts the link.
+    A key works too (the use case then checks its scopes and workspace)."""
+
+    def __init__(self, keys: Authenticator, sync_token: str) -> None:
+        self._keys = keys
+        self._sync_token = sync_token.encode()
+
+    def authenticate(self, secret: str) -> Principal:
+        if self._sync_token:
+            if secret and hmac.compare_digest(secret.encode(), self._sync_token):
+                return SIDECAR
+        elif not secret:
+            return SIDECAR
+        return self._keys.authenticate(secret)
 
 
 class SourceAware:

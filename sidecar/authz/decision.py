@@ -7,6 +7,7 @@ import enum
 import itertools
 import os
 from dataclasses import dataclass
+from ipaddress import IPv4Network, IPv6Network
 from typing import NamedTuple
 
 
@@ -21,6 +22,7 @@ class Reason(enum.StrEnum):
     UNKNOWN_CREDENTIAL = "unknown_credential"
     EXPIRED_CREDENTIAL = "expired_credential"
     REVOKED_CREDENTIAL = "revoked_credential"
+    SUSPENDED_CREDENTIAL = "suspended_credential"
     MALFORMED_TOKEN = "malformed_token"  # noqa: S105 (a reason code)
     UNKNOWN_KEY = "unknown_key"
     BAD_SIGNATURE = "bad_signature"
@@ -38,6 +40,8 @@ class Reason(enum.StrEnum):
     INSUFFICIENT_SCOPE = "insufficient_scope"
     WORKSPACE_MISMATCH = "workspace_mismatch"
     NO_ROUTE = "no_route"
+    # The key may be used only from its client networks, and this request came from elsewhere.
+    CLIENT_NOT_ALLOWED = "client_not_allowed"
     # Others.
     MALFORMED_REQUEST = "malformed_request"
     RATE_LIMITED = "rate_limited"
@@ -62,6 +66,7 @@ OUTCOMES: dict[Reason, Outcome] = {
     Reason.INSUFFICIENT_SCOPE: Outcome.FORBIDDEN,
     Reason.WORKSPACE_MISMATCH: Outcome.FORBIDDEN,
     Reason.NO_ROUTE: Outcome.FORBIDDEN,
+    Reason.CLIENT_NOT_ALLOWED: Outcome.FORBIDDEN,
     Reason.MALFORMED_REQUEST: Outcome.BAD_REQUEST,
     Reason.RATE_LIMITED: Outcome.TOO_MANY,
     Reason.REPLICA_NOT_READY: Outcome.UNAVAILABLE,
@@ -99,6 +104,8 @@ class Identity:
     # (0: none), enforced per sidecar and shared through Redis in scale-out.
     rate_limit: int = 0
     rate_period: int = 0
+    # An API key's client networks (empty: any source), enforced against the request's source.
+    networks: tuple[IPv4Network | IPv6Network, ...] = ()
 
 
 class Decision(NamedTuple):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterable, Mapping
+from ipaddress import IPv4Network, IPv6Address, IPv6Network, ip_address
 from typing import NamedTuple
 
 from sidecar.authz.decision import Decision, DecisionIds, Identity, Reason
@@ -100,6 +101,8 @@ class Engine:
                 return self._failed(limiter, found, did, source, now)
             return Decision(found.reason, did, detail=found.detail)
         assert isinstance(found, Identity)
+        if found.networks and not _from_networks(source, found.networks):
+            return Decision(Reason.CLIENT_NOT_ALLOWED, did, found)
         if limiter is not None:
             limited = self._limited(limiter, found, now)
             if limited is not None:
@@ -136,6 +139,8 @@ class Engine:
         found = self._authenticate(credential.strip() or None, now)
         if isinstance(found, Decision):
             return Decision(found.reason, did, detail=found.detail)
+        if found.networks:  # no source address here: a key bound to networks is refused
+            return Decision(Reason.CLIENT_NOT_ALLOWED, did, found)
         if workspace and found.workspace not in (workspace, OPERATOR_WORKSPACE):
             return Decision(Reason.WORKSPACE_MISMATCH, did, found)
         scopes = tuple(required_scopes)
@@ -216,6 +221,8 @@ class Engine:
         # Revoked and expired keys name their id, so failures can be counted per key id.
         if cred.revoked:
             return Decision(Reason.REVOKED_CREDENTIAL, "", cred.identity)
+        if cred.suspended:
+            return Decision(Reason.SUSPENDED_CREDENTIAL, "", cred.identity)
         if cred.identity.expires_at <= now:
             return Decision(Reason.EXPIRED_CREDENTIAL, "", cred.identity)
         return cred.identity
@@ -252,6 +259,18 @@ class Engine:
 
 
 _DENY = {reason: Decision(reason, "") for reason in Reason}
+
+
+def _from_networks(source: str, networks: tuple[IPv4Network | IPv6Network, ...]) -> bool:
+    """Whether ``source`` (Envoy's downstream peer address) is in one of ``networks``; an
+    unknown or unparsable source is not (fail closed)."""
+    try:
+        address = ip_address(source)
+    except ValueError:
+        return False
+    if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped  # ::ffff:10.0.0.1 is 10.0.0.1
+    return any(address in network for network in networks)
 
 
 def route_decision(

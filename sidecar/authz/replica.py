@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from ipaddress import ip_network
 from typing import Any
 
 from sidecar.authz.decision import Identity
@@ -20,6 +21,7 @@ class Credential:
 
     identity: Identity
     revoked: bool = False
+    suspended: bool = False
 
     @property
     def id(self) -> str:
@@ -103,8 +105,13 @@ class Replica:
             expires_at=min(int(p["expires_at"]), int(p.get("grace_deadline") or p["expires_at"])),
             rate_limit=int(p.get("rate_limit", 0)),
             rate_period=int(p.get("rate_period", 0)),
+            networks=tuple(ip_network(str(c)) for c in p.get("client_cidrs", ())),
         )
-        self.by_digest[digest] = Credential(identity, revoked=bool(p.get("revoked", False)))
+        self.by_digest[digest] = Credential(
+            identity,
+            revoked=bool(p.get("revoked", False)),
+            suspended=bool(p.get("suspended", False)),
+        )
 
     def _revoke_credential(self, p: dict[str, Any]) -> None:
         digest = self._digest_of.get(str(p["id"]))

@@ -19,6 +19,7 @@ from sidecar.cli import (
     serve,
     sidecar_cmd,
     users,
+    webhooks,
     whoami,
 )
 from sidecar.cli.client import EXIT_USAGE, CliError, admin_client, fail, tls_files
@@ -64,6 +65,7 @@ def build_parser(environ: dict[str, str] | None = None) -> argparse.ArgumentPars
     oauth_cmd.register(sub, common)
     operator_cmd.register(sub, common)
     audit.register(sub, common)
+    webhooks.register(sub, common)
     whoami.register(sub, common)
     whoami.register_verify(key_commands, common)
     return parser

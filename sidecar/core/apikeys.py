@@ -10,7 +10,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
-from sidecar.core import keyformat, validation
+from sidecar.core import key_notices, keyformat, validation, webhooks
 from sidecar.core.audit import event
 from sidecar.core.clock import Clock
 from sidecar.core.errors import (
@@ -34,10 +34,19 @@ from sidecar.core.scopes import ADMIN_FULL, KEYS_MANAGE, parse_scopes, satisfies
 from sidecar.core.storage import Store, UnitOfWork
 
 DAY = 86400
-SYSTEM_ACTOR = "system"
+SYSTEM_ACTOR = key_notices.SYSTEM_ACTOR
 BREAK_GLASS_ACTOR = "break-glass"
 # The operator may hold two keys at once, so it can rotate without a gap.
 MAX_OPERATOR_KEYS = 2
+ROTATION_STEPS = (
+    "started",
+    "secret_written",
+    "verified",
+    "old_key_unused",
+    "grace_ended",
+    "completed",
+    "failed",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +59,9 @@ class KeyPolicy:
     max_grace: int = 30 * DAY
     default_page_size: int = 50
     max_page_size: int = 1000
+    # A key expiring within this window is "expiring": one key.expiring event, the metric.
+    expiry_warning: int = 14 * DAY
+    min_rotation_period: int = DAY
 
 
 def credential_payload(key: ApiKey) -> dict[str, object]:
@@ -64,11 +76,28 @@ def credential_payload(key: ApiKey) -> dict[str, object]:
     if key.rate_limit:
         payload["rate_limit"] = key.rate_limit
         payload["rate_period"] = key.rate_period
+    if key.suspended_at is not None:
+        payload["suspended"] = True
+    if key.client_cidrs:
+        payload["client_cidrs"] = list(key.client_cidrs)
     if key.grace_deadline is not None:
         # A replaced key's grace deadline travels to the replicas, which enforce it themselves:
         # the old key stops at the deadline even while the control plane is down.
         payload["grace_deadline"] = key.grace_deadline
     return payload
+
+
+@dataclass(frozen=True, slots=True)
+class KeyEdit:
+    """Fields to change on a key; None leaves a field as it is. ``rate_limit`` (0, 0) removes
+    the limit, ``client_cidrs`` () allows every network, ``rotation_period`` 0 removes the
+    schedule."""
+
+    name: str | None = None
+    description: str | None = None
+    rate_limit: tuple[int, int] | None = None
+    client_cidrs: list[str] | None = None
+    rotation_period: int | None = None
 
 
 def key_snapshot(uow: UnitOfWork, now: int) -> Iterator[Change]:
@@ -119,15 +148,23 @@ class ApiKeyService:
         scopes: list[str],
         expires_in: int = 0,
         rate_limit: tuple[int, int] | None = None,
+        description: str = "",
+        client_cidrs: list[str] | None = None,
+        rotation_period: int = 0,
     ) -> Minted:
         """Mint a key in ``workspace``; the caller must hold every scope it grants.
-        ``rate_limit`` is (requests, period seconds), enforced by the sidecars."""
+        ``rate_limit`` is (requests, period seconds), enforced by the sidecars, as are
+        ``client_cidrs``; ``rotation_period`` seconds after creation the key is due for
+        rotation."""
         if workspace != OPERATOR_WORKSPACE:
             workspace = validation.workspace(workspace)
         name = validation.name(name)
         granted = parse_scopes(scopes)
         lifetime = self._lifetime(expires_in)
         requests, period = validation.rate_limit(*rate_limit) if rate_limit else (0, 0)
+        about = validation.description(description)
+        networks = validation.client_cidrs(client_cidrs or [])
+        rotation = self._rotation_period(rotation_period)
         _require(ctx.principal, KEYS_MANAGE, workspace)
         _require_grantable(ctx.principal, granted)
         now = int(self._clock.now())
@@ -144,10 +181,17 @@ class ApiKeyService:
             created_by=ctx.principal.key_id,
             rate_limit=requests,
             rate_period=period,
+            description=about,
+            client_cidrs=networks,
+            rotation_period=rotation,
         )
         meta = {"scopes": " ".join(sort_scopes(granted))}
         if requests:
             meta["rate_limit"] = validation.format_rate(requests, period)
+        if networks:
+            meta["client_cidrs"] = " ".join(networks)
+        if rotation:
+            meta["rotation_period"] = validation.format_duration(rotation)
         with self._store.transaction() as uow:
             if key.is_operator:
                 _require_operator_room(uow, now)
@@ -164,8 +208,12 @@ class ApiKeyService:
         state: KeyState | None = None,
         page_size: int = 0,
         page_token: str = "",
+        unused_for: int = 0,
+        expiring_within: int = 0,
+        rotation_due: bool = False,
     ) -> Page:
-        """Keys the caller may see, newest first, one page at a time."""
+        """Keys the caller may see, newest first, one page at a time, with their last use.
+        ``unused_for`` > 0 keeps keys unused (or, never used, created) for that many seconds."""
         if workspace:
             if workspace != OPERATOR_WORKSPACE:
                 validation.workspace(workspace)
@@ -178,18 +226,26 @@ class ApiKeyService:
         if not 1 <= size <= self.policy.max_page_size:
             raise InvalidArgument("page_size", f"must be between 1 and {self.policy.max_page_size}")
         after = _decode_token(page_token) if page_token else None
+        for field, value in (("unused_for", unused_for), ("expiring_within", expiring_within)):
+            if value < 0:
+                raise InvalidArgument(field, "must not be negative")
+        now = int(self._clock.now())
         with self._store.read() as uow:
             items = uow.keys.page(
                 workspace=scope,
                 state=state,
-                now=int(self._clock.now()),
+                now=now,
                 limit=size + 1,
                 after=after,
+                unused_since=now - unused_for if unused_for else None,
+                expiring_before=now + expiring_within if expiring_within else None,
+                rotation_due=rotation_due,
             )
-        more = len(items) > size
-        items = items[:size]
+            more = len(items) > size
+            items = items[:size]
+            last_used = uow.usage.last_used([k.id for k in items])
         token = _encode_token(items[-1]) if more else ""
-        return Page(items=items, next_token=token)
+        return Page(items=items, next_token=token, last_used=last_used)
 
     def get(self, ctx: RequestContext, key_id: str) -> ApiKey:
         """One key the caller may see."""
@@ -238,6 +294,9 @@ class ApiKeyService:
                 replaces=old.id,
                 rate_limit=old.rate_limit,
                 rate_period=old.rate_period,
+                description=old.description,
+                client_cidrs=old.client_cidrs,
+                rotation_period=old.rotation_period,
             )
             deadline = now + grace if grace else None
             if deadline is not None and old.grace_deadline is not None:
@@ -254,6 +313,98 @@ class ApiKeyService:
                 uow.changes.append(Change("credential.upserted", old.id, credential_payload(old)))
         return Minted(key=new, secret=secret, replaced=old)
 
+    def update(self, ctx: RequestContext, key_id: str, edit: KeyEdit) -> ApiKey:
+        """Edit a key without re-issuing it; each change is audited (old and new values, never
+        a secret) and replicated. Changing nothing changes nothing (and records nothing)."""
+        fields = self._edited_fields(edit)
+        with self._store.transaction() as uow:
+            key = _load(uow, key_id)
+            _require(ctx.principal, KEYS_MANAGE, key.workspace)
+            if key.revoked_at is not None:
+                raise FailedPrecondition(f"key {key.id} is revoked; it cannot be edited")
+            changed = {f: v for f, v in fields.items() if getattr(key, f) != v}
+            if not changed:
+                return key
+            new = replace(key, **changed)  # type: ignore[arg-type]
+            if "rotation_period" in changed:
+                new = replace(new, rotation_due_recorded=False)
+            uow.keys.update(new)
+            meta = {name: _describe(name, getattr(new, name), new) for name in changed}
+            self._record(uow, ctx, "key.updated", new, meta)
+            self._replicate(uow, new)
+        return new
+
+    def suspend(self, ctx: RequestContext, key_id: str, *, reason: str = "") -> ApiKey:
+        """Deny a key (reason ``suspended_credential``) until it is resumed; idempotent."""
+        reason = _reason(reason)
+        with self._store.transaction() as uow:
+            key = _load(uow, key_id)
+            _require(ctx.principal, KEYS_MANAGE, key.workspace)
+            if key.revoked_at is not None:
+                raise FailedPrecondition(f"key {key.id} is revoked; it cannot be suspended")
+            if key.suspended_at is not None:
+                return key
+            key = replace(key, suspended_at=int(self._clock.now()))
+            uow.keys.update(key)
+            self._record(uow, ctx, "key.suspended", key, {}, reason=reason)
+            self._replicate(uow, key)
+        return key
+
+    def resume(self, ctx: RequestContext, key_id: str) -> ApiKey:
+        """Lift a suspension; idempotent."""
+        with self._store.transaction() as uow:
+            key = _load(uow, key_id)
+            _require(ctx.principal, KEYS_MANAGE, key.workspace)
+            if key.revoked_at is not None:
+                raise FailedPrecondition(f"key {key.id} is revoked; it cannot be resumed")
+            if key.suspended_at is None:
+                return key
+            key = replace(key, suspended_at=None)
+            uow.keys.update(key)
+            self._record(uow, ctx, "key.resumed", key, {})
+            self._replicate(uow, key)
+        return key
+
+    def record_rotation_step(
+        self, ctx: RequestContext, key_id: str, step: str, *, target: str, detail: str = ""
+    ) -> None:
+        """Audit a step of a client-driven rotation (``spauth keys rotate``) of ``key_id``."""
+        if step not in ROTATION_STEPS:
+            raise InvalidArgument("step", f"must be one of {', '.join(ROTATION_STEPS)}")
+        target = _reason(target)
+        if not target:
+            raise InvalidArgument("target", "must not be empty")
+        detail = _reason(detail)
+        with self._store.transaction() as uow:
+            key = _load(uow, key_id)
+            _require(ctx.principal, KEYS_MANAGE, key.workspace)
+            meta = {"step": step, "target": target}
+            if key.replaced_by:
+                meta["replaced_by"] = key.replaced_by
+            self._record(uow, ctx, "key.rotation", key, meta, reason=detail)
+
+    def _edited_fields(self, edit: KeyEdit) -> dict[str, object]:
+        fields: dict[str, object] = {}
+        if edit.name is not None:
+            fields["name"] = validation.name(edit.name)
+        if edit.description is not None:
+            fields["description"] = validation.description(edit.description)
+        if edit.rate_limit is not None:
+            requests, period = edit.rate_limit
+            if requests or period:
+                requests, period = validation.rate_limit(requests, period)
+            fields["rate_limit"], fields["rate_period"] = requests, period
+        if edit.client_cidrs is not None:
+            fields["client_cidrs"] = validation.client_cidrs(edit.client_cidrs)
+        if edit.rotation_period is not None:
+            fields["rotation_period"] = self._rotation_period(edit.rotation_period)
+        return fields
+
+    def _replicate(self, uow: UnitOfWork, key: ApiKey) -> None:
+        """Tell the sidecars about a changed key, unless it can no longer authenticate."""
+        if key.state(self._clock.now()) in (KeyState.ACTIVE, KeyState.SUSPENDED):
+            uow.changes.append(Change("credential.upserted", key.id, credential_payload(key)))
+
     def revoke(
         self, ctx: RequestContext, key_id: str, *, reason: str = "", force: bool = False
     ) -> ApiKey:
@@ -262,9 +413,7 @@ class ApiKeyService:
         lock a workspace out of administration by revoking its ``admin:full`` keys. Revoking
         the last usable operator key needs ``force`` (recovery is then the break-glass
         command)."""
-        reason = reason.strip()
-        if len(reason) > 500 or not reason.isprintable():
-            raise InvalidArgument("reason", "must be at most 500 printable characters")
+        reason = _reason(reason)
         now = int(self._clock.now())
         with self._store.transaction() as uow:
             key = _load(uow, key_id)
@@ -283,6 +432,7 @@ class ApiKeyService:
             uow.keys.update(key)
             self._record(uow, ctx, "key.revoked", key, {}, reason=reason)
             uow.changes.append(Change("credential.revoked", key.id, {"id": key.id}))
+            key_notices.notify(uow, self._clock.now(), webhooks.KEY_REVOKED, key, reason=reason)
         return key
 
     def sweep(self) -> int:
@@ -295,13 +445,29 @@ class ApiKeyService:
                 if key.grace_deadline is not None and key.grace_deadline <= now:
                     revoked = replace(key, revoked_at=now, revoke_reason="replacement grace ended")
                     uow.keys.update(revoked)
-                    self._record_system(uow, "key.revoked", revoked, revoked.revoke_reason)
+                    key_notices.system_event(
+                        uow, self._clock.now(), "key.revoked", revoked, revoked.revoke_reason
+                    )
                     uow.changes.append(Change("credential.revoked", key.id, {"id": key.id}))
+                    key_notices.notify(
+                        uow,
+                        self._clock.now(),
+                        webhooks.KEY_REVOKED,
+                        revoked,
+                        reason=revoked.revoke_reason,
+                    )
                 else:
                     uow.keys.update(replace(key, expiry_recorded=True))
-                    self._record_system(uow, "key.expired", key, "")
+                    key_notices.system_event(uow, self._clock.now(), "key.expired", key, "")
                     uow.changes.append(Change("credential.expired", key.id, {"id": key.id}))
-        return len(due)
+            noticed = key_notices.record(uow, now, self.policy.expiry_warning)
+        return len(due) + noticed
+
+    def expiring_counts(self) -> dict[str, int]:
+        """Usable keys inside the expiry warning window, per workspace (for the metric)."""
+        now = int(self._clock.now())
+        with self._store.read() as uow:
+            return uow.keys.expiring_by_workspace(now, now + self.policy.expiry_warning)
 
     def bootstrap_operator_key(self, name: str = "operator") -> Minted | None:
         """On first start: an ``admin:full`` key for every workspace, or None if one exists."""
@@ -322,7 +488,9 @@ class ApiKeyService:
             if uow.keys.has_operator():
                 return None
             uow.keys.insert(key)
-            self._record_system(uow, "key.created", key, "bootstrap operator key")
+            key_notices.system_event(
+                uow, self._clock.now(), "key.created", key, "bootstrap operator key"
+            )
             uow.changes.append(Change("credential.upserted", key.id, credential_payload(key)))
         return Minted(key=key, secret=secret)
 
@@ -395,10 +563,30 @@ class ApiKeyService:
             )
         )
 
-    def _record_system(self, uow: UnitOfWork, action: str, key: ApiKey, reason: str) -> None:
-        uow.audit.append(
-            event(self._clock.now(), SYSTEM_ACTOR, action, key.workspace, key.id, reason=reason)
+    def _rotation_period(self, seconds: int) -> int:
+        if not seconds:
+            return 0
+        return validation.in_range(
+            seconds, self.policy.min_rotation_period, self.policy.max_lifetime, "rotation_period"
         )
+
+
+def _reason(reason: str) -> str:
+    reason = reason.strip()
+    if len(reason) > 500 or not reason.isprintable():
+        raise InvalidArgument("reason", "must be at most 500 printable characters")
+    return reason
+
+
+def _describe(name: str, value: object, key: ApiKey) -> str:
+    """An edited field's new value as an audit metadata string."""
+    if name in ("rate_limit", "rate_period"):
+        return validation.format_rate(key.rate_limit, key.rate_period) if key.rate_limit else ""
+    if name == "client_cidrs":
+        return " ".join(key.client_cidrs)
+    if name == "rotation_period":
+        return validation.format_duration(key.rotation_period) if key.rotation_period else ""
+    return str(value)
 
 
 def _load(uow: UnitOfWork, key_id: str) -> ApiKey:

@@ -205,14 +205,23 @@ class AppService:
         return app
 
     def sessions(self, ctx: RequestContext, app_id: str) -> builtins.list[AppSession]:
-        """The app's active grants with the member's e-mail address."""
+        """The app's active grants with the member's e-mail address. A grant's last use is the
+        later of its last token refresh and the last access-token use the sidecars reported."""
         with self._store.read() as uow:
             app = _load_app(uow, app_id)
             require_admin(ctx.principal, app.workspace)
+            grants = uow.oauth.grants.active_for_app(app.id)
+            used = uow.usage.last_used([g.id for g in grants])
             out = []
-            for grant in uow.oauth.grants.active_for_app(app.id):
+            for grant in grants:
                 member = uow.oauth.members.get(grant.user_id)
-                out.append(AppSession(grant=grant, email=member.email if member else ""))
+                last = max(grant.last_used_at, used.get(grant.id, 0))
+                out.append(
+                    AppSession(
+                        grant=replace(grant, last_used_at=last),
+                        email=member.email if member else "",
+                    )
+                )
         return out
 
     def revoke_session(self, ctx: RequestContext, grant_id: str) -> Grant:

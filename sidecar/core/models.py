@@ -14,6 +14,7 @@ class KeyState(enum.StrEnum):
     ACTIVE = "active"
     EXPIRED = "expired"
     REVOKED = "revoked"
+    SUSPENDED = "suspended"
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,14 +39,32 @@ class ApiKey:
     # Requests allowed per ``rate_period`` seconds (0: no limit), enforced by the sidecars.
     rate_limit: int = 0
     rate_period: int = 0
+    description: str = ""
+    # Set while suspended: denied (suspended_credential) until resumed.
+    suspended_at: int | None = None
+    # Networks (normalized CIDRs) the key may be used from, enforced by the sidecars; empty:
+    # anywhere.
+    client_cidrs: tuple[str, ...] = ()
+    # Seconds after creation the key is due for rotation (0: no schedule); replacements
+    # inherit it.
+    rotation_period: int = 0
+    expiry_warned: bool = False
+    rotation_due_recorded: bool = False
 
     def state(self, now: float) -> KeyState:
-        """The state at time ``now``: revoked beats expired beats active."""
+        """The state at time ``now``: revoked beats expired beats suspended beats active."""
         if self.revoked_at is not None:
             return KeyState.REVOKED
         if now >= self.expires_at:
             return KeyState.EXPIRED
+        if self.suspended_at is not None:
+            return KeyState.SUSPENDED
         return KeyState.ACTIVE
+
+    @property
+    def rotation_due_at(self) -> int | None:
+        """When the key is due for rotation, if it has a schedule."""
+        return self.created_at + self.rotation_period if self.rotation_period else None
 
     @property
     def is_operator(self) -> bool:
@@ -89,6 +108,8 @@ class Page:
 
     items: list[ApiKey]
     next_token: str = ""
+    # Last use time per key id of ``items`` (keys never seen used are absent).
+    last_used: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,7 +3,7 @@ its audit record and its change-log entry commit together or not at all."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import Protocol
 
@@ -20,6 +20,8 @@ from sidecar.core.oauth_models import (
     RevokedToken,
     SigningKey,
 )
+from sidecar.core.usage import CredentialUse
+from sidecar.core.webhooks import Delivery, Webhook
 
 Cursor = tuple[int, str]
 
@@ -43,13 +45,28 @@ class KeyRepository(Protocol):
         now: int,
         limit: int,
         after: Cursor | None,
+        unused_since: int | None = None,
+        expiring_before: int | None = None,
+        rotation_due: bool = False,
     ) -> list[ApiKey]:
-        """Keys newest first, strictly after ``after`` = (created_at, id)."""
+        """Keys newest first, strictly after ``after`` = (created_at, id). ``unused_since``
+        keeps keys whose last use (or, never used, creation) is before that time;
+        ``expiring_before`` usable keys expiring by then; ``rotation_due`` usable, unreplaced
+        keys past their rotation schedule."""
         ...
 
     def due_for_sweep(self, now: int) -> list[ApiKey]:
         """Unrevoked keys whose expiry is not yet recorded but has passed, or whose grace
         deadline has passed."""
+        ...
+
+    def due_for_notice(self, now: int, warn_before: int) -> list[ApiKey]:
+        """Usable keys not yet warned of that expire by ``warn_before``, and usable, unreplaced
+        keys past their rotation schedule not yet recorded as due."""
+        ...
+
+    def expiring_by_workspace(self, now: int, before: int) -> dict[str, int]:
+        """Usable keys expiring by ``before``, counted per workspace."""
         ...
 
     def usable(self, now: int) -> Iterator[ApiKey]:
@@ -113,6 +130,56 @@ class AuditRepository(Protocol):
         ...
 
 
+class UsageRepository(Protocol):
+    """Credential uses reported by sidecars: last use per credential, counts per UTC day."""
+
+    def record(self, report_id: str, uses: Sequence[CredentialUse], now: int) -> bool:
+        """Add a report's counts; False, and nothing added, when ``report_id`` was recorded
+        before."""
+        ...
+
+    def last_used(self, credential_ids: Sequence[str]) -> dict[str, int]:
+        """Last use time of each id that was ever used."""
+        ...
+
+    def daily(self, credential_id: str, since_day: int) -> list[tuple[int, int]]:
+        """(epoch day, uses) from ``since_day`` on, oldest first."""
+        ...
+
+    def prune(self, before_day: int, reports_before: int) -> int:
+        """Delete daily counts older than ``before_day`` and report ids received before
+        ``reports_before``."""
+        ...
+
+
+class WebhookRepository(Protocol):
+    """Per-workspace webhooks and the outbox of their deliveries."""
+
+    def insert(self, hook: Webhook) -> None: ...
+
+    def update(self, hook: Webhook) -> None:
+        """Change a webhook's url, events or deletion time."""
+        ...
+
+    def get(self, webhook_id: str) -> Webhook | None: ...
+
+    def of_workspace(self, workspace: str) -> list[Webhook]:
+        """Undeleted webhooks of a workspace, oldest first."""
+        ...
+
+    def enqueue(self, delivery: Delivery) -> None: ...
+
+    def due(self, now: int, limit: int) -> list[Delivery]:
+        """Pending deliveries whose next attempt is due, soonest first."""
+        ...
+
+    def record_attempt(self, delivery: Delivery) -> None:
+        """Store a delivery's status, attempts, next attempt time and last error."""
+        ...
+
+    def recent_deliveries(self, webhook_id: str, limit: int) -> list[Delivery]: ...
+
+
 class ChangeLog(Protocol):
     """Ordered changes with monotonically increasing revisions, for replica resume."""
 
@@ -141,6 +208,12 @@ class UnitOfWork(Protocol):
 
     @property
     def oauth(self) -> OAuthRepositories: ...
+
+    @property
+    def usage(self) -> UsageRepository: ...
+
+    @property
+    def webhooks(self) -> WebhookRepository: ...
 
 
 class Store(Protocol):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 
-from sidecar.core import credentials, passwords, validation
+from sidecar.core import credentials, passwords, validation, webhooks
 from sidecar.core.apps import require_admin
 from sidecar.core.audit import event
 from sidecar.core.clock import Clock
@@ -117,6 +117,7 @@ class UserService:
             if member.disabled_at is None:
                 member = replace(member, disabled_at=now)
                 uow.oauth.members.update(member)
+                webhooks.member_disabled(uow, now, member)  # once, when it is disabled
             revoked = self._sign_out(uow, ctx, member, "member disabled")
             self._record(uow, ctx, "user.disabled", member, {"grants_revoked": str(revoked)})
         return Offboarded(member, revoked)

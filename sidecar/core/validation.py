@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 
 from sidecar.core.errors import InvalidArgument
@@ -89,3 +90,32 @@ def format_rate(requests: int, period: int) -> str:
             every = period // size
             return f"{requests}/{every if every > 1 else ''}{unit}"
     return f"{requests}/{period}s"
+
+
+MAX_DESCRIPTION = 500
+MAX_CLIENT_CIDRS = 32
+
+
+def description(value: str, field: str = "description") -> str:
+    """Free text about a key: at most 500 printable characters (newlines excluded)."""
+    value = value.strip()
+    if len(value) > MAX_DESCRIPTION or not value.isprintable():
+        raise InvalidArgument(field, f"must be at most {MAX_DESCRIPTION} printable characters")
+    return value
+
+
+def client_cidrs(values: list[str], field: str = "client_cidrs") -> tuple[str, ...]:
+    """Networks a key may be used from, normalized (``10.1.2.3/8`` → ``10.0.0.0/8``; a bare
+    address is a /32 or /128), without repeats, at most 32."""
+    if len(values) > MAX_CLIENT_CIDRS:
+        raise InvalidArgument(field, f"at most {MAX_CLIENT_CIDRS} networks")
+    out: list[str] = []
+    for value in values:
+        try:
+            network = ipaddress.ip_network(value.strip(), strict=False)
+        except ValueError:
+            raise InvalidArgument(field, f"not a CIDR or address: {value[:60]!r}") from None
+        text = str(network)
+        if text not in out:
+            out.append(text)
+    return tuple(out)

@@ -38,6 +38,8 @@ from sidecar.ops.tls import sync_channel_credentials, sync_channel_options
 from sidecar.ops.tracing import CheckFn, span_annotator, start_tracing, traced_check
 from sidecar.ratelimit import AbuseLimits, WindowRateLimiter
 from sidecar.replication.client import SyncClient
+from sidecar.usage import GrpcUsageTransport, UsageReporter, UsageTally
+from sidecar.usage.metrics import UsageMetrics
 
 if TYPE_CHECKING:
     from sidecar.ratelimit.shared import RedisLimitSync
@@ -119,6 +121,10 @@ class Sidecar:
         if self.audit is not None:
             self.observers.append(DecisionRecorder(self.audit, self.clock))
             self.metrics.registry.register(AuditMetrics(self.audit))
+        self.usage = _usage_reporter(settings, self.clock)
+        if self.usage is not None:
+            self.observers.append(self.usage.tally)
+            self.metrics.registry.register(UsageMetrics(self.usage))
         self.check = CheckHandler(
             self.engine,
             self.observers,
@@ -221,6 +227,8 @@ class Sidecar:
             self.limit_sync.start()
         if self.audit is not None:
             self.audit.start()
+        if self.usage is not None:
+            self.usage.start()
         self._syncing = True
         server.start()
         self._server = server
@@ -296,6 +304,8 @@ class Sidecar:
         if self.audit is not None:
             # Every answered check is in the queue now: spool it all, then ship for a while.
             self.audit.close(timeout=grace)
+        if self.usage is not None:
+            self.usage.close()
         if self._syncing:
             self.sync.stop()
         if self.limit_sync is not None:
@@ -332,6 +342,24 @@ def _audit_pipeline(settings: SidecarSettings) -> AuditPipeline | None:
     else:
         transport = GrpcTransport(settings.control_plane, settings.sync_token)
     return AuditPipeline(config, transport)
+
+
+def _usage_reporter(settings: SidecarSettings, clock: Clock) -> UsageReporter | None:
+    """Uses per API key and OAuth grant, counted on the RPC threads, reported every interval."""
+    if not settings.usage_report_interval:
+        return None
+    transport = GrpcUsageTransport(
+        settings.control_plane,
+        settings.sync_token,
+        credentials=sync_channel_credentials(settings),
+        options=sync_channel_options(settings),
+    )
+    return UsageReporter(
+        UsageTally(clock.now),
+        transport,
+        interval=settings.usage_report_interval,
+        clock=time.monotonic,
+    )
 
 
 def _limit_sync(

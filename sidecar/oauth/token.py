@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
-from sidecar.core import credentials
+from sidecar.core import credentials, webhooks
 from sidecar.core.audit import event
 from sidecar.core.clock import Clock
 from sidecar.core.grants import revoke_grant
@@ -219,6 +219,13 @@ class TokenEndpoint:
                     request_id=request_id,
                 )
                 self._audit(uow, app, grant, "refresh.reuse_detected", request_id, grant.scopes)
+                webhooks.emit(
+                    uow,
+                    now,
+                    grant.workspace,
+                    webhooks.REFRESH_TOKEN_REUSE,
+                    {"client_id": app.id, "grant_id": grant.id, "subject": grant.user_id},
+                )
             else:
                 if now >= stored.expires_at:
                     raise InvalidGrant("refresh token expired")

@@ -27,7 +27,7 @@ from sidecar.config import (
 )
 
 SIDECAR_TABLE = "sidecar"
-_SECRET_NAME = re.compile(r"token|secret|password|encryption_key$")
+_SECRET_NAME = re.compile(r"token|secret|password|encryption_key$|webhook_key")
 _URL_PASSWORD = re.compile(r"^([a-z][a-z0-9+.-]*://[^:/@]*):[^@/]*@", re.IGNORECASE)
 
 

@@ -39,6 +39,8 @@ from sidecar.store.sql.postgres_audit import PgAudit
 from sidecar.store.sql.postgres_oauth import PgOAuthRepositories
 from sidecar.store.sql.qmark import QmarkConnection
 from sidecar.store.sql.sqlite import SqlKeys
+from sidecar.store.sql.usage import SqlUsage
+from sidecar.store.sql.webhooks import SqlWebhooks
 
 log = logging.getLogger("sidecar.store.postgres")
 
@@ -111,6 +113,8 @@ class PgUnitOfWork:
         self.audit = PgAudit(conn)
         self.changes = PgChanges(conn, self.appended)
         self.oauth = PgOAuthRepositories(conn)
+        self.webhooks = SqlWebhooks(QmarkConnection(conn))
+        self.usage = SqlUsage(QmarkConnection(conn))
         self.conn = conn
 
 

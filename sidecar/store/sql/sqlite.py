@@ -17,11 +17,14 @@ from sidecar.store.sql.audit import SqlAudit, link_unchained
 from sidecar.store.sql.listeners import CommitListeners
 from sidecar.store.sql.oauth import SqlOAuthRepositories
 from sidecar.store.sql.qmark import Executes
+from sidecar.store.sql.usage import SqlUsage
+from sidecar.store.sql.webhooks import SqlWebhooks
 
 _KEY_COLUMNS = (
     "id, digest, last_four, name, workspace, scopes, created_at, expires_at, created_by, "
     "revoked_at, revoke_reason, replaces, replaced_by, grace_deadline, expiry_recorded, "
-    "rate_limit, rate_period"
+    "rate_limit, rate_period, description, suspended_at, client_cidrs, rotation_period, "
+    "expiry_warned, rotation_due_recorded"
 )
 
 
@@ -44,6 +47,12 @@ def _key_from_row(row: sqlite3.Row) -> ApiKey:
         expiry_recorded=bool(row[14]),
         rate_limit=row[15],
         rate_period=row[16],
+        description=row[17],
+        suspended_at=row[18],
+        client_cidrs=tuple(row[19].split()),
+        rotation_period=row[20],
+        expiry_warned=bool(row[21]),
+        rotation_due_recorded=bool(row[22]),
     )
 
 
@@ -66,6 +75,12 @@ def _key_values(key: ApiKey) -> tuple[object, ...]:
         int(key.expiry_recorded),
         key.rate_limit,
         key.rate_period,
+        key.description,
+        key.suspended_at,
+        " ".join(key.client_cidrs),
+        key.rotation_period,
+        int(key.expiry_warned),
+        int(key.rotation_due_recorded),
     )
 
 
@@ -106,9 +121,18 @@ class SqlKeys:
         now: int,
         limit: int,
         after: Cursor | None,
+        unused_since: int | None = None,
+        expiring_before: int | None = None,
+        rotation_due: bool = False,
     ) -> list[ApiKey]:
         where: list[str] = []
         args: list[object] = []
+        if unused_since is not None:
+            where.append(
+                "COALESCE((SELECT last_used_at FROM credential_last_use "
+                "WHERE credential_id = api_keys.id), created_at) < ?"
+            )
+            args.append(unused_since)
         if workspace is not None:
             where.append("workspace = ?")
             args.append(workspace)
@@ -118,8 +142,20 @@ class SqlKeys:
             where.append("revoked_at IS NULL AND expires_at <= ?")
             args.append(now)
         elif state is KeyState.ACTIVE:
-            where.append("revoked_at IS NULL AND expires_at > ?")
+            where.append("revoked_at IS NULL AND expires_at > ? AND suspended_at IS NULL")
             args.append(now)
+        elif state is KeyState.SUSPENDED:
+            where.append("revoked_at IS NULL AND expires_at > ? AND suspended_at IS NOT NULL")
+            args.append(now)
+        if expiring_before is not None:
+            where.append("revoked_at IS NULL AND expires_at > ? AND expires_at <= ?")
+            args.extend((now, expiring_before))
+        if rotation_due:
+            where.append(
+                "revoked_at IS NULL AND expires_at > ? AND replaced_by = '' "
+                "AND rotation_period > 0 AND created_at + rotation_period <= ?"
+            )
+            args.extend((now, now))
         if after is not None:
             where.append("(created_at, id) < (?, ?)")
             args.extend(after)
@@ -138,6 +174,23 @@ class SqlKeys:
             (now, now),
         ).fetchall()
         return [_key_from_row(r) for r in rows]
+
+    def due_for_notice(self, now: int, warn_before: int) -> list[ApiKey]:
+        rows = self._conn.execute(
+            f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE revoked_at IS NULL AND expires_at > ? "
+            "AND ((expiry_warned = 0 AND expires_at <= ?) OR (rotation_due_recorded = 0 "
+            "AND replaced_by = '' AND rotation_period > 0 AND created_at + rotation_period <= ?))",
+            (now, warn_before, now),
+        ).fetchall()
+        return [_key_from_row(r) for r in rows]
+
+    def expiring_by_workspace(self, now: int, before: int) -> dict[str, int]:
+        rows = self._conn.execute(
+            "SELECT workspace, COUNT(*) FROM api_keys WHERE revoked_at IS NULL "
+            "AND expires_at > ? AND expires_at <= ? GROUP BY workspace",
+            (now, before),
+        ).fetchall()
+        return {str(r[0]): int(r[1]) for r in rows}
 
     def usable(self, now: int) -> Iterator[ApiKey]:
         cursor = self._conn.execute(
@@ -202,6 +255,8 @@ class SqliteUnitOfWork:
         self.audit = SqlAudit(conn)
         self.changes = SqliteChanges(conn, self.appended)
         self.oauth = SqlOAuthRepositories(conn)
+        self.webhooks = SqlWebhooks(conn)
+        self.usage = SqlUsage(conn)
         self.conn = conn
 
 

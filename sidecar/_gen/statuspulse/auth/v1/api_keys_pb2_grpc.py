@@ -67,6 +67,26 @@ class ApiKeyServiceStub:
                 request_serializer=statuspulse_dot_auth_dot_v1_dot_api__keys__pb2.WhoAmIRequest.SerializeToString,
                 response_deserializer=statuspulse_dot_auth_dot_v1_dot_api__keys__pb2.WhoAmIResponse.FromString,
                 _registered_method=True)
+        self.UpdateApiKey = channel.unary_unary(
+                '/statuspulse.auth.v1.ApiKeyService/UpdateApiKey',
+                request_serializer=statuspulse_dot_auth_dot_v1_dot_api__keys__pb2.UpdateApiKeyRequest.SerializeToString,
+                response_deserializer=statuspulse_dot_auth_dot_v1_dot_api__keys__pb2.UpdateApiKeyResponse.FromString,
+                _registered_method=True)
+        self.SuspendApiKey = channel.unary_unary(
+                '/statuspulse.auth.v1.ApiKeyService/SuspendApiKey',
+                request_serializer=statuspulse_dot_auth_dot_v1_dot_api__keys__pb2.SuspendApiKeyRequest.SerializeToString,
+                response_deserializer=statuspulse_dot_auth_dot_v1_dot_api__keys__pb2.SuspendApiKeyResponse.FromString,
+                _registered_method=True)
+        self.ResumeApiKey = channel.unary_unary(
+                '/statuspulse.auth.v1.ApiKeyService/ResumeApiKey',
+                request_serializer=statuspulse_dot_auth_dot_v1_dot_api__keys__pb2.ResumeApiKeyRequest.SerializeToString,
+                response_deserializer=statuspulse_dot_auth_dot_v1_dot_api__keys__pb2.ResumeApiKeyResponse.FromString,
+                _registered_method=True)
+        self.RecordApiKeyRotationStep = channel.unary_unary(
+                '/statuspulse.auth.v1.ApiKeyService/RecordApiKeyRotationStep',
+                request_serializer=statuspulse_dot_auth_dot_v1_dot_api__keys__pb2.RecordApiKeyRotationStepRequest.SerializeToString,
+                response_deserializer=statuspulse_dot_auth_dot_v1_dot_api__keys__pb2.RecordApiKeyRotationStepResponse.FromString,
+                _registered_method=True)
 
 
 class ApiKeyServiceServicer:
@@ -118,6 +138,38 @@ class ApiKeyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateApiKey(self, request, context):
+        """UpdateApiKey edits a key without re-issuing it: name, description, rate limit, client
+        networks, rotation schedule. Each edit is audited (key.updated) and replicated.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SuspendApiKey(self, request, context):
+        """SuspendApiKey denies a key (reason suspended_credential) until ResumeApiKey; idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeApiKey(self, request, context):
+        """ResumeApiKey lifts a suspension; idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RecordApiKeyRotationStep(self, request, context):
+        """RecordApiKeyRotationStep writes a key.rotation audit record for a step of
+        `spauth keys rotate` that happens outside the control plane (the secret written to its
+        target, verified, the old key found unused). Steps the control plane carries out itself
+        (the replacement, the revocation) are audited by those calls.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ApiKeyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -150,6 +202,26 @@ def add_ApiKeyServiceServicer_to_server(servicer, server):
                     servicer.WhoAmI,
                     request_deserializer=statuspulse_dot_auth_dot_v1_dot_api__keys__pb2.WhoAmIRequest.FromString,
                     response_serializer=statuspulse_dot_auth_dot_v1_dot_api__keys__pb2.WhoAmIResponse.SerializeToString,
+            ),
+            'UpdateApiKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateApiKey,
+                    request_deserializer=statuspulse_dot_auth_dot_v1_dot_api__keys__pb2.UpdateApiKeyRequest.FromString,
+                    response_serializer=statuspulse_dot_auth_dot_v1_dot_api__keys__pb2.UpdateApiKeyResponse.SerializeToString,
+            ),
+            'SuspendApiKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.SuspendApiKey,
+                    request_deserializer=statuspulse_dot_auth_dot_v1_dot_api__keys__pb2.SuspendApiKeyRequest.FromString,
+                    response_serializer=statuspulse_dot_auth_dot_v1_dot_api__keys__pb2.SuspendApiKeyResponse.SerializeToString,
+            ),
+            'ResumeApiKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeApiKey,
+                    request_deserializer=statuspulse_dot_auth_dot_v1_dot_api__keys__pb2.ResumeApiKeyRequest.FromString,
+                    response_serializer=statuspulse_dot_auth_dot_v1_dot_api__keys__pb2.ResumeApiKeyResponse.SerializeToString,
+            ),
+            'RecordApiKeyRotationStep': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordApiKeyRotationStep,
+                    request_deserializer=statuspulse_dot_auth_dot_v1_dot_api__keys__pb2.RecordApiKeyRotationStepRequest.FromString,
+                    response_serializer=statuspulse_dot_auth_dot_v1_dot_api__keys__pb2.RecordApiKeyRotationStepResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -316,6 +388,114 @@ class ApiKeyService:
             '/statuspulse.auth.v1.ApiKeyService/WhoAmI',
             statuspulse_dot_auth_dot_v1_dot_api__keys__pb2.WhoAmIRequest.SerializeToString,
             statuspulse_dot_auth_dot_v1_dot_api__keys__pb2.WhoAmIResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateApiKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/statuspulse.auth.v1.ApiKeyService/UpdateApiKey',
+            statuspulse_dot_auth_dot_v1_dot_api__keys__pb2.UpdateApiKeyRequest.SerializeToString,
+            statuspulse_dot_auth_dot_v1_dot_api__keys__pb2.UpdateApiKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SuspendApiKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/statuspulse.auth.v1.ApiKeyService/SuspendApiKey',
+            statuspulse_dot_auth_dot_v1_dot_api__keys__pb2.SuspendApiKeyRequest.SerializeToString,
+            statuspulse_dot_auth_dot_v1_dot_api__keys__pb2.SuspendApiKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeApiKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/statuspulse.auth.v1.ApiKeyService/ResumeApiKey',
+            statuspulse_dot_auth_dot_v1_dot_api__keys__pb2.ResumeApiKeyRequest.SerializeToString,
+            statuspulse_dot_auth_dot_v1_dot_api__keys__pb2.ResumeApiKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordApiKeyRotationStep(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/statuspulse.auth.v1.ApiKeyService/RecordApiKeyRotationStep',
+            statuspulse_dot_auth_dot_v1_dot_api__keys__pb2.RecordApiKeyRotationStepRequest.SerializeToString,
+            statuspulse_dot_auth_dot_v1_dot_api__keys__pb2.RecordApiKeyRotationStepResponse.FromString,
             options,
             channel_credentials,
             insecure,
