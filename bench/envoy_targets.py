@@ -14,7 +14,7 @@ from bench.cases import HttpCase
 from bench.envoy import envoy_target
 from bench.sidecar_target import CHECKS, _control_plane, _mint, _serving, sync_token_file
 from bench.targets import _PROJECT_ROOT, SERVER_ENV, RunningTarget, TargetEnv, launch_process
-from tests.support.envoy import EnvoyProcess
+from sidecar.devtools.envoy import EnvoyProcess
 
 _DIRECT = {"status": 200, "body": {"inline_string": "ok"}}
 

@@ -25,7 +25,7 @@ from sidecar.authz.engine import CheckInput
 from sidecar.config import SidecarSettings, load_settings
 from sidecar.controlplane import ControlPlane
 from sidecar.dataplane.process import Sidecar
-from tests.support.redis import RedisServer
+from sidecar.devtools.redis_server import RedisServer
 
 
 def _wait(predicate: object, timeout: float = 10.0) -> None:
