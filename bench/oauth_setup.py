@@ -45,6 +45,7 @@ class ControlPlaneProc:
     issuer: str
     operator_key: str
     pid: int
+    data: Path  # its data dir (the generated sync token is data / "sync-token")
 
     def url(self, path: str) -> str:
         """Absolute URL of an OAuth endpoint."""
@@ -103,7 +104,7 @@ def control_plane(env: TargetEnv, name: str, *, pin: bool) -> Iterator[ControlPl
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise TargetError(f"control plane did not start; see {name}.log")
             time.sleep(0.1)
-        yield ControlPlaneProc(admin, http, issuer, key_file.read_text().strip(), proc.pid)
+        yield ControlPlaneProc(admin, http, issuer, key_file.read_text().strip(), proc.pid, data)
     finally:
         proc.terminate()
         try:

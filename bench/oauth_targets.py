@@ -50,6 +50,7 @@ def _sidecar_jwt(
             env.python, "-m", "sidecar", "sidecar", "--listen", "{listen}",
             "--control-plane", cp.admin, "--state-dir", str(env.workdir / f"{name}-state"),
             "--metrics-addr", "", "--threads", "4", "--oauth-issuer", cp.issuer,
+            "--sync-token-file", str(cp.data / "sync-token"),
         ]  # fmt: skip
         with launch_process(
             env,

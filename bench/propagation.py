@@ -53,6 +53,7 @@ from bench.cpu import taskset_prefix
 from bench.h2load import percentile
 from bench.sidecar_target import CHECKS, _admin_up, _serving
 from bench.targets import SERVER_ENV, TargetEnv, TargetError, _stop, _tail
+from sidecar.devtools.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 POLL_INTERVAL = 0.001  # seconds between two Checks of one sidecar while waiting for the deny
@@ -143,7 +144,8 @@ def _topology(sc: Scenario, env: TargetEnv, redis_url: str) -> Iterator[tuple[st
             listen = f"127.0.0.1:{env.free_port()}"
             argv = [env.python, "-m", "sidecar", "sidecar", "--listen", listen,
                     "--control-plane", home, "--state-dir", str(work / f"s{i}"),
-                    "--metrics-addr", "", *bus]  # fmt: skip
+                    "--metrics-addr", "", "--sync-token-file", str(data / "sync-token"),
+                    *bus]  # fmt: skip
             procs.append(_spawn(work, f"sidecar-{i}", argv))
             addrs.append(listen)
         # Sidecars start while B does (they retry until it answers): starts overlap.
@@ -284,8 +286,6 @@ def run_scenario(sc: Scenario, env: TargetEnv, heartbeat: float) -> dict[str, An
             if sc.redis:
                 if shutil.which("redis-server") is None:
                     return {**row, "status": "skipped", "error": "skipped: redis-server not found"}
-                from tests.support.redis import RedisServer
-
                 url = stack.enter_context(RedisServer()).url
             started = time.monotonic()
             admin, operator, addrs = stack.enter_context(_topology(sc, env, url))

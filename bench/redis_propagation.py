@@ -25,7 +25,7 @@ from sidecar.authz.engine import CheckInput
 from sidecar.config import SidecarSettings, load_settings
 from sidecar.controlplane import ControlPlane
 from sidecar.dataplane.process import Sidecar
-from tests.support.redis import RedisServer
+from sidecar.devtools.redis_server import RedisServer
 
 
 def _wait(predicate: object, timeout: float = 10.0) -> None:
@@ -76,6 +76,7 @@ def run(redis_url: str, rounds: int, heartbeat: float) -> list[float]:
                     metrics_addr="",  # no status port: never the fixed 9192
                     control_plane=f"127.0.0.1:{plane.admin_port}",
                     state_dir=Path(tmp) / f"sidecar-{i}",
+                    sync_token=plane.sync_token,  # both replicas read the shared data dir's
                 )
             )
             for i, plane in enumerate((b, b, a))

@@ -66,7 +66,8 @@ def measure(n: int, work: Path) -> dict[str, float]:
         started = time.monotonic()
         sc = subprocess.Popen(
             [sys.executable, "-m", "sidecar", "sidecar", "--listen", listen, "--control-plane",
-             admin, "--state-dir", str(work / f"sc-{n}"), "--metrics-addr", ""],
+             admin, "--state-dir", str(work / f"sc-{n}"), "--metrics-addr", "",
+             "--sync-token-file", str(data / "sync-token")],
             cwd=ROOT, env={**__import__("os").environ, **SERVER_ENV},
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip

@@ -37,6 +37,12 @@ def _serving(listen: str) -> bool:
     return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)
 
 
+def sync_token_file(env: TargetEnv) -> Path:
+    """The sync token ``_control_plane`` generated into its data dir: sidecars get the path,
+    never the value (results record every process's argv and environment)."""
+    return env.workdir / "control-plane" / "sync-token"
+
+
 @contextlib.contextmanager
 def _control_plane(env: TargetEnv) -> Iterator[tuple[str, str]]:
     """A control plane on a fresh SQLite file, kept off the server CPUs: with decision records on
@@ -117,6 +123,7 @@ def _sidecar(
             env.python, "-m", module, "sidecar", "--listen", "{listen}",
             "--control-plane", admin, "--state-dir", str(env.workdir / f"{name}-state"),
             "--metrics-addr", "", "--threads", "4",
+            "--sync-token-file", str(sync_token_file(env)),
         ]  # fmt: skip
         cases = sidecar_cases(valid)
         with launch_process(

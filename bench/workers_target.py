@@ -28,7 +28,7 @@ from contextlib import AbstractContextManager
 from dataclasses import replace
 from pathlib import Path
 
-from bench.sidecar_target import _ROOT, _control_plane, _mint, sidecar_cases
+from bench.sidecar_target import _ROOT, _control_plane, _mint, sidecar_cases, sync_token_file
 from bench.targets import SERVER_ENV, RunningTarget, TargetEnv, ceiling_cases, launch_process
 
 # h2load connections for the multi-process rows (see the module docstring).
@@ -77,7 +77,7 @@ def _sidecar_workers(env: TargetEnv, workers: int, spread: bool) -> Iterator[Run
             env.python, "-m", "sidecar", "sidecar", "--listen", "{listen}",
             "--control-plane", admin, "--state-dir", str(env.workdir / f"{name}-state"),
             "--metrics-addr", f"127.0.0.1:{metrics}", "--threads", "4",
-            "--workers", str(workers),
+            "--workers", str(workers), "--sync-token-file", str(sync_token_file(env)),
         ]  # fmt: skip
         launch_env = replace(env, server_cpus=_all_cpus()) if spread else env
         with launch_process(

@@ -47,7 +47,10 @@ class Settings:
     key_expiry_warning: int = 14 * 86400
     sweep_interval: float = 5.0
     sync_heartbeat: float = 1.0
+    # The credential sidecars replicate and ship decision records with. Neither set: generated
+    # into <data_dir>/sync-token (mode 0600) on first start, never anonymous.
     sync_token: str = ""
+    sync_token_file: Path | None = None
     policy_file: Path | None = None
     log_level: str = "info"
     # Refused keys per source address per window on the admin API (gRPC and HTTP); 0: off.
@@ -60,6 +63,11 @@ class Settings:
     # TLS on the HTTP port (OAuth endpoints, /metrics, /healthz, /readyz).
     http_tls_cert: Path | None = None
     http_tls_key: Path | None = None
+    # The HTTP port's limits: seconds to receive a request's headers, then its body, and open
+    # connections at most (a slow client is disconnected, not waited for).
+    http_read_timeout: float = 10.0
+    http_body_timeout: float = 30.0
+    http_max_connections: int = 512
     # OpenTelemetry: OTLP/gRPC collector URL (http:// = plaintext); empty = tracing off.
     tracing_endpoint: str = ""
     tracing_sample_ratio: float = 1.0
@@ -93,6 +101,15 @@ class Settings:
     operator_key_warning: int = 14 * 86400
     # Audit records older than this are pruned behind a signed checkpoint (0: keep forever).
     audit_retention: int = 0
+    # Ingest refuses decision records dated more than this many seconds ahead of this clock.
+    audit_max_future_skew: float = 300.0
+    # The key that signs audit chain heads and checkpoints: a file (or SPAUTH_AUDIT_SIGNING_KEY)
+    # kept outside the database and the same on every replica. Unset: <data_dir>/audit-hmac-key.
+    audit_signing_key: str = ""
+    audit_signing_key_file: Path | None = None
+    # Every chain's head is signed this often (when it moved): a chain shorter than its last
+    # signed head, rewritten from it or gone is reported by `spauth audit verify`.
+    audit_sign_interval: float = 60.0
     # Scale-out (issue 8): Redis carries change notifications between control-plane replicas and
     # the sidecars' audit stream. Empty: no bus (the sync heartbeat bounds propagation).
     redis_url: str = ""
@@ -123,7 +140,9 @@ class SidecarSettings:
     policy_file: Path | None = None
     state_dir: Path = Path(".spauth-sidecar")
     max_staleness: float = 900.0
+    # The control plane's sync token, or a file holding it (e.g. <data_dir>/sync-token).
     sync_token: str = ""
+    sync_token_file: Path | None = None
     threads: int = 4
     workers: int = 1
     policy_poll_interval: float = 1.0
@@ -401,6 +420,17 @@ def load_settings(
         _check_file(errors, name, getattr(s, name))
     for name in ("http_tls_cert", "http_tls_key", "policy_file"):
         _check_file(errors, name, getattr(s, name))
+    for name in ("sync_token_file", "audit_signing_key_file"):
+        _check_file(errors, name, getattr(s, name))
+    for name in ("http_read_timeout", "http_body_timeout"):
+        if getattr(s, name) <= 0:
+            errors.add(name, "must be a positive number of seconds")
+    if s.http_max_connections < 1:
+        errors.add("http_max_connections", f"must be at least 1, got {s.http_max_connections}")
+    if s.audit_sign_interval <= 0:
+        errors.add("audit_sign_interval", "must be a positive number of seconds")
+    if s.audit_max_future_skew < 0:
+        errors.add("audit_max_future_skew", "must be 0 or a positive number of seconds")
     _check_pair(errors, "admin_tls_cert", "admin_tls_key", s)
     _check_pair(errors, "http_tls_cert", "http_tls_key", s)
     if s.admin_tls_client_ca is not None and s.admin_tls_cert is None:
@@ -466,6 +496,7 @@ def load_sidecar_settings(
     for name in ("policy_file", "control_plane_tls_ca", "control_plane_tls_cert"):
         _check_file(errors, name, getattr(s, name))
     _check_file(errors, "control_plane_tls_key", s.control_plane_tls_key)
+    _check_file(errors, "sync_token_file", s.sync_token_file)
     _check_pair(errors, "control_plane_tls_cert", "control_plane_tls_key", s)
     if s.control_plane_tls_cert is not None and s.control_plane_tls_ca is None:
         errors.add("control_plane_tls_cert", "a client certificate needs control_plane_tls_ca")

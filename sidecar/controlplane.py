@@ -31,7 +31,7 @@ from sidecar._gen.statuspulse.auth.v1 import (
 from sidecar.admin import http_rules
 from sidecar.admin.apikeys import ApiKeyServicer
 from sidecar.admin.apps import OAuthAppServicer
-from sidecar.admin.audit import AuditServicer, load_checkpoint_key
+from sidecar.admin.audit import AuditServicer
 from sidecar.admin.http_api import AdminHttpApi
 from sidecar.admin.openapi_route import openapi_routes
 from sidecar.admin.signing_keys import SigningKeyServicer
@@ -44,7 +44,7 @@ from sidecar.authz.policy_source import PolicyWatcher, load_policy
 from sidecar.config import Settings, trusted_networks
 from sidecar.core.apikeys import ApiKeyService, KeyPolicy, key_snapshot
 from sidecar.core.apps import AppService
-from sidecar.core.audit_trail import AuditTrail
+from sidecar.core.audit_trail import AuditPolicy, AuditTrail
 from sidecar.core.changes import oauth_snapshot
 from sidecar.core.clock import Clock, SystemClock
 from sidecar.core.errors import SpauthError
@@ -63,10 +63,12 @@ from sidecar.oauth.server import AuthorizationServer
 from sidecar.oauth.signing import SigningKeys
 from sidecar.ops.admin_calls import AdminCallInterceptor
 from sidecar.ops.health import Health, Status, worst
+from sidecar.ops.http_guard import HttpLimits
 from sidecar.ops.http_routes import ops_routes
 from sidecar.ops.http_server import HttpServer
 from sidecar.ops.key_metrics import KeyExpiryMetrics
 from sidecar.ops.metrics import OAUTH_EVENTS, Metrics
+from sidecar.ops.secrets_files import audit_signing_key, control_plane_sync_token
 from sidecar.ops.tls import admin_server_credentials, http_ssl_files
 from sidecar.ops.tracing import start_tracing
 from sidecar.ratelimit.local import AbuseLimits, WindowRateLimiter
@@ -131,8 +133,14 @@ class ControlPlane:
         )
         self.key_expiry = KeyExpiryMetrics(self.keys.policy.expiry_warning)
         self.metrics.registry.register(self.key_expiry)
+        # Never anonymous: without a configured token one is generated into the data dir.
+        self.sync_token = control_plane_sync_token(settings)
         self.audit = AuditTrail(
-            self.store, self.clock, load_checkpoint_key(settings.data_dir / "audit-hmac-key")
+            self.store,
+            self.clock,
+            audit_signing_key(settings),
+            AuditPolicy(max_future_skew=settings.audit_max_future_skew),
+            on_conflict=self.metrics.audit_ingest_conflicts.inc,
         )
         # Every admin call (gRPC or HTTP) authenticates through this: refused keys are counted
         # per source address.
@@ -142,7 +150,7 @@ class ControlPlane:
             _failure_limiter(settings.admin_failure_limit, settings.admin_failure_window),
             settings.admin_failure_window,
         )
-        self.audit_servicer = AuditServicer(self.audit, self.guard, sync_token=settings.sync_token)
+        self.audit_servicer = AuditServicer(self.audit, self.guard, sync_token=self.sync_token)
         self._unsubscribe = self.store.subscribe(self.audit_servicer.notify)
         self.snapshot_sources: list[SnapshotSource] = [key_snapshot, oauth_snapshot]
         self.replication = ReplicationServicer(
@@ -150,7 +158,7 @@ class ControlPlane:
             self.clock,
             self.snapshot_sources,
             heartbeat=settings.sync_heartbeat,
-            sync_token=settings.sync_token,
+            sync_token=self.sync_token,
         )
         # The sidecars' route policy, for whoami's "what would the policy decide" (reloaded when
         # the file changes, as the sidecar does).
@@ -175,7 +183,15 @@ class ControlPlane:
         self.closers: list[Callable[[], None]] = []
         # /metrics, /healthz, /readyz: served on http_addr next to the OAuth routes.
         self.http_routes = ops_routes(self.metrics.registry, self.readiness)
-        self.http = HttpServer(settings.http_addr, ssl_files=http_ssl_files(settings))
+        self.http = HttpServer(
+            settings.http_addr,
+            ssl_files=http_ssl_files(settings),
+            limits=HttpLimits(
+                read_timeout=settings.http_read_timeout,
+                body_timeout=settings.http_body_timeout,
+                max_connections=settings.http_max_connections,
+            ),
+        )
         self._server: grpc.aio.Server | None = None
         self.servicers: dict[str, object] = {}
         self._sweeper: asyncio.Task[None] | None = None
@@ -232,7 +248,7 @@ class ControlPlane:
         )
         # Sidecars only (the sync token), never over the HTTP API.
         usage_pb2_grpc.add_UsageServiceServicer_to_server(
-            UsageServicer(self.usage, self.guard, sync_token=self.settings.sync_token), server
+            UsageServicer(self.usage, self.guard, sync_token=self.sync_token), server
         )
         oauth_pb2_grpc.add_OAuthAppServiceServicer_to_server(
             self.servicers["statuspulse.auth.v1.OAuthAppService"], server
@@ -305,6 +321,7 @@ class ControlPlane:
         console = console_routes(
             ConsoleServices(
                 keys=self.keys,
+                usage=self.usage,
                 apps=self.apps,
                 users=self.users,
                 audit=self.audit,
@@ -376,7 +393,7 @@ class ControlPlane:
         return expiry
 
     async def _sweep_forever(self) -> None:
-        next_prune = 0.0
+        next_prune = next_sign = 0.0
         next_operator_check = self.clock.now() + OPERATOR_CHECK_INTERVAL
         while True:
             if self.clock.now() >= next_operator_check:
@@ -398,7 +415,17 @@ class ControlPlane:
                 if self.settings.audit_retention:
                     await self._prune_audit()
                 await self._prune_usage()
+            if self.clock.now() >= next_sign:
+                next_sign = self.clock.now() + self.settings.audit_sign_interval
+                await self._sign_audit_heads()
             await asyncio.sleep(self.settings.sweep_interval)
+
+    async def _sign_audit_heads(self) -> None:
+        """A periodic signed checkpoint of every chain's head (docs/security.md)."""
+        try:
+            await asyncio.to_thread(self.audit.sign_heads)
+        except SpauthError as exc:
+            log.warning("signing audit heads failed; retrying", extra={"error": exc.message})
 
     async def _deliver_forever(self) -> None:
         """The webhook outbox: due deliveries sent every webhook_poll_interval seconds."""
@@ -454,6 +481,8 @@ class ControlPlane:
                 await asyncio.to_thread(close)
             except Exception:
                 log.exception("shutdown step failed")
+        if self._sweeper is not None:  # started: sign what the last calls and closers wrote
+            await self._sign_audit_heads()
         if self.tracing is not None:
             await asyncio.to_thread(self.tracing.shutdown)
         await self.http.aclose(grace)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,12 +21,29 @@ from sidecar.controlplane import ControlPlane
 from sidecar.core.clock import FakeClock
 from sidecar.core.storage import Store
 from sidecar.store.sql.sqlite import SqliteStore
+from tests.support.ports import DEFAULT_PORTS, hold_ports
 from tests.support.postgres import PostgresServer, postgres_available
+from tests.support.sync import TEST_SYNC_TOKEN
 
 _databases = itertools.count(1)
 
+# The console scripts of the environment running the suite (envoy, hadolint, spauth…) come
+# first on PATH, as in an activated venv: `make test` calls .venv/bin/python without activating,
+# and a tool must never be skipped, or found elsewhere, because the venv was not activated.
+_BIN = str(Path(sys.executable).parent)
+if os.environ.get("PATH", "").split(os.pathsep)[0] != _BIN:
+    os.environ["PATH"] = _BIN + os.pathsep + os.environ.get("PATH", "")
+
 # Fixtures of real servers used by several modules: redis_server, redis_url.
 pytest_plugins = ["tests.support.redis"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def default_ports_taken() -> Iterator[list[int]]:
+    """The product's default ports stay taken for the whole run, so a test that binds one fails
+    here as it would next to `spauth serve` on its defaults: tests bind port 0 or a free port."""
+    with hold_ports(DEFAULT_PORTS) as held:
+        yield held
 
 
 @pytest.fixture
@@ -113,6 +132,7 @@ def control_plane(
             "admin_addr": "127.0.0.1:0",
             "http_addr": "127.0.0.1:0",  # the OAuth HTTP server (issue 4), never a fixed port
             "sweep_interval": "0.05",
+            "sync_token": TEST_SYNC_TOKEN,
         },
         environ={},
     )
@@ -165,6 +185,7 @@ def sidecar_factory(tmp_path: Path, control_plane: RunningControlPlane) -> Itera
             "control_plane": control_plane.address,
             "state_dir": tmp_path / f"sidecar-{len(started)}",
             "metrics_addr": "127.0.0.1:0",  # never the fixed 9192: tests run sidecars side by side
+            "sync_token": TEST_SYNC_TOKEN,
             **overrides,
         }
         sc = Sidecar(SidecarSettings(**fields), clock=control_plane.clock)  # type: ignore[arg-type]

@@ -244,3 +244,18 @@ def assert_no_secret(server: Server, *blobs: bytes) -> None:
     for secret in server.secrets:
         for blob in everything:
             assert secret[4:-6].encode() not in blob
+
+
+def test_verify_reports_records_deleted_while_the_server_was_down(server: Server) -> None:
+    for _ in range(3):
+        server.create_key("acme")
+    server.stop()  # the control plane signs every chain's head on its way out
+    with sqlite3.connect(server.data_dir / "spauth.db") as conn:
+        conn.execute(
+            "DELETE FROM audit_events WHERE workspace = 'acme' AND chain_seq = "
+            "(SELECT MAX(chain_seq) FROM audit_events WHERE workspace = 'acme')"
+        )
+    server.start()  # and refuses to sign the shortened chain as the new truth
+    broken = server.spauth("audit", "verify", "--workspace", "acme")
+    assert broken.returncode == 3, broken.stdout
+    assert "BROKEN" in broken.stdout and "newest records deleted" in broken.stdout

@@ -27,6 +27,7 @@ from sidecar.dataplane.process import Sidecar
 from sidecar.devtools.echo_upstream import EchoUpstream
 from tests.conftest import LoopThread, RunningControlPlane, bearer, free_port, wait_until
 from tests.support.envoy import EnvoyProcess
+from tests.support.sync import token_file
 
 pytestmark = [pytest.mark.envoy, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parent.parent
@@ -157,6 +158,10 @@ class SidecarProcess:
                     self.control_plane,
                     "--state-dir",
                     str(self.state),
+                    "--sync-token-file",
+                    str(token_file(self.state.parent)),
+                    "--metrics-addr",
+                    "",  # never the fixed 9192
                 ],
                 cwd=ROOT,
                 stdout=log,
@@ -210,15 +215,16 @@ def test_kill_9_mid_load_loses_only_the_newest_decisions_and_none_twice(
         sidecar_process.kill()
         killed_at = time.monotonic()
         time.sleep(0.3)  # Envoy answers 503 itself meanwhile
+        restarted_at = time.monotonic()
         sidecar_process.start()
         before = load.count()
         wait_until(lambda: load.count() >= before + 500, 60)
         load.stop()
         sidecar_process.terminate()  # graceful: flushes and ships what it holds
     answered = {did: when for did, when, _ in load.answered}
-    # Decision ids carry a per-process prefix: that tells which process answered.
-    first_prefix = load.answered[0][0].rsplit("_", 1)[0]
-    first_run = {did: when for did, when in answered.items() if did.startswith(first_prefix)}
+    # Decision ids are random (no per-process prefix): the restart's time tells who answered
+    # (an answer of the killed process may reach the client just after the kill).
+    first_run = {did: when for did, when in answered.items() if when < restarted_at}
     counts = trail_decisions(control_plane.plane)
     assert all(n == 1 for n in counts.values()), "a decision is in the trail twice"
     second_run = set(answered) - set(first_run)
@@ -245,7 +251,12 @@ class Plane:
 
     def start(self) -> ControlPlane:
         settings = load_settings(
-            {"data_dir": str(self.data_dir), "admin_addr": f"127.0.0.1:{self.port}"}, environ={}
+            {
+                "data_dir": str(self.data_dir),
+                "admin_addr": f"127.0.0.1:{self.port}",
+                "http_addr": "127.0.0.1:0",  # never the fixed 8080
+            },
+            environ={},
         )
         self.plane = ControlPlane(settings)
         self.loop.run(self.plane.start())
@@ -266,7 +277,13 @@ def test_control_plane_down_spools_then_delivers(tmp_path: Path, loop_thread: Lo
     address = f"127.0.0.1:{cp.port}"
     key = mint(address, minted.secret, ["checks:read"])
     sidecar = Sidecar(
-        SidecarSettings(listen="127.0.0.1:0", control_plane=address, state_dir=tmp_path / "sc")
+        SidecarSettings(
+            listen="127.0.0.1:0",
+            control_plane=address,
+            state_dir=tmp_path / "sc",
+            sync_token=plane.sync_token,
+            metrics_addr="",  # never the fixed 9192
+        )
     )
     sidecar.start()
     try:

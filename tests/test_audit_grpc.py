@@ -21,6 +21,7 @@ from sidecar.controlplane import AUDIT_PRUNE_INTERVAL, ControlPlane
 from sidecar.core.audit import AuditEvent, event
 from sidecar.core.clock import FakeClock
 from tests.conftest import LoopThread, RunningControlPlane, bearer, wait_until
+from tests.support.sync import TEST_SYNC_TOKEN
 
 
 class Client:
@@ -227,7 +228,7 @@ def ingest(
 ) -> pb.IngestAuditRecordsResponse:
     requests = iter([pb.IngestAuditRecordsRequest(records=b) for b in batches])
     return client.audit.IngestAuditRecords(  # type: ignore[no-any-return]
-        requests, metadata=bearer(key or client.plane.operator_key)
+        requests, metadata=bearer(key or TEST_SYNC_TOKEN)
     )
 
 
@@ -238,8 +239,9 @@ def event_record(ev: AuditEvent) -> pb.AuditRecord:
 def decision(allowed: bool, target: str = "/v1/checks") -> pb.AuditRecord:
     action = "authz.allow" if allowed else "authz.deny"
     outcome = "allow" if allowed else "deny"
+    # Before the control plane's (fake) clock: ingest refuses records from the future.
     return event_record(
-        event(time.time(), "key_x", action, "acme", target, outcome=outcome, request_id="dec_1")
+        event(1_700_000_000, "key_x", action, "acme", target, outcome=outcome, request_id="dec_1")
     )
 
 
@@ -261,11 +263,20 @@ def test_ingest_stores_each_event_id_once(client: Client) -> None:
 def test_ingest_refuses_admin_actions_and_foreign_workspaces(client: Client) -> None:
     forged = event_record(event(time.time(), "key_x", "key.revoked", "acme", "key_y"))
     assert code_of(ingest, client, [forged]) is grpc.StatusCode.INVALID_ARGUMENT
+    # API keys never ingest decision records, even an admin's for its own workspace.
     beta_admin = client.create_key("beta", "admin:full").key
     assert code_of(ingest, client, [decision(True)], key=beta_admin) is (
-        grpc.StatusCode.PERMISSION_DENIED
+        grpc.StatusCode.UNAUTHENTICATED
     )
-    assert client.list(workspace="acme") == []
+    acme_admin = client.create_key("acme", "admin:full").key
+    assert code_of(ingest, client, [decision(True)], key=acme_admin) is (
+        grpc.StatusCode.UNAUTHENTICATED
+    )
+    assert code_of(ingest, client, [decision(True)], key=client.plane.operator_key) is (
+        grpc.StatusCode.UNAUTHENTICATED
+    )
+    # Only the admin key's creation is in acme's trail; no decision record got in.
+    assert [r.action for r in client.list(workspace="acme")] == ["key.created"]
 
 
 def test_no_secret_anywhere_in_the_trail(
@@ -305,9 +316,10 @@ def test_retention_prunes_behind_a_checkpoint_and_verify_still_passes(
         {
             "data_dir": str(tmp_path),
             "admin_addr": "127.0.0.1:0",
-            "http_addr": "127.0.0.1:0",
+            "http_addr": "127.0.0.1:0",  # never the fixed 8080
             "sweep_interval": "0.05",
             "audit_retention": "1d",
+            "sync_token": TEST_SYNC_TOKEN,
         },
         environ={},
     )

@@ -264,6 +264,7 @@ def test_a_sidecar_ships_decisions_to_the_control_plane_through_redis(
             metrics_addr="",  # no status port: never the fixed 9192
             control_plane=f"127.0.0.1:{plane.admin_port}",
             state_dir=tmp_path / "sc",
+            sync_token=plane.sync_token,
             redis_url=redis_url,
             audit_write_interval=0.005,
         ),
@@ -281,7 +282,9 @@ def test_a_sidecar_ships_decisions_to_the_control_plane_through_redis(
             resp = ext_grpc.AuthorizationStub(channel).Check(req, timeout=5)
         decision_id = resp.dynamic_metadata["decision_id"]
         wait_until(lambda: decision_id in stored(plane.store), timeout=15)  # type: ignore[arg-type]
-        assert client.xlen(STREAM) == 0  # ingested, acknowledged and deleted
+        # The ingester acknowledges and deletes an entry only after the store committed it: the
+        # row is visible a moment before the stream is empty, so wait for that step too.
+        wait_until(lambda: client.xlen(STREAM) == 0)
     finally:
         sidecar.stop(grace=1)
         loop_thread.run(plane.aclose(grace=1))

@@ -35,13 +35,14 @@ from sidecar.controlplane import ControlPlane
 from sidecar.core.audit import AuditEvent, event, scrub
 from sidecar.core.clock import FakeClock
 from tests.conftest import LoopThread, RunningControlPlane, free_port
+from tests.support.sync import TEST_SYNC_TOKEN
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def decision(i: int, allowed: bool = True, path: str = "/v1/checks") -> AuditEvent:
     return decision_event(
-        time=1_800_000_000.0 + i,
+        time=1_700_000_000.0 + i,  # in the past of every clock here (ingest refuses the future)
         allowed=allowed,
         reason="ok" if allowed else "unknown_key",
         credential_id="key_a",
@@ -174,7 +175,7 @@ def test_shipping_backs_off_with_a_bound_while_the_control_plane_is_away(tmp_pat
     spool = Spool(tmp_path)
     spool.append([encode(decision(1))])
     transport = GrpcTransport(f"127.0.0.1:{free_port()}", "spk_none", timeout=2)
-    shipper = Shipper(spool, transport, backoff=Backoff(1, 4), clock=lambda: now[0])
+    shipper = Shipper(spool, transport, backoff=Backoff(1, 4, jitter=0.0), clock=lambda: now[0])
     delays = []
     for _ in range(5):
         delays.append(shipper.poll())
@@ -186,10 +187,32 @@ def test_shipping_backs_off_with_a_bound_while_the_control_plane_is_away(tmp_pat
     spool.close()
 
 
+def test_backoff_survives_a_million_failures_and_stays_bounded() -> None:
+    # 2.0 ** 1024 overflows a float: an uncapped exponent killed the thread after ~85 minutes.
+    for failures in (1025, 10**6, 10**18):
+        assert Backoff(0.2, 5.0, jitter=0.0).delay(failures) == 5.0
+        assert Backoff(0.2, 5.0, jitter=0.5, random=lambda: 0.999).delay(failures) > 2.5
+
+
+def test_backoff_jitter_takes_a_random_fraction_off_the_delay() -> None:
+    draws = iter([0.0, 1.0, 0.5])
+    backoff = Backoff(1, 4, jitter=0.5, random=lambda: next(draws))
+    assert [backoff.delay(3), backoff.delay(3), backoff.delay(3)] == [4.0, 2.0, 3.0]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"initial": 0}, {"initial": 6}, {"multiplier": 1}, {"jitter": 1}, {"jitter": -0.1}],
+)
+def test_backoff_rejects_settings_that_never_grow_or_never_wait(kwargs: dict[str, float]) -> None:
+    with pytest.raises(ValueError, match="backoff"):
+        Backoff(**kwargs)
+
+
 def test_the_same_records_shipped_twice_are_stored_once(
     tmp_path: Path, control_plane: RunningControlPlane
 ) -> None:
-    transport = GrpcTransport(control_plane.address, control_plane.operator_key)
+    transport = GrpcTransport(control_plane.address, TEST_SYNC_TOKEN)
     spool = Spool(tmp_path)
     spool.append([encode(decision(i, i % 3 == 0)) for i in range(50)])
     shipper = Shipper(spool, transport, batch=20)
@@ -208,7 +231,7 @@ def test_the_same_records_shipped_twice_are_stored_once(
 def test_a_record_the_control_plane_refuses_is_skipped_not_retried_forever(
     tmp_path: Path, control_plane: RunningControlPlane
 ) -> None:
-    transport = GrpcTransport(control_plane.address, control_plane.operator_key)
+    transport = GrpcTransport(control_plane.address, TEST_SYNC_TOKEN)
     spool = Spool(tmp_path)
     forged = event(1_800_000_000.0, "key_a", "key.revoked", "acme", "key_b")
     spool.append([encode(decision(1)), encode(forged), encode(decision(2))])
@@ -224,7 +247,13 @@ def test_a_record_the_control_plane_refuses_is_skipped_not_retried_forever(
 def offline_plane(tmp_path: Path, loop_thread: LoopThread) -> Iterator[tuple[ControlPlane, str]]:
     """A control plane with its key minted but not listening yet."""
     settings = load_settings(
-        {"data_dir": str(tmp_path / "cp"), "admin_addr": f"127.0.0.1:{free_port()}"}, environ={}
+        {
+            "data_dir": str(tmp_path / "cp"),
+            "admin_addr": f"127.0.0.1:{free_port()}",
+            "http_addr": "127.0.0.1:0",  # never the fixed 8080
+            "sync_token": TEST_SYNC_TOKEN,
+        },
+        environ={},
     )
     (tmp_path / "cp").mkdir()
     plane = ControlPlane(settings, clock=FakeClock(time.time()))
@@ -237,8 +266,8 @@ def offline_plane(tmp_path: Path, loop_thread: LoopThread) -> Iterator[tuple[Con
 def test_records_are_spooled_while_the_control_plane_is_down_then_delivered(
     tmp_path: Path, offline_plane: tuple[ControlPlane, str], loop_thread: LoopThread
 ) -> None:
-    plane, key = offline_plane
-    transport = GrpcTransport(plane.settings.admin_addr, key, timeout=2)
+    plane, _key = offline_plane
+    transport = GrpcTransport(plane.settings.admin_addr, TEST_SYNC_TOKEN, timeout=2)
     config = ShipConfig(tmp_path / "spool", backoff=Backoff(0.05, 0.2))
     pipeline = AuditPipeline(config, transport)
     pipeline.start()
@@ -269,7 +298,7 @@ def test_a_killed_process_loses_only_unwritten_records_and_none_twice(
             "tests.support.audit_child",
             str(spool_dir),
             control_plane.address,
-            control_plane.operator_key,
+            TEST_SYNC_TOKEN,
         ],
         cwd=ROOT,
         stdout=subprocess.PIPE,
@@ -288,7 +317,7 @@ def test_a_killed_process_loses_only_unwritten_records_and_none_twice(
     assert child.returncode == -signal.SIGKILL
 
     # Restart: the spool is reopened and everything in it shipped.
-    transport = GrpcTransport(control_plane.address, control_plane.operator_key)
+    transport = GrpcTransport(control_plane.address, TEST_SYNC_TOKEN)
     pipeline = AuditPipeline(ShipConfig(spool_dir), transport)
     assert pipeline.close(timeout=30)
     transport.close()
@@ -369,7 +398,13 @@ def test_with_a_sync_token_sidecars_must_present_it_and_it_reads_nothing(
 
     token = "sync-" + "x" * 40
     settings = load_settings(
-        {"data_dir": str(tmp_path), "admin_addr": "127.0.0.1:0", "sync_token": token}, environ={}
+        {
+            "data_dir": str(tmp_path),
+            "admin_addr": "127.0.0.1:0",
+            "http_addr": "127.0.0.1:0",
+            "sync_token": token,
+        },
+        environ={},
     )
     plane = ControlPlane(settings, clock=FakeClock(time.time()))
     loop_thread.run(plane.start())
@@ -380,6 +415,13 @@ def test_with_a_sync_token_sidecars_must_present_it_and_it_reads_nothing(
             anonymous.send([encode(decision(1))])
         assert not info.value.rejected  # retried later, not skipped
         anonymous.close()
+        # An API key, even the operator's, never ingests: it is not the sync token.
+        operator = plane.bootstrap()
+        assert operator is not None
+        keyed = GrpcTransport(address, operator.secret)
+        with pytest.raises(TransportError, match="UNAUTHENTICATED"):
+            keyed.send([encode(decision(1))])
+        keyed.close()
         sidecar = GrpcTransport(address, token)
         assert sidecar.send([encode(decision(1)), encode(decision(2))]) == 2
         sidecar.close()

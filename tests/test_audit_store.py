@@ -12,7 +12,7 @@ import pytest
 
 from sidecar.core.audit import AuditEvent, event
 from sidecar.core.audit_chain import GENESIS, Problem
-from sidecar.core.audit_trail import NO_WORKSPACE, AuditTrail
+from sidecar.core.audit_trail import NO_WORKSPACE, SIDECAR, AuditTrail
 from sidecar.core.clock import FakeClock
 from sidecar.core.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from sidecar.core.models import Principal, RequestContext
@@ -22,6 +22,7 @@ from tests.support.rawsql import raw
 KEY = b"checkpoint-key-for-tests-32bytes"
 OPERATOR = RequestContext(Principal("key_op", "*", frozenset({"admin:full"})), "req_1")
 ACME_ADMIN = RequestContext(Principal("key_ad", "acme", frozenset({"admin:full"})), "req_2")
+SHIPPER = RequestContext(SIDECAR, "req_sidecar")
 ACME_KEYS = RequestContext(Principal("key_km", "acme", frozenset({"keys:manage"})), "req_3")
 
 
@@ -196,14 +197,16 @@ def test_access_needs_admin_full_in_the_workspace(store: SqliteStore, clock: Fak
 def test_ingest_takes_decision_records_only(store: SqliteStore, clock: FakeClock) -> None:
     trail = AuditTrail(store, clock, KEY)
     deny = event(1, "anonymous", "authz.deny", "", "/v1/checks", outcome="deny")
-    result = trail.ingest(OPERATOR, [deny, deny])
+    result = trail.ingest(SHIPPER, [deny, deny])
     assert result.acknowledged == [deny.id, deny.id] and result.stored == 1
-    assert trail.ingest(OPERATOR, [deny]).stored == 0
+    assert trail.ingest(SHIPPER, [deny]).stored == 0
     assert rows(store)[0][1] == NO_WORKSPACE
     with pytest.raises(InvalidArgument):
-        trail.ingest(OPERATOR, [event(1, "key_a", "key.revoked", "acme", "key_b")])
-    with pytest.raises(PermissionDenied):
-        trail.ingest(ACME_ADMIN, [event(1, "key_a", "authz.allow", "beta", "/")])
+        trail.ingest(SHIPPER, [event(1, "key_a", "key.revoked", "acme", "key_b")])
+    # Only sidecars write decision records: no API key, not even the operator's.
+    for caller in (ACME_ADMIN, OPERATOR):
+        with pytest.raises(PermissionDenied):
+            trail.ingest(caller, [event(1, "key_a", "authz.allow", "acme", "/")])
 
 
 def test_rows_stored_before_the_chain_are_linked_by_the_migration(

@@ -10,7 +10,12 @@ from envoy.config.core.v3.base_pb2 import HeaderValueOption
 from envoy.service.auth.v3 import external_auth_pb2 as ext
 
 from sidecar.authz.decision import Decision, Identity, Outcome, Reason
-from sidecar.dataplane.check_responses import GRPC_CODE, IDENTITY_HEADERS, ResponseEncoder
+from sidecar.dataplane.check_responses import (
+    FOREIGN_SPELLINGS,
+    GRPC_CODE,
+    IDENTITY_HEADERS,
+    ResponseEncoder,
+)
 
 STRIP = ("authorization", "x-api-key")
 KEY = Identity("api_key", "key_abc", "acme", frozenset({"metrics:read", "checks:read"}), 2e9)
@@ -60,7 +65,11 @@ def test_allow_with_identity(identity: Identity) -> None:
 def test_public_route_allow_strips_credentials_and_identity_headers() -> None:
     resp = parse(ResponseEncoder().encode(Decision(Reason.PUBLIC_ROUTE, "dec_1"), STRIP))
     assert resp.status.code == 0
-    assert set(resp.ok_response.headers_to_remove) == {*STRIP, *IDENTITY_HEADERS}
+    assert set(resp.ok_response.headers_to_remove) == {
+        *STRIP,
+        *IDENTITY_HEADERS,
+        *FOREIGN_SPELLINGS,
+    }
 
 
 def test_policy_without_stripping_keeps_the_credential_header() -> None:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import select
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -94,13 +97,45 @@ def served(tmp_path: Path) -> Iterator[Served]:
         proc.communicate(timeout=15)
 
 
-def test_bootstrap_key_file_is_private_and_printed_once(served: Served) -> None:
+def test_bootstrap_key_file_is_private_and_kept_out_of_redirected_output(served: Served) -> None:
+    # The fixture's stdout is a pipe, as `spauth serve > serve.log` is a file: not a terminal.
     path = served.data_dir / "bootstrap-key"
     assert path.stat().st_mode & 0o777 == 0o600
     served.proc.terminate()
     out, _ = served.proc.communicate(timeout=15)
-    assert out.count(served.operator_key) == 1
+    assert served.operator_key not in out and served.operator_key not in served.log_path.read_text()
+    assert str(path) in out and "not printed" in out
     assert served.proc.returncode == 0
+
+
+def test_bootstrap_key_is_shown_once_on_a_terminal(tmp_path: Path) -> None:
+    primary, secondary = pty.openpty()
+    addrs = [f"127.0.0.1:{free_port()}" for _ in range(3)]
+    flags = ["--admin-addr", addrs[0], "--http-addr", addrs[1], "--sidecar-addr", addrs[2]]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sidecar", "serve", "--data-dir", str(tmp_path / "data"), *flags],
+        stdout=secondary,
+        stderr=subprocess.DEVNULL,
+    )
+    os.close(secondary)
+    try:
+        wait_for_port(int(addrs[0].rsplit(":", 1)[1]), proc)  # type: ignore[arg-type]
+        key = (tmp_path / "data" / "bootstrap-key").read_text().strip()
+        shown = _read_terminal(primary, until=b"(mode 0600)")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+        os.close(primary)
+    assert shown.count(key) == 1
+
+
+def _read_terminal(fd: int, until: bytes) -> str:
+    data = b""
+    while until not in data:
+        ready, _, _ = select.select([fd], [], [], 30)
+        assert ready, f"no {until!r} on the terminal: {data!r}"
+        data += os.read(fd, 4096)
+    return data.decode()
 
 
 def test_lifecycle_create_use_replace_revoke(served: Served) -> None:
@@ -243,11 +278,49 @@ def test_missing_and_bad_caller_keys(served: Served) -> None:
     assert bad.returncode == 1 and "UNAUTHENTICATED" in bad.stderr
 
 
-def test_unreachable_endpoint_names_the_address(served: Served) -> None:
-    port = free_port()
-    out = served.spauth("keys", "list", "--endpoint", f"127.0.0.1:{port}", key=served.operator_key)
-    assert out.returncode == 69
-    assert f"127.0.0.1:{port}" in out.stderr and "Traceback" not in out.stderr
+@pytest.mark.parametrize(
+    "endpoint",
+    ["127.0.0.1:{port}", "nosuch-host.invalid:50051"],
+    ids=["refused", "unresolvable"],
+)
+def test_unreachable_endpoint_names_the_address(served: Served, endpoint: str) -> None:
+    endpoint = endpoint.format(port=free_port())
+    out = served.spauth("keys", "list", "--endpoint", endpoint, key=served.operator_key)
+    assert out.returncode == 69, out.stderr
+    assert endpoint in out.stderr and "Traceback" not in out.stderr
+
+
+def test_version_names_the_installed_package(served: Served) -> None:
+    out = served.spauth("--version")
+    assert (
+        out.returncode == 0
+        and out.stdout.strip() == f"spauth {metadata.version('statuspulse-auth')}"
+    )
+
+
+def test_keys_show_table_has_every_field_of_the_json(served: Served) -> None:
+    created = served.json(
+        "keys", "create", "--workspace", "acme", "--name", "t", "--scope", "checks:read"
+    )
+    assert isinstance(created, dict)
+    replacement = served.json("keys", "replace", created["id"], "--grace", "1h")
+    assert isinstance(replacement, dict)
+    shown = served.json("keys", "show", created["id"])
+    assert isinstance(shown, dict)
+    out = served.spauth("keys", "show", created["id"], key=served.operator_key)
+    assert out.returncode == 0, out.stderr
+    rows = dict(line.split(None, 1) for line in out.stdout.splitlines()[1:])
+    assert list(rows) == list(shown)
+    assert (
+        rows["replaced_by"] == replacement["id"]
+        and rows["grace_deadline"] == shown["grace_deadline"]
+    )
+    assert rows["revoked_at"] == "-" and rows["replaces"] == "-"
+
+
+def test_keys_list_help_names_the_default_state(served: Served) -> None:
+    out = served.spauth("keys", "list", "--help")
+    assert "(default: all)" in out.stdout
 
 
 def test_permission_denied_for_scope_beyond_caller(served: Served) -> None:

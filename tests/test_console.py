@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,8 +19,9 @@ import pytest
 from sidecar.config import ConfigError, load_settings
 from sidecar.core import errors
 from sidecar.core.models import KeyState
+from sidecar.dataplane.process import Sidecar
 from sidecar.http.console.errors import console_error
-from sidecar.http.console.render import CSP
+from sidecar.http.console.render import CSP, when
 from sidecar.http.console.sessions import COOKIE_NAME, SessionPolicy
 from tests.conftest import LoopThread, RunningControlPlane
 from tests.support.console import (
@@ -29,7 +32,7 @@ from tests.support.console import (
     secret_of,
 )
 from tests.support.docblocks import shell_blocks
-from tests.support.ops import plane_on
+from tests.support.ops import bearer, call_check, check_request, plane_on, wait_until
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 IDLE = SessionPolicy().idle
@@ -68,6 +71,22 @@ def generate(client: ConsoleClient, name: str, scopes: list[str]) -> str:
     page = client.submit("/console/keys/new", "/console/keys/new", fields)
     assert page.status_code == 200, page.text
     return secret_of(page.text)
+
+
+def last_used_cell(listing: str, key_id: str) -> str:
+    """The Last used cell of one key's row on the Key Manager list."""
+    row = re.search(rf'<tr id="{key_id}">(.*?)</tr>', listing, re.S)
+    assert row, f"no row for {key_id}"
+    cell = re.search(r'<td class="last-used">([^<]*)</td>', row.group(1))
+    assert cell, "the row has no last-used cell"
+    return cell.group(1)
+
+
+def last_used_line(page: str) -> str:
+    """The "Last used: ..." line of a key's replace or revoke page."""
+    found = re.search(r'<p id="last-used">Last used: <strong>([^<]*)</strong>', page)
+    assert found, "the page shows no last use"
+    return found.group(1)
 
 
 def test_pages_carry_the_csp_and_no_inline_script(admin: ConsoleClient) -> None:
@@ -473,3 +492,38 @@ def test_the_docs_block_creates_a_member_who_can_sign_in(
     client = ConsoleClient(base(control_plane))
     assert client.sign_in("owner@acme.example").status_code == 303
     assert "OAuth Applications" in client.get("/console").text  # admin:full
+
+
+def test_key_manager_shows_last_use_reported_by_a_real_sidecar(
+    admin: ConsoleClient,
+    control_plane: RunningControlPlane,
+    sidecar_factory: Callable[..., Sidecar],
+) -> None:
+    used = generate(admin, "ci", ["checks:read"])
+    generate(admin, "idle", ["checks:read"])
+    keys = {k.name: k.id for k in control_plane.plane.keys.list(OPERATOR, workspace="acme").items}
+    sidecar = sidecar_factory(usage_report_interval=0.05)
+    request = check_request("/v1/workspaces/acme/checks/web", bearer(used))
+    # The first allow waits for the key to replicate; the sidecar then reports the use.
+    wait_until(lambda: call_check(sidecar.port, request).status.code == 0, what="key allowed")
+    usage = control_plane.plane.usage
+    wait_until(lambda: usage.of(keys["ci"]).last_used_at is not None, what="usage reported")
+    used_at = when(control_plane.clock.now())  # the sidecar runs on the test's clock
+    listing = admin.get("/console/keys").text
+    assert last_used_cell(listing, keys["ci"]) == used_at
+    assert last_used_cell(listing, keys["idle"]) == "never"
+    assert last_used_line(admin.get(f"/console/keys/{keys['idle']}/revoke").text) == "never"
+    # After a replacement the old key still says when it was last used ("is CI still on the
+    # old key?"), on the list and on its revoke page; the replacement was never used.
+    old = keys["ci"]
+    assert last_used_line(admin.get(f"/console/keys/{old}/replace").text) == used_at
+    replaced = admin.submit(
+        f"/console/keys/{old}/replace", f"/console/keys/{old}/replace", [("grace", "0")]
+    )
+    new = re.search(r'<code id="new-key-id">([^<]+)</code>', replaced.text)
+    assert replaced.status_code == 200 and new
+    listing = admin.get("/console/keys").text
+    assert last_used_cell(listing, old) == used_at
+    assert last_used_cell(listing, new.group(1)) == "never"
+    revoke_page = admin.get(f"/console/keys/{old}/revoke").text
+    assert last_used_line(revoke_page) == used_at and "something still uses this key" in revoke_page

@@ -1,9 +1,9 @@
 """The console in a real browser: Debian's headless Chromium driven by Selenium through
 chromedriver, against a real control plane and a real sidecar (gRPC ext_authz Check). The flow
 a workspace owner follows: sign in with the keyboard, generate a key and read it off the page,
-use it through the sidecar, create a replacement, revoke the old key (the sidecar denies it),
-register an app, revoke a member's session, add and disable members; and a member without
-keys:manage cannot reach the Key Manager.
+use it through the sidecar (the Key Manager then shows when it was last used), create a
+replacement, revoke the old key (the sidecar denies it), register an app, revoke a member's
+session, add and disable members; and a member without keys:manage cannot reach the Key Manager.
 
 Set CONSOLE_SCREENSHOTS=docs/console to refresh the screenshots that docs/console.md shows."""
 
@@ -22,6 +22,7 @@ from authlib.common.security import generate_token
 from authlib.integrations.requests_client import OAuth2Session
 
 from sidecar.dataplane.process import Sidecar
+from sidecar.http.console.render import when
 from tests.conftest import RunningControlPlane
 from tests.support.console import OPERATOR, PASSWORD, ConsoleClient, add_member
 from tests.support.ops import bearer, call_check, check_request, wait_until
@@ -170,7 +171,7 @@ def test_workspace_owner_flow_in_chromium(
     owner = add_member(plane, "owner@acme.test", ["admin:full"])
     add_member(plane, "dev@acme.test", ["dashboard:read", "checks:read"])
     add_member(plane, "viewer@acme.test", ["dashboard:read", "checks:read"])
-    sidecar = sidecar_factory()
+    sidecar = sidecar_factory(usage_report_interval=0.05)  # uses reach "Last used" quickly
     shot = Shots(browser, tmp_path)
     find = browser.find_element
 
@@ -197,10 +198,14 @@ def test_workspace_owner_flow_in_chromium(
     shot("key-secret")
     wait_until(lambda: check_status(sidecar.port, secret) == 0, what="the new key is allowed")
     old_id = find(By.ID, "new-key-id").text
+    wait_until(lambda: plane.usage.of(old_id).last_used_at, what="the sidecar reported the use")
+    used_at = when(control_plane.clock.now())  # the sidecar runs on the test's clock
 
-    # Create Replacement; both keys work, shown linked.
+    # The list says when the key was last used; Create Replacement repeats it.
     find(By.LINK_TEXT, "Done").click()
+    assert find(By.CSS_SELECTOR, f"tr[id='{old_id}'] td.last-used").text == used_at
     find(By.LINK_TEXT, "Create Replacement").click()
+    assert used_at in find(By.ID, "last-used").text
     shot("key-replace")
     find(By.CSS_SELECTOR, "form[action$='/replace'] button[type=submit]").click()
     new_secret = find(By.ID, "new-key").text
@@ -210,6 +215,7 @@ def test_workspace_owner_flow_in_chromium(
 
     # Revoke the old key with a reason: the sidecar denies it, the replacement still works.
     find(By.LINK_TEXT, "revoke the old key").click()
+    assert used_at in find(By.ID, "last-used").text  # is CI still on the old key?
     assert old_id in find(By.CSS_SELECTOR, "form[action$='/revoke']").get_attribute("action")
     find(By.ID, "reason").send_keys("rotated after the replacement")
     find(By.ID, "confirm").send_keys(Keys.SPACE)  # keyboard: tick the box
@@ -219,6 +225,11 @@ def test_workspace_owner_flow_in_chromium(
     assert check_status(sidecar.port, new_secret) == 0
     showing(browser, "rotated after the replacement")
     assert urlsplit(browser.current_url).path == "/console/keys"
+    new_id = browser.find_elements(By.CSS_SELECTOR, "tbody tr")[0].get_attribute("id")
+    wait_until(lambda: plane.usage.of(new_id).last_used_at, what="replacement's use reported")
+    browser.refresh()
+    for key_id in (old_id, new_id):
+        assert find(By.CSS_SELECTOR, f"tr[id='{key_id}'] td.last-used").text == used_at
     shot("keys")
 
     # Register an application; its secret is shown once.

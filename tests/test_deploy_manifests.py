@@ -22,8 +22,10 @@ What is checked, and with what:
 from __future__ import annotations
 
 import http.server
+import itertools
 import json
 import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -44,6 +46,9 @@ import pytest
 import requests
 import yaml
 
+from bench.targets import SERVER_ENV
+from tests.support.docblocks import shell_blocks
+
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 ENVOY_CONFIG = DEPLOY / "envoy" / "sidecar-pattern.yaml"
@@ -51,6 +56,13 @@ DOCKERFILE = DEPLOY / "Dockerfile"
 DASHBOARD = DEPLOY / "grafana" / "statuspulse-auth.json"
 DOC = ROOT / "docs" / "deployment-kubernetes.md"
 NAMESPACE = "statuspulse-auth"
+# Roles of the `spauth` command that run the ext_authz sidecar, and the docs that show them.
+SIDECAR_ROLES = frozenset({"sidecar", "serve"})
+SERVER_MODEL_DOCS = (
+    ROOT / "docs" / "deployment.md",
+    DOC,
+    DEPLOY / "envoy" / "README.md",
+)
 
 # Oldest Kubernetes we support (native gRPC probes GA, policy/v1 PDBs) and the newest known.
 K8S_VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
@@ -375,6 +387,9 @@ def test_control_plane_deployment() -> None:
         "SPAUTH_WEBHOOK_KEY": {"name": "spauth-secrets", "key": "webhook-key"},
         # Replicas share one store, so they must share the signing keys' KEK.
         "SPAUTH_KEY_ENCRYPTION_KEY": {"name": "spauth-secrets", "key": "key-encryption-key"},
+        # Never anonymous replication or ingest; heads signed with a key outside the database.
+        "SPAUTH_SYNC_TOKEN": {"name": "spauth-sync", "key": "sync-token"},
+        "SPAUTH_AUDIT_SIGNING_KEY": {"name": "spauth-audit", "key": "audit-signing-key"},
     }
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
@@ -428,6 +443,15 @@ def test_app_pod_has_envoy_sidecar_and_app() -> None:
     names = [c["name"] for c in _pod_spec(deployment)["containers"]]
     assert names == ["envoy", "spauth-sidecar", "app"]
     assert _container(deployment, "envoy")["image"] == "envoyproxy/envoy:v1.40-latest"
+
+
+def test_sidecars_present_the_same_sync_token_as_the_control_plane() -> None:
+    plane = _container(_one("Deployment", "spauth-control-plane"), "control-plane")
+    ref = {e["name"]: e.get("valueFrom", {}).get("secretKeyRef") for e in plane["env"]}
+    api = _one("Deployment", "statuspulse-api")
+    sidecar = _container(api, "spauth-sidecar")
+    mine = {e["name"]: e.get("valueFrom", {}).get("secretKeyRef") for e in sidecar["env"]}
+    assert mine["SPAUTH_SIDECAR_SYNC_TOKEN"] == ref["SPAUTH_SYNC_TOKEN"]
 
 
 def test_sidecar_command_and_ports() -> None:
@@ -1175,3 +1199,58 @@ def test_control_plane_config_passes_config_check(tmp_path: Path) -> None:
     config.write_text(_one("ConfigMap", "spauth-control-plane-config")["data"]["config.toml"])
     result = _spauth("config", "check", str(config))
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# The gRPC server model: what runs the sidecar runs it the way the bench measured it
+
+
+def _sidecar_containers() -> list[dict[str, Any]]:
+    """Containers whose role runs the ext_authz sidecar (``spauth sidecar`` or ``spauth serve``)."""
+    return [c for _, _, c in _workload_containers() if (c.get("args") or [""])[0] in SIDECAR_ROLES]
+
+
+def test_the_bench_server_model_is_the_classic_listener() -> None:
+    # If the bench ever measures another model, the deploy files below must follow it.
+    assert SERVER_ENV == {"GRPC_EXPERIMENTS": "-event_engine_listener"}
+
+
+def test_sidecar_containers_set_the_benchmarked_server_model() -> None:
+    containers = _sidecar_containers()
+    assert containers, "no container runs the sidecar: the role detection is wrong"
+    for container in containers:
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        for name, value in SERVER_ENV.items():
+            assert env.get(name) == value, (container["name"], name)
+
+
+def test_image_sets_the_benchmarked_server_model() -> None:
+    env: dict[str, str] = {}
+    for keyword, args in _dockerfile_instructions():
+        if keyword == "ENV":
+            for item in shlex.split(args):
+                name, _, value = item.partition("=")
+                env[name] = value
+    for name, value in SERVER_ENV.items():
+        assert env.get(name) == value, name
+
+
+def _documented_sidecar_commands() -> list[tuple[str, str]]:
+    """(block id, command) for every shell command in the deployment docs that runs a sidecar."""
+    found = []
+    for doc in SERVER_MODEL_DOCS:
+        for block in shell_blocks(doc):
+            for command in block.text.replace("\\\n", " ").splitlines():
+                words = command.split("#", 1)[0].split()
+                roles = [b for a, b in itertools.pairwise(words) if a == "spauth"]
+                if set(roles) & SIDECAR_ROLES:
+                    found.append((block.id, command))
+    return found
+
+
+def test_documented_sidecar_commands_set_the_benchmarked_server_model() -> None:
+    commands = _documented_sidecar_commands()
+    assert any("spauth sidecar" in c for _, c in commands)  # the scan really finds them
+    for block, command in commands:
+        for name, value in SERVER_ENV.items():
+            assert f"{name}={value} " in command, (block, command)

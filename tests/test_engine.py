@@ -69,7 +69,8 @@ def test_table_of_decisions(engine: Engine, keys: dict[str, str]) -> None:
         ("/v1/workspaces/globex/checks", bearer(keys["reader"]), Reason.WORKSPACE_MISMATCH),
         ("/v1/workspaces/acme/metrics", bearer(keys["reader"]), Reason.INSUFFICIENT_SCOPE),
         ("/v1/workspaces/acme/metrics", bearer(keys["admin"]), Reason.OK),
-        ("/v1/workspaces/globex/metrics", bearer(keys["op"]), Reason.OK),
+        # The operator key is an admin credential: refused on routes unless the policy allows it.
+        ("/v1/workspaces/globex/metrics", bearer(keys["op"]), Reason.OPERATOR_NOT_ALLOWED),
         ("/nowhere", bearer(keys["reader"]), Reason.NO_ROUTE),
         ("/nowhere", {}, Reason.MISSING_CREDENTIAL),
         ("/healthz", {}, Reason.PUBLIC_ROUTE),
@@ -184,13 +185,20 @@ def test_one_workspace_rule(engine: Engine, keys: dict[str, str]) -> None:
     assert engine.authorize_route(keys["reader"], "GET", other, "api").reason == (
         Reason.WORKSPACE_MISMATCH
     )
-    # The caller's workspace binds on top of the route's; the operator key acts everywhere.
+    # The caller's workspace binds on top of the route's.
     assert engine.authorize_route(keys["reader"], "GET", PATH, "api", "globex").reason == (
         Reason.WORKSPACE_MISMATCH
     )
     assert engine.authorize_route(keys["reader"], "GET", PATH, "api", "acme").reason == Reason.OK
-    assert engine.authorize_route(keys["op"], "GET", other, "api", "acme").reason == Reason.OK
+    # The operator key is refused on routes, in-cluster as on a Check (issue #13).
+    assert engine.authorize_route(keys["op"], "GET", other, "api", "acme").reason == (
+        Reason.OPERATOR_NOT_ALLOWED
+    )
+    assert check(engine, other, bearer(keys["op"])) == Reason.OPERATOR_NOT_ALLOWED
     assert engine.authorize(keys["op"], ["checks:read"], "globex").reason == Reason.OK
     assert engine.authorize_route(keys["reader"], "GET", "/nowhere", "api").reason == (
         Reason.NO_ROUTE
+    )
+    assert engine.authorize_route(keys["reader"], "GET", "/v1/a/../b", "api").reason == (
+        Reason.NON_CANONICAL_PATH
     )

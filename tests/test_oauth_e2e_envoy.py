@@ -60,6 +60,7 @@ def stack(oauth_env: OAuthEnv, tmp_path: Path) -> Iterator[OAuthStack]:
             listen="127.0.0.1:0",
             control_plane=oauth_env.admin,
             state_dir=tmp_path / "sidecar",
+            sync_token=oauth_env.plane.sync_token,
             metrics_addr="127.0.0.1:0",
             oauth_issuer=oauth_env.issuer,
             # The tests move the shared fake clock by hours; staleness is not under test here.

@@ -29,6 +29,7 @@ from sidecar.core.changes import oauth_snapshot
 from sidecar.core.clock import FakeClock
 from sidecar.core.models import Principal, RequestContext
 from tests.conftest import LoopThread, bearer
+from tests.support.sync import TEST_SYNC_TOKEN
 
 REDIRECT = "http://127.0.0.1:9/callback"
 PASSWORD = "correct horse battery staple"
@@ -139,6 +140,7 @@ def oauth_env(tmp_path: Path, clock: FakeClock, loop_thread: LoopThread) -> Iter
             "admin_addr": "127.0.0.1:0",
             "http_addr": "127.0.0.1:0",
             "sweep_interval": "3600",
+            "sync_token": TEST_SYNC_TOKEN,
         },
         environ={},
     )

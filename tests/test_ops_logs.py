@@ -21,6 +21,7 @@ from sidecar.ops.denial_log import DenialLog, TokenBucket, safe_path
 from tests.conftest import RunningControlPlane
 from tests.support.ops import bearer, call_check, check_request, create_key, wait_until
 from tests.support.ports import free_ports
+from tests.support.sync import token_file
 
 CHECKS = "/v1/workspaces/acme/checks/1"
 
@@ -39,7 +40,8 @@ def test_denials_are_logged_by_decision_id_without_secrets(
         proc = subprocess.Popen(
             [sys.executable, "-m", "sidecar", "sidecar", "--listen", f"127.0.0.1:{port}",
              "--control-plane", control_plane.address, "--state-dir", str(tmp_path / "sc"),
-             "--metrics-addr", f"127.0.0.1:{metrics}"],
+             "--metrics-addr", f"127.0.0.1:{metrics}",
+             "--sync-token-file", str(token_file(tmp_path))],
             stdout=subprocess.DEVNULL, stderr=log, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )  # fmt: skip
     try:

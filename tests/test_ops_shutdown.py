@@ -42,6 +42,7 @@ from tests.support.ops import (
     wait_until,
 )
 from tests.support.ports import free_ports
+from tests.support.sync import token_file
 
 pytestmark = [pytest.mark.envoy, pytest.mark.slow]
 
@@ -94,6 +95,7 @@ class SidecarProcess:
             *(sys.executable, "-m", "sidecar", "sidecar", "--state-dir", str(self.state)),
             *("--listen", f"127.0.0.1:{self.port}", "--control-plane", self.control_plane),
             *("--metrics-addr", f"127.0.0.1:{self.metrics_port}"),
+            *("--sync-token-file", str(token_file(self.state.parent))),
         ]
         with self.log.open("a") as log:
             self.proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=log)

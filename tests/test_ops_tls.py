@@ -32,6 +32,7 @@ from tests.support.ops import (
     sidecar_settings,
     wait_until,
 )
+from tests.support.sync import TEST_SYNC_TOKEN
 
 
 @dataclass
@@ -130,6 +131,7 @@ def tls_plane(tmp_path: Path, pki: Pki, loop_thread: LoopThread) -> Iterator[Tls
             "admin_tls_client_ca": str(pki.ca),
             "http_tls_cert": str(pki.server_cert),
             "http_tls_key": str(pki.server_key),
+            "sync_token": TEST_SYNC_TOKEN,
         },
         environ={},
     )

@@ -56,6 +56,14 @@ def check(sidecar: Sidecar, key: str, source: str = "198.51.100.9") -> tuple[int
     return resp.denied_response.status.code, json.loads(resp.denied_response.body)["reason"]
 
 
+def replicated(sidecars: tuple[Sidecar, ...], *keys: str) -> None:
+    """Wait until every sidecar's replica holds ``keys``. Polling with Check instead would count:
+    each unknown-key 401 is a failure of the source (50 block it, shared through Redis) and
+    each allow spends the key's rate limit, so a slow replication changed what the test saw."""
+    digests = [keyformat.digest(k) for k in keys]
+    wait_until(lambda: all(sc.replica.credential(d) for sc in sidecars for d in digests))
+
+
 def synced(*sidecars: Sidecar) -> None:
     """Wait until every sidecar has finished two more syncs (a push and a read-back after it)."""
     marks = [(s, s.limit_sync.syncs) for s in sidecars if s.limit_sync is not None]
@@ -68,7 +76,8 @@ def test_a_per_key_limit_is_shared_by_two_sidecars(
     one = sidecar_factory(redis_url=redis_url, ratelimit_sync_interval=0.02)
     two = sidecar_factory(redis_url=redis_url, ratelimit_sync_interval=0.02)
     key, _ = mint(control_plane, pb.RateLimit(requests=10, period_seconds=60))
-    wait_until(lambda: check(one, key)[0] == 200 and check(two, key)[0] == 200)
+    replicated((one, two), key)
+    assert check(one, key)[0] == 200 and check(two, key)[0] == 200
     synced(one, two)
     answers = []
     for i in range(16):
@@ -84,7 +93,7 @@ def test_429_after_n_failures_from_one_source_and_another_source_is_unaffected(
 ) -> None:
     sidecar = sidecar_factory(failure_limit_source=4)
     good, _ = mint(control_plane)
-    wait_until(lambda: check(sidecar, good)[0] == 200)
+    replicated((sidecar,), good)
     statuses = [check(sidecar, keyformat.mint_key(), "203.0.113.5")[0] for _ in range(6)]
     assert statuses == [401] * 4 + [429] * 2
     assert check(sidecar, good, "203.0.113.5") == (429, "rate_limited")
@@ -98,7 +107,7 @@ def test_a_source_blocked_through_one_sidecar_is_refused_by_the_other(
     settings = {"redis_url": redis_url, "ratelimit_sync_interval": 0.02, "failure_limit_source": 4}
     one, two = sidecar_factory(**settings), sidecar_factory(**settings)
     good, _ = mint(control_plane)
-    wait_until(lambda: check(two, good)[0] == 200)
+    replicated((one, two), good)
     for _ in range(4):
         assert check(one, keyformat.mint_key(), "203.0.113.5")[0] == 401
     synced(one, two)
@@ -116,8 +125,9 @@ def test_redis_down_limits_go_local_and_decisions_do_not_change(
         good, _ = mint(control_plane)
         doomed, doomed_id = mint(control_plane)
         limited, _ = mint(control_plane, pb.RateLimit(requests=6, period_seconds=60))
+        replicated((one, two), good, doomed, limited)
         for sc in (one, two):
-            wait_until(lambda sc=sc: check(sc, limited)[0] == 200)  # one request each
+            assert check(sc, limited)[0] == 200  # one request each
         synced(one, two)
         server.stop()
         wait_until(lambda: not one.limit_sync.connected and not two.limit_sync.connected)  # type: ignore[union-attr]

@@ -95,6 +95,7 @@ def cluster(
             metrics_addr="",  # no status port: never the fixed 9192
             control_plane=f"127.0.0.1:{b.admin_port}",
             state_dir=tmp_path / "sidecar",
+            sync_token=b.sync_token,
         ),
         clock=clock,
     )

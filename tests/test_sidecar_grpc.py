@@ -23,6 +23,7 @@ from sidecar.controlplane import ControlPlane
 from sidecar.core import keyformat
 from sidecar.dataplane.process import Sidecar
 from tests.conftest import LoopThread, RunningControlPlane, bearer, free_port, wait_until
+from tests.support.sync import TEST_SYNC_TOKEN
 
 StartSidecar = Callable[..., Sidecar]
 CHECKS = "/v1/workspaces/acme/checks"
@@ -254,7 +255,8 @@ def test_bad_input_gets_a_denial_or_invalid_argument_and_the_sidecar_keeps_servi
         with pytest.raises(grpc.RpcError) as info:
             raw(garbage, timeout=5)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert raw(b"", timeout=5).status.code == 16  # an empty request is a (credential-less) request
+    # An empty request has no path, so no canonical one: refused (400) before anything else.
+    assert raw(b"", timeout=5).status.code == 3
 
     def reason(req: ext.CheckRequest) -> str:
         resp = client.check(req)
@@ -409,7 +411,12 @@ def test_a_replica_from_another_change_log_is_replaced_not_resumed(
     data_dir = tmp_path / "other-data"
     data_dir.mkdir()
     settings = load_settings(
-        {"data_dir": str(data_dir), "admin_addr": "127.0.0.1:0", "http_addr": "127.0.0.1:0"},
+        {
+            "data_dir": str(data_dir),
+            "admin_addr": "127.0.0.1:0",
+            "http_addr": "127.0.0.1:0",
+            "sync_token": TEST_SYNC_TOKEN,
+        },
         environ={},
     )
     other = ControlPlane(settings, clock=control_plane.clock)

@@ -16,6 +16,7 @@ import pytest
 from bench.cpu import descendants
 from tests.conftest import RunningControlPlane
 from tests.support.ports import free_port
+from tests.support.sync import token_file
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,6 +33,7 @@ def supervisor(
         sys.executable, "-m", "sidecar", "sidecar", "--workers", "2",
         "--listen", f"127.0.0.1:{free_port()}", "--control-plane", control_plane.address,
         "--state-dir", str(tmp_path / "state"), "--metrics-addr", "",
+        "--sync-token-file", str(token_file(tmp_path)),
     ]  # fmt: skip
     log = tmp_path / "supervisor.log"
     with log.open("wb") as sink:
@@ -83,7 +85,7 @@ def test_a_second_sidecar_on_a_taken_port_fails_to_start(
         return [
             sys.executable, "-m", "sidecar", "sidecar", "--listen", listen,
             "--control-plane", control_plane.address, "--state-dir", str(tmp_path / name),
-            "--metrics-addr", "",
+            "--metrics-addr", "", "--sync-token-file", str(token_file(tmp_path)),
         ]  # fmt: skip
 
     first = subprocess.Popen(sidecar("a"), cwd=ROOT, stdout=subprocess.PIPE, text=True)

@@ -25,6 +25,8 @@ from sidecar.oauth import kek
 from sidecar.replication.client import parse_targets
 from tests.conftest import LoopThread, RunningControlPlane, wait_until
 
+SYNC_TOKEN = "failover-test-sync-token"
+
 
 @dataclass
 class Replica:
@@ -70,6 +72,8 @@ def cluster(request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock) ->
                 "http_addr": "127.0.0.1:0",
                 "sync_heartbeat": "0.1",
                 "sweep_interval": "3600",
+                # Replicas share one sync token (a Secret in deploy/k8s).
+                "sync_token": SYNC_TOKEN,
             },
             environ={},
         )
@@ -102,6 +106,7 @@ def start_sidecar(
         control_plane=targets,
         state_dir=tmp_path / f"sidecar-{len(started)}",
         metrics_addr="",
+        sync_token=SYNC_TOKEN,
     )
     sc = Sidecar(settings, clock=clock)
     sc.start()
@@ -194,6 +199,7 @@ def test_a_silent_replica_is_abandoned_for_the_next(
             control_plane=f"127.0.0.1:{port},{control_plane.address}",
             state_dir=tmp_path / "sidecar",
             metrics_addr="",
+            sync_token=control_plane.plane.sync_token,
         )
         sc = Sidecar(settings, clock=clock)
         sc.sync.silence_timeout = 0.3

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
-import os
-import secrets
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -18,14 +16,14 @@ from sidecar._gen.statuspulse.auth.v1 import audit_pb2_grpc as pb_grpc
 from sidecar.admin import audit_convert as convert
 from sidecar.admin.rpc import (
     Authenticator,
-    SidecarAuthenticator,
     abort,
     admin_rpc,
     admin_stream,
     bearer_token,
     request_id,
 )
-from sidecar.core.audit_trail import AuditTrail, decode_cursor, encode_cursor
+from sidecar.core.audit_trail import SIDECAR, AuditTrail, decode_cursor, encode_cursor
+from sidecar.core.errors import Unauthenticated
 from sidecar.core.models import Principal, RequestContext
 
 log = logging.getLogger("sidecar.admin")
@@ -33,19 +31,6 @@ log = logging.getLogger("sidecar.admin")
 # A tail wakes at once for changes committed in this process (key events, ingests) and polls
 # this often for anything else (another control plane on the same database).
 POLL_SECONDS = 0.25
-
-
-def load_checkpoint_key(path: Path) -> bytes:
-    """The HMAC key that signs retention checkpoints; created (mode 0600) on first use."""
-    try:
-        return bytes.fromhex(path.read_text().strip())
-    except FileNotFoundError:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with contextlib.suppress(FileExistsError):
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as fh:
-                fh.write(secrets.token_hex(32) + "\n")
-        return bytes.fromhex(path.read_text().strip())
 
 
 def _filter_kwargs(f: pb.AuditFilter, *, times: bool = True) -> dict[str, Any]:
@@ -64,7 +49,8 @@ class AuditServicer(pb_grpc.AuditServiceServicer):  # type: ignore[misc]
     ) -> None:
         self.authenticator = authenticator
         self._trail = trail
-        self._sidecars = SidecarAuthenticator(authenticator, sync_token)
+        # Decision records are stricter than the shared seam: the sync token only, never a key.
+        self._sync_token = sync_token.encode()
         self._waiters: set[asyncio.Event] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = asyncio.Event()
@@ -156,8 +142,12 @@ class AuditServicer(pb_grpc.AuditServiceServicer):  # type: ignore[misc]
         return pb.VerifyAuditChainResponse(chains=[convert.chain_status(r) for r in reports])
 
     def _ingest_principal(self, token: str) -> Principal:
-        """A sidecar (the sync token), or an ``admin:full`` key for its own workspace."""
-        return self._sidecars.authenticate(token)
+        """Only a sidecar, presenting the sync token, ingests decision records: never an API
+        key (a tenant would write records under decision ids it read), never anyone without
+        a credential. A control plane without a sync token accepts no ingest at all."""
+        if self._sync_token and token and hmac.compare_digest(token.encode(), self._sync_token):
+            return SIDECAR
+        raise Unauthenticated("audit ingest needs the sync token")
 
     async def IngestAuditRecords(
         self,

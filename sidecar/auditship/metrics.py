@@ -38,3 +38,8 @@ class AuditMetrics(Collector):
         dropped.add_metric(["deny"], q.dropped_denials)
         dropped.add_metric(["error"], stats.write_errors)
         yield dropped
+        yield CounterMetricFamily(
+            "spauth_audit_refused",
+            "Audit records the control plane refused, kept in the spool's dead-letter file.",
+            value=stats.shipper.rejected if stats.shipper is not None else 0,
+        )

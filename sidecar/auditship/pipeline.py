@@ -23,7 +23,7 @@ from pathlib import Path
 from sidecar.auditship.codec import encode
 from sidecar.auditship.queue import AuditQueue, Item, QueueStats
 from sidecar.auditship.records import PendingDecision
-from sidecar.auditship.shipper import Backoff, Shipper, ShipperStats
+from sidecar.auditship.shipper import DEAD_LETTER_FILE, Backoff, Shipper, ShipperStats
 from sidecar.auditship.spool import Spool
 from sidecar.auditship.transport import Transport
 from sidecar.core.audit import AUTHZ_ALLOW, AuditEvent, scrub
@@ -96,6 +96,7 @@ class AuditPipeline:
                 backoff=config.backoff,
                 idle=config.ship_interval,
                 clock=clock,
+                dead_letter=config.spool_dir / DEAD_LETTER_FILE,
             )
             if transport is not None
             else None

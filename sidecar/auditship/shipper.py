@@ -5,29 +5,58 @@ in it; a crash before that sends it again, and the control plane stores each id 
 from __future__ import annotations
 
 import logging
+import math
+import os
+import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from sidecar.auditship.codec import decode
-from sidecar.auditship.spool import Spool
+from sidecar.auditship.spool import Spool, frame
 from sidecar.auditship.transport import Transport, TransportError
 
 log = logging.getLogger("sidecar.auditship")
 
+# Records the control plane refused, kept as spool frames (sidecar.auditship.spool.frame) so an
+# operator can read and re-send them: nothing is dropped silently.
+DEAD_LETTER_FILE = "dead-letter"
+
 
 @dataclass(frozen=True, slots=True)
 class Backoff:
-    """Retry delays: ``initial`` doubling up to ``maximum`` (a bound, so a returning control
-    plane is used within ``maximum`` seconds)."""
+    """Retry delays: ``initial`` growing by ``multiplier`` up to ``maximum`` (a bound, so a
+    returning control plane is used within ``maximum`` seconds), less a random fraction of up to
+    ``jitter`` so sidecars that lost the control plane together do not retry in lockstep."""
 
     initial: float = 0.2
     maximum: float = 5.0
     multiplier: float = 2.0
+    jitter: float = 0.5
+    random: Callable[[], float] = field(default=random.random, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.initial <= self.maximum:
+            raise ValueError(
+                f"backoff needs 0 < initial <= maximum, got {self.initial}, {self.maximum}"
+            )
+        if self.multiplier <= 1:
+            raise ValueError(f"backoff multiplier must be > 1, got {self.multiplier}")
+        if not 0 <= self.jitter < 1:
+            raise ValueError(f"backoff jitter must be in [0, 1), got {self.jitter}")
 
     def delay(self, failures: int) -> float:
-        return float(min(self.maximum, self.initial * self.multiplier ** max(0, failures - 1)))
+        """The wait after the ``failures``-th failure in a row (any count, even 10**6)."""
+        # The exponent stops where the delay reaches the maximum: past it a power only grows
+        # towards a float OverflowError (2.0 ** 1024), which would kill the shipping thread.
+        exponent = min(max(0, failures - 1), self._last_step())
+        ceiling = min(self.maximum, self.initial * self.multiplier**exponent)
+        return ceiling * (1.0 - self.jitter * self.random())
+
+    def _last_step(self) -> int:
+        return math.ceil(math.log(self.maximum / self.initial, self.multiplier))
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,8 +79,10 @@ class Shipper:
         backoff: Backoff | None = None,
         idle: float = 0.5,
         clock: Callable[[], float] = time.monotonic,
+        dead_letter: Path | None = None,
     ) -> None:
         self._spool = spool
+        self._dead_letter = dead_letter
         self._transport = transport
         self._batch = batch
         self._backoff = backoff or Backoff()
@@ -87,20 +118,35 @@ class Shipper:
             raise TransportError(f"{len(payloads) - acked} records not acknowledged")
 
     def _deliver_one_by_one(self, payloads: list[bytes]) -> int:
-        """The control plane refused the batch: find the records it refuses and skip them
-        (logged by id), so one bad record cannot stop the trail."""
+        """The control plane refused the batch: find the records it refuses and move them to
+        the dead-letter file (logged by id, counted), so one bad record cannot stop the trail
+        and none is lost unseen."""
         for payload in payloads:
             try:
                 self._transport.send([payload])
             except TransportError as exc:
                 if not exc.rejected:
                     raise
+                self._dead(payload)
                 self._rejected += 1
                 log.error(
-                    "audit record refused by the control plane; skipped",
-                    extra={"event_id": _event_id(payload), "error": str(exc)},
+                    "audit record refused by the control plane; kept in the dead-letter file",
+                    extra={
+                        "event_id": _event_id(payload),
+                        "error": str(exc),
+                        "dead_letter": str(self._dead_letter or ""),
+                    },
                 )
         return len(payloads)
+
+    def _dead(self, payload: bytes) -> None:
+        if self._dead_letter is None:
+            return
+        fd = os.open(self._dead_letter, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        with os.fdopen(fd, "ab") as fh:
+            fh.write(frame(payload))
+            fh.flush()
+            os.fsync(fh.fileno())
 
     def poll(self) -> float:
         """Ship if a retry is not pending; returns seconds to wait before polling again."""

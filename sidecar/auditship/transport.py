@@ -37,17 +37,37 @@ class Transport(Protocol):
 
 
 class GrpcTransport:
-    """IngestAuditRecords over one channel. ``token`` is the sidecar's sync token (or an
-    ``admin:full`` key); empty when the control plane runs without one."""
+    """IngestAuditRecords to one of several control planes (``targets``: "a:50051,b:50051").
+    A send goes to the control plane that last answered and, when that one is unreachable, to
+    the others in turn, so decisions reach whichever replica is up. ``credentials`` (TLS) and
+    ``options`` are the sync stream's; ``token`` is the sidecar's sync token."""
 
-    def __init__(self, target: str, token: str = "", *, timeout: float = 10.0) -> None:
-        self._channel = grpc.insecure_channel(target)
+    def __init__(
+        self,
+        targets: str,
+        token: str = "",
+        *,
+        timeout: float = 10.0,
+        credentials: grpc.ChannelCredentials | None = None,
+        options: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        self._targets = [t.strip() for t in targets.split(",") if t.strip()]
+        self._channels = [
+            grpc.secure_channel(t, credentials, options=options)
+            if credentials is not None
+            else grpc.insecure_channel(t, options=options)
+            for t in self._targets
+        ]
         # Requests are built from spool bytes (no serializer); responses are parsed as usual.
-        self._ingest = self._channel.stream_unary(
-            INGEST_METHOD,
-            request_serializer=None,
-            response_deserializer=pb.IngestAuditRecordsResponse.FromString,
-        )
+        self._ingests = [
+            channel.stream_unary(
+                INGEST_METHOD,
+                request_serializer=None,
+                response_deserializer=pb.IngestAuditRecordsResponse.FromString,
+            )
+            for channel in self._channels
+        ]
+        self._current = 0
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._timeout = timeout
 
@@ -56,18 +76,33 @@ class GrpcTransport:
             for start in range(0, len(records), MESSAGE_RECORDS):
                 yield ingest_request(records[start : start + MESSAGE_RECORDS])
 
-        try:
-            resp = self._ingest(messages(), metadata=self._metadata, timeout=self._timeout)
-        except grpc.RpcError as exc:
-            code = exc.code()
-            raise TransportError(
-                f"ingest failed: {code.name}: {exc.details()}",
-                rejected=code is grpc.StatusCode.INVALID_ARGUMENT,
-            ) from None
-        return len(resp.acknowledged_ids)
+        errors: list[str] = []
+        for step in range(len(self._ingests)):
+            index = (self._current + step) % len(self._ingests)
+            try:
+                resp = self._ingests[index](
+                    messages(), metadata=self._metadata, timeout=self._timeout
+                )
+            except grpc.RpcError as exc:
+                code = exc.code()
+                if code in _TRY_NEXT:
+                    errors.append(f"{self._targets[index]}: {code.name}: {exc.details()}")
+                    continue
+                raise TransportError(
+                    f"ingest failed: {code.name}: {exc.details()}",
+                    rejected=code is grpc.StatusCode.INVALID_ARGUMENT,
+                ) from None
+            self._current = index
+            return len(resp.acknowledged_ids)
+        raise TransportError("ingest failed: " + "; ".join(errors))
 
     def close(self) -> None:
-        self._channel.close()
+        for channel in self._channels:
+            channel.close()
+
+
+# Another control plane may answer where this one could not.
+_TRY_NEXT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
 
 class TrailTransport:

@@ -4,8 +4,8 @@ Reason codes double as metric labels and audit fields, so they never change mean
 from __future__ import annotations
 
 import enum
-import itertools
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network
 from typing import NamedTuple
@@ -40,10 +40,14 @@ class Reason(enum.StrEnum):
     INSUFFICIENT_SCOPE = "insufficient_scope"
     WORKSPACE_MISMATCH = "workspace_mismatch"
     NO_ROUTE = "no_route"
+    # The operator key (workspace ``*``) is an admin credential, not a data-plane one.
+    OPERATOR_NOT_ALLOWED = "operator_not_allowed"
     # The key may be used only from its client networks, and this request came from elsewhere.
     CLIENT_NOT_ALLOWED = "client_not_allowed"
     # Others.
     MALFORMED_REQUEST = "malformed_request"
+    # 400: dot-segments, encoded '.', '/' or '\\', backslashes or ';' parameters in the path.
+    NON_CANONICAL_PATH = "non_canonical_path"
     RATE_LIMITED = "rate_limited"
     REPLICA_NOT_READY = "replica_not_ready"
     REPLICA_STALE = "replica_stale"
@@ -66,6 +70,8 @@ OUTCOMES: dict[Reason, Outcome] = {
     Reason.INSUFFICIENT_SCOPE: Outcome.FORBIDDEN,
     Reason.WORKSPACE_MISMATCH: Outcome.FORBIDDEN,
     Reason.NO_ROUTE: Outcome.FORBIDDEN,
+    Reason.OPERATOR_NOT_ALLOWED: Outcome.FORBIDDEN,
+    Reason.NON_CANONICAL_PATH: Outcome.BAD_REQUEST,
     Reason.CLIENT_NOT_ALLOWED: Outcome.FORBIDDEN,
     Reason.MALFORMED_REQUEST: Outcome.BAD_REQUEST,
     Reason.RATE_LIMITED: Outcome.TOO_MANY,
@@ -129,12 +135,17 @@ class Decision(NamedTuple):
         return HTTP_STATUS[OUTCOMES[self.reason]]
 
 
-class DecisionIds:
-    """Unique, cheap decision ids: a random per-process prefix and a counter."""
+DECISION_ID_BYTES = 12  # 96 random bits
 
-    def __init__(self) -> None:
-        self._prefix = "dec_" + os.urandom(6).hex() + "_"
-        self._counter = itertools.count(1)
+
+class DecisionIds:
+    """Unguessable decision ids: ``dec_`` and 96 random bits, no counter. A decision id is
+    printed in every 401/403 body and names the decision's audit record, so a reader of one id
+    must not be able to predict another (and claim its record first). ``random`` is injectable
+    (tests pass a seeded source)."""
+
+    def __init__(self, random: Callable[[int], bytes] = os.urandom) -> None:
+        self._random = random
 
     def next(self) -> str:
-        return f"{self._prefix}{next(self._counter):x}"
+        return "dec_" + self._random(DECISION_ID_BYTES).hex()

@@ -9,6 +9,7 @@ from ipaddress import IPv4Network, IPv6Address, IPv6Network, ip_address
 from typing import NamedTuple
 
 from sidecar.authz.decision import Decision, DecisionIds, Identity, Reason
+from sidecar.authz.paths import non_canonical
 from sidecar.authz.policy import Match, Policy
 from sidecar.authz.ratelimit import CREDENTIAL_FAILURES, RateLimiter
 from sidecar.authz.replica import Replica
@@ -23,12 +24,14 @@ _new_tuple = tuple.__new__
 
 
 class TokenDenied(Exception):
-    """Raised by a token verifier with the reason the token is refused."""
+    """Raised by a token verifier with the reason the token is refused; ``identity`` is who a
+    token whose signature verified names (its refused use is attributed to it)."""
 
-    def __init__(self, reason: Reason, detail: str = "") -> None:
+    def __init__(self, reason: Reason, detail: str = "", identity: Identity | None = None) -> None:
         super().__init__(reason.value)
         self.reason = reason
         self.detail = detail
+        self.identity = identity
 
 
 # (token, replica, now) -> Identity, or raise TokenDenied.
@@ -79,6 +82,9 @@ class Engine:
         path = request.path
         if "?" in path:
             path = path.partition("?")[0]
+        # Canonical paths or no decision: checked before any route, public ones included.
+        if non_canonical(path):
+            return Decision(Reason.NON_CANONICAL_PATH, did)
         match = policy.match(request.method, path, request.host, request.context, request.headers)
         if match is not None and match.route.public:
             return Decision(Reason.PUBLIC_ROUTE, did)
@@ -108,6 +114,8 @@ class Engine:
         caller asking on behalf of a request it received), optionally in one workspace."""
         did = self.ids.next()
         path = path.partition("?")[0]
+        if non_canonical(path):
+            return Decision(Reason.NON_CANONICAL_PATH, did)
         match = self.policy.match(method, path, host, {}, {})
         if match is not None and match.route.public:
             return Decision(Reason.PUBLIC_ROUTE, did)
@@ -148,7 +156,9 @@ class Engine:
             assert isinstance(found, Decision)
             if limiter is not None and found.reason in CREDENTIAL_FAILURES:
                 return self._failed(limiter, found, did, source, now)
-            return Decision(found.reason, did, detail=found.detail)
+            # The identity, when known (revoked or expired key, verified token), goes with the
+            # denial: its audit record lands in that workspace's chain, not as anonymous.
+            return Decision(found.reason, did, found.identity, found.detail)
         assert isinstance(found, Identity)
         if found.networks and not _from_networks(source, found.networks):
             return Decision(Reason.CLIENT_NOT_ALLOWED, did, found)
@@ -157,7 +167,7 @@ class Engine:
             if limited is not None:
                 return Decision(Reason.RATE_LIMITED, did, found, limited)
         if scopes is None:
-            return self._route(match, found, did, workspace)
+            return self._route(match, found, did, workspace, self.policy.allow_operator_key)
         if workspace and not _acts_in(found, workspace):
             return Decision(Reason.WORKSPACE_MISMATCH, did, found)
         if not _holds(found.scopes, scopes):
@@ -165,12 +175,19 @@ class Engine:
         return Decision(Reason.OK, did, found)
 
     @staticmethod
-    def _route(match: Match | None, found: Identity, did: str, workspace: str) -> Decision:
-        """Whether an authenticated identity reaches the matched route (and ``workspace``)."""
+    def _route(
+        match: Match | None, found: Identity, did: str, workspace: str, operator: bool
+    ) -> Decision:
+        """Whether an authenticated identity reaches the matched route (and ``workspace``). The
+        operator key is an admin credential: on a route it is refused unless the policy allows
+        it explicitly."""
         if match is None:
             return Decision(Reason.NO_ROUTE, did, found)
         route = match.route
-        if route.binds_workspace and not _acts_in(found, match.workspace):
+        if found.workspace == OPERATOR_WORKSPACE:
+            if not operator:
+                return Decision(Reason.OPERATOR_NOT_ALLOWED, did, found)
+        elif route.binds_workspace and not _acts_in(found, match.workspace):
             return Decision(Reason.WORKSPACE_MISMATCH, did, found)
         if not _holds(found.scopes, route.scopes):
             return Decision(Reason.INSUFFICIENT_SCOPE, did, found, " ".join(route.scopes))
@@ -188,11 +205,12 @@ class Engine:
     ) -> Decision:
         """Count a refused credential against its source and key id; a key id over its limit
         is answered 429 (and not counted again, so the window can slide)."""
-        key_id = found.identity.id if found.identity is not None else ""
+        ident = found.identity
+        key_id = ident.id if ident is not None and ident.kind == "api_key" else ""
         if key_id and limiter.key_blocked(key_id, now):
-            return Decision(Reason.RATE_LIMITED, did, detail="key")
+            return Decision(Reason.RATE_LIMITED, did, ident, "key")
         limiter.failed(source, key_id, now)
-        return Decision(found.reason, did, detail=found.detail)
+        return Decision(found.reason, did, ident, found.detail)
 
     @staticmethod
     def _limited(limiter: RateLimiter, found: Identity, now: float, spend: bool) -> str | None:
@@ -268,7 +286,7 @@ class Engine:
             try:
                 identity = self.token_verifier(token, self.replica, now)
             except TokenDenied as exc:
-                return Decision(exc.reason, "", detail=exc.detail)
+                return Decision(exc.reason, "", exc.identity, exc.detail)
             size = self._token_cache_size
             if size:
                 if len(self._token_cache) >= size:
@@ -276,14 +294,14 @@ class Engine:
                 self._token_cache[digest] = identity
         elif identity.expires_at <= now:
             self._token_cache.pop(digest, None)
-            return _DENY[Reason.TOKEN_EXPIRED]
+            return Decision(Reason.TOKEN_EXPIRED, "", identity)
         elif identity.key_id not in self.replica.signing_keys:
             # Its signing key was retired since: the cached verification no longer holds.
             self._token_cache.pop(digest, None)
             return _DENY[Reason.UNKNOWN_KEY]
         replica = self.replica
         if identity.grant_id in replica.revoked_grants or identity.id in replica.revoked_jtis:
-            return _DENY[Reason.TOKEN_REVOKED]
+            return Decision(Reason.TOKEN_REVOKED, "", identity)
         return identity
 
 
@@ -313,10 +331,13 @@ def route_decision(
     """What ``Engine.check`` decides on ``method path`` for an already authenticated identity,
     by the same matching and route rule (``spauth whoami --method --path``); replica state and
     rate limits, which each sidecar keeps for itself, are not part of it."""
-    match = policy.match(method, path.partition("?")[0])
+    bare = path.partition("?")[0]
+    if non_canonical(bare):
+        return Decision(Reason.NON_CANONICAL_PATH, decision_id, identity), None
+    match = policy.match(method, bare)
     if match is not None and match.route.public:
         return Decision(Reason.PUBLIC_ROUTE, decision_id, identity), match
-    return Engine._route(match, identity, decision_id, ""), match
+    return Engine._route(match, identity, decision_id, "", policy.allow_operator_key), match
 
 
 def _holds(held: frozenset[str], required: tuple[str, ...]) -> bool:

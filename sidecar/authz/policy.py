@@ -6,6 +6,7 @@ Example::
     [credentials]
     headers = ["authorization", "x-api-key"]   # where credentials are read, in order
     strip = true                               # never forward them upstream
+    allow_operator_key = false                 # the operator key is denied on routes
 
     [[routes]]
     name = "read checks"
@@ -17,6 +18,10 @@ Path patterns: literal segments; ``{workspace}`` binds the request's workspace (
 credential's); ``{name}`` or ``*`` match one segment; a final ``**`` matches any rest (also none).
 Optional per route: ``hosts``, ``context`` (Envoy ``context_extensions`` that must be present),
 ``workspace_header`` (take the workspace from a header instead of the path), ``public = true``.
+
+Paths are matched only when canonical (sidecar.authz.paths: no dot-segments, no encoded ``.``,
+``/`` or ``\\``, no backslash, no ``;``); others are refused with ``non_canonical_path`` before
+any route is looked at. Hosts are compared in lower case without port or trailing dot.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from sidecar.authz.paths import canonical_host
 from sidecar.core.scopes import SCOPES
 
 METHODS = frozenset(
@@ -72,6 +78,9 @@ class Policy:
     routes: tuple[Route, ...]
     credential_headers: tuple[str, ...] = ("authorization", "x-api-key")
     strip_credentials: bool = True
+    # The operator key (workspace ``*``) on a route: denied (operator_not_allowed) unless
+    # explicitly allowed; allowed or not, its decisions are recorded in the operator chain.
+    allow_operator_key: bool = False
     source: str = ""
     _cache: dict[tuple[str, str, str, tuple[tuple[str, str], ...]], Match | None] = field(
         default_factory=dict, repr=False
@@ -91,7 +100,7 @@ class Policy:
         try:
             found = self._cache[key]
         except KeyError:
-            found = self._match(method, path, host.split(":", 1)[0].lower(), dict(ctx))
+            found = self._match(method, path, canonical_host(host), dict(ctx))
             if len(self._cache) >= _CACHE_LIMIT:
                 self._cache.clear()
             self._cache[key] = found
@@ -211,7 +220,7 @@ def _route(raw: object) -> Route:
         methods=methods,
         pattern=pattern,
         scopes=tuple(scopes),
-        hosts=frozenset(h.lower() for h in _strings(hosts, "'hosts'")) if hosts else None,
+        hosts=frozenset(canonical_host(h) for h in _strings(hosts, "'hosts'")) if hosts else None,
         context=tuple(sorted(context.items())),
         workspace_header=workspace_header.lower(),
         public=public,
@@ -237,6 +246,12 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
         strip = creds.get("strip", True)
         if not isinstance(strip, bool):
             raise ValueError("'strip' must be true or false")
+        operator = creds.get("allow_operator_key", False)
+        if not isinstance(operator, bool):
+            raise ValueError("'allow_operator_key' must be true or false")
+        unknown_creds = sorted(set(creds) - {"headers", "strip", "allow_operator_key"})
+        if unknown_creds:
+            raise ValueError(f"unknown key(s) {', '.join(unknown_creds)}")
     except ValueError as exc:
         raise PolicyError(f"{source}: [credentials]: {exc}") from None
     raw_routes = data.get("routes", [])
@@ -251,5 +266,9 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
             where = f"line {lines[i]}" if i < len(lines) else f"route #{i + 1}"
             raise PolicyError(f"{source}: {where} (route #{i + 1}): {exc}") from None
     return Policy(
-        routes=tuple(routes), credential_headers=headers, strip_credentials=strip, source=source
+        routes=tuple(routes),
+        credential_headers=headers,
+        strip_credentials=strip,
+        allow_operator_key=operator,
+        source=source,
     )

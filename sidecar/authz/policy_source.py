@@ -22,7 +22,15 @@ def load_policy(path: Path | None) -> Policy:
     """The policy in ``path``, or the packaged default; raises PolicyError when invalid."""
     if path is None:
         return parse_policy(default_policy_text(), "default_policy.toml")
-    return parse_policy(path.read_text(), str(path))
+    policy = parse_policy(path.read_text(), str(path))
+    if policy.allow_operator_key:
+        # An explicit opt-in, said out loud; each of the operator key's decisions is recorded
+        # in the operator chain ('*') of the audit trail.
+        log.warning(
+            "policy lets the operator key through API routes (allow_operator_key = true)",
+            extra={"policy": str(path)},
+        )
+    return policy
 
 
 class PolicyWatcher:

@@ -56,7 +56,7 @@ class ReplicaTokenVerifier:
             )
         except TokenRejected as exc:
             # The verifier's reasons are a subset of the engine's, with the same spelling.
-            raise TokenDenied(Reason(exc.reason.value)) from None
+            raise TokenDenied(Reason(exc.reason.value), identity=_signed_by_us(exc)) from None
         return Identity(
             kind=ACCESS_TOKEN,
             id=found.jti,
@@ -86,3 +86,26 @@ class ReplicaTokenVerifier:
                     log.warning("ignoring unusable signing key", extra={"kid": kid})
             self._state = (seen, loaded)
         return loaded
+
+
+def _signed_by_us(exc: TokenRejected) -> Identity | None:
+    """Who a refused token named, when its signature verified (an expired or wrong-audience
+    token of a real user): its use is recorded in that workspace, not as anonymous."""
+    claims = exc.claims
+
+    def text(name: str) -> str:
+        value = claims.get(name)
+        return value[:256] if isinstance(value, str) else ""
+
+    if not text("workspace"):
+        return None
+    return Identity(
+        kind=ACCESS_TOKEN,
+        id=text("jti"),
+        workspace=text("workspace"),
+        scopes=frozenset(),
+        expires_at=0.0,
+        subject=text("sub"),
+        client_id=text("client_id"),
+        grant_id=text("sid"),
+    )

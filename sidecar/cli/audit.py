@@ -29,6 +29,10 @@ _PROBLEMS = {
     pb.AUDIT_CHAIN_PROBLEM_LINK_MISMATCH: "link broken",
     pb.AUDIT_CHAIN_PROBLEM_MISSING: "records missing",
     pb.AUDIT_CHAIN_PROBLEM_CHECKPOINT_INVALID: "checkpoint invalid",
+    pb.AUDIT_CHAIN_PROBLEM_TRUNCATED: "newest records deleted",
+    pb.AUDIT_CHAIN_PROBLEM_HEAD_MISMATCH: "tail rewritten",
+    pb.AUDIT_CHAIN_PROBLEM_CHAIN_MISSING: "chain deleted",
+    pb.AUDIT_CHAIN_PROBLEM_HEADS_INVALID: "signed heads forged",
 }
 
 

@@ -18,6 +18,16 @@ EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 69
 
 
+# What gRPC's client says when no server answered: refused or timed-out connections, names that
+# do not resolve. The admin API's own UNAVAILABLE ("store unavailable…") says none of these.
+_UNREACHABLE = ("connect", "deadline", "resolv", "name resolution", "socket closed", "address")
+
+
+def _never_reached(details: str | None) -> bool:
+    text = (details or "").lower()
+    return not text or any(marker in text for marker in _UNREACHABLE)
+
+
 class CliError(Exception):
     """Printed as one line on stderr, then the CLI exits with ``exit_code``."""
 
@@ -86,7 +96,7 @@ class AdminClient:
         code = exc.code() if hasattr(exc, "code") else None
         details = exc.details() if hasattr(exc, "details") else str(exc)
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and (
-            details is None or "connect" in details.lower() or "deadline" in details.lower()
+            _never_reached(details)
         ):
             return CliError(
                 f"cannot reach the admin API at {self.endpoint} ({code.name.lower()}): "

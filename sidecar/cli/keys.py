@@ -51,7 +51,12 @@ def register(sub: Any, common: argparse.ArgumentParser) -> Any:
 
     p = keys.add_parser("list", parents=[common], help="list keys, newest first")
     p.add_argument("--workspace", default="")
-    p.add_argument("--state", choices=sorted(STATES), default="all")
+    p.add_argument(
+        "--state",
+        choices=sorted(STATES),
+        default="all",
+        help="only keys in this state (default: all)",
+    )
     p.add_argument(
         "--unused-for",
         default="",
@@ -238,21 +243,6 @@ def list_keys(client: AdminClient, args: argparse.Namespace) -> int:
     return 0
 
 
-# Shown under the table by `keys show` when set.
-_DETAILS = (
-    "description",
-    "client_cidrs",
-    "rate_limit",
-    "suspended_at",
-    "rotate_every",
-    "rotation_due_at",
-    "replaces",
-    "replaced_by",
-    "revoke_reason",
-    "grace_deadline",
-)
-
-
 def show(client: AdminClient, args: argparse.Namespace) -> int:
     stub = pb_grpc.ApiKeyServiceStub(client.channel)
     resp = client.call(stub.GetApiKey, pb.GetApiKeyRequest(id=args.id))
@@ -261,14 +251,24 @@ def show(client: AdminClient, args: argparse.Namespace) -> int:
         out["daily_uses"] = [{"date": d.date, "uses": d.uses} for d in resp.daily_uses]
         emit_json(out)
         return 0
-    _print_keys(args, [resp.api_key])
-    details = {k: v for k, v in key_json(resp.api_key).items() if k in _DETAILS and v}
-    for name, value in details.items():
-        print(f"{name}: {' '.join(value) if isinstance(value, list) else value}")
-    if resp.daily_uses:
-        print()
-        print(table([[d.date, str(d.uses)] for d in resp.daily_uses], ["DAY (UTC)", "USES"]))
+    fields = key_json(resp.api_key)
+    fields["daily_uses"] = [f"{d.date}:{d.uses}" for d in resp.daily_uses]
+    print(_key_fields(fields))
     return 0
+
+
+def _key_fields(fields: dict[str, object]) -> str:
+    """One key as a FIELD/VALUE table: every field of the JSON shape, ``-`` where unset."""
+    rows = [[name, _cell(value)] for name, value in fields.items()]
+    return table(rows, ["FIELD", "VALUE"])
+
+
+def _cell(value: object) -> str:
+    if value is None or value == "" or value == []:
+        return "-"
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value)
+    return str(value)
 
 
 def replace(client: AdminClient, args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from importlib import metadata
 
 from sidecar.authz.policy import PolicyError
 from sidecar.cli import (
@@ -54,6 +55,7 @@ def build_parser(environ: dict[str, str] | None = None) -> argparse.ArgumentPars
     parser = argparse.ArgumentParser(
         prog="spauth", description="StatusPulse Auth: control plane, sidecar and admin CLI"
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve.register(sub, common)
     key_commands = keys.register(sub, common)
@@ -69,6 +71,13 @@ def build_parser(environ: dict[str, str] | None = None) -> argparse.ArgumentPars
     whoami.register(sub, common)
     whoami.register_verify(key_commands, common)
     return parser
+
+
+def _version() -> str:
+    try:
+        return metadata.version("statuspulse-auth")
+    except metadata.PackageNotFoundError:  # a checkout on sys.path, not installed
+        return "unknown"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,7 +8,7 @@ import asyncio
 import dataclasses
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from sidecar import logs
 from sidecar.authz.policy import PolicyError
@@ -43,8 +43,31 @@ def write_bootstrap_key(data_dir: Path, minted: Minted) -> Path:
     return _write_key(data_dir, minted.secret)
 
 
+def announce_operator_key(secret: str, path: Path, out: TextIO | None = None) -> None:
+    """Show the new operator key once, on a terminal only: output that is not a terminal is
+    usually a log file (``spauth serve > serve.log &``), and a log must never hold a secret."""
+    out = out or sys.stdout
+    if out.isatty():
+        print(f"Operator key (admin:full, all workspaces), shown once: {secret}", file=out)
+    else:
+        print(
+            "Operator key (admin:full, all workspaces) created; not printed here: this output "
+            "is not a terminal",
+            file=out,
+        )
+    print(
+        f"It is in {path} (mode 0600). export STATUSPULSE_API_KEY=$(cat {path})",
+        file=out,
+        flush=True,
+    )
+
+
 def embedded_sidecar_settings(
-    settings: Settings, base: SidecarSettings, admin_port: int, oauth_issuer: str
+    settings: Settings,
+    base: SidecarSettings,
+    admin_port: int,
+    oauth_issuer: str,
+    sync_token: str = "",
 ) -> SidecarSettings:
     """The embedded sidecar: the [sidecar] table's settings, wired to this control plane."""
     return dataclasses.replace(
@@ -56,7 +79,8 @@ def embedded_sidecar_settings(
         oauth_access_token_ttl=settings.oauth_access_token_ttl,
         policy_file=settings.policy_file,
         state_dir=settings.data_dir / "sidecar",
-        sync_token=settings.sync_token,
+        # The control plane's own (configured or generated): the embedded sidecar is no exception.
+        sync_token=sync_token or settings.sync_token,
         tracing_endpoint=base.tracing_endpoint or settings.tracing_endpoint,
     )
 
@@ -72,15 +96,17 @@ async def serve(settings: Settings, sidecar_base: SidecarSettings | None = None)
     plane = ControlPlane(settings)
     minted = plane.bootstrap()
     if minted is not None:
-        path = write_bootstrap_key(settings.data_dir, minted)
-        print(f"Operator key (admin:full, all workspaces), shown once: {minted.secret}")
-        print(f"It is also in {path} (mode 0600). export STATUSPULSE_API_KEY=$(cat {path})")
+        announce_operator_key(minted.secret, write_bootstrap_key(settings.data_dir, minted))
     await plane.start()
     base = sidecar_base or SidecarSettings(metrics_addr="")
     try:
         sidecar = Sidecar(
             embedded_sidecar_settings(
-                settings, base, plane.admin_port, plane.oauth.config.issuer if plane.oauth else ""
+                settings,
+                base,
+                plane.admin_port,
+                plane.oauth.config.issuer if plane.oauth else "",
+                plane.sync_token,
             ),
             policy=policy,
             metrics=plane.metrics,

@@ -31,6 +31,11 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--policy", dest="policy_file", help="route policy TOML (default: built in)")
     p.add_argument("--state-dir", help="where the replica snapshot is kept (.spauth-sidecar)")
+    p.add_argument(
+        "--sync-token-file",
+        help="file holding the control plane's sync token (e.g. <data-dir>/sync-token); "
+        "or env SPAUTH_SIDECAR_SYNC_TOKEN",
+    )
     p.add_argument("--max-staleness", help="seconds without sync before failing closed (900)")
     p.add_argument("--threads", help="gRPC worker threads per process (4)")
     p.add_argument("--workers", help="processes sharing the port with SO_REUSEPORT (1)")
@@ -59,6 +64,7 @@ def _settings(args: argparse.Namespace) -> SidecarSettings:
             "control_plane": args.control_plane,
             "policy_file": args.policy_file,
             "state_dir": args.state_dir,
+            "sync_token_file": args.sync_token_file,
             "max_staleness": args.max_staleness,
             "threads": args.threads,
             "workers": args.workers,

@@ -18,7 +18,7 @@ import enum
 import hashlib
 import hmac
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from sidecar.core.audit import AuditEvent
@@ -120,6 +120,43 @@ def checkpoint_valid(key: bytes, cp: Checkpoint) -> bool:
     return hmac.compare_digest(expected.hexdigest(), cp.signature)
 
 
+@dataclass(frozen=True, slots=True)
+class SignedHeads:
+    """Every chain's head at one moment, signed with the audit signing key (which is kept
+    outside the database, the same on every replica). ``body`` is the exact signed text."""
+
+    body: str
+    signature: str
+
+    @property
+    def heads(self) -> dict[str, tuple[int, str]]:
+        """workspace -> (chain_seq, digest) of its head when signed."""
+        raw = json.loads(self.body)["heads"]
+        return {str(w): (int(v[0]), str(v[1])) for w, v in raw.items()}
+
+
+def sign_heads(key: bytes, heads: Mapping[str, Link], time: float) -> SignedHeads:
+    """Sign the heads of every chain (a periodic signed checkpoint of the whole trail)."""
+    body = json.dumps(
+        {
+            "v": FORMAT_VERSION,
+            "kind": "heads",
+            "time_us": time_us(time),
+            "heads": {w: [link.chain_seq, link.digest] for w, link in sorted(heads.items())},
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=True,
+    )
+    return SignedHeads(body, hmac.new(key, body.encode(), "sha256").hexdigest())
+
+
+def heads_valid(key: bytes, signed: SignedHeads) -> bool:
+    """True when ``signed`` was signed with ``key`` and not altered since."""
+    expected = hmac.new(key, signed.body.encode(), "sha256").hexdigest()
+    return hmac.compare_digest(expected, signed.signature)
+
+
 class Problem(enum.StrEnum):
     """What is wrong at a chain's first broken link."""
 
@@ -127,6 +164,10 @@ class Problem(enum.StrEnum):
     LINK_MISMATCH = "link_mismatch"
     MISSING = "missing"
     CHECKPOINT_INVALID = "checkpoint_invalid"
+    TRUNCATED = "truncated"
+    HEAD_MISMATCH = "head_mismatch"
+    CHAIN_MISSING = "chain_missing"
+    HEADS_INVALID = "heads_invalid"
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,9 +200,18 @@ class ChainVerifier:
     broken link. Tail truncation (deleting the newest records) leaves a valid shorter chain:
     compare ``head`` with an anchored copy to catch it (docs/audit.md)."""
 
-    def __init__(self, workspace: str, checkpoint: Checkpoint | None, key: bytes | None) -> None:
+    def __init__(
+        self,
+        workspace: str,
+        checkpoint: Checkpoint | None,
+        key: bytes | None,
+        signed: tuple[int, str] | None = None,
+    ) -> None:
         self.workspace = workspace
         self._checkpoint = checkpoint
+        # (chain_seq, digest) of this chain's last signed head: the chain must still reach it,
+        # with that very record there.
+        self._signed = signed
         self._checked = 0
         self._break: ChainBreak | None = None
         self._head: Link | None = None
@@ -224,7 +274,34 @@ class ChainVerifier:
                 f"record {ev.id} (chain position {link.chain_seq}) does not link to {before} "
                 f"before it: one of the two was replaced",
             )
+        signed = self._signed
+        if (
+            signed is not None
+            and link.chain_seq == signed[0]
+            and not hmac.compare_digest(link.digest, signed[1])
+        ):
+            return ChainBreak(
+                Problem.HEAD_MISMATCH,
+                ev.id,
+                link.chain_seq,
+                f"record {ev.id} (chain position {link.chain_seq}) is not the record the last "
+                "signed head names: the chain was rewritten from there",
+            )
         return None
+
+    def _short(self) -> ChainBreak | None:
+        """The chain ends before its last signed head (checked once the walk is done)."""
+        signed = self._signed
+        reached = self._head.chain_seq if self._head else 0
+        if signed is None or reached >= signed[0]:
+            return None
+        return ChainBreak(
+            Problem.TRUNCATED,
+            "",
+            reached,
+            f"the chain ends at position {reached} but its last signed head is at position "
+            f"{signed[0]}: {signed[0] - reached} newest records were deleted",
+        )
 
     def report(self) -> ChainReport:
         return ChainReport(
@@ -232,7 +309,7 @@ class ChainVerifier:
             records_checked=self._checked,
             head=self._head,
             checkpoint_chain_seq=self._checkpoint.chain_seq if self._checkpoint else 0,
-            first_break=self._break,
+            first_break=self._break or self._short(),
         )
 
 

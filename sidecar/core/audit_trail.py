@@ -6,17 +6,32 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
 from sidecar.core import permissions, validation
-from sidecar.core.audit import DECISION_ACTIONS, AuditEvent, AuditQuery
-from sidecar.core.audit_chain import ChainedRecord, ChainReport, ChainVerifier, sign_checkpoint
+from sidecar.core.audit import DECISION_ACTIONS, AuditEvent, AuditQuery, scrub
+from sidecar.core.audit_chain import (
+    ChainBreak,
+    ChainedRecord,
+    ChainReport,
+    ChainVerifier,
+    Link,
+    Problem,
+    SignedHeads,
+    canonical,
+    heads_valid,
+    sign_checkpoint,
+    sign_heads,
+)
 from sidecar.core.clock import Clock
 from sidecar.core.errors import FailedPrecondition, InvalidArgument
 from sidecar.core.models import OPERATOR_WORKSPACE, Principal, RequestContext
-from sidecar.core.storage import Store
+from sidecar.core.storage import Store, UnitOfWork
+
+log = logging.getLogger("sidecar.audit")
 
 # Decision records whose credential named no workspace (an unknown or malformed key) are kept
 # in a chain of their own, visible to the operator only.
@@ -37,6 +52,9 @@ class AuditPolicy:
     max_page_size: int = 1000
     batch: int = 500
     max_ingest_batch: int = 1000
+    # Ingest refuses a record dated more than this many seconds after the control plane's clock
+    # (a record from the future would sit at the top of every listing).
+    max_future_skew: float = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,11 +83,14 @@ class AuditTrail:
         clock: Clock,
         checkpoint_key: bytes,
         policy: AuditPolicy | None = None,
+        on_conflict: Callable[[], None] | None = None,
     ) -> None:
         self._store = store
+        self._on_conflict = on_conflict
         self._clock = clock
         self._key = checkpoint_key
         self.policy = policy or AuditPolicy()
+        self.conflicts = 0  # ingested records refused: their id was stored with other content
 
     # -- reads ------------------------------------------------------------------------------
 
@@ -127,20 +148,57 @@ class AuditTrail:
     # -- verification -----------------------------------------------------------------------
 
     def verify(self, ctx: RequestContext, workspace: str = "") -> list[ChainReport]:
-        """Walk each visible workspace's chain; each report names its first broken link."""
+        """Walk each visible workspace's chain; each report names its first broken link. The
+        newest signed heads (signed with the key outside the database) add what a chain walk
+        alone cannot see: a chain shorter than its signed head, rewritten from it, or gone."""
         visible = visible_workspaces(ctx.principal, workspace)
         with self._store.read() as uow:
-            names = [w for w in uow.audit.workspaces() if visible is None or w in visible]
+            present = uow.audit.workspaces()
+            signed = uow.audit.latest_signed_heads()
+        heads = signed.heads if signed is not None else {}
+        names = sorted(w for w in {*present, *heads} if visible is None or w in visible)
         if workspace and workspace not in names:
             names = [workspace]  # an empty chain verifies; say so rather than print nothing
-        return [self.verify_one(name) for name in names]
+        forged = signed is not None and not heads_valid(self._key, signed)
+        reports = []
+        for name in names:
+            if forged:
+                reports.append(_heads_forged(name))
+            elif name not in present:
+                reports.append(_chain_gone(name, heads[name]))
+            else:
+                reports.append(self.verify_one(name, signed=heads.get(name)))
+        return reports
 
-    def verify_one(self, workspace: str, through: int | None = None) -> ChainReport:
+    def sign_heads(self) -> bool:
+        """Sign the head of every chain now, unless nothing moved since the newest signed heads
+        (a periodic signed checkpoint; the control plane calls it every audit_sign_interval).
+        Returns whether it stored new signed heads."""
+        with self._store.transaction() as uow:
+            current: dict[str, Link] = {}
+            for name in uow.audit.workspaces():
+                link = uow.audit.head(name)
+                if link is not None:
+                    current[name] = link
+            latest = uow.audit.latest_signed_heads()
+            if latest is not None:
+                # Never sign over tampering: that would make it the new truth.
+                problem = _drifted(uow, latest, current, self._key)
+                if problem:
+                    raise FailedPrecondition(f"not signing audit heads: {problem}")
+                if latest.heads == {w: (k.chain_seq, k.digest) for w, k in current.items()}:
+                    return False
+            uow.audit.add_signed_heads(sign_heads(self._key, current, self._clock.now()))
+        return True
+
+    def verify_one(
+        self, workspace: str, through: int | None = None, signed: tuple[int, str] | None = None
+    ) -> ChainReport:
         """Walk one chain (up to chain position ``through``) in batches, each in its own read,
-        so the trail is never held in memory whole."""
+        so the trail is never held in memory whole; ``signed`` is its last signed head."""
         with self._store.read() as uow:
             checkpoint = uow.audit.checkpoint(workspace)
-        verifier = ChainVerifier(workspace, checkpoint, self._key)
+        verifier = ChainVerifier(workspace, checkpoint, self._key, signed)
         while not verifier.broken:
             limit = self.policy.batch
             if through is not None:
@@ -157,17 +215,33 @@ class AuditTrail:
     # -- writes -----------------------------------------------------------------------------
 
     def ingest(self, ctx: RequestContext, events: Iterable[AuditEvent]) -> IngestResult:
-        """Store decision records shipped by a sidecar, once each (idempotent by id)."""
-        batch = [_checked_decision(ev) for ev in events]
+        """Store decision records shipped by a sidecar, once each. Only a sidecar (the sync
+        token) writes them: an API key, even ``admin:full``, could otherwise claim a decision
+        id before the sidecar's record arrives. A record whose id is stored already is
+        acknowledged only when it is that same record (a re-send); different content under a
+        stored id is refused (``conflicts`` counts them) and nothing of the batch is stored."""
+        permissions.require_sidecar(ctx.principal, SIDECAR, "decision records")
+        latest = self._clock.now() + self.policy.max_future_skew
+        batch = [_checked_decision(ev, latest) for ev in events]
         if len(batch) > self.policy.max_ingest_batch:
             raise InvalidArgument("records", f"at most {self.policy.max_ingest_batch} per message")
-        if ctx.principal != SIDECAR:
-            for ev in batch:
-                permissions.require(ctx.principal, ev.workspace)
         stored = 0
         with self._store.transaction() as uow:
             for ev in batch:
-                stored += uow.audit.append(ev)
+                known = uow.audit.get(ev.id)
+                if known is None:
+                    stored += uow.audit.append(ev)
+                elif not same_record(known, ev):
+                    self.conflicts += 1
+                    if self._on_conflict is not None:
+                        self._on_conflict()
+                    log.warning(
+                        "audit ingest: a record differs from the stored one with its id",
+                        extra={"event_id": ev.id, "workspace": ev.workspace},
+                    )
+                    raise InvalidArgument(
+                        "records.id", f"{ev.id} is stored already with different content"
+                    )
             cursor = uow.audit.last_seq()
         return IngestResult([ev.id for ev in batch], stored, cursor)
 
@@ -198,6 +272,42 @@ class AuditTrail:
         return deleted
 
 
+def _drifted(uow: UnitOfWork, latest: SignedHeads, current: dict[str, Link], key: bytes) -> str:
+    """Why the trail no longer extends ``latest`` ('' when it does): a forged signature, a
+    chain gone or shorter, or another record where a signed head was."""
+    if not heads_valid(key, latest):
+        return "the newest signed heads do not match their signature"
+    for workspace, (seq, digest_hex) in latest.heads.items():
+        link = current.get(workspace)
+        if link is None or link.chain_seq < seq:
+            return f"chain {workspace!r} is shorter than its last signed head"
+        at = uow.audit.chain(workspace, seq - 1, 1)
+        if at and at[0].link.chain_seq == seq and at[0].link.digest != digest_hex:
+            return f"chain {workspace!r} was rewritten from its last signed head"
+    return ""
+
+
+def _chain_gone(workspace: str, signed: tuple[int, str]) -> ChainReport:
+    brk = ChainBreak(
+        Problem.CHAIN_MISSING,
+        "",
+        0,
+        f"the chain had {signed[0]} records when its head was last signed and now has none",
+    )
+    return ChainReport(workspace, 0, None, 0, brk)
+
+
+def _heads_forged(workspace: str) -> ChainReport:
+    brk = ChainBreak(
+        Problem.HEADS_INVALID,
+        "",
+        0,
+        "the newest signed heads do not match their signature: they were written without the "
+        "audit signing key",
+    )
+    return ChainReport(workspace, 0, None, 0, brk)
+
+
 def visible_workspaces(principal: Principal, workspace: str) -> frozenset[str] | None:
     """The workspaces the caller may read (None: all); ``workspace`` narrows it to one."""
     if workspace:
@@ -209,15 +319,24 @@ def visible_workspaces(principal: Principal, workspace: str) -> frozenset[str] |
     return None if principal.is_operator else frozenset({principal.workspace})
 
 
-def _checked_decision(ev: AuditEvent) -> AuditEvent:
+def same_record(stored: AuditEvent, incoming: AuditEvent) -> bool:
+    """Whether ``incoming`` is a re-send of ``stored`` (compared as stored: scrubbed, time to
+    the microsecond the chain hashes)."""
+    return canonical(stored, 0, "") == canonical(scrub(incoming), 0, "")
+
+
+def _checked_decision(ev: AuditEvent, latest: float) -> AuditEvent:
     """Sidecars may ship decision records only, with bounded fields (a compromised sidecar
-    must not be able to forge ``key.revoked`` or flood the store with huge rows)."""
+    must not be able to forge ``key.revoked`` or flood the store with huge rows), dated no
+    later than ``latest``."""
     if ev.action not in DECISION_ACTIONS:
         raise InvalidArgument("records.action", f"expected one of {sorted(DECISION_ACTIONS)}")
     if not _ID.fullmatch(ev.id):
         raise InvalidArgument("records.id", "expected 1-64 characters [A-Za-z0-9._:-]")
     if ev.time <= 0:
         raise InvalidArgument("records.time", "must be set")
+    if ev.time > latest:
+        raise InvalidArgument("records.time", "is in the future (beyond the allowed clock skew)")
     texts = (ev.actor, ev.workspace, ev.target, ev.outcome, ev.reason, ev.request_id)
     if any(len(t) > _MAX_FIELD for t in texts) or len(ev.metadata) > _MAX_METADATA:
         raise InvalidArgument("records", f"fields are limited to {_MAX_FIELD} characters")
@@ -225,7 +344,8 @@ def _checked_decision(ev: AuditEvent) -> AuditEvent:
         raise InvalidArgument("records.metadata", "entry too long")
     if not ev.workspace:
         ev = replace(ev, workspace=NO_WORKSPACE)
-    elif ev.workspace != NO_WORKSPACE:
+    elif ev.workspace not in (NO_WORKSPACE, OPERATOR_WORKSPACE):
+        # '*': the operator key's decisions, in the operator chain.
         validation.workspace(ev.workspace, "records.workspace")
     return ev
 

@@ -45,3 +45,10 @@ def require_operator_or_sidecar(principal: Principal, action: str) -> None:
     otherwise make another workspace's key look used."""
     if not principal.is_operator:
         raise PermissionDenied(f"only a sidecar or the operator key may {action}")
+
+
+def require_sidecar(principal: Principal, sidecar: Principal, what: str) -> None:
+    """What only sidecars write (decision records): the sync token's principal, never a key
+    (a tenant would write records under decision ids it read)."""
+    if principal != sidecar:
+        raise PermissionDenied(f"{what} are written by sidecars (the sync token)")

@@ -8,7 +8,7 @@ from contextlib import AbstractContextManager
 from typing import Protocol
 
 from sidecar.core.audit import AuditEvent, AuditQuery
-from sidecar.core.audit_chain import ChainedRecord, Checkpoint, Link
+from sidecar.core.audit_chain import ChainedRecord, Checkpoint, Link, SignedHeads
 from sidecar.core.models import ApiKey, Change, KeyState
 from sidecar.core.oauth_models import (
     AuthorizationCode,
@@ -88,6 +88,10 @@ class AuditRepository(Protocol):
         current transaction. False, and nothing stored, when its id is stored already."""
         ...
 
+    def get(self, event_id: str) -> AuditEvent | None:
+        """The stored record with this id, as stored (scrubbed)."""
+        ...
+
     def recent(self, limit: int) -> list[AuditEvent]: ...
 
     def page(
@@ -123,6 +127,14 @@ class AuditRepository(Protocol):
     def prune_point(self, workspace: str, before: float) -> Link | None:
         """The last link of the longest chain prefix whose records are all older than
         ``before`` (None: nothing to prune)."""
+        ...
+
+    def latest_signed_heads(self) -> SignedHeads | None:
+        """The newest signed heads, or None."""
+        ...
+
+    def add_signed_heads(self, signed: SignedHeads) -> None:
+        """Store signed heads (newer than every stored one)."""
         ...
 
     def prune(self, checkpoint: Checkpoint) -> int:

@@ -10,6 +10,7 @@ class."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -31,6 +32,26 @@ IDENTITY_HEADERS = (
     "x-statuspulse-subject",
     "x-statuspulse-client-id",
     "x-statuspulse-scopes",
+)
+OPERATOR_WORKSPACE = "*"
+
+
+def _spellings(name: str) -> list[str]:
+    """Every spelling of ``name`` with '-' and '_' swapped at its separators: many upstreams
+    (CGI, WSGI, Rails, PHP) read ``x_statuspulse_workspace`` as ``x-statuspulse-workspace``,
+    and Envoy passes underscores unless told to reject them. Envoy lower-cases names, so case
+    needs no spellings of its own."""
+    parts = name.split("-")
+    return [
+        "".join(p + s for p, s in zip(parts, (*seps, ""), strict=True))
+        for seps in itertools.product("-_", repeat=len(parts) - 1)
+    ]
+
+
+# Spellings that are never ours: removed from every allowed request, so only the headers this
+# sidecar sets (hyphenated) reach the upstream.
+FOREIGN_SPELLINGS = tuple(
+    alt for name in (DECISION_HEADER, *IDENTITY_HEADERS) for alt in _spellings(name) if alt != name
 )
 REALM = 'Bearer realm="statuspulse"'
 # google.rpc.Code values.
@@ -189,17 +210,17 @@ class ResponseEncoder:
 
 def _allow_part(ident: Identity | None, strip: tuple[str, ...]) -> bytes:
     if ident is None:
-        return bytes(
-            ext.OkHttpResponse(headers_to_remove=[*strip, *IDENTITY_HEADERS]).SerializeToString()
-        )
+        remove = [*strip, *IDENTITY_HEADERS, *FOREIGN_SPELLINGS]
+        return bytes(ext.OkHttpResponse(headers_to_remove=remove).SerializeToString())
     values = (
-        ident.workspace,
+        # The operator's '*' never reaches an upstream: it would read as "every workspace".
+        "" if ident.workspace == OPERATOR_WORKSPACE else ident.workspace,
         ident.id if ident.kind == "api_key" else "",
         ident.subject,
         ident.client_id,
         " ".join(sort_scopes(ident.scopes)),
     )
-    ok = ext.OkHttpResponse(headers_to_remove=strip)
+    ok = ext.OkHttpResponse(headers_to_remove=[*strip, *FOREIGN_SPELLINGS])
     for name, value in zip(IDENTITY_HEADERS, values, strict=True):
         if value:
             ok.headers.add(header=HeaderValue(key=name, value=value), append_action=OVERWRITE)

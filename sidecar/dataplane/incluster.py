@@ -7,6 +7,7 @@ import grpc
 
 from sidecar._gen.statuspulse.auth.v1 import authorization_pb2 as pb
 from sidecar._gen.statuspulse.auth.v1 import authorization_pb2_grpc as pb_grpc
+from sidecar.authz.decision import Outcome
 from sidecar.authz.engine import CheckInput, Engine
 from sidecar.core.errors import InvalidArgument
 from sidecar.core.scopes import parse_scopes, sort_scopes
@@ -47,7 +48,8 @@ class AuthorizationServicer(pb_grpc.AuthorizationServiceServicer):  # type: igno
             )
         for observe in self.observers:
             observe(decision, view, context.peer(), 0.0)
-        ident = decision.identity
+        # A refused credential says nothing about itself (its identity is for the audit trail).
+        ident = decision.identity if decision.outcome is not Outcome.UNAUTHENTICATED else None
         return pb.AuthorizeResponse(
             allowed=decision.allowed,
             reason=decision.reason.value,

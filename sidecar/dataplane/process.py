@@ -33,6 +33,7 @@ from sidecar.dataplane.incluster import AuthorizationServicer
 from sidecar.ops.denial_log import DenialLog
 from sidecar.ops.health import Health, Status
 from sidecar.ops.metrics import DecisionMetrics, Metrics
+from sidecar.ops.secrets_files import sidecar_sync_token
 from sidecar.ops.status_server import StatusServer
 from sidecar.ops.tls import sync_channel_credentials, sync_channel_options
 from sidecar.ops.tracing import CheckFn, span_annotator, start_tracing, traced_check
@@ -136,7 +137,7 @@ class Sidecar:
             settings.control_plane,
             self.clock,
             state_dir=settings.state_dir,
-            sync_token=settings.sync_token,
+            sync_token=sidecar_sync_token(settings),
             credentials=sync_channel_credentials(settings),
             channel_options=sync_channel_options(settings),
         )
@@ -352,7 +353,12 @@ def _audit_pipeline(settings: SidecarSettings) -> AuditPipeline | None:
 
         transport = RedisStreamTransport(settings.redis_url)
     else:
-        transport = GrpcTransport(settings.control_plane, settings.sync_token)
+        transport = GrpcTransport(
+            settings.control_plane,
+            sidecar_sync_token(settings),
+            credentials=sync_channel_credentials(settings),
+            options=sync_channel_options(settings),
+        )
     return AuditPipeline(config, transport)
 
 

@@ -9,7 +9,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from sidecar.core.errors import SpauthError, Unauthenticated
@@ -42,6 +42,8 @@ def json_endpoint(handler: Endpoint) -> Endpoint:
         except SpauthError as exc:
             log.warning("oauth request failed", extra={"code": exc.code, "path": request.url.path})
             return error_response(oauth_error(exc))
+        except ClientDisconnect:
+            raise  # nobody to answer; the server logs it at info (sidecar/ops/http_guard.py)
         except Exception:
             log.exception("oauth request failed", extra={"path": request.url.path})
             return error_response(oauth_error(SpauthError("internal")))

@@ -14,15 +14,23 @@ import socket
 import uvicorn
 from starlette.types import ASGIApp
 
+from sidecar.ops.http_guard import HttpLimits, guarded_protocol, quiet_disconnects
 from sidecar.ops.status_server import split_addr
 
 
 class HttpServer:
     """uvicorn on ``addr`` (port 0: any), plaintext or with ``ssl_files = (cert, key)``."""
 
-    def __init__(self, addr: str, *, ssl_files: tuple[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        addr: str,
+        *,
+        ssl_files: tuple[str, str] | None = None,
+        limits: HttpLimits | None = None,
+    ) -> None:
         self.addr = addr
         self.ssl_files = ssl_files
+        self.limits = limits or HttpLimits()
         self.port = 0
         self._sock: socket.socket | None = None
         self._server: uvicorn.Server | None = None
@@ -51,7 +59,9 @@ class HttpServer:
         self.bind()
         certfile, keyfile = self.ssl_files or (None, None)
         config = uvicorn.Config(
-            app,
+            quiet_disconnects(app),
+            # Deadlines for headers and body, and a connection cap (sidecar/ops/http_guard.py).
+            http=guarded_protocol(self.limits),
             lifespan="off",
             log_config=None,  # keep our JSON logging
             access_log=False,
@@ -68,6 +78,10 @@ class HttpServer:
         self._server = server
         # main_loop only ticks (Date header, max-requests); it returns once should_exit is set.
         self._ticker = asyncio.create_task(server.main_loop())
+
+    def open_connections(self) -> int:
+        """Connections open now (bounded by ``limits.max_connections``)."""
+        return len(self._server.server_state.connections) if self._server else 0
 
     async def aclose(self, grace: float = 5.0) -> None:
         """Stop accepting, give open requests ``grace`` seconds, close."""

@@ -126,6 +126,14 @@ class Metrics:
         )
 
     @cached_property
+    def audit_ingest_conflicts(self) -> Counter:
+        return Counter(
+            "spauth_audit_ingest_conflicts",
+            "Ingested decision records refused: their id is stored with other content.",
+            registry=self.registry,
+        )
+
+    @cached_property
     def operator_key_expiry(self) -> Gauge:
         return Gauge(
             "spauth_operator_key_expiry_timestamp_seconds",
@@ -148,7 +156,7 @@ _SIDECAR = (
     "check_tally", "replica_revision", "replica_staleness", "sync_reconnects",
     "replica_unknown_changes", "policy_reloads",
 )  # fmt: skip
-_CONTROL_PLANE = ("oauth_tokens", "admin_calls", "operator_key_expiry")
+_CONTROL_PLANE = ("oauth_tokens", "admin_calls", "operator_key_expiry", "audit_ingest_conflicts")
 
 
 class DecisionMetrics:

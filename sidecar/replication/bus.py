@@ -155,7 +155,7 @@ class RedisChangeBus:
                     self._wake(parsed[1])
         finally:
             with contextlib.suppress(*RETRYABLE):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await pubsub.aclose()
 
     async def aclose(self) -> None:
         """Stop listening and publishing, and release the connections."""

@@ -15,6 +15,7 @@ import grpc
 from sidecar._gen.statuspulse.auth.v1 import replication_pb2 as pb
 from sidecar._gen.statuspulse.auth.v1 import replication_pb2_grpc as pb_grpc
 from sidecar.core.clock import Clock
+from sidecar.core.errors import Unavailable
 from sidecar.core.models import Change
 from sidecar.core.storage import Store, UnitOfWork
 
@@ -82,8 +83,10 @@ class ReplicationServicer(pb_grpc.ReplicationServiceServicer):  # type: ignore[m
             return uow.changes.head(), uow.changes.since(after, BATCH)
 
     def _authorized(self, context: grpc.aio.ServicerContext[object, object]) -> bool:
+        """The sync token, compared in constant time; never anonymous (a servicer without a
+        token refuses everyone: key ids, scopes and expiry of every tenant are on this stream)."""
         if not self._token:
-            return True
+            return False
         for name, value in context.invocation_metadata() or ():
             if name == "authorization" and isinstance(value, str):
                 presented = value.partition(" ")[2].strip().encode()
@@ -101,7 +104,10 @@ class ReplicationServicer(pb_grpc.ReplicationServiceServicer):  # type: ignore[m
         def notify(_revision: int) -> None:
             loop.call_soon_threadsafe(wake.set)
 
-        unsubscribe = self._store.subscribe(notify)
+        try:
+            unsubscribe = self._store.subscribe(notify)
+        except Unavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, exc.message)
         self._wakers.add(notify)
         self.subscribers += 1
         try:
@@ -132,6 +138,11 @@ class ReplicationServicer(pb_grpc.ReplicationServiceServicer):  # type: ignore[m
                     await asyncio.wait_for(wake.wait(), self._heartbeat)
                 except TimeoutError:
                     yield pb.SubscribeResponse(heartbeat=pb.Heartbeat(head_revision=head))
+        except Unavailable as exc:
+            # The store is down: a retryable condition the sidecar waits out (it keeps its
+            # replica), not an internal fault with a traceback.
+            log.warning("subscribe: store unavailable", extra={"error": exc.message})
+            await context.abort(grpc.StatusCode.UNAVAILABLE, exc.message)
         finally:
             self.subscribers -= 1
             self._wakers.discard(notify)

@@ -24,6 +24,7 @@ from sidecar.config import SidecarSettings, load_settings, load_sidecar_settings
 from sidecar.controlplane import ControlPlane
 from sidecar.core.clock import Clock
 from sidecar.dataplane.process import Sidecar
+from tests.support.sync import TEST_SYNC_TOKEN
 
 if TYPE_CHECKING:
     from tests.conftest import LoopThread
@@ -120,6 +121,7 @@ def sidecar_settings(control_plane: str, state_dir: Path, **overrides: object) -
         "control_plane": control_plane,
         "state_dir": str(state_dir),
         "metrics_addr": "127.0.0.1:0",
+        "sync_token": TEST_SYNC_TOKEN,
         **overrides,
     }
     return load_sidecar_settings(values, environ={})
@@ -147,7 +149,12 @@ def plane_on(
 ) -> Iterator[tuple[ControlPlane, str]]:
     """A control plane on a fixed admin address (so a sidecar can be pointed at it first)."""
     data_dir.mkdir(exist_ok=True)
-    values = {"data_dir": str(data_dir), "admin_addr": addr, "http_addr": "127.0.0.1:0"}
+    values = {
+        "data_dir": str(data_dir),
+        "admin_addr": addr,
+        "http_addr": "127.0.0.1:0",
+        "sync_token": TEST_SYNC_TOKEN,
+    }
     plane = ControlPlane(load_settings({**values, **settings}, environ={}), clock=clock)
     minted = plane.bootstrap()
     loop.run(plane.start())

@@ -1,47 +1,44 @@
-"""Loopback port helpers for tests.
-
-Prefer binding port 0 and asking the server for its port: :func:`free_port` can race with
-another process that binds the same number between the check and the use. Use it only for
-programs that cannot report the port they bound.
-"""
+"""Loopback port helpers; the shared ones live in :mod:`sidecar.devtools.ports` so the bench can
+use them. The default-port guard is the tests' own."""
 
 from __future__ import annotations
 
 import contextlib
 import socket
-import time
+from collections.abc import Iterator
 
-__all__ = ["free_port", "free_ports", "port_accepts", "wait_for_port"]
+from sidecar.devtools.ports import free_port, free_ports, port_accepts, wait_for_port
+
+__all__ = [
+    "DEFAULT_PORTS",
+    "free_port",
+    "free_ports",
+    "hold_ports",
+    "port_accepts",
+    "wait_for_port",
+]
+
+# What the product and the README bind by default: spauth serve (admin gRPC, OAuth HTTP, sidecar),
+# a sidecar's metrics, the front-proxy Envoy (listener, admin) and the echo upstream.
+DEFAULT_PORTS = (50051, 8080, 9191, 9192, 10000, 9901, 8081)
 
 
-def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """Return ``count`` distinct ports that were free on ``host`` a moment ago."""
+@contextlib.contextmanager
+def hold_ports(ports: tuple[int, ...], host: str = "127.0.0.1") -> Iterator[list[int]]:
+    """Bind each free one of ``ports`` (without listening) for the duration; yields those held.
+
+    A test that binds a fixed default port then fails at once with EADDRINUSE on every machine,
+    as it would next to a running ``spauth serve``; a client dialling one gets "connection
+    refused", exactly as when nothing runs there. Ports already taken (a developer's server)
+    are left alone: they block such a test just as well.
+    """
     with contextlib.ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for sock in sockets:
-            # Hold all of them open at once so the kernel cannot hand out the same number twice.
-            sock.bind((host, 0))
-        return [int(sock.getsockname()[1]) for sock in sockets]
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """Return one port that was free on ``host`` a moment ago."""
-    return free_ports(1, host)[0]
-
-
-def port_accepts(host: str, port: int, timeout: float = 0.5) -> bool:
-    """Whether a TCP connection to ``host:port`` succeeds now."""
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
-    """Block until ``host:port`` accepts TCP connections; ``TimeoutError`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while not port_accepts(host, port):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"nothing accepted connections on {host}:{port} in {timeout}s")
-        time.sleep(0.02)
+        held = []
+        for port in ports:
+            sock = stack.enter_context(socket.socket())
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            held.append(port)
+        yield held

@@ -33,6 +33,7 @@ from sidecar._gen.statuspulse.auth.v1 import api_keys_pb2_grpc as keys_grpc
 from sidecar.oauth import kek
 from tests.support.ports import free_port, wait_for_port
 from tests.support.postgres import PostgresServer
+from tests.support.sync import TEST_SYNC_TOKEN
 
 REPO = Path(__file__).resolve().parents[2]
 CHECK_PATH = "/v1/workspaces/acme/checks"
@@ -232,6 +233,9 @@ class ScaleOut:
             **{k: v for k, v in os.environ.items() if not k.startswith("SPAUTH_")},
             "PYTHONPATH": str(REPO),
             "PYTHONUNBUFFERED": "1",
+            # Every replica and sidecar shares one sync token, as deploy/k8s does with a Secret.
+            "SPAUTH_SYNC_TOKEN": TEST_SYNC_TOKEN,
+            "SPAUTH_SIDECAR_SYNC_TOKEN": TEST_SYNC_TOKEN,
             # Every control-plane replica of one store shares the key-encryption key.
             "SPAUTH_KEY_ENCRYPTION_KEY": kek.generate(),
         }

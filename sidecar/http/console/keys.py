@@ -1,5 +1,6 @@
 """Settings > Security > API Access: the Key Manager. Every page calls the same ApiKeyService
-use cases as the admin API, with the signed-in member as the caller."""
+(and, for a key's last use, UsageService) use cases as the admin API, with the signed-in member
+as the caller."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from starlette.responses import RedirectResponse, Response
 from sidecar.core.apikeys import DAY, ApiKeyService
 from sidecar.core.clock import Clock
 from sidecar.core.errors import InvalidArgument
-from sidecar.core.models import KeyState
+from sidecar.core.models import ApiKey, KeyState
+from sidecar.core.usage import UsageService
 from sidecar.http.console import render
 from sidecar.http.console.visit import Visit
 
@@ -30,9 +32,16 @@ def choice(options: dict[str, int], value: str, field: str) -> int:
 class KeyPages:
     """List, generate, replace and revoke keys of the member's workspace."""
 
-    def __init__(self, keys: ApiKeyService, clock: Clock) -> None:
+    def __init__(self, keys: ApiKeyService, usage: UsageService, clock: Clock) -> None:
         self._keys = keys
+        self._usage = usage
         self._clock = clock
+
+    def _key_and_last_use(self, visit: Visit) -> tuple[ApiKey, int | None]:
+        """The key of the path and when it was last used, as GetApiKey answers them: the key
+        use case checks the member may see the key before its usage is read."""
+        key = self._keys.get(visit.ctx, visit.path_param("key_id"))
+        return key, self._usage.of(key.id).last_used_at
 
     async def list(self, visit: Visit) -> Response:
         wanted = visit.query("state")
@@ -46,7 +55,8 @@ class KeyPages:
             page_token=visit.query("page_token"),
         )
         now = self._clock.now()
-        rows = [(key, key.state(now).value) for key in page.items]
+        # The listing use case reads each key's last use with the page (ListApiKeys shows it too).
+        rows = [(key, key.state(now).value, page.last_used.get(key.id)) for key in page.items]
         return visit.render(
             "keys.html", rows=rows, state=wanted, states=list(STATES), next_token=page.next_token
         )
@@ -68,8 +78,10 @@ class KeyPages:
         return visit.render("key_secret.html", minted=minted)
 
     async def replace_form(self, visit: Visit) -> Response:
-        key = await asyncio.to_thread(self._keys.get, visit.ctx, visit.path_param("key_id"))
-        return visit.render("key_replace.html", key=key, grace_choices=list(GRACE_CHOICES))
+        key, last_used = await asyncio.to_thread(self._key_and_last_use, visit)
+        return visit.render(
+            "key_replace.html", key=key, last_used=last_used, grace_choices=list(GRACE_CHOICES)
+        )
 
     async def replace(self, visit: Visit) -> Response:
         minted = await asyncio.to_thread(
@@ -81,8 +93,8 @@ class KeyPages:
         return visit.render("key_secret.html", minted=minted)
 
     async def revoke_form(self, visit: Visit) -> Response:
-        key = await asyncio.to_thread(self._keys.get, visit.ctx, visit.path_param("key_id"))
-        return visit.render("key_revoke.html", key=key)
+        key, last_used = await asyncio.to_thread(self._key_and_last_use, visit)
+        return visit.render("key_revoke.html", key=key, last_used=last_used)
 
     async def revoke(self, visit: Visit) -> Response:
         if visit.form.get("confirm") != "yes":

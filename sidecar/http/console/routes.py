@@ -14,6 +14,7 @@ from sidecar.core.apps import AppService
 from sidecar.core.audit_trail import AuditTrail
 from sidecar.core.clock import Clock
 from sidecar.core.storage import Store
+from sidecar.core.usage import UsageService
 from sidecar.core.users import UserService
 from sidecar.http.console.apps import AppPages
 from sidecar.http.console.audit import AuditPages
@@ -35,6 +36,7 @@ class ConsoleServices:
     """The use cases the console calls: the admin API's, shared with its servicers."""
 
     keys: ApiKeyService
+    usage: UsageService
     apps: AppService
     users: UserService
     audit: AuditTrail
@@ -68,7 +70,7 @@ def console_routes(
     trusted = services.oauth.config.trusted_proxies
     guard = Guard(sessions, cookies, trusted)
     signin = SignInPages(services.oauth.authorization, sessions, cookies, trusted)
-    keys = KeyPages(services.keys, services.clock)
+    keys = KeyPages(services.keys, services.usage, services.clock)
     apps = AppPages(services.apps)
     members = MemberPages(services.users)
     audit = AuditPages(services.audit, services.users)

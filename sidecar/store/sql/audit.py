@@ -8,7 +8,7 @@ import json
 from typing import Any
 
 from sidecar.core.audit import AuditEvent, AuditQuery, scrub
-from sidecar.core.audit_chain import ChainedRecord, Checkpoint, Link, next_link
+from sidecar.core.audit_chain import ChainedRecord, Checkpoint, Link, SignedHeads, next_link
 from sidecar.store.sql.qmark import Executes
 
 _COLUMNS = (
@@ -85,6 +85,12 @@ class SqlAudit:
             ),
         )
         return True
+
+    def get(self, event_id: str) -> AuditEvent | None:
+        row = self._conn.execute(
+            f"SELECT {_COLUMNS} FROM audit_events WHERE id = ?", (event_id,)
+        ).fetchone()
+        return None if row is None else _record(row).event
 
     def recent(self, limit: int) -> list[AuditEvent]:
         rows = self._conn.execute(
@@ -168,6 +174,18 @@ class SqlAudit:
             (workspace, newer if newer is not None else 2**62),
         ).fetchone()
         return Link(int(row[0]), str(row[1]), str(row[2])) if row else None
+
+    def latest_signed_heads(self) -> SignedHeads | None:
+        row = self._conn.execute(
+            "SELECT body, signature FROM audit_signed_heads ORDER BY seq DESC LIMIT 1"
+        ).fetchone()
+        return None if row is None else SignedHeads(str(row[0]), str(row[1]))
+
+    def add_signed_heads(self, signed: SignedHeads) -> None:
+        self._conn.execute(
+            "INSERT INTO audit_signed_heads (body, signature) VALUES (?, ?)",
+            (signed.body, signed.signature),
+        )
 
     def prune(self, checkpoint: Checkpoint) -> int:
         self._conn.execute(

@@ -18,11 +18,19 @@ class AuditChainProblem(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     AUDIT_CHAIN_PROBLEM_LINK_MISMATCH: _ClassVar[AuditChainProblem]
     AUDIT_CHAIN_PROBLEM_MISSING: _ClassVar[AuditChainProblem]
     AUDIT_CHAIN_PROBLEM_CHECKPOINT_INVALID: _ClassVar[AuditChainProblem]
+    AUDIT_CHAIN_PROBLEM_TRUNCATED: _ClassVar[AuditChainProblem]
+    AUDIT_CHAIN_PROBLEM_HEAD_MISMATCH: _ClassVar[AuditChainProblem]
+    AUDIT_CHAIN_PROBLEM_CHAIN_MISSING: _ClassVar[AuditChainProblem]
+    AUDIT_CHAIN_PROBLEM_HEADS_INVALID: _ClassVar[AuditChainProblem]
 AUDIT_CHAIN_PROBLEM_UNSPECIFIED: AuditChainProblem
 AUDIT_CHAIN_PROBLEM_DIGEST_MISMATCH: AuditChainProblem
 AUDIT_CHAIN_PROBLEM_LINK_MISMATCH: AuditChainProblem
 AUDIT_CHAIN_PROBLEM_MISSING: AuditChainProblem
 AUDIT_CHAIN_PROBLEM_CHECKPOINT_INVALID: AuditChainProblem
+AUDIT_CHAIN_PROBLEM_TRUNCATED: AuditChainProblem
+AUDIT_CHAIN_PROBLEM_HEAD_MISMATCH: AuditChainProblem
+AUDIT_CHAIN_PROBLEM_CHAIN_MISSING: AuditChainProblem
+AUDIT_CHAIN_PROBLEM_HEADS_INVALID: AuditChainProblem
 
 class AuditRecord(_message.Message):
     __slots__ = ("id", "time", "actor", "action", "workspace", "target", "outcome", "reason", "request_id", "metadata", "cursor", "chain_seq", "prev_digest", "digest")

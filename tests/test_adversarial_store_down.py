@@ -1,0 +1,63 @@
+"""Replication while the database is down: ``Subscribe`` answers ``UNAVAILABLE`` (retryable: the
+sidecar keeps serving from its replica and retries), never ``UNKNOWN`` with a traceback. Its
+own PostgreSQL server, killed mid-test."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from sidecar._gen.statuspulse.auth.v1 import replication_pb2 as rpb
+from sidecar._gen.statuspulse.auth.v1 import replication_pb2_grpc as rpb_grpc
+from sidecar.config import load_settings
+from sidecar.controlplane import ControlPlane
+from sidecar.core.clock import FakeClock
+from sidecar.oauth import kek
+from tests.conftest import LoopThread, bearer
+from tests.support.postgres import PostgresServer, postgres_available
+from tests.support.sync import TEST_SYNC_TOKEN
+
+pytestmark = pytest.mark.skipif(not postgres_available(), reason="PostgreSQL not installed")
+
+
+@pytest.fixture
+def pg() -> Iterator[PostgresServer]:
+    with PostgresServer() as server:
+        yield server
+
+
+def test_subscribe_answers_unavailable_while_the_store_is_down(
+    pg: PostgresServer, tmp_path: Path, loop_thread: LoopThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = load_settings(
+        {
+            "data_dir": str(tmp_path),
+            "database_url": pg.create_database("down"),
+            "admin_addr": "127.0.0.1:0",
+            "http_addr": "127.0.0.1:0",
+            "sync_token": TEST_SYNC_TOKEN,
+            "key_encryption_key": kek.generate(),  # a shared store needs one (issue #14)
+        },
+        environ={},
+    )
+    plane = ControlPlane(settings, clock=FakeClock())
+    loop_thread.run(plane.start())
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{plane.admin_port}") as ch:
+            stub = rpb_grpc.ReplicationServiceStub(ch)
+            md = bearer(TEST_SYNC_TOKEN)
+            first = next(iter(stub.Subscribe(rpb.SubscribeRequest(), metadata=md, timeout=10)))
+            assert first.HasField("snapshot")
+            pg.kill()
+            caplog.set_level(logging.WARNING)
+            with pytest.raises(grpc.RpcError) as info:
+                for _ in stub.Subscribe(rpb.SubscribeRequest(), metadata=md, timeout=60):
+                    pass
+            assert info.value.code() is grpc.StatusCode.UNAVAILABLE, info.value  # type: ignore[attr-defined]
+        assert not [r for r in caplog.records if r.exc_info], caplog.text  # no traceback
+    finally:
+        loop_thread.run(plane.aclose(grace=0))
