@@ -14,6 +14,7 @@ from sidecar.authz.replica import Replica
 from sidecar.core import keyformat
 from sidecar.core.clock import FakeClock
 from sidecar.core.models import Change
+from sidecar.ratelimit.local import AbuseLimits, WindowRateLimiter
 
 
 def upsert(key: str, key_id: str, workspace: str, scopes: list[str], expires_at: float) -> Change:
@@ -125,3 +126,79 @@ def test_authorize_with_explicit_scopes(engine: Engine, keys: dict[str, str]) ->
         Reason.WORKSPACE_MISMATCH
     )
     assert engine.authorize("", ["checks:read"]).reason == Reason.MISSING_CREDENTIAL
+
+
+# -- one pipeline for Check, Authorize and Introspect ------------------------------------------
+
+
+@pytest.fixture
+def limited(keys: dict[str, str], clock: FakeClock) -> Engine:
+    """The engine above with abuse limits, and a key allowed two requests a minute."""
+    replica = Replica()
+    now = clock.now()
+    metered = upsert(keys["reader"], "key_reader", "acme", ["checks:read"], now + 3600)
+    assert isinstance(metered.payload, dict)
+    metered.payload.update(rate_limit=2, rate_period=60)
+    replica.load_snapshot(
+        5,
+        [
+            metered,
+            upsert(keys["revoked"], "key_revoked", "acme", ["checks:read"], now + 3600),
+            upsert(keys["op"], "key_op", "*", ["admin:full"], now + 3600),
+        ],
+    )
+    replica.apply(Change("credential.revoked", "key_revoked", {"id": "key_revoked"}, revision=6))
+    replica.last_contact = now
+    limiter = WindowRateLimiter(AbuseLimits(source_failures=0, key_failures=3))
+    return Engine(replica, parse_policy(default_policy_text()), clock, limiter=limiter)
+
+
+PATH = "/v1/workspaces/acme/checks/1"
+
+
+def test_authorize_spends_the_same_rate_limit_as_check(
+    limited: Engine, keys: dict[str, str]
+) -> None:
+    assert check(limited, PATH, bearer(keys["reader"])) == Reason.OK
+    assert limited.authorize(keys["reader"], ["checks:read"]).reason == Reason.OK
+    over = limited.authorize_route(keys["reader"], "GET", PATH, "api")
+    assert (over.reason, over.detail) == (Reason.RATE_LIMITED, "rate")
+    assert check(limited, PATH, bearer(keys["reader"])) == Reason.RATE_LIMITED
+
+
+def test_introspection_skips_only_the_rate_limit(limited: Engine, keys: dict[str, str]) -> None:
+    """The named option: spend_rate=False asks without using the key."""
+    for _ in range(5):
+        assert limited.introspect(keys["reader"]).reason == Reason.OK
+    assert limited.authorize(keys["reader"], (), spend_rate=False).reason == Reason.OK
+    assert check(limited, PATH, bearer(keys["reader"])) == Reason.OK  # nothing was spent
+    for _ in range(3):  # failed attempts count wherever the key is presented
+        assert limited.introspect(keys["revoked"]).reason == Reason.REVOKED_CREDENTIAL
+    blocked = limited.authorize(keys["revoked"], ["checks:read"])
+    assert (blocked.reason, blocked.detail) == (Reason.RATE_LIMITED, "key")
+    assert check(limited, PATH, bearer(keys["revoked"])) == Reason.RATE_LIMITED
+
+
+def test_one_workspace_rule(engine: Engine, keys: dict[str, str]) -> None:
+    other = "/v1/workspaces/globex/checks/1"
+    assert check(engine, other, bearer(keys["reader"])) == Reason.WORKSPACE_MISMATCH
+    assert engine.authorize_route(keys["reader"], "GET", other, "api").reason == (
+        Reason.WORKSPACE_MISMATCH
+    )
+    # The caller's workspace binds on top of the route's.
+    assert engine.authorize_route(keys["reader"], "GET", PATH, "api", "globex").reason == (
+        Reason.WORKSPACE_MISMATCH
+    )
+    assert engine.authorize_route(keys["reader"], "GET", PATH, "api", "acme").reason == Reason.OK
+    # The operator key is refused on routes, in-cluster as on a Check (issue #13).
+    assert engine.authorize_route(keys["op"], "GET", other, "api", "acme").reason == (
+        Reason.OPERATOR_NOT_ALLOWED
+    )
+    assert check(engine, other, bearer(keys["op"])) == Reason.OPERATOR_NOT_ALLOWED
+    assert engine.authorize(keys["op"], ["checks:read"], "globex").reason == Reason.OK
+    assert engine.authorize_route(keys["reader"], "GET", "/nowhere", "api").reason == (
+        Reason.NO_ROUTE
+    )
+    assert engine.authorize_route(keys["reader"], "GET", "/v1/a/../b", "api").reason == (
+        Reason.NON_CANONICAL_PATH
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import base64
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,7 @@ from sidecar.oauth.errors import (
     TemporarilyUnavailable,
 )
 from sidecar.oauth.throttle import SignInThrottle, ThrottlePolicy
+from sidecar.store.sql.sqlite import SqliteStore
 
 ROOT = Path(__file__).resolve().parent.parent
 FORBIDDEN = {"grpc", "redis", "sqlite3", "psycopg", "starlette", "uvicorn", "envoy", "google"}
@@ -202,6 +204,36 @@ def test_client_authentication_rules() -> None:
         client_auth.authenticate(public, ok, 0)
     with pytest.raises(InvalidClient):
         client_auth.authenticate(None, none, 0)
+
+
+def test_one_client_authenticator_with_per_endpoint_methods(tmp_path: Path) -> None:
+    """Token, revocation and introspection share the seam; introspection narrows the methods."""
+    store = SqliteStore(tmp_path / "spauth.db")
+    secret = credentials.mint(credentials.CLIENT_SECRET)
+    with store.transaction() as uow:
+        uow.oauth.apps.insert(_app(True, secret))
+        uow.oauth.apps.insert(replace(_app(False), id="app_2"))
+    clients = client_auth.ClientAuthenticator(store, FakeClock(0))
+    assert clients.authenticate_client(_basic("app_1", secret), {}).id == "app_1"
+    assert clients.authenticate_client("", {"client_id": "app_2"}).id == "app_2"
+    confidential_only = client_auth.CONFIDENTIAL_METHODS
+    assert clients.authenticate_client(_basic("app_1", secret), {}, confidential_only).confidential
+    with pytest.raises(InvalidClient):
+        clients.authenticate_client("", {"client_id": "app_2"}, confidential_only)
+    for authorization, form in (("", {}), ("", {"client_id": "app_9"}), (_basic("app_1", "x"), {})):
+        with pytest.raises(InvalidClient):
+            clients.authenticate_client(authorization, form)
+    store.close()
+
+
+def test_only_the_client_authenticator_reads_client_credentials() -> None:
+    """A rule lives once: no endpoint parses client credentials on its own."""
+    readers = [
+        path.relative_to(ROOT).as_posix()
+        for path in (ROOT / "sidecar").rglob("*.py")
+        if "from_request(" in path.read_text() and path.name != "client_auth.py"
+    ]
+    assert readers == []
 
 
 # -- redirect URIs -----------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sidecar.core.clock import FakeClock
+from sidecar.core.models import Change
 from sidecar.dataplane.process import SYNC_HEALTH, Sidecar
 from sidecar.ops.health import Health, Status
 from tests.conftest import LoopThread, RunningControlPlane
@@ -121,3 +122,34 @@ def test_control_plane_readiness_and_drain(tmp_path: Path, loop_thread: LoopThre
         closing = asyncio.run_coroutine_threadsafe(plane.aclose(), loop_thread.loop)
         wait_until(lambda: ready(url) == (503, {"status": "not_serving", "reasons": ["draining"]}))
         closing.result(15)
+
+
+def test_a_change_of_unknown_kind_is_reported_not_skipped(
+    tmp_path: Path, loop_thread: LoopThread
+) -> None:
+    """A newer control plane's change the sidecar cannot apply: health degraded, a metric by
+    kind, and the changes after it still apply (the key below keeps working)."""
+    clock = FakeClock()
+    addr = f"127.0.0.1:{free_port()}"
+    settings = sidecar_settings(addr, tmp_path / "sc", max_staleness=60)
+    with running_sidecar(settings, clock) as sidecar:
+        url = status_url(sidecar)
+        with plane_on(addr, tmp_path / "cp", clock, loop_thread) as (plane, operator):
+            wait_until(lambda: ready(url) == (200, {"status": "serving", "reasons": []}))
+            with plane.store.transaction() as uow:
+                uow.changes.append(Change("credential.from_the_future", "key_x", {"id": "x"}))
+            secret, _ = create_key(addr, operator, ["checks:read"])
+            wait_until(lambda: call_check(sidecar.port, check_request(CHECKS, bearer(secret)))
+                       .status.code == 0)  # fmt: skip
+            degraded = (200, {"status": "degraded", "reasons": ["unknown_change_kind"]})
+            wait_until(lambda: ready(url) == degraded)
+            wait_until(
+                lambda: (
+                    sample(
+                        scrape(url),
+                        "spauth_replica_unknown_changes_total",
+                        kind="credential.from_the_future",
+                    )
+                    == 1
+                )
+            )

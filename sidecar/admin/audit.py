@@ -4,77 +4,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import hmac
 import logging
-from collections.abc import AsyncIterator, Callable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 
 from sidecar._gen.statuspulse.auth.v1 import audit_pb2 as pb
 from sidecar._gen.statuspulse.auth.v1 import audit_pb2_grpc as pb_grpc
 from sidecar.admin import audit_convert as convert
-from sidecar.admin.errors import grpc_code
 from sidecar.admin.rpc import (
     Authenticator,
+    abort,
     admin_rpc,
-    authenticated,
+    admin_stream,
     bearer_token,
     request_id,
 )
 from sidecar.core.audit_trail import SIDECAR, AuditTrail, decode_cursor, encode_cursor
-from sidecar.core.errors import SpauthError, Unauthenticated
+from sidecar.core.errors import Unauthenticated
 from sidecar.core.models import Principal, RequestContext
 
 log = logging.getLogger("sidecar.admin")
 
-Req = TypeVar("Req")
-Resp = TypeVar("Resp")
-StreamMethod = Callable[[Any, Req, RequestContext], AsyncIterator[Resp]]
-
 # A tail wakes at once for changes committed in this process (key events, ingests) and polls
 # this often for anything else (another control plane on the same database).
 POLL_SECONDS = 0.25
-# A stream re-authenticates its key this often (checked before each record it sends), so a
-# revoked key stops receiving records.
-REAUTH_SECONDS = 10.0
-
-
-def admin_stream(
-    method: StreamMethod[Req, Resp],
-) -> Callable[[Any, Req, grpc.aio.ServicerContext[Req, Resp]], AsyncIterator[Resp]]:
-    """``admin_rpc`` for server-streaming methods: authenticate, stream, map errors once."""
-
-    @functools.wraps(method)
-    async def wrapper(
-        self: Any, request: Req, context: grpc.aio.ServicerContext[Req, Resp]
-    ) -> AsyncIterator[Resp]:
-        metadata = context.invocation_metadata()
-        rid = request_id(metadata)  # type: ignore[arg-type]
-        context.set_trailing_metadata((("x-request-id", rid),))
-        try:
-            token = bearer_token(metadata)  # type: ignore[arg-type]
-            ctx = await authenticated(self.authenticator, token, rid, context.peer())
-            loop = asyncio.get_running_loop()
-            reauth_at = loop.time() + REAUTH_SECONDS
-            async for item in method(self, request, ctx):
-                if loop.time() >= reauth_at:
-                    # A long tail must not outlive its key's revocation.
-                    await asyncio.to_thread(self.authenticator.authenticate, token)
-                    reauth_at = loop.time() + REAUTH_SECONDS
-                yield item
-        except SpauthError as exc:
-            log.info(
-                "admin stream refused",
-                extra={"method": method.__name__, "code": exc.code, "request_id": rid},
-            )
-            await context.abort(grpc_code(exc), exc.message)
-        except Exception:
-            log.exception("admin stream failed", extra={"method": method.__name__})
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {rid})")
-
-    return wrapper
 
 
 def _filter_kwargs(f: pb.AuditFilter, *, times: bool = True) -> dict[str, Any]:
@@ -214,12 +170,8 @@ class AuditServicer(pb_grpc.AuditServiceServicer):  # type: ignore[misc]
                 cursor = result.cursor
                 if result.stored:
                     self._wake()
-        except SpauthError as exc:
-            log.info("audit ingest refused", extra={"code": exc.code, "request_id": rid})
-            await context.abort(grpc_code(exc), exc.message)
-        except Exception:
-            log.exception("audit ingest failed", extra={"request_id": rid})
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {rid})")
+        except Exception as exc:
+            await abort(context, exc, "IngestAuditRecords", rid)
         return pb.IngestAuditRecordsResponse(
             acknowledged_ids=acknowledged, stored=stored, cursor=encode_cursor(cursor)
         )

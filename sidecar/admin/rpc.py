@@ -1,5 +1,5 @@
-"""The seam every admin RPC goes through: authenticate the caller, run the (blocking) core call
-off the event loop, and map errors once."""
+"""The seam every admin RPC goes through, unary or streaming: authenticate the caller, run the
+(blocking) core call off the event loop, and map errors once."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import hmac
 import logging
 import re
 import secrets
-from collections.abc import Awaitable, Callable
-from typing import Any, Protocol, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, NoReturn, Protocol, TypeVar
 
 import grpc
 
@@ -24,6 +24,9 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
+
+
+Metadata = tuple[tuple[str, str | bytes], ...] | None
 
 
 class Authenticator(Protocol):
@@ -56,7 +59,7 @@ class SourceAware:
         raise NotImplementedError
 
 
-def bearer_token(metadata: tuple[tuple[str, str | bytes], ...] | None) -> str:
+def bearer_token(metadata: Metadata) -> str:
     """The credential from ``authorization: Bearer <key>`` metadata, or ''."""
     for name, value in metadata or ():
         if name == "authorization" and isinstance(value, str):
@@ -67,7 +70,7 @@ def bearer_token(metadata: tuple[tuple[str, str | bytes], ...] | None) -> str:
     return ""
 
 
-def request_id(metadata: tuple[tuple[str, str | bytes], ...] | None) -> str:
+def request_id(metadata: Metadata) -> str:
     """The caller's ``x-request-id`` when well-formed, else a fresh one."""
     for name, value in metadata or ():
         if name == "x-request-id" and isinstance(value, str) and _REQUEST_ID.fullmatch(value):
@@ -76,6 +79,31 @@ def request_id(metadata: tuple[tuple[str, str | bytes], ...] | None) -> str:
 
 
 Handler = Callable[[Any, Req, RequestContext], Awaitable[Resp]]
+StreamMethod = Callable[[Any, Req, RequestContext], AsyncIterator[Resp]]
+
+# A stream re-authenticates its key this often (checked before each message it sends), so a
+# revoked key stops receiving records.
+REAUTH_SECONDS = 10.0
+
+
+def _begin(context: grpc.aio.ServicerContext[Any, Any]) -> tuple[Metadata, str]:
+    metadata: Metadata = context.invocation_metadata()  # type: ignore[assignment]
+    rid = request_id(metadata)
+    context.set_trailing_metadata((("x-request-id", rid),))
+    return metadata, rid
+
+
+async def abort(
+    context: grpc.aio.ServicerContext[Any, Any], exc: Exception, method: str, rid: str
+) -> NoReturn:
+    """End the call with ``exc`` mapped to its gRPC status; internal detail stays in the log."""
+    if isinstance(exc, SpauthError):
+        log.info(
+            "admin call refused", extra={"method": method, "code": exc.code, "request_id": rid}
+        )
+        await context.abort(grpc_code(exc), exc.message)
+    log.error("admin call failed", exc_info=exc, extra={"method": method, "request_id": rid})
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {rid})")
 
 
 async def authenticated(
@@ -98,28 +126,46 @@ def core_method(method: Callable[..., Awaitable[Any]]) -> Handler[Any, Any]:
 def admin_rpc(
     method: Callable[[Any, Req, RequestContext], Awaitable[Resp]],
 ) -> Callable[[Any, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]]:
-    """Decorate a servicer method ``(self, request, ctx)`` whose class has ``authenticator``."""
+    """Decorate a unary servicer method ``(self, request, ctx)`` whose class has
+    ``authenticator``."""
 
     @functools.wraps(method)
     async def wrapper(
         self: Any, request: Req, context: grpc.aio.ServicerContext[Req, Resp]
     ) -> Resp:
-        metadata = context.invocation_metadata()
-        rid = request_id(metadata)  # type: ignore[arg-type]
-        context.set_trailing_metadata((("x-request-id", rid),))
+        metadata, rid = _begin(context)
         try:
-            token = bearer_token(metadata)  # type: ignore[arg-type]
+            token = bearer_token(metadata)
             ctx = await authenticated(self.authenticator, token, rid, context.peer())
             return await method(self, request, ctx)
-        except SpauthError as exc:
-            log.info(
-                "admin call refused",
-                extra={"method": method.__name__, "code": exc.code, "request_id": rid},
-            )
-            await context.abort(grpc_code(exc), exc.message)
-        except Exception:
-            log.exception("admin call failed", extra={"method": method.__name__, "request_id": rid})
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {rid})")
-        raise AssertionError("unreachable: abort raises")
+        except Exception as exc:
+            await abort(context, exc, method.__name__, rid)
+
+    return wrapper
+
+
+def admin_stream(
+    method: StreamMethod[Req, Resp],
+) -> Callable[[Any, Req, grpc.aio.ServicerContext[Req, Resp]], AsyncIterator[Resp]]:
+    """``admin_rpc`` for server-streaming methods; the key is checked again every
+    ``REAUTH_SECONDS`` so a long stream does not outlive its key's revocation."""
+
+    @functools.wraps(method)
+    async def wrapper(
+        self: Any, request: Req, context: grpc.aio.ServicerContext[Req, Resp]
+    ) -> AsyncIterator[Resp]:
+        metadata, rid = _begin(context)
+        try:
+            token = bearer_token(metadata)
+            ctx = await authenticated(self.authenticator, token, rid, context.peer())
+            loop = asyncio.get_running_loop()
+            reauth_at = loop.time() + REAUTH_SECONDS
+            async for item in method(self, request, ctx):
+                if loop.time() >= reauth_at:
+                    await authenticated(self.authenticator, token, rid, context.peer())
+                    reauth_at = loop.time() + REAUTH_SECONDS
+                yield item
+        except Exception as exc:
+            await abort(context, exc, method.__name__, rid)
 
     return wrapper

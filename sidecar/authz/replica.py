@@ -6,12 +6,17 @@ immutable entries, readers see either the old or the new one."""
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import ip_network
 from typing import Any
 
 from sidecar.authz.decision import Identity
+from sidecar.core import changes
 from sidecar.core.models import Change
+
+log = logging.getLogger("sidecar.replica")
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +55,9 @@ class Replica:
         self.revoked_grants: dict[str, float] = {}
         self.revoked_jtis: dict[str, float] = {}
         self.last_contact = 0.0
+        # Changes of a kind this version does not know, by kind, since the process started
+        # (reported in health and metrics, never applied).
+        self.unknown_kinds: dict[str, int] = {}
 
     # -- reads (hot path) --------------------------------------------------------------------
 
@@ -70,6 +78,8 @@ class Replica:
         self.signing_keys = fresh.signing_keys
         self.revoked_grants = fresh.revoked_grants
         self.revoked_jtis = fresh.revoked_jtis
+        for kind, count in fresh.unknown_kinds.items():
+            self.unknown_kinds[kind] = self.unknown_kinds.get(kind, 0) + count
         self.revision = revision
         self.log_id = log_id
         self.loaded = True
@@ -82,39 +92,44 @@ class Replica:
         self.revision = change.revision
 
     def _apply(self, change: Change) -> None:
-        p = change.payload
         try:
-            handler = _HANDLERS.get(change.kind)
-            if handler is not None:
-                handler(self, p)
+            message = changes.parse(change)
+        except changes.UnknownChangeKind as exc:
+            # Not a silent skip: counted, logged and reported in health and metrics. The rest
+            # of the log still applies (its revisions must not stall behind it).
+            self.unknown_kinds[exc.kind[:64]] = self.unknown_kinds.get(exc.kind[:64], 0) + 1
+            log.error(
+                "change of unknown kind not applied",
+                extra={"kind": exc.kind[:64], "revision": change.revision},
+            )
+            return
+        except changes.MalformedChange as exc:
+            raise ReplicaError(str(exc)) from exc
+        try:
+            _APPLY[type(message)](self, message)
         except (KeyError, TypeError, ValueError) as exc:
             raise ReplicaError(f"bad {change.kind} payload at revision {change.revision}") from exc
 
-    def _upsert_credential(self, p: dict[str, Any]) -> None:
-        digest = bytes.fromhex(str(p["digest"]))
-        old = self._digest_of.get(str(p["id"]))
-        if old is not None and old != digest:
+    def _upsert_credential(self, m: changes.CredentialUpserted) -> None:
+        old = self._digest_of.get(m.id)
+        if old is not None and old != m.digest:
             self.by_digest.pop(old, None)
-        self._digest_of[str(p["id"])] = digest
+        self._digest_of[m.id] = m.digest
         identity = Identity(
             kind="api_key",
-            id=str(p["id"]),
-            workspace=str(p["workspace"]),
-            scopes=frozenset(str(s) for s in p["scopes"]),
+            id=m.id,
+            workspace=m.workspace,
+            scopes=m.scopes,
             # A replaced key's grace deadline ends it like an expiry, enforced here.
-            expires_at=min(int(p["expires_at"]), int(p.get("grace_deadline") or p["expires_at"])),
-            rate_limit=int(p.get("rate_limit", 0)),
-            rate_period=int(p.get("rate_period", 0)),
-            networks=tuple(ip_network(str(c)) for c in p.get("client_cidrs", ())),
+            expires_at=min(m.expires_at, m.grace_deadline or m.expires_at),
+            rate_limit=m.rate_limit,
+            rate_period=m.rate_period,
+            networks=tuple(ip_network(c) for c in m.client_cidrs),
         )
-        self.by_digest[digest] = Credential(
-            identity,
-            revoked=bool(p.get("revoked", False)),
-            suspended=bool(p.get("suspended", False)),
-        )
+        self.by_digest[m.digest] = Credential(identity, revoked=m.revoked, suspended=m.suspended)
 
-    def _revoke_credential(self, p: dict[str, Any]) -> None:
-        digest = self._digest_of.get(str(p["id"]))
+    def _revoke_credential(self, m: changes.CredentialRevoked) -> None:
+        digest = self._digest_of.get(m.id)
         if digest is None:
             return
         cred = self.by_digest.get(digest)
@@ -122,21 +137,21 @@ class Replica:
             # Keep a tombstone so the denial can say "revoked" rather than "unknown".
             self.by_digest[digest] = Credential(cred.identity, revoked=True)
 
-    def _expire_credential(self, p: dict[str, Any]) -> None:
+    def _expire_credential(self, m: changes.CredentialExpired) -> None:
         # Expiry is evaluated against the clock at every check; nothing to change here.
-        str(p["id"])
+        return None
 
-    def _upsert_signing_key(self, p: dict[str, Any]) -> None:
-        self.signing_keys[str(p["kid"])] = dict(p)
+    def _upsert_signing_key(self, m: changes.SigningKeyUpserted) -> None:
+        self.signing_keys[m.kid] = m.change().payload
 
-    def _retire_signing_key(self, p: dict[str, Any]) -> None:
-        self.signing_keys.pop(str(p["kid"]), None)
+    def _retire_signing_key(self, m: changes.SigningKeyRetired) -> None:
+        self.signing_keys.pop(m.kid, None)
 
-    def _revoke_grant(self, p: dict[str, Any]) -> None:
-        self.revoked_grants[str(p["grant_id"])] = float(p.get("expires_at", 0))
+    def _revoke_grant(self, m: changes.GrantRevoked) -> None:
+        self.revoked_grants[m.grant_id] = m.expires_at
 
-    def _revoke_jti(self, p: dict[str, Any]) -> None:
-        self.revoked_jtis[str(p["jti"])] = float(p.get("expires_at", 0))
+    def _revoke_jti(self, m: changes.TokenRevoked) -> None:
+        self.revoked_jtis[m.jti] = m.expires_at
 
     def prune(self, now: float, margin: float = 86400) -> int:
         """Forget credentials and revocations that expired more than ``margin`` ago."""
@@ -160,28 +175,22 @@ class Replica:
         out: list[Change] = []
         for digest, cred in self.by_digest.items():
             ident = cred.identity
-            payload: dict[str, object] = {
-                "id": ident.id,
-                "digest": digest.hex(),
-                "workspace": ident.workspace,
-                "scopes": sorted(ident.scopes),
-                "expires_at": int(ident.expires_at),
-            }
-            if ident.rate_limit:
-                payload["rate_limit"] = ident.rate_limit
-                payload["rate_period"] = ident.rate_period
-            if cred.revoked:
-                payload["revoked"] = True
-            out.append(Change("credential.upserted", cred.id, payload))
-        out.extend(Change("signing_key.upserted", k, dict(v)) for k, v in self.signing_keys.items())
-        out.extend(
-            Change("grant.revoked", g, {"grant_id": g, "expires_at": t})
-            for g, t in self.revoked_grants.items()
-        )
-        out.extend(
-            Change("token.revoked", j, {"jti": j, "expires_at": t})
-            for j, t in self.revoked_jtis.items()
-        )
+            message = changes.CredentialUpserted(
+                ident.id,
+                digest,
+                ident.workspace,
+                ident.scopes,
+                int(ident.expires_at),
+                ident.rate_limit,
+                ident.rate_period,
+                cred.revoked,
+                suspended=cred.suspended,
+                client_cidrs=tuple(str(n) for n in ident.networks),
+            )
+            out.append(message.change())
+        out.extend(changes.SigningKeyUpserted.parse(v).change() for v in self.signing_keys.values())
+        out.extend(changes.GrantRevoked(g, t).change() for g, t in self.revoked_grants.items())
+        out.extend(changes.TokenRevoked(j, t).change() for j, t in self.revoked_jtis.items())
         return out
 
     def dumps(self) -> str:
@@ -216,12 +225,12 @@ class Replica:
         self.last_contact = last_contact
 
 
-_HANDLERS = {
-    "credential.upserted": Replica._upsert_credential,
-    "credential.revoked": Replica._revoke_credential,
-    "credential.expired": Replica._expire_credential,
-    "signing_key.upserted": Replica._upsert_signing_key,
-    "signing_key.retired": Replica._retire_signing_key,
-    "grant.revoked": Replica._revoke_grant,
-    "token.revoked": Replica._revoke_jti,
+_APPLY: dict[type[changes.Message], Callable[[Replica, Any], None]] = {
+    changes.CredentialUpserted: Replica._upsert_credential,
+    changes.CredentialRevoked: Replica._revoke_credential,
+    changes.CredentialExpired: Replica._expire_credential,
+    changes.SigningKeyUpserted: Replica._upsert_signing_key,
+    changes.SigningKeyRetired: Replica._retire_signing_key,
+    changes.GrantRevoked: Replica._revoke_grant,
+    changes.TokenRevoked: Replica._revoke_jti,
 }

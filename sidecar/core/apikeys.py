@@ -10,14 +10,13 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
-from sidecar.core import key_notices, keyformat, validation, webhooks
+from sidecar.core import changes, key_notices, keyformat, permissions, validation, webhooks
 from sidecar.core.audit import event
 from sidecar.core.clock import Clock
 from sidecar.core.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
-    PermissionDenied,
     Unauthenticated,
 )
 from sidecar.core.models import (
@@ -30,7 +29,7 @@ from sidecar.core.models import (
     Principal,
     RequestContext,
 )
-from sidecar.core.scopes import ADMIN_FULL, KEYS_MANAGE, parse_scopes, satisfies, sort_scopes
+from sidecar.core.scopes import ADMIN_FULL, KEYS_MANAGE, parse_scopes, sort_scopes
 from sidecar.core.storage import Store, UnitOfWork
 
 DAY = 86400
@@ -64,29 +63,6 @@ class KeyPolicy:
     min_rotation_period: int = DAY
 
 
-def credential_payload(key: ApiKey) -> dict[str, object]:
-    """What a sidecar replica needs to know about a usable key (digest, never the secret)."""
-    payload: dict[str, object] = {
-        "id": key.id,
-        "digest": key.digest.hex(),
-        "workspace": key.workspace,
-        "scopes": sort_scopes(key.scopes),
-        "expires_at": key.expires_at,
-    }
-    if key.rate_limit:
-        payload["rate_limit"] = key.rate_limit
-        payload["rate_period"] = key.rate_period
-    if key.suspended_at is not None:
-        payload["suspended"] = True
-    if key.client_cidrs:
-        payload["client_cidrs"] = list(key.client_cidrs)
-    if key.grace_deadline is not None:
-        # A replaced key's grace deadline travels to the replicas, which enforce it themselves:
-        # the old key stops at the deadline even while the control plane is down.
-        payload["grace_deadline"] = key.grace_deadline
-    return payload
-
-
 @dataclass(frozen=True, slots=True)
 class KeyEdit:
     """Fields to change on a key; None leaves a field as it is. ``rate_limit`` (0, 0) removes
@@ -103,7 +79,7 @@ class KeyEdit:
 def key_snapshot(uow: UnitOfWork, now: int) -> Iterator[Change]:
     """Every usable key as a replica entry (the API-key part of a replica snapshot)."""
     for key in uow.keys.usable(now):
-        yield Change("credential.upserted", key.id, credential_payload(key))
+        yield changes.credential_upserted(key)
 
 
 class ApiKeyService:
@@ -137,7 +113,7 @@ class ApiKeyService:
     def require_manager(self, ctx: RequestContext, workspace: str) -> None:
         """Refuse unless the caller may manage keys in ``workspace``: the check ``create`` makes,
         for a transport that shows a form before calling it (the web console)."""
-        _require(ctx.principal, KEYS_MANAGE, workspace)
+        permissions.require(ctx.principal, workspace, KEYS_MANAGE)
 
     def create(
         self,
@@ -165,8 +141,8 @@ class ApiKeyService:
         about = validation.description(description)
         networks = validation.client_cidrs(client_cidrs or [])
         rotation = self._rotation_period(rotation_period)
-        _require(ctx.principal, KEYS_MANAGE, workspace)
-        _require_grantable(ctx.principal, granted)
+        permissions.require(ctx.principal, workspace, KEYS_MANAGE)
+        permissions.require_grantable(ctx.principal, granted)
         now = int(self._clock.now())
         secret = keyformat.mint_key()
         key = ApiKey(
@@ -197,7 +173,7 @@ class ApiKeyService:
                 _require_operator_room(uow, now)
             uow.keys.insert(key)
             self._record(uow, ctx, "key.created", key, meta)
-            uow.changes.append(Change("credential.upserted", key.id, credential_payload(key)))
+            uow.changes.append(changes.credential_upserted(key))
         return Minted(key=key, secret=secret)
 
     def list(
@@ -217,10 +193,10 @@ class ApiKeyService:
         if workspace:
             if workspace != OPERATOR_WORKSPACE:
                 validation.workspace(workspace)
-            _require(ctx.principal, KEYS_MANAGE, workspace)
+            permissions.require(ctx.principal, workspace, KEYS_MANAGE)
             scope: str | None = workspace
         else:
-            _require(ctx.principal, KEYS_MANAGE, ctx.principal.workspace)
+            permissions.require(ctx.principal, ctx.principal.workspace, KEYS_MANAGE)
             scope = None if ctx.principal.is_operator else ctx.principal.workspace
         size = page_size or self.policy.default_page_size
         if not 1 <= size <= self.policy.max_page_size:
@@ -251,7 +227,7 @@ class ApiKeyService:
         """One key the caller may see."""
         with self._store.read() as uow:
             key = _load(uow, key_id)
-        _require(ctx.principal, KEYS_MANAGE, key.workspace)
+        permissions.require(ctx.principal, key.workspace, KEYS_MANAGE)
         return key
 
     def whoami(self, ctx: RequestContext) -> ApiKey:
@@ -271,8 +247,8 @@ class ApiKeyService:
         secret = keyformat.mint_key()
         with self._store.transaction() as uow:
             old = _load(uow, key_id)
-            _require(ctx.principal, KEYS_MANAGE, old.workspace)
-            _require_grantable(ctx.principal, old.scopes)
+            permissions.require(ctx.principal, old.workspace, KEYS_MANAGE)
+            permissions.require_grantable(ctx.principal, old.scopes)
             if old.revoked_at is not None:
                 raise FailedPrecondition(f"key {old.id} is revoked; create a new key instead")
             if old.replaced_by:
@@ -308,9 +284,9 @@ class ApiKeyService:
             if deadline is not None:
                 meta["grace_deadline"] = str(deadline)
             self._record(uow, ctx, "key.replaced", new, meta)
-            uow.changes.append(Change("credential.upserted", new.id, credential_payload(new)))
+            uow.changes.append(changes.credential_upserted(new))
             if deadline is not None:
-                uow.changes.append(Change("credential.upserted", old.id, credential_payload(old)))
+                uow.changes.append(changes.credential_upserted(old))
         return Minted(key=new, secret=secret, replaced=old)
 
     def update(self, ctx: RequestContext, key_id: str, edit: KeyEdit) -> ApiKey:
@@ -319,7 +295,7 @@ class ApiKeyService:
         fields = self._edited_fields(edit)
         with self._store.transaction() as uow:
             key = _load(uow, key_id)
-            _require(ctx.principal, KEYS_MANAGE, key.workspace)
+            permissions.require(ctx.principal, key.workspace, KEYS_MANAGE)
             if key.revoked_at is not None:
                 raise FailedPrecondition(f"key {key.id} is revoked; it cannot be edited")
             changed = {f: v for f, v in fields.items() if getattr(key, f) != v}
@@ -339,7 +315,7 @@ class ApiKeyService:
         reason = _reason(reason)
         with self._store.transaction() as uow:
             key = _load(uow, key_id)
-            _require(ctx.principal, KEYS_MANAGE, key.workspace)
+            permissions.require(ctx.principal, key.workspace, KEYS_MANAGE)
             if key.revoked_at is not None:
                 raise FailedPrecondition(f"key {key.id} is revoked; it cannot be suspended")
             if key.suspended_at is not None:
@@ -354,7 +330,7 @@ class ApiKeyService:
         """Lift a suspension; idempotent."""
         with self._store.transaction() as uow:
             key = _load(uow, key_id)
-            _require(ctx.principal, KEYS_MANAGE, key.workspace)
+            permissions.require(ctx.principal, key.workspace, KEYS_MANAGE)
             if key.revoked_at is not None:
                 raise FailedPrecondition(f"key {key.id} is revoked; it cannot be resumed")
             if key.suspended_at is None:
@@ -377,7 +353,7 @@ class ApiKeyService:
         detail = _reason(detail)
         with self._store.transaction() as uow:
             key = _load(uow, key_id)
-            _require(ctx.principal, KEYS_MANAGE, key.workspace)
+            permissions.require(ctx.principal, key.workspace, KEYS_MANAGE)
             meta = {"step": step, "target": target}
             if key.replaced_by:
                 meta["replaced_by"] = key.replaced_by
@@ -403,7 +379,7 @@ class ApiKeyService:
     def _replicate(self, uow: UnitOfWork, key: ApiKey) -> None:
         """Tell the sidecars about a changed key, unless it can no longer authenticate."""
         if key.state(self._clock.now()) in (KeyState.ACTIVE, KeyState.SUSPENDED):
-            uow.changes.append(Change("credential.upserted", key.id, credential_payload(key)))
+            uow.changes.append(changes.credential_upserted(key))
 
     def revoke(
         self, ctx: RequestContext, key_id: str, *, reason: str = "", force: bool = False
@@ -417,8 +393,8 @@ class ApiKeyService:
         now = int(self._clock.now())
         with self._store.transaction() as uow:
             key = _load(uow, key_id)
-            _require(ctx.principal, KEYS_MANAGE, key.workspace)
-            _require_grantable(ctx.principal, key.scopes, "revoke a key with")
+            permissions.require(ctx.principal, key.workspace, KEYS_MANAGE)
+            permissions.require_grantable(ctx.principal, key.scopes, "revoke a key with")
             if key.revoked_at is not None:
                 return key
             if key.is_operator and not force:
@@ -431,7 +407,7 @@ class ApiKeyService:
             key = replace(key, revoked_at=now, revoke_reason=reason)
             uow.keys.update(key)
             self._record(uow, ctx, "key.revoked", key, {}, reason=reason)
-            uow.changes.append(Change("credential.revoked", key.id, {"id": key.id}))
+            uow.changes.append(changes.credential_revoked(key.id))
             key_notices.notify(uow, self._clock.now(), webhooks.KEY_REVOKED, key, reason=reason)
         return key
 
@@ -448,7 +424,7 @@ class ApiKeyService:
                     key_notices.system_event(
                         uow, self._clock.now(), "key.revoked", revoked, revoked.revoke_reason
                     )
-                    uow.changes.append(Change("credential.revoked", key.id, {"id": key.id}))
+                    uow.changes.append(changes.credential_revoked(key.id))
                     key_notices.notify(
                         uow,
                         self._clock.now(),
@@ -459,7 +435,7 @@ class ApiKeyService:
                 else:
                     uow.keys.update(replace(key, expiry_recorded=True))
                     key_notices.system_event(uow, self._clock.now(), "key.expired", key, "")
-                    uow.changes.append(Change("credential.expired", key.id, {"id": key.id}))
+                    uow.changes.append(changes.credential_expired(key.id))
             noticed = key_notices.record(uow, now, self.policy.expiry_warning)
         return len(due) + noticed
 
@@ -491,7 +467,7 @@ class ApiKeyService:
             key_notices.system_event(
                 uow, self._clock.now(), "key.created", key, "bootstrap operator key"
             )
-            uow.changes.append(Change("credential.upserted", key.id, credential_payload(key)))
+            uow.changes.append(changes.credential_upserted(key))
         return Minted(key=key, secret=secret)
 
     def break_glass_operator_key(self, os_user: str, name: str = "break-glass") -> Minted:
@@ -523,7 +499,7 @@ class ApiKeyService:
                     metadata={"name": key.name, "os_user": os_user[:100], "break_glass": "true"},
                 )
             )
-            uow.changes.append(Change("credential.upserted", key.id, credential_payload(key)))
+            uow.changes.append(changes.credential_upserted(key))
         return Minted(key=key, secret=secret)
 
     def operator_expiry(self) -> int:
@@ -596,25 +572,6 @@ def _load(uow: UnitOfWork, key_id: str) -> ApiKey:
     if key is None:
         raise NotFound(f"no API key with id {key_id[:64]!r}")
     return key
-
-
-def _require(principal: Principal, scope: str, workspace: str) -> None:
-    """The caller must act in ``workspace`` (the operator acts everywhere) and hold ``scope``."""
-    if not principal.is_operator and principal.workspace != workspace:
-        raise PermissionDenied(
-            f"key {principal.key_id} acts only in workspace {principal.workspace!r}"
-        )
-    if not satisfies(principal.scopes, scope):
-        raise PermissionDenied(f"this call needs scope {scope!r}")
-
-
-def _require_grantable(principal: Principal, scopes: frozenset[str], verb: str = "grant") -> None:
-    """A caller can never mint, replace or revoke a key with a scope it does not hold."""
-    missing = sorted(s for s in scopes if not satisfies(principal.scopes, s))
-    if missing:
-        raise PermissionDenied(
-            f"cannot {verb} scopes the caller does not hold: {', '.join(missing)}"
-        )
 
 
 def _require_operator_room(uow: UnitOfWork, now: int) -> None:

@@ -9,14 +9,14 @@ import re
 from dataclasses import replace
 from urllib.parse import SplitResult, urlsplit
 
-from sidecar.core import credentials, validation
+from sidecar.core import credentials, permissions, validation
 from sidecar.core.audit import event
 from sidecar.core.clock import Clock
-from sidecar.core.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from sidecar.core.errors import FailedPrecondition, InvalidArgument, NotFound
 from sidecar.core.grants import revoke_grant
-from sidecar.core.models import OPERATOR_WORKSPACE, Principal, RequestContext
+from sidecar.core.models import OPERATOR_WORKSPACE, RequestContext
 from sidecar.core.oauth_models import AppSession, Grant, OAuthApp, RegisteredApp
-from sidecar.core.scopes import ADMIN_FULL, parse_scopes, satisfies, sort_scopes
+from sidecar.core.scopes import parse_scopes, sort_scopes
 from sidecar.core.storage import Store, UnitOfWork
 
 MAX_REDIRECT_URIS = 10
@@ -27,22 +27,6 @@ _LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 # A DNS name or IPv4 address (letters, digits, dots, dashes), or an IPv6 literal (hex and
 # colons): no percent-encoding, no characters a browser would map to something else.
 _HOST = re.compile(r"[a-z0-9](?:[a-z0-9.-]{0,251}[a-z0-9])?|[0-9a-f:]{2,39}")
-
-
-def require_admin(principal: Principal, workspace: str) -> None:
-    """Managing apps and members needs ``admin:full`` in their workspace (or the operator)."""
-    if not principal.is_operator and principal.workspace != workspace:
-        raise PermissionDenied(
-            f"key {principal.key_id} acts only in workspace {principal.workspace!r}"
-        )
-    if not satisfies(principal.scopes, ADMIN_FULL):
-        raise PermissionDenied(f"this call needs scope {ADMIN_FULL!r}")
-
-
-def require_operator(principal: Principal) -> None:
-    """Server-wide settings (e.g. the signing keys) are the operator's alone."""
-    if not principal.is_operator or not satisfies(principal.scopes, ADMIN_FULL):
-        raise PermissionDenied("this call needs the operator key (workspace '*', admin:full)")
 
 
 def redirect_uri(value: str, field: str = "redirect_uri") -> str:
@@ -121,7 +105,7 @@ class AppService:
         if not 1 <= len(uris) <= MAX_REDIRECT_URIS:
             raise InvalidArgument("redirect_uris", f"give 1 to {MAX_REDIRECT_URIS} redirect URIs")
         granted = parse_scopes(scopes)
-        require_admin(ctx.principal, workspace)
+        permissions.require(ctx.principal, workspace)
         secret = credentials.mint(credentials.CLIENT_SECRET) if confidential else ""
         app = OAuthApp(
             id=credentials.mint_id("app_"),
@@ -150,7 +134,7 @@ class AppService:
         if workspace and workspace != OPERATOR_WORKSPACE:
             validation.workspace(workspace)
         scope = workspace or ctx.principal.workspace
-        require_admin(ctx.principal, scope)
+        permissions.require(ctx.principal, scope)
         with self._store.read() as uow:
             return uow.oauth.apps.list(
                 workspace=None if scope == OPERATOR_WORKSPACE else scope, limit=MAX_LISTED
@@ -159,7 +143,7 @@ class AppService:
     def get(self, ctx: RequestContext, app_id: str) -> OAuthApp:
         with self._store.read() as uow:
             app = _load_app(uow, app_id)
-        require_admin(ctx.principal, app.workspace)
+        permissions.require(ctx.principal, app.workspace)
         return app
 
     def rotate_secret(self, ctx: RequestContext, app_id: str, *, overlap: int) -> RegisteredApp:
@@ -169,7 +153,7 @@ class AppService:
         now = int(self._clock.now())
         with self._store.transaction() as uow:
             app = _load_app(uow, app_id)
-            require_admin(ctx.principal, app.workspace)
+            permissions.require(ctx.principal, app.workspace)
             if not app.confidential:
                 raise FailedPrecondition(f"app {app.id} is public: it has no client secret")
             app = replace(
@@ -188,7 +172,7 @@ class AppService:
         now = self._clock.now()
         with self._store.transaction() as uow:
             app = _load_app(uow, app_id)
-            require_admin(ctx.principal, app.workspace)
+            permissions.require(ctx.principal, app.workspace)
             app = replace(app, deleted_at=int(now), secret_digest=None, previous_secret_digest=None)
             uow.oauth.apps.update(app)
             grants = uow.oauth.grants.active_for_app(app.id)
@@ -209,7 +193,7 @@ class AppService:
         later of its last token refresh and the last access-token use the sidecars reported."""
         with self._store.read() as uow:
             app = _load_app(uow, app_id)
-            require_admin(ctx.principal, app.workspace)
+            permissions.require(ctx.principal, app.workspace)
             grants = uow.oauth.grants.active_for_app(app.id)
             used = uow.usage.last_used([g.id for g in grants])
             out = []
@@ -232,7 +216,7 @@ class AppService:
             grant = uow.oauth.grants.get(grant_id)
             if grant is None:
                 raise NotFound(f"no session (grant) with id {grant_id[:64]!r}")
-            require_admin(ctx.principal, grant.workspace)
+            permissions.require(ctx.principal, grant.workspace)
             return revoke_grant(
                 uow,
                 grant,

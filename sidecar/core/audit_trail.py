@@ -11,7 +11,7 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
-from sidecar.core import validation
+from sidecar.core import permissions, validation
 from sidecar.core.audit import DECISION_ACTIONS, AuditEvent, AuditQuery, scrub
 from sidecar.core.audit_chain import (
     ChainBreak,
@@ -27,9 +27,8 @@ from sidecar.core.audit_chain import (
     sign_heads,
 )
 from sidecar.core.clock import Clock
-from sidecar.core.errors import FailedPrecondition, InvalidArgument, PermissionDenied
+from sidecar.core.errors import FailedPrecondition, InvalidArgument
 from sidecar.core.models import OPERATOR_WORKSPACE, Principal, RequestContext
-from sidecar.core.scopes import ADMIN_FULL, satisfies
 from sidecar.core.storage import Store, UnitOfWork
 
 log = logging.getLogger("sidecar.audit")
@@ -221,8 +220,7 @@ class AuditTrail:
         id before the sidecar's record arrives. A record whose id is stored already is
         acknowledged only when it is that same record (a re-send); different content under a
         stored id is refused (``conflicts`` counts them) and nothing of the batch is stored."""
-        if ctx.principal != SIDECAR:
-            raise PermissionDenied("decision records are written by sidecars (the sync token)")
+        permissions.require_sidecar(ctx.principal, SIDECAR, "decision records")
         latest = self._clock.now() + self.policy.max_future_skew
         batch = [_checked_decision(ev, latest) for ev in events]
         if len(batch) > self.policy.max_ingest_batch:
@@ -315,20 +313,10 @@ def visible_workspaces(principal: Principal, workspace: str) -> frozenset[str] |
     if workspace:
         if workspace not in (OPERATOR_WORKSPACE, NO_WORKSPACE):
             validation.workspace(workspace)
-        _require(principal, workspace)
+        permissions.require(principal, workspace)
         return frozenset({workspace})
-    _require(principal, principal.workspace)
+    permissions.require(principal, principal.workspace)
     return None if principal.is_operator else frozenset({principal.workspace})
-
-
-def _require(principal: Principal, workspace: str) -> None:
-    if not principal.is_operator and principal.workspace != workspace:
-        raise PermissionDenied(
-            f"key {principal.key_id} reads the audit trail of workspace "
-            f"{principal.workspace!r} only"
-        )
-    if not satisfies(principal.scopes, ADMIN_FULL):
-        raise PermissionDenied("the audit trail needs scope 'admin:full'")
 
 
 def same_record(stored: AuditEvent, incoming: AuditEvent) -> bool:

@@ -12,8 +12,9 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from sidecar.core import permissions
 from sidecar.core.clock import Clock
-from sidecar.core.errors import InvalidArgument, PermissionDenied
+from sidecar.core.errors import InvalidArgument
 from sidecar.core.models import RequestContext
 
 if TYPE_CHECKING:  # the store's Protocols name CredentialUse: import only for typing
@@ -78,8 +79,7 @@ class UsageService:
 
     def report(self, ctx: RequestContext, report: UsageReport) -> bool:
         """Store ``report`` once; False when its id was stored before (a resend)."""
-        if not ctx.principal.is_operator:
-            raise PermissionDenied("only a sidecar or the operator key may report usage")
+        permissions.require_operator_or_sidecar(ctx.principal, "report usage")
         checked = validate(report, self._clock.now())
         with self._store.transaction() as uow:
             return uow.usage.record(checked.id, checked.uses, int(self._clock.now()))

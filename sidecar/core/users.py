@@ -12,8 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 
-from sidecar.core import credentials, passwords, validation, webhooks
-from sidecar.core.apps import require_admin
+from sidecar.core import credentials, passwords, permissions, validation, webhooks
 from sidecar.core.audit import event
 from sidecar.core.clock import Clock
 from sidecar.core.errors import AlreadyExists, InvalidArgument, NotFound
@@ -70,7 +69,7 @@ class UserService:
         if problem:
             raise InvalidArgument("password", problem)
         held = parse_scopes(scopes) if scopes else DEFAULT_MEMBER_SCOPES
-        require_admin(ctx.principal, workspace)
+        permissions.require(ctx.principal, workspace)
         member = Member(
             id=credentials.mint_id("usr_"),
             workspace=workspace,
@@ -103,7 +102,7 @@ class UserService:
         if workspace and workspace != OPERATOR_WORKSPACE:
             validation.workspace(workspace)
         scope = workspace or ctx.principal.workspace
-        require_admin(ctx.principal, scope)
+        permissions.require(ctx.principal, scope)
         with self._store.read() as uow:
             return uow.oauth.members.list(
                 workspace=None if scope == OPERATOR_WORKSPACE else scope, limit=MAX_LISTED
@@ -170,7 +169,7 @@ class UserService:
         member = uow.oauth.members.get(user_id[:100])
         if member is None or member.deleted_at is not None:
             raise NotFound(f"no member with id {user_id[:64]!r}")
-        require_admin(ctx.principal, member.workspace)
+        permissions.require(ctx.principal, member.workspace)
         return member
 
     def _sign_out(self, uow: UnitOfWork, ctx: RequestContext, member: Member, reason: str) -> int:

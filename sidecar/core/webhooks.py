@@ -17,13 +17,13 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlsplit
 
-from sidecar.core import keyformat
+from sidecar.core import keyformat, permissions
 from sidecar.core.audit import event as audit_event
 from sidecar.core.clock import Clock
-from sidecar.core.errors import InvalidArgument, NotFound, PermissionDenied
-from sidecar.core.models import OPERATOR_WORKSPACE, Principal, RequestContext
+from sidecar.core.errors import InvalidArgument, NotFound
+from sidecar.core.models import OPERATOR_WORKSPACE, RequestContext
 from sidecar.core.oauth_models import Member
-from sidecar.core.scopes import KEYS_MANAGE, satisfies
+from sidecar.core.scopes import KEYS_MANAGE
 from sidecar.core.validation import workspace as valid_workspace
 
 if TYPE_CHECKING:
@@ -141,7 +141,7 @@ class WebhookService:
         """Register a webhook; returns it and its signing secret (shown this once)."""
         if workspace != OPERATOR_WORKSPACE:
             valid_workspace(workspace)
-        _require(ctx.principal, workspace)
+        permissions.require(ctx.principal, workspace, KEYS_MANAGE)
         url, wanted = check_url(url), check_events(events)
         secret = SECRET_PREFIX + secrets.token_urlsafe(32)
         now = int(self._clock.now())
@@ -162,7 +162,7 @@ class WebhookService:
         return hook, secret
 
     def in_workspace(self, ctx: RequestContext, workspace: str) -> list[Webhook]:
-        _require(ctx.principal, workspace)
+        permissions.require(ctx.principal, workspace, KEYS_MANAGE)
         with self._store.read() as uow:
             return uow.webhooks.of_workspace(workspace)
 
@@ -192,9 +192,13 @@ class WebhookService:
     def _load(self, uow: UnitOfWork, ctx: RequestContext, webhook_id: str) -> Webhook:
         hook = uow.webhooks.get(webhook_id) if webhook_id else None
         # Another workspace's webhook is "not found": its existence is not disclosed.
-        if hook is None or hook.deleted_at is not None or not _may(ctx.principal, hook.workspace):
+        if (
+            hook is None
+            or hook.deleted_at is not None
+            or not permissions.acts_in(ctx.principal, hook.workspace)
+        ):
             raise NotFound(f"no webhook with id {webhook_id[:64]!r}")
-        _require(ctx.principal, hook.workspace)
+        permissions.require(ctx.principal, hook.workspace, KEYS_MANAGE)
         return hook
 
     def _audit(self, uow: UnitOfWork, ctx: RequestContext, action: str, hook: Webhook) -> None:
@@ -209,16 +213,3 @@ class WebhookService:
                 metadata={"url": hook.url, "events": " ".join(sorted(hook.events))},
             )
         )
-
-
-def _may(principal: Principal, workspace: str) -> bool:
-    return principal.is_operator or principal.workspace == workspace
-
-
-def _require(principal: Principal, workspace: str) -> None:
-    if not _may(principal, workspace):
-        raise PermissionDenied(
-            f"key {principal.key_id} acts only in workspace {principal.workspace!r}"
-        )
-    if not satisfies(principal.scopes, KEYS_MANAGE):
-        raise PermissionDenied(f"this call needs scope {KEYS_MANAGE!r}")

@@ -7,7 +7,7 @@ import grpc
 
 from sidecar._gen.statuspulse.auth.v1 import authorization_pb2 as pb
 from sidecar._gen.statuspulse.auth.v1 import authorization_pb2_grpc as pb_grpc
-from sidecar.authz.decision import Decision, Outcome, Reason
+from sidecar.authz.decision import Outcome
 from sidecar.authz.engine import CheckInput, Engine
 from sidecar.core.errors import InvalidArgument
 from sidecar.core.scopes import parse_scopes, sort_scopes
@@ -28,7 +28,7 @@ class AuthorizationServicer(pb_grpc.AuthorizationServiceServicer):  # type: igno
             method=request.method.upper(),
             path=request.path,
             host=request.host,
-            headers={"authorization": f"Bearer {request.credential}"},
+            headers={},
             context={},
         )
         if request.required_scopes:
@@ -38,15 +38,9 @@ class AuthorizationServicer(pb_grpc.AuthorizationServiceServicer):  # type: igno
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, exc.message)
             decision = self.engine.authorize(request.credential, scopes, request.workspace)
         elif request.method and request.path:
-            decision = self.engine.check(view)
-            ident = decision.identity
-            if (
-                decision.allowed
-                and ident is not None
-                and request.workspace
-                and ident.workspace not in (request.workspace, "*")
-            ):
-                decision = Decision(Reason.WORKSPACE_MISMATCH, decision.decision_id, ident)
+            decision = self.engine.authorize_route(
+                request.credential, view.method, view.path, view.host, request.workspace
+            )
         else:
             context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,

@@ -167,6 +167,7 @@ class Sidecar:
         self._syncing = False
         self._started_at = self.clock.now()
         self._reconnects_seen = 0
+        self._unknown_seen: dict[str, int] = {}
         self._last_status: Status | None = None
         self._health_lock = threading.Lock()
         self.metrics.replica_revision.set_function(lambda: self.replica.revision)
@@ -249,8 +250,14 @@ class Sidecar:
         unready = self.engine.unready(self.clock.now())
         if unready is not None:
             return Health(Status.NOT_SERVING, (unready.value,))
+        reasons = []
         if not self.sync.connected:
-            return Health(Status.DEGRADED, ("control_plane_unreachable",))
+            reasons.append("control_plane_unreachable")
+        if self.replica.unknown_kinds:
+            # A newer control plane sent a change this sidecar cannot apply: upgrade it.
+            reasons.append("unknown_change_kind")
+        if reasons:
+            return Health(Status.DEGRADED, tuple(reasons))
         return Health(Status.SERVING)
 
     def ready(self) -> bool:
@@ -282,6 +289,11 @@ class Sidecar:
             if reconnects > self._reconnects_seen:
                 self.metrics.sync_reconnects.inc(reconnects - self._reconnects_seen)
                 self._reconnects_seen = reconnects
+            for kind, count in list(self.replica.unknown_kinds.items()):
+                seen = self._unknown_seen.get(kind, 0)
+                if count > seen:
+                    self.metrics.replica_unknown_changes.labels(kind).inc(count - seen)
+                    self._unknown_seen[kind] = count
             self.denial_log.flush()
             if ticks % max(1, int(self.settings.policy_poll_interval / TICK)) == 0:
                 self.policy_watcher.poll()

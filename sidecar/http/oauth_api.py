@@ -18,7 +18,7 @@ from sidecar.core.scopes import ADMIN_FULL, satisfies
 from sidecar.http.errors import NO_STORE, error_response, oauth_error, request_id
 from sidecar.http.forms import read_pairs, unique
 from sidecar.oauth import client_auth
-from sidecar.oauth.errors import InsufficientScope, InvalidClient, InvalidToken, OAuth2Error
+from sidecar.oauth.errors import InsufficientScope, InvalidToken, OAuth2Error
 from sidecar.oauth.rfc7662 import Introspector
 from sidecar.oauth.server import AuthorizationServer
 
@@ -71,8 +71,8 @@ class OAuthApi:
 
     async def revoke(self, request: Request) -> Response:
         form = unique(await read_pairs(request))
-        creds = client_auth.from_request(request.headers.get("authorization", ""), form)
-        app = await asyncio.to_thread(self.server.token.authenticate_client, creds)
+        authorization = request.headers.get("authorization", "")
+        app = await asyncio.to_thread(self.server.clients.authenticate_client, authorization, form)
         await asyncio.to_thread(
             self.server.revocation.revoke,
             app,
@@ -103,10 +103,12 @@ class OAuthApi:
             if not satisfies(principal.scopes, ADMIN_FULL):
                 raise InsufficientScope("introspection with an API key needs admin:full")
             return Introspector(principal=principal)
-        creds = client_auth.from_request(authorization, form)
-        app = await asyncio.to_thread(self.server.token.authenticate_client, creds)
-        if not app.confidential:
-            raise InvalidClient("public clients cannot introspect tokens")
+        app = await asyncio.to_thread(
+            self.server.clients.authenticate_client,
+            authorization,
+            form,
+            client_auth.CONFIDENTIAL_METHODS,
+        )
         return Introspector(app=app)
 
     async def metadata(self, request: Request) -> Response:

@@ -2,25 +2,31 @@
 https://www.rfc-editor.org/rfc/rfc6749#section-2.3
 
 Confidential clients use ``client_secret_basic`` or ``client_secret_post``; public clients send
-only ``client_id`` (``none``) and are bound by PKCE and refresh-token rotation instead."""
+only ``client_id`` (``none``) and are bound by PKCE and refresh-token rotation instead.
+``ClientAuthenticator`` is the one seam every endpoint calls (as authlib's
+``AuthorizationServer.authenticate_client``), each naming the methods it accepts."""
 
 from __future__ import annotations
 
 import base64
 import binascii
 import hmac
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import unquote_plus
 
 from sidecar.core import credentials
+from sidecar.core.clock import Clock
 from sidecar.core.oauth_models import OAuthApp
+from sidecar.core.storage import Store
 from sidecar.oauth.errors import InvalidClient, InvalidRequest
 
 BASIC = "client_secret_basic"
 POST = "client_secret_post"
 NONE = "none"
 METHODS = (BASIC, POST, NONE)
+# RFC 7662 §2.1 asks for "some form of authorization": only clients that can hold a secret.
+CONFIDENTIAL_METHODS = (BASIC, POST)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,3 +100,26 @@ def authenticate(app: OAuthApp | None, creds: ClientCredentials | None, now: flo
     elif creds.method != NONE:
         raise InvalidClient("client authentication failed: public clients have no secret")
     return app
+
+
+class ClientAuthenticator:
+    """Authenticates the client of a token, revocation or introspection request."""
+
+    def __init__(self, store: Store, clock: Clock) -> None:
+        self._store = store
+        self._clock = clock
+
+    def authenticate_client(
+        self, authorization: str, form: Mapping[str, str], methods: Sequence[str] = METHODS
+    ) -> OAuthApp:
+        """The app that sent the request with one of ``methods``, or InvalidClient.
+        Blocking (it reads the store): call from a thread."""
+        creds = from_request(authorization, form)
+        app = None
+        if creds is not None:
+            with self._store.read() as uow:
+                app = uow.oauth.apps.get(creds.client_id[:100])
+        authenticated = authenticate(app, creds, self._clock.now())
+        if creds is not None and creds.method not in methods:
+            raise InvalidClient(f"client authentication method {creds.method} is not accepted here")
+        return authenticated

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sidecar.core.apps import require_operator
 from sidecar.core.clock import Clock
 from sidecar.core.models import RequestContext
 from sidecar.core.oauth_models import SigningKey
+from sidecar.core.permissions import require_operator
 from sidecar.oauth.signing import SigningKeys
 
 

@@ -33,7 +33,7 @@ def metadata(config: OAuthConfig) -> dict[str, object]:
         "revocation_endpoint_auth_methods_supported": list(client_auth.METHODS),
         # Admin API keys (Bearer, admin:full) may introspect too; that is not a registered
         # client authentication method, so it is documented rather than listed here.
-        "introspection_endpoint_auth_methods_supported": [client_auth.BASIC, client_auth.POST],
+        "introspection_endpoint_auth_methods_supported": list(client_auth.CONFIDENTIAL_METHODS),
         # RFC 9207 §3: the authorization response carries "iss".
         "authorization_response_iss_parameter_supported": True,
     }

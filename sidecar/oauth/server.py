@@ -10,6 +10,7 @@ from sidecar.core.clock import Clock
 from sidecar.core.storage import Store
 from sidecar.oauth import kek, rfc8414
 from sidecar.oauth.authorization import AuthorizationEndpoint
+from sidecar.oauth.client_auth import ClientAuthenticator
 from sidecar.oauth.config import OAuthConfig
 from sidecar.oauth.kek import KeyEncryption
 from sidecar.oauth.rfc7009 import RevocationEndpoint
@@ -67,7 +68,8 @@ class AuthorizationServer:
         self.throttle = SignInThrottle(clock, throttle)
         self.sessions = BrowserSessions(store, clock, config.session_ttl)
         self.authorization = AuthorizationEndpoint(store, clock, config, self.throttle)
-        self.token = TokenEndpoint(store, clock, config, self.keys, token_events)
+        self.clients = ClientAuthenticator(store, clock)
+        self.token = TokenEndpoint(store, clock, config, self.keys, self.clients, token_events)
         self.revocation = RevocationEndpoint(store, clock, config, self.keys, token_events)
         self.introspection = IntrospectionEndpoint(store, clock, config, self.keys)
 

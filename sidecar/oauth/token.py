@@ -67,18 +67,19 @@ class TokenEndpoint:
         clock: Clock,
         config: OAuthConfig,
         keys: SigningKeys,
+        clients: client_auth.ClientAuthenticator,
         events: TokenEvents = _ignore,
     ) -> None:
         self._store = store
         self._clock = clock
         self._config = config
         self._keys = keys
+        self._clients = clients
         self._events = events
 
     def handle(self, form: Mapping[str, str], authorization: str, request_id: str) -> TokenResponse:
         """Authenticate the client, then run the grant; raises OAuth2Error."""
-        creds = client_auth.from_request(authorization, form)
-        app = self.authenticate_client(creds)
+        app = self._clients.authenticate_client(authorization, form)
         grant_type = form.get("grant_type", "")
         if not grant_type:
             raise InvalidRequest("grant_type is required")
@@ -87,13 +88,6 @@ class TokenEndpoint:
         if grant_type == REFRESH_TOKEN:
             return self._refresh(app, form, request_id)
         raise UnsupportedGrantType(f"grant_type must be one of: {', '.join(GRANT_TYPES)}")
-
-    def authenticate_client(self, creds: client_auth.ClientCredentials | None) -> OAuthApp:
-        app = None
-        if creds is not None:
-            with self._store.read() as uow:
-                app = uow.oauth.apps.get(creds.client_id[:100])
-        return client_auth.authenticate(app, creds, self._clock.now())
 
     # -- authorization_code --------------------------------------------------------------------
 

@@ -80,6 +80,15 @@ class Metrics:
         )
 
     @cached_property
+    def replica_unknown_changes(self) -> Counter:
+        return Counter(
+            "spauth_replica_unknown_changes",
+            "Replicated changes of a kind this sidecar does not know (not applied), by kind.",
+            ["kind"],
+            registry=self.registry,
+        )
+
+    @cached_property
     def policy_reloads(self) -> Counter:
         c = Counter(
             "spauth_policy_reloads",
@@ -145,7 +154,7 @@ class Metrics:
 
 _SIDECAR = (
     "check_tally", "replica_revision", "replica_staleness", "sync_reconnects",
-    "policy_reloads",
+    "replica_unknown_changes", "policy_reloads",
 )  # fmt: skip
 _CONTROL_PLANE = ("oauth_tokens", "admin_calls", "operator_key_expiry", "audit_ingest_conflicts")
 

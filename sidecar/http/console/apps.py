@@ -7,8 +7,9 @@ import asyncio
 
 from starlette.responses import RedirectResponse, Response
 
-from sidecar.core.apps import AppService, require_admin
+from sidecar.core.apps import AppService
 from sidecar.core.errors import InvalidArgument
+from sidecar.core.permissions import require as require_admin
 from sidecar.http.console import render
 from sidecar.http.console.keys import choice
 from sidecar.http.console.visit import Visit
