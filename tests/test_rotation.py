@@ -37,6 +37,7 @@ from sidecar.rotation.targets import (
 )
 from sidecar.usage.transport import to_pb
 from tests.conftest import RunningControlPlane, bearer, free_port, wait_until
+from tests.support.sync import TEST_SYNC_TOKEN
 from tests.test_sidecar_grpc import mint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,7 +58,7 @@ def report_use(cp: RunningControlPlane, key_id: str, report_id: str) -> None:
     now = int(cp.clock.now())
     request = to_pb(UsageReport(report_id, (CredentialUse(key_id, UseKind.API_KEY, 1, now),)))
     with cp.channel() as ch:
-        usage_pb2_grpc.UsageServiceStub(ch).ReportUsage(request)
+        usage_pb2_grpc.UsageServiceStub(ch).ReportUsage(request, metadata=bearer(TEST_SYNC_TOKEN))
 
 
 def rotation_steps(cp: RunningControlPlane, key_id: str) -> list[str]:

@@ -26,6 +26,7 @@ from sidecar.dataplane.process import Sidecar
 from sidecar.usage import GrpcUsageTransport, UsageReporter, UsageTally
 from sidecar.usage.transport import to_pb
 from tests.conftest import RunningControlPlane, bearer, free_port, wait_until
+from tests.support.sync import TEST_SYNC_TOKEN
 from tests.test_sidecar_grpc import Client, check_request, mint
 
 VIEW = CheckInput("GET", "/", "h", {}, {})
@@ -198,9 +199,12 @@ def test_report_usage_rpc_is_idempotent_and_refuses_tenants(
     _, victim = mint(control_plane, ["checks:read"], workspace="acme")
     now = int(control_plane.clock.now())
     request = to_pb(UsageReport("rep_1", (use(victim, 7, now),)))
-    # Without a configured sync token a credential-less caller is a sidecar (as replication).
-    assert report_rpc(control_plane, request, "")
-    assert not report_rpc(control_plane, request, "")
+    # A sidecar reports with the sync token; a second report with the same id counts nothing.
+    assert report_rpc(control_plane, request, TEST_SYNC_TOKEN)
+    assert not report_rpc(control_plane, request, TEST_SYNC_TOKEN)
+    with pytest.raises(grpc.RpcError) as info:  # without a credential: nobody
+        report_rpc(control_plane, request, "")
+    assert info.value.code() is grpc.StatusCode.UNAUTHENTICATED
     got = get_key(control_plane, victim)
     assert got.api_key.last_use_time.seconds == now
     assert [(d.uses) for d in got.daily_uses] == [7]
@@ -211,7 +215,7 @@ def test_report_usage_rpc_is_idempotent_and_refuses_tenants(
     bad = pb.ReportUsageRequest(report_id="rep_3")
     bad.uses.add(credential_id=key_id, kind=pb.CREDENTIAL_KIND_UNSPECIFIED, uses=1)
     with pytest.raises(grpc.RpcError) as info:
-        report_rpc(control_plane, bad, "")
+        report_rpc(control_plane, bad, TEST_SYNC_TOKEN)
     assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
 
 
@@ -222,7 +226,9 @@ def test_reporter_resends_after_a_failure_and_counts_once(
     clock = control_plane.clock
     tally = UsageTally(clock.now)
     # The first target is down: the first send fails, the transport moves to the live one.
-    transport = GrpcUsageTransport([f"127.0.0.1:{free_port()}", control_plane.address])
+    transport = GrpcUsageTransport(
+        [f"127.0.0.1:{free_port()}", control_plane.address], TEST_SYNC_TOKEN
+    )
     monotonic = FakeClock(0)
     reporter = UsageReporter(tally, transport, interval=1.0, clock=monotonic.now)
     for _ in range(5):
@@ -275,7 +281,8 @@ def test_last_used_from_checks_and_of_a_replaced_key(
     # Stale keys: 31 days later both old keys are unused for 30 days; the new one was used.
     control_plane.clock.advance(31 * DAY)
     now = int(control_plane.clock.now())
-    report_rpc(control_plane, to_pb(UsageReport("rep_n", (use(new.api_key.id, 1, now),))), "")
+    fresh = to_pb(UsageReport("rep_n", (use(new.api_key.id, 1, now),)))
+    report_rpc(control_plane, fresh, TEST_SYNC_TOKEN)
     with control_plane.channel() as ch:
         stale = control_plane.keys_stub(ch).ListApiKeys(
             keys_pb.ListApiKeysRequest(workspace="acme", unused_for_seconds=30 * DAY),

@@ -253,6 +253,7 @@ def show(client: AdminClient, args: argparse.Namespace) -> int:
         return 0
     fields = key_json(resp.api_key)
     fields["daily_uses"] = [f"{d.date}:{d.uses}" for d in resp.daily_uses]
+    fields["last_used_at"] = fields.get("last_used_at") or "never"
     print(_key_fields(fields))
     return 0
 
