@@ -411,3 +411,16 @@ def test_a_control_plane_with_the_signing_key_file_signs_and_verifies(
     shared = AuditTrail(open_store(settings.store_url), FakeClock(), bytes.fromhex("ab" * 32))
     op = RequestContext(plane.keys.authenticate(minted.secret), "req")
     assert all(r.ok for r in shared.verify(op))
+
+
+def test_verifying_a_workspace_without_chain_or_signed_head_is_an_empty_chain(
+    db: SqliteStore, clock: FakeClock
+) -> None:
+    """Found by schemathesis: a workspace with neither records nor a signed head raised
+    KeyError (a 500) once signed heads existed for others."""
+    trail = _trail_with(db, clock)
+    _fill(trail, clock, "acme", 2)
+    assert trail.sign_heads()
+    op = RequestContext(Principal("key_op", "*", frozenset({"admin:full"})), "req-op")
+    (report,) = trail.verify(op, "nobody")
+    assert report.workspace == "nobody" and report.ok and report.first_break is None

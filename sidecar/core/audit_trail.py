@@ -164,7 +164,7 @@ class AuditTrail:
         for name in names:
             if forged:
                 reports.append(_heads_forged(name))
-            elif name not in present:
+            elif name not in present and name in heads:
                 reports.append(_chain_gone(name, heads[name]))
             else:
                 reports.append(self.verify_one(name, signed=heads.get(name)))
