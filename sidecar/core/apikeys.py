@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 from sidecar.core import changes, key_notices, keyformat, permissions, validation, webhooks
-from sidecar.core.audit import event
+from sidecar.core.audit import acted, event
 from sidecar.core.clock import Clock
 from sidecar.core.errors import (
     FailedPrecondition,
@@ -527,13 +527,12 @@ class ApiKeyService:
         reason: str = "",
     ) -> None:
         uow.audit.append(
-            event(
+            acted(
+                ctx,
                 self._clock.now(),
-                ctx.principal.key_id,
                 action,
                 key.workspace,
                 key.id,
-                request_id=ctx.request_id,
                 reason=reason,
                 metadata={"name": key.name, **metadata},
             )

@@ -10,7 +10,7 @@ from dataclasses import replace
 from urllib.parse import SplitResult, urlsplit
 
 from sidecar.core import credentials, permissions, validation
-from sidecar.core.audit import event
+from sidecar.core.audit import acted
 from sidecar.core.clock import Clock
 from sidecar.core.errors import FailedPrecondition, InvalidArgument, NotFound
 from sidecar.core.grants import revoke_grant
@@ -235,15 +235,7 @@ class AppService:
         metadata: dict[str, str],
     ) -> None:
         uow.audit.append(
-            event(
-                self._clock.now(),
-                ctx.principal.key_id,
-                action,
-                app.workspace,
-                app.id,
-                request_id=ctx.request_id,
-                metadata=metadata,
-            )
+            acted(ctx, self._clock.now(), action, app.workspace, app.id, metadata=metadata)
         )
 
 

@@ -7,6 +7,10 @@ from __future__ import annotations
 import re
 import secrets
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sidecar.core.models import RequestContext
 
 # Decision records: the only actions a sidecar may ship (see IngestAuditRecords).
 AUTHZ_ALLOW = "authz.allow"
@@ -70,6 +74,29 @@ def event(
         reason=reason,
         request_id=request_id,
         metadata=metadata or {},
+    )
+
+
+def acted(
+    ctx: RequestContext,
+    time: float,
+    action: str,
+    workspace: str,
+    target: str,
+    *,
+    reason: str = "",
+    metadata: dict[str, str] | None = None,
+) -> AuditEvent:
+    """An event done by the caller of a request: its actor and request id come from ``ctx``."""
+    return event(
+        time,
+        ctx.principal.key_id,
+        action,
+        workspace,
+        target,
+        request_id=ctx.request_id,
+        reason=reason,
+        metadata=metadata,
     )
 
 

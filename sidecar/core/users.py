@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, replace
 
 from sidecar.core import credentials, passwords, permissions, validation, webhooks
-from sidecar.core.audit import event
+from sidecar.core.audit import acted
 from sidecar.core.clock import Clock
 from sidecar.core.errors import AlreadyExists, InvalidArgument, NotFound
 from sidecar.core.grants import revoke_grant
@@ -84,15 +84,10 @@ class UserService:
             if uow.oauth.members.get_by_email(workspace, email) is not None:
                 raise AlreadyExists(f"{email} is already a member of workspace {workspace!r}")
             uow.oauth.members.insert(member)
+            granted = {"scopes": " ".join(sort_scopes(held))}
             uow.audit.append(
-                event(
-                    self._clock.now(),
-                    ctx.principal.key_id,
-                    "user.created",
-                    workspace,
-                    member.id,
-                    request_id=ctx.request_id,
-                    metadata={"scopes": " ".join(sort_scopes(held))},
+                acted(
+                    ctx, self._clock.now(), "user.created", workspace, member.id, metadata=granted
                 )
             )
         return member
@@ -195,13 +190,5 @@ class UserService:
         metadata: dict[str, str],
     ) -> None:
         uow.audit.append(
-            event(
-                self._clock.now(),
-                ctx.principal.key_id,
-                action,
-                member.workspace,
-                member.id,
-                request_id=ctx.request_id,
-                metadata=metadata,
-            )
+            acted(ctx, self._clock.now(), action, member.workspace, member.id, metadata=metadata)
         )

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlsplit
 
 from sidecar.core import keyformat, permissions
-from sidecar.core.audit import event as audit_event
+from sidecar.core.audit import acted
 from sidecar.core.clock import Clock
 from sidecar.core.errors import InvalidArgument, NotFound
 from sidecar.core.models import OPERATOR_WORKSPACE, RequestContext
@@ -202,14 +202,7 @@ class WebhookService:
         return hook
 
     def _audit(self, uow: UnitOfWork, ctx: RequestContext, action: str, hook: Webhook) -> None:
+        about = {"url": hook.url, "events": " ".join(sorted(hook.events))}
         uow.audit.append(
-            audit_event(
-                self._clock.now(),
-                ctx.principal.key_id,
-                action,
-                hook.workspace,
-                hook.id,
-                request_id=ctx.request_id,
-                metadata={"url": hook.url, "events": " ".join(sorted(hook.events))},
-            )
+            acted(ctx, self._clock.now(), action, hook.workspace, hook.id, metadata=about)
         )
