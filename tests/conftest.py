@@ -20,6 +20,7 @@ from sidecar.config import load_settings
 from sidecar.controlplane import ControlPlane
 from sidecar.core.clock import FakeClock
 from sidecar.core.storage import Store
+from sidecar.devtools.ports import free_port as _free_port
 from sidecar.store.sql.sqlite import SqliteStore
 from tests.support.ports import DEFAULT_PORTS, hold_ports
 from tests.support.postgres import PostgresServer, postgres_available
@@ -151,12 +152,8 @@ def bearer(key: str) -> tuple[tuple[str, str], ...]:
 
 
 def free_port() -> int:
-    """A TCP port that was free a moment ago on 127.0.0.1."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port that was free a moment ago on 127.0.0.1 (see sidecar.devtools.ports)."""
+    return _free_port()
 
 
 def wait_until(predicate: object, timeout: float = 10.0, interval: float = 0.01) -> None:

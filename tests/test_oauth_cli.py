@@ -86,6 +86,7 @@ def serve(tmp_path: Path) -> Iterator[Serve]:
         wait_for_port("127.0.0.1", admin, timeout=30)
         wait_for_port("127.0.0.1", http, timeout=30)
         wait_for_port("127.0.0.1", sidecar, timeout=30)
+        assert proc.poll() is None, log_path.read_text()[-3000:]
         key = (data_dir / "bootstrap-key").read_text().strip()
         yield Serve(
             proc,
