@@ -28,6 +28,7 @@ from tests.support.console import OPERATOR, PASSWORD, ConsoleClient, add_member
 from tests.support.ops import bearer, call_check, check_request, wait_until
 
 webdriver = pytest.importorskip("selenium.webdriver")
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.remote.webdriver import WebDriver  # noqa: E402
@@ -91,7 +92,14 @@ class Shots:
 
 def showing(driver: WebDriver, text: str) -> None:
     """Wait for the page the last click loads to show ``text``."""
-    wait_until(lambda: text in driver.find_element(By.TAG_NAME, "body").text, what=text)
+
+    def shown() -> bool:
+        try:
+            return text in driver.find_element(By.TAG_NAME, "body").text
+        except StaleElementReferenceException:
+            return False  # the old page's body, replaced while we read it: still loading
+
+    wait_until(shown, what=text)
 
 
 def check_status(port: int, secret: str) -> int:
