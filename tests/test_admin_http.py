@@ -168,8 +168,16 @@ def test_another_workspaces_key_reads_and_changes_nothing(
     op = control_plane.operator_key
     globex = create_key(http, op, "globex")["api_key"]["id"]
     attacker = create_key(http, op, "acme", scopes=["keys:manage", "checks:read"])["key"]
-    assert http.get(f"/v1/keys/{globex}", headers=auth(attacker)).status_code == 403
-    assert http.delete(f"/v1/keys/{globex}", headers=auth(attacker)).status_code == 403
+    # Another workspace's key answers exactly as a key that does not exist (id aside).
+    made_up = "key_doesnotexist00"
+    for method in ("GET", "DELETE"):
+        theirs = http.request(method, f"/v1/keys/{globex}", headers=auth(attacker))
+        missing = http.request(method, f"/v1/keys/{made_up}", headers=auth(attacker))
+        assert theirs.status_code == missing.status_code == 404, method
+        assert {k: v for k, v in theirs.json().items() if k not in ("detail", "request_id")} == {
+            k: v for k, v in missing.json().items() if k not in ("detail", "request_id")
+        }
+        assert theirs.json()["detail"].replace(globex, made_up) == missing.json()["detail"]
     r = http.post(
         "/v1/workspaces/globex/keys",
         json={"name": "x", "scopes": ["checks:read"]},
@@ -451,3 +459,66 @@ def test_json_names_are_the_clis_snake_case() -> None:
             for field in message.fields:
                 expected = TIME_NAMES.get(field.name, field.name)
                 assert field.json_name == expected, f"{message.full_name}.{field.name}"
+
+
+def test_another_workspaces_records_by_id_answer_exactly_as_missing_ones(
+    http: httpx.Client, control_plane: RunningControlPlane
+) -> None:
+    """A hostile tenant (acme's admin:full key) probing ids of globex's key, app, member and
+    webhook gets the answer a made-up id gets: 404 with the same problem type, never a 403 that
+    would confirm the id exists elsewhere (permissions.visible)."""
+    op = control_plane.operator_key
+
+    def made(path: str, body: dict[str, object], field: str, id_field: str) -> str:
+        r = http.post(f"/v1/workspaces/globex/{path}", json=body, headers=auth(op))
+        assert r.status_code == 200, r.text
+        return str(r.json()[field][id_field])
+
+    key = create_key(http, op, "globex")["api_key"]["id"]
+    app = made(
+        "apps",
+        {
+            "name": "g",
+            "redirect_uris": ["https://app.globex.example/cb"],
+            "scopes": ["checks:read"],
+        },
+        "app",
+        "client_id",
+    )
+    member = made("members", {"email": "ops@globex.example", "password": "p" * 20}, "user", "id")
+    hook = made(
+        "webhooks",
+        {"url": "https://hooks.globex.example/spauth", "events": ["key.revoked"]},
+        "webhook",
+        "id",
+    )
+    attacker = create_key(http, op, "acme", scopes=["admin:full"])["key"]
+    probes = [
+        ("GET", "/v1/keys/{}", key, "key_doesnotexist00"),
+        ("DELETE", "/v1/keys/{}", key, "key_doesnotexist00"),
+        ("PATCH", "/v1/keys/{}", key, "key_doesnotexist00"),
+        ("POST", "/v1/keys/{}:suspend", key, "key_doesnotexist00"),
+        ("POST", "/v1/keys/{}:replace", key, "key_doesnotexist00"),
+        ("GET", "/v1/apps/{}", app, "app_doesnotexist00"),
+        ("DELETE", "/v1/apps/{}", app, "app_doesnotexist00"),
+        ("POST", "/v1/apps/{}:rotateSecret", app, "app_doesnotexist00"),
+        ("GET", "/v1/apps/{}/sessions", app, "app_doesnotexist00"),
+        ("POST", "/v1/members/{}:disable", member, "usr_doesnotexist00"),
+        ("DELETE", "/v1/members/{}", member, "usr_doesnotexist00"),
+        ("DELETE", "/v1/webhooks/{}", hook, "whk_doesnotexist00"),
+        ("POST", "/v1/webhooks/{}:test", hook, "whk_doesnotexist00"),
+    ]
+    for method, template, theirs, made_up in probes:
+        body = {"name": "x"} if method == "PATCH" else {} if method == "POST" else None
+        real = http.request(method, template.format(theirs), json=body, headers=auth(attacker))
+        fake = http.request(method, template.format(made_up), json=body, headers=auth(attacker))
+        where = f"{method} {template}"
+        assert real.status_code == fake.status_code == 404, (where, real.text, fake.text)
+        same = ("type", "title", "status", "code")
+        assert {k: real.json().get(k) for k in same} == {k: fake.json().get(k) for k in same}
+        assert real.json()["detail"].replace(theirs, made_up) == fake.json()["detail"], where
+    # And nothing of globex's changed.
+    got = http.get(f"/v1/keys/{key}", headers=auth(op)).json()["api_key"]
+    assert (got["state"], got["name"]) == ("API_KEY_STATE_ACTIVE", "ci")
+    apps = http.get("/v1/apps", params={"workspace": "globex"}, headers=auth(op)).json()
+    assert [a["client_id"] for a in apps["apps"]] == [app]

@@ -14,7 +14,7 @@ from sidecar._gen.statuspulse.auth.v1 import api_keys_pb2 as pb
 from sidecar.core.apikeys import ApiKeyService, KeyEdit
 from sidecar.core.audit import AuditQuery
 from sidecar.core.clock import FakeClock
-from sidecar.core.errors import FailedPrecondition, InvalidArgument, PermissionDenied
+from sidecar.core.errors import FailedPrecondition, InvalidArgument, NotFound
 from sidecar.core.models import KeyState, Principal, RequestContext
 from sidecar.core.storage import Store
 from sidecar.dataplane.process import Sidecar
@@ -107,7 +107,7 @@ def test_another_workspace_cannot_edit_suspend_or_resume(store: Store) -> None:
         lambda: keys.suspend(TENANT, key.id),
         lambda: keys.resume(TENANT, key.id),
     ):
-        with pytest.raises(PermissionDenied):
+        with pytest.raises(NotFound, match="no API key with id"):  # not "denied": no disclosure
             call()
     assert keys.get(OPERATOR, key.id) == key
 
@@ -239,7 +239,7 @@ def test_update_rpc_refuses_contradictions_and_other_workspaces(
         control_plane.keys_stub(ch).SuspendApiKey(
             pb.SuspendApiKeyRequest(id=key_id), metadata=bearer(tenant)
         )
-    assert info.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert info.value.code() is grpc.StatusCode.NOT_FOUND
 
 
 def test_audit_query_finds_edits(store: Store) -> None:

@@ -226,14 +226,14 @@ class ApiKeyService:
     def get(self, ctx: RequestContext, key_id: str) -> ApiKey:
         """One key the caller may see."""
         with self._store.read() as uow:
-            key = _load(uow, key_id)
+            key = _load(uow, key_id, ctx.principal)
         permissions.require(ctx.principal, key.workspace, KEYS_MANAGE)
         return key
 
     def whoami(self, ctx: RequestContext) -> ApiKey:
         """The calling key itself: any authenticated key may read its own metadata."""
         with self._store.read() as uow:
-            return _load(uow, ctx.principal.key_id)
+            return _load(uow, ctx.principal.key_id, ctx.principal)
 
     def replace(
         self, ctx: RequestContext, key_id: str, *, grace: int = 0, expires_in: int = 0
@@ -246,7 +246,7 @@ class ApiKeyService:
         now = int(self._clock.now())
         secret = keyformat.mint_key()
         with self._store.transaction() as uow:
-            old = _load(uow, key_id)
+            old = _load(uow, key_id, ctx.principal)
             permissions.require(ctx.principal, old.workspace, KEYS_MANAGE)
             permissions.require_grantable(ctx.principal, old.scopes)
             if old.revoked_at is not None:
@@ -294,7 +294,7 @@ class ApiKeyService:
         a secret) and replicated. Changing nothing changes nothing (and records nothing)."""
         fields = self._edited_fields(edit)
         with self._store.transaction() as uow:
-            key = _load(uow, key_id)
+            key = _load(uow, key_id, ctx.principal)
             permissions.require(ctx.principal, key.workspace, KEYS_MANAGE)
             if key.revoked_at is not None:
                 raise FailedPrecondition(f"key {key.id} is revoked; it cannot be edited")
@@ -314,7 +314,7 @@ class ApiKeyService:
         """Deny a key (reason ``suspended_credential``) until it is resumed; idempotent."""
         reason = _reason(reason)
         with self._store.transaction() as uow:
-            key = _load(uow, key_id)
+            key = _load(uow, key_id, ctx.principal)
             permissions.require(ctx.principal, key.workspace, KEYS_MANAGE)
             if key.revoked_at is not None:
                 raise FailedPrecondition(f"key {key.id} is revoked; it cannot be suspended")
@@ -329,7 +329,7 @@ class ApiKeyService:
     def resume(self, ctx: RequestContext, key_id: str) -> ApiKey:
         """Lift a suspension; idempotent."""
         with self._store.transaction() as uow:
-            key = _load(uow, key_id)
+            key = _load(uow, key_id, ctx.principal)
             permissions.require(ctx.principal, key.workspace, KEYS_MANAGE)
             if key.revoked_at is not None:
                 raise FailedPrecondition(f"key {key.id} is revoked; it cannot be resumed")
@@ -352,7 +352,7 @@ class ApiKeyService:
             raise InvalidArgument("target", "must not be empty")
         detail = _reason(detail)
         with self._store.transaction() as uow:
-            key = _load(uow, key_id)
+            key = _load(uow, key_id, ctx.principal)
             permissions.require(ctx.principal, key.workspace, KEYS_MANAGE)
             meta = {"step": step, "target": target}
             if key.replaced_by:
@@ -392,7 +392,7 @@ class ApiKeyService:
         reason = _reason(reason)
         now = int(self._clock.now())
         with self._store.transaction() as uow:
-            key = _load(uow, key_id)
+            key = _load(uow, key_id, ctx.principal)
             permissions.require(ctx.principal, key.workspace, KEYS_MANAGE)
             permissions.require_grantable(ctx.principal, key.scopes, "revoke a key with")
             if key.revoked_at is not None:
@@ -564,11 +564,13 @@ def _describe(name: str, value: object, key: ApiKey) -> str:
     return str(value)
 
 
-def _load(uow: UnitOfWork, key_id: str) -> ApiKey:
+def _load(uow: UnitOfWork, key_id: str, principal: Principal) -> ApiKey:
+    """The key ``principal`` may see: another workspace's key is "not found", as a missing one
+    is, so a tenant cannot learn which ids exist elsewhere (``permissions.visible``)."""
     if not key_id:
         raise InvalidArgument("id", "must not be empty")
     key = uow.keys.get(key_id)
-    if key is None:
+    if key is None or not permissions.visible(principal, key.workspace):
         raise NotFound(f"no API key with id {key_id[:64]!r}")
     return key
 

@@ -14,7 +14,7 @@ from sidecar.core.audit import acted
 from sidecar.core.clock import Clock
 from sidecar.core.errors import FailedPrecondition, InvalidArgument, NotFound
 from sidecar.core.grants import revoke_grant
-from sidecar.core.models import OPERATOR_WORKSPACE, RequestContext
+from sidecar.core.models import OPERATOR_WORKSPACE, Principal, RequestContext
 from sidecar.core.oauth_models import AppSession, Grant, OAuthApp, RegisteredApp
 from sidecar.core.scopes import parse_scopes, sort_scopes
 from sidecar.core.storage import Store, UnitOfWork
@@ -142,7 +142,7 @@ class AppService:
 
     def get(self, ctx: RequestContext, app_id: str) -> OAuthApp:
         with self._store.read() as uow:
-            app = _load_app(uow, app_id)
+            app = _load_app(uow, app_id, ctx.principal)
         permissions.require(ctx.principal, app.workspace)
         return app
 
@@ -152,7 +152,7 @@ class AppService:
         secret = credentials.mint(credentials.CLIENT_SECRET)
         now = int(self._clock.now())
         with self._store.transaction() as uow:
-            app = _load_app(uow, app_id)
+            app = _load_app(uow, app_id, ctx.principal)
             permissions.require(ctx.principal, app.workspace)
             if not app.confidential:
                 raise FailedPrecondition(f"app {app.id} is public: it has no client secret")
@@ -171,7 +171,7 @@ class AppService:
         """Delete an app and revoke every grant it holds."""
         now = self._clock.now()
         with self._store.transaction() as uow:
-            app = _load_app(uow, app_id)
+            app = _load_app(uow, app_id, ctx.principal)
             permissions.require(ctx.principal, app.workspace)
             app = replace(app, deleted_at=int(now), secret_digest=None, previous_secret_digest=None)
             uow.oauth.apps.update(app)
@@ -192,7 +192,7 @@ class AppService:
         """The app's active grants with the member's e-mail address. A grant's last use is the
         later of its last token refresh and the last access-token use the sidecars reported."""
         with self._store.read() as uow:
-            app = _load_app(uow, app_id)
+            app = _load_app(uow, app_id, ctx.principal)
             permissions.require(ctx.principal, app.workspace)
             grants = uow.oauth.grants.active_for_app(app.id)
             used = uow.usage.last_used([g.id for g in grants])
@@ -239,10 +239,11 @@ class AppService:
         )
 
 
-def _load_app(uow: UnitOfWork, app_id: str) -> OAuthApp:
+def _load_app(uow: UnitOfWork, app_id: str, principal: Principal) -> OAuthApp:
+    """The app ``principal`` may see: another workspace's is "not found"."""
     if not app_id:
         raise InvalidArgument("client_id", "must not be empty")
     app = uow.oauth.apps.get(app_id)
-    if app is None or app.deleted:
+    if app is None or app.deleted or not permissions.visible(principal, app.workspace):
         raise NotFound(f"no app with client_id {app_id[:64]!r}")
     return app

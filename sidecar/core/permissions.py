@@ -1,5 +1,6 @@
-"""The one admin permission rule, used by keys, apps, members and the audit trail: a caller acts
-in its own workspace (the operator key in every workspace) and needs the call's scope there."""
+"""The one admin permission rule, used by keys, apps, members, webhooks and the audit trail: a
+caller acts in its own workspace (the operator key in every workspace) and needs the call's scope
+there; another workspace's records, looked up by id, do not exist for it (``visible``)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,14 @@ from sidecar.core.scopes import ADMIN_FULL, satisfies
 def acts_in(principal: Principal, workspace: str) -> bool:
     """Whether ``principal`` acts in ``workspace``: its own, or any for the operator."""
     return principal.is_operator or principal.workspace == workspace
+
+
+def visible(principal: Principal, workspace: str) -> bool:
+    """Whether a record of ``workspace`` exists for ``principal`` at all. Looked up by id, another
+    workspace's key, app, member or webhook answers "not found", exactly as a missing one does
+    (GitHub's rule for private resources): a "permission denied" would confirm to a tenant that
+    the id exists elsewhere. Inside its workspace a caller lacking the scope is still told so."""
+    return acts_in(principal, workspace)
 
 
 def require(principal: Principal, workspace: str, scope: str = ADMIN_FULL) -> None:

@@ -162,7 +162,12 @@ class UserService:
         if not user_id:
             raise InvalidArgument("id", "must not be empty")
         member = uow.oauth.members.get(user_id[:100])
-        if member is None or member.deleted_at is not None:
+        # Another workspace's member is "not found" (``permissions.visible``).
+        if (
+            member is None
+            or member.deleted_at is not None
+            or not permissions.visible(ctx.principal, member.workspace)
+        ):
             raise NotFound(f"no member with id {user_id[:64]!r}")
         permissions.require(ctx.principal, member.workspace)
         return member

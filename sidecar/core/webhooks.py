@@ -221,11 +221,11 @@ class WebhookService:
 
     def _load(self, uow: UnitOfWork, ctx: RequestContext, webhook_id: str) -> Webhook:
         hook = uow.webhooks.get(webhook_id) if webhook_id else None
-        # Another workspace's webhook is "not found": its existence is not disclosed.
+        # Another workspace's webhook is "not found" (``permissions.visible``).
         if (
             hook is None
             or hook.deleted_at is not None
-            or not permissions.acts_in(ctx.principal, hook.workspace)
+            or not permissions.visible(ctx.principal, hook.workspace)
         ):
             raise NotFound(f"no webhook with id {webhook_id[:64]!r}")
         permissions.require(ctx.principal, hook.workspace, KEYS_MANAGE)
