@@ -10,7 +10,14 @@ from collections.abc import Collection, Sequence
 from typing import Any
 
 from sidecar.core.audit import AuditEvent, AuditQuery, scrub
-from sidecar.core.audit_chain import ChainedRecord, Checkpoint, Link, SignedHeads, next_link
+from sidecar.core.audit_chain import (
+    ChainedRecord,
+    Checkpoint,
+    Link,
+    SignedHeads,
+    metadata_json,
+    next_link,
+)
 from sidecar.store.sql.qmark import Executes
 
 _COLUMNS = (
@@ -76,7 +83,9 @@ class SqlAudit:
         for event in events:
             ev = scrub(event)
             head = heads[ev.workspace] if ev.workspace in heads else self.head(ev.workspace)
-            link = heads[ev.workspace] = next_link(ev, head)
+            # Stored as the chain hashes it (compact JSON): encoded once, read back by json.
+            meta = metadata_json(ev.metadata)
+            link = heads[ev.workspace] = next_link(ev, head, meta)
             rows.append(
                 (
                     ev.id,
@@ -88,7 +97,7 @@ class SqlAudit:
                     ev.outcome,
                     ev.reason,
                     ev.request_id,
-                    json.dumps(ev.metadata, sort_keys=True),
+                    json.dumps(ev.metadata, sort_keys=True) if meta is None else meta,
                     link.chain_seq,
                     link.prev_digest,
                     link.digest,
