@@ -20,7 +20,7 @@ from sidecar.auditship.codec import decode, encode
 from sidecar.auditship.records import decision_event
 from sidecar.auditship.shipper import DEAD_LETTER_FILE
 from sidecar.auditship.spool import parse_frames
-from sidecar.core.audit import AuditEvent, event
+from sidecar.core.audit import _SECRET, AuditEvent, event, secret_in
 from sidecar.core.audit_chain import GENESIS, canonical, canonical_reference
 from sidecar.core.audit_trail import NO_WORKSPACE, SIDECAR, AuditTrail
 from sidecar.core.clock import FakeClock
@@ -238,6 +238,26 @@ def test_the_written_out_canonical_form_is_the_json_definition(
 def test_metadata_that_is_not_all_strings_takes_the_definition() -> None:
     ev = AuditEvent("e", 1.0, "a", "x", "w", "t", metadata={"n": 1, "s": "é"})  # type: ignore[dict-item]
     assert canonical(ev, 1, GENESIS) == canonical_reference(ev, 1, GENESIS)
+
+
+_PIECES = st.sampled_from(
+    ["sp", "spk_", "spab_", "spabc_", "A1b2C3d4E5f6G7h8I9j0K1l2", "abcd", "_", "a", "Z", "0",
+     "9", "eyJ", ".", "-", " ", "\n", "/", "Bearer ", "bEaReR", "BEARER\t", "é", "İ",
+     "workspaces"]
+)  # fmt: skip
+
+
+@settings(deadline=None, max_examples=500)
+@given(st.lists(_PIECES | st.text(max_size=3), max_size=40).map("".join))
+def test_the_secret_shortcut_agrees_with_the_regex(text: str) -> None:
+    """``secret_in`` skips the regex when a substring search proves it cannot match: it must
+    never skip a match (a credential would reach the trail)."""
+    assert secret_in(text) == (_SECRET.search(text) is not None)
+
+
+def test_the_secret_shortcut_still_finds_each_kind() -> None:
+    for secret in ("x spk_" + "a" * 24, "eyJabcd.efgh.ij", "bEaReR tok"):
+        assert secret_in(f"/v1/workspaces/acme/{secret}")
 
 
 # -- through gRPC and the shipper --------------------------------------------------------------
