@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 
 from sidecar.core import permissions, validation
-from sidecar.core.audit import DECISION_ACTIONS, AuditEvent, AuditQuery, scrub
+from sidecar.core.audit import DECISION_ACTIONS, AuditEvent, AuditQuery, redact, scrub
 from sidecar.core.audit_chain import (
     ChainBreak,
     ChainedRecord,
@@ -67,8 +67,8 @@ class AuditPage:
 
 @dataclass(frozen=True, slots=True)
 class Refusal:
-    """A shipped record ingest refused: its id (as sent, cut to 64 characters), the field at
-    fault and why."""
+    """A shipped record ingest refused: its id (as sent, cut to 64 characters and redacted), the
+    field at fault and why."""
 
     id: str
     field: str
@@ -277,7 +277,8 @@ class AuditTrail:
             try:
                 ev = _checked_decision(raw, latest, valid_workspaces)
             except InvalidArgument as exc:
-                refused.append(Refusal(raw.id[:64], exc.field, exc.message))
+                # The id goes back in the call's error and into the sidecar's log: cut, redacted.
+                refused.append(Refusal(redact(raw.id[:64]), exc.field, exc.message))
                 continue
             first = batch.first.get(ev.id)
             if first is None:
