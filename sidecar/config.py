@@ -89,7 +89,7 @@ class Settings:
     # A grant's absolute lifetime: after it the member signs in again, however often the
     # refresh token was rotated.
     oauth_grant_lifetime: int = 90 * 86400
-    # Key-encryption keys for the signing keys' private parts (sidecar/oauth/kek.py), newest
+    # Key-encryption keys for the signing keys' private parts (sidecar/core/kek.py), newest
     # first: the variable SPAUTH_KEY_ENCRYPTION_KEY, or a file; with neither, a KEK is generated
     # into <data_dir>/key-encryption-key (mode 0600) on first start.
     key_encryption_key: str = ""
@@ -118,8 +118,9 @@ class Settings:
     # (development, tests). Due deliveries are sent every webhook_poll_interval seconds.
     webhook_destinations: str = "public"
     webhook_poll_interval: float = 1.0
-    # The AES-256 key (64 hex digits) sealing webhook signing secrets; every control-plane
-    # replica needs the same one. Empty: a key file in data_dir (one replica).
+    # Upgrades only: the AES-256 key (64 hex digits) older releases sealed webhook signing
+    # secrets with; they are re-sealed under the key-encryption key at start-up. Empty: the
+    # key file data_dir/webhook-key when it exists.
     webhook_key: str = ""
 
     @property

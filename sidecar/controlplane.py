@@ -42,12 +42,14 @@ from sidecar.admin.webhooks import WebhookServicer
 from sidecar.authz.policy import Policy
 from sidecar.authz.policy_source import PolicyWatcher, load_policy
 from sidecar.config import Settings, trusted_networks
+from sidecar.core import kek
 from sidecar.core.apikeys import ApiKeyService, KeyPolicy, key_snapshot
 from sidecar.core.apps import AppService
 from sidecar.core.audit_trail import AuditPolicy, AuditTrail
 from sidecar.core.changes import oauth_snapshot
 from sidecar.core.clock import Clock, SystemClock
 from sidecar.core.errors import SpauthError
+from sidecar.core.kek import KeyEncryption
 from sidecar.core.models import Minted
 from sidecar.core.usage import UsageService
 from sidecar.core.users import UserService
@@ -55,9 +57,7 @@ from sidecar.core.webhooks import WebhookService
 from sidecar.http.app import build_app
 from sidecar.http.console import ConsoleServices, SessionPolicy, console_routes
 from sidecar.http.routes import oauth_routes
-from sidecar.oauth import kek
 from sidecar.oauth.config import OAuthConfig
-from sidecar.oauth.kek import KeyEncryption
 from sidecar.oauth.key_admin import SigningKeyAdmin
 from sidecar.oauth.server import AuthorizationServer
 from sidecar.oauth.signing import SigningKeys
@@ -75,7 +75,7 @@ from sidecar.ratelimit.local import AbuseLimits, WindowRateLimiter
 from sidecar.replication.server import ReplicationServicer, SnapshotSource
 from sidecar.store import Store, open_store
 from sidecar.webhooks.delivery import Deliverer
-from sidecar.webhooks.sealing import AesGcmSealer, load_sealer
+from sidecar.webhooks.sealing import WebhookSealer, legacy_keys
 
 if TYPE_CHECKING:
     from sidecar.bus import AuditStreamConsumer
@@ -119,11 +119,10 @@ class ControlPlane:
             ),
         )
         self.usage = UsageService(self.store, self.clock)
-        sealer = (
-            AesGcmSealer(bytes.fromhex(settings.webhook_key))
-            if settings.webhook_key
-            else load_sealer(settings.data_dir / "webhook-key")
-        )
+        # One set of key-encryption keys seals every secret the control plane must use: the
+        # signing keys' private parts and the webhooks' signing secrets.
+        encryption = key_encryption(settings)
+        sealer = WebhookSealer(encryption, legacy_keys(settings.webhook_key, settings.data_dir))
         self.webhooks = WebhookService(self.store, self.clock, sealer)
         self.deliverer = Deliverer(
             self.store,
@@ -172,7 +171,7 @@ class ControlPlane:
             self.clock,
             rotation_interval=settings.oauth_signing_key_rotation,
             access_token_ttl=settings.oauth_access_token_ttl,
-            encryption=key_encryption(settings),
+            encryption=encryption,
             lead_time=settings.oauth_signing_key_lead_time,
         )
         self.oauth: AuthorizationServer | None = None  # built in start(), once the port is bound
@@ -295,6 +294,7 @@ class ControlPlane:
         for name in ("", *names[:4]):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         await asyncio.to_thread(self.check_operator_keys)
+        await asyncio.to_thread(self._rewrap_webhook_secrets)
         self._sweeper = asyncio.create_task(self._sweep_forever())
         self._deliveries = asyncio.create_task(self._deliver_forever())
         await self._start_redis()
@@ -306,6 +306,21 @@ class ControlPlane:
                 "http_addr": self.settings.http_addr,
             },
         )
+
+    def _rewrap_webhook_secrets(self) -> None:
+        """Webhook secrets under an older KEK, or the pre-KEK webhook key, are re-sealed under
+        the newest KEK (the signing keys get the same when the OAuth server starts)."""
+        changed = self.webhooks.rewrap()
+        if changed:
+            log.info("webhook secrets re-sealed under the newest key-encryption key",
+                     extra={"count": changed})  # fmt: skip
+        if self.webhooks.unopened:
+            log.error(
+                "webhook secrets that no configured key opens: their deliveries fail until "
+                "the key they were sealed with is configured again (key_encryption_key, "
+                "webhook_key)",
+                extra={"count": self.webhooks.unopened},
+            )
 
     async def _start_http(self) -> None:
         """The OAuth authorization server on ``http_addr`` (its issuer names the bound port)."""

@@ -15,8 +15,8 @@ from sidecar._gen.statuspulse.auth.v1 import replication_pb2 as rpb
 from sidecar._gen.statuspulse.auth.v1 import replication_pb2_grpc as rpb_grpc
 from sidecar.config import load_settings
 from sidecar.controlplane import ControlPlane
+from sidecar.core import kek
 from sidecar.core.clock import FakeClock
-from sidecar.oauth import kek
 from tests.conftest import LoopThread, bearer
 from tests.support.postgres import PostgresServer, postgres_available
 from tests.support.sync import TEST_SYNC_TOKEN

@@ -29,15 +29,16 @@ from sidecar.authz.policy import parse_policy
 from sidecar.authz.replica import Replica
 from sidecar.config import load_settings
 from sidecar.controlplane import ControlPlane
+from sidecar.core import kek
 from sidecar.core.apikeys import ApiKeyService, key_snapshot
 from sidecar.core.apps import uri_problem
 from sidecar.core.clock import FakeClock
 from sidecar.core.errors import FailedPrecondition, PermissionDenied
+from sidecar.core.kek import KekError, KeyEncryption
 from sidecar.core.models import RequestContext
 from sidecar.core.storage import Store
 from sidecar.http.client_address import resolve
-from sidecar.oauth import kek, rfc9068
-from sidecar.oauth.kek import KekError, KeyEncryption
+from sidecar.oauth import rfc9068
 from sidecar.oauth.signing import SigningKeys
 from tests.conftest import LoopThread, bearer
 from tests.support.signing import key_pair

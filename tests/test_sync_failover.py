@@ -18,10 +18,10 @@ from sidecar._gen.statuspulse.auth.v1 import replication_pb2 as pb
 from sidecar._gen.statuspulse.auth.v1 import replication_pb2_grpc as pb_grpc
 from sidecar.config import ConfigError, SidecarSettings, load_settings, load_sidecar_settings
 from sidecar.controlplane import ControlPlane
+from sidecar.core import kek
 from sidecar.core.clock import FakeClock
 from sidecar.core.models import RequestContext
 from sidecar.dataplane.process import Sidecar
-from sidecar.oauth import kek
 from sidecar.replication.client import parse_targets
 from tests.conftest import LoopThread, RunningControlPlane, wait_until
 

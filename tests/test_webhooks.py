@@ -24,9 +24,10 @@ from sidecar.core.models import Principal, RequestContext
 from sidecar.core.storage import Store
 from sidecar.core.webhooks import KEY_EXPIRING, KEY_REVOKED, WebhookService
 from sidecar.webhooks.delivery import Deliverer, RetryPolicy
-from sidecar.webhooks.sealing import AesGcmSealer, load_sealer
+from sidecar.webhooks.sealing import WebhookSealer
 from sidecar.webhooks.signing import SIGNATURE_HEADER, signature, verify
 from tests.conftest import RunningControlPlane, bearer, wait_until
+from tests.support.signing import TEST_KEK
 
 DAY = 86400
 OPERATOR = RequestContext(Principal("key_op", "*", frozenset({"admin:full"})), "req_1")
@@ -75,7 +76,7 @@ def receiver() -> Iterator[Receiver]:
 class Parts:
     def __init__(self, store: Store, tmp_path: Path) -> None:
         self.clock = FakeClock()
-        self.sealer = load_sealer(tmp_path / "webhook-key")
+        self.sealer = WebhookSealer(TEST_KEK)
         self.keys = ApiKeyService(store, self.clock)
         self.hooks = WebhookService(store, self.clock, self.sealer)
         self.deliverer = Deliverer(
@@ -105,16 +106,6 @@ def test_signature_verifies_and_refuses_tampering_and_replays() -> None:
     assert not verify(b"whsec_y", header, body, now=1_800_000_100)
     assert not verify(b"whsec_x", header, body, now=1_800_000_000 + 301)  # outside the window
     assert not verify(b"whsec_x", "v1=" + header.split("v1=")[1], body, now=1_800_000_000)
-
-
-def test_secrets_are_sealed_with_the_key_file(tmp_path: Path) -> None:
-    sealer = load_sealer(tmp_path / "k")
-    assert (tmp_path / "k").stat().st_mode & 0o777 == 0o600
-    sealed = sealer.seal(b"whsec_secret")
-    assert b"whsec_secret" not in sealed
-    assert load_sealer(tmp_path / "k").open(sealed) == b"whsec_secret"
-    with pytest.raises(ValueError, match="does not open"):
-        AesGcmSealer(b"\0" * 32).open(sealed)
 
 
 # -- the outbox, on both backends, to a real receiver -------------------------------------------

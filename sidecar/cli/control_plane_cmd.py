@@ -13,7 +13,7 @@ from typing import Any
 
 from sidecar import logs
 from sidecar.config import Settings
-from sidecar.oauth.kek import KekError
+from sidecar.core.kek import KekError
 from sidecar.ops.configfile import load_control_plane_config
 from sidecar.ops.tracing import TracingUnavailable
 

@@ -10,7 +10,7 @@ from sidecar._gen.statuspulse.auth.v1 import oauth_pb2 as pb
 from sidecar._gen.statuspulse.auth.v1 import oauth_pb2_grpc as pb_grpc
 from sidecar.cli.client import AdminClient
 from sidecar.cli.output import emit_json, rfc3339, table
-from sidecar.oauth import kek
+from sidecar.core import kek
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:

@@ -17,9 +17,9 @@ from sidecar.cli.control_plane_cmd import flags as plane_flags
 from sidecar.cli.control_plane_cmd import stop_on_signal
 from sidecar.cli.control_plane_cmd import write_bootstrap_key as _write_key
 from sidecar.config import Settings, SidecarSettings
+from sidecar.core.kek import KekError
 from sidecar.core.models import Minted
 from sidecar.dataplane.process import Sidecar
-from sidecar.oauth.kek import KekError
 from sidecar.ops.configfile import load_control_plane_config, load_sidecar_config
 from sidecar.ops.tracing import TracingUnavailable
 

@@ -145,7 +145,7 @@ class SigningKey:
     """A JWT signing key. Published (JWKS, replicas) from ``created_at``, it signs from
     ``activates_at`` until ``superseded_at``, then stays in the JWKS until ``retired_at`` so
     tokens it signed keep verifying until they expire. ``private_pem`` is the private key
-    encrypted under a key-encryption key (sidecar/oauth/kek.py); empty once superseded."""
+    encrypted under a key-encryption key (sidecar/core/kek.py); empty once superseded."""
 
     kid: str
     alg: str

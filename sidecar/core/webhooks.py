@@ -6,8 +6,9 @@ disabled), so a delivery exists if and only if the change committed. The deliver
 (``sidecar.webhooks.delivery``) sends each at least once, signed, retried with capped backoff.
 
 A webhook's signing secret is shown once at creation and stored sealed (``Sealer``: AES-GCM
-under a key the control plane keeps outside the database), because signing needs the secret
-itself; a stolen database alone cannot forge deliveries."""
+under the key-encryption keys the control plane keeps outside the database, bound to the
+webhook's id), because signing needs the secret itself; a stolen database alone cannot forge
+deliveries."""
 
 from __future__ import annotations
 
@@ -42,11 +43,19 @@ SECRET_PREFIX = "whsec_"  # noqa: S105 (a prefix)
 
 
 class Sealer(Protocol):
-    """Encrypts secrets at rest (``seal``) and opens them to sign (``open``)."""
+    """Encrypts secrets at rest (``seal``) and opens them to sign (``open``, ValueError when it
+    cannot); ``context`` (``webhook:<id>``) binds a sealed secret to its row."""
 
-    def seal(self, plaintext: bytes) -> bytes: ...
+    def seal(self, plaintext: bytes, context: str) -> bytes: ...
 
-    def open(self, sealed: bytes) -> bytes: ...
+    def open(self, sealed: bytes, context: str) -> bytes: ...
+
+    def is_current(self, sealed: bytes) -> bool: ...
+
+
+def sealing_context(webhook_id: str) -> str:
+    """The associated data a webhook's secret is sealed with."""
+    return f"webhook:{webhook_id}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +143,7 @@ class WebhookService:
         self._store = store
         self._clock = clock
         self._sealer = sealer
+        self.unopened = 0  # secrets the last rewrap() could not open
 
     def add(
         self, ctx: RequestContext, *, workspace: str, url: str, events: list[str]
@@ -145,12 +155,13 @@ class WebhookService:
         url, wanted = check_url(url), check_events(events)
         secret = SECRET_PREFIX + secrets.token_urlsafe(32)
         now = int(self._clock.now())
+        hook_id = keyformat.mint_id("whk_")
         hook = Webhook(
-            keyformat.mint_id("whk_"),
+            hook_id,
             workspace,
             url,
             wanted,
-            self._sealer.seal(secret.encode()),
+            self._sealer.seal(secret.encode(), sealing_context(hook_id)),
             now,
             ctx.principal.key_id,
         )
@@ -160,6 +171,25 @@ class WebhookService:
             uow.webhooks.insert(hook)
             self._audit(uow, ctx, "webhook.created", hook)
         return hook, secret
+
+    def rewrap(self) -> int:
+        """Re-seal every secret not under the newest key-encryption key (after a KEK rotation,
+        or sealed by the pre-KEK webhook key); returns how many changed. One that does not open
+        is left as it is and counted in ``unopened`` (its deliveries fail, saying why)."""
+        changed, self.unopened = 0, 0
+        with self._store.transaction() as uow:
+            for hook in uow.webhooks.all():
+                if self._sealer.is_current(hook.sealed_secret):
+                    continue
+                context = sealing_context(hook.id)
+                try:
+                    secret = self._sealer.open(hook.sealed_secret, context)
+                except ValueError:
+                    self.unopened += 1
+                    continue
+                uow.webhooks.update(replace(hook, sealed_secret=self._sealer.seal(secret, context)))
+                changed += 1
+        return changed
 
     def in_workspace(self, ctx: RequestContext, workspace: str) -> list[Webhook]:
         permissions.require(ctx.principal, workspace, KEYS_MANAGE)

@@ -6,13 +6,14 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable
 
+from sidecar.core import kek
 from sidecar.core.clock import Clock
+from sidecar.core.kek import KeyEncryption
 from sidecar.core.storage import Store
-from sidecar.oauth import kek, rfc8414
+from sidecar.oauth import rfc8414
 from sidecar.oauth.authorization import AuthorizationEndpoint
 from sidecar.oauth.client_auth import ClientAuthenticator
 from sidecar.oauth.config import OAuthConfig
-from sidecar.oauth.kek import KeyEncryption
 from sidecar.oauth.rfc7009 import RevocationEndpoint
 from sidecar.oauth.rfc7662 import IntrospectionEndpoint
 from sidecar.oauth.sessions import BrowserSessions

@@ -9,7 +9,7 @@ sidecar does for every new token, while signing (≈ 270 µs) happens once per i
 every replica, not yet signing: ahead-of-time rollover, so no sidecar answers ``unknown_key``
 for a fresh key), *current* (signs), *superseded* (its private part destroyed; stays published
 until every token it signed has expired), *retired* (left the JWKS; replicas drop it and deny
-tokens they had cached for it). Private parts are stored only encrypted (sidecar/oauth/kek.py).
+tokens they had cached for it). Private parts are stored only encrypted (sidecar/core/kek.py).
 Each step writes its change-log entry in the same transaction."""
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from sidecar.authz.access_tokens import VerificationKey, verification_key
 from sidecar.core.audit import event
 from sidecar.core.changes import signing_key_retired, signing_key_upserted
 from sidecar.core.clock import Clock
+from sidecar.core.kek import KeyEncryption
 from sidecar.core.oauth_models import SigningKey
 from sidecar.core.storage import Store, UnitOfWork
-from sidecar.oauth.kek import KeyEncryption
 
 ALG = "RS256"
 KEY_BITS = 2048

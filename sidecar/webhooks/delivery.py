@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 from sidecar.core.clock import Clock
 from sidecar.core.storage import Store
-from sidecar.core.webhooks import Delivery, Sealer
+from sidecar.core.webhooks import Delivery, Sealer, Webhook, sealing_context
 from sidecar.webhooks.signing import DELIVERY_HEADER, EVENT_HEADER, SIGNATURE_HEADER, signature
 
 log = logging.getLogger("sidecar.webhooks")
@@ -96,19 +96,20 @@ class Deliverer:
             if hook is None or hook.deleted_at is not None:
                 outcome = replace(delivery, status="failed", last_error="webhook deleted")
             else:
-                error = self._post(hook.url, hook.sealed_secret, delivery)
+                error = self._post(hook, delivery)
                 outcome = self._after(delivery, error)
                 delivered += outcome.status == "delivered"
             with self._store.transaction() as uow:
                 uow.webhooks.record_attempt(outcome)
         return delivered
 
-    def _post(self, url: str, sealed: bytes, delivery: Delivery) -> str:
+    def _post(self, hook: Webhook, delivery: Delivery) -> str:
         """'' when the receiver answered 2xx, else what went wrong (no secret in it)."""
         body = delivery.body.encode()
+        url = hook.url
         try:
             check_destination(url, self._allow_private)
-            secret = self._sealer.open(sealed)
+            secret = self._sealer.open(hook.sealed_secret, sealing_context(hook.id))
         except (DeliveryRefused, ValueError) as exc:
             return str(exc)
         request = urllib.request.Request(url, data=body, method="POST")  # noqa: S310 (checked)

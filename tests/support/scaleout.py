@@ -30,7 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar._gen.statuspulse.auth.v1 import api_keys_pb2 as keys_pb
 from sidecar._gen.statuspulse.auth.v1 import api_keys_pb2_grpc as keys_grpc
-from sidecar.oauth import kek
+from sidecar.core import kek
 from tests.support.ports import free_port, wait_for_port
 from tests.support.postgres import PostgresServer
 from tests.support.sync import TEST_SYNC_TOKEN

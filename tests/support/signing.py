@@ -7,8 +7,8 @@ import secrets
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from sidecar.core.kek import KEK_BYTES, KeyEncryption
 from sidecar.core.oauth_models import SigningKey
-from sidecar.oauth.kek import KEK_BYTES, KeyEncryption
 from sidecar.oauth.signing import generate_key
 
 TEST_KEK = KeyEncryption([secrets.token_bytes(KEK_BYTES)])

@@ -54,8 +54,15 @@ class SqlWebhooks:
 
     def update(self, hook: Webhook) -> None:
         self._conn.execute(
-            "UPDATE webhooks SET url = ?, events = ?, deleted_at = ? WHERE id = ?",
-            (hook.url, " ".join(sorted(hook.events)), hook.deleted_at, hook.id),
+            "UPDATE webhooks SET url = ?, events = ?, sealed_secret = ?, deleted_at = ? "
+            "WHERE id = ?",
+            (
+                hook.url,
+                " ".join(sorted(hook.events)),
+                hook.sealed_secret.hex(),
+                hook.deleted_at,
+                hook.id,
+            ),
         )
 
     def get(self, webhook_id: str) -> Webhook | None:
@@ -71,6 +78,10 @@ class SqlWebhooks:
             (workspace,),
         ).fetchall()
         return [_hook(r) for r in rows]
+
+    def all(self) -> list[Webhook]:
+        rows = self._conn.execute(f"SELECT {_HOOK} FROM webhooks ORDER BY created_at, id")
+        return [_hook(r) for r in rows.fetchall()]
 
     def enqueue(self, delivery: Delivery) -> None:
         d = delivery

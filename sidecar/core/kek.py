@@ -1,12 +1,16 @@
-"""Key-encryption keys (KEKs): the signing keys' private parts are stored only encrypted, so read
-access to the store (a backup, a replica, a leaked file) is not the power to mint tokens.
+"""Key-encryption keys (KEKs): the secrets the control plane must be able to use, not only check,
+are stored only encrypted: the OAuth signing keys' private parts and the webhooks' signing
+secrets. Read access to the store (a backup, a replica, a leaked file) is then not the power to
+mint tokens or to forge a workspace's webhook calls.
 
-AES-256-GCM (NIST SP 800-38D) with a fresh 96-bit nonce per encryption and the key's ``kid`` as
-associated data, so a ciphertext cannot be moved to another key's row. The stored form is
+AES-256-GCM (NIST SP 800-38D) with a fresh 96-bit nonce per encryption and the row's identity
+as associated data (a signing key's ``kid``, ``webhook:<id>``), so a ciphertext cannot be moved
+to another row — another workspace's webhook included. The stored form is
 ``spk1.<kek id>.<base64url(nonce || ciphertext)>``: the KEK id (the first 8 bytes of the KEK's
 SHA-256, hex) says which KEK to decrypt with. Rotation follows Hydra's ``SECRETS_SYSTEM`` and
 ``MultiFernet``: the list is newest first; the first KEK encrypts, every KEK decrypts, and the
-control plane re-encrypts under the first at start-up (``SigningKeys.rewrap``).
+control plane re-encrypts under the first at start-up (``SigningKeys.rewrap``,
+``WebhookService.rewrap``).
 
 A KEK is 32 random bytes written as base64url (``spauth oauth generate-kek``); the setting takes
 one or more, comma- or newline-separated, newest first."""
@@ -91,21 +95,23 @@ class KeyEncryption:
         body = base64.urlsafe_b64encode(nonce + sealed)
         return PREFIX + self.current_id.encode() + b"." + body
 
-    def decrypt(self, stored: bytes, context: str) -> bytes:
+    def decrypt(self, stored: bytes, context: str, what: str = "signing key") -> bytes:
+        """The plaintext of ``stored``, encrypted for ``context``; ``what`` names the row in
+        errors (never the plaintext)."""
         if not stored.startswith(PREFIX):
-            raise KekError(f"signing key {context} is not encrypted")
+            raise KekError(f"{what} {context} is not encrypted")
         kek_id, _, body = stored[len(PREFIX) :].partition(b".")
         aead = self._by_id.get(kek_id.decode("ascii", "replace"))
         if aead is None:
             raise KekError(
-                f"signing key {context} is encrypted under key-encryption key "
+                f"{what} {context} is encrypted under key-encryption key "
                 f"{kek_id.decode('ascii', 'replace')}, which is not configured"
             )
         try:
             raw = base64.urlsafe_b64decode(body)
             return aead.decrypt(raw[:NONCE_BYTES], raw[NONCE_BYTES:], context.encode())
         except (InvalidTag, binascii.Error, ValueError):
-            raise KekError(f"signing key {context} does not decrypt (tampered?)") from None
+            raise KekError(f"{what} {context} does not decrypt (tampered?)") from None
 
     def is_current(self, stored: bytes) -> bool:
         """Whether ``stored`` is encrypted under the newest KEK (nothing to re-encrypt)."""
