@@ -203,8 +203,8 @@ def run_sqlite(workdir: Path, count: int, source: Path) -> IngestRow:
 
 
 def run_postgres(workdir: Path, count: int, source: Path) -> IngestRow:
+    from sidecar.core import kek
     from sidecar.devtools.postgres_server import PostgresServer
-    from sidecar.oauth import kek
 
     with PostgresServer() as pg:
         url = pg.create_database("ingest")

@@ -28,6 +28,7 @@ from sidecar.core.models import Principal, RequestContext
 from sidecar.core.storage import Store
 from sidecar.store.sql.postgres import PostgresStore
 from tests.conftest import RunningControlPlane
+from tests.support.postgres import postgres_available
 from tests.support.rawsql import raw
 from tests.support.sync import TEST_SYNC_TOKEN
 
@@ -318,12 +319,15 @@ def test_over_grpc_a_fault_in_a_later_message_acknowledges_nothing(
 
 
 def test_bench_ingest_ships_verifies_and_reports(tmp_path: Path) -> None:
-    """``python -m bench.ingest`` end to end on SQLite, small: every record it counts was
-    acknowledged and is in a verified chain (it raises otherwise), and the row is complete."""
+    """``python -m bench.ingest`` end to end, small, on each backend installed here: every record
+    it counts was acknowledged and is in a verified chain (it raises otherwise), and each row is
+    complete."""
     from bench import ingest
 
+    backends = ["sqlite", *(["postgres"] if postgres_available() else [])]
     out = tmp_path / "ingest.json"
-    assert ingest.main(["--backend", "sqlite", "--records", "4000", "--json", str(out)]) == 0
-    (row,) = json.loads(out.read_text())
-    assert (row["backend"], row["records"]) == ("sqlite", 4000)
-    assert row["control_plane_cpu_s"] > 0 and row["records_per_core_s"] > 0
+    args = [a for b in backends for a in ("--backend", b)]
+    assert ingest.main([*args, "--records", "4000", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["backend"], r["records"]) for r in rows] == [(b, 4000) for b in backends]
+    assert all(r["control_plane_cpu_s"] > 0 and r["records_per_core_s"] > 0 for r in rows)
