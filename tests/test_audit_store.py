@@ -201,8 +201,11 @@ def test_ingest_takes_decision_records_only(store: SqliteStore, clock: FakeClock
     assert result.acknowledged == [deny.id, deny.id] and result.stored == 1
     assert trail.ingest(SHIPPER, [deny]).stored == 0
     assert rows(store)[0][1] == NO_WORKSPACE
-    with pytest.raises(InvalidArgument):
-        trail.ingest(SHIPPER, [event(1, "key_a", "key.revoked", "acme", "key_b")])
+    # Refused as a value, with the field at fault; nothing stored under its id.
+    forged = event(1, "key_a", "key.revoked", "acme", "key_b")
+    refused = trail.ingest(SHIPPER, [forged])
+    assert refused.acknowledged == [] and [r.field for r in refused.refused] == ["records.action"]
+    assert trail.ingest(SHIPPER, [forged]).stored == 0 and len(rows(store)) == 1
     # Only sidecars write decision records: no API key, not even the operator's.
     for caller in (ACME_ADMIN, OPERATOR):
         with pytest.raises(PermissionDenied):

@@ -22,8 +22,15 @@ from sidecar.admin.rpc import (
     bearer_token,
     request_id,
 )
-from sidecar.core.audit_trail import SIDECAR, AuditTrail, decode_cursor, encode_cursor
-from sidecar.core.errors import Unauthenticated
+from sidecar.core.audit_trail import (
+    SIDECAR,
+    AuditTrail,
+    IngestResult,
+    Refusal,
+    decode_cursor,
+    encode_cursor,
+)
+from sidecar.core.errors import InvalidArgument, Unauthenticated
 from sidecar.core.models import Principal, RequestContext
 
 log = logging.getLogger("sidecar.admin")
@@ -149,6 +156,10 @@ class AuditServicer(pb_grpc.AuditServiceServicer):  # type: ignore[misc]
             return SIDECAR
         raise Unauthenticated("audit ingest needs the sync token")
 
+    def _ingest(self, ctx: RequestContext, message: pb.IngestAuditRecordsRequest) -> IngestResult:
+        """One message: its records decoded once, straight into events, and stored together."""
+        return self._trail.ingest(ctx, [convert.event(r) for r in message.records])
+
     async def IngestAuditRecords(
         self,
         request: AsyncIterator[pb.IngestAuditRecordsRequest],
@@ -157,21 +168,37 @@ class AuditServicer(pb_grpc.AuditServiceServicer):  # type: ignore[misc]
         metadata = context.invocation_metadata()
         rid = request_id(metadata)  # type: ignore[arg-type]
         acknowledged: list[str] = []
+        refused: list[Refusal] = []
         stored = cursor = 0
         try:
             token = bearer_token(metadata)  # type: ignore[arg-type]
             principal = await asyncio.to_thread(self._ingest_principal, token)
             ctx = RequestContext(principal=principal, request_id=rid, source=context.peer())
             async for message in request:
-                events = [convert.event(r) for r in message.records]
-                result = await asyncio.to_thread(self._trail.ingest, ctx, events)
+                result = await asyncio.to_thread(self._ingest, ctx, message)
                 acknowledged.extend(result.acknowledged)
+                refused.extend(result.refused)
                 stored += result.stored
                 cursor = result.cursor
                 if result.stored:
                     self._wake()
+            if refused:
+                raise _refusal(refused)
         except Exception as exc:
             await abort(context, exc, "IngestAuditRecords", rid)
         return pb.IngestAuditRecordsResponse(
             acknowledged_ids=acknowledged, stored=stored, cursor=encode_cursor(cursor)
         )
+
+
+def _refusal(refused: list[Refusal]) -> InvalidArgument:
+    """The call's answer when records were refused: INVALID_ARGUMENT naming them (the first
+    few), so the sidecar re-sends the call's records one at a time and dead-letters exactly the
+    refused ones. Everything else in the call is stored already, and acknowledged on that
+    re-send as a duplicate: an acknowledgement only ever follows a commit."""
+    shown = "; ".join(str(r) for r in refused[:_SHOWN_REFUSALS])
+    more = f" (and {len(refused) - _SHOWN_REFUSALS} more)" if len(refused) > _SHOWN_REFUSALS else ""
+    return InvalidArgument("records", f"{len(refused)} refused, the rest stored: {shown}{more}")
+
+
+_SHOWN_REFUSALS = 5

@@ -45,9 +45,10 @@ def record(rec: ChainedRecord) -> pb.AuditRecord:
 
 def event(msg: pb.AuditRecord) -> AuditEvent:
     """A shipped record as a domain event (the server sets the chain fields itself)."""
+    ts = msg.time  # Timestamp.ToMicroseconds, without its Python-level call per record
     return AuditEvent(
         id=msg.id,
-        time=seconds(msg.time),
+        time=(ts.seconds * 1_000_000 + ts.nanos // 1000) / 1_000_000,
         actor=msg.actor,
         action=msg.action,
         workspace=msg.workspace,

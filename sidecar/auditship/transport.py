@@ -115,11 +115,21 @@ class TrailTransport:
     def send(self, records: Sequence[bytes]) -> int:
         try:
             events = [decode(r) for r in records]
-            return len(self._trail.ingest(self._ctx, events).acknowledged)
+            # In messages' sizes, as over gRPC (the trail takes at most 1000 per call).
+            results = [
+                self._trail.ingest(self._ctx, events[start : start + MESSAGE_RECORDS])
+                for start in range(0, len(events), MESSAGE_RECORDS)
+            ]
         except (ValueError, InvalidArgument) as exc:
             raise TransportError(str(exc), rejected=True) from None
         except SpauthError as exc:
             raise TransportError(exc.message) from None
+        refused = [r for result in results for r in result.refused]
+        if refused:
+            # As over gRPC: the rest is stored; the shipper finds the refused ones alone.
+            shown = "; ".join(str(r) for r in refused[:5])
+            raise TransportError(f"{len(refused)} refused: {shown}", rejected=True)
+        return sum(len(result.acknowledged) for result in results)
 
     def close(self) -> None:
         """Nothing to release."""

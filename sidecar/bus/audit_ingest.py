@@ -13,7 +13,6 @@ import contextlib
 import logging
 import os
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -25,7 +24,7 @@ from sidecar.auditship.codec import decode
 from sidecar.bus.audit_stream import FIELD_RECORD, STREAM
 from sidecar.core.audit import AuditEvent
 from sidecar.core.audit_trail import SIDECAR, AuditTrail
-from sidecar.core.errors import InvalidArgument, SpauthError
+from sidecar.core.errors import SpauthError
 from sidecar.core.models import RequestContext
 
 log = logging.getLogger("sidecar.bus.audit")
@@ -136,15 +135,23 @@ class AuditStreamConsumer:
     async def _store(self, entries: list[Entry]) -> int:
         if not entries:
             return 0
-        events: list[tuple[bytes, AuditEvent]] = []
-        junk: list[bytes] = []
-        for entry_id, fields in entries:
+        events: list[AuditEvent] = []
+        junk = 0
+        for _, fields in entries:
             try:
-                events.append((entry_id, decode((fields or {}).get(FIELD_RECORD, b""))))
+                events.append(decode((fields or {}).get(FIELD_RECORD, b"")))
             except ValueError:
-                junk.append(entry_id)
-        stored = await asyncio.to_thread(self._ingest, events)
-        refused = len(junk) + len(stored.rejected)
+                junk += 1
+        # One trail call stores the batch in one transaction; the records it refuses (each
+        # logged there with its reason) are counted here, and the rest are stored.
+        refused = junk
+        stored = 0
+        most = self._trail.policy.max_ingest_batch
+        for start in range(0, len(events), most):
+            chunk = events[start : start + most]
+            result = await asyncio.to_thread(self._trail.ingest, self._ctx, chunk)
+            refused += len(result.refused)
+            stored += len(result.acknowledged)
         if refused:
             self.dropped += refused
             log.warning("audit stream: dropped records the trail refuses", extra={"n": refused})
@@ -152,26 +159,8 @@ class AuditStreamConsumer:
         ids = [entry_id for entry_id, _ in entries]
         await self._client.xack(self.stream, self.group, *ids)
         await self._client.xdel(self.stream, *ids)
-        self.ingested += stored.count
+        self.ingested += stored
         return len(entries)
-
-    def _ingest(self, events: list[tuple[bytes, AuditEvent]]) -> _Stored:
-        """Store a batch; a batch the trail refuses is retried record by record so one bad
-        record does not hold back the rest. Unavailable (store down) propagates: retry later."""
-        if not events:
-            return _Stored(0, [])
-        try:
-            self._trail.ingest(self._ctx, [ev for _, ev in events])
-            return _Stored(len(events), [])
-        except InvalidArgument:
-            pass
-        rejected: list[bytes] = []
-        for entry_id, ev in events:
-            try:
-                self._trail.ingest(self._ctx, [ev])
-            except InvalidArgument:
-                rejected.append(entry_id)
-        return _Stored(len(events) - len(rejected), rejected)
 
     async def aclose(self) -> None:
         if self._task is not None:
@@ -180,11 +169,3 @@ class AuditStreamConsumer:
                 await self._task
         with contextlib.suppress(RedisError, OSError):
             await self._client.aclose()
-
-
-@dataclass(frozen=True, slots=True)
-class _Stored:
-    """What a batch ingest did: records stored (now or before) and entries refused."""
-
-    count: int
-    rejected: list[bytes]

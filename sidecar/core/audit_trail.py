@@ -9,10 +9,10 @@ import json
 import logging
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from sidecar.core import permissions, validation
-from sidecar.core.audit import DECISION_ACTIONS, AuditEvent, AuditQuery, scrub
+from sidecar.core.audit import DECISION_ACTIONS, AuditEvent, AuditQuery, redact, scrub
 from sidecar.core.audit_chain import (
     ChainBreak,
     ChainedRecord,
@@ -66,12 +66,27 @@ class AuditPage:
 
 
 @dataclass(frozen=True, slots=True)
+class Refusal:
+    """A shipped record ingest refused: its id (as sent, cut to 64 characters and redacted), the
+    field at fault and why."""
+
+    id: str
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.id!r}: {self.message}"
+
+
+@dataclass(frozen=True, slots=True)
 class IngestResult:
-    """Ids now stored (by this call or an earlier one), how many were new, and the trail end."""
+    """Ids now stored (by this call or an earlier one), how many were new, the trail end, and
+    the records refused (stored under no id; the rest of their batch is)."""
 
     acknowledged: list[str]
     stored: int
     cursor: int
+    refused: list[Refusal] = field(default_factory=list)
 
 
 class AuditTrail:
@@ -215,35 +230,74 @@ class AuditTrail:
     # -- writes -----------------------------------------------------------------------------
 
     def ingest(self, ctx: RequestContext, events: Iterable[AuditEvent]) -> IngestResult:
-        """Store decision records shipped by a sidecar, once each. Only a sidecar (the sync
-        token) writes them: an API key, even ``admin:full``, could otherwise claim a decision
-        id before the sidecar's record arrives. A record whose id is stored already is
-        acknowledged only when it is that same record (a re-send); different content under a
-        stored id is refused (``conflicts`` counts them) and nothing of the batch is stored."""
+        """Store decision records shipped by a sidecar, once each, in one transaction. Only a
+        sidecar (the sync token) writes them: an API key, even ``admin:full``, could otherwise
+        claim a decision id before the sidecar's record arrives. A record whose id is stored
+        already (or came earlier in the batch) is acknowledged only when it is that same record
+        (a re-send); different content under a stored id is refused (``conflicts`` counts
+        them), as is a malformed record: each refusal is reported with its reason and the rest
+        of the batch is stored and acknowledged."""
         permissions.require_sidecar(ctx.principal, SIDECAR, "decision records")
-        latest = self._clock.now() + self.policy.max_future_skew
-        batch = [_checked_decision(ev, latest) for ev in events]
-        if len(batch) > self.policy.max_ingest_batch:
+        incoming = list(events)
+        if len(incoming) > self.policy.max_ingest_batch:
             raise InvalidArgument("records", f"at most {self.policy.max_ingest_batch} per message")
-        stored = 0
+        refused: list[Refusal] = []
+        batch = self._checked_batch(incoming, refused)
+        acknowledged: list[str] = []
         with self._store.transaction() as uow:
-            for ev in batch:
-                known = uow.audit.get(ev.id)
-                if known is None:
-                    stored += uow.audit.append(ev)
-                elif not same_record(known, ev):
-                    self.conflicts += 1
-                    if self._on_conflict is not None:
-                        self._on_conflict()
-                    log.warning(
-                        "audit ingest: a record differs from the stored one with its id",
-                        extra={"event_id": ev.id, "workspace": ev.workspace},
-                    )
-                    raise InvalidArgument(
-                        "records.id", f"{ev.id} is stored already with different content"
-                    )
+            known = uow.audit.get_many(batch.first.keys())
+            new = []
+            for ev_id, ev in batch.first.items():
+                stored_ev = known.get(ev_id)
+                if stored_ev is None:
+                    new.append(ev)
+                    acknowledged.append(ev_id)
+                elif same_record(stored_ev, ev):
+                    acknowledged.append(ev_id)
+                else:
+                    refused.append(self._conflict(ev))
+            uow.audit.append_new(new)
             cursor = uow.audit.last_seq()
-        return IngestResult([ev.id for ev in batch], stored, cursor)
+        # A copy repeated within the batch shares its first copy's fate.
+        accepted = set(acknowledged)
+        for ev in batch.repeated:
+            if ev.id in accepted:
+                acknowledged.append(ev.id)
+            else:
+                refused.append(self._conflict(ev))
+        return IngestResult(acknowledged, len(new), cursor, refused)
+
+    def _checked_batch(self, events: list[AuditEvent], refused: list[Refusal]) -> _Batch:
+        """The well-formed records by id, first copy kept; malformed ones go to ``refused``,
+        as does a second copy with other content (same content: acknowledged with the first)."""
+        latest = self._clock.now() + self.policy.max_future_skew
+        batch = _Batch({}, [])
+        valid_workspaces: set[str] = set()
+        for raw in events:
+            try:
+                ev = _checked_decision(raw, latest, valid_workspaces)
+            except InvalidArgument as exc:
+                # The id goes back in the call's error and into the sidecar's log: cut, redacted.
+                refused.append(Refusal(redact(raw.id[:64]), exc.field, exc.message))
+                continue
+            first = batch.first.get(ev.id)
+            if first is None:
+                batch.first[ev.id] = ev
+            elif same_record(scrub(first), ev):
+                batch.repeated.append(ev)
+            else:
+                refused.append(self._conflict(ev))
+        return batch
+
+    def _conflict(self, ev: AuditEvent) -> Refusal:
+        self.conflicts += 1
+        if self._on_conflict is not None:
+            self._on_conflict()
+        log.warning(
+            "audit ingest: a record differs from the stored one with its id",
+            extra={"event_id": ev.id, "workspace": ev.workspace},
+        )
+        return Refusal(ev.id, "records.id", f"{ev.id} is stored already with different content")
 
     def prune(self, before: float) -> int:
         """Retention: in every chain, delete the longest prefix of records older than
@@ -270,6 +324,14 @@ class AuditTrail:
         if refused:
             raise FailedPrecondition(f"not pruning broken chains: {'; '.join(refused)}")
         return deleted
+
+
+@dataclass(frozen=True, slots=True)
+class _Batch:
+    """An ingest batch's well-formed records by id (first copy), and identical copies after."""
+
+    first: dict[str, AuditEvent]
+    repeated: list[AuditEvent]
 
 
 def _drifted(uow: UnitOfWork, latest: SignedHeads, current: dict[str, Link], key: bytes) -> str:
@@ -325,10 +387,10 @@ def same_record(stored: AuditEvent, incoming: AuditEvent) -> bool:
     return canonical(stored, 0, "") == canonical(scrub(incoming), 0, "")
 
 
-def _checked_decision(ev: AuditEvent, latest: float) -> AuditEvent:
+def _checked_decision(ev: AuditEvent, latest: float, valid_workspaces: set[str]) -> AuditEvent:
     """Sidecars may ship decision records only, with bounded fields (a compromised sidecar
     must not be able to forge ``key.revoked`` or flood the store with huge rows), dated no
-    later than ``latest``."""
+    later than ``latest``. ``valid_workspaces`` remembers names already checked in a batch."""
     if ev.action not in DECISION_ACTIONS:
         raise InvalidArgument("records.action", f"expected one of {sorted(DECISION_ACTIONS)}")
     if not _ID.fullmatch(ev.id):
@@ -337,16 +399,22 @@ def _checked_decision(ev: AuditEvent, latest: float) -> AuditEvent:
         raise InvalidArgument("records.time", "must be set")
     if ev.time > latest:
         raise InvalidArgument("records.time", "is in the future (beyond the allowed clock skew)")
-    texts = (ev.actor, ev.workspace, ev.target, ev.outcome, ev.reason, ev.request_id)
-    if any(len(t) > _MAX_FIELD for t in texts) or len(ev.metadata) > _MAX_METADATA:
+    longest = max(
+        len(ev.actor), len(ev.workspace), len(ev.target), len(ev.outcome), len(ev.reason),
+        len(ev.request_id),
+    )  # fmt: skip
+    if longest > _MAX_FIELD or len(ev.metadata) > _MAX_METADATA:
         raise InvalidArgument("records", f"fields are limited to {_MAX_FIELD} characters")
-    if any(len(k) > 64 or len(v) > _MAX_FIELD for k, v in ev.metadata.items()):
-        raise InvalidArgument("records.metadata", "entry too long")
-    if not ev.workspace:
-        ev = replace(ev, workspace=NO_WORKSPACE)
-    elif ev.workspace not in (NO_WORKSPACE, OPERATOR_WORKSPACE):
+    for k, v in ev.metadata.items():
+        if len(k) > 64 or len(v) > _MAX_FIELD:
+            raise InvalidArgument("records.metadata", "entry too long")
+    workspace = ev.workspace
+    if not workspace:
+        return replace(ev, workspace=NO_WORKSPACE)
+    if workspace not in valid_workspaces and workspace not in (NO_WORKSPACE, OPERATOR_WORKSPACE):
         # '*': the operator key's decisions, in the operator chain.
-        validation.workspace(ev.workspace, "records.workspace")
+        validation.workspace(workspace, "records.workspace")
+        valid_workspaces.add(workspace)
     return ev
 
 

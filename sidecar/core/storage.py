@@ -3,7 +3,7 @@ its audit record and its change-log entry commit together or not at all."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import Protocol
 
@@ -88,8 +88,18 @@ class AuditRepository(Protocol):
         current transaction. False, and nothing stored, when its id is stored already."""
         ...
 
+    def append_new(self, events: Sequence[AuditEvent]) -> None:
+        """Store ``events`` (secrets redacted), in order, each linked to its workspace's chain,
+        in the current transaction. Their ids must not be stored yet, nor repeat: the caller
+        looked them up with ``get_many`` in this same transaction (a stored id is a fault)."""
+        ...
+
     def get(self, event_id: str) -> AuditEvent | None:
         """The stored record with this id, as stored (scrubbed)."""
+        ...
+
+    def get_many(self, event_ids: Collection[str]) -> dict[str, AuditEvent]:
+        """The stored records among ``event_ids``, as stored, by id (absent ids are left out)."""
         ...
 
     def recent(self, limit: int) -> list[AuditEvent]: ...

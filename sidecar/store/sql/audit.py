@@ -1,14 +1,23 @@
 """AuditRepository over SQLite: append links each record into its workspace's hash chain inside
 the caller's transaction (writes are serialised by ``BEGIN IMMEDIATE``, so the head read here is
-the head the record is appended after)."""
+the head the record is appended after). A batch is looked up with one statement and inserted
+with one ``executemany``; each workspace's head is read once per batch."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from sidecar.core.audit import AuditEvent, AuditQuery, scrub
-from sidecar.core.audit_chain import ChainedRecord, Checkpoint, Link, SignedHeads, next_link
+from sidecar.core.audit_chain import (
+    ChainedRecord,
+    Checkpoint,
+    Link,
+    SignedHeads,
+    metadata_json,
+    next_link,
+)
 from sidecar.store.sql.qmark import Executes
 
 _COLUMNS = (
@@ -60,31 +69,66 @@ class SqlAudit:
         self._conn = conn
 
     def append(self, event: AuditEvent) -> bool:
-        ev = scrub(event)
-        if self._conn.execute("SELECT 1 FROM audit_events WHERE id = ?", (ev.id,)).fetchone():
+        if self.get_many([event.id]):
             return False
-        link = next_link(ev, self.head(ev.workspace))
-        self._conn.execute(
+        self.append_new([event])
+        return True
+
+    def append_new(self, events: Sequence[AuditEvent]) -> None:
+        """Scrub, link and insert ``events``, whose ids are not stored (the caller looked them
+        up in this transaction): one head read per workspace, each record hashed once, one
+        ``executemany`` (see ``AuditRepository.append_new``)."""
+        heads: dict[str, Link | None] = {}
+        rows = []
+        for event in events:
+            ev = scrub(event)
+            head = heads[ev.workspace] if ev.workspace in heads else self.head(ev.workspace)
+            # Stored as the chain hashes it (compact JSON): encoded once, read back by json.
+            meta = metadata_json(ev.metadata)
+            link = heads[ev.workspace] = next_link(ev, head, meta)
+            rows.append(
+                (
+                    ev.id,
+                    ev.time,
+                    ev.actor,
+                    ev.action,
+                    ev.workspace,
+                    ev.target,
+                    ev.outcome,
+                    ev.reason,
+                    ev.request_id,
+                    json.dumps(ev.metadata, sort_keys=True) if meta is None else meta,
+                    link.chain_seq,
+                    link.prev_digest,
+                    link.digest,
+                )
+            )
+        if rows:
+            self._insert(rows)
+
+    def _insert(self, rows: list[tuple[Any, ...]]) -> None:
+        self._conn.executemany(
             "INSERT INTO audit_events (id, time, actor, action, workspace, target, outcome, "
             "reason, request_id, metadata, chain_seq, prev_digest, digest) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                ev.id,
-                ev.time,
-                ev.actor,
-                ev.action,
-                ev.workspace,
-                ev.target,
-                ev.outcome,
-                ev.reason,
-                ev.request_id,
-                json.dumps(ev.metadata, sort_keys=True),
-                link.chain_seq,
-                link.prev_digest,
-                link.digest,
-            ),
+            rows,
         )
-        return True
+
+    def get_many(self, event_ids: Collection[str]) -> dict[str, AuditEvent]:
+        if not event_ids:
+            return {}
+        # One statement text whatever the count (statement caches key on the text).
+        rows = self._conn.execute(
+            f"SELECT {_COLUMNS} FROM audit_events WHERE {self._ID_IN_BATCH}",
+            (self._batch_param(event_ids),),
+        ).fetchall()
+        return {str(r[1]): _record(r).event for r in rows}
+
+    # A batch of ids as one parameter: a JSON array, expanded by SQLite's json_each.
+    _ID_IN_BATCH = "id IN (SELECT value FROM json_each(?))"
+
+    def _batch_param(self, event_ids: Collection[str]) -> object:
+        return json.dumps(list(event_ids))
 
     def get(self, event_id: str) -> AuditEvent | None:
         row = self._conn.execute(

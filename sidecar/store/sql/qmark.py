@@ -12,6 +12,8 @@ class Executes(Protocol):
 
     def execute(self, sql: str, parameters: Any = ..., /) -> Any: ...
 
+    def executemany(self, sql: str, parameters: Any, /) -> Any: ...
+
 
 class QmarkConnection:
     """psycopg (or any ``%s``-style connection) spoken to with ``?`` placeholders."""
@@ -21,3 +23,8 @@ class QmarkConnection:
 
     def execute(self, sql: str, parameters: Any = (), /) -> Any:
         return self._conn.execute(sql.replace("?", "%s"), parameters)
+
+    def executemany(self, sql: str, parameters: Any, /) -> Any:
+        cursor = self._conn.cursor()
+        cursor.executemany(sql.replace("?", "%s"), parameters)
+        return cursor

@@ -1,0 +1,259 @@
+"""Audit ingest cost: the control plane's CPU per decision record, on SQLite and on PostgreSQL.
+
+    python -m bench.ingest                       # 20,000 records per backend, both backends
+    python -m bench.ingest --records 50000 --backend sqlite --json out.json
+    python -m bench.ingest --control-plane-src /tmp/main   # A/B: another checkout's control plane
+
+A real control plane (``python -m sidecar control-plane``, its own process) receives realistic
+decision records (8 workspaces plus the no-workspace chain, allows and denials with their reasons,
+paths, sources and latencies) from the sidecar's own client (``GrpcTransport``: IngestAuditRecords,
+2,000 records per call in messages of 500, the shipper's defaults), so decoding, validation, chain
+hashing and SQL are all counted. CPU comes from ``/proc/<pid>/stat`` (utime + stime of every
+thread): the control plane's, and PostgreSQL's server processes' on their own line, since a shared
+database runs on other hosts. The run ends by verifying every chain through the admin API, so a
+path that stored nothing (or broke a chain) cannot report a good number.
+
+Reported per backend: records/s per control-plane core (records / control-plane CPU seconds),
+control-plane CPU µs per record, database-server CPU µs per record (PostgreSQL), wall records/s,
+and the control plane's idle CPU (its timers, measured for 2 s before sending; included in the
+per-record figure, which is therefore a slight overestimate).
+Needs only the ``bench`` extra and, for PostgreSQL, the server binaries (``make system-deps``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import grpc
+
+from bench.cpu import descendants, process_cpu_seconds
+from sidecar._gen.statuspulse.auth.v1 import audit_pb2 as pb
+from sidecar._gen.statuspulse.auth.v1 import audit_pb2_grpc as pb_grpc
+from sidecar.auditship.codec import encode
+from sidecar.auditship.records import decision_event
+from sidecar.auditship.transport import GrpcTransport
+from sidecar.devtools.ports import free_port
+
+_ROOT = Path(__file__).resolve().parent.parent
+WORKSPACES = ("acme", "globex", "initech", "umbrella", "hooli", "wayne", "stark", "tyrell", "")
+DENIALS = ("insufficient_scope", "unknown_credential", "revoked_credential", "rate_limited")
+SHIP_BATCH = 2000  # records per IngestAuditRecords call: the shipper's default batch
+IDLE_S = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class IngestRow:
+    backend: str
+    records: int
+    wall_s: float
+    control_plane_cpu_s: float
+    database_cpu_s: float
+    control_plane_idle_util: float
+    source: str
+
+    @property
+    def records_per_core_s(self) -> float:
+        return self.records / self.control_plane_cpu_s if self.control_plane_cpu_s else 0.0
+
+    @property
+    def control_plane_us_per_record(self) -> float:
+        return self.control_plane_cpu_s / self.records * 1e6
+
+    @property
+    def database_us_per_record(self) -> float:
+        return self.database_cpu_s / self.records * 1e6
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            **asdict(self),
+            "records_per_core_s": round(self.records_per_core_s),
+            "control_plane_us_per_record": round(self.control_plane_us_per_record, 1),
+            "database_us_per_record": round(self.database_us_per_record, 1),
+        }
+
+
+def records(count: int, start: int, now: float) -> list[bytes]:
+    """Spool payloads as a loaded sidecar writes them: mostly allows, every fourth a denial."""
+    out = []
+    for i in range(start, start + count):
+        workspace = WORKSPACES[i % len(WORKSPACES)]
+        allowed = i % 4 != 0
+        ev = decision_event(
+            time=now - 2.0 + (i - start) * 1e-5,
+            allowed=allowed,
+            reason="ok" if allowed else DENIALS[i // 4 % len(DENIALS)],
+            credential_id=f"key_{(i * 7919) % 400:016x}" if i % 13 else "",
+            workspace=workspace,
+            method=("GET", "POST", "DELETE")[i % 3],
+            path=f"/v1/workspaces/{workspace or 'x'}/checks/{i % 211}?page={i % 5}",
+            source=f"10.{i % 7}.{i % 251}.{i % 199}:{40000 + i % 20000}",
+            decision_id=f"dec_{i:024x}",
+            latency_s=(40 + i % 300) * 1e-6,
+        )
+        out.append(encode(ev))
+    return out
+
+
+@contextlib.contextmanager
+def control_plane(
+    data: Path, env: Mapping[str, str], source: Path = _ROOT
+) -> Iterator[tuple[str, int, str, str]]:
+    """``python -m sidecar control-plane`` from the checkout ``source``, on free ports: (admin
+    address, pid, sync token, operator key)."""
+    admin = f"127.0.0.1:{free_port()}"
+    http = f"127.0.0.1:{free_port()}"
+    log = (data.parent / f"{data.name}.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sidecar", "control-plane", "--data-dir", str(data),
+         "--admin-addr", admin, "--http-addr", http],
+        stdout=log, stderr=subprocess.STDOUT, cwd=source, env={**os.environ, **env},
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        key_file, token_file = data / "bootstrap-key", data / "sync-token"
+        while not (key_file.exists() and token_file.exists() and _admin_up(admin)):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"control plane did not start; see {log.name}")
+            time.sleep(0.1)
+        token, operator = token_file.read_text().strip(), key_file.read_text().strip()
+        yield admin, proc.pid, token, operator
+    finally:
+        proc.terminate()
+        proc.wait(15)
+        log.close()
+
+
+def _admin_up(admin: str) -> bool:
+    with grpc.insecure_channel(admin) as channel:
+        try:
+            grpc.channel_ready_future(channel).result(timeout=0.5)
+        except grpc.FutureTimeoutError:
+            return False
+    return True
+
+
+def _verify(admin: str, operator: str) -> int:
+    """Every chain through VerifyAuditChain; returns the records checked. Raises if one is
+    broken."""
+    with grpc.insecure_channel(admin) as channel:
+        resp = pb_grpc.AuditServiceStub(channel).VerifyAuditChain(
+            pb.VerifyAuditChainRequest(),
+            metadata=(("authorization", f"Bearer {operator}"),),
+            timeout=120,
+        )
+    broken = [c.workspace for c in resp.chains if c.HasField("first_break")]
+    if broken:
+        raise RuntimeError(f"chains broken after ingest: {broken}")
+    return sum(c.records_checked for c in resp.chains)
+
+
+def measure(
+    backend: str,
+    data: Path,
+    env: Mapping[str, str],
+    count: int,
+    db_pids: list[int],
+    source: Path = _ROOT,
+) -> IngestRow:
+    """Warm up with two calls, then ship ``count`` records and take the CPU they cost."""
+    now = time.time()
+    warm = [records(SHIP_BATCH, 10**12 + k * SHIP_BATCH, now) for k in range(2)]
+    batches = [records(SHIP_BATCH, k, now) for k in range(0, count, SHIP_BATCH)]
+    with control_plane(data, env, source) as (admin, pid, token, operator):
+        transport = GrpcTransport(admin, token, timeout=120)
+        try:
+            for batch in warm:
+                transport.send(batch)
+            idle0 = process_cpu_seconds(pid)
+            time.sleep(IDLE_S)
+            idle = (process_cpu_seconds(pid) - idle0) / IDLE_S
+            cp0, db0, t0 = process_cpu_seconds(pid), _cpu(db_pids), time.perf_counter()
+            for batch in batches:
+                acked = transport.send(batch)
+                if acked != len(batch):
+                    raise RuntimeError(f"{len(batch) - acked} records not acknowledged")
+            wall = time.perf_counter() - t0
+            cp, db = process_cpu_seconds(pid) - cp0, _cpu(db_pids) - db0
+        finally:
+            transport.close()
+        checked = _verify(admin, operator)
+    sent = sum(len(b) for b in batches)
+    if checked < sent:
+        raise RuntimeError(f"only {checked} of {sent} records are in the verified chains")
+    return IngestRow(backend, sent, wall, cp, db, idle, str(source))
+
+
+def _cpu(pids: list[int]) -> float:
+    return sum(process_cpu_seconds(p) for root in pids for p in descendants(root))
+
+
+def run_sqlite(workdir: Path, count: int, source: Path) -> IngestRow:
+    return measure("sqlite", workdir / "sqlite", {}, count, [], source)
+
+
+def run_postgres(workdir: Path, count: int, source: Path) -> IngestRow:
+    from sidecar.core import kek
+    from sidecar.devtools.postgres_server import PostgresServer
+
+    with PostgresServer() as pg:
+        url = pg.create_database("ingest")
+        postmaster = int((pg.data_dir / "postmaster.pid").read_text().split()[0])
+        env = {"SPAUTH_DATABASE_URL": url, "SPAUTH_KEY_ENCRYPTION_KEY": kek.generate()}
+        return measure("postgres", workdir / "postgres", env, count, [postmaster], source)
+
+
+def table(rows: list[IngestRow]) -> str:
+    lines = [
+        "| backend | records | records/s per control-plane core | control-plane CPU µs/record "
+        "| database CPU µs/record | wall records/s | idle control-plane CPU |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        db = f"{r.database_us_per_record:.1f}" if r.backend == "postgres" else "(in process)"
+        lines.append(
+            f"| {r.backend} | {r.records:,} | {r.records_per_core_s:,.0f} "
+            f"| {r.control_plane_us_per_record:.1f} | {db} | {r.records / r.wall_s:,.0f} "
+            f"| {r.control_plane_idle_util:.1%} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.ingest", description=__doc__)
+    parser.add_argument("--records", type=int, default=20_000, help="measured records per backend")
+    parser.add_argument(
+        "--backend", action="append", choices=["sqlite", "postgres"], help="default: both"
+    )
+    parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument(
+        "--control-plane-src",
+        type=Path,
+        default=_ROOT,
+        help="run the control plane from this checkout (A/B against another commit)",
+    )
+    args = parser.parse_args(argv)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="spauth-ingest-") as tmp:
+        for backend in args.backend or ["sqlite", "postgres"]:
+            run = run_sqlite if backend == "sqlite" else run_postgres
+            rows.append(run(Path(tmp), args.records, args.control_plane_src.resolve()))
+            print(table(rows[-1:]).splitlines()[-1], flush=True)
+    print(table(rows))
+    if args.json:
+        args.json.write_text(json.dumps([r.as_json() for r in rows], indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
