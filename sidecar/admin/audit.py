@@ -26,7 +26,6 @@ from sidecar.core.audit_trail import (
     SIDECAR,
     AuditTrail,
     IngestResult,
-    Refusal,
     decode_cursor,
     encode_cursor,
 )
@@ -168,35 +167,42 @@ class AuditServicer(pb_grpc.AuditServiceServicer):  # type: ignore[misc]
         metadata = context.invocation_metadata()
         rid = request_id(metadata)  # type: ignore[arg-type]
         acknowledged: list[str] = []
-        refused: list[Refusal] = []
-        stored = cursor = 0
+        refused: list[pb.RefusedAuditRecord] = []
+        stored = cursor = offset = 0
+        report_refused = False
         try:
             token = bearer_token(metadata)  # type: ignore[arg-type]
             principal = await asyncio.to_thread(self._ingest_principal, token)
             ctx = RequestContext(principal=principal, request_id=rid, source=context.peer())
             async for message in request:
+                report_refused = report_refused or message.report_refused
                 result = await asyncio.to_thread(self._ingest, ctx, message)
                 acknowledged.extend(result.acknowledged)
-                refused.extend(result.refused)
+                refused.extend(convert.refused(r, offset) for r in result.refused)
+                offset += len(message.records)
                 stored += result.stored
                 cursor = result.cursor
                 if result.stored:
                     self._wake()
-            if refused:
+            if refused and not report_refused:
                 raise _refusal(refused)
         except Exception as exc:
             await abort(context, exc, "IngestAuditRecords", rid)
         return pb.IngestAuditRecordsResponse(
-            acknowledged_ids=acknowledged, stored=stored, cursor=encode_cursor(cursor)
+            acknowledged_ids=acknowledged,
+            stored=stored,
+            cursor=encode_cursor(cursor),
+            refused=refused,
         )
 
 
-def _refusal(refused: list[Refusal]) -> InvalidArgument:
-    """The call's answer when records were refused: INVALID_ARGUMENT naming them (the first
-    few), so the sidecar re-sends the call's records one at a time and dead-letters exactly the
-    refused ones. Everything else in the call is stored already, and acknowledged on that
-    re-send as a duplicate: an acknowledgement only ever follows a commit."""
-    shown = "; ".join(str(r) for r in refused[:_SHOWN_REFUSALS])
+def _refusal(refused: list[pb.RefusedAuditRecord]) -> InvalidArgument:
+    """The answer to a sender that did not ask for ``refused`` (one older than the field) when
+    records were refused: INVALID_ARGUMENT naming them (the first few), so it re-sends the
+    call's records one at a time and dead-letters exactly the refused ones. Everything else in
+    the call is stored already, and acknowledged on that re-send as a duplicate: an
+    acknowledgement only ever follows a commit."""
+    shown = "; ".join(f"{r.id!r}: {r.detail}" for r in refused[:_SHOWN_REFUSALS])
     more = f" (and {len(refused) - _SHOWN_REFUSALS} more)" if len(refused) > _SHOWN_REFUSALS else ""
     return InvalidArgument("records", f"{len(refused)} refused, the rest stored: {shown}{more}")
 

@@ -8,7 +8,7 @@ from sidecar._gen.statuspulse.auth.v1 import audit_pb2 as pb
 from sidecar.auditship.codec import to_pb
 from sidecar.core.audit import AuditEvent
 from sidecar.core.audit_chain import ChainBreak, ChainedRecord, ChainReport, Problem, time_us
-from sidecar.core.audit_trail import encode_cursor
+from sidecar.core.audit_trail import Refusal, RefusalReason, encode_cursor
 
 PROBLEMS = {
     Problem.DIGEST_MISMATCH: pb.AUDIT_CHAIN_PROBLEM_DIGEST_MISMATCH,
@@ -19,6 +19,16 @@ PROBLEMS = {
     Problem.HEAD_MISMATCH: pb.AUDIT_CHAIN_PROBLEM_HEAD_MISMATCH,
     Problem.CHAIN_MISSING: pb.AUDIT_CHAIN_PROBLEM_CHAIN_MISSING,
     Problem.HEADS_INVALID: pb.AUDIT_CHAIN_PROBLEM_HEADS_INVALID,
+}
+
+REFUSAL_REASONS = {
+    RefusalReason.NOT_A_DECISION: pb.AUDIT_REFUSAL_REASON_NOT_A_DECISION,
+    RefusalReason.MALFORMED_ID: pb.AUDIT_REFUSAL_REASON_MALFORMED_ID,
+    RefusalReason.MISSING_TIME: pb.AUDIT_REFUSAL_REASON_MISSING_TIME,
+    RefusalReason.FUTURE_TIME: pb.AUDIT_REFUSAL_REASON_FUTURE_TIME,
+    RefusalReason.TOO_LARGE: pb.AUDIT_REFUSAL_REASON_TOO_LARGE,
+    RefusalReason.MALFORMED_WORKSPACE: pb.AUDIT_REFUSAL_REASON_MALFORMED_WORKSPACE,
+    RefusalReason.CONFLICT: pb.AUDIT_REFUSAL_REASON_CONFLICT,
 }
 
 
@@ -81,3 +91,14 @@ def chain_status(report: ChainReport) -> pb.AuditChainStatus:
     if report.first_break is not None:
         status.first_break.CopyFrom(_chain_break(report.first_break))
     return status
+
+
+def refused(refusal: Refusal, offset: int) -> pb.RefusedAuditRecord:
+    """A refusal as the ingest answer lists it; ``offset``: where its message starts in the
+    call (a refusal's index counts within its message)."""
+    return pb.RefusedAuditRecord(
+        index=offset + refusal.index,
+        id=refusal.id,
+        reason=REFUSAL_REASONS[refusal.reason],
+        detail=f"{refusal.field}: {refusal.message}",
+    )

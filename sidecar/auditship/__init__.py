@@ -7,7 +7,13 @@ from sidecar.auditship.queue import AuditQueue
 from sidecar.auditship.records import decision_event
 from sidecar.auditship.shipper import Backoff, Shipper
 from sidecar.auditship.spool import Spool
-from sidecar.auditship.transport import GrpcTransport, TrailTransport, Transport, TransportError
+from sidecar.auditship.transport import (
+    GrpcTransport,
+    RecordsRefused,
+    TrailTransport,
+    Transport,
+    TransportError,
+)
 
 __all__ = [
     "AuditPipeline",
@@ -15,6 +21,7 @@ __all__ = [
     "Backoff",
     "GrpcTransport",
     "PipelineStats",
+    "RecordsRefused",
     "ShipConfig",
     "Shipper",
     "Spool",

@@ -11,7 +11,10 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from sidecar._gen.statuspulse.auth.v1 import audit_pb2 as pb
 from sidecar.core.audit import AuditEvent
 from sidecar.core.audit_chain import time_us
-from sidecar.protowire import ld
+from sidecar.protowire import ld, uint
+
+# IngestAuditRecordsRequest.report_refused = true (field 2), appended to a request's bytes.
+REPORT_REFUSED = uint(2, 1)
 
 
 def to_pb(ev: AuditEvent) -> pb.AuditRecord:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from sidecar.auditship.codec import decode
 from sidecar.auditship.spool import Spool, frame
-from sidecar.auditship.transport import Transport, TransportError
+from sidecar.auditship.transport import RecordsRefused, Transport, TransportError
 
 log = logging.getLogger("sidecar.auditship")
 
@@ -109,6 +109,8 @@ class Shipper:
     def _deliver(self, payloads: list[bytes]) -> None:
         try:
             acked = self._transport.send(payloads)
+        except RecordsRefused as exc:
+            acked = self._dead_letter_named(payloads, exc)
         except TransportError as exc:
             if not exc.rejected:
                 raise
@@ -117,27 +119,52 @@ class Shipper:
         if acked != len(payloads):
             raise TransportError(f"{len(payloads) - acked} records not acknowledged")
 
+    def _dead_letter_named(self, payloads: list[bytes], exc: RecordsRefused) -> int:
+        """The control plane stored the batch except the records it names: dead-letter exactly
+        those, with no re-send. An answer that does not account for every record once (a
+        position out of range or repeated, a count that does not add up) moves nothing and
+        is retried: the spool is only acknowledged on a whole answer."""
+        positions = {r.index for r in exc.refused}
+        whole = exc.acknowledged + len(exc.refused) == len(payloads)
+        if (
+            not whole
+            or len(positions) != len(exc.refused)
+            or not positions <= set(range(len(payloads)))
+        ):
+            raise TransportError(
+                f"ingest answer accounts for {exc.acknowledged} acknowledged and "
+                f"{len(exc.refused)} refused of {len(payloads)} records"
+            )
+        for refused in exc.refused:
+            self._refuse(payloads[refused.index], f"{refused.reason}: {refused.detail}")
+        return len(payloads)
+
     def _deliver_one_by_one(self, payloads: list[bytes]) -> int:
-        """The control plane refused the batch: find the records it refuses and move them to
-        the dead-letter file (logged by id, counted), so one bad record cannot stop the trail
-        and none is lost unseen."""
+        """A control plane older than the refused list refused the batch without naming the
+        records: find them by sending one at a time (the stored ones come back acknowledged as
+        duplicates) and dead-letter those it refuses."""
         for payload in payloads:
             try:
                 self._transport.send([payload])
             except TransportError as exc:
                 if not exc.rejected:
                     raise
-                self._dead(payload)
-                self._rejected += 1
-                log.error(
-                    "audit record refused by the control plane; kept in the dead-letter file",
-                    extra={
-                        "event_id": _event_id(payload),
-                        "error": str(exc),
-                        "dead_letter": str(self._dead_letter or ""),
-                    },
-                )
+                self._refuse(payload, str(exc))
         return len(payloads)
+
+    def _refuse(self, payload: bytes, error: str) -> None:
+        """Move a refused record to the dead-letter file (logged by id, counted), so one bad
+        record cannot stop the trail and none is lost unseen."""
+        self._dead(payload)
+        self._rejected += 1
+        log.error(
+            "audit record refused by the control plane; kept in the dead-letter file",
+            extra={
+                "event_id": _event_id(payload),
+                "error": error,
+                "dead_letter": str(self._dead_letter or ""),
+            },
+        )
 
     def _dead(self, payload: bytes) -> None:
         if self._dead_letter is None:

@@ -4,12 +4,13 @@ uses the IngestAuditRecords client stream; ``TrailTransport`` calls the trail in
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import grpc
 
 from sidecar._gen.statuspulse.auth.v1 import audit_pb2 as pb
-from sidecar.auditship.codec import decode, ingest_request
+from sidecar.auditship.codec import REPORT_REFUSED, decode, ingest_request
 from sidecar.core.audit_trail import AuditTrail
 from sidecar.core.errors import InvalidArgument, SpauthError
 from sidecar.core.models import RequestContext
@@ -27,10 +28,34 @@ class TransportError(Exception):
         self.rejected = rejected
 
 
+@dataclass(frozen=True, slots=True)
+class RefusedRecord:
+    """A record of a send the control plane refused: its position in the send, its id (cut
+    and redacted by the control plane), and why (a stable code, and words)."""
+
+    index: int
+    id: str
+    reason: str
+    detail: str
+
+
+class RecordsRefused(TransportError):
+    """The control plane stored and acknowledged every record of the send except ``refused``
+    (exactly those: re-sending them cannot succeed)."""
+
+    def __init__(self, acknowledged: int, refused: Sequence[RefusedRecord]) -> None:
+        shown = "; ".join(f"{r.id!r}: {r.reason}" for r in refused[:5])
+        super().__init__(f"{len(refused)} refused, the rest stored: {shown}", rejected=True)
+        self.acknowledged = acknowledged
+        self.refused = tuple(refused)
+
+
 class Transport(Protocol):
     def send(self, records: Sequence[bytes]) -> int:
         """Deliver serialized AuditRecords; returns how many the control plane acknowledged
-        (stored now or before). Raises TransportError."""
+        (stored now or before). Raises TransportError: ``RecordsRefused`` when it names the
+        records it refused (the rest acknowledged), ``rejected`` when it refused some without
+        saying which."""
         ...
 
     def close(self) -> None: ...
@@ -73,8 +98,11 @@ class GrpcTransport:
 
     def send(self, records: Sequence[bytes]) -> int:
         def messages() -> Iterator[bytes]:
+            # Every message asks for the refused list (report_refused): a control plane that
+            # knows the field answers OK naming them; an older one ignores it and answers
+            # INVALID_ARGUMENT, which stays a rejection (the shipper then isolates them).
             for start in range(0, len(records), MESSAGE_RECORDS):
-                yield ingest_request(records[start : start + MESSAGE_RECORDS])
+                yield ingest_request(records[start : start + MESSAGE_RECORDS]) + REPORT_REFUSED
 
         errors: list[str] = []
         for step in range(len(self._ingests)):
@@ -93,6 +121,16 @@ class GrpcTransport:
                     rejected=code is grpc.StatusCode.INVALID_ARGUMENT,
                 ) from None
             self._current = index
+            if resp.refused:
+                raise RecordsRefused(
+                    len(resp.acknowledged_ids),
+                    [
+                        RefusedRecord(
+                            r.index, r.id, _REASONS.get(r.reason, "unspecified"), r.detail
+                        )
+                        for r in resp.refused
+                    ],
+                )
             return len(resp.acknowledged_ids)
         raise TransportError("ingest failed: " + "; ".join(errors))
 
@@ -101,6 +139,12 @@ class GrpcTransport:
             channel.close()
 
 
+# The wire's reason codes as the shipper logs them ("future_time", ...).
+_REASONS = {
+    value.number: value.name.removeprefix("AUDIT_REFUSAL_REASON_").lower()
+    for value in pb.AuditRefusalReason.DESCRIPTOR.values
+    if value.number
+}
 # Another control plane may answer where this one could not.
 _TRY_NEXT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
@@ -124,12 +168,16 @@ class TrailTransport:
             raise TransportError(str(exc), rejected=True) from None
         except SpauthError as exc:
             raise TransportError(exc.message) from None
-        refused = [r for result in results for r in result.refused]
+        acknowledged = sum(len(result.acknowledged) for result in results)
+        refused = [
+            RefusedRecord(n * MESSAGE_RECORDS + r.index, r.id, r.reason.value, str(r))
+            for n, result in enumerate(results)
+            for r in result.refused
+        ]
         if refused:
-            # As over gRPC: the rest is stored; the shipper finds the refused ones alone.
-            shown = "; ".join(str(r) for r in refused[:5])
-            raise TransportError(f"{len(refused)} refused: {shown}", rejected=True)
-        return sum(len(result.acknowledged) for result in results)
+            # As over gRPC with report_refused: the rest is stored, these are named.
+            raise RecordsRefused(acknowledged, refused)
+        return acknowledged
 
     def close(self) -> None:
         """Nothing to release."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import enum
 import json
 import logging
 import re
@@ -65,17 +66,42 @@ class AuditPage:
     next_token: str = ""
 
 
+class RefusalReason(enum.StrEnum):
+    """Why ingest refused a record: stable codes (the wire's AuditRefusalReason)."""
+
+    NOT_A_DECISION = "not_a_decision"
+    MALFORMED_ID = "malformed_id"
+    MISSING_TIME = "missing_time"
+    FUTURE_TIME = "future_time"
+    TOO_LARGE = "too_large"
+    MALFORMED_WORKSPACE = "malformed_workspace"
+    CONFLICT = "conflict"
+
+
 @dataclass(frozen=True, slots=True)
 class Refusal:
     """A shipped record ingest refused: its id (as sent, cut to 64 characters and redacted), the
-    field at fault and why."""
+    field at fault, why in words (never a value of the record) and as a code, and its position
+    in the batch given to ``ingest`` (the exact record, whatever its id)."""
 
     id: str
     field: str
     message: str
+    reason: RefusalReason
+    index: int
 
     def __str__(self) -> str:
-        return f"{self.id!r}: {self.message}"
+        return f"{self.id!r}: {self.field}: {self.message}"
+
+
+class _Refused(Exception):
+    """A record fails a check of ``_checked_decision`` (becomes a Refusal, never escapes)."""
+
+    def __init__(self, reason: RefusalReason, field: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.field = field
+        self.message = message
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,7 +273,7 @@ class AuditTrail:
         with self._store.transaction() as uow:
             known = uow.audit.get_many(batch.first.keys())
             new = []
-            for ev_id, ev in batch.first.items():
+            for ev_id, (index, ev) in batch.first.items():
                 stored_ev = known.get(ev_id)
                 if stored_ev is None:
                     new.append(ev)
@@ -255,16 +281,17 @@ class AuditTrail:
                 elif same_record(stored_ev, ev):
                     acknowledged.append(ev_id)
                 else:
-                    refused.append(self._conflict(ev))
+                    refused.append(self._conflict(ev, index))
             uow.audit.append_new(new)
             cursor = uow.audit.last_seq()
         # A copy repeated within the batch shares its first copy's fate.
         accepted = set(acknowledged)
-        for ev in batch.repeated:
+        for index, ev in batch.repeated:
             if ev.id in accepted:
                 acknowledged.append(ev.id)
             else:
-                refused.append(self._conflict(ev))
+                refused.append(self._conflict(ev, index))
+        refused.sort(key=lambda r: r.index)
         return IngestResult(acknowledged, len(new), cursor, refused)
 
     def _checked_batch(self, events: list[AuditEvent], refused: list[Refusal]) -> _Batch:
@@ -273,23 +300,25 @@ class AuditTrail:
         latest = self._clock.now() + self.policy.max_future_skew
         batch = _Batch({}, [])
         valid_workspaces: set[str] = set()
-        for raw in events:
+        for index, raw in enumerate(events):
             try:
                 ev = _checked_decision(raw, latest, valid_workspaces)
-            except InvalidArgument as exc:
-                # The id goes back in the call's error and into the sidecar's log: cut, redacted.
-                refused.append(Refusal(redact(raw.id[:64]), exc.field, exc.message))
+            except _Refused as exc:
+                # The id goes back in the call's answer and into the sidecar's log: cut, redacted.
+                refused.append(
+                    Refusal(redact(raw.id[:64]), exc.field, exc.message, exc.reason, index)
+                )
                 continue
             first = batch.first.get(ev.id)
             if first is None:
-                batch.first[ev.id] = ev
-            elif same_record(scrub(first), ev):
-                batch.repeated.append(ev)
+                batch.first[ev.id] = (index, ev)
+            elif same_record(scrub(first[1]), ev):
+                batch.repeated.append((index, ev))
             else:
-                refused.append(self._conflict(ev))
+                refused.append(self._conflict(ev, index))
         return batch
 
-    def _conflict(self, ev: AuditEvent) -> Refusal:
+    def _conflict(self, ev: AuditEvent, index: int) -> Refusal:
         self.conflicts += 1
         if self._on_conflict is not None:
             self._on_conflict()
@@ -297,7 +326,13 @@ class AuditTrail:
             "audit ingest: a record differs from the stored one with its id",
             extra={"event_id": ev.id, "workspace": ev.workspace},
         )
-        return Refusal(ev.id, "records.id", f"{ev.id} is stored already with different content")
+        return Refusal(
+            redact(ev.id),
+            "records.id",
+            "the id is stored already with different content",
+            RefusalReason.CONFLICT,
+            index,
+        )
 
     def prune(self, before: float) -> int:
         """Retention: in every chain, delete the longest prefix of records older than
@@ -328,10 +363,11 @@ class AuditTrail:
 
 @dataclass(frozen=True, slots=True)
 class _Batch:
-    """An ingest batch's well-formed records by id (first copy), and identical copies after."""
+    """An ingest batch's well-formed records by id (first copy), and identical copies after,
+    each with its position in the batch."""
 
-    first: dict[str, AuditEvent]
-    repeated: list[AuditEvent]
+    first: dict[str, tuple[int, AuditEvent]]
+    repeated: list[tuple[int, AuditEvent]]
 
 
 def _drifted(uow: UnitOfWork, latest: SignedHeads, current: dict[str, Link], key: bytes) -> str:
@@ -390,30 +426,50 @@ def same_record(stored: AuditEvent, incoming: AuditEvent) -> bool:
 def _checked_decision(ev: AuditEvent, latest: float, valid_workspaces: set[str]) -> AuditEvent:
     """Sidecars may ship decision records only, with bounded fields (a compromised sidecar
     must not be able to forge ``key.revoked`` or flood the store with huge rows), dated no
-    later than ``latest``. ``valid_workspaces`` remembers names already checked in a batch."""
+    later than ``latest``. ``valid_workspaces`` remembers names already checked in a batch.
+    Raises ``_Refused``, whose message never quotes the record (it reaches the sidecar's log)."""
     if ev.action not in DECISION_ACTIONS:
-        raise InvalidArgument("records.action", f"expected one of {sorted(DECISION_ACTIONS)}")
+        raise _Refused(
+            RefusalReason.NOT_A_DECISION,
+            "records.action",
+            f"expected one of {sorted(DECISION_ACTIONS)}",
+        )
     if not _ID.fullmatch(ev.id):
-        raise InvalidArgument("records.id", "expected 1-64 characters [A-Za-z0-9._:-]")
+        raise _Refused(
+            RefusalReason.MALFORMED_ID, "records.id", "expected 1-64 characters [A-Za-z0-9._:-]"
+        )
     if ev.time <= 0:
-        raise InvalidArgument("records.time", "must be set")
+        raise _Refused(RefusalReason.MISSING_TIME, "records.time", "must be set")
     if ev.time > latest:
-        raise InvalidArgument("records.time", "is in the future (beyond the allowed clock skew)")
+        raise _Refused(
+            RefusalReason.FUTURE_TIME,
+            "records.time",
+            "is in the future (beyond the allowed clock skew)",
+        )
     longest = max(
         len(ev.actor), len(ev.workspace), len(ev.target), len(ev.outcome), len(ev.reason),
         len(ev.request_id),
     )  # fmt: skip
     if longest > _MAX_FIELD or len(ev.metadata) > _MAX_METADATA:
-        raise InvalidArgument("records", f"fields are limited to {_MAX_FIELD} characters")
+        raise _Refused(
+            RefusalReason.TOO_LARGE, "records", f"fields are limited to {_MAX_FIELD} characters"
+        )
     for k, v in ev.metadata.items():
         if len(k) > 64 or len(v) > _MAX_FIELD:
-            raise InvalidArgument("records.metadata", "entry too long")
+            raise _Refused(RefusalReason.TOO_LARGE, "records.metadata", "entry too long")
     workspace = ev.workspace
     if not workspace:
         return replace(ev, workspace=NO_WORKSPACE)
     if workspace not in valid_workspaces and workspace not in (NO_WORKSPACE, OPERATOR_WORKSPACE):
         # '*': the operator key's decisions, in the operator chain.
-        validation.workspace(workspace, "records.workspace")
+        try:
+            validation.workspace(workspace, "records.workspace")
+        except InvalidArgument:
+            raise _Refused(
+                RefusalReason.MALFORMED_WORKSPACE,
+                "records.workspace",
+                "malformed workspace: use 1-63 lower-case letters, digits and dashes",
+            ) from None
         valid_workspaces.add(workspace)
     return ev
 

@@ -22,6 +22,17 @@ class AuditChainProblem(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     AUDIT_CHAIN_PROBLEM_HEAD_MISMATCH: _ClassVar[AuditChainProblem]
     AUDIT_CHAIN_PROBLEM_CHAIN_MISSING: _ClassVar[AuditChainProblem]
     AUDIT_CHAIN_PROBLEM_HEADS_INVALID: _ClassVar[AuditChainProblem]
+
+class AuditRefusalReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    AUDIT_REFUSAL_REASON_UNSPECIFIED: _ClassVar[AuditRefusalReason]
+    AUDIT_REFUSAL_REASON_NOT_A_DECISION: _ClassVar[AuditRefusalReason]
+    AUDIT_REFUSAL_REASON_MALFORMED_ID: _ClassVar[AuditRefusalReason]
+    AUDIT_REFUSAL_REASON_MISSING_TIME: _ClassVar[AuditRefusalReason]
+    AUDIT_REFUSAL_REASON_FUTURE_TIME: _ClassVar[AuditRefusalReason]
+    AUDIT_REFUSAL_REASON_TOO_LARGE: _ClassVar[AuditRefusalReason]
+    AUDIT_REFUSAL_REASON_MALFORMED_WORKSPACE: _ClassVar[AuditRefusalReason]
+    AUDIT_REFUSAL_REASON_CONFLICT: _ClassVar[AuditRefusalReason]
 AUDIT_CHAIN_PROBLEM_UNSPECIFIED: AuditChainProblem
 AUDIT_CHAIN_PROBLEM_DIGEST_MISMATCH: AuditChainProblem
 AUDIT_CHAIN_PROBLEM_LINK_MISMATCH: AuditChainProblem
@@ -31,6 +42,14 @@ AUDIT_CHAIN_PROBLEM_TRUNCATED: AuditChainProblem
 AUDIT_CHAIN_PROBLEM_HEAD_MISMATCH: AuditChainProblem
 AUDIT_CHAIN_PROBLEM_CHAIN_MISSING: AuditChainProblem
 AUDIT_CHAIN_PROBLEM_HEADS_INVALID: AuditChainProblem
+AUDIT_REFUSAL_REASON_UNSPECIFIED: AuditRefusalReason
+AUDIT_REFUSAL_REASON_NOT_A_DECISION: AuditRefusalReason
+AUDIT_REFUSAL_REASON_MALFORMED_ID: AuditRefusalReason
+AUDIT_REFUSAL_REASON_MISSING_TIME: AuditRefusalReason
+AUDIT_REFUSAL_REASON_FUTURE_TIME: AuditRefusalReason
+AUDIT_REFUSAL_REASON_TOO_LARGE: AuditRefusalReason
+AUDIT_REFUSAL_REASON_MALFORMED_WORKSPACE: AuditRefusalReason
+AUDIT_REFUSAL_REASON_CONFLICT: AuditRefusalReason
 
 class AuditRecord(_message.Message):
     __slots__ = ("id", "time", "actor", "action", "workspace", "target", "outcome", "reason", "request_id", "metadata", "cursor", "chain_seq", "prev_digest", "digest")
@@ -176,17 +195,33 @@ class VerifyAuditChainResponse(_message.Message):
     def __init__(self, chains: _Optional[_Iterable[_Union[AuditChainStatus, _Mapping]]] = ...) -> None: ...
 
 class IngestAuditRecordsRequest(_message.Message):
-    __slots__ = ("records",)
+    __slots__ = ("records", "report_refused")
     RECORDS_FIELD_NUMBER: _ClassVar[int]
+    REPORT_REFUSED_FIELD_NUMBER: _ClassVar[int]
     records: _containers.RepeatedCompositeFieldContainer[AuditRecord]
-    def __init__(self, records: _Optional[_Iterable[_Union[AuditRecord, _Mapping]]] = ...) -> None: ...
+    report_refused: bool
+    def __init__(self, records: _Optional[_Iterable[_Union[AuditRecord, _Mapping]]] = ..., report_refused: _Optional[bool] = ...) -> None: ...
 
 class IngestAuditRecordsResponse(_message.Message):
-    __slots__ = ("acknowledged_ids", "stored", "cursor")
+    __slots__ = ("acknowledged_ids", "stored", "cursor", "refused")
     ACKNOWLEDGED_IDS_FIELD_NUMBER: _ClassVar[int]
     STORED_FIELD_NUMBER: _ClassVar[int]
     CURSOR_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
     acknowledged_ids: _containers.RepeatedScalarFieldContainer[str]
     stored: int
     cursor: str
-    def __init__(self, acknowledged_ids: _Optional[_Iterable[str]] = ..., stored: _Optional[int] = ..., cursor: _Optional[str] = ...) -> None: ...
+    refused: _containers.RepeatedCompositeFieldContainer[RefusedAuditRecord]
+    def __init__(self, acknowledged_ids: _Optional[_Iterable[str]] = ..., stored: _Optional[int] = ..., cursor: _Optional[str] = ..., refused: _Optional[_Iterable[_Union[RefusedAuditRecord, _Mapping]]] = ...) -> None: ...
+
+class RefusedAuditRecord(_message.Message):
+    __slots__ = ("index", "id", "reason", "detail")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    id: str
+    reason: AuditRefusalReason
+    detail: str
+    def __init__(self, index: _Optional[int] = ..., id: _Optional[str] = ..., reason: _Optional[_Union[AuditRefusalReason, str]] = ..., detail: _Optional[str] = ...) -> None: ...
