@@ -54,19 +54,23 @@ def record(rec: ChainedRecord) -> pb.AuditRecord:
 
 
 def event(msg: pb.AuditRecord) -> AuditEvent:
-    """A shipped record as a domain event (the server sets the chain fields itself)."""
-    ts = msg.time  # Timestamp.ToMicroseconds, without its Python-level call per record
+    """A shipped record as a domain event (the server sets the chain fields itself). Paid per
+    ingested record, so: the time without Timestamp.ToMicroseconds' Python-level call, the
+    metadata map copied key by key (half the cost of ``dict(map)``, which goes through the
+    Mapping mixins), and the event built positionally (field order of ``AuditEvent``)."""
+    ts = msg.time
+    meta = msg.metadata
     return AuditEvent(
-        id=msg.id,
-        time=(ts.seconds * 1_000_000 + ts.nanos // 1000) / 1_000_000,
-        actor=msg.actor,
-        action=msg.action,
-        workspace=msg.workspace,
-        target=msg.target,
-        outcome=msg.outcome,
-        reason=msg.reason,
-        request_id=msg.request_id,
-        metadata=dict(msg.metadata),
+        msg.id,
+        (ts.seconds * 1_000_000 + ts.nanos // 1000) / 1_000_000,
+        msg.actor,
+        msg.action,
+        msg.workspace,
+        msg.target,
+        msg.outcome,
+        msg.reason,
+        msg.request_id,
+        {k: meta[k] for k in meta},
     )
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import re
 import secrets
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     from sidecar.core.models import RequestContext
@@ -29,9 +29,12 @@ _SECRET = re.compile(
 )
 
 
-@dataclass(frozen=True, slots=True)
-class AuditEvent:
-    """One record of the audit trail."""
+class AuditEvent(NamedTuple):
+    """One record of the audit trail (immutable; ``metadata`` is never mutated once built).
+
+    A NamedTuple, not a frozen dataclass: every ingested record and every record read back is
+    one, and a frozen dataclass's ``__init__`` (ten ``object.__setattr__`` calls) cost 2 µs
+    against 0.4 µs here (issue #19). Copies with changes: ``ev._replace(...)``."""
 
     id: str
     time: float
@@ -42,7 +45,8 @@ class AuditEvent:
     outcome: str = "success"
     reason: str = ""
     request_id: str = ""
-    metadata: dict[str, str] = field(default_factory=dict)
+    # Shared by every event built without metadata: read-only by the rule above.
+    metadata: dict[str, str] = {}
 
 
 def new_event_id() -> str:
@@ -135,8 +139,7 @@ def scrub(ev: AuditEvent) -> AuditEvent:
     meta = {redact(k): redact(v) for k, v in ev.metadata.items()}
     cleaned = tuple(redact(f) for f in fields)
     actor, action, workspace, target, reason, request_id = cleaned
-    return replace(
-        ev,
+    return ev._replace(
         actor=actor,
         action=action,
         workspace=workspace,

@@ -21,6 +21,7 @@ import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii as _esc
+from typing import NamedTuple
 
 from sidecar.core.audit import AuditEvent
 
@@ -28,9 +29,9 @@ FORMAT_VERSION = 1
 GENESIS = "0" * 64
 
 
-@dataclass(frozen=True, slots=True)
-class Link:
-    """A record's place in its workspace's chain."""
+class Link(NamedTuple):
+    """A record's place in its workspace's chain (a NamedTuple: one is built per record
+    ingested or read, see ``AuditEvent``)."""
 
     chain_seq: int
     prev_digest: str

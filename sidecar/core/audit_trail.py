@@ -10,7 +10,7 @@ import json
 import logging
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from sidecar.core import permissions, validation
 from sidecar.core.audit import DECISION_ACTIONS, AuditEvent, AuditQuery, redact, scrub
@@ -459,7 +459,7 @@ def _checked_decision(ev: AuditEvent, latest: float, valid_workspaces: set[str])
             raise _Refused(RefusalReason.TOO_LARGE, "records.metadata", "entry too long")
     workspace = ev.workspace
     if not workspace:
-        return replace(ev, workspace=NO_WORKSPACE)
+        return ev._replace(workspace=NO_WORKSPACE)
     if workspace not in valid_workspaces and workspace not in (NO_WORKSPACE, OPERATOR_WORKSPACE):
         # '*': the operator key's decisions, in the operator chain.
         try:
