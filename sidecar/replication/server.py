@@ -14,16 +14,20 @@ import grpc
 
 from sidecar._gen.statuspulse.auth.v1 import replication_pb2 as pb
 from sidecar._gen.statuspulse.auth.v1 import replication_pb2_grpc as pb_grpc
+from sidecar.core import changes
 from sidecar.core.clock import Clock
 from sidecar.core.errors import Unavailable
 from sidecar.core.models import Change
+from sidecar.core.packed import PackedKeys, PackError
 from sidecar.core.storage import Store, UnitOfWork
 
 log = logging.getLogger("sidecar.replication")
 
 SnapshotSource = Callable[[UnitOfWork, int], Iterable[Change]]
 CHUNK = 5000
+PACKED_CHUNK = 1 << 20  # bytes of the packed key table per message (gRPC's limit is 4 MiB)
 BATCH = 1000
+UPSERTED = changes.ChangeKind.CREDENTIAL_UPSERTED.value
 
 
 def to_pb(change: Change) -> pb.ReplicaChange:
@@ -71,6 +75,24 @@ class ReplicationServicer(pb_grpc.ReplicationServiceServicer):  # type: ignore[m
             entries = [entry for source in self._sources for entry in source(uow, now)]
         return head, entries
 
+    def packed_snapshot(self) -> tuple[int, bytes, list[Change]]:
+        """The head revision, the API keys as one packed key table and every other entry;
+        the table is empty (b"") when a key cannot be packed, and the keys then go as entries."""
+        revision, entries = self.snapshot()
+        keys: list[changes.CredentialUpserted] = []
+        others: list[Change] = []
+        for entry in entries:
+            message = _key(entry)
+            if message is not None:
+                keys.append(message)
+            else:
+                others.append(entry)
+        try:
+            return revision, PackedKeys.pack(keys).encode(), others
+        except PackError as exc:
+            log.warning("snapshot: keys sent as entries", extra={"error": str(exc)})
+            return revision, b"", entries
+
     def log_id(self) -> str:
         """The change log's identity (sidecars resume only within the same log)."""
         if not self._log_id:
@@ -117,8 +139,12 @@ class ReplicationServicer(pb_grpc.ReplicationServiceServicer):  # type: ignore[m
             # A sidecar with nothing yet, ahead of the log (store reset) or whose revision
             # counts in another log (a different or re-created database) gets a snapshot.
             if after <= 0 or after > head or request.log_id != log_id:
-                revision, entries = await asyncio.to_thread(self.snapshot)
-                for response in _snapshot_chunks(revision, entries, log_id):
+                packed = b""
+                if request.packed_keys:
+                    revision, packed, entries = await asyncio.to_thread(self.packed_snapshot)
+                else:
+                    revision, entries = await asyncio.to_thread(self.snapshot)
+                for response in _snapshot_chunks(revision, entries, log_id, packed):
                     yield response
                 after = revision
                 self.snapshots_sent += 1
@@ -149,16 +175,31 @@ class ReplicationServicer(pb_grpc.ReplicationServiceServicer):  # type: ignore[m
             unsubscribe()
 
 
+def _key(entry: Change) -> changes.CredentialUpserted | None:
+    """The key ``entry`` upserts; None for another kind (or one that does not parse, which
+    goes as an entry for the sidecar to judge, as before)."""
+    if entry.kind != UPSERTED:
+        return None
+    try:
+        message = changes.parse(entry)
+    except changes.ChangeError:
+        return None
+    return message if isinstance(message, changes.CredentialUpserted) else None
+
+
 def _snapshot_chunks(
-    revision: int, entries: list[Change], log_id: str
+    revision: int, entries: list[Change], log_id: str, packed: bytes = b""
 ) -> Iterable[pb.SubscribeResponse]:
-    for start in range(0, max(len(entries), 1), CHUNK):
-        chunk = entries[start : start + CHUNK]
+    """The snapshot in messages of at most CHUNK entries and PACKED_CHUNK bytes of the packed
+    key table; the last one says ``complete``."""
+    count = max(-(-len(entries) // CHUNK), -(-len(packed) // PACKED_CHUNK), 1)
+    for i in range(count):
         yield pb.SubscribeResponse(
             snapshot=pb.Snapshot(
                 revision=revision,
-                entries=[to_pb(c) for c in chunk],
-                complete=start + CHUNK >= len(entries),
+                entries=[to_pb(c) for c in entries[i * CHUNK : (i + 1) * CHUNK]],
+                complete=i == count - 1,
                 log_id=log_id,
+                packed_keys=packed[i * PACKED_CHUNK : (i + 1) * PACKED_CHUNK],
             )
         )

@@ -1,0 +1,312 @@
+"""The packed key table: many ``credential.upserted`` entries as a few columns, the form in
+which a snapshot's API keys travel (``Snapshot.packed_keys``), are persisted (the replica file)
+and are kept by a sidecar's replica. Only this module writes or reads it.
+
+Rows are sorted by digest. Per row: the 32-byte digest, the key id (ASCII, NUL-padded to the
+table's ``width``), the expiry (the grace deadline of a replaced key folded in) and the index of
+its *profile*: the part many keys share (workspace, scopes, rate limit, client networks, revoked,
+suspended). ``id_order`` lists the rows in ascending key-id order, for revocation by id.
+
+Encoded (little-endian): header ``<4sHHII`` (magic ``SPKT``, version, width, rows, length of the
+profiles' JSON), the profiles as a JSON list of
+``[workspace, scopes, rate_limit, rate_period, client_cidrs, revoked, suspended]``, then the
+columns one after the other: digests (rows x 32), ids (rows x width), expiries (rows x int64),
+profile indexes (rows x uint32), id order (rows x uint32). ``decode`` checks every invariant a
+lookup relies on (lengths, order, ranges) and raises ``PackError`` otherwise: a table is used
+whole or not at all."""
+
+from __future__ import annotations
+
+import json
+import operator
+import struct
+import sys
+from array import array
+from collections.abc import Iterable
+from dataclasses import dataclass
+from itertools import islice
+
+from sidecar.core.changes import CredentialUpserted
+
+MAGIC = b"SPKT"
+VERSION = 1
+DIGEST_SIZE = 32
+MAX_ID_WIDTH = 255
+_HEADER = struct.Struct("<4sHHII")
+_LITTLE = sys.byteorder == "little"
+
+for _code, _size in (("q", 8), ("I", 4), ("Q", 8)):
+    if array(_code).itemsize != _size:  # pragma: no cover - every platform we ship to
+        raise ImportError(f"array('{_code}') is not {_size} bytes here")
+
+
+class PackError(ValueError):
+    """A packed key table that is malformed, truncated or of another version."""
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    """What keys share: two keys of one workspace with the same scopes, limits, networks and
+    state have the same profile; keys of different workspaces never do."""
+
+    workspace: str
+    scopes: tuple[str, ...]  # sorted
+    rate_limit: int = 0
+    rate_period: int = 0
+    client_cidrs: tuple[str, ...] = ()
+    revoked: bool = False
+    suspended: bool = False
+
+    @classmethod
+    def of(cls, m: CredentialUpserted) -> Profile:
+        return cls(
+            m.workspace,
+            tuple(sorted(m.scopes)),
+            m.rate_limit,
+            m.rate_period,
+            m.client_cidrs,
+            m.revoked,
+            m.suspended,
+        )
+
+    def to_json(self) -> list[object]:
+        return [
+            self.workspace,
+            list(self.scopes),
+            self.rate_limit,
+            self.rate_period,
+            list(self.client_cidrs),
+            self.revoked,
+            self.suspended,
+        ]
+
+    @classmethod
+    def from_json(cls, raw: object) -> Profile:
+        if not isinstance(raw, list) or len(raw) != 7:
+            raise PackError("packed keys: a profile is not a 7-item list")
+        ws, scopes, limit, period, cidrs, revoked, suspended = raw
+        if not (
+            isinstance(ws, str)
+            and isinstance(scopes, list)
+            and all(isinstance(s, str) for s in scopes)
+            and type(limit) is int
+            and type(period) is int
+            and isinstance(cidrs, list)
+            and all(isinstance(c, str) for c in cidrs)
+            and isinstance(revoked, bool)
+            and isinstance(suspended, bool)
+        ):
+            raise PackError("packed keys: a profile field has the wrong type")
+        return cls(ws, tuple(sorted(scopes)), limit, period, tuple(cidrs), revoked, suspended)
+
+
+def effective_expiry(m: CredentialUpserted) -> int:
+    """A replaced key's grace deadline ends it like an expiry."""
+    return min(m.expires_at, m.grace_deadline or m.expires_at)
+
+
+@dataclass(frozen=True, slots=True)
+class PackedKeys:
+    digests: bytes  # rows x 32, strictly ascending
+    ids: bytes  # rows x width, ASCII, NUL-padded
+    width: int
+    expires: array[int]  # 'q'
+    profile_of: array[int]  # 'I', index into profiles
+    id_order: array[int]  # 'I', rows in ascending id order
+    profiles: tuple[Profile, ...]
+
+    def __len__(self) -> int:
+        return len(self.expires)
+
+    def digest_at(self, row: int) -> bytes:
+        return self.digests[row * DIGEST_SIZE : row * DIGEST_SIZE + DIGEST_SIZE]
+
+    def id_at(self, row: int) -> str:
+        w = self.width
+        return self.ids[row * w : row * w + w].rstrip(b"\0").decode("ascii")
+
+    def row_of_id(self, key_id: str) -> int:
+        """The row of ``key_id``, or -1 (binary search over ``id_order``)."""
+        try:
+            wanted = key_id.encode("ascii")
+        except UnicodeEncodeError:
+            return -1
+        if not wanted or len(wanted) > self.width:
+            return -1
+        wanted = wanted.ljust(self.width, b"\0")
+        ids, w, order = self.ids, self.width, self.id_order
+        lo, hi = 0, len(order)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            row = order[mid]
+            if ids[row * w : row * w + w] < wanted:
+                lo = mid + 1
+            else:
+                hi = mid
+        if lo < len(order) and ids[order[lo] * w : order[lo] * w + w] == wanted:
+            return order[lo]
+        return -1
+
+    def message(self, row: int) -> CredentialUpserted:
+        """Row ``row`` as the entry it was packed from (expiry with the grace folded in)."""
+        p = self.profiles[self.profile_of[row]]
+        return CredentialUpserted(
+            self.id_at(row),
+            self.digest_at(row),
+            p.workspace,
+            frozenset(p.scopes),
+            self.expires[row],
+            p.rate_limit,
+            p.rate_period,
+            p.revoked,
+            suspended=p.suspended,
+            client_cidrs=p.client_cidrs,
+        )
+
+    # -- building ---------------------------------------------------------------------------
+
+    @classmethod
+    def pack(cls, messages: Iterable[CredentialUpserted]) -> PackedKeys:
+        """The table of ``messages`` (one per key id; the last one of an id wins). PackError
+        for an id that is not 1 to 255 printable ASCII characters, or a digest that is not 32
+        bytes or appears twice."""
+        by_id: dict[str, CredentialUpserted] = {}
+        for m in messages:
+            by_id[m.id] = m
+        rows = sorted(by_id.values(), key=operator.attrgetter("digest"))
+        width = 1
+        for m in rows:
+            if len(m.digest) != DIGEST_SIZE:
+                raise PackError(f"packed keys: key {m.id[:64]!r} has a digest of {len(m.digest)}")
+            if not (m.id.isascii() and m.id.isprintable() and 0 < len(m.id) <= MAX_ID_WIDTH):
+                raise PackError(f"packed keys: key id {m.id[:64]!r} cannot be packed")
+            width = max(width, len(m.id))
+        interned: dict[Profile, int] = {}
+        profile_of = array("I")
+        for m in rows:
+            profile_of.append(interned.setdefault(Profile.of(m), len(interned)))
+        table = cls(
+            digests=b"".join(m.digest for m in rows),
+            ids=b"".join(m.id.encode("ascii").ljust(width, b"\0") for m in rows),
+            width=width,
+            expires=array("q", (effective_expiry(m) for m in rows)),
+            profile_of=profile_of,
+            id_order=array("I", sorted(range(len(rows)), key=lambda r: rows[r].id)),
+            profiles=tuple(interned),
+        )
+        table.check()
+        return table
+
+    # -- the binary form ----------------------------------------------------------------------
+
+    def encode(self) -> bytes:
+        profiles = json.dumps([p.to_json() for p in self.profiles], separators=(",", ":"))
+        raw = profiles.encode()
+        head = _HEADER.pack(MAGIC, VERSION, self.width, len(self), len(raw))
+        return b"".join(
+            (
+                head,
+                raw,
+                self.digests,
+                self.ids,
+                _le(self.expires),
+                _le(self.profile_of),
+                _le(self.id_order),
+            )
+        )
+
+    @classmethod
+    def decode(cls, data: bytes | memoryview) -> PackedKeys:
+        """The table in ``data`` (exactly one, nothing after it); PackError otherwise."""
+        view = memoryview(data)
+        if len(view) < _HEADER.size:
+            raise PackError("packed keys: truncated header")
+        magic, version, width, rows, plen = _HEADER.unpack_from(view)
+        if magic != MAGIC:
+            raise PackError("packed keys: not a packed key table")
+        if version != VERSION:
+            raise PackError(f"packed keys: version {version}, this sidecar reads {VERSION}")
+        if not 0 < width <= MAX_ID_WIDTH:
+            raise PackError(f"packed keys: id width {width}")
+        sizes = (plen, rows * DIGEST_SIZE, rows * width, rows * 8, rows * 4, rows * 4)
+        if len(view) != _HEADER.size + sum(sizes):
+            raise PackError(
+                f"packed keys: {len(view)} bytes for {rows} rows "
+                f"(want {_HEADER.size + sum(sizes)}): truncated or trailing data"
+            )
+        parts: list[memoryview] = []
+        at = _HEADER.size
+        for size in sizes:
+            parts.append(view[at : at + size])
+            at += size
+        try:
+            raw = json.loads(bytes(parts[0]))
+        except ValueError as exc:
+            raise PackError(f"packed keys: unreadable profiles: {exc}") from None
+        if not isinstance(raw, list):
+            raise PackError("packed keys: profiles are not a list")
+        table = cls(
+            digests=bytes(parts[1]),
+            ids=bytes(parts[2]),
+            width=width,
+            expires=_from_le("q", parts[3]),
+            profile_of=_from_le("I", parts[4]),
+            id_order=_from_le("I", parts[5]),
+            profiles=tuple(Profile.from_json(p) for p in raw),
+        )
+        table.check()
+        return table
+
+    def check(self) -> None:
+        """Every invariant a lookup relies on; PackError naming the first one broken."""
+        n = len(self)
+        if self.profile_of and max(self.profile_of) >= len(self.profiles):
+            raise PackError("packed keys: a profile index is out of range")
+        if not self.ids.isascii():
+            raise PackError("packed keys: a key id is not ASCII")
+        prefixes = prefix_column(self.digests)
+        if not all(map(operator.lt, prefixes, islice(prefixes, 1, None))):
+            if not all(map(operator.le, prefixes, islice(prefixes, 1, None))):
+                raise PackError("packed keys: digests are not sorted")
+            for row in range(n - 1):  # equal 8-byte prefixes (rare): whole digests decide
+                if prefixes[row] == prefixes[row + 1] and not (
+                    self.digest_at(row) < self.digest_at(row + 1)
+                ):
+                    raise PackError("packed keys: a digest appears twice")
+        if len(self.id_order) != n or (n and max(self.id_order) >= n):
+            raise PackError("packed keys: the id order is not a permutation of the rows")
+        ids, w = self.ids, self.width
+        previous = b""
+        for row in self.id_order:
+            key_id = ids[row * w : row * w + w]
+            stripped = key_id.rstrip(b"\0")
+            if not stripped or b"\0" in stripped or not key_id > previous:
+                raise PackError("packed keys: key ids are empty, padded wrongly or out of order")
+            previous = key_id
+
+
+def prefix_column(digests: bytes) -> array[int]:
+    """The first 8 bytes of every digest as a big-endian uint64 (so they sort as the digests
+    do), sliced out at C speed."""
+    column = array("Q")
+    if digests:
+        column.frombytes(memoryview(digests).cast("Q")[:: DIGEST_SIZE // 8].tobytes())
+        if _LITTLE:
+            column.byteswap()
+    return column
+
+
+def _le(column: array[int]) -> bytes:
+    if _LITTLE:
+        return column.tobytes()
+    swapped = array(column.typecode, column)  # pragma: no cover - big-endian hosts
+    swapped.byteswap()  # pragma: no cover
+    return swapped.tobytes()  # pragma: no cover
+
+
+def _from_le(code: str, raw: memoryview) -> array[int]:
+    column = array(code)
+    column.frombytes(raw)
+    if not _LITTLE:  # pragma: no cover - big-endian hosts
+        column.byteswap()
+    return column
