@@ -76,10 +76,16 @@ class KeyEdit:
     rotation_period: int | None = None
 
 
+def key_messages(uow: UnitOfWork, now: int) -> Iterator[changes.CredentialUpserted]:
+    """Every usable key as the message a replica applies (the API-key part of a snapshot)."""
+    for key in uow.keys.usable(now):
+        yield changes.CredentialUpserted.of(key)
+
+
 def key_snapshot(uow: UnitOfWork, now: int) -> Iterator[Change]:
     """Every usable key as a replica entry (the API-key part of a replica snapshot)."""
-    for key in uow.keys.usable(now):
-        yield changes.credential_upserted(key)
+    for message in key_messages(uow, now):
+        yield message.change()
 
 
 class ApiKeyService:

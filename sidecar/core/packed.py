@@ -174,25 +174,39 @@ class PackedKeys:
         for m in messages:
             by_id[m.id] = m
         rows = sorted(by_id.values(), key=operator.attrgetter("digest"))
-        width = 1
+        ids = [m.id for m in rows]
+        width = max(map(len, ids), default=1)
         for m in rows:
             if len(m.digest) != DIGEST_SIZE:
                 raise PackError(f"packed keys: key {m.id[:64]!r} has a digest of {len(m.digest)}")
-            if not (m.id.isascii() and m.id.isprintable() and 0 < len(m.id) <= MAX_ID_WIDTH):
-                raise PackError(f"packed keys: key id {m.id[:64]!r} cannot be packed")
-            width = max(width, len(m.id))
-        interned: dict[Profile, int] = {}
+        if not all(i.isascii() and i.isprintable() and 0 < len(i) <= MAX_ID_WIDTH for i in ids):
+            raise PackError("packed keys: a key id is not 1 to 255 printable ASCII characters")
+        # Plain tuples while interning (a frozen dataclass per key costs ~1 us to build).
+        interned: dict[tuple[object, ...], int] = {}
+        sorted_scopes: dict[frozenset[str], tuple[str, ...]] = {}
         profile_of = array("I")
         for m in rows:
-            profile_of.append(interned.setdefault(Profile.of(m), len(interned)))
+            scopes = sorted_scopes.get(m.scopes)
+            if scopes is None:
+                scopes = sorted_scopes.setdefault(m.scopes, tuple(sorted(m.scopes)))
+            key = (
+                m.workspace,
+                scopes,
+                m.rate_limit,
+                m.rate_period,
+                m.client_cidrs,
+                m.revoked,
+                m.suspended,
+            )
+            profile_of.append(interned.setdefault(key, len(interned)))
         table = cls(
             digests=b"".join(m.digest for m in rows),
-            ids=b"".join(m.id.encode("ascii").ljust(width, b"\0") for m in rows),
+            ids=b"".join(i.encode("ascii").ljust(width, b"\0") for i in ids),
             width=width,
             expires=array("q", (effective_expiry(m) for m in rows)),
             profile_of=profile_of,
-            id_order=array("I", sorted(range(len(rows)), key=lambda r: rows[r].id)),
-            profiles=tuple(interned),
+            id_order=array("I", sorted(range(len(rows)), key=ids.__getitem__)),
+            profiles=tuple(Profile(*k) for k in interned),  # type: ignore[arg-type]
         )
         table.check()
         return table

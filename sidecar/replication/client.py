@@ -156,6 +156,7 @@ class SyncClient:
         # Ask for the snapshot's keys as a packed table (a control plane that predates it
         # ignores the flag and sends entries).
         self.packed_keys = packed_keys
+        self.packed_snapshots = 0  # snapshots that came as a packed key table
 
     @property
     def target(self) -> str:
@@ -277,6 +278,7 @@ class SyncClient:
             except PackError as exc:
                 raise ReplicaError(f"snapshot at revision {revision}: {exc}") from exc
             self.replica.load_packed(revision, table, pending, log_id)
+            self.packed_snapshots += 1
         else:
             self.replica.load_snapshot(revision, pending, log_id)
         self._dirty = True

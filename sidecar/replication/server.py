@@ -24,6 +24,7 @@ from sidecar.core.storage import Store, UnitOfWork
 log = logging.getLogger("sidecar.replication")
 
 SnapshotSource = Callable[[UnitOfWork, int], Iterable[Change]]
+KeySource = Callable[[UnitOfWork, int], Iterable[changes.CredentialUpserted]]
 CHUNK = 5000
 PACKED_CHUNK = 1 << 20  # bytes of the packed key table per message (gRPC's limit is 4 MiB)
 BATCH = 1000
@@ -48,12 +49,16 @@ class ReplicationServicer(pb_grpc.ReplicationServiceServicer):  # type: ignore[m
         clock: Clock,
         sources: list[SnapshotSource],
         *,
+        key_source: KeySource | None = None,
         heartbeat: float = 1.0,
         sync_token: str = "",
     ) -> None:
         self._store = store
         self._clock = clock
+        # ``key_source`` gives the API keys as messages (packed without a JSON round trip);
+        # ``sources`` give every other entry (and the keys too when there is no key_source).
         self._sources = sources
+        self._key_source = key_source
         self._heartbeat = heartbeat
         self._token = sync_token.encode()
         self.subscribers = 0
@@ -69,29 +74,30 @@ class ReplicationServicer(pb_grpc.ReplicationServiceServicer):  # type: ignore[m
 
     def snapshot(self) -> tuple[int, list[Change]]:
         """The head revision and every entry, read in one consistent transaction."""
-        now = int(self._clock.now())
-        with self._store.read() as uow:
-            head = uow.changes.head()
-            entries = [entry for source in self._sources for entry in source(uow, now)]
-        return head, entries
+        head, keys, entries = self._read_snapshot()
+        return head, [m.change() for m in keys] + entries
 
     def packed_snapshot(self) -> tuple[int, bytes, list[Change]]:
         """The head revision, the API keys as one packed key table and every other entry;
         the table is empty (b"") when a key cannot be packed, and the keys then go as entries."""
-        revision, entries = self.snapshot()
-        keys: list[changes.CredentialUpserted] = []
-        others: list[Change] = []
-        for entry in entries:
-            message = _key(entry)
-            if message is not None:
-                keys.append(message)
-            else:
-                others.append(entry)
+        head, keys, entries = self._read_snapshot()
         try:
-            return revision, PackedKeys.pack(keys).encode(), others
+            return head, PackedKeys.pack(keys).encode(), entries
         except PackError as exc:
             log.warning("snapshot: keys sent as entries", extra={"error": str(exc)})
-            return revision, b"", entries
+            return head, b"", [m.change() for m in keys] + entries
+
+    def _read_snapshot(self) -> tuple[int, list[changes.CredentialUpserted], list[Change]]:
+        now = int(self._clock.now())
+        with self._store.read() as uow:
+            head = uow.changes.head()
+            keys = list(self._key_source(uow, now)) if self._key_source is not None else []
+            entries = [entry for source in self._sources for entry in source(uow, now)]
+        others = [entry for entry in entries if _key(entry) is None]
+        if len(others) < len(entries):  # keys among the sources' entries (no key_source)
+            keys.extend(m for m in map(_key, entries) if m is not None)
+            entries = others
+        return head, keys, entries
 
     def log_id(self) -> str:
         """The change log's identity (sidecars resume only within the same log)."""
