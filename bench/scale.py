@@ -1,6 +1,8 @@
 """Sidecar cold start and memory against replica size: N keys are written straight into a fresh
 SQLite store, a control plane serves it, and a sidecar is timed from launch to gRPC health
-SERVING (snapshot streamed and loaded); its RSS is read from /proc afterwards.
+SERVING (snapshot streamed and loaded); its RSS is read from /proc afterwards. Then, in this
+process, the replica file that sidecar persisted is loaded again: the bytes per key the replica
+keeps (tracemalloc) and the load time per key.
 
     python -m bench.scale [--keys 10000 100000 1000000] [--out bench/results]
 """
@@ -8,15 +10,19 @@ SERVING (snapshot streamed and loaded); its RSS is read from /proc afterwards.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import tracemalloc
 from pathlib import Path
 
 from bench.sidecar_target import _serving
 from bench.targets import SERVER_ENV, TargetEnv
+from sidecar.replication.client import SNAPSHOT_FILE
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,11 +48,42 @@ def _fill(db: Path, n: int) -> None:
     store.close()
 
 
+def _listening(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
 def _rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+def _kept(path: Path, n: int) -> dict[str, float]:
+    """Bytes per key a replica keeps and µs per key to load it, from the sidecar's own file
+    (best of three loads; the keeping measured once, with tracemalloc)."""
+    from sidecar.authz.replica import Replica
+
+    data = path.read_bytes()
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        Replica().loads(data)
+        best = min(best, time.perf_counter() - started)
+    gc.collect()
+    tracemalloc.start()
+    replica = Replica()
+    replica.loads(data)
+    del data
+    gc.collect()
+    kept = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    return {"kept_bytes_per_key": round(kept / n, 1), "load_us_per_key": round(best / n * 1e6, 2)}
 
 
 def measure(n: int, work: Path) -> dict[str, float]:
@@ -62,7 +99,13 @@ def measure(n: int, work: Path) -> dict[str, float]:
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        time.sleep(2)
+        # The control plane is up once its sync token is written and its admin port answers
+        # (a fixed sleep was too short on a loaded machine).
+        waited = time.monotonic()
+        while not ((data / "sync-token").exists() and _listening(admin)):
+            if cp.poll() is not None or time.monotonic() - waited > 120:
+                raise RuntimeError("the control plane did not start")
+            time.sleep(0.05)
         started = time.monotonic()
         sc = subprocess.Popen(
             [sys.executable, "-m", "sidecar", "sidecar", "--listen", listen, "--control-plane",
@@ -78,10 +121,11 @@ def measure(n: int, work: Path) -> dict[str, float]:
                 time.sleep(0.05)
             cold = time.monotonic() - started
             time.sleep(1)
-            return {"keys": n, "cold_start_s": round(cold, 2), "rss_mb": round(_rss_mb(sc.pid), 1)}
+            row = {"keys": n, "cold_start_s": round(cold, 2), "rss_mb": round(_rss_mb(sc.pid), 1)}
         finally:
             sc.terminate()
             sc.wait(30)
+        return {**row, **_kept(work / f"sc-{n}" / SNAPSHOT_FILE, n)}
     finally:
         cp.terminate()
         cp.wait(30)
@@ -97,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         for n in args.keys:
             row = measure(n, Path(tmp))
             print(f"{row['keys']:>9} keys  cold start {row['cold_start_s']:>7.2f} s  "
-                  f"RSS {row['rss_mb']:>8.1f} MB", flush=True)  # fmt: skip
+                  f"RSS {row['rss_mb']:>8.1f} MB  kept {row['kept_bytes_per_key']:>6.1f} B/key  "
+                  f"load {row['load_us_per_key']:>5.2f} us/key", flush=True)  # fmt: skip
             rows.append(row)
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())

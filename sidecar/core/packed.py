@@ -100,9 +100,8 @@ class Profile:
         return cls(ws, tuple(sorted(scopes)), limit, period, tuple(cidrs), revoked, suspended)
 
 
-def effective_expiry(m: CredentialUpserted) -> int:
-    """A replaced key's grace deadline ends it like an expiry."""
-    return min(m.expires_at, m.grace_deadline or m.expires_at)
+# What keys share, as interned while packing: a Profile with the scopes not yet sorted.
+_ProfileKey = tuple[str, frozenset[str], int, int, tuple[str, ...], bool, bool]
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,39 +175,42 @@ class PackedKeys:
         rows = sorted(by_id.values(), key=operator.attrgetter("digest"))
         ids = [m.id for m in rows]
         width = max(map(len, ids), default=1)
-        for m in rows:
-            if len(m.digest) != DIGEST_SIZE:
-                raise PackError(f"packed keys: key {m.id[:64]!r} has a digest of {len(m.digest)}")
+        if not all(len(m.digest) == DIGEST_SIZE for m in rows):
+            raise PackError("packed keys: a digest is not 32 bytes")
         if not all(i.isascii() and i.isprintable() and 0 < len(i) <= MAX_ID_WIDTH for i in ids):
             raise PackError("packed keys: a key id is not 1 to 255 printable ASCII characters")
-        # Plain tuples while interning (a frozen dataclass per key costs ~1 us to build).
-        interned: dict[tuple[object, ...], int] = {}
-        sorted_scopes: dict[frozenset[str], tuple[str, ...]] = {}
-        profile_of = array("I")
-        for m in rows:
-            scopes = sorted_scopes.get(m.scopes)
-            if scopes is None:
-                scopes = sorted_scopes.setdefault(m.scopes, tuple(sorted(m.scopes)))
-            key = (
-                m.workspace,
-                scopes,
-                m.rate_limit,
-                m.rate_period,
-                m.client_cidrs,
-                m.revoked,
-                m.suspended,
-            )
-            profile_of.append(interned.setdefault(key, len(interned)))
+        # Interned on a plain tuple (a frozenset caches its hash); a Profile is built only
+        # once per distinct one.
+        interned: dict[_ProfileKey, int] = {}
+        setdefault = interned.setdefault
+        profile_of = array(
+            "I",
+            [
+                setdefault(
+                    (m.workspace, m.scopes, m.rate_limit, m.rate_period, m.client_cidrs,
+                     m.revoked, m.suspended),
+                    len(interned),
+                )
+                for m in rows
+            ],
+        )  # fmt: skip
+        if min(map(len, ids), default=width) == width:  # the usual case: minted ids, one length
+            id_block = "".join(ids).encode("ascii")
+        else:
+            id_block = "".join(i.ljust(width, "\0") for i in ids).encode("ascii")
         table = cls(
             digests=b"".join(m.digest for m in rows),
-            ids=b"".join(i.encode("ascii").ljust(width, b"\0") for i in ids),
+            ids=id_block,
             width=width,
-            expires=array("q", (effective_expiry(m) for m in rows)),
+            expires=array("q", [min(m.expires_at, m.grace_deadline or m.expires_at) for m in rows]),
             profile_of=profile_of,
             id_order=array("I", sorted(range(len(rows)), key=ids.__getitem__)),
-            profiles=tuple(Profile(*k) for k in interned),  # type: ignore[arg-type]
+            profiles=tuple(
+                Profile(ws, tuple(sorted(sc)), rl, rp, cidrs, rv, su)
+                for ws, sc, rl, rp, cidrs, rv, su in interned
+            ),
         )
-        table.check()
+        table.check_digests()  # the rest holds by construction
         return table
 
     # -- the binary form ----------------------------------------------------------------------
@@ -278,15 +280,7 @@ class PackedKeys:
             raise PackError("packed keys: a profile index is out of range")
         if not self.ids.isascii():
             raise PackError("packed keys: a key id is not ASCII")
-        prefixes = prefix_column(self.digests)
-        if not all(map(operator.lt, prefixes, islice(prefixes, 1, None))):
-            if not all(map(operator.le, prefixes, islice(prefixes, 1, None))):
-                raise PackError("packed keys: digests are not sorted")
-            for row in range(n - 1):  # equal 8-byte prefixes (rare): whole digests decide
-                if prefixes[row] == prefixes[row + 1] and not (
-                    self.digest_at(row) < self.digest_at(row + 1)
-                ):
-                    raise PackError("packed keys: a digest appears twice")
+        self.check_digests()
         if len(self.id_order) != n or (n and max(self.id_order) >= n):
             raise PackError("packed keys: the id order is not a permutation of the rows")
         ids, w = self.ids, self.width
@@ -297,6 +291,19 @@ class PackedKeys:
             if not stripped or b"\0" in stripped or not key_id > previous:
                 raise PackError("packed keys: key ids are empty, padded wrongly or out of order")
             previous = key_id
+
+    def check_digests(self) -> None:
+        """The digests are strictly ascending (so each appears once)."""
+        prefixes = prefix_column(self.digests)
+        if all(map(operator.lt, prefixes, islice(prefixes, 1, None))):
+            return
+        if not all(map(operator.le, prefixes, islice(prefixes, 1, None))):
+            raise PackError("packed keys: digests are not sorted")
+        for row in range(len(self) - 1):  # equal 8-byte prefixes (rare): whole digests decide
+            if prefixes[row] == prefixes[row + 1] and not (
+                self.digest_at(row) < self.digest_at(row + 1)
+            ):
+                raise PackError("packed keys: a digest appears twice")
 
 
 def prefix_column(digests: bytes) -> array[int]:
