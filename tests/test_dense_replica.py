@@ -25,7 +25,7 @@ from sidecar.core.packed import PackedKeys, PackError
 from sidecar.replication.client import ReplicaFile
 from tests.support.dict_replica import DictReplica
 
-IDS = [f"key_{c}" for c in "abcdefgh"]
+IDS = [f"key_{c}" for c in "abcdef"] + ["key_gg", "key_hhh"]  # ids of three widths
 WORKSPACES = ["acme", "globex"]
 SCOPES = ["checks:read", "checks:write", "admin:full"]
 NOW = 2_000_000_000
@@ -99,6 +99,7 @@ def assert_same(dense: Replica, ref: DictReplica) -> None:
     assert dict(dense.by_digest) == ref.by_digest
     assert len(dense.by_digest) == len(ref.by_digest)
     assert dense.revoked_grants == ref.revoked_grants
+    dense.table.packed.check()  # a table folded from an overlay keeps every invariant
 
 
 @settings(max_examples=150, deadline=None)

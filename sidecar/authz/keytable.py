@@ -64,7 +64,7 @@ class Shared:
 class KeyTable:
     """Lookups over one immutable ``PackedKeys``."""
 
-    __slots__ = ("packed", "starts", "shift", "shared")
+    __slots__ = ("packed", "shared", "shift", "starts")
 
     def __init__(self, packed: PackedKeys) -> None:
         self.packed = packed

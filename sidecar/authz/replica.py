@@ -325,9 +325,11 @@ class Replica:
         self.revoked_jtis[m.jti] = m.expires_at
 
     def _compact(self, drop: Iterable[int] = ()) -> None:
-        """Fold the overlay (less the rows in ``drop``) into a new table and swap it in."""
+        """Fold the overlay into a new table (without the rows in ``drop``) and swap it in."""
         keys = self._keys
-        table = _table(lambda: PackedKeys.pack(keys.messages(drop)))
+        gone = keys.shadowed_rows().union(drop)
+        added = [message_of(d, cred) for d, cred in keys.overlay.items() if cred is not None]
+        table = _table(lambda: keys.table.packed.merged(gone, added))
         self._keys = _Keys(table)
         self.compactions += 1
 

@@ -22,6 +22,7 @@ import operator
 import struct
 import sys
 from array import array
+from bisect import bisect_left
 from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import islice
@@ -165,16 +166,16 @@ class PackedKeys:
     # -- building ---------------------------------------------------------------------------
 
     @classmethod
-    def pack(cls, messages: Iterable[CredentialUpserted]) -> PackedKeys:
-        """The table of ``messages`` (one per key id; the last one of an id wins). PackError
-        for an id that is not 1 to 255 printable ASCII characters, or a digest that is not 32
-        bytes or appears twice."""
+    def pack(cls, messages: Iterable[CredentialUpserted], min_width: int = 1) -> PackedKeys:
+        """The table of ``messages`` (one per key id; the last one of an id wins), ids padded
+        to at least ``min_width``. PackError for an id that is not 1 to 255 printable ASCII
+        characters, or a digest that is not 32 bytes or appears twice."""
         by_id: dict[str, CredentialUpserted] = {}
         for m in messages:
             by_id[m.id] = m
         rows = sorted(by_id.values(), key=operator.attrgetter("digest"))
         ids = [m.id for m in rows]
-        width = max(map(len, ids), default=1)
+        width = max(max(map(len, ids), default=1), min_width)
         if not all(len(m.digest) == DIGEST_SIZE for m in rows):
             raise PackError("packed keys: a digest is not 32 bytes")
         if not all(i.isascii() and i.isprintable() and 0 < len(i) <= MAX_ID_WIDTH for i in ids):
@@ -212,6 +213,75 @@ class PackedKeys:
         )
         table.check_digests()  # the rest holds by construction
         return table
+
+    def merged(self, drop: Iterable[int], add: Iterable[CredentialUpserted]) -> PackedKeys:
+        """This table without the rows in ``drop``, with the keys ``add`` (whose digests and
+        ids are not among the rows kept): slices of the columns joined at C speed, so folding a
+        few thousand changes into a million rows costs a fraction of packing them anew."""
+        extra = PackedKeys.pack(add, self.width)
+        if extra.width != self.width:  # a longer id than any before: pad every row anew
+            kept = sorted(set(range(len(self))).difference(drop))
+            return PackedKeys.pack(
+                [*map(self.message, kept), *map(extra.message, range(len(extra)))]
+            )
+        n, k, w = len(self), len(extra), self.width
+        profiles = list(self.profiles)
+        index = {p: i for i, p in enumerate(profiles)}
+        for p in extra.profiles:
+            if p not in index:
+                index[p] = len(profiles)
+                profiles.append(p)
+        extra_profile = [index[p] for p in extra.profiles]
+        prefixes = prefix_column(self.digests)
+        inserts = [self._position(prefixes, extra.digest_at(j)) for j in range(k)]
+        drops = sorted(set(drop))
+        digests: list[bytes] = []
+        ids: list[bytes] = []
+        expires, profile_of = array("q"), array("I")
+        new_of_old = array("q", [-1]) * n
+        new_of_extra = array("q", [0]) * k
+        at = cur = di = ii = 0
+        while cur < n or ii < k:
+            stop = min(drops[di] if di < len(drops) else n, inserts[ii] if ii < k else n)
+            if stop > cur:  # a run of kept rows
+                digests.append(self.digests[cur * DIGEST_SIZE : stop * DIGEST_SIZE])
+                ids.append(self.ids[cur * w : stop * w])
+                expires.extend(self.expires[cur:stop])
+                profile_of.extend(self.profile_of[cur:stop])
+                new_of_old[cur:stop] = array("q", range(at, at + stop - cur))
+                at += stop - cur
+                cur = stop
+            elif ii < k and inserts[ii] == cur:
+                digests.append(extra.digest_at(ii))
+                ids.append(extra.ids[ii * w : ii * w + w])
+                expires.append(extra.expires[ii])
+                profile_of.append(extra_profile[extra.profile_of[ii]])
+                new_of_extra[ii] = at
+                at += 1
+                ii += 1
+            else:  # cur is a dropped row
+                cur += 1
+                di += 1
+        id_block = b"".join(ids)
+        order = [new_of_old[r] for r in self.id_order if new_of_old[r] >= 0]
+        for j in extra.id_order:  # ascending ids: each lands after the ones before it
+            row = new_of_extra[j]
+            wanted = id_block[row * w : row * w + w]
+            order.insert(bisect_left(order, wanted, key=lambda r: id_block[r * w : r * w + w]), row)
+        table = PackedKeys(
+            b"".join(digests), id_block, w, expires, profile_of, array("I", order),
+            tuple(profiles),
+        )  # fmt: skip
+        table.check_digests()
+        return table
+
+    def _position(self, prefixes: array[int], digest: bytes) -> int:
+        """Where ``digest`` goes among the rows (before the first larger one)."""
+        prefix = int.from_bytes(digest[:8], "big")
+        at = bisect_left(prefixes, prefix)
+        while at < len(self) and prefixes[at] == prefix and self.digest_at(at) < digest:
+            at += 1
+        return at
 
     # -- the binary form ----------------------------------------------------------------------
 
