@@ -19,6 +19,7 @@ import tempfile
 import time
 import tracemalloc
 from pathlib import Path
+from typing import IO
 
 from bench.sidecar_target import _serving
 from bench.targets import SERVER_ENV, TargetEnv
@@ -86,7 +87,15 @@ def _kept(path: Path, n: int) -> dict[str, float]:
     return {"kept_bytes_per_key": round(kept / n, 1), "load_us_per_key": round(best / n * 1e6, 2)}
 
 
-def measure(n: int, work: Path) -> dict[str, float]:
+def _log(logs: Path | None, name: str) -> int | IO[bytes]:
+    """Where a process's log goes: a file under ``logs`` (kept), or nowhere."""
+    if logs is None:
+        return subprocess.DEVNULL
+    logs.mkdir(parents=True, exist_ok=True)
+    return (logs / name).open("wb")
+
+
+def measure(n: int, work: Path, logs: Path | None = None) -> dict[str, float]:
     """Cold start (launch → SERVING) and RSS of one sidecar with ``n`` keys in its replica."""
     env = TargetEnv(frozenset({0}), work)
     data = work / f"cp-{n}"
@@ -96,7 +105,7 @@ def measure(n: int, work: Path) -> dict[str, float]:
     cp = subprocess.Popen(
         [sys.executable, "-m", "sidecar", "control-plane", "--data-dir", str(data),
          "--admin-addr", admin, "--http-addr", http],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=_log(logs, f"cp-{n}.log"),
     )  # fmt: skip
     try:
         # The control plane is up once its sync token is written and its admin port answers
@@ -112,7 +121,7 @@ def measure(n: int, work: Path) -> dict[str, float]:
              admin, "--state-dir", str(work / f"sc-{n}"), "--metrics-addr", "",
              "--sync-token-file", str(data / "sync-token")],
             cwd=ROOT, env={**__import__("os").environ, **SERVER_ENV},
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=_log(logs, f"sc-{n}.log"),
         )  # fmt: skip
         try:
             while not _serving(listen):
@@ -135,11 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--keys", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    p.add_argument("--logs", type=Path, help="keep the control plane's and sidecar's logs here")
     args = p.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.keys:
-            row = measure(n, Path(tmp))
+            row = measure(n, Path(tmp), args.logs)
             print(f"{row['keys']:>9} keys  cold start {row['cold_start_s']:>7.2f} s  "
                   f"RSS {row['rss_mb']:>8.1f} MB  kept {row['kept_bytes_per_key']:>6.1f} B/key  "
                   f"load {row['load_us_per_key']:>5.2f} us/key", flush=True)  # fmt: skip

@@ -22,6 +22,7 @@ from sidecar.core.changes import oauth_snapshot
 from sidecar.core.clock import FakeClock
 from sidecar.core.models import ApiKey
 from sidecar.core.oauth_models import RevokedToken
+from sidecar.core.packed import PackedKeys
 from sidecar.replication import server as server_module
 from sidecar.replication.client import ReplicaFile, SyncClient
 from sidecar.replication.server import ReplicationServicer
@@ -116,6 +117,15 @@ def test_every_version_mix_ends_with_the_same_replica(
         assert len(replica.table) == KEYS  # entries or a packed table: both end dense
         packed_used = client.packed_snapshots == 1
         assert packed_used == (new_sidecar and new_control_plane)
+        # A second sidecar in the same rollout ends with the same replica.
+        second = Replica()
+        other = SyncClient(
+            second, address, FakeClock(1000.0), sync_token=TOKEN, packed_keys=new_sidecar
+        )
+        other.start()
+        wait_until(lambda: second.loaded)
+        other.stop()
+        assert dict(second.by_digest) == dict(replica.by_digest)
         # A change after the snapshot: a revocation reaches the replica.
         with store.transaction() as uow:
             uow.changes.append(changes.CredentialRevoked("key_000003").change())
@@ -127,3 +137,27 @@ def test_every_version_mix_ends_with_the_same_replica(
     finally:
         client.stop()
         loop_thread.run(server.stop(0))
+
+
+def test_a_snapshot_built_once_serves_later_sidecars_with_the_changes_since_inside(
+    store: SqliteStore, loop_thread: LoopThread
+) -> None:
+    """A rollout: the second sidecar gets the first one's packed table (one build), and a key
+    revoked in between is already revoked when that snapshot is swapped in — never usable
+    again, not even until the stream catches up."""
+    clock = FakeClock(1000.0)
+    servicer = ReplicationServicer(store, clock, [oauth_snapshot], key_source=key_messages)
+    first_revision, _, _ = servicer.shared_packed_snapshot()
+    with store.transaction() as uow:
+        uow.changes.append(changes.CredentialRevoked("key_000005").change())
+    revision, packed, entries = servicer.shared_packed_snapshot()
+    assert servicer.packed_builds == 1
+    assert revision == first_revision + 1
+    replica = Replica()
+    replica.load_packed(revision, PackedKeys.decode(packed), entries)
+    assert replica.credential(hashlib.sha256(b"key_000005").digest()).revoked  # type: ignore[union-attr]
+    assert replica.revision == revision
+    # Past the reuse bounds the table is built again (here: its age).
+    clock.advance(server_module.REUSE_SECONDS + 1)
+    servicer.shared_packed_snapshot()
+    assert servicer.packed_builds == 2

@@ -8,6 +8,7 @@ import asyncio
 import hmac
 import json
 import logging
+import threading
 from collections.abc import AsyncIterator, Callable, Iterable
 
 import grpc
@@ -28,6 +29,13 @@ KeySource = Callable[[UnitOfWork, int], Iterable[changes.CredentialUpserted]]
 CHUNK = 5000
 PACKED_CHUNK = 1 << 20  # bytes of the packed key table per message (gRPC's limit is 4 MiB)
 BATCH = 1000
+# A packed snapshot is built once and sent to every sidecar that needs one while the change log
+# has grown by at most REUSE_CHANGES since it and it is at most REUSE_SECONDS old, so a rollout
+# of many sidecars costs the control plane one build, not one each. The changes committed after
+# it travel inside the snapshot (applied before the sidecar swaps it in, so a key revoked since
+# is never usable again, not even for a moment), and the snapshot's revision is the last of them.
+REUSE_CHANGES = 10_000
+REUSE_SECONDS = 300.0
 UPSERTED = changes.ChangeKind.CREDENTIAL_UPSERTED.value
 
 
@@ -65,6 +73,9 @@ class ReplicationServicer(pb_grpc.ReplicationServiceServicer):  # type: ignore[m
         self.snapshots_sent = 0
         self._wakers: set[Callable[[int], None]] = set()
         self._log_id = ""  # read once: fixed for the life of the store
+        self._built: tuple[int, bytes, list[Change], float] | None = None
+        self._build_lock = threading.Lock()  # one build at a time; the others wait and share it
+        self.packed_builds = 0
 
     def wake(self, revision: int) -> None:
         """Have every open stream re-read the change log now: another control-plane replica
@@ -86,6 +97,32 @@ class ReplicationServicer(pb_grpc.ReplicationServiceServicer):  # type: ignore[m
         except PackError as exc:
             log.warning("snapshot: keys sent as entries", extra={"error": str(exc)})
             return head, b"", [m.change() for m in keys] + entries
+
+    def shared_packed_snapshot(self) -> tuple[int, bytes, list[Change]]:
+        """``packed_snapshot`` reused while it is recent (REUSE_CHANGES, REUSE_SECONDS), with
+        the changes since it appended to its entries."""
+        revision, packed, entries = self._shared_build()
+        while packed:
+            _, later = self._changes(revision)
+            if not later:
+                break
+            entries = entries + later
+            revision = later[-1].revision
+        return revision, packed, entries
+
+    def _shared_build(self) -> tuple[int, bytes, list[Change]]:
+        with self._build_lock:
+            now = self._clock.now()
+            built = self._built
+            if built is not None and now - built[3] <= REUSE_SECONDS:
+                with self._store.read() as uow:
+                    head = uow.changes.head()
+                if head - built[0] <= REUSE_CHANGES:
+                    return built[0], built[1], built[2]
+            revision, packed, entries = self.packed_snapshot()
+            self.packed_builds += 1
+            self._built = (revision, packed, entries, now) if packed else None
+            return revision, packed, entries
 
     def _read_snapshot(self) -> tuple[int, list[changes.CredentialUpserted], list[Change]]:
         now = int(self._clock.now())
@@ -147,7 +184,7 @@ class ReplicationServicer(pb_grpc.ReplicationServiceServicer):  # type: ignore[m
             if after <= 0 or after > head or request.log_id != log_id:
                 packed = b""
                 if request.packed_keys:
-                    revision, packed, entries = await asyncio.to_thread(self.packed_snapshot)
+                    revision, packed, entries = await asyncio.to_thread(self.shared_packed_snapshot)
                 else:
                     revision, entries = await asyncio.to_thread(self.snapshot)
                 for response in _snapshot_chunks(revision, entries, log_id, packed):
