@@ -42,7 +42,7 @@ from sidecar.admin.webhooks import WebhookServicer
 from sidecar.authz.policy import Policy
 from sidecar.authz.policy_source import PolicyWatcher, load_policy
 from sidecar.config import Settings, trusted_networks
-from sidecar.core.apikeys import ApiKeyService, KeyPolicy, key_messages
+from sidecar.core.apikeys import ApiKeyService, KeyPolicy, key_rows
 from sidecar.core.apps import AppService
 from sidecar.core.audit_trail import AuditPolicy, AuditTrail
 from sidecar.core.changes import oauth_snapshot
@@ -157,7 +157,7 @@ class ControlPlane:
             self.store,
             self.clock,
             self.snapshot_sources,
-            key_source=key_messages,
+            key_source=key_rows,
             heartbeat=settings.sync_heartbeat,
             sync_token=self.sync_token,
         )

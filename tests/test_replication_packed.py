@@ -17,7 +17,7 @@ from sidecar._gen.statuspulse.auth.v1 import replication_pb2 as pb
 from sidecar._gen.statuspulse.auth.v1 import replication_pb2_grpc as pb_grpc
 from sidecar.authz.replica import Replica
 from sidecar.core import changes
-from sidecar.core.apikeys import key_messages, key_snapshot
+from sidecar.core.apikeys import key_rows, key_snapshot
 from sidecar.core.changes import oauth_snapshot
 from sidecar.core.clock import FakeClock
 from sidecar.core.models import ApiKey
@@ -69,7 +69,7 @@ def serve(store: SqliteStore, loop: LoopThread, old: bool) -> tuple[grpc.aio.Ser
         server = grpc.aio.server()
         kind = OldControlPlane if old else ReplicationServicer
         servicer = kind(
-            store, FakeClock(1000.0), [oauth_snapshot], key_source=key_messages, sync_token=TOKEN
+            store, FakeClock(1000.0), [oauth_snapshot], key_source=key_rows, sync_token=TOKEN
         )
         pb_grpc.add_ReplicationServiceServicer_to_server(servicer, server)
         port = server.add_insecure_port("127.0.0.1:0")
@@ -146,7 +146,7 @@ def test_a_snapshot_built_once_serves_later_sidecars_with_the_changes_since_insi
     revoked in between is already revoked when that snapshot is swapped in — never usable
     again, not even until the stream catches up."""
     clock = FakeClock(1000.0)
-    servicer = ReplicationServicer(store, clock, [oauth_snapshot], key_source=key_messages)
+    servicer = ReplicationServicer(store, clock, [oauth_snapshot], key_source=key_rows)
     first_revision, _, _ = servicer.shared_packed_snapshot()
     with store.transaction() as uow:
         uow.changes.append(changes.CredentialRevoked("key_000005").change())

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from itertools import compress, islice
 
 from sidecar.core.changes import CredentialUpserted
+from sidecar.core.storage import KeyRow
 
 MAGIC = b"SPKT"
 VERSION = 1
@@ -103,13 +104,13 @@ class Profile:
 
 # What keys share, as interned while packing: a Profile with the scopes not yet sorted.
 _ProfileKey = tuple[str, frozenset[str], int, int, tuple[str, ...], bool, bool]
-_PROFILE = operator.attrgetter(
-    "workspace", "scopes", "rate_limit", "rate_period", "client_cidrs", "revoked", "suspended"
-)
-_DIGEST = operator.attrgetter("digest")
-_ID = operator.attrgetter("id")
-_EXPIRES = operator.attrgetter("expires_at")
-_GRACE = operator.attrgetter("grace_deadline")
+# A message's fields as a KeyRow (the same order), and the columns of a KeyRow.
+AS_ROW = operator.attrgetter(
+    "id", "digest", "workspace", "scopes", "expires_at", "rate_limit", "rate_period",
+    "revoked", "grace_deadline", "suspended", "client_cidrs",
+)  # fmt: skip
+_ID, _DIGEST, _EXPIRES, _GRACE = (operator.itemgetter(i) for i in (0, 1, 4, 8))
+_PROFILE = operator.itemgetter(2, 3, 5, 6, 10, 7, 9)  # the order of Profile's fields
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,12 +175,17 @@ class PackedKeys:
 
     @classmethod
     def pack(cls, messages: Iterable[CredentialUpserted], min_width: int = 1) -> PackedKeys:
-        """The table of ``messages`` (one per key id; the last one of an id wins), ids padded
-        to at least ``min_width``. PackError for an id that is not 1 to 255 printable ASCII
+        """The table of ``messages``: ``pack_rows`` of their fields."""
+        return cls.pack_rows(map(AS_ROW, messages), min_width)
+
+    @classmethod
+    def pack_rows(cls, keys: Iterable[KeyRow], min_width: int = 1) -> PackedKeys:
+        """The table of ``keys`` (one per key id; the last one of an id wins), ids padded to
+        at least ``min_width``. PackError for an id that is not 1 to 255 printable ASCII
         characters, or a digest that is not 32 bytes or appears twice."""
-        # Column at a time with C-level iteration (attrgetter, map, compress): a Python loop
+        # Column at a time with C-level iteration (itemgetter, map, compress): a Python loop
         # body per key costs more than the rest of a cold start's per-key work.
-        by_id = {m.id: m for m in messages}
+        by_id = {k[0]: k for k in keys}
         rows = sorted(by_id.values(), key=_DIGEST)
         ids = list(map(_ID, rows))
         width = max(max(map(len, ids), default=1), min_width)
@@ -203,7 +209,7 @@ class PackedKeys:
             id_block = "".join(i.ljust(width, "\0") for i in ids).encode("ascii")
         expires = array("q", map(_EXPIRES, rows))
         for row in compress(range(len(rows)), map(_GRACE, rows)):  # replaced keys only
-            expires[row] = min(expires[row], rows[row].grace_deadline or expires[row])
+            expires[row] = min(expires[row], rows[row][8] or expires[row])
         table = cls(
             digests=digests,
             ids=id_block,

@@ -19,13 +19,13 @@ from sidecar.core import changes
 from sidecar.core.clock import Clock
 from sidecar.core.errors import Unavailable
 from sidecar.core.models import Change
-from sidecar.core.packed import PackedKeys, PackError
-from sidecar.core.storage import Store, UnitOfWork
+from sidecar.core.packed import AS_ROW, PackedKeys, PackError
+from sidecar.core.storage import KeyRow, Store, UnitOfWork
 
 log = logging.getLogger("sidecar.replication")
 
 SnapshotSource = Callable[[UnitOfWork, int], Iterable[Change]]
-KeySource = Callable[[UnitOfWork, int], Iterable[changes.CredentialUpserted]]
+KeySource = Callable[[UnitOfWork, int], Iterable[KeyRow]]
 CHUNK = 5000
 PACKED_CHUNK = 1 << 20  # bytes of the packed key table per message (gRPC's limit is 4 MiB)
 BATCH = 1000
@@ -63,7 +63,7 @@ class ReplicationServicer(pb_grpc.ReplicationServiceServicer):  # type: ignore[m
     ) -> None:
         self._store = store
         self._clock = clock
-        # ``key_source`` gives the API keys as messages (packed without a JSON round trip);
+        # ``key_source`` gives the API keys as rows (packed without a JSON round trip);
         # ``sources`` give every other entry (and the keys too when there is no key_source).
         self._sources = sources
         self._key_source = key_source
@@ -86,17 +86,17 @@ class ReplicationServicer(pb_grpc.ReplicationServiceServicer):  # type: ignore[m
     def snapshot(self) -> tuple[int, list[Change]]:
         """The head revision and every entry, read in one consistent transaction."""
         head, keys, entries = self._read_snapshot()
-        return head, [m.change() for m in keys] + entries
+        return head, [changes.CredentialUpserted(*k).change() for k in keys] + entries
 
     def packed_snapshot(self) -> tuple[int, bytes, list[Change]]:
         """The head revision, the API keys as one packed key table and every other entry;
         the table is empty (b"") when a key cannot be packed, and the keys then go as entries."""
         head, keys, entries = self._read_snapshot()
         try:
-            return head, PackedKeys.pack(keys).encode(), entries
+            return head, PackedKeys.pack_rows(keys).encode(), entries
         except PackError as exc:
             log.warning("snapshot: keys sent as entries", extra={"error": str(exc)})
-            return head, b"", [m.change() for m in keys] + entries
+            return head, b"", [changes.CredentialUpserted(*k).change() for k in keys] + entries
 
     def shared_packed_snapshot(self) -> tuple[int, bytes, list[Change]]:
         """``packed_snapshot`` reused while it is recent (REUSE_CHANGES, REUSE_SECONDS), with
@@ -124,7 +124,7 @@ class ReplicationServicer(pb_grpc.ReplicationServiceServicer):  # type: ignore[m
             self._built = (revision, packed, entries, now) if packed else None
             return revision, packed, entries
 
-    def _read_snapshot(self) -> tuple[int, list[changes.CredentialUpserted], list[Change]]:
+    def _read_snapshot(self) -> tuple[int, list[KeyRow], list[Change]]:
         now = int(self._clock.now())
         with self._store.read() as uow:
             head = uow.changes.head()
@@ -132,7 +132,7 @@ class ReplicationServicer(pb_grpc.ReplicationServiceServicer):  # type: ignore[m
             entries = [entry for source in self._sources for entry in source(uow, now)]
         others = [entry for entry in entries if _key(entry) is None]
         if len(others) < len(entries):  # keys among the sources' entries (no key_source)
-            keys.extend(m for m in map(_key, entries) if m is not None)
+            keys.extend(AS_ROW(m) for m in map(_key, entries) if m is not None)
             entries = others
         return head, keys, entries
 
