@@ -151,6 +151,7 @@ class SyncClient:
         )
         self._dirty = False
         self._last_save = 0.0
+        self._save_every = persist_interval
         self._pending: list[Change] = []
         self._packed = bytearray()
         # Ask for the snapshot's keys as a packed table (a control plane that predates it
@@ -288,7 +289,7 @@ class SyncClient:
         if self.file is None or not self._dirty or not self.replica.loaded:
             return
         now = time.monotonic()
-        if not force and now - self._last_save < self.persist_interval:
+        if not force and now - self._last_save < self._save_every:
             return
         try:
             self.file.save(self.replica)
@@ -297,3 +298,6 @@ class SyncClient:
             return
         self._dirty = False
         self._last_save = now
+        # A big replica takes a while to write (≈ 0.5 s for 1M keys): keep saving to at most a
+        # tenth of the sync thread's time, so changes are applied, not queued behind the file.
+        self._save_every = max(self.persist_interval, 10 * (time.monotonic() - now))
