@@ -1,13 +1,15 @@
-"""Where a sidecar replica's bytes per API key go: the snapshot as the client receives it
-(protobuf ``ReplicaChange`` with a JSON payload), parsed into ``Change`` entries, loaded into a
-``Replica``, then written as the persisted replica file — the same stages as a cold start.
+"""Where a sidecar replica's bytes per API key go, and what a key costs to load and look up:
+the snapshot as the client receives it (the packed key table of ``Snapshot.packed_keys``),
+decoded and loaded into a ``Replica``, then written as the replica file — the stages of a cold
+start — and, with ``--entries``, the same for the entry-per-key snapshot an older control plane
+sends.
 
-    python -m bench.replica_memory [--keys 100000]
+    python -m bench.replica_memory [--keys 100000] [--entries]
 
-Prints, per key: live bytes at each stage (tracemalloc), the peak, the allocating lines of what
-stays, ``sys.getsizeof`` of each part of one credential, the load time per key (measured without
-tracemalloc) and the process RSS, which keeps the transient peak (freed small objects stay in
-pymalloc arenas interleaved with live ones). In process, no control plane: a few seconds.
+Prints, per key: the wire size, the live bytes the replica keeps and the peak while loading and
+writing (tracemalloc), the load time (measured without tracemalloc), the RSS growth, and the
+lookup time of ``Replica.credential`` (a cached hit, an uncached hit, a miss). In process, no
+control plane: a few seconds.
 """
 
 from __future__ import annotations
@@ -16,121 +18,130 @@ import argparse
 import gc
 import hashlib
 import os
-import sys
 import time
+import timeit
 import tracemalloc
 from collections.abc import Callable
 
 from sidecar.authz.replica import Replica
-from sidecar.core import keyformat
-from sidecar.core.models import Change
+from sidecar.core import changes, keyformat
+from sidecar.core.packed import PackedKeys
 from sidecar.replication.client import from_pb
 from sidecar.replication.server import to_pb
 
 
-def _snapshot(n: int) -> list[object]:
-    """``n`` keys as the control plane streams them: 1,000 workspaces, one scope each."""
+def keys(n: int) -> list[changes.CredentialUpserted]:
+    """``n`` keys: 1,000 workspaces, one scope each."""
     now = int(time.time())
-    changes = (
-        Change(
-            "credential.upserted",
-            f"k{i}",
-            {
-                "id": keyformat.mint_id(),
-                "digest": hashlib.sha256(os.urandom(16)).hexdigest(),
-                "workspace": f"ws_{i % 1000:020d}",
-                "scopes": ["checks:read"],
-                "expires_at": now + 86400,
-            },
-            revision=i + 1,
+    return [
+        changes.CredentialUpserted(
+            keyformat.mint_id(),
+            hashlib.sha256(os.urandom(16)).digest(),
+            f"ws_{i % 1000:020d}",
+            frozenset({"checks:read"}),
+            now + 86400,
         )
         for i in range(n)
-    )
-    return [to_pb(c) for c in changes]
+    ]
 
 
-def _rss_bytes() -> int:
-    for line in open("/proc/self/status"):  # noqa: SIM115 - a few lines, closed by GC
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
+def rss_bytes() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
     return 0
 
 
-def _per_key(n: int) -> Callable[[float], str]:
+def per_key(n: int) -> Callable[[float], str]:
     return lambda size: f"{size / n:7.0f} B/key"
 
 
-def parts(replica: Replica) -> dict[str, float]:
-    """``sys.getsizeof`` of each part of one credential; dict slots amortised over all keys."""
-    digest, cred = next(iter(replica.by_digest.items()))
-    ident = cred.identity
+def lookups(replica: Replica, digest: bytes) -> dict[str, float]:
+    """Microseconds per ``credential()`` call, best of five."""
+
+    def best(fn: Callable[[], object], number: int = 100_000) -> float:
+        return min(timeit.repeat(fn, number=number, repeat=5)) / number * 1e6
+
+    def uncached() -> object:
+        replica._keys.cache.clear()
+        return replica.credential(digest)
+
+    missing = hashlib.sha256(b"not a key").digest()
     return {
-        "by_digest dict slot": sys.getsizeof(replica.by_digest) / len(replica.by_digest),
-        "_digest_of dict slot (id -> digest)": sys.getsizeof(replica._digest_of)
-        / len(replica._digest_of),
-        "digest bytes object": sys.getsizeof(digest),
-        "Credential": sys.getsizeof(cred),
-        "Identity": sys.getsizeof(ident),
-        "key id str": sys.getsizeof(ident.id),
-        "workspace str (one per key, not shared)": sys.getsizeof(ident.workspace),
-        "scopes frozenset (one per key)": sys.getsizeof(ident.scopes),
-        "scope strs (one per key)": sum(sys.getsizeof(s) for s in ident.scopes),
-        "expires_at int": sys.getsizeof(ident.expires_at),
+        "hit (cached)": best(lambda: replica.credential(digest)),
+        "hit (built from the table)": best(uncached),
+        "miss": best(lambda: replica.credential(missing)),
     }
 
 
-def measure(n: int) -> None:
-    """Print the breakdown for ``n`` keys."""
-    wire = _snapshot(n)
-    kb = _per_key(n)
-    gc.collect()
-    rss0 = _rss_bytes()
+def measure(n: int, entries: bool = False) -> dict[str, float]:
+    """Print and return the figures for ``n`` keys."""
+    made = keys(n)
+    kb = per_key(n)
     started = time.perf_counter()
-    entries = [from_pb(m) for m in wire]  # type: ignore[arg-type]
-    parsed = time.perf_counter()
-    replica = Replica()
-    replica.load_snapshot(n, entries)
-    loaded = time.perf_counter()
-    del entries
+    wire = PackedKeys.pack(made).encode()
+    packed_at = time.perf_counter()
+    old_wire = [to_pb(m.change()) for m in made] if entries else []
+    digest = made[n // 2].digest
+    del made
     gc.collect()
-    print(f"{n} keys; from_pb {(parsed - started) / n * 1e6:.1f} us/key, "
-          f"load_snapshot {(loaded - parsed) / n * 1e6:.1f} us/key")  # fmt: skip
-    print(f"RSS growth, entries freed: {kb(_rss_bytes() - rss0)}")
+    print(f"{n} keys; control plane packs {(packed_at - started) / n * 1e6:.2f} us/key; "
+          f"packed table on the wire {kb(len(wire))}")  # fmt: skip
+    rss0 = rss_bytes()
+    started = time.perf_counter()
+    replica = Replica()
+    replica.load_packed(n, PackedKeys.decode(wire), [])
+    load_us = (time.perf_counter() - started) / n * 1e6
+    gc.collect()
+    rss = rss_bytes() - rss0
+    print(f"load (decode, check, index): {load_us:.2f} us/key; RSS growth {kb(rss)}")
     del replica
     gc.collect()
 
     tracemalloc.start()
     base = tracemalloc.get_traced_memory()[0]
-    entries = [from_pb(m) for m in wire]  # type: ignore[arg-type]
-    print(
-        f"parsed entries (Change + payload dict): {kb(tracemalloc.get_traced_memory()[0] - base)}"
-    )
     replica = Replica()
-    tracemalloc.reset_peak()
-    replica.load_snapshot(n, entries)
-    print(f"peak while loading: {kb(tracemalloc.get_traced_memory()[1] - base)}")
-    del entries
+    replica.load_packed(n, PackedKeys.decode(wire), [])
+    peak = tracemalloc.get_traced_memory()[1] - base
     gc.collect()
-    print(f"replica, entries freed: {kb(tracemalloc.get_traced_memory()[0] - base)}")
-    held = tracemalloc.take_snapshot()
+    kept = tracemalloc.get_traced_memory()[0] - base
+    print(f"kept by the replica: {kb(kept)}; peak while loading: {kb(peak)}")
     tracemalloc.reset_peak()
-    text = replica.dumps()
-    print(f"peak while writing the replica file ({kb(len(text))} of JSON): "
-          f"{kb(tracemalloc.get_traced_memory()[1] - base)}")  # fmt: skip
-    del text
+    data = replica.dumps()
+    file_peak = tracemalloc.get_traced_memory()[1] - base - kept
+    print(f"replica file {kb(len(data))}; extra peak while writing it {kb(file_peak)}")
+    del data
     tracemalloc.stop()
-    print("what stays, by allocating line:")
-    for stat in held.statistics("lineno")[:6]:
-        print(f"  {kb(stat.size)}  {stat.traceback[0]}")
-    print("one credential, sys.getsizeof by part:")
-    for name, size in parts(replica).items():
-        print(f"  {size:7.0f} B  {name}")
+    row: dict[str, float] = {
+        "keys": n,
+        "wire_bytes_per_key": round(len(wire) / n, 1),
+        "load_us_per_key": round(load_us, 2),
+        "kept_bytes_per_key": round(kept / n, 1),
+        "load_peak_bytes_per_key": round(peak / n, 1),
+        "rss_growth_bytes_per_key": round(rss / n, 1),
+    }
+    for name, us in lookups(replica, digest).items():
+        print(f"lookup, {name}: {us:.3f} us")
+        row[f"lookup_us_{name.split()[0]}"] = round(us, 3)
+    if entries:
+        del replica
+        gc.collect()
+        started = time.perf_counter()
+        replica = Replica()
+        replica.load_snapshot(n, [from_pb(m) for m in old_wire])
+        old_us = (time.perf_counter() - started) / n * 1e6
+        print(f"entry-per-key snapshot (an older control plane): {old_us:.2f} us/key to load")
+        row["entries_load_us_per_key"] = round(old_us, 2)
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.replica_memory", description=__doc__)
     p.add_argument("--keys", type=int, default=100_000)
-    measure(p.parse_args(argv).keys)
+    p.add_argument("--entries", action="store_true", help="also load an entry-per-key snapshot")
+    args = p.parse_args(argv)
+    measure(args.keys, args.entries)
     return 0
 
 

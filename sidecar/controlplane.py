@@ -43,7 +43,7 @@ from sidecar.authz.policy import Policy
 from sidecar.authz.policy_source import PolicyWatcher, load_policy
 from sidecar.config import Settings, trusted_networks
 from sidecar.core import kek
-from sidecar.core.apikeys import ApiKeyService, KeyPolicy, key_snapshot
+from sidecar.core.apikeys import ApiKeyService, KeyPolicy, key_rows
 from sidecar.core.apps import AppService
 from sidecar.core.audit_trail import AuditPolicy, AuditTrail
 from sidecar.core.changes import oauth_snapshot
@@ -151,11 +151,12 @@ class ControlPlane:
         )
         self.audit_servicer = AuditServicer(self.audit, self.guard, sync_token=self.sync_token)
         self._unsubscribe = self.store.subscribe(self.audit_servicer.notify)
-        self.snapshot_sources: list[SnapshotSource] = [key_snapshot, oauth_snapshot]
+        self.snapshot_sources: list[SnapshotSource] = [oauth_snapshot]
         self.replication = ReplicationServicer(
             self.store,
             self.clock,
             self.snapshot_sources,
+            key_source=key_rows,
             heartbeat=settings.sync_heartbeat,
             sync_token=self.sync_token,
         )

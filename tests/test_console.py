@@ -19,6 +19,7 @@ import pytest
 from sidecar.config import ConfigError, load_settings
 from sidecar.core import errors
 from sidecar.core.models import KeyState
+from sidecar.core.usage import format_day
 from sidecar.dataplane.process import Sidecar
 from sidecar.http.console.errors import console_error
 from sidecar.http.console.render import CSP, when
@@ -77,7 +78,7 @@ def last_used_cell(listing: str, key_id: str) -> str:
     """The Last used cell of one key's row on the Key Manager list."""
     row = re.search(rf'<tr id="{key_id}">(.*?)</tr>', listing, re.S)
     assert row, f"no row for {key_id}"
-    cell = re.search(r'<td class="last-used">([^<]*)</td>', row.group(1))
+    cell = re.search(r'<td class="last-used nowrap">([^<]*)</td>', row.group(1))
     assert cell, "the row has no last-used cell"
     return cell.group(1)
 
@@ -529,3 +530,20 @@ def test_key_manager_shows_last_use_reported_by_a_real_sidecar(
     assert last_used_cell(listing, new.group(1)) == "never"
     revoke_page = admin.get(f"/console/keys/{old}/revoke").text
     assert last_used_line(revoke_page) == used_at and "something still uses this key" in revoke_page
+    # The key's own page: its fields, last use and uses per day, counted by the real sidecar.
+    page = admin.get(f"/console/keys/{old}")
+    assert page.status_code == 200
+    assert (
+        re.search(r'<td id="last-used" class="nowrap">([^<]*)</td>', page.text).group(1) == used_at
+    )  # type: ignore[union-attr]
+    rows = re.findall(
+        r'<tr><td class="nowrap">([0-9-]+)</td><td class="uses">([0-9]+)</td>', page.text
+    )
+    assert rows == [
+        (format_day(int(control_plane.clock.now()) // 86400), str(usage.of(old).daily[-1][1]))
+    ]
+    assert int(rows[0][1]) >= 1
+    assert f'href="/console/keys/{new.group(1)}"' in page.text  # replaced by, linked
+    idle = admin.get(f"/console/keys/{keys['idle']}").text
+    assert "No use reported in the last 30 days." in idle
+    assert f'href="/console/keys/{keys["idle"]}"' in admin.get("/console/keys").text

@@ -239,6 +239,22 @@ def test_workspace_owner_flow_in_chromium(
     for key_id in (old_id, new_id):
         assert find(By.CSS_SELECTOR, f"tr[id='{key_id}'] td.last-used").text == used_at
     shot("keys")
+    # At 1280 px a date stays on one line (the cells used to wrap).
+    for cell in browser.find_elements(By.CSS_SELECTOR, "td.nowrap"):
+        lines = browser.execute_script(
+            "const r = document.createRange(); r.selectNodeContents(arguments[0]);"
+            "return new Set(Array.from(r.getClientRects(), (b) => Math.round(b.top))).size;",
+            cell,
+        )
+        assert lines == 1, (cell.text, lines)
+
+    # The key's own page shows its uses per day, as the sidecar reported them.
+    find(By.LINK_TEXT, "CI pipeline").click()
+    assert used_at in find(By.ID, "last-used").text
+    (row,) = browser.find_elements(By.CSS_SELECTOR, "#daily-uses tbody tr")
+    assert int(row.find_element(By.CSS_SELECTOR, "td.uses").text) >= 1
+    shot("key-detail")
+    browser.back()
 
     # Register an application; its secret is shown once.
     find(By.LINK_TEXT, "OAuth Applications").click()

@@ -103,7 +103,7 @@ def test_sidecar_drains_on_stop(control_plane: RunningControlPlane, tmp_path: Pa
         stopper.join(15)
     assert not stopper.is_alive()
     # The replica was persisted on the way out.
-    assert (tmp_path / "sc" / "replica.json").is_file()
+    assert (tmp_path / "sc" / "replica.bin").is_file()
 
 
 def test_control_plane_readiness_and_drain(tmp_path: Path, loop_thread: LoopThread) -> None:

@@ -95,14 +95,14 @@ def test_persistence_round_trip(tmp_path: Path) -> None:
     r.apply(Change("grant.revoked", "g1", {"grant_id": "g1", "expires_at": 2e9}, revision=6))
     f = ReplicaFile(tmp_path)
     f.save(r)
-    assert (tmp_path / "replica.json").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "replica.bin").stat().st_mode & 0o777 == 0o600
     restored = Replica()
     assert f.load(restored)
     assert (restored.revision, restored.log_id) == (6, "log-a")
     assert restored.by_digest == r.by_digest
     assert restored.signing_keys == r.signing_keys
     assert restored.revoked_grants == r.revoked_grants
-    (tmp_path / "replica.json").write_text("{not json")
+    (tmp_path / "replica.bin").write_text("{not json")
     assert not f.load(Replica())
 
 

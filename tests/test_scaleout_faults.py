@@ -31,6 +31,7 @@ import pytest
 import requests
 from envoy.service.auth.v3 import external_auth_pb2 as ext
 
+from sidecar.authz.replica import Replica, ReplicaError
 from sidecar.core import keyformat
 from sidecar.devtools.echo_upstream import EchoUpstream
 from tests.support.envoy import EnvoyProcess
@@ -283,10 +284,12 @@ def _head(s: ScaleOut) -> int:
 
 
 def _persisted_revision(sc: SidecarProcess) -> int:
+    replica = Replica()
     try:
-        return int(json.loads((sc.state_dir / "replica.json").read_text())["revision"])
-    except (OSError, ValueError, KeyError):
+        replica.loads((sc.state_dir / "replica.bin").read_bytes())
+    except (OSError, ReplicaError):
         return 0
+    return replica.revision
 
 
 # -- a flood of unknown keys ----------------------------------------------------------------------

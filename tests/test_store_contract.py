@@ -22,6 +22,7 @@ from sidecar.core.apikeys import ApiKeyService
 from sidecar.core.apps import AppService
 from sidecar.core.audit import AuditQuery, event
 from sidecar.core.audit_trail import AuditTrail
+from sidecar.core.changes import CredentialUpserted
 from sidecar.core.clock import FakeClock
 from sidecar.core.errors import Unavailable
 from sidecar.core.models import ApiKey, Change, KeyState, Principal, RequestContext
@@ -35,6 +36,7 @@ from sidecar.core.oauth_models import (
     RevokedToken,
     SigningKey,
 )
+from sidecar.core.packed import AS_ROW
 from sidecar.core.storage import Store
 from sidecar.core.users import UserService
 from sidecar.oauth.config import OAuthConfig
@@ -147,6 +149,21 @@ def test_key_pages_newest_first_by_state_and_cursor(store: Store) -> None:
         ]
         first = uow.keys.page(workspace=None, state=None, now=now, limit=2, after=None)
         assert [k.id for k in first] == ["key_0006", "key_0005"]
+
+
+def test_replica_rows_are_the_usable_keys_as_a_replica_keeps_them(store: Store) -> None:
+    """The lean snapshot read answers exactly the entries built from full usable keys."""
+    with store.transaction() as uow:
+        uow.keys.insert(make_key(1, expires_at=1500))  # expired
+        uow.keys.insert(make_key(2, grace_deadline=1800, rate_limit=5, rate_period=60))
+        uow.keys.insert(make_key(3, suspended_at=1900, client_cidrs=("10.0.0.0/8",)))
+        uow.keys.insert(make_key(4, revoked_at=1200))
+        uow.keys.insert(make_key(5, workspace="globex", scopes=frozenset()))
+    with store.read() as uow:
+        rows = sorted(uow.keys.replica_rows(2000))
+        expected = sorted(AS_ROW(CredentialUpserted.of(k)) for k in uow.keys.usable(2000))
+    assert rows == expected
+    assert [r[0] for r in rows] == ["key_0002", "key_0003", "key_0005"]
 
 
 def test_key_sweep_usable_and_operator(store: Store) -> None:

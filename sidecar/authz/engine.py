@@ -260,7 +260,7 @@ class Engine:
     def _api_key(self, token: str, now: float) -> Identity | Decision:
         # Look the digest up first: a hit proves the key is exactly one we minted (so its
         # checksum is right); only a miss pays for the checksum, to tell malformed from unknown.
-        cred = self.replica.by_digest.get(_sha256(token.encode("utf-8", "replace")).digest())
+        cred = self.replica.credential(_sha256(token.encode("utf-8", "replace")).digest())
         if cred is None:
             if not keyformat.is_well_formed(token):
                 return _DENY[Reason.MALFORMED_CREDENTIAL]

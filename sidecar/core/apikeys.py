@@ -30,7 +30,7 @@ from sidecar.core.models import (
     RequestContext,
 )
 from sidecar.core.scopes import ADMIN_FULL, KEYS_MANAGE, parse_scopes, sort_scopes
-from sidecar.core.storage import Store, UnitOfWork
+from sidecar.core.storage import KeyRow, Store, UnitOfWork
 
 DAY = 86400
 SYSTEM_ACTOR = key_notices.SYSTEM_ACTOR
@@ -76,10 +76,15 @@ class KeyEdit:
     rotation_period: int | None = None
 
 
+def key_rows(uow: UnitOfWork, now: int) -> Iterator[KeyRow]:
+    """Every usable key as a replica keeps it (the API-key part of a snapshot)."""
+    return uow.keys.replica_rows(now)
+
+
 def key_snapshot(uow: UnitOfWork, now: int) -> Iterator[Change]:
-    """Every usable key as a replica entry (the API-key part of a replica snapshot)."""
-    for key in uow.keys.usable(now):
-        yield changes.credential_upserted(key)
+    """Every usable key as a replica entry (the API-key part of an entry-per-key snapshot)."""
+    for row in key_rows(uow, now):
+        yield changes.CredentialUpserted(*row).change()
 
 
 class ApiKeyService:

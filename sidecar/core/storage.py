@@ -23,6 +23,13 @@ from sidecar.core.oauth_models import (
 from sidecar.core.usage import CredentialUse
 from sidecar.core.webhooks import Delivery, Webhook
 
+# A key as a replica snapshot carries it, in the field order of changes.CredentialUpserted:
+# id, digest, workspace, scopes, expires_at, rate_limit, rate_period, revoked, grace_deadline,
+# suspended, client_cidrs.
+KeyRow = tuple[
+    str, bytes, str, frozenset[str], int, int, int, bool, int | None, bool, tuple[str, ...]
+]
+
 Cursor = tuple[int, str]
 
 
@@ -71,6 +78,11 @@ class KeyRepository(Protocol):
 
     def usable(self, now: int) -> Iterator[ApiKey]:
         """Every unrevoked, unexpired key (the replica snapshot)."""
+        ...
+
+    def replica_rows(self, now: int) -> Iterator[KeyRow]:
+        """The keys of ``usable``, each as only what a replica keeps (a snapshot of a million
+        keys is read in seconds, not tens of seconds of full ``ApiKey`` objects)."""
         ...
 
     def has_operator(self) -> bool: ...

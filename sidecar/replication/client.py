@@ -24,9 +24,11 @@ from sidecar._gen.statuspulse.auth.v1 import replication_pb2_grpc as pb_grpc
 from sidecar.authz.replica import Replica, ReplicaError
 from sidecar.core.clock import Clock
 from sidecar.core.models import Change
+from sidecar.core.packed import PackedKeys, PackError
 
 log = logging.getLogger("sidecar.sync")
-SNAPSHOT_FILE = "replica.json"
+SNAPSHOT_FILE = "replica.bin"
+LEGACY_SNAPSHOT_FILE = "replica.json"  # format 1, read once on upgrade
 
 
 def from_pb(change: pb.ReplicaChange) -> Change:
@@ -56,34 +58,45 @@ class Backoff:
 
 
 class ReplicaFile:
-    """The persisted snapshot: written atomically (temp file, fsync, rename)."""
+    """The persisted replica (``replica.bin``, format in sidecar/authz/replica_file.py): written
+    atomically (temp file, fsync, rename). A ``replica.json`` of the previous format is read
+    once when there is no ``replica.bin``, and removed after the first save."""
 
     def __init__(self, state_dir: Path) -> None:
         self.path = state_dir / SNAPSHOT_FILE
+        self.legacy = state_dir / LEGACY_SNAPSHOT_FILE
         self.state_dir = state_dir
 
     def save(self, replica: Replica) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        data = replica.dumps()
         tmp = self.path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(replica.dumps())
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, self.path)
+        self.legacy.unlink(missing_ok=True)
 
     def load(self, replica: Replica) -> bool:
-        """Restore the replica; False when there is no usable file."""
-        try:
-            text = self.path.read_text()
-        except FileNotFoundError:
-            return False
-        try:
-            replica.loads(text)
-        except ReplicaError as exc:
-            log.warning("ignoring unreadable replica file", extra={"error": str(exc)})
-            return False
-        return True
+        """Restore the replica; False when there is no usable file (the replica is then left
+        as it was: never partly loaded)."""
+        for path in (self.path, self.legacy):
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:
+                continue
+            try:
+                replica.loads(data)
+            except ReplicaError as exc:
+                log.warning(
+                    "refusing the persisted replica; waiting for a snapshot",
+                    extra={"file": str(path), "error": str(exc)},
+                )
+                return False
+            return True
+        return False
 
 
 def parse_targets(value: str | Sequence[str]) -> list[str]:
@@ -111,6 +124,7 @@ class SyncClient:
         silence_timeout: float = 10.0,
         credentials: grpc.ChannelCredentials | None = None,
         channel_options: Sequence[tuple[str, str]] = (),
+        packed_keys: bool = True,
     ) -> None:
         self.replica = replica
         self.targets = parse_targets(targets)
@@ -137,7 +151,13 @@ class SyncClient:
         )
         self._dirty = False
         self._last_save = 0.0
+        self._save_every = persist_interval
         self._pending: list[Change] = []
+        self._packed = bytearray()
+        # Ask for the snapshot's keys as a packed table (a control plane that predates it
+        # ignores the flag and sends entries).
+        self.packed_keys = packed_keys
+        self.packed_snapshots = 0  # snapshots that came as a packed key table
 
     @property
     def target(self) -> str:
@@ -217,13 +237,17 @@ class SyncClient:
         after = self.replica.revision if self.replica.loaded else 0
         call = stub.Subscribe(
             pb.SubscribeRequest(
-                after_revision=after, sidecar_id=self.sidecar_id, log_id=self.replica.log_id
+                after_revision=after,
+                sidecar_id=self.sidecar_id,
+                log_id=self.replica.log_id,
+                packed_keys=self.packed_keys,
             ),
             metadata=self.metadata,
         )
         self._last_message = time.monotonic()
         self._call = call
         self._pending = []
+        self._packed = bytearray()
         received = False
         for message in call:
             received = True
@@ -238,19 +262,34 @@ class SyncClient:
             elif kind == "snapshot":
                 snap = message.snapshot
                 self._pending.extend(from_pb(e) for e in snap.entries)
+                self._packed += snap.packed_keys
                 if snap.complete:
-                    self.replica.load_snapshot(snap.revision, self._pending, snap.log_id)
-                    self._pending = []
-                    self._dirty = True
-                    log.info("snapshot loaded", extra={"revision": snap.revision})
+                    self._load_snapshot(snap.revision, snap.log_id)
             self._save()
         return received
+
+    def _load_snapshot(self, revision: int, log_id: str) -> None:
+        """Swap in the snapshot just completed: a packed key table when the control plane
+        sent one, else (a control plane that predates it) every key as an entry."""
+        packed, self._packed = bytes(self._packed), bytearray()
+        pending, self._pending = self._pending, []
+        if packed:
+            try:
+                table = PackedKeys.decode(packed)
+            except PackError as exc:
+                raise ReplicaError(f"snapshot at revision {revision}: {exc}") from exc
+            self.replica.load_packed(revision, table, pending, log_id)
+            self.packed_snapshots += 1
+        else:
+            self.replica.load_snapshot(revision, pending, log_id)
+        self._dirty = True
+        log.info("snapshot loaded", extra={"revision": revision, "packed": bool(packed)})
 
     def _save(self, force: bool = False) -> None:
         if self.file is None or not self._dirty or not self.replica.loaded:
             return
         now = time.monotonic()
-        if not force and now - self._last_save < self.persist_interval:
+        if not force and now - self._last_save < self._save_every:
             return
         try:
             self.file.save(self.replica)
@@ -259,3 +298,6 @@ class SyncClient:
             return
         self._dirty = False
         self._last_save = now
+        # A big replica takes a while to write (≈ 0.5 s for 1M keys): keep saving to at most a
+        # tenth of the sync thread's time, so changes are applied, not queued behind the file.
+        self._save_every = max(self.persist_interval, 10 * (time.monotonic() - now))

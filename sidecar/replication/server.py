@@ -8,22 +8,35 @@ import asyncio
 import hmac
 import json
 import logging
+import threading
 from collections.abc import AsyncIterator, Callable, Iterable
 
 import grpc
 
 from sidecar._gen.statuspulse.auth.v1 import replication_pb2 as pb
 from sidecar._gen.statuspulse.auth.v1 import replication_pb2_grpc as pb_grpc
+from sidecar.core import changes
 from sidecar.core.clock import Clock
 from sidecar.core.errors import Unavailable
 from sidecar.core.models import Change
-from sidecar.core.storage import Store, UnitOfWork
+from sidecar.core.packed import AS_ROW, PackedKeys, PackError
+from sidecar.core.storage import KeyRow, Store, UnitOfWork
 
 log = logging.getLogger("sidecar.replication")
 
 SnapshotSource = Callable[[UnitOfWork, int], Iterable[Change]]
+KeySource = Callable[[UnitOfWork, int], Iterable[KeyRow]]
 CHUNK = 5000
+PACKED_CHUNK = 1 << 20  # bytes of the packed key table per message (gRPC's limit is 4 MiB)
 BATCH = 1000
+# A packed snapshot is built once and sent to every sidecar that needs one while the change log
+# has grown by at most REUSE_CHANGES since it and it is at most REUSE_SECONDS old, so a rollout
+# of many sidecars costs the control plane one build, not one each. The changes committed after
+# it travel inside the snapshot (applied before the sidecar swaps it in, so a key revoked since
+# is never usable again, not even for a moment), and the snapshot's revision is the last of them.
+REUSE_CHANGES = 10_000
+REUSE_SECONDS = 300.0
+UPSERTED = changes.ChangeKind.CREDENTIAL_UPSERTED.value
 
 
 def to_pb(change: Change) -> pb.ReplicaChange:
@@ -44,18 +57,25 @@ class ReplicationServicer(pb_grpc.ReplicationServiceServicer):  # type: ignore[m
         clock: Clock,
         sources: list[SnapshotSource],
         *,
+        key_source: KeySource | None = None,
         heartbeat: float = 1.0,
         sync_token: str = "",
     ) -> None:
         self._store = store
         self._clock = clock
+        # ``key_source`` gives the API keys as rows (packed without a JSON round trip);
+        # ``sources`` give every other entry (and the keys too when there is no key_source).
         self._sources = sources
+        self._key_source = key_source
         self._heartbeat = heartbeat
         self._token = sync_token.encode()
         self.subscribers = 0
         self.snapshots_sent = 0
         self._wakers: set[Callable[[int], None]] = set()
         self._log_id = ""  # read once: fixed for the life of the store
+        self._built: tuple[int, bytes, list[Change], float] | None = None
+        self._build_lock = threading.Lock()  # one build at a time; the others wait and share it
+        self.packed_builds = 0
 
     def wake(self, revision: int) -> None:
         """Have every open stream re-read the change log now: another control-plane replica
@@ -65,11 +85,56 @@ class ReplicationServicer(pb_grpc.ReplicationServiceServicer):  # type: ignore[m
 
     def snapshot(self) -> tuple[int, list[Change]]:
         """The head revision and every entry, read in one consistent transaction."""
+        head, keys, entries = self._read_snapshot()
+        return head, [changes.CredentialUpserted(*k).change() for k in keys] + entries
+
+    def packed_snapshot(self) -> tuple[int, bytes, list[Change]]:
+        """The head revision, the API keys as one packed key table and every other entry;
+        the table is empty (b"") when a key cannot be packed, and the keys then go as entries."""
+        head, keys, entries = self._read_snapshot()
+        try:
+            return head, PackedKeys.pack_rows(keys).encode(), entries
+        except PackError as exc:
+            log.warning("snapshot: keys sent as entries", extra={"error": str(exc)})
+            return head, b"", [changes.CredentialUpserted(*k).change() for k in keys] + entries
+
+    def shared_packed_snapshot(self) -> tuple[int, bytes, list[Change]]:
+        """``packed_snapshot`` reused while it is recent (REUSE_CHANGES, REUSE_SECONDS), with
+        the changes since it appended to its entries."""
+        revision, packed, entries = self._shared_build()
+        while packed:
+            _, later = self._changes(revision)
+            if not later:
+                break
+            entries = entries + later
+            revision = later[-1].revision
+        return revision, packed, entries
+
+    def _shared_build(self) -> tuple[int, bytes, list[Change]]:
+        with self._build_lock:
+            now = self._clock.now()
+            built = self._built
+            if built is not None and now - built[3] <= REUSE_SECONDS:
+                with self._store.read() as uow:
+                    head = uow.changes.head()
+                if head - built[0] <= REUSE_CHANGES:
+                    return built[0], built[1], built[2]
+            revision, packed, entries = self.packed_snapshot()
+            self.packed_builds += 1
+            self._built = (revision, packed, entries, now) if packed else None
+            return revision, packed, entries
+
+    def _read_snapshot(self) -> tuple[int, list[KeyRow], list[Change]]:
         now = int(self._clock.now())
         with self._store.read() as uow:
             head = uow.changes.head()
+            keys = list(self._key_source(uow, now)) if self._key_source is not None else []
             entries = [entry for source in self._sources for entry in source(uow, now)]
-        return head, entries
+        others = [entry for entry in entries if _key(entry) is None]
+        if len(others) < len(entries):  # keys among the sources' entries (no key_source)
+            keys.extend(AS_ROW(m) for m in map(_key, entries) if m is not None)
+            entries = others
+        return head, keys, entries
 
     def log_id(self) -> str:
         """The change log's identity (sidecars resume only within the same log)."""
@@ -117,8 +182,12 @@ class ReplicationServicer(pb_grpc.ReplicationServiceServicer):  # type: ignore[m
             # A sidecar with nothing yet, ahead of the log (store reset) or whose revision
             # counts in another log (a different or re-created database) gets a snapshot.
             if after <= 0 or after > head or request.log_id != log_id:
-                revision, entries = await asyncio.to_thread(self.snapshot)
-                for response in _snapshot_chunks(revision, entries, log_id):
+                packed = b""
+                if request.packed_keys:
+                    revision, packed, entries = await asyncio.to_thread(self.shared_packed_snapshot)
+                else:
+                    revision, entries = await asyncio.to_thread(self.snapshot)
+                for response in _snapshot_chunks(revision, entries, log_id, packed):
                     yield response
                 after = revision
                 self.snapshots_sent += 1
@@ -149,16 +218,31 @@ class ReplicationServicer(pb_grpc.ReplicationServiceServicer):  # type: ignore[m
             unsubscribe()
 
 
+def _key(entry: Change) -> changes.CredentialUpserted | None:
+    """The key ``entry`` upserts; None for another kind (or one that does not parse, which
+    goes as an entry for the sidecar to judge, as before)."""
+    if entry.kind != UPSERTED:
+        return None
+    try:
+        message = changes.parse(entry)
+    except changes.ChangeError:
+        return None
+    return message if isinstance(message, changes.CredentialUpserted) else None
+
+
 def _snapshot_chunks(
-    revision: int, entries: list[Change], log_id: str
+    revision: int, entries: list[Change], log_id: str, packed: bytes = b""
 ) -> Iterable[pb.SubscribeResponse]:
-    for start in range(0, max(len(entries), 1), CHUNK):
-        chunk = entries[start : start + CHUNK]
+    """The snapshot in messages of at most CHUNK entries and PACKED_CHUNK bytes of the packed
+    key table; the last one says ``complete``."""
+    count = max(-(-len(entries) // CHUNK), -(-len(packed) // PACKED_CHUNK), 1)
+    for i in range(count):
         yield pb.SubscribeResponse(
             snapshot=pb.Snapshot(
                 revision=revision,
-                entries=[to_pb(c) for c in chunk],
-                complete=start + CHUNK >= len(entries),
+                entries=[to_pb(c) for c in entries[i * CHUNK : (i + 1) * CHUNK]],
+                complete=i == count - 1,
                 log_id=log_id,
+                packed_keys=packed[i * PACKED_CHUNK : (i + 1) * PACKED_CHUNK],
             )
         )

@@ -1,6 +1,6 @@
 """Settings > Security > API Access: the Key Manager. Every page calls the same ApiKeyService
-(and, for a key's last use, UsageService) use cases as the admin API, with the signed-in member
-as the caller."""
+(and, for a key's use, UsageService) use cases as the admin API, with the signed-in member as
+the caller."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from sidecar.core.apikeys import DAY, ApiKeyService
 from sidecar.core.clock import Clock
 from sidecar.core.errors import InvalidArgument
 from sidecar.core.models import ApiKey, KeyState
-from sidecar.core.usage import UsageService
+from sidecar.core.usage import DAILY_WINDOW_DAYS, KeyUsage, UsageService, format_day
 from sidecar.http.console import render
 from sidecar.http.console.visit import Visit
 
@@ -37,6 +37,11 @@ class KeyPages:
         self._usage = usage
         self._clock = clock
 
+    def _key_and_usage(self, visit: Visit) -> tuple[ApiKey, KeyUsage]:
+        """The key of the path and its use (last use, daily counts), as GetApiKey answers them."""
+        key = self._keys.get(visit.ctx, visit.path_param("key_id"))
+        return key, self._usage.of(key.id)
+
     def _key_and_last_use(self, visit: Visit) -> tuple[ApiKey, int | None]:
         """The key of the path and when it was last used, as GetApiKey answers them: the key
         use case checks the member may see the key before its usage is read."""
@@ -59,6 +64,21 @@ class KeyPages:
         rows = [(key, key.state(now).value, page.last_used.get(key.id)) for key in page.items]
         return visit.render(
             "keys.html", rows=rows, state=wanted, states=list(STATES), next_token=page.next_token
+        )
+
+    async def detail(self, visit: Visit) -> Response:
+        """One key: every field GetApiKey shows, and its uses per day over the usage window."""
+        key, usage = await asyncio.to_thread(self._key_and_usage, visit)
+        days = [(format_day(day), uses) for day, uses in reversed(usage.daily)]
+        return visit.render(
+            "key.html",
+            key=key,
+            key_state=key.state(self._clock.now()).value,
+            last_used=usage.last_used_at,
+            days=days,
+            most=max((uses for _, uses in days), default=0),
+            total=sum(uses for _, uses in days),
+            window=DAILY_WINDOW_DAYS,
         )
 
     async def new(self, visit: Visit) -> Response:

@@ -84,6 +84,7 @@ def console_routes(
         Route("/console/keys", guard(keys.list), methods=get),
         Route("/console/keys/new", guard(keys.new), methods=get),
         Route("/console/keys/new", guard(keys.create), methods=post),
+        Route("/console/keys/{key_id}", guard(keys.detail), methods=get),
         Route("/console/keys/{key_id}/replace", guard(keys.replace_form), methods=get),
         Route("/console/keys/{key_id}/replace", guard(keys.replace), methods=post),
         Route("/console/keys/{key_id}/revoke", guard(keys.revoke_form), methods=get),

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from sidecar.core.errors import Unavailable
 from sidecar.core.models import ApiKey, Change, KeyState
-from sidecar.core.storage import Cursor
+from sidecar.core.storage import Cursor, KeyRow
 from sidecar.store.sql import migrations
 from sidecar.store.sql.audit import SqlAudit, link_unchained
 from sidecar.store.sql.listeners import CommitListeners
@@ -199,6 +199,25 @@ class SqlKeys:
         )
         for row in cursor:
             yield _key_from_row(row)
+
+    def replica_rows(self, now: int) -> Iterator[KeyRow]:
+        cursor = self._conn.execute(
+            "SELECT id, digest, workspace, scopes, expires_at, rate_limit, rate_period, "
+            "grace_deadline, suspended_at, client_cidrs FROM api_keys "
+            "WHERE revoked_at IS NULL AND expires_at > ?",
+            (now,),
+        )
+        # Scope and network lists repeat across keys: parsed once per distinct text.
+        scopes: dict[str, frozenset[str]] = {}
+        cidrs: dict[str, tuple[str, ...]] = {}
+        for r in cursor:
+            s = scopes.get(r[3])
+            if s is None:
+                s = scopes.setdefault(r[3], frozenset(r[3].split()))
+            c = cidrs.get(r[9])
+            if c is None:
+                c = cidrs.setdefault(r[9], tuple(r[9].split()))
+            yield (r[0], bytes(r[1]), r[2], s, r[4], r[5], r[6], False, r[7], r[8] is not None, c)
 
     def has_operator(self) -> bool:
         row = self._conn.execute("SELECT 1 FROM api_keys WHERE workspace = '*' LIMIT 1").fetchone()

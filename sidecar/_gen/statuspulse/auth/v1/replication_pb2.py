@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%statuspulse/auth/v1/replication.proto\x12\x13statuspulse.auth.v1\"N\n\x10SubscribeRequest\x12\x16\n\x0e\x61\x66ter_revision\x18\x01 \x01(\x03\x12\x12\n\nsidecar_id\x18\x02 \x01(\t\x12\x0e\n\x06log_id\x18\x03 \x01(\t\"V\n\rReplicaChange\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0f\n\x07subject\x18\x03 \x01(\t\x12\x14\n\x0cpayload_json\x18\x04 \x01(\t\"s\n\x08Snapshot\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\x33\n\x07\x65ntries\x18\x02 \x03(\x0b\x32\".statuspulse.auth.v1.ReplicaChange\x12\x10\n\x08\x63omplete\x18\x03 \x01(\x08\x12\x0e\n\x06log_id\x18\x04 \x01(\t\"\"\n\tHeartbeat\x12\x15\n\rhead_revision\x18\x01 \x01(\x03\"\xba\x01\n\x11SubscribeResponse\x12\x31\n\x08snapshot\x18\x01 \x01(\x0b\x32\x1d.statuspulse.auth.v1.SnapshotH\x00\x12\x34\n\x06\x63hange\x18\x02 \x01(\x0b\x32\".statuspulse.auth.v1.ReplicaChangeH\x00\x12\x33\n\theartbeat\x18\x03 \x01(\x0b\x32\x1e.statuspulse.auth.v1.HeartbeatH\x00\x42\x07\n\x05\x65vent2r\n\x12ReplicationService\x12\\\n\tSubscribe\x12%.statuspulse.auth.v1.SubscribeRequest\x1a&.statuspulse.auth.v1.SubscribeResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%statuspulse/auth/v1/replication.proto\x12\x13statuspulse.auth.v1\"c\n\x10SubscribeRequest\x12\x16\n\x0e\x61\x66ter_revision\x18\x01 \x01(\x03\x12\x12\n\nsidecar_id\x18\x02 \x01(\t\x12\x0e\n\x06log_id\x18\x03 \x01(\t\x12\x13\n\x0bpacked_keys\x18\x04 \x01(\x08\"V\n\rReplicaChange\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0f\n\x07subject\x18\x03 \x01(\t\x12\x14\n\x0cpayload_json\x18\x04 \x01(\t\"\x88\x01\n\x08Snapshot\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\x33\n\x07\x65ntries\x18\x02 \x03(\x0b\x32\".statuspulse.auth.v1.ReplicaChange\x12\x10\n\x08\x63omplete\x18\x03 \x01(\x08\x12\x0e\n\x06log_id\x18\x04 \x01(\t\x12\x13\n\x0bpacked_keys\x18\x05 \x01(\x0c\"\"\n\tHeartbeat\x12\x15\n\rhead_revision\x18\x01 \x01(\x03\"\xba\x01\n\x11SubscribeResponse\x12\x31\n\x08snapshot\x18\x01 \x01(\x0b\x32\x1d.statuspulse.auth.v1.SnapshotH\x00\x12\x34\n\x06\x63hange\x18\x02 \x01(\x0b\x32\".statuspulse.auth.v1.ReplicaChangeH\x00\x12\x33\n\theartbeat\x18\x03 \x01(\x0b\x32\x1e.statuspulse.auth.v1.HeartbeatH\x00\x42\x07\n\x05\x65vent2r\n\x12ReplicationService\x12\\\n\tSubscribe\x12%.statuspulse.auth.v1.SubscribeRequest\x1a&.statuspulse.auth.v1.SubscribeResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,15 +33,15 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'statuspulse.auth.v1.replica
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SUBSCRIBEREQUEST']._serialized_start=62
-  _globals['_SUBSCRIBEREQUEST']._serialized_end=140
-  _globals['_REPLICACHANGE']._serialized_start=142
-  _globals['_REPLICACHANGE']._serialized_end=228
-  _globals['_SNAPSHOT']._serialized_start=230
-  _globals['_SNAPSHOT']._serialized_end=345
-  _globals['_HEARTBEAT']._serialized_start=347
-  _globals['_HEARTBEAT']._serialized_end=381
-  _globals['_SUBSCRIBERESPONSE']._serialized_start=384
-  _globals['_SUBSCRIBERESPONSE']._serialized_end=570
-  _globals['_REPLICATIONSERVICE']._serialized_start=572
-  _globals['_REPLICATIONSERVICE']._serialized_end=686
+  _globals['_SUBSCRIBEREQUEST']._serialized_end=161
+  _globals['_REPLICACHANGE']._serialized_start=163
+  _globals['_REPLICACHANGE']._serialized_end=249
+  _globals['_SNAPSHOT']._serialized_start=252
+  _globals['_SNAPSHOT']._serialized_end=388
+  _globals['_HEARTBEAT']._serialized_start=390
+  _globals['_HEARTBEAT']._serialized_end=424
+  _globals['_SUBSCRIBERESPONSE']._serialized_start=427
+  _globals['_SUBSCRIBERESPONSE']._serialized_end=613
+  _globals['_REPLICATIONSERVICE']._serialized_start=615
+  _globals['_REPLICATIONSERVICE']._serialized_end=729
 # @@protoc_insertion_point(module_scope)

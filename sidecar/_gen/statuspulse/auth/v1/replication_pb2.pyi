@@ -7,14 +7,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SubscribeRequest(_message.Message):
-    __slots__ = ("after_revision", "sidecar_id", "log_id")
+    __slots__ = ("after_revision", "sidecar_id", "log_id", "packed_keys")
     AFTER_REVISION_FIELD_NUMBER: _ClassVar[int]
     SIDECAR_ID_FIELD_NUMBER: _ClassVar[int]
     LOG_ID_FIELD_NUMBER: _ClassVar[int]
+    PACKED_KEYS_FIELD_NUMBER: _ClassVar[int]
     after_revision: int
     sidecar_id: str
     log_id: str
-    def __init__(self, after_revision: _Optional[int] = ..., sidecar_id: _Optional[str] = ..., log_id: _Optional[str] = ...) -> None: ...
+    packed_keys: bool
+    def __init__(self, after_revision: _Optional[int] = ..., sidecar_id: _Optional[str] = ..., log_id: _Optional[str] = ..., packed_keys: _Optional[bool] = ...) -> None: ...
 
 class ReplicaChange(_message.Message):
     __slots__ = ("revision", "kind", "subject", "payload_json")
@@ -29,16 +31,18 @@ class ReplicaChange(_message.Message):
     def __init__(self, revision: _Optional[int] = ..., kind: _Optional[str] = ..., subject: _Optional[str] = ..., payload_json: _Optional[str] = ...) -> None: ...
 
 class Snapshot(_message.Message):
-    __slots__ = ("revision", "entries", "complete", "log_id")
+    __slots__ = ("revision", "entries", "complete", "log_id", "packed_keys")
     REVISION_FIELD_NUMBER: _ClassVar[int]
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
     COMPLETE_FIELD_NUMBER: _ClassVar[int]
     LOG_ID_FIELD_NUMBER: _ClassVar[int]
+    PACKED_KEYS_FIELD_NUMBER: _ClassVar[int]
     revision: int
     entries: _containers.RepeatedCompositeFieldContainer[ReplicaChange]
     complete: bool
     log_id: str
-    def __init__(self, revision: _Optional[int] = ..., entries: _Optional[_Iterable[_Union[ReplicaChange, _Mapping]]] = ..., complete: _Optional[bool] = ..., log_id: _Optional[str] = ...) -> None: ...
+    packed_keys: bytes
+    def __init__(self, revision: _Optional[int] = ..., entries: _Optional[_Iterable[_Union[ReplicaChange, _Mapping]]] = ..., complete: _Optional[bool] = ..., log_id: _Optional[str] = ..., packed_keys: _Optional[bytes] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
     __slots__ = ("head_revision",)
