@@ -241,8 +241,10 @@ static int read_entry(span s, entry *e) {
     e->key.p = e->value.p = s.p;
     e->key.n = e->value.n = 0;
     while ((got = next_field(&r, &number, &wire, &payload, &value)) == 1) {
-        if (number != 1 && number != 2) continue;
-        if (wire != 2 || !valid_utf8(payload.p, payload.n)) return 0;
+        /* upb moves a map entry with any other field (or a mismatched wire type) to the
+         * parent's unknown fields: the entry is not in the map. Not modelled: fall back. */
+        if ((number != 1 && number != 2) || wire != 2 || !valid_utf8(payload.p, payload.n))
+            return 0;
         if (number == 1) e->key = payload;
         else e->value = payload;
     }
@@ -316,14 +318,15 @@ static int read_request(const unsigned char *data, Py_ssize_t n, request *q) {
     reader top = {data, data + n};
     uint32_t number;
     int wire, got, seen_attrs = 0;
-    span attrs, payload;
+    span attrs = {data, 0}, payload;
     uint64_t value;
     memset(q, 0, offsetof(request, headers));
     q->nheaders = q->ncontext = 0;
     q->method.p = q->path.p = q->host.p = q->source.p = data;
-    while ((got = next_field(&top, &number, &wire, &attrs, &value)) == 1) {
+    while ((got = next_field(&top, &number, &wire, &payload, &value)) == 1) {
         if (number != 1) continue;
         if (wire != 2 || seen_attrs++) return 0;
+        attrs = payload;
     }
     if (got < 0) return 0;
     if (!seen_attrs) return 0;
