@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Any
@@ -263,27 +263,60 @@ def corpus() -> list[bytes]:
     writer = {"x-key": SECRETS["writer"], "x-statuspulse-workspace": "globex"}
     items += [
         # forged identity headers, and the header-bound workspace of the ingest route
-        request_bytes("GET", "/v1/workspaces/acme/checks", {**reader, "x-statuspulse-workspace": "globex", "x_statuspulse_scopes": "admin:full"}),  # noqa: E501
-        request_bytes("POST", "/v1/ingest/metrics", {**reader, "x-statuspulse-workspace-id": "acme"}),  # noqa: E501
+        request_bytes(
+            "GET",
+            "/v1/workspaces/acme/checks",
+            {**reader, "x-statuspulse-workspace": "globex", "x_statuspulse_scopes": "admin:full"},
+        ),
+        request_bytes(
+            "POST", "/v1/ingest/metrics", {**reader, "x-statuspulse-workspace-id": "acme"}
+        ),
         # hosts and context extensions of the extra policy
         *(
             request_bytes("GET", "/v2/acme/items/7/detail", {"x-key": SECRETS["reader"]}, host=h)
-            for h in ("admin.example", "ADMIN.example.:443", "api.example:8080", "api.example:x", "[::1]:80", "api.example.", "other", "")  # noqa: E501
+            for h in (
+                "admin.example",
+                "ADMIN.example.:443",
+                "api.example:8080",
+                "api.example:x",
+                "[::1]:80",
+                "api.example.",
+                "other",
+                "",
+            )
         ),
         *(
             request_bytes("POST", "/v2/acme/c+c (x)/t/u", writer, context=c)
-            for c in ({"tier": "gold", "zone": "eu"}, {"tier": "gold"}, {"tier": "gold", "zone": "us", "x": "y"}, {})  # noqa: E501
+            for c in (
+                {"tier": "gold", "zone": "eu"},
+                {"tier": "gold"},
+                {"tier": "gold", "zone": "us", "x": "y"},
+                {},
+            )
         ),
         # sources: none, IPv6, a network key from inside and outside its networks
         request_bytes("GET", "/v1/workspaces/acme/checks", reader, source=""),
         request_bytes("GET", "/v1/workspaces/acme/checks", reader, source="::1"),
-        request_bytes("GET", "/v1/workspaces/acme/checks", {"authorization": f"Bearer {SECRETS['networks']}"}, source="10.1.2.3"),  # noqa: E501
+        request_bytes(
+            "GET",
+            "/v1/workspaces/acme/checks",
+            {"authorization": f"Bearer {SECRETS['networks']}"},
+            source="10.1.2.3",
+        ),
         # raw header_map (encode_raw_headers), alone and with headers
-        request_bytes("GET", "/v1/workspaces/acme/checks", raw=[("authorization", f"Bearer {SECRETS['reader']}"), ("X-A", "1"), ("x-a", "2")]),  # noqa: E501
+        request_bytes(
+            "GET",
+            "/v1/workspaces/acme/checks",
+            raw=[("authorization", f"Bearer {SECRETS['reader']}"), ("X-A", "1"), ("x-a", "2")],
+        ),
         request_bytes("GET", "/v1/workspaces/acme/checks", reader, raw=[("x", "y")]),
         # many and huge headers
-        request_bytes("GET", "/v1/workspaces/acme/checks", {**reader, **{f"h{i}": "v" for i in range(250)}}),  # noqa: E501
-        request_bytes("GET", "/v1/workspaces/acme/checks", {**reader, **{f"h{i}": "v" for i in range(300)}}),  # noqa: E501
+        request_bytes(
+            "GET", "/v1/workspaces/acme/checks", {**reader, **{f"h{i}": "v" for i in range(250)}}
+        ),
+        request_bytes(
+            "GET", "/v1/workspaces/acme/checks", {**reader, **{f"h{i}": "v" for i in range(300)}}
+        ),
         request_bytes("GET", "/v1/workspaces/acme/checks", {**reader, "big": "x" * 200_000}),
         request_bytes("GET", "/v1/workspaces/acme/checks", {**reader, "big": "x" * 300_000}),
         # duplicate map entries and repeated fields: protobuf keeps the last
@@ -323,7 +356,7 @@ class Capture:
 
 
 @pytest.fixture(scope="module")
-def captured() -> Iterator[list[bytes]]:
+def captured() -> list[bytes]:
     capture = Capture()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     method = grpc.unary_unary_rpc_method_handler(capture)
@@ -344,7 +377,15 @@ def captured() -> Iterator[list[bytes]]:
         ("GET", "/v1/workspaces/acme/checks", {"authorization": "Bearer spk_nope"}),
         ("GET", "/v1/workspaces/acme/checks/%2e%2e/globex", {"authorization": f"Bearer {reader}"}),
         ("GET", "/nothing", {"authorization": f"Bearer {reader}"}),
-        ("GET", "/v1/workspaces/acme/checks", {"authorization": f"Bearer {reader}", "x-statuspulse-workspace": "globex", "x_statuspulse_key_id": "k"}),  # noqa: E501
+        (
+            "GET",
+            "/v1/workspaces/acme/checks",
+            {
+                "authorization": f"Bearer {reader}",
+                "x-statuspulse-workspace": "globex",
+                "x_statuspulse_key_id": "k",
+            },
+        ),
     ]
     try:
         with (
@@ -362,7 +403,7 @@ def captured() -> Iterator[list[bytes]]:
     finally:
         server.stop(None)
     assert len(capture.requests) == len(sends)
-    yield capture.requests
+    return capture.requests
 
 
 @pytest.mark.envoy
@@ -415,7 +456,9 @@ def test_a_policy_reload_is_followed(pair: tuple[Side, Side]) -> None:
     reader = {"authorization": f"Bearer {SECRETS['reader']}"}
     data = request_bytes("GET", "/v1/workspaces/acme/checks", reader)
     first = _same(pair, data)
-    reloaded = parse_policy(EXTRA_POLICY.replace('"x-key", ', "").replace("/status/", "/v1/workspaces/acme/checks"))  # noqa: E501
+    reloaded = parse_policy(
+        EXTRA_POLICY.replace('"x-key", ', "").replace("/status/", "/v1/workspaces/acme/checks")
+    )
     for side in pair:
         side.engine.policy = reloaded
     second = _same(pair, data)

@@ -20,6 +20,7 @@ reports why (``unavailable()``) and the sidecar runs the pure-Python path."""
 
 from __future__ import annotations
 
+import importlib
 import logging
 import re
 import time
@@ -38,11 +39,10 @@ from sidecar.ratelimit import WindowRateLimiter
 
 log = logging.getLogger("sidecar.check")
 
-_native: Any
+_native: Any = None
 try:
-    from sidecar.dataplane import _fastcheck as _native
+    _native = importlib.import_module("sidecar.dataplane._fastcheck")
 except ImportError as exc:  # built without a compiler, or not loadable here
-    _native = None
     _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 else:
     _IMPORT_ERROR = ""
