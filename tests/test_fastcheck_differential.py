@@ -383,7 +383,7 @@ def captured() -> list[bytes]:
             {
                 "authorization": f"Bearer {reader}",
                 "x-statuspulse-workspace": "globex",
-                "x_statuspulse_key_id": "k",
+                "x-statuspulse-key-id": "k",
             },
         ),
     ]
@@ -392,9 +392,8 @@ def captured() -> list[bytes]:
             EchoUpstream() as echo,
             EnvoyProcess(authz=("127.0.0.1", port), upstream=("127.0.0.1", echo.port)) as envoy,
         ):
-            host, envoy_port = envoy.base_url.removeprefix("http://").rsplit(":", 1)
             for method_name, path, headers in sends:
-                conn = http.client.HTTPConnection(host, int(envoy_port), timeout=10)
+                conn = http.client.HTTPConnection(envoy.host, envoy.listen_port, timeout=10)
                 try:
                     conn.request(method_name, path, headers={"host": HOST, **headers})
                     conn.getresponse().read()
