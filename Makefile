@@ -12,7 +12,7 @@ BUF := $(VENV)/buf/node_modules/.bin/buf
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT := DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get
 
-.PHONY: serve test lint proto openapi descriptors bench lock envoy system-deps
+.PHONY: serve test lint proto openapi descriptors bench lock envoy system-deps compiler
 
 # Debian and Ubuntu split venv support off python3 (python3-venv): install it when missing.
 $(BIN)/python:
@@ -20,15 +20,22 @@ $(BIN)/python:
 	  rm -rf $(VENV) && $(APT) update -q && $(APT) install -y -q python3-venv \
 	  && $(PYTHON) -m venv $(VENV); }
 
+# The compiled Check path (sidecar/dataplane/_fastcheck.c, docs/performance.md) builds at install
+# when a C compiler and this Python's headers exist; install both when missing (without them the
+# install still succeeds and the sidecar runs the pure-Python path).
+compiler:
+	@command -v gcc >/dev/null && $(PYTHON) -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+	  || { $(APT) update -q && $(APT) install -y -q gcc python3-dev; }
+
 # Stamps: reinstall only when the project's requirements or the pins change.
-$(VENV)/.serve: $(BIN)/python pyproject.toml constraints.txt
+$(VENV)/.serve: $(BIN)/python pyproject.toml constraints.txt | compiler
 	$(PIP) -e '.[envoy]'
 	@touch $@
 
 # xds-protos ships its own, older copy of opentelemetry/proto/…/common_pb2.py: whichever of it
 # and opentelemetry-proto pip unpacks last wins, and with xds-protos' copy tracing cannot import
 # (InstrumentationScope is missing). Reinstalling opentelemetry-proto last makes its copy win.
-$(VENV)/.test: $(BIN)/python pyproject.toml constraints.txt
+$(VENV)/.test: $(BIN)/python pyproject.toml constraints.txt | compiler
 	$(PIP) -e '.[test]'
 	$(PIP) --force-reinstall --no-deps opentelemetry-proto
 	@touch $@

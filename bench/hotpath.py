@@ -35,7 +35,9 @@ STAGE_ENV = "SPAUTH_BENCH_STAGE"
 
 
 def _stage(env: TargetEnv, stage: str) -> AbstractContextManager[RunningTarget]:
-    extra = {"SPAUTH_SIDECAR_AUDIT": "off", STAGE_ENV: stage}
+    # The Python Check path: the stages cut CheckHandler.__call__, which the compiled path
+    # (bench.fastcheck) bypasses for the checks it decides.
+    extra = {"SPAUTH_SIDECAR_AUDIT": "off", "SPAUTH_SIDECAR_CHECK_PATH": "python", STAGE_ENV: stage}
     return _sidecar(env, f"stage-{stage}", extra, module="bench.hotpath", allow_only=True)
 
 

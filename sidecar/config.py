@@ -159,6 +159,9 @@ class SidecarSettings:
     tracing_sample_ratio: float = 1.0
     # Denial log lines per second, per class (with / without a known credential); 0 = all.
     denial_log_rate: float = 100.0
+    # Envoy's Check: "python" (the reference) or "compiled" (the C extension decides what it
+    # can decide exactly, the Python path the rest; Python when the extension is not built).
+    check_path: str = "python"
     drain_delay: float = 0.0
     shutdown_grace: float = 5.0
     # OAuth access tokens: the issuer and audience they must name (RFC 9068 §4).
@@ -494,6 +497,8 @@ def load_sidecar_settings(
         errors.add("policy_poll_interval", "must be positive")
     if s.denial_log_rate < 0:
         errors.add("denial_log_rate", "must be 0 (log every denial) or positive")
+    if s.check_path not in ("python", "compiled"):
+        errors.add("check_path", f"expected python|compiled, got {s.check_path!r}")
     for name in ("policy_file", "control_plane_tls_ca", "control_plane_tls_cert"):
         _check_file(errors, name, getattr(s, name))
     _check_file(errors, "control_plane_tls_key", s.control_plane_tls_key)

@@ -149,3 +149,8 @@ class DecisionIds:
 
     def next(self) -> str:
         return "dec_" + self._random(DECISION_ID_BYTES).hex()
+
+    def uses_system_random(self) -> bool:
+        """Whether ids come from ``os.urandom`` (the compiled Check path then draws the same
+        bytes from getrandom(2) itself; otherwise it calls ``next``)."""
+        return self._random is os.urandom

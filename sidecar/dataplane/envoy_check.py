@@ -158,3 +158,13 @@ def check_method(
     return grpc.unary_unary_rpc_method_handler(
         handler, request_deserializer=parse_check_request, response_serializer=None
     )
+
+
+def raw_check_method(
+    handler: Callable[[bytes, grpc.ServicerContext], bytes],
+) -> grpc.RpcMethodHandler:  # type: ignore[type-arg]
+    """Check as a gRPC method whose handler takes the request's bytes (the compiled path,
+    sidecar.dataplane.fastcheck, which parses them itself or calls ``parse_check_request``)."""
+    return grpc.unary_unary_rpc_method_handler(
+        handler, request_deserializer=None, response_serializer=None
+    )

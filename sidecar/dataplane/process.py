@@ -28,7 +28,8 @@ from sidecar.authz.token_verifier import ReplicaTokenVerifier
 from sidecar.config import SidecarSettings
 from sidecar.core.clock import Clock, SystemClock
 from sidecar.dataplane.envoy_check import SERVICE as CHECK_SERVICE
-from sidecar.dataplane.envoy_check import CheckHandler, Observer, check_method
+from sidecar.dataplane.envoy_check import CheckHandler, Observer, check_method, raw_check_method
+from sidecar.dataplane.fastcheck import check_path
 from sidecar.dataplane.incluster import AuthorizationServicer
 from sidecar.ops.denial_log import DenialLog
 from sidecar.ops.health import Health, Status
@@ -149,6 +150,10 @@ class Sidecar:
         )
         if self.tracing is not None:
             self.observers.append(span_annotator())
+        # The compiled Check path (docs/performance.md) when asked for and built; tracing
+        # wraps the parsed-request handler, so a traced sidecar keeps the Python path.
+        wanted = settings.check_path if self.tracing is None else "python"
+        self.check_path, self.fast_check = check_path(self.check, wanted)
         self.status_server = (
             StatusServer(settings.metrics_addr, self.metrics.registry, self.health_report)
             if settings.metrics_addr
@@ -187,6 +192,8 @@ class Sidecar:
     def _check_method_handlers(self) -> dict[str, grpc.RpcMethodHandler]:  # type: ignore[type-arg]
         """Envoy's Check: the handler (which counts its own gRPC errors), traced when tracing
         is on."""
+        if self.fast_check is not None:
+            return {"Check": raw_check_method(self.fast_check)}
         check: CheckFn = self.check
         if self.tracing is not None:
             check = traced_check(check, self.tracing)

@@ -75,6 +75,11 @@ class WindowRateLimiter:
         until = blocked.get(source)
         return until is not None and now < until
 
+    def blocked_tables(self) -> tuple[dict[str, float], dict[str, float]]:
+        """The blocked sources and key ids (name -> until), for the compiled Check path, which
+        sends a check to ``source_blocked``/``key_blocked`` whenever either is non-empty."""
+        return self._blocked_sources, self._blocked_keys
+
     def key_blocked(self, key_id: str, now: float) -> bool:
         blocked = self._blocked_keys
         if not blocked:

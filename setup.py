@@ -1,0 +1,18 @@
+"""The compiled Check path (sidecar/dataplane/_fastcheck.c) as an optional extension: built where
+a C compiler and the Python headers exist; where they do not, the build skips it
+(``optional=True``: setuptools' build_ext catches the compile or link error) and the sidecar
+runs the pure-Python path (sidecar/dataplane/fastcheck.py logs which one is active).
+Everything else about the package is in pyproject.toml."""
+
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension(
+            "sidecar.dataplane._fastcheck",
+            ["sidecar/dataplane/_fastcheck.c"],
+            optional=True,
+            extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wno-missing-braces"],
+        )
+    ]
+)

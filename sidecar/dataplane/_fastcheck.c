@@ -1,0 +1,1098 @@
+/* The API-key Check decided in C, straight from the CheckRequest bytes (issue 19, item 3).
+ *
+ * sidecar/dataplane/fastcheck.py is its only caller and documents the contract. In short:
+ * FastCheck(data) returns (response bytes, Decision, CheckInput) when it can decide exactly as
+ * the pure-Python path would (Engine.check + ResponseEncoder), or None, and the caller runs the
+ * pure-Python path: a fallback is always correct. It decides only what needs no side effect
+ * besides reading: a non-canonical path, a public route, and a usable, unlimited API key on
+ * a route (ok, no_route, operator_not_allowed, workspace_mismatch, insufficient_scope).
+ * Everything else (tokens, credential failures, which the rate limiter counts, blocked sources
+ * or keys, client networks, per-key rates, replica not ready, raw header_map, bytes protobuf
+ * might parse differently, non-ASCII where Python would compare Unicode) returns None.
+ *
+ * Protobuf wire format: https://protobuf.dev/programming-guides/encoding/ . The walk follows the
+ * schema of the messages on the way to the fields it needs and refuses (returns None for)
+ * anything upb could read differently: a wire type that does not match a known field, groups,
+ * a repeated singular message, varints over 10 bytes, invalid UTF-8 in a string field. */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/random.h>
+#include <time.h>
+
+/* ---------------------------------------------------------------- SHA-256 (FIPS 180-4) -- */
+
+static const uint32_t K256[64] = {
+    0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4,
+    0xab1c5ed5, 0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe,
+    0x9bdc06a7, 0xc19bf174, 0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f,
+    0x4a7484aa, 0x5cb0a9dc, 0x76f988da, 0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7,
+    0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967, 0x27b70a85, 0x2e1b2138, 0x4d2c6dfc,
+    0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85, 0xa2bfe8a1, 0xa81a664b,
+    0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070, 0x19a4c116,
+    0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+    0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7,
+    0xc67178f2};
+
+#define ROR(x, n) (((x) >> (n)) | ((x) << (32 - (n))))
+
+static void sha256_block(uint32_t h[8], const unsigned char *p) {
+    uint32_t w[64], a, b, c, d, e, f, g, k, t1, t2;
+    for (int i = 0; i < 16; i++)
+        w[i] = (uint32_t)p[4 * i] << 24 | (uint32_t)p[4 * i + 1] << 16 |
+               (uint32_t)p[4 * i + 2] << 8 | p[4 * i + 3];
+    for (int i = 16; i < 64; i++) {
+        uint32_t s0 = ROR(w[i - 15], 7) ^ ROR(w[i - 15], 18) ^ (w[i - 15] >> 3);
+        uint32_t s1 = ROR(w[i - 2], 17) ^ ROR(w[i - 2], 19) ^ (w[i - 2] >> 10);
+        w[i] = w[i - 16] + s0 + w[i - 7] + s1;
+    }
+    a = h[0]; b = h[1]; c = h[2]; d = h[3]; e = h[4]; f = h[5]; g = h[6]; k = h[7];
+    for (int i = 0; i < 64; i++) {
+        t1 = k + (ROR(e, 6) ^ ROR(e, 11) ^ ROR(e, 25)) + ((e & f) ^ (~e & g)) + K256[i] + w[i];
+        t2 = (ROR(a, 2) ^ ROR(a, 13) ^ ROR(a, 22)) + ((a & b) ^ (a & c) ^ (b & c));
+        k = g; g = f; f = e; e = d + t1; d = c; c = b; b = a; a = t1 + t2;
+    }
+    h[0] += a; h[1] += b; h[2] += c; h[3] += d; h[4] += e; h[5] += f; h[6] += g; h[7] += k;
+}
+
+static void sha256(const unsigned char *data, size_t n, unsigned char out[32]) {
+    uint32_t h[8] = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a,
+                     0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19};
+    unsigned char tail[128];
+    size_t full = n & ~(size_t)63, rest = n - full;
+    for (size_t i = 0; i < full; i += 64) sha256_block(h, data + i);
+    memset(tail, 0, sizeof tail);
+    memcpy(tail, data + full, rest);
+    tail[rest] = 0x80;
+    size_t end = rest < 56 ? 64 : 128;
+    uint64_t bits = (uint64_t)n * 8;
+    for (int i = 0; i < 8; i++) tail[end - 1 - i] = (unsigned char)(bits >> (8 * i));
+    sha256_block(h, tail);
+    if (end == 128) sha256_block(h, tail + 64);
+    for (int i = 0; i < 8; i++) {
+        out[4 * i] = h[i] >> 24; out[4 * i + 1] = h[i] >> 16;
+        out[4 * i + 2] = h[i] >> 8; out[4 * i + 3] = h[i];
+    }
+}
+
+/* ------------------------------------------------------------------ the wire walk -------- */
+
+typedef struct {
+    const unsigned char *p;
+    Py_ssize_t n;
+} span;
+
+#define MAX_ENTRIES 256 /* MAX_HEADERS: over it, Python refuses the request */
+
+typedef struct {
+    span key, value;
+} entry;
+
+typedef struct {
+    span method, path, host, source;
+    entry headers[MAX_ENTRIES];
+    int nheaders;
+    entry context[MAX_ENTRIES];
+    int ncontext;
+} request;
+
+/* Field kinds of the schema walk. */
+enum { K_VARINT, K_FIXED64, K_FIXED32, K_STRING, K_BYTES, K_EMPTY_ONLY, K_NEVER, K_MESSAGE };
+
+typedef struct reader {
+    const unsigned char *p, *end;
+} reader;
+
+static int read_varint(reader *r, uint64_t *out) {
+    uint64_t v = 0;
+    for (int i = 0; i < 10; i++) {
+        if (r->p >= r->end) return -1;
+        unsigned char b = *r->p++;
+        v |= (uint64_t)(b & 0x7f) << (7 * i);
+        if (!(b & 0x80)) {
+            *out = v;
+            return 0;
+        }
+    }
+    return -1;
+}
+
+/* RFC 3629 UTF-8 (what upb requires of proto3 string fields): no overlongs, no surrogates,
+ * nothing above U+10FFFF. */
+static int valid_utf8(const unsigned char *s, Py_ssize_t n) {
+    Py_ssize_t i = 0;
+    while (i < n) {
+        unsigned char c = s[i];
+        if (c < 0x80) { i++; continue; }
+        int len;
+        uint32_t cp;
+        if (c >= 0xc2 && c <= 0xdf) { len = 2; cp = c & 0x1f; }
+        else if (c >= 0xe0 && c <= 0xef) { len = 3; cp = c & 0x0f; }
+        else if (c >= 0xf0 && c <= 0xf4) { len = 4; cp = c & 0x07; }
+        else return 0;
+        if (i + len > n) return 0;
+        for (int k = 1; k < len; k++) {
+            if ((s[i + k] & 0xc0) != 0x80) return 0;
+            cp = cp << 6 | (s[i + k] & 0x3f);
+        }
+        if ((len == 3 && (cp < 0x800 || (cp >= 0xd800 && cp <= 0xdfff))) ||
+            (len == 4 && (cp < 0x10000 || cp > 0x10ffff)))
+            return 0;
+        i += len;
+    }
+    return 1;
+}
+
+/* One field: its number, wire type and (for length-delimited ones) payload. -1: malformed,
+ * 0: end, 1: a field. Groups (wire types 3 and 4) count as malformed here: upb accepts them
+ * as unknown fields, so the caller falls back. */
+static int next_field(reader *r, uint32_t *number, int *wire, span *payload, uint64_t *value) {
+    if (r->p >= r->end) return 0;
+    uint64_t tag;
+    if (read_varint(r, &tag) < 0) return -1;
+    *number = (uint32_t)(tag >> 3);
+    *wire = (int)(tag & 7);
+    if (*number == 0 || tag >> 3 > 0x1fffffff) return -1;
+    switch (*wire) {
+    case 0:
+        return read_varint(r, value) < 0 ? -1 : 1;
+    case 1:
+        if (r->end - r->p < 8) return -1;
+        r->p += 8;
+        return 1;
+    case 5:
+        if (r->end - r->p < 4) return -1;
+        r->p += 4;
+        return 1;
+    case 2: {
+        uint64_t n;
+        if (read_varint(r, &n) < 0 || n > (uint64_t)(r->end - r->p)) return -1;
+        payload->p = r->p;
+        payload->n = (Py_ssize_t)n;
+        r->p += n;
+        return 1;
+    }
+    default:
+        return -1;
+    }
+}
+
+/* A field of a message walked for validity only: its kind, and for messages the sub-schema. */
+typedef struct field_rule {
+    uint32_t number;
+    int kind;
+    const struct field_rule *sub; /* K_MESSAGE: rules of the sub-message, ended by number 0 */
+} field_rule;
+
+static int check_kind(int kind, int wire) {
+    switch (kind) {
+    case K_VARINT: return wire == 0;
+    case K_FIXED64: return wire == 1;
+    case K_FIXED32: return wire == 5;
+    default: return wire == 2;
+    }
+}
+
+/* Whether ``s`` is a message protobuf reads exactly as the rules say (0 when in doubt). */
+static int valid_message(span s, const field_rule *rules, int depth) {
+    reader r = {s.p, s.p + s.n};
+    uint32_t number;
+    int wire, got;
+    span payload;
+    uint64_t value;
+    if (depth > 8) return 0;
+    while ((got = next_field(&r, &number, &wire, &payload, &value)) == 1) {
+        const field_rule *rule = rules;
+        while (rule->number && rule->number != number) rule++;
+        if (!rule->number) continue; /* unknown field: kept by upb, no effect on reads */
+        if (!check_kind(rule->kind, wire)) return 0;
+        if (rule->kind == K_STRING && !valid_utf8(payload.p, payload.n)) return 0;
+        if (rule->kind == K_EMPTY_ONLY && payload.n) return 0;
+        if (rule->kind == K_NEVER) return 0;
+        if (rule->kind == K_MESSAGE && !valid_message(payload, rule->sub, depth + 1)) return 0;
+    }
+    return got == 0;
+}
+
+static const field_rule MAP_STRING[] = {{1, K_STRING, NULL}, {2, K_STRING, NULL}, {0, 0, NULL}};
+static const field_rule TIMESTAMP[] = {{1, K_VARINT, NULL}, {2, K_VARINT, NULL}, {0, 0, NULL}};
+static const field_rule SOCKET_ADDRESS[] = {
+    {1, K_VARINT, NULL}, {2, K_STRING, NULL}, {3, K_VARINT, NULL}, {4, K_STRING, NULL},
+    {5, K_STRING, NULL}, {6, K_VARINT, NULL}, {7, K_STRING, NULL}, {0, 0, NULL}};
+static const field_rule ADDRESS[] = {
+    /* pipe and envoy_internal_address share a oneof with socket_address: not read here */
+    {1, K_MESSAGE, SOCKET_ADDRESS}, {2, K_NEVER, NULL}, {3, K_NEVER, NULL},
+    {0, 0, NULL}};
+static const field_rule PEER[] = {
+    {1, K_MESSAGE, ADDRESS}, {2, K_STRING, NULL}, {4, K_STRING, NULL}, {5, K_STRING, NULL},
+    {3, K_MESSAGE, MAP_STRING}, {0, 0, NULL}};
+
+/* Reads the fields the decision needs; 0 to fall back. */
+
+static int read_entry(span s, entry *e) {
+    reader r = {s.p, s.p + s.n};
+    uint32_t number;
+    int wire, got;
+    span payload;
+    uint64_t value;
+    e->key.p = e->value.p = s.p;
+    e->key.n = e->value.n = 0;
+    while ((got = next_field(&r, &number, &wire, &payload, &value)) == 1) {
+        /* upb moves a map entry with any other field (or a mismatched wire type) to the
+         * parent's unknown fields: the entry is not in the map. Not modelled: fall back. */
+        if ((number != 1 && number != 2) || wire != 2 || !valid_utf8(payload.p, payload.n))
+            return 0;
+        if (number == 1) e->key = payload;
+        else e->value = payload;
+    }
+    return got == 0;
+}
+
+static int read_http(span s, request *q) {
+    reader r = {s.p, s.p + s.n};
+    uint32_t number;
+    int wire, got;
+    span payload;
+    uint64_t value;
+    while ((got = next_field(&r, &number, &wire, &payload, &value)) == 1) {
+        switch (number) {
+        case 2: case 4: case 5: /* method, path, host */
+        case 1: case 6: case 7: case 8: case 10: case 11: /* id, scheme, query, ..., body */
+            if (wire != 2 || !valid_utf8(payload.p, payload.n)) return 0;
+            if (number == 2) q->method = payload;
+            else if (number == 4) q->path = payload;
+            else if (number == 5) q->host = payload;
+            break;
+        case 3: /* headers */
+            if (wire != 2 || q->nheaders >= MAX_ENTRIES) return 0;
+            if (!read_entry(payload, &q->headers[q->nheaders++])) return 0;
+            break;
+        case 9: /* size */
+            if (wire != 0) return 0;
+            break;
+        case 12: /* raw_body */
+            if (wire != 2) return 0;
+            break;
+        case 13: /* header_map: read by Python (merged duplicates, its own cap) */
+            return 0;
+        default:
+            break;
+        }
+    }
+    return got == 0;
+}
+
+static int read_source(span s, request *q) {
+    /* Peer.address.socket_address.address; each level may appear once only (protobuf would
+     * merge repeated occurrences). */
+    reader r = {s.p, s.p + s.n};
+    uint32_t number;
+    int wire, got, seen_address = 0;
+    span payload;
+    uint64_t value;
+    if (!valid_message(s, PEER, 0)) return 0;
+    while ((got = next_field(&r, &number, &wire, &payload, &value)) == 1) {
+        if (number != 1) continue;
+        if (seen_address++) return 0;
+        reader a = {payload.p, payload.p + payload.n};
+        int seen_socket = 0;
+        span sock;
+        while ((got = next_field(&a, &number, &wire, &sock, &value)) == 1) {
+            if (number != 1) continue;
+            if (seen_socket++) return 0;
+            reader t = {sock.p, sock.p + sock.n};
+            span field;
+            while ((got = next_field(&t, &number, &wire, &field, &value)) == 1)
+                if (number == 2) q->source = field;
+            if (got < 0) return 0;
+        }
+        if (got < 0) return 0;
+    }
+    return got == 0;
+}
+
+static int read_request(const unsigned char *data, Py_ssize_t n, request *q) {
+    reader top = {data, data + n};
+    uint32_t number;
+    int wire, got, seen_attrs = 0;
+    span attrs = {data, 0}, payload;
+    uint64_t value;
+    memset(q, 0, offsetof(request, headers));
+    q->nheaders = q->ncontext = 0;
+    q->method.p = q->path.p = q->host.p = q->source.p = data;
+    while ((got = next_field(&top, &number, &wire, &payload, &value)) == 1) {
+        if (number != 1) continue;
+        if (wire != 2 || seen_attrs++) return 0;
+        attrs = payload;
+    }
+    if (got < 0) return 0;
+    if (!seen_attrs) return 0;
+    reader r = {attrs.p, attrs.p + attrs.n};
+    int seen_source = 0, seen_request = 0;
+    while ((got = next_field(&r, &number, &wire, &payload, &value)) == 1) {
+        switch (number) {
+        case 1: /* source */
+            if (wire != 2 || seen_source++ || !read_source(payload, q)) return 0;
+            break;
+        case 2: /* destination */
+            if (wire != 2 || !valid_message(payload, PEER, 0)) return 0;
+            break;
+        case 4: { /* request: time = 1, http = 2 */
+            if (wire != 2 || seen_request++) return 0;
+            reader h = {payload.p, payload.p + payload.n};
+            span sub;
+            int seen_http = 0;
+            while ((got = next_field(&h, &number, &wire, &sub, &value)) == 1) {
+                if (number == 1 && (wire != 2 || !valid_message(sub, TIMESTAMP, 0))) return 0;
+                if (number == 2 && (wire != 2 || seen_http++ || !read_http(sub, q))) return 0;
+            }
+            if (got < 0) return 0;
+            break;
+        }
+        case 10: /* context_extensions */
+            if (wire != 2 || q->ncontext >= MAX_ENTRIES) return 0;
+            if (!read_entry(payload, &q->context[q->ncontext++])) return 0;
+            break;
+        case 11: case 12: case 13: /* metadata, TLS session, route metadata: only if empty */
+            if (wire != 2 || payload.n) return 0;
+            break;
+        default:
+            break;
+        }
+    }
+    return got == 0;
+}
+
+/* ------------------------------------------------------------ paths and hosts ----------- */
+
+static int span_eq(span s, const char *lit, Py_ssize_t n) {
+    return s.n == n && memcmp(s.p, lit, (size_t)n) == 0;
+}
+
+static int printable_ascii(span s) {
+    for (Py_ssize_t i = 0; i < s.n; i++)
+        if (s.p[i] < 0x20 || s.p[i] > 0x7e) return 0;
+    return 1;
+}
+
+/* sidecar.authz.paths.non_canonical on an ASCII path. */
+static int non_canonical(span path) {
+    const unsigned char *p = path.p;
+    Py_ssize_t n = path.n;
+    if (n == 0 || p[0] != '/') return 1;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (p[i] == ';' || p[i] == '\\') return 1;
+        if (p[i] == '%') { /* %(25)*(2e|2f|5c), any case */
+            Py_ssize_t j = i + 1;
+            while (j + 1 < n && p[j] == '2' && p[j + 1] == '5') j += 2;
+            if (j + 1 < n) {
+                unsigned char a = p[j], b = p[j + 1] | 0x20;
+                if ((a == '2' && (b == 'e' || b == 'f')) || (a == '5' && b == 'c')) return 1;
+            }
+        }
+        if (p[i] == '/' && i + 1 < n && p[i + 1] == '.') { /* /.. or /. then / or end */
+            Py_ssize_t j = i + 2;
+            if (j < n && p[j] == '.') j++;
+            if (j == n || p[j] == '/') return 1;
+        }
+    }
+    return 0;
+}
+
+/* sidecar.authz.paths.canonical_host on an ASCII host, into buf (at most its length). */
+static span canonical_host(span host, unsigned char *buf) {
+    Py_ssize_t n = host.n;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned char c = host.p[i];
+        buf[i] = (c >= 'A' && c <= 'Z') ? c + 32 : c;
+    }
+    span out = {buf, n};
+    if (n && buf[0] == '[') {
+        for (Py_ssize_t i = 0; i < n; i++)
+            if (buf[i] == ']') { out.n = i + 1; return out; }
+        return out;
+    }
+    Py_ssize_t colon = -1;
+    for (Py_ssize_t i = n - 1; i >= 0; i--)
+        if (buf[i] == ':') { colon = i; break; }
+    if (colon >= 0) {
+        int digits = 1;
+        for (Py_ssize_t i = colon + 1; i < n; i++)
+            if (buf[i] < '0' || buf[i] > '9') { digits = 0; break; }
+        if (digits) out.n = colon;
+    }
+    while (out.n && buf[out.n - 1] == '.') out.n--;
+    return out;
+}
+
+/* ------------------------------------------------------------ the compiled policy ------- */
+
+enum { T_LIT, T_ONE, T_WORKSPACE, T_REST };
+
+typedef struct {
+    int kind;
+    PyObject *lit; /* bytes, T_LIT */
+} token;
+
+typedef struct {
+    PyObject *methods; /* tuple of bytes, or None for any */
+    PyObject *hosts;   /* tuple of bytes, or None for any */
+    PyObject *context; /* tuple of (bytes, bytes) */
+    token *tokens;
+    int ntokens;
+    int public_, binds, header_workspace;
+    PyObject *scopes; /* tuple of str */
+    PyObject *detail; /* str: ' '.join(scopes) */
+    PyObject *scope_denial; /* cached pieces for insufficient_scope, or NULL */
+} route;
+
+static int bytes_eq(PyObject *b, span s) {
+    return PyBytes_GET_SIZE(b) == s.n && memcmp(PyBytes_AS_STRING(b), s.p, (size_t)s.n) == 0;
+}
+
+static int in_tuple(PyObject *t, span s) {
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(t); i++)
+        if (bytes_eq(PyTuple_GET_ITEM(t, i), s)) return 1;
+    return 0;
+}
+
+/* The last entry named ``key`` (protobuf maps keep the last), or NULL. */
+static const entry *lookup(const entry *entries, int n, const char *key, Py_ssize_t len) {
+    for (int i = n - 1; i >= 0; i--)
+        if (span_eq(entries[i].key, key, len)) return &entries[i];
+    return NULL;
+}
+
+/* The route's path pattern (policy.compile_path's regex) on an ASCII path, no control
+ * characters: each token after the first literal starts with '/', and [^/]+ stops at one, so
+ * a left-to-right walk is the regex's fullmatch. */
+static int path_matches(const route *rt, span path, span *workspace) {
+    Py_ssize_t pos = 0, n = path.n;
+    const unsigned char *p = path.p;
+    for (int i = 0; i < rt->ntokens; i++) {
+        const token *t = &rt->tokens[i];
+        if (t->kind == T_LIT) {
+            Py_ssize_t len = PyBytes_GET_SIZE(t->lit);
+            if (n - pos < len || memcmp(p + pos, PyBytes_AS_STRING(t->lit), (size_t)len)) return 0;
+            pos += len;
+        } else if (t->kind == T_REST) {
+            return pos == n || p[pos] == '/';
+        } else {
+            if (pos >= n || p[pos] != '/') return 0;
+            Py_ssize_t start = ++pos;
+            while (pos < n && p[pos] != '/') pos++;
+            if (pos == start) return 0;
+            if (t->kind == T_WORKSPACE) {
+                workspace->p = p + start;
+                workspace->n = pos - start;
+            }
+        }
+    }
+    return pos == n;
+}
+
+/* ------------------------------------------------------------ the object ---------------- */
+
+enum { D_OK, D_PUBLIC, D_NON_CANONICAL, D_NO_ROUTE, D_OPERATOR, D_WORKSPACE, D_SCOPE, D_COUNT };
+
+/* A compiled policy: immutable once built, with its own response caches. A call holds a
+ * reference to the one it started with, so a reload (set_policy, from another thread while
+ * this one waits on Python code) never frees routes under it. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *policy; /* the Policy object it was compiled from */
+    PyObject *header_names; /* tuple of bytes */
+    PyObject *strip; /* the credential headers an allow removes upstream (template_fn's arg) */
+    int allow_operator, any_hosts;
+    route *routes;
+    int nroutes;
+    PyObject *allow_cache; /* id(identity) -> (identity, (id length, pieces)) */
+    PyObject *denials[D_COUNT]; /* (id length, pieces) per reason without a per-route detail */
+} Compiled;
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *engine, *replica, *clock, *blocked_sources, *blocked_keys;
+    PyObject *decision_type, *input_type, *template_fn;
+    PyObject *reasons[D_COUNT];
+    PyObject *admin_full, *operator_ws, *api_key, *empty;
+    int system_clock, system_random;
+    double max_staleness;
+    Compiled *compiled; /* NULL until set_policy */
+    unsigned long long counts[2]; /* decided in C, fell back */
+} FastCheck;
+
+static PyObject *S_policy, *S_loaded, *S_last_contact, *S_now, *S_credential, *S_identity,
+    *S_revoked, *S_suspended, *S_workspace, *S_scopes, *S_expires_at, *S_networks,
+    *S_rate_limit, *S_kind, *S_next, *S_ids;
+
+static void Compiled_dealloc(Compiled *self) {
+    for (int i = 0; i < self->nroutes; i++) {
+        route *rt = &self->routes[i];
+        Py_XDECREF(rt->methods); Py_XDECREF(rt->hosts); Py_XDECREF(rt->context);
+        Py_XDECREF(rt->scopes); Py_XDECREF(rt->detail); Py_XDECREF(rt->scope_denial);
+        for (int k = 0; k < rt->ntokens; k++) Py_XDECREF(rt->tokens[k].lit);
+        PyMem_Free(rt->tokens);
+    }
+    PyMem_Free(self->routes);
+    Py_XDECREF(self->policy);
+    Py_XDECREF(self->header_names);
+    Py_XDECREF(self->strip);
+    Py_XDECREF(self->allow_cache);
+    for (int i = 0; i < D_COUNT; i++) Py_XDECREF(self->denials[i]);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyTypeObject CompiledType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "sidecar.dataplane._fastcheck.Compiled",
+    .tp_basicsize = sizeof(Compiled),
+    .tp_dealloc = (destructor)Compiled_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A policy compiled for FastCheck.",
+};
+
+static void FastCheck_dealloc(FastCheck *self) {
+    Py_XDECREF(self->compiled);
+    Py_XDECREF(self->engine); Py_XDECREF(self->replica); Py_XDECREF(self->clock);
+    Py_XDECREF(self->blocked_sources); Py_XDECREF(self->blocked_keys);
+    Py_XDECREF(self->decision_type); Py_XDECREF(self->input_type); Py_XDECREF(self->template_fn);
+    for (int i = 0; i < D_COUNT; i++) Py_XDECREF(self->reasons[i]);
+    Py_XDECREF(self->admin_full); Py_XDECREF(self->operator_ws); Py_XDECREF(self->api_key);
+    Py_XDECREF(self->empty);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* FastCheck(engine, replica, clock, blocked_sources, blocked_keys, decision_type, input_type,
+ *           template_fn, reasons, system_clock, system_random, max_staleness) */
+static int FastCheck_init(FastCheck *self, PyObject *args, PyObject *kwds) {
+    PyObject *reasons;
+    if (!PyArg_ParseTuple(args, "OOOOOOOOO!ppd", &self->engine, &self->replica, &self->clock,
+                          &self->blocked_sources, &self->blocked_keys, &self->decision_type,
+                          &self->input_type, &self->template_fn, &PyTuple_Type, &reasons,
+                          &self->system_clock, &self->system_random, &self->max_staleness))
+        return -1;
+    if (PyTuple_GET_SIZE(reasons) != D_COUNT) {
+        PyErr_SetString(PyExc_ValueError, "reasons: 7 expected");
+        return -1;
+    }
+    Py_INCREF(self->engine); Py_INCREF(self->replica); Py_INCREF(self->clock);
+    Py_INCREF(self->blocked_sources); Py_INCREF(self->blocked_keys);
+    Py_INCREF(self->decision_type); Py_INCREF(self->input_type); Py_INCREF(self->template_fn);
+    for (int i = 0; i < D_COUNT; i++) {
+        self->reasons[i] = PyTuple_GET_ITEM(reasons, i);
+        Py_INCREF(self->reasons[i]);
+    }
+    self->admin_full = PyUnicode_InternFromString("admin:full");
+    self->operator_ws = PyUnicode_InternFromString("*");
+    self->api_key = PyUnicode_InternFromString("api_key");
+    self->empty = PyUnicode_InternFromString("");
+    return 0;
+}
+
+static int compile_tokens(route *rt, PyObject *tokens) {
+    Py_ssize_t n = PyTuple_GET_SIZE(tokens);
+    rt->tokens = PyMem_Calloc((size_t)(n ? n : 1), sizeof(token));
+    if (!rt->tokens) return -1;
+    rt->ntokens = (int)n;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *t = PyTuple_GET_ITEM(tokens, i);
+        int kind;
+        PyObject *lit;
+        if (!PyArg_ParseTuple(t, "iS", &kind, &lit)) return -1;
+        rt->tokens[i].kind = kind;
+        rt->tokens[i].lit = lit;
+        Py_INCREF(lit);
+    }
+    return 0;
+}
+
+/* set_policy(policy, header_names, allow_operator, routes, strip): routes are tuples of
+ * (methods|None, hosts|None, context, tokens, public, binds, header_workspace, scopes, detail). */
+static PyObject *FastCheck_set_policy(FastCheck *self, PyObject *args) {
+    PyObject *policy, *names, *routes, *strip;
+    int allow_operator;
+    if (!PyArg_ParseTuple(args, "OO!pO!O!", &policy, &PyTuple_Type, &names, &allow_operator,
+                          &PyTuple_Type, &routes, &PyTuple_Type, &strip))
+        return NULL;
+    Compiled *c = PyObject_New(Compiled, &CompiledType);
+    if (!c) return NULL;
+    Py_ssize_t n = PyTuple_GET_SIZE(routes);
+    c->nroutes = 0;
+    c->any_hosts = 0;
+    c->allow_operator = allow_operator;
+    c->policy = policy; Py_INCREF(policy);
+    c->header_names = names; Py_INCREF(names);
+    c->strip = strip; Py_INCREF(strip);
+    for (int i = 0; i < D_COUNT; i++) c->denials[i] = NULL;
+    c->allow_cache = PyDict_New();
+    c->routes = PyMem_Calloc((size_t)(n ? n : 1), sizeof(route));
+    if (!c->routes || !c->allow_cache) {
+        Py_DECREF(c);
+        return PyErr_NoMemory();
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        route *rt = &c->routes[i];
+        PyObject *tokens;
+        c->nroutes = (int)i + 1;
+        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(routes, i), "OOO!O!pppO!U", &rt->methods,
+                              &rt->hosts, &PyTuple_Type, &rt->context, &PyTuple_Type, &tokens,
+                              &rt->public_, &rt->binds, &rt->header_workspace, &PyTuple_Type,
+                              &rt->scopes, &rt->detail)) {
+            rt->methods = rt->hosts = rt->context = rt->scopes = rt->detail = NULL;
+            Py_DECREF(c);
+            return NULL;
+        }
+        Py_INCREF(rt->methods); Py_INCREF(rt->hosts); Py_INCREF(rt->context);
+        Py_INCREF(rt->scopes); Py_INCREF(rt->detail);
+        if (rt->hosts != Py_None) c->any_hosts = 1;
+        if (compile_tokens(rt, tokens) < 0) {
+            Py_DECREF(c);
+            return NULL;
+        }
+    }
+    Py_XSETREF(self->compiled, c);
+    Py_RETURN_NONE;
+}
+
+static PyObject *FastCheck_counts(FastCheck *self, PyObject *unused) {
+    return Py_BuildValue("KK", self->counts[0], self->counts[1]);
+}
+
+static PyObject *str_of(span s) { return PyUnicode_DecodeUTF8((const char *)s.p, s.n, NULL); }
+
+static PyObject *entries_dict(const entry *entries, int n) {
+    PyObject *d = PyDict_New();
+    for (int i = 0; d && i < n; i++) {
+        PyObject *k = str_of(entries[i].key), *v = k ? str_of(entries[i].value) : NULL;
+        if (!v || PyDict_SetItem(d, k, v) < 0) Py_CLEAR(d);
+        Py_XDECREF(k);
+        Py_XDECREF(v);
+    }
+    return d;
+}
+
+static const char HEX[] = "0123456789abcdef";
+
+static PyObject *decision_id(FastCheck *self) {
+    if (!self->system_random) {
+        PyObject *ids = PyObject_GetAttr(self->engine, S_ids);
+        if (!ids) return NULL;
+        PyObject *did = PyObject_CallMethodNoArgs(ids, S_next);
+        Py_DECREF(ids);
+        return did;
+    }
+    unsigned char raw[12];
+    char text[4 + 24];
+    if (getrandom(raw, sizeof raw, 0) != (ssize_t)sizeof raw)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    memcpy(text, "dec_", 4);
+    for (int i = 0; i < 12; i++) {
+        text[4 + 2 * i] = HEX[raw[i] >> 4];
+        text[5 + 2 * i] = HEX[raw[i] & 15];
+    }
+    return PyUnicode_FromStringAndSize(text, sizeof text);
+}
+
+/* Pieces for ``decision`` from ``*slot`` (built by template_fn on a miss or when the id's
+ * length changed); a new reference to a list, or to bytes (a whole response: no template). */
+static PyObject *pieces_for(FastCheck *self, Compiled *c, PyObject **slot, PyObject *decision,
+                            Py_ssize_t id_len) {
+    PyObject *cached = *slot;
+    if (cached && PyTuple_GET_SIZE(cached) == 2 &&
+        PyLong_AsSsize_t(PyTuple_GET_ITEM(cached, 0)) == id_len) {
+        PyObject *p = PyTuple_GET_ITEM(cached, 1);
+        Py_INCREF(p);
+        return p;
+    }
+    PyObject *built = PyObject_CallFunctionObjArgs(self->template_fn, decision, c->strip, NULL);
+    if (!built || !PyList_Check(built)) return built;
+    PyObject *entry = Py_BuildValue("(nO)", id_len, built);
+    if (!entry) { Py_DECREF(built); return NULL; }
+    Py_XSETREF(*slot, entry);
+    return built;
+}
+
+static PyObject *join(PyObject *pieces, PyObject *did) {
+    if (PyBytes_Check(pieces)) { Py_INCREF(pieces); return pieces; }
+    Py_ssize_t idn;
+    const char *id = PyUnicode_AsUTF8AndSize(did, &idn);
+    if (!id) return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(pieces), total = idn * (n - 1);
+    for (Py_ssize_t i = 0; i < n; i++) total += PyBytes_GET_SIZE(PyList_GET_ITEM(pieces, i));
+    PyObject *out = PyBytes_FromStringAndSize(NULL, total);
+    if (!out) return NULL;
+    char *w = PyBytes_AS_STRING(out);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *piece = PyList_GET_ITEM(pieces, i);
+        if (i) { memcpy(w, id, (size_t)idn); w += idn; }
+        memcpy(w, PyBytes_AS_STRING(piece), (size_t)PyBytes_GET_SIZE(piece));
+        w += PyBytes_GET_SIZE(piece);
+    }
+    return out;
+}
+
+static double wall_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* Attribute as a double (float or int), -1 with an exception set on failure. */
+static int get_double(PyObject *o, PyObject *name, double *out) {
+    PyObject *v = PyObject_GetAttr(o, name);
+    if (!v) return -1;
+    *out = PyFloat_AsDouble(v);
+    Py_DECREF(v);
+    return (*out == -1.0 && PyErr_Occurred()) ? -1 : 0;
+}
+
+/* The decision for an authenticated, usable API key on the matched route (Engine._route):
+ * its reason index and, for insufficient_scope, the route's detail. */
+static int route_reason(FastCheck *self, const Compiled *c, const route *rt, span ws, PyObject *ident_ws,
+                        PyObject *scopes, PyObject **detail) {
+    *detail = self->empty;
+    if (!rt) return D_NO_ROUTE;
+    int cmp = PyUnicode_Compare(ident_ws, self->operator_ws);
+    if (cmp == -1 && PyErr_Occurred()) return -1;
+    if (cmp == 0) {
+        if (!c->allow_operator) return D_OPERATOR;
+    } else if (rt->binds) {
+        Py_ssize_t n;
+        const char *w = PyUnicode_AsUTF8AndSize(ident_ws, &n);
+        if (!w) return -1;
+        if (n != ws.n || memcmp(w, ws.p, (size_t)n)) return D_WORKSPACE;
+    }
+    int admin = PySet_Contains(scopes, self->admin_full);
+    if (admin < 0) return -1;
+    if (!admin) {
+        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(rt->scopes); i++) {
+            int held = PySet_Contains(scopes, PyTuple_GET_ITEM(rt->scopes, i));
+            if (held < 0) return -1;
+            if (!held) { *detail = rt->detail; return D_SCOPE; }
+        }
+    }
+    return D_OK;
+}
+
+typedef struct {
+    int reason;
+    const route *rt;
+    PyObject *identity; /* borrowed from cred (kept alive by the caller) */
+    PyObject *detail;
+} outcome;
+
+/* Authenticate the API key in ``value`` and decide the route; 0: decided (in *out),
+ * 1: fall back, -1: error. ``*cred`` is a new reference when set. */
+static int authenticate(FastCheck *self, const Compiled *c, const request *q, span value, const route *rt,
+                        span ws, PyObject **cred, outcome *out) {
+    /* Engine._credential: the first configured header present; 'authorization' must be
+     * 'Bearer <token>'. Anything else (a malformed or missing credential) counts as a
+     * failure in Python: fall back. */
+    span token = value;
+    if (!printable_ascii(value)) return 1;
+    if (out->reason == -2) { /* the authorization header */
+        Py_ssize_t sp = 0;
+        while (sp < value.n && value.p[sp] != ' ') sp++;
+        if (sp != 6 || sp == value.n) return 1;
+        static const char bearer[] = "bearer";
+        for (int i = 0; i < 6; i++)
+            if ((value.p[i] | 0x20) != bearer[i]) return 1;
+        token.p = value.p + 7;
+        token.n = value.n - 7;
+    }
+    while (token.n && token.p[0] == ' ') { token.p++; token.n--; }
+    while (token.n && token.p[token.n - 1] == ' ') token.n--;
+    if (token.n < 4 || token.n > 8192 || memcmp(token.p, "spk_", 4)) return 1;
+    /* Engine._decide: readiness, then the source's block. */
+    PyObject *loaded = PyObject_GetAttr(self->replica, S_loaded);
+    if (!loaded) return -1;
+    int is_loaded = loaded == Py_True;
+    Py_DECREF(loaded);
+    if (!is_loaded) return 1;
+    double now;
+    if (self->system_clock) now = wall_now();
+    else {
+        PyObject *v = PyObject_CallMethodNoArgs(self->clock, S_now);
+        if (!v) return -1;
+        now = PyFloat_AsDouble(v);
+        Py_DECREF(v);
+        if (now == -1.0 && PyErr_Occurred()) return -1;
+    }
+    if (self->max_staleness) {
+        double last;
+        if (get_double(self->replica, S_last_contact, &last) < 0) return -1;
+        if (now - last > self->max_staleness) return 1;
+    }
+    if (PyDict_GET_SIZE(self->blocked_sources) && q->source.n) return 1;
+    unsigned char digest[32];
+    sha256(token.p, (size_t)token.n, digest);
+    PyObject *db = PyBytes_FromStringAndSize((const char *)digest, 32);
+    if (!db) return -1;
+    PyObject *found = PyObject_CallMethodOneArg(self->replica, S_credential, db);
+    Py_DECREF(db);
+    if (!found) return -1;
+    if (found == Py_None) { Py_DECREF(found); return 1; }
+    *cred = found;
+    /* Engine._api_key: revoked, suspended or expired keys are failures (counted): fall
+     * back; so are client networks and a per-key rate (both need the limiter or the
+     * source), and a blocked key id. */
+    PyObject *revoked = PyObject_GetAttr(found, S_revoked);
+    if (!revoked) return -1;
+    int r1 = PyObject_IsTrue(revoked);
+    Py_DECREF(revoked);
+    PyObject *suspended = PyObject_GetAttr(found, S_suspended);
+    if (!suspended) return -1;
+    int r2 = PyObject_IsTrue(suspended);
+    Py_DECREF(suspended);
+    if (r1 < 0 || r2 < 0) return -1;
+    if (r1 || r2) return 1;
+    PyObject *ident = PyObject_GetAttr(found, S_identity);
+    if (!ident) return -1;
+    Py_DECREF(ident); /* kept alive by the credential */
+    double expires;
+    if (get_double(ident, S_expires_at, &expires) < 0) return -1;
+    if (expires <= now) return 1;
+    PyObject *networks = PyObject_GetAttr(ident, S_networks);
+    if (!networks) return -1;
+    int any_networks = PyObject_IsTrue(networks);
+    Py_DECREF(networks);
+    PyObject *rate = PyObject_GetAttr(ident, S_rate_limit);
+    if (!rate) return -1;
+    int any_rate = PyObject_IsTrue(rate);
+    Py_DECREF(rate);
+    if (any_networks < 0 || any_rate < 0) return -1;
+    if (any_networks || any_rate || PyDict_GET_SIZE(self->blocked_keys)) return 1;
+    PyObject *kind = PyObject_GetAttr(ident, S_kind);
+    if (!kind) return -1;
+    int is_key = PyUnicode_Check(kind) && PyUnicode_Compare(kind, self->api_key) == 0;
+    Py_DECREF(kind);
+    if (!is_key) return 1;
+    PyObject *ws_obj = PyObject_GetAttr(ident, S_workspace);
+    PyObject *scopes = ws_obj ? PyObject_GetAttr(ident, S_scopes) : NULL;
+    if (!scopes || !PyUnicode_Check(ws_obj) || !PyAnySet_Check(scopes)) {
+        Py_XDECREF(ws_obj);
+        Py_XDECREF(scopes);
+        return PyErr_Occurred() ? -1 : 1;
+    }
+    out->reason = route_reason(self, c, rt, ws, ws_obj, scopes, &out->detail);
+    out->identity = ident;
+    Py_DECREF(ws_obj);
+    Py_DECREF(scopes);
+    return out->reason < 0 ? -1 : 0;
+}
+
+/* The first route whose methods, hosts, context and path match (Policy.match), or NULL. */
+static const route *match_route(const Compiled *c, const request *q, span path, span *ws,
+                                int *too_long) {
+    unsigned char hostbuf[1024] = {0};
+    span host = {NULL, 0};
+    *too_long = 0;
+    if (c->any_hosts) {
+        if (q->host.n > (Py_ssize_t)sizeof hostbuf) { *too_long = 1; return NULL; }
+        host = canonical_host(q->host, hostbuf);
+    }
+    for (int i = 0; i < c->nroutes; i++) {
+        const route *rt = &c->routes[i];
+        if (rt->methods != Py_None && !in_tuple(rt->methods, q->method)) continue;
+        if (rt->hosts != Py_None && !in_tuple(rt->hosts, host)) continue;
+        int ok = 1;
+        for (Py_ssize_t k = 0; ok && k < PyTuple_GET_SIZE(rt->context); k++) {
+            PyObject *pair = PyTuple_GET_ITEM(rt->context, k);
+            PyObject *key = PyTuple_GET_ITEM(pair, 0);
+            const entry *e =
+                lookup(q->context, q->ncontext, PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key));
+            ok = e && bytes_eq(PyTuple_GET_ITEM(pair, 1), e->value);
+        }
+        if (ok && path_matches(rt, path, ws)) return rt;
+    }
+    return NULL;
+}
+
+/* Decide, or fall back: 0 decided (*out), 1 fall back, -1 error. ``*cred`` is a new
+ * reference when set (it keeps out->identity alive). */
+static int decide(FastCheck *self, Compiled *c, const request *q, outcome *out,
+                  PyObject **cred) {
+    span path = q->path, ws = {NULL, 0};
+    for (Py_ssize_t i = 0; i < path.n; i++)
+        if (path.p[i] == '?') { path.n = i; break; }
+    if (non_canonical(path)) { out->reason = D_NON_CANONICAL; return 0; }
+    int too_long;
+    out->rt = match_route(c, q, path, &ws, &too_long);
+    if (too_long || (out->rt && out->rt->header_workspace)) return 1;
+    if (out->rt && out->rt->public_) { out->reason = D_PUBLIC; return 0; }
+    const entry *e = NULL;
+    for (Py_ssize_t i = 0; !e && i < PyTuple_GET_SIZE(c->header_names); i++) {
+        PyObject *name = PyTuple_GET_ITEM(c->header_names, i);
+        e = lookup(q->headers, q->nheaders, PyBytes_AS_STRING(name), PyBytes_GET_SIZE(name));
+        if (e && span_eq(e->key, "authorization", 13)) out->reason = -2;
+    }
+    if (!e) return 1; /* no credential: Python answers */
+    return authenticate(self, c, q, e->value, out->rt, ws, cred, out);
+}
+
+/* The response for ``decision``: pieces from the compiled policy's caches, joined with the id. */
+static PyObject *respond(FastCheck *self, Compiled *c, const outcome *out, PyObject *decision,
+                         PyObject *did) {
+    PyObject *pieces = NULL;
+    Py_ssize_t id_len = PyUnicode_GET_LENGTH(did);
+    if (out->reason == D_OK) {
+        PyObject *ident = out->identity;
+        PyObject *key = PyLong_FromVoidPtr(ident);
+        if (!key) return NULL;
+        PyObject *slot = PyDict_GetItemWithError(c->allow_cache, key);
+        PyObject *entry = NULL; /* (id length, pieces) when built for this very identity */
+        if (slot && PyTuple_GET_ITEM(slot, 0) == ident) entry = PyTuple_GET_ITEM(slot, 1);
+        else if (PyErr_Occurred()) { Py_DECREF(key); return NULL; }
+        Py_XINCREF(entry);
+        PyObject *before = entry;
+        pieces = pieces_for(self, c, &entry, decision, id_len);
+        if (pieces && entry != before) {
+            if (PyDict_GET_SIZE(c->allow_cache) >= 100000) PyDict_Clear(c->allow_cache);
+            PyObject *value = PyTuple_Pack(2, ident, entry);
+            if (!value || PyDict_SetItem(c->allow_cache, key, value) < 0) Py_CLEAR(pieces);
+            Py_XDECREF(value);
+        }
+        Py_XDECREF(entry);
+        Py_DECREF(key);
+    } else if (out->reason == D_SCOPE) {
+        pieces = pieces_for(self, c, &((route *)out->rt)->scope_denial, decision, id_len);
+    } else {
+        pieces = pieces_for(self, c, &c->denials[out->reason], decision, id_len);
+    }
+    if (!pieces) return NULL;
+    PyObject *response = join(pieces, did);
+    Py_DECREF(pieces);
+    return response;
+}
+
+/* CheckInput(method, path, host, headers, context, source), as request_view makes it. */
+static PyObject *view_of(FastCheck *self, const request *q) {
+    PyTypeObject *it = (PyTypeObject *)self->input_type;
+    PyObject *view = it->tp_alloc(it, 6);
+    if (!view) return NULL;
+    PyObject *fields[6] = {str_of(q->method), str_of(q->path), str_of(q->host),
+                           entries_dict(q->headers, q->nheaders),
+                           entries_dict(q->context, q->ncontext), str_of(q->source)};
+    int failed = 0;
+    for (int i = 0; i < 6; i++) {
+        if (!fields[i]) { failed = 1; fields[i] = Py_None; Py_INCREF(Py_None); }
+        PyTuple_SET_ITEM(view, i, fields[i]);
+    }
+    if (failed) Py_CLEAR(view);
+    return view;
+}
+
+static PyObject *FastCheck_call(FastCheck *self, PyObject *args, PyObject *kwds) {
+    Py_buffer buf;
+    if (!PyArg_ParseTuple(args, "y*", &buf)) return NULL;
+    /* On the stack: the calls into Python below (the replica, templates) can switch threads. */
+    request q;
+    Compiled *c = self->compiled;
+    PyObject *result = NULL, *cred = NULL, *did = NULL, *decision = NULL, *response = NULL;
+    PyObject *view = NULL;
+    int got = 1;
+    Py_XINCREF(c);
+    if (c && buf.len <= 256 * 1024 && read_request(buf.buf, buf.len, &q) &&
+        printable_ascii(q.path) && printable_ascii(q.method) && printable_ascii(q.host)) {
+        PyObject *policy = PyObject_GetAttr(self->engine, S_policy);
+        if (!policy) goto done;
+        Py_DECREF(policy);
+        if (policy == c->policy) {
+            outcome out = {-1, NULL, NULL, self->empty};
+            got = decide(self, c, &q, &out, &cred);
+            if (got < 0) goto done;
+            if (got == 0) {
+                if (!(did = decision_id(self))) goto done;
+                /* Decision(reason, decision_id, identity, detail), as tuple.__new__ makes it. */
+                PyTypeObject *dt = (PyTypeObject *)self->decision_type;
+                if (!(decision = dt->tp_alloc(dt, 4))) goto done;
+                PyObject *items[4] = {self->reasons[out.reason], did,
+                                      out.identity ? out.identity : Py_None, out.detail};
+                for (int i = 0; i < 4; i++) {
+                    Py_INCREF(items[i]);
+                    PyTuple_SET_ITEM(decision, i, items[i]);
+                }
+                if (!(response = respond(self, c, &out, decision, did))) goto done;
+                if (!(view = view_of(self, &q))) goto done;
+                result = PyTuple_Pack(3, response, decision, view);
+            }
+        }
+    }
+    if (got) { /* fall back */
+        self->counts[1]++;
+        result = Py_None;
+        Py_INCREF(result);
+    } else if (result) {
+        self->counts[0]++;
+    }
+done:
+    PyBuffer_Release(&buf);
+    Py_XDECREF(c);
+    Py_XDECREF(cred); Py_XDECREF(did); Py_XDECREF(decision);
+    Py_XDECREF(response); Py_XDECREF(view);
+    return result;
+}
+
+static PyMethodDef FastCheck_methods[] = {
+    {"set_policy", (PyCFunction)FastCheck_set_policy, METH_VARARGS,
+     "Compile a policy (the tuples fastcheck.compile_policy makes)."},
+    {"counts", (PyCFunction)FastCheck_counts, METH_NOARGS,
+     "(decided here, fell back) since start."},
+    {NULL, NULL, 0, NULL}};
+
+static PyTypeObject FastCheckType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "sidecar.dataplane._fastcheck.FastCheck",
+    .tp_basicsize = sizeof(FastCheck),
+    .tp_dealloc = (destructor)FastCheck_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "The compiled API-key Check (see sidecar/dataplane/fastcheck.py).",
+    .tp_methods = FastCheck_methods,
+    .tp_init = (initproc)FastCheck_init,
+    .tp_new = PyType_GenericNew,
+    .tp_call = (ternaryfunc)FastCheck_call,
+};
+
+static PyObject *py_sha256(PyObject *mod, PyObject *arg) {
+    Py_buffer b;
+    unsigned char out[32];
+    if (PyObject_GetBuffer(arg, &b, PyBUF_SIMPLE) < 0) return NULL;
+    sha256(b.buf, (size_t)b.len, out);
+    PyBuffer_Release(&b);
+    return PyBytes_FromStringAndSize((const char *)out, 32);
+}
+
+static PyMethodDef module_methods[] = {
+    {"sha256", py_sha256, METH_O, "SHA-256 digest (the carried implementation, for tests)."},
+    {NULL, NULL, 0, NULL}};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fastcheck",
+                                    "The compiled API-key Check.", -1, module_methods};
+
+#define INTERN(var, text) if (!(var = PyUnicode_InternFromString(text))) return NULL
+
+PyMODINIT_FUNC PyInit__fastcheck(void) {
+    INTERN(S_policy, "policy"); INTERN(S_loaded, "loaded"); INTERN(S_last_contact, "last_contact");
+    INTERN(S_now, "now"); INTERN(S_credential, "credential"); INTERN(S_identity, "identity");
+    INTERN(S_revoked, "revoked"); INTERN(S_suspended, "suspended");
+    INTERN(S_workspace, "workspace"); INTERN(S_scopes, "scopes");
+    INTERN(S_expires_at, "expires_at"); INTERN(S_networks, "networks");
+    INTERN(S_rate_limit, "rate_limit"); INTERN(S_kind, "kind"); INTERN(S_next, "next");
+    INTERN(S_ids, "ids");
+    if (PyType_Ready(&FastCheckType) < 0 || PyType_Ready(&CompiledType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (!m) return NULL;
+    Py_INCREF(&FastCheckType);
+    if (PyModule_AddObject(m, "FastCheck", (PyObject *)&FastCheckType) < 0) {
+        Py_DECREF(&FastCheckType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    PyModule_AddIntConstant(m, "T_LIT", T_LIT);
+    PyModule_AddIntConstant(m, "T_ONE", T_ONE);
+    PyModule_AddIntConstant(m, "T_WORKSPACE", T_WORKSPACE);
+    PyModule_AddIntConstant(m, "T_REST", T_REST);
+    return m;
+}

@@ -1,0 +1,238 @@
+"""The compiled Check path (``check_path = "compiled"``): Envoy's Check decided in C straight from
+the CheckRequest bytes when it can be decided exactly as the pure-Python path would, and by the
+pure-Python path (``CheckHandler``, the reference) otherwise.
+
+``_fastcheck.FastCheck`` (sidecar/dataplane/_fastcheck.c) walks the protobuf wire format to the
+method, path, host, headers, context extensions and source address, checks the path is
+canonical, matches the route from the policy compiled here, reads the API key from the policy's
+credential headers, hashes it (SHA-256), looks it up with ``replica.credential(digest)`` and
+answers from the ResponseEncoder's templates with a new decision id spliced in. It decides only
+non-canonical paths, public routes and usable API keys without a per-key rate or client
+networks (allow, no_route, operator_not_allowed, workspace_mismatch, insufficient_scope); all
+else — tokens, every credential failure (the rate limiter counts those), blocked sources or
+keys, a replica not ready, raw ``header_map``, anything outside printable ASCII, bytes protobuf
+might read differently — goes to the pure-Python path. tests/test_fastcheck_differential.py runs
+both on captured, generated and fuzzed requests and requires byte-identical answers and equal
+decisions and observer inputs.
+
+The extension is optional: a wheel built without a compiler has none, and this module then
+reports why (``unavailable()``) and the sidecar runs the pure-Python path."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import re
+import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from sidecar.authz.decision import Decision, Reason
+from sidecar.authz.engine import CheckInput
+from sidecar.authz.policy import Policy
+from sidecar.core.clock import SystemClock
+from sidecar.dataplane.envoy_check import CheckHandler, parse_check_request
+from sidecar.ops.metrics import INTERNAL_ERROR
+from sidecar.ratelimit import WindowRateLimiter
+
+log = logging.getLogger("sidecar.check")
+
+_native: Any = None
+try:
+    _native = importlib.import_module("sidecar.dataplane._fastcheck")
+except ImportError as exc:  # built without a compiler, or not loadable here
+    _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+else:
+    _IMPORT_ERROR = ""
+
+# The reasons the C path can decide, in the order of its D_* constants.
+_REASONS = (
+    Reason.OK,
+    Reason.PUBLIC_ROUTE,
+    Reason.NON_CANONICAL_PATH,
+    Reason.NO_ROUTE,
+    Reason.OPERATOR_NOT_ALLOWED,
+    Reason.WORKSPACE_MISMATCH,
+    Reason.INSUFFICIENT_SCOPE,
+)
+_REST = "(?:/.*)?"
+_ONE = "/[^/]+"
+_WORKSPACE = "/(?P<workspace>[^/]+)"
+_perf_counter = time.perf_counter
+
+
+def unavailable() -> str:
+    """Why the compiled path cannot run here ('' when it can)."""
+    return _IMPORT_ERROR
+
+
+def path_tokens(pattern: re.Pattern[str]) -> tuple[tuple[int, bytes], ...] | None:
+    """A route's compiled path regex (``policy.compile_path``) as the C matcher's tokens, or
+    None if it is not exactly a regex compile_path makes (checked by rebuilding it)."""
+    if _native is None or pattern.flags != re.UNICODE:
+        return None
+    text, i = pattern.pattern, 0
+    tokens: list[tuple[int, bytes]] = []
+    while i < len(text):
+        for prefix, kind in ((_REST, _native.T_REST), (_WORKSPACE, _native.T_WORKSPACE)):
+            if text.startswith(prefix, i):
+                tokens.append((kind, b""))
+                i += len(prefix)
+                break
+        else:
+            if text.startswith(_ONE, i):
+                tokens.append((_native.T_ONE, b""))
+                i += len(_ONE)
+                continue
+            if text[i] != "/":
+                return None
+            literal, i = _literal(text, i + 1)
+            tokens.append((_native.T_LIT, ("/" + literal).encode()))
+    if _regex(tokens) != text or any(k == _native.T_REST for k, _ in tokens[:-1]):
+        return None
+    return tuple(tokens)
+
+
+def _literal(text: str, i: int) -> tuple[str, int]:
+    """A re.escape'd segment from ``text[i:]`` up to the next unescaped '/' or group."""
+    out = []
+    while i < len(text) and text[i] not in "/([":
+        if text[i] == "\\" and i + 1 < len(text):
+            i += 1
+        out.append(text[i])
+        i += 1
+    return "".join(out), i
+
+
+def _regex(tokens: list[tuple[int, bytes]]) -> str:
+    parts = {_native.T_REST: _REST, _native.T_ONE: _ONE, _native.T_WORKSPACE: _WORKSPACE}
+    return "".join(
+        "/" + re.escape(lit.decode()[1:]) if kind == _native.T_LIT else parts[kind]
+        for kind, lit in tokens
+    )
+
+
+def compile_policy(policy: Policy) -> tuple[Any, ...] | None:
+    """``FastCheck.set_policy``'s arguments for ``policy``; None if a route's path is not one
+    the C matcher reproduces exactly (every check then takes the pure-Python path)."""
+    routes = []
+    for route in policy.routes:
+        tokens = path_tokens(route.pattern)
+        if tokens is None:
+            return None
+        routes.append(
+            (
+                None if route.methods is None else tuple(m.encode() for m in route.methods),
+                None if route.hosts is None else tuple(h.encode() for h in route.hosts),
+                tuple((k.encode(), v.encode()) for k, v in route.context),
+                tokens,
+                route.public,
+                route.binds_workspace,
+                bool(route.workspace_header),
+                route.scopes,
+                " ".join(route.scopes),
+            )
+        )
+    strip = policy.credential_headers if policy.strip_credentials else ()
+    names = tuple(h.encode() for h in policy.credential_headers)
+    return (policy, names, policy.allow_operator_key, tuple(routes), strip)
+
+
+class FastCheckHandler:
+    """Envoy's Check from the request's bytes: the C path's answer when it decides, else
+    ``handler``'s (the pure-Python path). Its decisions reach the same observers with the same
+    arguments as ``handler``'s. ``counts()`` says how many each path answered."""
+
+    def __init__(self, handler: CheckHandler) -> None:
+        if _native is None:
+            raise RuntimeError(f"compiled check path unavailable: {_IMPORT_ERROR}")
+        self.handler = handler
+        engine = handler.engine
+        limiter = engine.limiter
+        if limiter is not None and not isinstance(limiter, WindowRateLimiter):
+            raise RuntimeError("compiled check path: only with the built-in rate limiter")
+        # Read, not called, on every check: any blocked source or key sends the check to
+        # the Python path, which asks the limiter.
+        blocked = limiter.blocked_tables() if limiter is not None else ({}, {})
+        encoder = handler.encoder
+
+        def template(decision: Decision, strip: tuple[str, ...]) -> list[bytes] | bytes:
+            pieces = encoder._template(decision, strip)
+            return pieces if pieces is not None else encoder.build(decision, strip)
+
+        self._native = _native.FastCheck(
+            engine,
+            engine.replica,
+            engine.clock,
+            *blocked,
+            Decision,
+            CheckInput,
+            template,
+            _REASONS,
+            type(engine.clock) is SystemClock,
+            engine.ids.uses_system_random(),
+            float(engine.max_staleness),
+        )
+        self._compiled_for: Policy | None = None
+        self._compile()
+
+    def _compile(self) -> None:
+        policy = self.handler.engine.policy
+        compiled = compile_policy(policy)
+        if compiled is not None:
+            self._native.set_policy(*compiled)
+        elif self._compiled_for is not policy:
+            log.warning("policy not compiled for the C check path: checks take the Python path")
+        self._compiled_for = policy
+
+    def counts(self) -> tuple[int, int]:
+        """(answered by the C path, fell back to the Python path) since start."""
+        decided, fell_back = self._native.counts()
+        return int(decided), int(fell_back)
+
+    def __call__(self, data: bytes, context: grpc.ServicerContext) -> bytes:
+        started = _perf_counter()
+        handler = self.handler
+        try:
+            out = self._native(data)
+        except Exception:
+            log.exception("check failed")
+            if handler.on_error is not None:
+                handler.on_error(INTERNAL_ERROR, 0.0)
+            context.abort(grpc.StatusCode.INTERNAL, "internal error")
+        if out is None:
+            if handler.engine.policy is not self._compiled_for:
+                self._compile()
+            return handler(parse_check_request(data), context)
+        response, decision, view = out
+        elapsed = _perf_counter() - started
+        # As CheckHandler.__call__ tells its observers (kept inline: this runs on every check).
+        try:
+            for observe in handler.observers:
+                observe(decision, view, view.source, elapsed)
+        except Exception:
+            if handler.on_error is not None:
+                handler.on_error(INTERNAL_ERROR, 0.0)
+            raise
+        return response  # type: ignore[no-any-return]
+
+
+CheckPathFn = Callable[[bytes, grpc.ServicerContext], bytes]
+
+
+def check_path(handler: CheckHandler, wanted: str) -> tuple[str, CheckPathFn | None]:
+    """The check path to run for the ``check_path`` setting: ("compiled", a raw-bytes handler)
+    or ("python", None), logged once at start-up with the reason when compiled was asked for
+    and cannot run."""
+    if wanted == "compiled":
+        if _native is None:
+            log.warning(
+                "check path: python (compiled path unavailable)", extra={"error": _IMPORT_ERROR}
+            )
+            return "python", None
+        log.info("check path: compiled", extra={"check_path": "compiled"})
+        return "compiled", FastCheckHandler(handler)
+    log.info("check path: python", extra={"check_path": "python"})
+    return "python", None
