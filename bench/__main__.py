@@ -42,6 +42,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, help="seconds per saturation repetition")
     p.add_argument("--rate", type=float, help="requests/s of the fixed-rate run (default 1000)")
     p.add_argument("--rate-duration", type=float, help="seconds of the fixed-rate run")
+    p.add_argument(
+        "--serial-duration",
+        type=float,
+        help="seconds per one-at-a-time latency rep (targets with a reference, e.g. Envoy rows)",
+    )
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory")
     p.add_argument(
         "--target",
@@ -92,6 +97,7 @@ def build_settings(args: argparse.Namespace, workdir: Path) -> Settings:
         "duration": args.duration,
         "rate": args.rate,
         "rate_duration": args.rate_duration,
+        "serial_duration": args.serial_duration,
         "quiet_wait": args.wait_quiet,
     }
     fields = s.describe() | {k: v for k, v in overrides.items() if v is not None}

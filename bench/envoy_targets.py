@@ -6,16 +6,19 @@ the ext_authz server share the server CPU, h2load has the other."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
-from typing import Any
+from dataclasses import replace
+from typing import Any, TypeVar
 
 from bench.cases import HttpCase
 from bench.envoy import envoy_target
-from bench.sidecar_target import CHECKS, _control_plane, _mint, _serving, sync_token_file
+from bench.sidecar_target import CHECKS, _mint, _serving, control_plane, sync_token_file
 from bench.targets import _PROJECT_ROOT, SERVER_ENV, RunningTarget, TargetEnv, launch_process
 from sidecar.devtools.envoy import EnvoyProcess
 
+T = TypeVar("T")
 _DIRECT = {"status": 200, "body": {"inline_string": "ok"}}
 
 
@@ -49,29 +52,54 @@ def _case(headers: dict[str, str]) -> list[HttpCase]:
 
 
 @contextlib.contextmanager
-def _envoy_noauth(env: TargetEnv) -> Iterator[RunningTarget]:
-    with _envoy(env, "envoy", 0, _case({}), [], authz=False) as target:
+def _envoy_noauth(env: TargetEnv, name: str = "envoy") -> Iterator[RunningTarget]:
+    with _envoy(env, name, 0, _case({}), [], authz=False) as target:
         yield target
 
 
 @contextlib.contextmanager
-def _envoy_ceiling(env: TargetEnv) -> Iterator[RunningTarget]:
+def _envoy_ceiling(env: TargetEnv, name: str = "envoy+ceiling") -> Iterator[RunningTarget]:
     argv = [env.python, "-m", "bench.ceiling", "--listen", "{listen}"]
     with launch_process(
-        env, "ceiling-behind-envoy", argv, [], extra_env=SERVER_ENV, cwd=_PROJECT_ROOT
+        env, f"ceiling-behind-{name}", argv, [], extra_env=SERVER_ENV, cwd=_PROJECT_ROOT
     ) as authz:
         port = int(authz.address.rsplit(":", 1)[1])
-        with _envoy(env, "envoy+ceiling", port, _case({}), list(authz.pids), True) as target:
+        with _envoy(env, name, port, _case({}), list(authz.pids), True) as target:
             yield target
 
 
 @contextlib.contextmanager
+def _meanwhile(manager: AbstractContextManager[T]) -> Iterator[Callable[[], T]]:
+    """Enter ``manager`` in a thread while the caller starts other things (start-up is most of
+    a quick run's time); the yielded call waits for it and returns what it yielded."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        entered = pool.submit(manager.__enter__)
+        try:
+            yield entered.result
+        finally:
+            if entered.exception() is None:  # waits; nothing to exit if entering failed
+                manager.__exit__(None, None, None)
+
+
+@contextlib.contextmanager
+def _envoy_ceiling_vs_envoy(env: TargetEnv) -> Iterator[RunningTarget]:
+    # Envoy alone runs next to it: the latency Envoy + do-nothing adds over Envoy by itself.
+    with _meanwhile(_envoy_noauth(env, "envoy (reference)")) as alone, _envoy_ceiling(env) as t:
+        yield replace(t, reference=alone())
+
+
+@contextlib.contextmanager
 def _envoy_sidecar(env: TargetEnv) -> Iterator[RunningTarget]:
-    with _control_plane(env) as (admin, operator):
-        key = _mint(admin, operator, ["checks:read"])
+    # Envoy + do-nothing runs next to it, so latency runs alternate between the two and the row
+    # reports what the sidecar adds (the machine drifts too much for rows minutes apart).
+    with (
+        _meanwhile(_envoy_ceiling(env, "envoy+ceiling (reference)")) as reference,
+        control_plane(env) as cp,
+    ):
+        key = _mint(cp.admin, cp.operator, ["checks:read"])
         argv = [
             env.python, "-m", "sidecar", "sidecar", "--listen", "{listen}",
-            "--control-plane", admin, "--state-dir", str(env.workdir / "envoy-sidecar-state"),
+            "--control-plane", cp.admin, "--state-dir", str(env.workdir / "envoy-sidecar-state"),
             "--metrics-addr", "", "--threads", "4",
             "--sync-token-file", str(sync_token_file(env)),
         ]  # fmt: skip
@@ -82,7 +110,7 @@ def _envoy_sidecar(env: TargetEnv) -> Iterator[RunningTarget]:
             port = int(authz.address.rsplit(":", 1)[1])
             cases = _case({"authorization": f"Bearer {key}"})
             with _envoy(env, "envoy+sidecar", port, cases, list(authz.pids), True) as target:
-                yield target
+                yield replace(target, reference=reference(), ingest=cp.ingest_meter())
 
 
 def envoy_noauth(env: TargetEnv) -> AbstractContextManager[RunningTarget]:
@@ -91,10 +119,11 @@ def envoy_noauth(env: TargetEnv) -> AbstractContextManager[RunningTarget]:
 
 
 def envoy_ceiling(env: TargetEnv) -> AbstractContextManager[RunningTarget]:
-    """Envoy asking the do-nothing ext_authz server."""
-    return _envoy_ceiling(env)
+    """Envoy asking the do-nothing ext_authz server (Envoy alone alongside, as reference)."""
+    return _envoy_ceiling_vs_envoy(env)
 
 
 def envoy_sidecar(env: TargetEnv) -> AbstractContextManager[RunningTarget]:
-    """Envoy asking our sidecar (as shipped) with a valid key."""
+    """Envoy asking our sidecar (as shipped) with a valid key (Envoy + do-nothing alongside,
+    as reference)."""
     return _envoy_sidecar(env)
