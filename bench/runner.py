@@ -237,14 +237,12 @@ def _latency_run(
     cpu = window.close(rate.stats.client_cpu_s, rate.stats.done)
     lat = sorted(rate.latencies_us)
     out: dict[str, Any] = {
-        "target_rps": target_rps,
+        **({} if target_rps is None else {"target_rps": target_rps}),
         "achieved_rps": round(rate.stats.rps, 1),
         "requests": rate.stats.done,
         "unexpected": rate.stats.unexpected,
         **cpu,
     }
-    if target_rps is None:
-        del out["target_rps"]
     for label, fraction in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p999", 0.999)):
         out[f"{label}_ms"] = round(h2load.percentile(lat, fraction) / 1000, 3) if lat else None
     out["max_ms"] = round(lat[-1] / 1000, 3) if lat else None
