@@ -1,7 +1,11 @@
 """Envoy rows: the same HTTP request through Envoy (deploy/envoy/front-proxy.yaml) with no
 ext_authz, with the do-nothing ceiling, and with our sidecar. Routes answer with Envoy's own
 ``direct_response`` so that no Python upstream caps the numbers; Envoy (``--concurrency 1``) and
-the ext_authz server share the server CPU, h2load has the other."""
+the ext_authz server share the server CPU, h2load has the other.
+
+Envoy + sidecar runs with Envoy + do-nothing alongside as its ``reference``, and Envoy +
+do-nothing with Envoy alone: the runner alternates latency runs between each pair and reports the
+difference (bench/README.md, "one at a time")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Drive h2load: closed-loop saturation runs and open-loop fixed-rate runs.
+"""Drive h2load: closed-loop saturation runs, open-loop fixed-rate runs and one-at-a-time
+latency runs (``-c 1 -m 1``).
 
 Two h2load behaviours shape this module:
 
