@@ -1,21 +1,32 @@
 """Envoy rows: the same HTTP request through Envoy (deploy/envoy/front-proxy.yaml) with no
 ext_authz, with the do-nothing ceiling, and with our sidecar. Routes answer with Envoy's own
 ``direct_response`` so that no Python upstream caps the numbers; Envoy (``--concurrency 1``) and
-the ext_authz server share the server CPU, h2load has the other."""
+the ext_authz server share the server CPU, h2load has the other.
+
+Envoy + sidecar runs with Envoy + do-nothing alongside as its ``reference``, and Envoy +
+do-nothing with Envoy alone: the runner alternates latency runs between each pair and reports the
+difference (bench/README.md, "one at a time")."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
-from typing import Any
+from dataclasses import replace
+from typing import Any, TypeVar
 
 from bench.cases import HttpCase
 from bench.envoy import envoy_target
-from bench.sidecar_target import CHECKS, _control_plane, _mint, _serving, sync_token_file
+from bench.sidecar_target import CHECKS, _mint, _serving, control_plane, sync_token_file
 from bench.targets import _PROJECT_ROOT, SERVER_ENV, RunningTarget, TargetEnv, launch_process
 from sidecar.devtools.envoy import EnvoyProcess
 
+T = TypeVar("T")
+# Saturation keeps 64 requests queued in front of one CPU, and a shared machine can stall it:
+# the shipped 0.25 s would then fail rows for a queue the load generator built. Latency runs
+# (one at a time, 1,000/s) stay far below either bound on a quiet machine.
+AUTHZ_TIMEOUT = "5s"
 _DIRECT = {"status": 200, "body": {"inline_string": "ok"}}
 
 
@@ -30,6 +41,9 @@ def _direct_responses(config: dict[str, Any], *, authz: bool) -> None:
         hcm["http_filters"] = [
             f for f in hcm["http_filters"] if f["name"] != "envoy.filters.http.ext_authz"
         ]
+    for f in hcm["http_filters"]:
+        if f["name"] == "envoy.filters.http.ext_authz":
+            f["typed_config"]["grpc_service"]["timeout"] = AUTHZ_TIMEOUT
 
 
 @contextlib.contextmanager
@@ -41,7 +55,8 @@ def _envoy(
         upstream=("127.0.0.1", 1),
         customize=lambda c: _direct_responses(c, authz=authz),
     ) as envoy:
-        yield envoy_target(name, envoy.url, cases, [envoy.pid, *pids])
+        info = {"ext_authz_timeout": AUTHZ_TIMEOUT} if authz else {}
+        yield envoy_target(name, envoy.url, cases, [envoy.pid, *pids], info=info)
 
 
 def _case(headers: dict[str, str]) -> list[HttpCase]:
@@ -49,29 +64,54 @@ def _case(headers: dict[str, str]) -> list[HttpCase]:
 
 
 @contextlib.contextmanager
-def _envoy_noauth(env: TargetEnv) -> Iterator[RunningTarget]:
-    with _envoy(env, "envoy", 0, _case({}), [], authz=False) as target:
+def _envoy_noauth(env: TargetEnv, name: str = "envoy") -> Iterator[RunningTarget]:
+    with _envoy(env, name, 0, _case({}), [], authz=False) as target:
         yield target
 
 
 @contextlib.contextmanager
-def _envoy_ceiling(env: TargetEnv) -> Iterator[RunningTarget]:
+def _envoy_ceiling(env: TargetEnv, name: str = "envoy+ceiling") -> Iterator[RunningTarget]:
     argv = [env.python, "-m", "bench.ceiling", "--listen", "{listen}"]
     with launch_process(
-        env, "ceiling-behind-envoy", argv, [], extra_env=SERVER_ENV, cwd=_PROJECT_ROOT
+        env, f"ceiling-behind-{name}", argv, [], extra_env=SERVER_ENV, cwd=_PROJECT_ROOT
     ) as authz:
         port = int(authz.address.rsplit(":", 1)[1])
-        with _envoy(env, "envoy+ceiling", port, _case({}), list(authz.pids), True) as target:
+        with _envoy(env, name, port, _case({}), list(authz.pids), True) as target:
             yield target
 
 
 @contextlib.contextmanager
+def _meanwhile(manager: AbstractContextManager[T]) -> Iterator[Callable[[], T]]:
+    """Enter ``manager`` in a thread while the caller starts other things (start-up is most of
+    a quick run's time); the yielded call waits for it and returns what it yielded."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        entered = pool.submit(manager.__enter__)
+        try:
+            yield entered.result
+        finally:
+            if entered.exception() is None:  # waits; nothing to exit if entering failed
+                manager.__exit__(None, None, None)
+
+
+@contextlib.contextmanager
+def _envoy_ceiling_vs_envoy(env: TargetEnv) -> Iterator[RunningTarget]:
+    # Envoy alone runs next to it: the latency Envoy + do-nothing adds over Envoy by itself.
+    with _meanwhile(_envoy_noauth(env, "envoy (reference)")) as alone, _envoy_ceiling(env) as t:
+        yield replace(t, reference=alone())
+
+
+@contextlib.contextmanager
 def _envoy_sidecar(env: TargetEnv) -> Iterator[RunningTarget]:
-    with _control_plane(env) as (admin, operator):
-        key = _mint(admin, operator, ["checks:read"])
+    # Envoy + do-nothing runs next to it, so latency runs alternate between the two and the row
+    # reports what the sidecar adds (the machine drifts too much for rows minutes apart).
+    with (
+        _meanwhile(_envoy_ceiling(env, "envoy+ceiling (reference)")) as reference,
+        control_plane(env) as cp,
+    ):
+        key = _mint(cp.admin, cp.operator, ["checks:read"])
         argv = [
             env.python, "-m", "sidecar", "sidecar", "--listen", "{listen}",
-            "--control-plane", admin, "--state-dir", str(env.workdir / "envoy-sidecar-state"),
+            "--control-plane", cp.admin, "--state-dir", str(env.workdir / "envoy-sidecar-state"),
             "--metrics-addr", "", "--threads", "4",
             "--sync-token-file", str(sync_token_file(env)),
         ]  # fmt: skip
@@ -82,7 +122,7 @@ def _envoy_sidecar(env: TargetEnv) -> Iterator[RunningTarget]:
             port = int(authz.address.rsplit(":", 1)[1])
             cases = _case({"authorization": f"Bearer {key}"})
             with _envoy(env, "envoy+sidecar", port, cases, list(authz.pids), True) as target:
-                yield target
+                yield replace(target, reference=reference(), ingest=cp.ingest_meter())
 
 
 def envoy_noauth(env: TargetEnv) -> AbstractContextManager[RunningTarget]:
@@ -91,10 +131,11 @@ def envoy_noauth(env: TargetEnv) -> AbstractContextManager[RunningTarget]:
 
 
 def envoy_ceiling(env: TargetEnv) -> AbstractContextManager[RunningTarget]:
-    """Envoy asking the do-nothing ext_authz server."""
-    return _envoy_ceiling(env)
+    """Envoy asking the do-nothing ext_authz server (Envoy alone alongside, as reference)."""
+    return _envoy_ceiling_vs_envoy(env)
 
 
 def envoy_sidecar(env: TargetEnv) -> AbstractContextManager[RunningTarget]:
-    """Envoy asking our sidecar (as shipped) with a valid key."""
+    """Envoy asking our sidecar (as shipped) with a valid key (Envoy + do-nothing alongside,
+    as reference)."""
     return _envoy_sidecar(env)

@@ -1,4 +1,5 @@
-"""Drive h2load: closed-loop saturation runs and open-loop fixed-rate runs.
+"""Drive h2load: closed-loop saturation runs, open-loop fixed-rate runs and one-at-a-time
+latency runs (``-c 1 -m 1``).
 
 Two h2load behaviours shape this module:
 
@@ -178,13 +179,39 @@ def fixed_rate(
             raise
         if proc.returncode != 0:
             raise RuntimeError(f"h2load exited {proc.returncode}:\n{out.read_text()[-2000:]}")
-        for line in log.read_text().splitlines():
-            # Columns: start µs since epoch, HTTP status (-1 = failed stream), µs to response end.
-            _, status, took = line.split("\t")[:3]
-            latencies.append(int(took))
-            unexpected += int(status) not in load.ok_statuses
+        took, wrong = _log_latencies(log, load.ok_statuses)
+        latencies += took
+        unexpected += wrong
     stats = RunStats(len(latencies) / duration, len(latencies), unexpected, cpu)
     return RateStats(latencies, stats)
+
+
+def _log_latencies(log: Path, ok_statuses: range) -> tuple[list[int], int]:
+    """Latencies (µs) and unexpected outcomes from a ``--log-file``."""
+    latencies, unexpected = [], 0
+    for line in log.read_text().splitlines():
+        # Columns: start µs since epoch, HTTP status (-1 = failed stream), µs to response end.
+        _, status, took = line.split("\t")[:3]
+        latencies.append(int(took))
+        unexpected += int(status) not in ok_statuses
+    return latencies, unexpected
+
+
+def one_at_a_time(load: Load, *, duration: float, cpus: set[int], workdir: Path) -> RateStats:
+    """Closed loop with one request in flight (``-c 1 -m 1``): each request is sent when the
+    previous answer arrived, so its latency is the path's own, without queueing behind others
+    and without the idle server's wake-up a fixed low rate adds to every request."""
+    log, out = workdir / "h2load-serial.log", workdir / "h2load-serial.txt"
+    log.unlink(missing_ok=True)  # --log-file appends
+    extra = ["-c", "1", "-m", "1", "-t", "1", "-D", duration_arg(duration), "--log-file", str(log)]
+    proc = _spawn(_argv(load, extra), cpus, out)
+    cpu = _reap(proc, time.monotonic() + duration + HANG_GRACE)
+    if proc.returncode != 0:
+        raise RuntimeError(f"h2load exited {proc.returncode}:\n{out.read_text()[-2000:]}")
+    latencies, unexpected = _log_latencies(log, load.ok_statuses)
+    return RateStats(
+        latencies, RunStats(len(latencies) / duration, len(latencies), unexpected, cpu)
+    )
 
 
 def percentile(sorted_values: Sequence[int], fraction: float) -> int:

@@ -74,10 +74,11 @@ def _fmt(value: object, spec: str) -> str:
 
 
 def table(results: Sequence[CaseResult]) -> str:
-    """A fixed-width table of the headline numbers."""
+    """A fixed-width table of the headline numbers, then the one-at-a-time rows."""
     head = (
         f"{'target':<28} {'case':<20} {'req/s':>8} {'xceil':>6} {'p50ms':>7} {'p99ms':>7} "
-        f"{'p99.9ms':>8} {'srv us/call':>11} {'cli us/call':>11} {'noise':>5}  status"
+        f"{'+p99ms':>7} {'p99.9ms':>8} {'srv us/call':>11} {'cli us/call':>11} "
+        f"{'cp us/rec':>9} {'noise':>5}  status"
     )
     lines = [head, "-" * len(head)]
     for r in results:
@@ -85,9 +86,11 @@ def table(results: Sequence[CaseResult]) -> str:
         lines.append(
             f"{r.target:<28.28} {r.case:<20.20} {_fmt(s.get('rps'), '8.0f')} "
             f"{_fmt(r.ratio_to_ceiling, '6.2f')} {_fmt(f.get('p50_ms'), '7.2f')} "
-            f"{_fmt(f.get('p99_ms'), '7.2f')} {_fmt(f.get('p999_ms'), '8.2f')} "
+            f"{_fmt(f.get('p99_ms'), '7.2f')} {_fmt(f.get('added_p99_ms'), '+7.2f')} "
+            f"{_fmt(f.get('p999_ms'), '8.2f')} "
             f"{_fmt(s.get('server_cpu_us_per_call'), '11.0f')} "
             f"{_fmt(s.get('client_cpu_us_per_call'), '11.0f')} "
+            f"{_fmt(s.get('cp_cpu_us_per_record'), '9.1f')} "
             f"{_fmt(s.get('other_cpu_util'), '5.2f')}  "
             + (r.status if r.error is None else f"{r.status}: {r.error}")
         )
@@ -97,7 +100,33 @@ def table(results: Sequence[CaseResult]) -> str:
             f"WARNING: other processes used > {NOISE_LIMIT} CPU during {len(noisy)} row(s) "
             "('noise' column, in cores): rerun on a quiet machine before trusting them."
         )
-    return "\n".join(lines)
+    lines.append(
+        "+p99ms: fixed-rate p99 minus that of the baseline run just before it "
+        "(the row's reference, else the ceiling); cp us/rec: control-plane CPU per stored "
+        "decision record."
+    )
+    return "\n".join(lines + _serial_table(results))
+
+
+def _serial_table(results: Sequence[CaseResult]) -> list[str]:
+    rows = [r for r in results if r.serial]
+    if not rows:
+        return []
+    head = (
+        f"{'one at a time (h2load -c1 -m1)':<36} {'p50ms':>7} {'p99ms':>7} "
+        f"{'reference':<28} {'p50ms':>7} {'p99ms':>7} {'added p50':>9} {'added p99':>9}"
+    )
+    lines = ["", head, "-" * len(head)]
+    for r in rows:
+        v = r.serial
+        lines.append(
+            f"{r.target + ' / ' + r.case:<36.36} {_fmt(v['p50_ms'], '7.3f')} "
+            f"{_fmt(v['p99_ms'], '7.3f')} {v['reference']:<28.28} "
+            f"{_fmt(v['reference_p50_ms'], '7.3f')} {_fmt(v['reference_p99_ms'], '7.3f')} "
+            f"{_fmt(v['added_p50_ms'], '+9.3f')} {_fmt(v['added_p99_ms'], '+9.3f')}"
+        )
+    lines.append("added: median over reps of (row - reference run just before it), ms.")
+    return lines
 
 
 def write(document: dict[str, Any], out_dir: Path, stamp: str) -> list[Path]:

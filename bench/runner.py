@@ -11,10 +11,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from bench import h2load
+from bench import cp_cost, h2load
 from bench.cases import CHECK_METHOD, GRPC_HEADERS, Case, GrpcCase
 from bench.cpu import pin_tree, system_cpu_seconds, tree_cpu_by_process, tree_cpu_seconds
-from bench.targets import RunningTarget
+from bench.targets import IngestMeter, RunningTarget
 
 # CPU (in cores) used by processes other than server and h2load above which a run is suspect.
 # A quiet machine shows 0.00-0.05 (kernel threads, this process polling).
@@ -40,6 +40,7 @@ class Settings:
     rate: float = 1000.0  # req/s of the fixed-rate run
     rate_duration: float = 5.0
     quiet_wait: float = 0.0  # max seconds to wait for other processes to go idle, per case
+    serial_duration: float = 2.0  # seconds per one-at-a-time rep (targets with a reference)
 
     def quick(self) -> Settings:
         """Tiny durations, one rep: proves the pipeline works, measures nothing useful."""
@@ -48,12 +49,15 @@ class Settings:
             self.client_cpus,
             self.workdir,
             reps=1,
+            # Not shorter: the OAuth section's refresh rows need the tokens that many seconds
+            # of code exchange return (bench.oauth_endpoints).
             duration=0.5,
-            warmup=0.2,
+            warmup=0.1,
             clients=self.clients,
             streams=self.streams,
             rate=self.rate,
-            rate_duration=0.5,
+            rate_duration=0.3,
+            serial_duration=0.2,
         )
 
     def describe(self) -> dict[str, Any]:
@@ -78,6 +82,7 @@ class CaseResult:
     request_bytes: int | None = None
     saturation: dict[str, Any] = field(default_factory=dict)
     fixed_rate: dict[str, Any] = field(default_factory=dict)
+    serial: dict[str, Any] = field(default_factory=dict)  # one at a time, vs the reference
     ratio_to_ceiling: float | None = None
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -157,8 +162,11 @@ def _quietly(s: Settings, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     return {**best, "tries": attempt}
 
 
-def _saturation_run(load: h2load.Load, pids: Sequence[int], s: Settings) -> dict[str, Any]:
+def _saturation_run(
+    load: h2load.Load, pids: Sequence[int], s: Settings, meter: IngestMeter | None = None
+) -> dict[str, Any]:
     window = _CpuWindow(pids)
+    ingest = cp_cost.IngestWindow(meter) if meter is not None else None
     run = h2load.saturate(
         load,
         duration=s.duration,
@@ -168,7 +176,8 @@ def _saturation_run(load: h2load.Load, pids: Sequence[int], s: Settings) -> dict
         workdir=s.workdir,
     )
     cpu = window.close(run.client_cpu_s, run.done)
-    return {"rps": run.rps, "requests": run.done, "unexpected": run.unexpected, **cpu}
+    cp = ingest.close(run.done) if ingest is not None else {}
+    return {"rps": run.rps, "requests": run.done, "unexpected": run.unexpected, **cpu, **cp}
 
 
 # One saturation rep of the ceiling, run right before each rep of another target: the machine's
@@ -178,9 +187,14 @@ Baseline = Callable[[], dict[str, Any]]
 
 
 def _saturation(
-    load: h2load.Load, pids: Sequence[int], s: Settings, baseline: Baseline | None = None
+    load: h2load.Load,
+    pids: Sequence[int],
+    s: Settings,
+    baseline: Baseline | None = None,
+    meter: IngestMeter | None = None,
 ) -> dict[str, Any]:
-    h2load.saturate(  # warm-up, not measured
+    before = cp_cost.stored_now(meter)
+    warm = h2load.saturate(  # warm-up, not measured
         load,
         duration=s.warmup,
         clients=s.clients,
@@ -188,10 +202,11 @@ def _saturation(
         cpus=set(s.client_cpus),
         workdir=s.workdir,
     )
+    cp_cost.after_load(meter, before, warm.done)
     reps = []
     for _ in range(s.reps):
         ceiling = baseline() if baseline is not None else None
-        rep = _quietly(s, lambda: _saturation_run(load, pids, s))
+        rep = _quietly(s, lambda: _saturation_run(load, pids, s, meter))
         if ceiling is not None:
             rep["ceiling_rps"] = ceiling["rps"]
             rep["ceiling_server_cpu_us_per_call"] = ceiling["server_cpu_us_per_call"]
@@ -203,26 +218,29 @@ def _saturation(
         )
     skip: tuple[str, ...] = ("rps", "requests", "unexpected", "busy_before", "attempt", "tries")
     skip += ("server_cpu_util_by_process", "ceiling_rps", "ceiling_server_cpu_us_per_call")
-    for key in [k for k in reps[0] if k not in skip]:
+    for key in [k for k in reps[0] if k not in skip and not k.startswith("cp_")]:
         values = [r[key] for r in reps if r[key] is not None]
         summary[key] = round(statistics.median(values), 3) if values else None
+    if meter is not None:
+        summary |= cp_cost.summary(reps)
     summary["unexpected"] = sum(r["unexpected"] for r in reps)
     summary["reps"] = reps
     return summary
 
 
-def _fixed_rate_run(load: h2load.Load, pids: Sequence[int], s: Settings) -> dict[str, Any]:
+def _latency_run(
+    run: Callable[[], h2load.RateStats], pids: Sequence[int], target_rps: float | None
+) -> dict[str, Any]:
+    """One latency run (fixed rate or one at a time): percentiles plus CPU per call."""
     window = _CpuWindow(pids)
-    run = h2load.fixed_rate(
-        load, rate=s.rate, duration=s.rate_duration, cpus=set(s.client_cpus), workdir=s.workdir
-    )
-    cpu = window.close(run.stats.client_cpu_s, run.stats.done)
-    lat = sorted(run.latencies_us)
+    rate = run()
+    cpu = window.close(rate.stats.client_cpu_s, rate.stats.done)
+    lat = sorted(rate.latencies_us)
     out: dict[str, Any] = {
-        "target_rps": s.rate,
-        "achieved_rps": round(run.stats.rps, 1),
-        "requests": run.stats.done,
-        "unexpected": run.stats.unexpected,
+        **({} if target_rps is None else {"target_rps": target_rps}),
+        "achieved_rps": round(rate.stats.rps, 1),
+        "requests": rate.stats.done,
+        "unexpected": rate.stats.unexpected,
         **cpu,
     }
     for label, fraction in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p999", 0.999)):
@@ -231,8 +249,98 @@ def _fixed_rate_run(load: h2load.Load, pids: Sequence[int], s: Settings) -> dict
     return out
 
 
-def _fixed_rate(load: h2load.Load, pids: Sequence[int], s: Settings) -> dict[str, Any]:
-    return _quietly(s, lambda: _fixed_rate_run(load, pids, s))
+def _fixed_rate_run(load: h2load.Load, pids: Sequence[int], s: Settings) -> dict[str, Any]:
+    def run() -> h2load.RateStats:
+        return h2load.fixed_rate(
+            load, rate=s.rate, duration=s.rate_duration, cpus=set(s.client_cpus), workdir=s.workdir
+        )
+
+    return _latency_run(run, pids, s.rate)
+
+
+def _serial_run(load: h2load.Load, pids: Sequence[int], s: Settings) -> dict[str, Any]:
+    def run() -> h2load.RateStats:
+        return h2load.one_at_a_time(
+            load, duration=s.serial_duration, cpus=set(s.client_cpus), workdir=s.workdir
+        )
+
+    return _latency_run(run, pids, None)
+
+
+@dataclass(frozen=True)
+class _Side:
+    """What latency runs are paired with: the do-nothing server on the same path."""
+
+    name: str
+    load: h2load.Load
+    pids: Sequence[int]
+
+
+def _added(target: dict[str, Any], base: dict[str, Any], label: str) -> float | None:
+    t, b = target.get(f"{label}_ms"), base.get(f"{label}_ms")
+    return None if t is None or b is None else round(t - b, 3)
+
+
+def _fixed_rate(
+    load: h2load.Load,
+    pids: Sequence[int],
+    s: Settings,
+    base: _Side | None = None,
+    meter: IngestMeter | None = None,
+) -> dict[str, Any]:
+    """The fixed-rate run; with ``base``, a run of the do-nothing server at the same rate just
+    before it, and the differences (``added_p50_ms``, ``added_p99_ms``)."""
+    baseline = _quietly(s, lambda: _fixed_rate_run(base.load, base.pids, s)) if base else None
+    before = cp_cost.stored_now(meter)
+    out = _quietly(s, lambda: _fixed_rate_run(load, pids, s))
+    cp_cost.after_load(meter, before, out["requests"])
+    if base is not None and baseline is not None:
+        keep = ("achieved_rps", "p50_ms", "p99_ms", "p999_ms", "other_cpu_util", "unexpected")
+        out["baseline"] = {"target": base.name, **{k: baseline[k] for k in keep}}
+        out["added_p50_ms"] = _added(out, baseline, "p50")
+        out["added_p99_ms"] = _added(out, baseline, "p99")
+        out["unexpected"] += baseline["unexpected"]
+    return out
+
+
+def _serial(
+    load: h2load.Load, pids: Sequence[int], s: Settings, ref: _Side, meter: IngestMeter | None
+) -> dict[str, Any]:
+    """One request at a time (``h2load -c 1 -m 1``), ``reps`` times, each rep right after a rep
+    of the reference: ``added_*`` are medians of the paired differences (the machine drifts)."""
+    runs = []
+    for _ in range(s.reps):
+        base = _quietly(s, lambda: _serial_run(ref.load, ref.pids, s))
+        before = cp_cost.stored_now(meter)
+        run = _quietly(s, lambda: _serial_run(load, pids, s))
+        cp_cost.after_load(meter, before, run["requests"])
+        runs.append({"target": run, "reference": base})
+    mid = statistics.median
+
+    def med(side: str, key: str) -> float | None:
+        values = [r[side][key] for r in runs if r[side][key] is not None]
+        return round(mid(values), 3) if values else None
+
+    def added(label: str) -> float | None:
+        diffs = [d for r in runs if (d := _added(r["target"], r["reference"], label)) is not None]
+        return round(mid(diffs), 3) if diffs else None
+
+    return {
+        "clients": 1,
+        "streams": 1,
+        "reference": ref.name,
+        **{key: med("target", key) for key in ("achieved_rps", "p50_ms", "p99_ms")},
+        "server_cpu_us_per_call": med("target", "server_cpu_us_per_call"),
+        "reference_p50_ms": med("reference", "p50_ms"),
+        "reference_p99_ms": med("reference", "p99_ms"),
+        "added_p50_ms": added("p50"),
+        "added_p99_ms": added("p99"),
+        "other_cpu_util": max(
+            max(r["target"]["other_cpu_util"], r["reference"]["other_cpu_util"]) for r in runs
+        ),
+        "unexpected": sum(r[side]["unexpected"] for r in runs for side in ("target", "reference")),
+        "reps": runs,
+    }
 
 
 def wait_quiet(limit: float, max_wait: float) -> float | None:
@@ -254,10 +362,16 @@ def wait_quiet(limit: float, max_wait: float) -> float | None:
 
 
 def measure_case(
-    target: RunningTarget, case: Case, s: Settings, baseline: Baseline | None = None
+    target: RunningTarget,
+    case: Case,
+    s: Settings,
+    baseline: Baseline | None = None,
+    base: _Side | None = None,
 ) -> CaseResult:
     """Verify ``case`` with one real call, then load it; a failed check skips the load.
-    ``baseline`` (one ceiling rep) runs before each saturation rep when given."""
+    ``baseline`` (one ceiling rep) runs before each saturation rep when given; ``base`` (the
+    reference, else the ceiling) before the fixed-rate run, and, when it is the target's
+    reference, before each one-at-a-time rep."""
     result = CaseResult(target.name, case.name, case.kind, case.expect, info=dict(target.info))
     if target.clients is not None:
         result.info["clients"] = target.clients
@@ -268,39 +382,69 @@ def measure_case(
         result.status, result.error = "failed", f"verification: {error}"
         return result
     load = load_for(case, target.address, s.workdir)
+    meter = target.ingest
     try:
-        result.saturation = _saturation(load, target.pids, s, baseline)
-        result.fixed_rate = _fixed_rate(load, target.pids, s)
+        result.saturation = _saturation(load, target.pids, s, baseline, meter)
+        result.fixed_rate = _fixed_rate(load, target.pids, s, base, meter)
+        if target.reference is not None and base is not None:
+            result.serial = _serial(load, target.pids, s, base, meter)
     except (RuntimeError, ValueError) as exc:
         result.status, result.error = "failed", str(exc)
         return result
-    unexpected = result.saturation["unexpected"] + result.fixed_rate["unexpected"]
+    unexpected = sum(
+        part.get("unexpected", 0) for part in (result.saturation, result.fixed_rate, result.serial)
+    )
     if unexpected:
         result.status = "failed"
         result.error = f"{unexpected} requests under load failed or got an unexpected status"
     return result
 
 
+def _reference_side(reference: RunningTarget, s: Settings) -> _Side:
+    """Ready the target's reference: pinned like it, verified, warmed up."""
+    if reference.pin:
+        pin_tree(reference.pids, set(s.server_cpus))
+    case = reference.cases[0]
+    error = case.verify(reference.address)
+    if error is not None:
+        raise RuntimeError(f"reference {reference.name}: verification: {error}")
+    load = load_for(case, reference.address, s.workdir)
+    h2load.saturate(
+        load,
+        duration=s.warmup,
+        clients=s.clients,
+        streams=s.streams,
+        cpus=set(s.client_cpus),
+        workdir=s.workdir,
+    )
+    return _Side(reference.name, load, reference.pids)
+
+
 def run_target(
     target: RunningTarget, s: Settings, ceiling: RunningTarget | None = None
 ) -> list[CaseResult]:
     """Measure every case of a started target, in order; with a running ``ceiling``, each
-    saturation rep is paired with a ceiling rep just before it (``paired_ratio``)."""
+    saturation rep is paired with a ceiling rep just before it (``paired_ratio``), and the
+    fixed-rate run with a ceiling run at the same rate (unless the target has a reference)."""
     if target.pin:
         pin_tree(target.pids, set(s.server_cpus))
     if target.clients is not None:
         s = replace(s, clients=target.clients)
     baseline: Baseline | None = None
+    base: _Side | None = None
     if ceiling is not None:
         ceiling_load = load_for(ceiling.cases[0], ceiling.address, s.workdir)
         # The ceiling's own h2load settings (connections), not the target's.
         plain = replace(s, clients=ceiling.clients or s.clients)
+        base = _Side(ceiling.name, ceiling_load, ceiling.pids)
 
         def baseline() -> dict[str, Any]:
             return _quietly(plain, lambda: _saturation_run(ceiling_load, ceiling.pids, plain))
 
+    if target.reference is not None:
+        base = _reference_side(target.reference, s)
     results = []
     for case in target.cases:
         print(f"  {target.name} / {case.name} …", file=sys.stderr, flush=True)
-        results.append(measure_case(target, case, s, baseline))
+        results.append(measure_case(target, case, s, baseline, base))
     return results

@@ -8,10 +8,12 @@ valid key on a route that needs a scope it lacks (deny, 403)."""
 from __future__ import annotations
 
 import contextlib
+import sqlite3
 import subprocess
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
@@ -19,7 +21,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.cases import Case, grpc_case, typical_headers
 from bench.cpu import off_server_prefix
-from bench.targets import SERVER_ENV, RunningTarget, TargetEnv, TargetError, launch_process
+from bench.targets import (
+    SERVER_ENV,
+    IngestMeter,
+    RunningTarget,
+    TargetEnv,
+    TargetError,
+    launch_process,
+)
 
 _ROOT = Path(__file__).resolve().parent.parent
 CHECKS = "/v1/workspaces/acme/checks"
@@ -43,11 +52,36 @@ def sync_token_file(env: TargetEnv) -> Path:
     return env.workdir / "control-plane" / "sync-token"
 
 
+@dataclass(frozen=True)
+class ControlPlane:
+    """A control plane started for a target: its admin address, the operator key, its pid and
+    its data directory (the SQLite file its decision records land in)."""
+
+    admin: str
+    operator: str
+    pid: int
+    data: Path
+
+    def ingest_meter(self) -> IngestMeter:
+        """Its CPU and stored-record count, for ``cp_cpu_us_per_record``."""
+        db = self.data / "spauth.db"
+        return IngestMeter([self.pid], lambda: audit_rows(db))
+
+
+def audit_rows(db: Path) -> int:
+    """Audit records ever stored in a control plane's SQLite file: the highest ``seq`` (an
+    AUTOINCREMENT key, so deletions cannot lower it; one index lookup, however large the
+    table). Read-only: the bench must not take the writer's lock."""
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as conn:
+        (seq,) = conn.execute("SELECT coalesce(max(seq), 0) FROM audit_events").fetchone()
+    return int(seq)
+
+
 @contextlib.contextmanager
-def _control_plane(env: TargetEnv) -> Iterator[tuple[str, str]]:
+def control_plane(env: TargetEnv) -> Iterator[ControlPlane]:
     """A control plane on a fresh SQLite file, kept off the server CPUs: with decision records on
     it ingests thousands of records a second, work the sidecar's row must not be charged for
-    (nor lose its CPU to)."""
+    (nor lose its CPU to); its CPU per stored record is reported separately."""
     data = env.workdir / "control-plane"
     admin = f"127.0.0.1:{env.free_port()}"
     http = f"127.0.0.1:{env.free_port()}"
@@ -65,11 +99,18 @@ def _control_plane(env: TargetEnv) -> Iterator[tuple[str, str]]:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise TargetError("control plane did not start; see control-plane.log")
             time.sleep(0.1)
-        yield admin, key_file.read_text().strip()
+        yield ControlPlane(admin, key_file.read_text().strip(), proc.pid, data)
     finally:
         proc.terminate()
         proc.wait(15)
         log.close()
+
+
+@contextlib.contextmanager
+def _control_plane(env: TargetEnv) -> Iterator[tuple[str, str]]:
+    """:func:`control_plane` as ``(admin address, operator key)``."""
+    with control_plane(env) as cp:
+        yield cp.admin, cp.operator
 
 
 def _admin_up(admin: str) -> bool:
@@ -117,11 +158,11 @@ def _sidecar(
 ) -> Iterator[RunningTarget]:
     """``python -m <module> sidecar`` fed by a fresh control plane; ``module`` may wrap the
     sidecar's entry point (bench.hotpath does), ``allow_only`` keeps just the allow case."""
-    with _control_plane(env) as (admin, operator):
-        valid = _mint(admin, operator, ["checks:read"])
+    with control_plane(env) as cp:
+        valid = _mint(cp.admin, cp.operator, ["checks:read"])
         argv = [
             env.python, "-m", module, "sidecar", "--listen", "{listen}",
-            "--control-plane", admin, "--state-dir", str(env.workdir / f"{name}-state"),
+            "--control-plane", cp.admin, "--state-dir", str(env.workdir / f"{name}-state"),
             "--metrics-addr", "", "--threads", "4",
             "--sync-token-file", str(sync_token_file(env)),
         ]  # fmt: skip
@@ -135,7 +176,8 @@ def _sidecar(
             cwd=_ROOT,
             ready=_serving,
         ) as target:
-            yield target
+            records = extra_env.get("SPAUTH_SIDECAR_AUDIT", "on") != "off"
+            yield replace(target, ingest=cp.ingest_meter()) if records else target
 
 
 def sidecar(env: TargetEnv) -> AbstractContextManager[RunningTarget]:

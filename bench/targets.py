@@ -65,6 +65,21 @@ class RunningTarget:
     # h2load connections for saturation (None = Settings.clients). SO_REUSEPORT balances
     # connections, so a target with N processes on one port needs enough of them.
     clients: int | None = None
+    # The do-nothing counterpart on the same path (Envoy + ceiling for Envoy + sidecar), running
+    # alongside: latency runs alternate between the two and report the difference.
+    reference: RunningTarget | None = None
+    # The control plane ingesting this target's decision records (runs outside ``pids``).
+    ingest: IngestMeter | None = None
+
+
+@dataclass(frozen=True)
+class IngestMeter:
+    """A process outside the target that works for every check — the control plane storing the
+    sidecar's decision records: its CPU (``pids`` and their descendants) and ``stored()``, how
+    many records it has stored so far, read around each saturation rep."""
+
+    pids: Sequence[int]
+    stored: Callable[[], int]
 
 
 TargetFactory = Callable[[TargetEnv], AbstractContextManager[RunningTarget]]

@@ -25,9 +25,12 @@ ROOT = Path(__file__).resolve().parent.parent
 needs_h2load = pytest.mark.skipif(shutil.which("h2load") is None, reason="h2load not installed")
 
 
-# One quick run serves every shape check below: the ceiling, the JWT rows and the OAuth
-# endpoint section (which runs by default).
-QUICK_TARGETS = ("ceiling", "sidecar-jwt", "sidecar-jwt-nocache")
+# One quick run serves every shape check below: the ceiling, the JWT rows, Envoy + sidecar (its
+# reference, one-at-a-time latency, control-plane CPU per record), a two-worker sidecar, the
+# OAuth endpoint section and the propagation section (both run by default). One run, not one per
+# feature: starting processes is most of a quick run's time.
+QUICK_TARGETS = ("ceiling", "sidecar-jwt", "sidecar-jwt-nocache", "envoy+sidecar")
+QUICK_TARGETS += ("sidecar-workers-2",)
 
 
 @pytest.fixture(scope="module")
@@ -39,12 +42,14 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     proc = subprocess.run(
         [
             *(sys.executable, "-m", "bench", "--quick", *targets, "--out", str(out)),
-            *("--propagation-keys", "0"),  # propagation: a test of its own
+            # A rate a loaded CI machine sustains through Envoy too: at 1,000/s, with the other
+            # pytest worker busy, requests queued past the end of the fixed-rate run.
+            *("--rate", "200"),
         ],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=150,
+        timeout=240,
         check=False,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -86,6 +91,9 @@ def test_quick_run_writes_complete_json(quick_run: tuple[Path, str]) -> None:
         assert rate[key] > 0, key
     assert rate["p50_ms"] <= rate["p99_ms"] <= rate["p999_ms"] <= rate["max_ms"]
     assert sat["unexpected"] == rate["unexpected"] == 0
+    # The ceiling is its own baseline: no differences, no one-at-a-time runs, no records.
+    assert "baseline" not in rate and row["serial"] == {}
+    assert not [key for key in sat if key.startswith("cp_")]
 
 
 @needs_h2load
@@ -106,6 +114,48 @@ def test_quick_run_has_jwt_rows(quick_run: tuple[Path, str]) -> None:
         assert row["ratio_to_ceiling"] == row["saturation"]["paired_ratio"]
         assert row["ratio_to_ceiling"] == round(rep["rps"] / rep["ceiling_rps"], 3)
         assert env.items() <= row["info"]["env"].items()
+        # The fixed-rate run is paired with a ceiling run at the same rate just before it.
+        rate = row["fixed_rate"]
+        base = rate["baseline"]
+        assert base["target"] == "ceiling"
+        assert base["achieved_rps"] > 0 and 0 < base["p50_ms"] <= base["p99_ms"]
+        assert rate["added_p50_ms"] == round(rate["p50_ms"] - base["p50_ms"], 3)
+        assert rate["added_p99_ms"] == round(rate["p99_ms"] - base["p99_ms"], 3)
+
+
+@needs_h2load
+def test_quick_run_has_envoy_sidecar_row_with_its_reference(quick_run: tuple[Path, str]) -> None:
+    out, stdout = quick_run
+    assert "one at a time" in stdout and "cp us/rec" in stdout  # the tables' new parts
+    row = _row(json.loads((out / "latest.json").read_text()), "envoy+sidecar")
+    assert (row["case"], row["kind"], row["status"]) == ("allow", "http", "ok")
+
+    # One request at a time, alternating with Envoy + do-nothing running alongside.
+    serial = row["serial"]
+    assert (serial["clients"], serial["streams"]) == (1, 1)
+    assert serial["reference"] == "envoy+ceiling (reference)"
+    assert serial["unexpected"] == 0
+    (rep,) = serial["reps"]  # --quick: one rep
+    for side in ("target", "reference"):
+        assert rep[side]["requests"] > 0, side
+        assert 0 < rep[side]["p50_ms"] <= rep[side]["p99_ms"] <= rep[side]["max_ms"], side
+    assert serial["p50_ms"] == rep["target"]["p50_ms"]
+    assert serial["reference_p99_ms"] == rep["reference"]["p99_ms"]
+    assert serial["added_p50_ms"] == round(rep["target"]["p50_ms"] - rep["reference"]["p50_ms"], 3)
+    assert serial["added_p99_ms"] == round(rep["target"]["p99_ms"] - rep["reference"]["p99_ms"], 3)
+    # The fixed-rate run's baseline is the same reference, not the gRPC ceiling.
+    rate = row["fixed_rate"]
+    assert rate["baseline"]["target"] == "envoy+ceiling (reference)"
+    assert rate["added_p99_ms"] == round(rate["p99_ms"] - rate["baseline"]["p99_ms"], 3)
+
+    # The control plane stored one decision record per check of the rep before it was read.
+    sat = row["saturation"]
+    (rep,) = sat["reps"]
+    assert rep["cp_settled"] is True
+    assert rep["cp_records"] >= rep["requests"] > 0
+    assert rep["cp_cpu_us_per_record"] > 0 and rep["cp_cpu_util"] > 0
+    assert sat["cp_cpu_us_per_record"] == rep["cp_cpu_us_per_record"]
+    assert sat["cp_records"] == rep["cp_records"]
 
 
 @needs_h2load
@@ -133,19 +183,12 @@ def test_quick_run_has_oauth_endpoint_section(quick_run: tuple[Path, str]) -> No
 
 
 @needs_h2load
-def test_quick_run_with_workers_and_propagation(tmp_path: Path) -> None:
+def test_quick_run_has_workers_and_propagation(quick_run: tuple[Path, str]) -> None:
     # Shape only: a multi-process target reports each process's CPU, and the propagation
     # section has one well-formed row per scenario (Redis may be missing: then it is skipped).
-    out = tmp_path / "results"
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--target", "sidecar-workers-2",
-         "--no-oauth-endpoints", "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "revocation propagation" in proc.stdout
+    out, stdout = quick_run
+    assert "revocation propagation" in stdout
     latest = json.loads((out / "latest.json").read_text())
-    assert latest["ok"] is True
 
     (row,) = [r for r in latest["results"] if r["target"] == "sidecar-workers-2"]
     assert (row["case"], row["status"]) == ("allow", "ok")
