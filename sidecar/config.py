@@ -159,9 +159,10 @@ class SidecarSettings:
     tracing_sample_ratio: float = 1.0
     # Denial log lines per second, per class (with / without a known credential); 0 = all.
     denial_log_rate: float = 100.0
-    # Envoy's Check: "python" (the reference) or "compiled" (the C extension decides what it
-    # can decide exactly, the Python path the rest; Python when the extension is not built).
-    check_path: str = "python"
+    # Envoy's Check: "compiled" (the C extension decides what it can decide exactly, the
+    # Python path the rest; Python when the extension is not built) or "python" (the
+    # reference). Compiled by default: +0.11 of the do-nothing ratio in one quiet run.
+    check_path: str = "compiled"
     drain_delay: float = 0.0
     shutdown_grace: float = 5.0
     # OAuth access tokens: the issuer and audience they must name (RFC 9068 §4).

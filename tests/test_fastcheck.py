@@ -51,8 +51,12 @@ def test_the_compiled_path_answers_over_grpc_and_counts_its_decisions(
     assert re.search(r'reason="insufficient_scope"\} 1\.0', text)
 
 
-def test_the_python_path_is_the_default(sidecar_factory: object) -> None:
+def test_the_compiled_path_is_the_default_and_python_can_be_chosen(
+    sidecar_factory: object,
+) -> None:
     sc = sidecar_factory(wait=False)  # type: ignore[operator]
+    assert sc.check_path == "compiled" and sc.fast_check is not None
+    sc = sidecar_factory(wait=False, check_path="python")  # type: ignore[operator]
     assert sc.check_path == "python" and sc.fast_check is None
 
 
