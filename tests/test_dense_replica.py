@@ -140,6 +140,33 @@ def test_the_dense_replica_answers_what_the_dict_replica_answered(
                 assert dense.credential(d) == ref.by_digest.get(d)
 
 
+def test_a_change_drops_only_its_own_keys_from_the_lookup_cache() -> None:
+    """The keys in use stay cached through changes to other keys (a revocation anywhere in the
+    fleet used to make every key in use rebuild its credential); the changed key's entry goes,
+    so it is never answered from before the change."""
+    r = Replica()
+    entries = [
+        changes.CredentialUpserted(
+            k, digest(k, 0), "acme", frozenset({"checks:read"}), NOW
+        ).change()
+        for k in ("key_a", "key_b", "key_c")
+    ]
+    r.load_snapshot(1, entries)
+    for k in ("key_a", "key_b", "key_c"):
+        assert r.credential(digest(k, 0)) is not None
+    r.apply(at(changes.CredentialRevoked("key_b").change(), 2))
+    assert set(r._keys.cache) == {digest("key_a", 0), digest("key_c", 0)}
+    b = r.credential(digest("key_b", 0))
+    assert b is not None and b.revoked
+    replaced = changes.CredentialUpserted(
+        "key_c", digest("key_c", 1), "acme", frozenset({"checks:read"}), NOW
+    )
+    r.apply(at(replaced.change(), 3))  # key_c's secret replaced: the old digest is gone
+    assert digest("key_c", 0) not in r._keys.cache and digest("key_a", 0) in r._keys.cache
+    assert r.credential(digest("key_c", 0)) is None
+    assert r.credential(digest("key_c", 1)) is not None
+
+
 def test_keys_of_two_workspaces_with_equal_scopes_never_share_an_identity() -> None:
     """A hostile tenant's key and a victim's key with the same scopes and state: each digest
     resolves to its own workspace and id, through replacements, revocations, compactions and a

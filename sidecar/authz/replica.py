@@ -7,8 +7,10 @@ snapshot (``keytable``: sorted digests, per-key columns, profiles shared between
 overlay dict of what changed since (digest -> Credential, or None for a key gone), folded into a
 new table once it grows past an eighth of the table. Writers (the sync thread, the housekeeping
 prune) take ``_lock``; readers never do: they see one ``_Keys`` at a time, whose overlay only
-gains or replaces entries, and a writer swaps in an empty lookup cache *after* each change so a
-credential built before the change is never kept."""
+gains or replaces entries, and a writer swaps in a copy of the lookup cache without the changed
+keys *after* each change, so a credential built before the change is never kept while the keys
+in use stay cached (clearing it on every change made every key in use rebuild its credential,
+3 to 12 µs each, after every revocation anywhere in the fleet)."""
 
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ log = logging.getLogger("sidecar.replica")
 
 __all__ = ["Credential", "Replica", "ReplicaError"]
 
-# Credentials built from table rows, kept for the keys in use (cleared on every change).
+# Credentials built from table rows, kept for the keys in use (a change drops its own keys).
 CACHE_SIZE = 8192
 # The overlay is folded into a new table when it holds more than this many entries, or more
 # than an eighth of the table's rows.
@@ -66,6 +68,14 @@ class _Keys:
             return digest
         row = self.table.packed.row_of_id(key_id)
         return None if row < 0 else self.table.packed.digest_at(row)
+
+    def forget(self, *digests: bytes) -> None:
+        """Swap in a copy of the cache without ``digests`` (after the change is in the overlay:
+        a reader still holding the old cache may add a stale entry to it, never to this one)."""
+        cache = dict(self.cache)  # one C call under the GIL: readers' inserts cannot interleave
+        for digest in digests:
+            cache.pop(digest, None)
+        self.cache = cache
 
     def hide(self, digest: bytes) -> None:
         if self.table.row(digest) >= 0:
@@ -295,7 +305,7 @@ class Replica:
             keys.hide(old)
         keys.overlay[m.digest] = cred
         keys.overlay_ids[m.id] = m.digest
-        keys.cache = {}
+        keys.forget(m.digest, old or m.digest)
 
     def _revoke_credential(self, m: changes.CredentialRevoked) -> None:
         keys = self._keys
@@ -306,7 +316,7 @@ class Replica:
         if cred is not None:
             # Keep a tombstone so the denial can say "revoked" rather than "unknown".
             keys.overlay[digest] = Credential(cred.identity, revoked=True)
-            keys.cache = {}
+            keys.forget(digest)
 
     def _expire_credential(self, m: changes.CredentialExpired) -> None:
         # Expiry is evaluated against the clock at every check; nothing to change here.
