@@ -37,6 +37,7 @@ from pathlib import Path
 import grpc
 
 from bench.cpu import descendants, process_cpu_seconds
+from bench.sidecar_target import _admin_up
 from sidecar._gen.statuspulse.auth.v1 import audit_pb2 as pb
 from sidecar._gen.statuspulse.auth.v1 import audit_pb2_grpc as pb_grpc
 from sidecar.auditship.codec import encode
@@ -132,15 +133,6 @@ def control_plane(
         proc.terminate()
         proc.wait(15)
         log.close()
-
-
-def _admin_up(admin: str) -> bool:
-    with grpc.insecure_channel(admin) as channel:
-        try:
-            grpc.channel_ready_future(channel).result(timeout=0.5)
-        except grpc.FutureTimeoutError:
-            return False
-    return True
 
 
 def _verify(admin: str, operator: str) -> int:
