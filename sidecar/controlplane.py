@@ -140,6 +140,9 @@ class ControlPlane:
             audit_signing_key(settings),
             AuditPolicy(max_future_skew=settings.audit_max_future_skew),
             on_conflict=self.metrics.audit_ingest_conflicts.inc,
+            on_ingested=lambda r: self.metrics.count_ingest(
+                r.stored, (refusal.reason.value for refusal in r.refused)
+            ),
         )
         # Every admin call (gRPC or HTTP) authenticates through this: refused keys are counted
         # per source address.

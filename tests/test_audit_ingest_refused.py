@@ -100,6 +100,12 @@ def test_a_new_sidecar_and_control_plane_settle_bad_records_in_one_call(
     stored = {e.id for i, e in enumerate(batch) if i not in reasons}
     with plane.store.read() as uow:
         assert set(uow.audit.get_many([e.id for e in batch])) == stored
+    # The control plane's metrics count what was stored and each refusal by its reason.
+    sample = plane.metrics.registry.get_sample_value
+    assert sample("spauth_audit_ingested_records_total") == len(stored)
+    for reason in reasons.values():
+        labels = {"reason": reason}
+        assert sample("spauth_audit_ingest_refused_records_total", labels) == 1, reason
 
     # The shipper: one call, the refused records (by position) in the dead-letter file, the
     # rest acknowledged in the spool.

@@ -125,9 +125,11 @@ class AuditTrail:
         checkpoint_key: bytes,
         policy: AuditPolicy | None = None,
         on_conflict: Callable[[], None] | None = None,
+        on_ingested: Callable[[IngestResult], None] | None = None,
     ) -> None:
         self._store = store
         self._on_conflict = on_conflict
+        self._on_ingested = on_ingested  # after each committed ingest (metrics)
         self._clock = clock
         self._key = checkpoint_key
         self.policy = policy or AuditPolicy()
@@ -292,7 +294,10 @@ class AuditTrail:
             else:
                 refused.append(self._conflict(ev, index))
         refused.sort(key=lambda r: r.index)
-        return IngestResult(acknowledged, len(new), cursor, refused)
+        result = IngestResult(acknowledged, len(new), cursor, refused)
+        if self._on_ingested is not None:
+            self._on_ingested(result)
+        return result
 
     def _checked_batch(self, events: list[AuditEvent], refused: list[Refusal]) -> _Batch:
         """The well-formed records by id, first copy kept; malformed ones go to ``refused``,

@@ -10,6 +10,7 @@ increments, no lock (measured in docs/operating.md)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from functools import cached_property
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -134,6 +135,29 @@ class Metrics:
         )
 
     @cached_property
+    def audit_ingested(self) -> Counter:
+        return Counter(
+            "spauth_audit_ingested_records",
+            "Decision records stored by ingest (re-sends of stored records not counted).",
+            registry=self.registry,
+        )
+
+    @cached_property
+    def audit_ingest_refused(self) -> Counter:
+        return Counter(
+            "spauth_audit_ingest_refused_records",
+            "Shipped decision records ingest refused, by reason (the sender dead-letters them).",
+            ["reason"],
+            registry=self.registry,
+        )
+
+    def count_ingest(self, stored: int, refused: Iterable[str]) -> None:
+        """One committed ingest: ``stored`` new records, and the reasons of those refused."""
+        self.audit_ingested.inc(stored)
+        for reason in refused:
+            self.audit_ingest_refused.labels(reason).inc()
+
+    @cached_property
     def operator_key_expiry(self) -> Gauge:
         return Gauge(
             "spauth_operator_key_expiry_timestamp_seconds",
@@ -156,7 +180,10 @@ _SIDECAR = (
     "check_tally", "replica_revision", "replica_staleness", "sync_reconnects",
     "replica_unknown_changes", "policy_reloads",
 )  # fmt: skip
-_CONTROL_PLANE = ("oauth_tokens", "admin_calls", "operator_key_expiry", "audit_ingest_conflicts")
+_CONTROL_PLANE = (
+    "oauth_tokens", "admin_calls", "operator_key_expiry", "audit_ingest_conflicts",
+    "audit_ingested", "audit_ingest_refused",
+)  # fmt: skip
 
 
 class DecisionMetrics:
