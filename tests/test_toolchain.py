@@ -5,6 +5,7 @@ verdicts are the same on every machine; upgrading is a commit of constraints.txt
 from __future__ import annotations
 
 import re
+import subprocess
 import tomllib
 from importlib import metadata
 from pathlib import Path
@@ -54,3 +55,17 @@ def test_this_environment_holds_the_pinned_versions() -> None:
         if name in installed and installed[name] != pin
     }
     assert not wrong, f"installed != pinned (run make test, which reinstalls): {wrong}"
+
+
+def test_no_tracked_symlink_leads_outside_the_repository() -> None:
+    """A fresh clone must work alone: a committed symlink to a developer's venv or worktree
+    (one was, once: `.venv` -> another worktree's venv) breaks `make serve` on every other
+    machine."""
+    listing = subprocess.run(
+        ["git", "ls-files", "-s"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    for line in listing.splitlines():
+        mode, _, _, path = line.split(None, 3)
+        if mode == "120000":
+            target = (ROOT / path).parent / Path(str((ROOT / path).readlink()))
+            assert target.resolve().is_relative_to(ROOT), f"{path} -> {target}"
