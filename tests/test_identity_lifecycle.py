@@ -30,7 +30,7 @@ from sidecar.authz.replica import Replica
 from sidecar.config import load_settings
 from sidecar.controlplane import ControlPlane
 from sidecar.core import kek
-from sidecar.core.apikeys import ApiKeyService, key_snapshot
+from sidecar.core.apikeys import ApiKeyService, key_entries, key_rows
 from sidecar.core.apps import uri_problem
 from sidecar.core.clock import FakeClock
 from sidecar.core.errors import FailedPrecondition, PermissionDenied
@@ -269,7 +269,7 @@ def test_the_replica_enforces_a_grace_deadline_without_the_control_plane(
     svc.replace(op, old.key.id, grace=600)
     replica = Replica()
     with store.read() as uow:
-        replica.load_snapshot(uow.changes.head(), list(key_snapshot(uow, int(clock.now()))))
+        replica.load_snapshot(uow.changes.head(), key_entries(key_rows(uow, int(clock.now()))))
         changes = uow.changes.since(0, 100)
     assert any(c.payload.get("grace_deadline") for c in changes if c.subject == old.key.id)
     follower = Replica()  # a replica following the log learns the same deadline

@@ -17,7 +17,7 @@ from sidecar._gen.statuspulse.auth.v1 import replication_pb2 as pb
 from sidecar._gen.statuspulse.auth.v1 import replication_pb2_grpc as pb_grpc
 from sidecar.authz.replica import Replica
 from sidecar.core import changes
-from sidecar.core.apikeys import key_rows, key_snapshot
+from sidecar.core.apikeys import key_entries, key_rows
 from sidecar.core.changes import oauth_snapshot
 from sidecar.core.clock import FakeClock
 from sidecar.core.models import ApiKey
@@ -83,7 +83,7 @@ def serve(store: SqliteStore, loop: LoopThread, old: bool) -> tuple[grpc.aio.Ser
 def expected(store: SqliteStore) -> DictReplica:
     ref = DictReplica()
     with store.read() as uow:
-        entries = list(key_snapshot(uow, 1000)) + oauth_snapshot(uow, 1000)
+        entries = key_entries(key_rows(uow, 1000)) + oauth_snapshot(uow, 1000)
         ref.load_snapshot(uow.changes.head(), entries)
     return ref
 

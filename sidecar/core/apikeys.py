@@ -7,7 +7,7 @@ import base64
 import binascii
 import hmac
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 
 from sidecar.core import changes, key_notices, keyformat, permissions, validation, webhooks
@@ -81,10 +81,10 @@ def key_rows(uow: UnitOfWork, now: int) -> Iterator[KeyRow]:
     return uow.keys.replica_rows(now)
 
 
-def key_snapshot(uow: UnitOfWork, now: int) -> Iterator[Change]:
-    """Every usable key as a replica entry (the API-key part of an entry-per-key snapshot)."""
-    for row in key_rows(uow, now):
-        yield changes.CredentialUpserted(*row).change()
+def key_entries(rows: Iterable[KeyRow]) -> list[Change]:
+    """Keys as replica entries, one per key: the snapshot form a sidecar that predates the
+    packed key table applies (and the fallback when a key cannot be packed)."""
+    return [changes.CredentialUpserted(*row).change() for row in rows]
 
 
 class ApiKeyService:

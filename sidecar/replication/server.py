@@ -16,6 +16,7 @@ import grpc
 from sidecar._gen.statuspulse.auth.v1 import replication_pb2 as pb
 from sidecar._gen.statuspulse.auth.v1 import replication_pb2_grpc as pb_grpc
 from sidecar.core import changes
+from sidecar.core.apikeys import key_entries
 from sidecar.core.clock import Clock
 from sidecar.core.errors import Unavailable
 from sidecar.core.models import Change
@@ -86,7 +87,7 @@ class ReplicationServicer(pb_grpc.ReplicationServiceServicer):  # type: ignore[m
     def snapshot(self) -> tuple[int, list[Change]]:
         """The head revision and every entry, read in one consistent transaction."""
         head, keys, entries = self._read_snapshot()
-        return head, [changes.CredentialUpserted(*k).change() for k in keys] + entries
+        return head, key_entries(keys) + entries
 
     def packed_snapshot(self) -> tuple[int, bytes, list[Change]]:
         """The head revision, the API keys as one packed key table and every other entry;
@@ -96,7 +97,7 @@ class ReplicationServicer(pb_grpc.ReplicationServiceServicer):  # type: ignore[m
             return head, PackedKeys.pack_rows(keys).encode(), entries
         except PackError as exc:
             log.warning("snapshot: keys sent as entries", extra={"error": str(exc)})
-            return head, b"", [changes.CredentialUpserted(*k).change() for k in keys] + entries
+            return head, b"", key_entries(keys) + entries
 
     def shared_packed_snapshot(self) -> tuple[int, bytes, list[Change]]:
         """``packed_snapshot`` reused while it is recent (REUSE_CHANGES, REUSE_SECONDS), with
