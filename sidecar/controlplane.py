@@ -314,16 +314,16 @@ class ControlPlane:
     def _rewrap_webhook_secrets(self) -> None:
         """Webhook secrets under an older KEK, or the pre-KEK webhook key, are re-sealed under
         the newest KEK (the signing keys get the same when the OAuth server starts)."""
-        changed = self.webhooks.rewrap()
+        changed, unopened = self.webhooks.rewrap()
         if changed:
             log.info("webhook secrets re-sealed under the newest key-encryption key",
                      extra={"count": changed})  # fmt: skip
-        if self.webhooks.unopened:
+        if unopened:
             log.error(
                 "webhook secrets that no configured key opens: their deliveries fail until "
                 "the key they were sealed with is configured again (key_encryption_key, "
                 "webhook_key)",
-                extra={"count": self.webhooks.unopened},
+                extra={"count": unopened},
             )
 
     async def _start_http(self) -> None:

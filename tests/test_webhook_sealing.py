@@ -84,8 +84,8 @@ def test_a_kek_rotation_reseals_every_secret_and_deliveries_keep_their_signature
         # Step 1 of the rotation: NEW first, OLD still listed (every replica restarts so).
         both = WebhookSealer(KeyEncryption([NEW, OLD]))
         service = WebhookService(store, clock, both)
-        assert service.rewrap() == 2 and service.unopened == 0
-        assert service.rewrap() == 0  # idempotent: a second replica starting changes nothing
+        assert service.rewrap() == (2, 0)
+        assert service.rewrap() == (0, 0)  # idempotent: a second replica starting changes nothing
         only_new = WebhookSealer(KeyEncryption([NEW]))
         assert only_new.is_current(_stored(store, hook.id))
         assert only_new.is_current(_stored(store, other.id))
@@ -124,12 +124,12 @@ def test_secrets_sealed_by_the_old_webhook_key_move_under_the_kek(
             uow.webhooks.update(replace(hook, sealed_secret=_legacy_seal(legacy, b"whsec_old")))
         # Without the old key the secret does not open: counted, and deliveries say why.
         blind = WebhookService(store, clock, WebhookSealer(kek))
-        assert blind.rewrap() == 0 and blind.unopened == 1
+        assert blind.rewrap() == (0, 1)
         assert "webhook_key" in _test_delivery(store, clock, WebhookSealer(kek), hook.id)
         # With it (the file in data_dir, as before the upgrade): re-sealed under the KEK.
         upgraded = WebhookSealer(kek, legacy_keys("", tmp_path))
         service = WebhookService(store, clock, upgraded)
-        assert service.rewrap() == 1 and service.unopened == 0
+        assert service.rewrap() == (1, 0)
         assert upgraded.is_current(_stored(store, hook.id))
         # From now on the KEK alone opens it: the old key file can go.
         assert _test_delivery(store, clock, WebhookSealer(kek), hook.id) == ""

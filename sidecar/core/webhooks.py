@@ -143,7 +143,6 @@ class WebhookService:
         self._store = store
         self._clock = clock
         self._sealer = sealer
-        self.unopened = 0  # secrets the last rewrap() could not open
 
     def add(
         self, ctx: RequestContext, *, workspace: str, url: str, events: list[str]
@@ -172,11 +171,11 @@ class WebhookService:
             self._audit(uow, ctx, "webhook.created", hook)
         return hook, secret
 
-    def rewrap(self) -> int:
+    def rewrap(self) -> tuple[int, int]:
         """Re-seal every secret not under the newest key-encryption key (after a KEK rotation,
-        or sealed by the pre-KEK webhook key); returns how many changed. One that does not open
-        is left as it is and counted in ``unopened`` (its deliveries fail, saying why)."""
-        changed, self.unopened = 0, 0
+        or sealed by the pre-KEK webhook key). Returns (re-sealed, unopened): a secret no
+        configured key opens is left as it is (its deliveries fail, saying why)."""
+        changed = unopened = 0
         with self._store.transaction() as uow:
             for hook in uow.webhooks.all():
                 if self._sealer.is_current(hook.sealed_secret):
@@ -185,11 +184,11 @@ class WebhookService:
                 try:
                     secret = self._sealer.open(hook.sealed_secret, context)
                 except ValueError:
-                    self.unopened += 1
+                    unopened += 1
                     continue
                 uow.webhooks.update(replace(hook, sealed_secret=self._sealer.seal(secret, context)))
                 changed += 1
-        return changed
+        return changed, unopened
 
     def in_workspace(self, ctx: RequestContext, workspace: str) -> list[Webhook]:
         permissions.require(ctx.principal, workspace, KEYS_MANAGE)
