@@ -376,12 +376,17 @@ class ControlPlane:
         if not url:
             return
         # Imported only when used: redis-py loads OpenTelemetry on import.
-        from sidecar.bus import AuditStreamConsumer
+        from sidecar.bus import AuditStreamConsumer, DeadLetterStream
         from sidecar.replication.bus import RedisChangeBus
 
         self.bus = RedisChangeBus(url, self.store, self._committed_elsewhere)
         await self.bus.start()
-        self.audit_stream = AuditStreamConsumer(url, self.audit)
+        dead = self.metrics.audit_stream_dead_lettered
+        self.audit_stream = AuditStreamConsumer(
+            url,
+            self.audit,
+            dead_letters=DeadLetterStream(on_dead_letter=lambda r: dead.labels(r).inc()),
+        )
         await self.audit_stream.start()
 
     def _set_policy(self, policy: Policy) -> None:

@@ -17,7 +17,7 @@ from envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
 
 from sidecar.auditship import TransportError, decision_event
 from sidecar.auditship.codec import encode
-from sidecar.bus import AuditStreamConsumer, RedisStreamTransport
+from sidecar.bus import DEAD_LETTER_STREAM, AuditStreamConsumer, RedisStreamTransport
 from sidecar.bus.audit_ingest import GROUP
 from sidecar.bus.audit_stream import STREAM
 from sidecar.config import SidecarSettings, load_settings
@@ -203,7 +203,7 @@ def test_entries_of_a_dead_consumer_are_claimed(
     assert client.xpending(STREAM, GROUP)["pending"] == 0
 
 
-def test_records_the_trail_refuses_are_dropped_and_the_rest_stored(
+def test_records_the_trail_refuses_are_dead_lettered_and_the_rest_stored(
     redis_url: str,
     client: redis.Redis,
     trail: tuple[AuditTrail, SqliteStore],
@@ -218,7 +218,8 @@ def test_records_the_trail_refuses_are_dropped_and_the_rest_stored(
     consumers.append(consumer)
     assert consume(loop_thread, consumer) == 4
     assert stored(store) == ["dec_000001", "dec_000002"]
-    assert consumer.dropped == 2
+    assert consumer.dead_lettered == 2
+    assert client.xlen(DEAD_LETTER_STREAM) == 2
     assert client.xlen(STREAM) == 0
 
 

@@ -21,7 +21,8 @@ from redis.backoff import AbstractBackoff, EqualJitterBackoff, NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
 from sidecar.auditship.codec import decode
-from sidecar.bus.audit_stream import FIELD_RECORD, STREAM
+from sidecar.bus.audit_dead_letter import DeadLetter, DeadLetterStream, refused, undecodable
+from sidecar.bus.audit_stream import FIELD_ID, FIELD_RECORD, STREAM
 from sidecar.core.audit import AuditEvent
 from sidecar.core.audit_trail import SIDECAR, AuditTrail
 from sidecar.core.errors import SpauthError
@@ -49,6 +50,7 @@ class AuditStreamConsumer:
         block: float = 1.0,
         claim_idle: float = 30.0,
         backoff: AbstractBackoff | None = None,
+        dead_letters: DeadLetterStream | None = None,
     ) -> None:
         self.stream = stream
         self.group = group
@@ -58,8 +60,9 @@ class AuditStreamConsumer:
         self.claim_idle_ms = int(claim_idle * 1000)
         self.backoff = backoff or EqualJitterBackoff(cap=5.0, base=0.1)
         self.ingested = 0
-        self.dropped = 0
+        self.dead_lettered = 0
         self.claimed = 0
+        self.dead_letters = dead_letters or DeadLetterStream()
         self._trail = trail
         self._ctx = RequestContext(principal=SIDECAR, request_id="audit-stream", source="redis")
         self._client = aioredis.Redis.from_url(
@@ -136,29 +139,38 @@ class AuditStreamConsumer:
         if not entries:
             return 0
         events: list[AuditEvent] = []
-        junk = 0
-        for _, fields in entries:
+        kept: list[tuple[bytes, bytes]] = []  # each event's entry id and record bytes
+        dead: list[DeadLetter] = []
+        for entry_id, fields in entries:
+            record = (fields or {}).get(FIELD_RECORD, b"")
             try:
-                events.append(decode((fields or {}).get(FIELD_RECORD, b"")))
+                events.append(decode(record))
             except ValueError:
-                junk += 1
-        # One trail call stores the batch in one transaction; the records it refuses (each
-        # logged there with its reason) are counted here, and the rest are stored.
-        refused = junk
+                dead.append(undecodable(entry_id, record, (fields or {}).get(FIELD_ID, b"")))
+                continue
+            kept.append((entry_id, record))
+        # One trail call stores a chunk in one transaction; the records it refuses (each
+        # logged there with its reason) become dead letters, and the rest are stored.
         stored = 0
         most = self._trail.policy.max_ingest_batch
         for start in range(0, len(events), most):
             chunk = events[start : start + most]
             result = await asyncio.to_thread(self._trail.ingest, self._ctx, chunk)
-            refused += len(result.refused)
+            for refusal in result.refused:
+                dead.append(refused(*kept[start + refusal.index], refusal))
             stored += len(result.acknowledged)
-        if refused:
-            self.dropped += refused
-            log.warning("audit stream: dropped records the trail refuses", extra={"n": refused})
-        # Acknowledge only after the trail committed; delete so the stream holds the backlog.
+        # Only after the trail committed: the dead letters written and every entry
+        # acknowledged and deleted (so the stream holds the backlog), in one transaction.
         ids = [entry_id for entry_id, _ in entries]
-        await self._client.xack(self.stream, self.group, *ids)
-        await self._client.xdel(self.stream, *ids)
+        await self.dead_letters.settle(
+            self._client, (self.stream, self.group, self.consumer), ids, dead
+        )
+        if dead:
+            log.warning(
+                "audit stream: refused records moved to the dead-letter stream",
+                extra={"n": len(dead), "dead_letter_stream": self.dead_letters.stream},
+            )
+        self.dead_lettered += len(dead)
         self.ingested += stored
         return len(entries)
 

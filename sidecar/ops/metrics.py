@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from sidecar.authz.decision import OUTCOMES, Decision, Outcome, Reason
 from sidecar.authz.engine import CheckInput
+from sidecar.core.audit_trail import RefusalReason
 from sidecar.ops.check_tally import CheckTally
 
 # The `outcome` label: what Envoy did with the request. Unavailable answers (replica not ready
@@ -151,6 +152,18 @@ class Metrics:
             registry=self.registry,
         )
 
+    @cached_property
+    def audit_stream_dead_lettered(self) -> Counter:
+        c = Counter(
+            "spauth_audit_stream_dead_lettered_records",
+            "Audit-stream entries refused by ingest and kept in the dead-letter stream, by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
+        for reason in RefusalReason:
+            c.labels(reason.value)
+        return c
+
     def count_ingest(self, stored: int, refused: Iterable[str]) -> None:
         """One committed ingest: ``stored`` new records, and the reasons of those refused."""
         self.audit_ingested.inc(stored)
@@ -182,7 +195,7 @@ _SIDECAR = (
 )  # fmt: skip
 _CONTROL_PLANE = (
     "oauth_tokens", "admin_calls", "operator_key_expiry", "audit_ingest_conflicts",
-    "audit_ingested", "audit_ingest_refused",
+    "audit_ingested", "audit_ingest_refused", "audit_stream_dead_lettered",
 )  # fmt: skip
 
 
