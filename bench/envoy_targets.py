@@ -5,12 +5,14 @@ the ext_authz server share the server CPU, h2load has the other.
 
 Envoy + sidecar runs with Envoy + do-nothing alongside as its ``reference``, and Envoy +
 do-nothing with Envoy alone: the runner alternates latency runs between each pair and reports the
-difference (bench/README.md, "one at a time")."""
+difference (bench/README.md, "one at a time"). A row with ext_authz records in its info the
+filter's timeout (``ext_authz_timeout``) and, for the sidecar, the Check path it runs
+(``check_path``: compiled or python, as the sidecar logged it at start-up)."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import replace
@@ -18,8 +20,22 @@ from typing import Any, TypeVar
 
 from bench.cases import HttpCase
 from bench.envoy import envoy_target
-from bench.sidecar_target import CHECKS, _mint, _serving, control_plane, sync_token_file
-from bench.targets import _PROJECT_ROOT, SERVER_ENV, RunningTarget, TargetEnv, launch_process
+from bench.sidecar_target import (
+    CHECKS,
+    _mint,
+    _serving,
+    control_plane,
+    reported_check_path,
+    sync_token_file,
+)
+from bench.targets import (
+    _PROJECT_ROOT,
+    SERVER_ENV,
+    RunningTarget,
+    TargetEnv,
+    launch_process,
+    log_path,
+)
 from sidecar.devtools.envoy import EnvoyProcess
 
 T = TypeVar("T")
@@ -48,14 +64,22 @@ def _direct_responses(config: dict[str, Any], *, authz: bool) -> None:
 
 @contextlib.contextmanager
 def _envoy(
-    env: TargetEnv, name: str, authz_port: int, cases: list[HttpCase], pids: list[int], authz: bool
+    env: TargetEnv,
+    name: str,
+    authz_port: int,
+    cases: list[HttpCase],
+    pids: list[int],
+    authz: bool,
+    authz_info: Mapping[str, object] | None = None,
 ) -> Iterator[RunningTarget]:
+    """Envoy in front of the ext_authz server on ``authz_port`` (``authz``) or alone;
+    ``authz_info`` (what that server reported) joins the row's info."""
     with EnvoyProcess(
         authz=("127.0.0.1", authz_port or 1),
         upstream=("127.0.0.1", 1),
         customize=lambda c: _direct_responses(c, authz=authz),
     ) as envoy:
-        info = {"ext_authz_timeout": AUTHZ_TIMEOUT} if authz else {}
+        info = {"ext_authz_timeout": AUTHZ_TIMEOUT, **(authz_info or {})} if authz else {}
         yield envoy_target(name, envoy.url, cases, [envoy.pid, *pids], info=info)
 
 
@@ -121,7 +145,10 @@ def _envoy_sidecar(env: TargetEnv) -> Iterator[RunningTarget]:
         ) as authz:  # fmt: skip
             port = int(authz.address.rsplit(":", 1)[1])
             cases = _case({"authorization": f"Bearer {key}"})
-            with _envoy(env, "envoy+sidecar", port, cases, list(authz.pids), True) as target:
+            # The Check path the sidecar runs, as it said at start-up (compiled or python).
+            path = reported_check_path(log_path(env, "sidecar-behind-envoy"))
+            info = {"check_path": path}
+            with _envoy(env, "envoy+sidecar", port, cases, list(authz.pids), True, info) as target:
                 yield replace(target, reference=reference(), ingest=cp.ingest_meter())
 
 

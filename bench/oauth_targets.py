@@ -7,22 +7,32 @@ control plane through the authorization-code flow with PKCE (bench.oauth_setup).
   so every request verifies the signature and claims: the cost of a token seen for the first
   time. (A cache-off target is the honest way to get it: h2load cannot vary the token.)
 
-The control plane is kept off the server CPUs and its CPU is not counted (as in
-bench.sidecar_target): it ingests the sidecar's decision records, which is not the sidecar's
-work."""
+The control plane is kept off the server CPUs and its CPU is not counted in the row's server CPU
+(as in bench.sidecar_target): it ingests the sidecar's decision records, which is not the
+sidecar's work. It is reported on its own, per stored record (``cp_cpu_us_per_record``,
+bench.cp_cost), as for the API-key rows."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager
+from dataclasses import replace
 
 from envoy.service.auth.v3 import external_auth_pb2
 
+from bench import cp_cost
 from bench.cases import Case, grpc_case, typical_headers
 from bench.oauth_setup import access_token, control_plane
-from bench.sidecar_target import CHECKS, _serving
-from bench.targets import _PROJECT_ROOT, SERVER_ENV, RunningTarget, TargetEnv, launch_process
+from bench.sidecar_target import CHECKS, _serving, with_check_path
+from bench.targets import (
+    _PROJECT_ROOT,
+    SERVER_ENV,
+    RunningTarget,
+    TargetEnv,
+    launch_process,
+    log_path,
+)
 
 SUBJECT = "x-statuspulse-subject"
 
@@ -61,7 +71,9 @@ def _sidecar_jwt(
             cwd=_PROJECT_ROOT,
             ready=_serving,
         ) as target:
-            yield target
+            meter = cp_cost.meter(cp.pid, cp.http, cp.data / "spauth.db")
+            target = with_check_path(target, log_path(env, name))
+            yield replace(target, ingest=meter)
 
 
 def sidecar_jwt(env: TargetEnv) -> AbstractContextManager[RunningTarget]:

@@ -193,7 +193,7 @@ def _saturation(
     baseline: Baseline | None = None,
     meter: IngestMeter | None = None,
 ) -> dict[str, Any]:
-    before = cp_cost.stored_now(meter)
+    before = cp_cost.count_now(meter)
     warm = h2load.saturate(  # warm-up, not measured
         load,
         duration=s.warmup,
@@ -291,7 +291,7 @@ def _fixed_rate(
     """The fixed-rate run; with ``base``, a run of the do-nothing server at the same rate just
     before it, and the differences (``added_p50_ms``, ``added_p99_ms``)."""
     baseline = _quietly(s, lambda: _fixed_rate_run(base.load, base.pids, s)) if base else None
-    before = cp_cost.stored_now(meter)
+    before = cp_cost.count_now(meter)
     out = _quietly(s, lambda: _fixed_rate_run(load, pids, s))
     cp_cost.after_load(meter, before, out["requests"])
     if base is not None and baseline is not None:
@@ -311,7 +311,7 @@ def _serial(
     runs = []
     for _ in range(s.reps):
         base = _quietly(s, lambda: _serial_run(ref.load, ref.pids, s))
-        before = cp_cost.stored_now(meter)
+        before = cp_cost.count_now(meter)
         run = _quietly(s, lambda: _serial_run(load, pids, s))
         cp_cost.after_load(meter, before, run["requests"])
         runs.append({"target": run, "reference": base})

@@ -8,7 +8,7 @@ valid key on a route that needs a scope it lacks (deny, 403)."""
 from __future__ import annotations
 
 import contextlib
-import sqlite3
+import json
 import subprocess
 import time
 from collections.abc import Iterator, Mapping
@@ -19,6 +19,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench import cp_cost
 from bench.cases import Case, grpc_case, typical_headers
 from bench.cpu import off_server_prefix
 from bench.targets import (
@@ -28,10 +29,13 @@ from bench.targets import (
     TargetEnv,
     TargetError,
     launch_process,
+    log_path,
 )
 
 _ROOT = Path(__file__).resolve().parent.parent
 CHECKS = "/v1/workspaces/acme/checks"
+# sidecar.dataplane.fastcheck.check_path logs "check path: compiled" or "check path: python …".
+CHECK_PATH_LOG = "check path: "
 METRICS = "/v1/workspaces/acme/metrics"
 
 
@@ -54,27 +58,19 @@ def sync_token_file(env: TargetEnv) -> Path:
 
 @dataclass(frozen=True)
 class ControlPlane:
-    """A control plane started for a target: its admin address, the operator key, its pid and
-    its data directory (the SQLite file its decision records land in)."""
+    """A control plane started for a target: its admin address, the operator key, its pid, its
+    data directory (the SQLite file its decision records land in) and its HTTP address (its
+    ``/metrics``)."""
 
     admin: str
     operator: str
     pid: int
     data: Path
+    http: str
 
     def ingest_meter(self) -> IngestMeter:
-        """Its CPU and stored-record count, for ``cp_cpu_us_per_record``."""
-        db = self.data / "spauth.db"
-        return IngestMeter([self.pid], lambda: audit_rows(db))
-
-
-def audit_rows(db: Path) -> int:
-    """Audit records ever stored in a control plane's SQLite file: the highest ``seq`` (an
-    AUTOINCREMENT key, so deletions cannot lower it; one index lookup, however large the
-    table). Read-only: the bench must not take the writer's lock."""
-    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as conn:
-        (seq,) = conn.execute("SELECT coalesce(max(seq), 0) FROM audit_events").fetchone()
-    return int(seq)
+        """Its CPU and ingest counters, for ``cp_cpu_us_per_record``."""
+        return cp_cost.meter(self.pid, self.http, self.data / "spauth.db")
 
 
 @contextlib.contextmanager
@@ -95,11 +91,11 @@ def control_plane(env: TargetEnv) -> Iterator[ControlPlane]:
     try:
         deadline = time.monotonic() + 30
         key_file = data / "bootstrap-key"
-        while not key_file.exists() or not _admin_up(admin):
+        while not key_file.exists() or not _admin_up(admin) or not _metrics_up(http):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise TargetError("control plane did not start; see control-plane.log")
             time.sleep(0.1)
-        yield ControlPlane(admin, key_file.read_text().strip(), proc.pid, data)
+        yield ControlPlane(admin, key_file.read_text().strip(), proc.pid, data, http)
     finally:
         proc.terminate()
         proc.wait(15)
@@ -111,6 +107,14 @@ def _control_plane(env: TargetEnv) -> Iterator[tuple[str, str]]:
     """:func:`control_plane` as ``(admin address, operator key)``."""
     with control_plane(env) as cp:
         yield cp.admin, cp.operator
+
+
+def _metrics_up(http: str) -> bool:
+    try:
+        cp_cost.scrape(http)
+    except OSError:
+        return False
+    return True
 
 
 def _admin_up(admin: str) -> bool:
@@ -133,6 +137,25 @@ def _mint(admin: str, operator: str, scopes: list[str]) -> str:
             timeout=10,
         )
     return str(resp.key)
+
+
+def reported_check_path(log: Path) -> str | None:
+    """The Check path a sidecar said at start-up it runs ("compiled" or "python"; a compiled
+    path asked for but not built falls back to "python"), from its JSON log; None when absent."""
+    for line in log.read_text(errors="replace").splitlines():
+        try:
+            msg = json.loads(line).get("msg")
+        except (ValueError, AttributeError):
+            continue
+        if isinstance(msg, str) and msg.startswith(CHECK_PATH_LOG):
+            return msg.removeprefix(CHECK_PATH_LOG).split()[0]
+    return None
+
+
+def with_check_path(target: RunningTarget, log: Path) -> RunningTarget:
+    """``target`` with ``check_path`` (as the sidecar logging to ``log`` reported it) in its
+    row's info."""
+    return replace(target, info={**target.info, "check_path": reported_check_path(log)})
 
 
 def sidecar_cases(valid: str) -> list[Case]:
@@ -176,6 +199,7 @@ def _sidecar(
             cwd=_ROOT,
             ready=_serving,
         ) as target:
+            target = with_check_path(target, log_path(env, name))
             records = extra_env.get("SPAUTH_SIDECAR_AUDIT", "on") != "off"
             yield replace(target, ingest=cp.ingest_meter()) if records else target
 

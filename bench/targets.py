@@ -73,13 +73,23 @@ class RunningTarget:
 
 
 @dataclass(frozen=True)
+class IngestCount:
+    """What a control plane has ingested so far: records stored, and records refused by reason."""
+
+    stored: int
+    refused: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class IngestMeter:
     """A process outside the target that works for every check — the control plane storing the
-    sidecar's decision records: its CPU (``pids`` and their descendants) and ``stored()``, how
-    many records it has stored so far, read around each saturation rep."""
+    sidecar's decision records: its CPU (``pids`` and their descendants) and ``read()``, its own
+    counters of what it has ingested so far, read around each saturation rep; ``cross_check``,
+    when given, counts the stored records another way (its database), at the rep's ends only."""
 
     pids: Sequence[int]
-    stored: Callable[[], int]
+    read: Callable[[], IngestCount]
+    cross_check: Callable[[], int] | None = None
 
 
 TargetFactory = Callable[[TargetEnv], AbstractContextManager[RunningTarget]]
@@ -130,6 +140,11 @@ def _stop(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
         proc.wait()
 
 
+def log_path(env: TargetEnv, name: str) -> Path:
+    """Where :func:`launch_process` writes the stdout/stderr of the process it calls ``name``."""
+    return env.workdir / f"{name}.log"
+
+
 @contextlib.contextmanager
 def launch_process(
     env: TargetEnv,
@@ -152,7 +167,7 @@ def launch_process(
     port = env.free_port()
     listen = f"127.0.0.1:{port}"
     final = [a.format(listen=listen, host="127.0.0.1", port=port) for a in argv]
-    log = env.workdir / f"{name}.log"
+    log = log_path(env, name)
     with log.open("wb") as sink:
         proc = subprocess.Popen(
             [*taskset_prefix(set(env.server_cpus)), *final],
