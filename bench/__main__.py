@@ -44,6 +44,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--rate", type=float, help="requests/s of the fixed-rate run (default 1000)")
     p.add_argument("--rate-duration", type=float, help="seconds of the fixed-rate run")
     p.add_argument(
+        "--rate-pairs",
+        type=int,
+        metavar="N",
+        help="fixed-rate runs of a row with a baseline, each right after a baseline run "
+        "(default 3, 1 with --quick); the median difference and the spread are reported",
+    )
+    p.add_argument(
         "--serial-duration",
         type=float,
         help="seconds per one-at-a-time latency rep (targets with a reference, e.g. Envoy rows)",
@@ -98,6 +105,7 @@ def build_settings(args: argparse.Namespace, workdir: Path) -> Settings:
         "duration": args.duration,
         "rate": args.rate,
         "rate_duration": args.rate_duration,
+        "rate_pairs": args.rate_pairs,
         "serial_duration": args.serial_duration,
         "quiet_wait": args.wait_quiet,
     }

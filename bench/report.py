@@ -73,11 +73,16 @@ def _fmt(value: object, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _range(spread: Sequence[float] | None) -> str:
+    """A pair-difference spread as ``min..max`` (``-`` without one)."""
+    return "-" if not spread else f"{spread[0]:+.2f}..{spread[1]:+.2f}"
+
+
 def table(results: Sequence[CaseResult]) -> str:
     """A fixed-width table of the headline numbers, then the one-at-a-time rows."""
     head = (
         f"{'target':<28} {'case':<20} {'req/s':>8} {'xceil':>6} {'p50ms':>7} {'p99ms':>7} "
-        f"{'+p99ms':>7} {'p99.9ms':>8} {'srv us/call':>11} {'cli us/call':>11} "
+        f"{'+p99ms':>7} {'+p99 spread':>13} {'p99.9ms':>8} {'srv us/call':>11} {'cli us/call':>11} "
         f"{'cp us/rec':>9} {'noise':>5}  status"
     )
     lines = [head, "-" * len(head)]
@@ -87,6 +92,7 @@ def table(results: Sequence[CaseResult]) -> str:
             f"{r.target:<28.28} {r.case:<20.20} {_fmt(s.get('rps'), '8.0f')} "
             f"{_fmt(r.ratio_to_ceiling, '6.2f')} {_fmt(f.get('p50_ms'), '7.2f')} "
             f"{_fmt(f.get('p99_ms'), '7.2f')} {_fmt(f.get('added_p99_ms'), '+7.2f')} "
+            f"{_range(f.get('added_p99_ms_spread')):>13} "
             f"{_fmt(f.get('p999_ms'), '8.2f')} "
             f"{_fmt(s.get('server_cpu_us_per_call'), '11.0f')} "
             f"{_fmt(s.get('client_cpu_us_per_call'), '11.0f')} "
@@ -101,9 +107,10 @@ def table(results: Sequence[CaseResult]) -> str:
             "('noise' column, in cores): rerun on a quiet machine before trusting them."
         )
     lines.append(
-        "+p99ms: fixed-rate p99 minus that of the baseline run just before it "
-        "(the row's reference, else the ceiling); cp us/rec: control-plane CPU per stored "
-        "decision record."
+        "+p99ms: fixed-rate p99 minus that of the baseline run just before it (the row's "
+        "reference, else the ceiling), the median over --rate-pairs such pairs, and +p99 spread "
+        "the pairs' smallest and largest difference (bench/README.md, 'Reading p99 at a fixed "
+        "rate'); cp us/rec: control-plane CPU per stored decision record."
     )
     return "\n".join(lines + _serial_table(results))
 

@@ -78,6 +78,7 @@ def test_quick_run_writes_complete_json(quick_run: tuple[Path, str]) -> None:
     for key in ("cpu_model", "python", "grpcio", "h2load"):
         assert machine[key]
     assert latest["ceiling"]["rps"] > 0
+    assert latest["settings"]["rate_pairs"] == 1  # --quick: one fixed-rate pair
 
     assert [r["target"] for r in latest["results"]] == list(QUICK_TARGETS)
     row = _row(latest, "ceiling")
@@ -121,6 +122,16 @@ def test_quick_run_has_jwt_rows(quick_run: tuple[Path, str]) -> None:
         assert base["achieved_rps"] > 0 and 0 < base["p50_ms"] <= base["p99_ms"]
         assert rate["added_p50_ms"] == round(rate["p50_ms"] - base["p50_ms"], 3)
         assert rate["added_p99_ms"] == round(rate["p99_ms"] - base["p99_ms"], 3)
+        # One pair (--quick): its difference is the median and both ends of the spread.
+        (pair,) = rate["pairs"]
+        assert pair["added_p99_ms"] == rate["added_p99_ms"]
+        assert rate["added_p99_ms_spread"] == [rate["added_p99_ms"]] * 2
+        assert pair["baseline"]["p99_ms"] == base["p99_ms"]
+        assert pair["target"]["requests"] == rate["requests"] > 0
+        # The sidecar said which Check path it runs; its control plane's CPU per record is
+        # metered from its own counters, cross-checked by the database's count.
+        assert row["info"]["check_path"] in ("compiled", "python")
+        _assert_metered(row["saturation"])
 
 
 @needs_h2load
@@ -148,14 +159,22 @@ def test_quick_run_has_envoy_sidecar_row_with_its_reference(quick_run: tuple[Pat
     assert rate["baseline"]["target"] == "envoy+ceiling (reference)"
     assert rate["added_p99_ms"] == round(rate["p99_ms"] - rate["baseline"]["p99_ms"], 3)
 
-    # The control plane stored one decision record per check of the rep before it was read.
-    sat = row["saturation"]
+    assert row["info"]["ext_authz_timeout"] == "5s"
+    assert row["info"]["check_path"] in ("compiled", "python")
+    _assert_metered(row["saturation"])
+
+
+def _assert_metered(sat: dict[str, Any]) -> None:
+    """The control plane stored one decision record per check of the rep before it was read,
+    by its /metrics counters, and its database holds the same number."""
     (rep,) = sat["reps"]
     assert rep["cp_settled"] is True
     assert rep["cp_records"] >= rep["requests"] > 0
+    assert rep["cp_db_records"] == rep["cp_records"]
+    assert rep["cp_refused"] == {}
     assert rep["cp_cpu_us_per_record"] > 0 and rep["cp_cpu_util"] > 0
     assert sat["cp_cpu_us_per_record"] == rep["cp_cpu_us_per_record"]
-    assert sat["cp_records"] == rep["cp_records"]
+    assert sat["cp_records"] == sat["cp_db_records"] == rep["cp_records"]
 
 
 @needs_h2load
