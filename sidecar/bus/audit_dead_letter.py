@@ -6,9 +6,9 @@ An entry of ``spauth:audit`` that the trail refuses (forged, future-dated, malfo
 with other content) or that is not an ``AuditRecord`` at all is added to
 ``spauth:audit:dead-letter`` with the record's bytes unchanged and its stable reason code
 (``AuditRefusalReason`` as in ``sidecar.core.audit_trail.RefusalReason``). The dead letters and
-the acknowledgement of the whole batch go to Redis in one MULTI/EXEC: nothing is acknowledged
-before its dead letter is written, and a consumer that dies in between leaves the batch pending
-for a retry that writes each dead letter once. Never trimmed: an operator reads and deletes
+the acknowledgement of the whole batch go to Redis in one script, all or nothing: nothing is
+acknowledged before its dead letter is written, and a consumer that dies before the script ran
+leaves the batch pending for a retry that writes each dead letter once. Never trimmed: an operator reads and deletes
 (docs/audit.md, "Dead letters on the Redis path")."""
 
 from __future__ import annotations
