@@ -91,7 +91,10 @@ def control_plane(env: TargetEnv) -> Iterator[ControlPlane]:
     try:
         deadline = time.monotonic() + 30
         key_file = data / "bootstrap-key"
-        while not key_file.exists() or not _admin_up(admin) or not _metrics_up(http):
+        # A health answer, not just an open port: another process that took the port between
+        # free_port() and the control plane's bind (an Envoy started alongside, bound to port 0)
+        # would otherwise pass for it and answer the admin calls.
+        while not key_file.exists() or not _serving(admin) or not _metrics_up(http):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise TargetError("control plane did not start; see control-plane.log")
             time.sleep(0.1)
@@ -112,7 +115,7 @@ def _control_plane(env: TargetEnv) -> Iterator[tuple[str, str]]:
 def _metrics_up(http: str) -> bool:
     try:
         cp_cost.scrape(http)
-    except OSError:
+    except (OSError, ValueError):  # not up, or not its /metrics (the port's squatter)
         return False
     return True
 
