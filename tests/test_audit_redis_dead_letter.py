@@ -242,3 +242,33 @@ def test_the_control_plane_counts_dead_letters_and_the_docs_command_shows_them(
     ).stdout
     assert "not_a_decision" in out and "action" in out
     assert client.xlen(DEAD_LETTER_STREAM) == 1  # reading deletes nothing
+
+
+def test_a_batch_larger_than_an_ingest_call_keeps_each_refusal_with_its_entry(
+    redis_url: str,
+    client: redis.Redis,
+    trail: tuple[AuditTrail, SqliteStore],
+    loop_thread: LoopThread,
+    consumers: list[AuditStreamConsumer],
+) -> None:
+    # 2,500 entries: three trail calls (1,000 records each at most) and XACK in three slices.
+    _, store = trail
+    audit = AuditTrail(store, FakeClock(NOW + 3_000), b"k" * 32)  # record(i) is dated NOW + i
+    forged = encode(event(NOW, "key_a", "key.revoked", "acme", "key_b"))
+    batch = [record(i) for i in range(2_499)]
+    batch.insert(1_500, forged)
+    transport = RedisStreamTransport(redis_url)
+    for start in range(0, len(batch), 500):
+        transport.send(batch[start : start + 500])
+    transport.close()
+    forged_entry, fields = client.xrange(STREAM)[1_500]
+    assert fields[b"record"] == forged
+    consumer = AuditStreamConsumer(redis_url, audit, block=0.1, batch=2_500)
+    consumers.append(consumer)
+    assert consume(loop_thread, consumer) == 2_500
+    (kept,) = letters(client)
+    assert kept["record"] == forged
+    assert kept["entry"] == forged_entry
+    assert len(stored(store)) == 2_499
+    assert client.xlen(STREAM) == 0
+    assert client.xpending(STREAM, GROUP)["pending"] == 0

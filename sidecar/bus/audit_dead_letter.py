@@ -8,8 +8,8 @@ with other content) or that is not an ``AuditRecord`` at all is added to
 (``AuditRefusalReason`` as in ``sidecar.core.audit_trail.RefusalReason``). The dead letters and
 the acknowledgement of the whole batch go to Redis in one script, all or nothing: nothing is
 acknowledged before its dead letter is written, and a consumer that dies before the script ran
-leaves the batch pending for a retry that writes each dead letter once. Never trimmed: an operator reads and deletes
-(docs/audit.md, "Dead letters on the Redis path")."""
+leaves the batch pending for a retry that writes each dead letter once. Never trimmed: an operator
+reads and deletes (docs/audit.md, "Dead letters on the Redis path")."""
 
 from __future__ import annotations
 
@@ -75,9 +75,11 @@ local width = tonumber(ARGV[3])
 for i = 4 + n, #ARGV, width do
   redis.call('XADD', KEYS[1], '*', unpack(ARGV, i, i + width - 1))
 end
-if n > 0 then
-  redis.call('XACK', KEYS[2], ARGV[1], unpack(ARGV, 4, 3 + n))
-  redis.call('XDEL', KEYS[2], unpack(ARGV, 4, 3 + n))
+-- In slices: unpack() is bounded by Lua's stack (~8000 values), a batch setting is not.
+for first = 4, 3 + n, 1000 do
+  local last = math.min(first + 999, 3 + n)
+  redis.call('XACK', KEYS[2], ARGV[1], unpack(ARGV, first, last))
+  redis.call('XDEL', KEYS[2], unpack(ARGV, first, last))
 end
 return n
 """
