@@ -10,6 +10,7 @@ import json
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable
+from pathlib import Path
 
 import grpc
 
@@ -22,6 +23,7 @@ from sidecar.core.errors import Unavailable
 from sidecar.core.models import Change
 from sidecar.core.packed import AS_ROW, PackedKeys, PackError
 from sidecar.core.storage import KeyRow, Store, UnitOfWork
+from sidecar.replication.snapshot_file import PackedSnapshot, SnapshotFile, anchor_of
 
 log = logging.getLogger("sidecar.replication")
 
@@ -35,6 +37,8 @@ BATCH = 1000
 # of many sidecars costs the control plane one build, not one each. The changes committed after
 # it travel inside the snapshot (applied before the sidecar swaps it in, so a key revoked since
 # is never usable again, not even for a moment), and the snapshot's revision is the last of them.
+# The same holds for the snapshot a control plane kept on disk (snapshot_file.py) and serves
+# after a restart.
 REUSE_CHANGES = 10_000
 REUSE_SECONDS = 300.0
 UPSERTED = changes.ChangeKind.CREDENTIAL_UPSERTED.value
@@ -61,6 +65,7 @@ class ReplicationServicer(pb_grpc.ReplicationServiceServicer):  # type: ignore[m
         key_source: KeySource | None = None,
         heartbeat: float = 1.0,
         sync_token: str = "",
+        snapshot_file: Path | None = None,
     ) -> None:
         self._store = store
         self._clock = clock
@@ -74,9 +79,15 @@ class ReplicationServicer(pb_grpc.ReplicationServiceServicer):  # type: ignore[m
         self.snapshots_sent = 0
         self._wakers: set[Callable[[int], None]] = set()
         self._log_id = ""  # read once: fixed for the life of the store
-        self._built: tuple[int, bytes, list[Change], float] | None = None
+        self._built: tuple[PackedSnapshot, float] | None = None  # and when it was built
         self._build_lock = threading.Lock()  # one build at a time; the others wait and share it
         self.packed_builds = 0
+        # The packed snapshot kept on disk for the next start (None: kept in memory only).
+        self._file = SnapshotFile(snapshot_file) if snapshot_file is not None else None
+        self.snapshots_from_file = 0
+        # True once ``prepare`` has the packed snapshot at hand (the control plane reports
+        # ready only then).
+        self.ready = False
 
     def wake(self, revision: int) -> None:
         """Have every open stream re-read the change log now: another control-plane replica
@@ -86,56 +97,123 @@ class ReplicationServicer(pb_grpc.ReplicationServiceServicer):  # type: ignore[m
 
     def snapshot(self) -> tuple[int, list[Change]]:
         """The head revision and every entry, read in one consistent transaction."""
-        head, keys, entries = self._read_snapshot()
+        head, _, keys, entries = self._read_snapshot()
         return head, key_entries(keys) + entries
 
     def packed_snapshot(self) -> tuple[int, bytes, list[Change]]:
         """The head revision, the API keys as one packed key table and every other entry;
         the table is empty (b"") when a key cannot be packed, and the keys then go as entries."""
-        head, keys, entries = self._read_snapshot()
+        head, _, keys, entries = self._read_snapshot()
         try:
             return head, PackedKeys.pack_rows(keys).encode(), entries
         except PackError as exc:
             log.warning("snapshot: keys sent as entries", extra={"error": str(exc)})
             return head, b"", key_entries(keys) + entries
 
+    def prepare(self) -> None:
+        """Have the packed snapshot at hand before the control plane reports ready: the one
+        kept on disk when it is still good for this store (``snapshot_file``), else one built
+        from the store now (and kept on disk for the next start). A control plane that starts
+        then serves its first sidecars at once, instead of reading and packing every key on
+        their first Subscribe while its start-up sweeps run on the same cores."""
+        with self._build_lock:
+            snap = self._file.load() if self._file is not None else None
+            if snap is not None and self._usable(snap):
+                self._built = (snap, self._clock.now())
+                self.snapshots_from_file += 1
+                log.info("packed snapshot read from its file",
+                         extra={"revision": snap.revision})  # fmt: skip
+                snap = None
+            else:
+                snap = self._rebuild()
+        self.ready = True
+        self._keep(snap)
+
     def shared_packed_snapshot(self) -> tuple[int, bytes, list[Change]]:
         """``packed_snapshot`` reused while it is recent (REUSE_CHANGES, REUSE_SECONDS), with
         the changes since it appended to its entries."""
-        revision, packed, entries = self._shared_build()
-        while packed:
+        snap = self._shared_build()
+        if snap is None:
+            revision, packed, entries = self.packed_snapshot()
+            return revision, packed, entries
+        revision, entries = snap.revision, list(snap.entries)
+        while True:
             _, later = self._changes(revision)
             if not later:
                 break
             entries = entries + later
             revision = later[-1].revision
-        return revision, packed, entries
+        return revision, snap.packed, entries
 
-    def _shared_build(self) -> tuple[int, bytes, list[Change]]:
+    def _shared_build(self) -> PackedSnapshot | None:
+        """The packed snapshot to serve (None: the keys cannot be packed)."""
+        built: PackedSnapshot | None = None
         with self._build_lock:
-            now = self._clock.now()
-            built = self._built
-            if built is not None and now - built[3] <= REUSE_SECONDS:
+            if self._built is not None and self._clock.now() - self._built[1] <= REUSE_SECONDS:
                 with self._store.read() as uow:
                     head = uow.changes.head()
-                if head - built[0] <= REUSE_CHANGES:
-                    return built[0], built[1], built[2]
-            revision, packed, entries = self.packed_snapshot()
-            self.packed_builds += 1
-            self._built = (revision, packed, entries, now) if packed else None
-            return revision, packed, entries
+                if head - self._built[0].revision <= REUSE_CHANGES:
+                    return self._built[0]
+            built = self._rebuild()
+        self._keep(built)
+        return built
 
-    def _read_snapshot(self) -> tuple[int, list[KeyRow], list[Change]]:
+    def _rebuild(self) -> PackedSnapshot | None:
+        """Build the packed snapshot from the store (under ``_build_lock``)."""
+        head, anchor, keys, entries = self._read_snapshot()
+        self.packed_builds += 1
+        try:
+            packed = PackedKeys.pack_rows(keys).encode()
+        except PackError as exc:
+            log.warning("snapshot: keys sent as entries", extra={"error": str(exc)})
+            self._built = None
+            return None
+        snap = PackedSnapshot(self.log_id(), head, anchor, packed, tuple(entries))
+        self._built = (snap, self._clock.now())
+        return snap
+
+    def _keep(self, snap: PackedSnapshot | None) -> None:
+        """Write ``snap`` to the snapshot file (outside ``_build_lock``: sidecars waiting for
+        the snapshot get it while it is written)."""
+        if snap is None or self._file is None:
+            return
+        try:
+            self._file.save(snap)
+        except OSError as exc:
+            log.warning("cannot keep the packed snapshot on disk",
+                        extra={"file": str(self._file.path), "error": str(exc)})  # fmt: skip
+
+    def _usable(self, snap: PackedSnapshot) -> bool:
+        """Whether a snapshot read from disk may be served: of this store's change log, not
+        ahead of it, at most REUSE_CHANGES behind, and the log's entry at its revision the
+        one it was built after (a restored database reuses revision numbers)."""
+        with self._store.read() as uow:
+            head = uow.changes.head()
+            ok = (
+                snap.log_id == uow.changes.log_id()
+                and 0 <= head - snap.revision <= REUSE_CHANGES
+                and snap.anchor == anchor_of(_entry_at(uow, snap.revision))
+            )
+        if not ok:
+            log.warning(
+                "the snapshot file is stale (another or a restored database, or too far "
+                "behind); building the snapshot from the store",
+                extra={"revision": snap.revision, "head": head},
+            )
+        return ok
+
+    def _read_snapshot(self) -> tuple[int, str, list[KeyRow], list[Change]]:
         now = int(self._clock.now())
         with self._store.read() as uow:
             head = uow.changes.head()
+            anchor = anchor_of(_entry_at(uow, head))
             keys = list(self._key_source(uow, now)) if self._key_source is not None else []
             entries = [entry for source in self._sources for entry in source(uow, now)]
         others = [entry for entry in entries if _key(entry) is None]
         if len(others) < len(entries):  # keys among the sources' entries (no key_source)
             keys.extend(AS_ROW(m) for m in map(_key, entries) if m is not None)
             entries = others
-        return head, keys, entries
+        return head, anchor, keys, entries
 
     def log_id(self) -> str:
         """The change log's identity (sidecars resume only within the same log)."""
@@ -217,6 +295,12 @@ class ReplicationServicer(pb_grpc.ReplicationServiceServicer):  # type: ignore[m
             self.subscribers -= 1
             self._wakers.discard(notify)
             unsubscribe()
+
+
+def _entry_at(uow: UnitOfWork, revision: int) -> Change | None:
+    """The change-log entry at ``revision`` (None: there is none)."""
+    found = uow.changes.since(revision - 1, 1) if revision > 0 else []
+    return found[0] if found and found[0].revision == revision else None
 
 
 def _key(entry: Change) -> changes.CredentialUpserted | None:
