@@ -435,6 +435,7 @@ class ControlPlane:
             try:
                 await asyncio.to_thread(self.policy_watcher.poll)
                 changed = await asyncio.to_thread(self.keys.sweep)
+                await asyncio.to_thread(self.replication.refresh)  # the sidecars' snapshot
                 self.key_expiry.update(await asyncio.to_thread(self.keys.expiring_counts))
                 if self.oauth is not None:
                     changed += await asyncio.to_thread(self.oauth.sweep)

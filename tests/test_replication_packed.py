@@ -140,7 +140,7 @@ def test_every_version_mix_ends_with_the_same_replica(
 
 
 def test_a_snapshot_built_once_serves_later_sidecars_with_the_changes_since_inside(
-    store: SqliteStore, loop_thread: LoopThread
+    store: SqliteStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A rollout: the second sidecar gets the first one's packed table (one build), and a key
     revoked in between is already revoked when that snapshot is swapped in — never usable
@@ -157,7 +157,15 @@ def test_a_snapshot_built_once_serves_later_sidecars_with_the_changes_since_insi
     replica.load_packed(revision, PackedKeys.decode(packed), entries)
     assert replica.credential(hashlib.sha256(b"key_000005").digest()).revoked  # type: ignore[union-attr]
     assert replica.revision == revision
-    # Past the reuse bounds the table is built again (here: its age).
+    # Past its age bound the table is still served (with the changes since inside) and built
+    # again in the background; past the change bound it is built again before it is served.
     clock.advance(server_module.REUSE_SECONDS + 1)
-    servicer.shared_packed_snapshot()
-    assert servicer.packed_builds == 2
+    assert servicer.shared_packed_snapshot()[0] == revision
+    wait_until(lambda: servicer.packed_builds == 2 and not servicer._refreshing)
+    with store.transaction() as uow:
+        uow.changes.append(changes.CredentialRevoked("key_000006").change())
+    monkeypatch.setattr(server_module, "REUSE_CHANGES", 0)
+    _, _, entries = servicer.shared_packed_snapshot()
+    # Built now: no change-log entry appended (the OAuth state's entries carry no revision).
+    assert servicer.packed_builds == 3 and all(e.revision == 0 for e in entries)
+    assert servicer.refresh() is False  # nothing since

@@ -259,6 +259,23 @@ def test_a_control_plane_is_ready_only_with_its_snapshot_at_hand(
     asyncio.run(run())
 
 
+def test_an_old_snapshot_is_refreshed_in_the_background_and_kept_on_disk(
+    store: Store, clock: FakeClock, minted: list[Minted], tmp_path: Path
+) -> None:
+    path = tmp_path / FILE_NAME
+    s = servicer(store, clock, path)
+    s.prepare()
+    assert s.refresh() is False  # nothing since
+    ApiKeyService(store, clock).revoke(OPERATOR, minted[2].key.id)
+    assert s.refresh() is False  # one change since, and young
+    clock.advance(server_module.REUSE_SECONDS + 1)
+    assert s.refresh() is True and s.packed_builds == 2
+    snap = snapshot_file.decode(path.read_bytes())
+    with store.read() as uow:
+        assert snap.revision == uow.changes.head()
+    assert set(served(s).by_digest) == usable(store, clock)
+
+
 def test_an_unwritable_directory_leaves_the_snapshot_in_memory(
     store: Store, clock: FakeClock, minted: list[Minted], tmp_path: Path
 ) -> None:

@@ -85,6 +85,7 @@ class ReplicationServicer(pb_grpc.ReplicationServiceServicer):  # type: ignore[m
         # The packed snapshot kept on disk for the next start (None: kept in memory only).
         self._file = SnapshotFile(snapshot_file) if snapshot_file is not None else None
         self.snapshots_from_file = 0
+        self._refreshing = False  # a background build is under way
         # True once ``prepare`` has the packed snapshot at hand (the control plane reports
         # ready only then).
         self.ready = False
@@ -146,31 +147,78 @@ class ReplicationServicer(pb_grpc.ReplicationServiceServicer):  # type: ignore[m
         return revision, snap.packed, entries
 
     def _shared_build(self) -> PackedSnapshot | None:
-        """The packed snapshot to serve (None: the keys cannot be packed)."""
+        """The packed snapshot to serve (None: the keys cannot be packed): the one at hand
+        while it is at most REUSE_CHANGES behind (refreshed in the background once it is
+        old, see ``refresh``), else one built now."""
         built: PackedSnapshot | None = None
         with self._build_lock:
-            if self._built is not None and self._clock.now() - self._built[1] <= REUSE_SECONDS:
+            if self._built is not None:
                 with self._store.read() as uow:
                     head = uow.changes.head()
                 if head - self._built[0].revision <= REUSE_CHANGES:
+                    if self._due(head) and not self._refreshing:
+                        self._refreshing = True
+                        threading.Thread(target=self._refresh, daemon=True).start()
                     return self._built[0]
             built = self._rebuild()
         self._keep(built)
         return built
 
+    def refresh(self) -> bool:
+        """Build the packed snapshot again when it is due (older than REUSE_SECONDS with
+        changes since, or half of REUSE_CHANGES behind), without holding sidecars back: they
+        are served the one at hand meanwhile. The control plane's sweeper calls it, so the
+        next sidecar and the next start (the file) find a recent one."""
+        with self._build_lock:
+            if self._refreshing:
+                return False
+            with self._store.read() as uow:
+                head = uow.changes.head()
+            if not self._due(head):
+                return False
+            self._refreshing = True
+        return self._refresh()
+
+    def _due(self, head: int) -> bool:
+        if self._built is None:
+            return False
+        snap, at = self._built
+        behind = head - snap.revision
+        aged = self._clock.now() - at > REUSE_SECONDS
+        return behind > REUSE_CHANGES // 2 or (behind > 0 and aged)
+
+    def _refresh(self) -> bool:
+        """Build outside ``_build_lock`` and swap the result in (``_refreshing`` is set)."""
+        try:
+            snap = self._build()
+            if snap is None:
+                return False
+            with self._build_lock:
+                if self._built is None or self._built[0].revision < snap.revision:
+                    self._built = (snap, self._clock.now())
+            self._keep(snap)
+            return True
+        except Unavailable as exc:
+            log.warning("snapshot refresh: store unavailable", extra={"error": exc.message})
+            return False
+        finally:
+            self._refreshing = False
+
     def _rebuild(self) -> PackedSnapshot | None:
-        """Build the packed snapshot from the store (under ``_build_lock``)."""
+        """Build the packed snapshot from the store now (under ``_build_lock``)."""
+        snap = self._build()
+        self._built = (snap, self._clock.now()) if snap is not None else None
+        return snap
+
+    def _build(self) -> PackedSnapshot | None:
         head, anchor, keys, entries = self._read_snapshot()
         self.packed_builds += 1
         try:
             packed = PackedKeys.pack_rows(keys).encode()
         except PackError as exc:
             log.warning("snapshot: keys sent as entries", extra={"error": str(exc)})
-            self._built = None
             return None
-        snap = PackedSnapshot(self.log_id(), head, anchor, packed, tuple(entries))
-        self._built = (snap, self._clock.now())
-        return snap
+        return PackedSnapshot(self.log_id(), head, anchor, packed, tuple(entries))
 
     def _keep(self, snap: PackedSnapshot | None) -> None:
         """Write ``snap`` to the snapshot file (outside ``_build_lock``: sidecars waiting for
