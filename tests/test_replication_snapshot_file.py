@@ -259,6 +259,17 @@ def test_a_control_plane_is_ready_only_with_its_snapshot_at_hand(
     asyncio.run(run())
 
 
+def test_a_subscribe_before_prepare_takes_the_file_too_and_nothing_is_built_twice(
+    store: Store, clock: FakeClock, minted: list[Minted], tmp_path: Path
+) -> None:
+    path = tmp_path / FILE_NAME
+    servicer(store, clock, path).prepare()
+    s = servicer(store, clock, path)
+    assert set(served(s).by_digest) == usable(store, clock)  # a sidecar's Subscribe, first
+    s.prepare()
+    assert (s.packed_builds, s.snapshots_from_file, s.ready) == (0, 1, True)
+
+
 def test_an_old_snapshot_is_refreshed_in_the_background_and_kept_on_disk(
     store: Store, clock: FakeClock, minted: list[Minted], tmp_path: Path
 ) -> None:

@@ -86,6 +86,7 @@ class ReplicationServicer(pb_grpc.ReplicationServiceServicer):  # type: ignore[m
         self._file = SnapshotFile(snapshot_file) if snapshot_file is not None else None
         self.snapshots_from_file = 0
         self._refreshing = False  # a background build is under way
+        self._file_tried = False
         # True once ``prepare`` has the packed snapshot at hand (the control plane reports
         # ready only then).
         self.ready = False
@@ -117,18 +118,8 @@ class ReplicationServicer(pb_grpc.ReplicationServiceServicer):  # type: ignore[m
         from the store now (and kept on disk for the next start). A control plane that starts
         then serves its first sidecars at once, instead of reading and packing every key on
         their first Subscribe while its start-up sweeps run on the same cores."""
-        with self._build_lock:
-            snap = self._file.load() if self._file is not None else None
-            if snap is not None and self._usable(snap):
-                self._built = (snap, self._clock.now())
-                self.snapshots_from_file += 1
-                log.info("packed snapshot read from its file",
-                         extra={"revision": snap.revision})  # fmt: skip
-                snap = None
-            else:
-                snap = self._rebuild()
+        self._shared_build()
         self.ready = True
-        self._keep(snap)
 
     def shared_packed_snapshot(self) -> tuple[int, bytes, list[Change]]:
         """``packed_snapshot`` reused while it is recent (REUSE_CHANGES, REUSE_SECONDS), with
@@ -152,6 +143,9 @@ class ReplicationServicer(pb_grpc.ReplicationServiceServicer):  # type: ignore[m
         old, see ``refresh``), else one built now."""
         built: PackedSnapshot | None = None
         with self._build_lock:
+            if self._built is None and not self._file_tried:
+                self._file_tried = True  # whoever comes first: prepare() or a Subscribe
+                self._read_file()
             if self._built is not None:
                 with self._store.read() as uow:
                     head = uow.changes.head()
@@ -163,6 +157,15 @@ class ReplicationServicer(pb_grpc.ReplicationServiceServicer):  # type: ignore[m
             built = self._rebuild()
         self._keep(built)
         return built
+
+    def _read_file(self) -> None:
+        """Take the snapshot kept on disk when it is still good for the store (under
+        ``_build_lock``)."""
+        snap = self._file.load() if self._file is not None else None
+        if snap is not None and self._usable(snap):
+            self._built = (snap, self._clock.now())
+            self.snapshots_from_file += 1
+            log.info("packed snapshot read from its file", extra={"revision": snap.revision})
 
     def refresh(self) -> bool:
         """Build the packed snapshot again when it is due (older than REUSE_SECONDS with
