@@ -10,6 +10,7 @@ import hashlib
 import json
 import random
 import struct
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -82,6 +83,8 @@ steps = st.one_of(
     st.just("build"),
     st.just("install"),
     st.just("restart"),
+    st.just("persist"),
+    st.just("reload"),
 )
 
 
@@ -144,15 +147,32 @@ def assert_same(dense: Replica, ref: DictReplica) -> None:
 def test_the_dense_replica_answers_what_the_dict_replica_answered(
     snapshot: list[Change], sequence: list[object], threshold: int
 ) -> None:
-    with compact_after(threshold):
+    with compact_after(threshold), tempfile.TemporaryDirectory() as state:
         folds = SteppedFolds()
         dense, ref = Replica(folds), DictReplica()
         dense.load_snapshot(5, snapshot, "log")
         ref.load_snapshot(5, snapshot, "log")
         assert_same(dense, ref)
         revision = 5
+        files, unsaved = ReplicaFile(Path(state)), list[Change]()
         for step in sequence:
-            if step == "prune":
+            if step == "persist":  # as the sync client: the changes since appended, or whole
+                if not files.append(unsaved, 0.0):
+                    files.save(dense)
+                unsaved = []
+            elif step == "reload":  # a new process: file + log
+                if not files.path.exists():
+                    continue
+                folds = SteppedFolds()
+                restored = Replica(folds)
+                assert ReplicaFile(Path(state)).load(restored)
+                for change in unsaved:  # not persisted: the control plane sends them again
+                    restored.apply(change)
+                # Prunes are not changes: what they forgot comes back, and goes again.
+                restored.prune(NOW)
+                ref.prune(NOW)
+                dense, files = restored, ReplicaFile(Path(state))  # unsaved: still unsaved
+            elif step == "prune":
                 assert dense.prune(NOW) == ref.prune(NOW)
             elif step == "fold":
                 dense.fold()
@@ -172,6 +192,7 @@ def test_the_dense_replica_answers_what_the_dict_replica_answered(
                 change = at(step, revision)
                 dense.apply(change)
                 ref.apply(change)
+                unsaved.append(change)
             assert_same(dense, ref)
             # Lookups go through the cache too: asking twice answers the same.
             for d in ALL_DIGESTS:

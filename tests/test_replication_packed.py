@@ -131,6 +131,7 @@ def test_every_version_mix_ends_with_the_same_replica(
             uow.changes.append(changes.CredentialRevoked("key_000003").change())
         wait_until(lambda: replica.credential(hashlib.sha256(b"key_000003").digest()).revoked)  # type: ignore[union-attr]
         client.stop()
+        assert client.file is not None and client.file.appends >= 1  # the change: appended
         restarted = Replica()
         assert ReplicaFile(tmp_path / "sc").load(restarted)
         assert dict(restarted.by_digest) == dict(replica.by_digest)
