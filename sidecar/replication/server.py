@@ -149,7 +149,8 @@ class ReplicationServicer(pb_grpc.ReplicationServiceServicer):  # type: ignore[m
             if self._built is not None:
                 with self._store.read() as uow:
                     head = uow.changes.head()
-                if head - self._built[0].revision <= REUSE_CHANGES:
+                # Never one ahead of the log (a database restored under a running control plane).
+                if 0 <= head - self._built[0].revision <= REUSE_CHANGES:
                     if self._due(head) and not self._refreshing:
                         self._refreshing = True
                         threading.Thread(target=self._refresh, daemon=True).start()
