@@ -113,10 +113,10 @@ def measure(n: int, entries: bool = False) -> dict[str, float]:
     kept = tracemalloc.get_traced_memory()[0] - base
     print(f"kept by the replica: {kb(kept)}; peak while loading: {kb(peak)}")
     tracemalloc.reset_peak()
-    data = replica.dumps()
+    parts = replica.dump_parts()  # as the sidecar writes it, piece by piece
     file_peak = tracemalloc.get_traced_memory()[1] - base - kept
-    print(f"replica file {kb(len(data))}; extra peak while writing it {kb(file_peak)}")
-    del data
+    print(f"replica file {kb(sum(map(len, parts)))}; extra peak while writing it {kb(file_peak)}")
+    del parts
     tracemalloc.stop()
     row: dict[str, float] = {
         "keys": n,

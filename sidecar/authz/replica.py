@@ -503,6 +503,13 @@ class Replica:
         with self._lock:
             return replica_file.encode(self)
 
+    def dump_parts(self) -> list[bytes]:
+        """``dumps`` in pieces, for a writer that takes them one by one."""
+        from sidecar.authz import replica_file
+
+        with self._lock:
+            return replica_file.encoded_parts(self)
+
     def loads(self, data: bytes) -> None:
         """Restore state written by ``dumps``, or by the JSON format before it."""
         from sidecar.authz import replica_file

@@ -34,6 +34,12 @@ _SUM = hashlib.sha256().digest_size
 
 def encode(replica: Replica) -> bytes:
     """The file's bytes for ``replica`` (its writer holds the replica's lock)."""
+    return b"".join(encoded_parts(replica))
+
+
+def encoded_parts(replica: Replica) -> list[bytes]:
+    """``encode``'s bytes in pieces, the last one the SHA-256 trailer: written one by one, a
+    million keys' file costs ≈ 20 B/key beside the replica instead of three copies of it."""
     keys = replica._keys
     header = json.dumps(
         {
@@ -50,10 +56,12 @@ def encode(replica: Replica) -> bytes:
     overlay = PackedKeys.pack(message_of(d, c) for d, c in keys.overlay.items() if c is not None)
     hidden = b"".join(d for d, c in keys.overlay.items() if c is None)
     parts = [_HEAD.pack(MAGIC, VERSION, len(header)), header]
-    for section in (keys.table.packed.encode(), overlay.encode(), hidden):
-        parts += [_LEN.pack(len(section)), section]
-    body = b"".join(parts)
-    return body + hashlib.sha256(body).digest()
+    for section in (keys.table.packed.encoded_parts(), overlay.encoded_parts(), [hidden]):
+        parts += [_LEN.pack(sum(map(len, section))), *section]
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part)
+    return [*parts, digest.digest()]
 
 
 def decode(replica: Replica, data: bytes) -> None:

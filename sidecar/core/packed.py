@@ -295,20 +295,23 @@ class PackedKeys:
     # -- the binary form ----------------------------------------------------------------------
 
     def encode(self) -> bytes:
+        return b"".join(self.encoded_parts())
+
+    def encoded_parts(self) -> list[bytes]:
+        """``encode``'s bytes in pieces (the digests and ids are the table's own bytes, not
+        copies): a writer that takes them one by one never holds the table twice."""
         profiles = json.dumps([p.to_json() for p in self.profiles], separators=(",", ":"))
         raw = profiles.encode()
         head = _HEADER.pack(MAGIC, VERSION, self.width, len(self), len(raw))
-        return b"".join(
-            (
-                head,
-                raw,
-                self.digests,
-                self.ids,
-                _le(self.expires),
-                _le(self.profile_of),
-                _le(self.id_order),
-            )
-        )
+        return [
+            head,
+            raw,
+            self.digests,
+            self.ids,
+            _le(self.expires),
+            _le(self.profile_of),
+            _le(self.id_order),
+        ]
 
     @classmethod
     def decode(cls, data: bytes | memoryview) -> PackedKeys:

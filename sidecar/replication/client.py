@@ -81,11 +81,11 @@ class ReplicaFile:
         """Write the whole replica, then an empty log that follows it (a crash in between
         leaves the old log, which names the old file and is ignored)."""
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        data = replica.dumps()
-        _write_atomically(self.path, data)
-        self._base, self._base_bytes = replica_file.base_sum(data), len(data)
+        parts = replica.dump_parts()
+        _write_atomically(self.path, parts)
+        self._base, self._base_bytes = parts[-1], sum(map(len, parts))
         header = replica_file.log_header(self._base)
-        _write_atomically(self.log, header)
+        _write_atomically(self.log, [header])
         self._log_bytes = len(header)
         self.legacy.unlink(missing_ok=True)
 
@@ -147,11 +147,12 @@ class ReplicaFile:
             )
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(".tmp")
+def _write_atomically(path: Path, parts: list[bytes]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
+        for part in parts:
+            fh.write(part)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
