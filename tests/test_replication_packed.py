@@ -24,6 +24,7 @@ from sidecar.core.models import ApiKey
 from sidecar.core.oauth_models import RevokedToken
 from sidecar.core.packed import PackedKeys
 from sidecar.replication import server as server_module
+from sidecar.replication import snapshots as snapshots_module
 from sidecar.replication.client import ReplicaFile, SyncClient
 from sidecar.replication.server import ReplicationServicer
 from sidecar.store.sql.sqlite import SqliteStore
@@ -160,12 +161,12 @@ def test_a_snapshot_built_once_serves_later_sidecars_with_the_changes_since_insi
     assert replica.revision == revision
     # Past its age bound the table is still served (with the changes since inside) and built
     # again in the background; past the change bound it is built again before it is served.
-    clock.advance(server_module.REUSE_SECONDS + 1)
+    clock.advance(snapshots_module.REUSE_SECONDS + 1)
     assert servicer.shared_packed_snapshot()[0] == revision
-    wait_until(lambda: servicer.packed_builds == 2 and not servicer._refreshing)
+    wait_until(lambda: servicer.packed_builds == 2 and not servicer.snapshots.refreshing)
     with store.transaction() as uow:
         uow.changes.append(changes.CredentialRevoked("key_000006").change())
-    monkeypatch.setattr(server_module, "REUSE_CHANGES", 0)
+    monkeypatch.setattr(snapshots_module, "REUSE_CHANGES", 0)
     _, _, entries = servicer.shared_packed_snapshot()
     # Built now: no change-log entry appended (the OAuth state's entries carry no revision).
     assert servicer.packed_builds == 3 and all(e.revision == 0 for e in entries)

@@ -27,8 +27,8 @@ from sidecar.core.models import Minted, Principal, RequestContext
 from sidecar.core.packed import PackedKeys
 from sidecar.core.storage import Store
 from sidecar.ops.health import Status
-from sidecar.replication import server as server_module
 from sidecar.replication import snapshot_file
+from sidecar.replication import snapshots as snapshots_module
 from sidecar.replication.client import SyncClient
 from sidecar.replication.server import ReplicationServicer
 from sidecar.replication.snapshot_file import FILE_NAME, SnapshotFile
@@ -178,7 +178,7 @@ def test_a_stale_file_is_rebuilt_from_the_store_never_served(
     elif stale == "diverged":  # same revision number, another entry at it
         forged(path, anchor=snapshot_file.anchor_of(changes.CredentialRevoked("x").change()))
     else:
-        monkeypatch.setattr(server_module, "REUSE_CHANGES", 0)
+        monkeypatch.setattr(snapshots_module, "REUSE_CHANGES", 0)
     s = servicer(store, clock, path)
     s.prepare()
     assert (s.packed_builds, s.snapshots_from_file) == (1, 0)
@@ -279,7 +279,7 @@ def test_an_old_snapshot_is_refreshed_in_the_background_and_kept_on_disk(
     assert s.refresh() is False  # nothing since
     ApiKeyService(store, clock).revoke(OPERATOR, minted[2].key.id)
     assert s.refresh() is False  # one change since, and young
-    clock.advance(server_module.REUSE_SECONDS + 1)
+    clock.advance(snapshots_module.REUSE_SECONDS + 1)
     assert s.refresh() is True and s.packed_builds == 2
     snap = snapshot_file.decode(path.read_bytes())
     with store.read() as uow:

@@ -8,7 +8,6 @@ import asyncio
 import hmac
 import json
 import logging
-import threading
 from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 
@@ -23,7 +22,8 @@ from sidecar.core.errors import Unavailable
 from sidecar.core.models import Change
 from sidecar.core.packed import AS_ROW, PackedKeys, PackError
 from sidecar.core.storage import KeyRow, Store, UnitOfWork
-from sidecar.replication.snapshot_file import PackedSnapshot, SnapshotFile, anchor_of
+from sidecar.replication.snapshot_file import anchor_of
+from sidecar.replication.snapshots import PackedSnapshots, entry_at
 
 log = logging.getLogger("sidecar.replication")
 
@@ -32,15 +32,6 @@ KeySource = Callable[[UnitOfWork, int], Iterable[KeyRow]]
 CHUNK = 5000
 PACKED_CHUNK = 1 << 20  # bytes of the packed key table per message (gRPC's limit is 4 MiB)
 BATCH = 1000
-# A packed snapshot is built once and sent to every sidecar that needs one while the change log
-# has grown by at most REUSE_CHANGES since it and it is at most REUSE_SECONDS old, so a rollout
-# of many sidecars costs the control plane one build, not one each. The changes committed after
-# it travel inside the snapshot (applied before the sidecar swaps it in, so a key revoked since
-# is never usable again, not even for a moment), and the snapshot's revision is the last of them.
-# The same holds for the snapshot a control plane kept on disk (snapshot_file.py) and serves
-# after a restart.
-REUSE_CHANGES = 10_000
-REUSE_SECONDS = 300.0
 UPSERTED = changes.ChangeKind.CREDENTIAL_UPSERTED.value
 
 
@@ -79,17 +70,11 @@ class ReplicationServicer(pb_grpc.ReplicationServiceServicer):  # type: ignore[m
         self.snapshots_sent = 0
         self._wakers: set[Callable[[int], None]] = set()
         self._log_id = ""  # read once: fixed for the life of the store
-        self._built: tuple[PackedSnapshot, float] | None = None  # and when it was built
-        self._build_lock = threading.Lock()  # one build at a time; the others wait and share it
-        self.packed_builds = 0
-        # The packed snapshot kept on disk for the next start (None: kept in memory only).
-        self._file = SnapshotFile(snapshot_file) if snapshot_file is not None else None
-        self.snapshots_from_file = 0
-        self._refreshing = False  # a background build is under way
-        self._file_tried = False
-        # True once ``prepare`` has the packed snapshot at hand (the control plane reports
-        # ready only then).
-        self.ready = False
+        # The packed snapshot, built once and shared by the sidecars of a rollout, kept on
+        # disk at ``snapshot_file`` for the next start (None: in memory only).
+        self.snapshots = PackedSnapshots(
+            store, clock, self._read_snapshot, self.log_id, snapshot_file
+        )
 
     def wake(self, revision: int) -> None:
         """Have every open stream re-read the change log now: another control-plane replica
@@ -113,18 +98,34 @@ class ReplicationServicer(pb_grpc.ReplicationServiceServicer):  # type: ignore[m
             return head, b"", key_entries(keys) + entries
 
     def prepare(self) -> None:
-        """Have the packed snapshot at hand before the control plane reports ready: the one
-        kept on disk when it is still good for this store (``snapshot_file``), else one built
-        from the store now (and kept on disk for the next start). A control plane that starts
-        then serves its first sidecars at once, instead of reading and packing every key on
-        their first Subscribe while its start-up sweeps run on the same cores."""
-        self._shared_build()
-        self.ready = True
+        """Have the packed snapshot at hand before the control plane reports ready (see
+        ``PackedSnapshots.prepare``)."""
+        self.snapshots.prepare()
+
+    def refresh(self) -> bool:
+        """Build the packed snapshot again in the background when it is due."""
+        return self.snapshots.refresh()
+
+    @property
+    def ready(self) -> bool:
+        return self.snapshots.ready
+
+    @ready.setter
+    def ready(self, value: bool) -> None:
+        self.snapshots.ready = value
+
+    @property
+    def packed_builds(self) -> int:
+        return self.snapshots.builds
+
+    @property
+    def snapshots_from_file(self) -> int:
+        return self.snapshots.from_file
 
     def shared_packed_snapshot(self) -> tuple[int, bytes, list[Change]]:
         """``packed_snapshot`` reused while it is recent (REUSE_CHANGES, REUSE_SECONDS), with
         the changes since it appended to its entries."""
-        snap = self._shared_build()
+        snap = self.snapshots.current()
         if snap is None:
             revision, packed, entries = self.packed_snapshot()
             return revision, packed, entries
@@ -137,128 +138,11 @@ class ReplicationServicer(pb_grpc.ReplicationServiceServicer):  # type: ignore[m
             revision = later[-1].revision
         return revision, snap.packed, entries
 
-    def _shared_build(self) -> PackedSnapshot | None:
-        """The packed snapshot to serve (None: the keys cannot be packed): the one at hand
-        while it is at most REUSE_CHANGES behind (refreshed in the background once it is
-        old, see ``refresh``), else one built now."""
-        built: PackedSnapshot | None = None
-        with self._build_lock:
-            if self._built is None and not self._file_tried:
-                self._file_tried = True  # whoever comes first: prepare() or a Subscribe
-                self._read_file()
-            if self._built is not None:
-                with self._store.read() as uow:
-                    head = uow.changes.head()
-                # Never one ahead of the log (a database restored under a running control plane).
-                if 0 <= head - self._built[0].revision <= REUSE_CHANGES:
-                    if self._due(head) and not self._refreshing:
-                        self._refreshing = True
-                        threading.Thread(target=self._refresh, daemon=True).start()
-                    return self._built[0]
-            built = self._rebuild()
-        self._keep(built)
-        return built
-
-    def _read_file(self) -> None:
-        """Take the snapshot kept on disk when it is still good for the store (under
-        ``_build_lock``)."""
-        snap = self._file.load() if self._file is not None else None
-        if snap is not None and self._usable(snap):
-            self._built = (snap, self._clock.now())
-            self.snapshots_from_file += 1
-            log.info("packed snapshot read from its file", extra={"revision": snap.revision})
-
-    def refresh(self) -> bool:
-        """Build the packed snapshot again when it is due (older than REUSE_SECONDS with
-        changes since, or half of REUSE_CHANGES behind), without holding sidecars back: they
-        are served the one at hand meanwhile. The control plane's sweeper calls it, so the
-        next sidecar and the next start (the file) find a recent one."""
-        with self._build_lock:
-            if self._refreshing:
-                return False
-            with self._store.read() as uow:
-                head = uow.changes.head()
-            if not self._due(head):
-                return False
-            self._refreshing = True
-        return self._refresh()
-
-    def _due(self, head: int) -> bool:
-        if self._built is None:
-            return False
-        snap, at = self._built
-        behind = head - snap.revision
-        aged = self._clock.now() - at > REUSE_SECONDS
-        return behind > REUSE_CHANGES // 2 or (behind > 0 and aged)
-
-    def _refresh(self) -> bool:
-        """Build outside ``_build_lock`` and swap the result in (``_refreshing`` is set)."""
-        try:
-            snap = self._build()
-            if snap is None:
-                return False
-            with self._build_lock:
-                if self._built is None or self._built[0].revision < snap.revision:
-                    self._built = (snap, self._clock.now())
-            self._keep(snap)
-            return True
-        except Unavailable as exc:
-            log.warning("snapshot refresh: store unavailable", extra={"error": exc.message})
-            return False
-        finally:
-            self._refreshing = False
-
-    def _rebuild(self) -> PackedSnapshot | None:
-        """Build the packed snapshot from the store now (under ``_build_lock``)."""
-        snap = self._build()
-        self._built = (snap, self._clock.now()) if snap is not None else None
-        return snap
-
-    def _build(self) -> PackedSnapshot | None:
-        head, anchor, keys, entries = self._read_snapshot()
-        self.packed_builds += 1
-        try:
-            packed = PackedKeys.pack_rows(keys).encode()
-        except PackError as exc:
-            log.warning("snapshot: keys sent as entries", extra={"error": str(exc)})
-            return None
-        return PackedSnapshot(self.log_id(), head, anchor, packed, tuple(entries))
-
-    def _keep(self, snap: PackedSnapshot | None) -> None:
-        """Write ``snap`` to the snapshot file (outside ``_build_lock``: sidecars waiting for
-        the snapshot get it while it is written)."""
-        if snap is None or self._file is None:
-            return
-        try:
-            self._file.save(snap)
-        except OSError as exc:
-            log.warning("cannot keep the packed snapshot on disk",
-                        extra={"file": str(self._file.path), "error": str(exc)})  # fmt: skip
-
-    def _usable(self, snap: PackedSnapshot) -> bool:
-        """Whether a snapshot read from disk may be served: of this store's change log, not
-        ahead of it, at most REUSE_CHANGES behind, and the log's entry at its revision the
-        one it was built after (a restored database reuses revision numbers)."""
-        with self._store.read() as uow:
-            head = uow.changes.head()
-            ok = (
-                snap.log_id == uow.changes.log_id()
-                and 0 <= head - snap.revision <= REUSE_CHANGES
-                and snap.anchor == anchor_of(_entry_at(uow, snap.revision))
-            )
-        if not ok:
-            log.warning(
-                "the snapshot file is stale (another or a restored database, or too far "
-                "behind); building the snapshot from the store",
-                extra={"revision": snap.revision, "head": head},
-            )
-        return ok
-
     def _read_snapshot(self) -> tuple[int, str, list[KeyRow], list[Change]]:
         now = int(self._clock.now())
         with self._store.read() as uow:
             head = uow.changes.head()
-            anchor = anchor_of(_entry_at(uow, head))
+            anchor = anchor_of(entry_at(uow, head))
             keys = list(self._key_source(uow, now)) if self._key_source is not None else []
             entries = [entry for source in self._sources for entry in source(uow, now)]
         others = [entry for entry in entries if _key(entry) is None]
@@ -347,12 +231,6 @@ class ReplicationServicer(pb_grpc.ReplicationServiceServicer):  # type: ignore[m
             self.subscribers -= 1
             self._wakers.discard(notify)
             unsubscribe()
-
-
-def _entry_at(uow: UnitOfWork, revision: int) -> Change | None:
-    """The change-log entry at ``revision`` (None: there is none)."""
-    found = uow.changes.since(revision - 1, 1) if revision > 0 else []
-    return found[0] if found and found[0].revision == revision else None
 
 
 def _key(entry: Change) -> changes.CredentialUpserted | None:
