@@ -13,7 +13,7 @@ whole (checksum), of this version, of the store's change log, not ahead of it, a
 change at its revision is still the one it was built after (a database restored from a backup
 and written since reuses revision numbers); anything else is rebuilt from the store, never
 served. The changes after its revision travel inside every snapshot served from it, as for a
-snapshot built in memory (sidecar/replication/server.py)."""
+snapshot built in memory (sidecar/replication/snapshots.py)."""
 
 from __future__ import annotations
 
