@@ -4,12 +4,14 @@ decoded and loaded into a ``Replica``, then written as the replica file — the 
 start — and, with ``--entries``, the same for the entry-per-key snapshot an older control plane
 sends.
 
-    python -m bench.replica_memory [--keys 100000] [--entries]
+    python -m bench.replica_memory [--keys 100000] [--entries] [--fold]
 
 Prints, per key: the wire size, the live bytes the replica keeps and the peak while loading and
 writing (tracemalloc), the load time (measured without tracemalloc), the RSS growth, and the
-lookup time of ``Replica.credential`` (a cached hit, an uncached hit, a miss). In process, no
-control plane: a few seconds.
+lookup time of ``Replica.credential`` (a cached hit, an uncached hit, a miss). With ``--fold``:
+how long folding an eighth of the table's size of changes takes on its thread, and the longest a
+revocation applied meanwhile waited (the sync thread's view). In process, no control plane: a few
+seconds.
 """
 
 from __future__ import annotations
@@ -18,13 +20,16 @@ import argparse
 import gc
 import hashlib
 import os
+import random
+import threading
 import time
 import timeit
 import tracemalloc
 from collections.abc import Callable
 
-from sidecar.authz.replica import Replica
+from sidecar.authz.replica import FoldJob, Replica
 from sidecar.core import changes, keyformat
+from sidecar.core.models import Change
 from sidecar.core.packed import PackedKeys
 from sidecar.replication.client import from_pb
 from sidecar.replication.server import to_pb
@@ -108,10 +113,10 @@ def measure(n: int, entries: bool = False) -> dict[str, float]:
     kept = tracemalloc.get_traced_memory()[0] - base
     print(f"kept by the replica: {kb(kept)}; peak while loading: {kb(peak)}")
     tracemalloc.reset_peak()
-    data = replica.dumps()
+    parts = replica.dump_parts()  # as the sidecar writes it, piece by piece
     file_peak = tracemalloc.get_traced_memory()[1] - base - kept
-    print(f"replica file {kb(len(data))}; extra peak while writing it {kb(file_peak)}")
-    del data
+    print(f"replica file {kb(sum(map(len, parts)))}; extra peak while writing it {kb(file_peak)}")
+    del parts
     tracemalloc.stop()
     row: dict[str, float] = {
         "keys": n,
@@ -136,12 +141,73 @@ def measure(n: int, entries: bool = False) -> dict[str, float]:
     return row
 
 
+def fold(n: int) -> dict[str, float]:
+    """Fold an overlay of n/8 new keys into an ``n``-key table on the fold thread while this
+    thread applies revocations of table keys: the fold's build and swap, and the longest
+    ``apply`` of a revocation meanwhile (each checked effective at once)."""
+    spans: dict[str, float] = {}
+    begun, done = threading.Event(), threading.Event()
+
+    def run(job: FoldJob) -> None:
+        started = time.perf_counter()
+        job.build()
+        built = time.perf_counter()
+        job.install()
+        spans["build_s"] = built - started
+        spans["install_ms"] = (time.perf_counter() - built) * 1e3
+        done.set()
+
+    def runner(job: FoldJob) -> None:
+        begun.set()
+        threading.Thread(target=run, args=(job,)).start()
+
+    made = keys(n)
+    replica = Replica(runner)
+    replica.load_packed(1, PackedKeys.pack(made), [])
+    revision = 1
+    for m in keys(n // 8 + 1):
+        revision += 1
+        replica.apply(at(m.change(), revision))
+        if begun.is_set():
+            break
+    waits: list[float] = []
+    victims = random.sample(made, min(len(made), 100_000))
+    while not done.is_set() and victims:
+        victim = victims.pop()
+        revision += 1
+        started = time.perf_counter()
+        replica.apply(at(changes.CredentialRevoked(victim.id).change(), revision))
+        waits.append(time.perf_counter() - started)
+        cred = replica.credential(victim.digest)
+        if cred is None or not cred.revoked:
+            raise AssertionError("a revocation applied during the fold was not effective")
+    done.wait()
+    row = {
+        "fold_build_s": round(spans["build_s"], 3),
+        "fold_install_ms": round(spans["install_ms"], 2),
+        "revocations_during_fold": len(waits),
+        "longest_apply_during_fold_ms": round(max(waits, default=0.0) * 1e3, 2),
+    }
+    print(f"fold of {revision - 1 - len(waits)} changes into {n} keys: build "
+          f"{row['fold_build_s']:.2f} s on its thread, swap {row['fold_install_ms']:.1f} ms "
+          f"under the lock; {len(waits)} revocations applied meanwhile, the longest in "
+          f"{row['longest_apply_during_fold_ms']:.2f} ms")  # fmt: skip
+    return row
+
+
+def at(change: Change, revision: int) -> Change:
+    return Change(change.kind, change.subject, change.payload, revision)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.replica_memory", description=__doc__)
     p.add_argument("--keys", type=int, default=100_000)
     p.add_argument("--entries", action="store_true", help="also load an entry-per-key snapshot")
+    p.add_argument("--fold", action="store_true", help="also time a fold and the sync thread")
     args = p.parse_args(argv)
     measure(args.keys, args.entries)
+    if args.fold:
+        fold(args.keys)
     return 0
 
 

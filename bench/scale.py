@@ -1,9 +1,13 @@
 """Sidecar cold start and memory against replica size: N keys are written straight into a fresh
-SQLite store, a control plane serves it, and a sidecar is timed from launch to gRPC health
-SERVING (snapshot streamed and loaded); its RSS is read from /proc afterwards. A second sidecar
-is timed the same way, as the next pod of a rollout (the control plane past its start-up sweeps,
-its packed snapshot built). Then, in this process, the replica file the first sidecar persisted
-is loaded again: the bytes per key the replica keeps (tracemalloc) and the load time per key.
+SQLite store, a control plane is started on it, and a sidecar launched as soon as the control
+plane's admin port answers is timed from launch to gRPC health SERVING (snapshot streamed and
+loaded); its RSS is read from /proc afterwards. A second sidecar is timed the same way against
+the running control plane, as the next pod of a rollout. Then the control plane is restarted
+(it reads the packed snapshot it kept on disk) and a third sidecar is launched as soon as its
+admin port answers. The control plane's own start (launch to its gRPC health SERVING, i.e. its
+packed snapshot at hand) is timed both times, and the load average is recorded. Then, in this
+process, the replica file the first sidecar persisted is loaded again: the bytes per key the
+replica keeps (tracemalloc) and the load time per key.
 
     python -m bench.scale [--keys 10000 100000 1000000] [--out bench/results] [--logs DIR]
 """
@@ -100,9 +104,17 @@ def _log(logs: Path | None, name: str) -> int | IO[bytes]:
 
 
 def _sidecar(
-    n: int, state: Path, admin: str, listen: str, data: Path, logs: Path | None, log: str
+    n: int,
+    state: Path,
+    admin: str,
+    listen: str,
+    data: Path,
+    logs: Path | None,
+    log: str,
+    cp: _Started | None = None,
 ) -> tuple[float, float]:
-    """Launch a sidecar; (seconds to SERVING, RSS in MB a second later)."""
+    """Launch a sidecar; (seconds to SERVING, RSS in MB a second later). With ``cp``, the
+    control plane started just before is watched too, until its health says SERVING."""
     started = time.monotonic()
     sc = subprocess.Popen(
         [sys.executable, "-m", "sidecar", "sidecar", "--listen", listen, "--control-plane",
@@ -112,11 +124,15 @@ def _sidecar(
         stdout=subprocess.DEVNULL, stderr=_log(logs, log),
     )  # fmt: skip
     try:
-        while not _serving(listen):
+        cold = 0.0
+        while not cold or (cp is not None and not cp.ready):
+            if cp is not None and not cp.ready and _serving(admin):
+                cp.ready = time.monotonic() - cp.launched
+            if not cold and _serving(listen):
+                cold = time.monotonic() - started
             if sc.poll() is not None or time.monotonic() - started > 600:
                 raise RuntimeError(f"sidecar with {n} keys never became SERVING")
             time.sleep(0.05)
-        cold = time.monotonic() - started
         time.sleep(1)
         return round(cold, 2), round(_rss_mb(sc.pid), 1)
     finally:
@@ -124,41 +140,71 @@ def _sidecar(
         sc.wait(30)
 
 
+class _Started:
+    """A control plane process, when it was launched and how long it took to be ready."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], launched: float) -> None:
+        self.proc = proc
+        self.launched = launched
+        self.ready = 0.0
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(60)
+
+
+def _control_plane(data: Path, admin: str, http: str, logs: Path | None, log: str) -> _Started:
+    """Launch a control plane and return once its admin port answers (its packed snapshot may
+    still be in the making: a sidecar launched now waits for it, as in a real rollout)."""
+    argv = [sys.executable, "-m", "sidecar", "control-plane", "--data-dir", str(data),
+            "--admin-addr", admin, "--http-addr", http]  # fmt: skip
+    launched = time.monotonic()
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=_log(logs, log))
+    cp = _Started(proc, launched)
+    # Up once its sync token is written and its admin port answers (a fixed sleep was too
+    # short on a loaded machine).
+    while not ((data / "sync-token").exists() and _listening(admin)):
+        if cp.proc.poll() is not None or time.monotonic() - cp.launched > 120:
+            cp.stop()
+            raise RuntimeError("the control plane did not start")
+        time.sleep(0.05)
+    return cp
+
+
 def measure(n: int, work: Path, logs: Path | None = None) -> dict[str, float]:
-    """Cold start (launch → SERVING) and RSS of one sidecar with ``n`` keys in its replica."""
+    """Cold starts (launch → SERVING) and RSS of sidecars with ``n`` keys in their replica."""
     env = TargetEnv(frozenset({0}), work)
     data = work / f"cp-{n}"
     data.mkdir(parents=True)
     _fill(data / "spauth.db", n)
-    admin, http, listen = (f"127.0.0.1:{env.free_port()}" for _ in range(3))
-    cp = subprocess.Popen(
-        [sys.executable, "-m", "sidecar", "control-plane", "--data-dir", str(data),
-         "--admin-addr", admin, "--http-addr", http],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=_log(logs, f"cp-{n}.log"),
-    )  # fmt: skip
+    admin, http = (f"127.0.0.1:{env.free_port()}" for _ in range(2))
+    listen = [f"127.0.0.1:{env.free_port()}" for _ in range(3)]
+    load = os.getloadavg()[0]
+    cp = _control_plane(data, admin, http, logs, f"cp-{n}.log")
     try:
-        # The control plane is up once its sync token is written and its admin port answers
-        # (a fixed sleep was too short on a loaded machine).
-        waited = time.monotonic()
-        while not ((data / "sync-token").exists() and _listening(admin)):
-            if cp.poll() is not None or time.monotonic() - waited > 120:
-                raise RuntimeError("the control plane did not start")
-            time.sleep(0.05)
-        first = _sidecar(n, work / f"sc-{n}", admin, listen, data, logs, f"sc-{n}.log")
-        # A second sidecar, as in a rollout: the control plane is past its start-up sweeps and
-        # reuses the packed snapshot it built for the first.
-        listen2 = f"127.0.0.1:{env.free_port()}"
-        second = _sidecar(n, work / f"sc2-{n}", admin, listen2, data, logs, f"sc2-{n}.log")
-        return {
-            "keys": n,
-            "cold_start_s": first[0],
-            "rss_mb": first[1],
-            "cold_start_warm_cp_s": second[0],
-            **_kept(work / f"sc-{n}" / SNAPSHOT_FILE, n),
-        }
+        first = _sidecar(n, work / f"sc-{n}", admin, listen[0], data, logs, f"sc-{n}.log", cp)
+        # A second sidecar, as in a rollout: the control plane is running, its snapshot built.
+        second = _sidecar(n, work / f"sc2-{n}", admin, listen[1], data, logs, f"sc2-{n}.log")
     finally:
-        cp.terminate()
-        cp.wait(30)
+        cp.stop()
+    cp_ready = cp.ready
+    # A restart: the control plane serves the snapshot it kept on disk.
+    cp = _control_plane(data, admin, http, logs, f"cp2-{n}.log")
+    try:
+        third = _sidecar(n, work / f"sc3-{n}", admin, listen[2], data, logs, f"sc3-{n}.log", cp)
+    finally:
+        cp.stop()
+    return {
+        "keys": n,
+        "load_average": round(load, 2),
+        "cold_start_s": first[0],
+        "rss_mb": first[1],
+        "cold_start_warm_cp_s": second[0],
+        "cold_start_restarted_cp_s": third[0],
+        "cp_ready_s": round(cp_ready, 2),
+        "cp_restart_ready_s": round(cp.ready, 2),
+        **_kept(work / f"sc-{n}" / SNAPSHOT_FILE, n),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,10 +217,14 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.keys:
             row = measure(n, Path(tmp), args.logs)
-            print(f"{row['keys']:>9} keys  cold start {row['cold_start_s']:>7.2f} s "
-                  f"({row['cold_start_warm_cp_s']:.2f} s with a warm control plane)  "
-                  f"RSS {row['rss_mb']:>8.1f} MB  kept {row['kept_bytes_per_key']:>6.1f} B/key  "
-                  f"load {row['load_us_per_key']:>5.2f} us/key", flush=True)  # fmt: skip
+            print(f"{row['keys']:>9} keys  cold start {row['cold_start_s']:>6.2f} s with a "
+                  f"control plane just started (ready in {row['cp_ready_s']:.2f} s), "
+                  f"{row['cold_start_warm_cp_s']:.2f} s with a running one, "
+                  f"{row['cold_start_restarted_cp_s']:.2f} s with one just restarted (ready in "
+                  f"{row['cp_restart_ready_s']:.2f} s)  RSS {row['rss_mb']:.1f} MB  "
+                  f"kept {row['kept_bytes_per_key']:.1f} B/key  "
+                  f"load {row['load_us_per_key']:.2f} us/key  "
+                  f"(load average {row['load_average']:.2f})", flush=True)  # fmt: skip
             rows.append(row)
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())

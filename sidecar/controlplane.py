@@ -73,6 +73,7 @@ from sidecar.ops.tls import admin_server_credentials, http_ssl_files
 from sidecar.ops.tracing import start_tracing
 from sidecar.ratelimit.local import AbuseLimits, WindowRateLimiter
 from sidecar.replication.server import ReplicationServicer, SnapshotSource
+from sidecar.replication.snapshot_file import FILE_NAME as SNAPSHOT_FILE_NAME
 from sidecar.store import Store, open_store
 from sidecar.webhooks.delivery import Deliverer
 from sidecar.webhooks.sealing import WebhookSealer, legacy_keys
@@ -162,6 +163,7 @@ class ControlPlane:
             key_source=key_rows,
             heartbeat=settings.sync_heartbeat,
             sync_token=self.sync_token,
+            snapshot_file=settings.data_dir / SNAPSHOT_FILE_NAME,
         )
         # The sidecars' route policy, for whoami's "what would the policy decide" (reloaded when
         # the file changes, as the sidecar does).
@@ -215,7 +217,7 @@ class ControlPlane:
         answer; combined with the health of embedded components."""
         if self._draining:
             return Health(Status.NOT_SERVING, ("draining",))
-        if self._server is None:
+        if self._server is None or not self.replication.ready:
             return Health(Status.NOT_SERVING, ("starting",))
         try:
             await asyncio.wait_for(asyncio.to_thread(self._ping_store), 2.0)
@@ -289,12 +291,16 @@ class ControlPlane:
             raise OSError(f"admin_addr: cannot listen on {addr}")
         await self._start_http()
         self.http_port = self.http.port
+        await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)  # until ready
         try:
             await server.start()
         except BaseException:
             await self.http.aclose()
             raise
         self._server = server
+        # Ready only with the sidecars' packed snapshot at hand (read from its file or built),
+        # before the start-up sweeps below compete for the same cores.
+        await asyncio.to_thread(self._prepare_snapshot)
         for name in ("", *names[:4]):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         await asyncio.to_thread(self.check_operator_keys)
@@ -310,6 +316,13 @@ class ControlPlane:
                 "http_addr": self.settings.http_addr,
             },
         )
+
+    def _prepare_snapshot(self) -> None:
+        try:
+            self.replication.prepare()
+        except SpauthError as exc:  # the store is down: the first Subscribe builds it
+            log.warning("packed snapshot not prepared", extra={"error": exc.message})
+            self.replication.ready = True
 
     def _rewrap_webhook_secrets(self) -> None:
         """Webhook secrets under an older KEK, or the pre-KEK webhook key, are re-sealed under
@@ -427,6 +440,7 @@ class ControlPlane:
             try:
                 await asyncio.to_thread(self.policy_watcher.poll)
                 changed = await asyncio.to_thread(self.keys.sweep)
+                await asyncio.to_thread(self.replication.refresh)  # the sidecars' snapshot
                 self.key_expiry.update(await asyncio.to_thread(self.keys.expiring_counts))
                 if self.oauth is not None:
                     changed += await asyncio.to_thread(self.oauth.sweep)

@@ -1,15 +1,18 @@
 """The dense replica (a packed key table, shared profiles, an overlay of later changes) answers
 exactly what the dict replica it replaced answered (tests/support/dict_replica.py, kept as the
-reference), for random snapshots and change sequences with compactions, prunes and restarts from
-the replica file in between; no digest ever resolves to another workspace's identity; and the
-packed table is used whole or not at all."""
+reference), for random snapshots and change sequences with folds (racing with the changes applied
+while they build), prunes and restarts from the replica file in between; no digest ever resolves to
+another workspace's identity; and the packed table is used whole or not at all."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import random
 import struct
-from collections.abc import Iterator
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -18,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sidecar.authz.replica as replica_module
-from sidecar.authz.replica import Credential, Replica, ReplicaError
+from sidecar.authz.replica import Credential, FoldJob, Replica, ReplicaError
 from sidecar.core import changes
 from sidecar.core.models import Change
 from sidecar.core.packed import PackedKeys, PackError
@@ -76,9 +79,42 @@ steps = st.one_of(
     upserts,
     others,
     st.just("prune"),
-    st.just("compact"),
+    st.just("fold"),
+    st.just("build"),
+    st.just("install"),
     st.just("restart"),
+    st.just("persist"),
+    st.just("reload"),
 )
+
+
+class SteppedFolds:
+    """A fold runner the test drives: a fold begins (its copy of the overlay taken), then the
+    test applies more changes, builds the new table, applies more, and installs it; the same
+    interleavings a fold thread has with the sync thread, chosen by hypothesis."""
+
+    def __init__(self) -> None:
+        self.jobs: list[FoldJob] = []
+        self.built: list[FoldJob] = []
+
+    def __call__(self, job: FoldJob) -> None:
+        self.jobs.append(job)
+
+    def build(self) -> None:
+        for job in self.jobs:
+            job.build()
+        self.built += self.jobs
+        self.jobs = []
+
+    def install(self) -> None:
+        self.build()
+        built, self.built = self.built, []
+        for job in built:
+            job.install()
+
+
+def inline(job: FoldJob) -> None:
+    job()
 
 
 @contextmanager
@@ -111,20 +147,42 @@ def assert_same(dense: Replica, ref: DictReplica) -> None:
 def test_the_dense_replica_answers_what_the_dict_replica_answered(
     snapshot: list[Change], sequence: list[object], threshold: int
 ) -> None:
-    with compact_after(threshold):
-        dense, ref = Replica(), DictReplica()
+    with compact_after(threshold), tempfile.TemporaryDirectory() as state:
+        folds = SteppedFolds()
+        dense, ref = Replica(folds), DictReplica()
         dense.load_snapshot(5, snapshot, "log")
         ref.load_snapshot(5, snapshot, "log")
         assert_same(dense, ref)
         revision = 5
+        files, unsaved = ReplicaFile(Path(state)), list[Change]()
         for step in sequence:
-            if step == "prune":
+            if step == "persist":  # as the sync client: the changes since appended, or whole
+                if not files.append(unsaved, 0.0):
+                    files.save(dense)
+                unsaved = []
+            elif step == "reload":  # a new process: file + log
+                if not files.path.exists():
+                    continue
+                folds = SteppedFolds()
+                restored = Replica(folds)
+                assert ReplicaFile(Path(state)).load(restored)
+                for change in unsaved:  # not persisted: the control plane sends them again
+                    restored.apply(change)
+                # Prunes are not changes: what they forgot comes back, and goes again.
+                restored.prune(NOW)
+                ref.prune(NOW)
+                dense, files = restored, ReplicaFile(Path(state))  # unsaved: still unsaved
+            elif step == "prune":
                 assert dense.prune(NOW) == ref.prune(NOW)
-            elif step == "compact":
-                with dense._lock:
-                    dense._compact()
+            elif step == "fold":
+                dense.fold()
+            elif step == "build":
+                folds.build()
+            elif step == "install":
+                folds.install()
             elif step == "restart":
-                restored = Replica()
+                folds = SteppedFolds()
+                restored = Replica(folds)
                 restored.loads(dense.dumps())
                 assert (restored.revision, restored.log_id) == (dense.revision, "log")
                 dense = restored
@@ -134,6 +192,7 @@ def test_the_dense_replica_answers_what_the_dict_replica_answered(
                 change = at(step, revision)
                 dense.apply(change)
                 ref.apply(change)
+                unsaved.append(change)
             assert_same(dense, ref)
             # Lookups go through the cache too: asking twice answers the same.
             for d in ALL_DIGESTS:
@@ -172,7 +231,7 @@ def test_keys_of_two_workspaces_with_equal_scopes_never_share_an_identity() -> N
     resolves to its own workspace and id, through replacements, revocations, compactions and a
     restart."""
     with compact_after(2):
-        r = Replica()
+        r = Replica(inline)
         entries = [
             changes.CredentialUpserted(
                 f"key_{ws}{n}", digest(f"key_{ws}{n}", 0), ws, frozenset({"checks:read"}), NOW
@@ -273,8 +332,8 @@ def test_a_table_that_breaks_an_invariant_is_refused() -> None:
 # -- the replica file -----------------------------------------------------------------------------
 
 
-def _populated() -> Replica:
-    r = Replica()
+def _populated(fold_runner: Callable[[FoldJob], None] = inline) -> Replica:
+    r = Replica(fold_runner)
     r.load_packed(
         3,
         table(),
@@ -334,8 +393,7 @@ def test_a_credential_is_the_same_value_whether_built_from_the_table_or_the_over
     r = _populated()
     cred = r.credential(digest("key_003", 0))
     assert isinstance(cred, Credential)
-    with r._lock:
-        r._compact()
+    assert r.fold()
     assert r.credential(digest("key_003", 0)) == cred
     assert r.overlay_size == 0
 
@@ -379,3 +437,92 @@ def test_a_corrupt_replica_file_leaves_the_sidecar_waiting_for_a_snapshot(
     assert not r.loaded and len(r.by_digest) == 0  # fails closed: replica_not_ready
     (record,) = [r for r in caplog.records if r.name == "sidecar.sync"]
     assert "checksum mismatch" in record.error  # type: ignore[attr-defined]
+
+
+# -- folding off the sync thread ------------------------------------------------------------------
+
+
+def upsert(key_id: str, version: int = 0, ws: str = "acme") -> Change:
+    return changes.CredentialUpserted(
+        key_id, digest(key_id, version), ws, frozenset({"checks:read"}), NOW
+    ).change()
+
+
+def test_a_key_revoked_while_a_fold_builds_is_denied_at_once_and_after_the_swap() -> None:
+    """A real fold thread builds its table from the overlay as it was before two revocations
+    (one of a table key, one of a key in the overlay it folds) and is held between building and
+    swapping: both keys are denied as soon as each revocation is applied, while the fold waits,
+    and after its table is swapped in; a second fold does not begin meanwhile."""
+    built, release = threading.Event(), threading.Event()
+    folds: list[threading.Thread] = []
+
+    def held(job: FoldJob) -> None:
+        def run() -> None:
+            job.build()
+            built.set()
+            release.wait(30)
+            job.install()
+
+        folds.append(threading.Thread(target=run))
+        folds[-1].start()
+
+    with compact_after(2):
+        r = Replica(held)
+        r.load_packed(1, table(), [])
+        for revision, key_id in enumerate(("key_100", "key_101", "key_102"), start=2):
+            r.apply(at(upsert(key_id), revision))
+        assert built.wait(30) and len(folds) == 1  # the third change made a fold due
+        for key_id in ("key_005", "key_101"):  # cached before the revocation
+            assert not r.credential(digest(key_id, 0)).revoked  # type: ignore[union-attr]
+        r.apply(at(changes.CredentialRevoked("key_005").change(), 5))
+        r.apply(at(changes.CredentialRevoked("key_101").change(), 6))
+        r.apply(at(upsert("key_103"), 7))
+        for key_id in ("key_005", "key_101"):
+            assert r.credential(digest(key_id, 0)).revoked  # type: ignore[union-attr]
+        assert not r.fold() and len(folds) == 1  # one fold at a time
+        release.set()
+        folds[0].join(30)
+        assert r.compactions == 1 and r._fold is None
+        for key_id in ("key_005", "key_101"):
+            assert r.credential(digest(key_id, 0)).revoked  # type: ignore[union-attr]
+        assert r.credential(digest("key_103", 0)) is not None
+        assert r.table.row(digest("key_101", 0)) >= 0  # folded, its revocation carried over
+        assert r.overlay_size == 3  # key_005, key_101 (revoked since the copy) and key_103
+        restored = Replica(inline)
+        restored.loads(r.dumps())
+        assert restored.credential(digest("key_101", 0)).revoked  # type: ignore[union-attr]
+
+
+def test_a_fold_overtaken_by_a_snapshot_is_dropped() -> None:
+    folds = SteppedFolds()
+    r = Replica(folds)
+    r.load_packed(1, table(), [])
+    r.apply(at(upsert("key_100"), 2))
+    assert r.fold()
+    r.load_packed(3, table(3), [])  # a newer snapshot without key_100
+    folds.install()
+    assert r.folds_dropped == 1 and r.compactions == 0
+    assert r.credential(digest("key_100", 0)) is None and len(r.by_digest) == 3
+
+
+def test_changes_applied_while_fold_threads_run_answer_as_the_dict_replica() -> None:
+    """Real fold threads, started every few changes, race the changes applied on this thread:
+    after every change the replica answers what the reference answers."""
+    rng = random.Random(19)
+    with compact_after(3):
+        dense, ref = Replica(), DictReplica()
+        dense.load_snapshot(1, [upsert(k) for k in IDS], "log")
+        ref.load_snapshot(1, [upsert(k) for k in IDS], "log")
+        versions = dict.fromkeys(IDS, 0)
+        for revision in range(2, 1500):
+            key_id = rng.choice(IDS)
+            if rng.random() < 0.3:
+                change = changes.CredentialRevoked(key_id).change()
+            else:
+                versions[key_id] = rng.randrange(3)
+                change = upsert(key_id, versions[key_id], rng.choice(WORKSPACES))
+            dense.apply(at(change, revision))
+            ref.apply(at(change, revision))
+            for d in ALL_DIGESTS:
+                assert dense.credential(d) == ref.by_digest.get(d)
+        assert dense.compactions > 10

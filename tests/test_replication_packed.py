@@ -24,6 +24,7 @@ from sidecar.core.models import ApiKey
 from sidecar.core.oauth_models import RevokedToken
 from sidecar.core.packed import PackedKeys
 from sidecar.replication import server as server_module
+from sidecar.replication import snapshots as snapshots_module
 from sidecar.replication.client import ReplicaFile, SyncClient
 from sidecar.replication.server import ReplicationServicer
 from sidecar.store.sql.sqlite import SqliteStore
@@ -131,6 +132,7 @@ def test_every_version_mix_ends_with_the_same_replica(
             uow.changes.append(changes.CredentialRevoked("key_000003").change())
         wait_until(lambda: replica.credential(hashlib.sha256(b"key_000003").digest()).revoked)  # type: ignore[union-attr]
         client.stop()
+        assert client.file is not None and client.file.appends >= 1  # the change: appended
         restarted = Replica()
         assert ReplicaFile(tmp_path / "sc").load(restarted)
         assert dict(restarted.by_digest) == dict(replica.by_digest)
@@ -140,7 +142,7 @@ def test_every_version_mix_ends_with_the_same_replica(
 
 
 def test_a_snapshot_built_once_serves_later_sidecars_with_the_changes_since_inside(
-    store: SqliteStore, loop_thread: LoopThread
+    store: SqliteStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A rollout: the second sidecar gets the first one's packed table (one build), and a key
     revoked in between is already revoked when that snapshot is swapped in — never usable
@@ -157,7 +159,15 @@ def test_a_snapshot_built_once_serves_later_sidecars_with_the_changes_since_insi
     replica.load_packed(revision, PackedKeys.decode(packed), entries)
     assert replica.credential(hashlib.sha256(b"key_000005").digest()).revoked  # type: ignore[union-attr]
     assert replica.revision == revision
-    # Past the reuse bounds the table is built again (here: its age).
-    clock.advance(server_module.REUSE_SECONDS + 1)
-    servicer.shared_packed_snapshot()
-    assert servicer.packed_builds == 2
+    # Past its age bound the table is still served (with the changes since inside) and built
+    # again in the background; past the change bound it is built again before it is served.
+    clock.advance(snapshots_module.REUSE_SECONDS + 1)
+    assert servicer.shared_packed_snapshot()[0] == revision
+    wait_until(lambda: servicer.packed_builds == 2 and not servicer.snapshots.refreshing)
+    with store.transaction() as uow:
+        uow.changes.append(changes.CredentialRevoked("key_000006").change())
+    monkeypatch.setattr(snapshots_module, "REUSE_CHANGES", 0)
+    _, _, entries = servicer.shared_packed_snapshot()
+    # Built now: no change-log entry appended (the OAuth state's entries carry no revision).
+    assert servicer.packed_builds == 3 and all(e.revision == 0 for e in entries)
+    assert servicer.refresh() is False  # nothing since

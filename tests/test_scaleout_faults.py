@@ -34,6 +34,7 @@ from envoy.service.auth.v3 import external_auth_pb2 as ext
 from sidecar.authz.replica import Replica, ReplicaError
 from sidecar.core import keyformat
 from sidecar.devtools.echo_upstream import EchoUpstream
+from sidecar.replication.client import ReplicaFile
 from tests.support.envoy import EnvoyProcess
 from tests.support.postgres import PostgresServer
 from tests.support.scaleout import CHECK_PATH, ScaleOut, SidecarProcess, scrape, wait
@@ -284,9 +285,11 @@ def _head(s: ScaleOut) -> int:
 
 
 def _persisted_revision(sc: SidecarProcess) -> int:
+    """The revision a restart would load: replica.bin and the changes appended beside it."""
     replica = Replica()
     try:
-        replica.loads((sc.state_dir / "replica.bin").read_bytes())
+        if not ReplicaFile(sc.state_dir).load(replica):
+            return 0
     except (OSError, ReplicaError):
         return 0
     return replica.revision

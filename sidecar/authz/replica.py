@@ -5,12 +5,16 @@ and read on every check without locks.
 The API keys are dense (docs/performance.md, "Replica size"): a packed key table from the last
 snapshot (``keytable``: sorted digests, per-key columns, profiles shared between keys) and a small
 overlay dict of what changed since (digest -> Credential, or None for a key gone), folded into a
-new table once it grows past an eighth of the table. Writers (the sync thread, the housekeeping
-prune) take ``_lock``; readers never do: they see one ``_Keys`` at a time, whose overlay only
-gains or replaces entries, and a writer swaps in a copy of the lookup cache without the changed
-keys *after* each change, so a credential built before the change is never kept while the keys
-in use stay cached (clearing it on every change made every key in use rebuild its credential,
-3 to 12 µs each, after every revocation anywhere in the fleet)."""
+new table once it grows past an eighth of the table. The fold runs on its own thread (``FoldJob``,
+docs/performance.md "Folding off the sync thread"): it merges a copy of the overlay into a new
+table without the lock, then swaps it in under the lock with every change that arrived meanwhile
+carried over, so a revocation applied during a fold is effective at once and stays so. Writers
+(the sync thread, the housekeeping prune, the fold's swap) take ``_lock``; readers never do: they
+see one ``_Keys`` at a time, whose overlay only gains or replaces entries, and a writer swaps in a
+copy of the lookup cache without the changed keys *after* each change, so a credential built
+before the change is never kept while the keys in use stay cached (clearing it on every change
+made every key in use rebuild its credential, 3 to 12 µs each, after every revocation anywhere
+in the fleet)."""
 
 from __future__ import annotations
 
@@ -46,13 +50,21 @@ class ReplicaError(ValueError):
 class _Keys:
     """The API keys at one moment: a table, the overlay of later changes, and the lookup cache."""
 
-    __slots__ = ("cache", "overlay", "overlay_ids", "table")
+    __slots__ = ("cache", "overlay", "overlay_ids", "table", "touched")
 
     def __init__(self, table: KeyTable) -> None:
         self.table = table
         self.overlay: dict[bytes, Credential | None] = {}
         self.overlay_ids: dict[str, bytes] = {}  # key id -> digest, for the overlay's keys
         self.cache: dict[bytes, Credential] = {}
+        # While a fold is under way: the digests changed since it copied the overlay (the
+        # changes it does not include, carried over when it swaps its table in).
+        self.touched: set[bytes] | None = None
+
+    def put(self, digest: bytes, cred: Credential) -> None:
+        self.overlay[digest] = cred
+        if self.touched is not None:
+            self.touched.add(digest)
 
     def current(self, digest: bytes) -> Credential | None:
         cred = self.overlay.get(digest, _ABSENT)
@@ -82,6 +94,8 @@ class _Keys:
             self.overlay[digest] = None
         else:
             self.overlay.pop(digest, None)
+        if self.touched is not None:
+            self.touched.add(digest)
 
     def shadowed_rows(self) -> set[int]:
         return {row for row in map(self.table.row, self.overlay) if row >= 0}
@@ -144,6 +158,47 @@ def credential_of(m: changes.CredentialUpserted) -> Credential:
     return Credential(identity, revoked=m.revoked, suspended=m.suspended)
 
 
+class FoldJob:
+    """One fold of the overlay into a new table: ``build`` merges, without the replica's lock,
+    the table and the copy of the overlay taken when the fold began; ``install`` swaps the new
+    table in under the lock, with the changes since that copy (``_Keys.touched``) carried over
+    into its overlay. A fold whose replica has since swapped in another table (a snapshot) is
+    dropped: its table would be older than what it replaces."""
+
+    def __init__(self, replica: Replica, keys: _Keys) -> None:
+        self._replica = replica
+        self._keys = keys
+        self._overlay = dict(keys.overlay)  # one C call: the overlay as of now
+        self.table: KeyTable | None = None
+        keys.touched = set()
+
+    def build(self) -> None:
+        base = self._keys.table
+        gone = {row for row in map(base.row, self._overlay) if row >= 0}
+        added = [message_of(d, cred) for d, cred in self._overlay.items() if cred is not None]
+        try:
+            self.table = _table(lambda: base.packed.merged(gone, added))
+        except ReplicaError:
+            log.exception("folding the overlay failed; the overlay is kept")
+
+    def install(self) -> bool:
+        """Swap the built table in; False when the fold was dropped."""
+        return self._replica._install_fold(self)
+
+    def __call__(self) -> None:
+        try:
+            self.build()
+        finally:
+            self.install()
+
+
+def _fold_in_thread(job: FoldJob) -> None:
+    threading.Thread(target=job, name="spauth-replica-fold", daemon=True).start()
+
+
+FoldRunner = Callable[[FoldJob], None]
+
+
 class CredentialView(Mapping[bytes, Credential]):
     """``replica.by_digest``: the usable API keys as a read-only mapping, digest -> Credential
     (for tools and tests; the check path calls ``Replica.credential``)."""
@@ -169,7 +224,7 @@ class CredentialView(Mapping[bytes, Credential]):
 class Replica:
     """Credential state as of ``revision``."""
 
-    def __init__(self) -> None:
+    def __init__(self, fold_runner: FoldRunner = _fold_in_thread) -> None:
         self.revision = 0
         # The change log ``revision`` counts in (the control plane's store); '' when unknown.
         self.log_id = ""
@@ -183,6 +238,10 @@ class Replica:
         # (reported in health and metrics, never applied).
         self.unknown_kinds: dict[str, int] = {}
         self.compactions = 0
+        self.folds_dropped = 0
+        # Runs a FoldJob: on its own thread (tests run it step by step).
+        self._fold_runner = fold_runner
+        self._fold: FoldJob | None = None  # the fold under way
         self._lock = threading.RLock()
 
     # -- reads (hot path) --------------------------------------------------------------------
@@ -263,15 +322,69 @@ class Replica:
             self.loaded = True
 
     def apply(self, change: Change) -> None:
-        """Apply one change; its revision must follow the current one."""
+        """Apply one change; its revision must follow the current one. A fold it makes due
+        runs on its own thread: the next change does not wait for it."""
         with self._lock:
             if change.revision <= self.revision:
                 return  # already applied (at-least-once delivery)
             self._apply(change)
             self.revision = change.revision
             keys = self._keys
-            if len(keys.overlay) > max(COMPACT_MIN, len(keys.table) // 8):
-                self._compact()
+            due = len(keys.overlay) > max(COMPACT_MIN, len(keys.table) // 8)
+            job = self._begin_fold() if due else None
+        if job is not None:
+            self._run_fold(job)
+
+    def fold(self) -> bool:
+        """Start folding the overlay into a new table (on the fold runner); False when a fold
+        is under way already or there is nothing to fold."""
+        with self._lock:
+            job = self._begin_fold() if self._keys.overlay else None
+        if job is not None:
+            self._run_fold(job)
+        return job is not None
+
+    def _begin_fold(self) -> FoldJob | None:
+        if self._fold is not None:
+            return None
+        self._fold = FoldJob(self, self._keys)
+        return self._fold
+
+    def _run_fold(self, job: FoldJob) -> None:
+        try:
+            self._fold_runner(job)
+        except BaseException:
+            with self._lock:  # never started (a thread at interpreter exit): let another try
+                job._keys.touched = None
+                if self._fold is job:
+                    self._fold = None
+            raise
+
+    def _install_fold(self, job: FoldJob) -> bool:
+        with self._lock:
+            keys = job._keys
+            touched, keys.touched = keys.touched or set(), None
+            if self._fold is job:
+                self._fold = None
+            table = job.table
+            if table is None or self._keys is not keys:
+                self.folds_dropped += 1
+                return False
+            fresh = _Keys(table)
+            for digest in touched:  # the changes since the fold's copy, onto the new table
+                cred = keys.overlay.get(digest)
+                if cred is not None:
+                    fresh.overlay[digest] = cred
+                    if keys.overlay_ids.get(cred.id) == digest:
+                        fresh.overlay_ids[cred.id] = digest
+                elif table.row(digest) >= 0:
+                    fresh.overlay[digest] = None
+            # The cache answers as the old keys did, and the new ones answer the same (each
+            # change since the copy dropped its own keys from it, as always).
+            fresh.cache = dict(keys.cache)
+            self._keys = fresh
+            self.compactions += 1
+            return True
 
     def _parse(self, change: Change) -> changes.Message | None:
         try:
@@ -303,7 +416,7 @@ class Replica:
         old = keys.locate(m.id)
         if old is not None and old != m.digest:
             keys.hide(old)
-        keys.overlay[m.digest] = cred
+        keys.put(m.digest, cred)
         keys.overlay_ids[m.id] = m.digest
         keys.forget(m.digest, old or m.digest)
 
@@ -315,7 +428,7 @@ class Replica:
         cred = keys.current(digest)
         if cred is not None:
             # Keep a tombstone so the denial can say "revoked" rather than "unknown".
-            keys.overlay[digest] = Credential(cred.identity, revoked=True)
+            keys.put(digest, Credential(cred.identity, revoked=True))
             keys.forget(digest)
 
     def _expire_credential(self, m: changes.CredentialExpired) -> None:
@@ -334,17 +447,9 @@ class Replica:
     def _revoke_jti(self, m: changes.TokenRevoked) -> None:
         self.revoked_jtis[m.jti] = m.expires_at
 
-    def _compact(self, drop: Iterable[int] = ()) -> None:
-        """Fold the overlay into a new table (without the rows in ``drop``) and swap it in."""
-        keys = self._keys
-        gone = keys.shadowed_rows().union(drop)
-        added = [message_of(d, cred) for d, cred in keys.overlay.items() if cred is not None]
-        table = _table(lambda: keys.table.packed.merged(gone, added))
-        self._keys = _Keys(table)
-        self.compactions += 1
-
     def prune(self, now: float, margin: float = 86400) -> int:
-        """Forget credentials and revocations that expired more than ``margin`` ago."""
+        """Forget credentials and revocations that expired more than ``margin`` ago (the
+        table's rows are hidden in the overlay, and leave the table at the next fold)."""
         removed = 0
         with self._lock:
             keys = self._keys
@@ -354,24 +459,25 @@ class Replica:
                     keys.overlay_ids.pop(cred.id, None)
                     removed += 1
             packed = keys.table.packed
-            expired: list[int] = []
             if len(packed) and min(packed.expires) + margin < now:
-                shadowed = keys.shadowed_rows()
-                expired = [
-                    row
-                    for row, until in enumerate(packed.expires)
-                    if until + margin < now and row not in shadowed
-                ]
-            if expired:
-                self._compact(expired)
-            elif removed:
+                overlay = keys.overlay
+                for row, expiry in enumerate(packed.expires):
+                    if expiry + margin < now:
+                        digest = packed.digest_at(row)
+                        if digest not in overlay:
+                            keys.hide(digest)
+                            removed += 1
+            if removed:
                 keys.cache = {}
-            removed += len(expired)
             for table in (self.revoked_grants, self.revoked_jtis):
                 for key, until in list(table.items()):
                     if until and until + margin < now:
                         table.pop(key, None)
                         removed += 1
+            due = len(keys.overlay) > max(COMPACT_MIN, len(keys.table) // 8)
+            job = self._begin_fold() if due else None
+        if job is not None:
+            self._run_fold(job)
         return removed
 
     # -- persistence ----------------------------------------------------------------------------
@@ -396,6 +502,13 @@ class Replica:
 
         with self._lock:
             return replica_file.encode(self)
+
+    def dump_parts(self) -> list[bytes]:
+        """``dumps`` in pieces, for a writer that takes them one by one."""
+        from sidecar.authz import replica_file
+
+        with self._lock:
+            return replica_file.encoded_parts(self)
 
     def loads(self, data: bytes) -> None:
         """Restore state written by ``dumps``, or by the JSON format before it."""

@@ -34,6 +34,12 @@ _SUM = hashlib.sha256().digest_size
 
 def encode(replica: Replica) -> bytes:
     """The file's bytes for ``replica`` (its writer holds the replica's lock)."""
+    return b"".join(encoded_parts(replica))
+
+
+def encoded_parts(replica: Replica) -> list[bytes]:
+    """``encode``'s bytes in pieces, the last one the SHA-256 trailer: written one by one, a
+    million keys' file costs ≈ 20 B/key beside the replica instead of three copies of it."""
     keys = replica._keys
     header = json.dumps(
         {
@@ -50,10 +56,12 @@ def encode(replica: Replica) -> bytes:
     overlay = PackedKeys.pack(message_of(d, c) for d, c in keys.overlay.items() if c is not None)
     hidden = b"".join(d for d, c in keys.overlay.items() if c is None)
     parts = [_HEAD.pack(MAGIC, VERSION, len(header)), header]
-    for section in (keys.table.packed.encode(), overlay.encode(), hidden):
-        parts += [_LEN.pack(len(section)), section]
-    body = b"".join(parts)
-    return body + hashlib.sha256(body).digest()
+    for section in (keys.table.packed.encoded_parts(), overlay.encoded_parts(), [hidden]):
+        parts += [_LEN.pack(sum(map(len, section))), *section]
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part)
+    return [*parts, digest.digest()]
 
 
 def decode(replica: Replica, data: bytes) -> None:
@@ -127,3 +135,67 @@ def _decode_json(replica: Replica, data: bytes) -> None:
         raise ReplicaError(f"unreadable replica file: {exc}") from exc
     replica.load_snapshot(revision, entries, log_id)
     replica.last_contact = last_contact
+
+
+# -- the change log beside it ---------------------------------------------------------------------
+#
+# ``replica.log``: the changes applied since ``replica.bin`` was written, so a persist appends a
+# few records instead of rewriting the whole file (≈ 70 MB at a million keys).
+#
+#     magic b"SPRLOG01" | the SHA-256 trailer of the replica.bin it follows
+#     then records: body length u32 | body (JSON [revision, kind, subject, payload, last_contact])
+#                   | SHA-256 of the log's magic, the base's trailer and the body
+#
+# A log whose base is not the replica.bin beside it (a crash between writing the two) is ignored
+# whole. Records replay in order up to the first one that is incomplete or altered (a torn
+# write): the replica is then at an earlier revision, as if the process had stopped before
+# writing the rest, and resumes from it.
+
+LOG_MAGIC = b"SPRLOG01"
+_U32 = struct.Struct("<I")
+
+
+def base_sum(data: bytes) -> bytes:
+    """The trailer of a replica file's bytes (its SHA-256), which names it in a log."""
+    return data[-_SUM:]
+
+
+def log_header(base: bytes) -> bytes:
+    return LOG_MAGIC + base
+
+
+def log_records(base: bytes, changes: list[Change], last_contact: float) -> bytes:
+    """The records of ``changes`` for a log whose base trailer is ``base``."""
+    out = []
+    for c in changes:
+        body = json.dumps(
+            [c.revision, c.kind, c.subject, c.payload, last_contact], separators=(",", ":")
+        ).encode()
+        out += [_U32.pack(len(body)), body, hashlib.sha256(LOG_MAGIC + base + body).digest()]
+    return b"".join(out)
+
+
+def read_log(data: bytes, base: bytes) -> tuple[list[tuple[Change, float]], int, bool]:
+    """The records of a log following the replica file whose trailer is ``base``: (each change
+    with the contact time written with it, the length of the intact part, whether the whole log
+    was intact). A log of another base yields nothing."""
+    head = log_header(base)
+    if not data.startswith(head):
+        return [], 0, not data
+    out: list[tuple[Change, float]] = []
+    at = len(head)
+    while at < len(data):
+        if at + _U32.size > len(data):
+            return out, at, False
+        (size,) = _U32.unpack_from(data, at)
+        body = data[at + _U32.size : at + _U32.size + size]
+        digest = data[at + _U32.size + size : at + _U32.size + size + _SUM]
+        if len(body) != size or digest != hashlib.sha256(LOG_MAGIC + base + body).digest():
+            return out, at, False
+        try:
+            revision, kind, subject, payload, contact = json.loads(body)
+            out.append((Change(str(kind), str(subject), payload, int(revision)), float(contact)))
+        except (TypeError, ValueError):
+            return out, at, False
+        at += _U32.size + size + _SUM
+    return out, at, True

@@ -21,6 +21,7 @@ import grpc
 
 from sidecar._gen.statuspulse.auth.v1 import replication_pb2 as pb
 from sidecar._gen.statuspulse.auth.v1 import replication_pb2_grpc as pb_grpc
+from sidecar.authz import replica_file
 from sidecar.authz.replica import Replica, ReplicaError
 from sidecar.core.clock import Clock
 from sidecar.core.models import Change
@@ -29,6 +30,8 @@ from sidecar.core.packed import PackedKeys, PackError
 log = logging.getLogger("sidecar.sync")
 SNAPSHOT_FILE = "replica.bin"
 LEGACY_SNAPSHOT_FILE = "replica.json"  # format 1, read once on upgrade
+LOG_FILE = "replica.log"  # the changes since replica.bin
+LOG_MIN_BYTES = 1 << 20  # below this the log is never compacted into a whole save
 
 
 def from_pb(change: pb.ReplicaChange) -> Change:
@@ -58,30 +61,52 @@ class Backoff:
 
 
 class ReplicaFile:
-    """The persisted replica (``replica.bin``, format in sidecar/authz/replica_file.py): written
-    atomically (temp file, fsync, rename). A ``replica.json`` of the previous format is read
-    once when there is no ``replica.bin``, and removed after the first save."""
+    """The persisted replica: ``replica.bin`` (format in sidecar/authz/replica_file.py), written
+    whole and atomically (temp file, fsync, rename), and ``replica.log`` beside it, the changes
+    applied since, appended (``append``) until it outgrows an eighth of ``replica.bin``; then
+    the next save is whole again and starts a new log. A ``replica.json`` of the previous
+    format is read once when there is no ``replica.bin``, and removed after the first save."""
 
     def __init__(self, state_dir: Path) -> None:
         self.path = state_dir / SNAPSHOT_FILE
         self.legacy = state_dir / LEGACY_SNAPSHOT_FILE
+        self.log = state_dir / LOG_FILE
         self.state_dir = state_dir
+        self._base = b""  # the trailer of the replica.bin this process wrote (b"": none yet)
+        self._base_bytes = 0
+        self._log_bytes = 0
+        self.appends = 0
 
     def save(self, replica: Replica) -> None:
+        """Write the whole replica, then an empty log that follows it (a crash in between
+        leaves the old log, which names the old file and is ignored)."""
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        data = replica.dumps()
-        tmp = self.path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
+        parts = replica.dump_parts()
+        _write_atomically(self.path, parts)
+        self._base, self._base_bytes = parts[-1], sum(map(len, parts))
+        header = replica_file.log_header(self._base)
+        _write_atomically(self.log, [header])
+        self._log_bytes = len(header)
         self.legacy.unlink(missing_ok=True)
 
+    def append(self, changes: list[Change], last_contact: float) -> bool:
+        """Append ``changes`` (applied since the last save or append) to the log; False, and
+        nothing written, when a whole save is due instead."""
+        if not self._base or self._log_bytes > max(LOG_MIN_BYTES, self._base_bytes // 8):
+            return False
+        records = replica_file.log_records(self._base, changes, last_contact)
+        fd = os.open(self.log, os.O_WRONLY | os.O_APPEND)
+        with os.fdopen(fd, "ab") as fh:
+            fh.write(records)
+            fh.flush()
+            os.fsync(fh.fileno())
+        self._log_bytes += len(records)
+        self.appends += 1
+        return True
+
     def load(self, replica: Replica) -> bool:
-        """Restore the replica; False when there is no usable file (the replica is then left
-        as it was: never partly loaded)."""
+        """Restore the replica, then replay the log beside it; False when there is no usable
+        file (the replica is then left as it was: never partly loaded)."""
         for path in (self.path, self.legacy):
             try:
                 data = path.read_bytes()
@@ -95,8 +120,42 @@ class ReplicaFile:
                     extra={"file": str(path), "error": str(exc)},
                 )
                 return False
+            if path == self.path:
+                self._replay(replica, replica_file.base_sum(data))
             return True
         return False
+
+    def _replay(self, replica: Replica, base: bytes) -> None:
+        """Apply the log's intact records in order (a torn tail is left out, logged)."""
+        try:
+            data = self.log.read_bytes()
+        except FileNotFoundError:
+            return
+        records, _, intact = replica_file.read_log(data, base)
+        for change, contact in records:
+            try:
+                replica.apply(change)
+            except ReplicaError as exc:
+                log.warning("replica log: stopped at a change that does not apply",
+                            extra={"revision": change.revision, "error": str(exc)})  # fmt: skip
+                return
+            replica.last_contact = contact
+        if not intact:
+            log.warning(
+                "replica log: replayed up to a torn or altered record; resuming from there",
+                extra={"file": str(self.log), "revision": replica.revision},
+            )
+
+
+def _write_atomically(path: Path, parts: list[bytes]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        for part in parts:
+            fh.write(part)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
 
 
 def parse_targets(value: str | Sequence[str]) -> list[str]:
@@ -154,6 +213,8 @@ class SyncClient:
         self._save_every = persist_interval
         self._pending: list[Change] = []
         self._packed = bytearray()
+        self._unsaved: list[Change] = []  # applied since the last save, for the log
+        self._whole = True  # the next save writes the whole replica (a snapshot, a restart)
         # Ask for the snapshot's keys as a packed table (a control plane that predates it
         # ignores the flag and sends entries).
         self.packed_keys = packed_keys
@@ -257,7 +318,10 @@ class SyncClient:
             self.replica.last_contact = self.clock.now()
             kind = message.WhichOneof("event")
             if kind == "change":
-                self.replica.apply(from_pb(message.change))
+                change = from_pb(message.change)
+                self.replica.apply(change)
+                if self.file is not None:
+                    self._unsaved.append(change)
                 self._dirty = True
             elif kind == "snapshot":
                 snap = message.snapshot
@@ -283,6 +347,8 @@ class SyncClient:
         else:
             self.replica.load_snapshot(revision, pending, log_id)
         self._dirty = True
+        self._whole = True
+        self._unsaved = []
         log.info("snapshot loaded", extra={"revision": revision, "packed": bool(packed)})
 
     def _save(self, force: bool = False) -> None:
@@ -291,13 +357,21 @@ class SyncClient:
         now = time.monotonic()
         if not force and now - self._last_save < self._save_every:
             return
+        whole = self._whole
         try:
-            self.file.save(self.replica)
+            if not whole and not self.file.append(self._unsaved, self.replica.last_contact):
+                whole = True
+            if whole:
+                self.file.save(self.replica)
         except OSError:
             log.exception("cannot persist replica")
+            self._whole = True  # a log write may have been cut short: start a new one
             return
+        self._whole = False
+        self._unsaved = []
         self._dirty = False
         self._last_save = now
-        # A big replica takes a while to write (≈ 0.5 s for 1M keys): keep saving to at most a
-        # tenth of the sync thread's time, so changes are applied, not queued behind the file.
-        self._save_every = max(self.persist_interval, 10 * (time.monotonic() - now))
+        # A whole save of a big replica takes a while (≈ 0.5 s for 1M keys): keep those to at
+        # most a tenth of the sync thread's time; appending a few changes costs little.
+        elapsed = time.monotonic() - now
+        self._save_every = max(self.persist_interval, 10 * elapsed if whole else 0.0)

@@ -8,8 +8,8 @@ import asyncio
 import hmac
 import json
 import logging
-import threading
 from collections.abc import AsyncIterator, Callable, Iterable
+from pathlib import Path
 
 import grpc
 
@@ -22,6 +22,8 @@ from sidecar.core.errors import Unavailable
 from sidecar.core.models import Change
 from sidecar.core.packed import AS_ROW, PackedKeys, PackError
 from sidecar.core.storage import KeyRow, Store, UnitOfWork
+from sidecar.replication.snapshot_file import anchor_of
+from sidecar.replication.snapshots import PackedSnapshots, entry_at
 
 log = logging.getLogger("sidecar.replication")
 
@@ -30,13 +32,6 @@ KeySource = Callable[[UnitOfWork, int], Iterable[KeyRow]]
 CHUNK = 5000
 PACKED_CHUNK = 1 << 20  # bytes of the packed key table per message (gRPC's limit is 4 MiB)
 BATCH = 1000
-# A packed snapshot is built once and sent to every sidecar that needs one while the change log
-# has grown by at most REUSE_CHANGES since it and it is at most REUSE_SECONDS old, so a rollout
-# of many sidecars costs the control plane one build, not one each. The changes committed after
-# it travel inside the snapshot (applied before the sidecar swaps it in, so a key revoked since
-# is never usable again, not even for a moment), and the snapshot's revision is the last of them.
-REUSE_CHANGES = 10_000
-REUSE_SECONDS = 300.0
 UPSERTED = changes.ChangeKind.CREDENTIAL_UPSERTED.value
 
 
@@ -61,6 +56,7 @@ class ReplicationServicer(pb_grpc.ReplicationServiceServicer):  # type: ignore[m
         key_source: KeySource | None = None,
         heartbeat: float = 1.0,
         sync_token: str = "",
+        snapshot_file: Path | None = None,
     ) -> None:
         self._store = store
         self._clock = clock
@@ -74,9 +70,11 @@ class ReplicationServicer(pb_grpc.ReplicationServiceServicer):  # type: ignore[m
         self.snapshots_sent = 0
         self._wakers: set[Callable[[int], None]] = set()
         self._log_id = ""  # read once: fixed for the life of the store
-        self._built: tuple[int, bytes, list[Change], float] | None = None
-        self._build_lock = threading.Lock()  # one build at a time; the others wait and share it
-        self.packed_builds = 0
+        # The packed snapshot, built once and shared by the sidecars of a rollout, kept on
+        # disk at ``snapshot_file`` for the next start (None: in memory only).
+        self.snapshots = PackedSnapshots(
+            store, clock, self._read_snapshot, self.log_id, snapshot_file
+        )
 
     def wake(self, revision: int) -> None:
         """Have every open stream re-read the change log now: another control-plane replica
@@ -86,56 +84,72 @@ class ReplicationServicer(pb_grpc.ReplicationServiceServicer):  # type: ignore[m
 
     def snapshot(self) -> tuple[int, list[Change]]:
         """The head revision and every entry, read in one consistent transaction."""
-        head, keys, entries = self._read_snapshot()
+        head, _, keys, entries = self._read_snapshot()
         return head, key_entries(keys) + entries
 
     def packed_snapshot(self) -> tuple[int, bytes, list[Change]]:
         """The head revision, the API keys as one packed key table and every other entry;
         the table is empty (b"") when a key cannot be packed, and the keys then go as entries."""
-        head, keys, entries = self._read_snapshot()
+        head, _, keys, entries = self._read_snapshot()
         try:
             return head, PackedKeys.pack_rows(keys).encode(), entries
         except PackError as exc:
             log.warning("snapshot: keys sent as entries", extra={"error": str(exc)})
             return head, b"", key_entries(keys) + entries
 
+    def prepare(self) -> None:
+        """Have the packed snapshot at hand before the control plane reports ready (see
+        ``PackedSnapshots.prepare``)."""
+        self.snapshots.prepare()
+
+    def refresh(self) -> bool:
+        """Build the packed snapshot again in the background when it is due."""
+        return self.snapshots.refresh()
+
+    @property
+    def ready(self) -> bool:
+        return self.snapshots.ready
+
+    @ready.setter
+    def ready(self, value: bool) -> None:
+        self.snapshots.ready = value
+
+    @property
+    def packed_builds(self) -> int:
+        return self.snapshots.builds
+
+    @property
+    def snapshots_from_file(self) -> int:
+        return self.snapshots.from_file
+
     def shared_packed_snapshot(self) -> tuple[int, bytes, list[Change]]:
         """``packed_snapshot`` reused while it is recent (REUSE_CHANGES, REUSE_SECONDS), with
         the changes since it appended to its entries."""
-        revision, packed, entries = self._shared_build()
-        while packed:
+        snap = self.snapshots.current()
+        if snap is None:
+            revision, packed, entries = self.packed_snapshot()
+            return revision, packed, entries
+        revision, entries = snap.revision, list(snap.entries)
+        while True:
             _, later = self._changes(revision)
             if not later:
                 break
             entries = entries + later
             revision = later[-1].revision
-        return revision, packed, entries
+        return revision, snap.packed, entries
 
-    def _shared_build(self) -> tuple[int, bytes, list[Change]]:
-        with self._build_lock:
-            now = self._clock.now()
-            built = self._built
-            if built is not None and now - built[3] <= REUSE_SECONDS:
-                with self._store.read() as uow:
-                    head = uow.changes.head()
-                if head - built[0] <= REUSE_CHANGES:
-                    return built[0], built[1], built[2]
-            revision, packed, entries = self.packed_snapshot()
-            self.packed_builds += 1
-            self._built = (revision, packed, entries, now) if packed else None
-            return revision, packed, entries
-
-    def _read_snapshot(self) -> tuple[int, list[KeyRow], list[Change]]:
+    def _read_snapshot(self) -> tuple[int, str, list[KeyRow], list[Change]]:
         now = int(self._clock.now())
         with self._store.read() as uow:
             head = uow.changes.head()
+            anchor = anchor_of(entry_at(uow, head))
             keys = list(self._key_source(uow, now)) if self._key_source is not None else []
             entries = [entry for source in self._sources for entry in source(uow, now)]
         others = [entry for entry in entries if _key(entry) is None]
         if len(others) < len(entries):  # keys among the sources' entries (no key_source)
             keys.extend(AS_ROW(m) for m in map(_key, entries) if m is not None)
             entries = others
-        return head, keys, entries
+        return head, anchor, keys, entries
 
     def log_id(self) -> str:
         """The change log's identity (sidecars resume only within the same log)."""
