@@ -367,3 +367,30 @@ def test_genesis_links_the_first_record() -> None:
 def test_without_the_extension_the_python_path_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(audit_native, "_native", None)
     assert isinstance(ingest_batch(_valid_message(), LATEST), EventBatch)
+
+
+def test_awkward_text_is_stored_as_sent(store: Store) -> None:
+    """The COPY payload the compiled step formats for PostgreSQL (tabs, newlines, backslashes,
+    non-ASCII) reads back as the row it came from."""
+    records = []
+    for i, text in enumerate(["a\tb", "c\nd\re", "back\\slash \\N", "\b\f\v", "é😀\u2028", ""]):
+        r = pb.AuditRecord(
+            id=f"dec_awk_{i}", action="authz.deny", workspace="acme", actor=text, target=text,
+            outcome=text, reason=text, request_id=text,
+        )  # fmt: skip
+        r.time.seconds, r.time.nanos = int(NOW) - 1, 987654321
+        r.metadata[text or "k"] = text
+        records.append(r)
+    batch = audit_native.parse(_message(records, False), LATEST)
+    assert batch is not None
+    indices = [i for i, _ in batch.accepted]
+    rows = batch.rows(indices, {"acme": None})
+    with store.transaction() as uow:
+        uow.audit.append_batch(batch, indices)
+    assert _stored_rows(store) == rows
+
+
+def test_a_nul_is_left_to_psycopg() -> None:
+    """PostgreSQL text cannot hold NUL: the compiled COPY declines, psycopg refuses it."""
+    assert audit_native.copy_text([("a\x00b", 1.5, 2)]) is None
+    assert audit_native.copy_text([("a\tb\\", 1.5, 2)]) == b"a\\tb\\\\\t1.5\t2\n"

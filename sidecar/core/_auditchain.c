@@ -656,6 +656,77 @@ fail:
     return NULL;
 }
 
+/* ------------------------------------------------------------------------ COPY rows -- */
+
+/* One value in PostgreSQL's COPY text format (backslash escapes as psycopg writes them);
+ * 1: not written here (a NUL, which text cannot hold, or a type other than str, float, int). */
+static int copy_value(Buf *b, PyObject *v) {
+    if (PyUnicode_Check(v)) {
+        Py_ssize_t n;
+        const char *u = PyUnicode_AsUTF8AndSize(v, &n);
+        if (!u) { PyErr_Clear(); return 1; }
+        if (buf_grow(b, 2 * n) < 0) return -1;
+        char *o = b->p + b->n;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            char c = u[i], e = 0;
+            switch (c) {
+            case '\0': return 1;
+            case '\b': e = 'b'; break;
+            case '\t': e = 't'; break;
+            case '\n': e = 'n'; break;
+            case '\v': e = 'v'; break;
+            case '\f': e = 'f'; break;
+            case '\r': e = 'r'; break;
+            case '\\': e = '\\'; break;
+            }
+            if (e) { *o++ = '\\'; *o++ = e; } else *o++ = c;
+        }
+        b->n = o - b->p;
+        return 0;
+    }
+    if (PyFloat_CheckExact(v)) { /* repr: the shortest text that reads back as this double */
+        char *r = PyOS_double_to_string(PyFloat_AS_DOUBLE(v), 'r', 0, Py_DTSF_ADD_DOT_0, NULL);
+        if (!r) return -1;
+        int rc = buf_put(b, r, (Py_ssize_t)strlen(r));
+        PyMem_Free(r);
+        return rc;
+    }
+    if (PyLong_CheckExact(v)) {
+        long long x = PyLong_AsLongLong(v);
+        if (x == -1 && PyErr_Occurred()) { PyErr_Clear(); return 1; }
+        char num[24];
+        return buf_put(b, num, snprintf(num, sizeof num, "%lld", x));
+    }
+    return 1;
+}
+
+/* copy_text(rows) -> bytes | None: the rows as one COPY ... FROM STDIN (text format) payload,
+ * what psycopg's write_row would send row by row; None when a value is not written here. */
+static PyObject *py_copy_text(PyObject *mod, PyObject *rows) {
+    if (!PyList_Check(rows)) {
+        PyErr_SetString(PyExc_TypeError, "copy_text() takes a list of tuples");
+        return NULL;
+    }
+    Buf b = {0};
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(rows); i++) {
+        PyObject *row = PyList_GET_ITEM(rows, i);
+        if (!PyTuple_Check(row)) goto decline;
+        for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(row); k++) {
+            int rc = (k ? buf_put(&b, "\t", 1) : 0);
+            if (rc == 0) rc = copy_value(&b, PyTuple_GET_ITEM(row, k));
+            if (rc < 0) { PyMem_Free(b.p); return NULL; }
+            if (rc > 0) goto decline;
+        }
+        if (buf_put(&b, "\n", 1) < 0) { PyMem_Free(b.p); return NULL; }
+    }
+    PyObject *out = PyBytes_FromStringAndSize(b.p ? b.p : "", b.n);
+    PyMem_Free(b.p);
+    return out;
+decline:
+    PyMem_Free(b.p);
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_redact(PyObject *mod, PyObject *arg) {
     if (!PyUnicode_Check(arg)) {
         PyErr_SetString(PyExc_TypeError, "redact() takes a str");
@@ -676,6 +747,7 @@ static PyMethodDef module_methods[] = {
     {"parse", py_parse, METH_VARARGS,
      "parse(request_bytes, latest) -> None | (report_refused, count, refused, accepted)."},
     {"link", py_link, METH_VARARGS, "link(accepted_records, heads) -> rows to insert."},
+    {"copy_text", py_copy_text, METH_O, "copy_text(rows) -> COPY text payload | None."},
     {"redact", py_redact, METH_O, "audit.redact, compiled (for the differential tests)."},
     {NULL, NULL, 0, NULL}};
 

@@ -63,6 +63,13 @@ class NativeBatch:
         return rows
 
 
+def copy_text(rows: list[Row]) -> bytes | None:
+    """``rows`` as one PostgreSQL ``COPY ... FROM STDIN`` text payload (what psycopg's
+    ``write_row`` sends row by row, at a fraction of its per-row cost); None without the
+    compiled step or when a value is not one it writes (a NUL: psycopg then refuses it)."""
+    return None if _native is None else _native.copy_text(rows)
+
+
 def parse(data: bytes, latest: float) -> NativeBatch | None:
     """The message's batch, or None when the compiled step is unavailable (logged once) or
     does not reproduce this message (the caller then takes the Python path)."""

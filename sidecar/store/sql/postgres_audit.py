@@ -8,11 +8,11 @@ plane ≈ 400 µs of CPU per record in waits and protocol)."""
 
 from __future__ import annotations
 
-from collections.abc import Collection
 from typing import Any
 
 import psycopg
 
+from sidecar.core import audit_native
 from sidecar.store.sql.audit import SqlAudit
 from sidecar.store.sql.qmark import QmarkConnection
 
@@ -27,16 +27,19 @@ _COPY = (
 class PgAudit(SqlAudit):
     """The SQLite repository's SQL (standard SQL) over psycopg."""
 
-    _ID_IN_BATCH = "id = ANY(?)"  # a text[] parameter
+    # A batch of ids as one JSON text parameter, as on SQLite: psycopg's list dumper cost the
+    # control plane ~2 us per id (a regex per element); json.dumps is C.
+    _ID_IN_BATCH = "id = ANY(ARRAY(SELECT jsonb_array_elements_text(?::jsonb)))"
 
     def __init__(self, conn: Conn) -> None:
         super().__init__(QmarkConnection(conn))
         self._pg = conn
 
-    def _batch_param(self, event_ids: Collection[str]) -> object:
-        return list(event_ids)
-
     def _insert(self, rows: list[tuple[Any, ...]]) -> None:
+        payload = audit_native.copy_text(rows)  # the whole batch in one buffer, formatted in C
         with self._pg.cursor().copy(_COPY) as copy:
-            for row in rows:
-                copy.write_row(row)
+            if payload is not None:
+                copy.write(payload)
+            else:
+                for row in rows:
+                    copy.write_row(row)
