@@ -20,8 +20,9 @@ from redis.asyncio.retry import Retry
 from redis.backoff import AbstractBackoff, EqualJitterBackoff, NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
-from sidecar.auditship.codec import decode
+from sidecar.auditship.codec import decode, ingest_request
 from sidecar.bus.audit_stream import FIELD_RECORD, STREAM
+from sidecar.core import audit_native
 from sidecar.core.audit import AuditEvent
 from sidecar.core.audit_trail import SIDECAR, AuditTrail
 from sidecar.core.errors import SpauthError
@@ -135,23 +136,16 @@ class AuditStreamConsumer:
     async def _store(self, entries: list[Entry]) -> int:
         if not entries:
             return 0
-        events: list[AuditEvent] = []
-        junk = 0
-        for _, fields in entries:
-            try:
-                events.append(decode((fields or {}).get(FIELD_RECORD, b"")))
-            except ValueError:
-                junk += 1
-        # One trail call stores the batch in one transaction; the records it refuses (each
+        payloads = [(fields or {}).get(FIELD_RECORD, b"") for _, fields in entries]
+        # One trail call per chunk stores it in one transaction; the records it refuses (each
         # logged there with its reason) are counted here, and the rest are stored.
-        refused = junk
-        stored = 0
+        refused = stored = 0
         most = self._trail.policy.max_ingest_batch
-        for start in range(0, len(events), most):
-            chunk = events[start : start + most]
-            result = await asyncio.to_thread(self._trail.ingest, self._ctx, chunk)
-            refused += len(result.refused)
-            stored += len(result.acknowledged)
+        for start in range(0, len(payloads), most):
+            chunk = payloads[start : start + most]
+            chunk_stored, chunk_refused = await asyncio.to_thread(self._ingest, chunk)
+            stored += chunk_stored
+            refused += chunk_refused
         if refused:
             self.dropped += refused
             log.warning("audit stream: dropped records the trail refuses", extra={"n": refused})
@@ -161,6 +155,25 @@ class AuditStreamConsumer:
         await self._client.xdel(self.stream, *ids)
         self.ingested += stored
         return len(entries)
+
+    def _ingest(self, payloads: list[bytes]) -> tuple[int, int]:
+        """Store one chunk of spool payloads (serialized AuditRecords): as one message through
+        the compiled step when it takes them, else decoded one by one (an entry that is not a
+        record is dropped alone). Returns (acknowledged, refused or dropped)."""
+        latest = self._trail.latest_record_time()
+        batch = audit_native.parse(ingest_request(payloads), latest)
+        if batch is not None:
+            result = self._trail.ingest_batch(self._ctx, batch)
+            return len(result.acknowledged), len(result.refused)
+        events: list[AuditEvent] = []
+        junk = 0
+        for payload in payloads:
+            try:
+                events.append(decode(payload))
+            except ValueError:
+                junk += 1
+        result = self._trail.ingest(self._ctx, events)
+        return len(result.acknowledged), junk + len(result.refused)
 
     async def aclose(self) -> None:
         if self._task is not None:
