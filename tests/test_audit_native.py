@@ -394,3 +394,17 @@ def test_a_nul_is_left_to_psycopg() -> None:
     """PostgreSQL text cannot hold NUL: the compiled COPY declines, psycopg refuses it."""
     assert audit_native.copy_text([("a\x00b", 1.5, 2)]) is None
     assert audit_native.copy_text([("a\tb\\", 1.5, 2)]) == b"a\\tb\\\\\t1.5\t2\n"
+
+
+def test_the_largest_record_redacted_everywhere_is_answered_the_same() -> None:
+    """Every field at its limit and full of the shortest credential shape ("bearer x" becomes
+    the longer "[redacted]"): the most text a record can make the compiled step write."""
+    text = ("bearer x " * 60)[:512]
+    r = pb.AuditRecord(
+        id="d" * 64, action="authz.allow", workspace="acme", actor=text, target=text,
+        outcome="é" * 512, reason=text, request_id=text,
+    )  # fmt: skip
+    r.time.seconds = int(NOW)
+    for i in range(32):
+        r.metadata[f"{i:02d} " + ("bearer x " * 8)[:61]] = text
+    assert _check(ld(1, r.SerializeToString()))

@@ -175,8 +175,9 @@ static Py_ssize_t secret_at(const Py_UCS4 *s, Py_ssize_t n, Py_ssize_t p) {
     return r > q ? r : -1;
 }
 
-/* ``s`` redacted in place into ``out`` (room for n + 9 * (n / 3) code points: every match is
- * at least 3 long and becomes 10); returns the new length. */
+/* ``s`` redacted into ``out`` (room for 5 * n / 4 + 10 code points: every match is at least
+ * 8 long, "bearer x", and becomes 10); returns the new length. The pool parse() decodes into
+ * holds the largest record that passes the checks, raw and redacted (< 48k code points). */
 static Py_ssize_t redact(const Py_UCS4 *s, Py_ssize_t n, Py_UCS4 *out) {
     Py_ssize_t o = 0;
     for (Py_ssize_t p = 0; p < n;) {
