@@ -124,6 +124,7 @@ def assert_same(native: PreparedBatch, python: PreparedBatch, seed: int = 0) -> 
         assert native.content(index) == python.content(index)
         assert native.workspace(index) == python.workspace(index)
     indices = [index for index, _ in python.accepted]
+    assert native.workspaces(indices) == python.workspaces(indices)
     heads = _heads(python, seed)
     rows = python.rows(indices, dict(heads))
     assert native.rows(indices, dict(heads)) == rows

@@ -473,20 +473,21 @@ static PyObject *accepted(const Rec *r, double t, Py_UCS4 *pool, Buf *b) {
     return out;
 }
 
-/* parse(data, latest) -> None | (report_refused, count, refused, accepted)
- *   refused: [(index, code, id)]; accepted: [(index, row, canonical)] */
+/* parse(data, latest) -> None | (report_refused, count, refused, accepted, records)
+ *   refused: [(index, code, id)]; accepted: [(index, id)]; records: {index: (row, canonical)} */
 static PyObject *py_parse(PyObject *mod, PyObject *args) {
     Py_buffer view;
     double latest;
     if (!PyArg_ParseTuple(args, "y*d", &view, &latest)) return NULL;
     const unsigned char *p = view.buf, *end = p + view.len;
-    PyObject *refused = PyList_New(0), *ok = PyList_New(0), *result = NULL;
+    PyObject *refused = PyList_New(0), *ok = PyList_New(0), *records = PyDict_New();
+    PyObject *result = NULL;
     Py_UCS4 *pool = PyMem_Malloc(sizeof(Py_UCS4) * 64 * 1024);
     Rec *rec = PyMem_Malloc(sizeof(Rec));
     Buf b = {0};
     int report = 0, seen_report = 0, declined = 0;
     Py_ssize_t index = 0;
-    if (!refused || !ok || !pool || !rec) { PyErr_NoMemory(); goto done; }
+    if (!refused || !ok || !records || !pool || !rec) { PyErr_NoMemory(); goto done; }
     while (p < end) {
         uint64_t tag, v;
         Str raw;
@@ -515,10 +516,12 @@ static PyObject *py_parse(PyObject *mod, PyObject *args) {
                 declined = 1;
                 break;
             }
-            item = Py_BuildValue("(nOO)", index, PyTuple_GET_ITEM(got, 0),
-                                 PyTuple_GET_ITEM(got, 1));
+            PyObject *key = PyLong_FromSsize_t(index);
+            item = key ? PyTuple_Pack(2, key, PyTuple_GET_ITEM(PyTuple_GET_ITEM(got, 0), 0)) : NULL;
+            int rc = item ? PyDict_SetItem(records, key, got) : -1;
+            Py_XDECREF(key);
             Py_DECREF(got);
-            if (!item || PyList_Append(ok, item) < 0) { Py_XDECREF(item); goto done; }
+            if (rc < 0 || PyList_Append(ok, item) < 0) { Py_XDECREF(item); goto done; }
         }
         Py_DECREF(item);
         index++;
@@ -527,11 +530,12 @@ static PyObject *py_parse(PyObject *mod, PyObject *args) {
         result = Py_NewRef(Py_None);
         goto done;
     }
-    result = Py_BuildValue("(OnOO)", report ? Py_True : Py_False, index, refused, ok);
+    result = Py_BuildValue("(OnOOO)", report ? Py_True : Py_False, index, refused, ok, records);
 done:
     PyBuffer_Release(&view);
     Py_XDECREF(refused);
     Py_XDECREF(ok);
+    Py_XDECREF(records);
     PyMem_Free(pool);
     PyMem_Free(rec);
     PyMem_Free(b.p);
@@ -746,7 +750,7 @@ static PyObject *py_redact(PyObject *mod, PyObject *arg) {
 
 static PyMethodDef module_methods[] = {
     {"parse", py_parse, METH_VARARGS,
-     "parse(request_bytes, latest) -> None | (report_refused, count, refused, accepted)."},
+     "parse(request_bytes, latest) -> None | (report_refused, count, refused, accepted, records)."},
     {"link", py_link, METH_VARARGS, "link(accepted_records, heads) -> rows to insert."},
     {"copy_text", py_copy_text, METH_O, "copy_text(rows) -> COPY text payload | None."},
     {"redact", py_redact, METH_O, "audit.redact, compiled (for the differential tests)."},

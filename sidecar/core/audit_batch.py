@@ -152,6 +152,10 @@ class PreparedBatch(Protocol):
 
     def workspace(self, index: int) -> str: ...
 
+    def workspaces(self, indices: Sequence[int]) -> list[str]:
+        """The distinct workspaces of the records at ``indices``, in order of appearance."""
+        ...
+
     def rows(self, indices: Sequence[int], heads: MutableMapping[str, Any]) -> list[Row]:
         """The records at ``indices`` linked in that order after ``heads`` (workspace -> its
         chain's head ``Link`` or None, one entry for each of their workspaces; updated)."""
@@ -185,6 +189,9 @@ class EventBatch:
 
     def workspace(self, index: int) -> str:
         return self._events[index].workspace
+
+    def workspaces(self, indices: Sequence[int]) -> list[str]:
+        return list(dict.fromkeys([self._events[i].workspace for i in indices]))
 
     def rows(self, indices: Sequence[int], heads: MutableMapping[str, Any]) -> list[Row]:
         return linked_rows([self._events[i] for i in indices], heads)

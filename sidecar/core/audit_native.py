@@ -34,19 +34,17 @@ def unavailable() -> str:
 class NativeBatch:
     """A PreparedBatch made by the compiled step."""
 
-    def __init__(self, parsed: tuple[bool, int, list[Any], list[Any]]) -> None:
-        report_refused, size, refused, accepted = parsed
+    def __init__(self, parsed: tuple[bool, int, list[Any], list[Any], dict[int, Any]]) -> None:
+        report_refused, size, refused, accepted, records = parsed
         self.size: int = size
         self.report_refused: bool = report_refused
         self.refused = [
             Refusal(rid, CHECKS[code - 1][1], CHECKS[code - 1][2], CHECKS[code - 1][0], index)
             for index, code, rid in refused
         ]
+        self.accepted: list[tuple[int, str]] = accepted
         # index -> (row without its link, canonical form with NULs where the link goes)
-        self._records: dict[int, tuple[tuple[Any, ...], bytes]] = {
-            index: (row, canon) for index, row, canon in accepted
-        }
-        self.accepted: list[tuple[int, str]] = [(index, row[0]) for index, row, _ in accepted]
+        self._records: dict[int, tuple[tuple[Any, ...], bytes]] = records
 
     def content(self, index: int) -> bytes:
         before, middle, after = self._records[index][1].split(b"\0")
@@ -54,6 +52,10 @@ class NativeBatch:
 
     def workspace(self, index: int) -> str:
         return str(self._records[index][0][4])
+
+    def workspaces(self, indices: Sequence[int]) -> list[str]:
+        records = self._records
+        return list(dict.fromkeys([records[i][0][4] for i in indices]))
 
     def rows(self, indices: Sequence[int], heads: MutableMapping[str, Any]) -> list[Row]:
         records = self._records

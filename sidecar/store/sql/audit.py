@@ -87,7 +87,7 @@ class SqlAudit:
         """Link and insert the records of ``batch`` at ``indices`` (ids not stored, as for
         ``append_new``): its rows come linked from the batch, the compiled step's or Python's."""
         if indices:
-            heads = self._heads(batch.workspace(i) for i in indices)
+            heads = self._heads(batch.workspaces(indices))
             self._insert(batch.rows(indices, heads))
 
     def _heads(self, workspaces: Iterable[str]) -> dict[str, Link | None]:
