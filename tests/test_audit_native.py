@@ -365,9 +365,19 @@ def test_genesis_links_the_first_record() -> None:
     assert row[10:12] == (1, GENESIS)
 
 
-def test_without_the_extension_the_python_path_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_the_extension_the_python_path_runs_and_says_so_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     monkeypatch.setattr(audit_native, "_native", None)
-    assert isinstance(ingest_batch(_valid_message(), LATEST), EventBatch)
+    monkeypatch.setattr(audit_native, "_logged", False)
+    with caplog.at_level("WARNING", logger="sidecar.audit"):
+        first = ingest_batch(_valid_message(), LATEST)
+        second = ingest_batch(_valid_message(), LATEST)
+    assert isinstance(first, EventBatch) and isinstance(second, EventBatch)
+    assert [r.message for r in caplog.records] == [
+        "audit ingest: compiled step unavailable, using the Python path"
+    ]
+    assert audit_native.copy_text([("a", 1.0, 1)]) is None  # PostgreSQL: write_row per row
 
 
 def test_awkward_text_is_stored_as_sent(store: Store) -> None:
