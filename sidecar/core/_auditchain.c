@@ -214,9 +214,17 @@ static int varint(const unsigned char **pp, const unsigned char *end, uint64_t *
     return -1;
 }
 
+/* A tag or a length: protobuf reads at most 5 bytes for these (a longer one, even padded
+ * with zeros, is a DecodeError there), so a longer one is not reproduced here. */
+static int varint32(const unsigned char **pp, const unsigned char *end, uint64_t *v) {
+    const unsigned char *start = *pp;
+    if (varint(pp, end, v) < 0 || *pp - start > 5 || *v > 0x7fffffff) return -1;
+    return 0;
+}
+
 static int lenfield(const unsigned char **pp, const unsigned char *end, Str *out) {
     uint64_t len;
-    if (varint(pp, end, &len) < 0 || len > (uint64_t)(end - *pp)) return -1;
+    if (varint32(pp, end, &len) < 0 || len > (uint64_t)(end - *pp)) return -1;
     out->p = *pp;
     out->n = (Py_ssize_t)len;
     *pp += len;
@@ -243,7 +251,7 @@ static int parse_time(Str t, int64_t *us) {
     unsigned seen = 0;
     while (p < end) {
         uint64_t tag;
-        if (varint(&p, end, &tag) < 0) return -1;
+        if (varint32(&p, end, &tag) < 0) return -1;
         unsigned field = (unsigned)(tag >> 3);
         if ((tag & 7) != 0 || (field != 1 && field != 2) || (seen & (1u << field))) return -1;
         seen |= 1u << field;
@@ -263,7 +271,7 @@ static int parse_entry(Str e, Str *key, Str *value) {
     key->p = value->p = e.p;
     while (p < end) {
         uint64_t tag;
-        if (varint(&p, end, &tag) < 0) return -1;
+        if (varint32(&p, end, &tag) < 0) return -1;
         unsigned field = (unsigned)(tag >> 3);
         if ((tag & 7) != 2 || (field != 1 && field != 2) || (seen & (1u << field))) return -1;
         seen |= 1u << field;
@@ -286,7 +294,7 @@ static int parse_record(Str raw, Rec *r) {
     while (p < end) {
         uint64_t tag;
         Str s;
-        if (varint(&p, end, &tag) < 0) return -1;
+        if (varint32(&p, end, &tag) < 0) return -1;
         unsigned field = (unsigned)(tag >> 3);
         if ((tag & 7) != 2 || field < 1 || field > 10 || lenfield(&p, end, &s) < 0) return -1;
         if (field == 10) {
@@ -491,7 +499,7 @@ static PyObject *py_parse(PyObject *mod, PyObject *args) {
     while (p < end) {
         uint64_t tag, v;
         Str raw;
-        if (varint(&p, end, &tag) < 0) { declined = 1; break; }
+        if (varint32(&p, end, &tag) < 0) { declined = 1; break; }
         if (tag == (2 << 3 | 0) && !seen_report) {
             if (varint(&p, end, &v) < 0) { declined = 1; break; }
             report = v != 0;
