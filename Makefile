@@ -27,21 +27,23 @@ compiler:
 	@command -v gcc >/dev/null && $(PYTHON) -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
 	  || { $(APT) update -q && $(APT) install -y -q gcc python3-dev; }
 
-# Stamps: reinstall only when the project's requirements or the pins change.
-$(VENV)/.serve: $(BIN)/python pyproject.toml constraints.txt | compiler
+# Stamps: reinstall only when the project's requirements, the pins or the C sources change (an
+# editable install compiles the extensions in place once: a changed .c needs the reinstall).
+CSOURCES := $(wildcard sidecar/*/*.c)
+$(VENV)/.serve: $(BIN)/python pyproject.toml constraints.txt $(CSOURCES) | compiler
 	$(PIP) -e '.[envoy]'
 	@touch $@
 
 # xds-protos ships its own, older copy of opentelemetry/proto/…/common_pb2.py: whichever of it
 # and opentelemetry-proto pip unpacks last wins, and with xds-protos' copy tracing cannot import
 # (InstrumentationScope is missing). Reinstalling opentelemetry-proto last makes its copy win.
-$(VENV)/.test: $(BIN)/python pyproject.toml constraints.txt | compiler
+$(VENV)/.test: $(BIN)/python pyproject.toml constraints.txt $(CSOURCES) | compiler
 	$(PIP) -e '.[test]'
 	$(PIP) --force-reinstall --no-deps opentelemetry-proto
 	@touch $@
 
 # Only what the bench needs (tests/test_bench_deps.py keeps it that way): no pytest.
-$(VENV)/.bench: $(BIN)/python pyproject.toml constraints.txt
+$(VENV)/.bench: $(BIN)/python pyproject.toml constraints.txt $(CSOURCES)
 	$(PIP) -e '.[bench]'
 	@touch $@
 

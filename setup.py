@@ -13,6 +13,13 @@ setup(
             ["sidecar/dataplane/_fastcheck.c"],
             optional=True,
             extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wno-missing-braces"],
-        )
+        ),
+        # The compiled audit ingest step (sidecar/core/audit_native.py), optional the same way.
+        Extension(
+            "sidecar.core._auditchain",
+            ["sidecar/core/_auditchain.c"],
+            optional=True,
+            extra_compile_args=["-O2", "-std=c11", "-Wall", "-ffp-contract=off"],
+        ),
     ]
 )

@@ -18,7 +18,6 @@ from sidecar._gen.statuspulse.auth.v1 import (
     api_keys_pb2,
     api_keys_pb2_grpc,
     audit_pb2,
-    audit_pb2_grpc,
     oauth_pb2,
     oauth_pb2_grpc,
     replication_pb2,
@@ -32,6 +31,7 @@ from sidecar.admin import http_rules
 from sidecar.admin.apikeys import ApiKeyServicer
 from sidecar.admin.apps import OAuthAppServicer
 from sidecar.admin.audit import AuditServicer
+from sidecar.admin.audit import add_to_server as add_audit_service
 from sidecar.admin.http_api import AdminHttpApi
 from sidecar.admin.openapi_route import openapi_routes
 from sidecar.admin.signing_keys import SigningKeyServicer
@@ -265,7 +265,7 @@ class ControlPlane:
             self.servicers["statuspulse.auth.v1.SigningKeyService"], server
         )
         replication_pb2_grpc.add_ReplicationServiceServicer_to_server(self.replication, server)
-        audit_pb2_grpc.add_AuditServiceServicer_to_server(self.audit_servicer, server)
+        add_audit_service(self.audit_servicer, server)  # IngestAuditRecords as raw bytes
         self.audit_servicer.bind(asyncio.get_running_loop())
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = (

@@ -172,12 +172,12 @@ def test_refusals_are_listed_when_any_message_of_the_call_asks(
 async def _start_old_control_plane(servicer: AuditServicer) -> tuple[grpc.aio.Server, int]:
     """IngestAuditRecords served by the real servicer, parsed as a control plane built before
     report_refused parses it: protobuf keeps an unknown field aside and the code never reads
-    it, which is the field cleared here."""
+    it, which is the field cleared here (the servicer takes each message's bytes)."""
 
-    def parse(data: bytes) -> pb.IngestAuditRecordsRequest:
+    def parse(data: bytes) -> bytes:
         message = pb.IngestAuditRecordsRequest.FromString(data)
         message.ClearField("report_refused")
-        return message
+        return bytes(message.SerializeToString())
 
     handler = grpc.stream_unary_rpc_method_handler(
         servicer.IngestAuditRecords,

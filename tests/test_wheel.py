@@ -74,6 +74,8 @@ def test_the_wheel_holds_every_data_file_of_the_package(wheel: Path) -> None:
     # The compiled Check path is built into the wheel where a compiler exists (setup.py):
     # here, since `make test` installs one.
     assert any(n.startswith("sidecar/dataplane/_fastcheck.") and n.endswith(".so") for n in names)
+    # And the compiled audit ingest step, the same way.
+    assert any(n.startswith("sidecar/core/_auditchain.") and n.endswith(".so") for n in names)
 
 
 def _env(bin_dir: Path, **extra: str) -> dict[str, str]:

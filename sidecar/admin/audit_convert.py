@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from sidecar._gen.statuspulse.auth.v1 import audit_pb2 as pb
 from sidecar.auditship.codec import to_pb
+from sidecar.core import audit_native
 from sidecar.core.audit import AuditEvent
+from sidecar.core.audit_batch import EventBatch, PreparedBatch, Refusal, RefusalReason
 from sidecar.core.audit_chain import ChainBreak, ChainedRecord, ChainReport, Problem, time_us
-from sidecar.core.audit_trail import Refusal, RefusalReason, encode_cursor
+from sidecar.core.audit_trail import encode_cursor
+from sidecar.core.errors import InvalidArgument
 
 PROBLEMS = {
     Problem.DIGEST_MISMATCH: pb.AUDIT_CHAIN_PROBLEM_DIGEST_MISMATCH,
@@ -72,6 +76,21 @@ def event(msg: pb.AuditRecord) -> AuditEvent:
         msg.request_id,
         {k: meta[k] for k in meta},
     )
+
+
+def ingest_batch(data: bytes, latest: float) -> PreparedBatch:
+    """One IngestAuditRecordsRequest's bytes as a checked batch: the compiled step's when it
+    reproduces the message, else protobuf's parse and the Python checks (the reference).
+    InvalidArgument when the bytes are not an IngestAuditRecordsRequest."""
+    batch = audit_native.parse(data, latest)
+    if batch is not None:
+        return batch
+    try:
+        message = pb.IngestAuditRecordsRequest.FromString(data)
+    except DecodeError:
+        raise InvalidArgument("records", "not a well-formed IngestAuditRecordsRequest") from None
+    events = [event(r) for r in message.records]
+    return EventBatch(events, latest, report_refused=message.report_refused)
 
 
 def _chain_break(brk: ChainBreak) -> pb.AuditChainBreak:

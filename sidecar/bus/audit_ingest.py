@@ -20,9 +20,10 @@ from redis.asyncio.retry import Retry
 from redis.backoff import AbstractBackoff, EqualJitterBackoff, NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
-from sidecar.auditship.codec import decode
+from sidecar.auditship.codec import decode, ingest_request
 from sidecar.bus.audit_dead_letter import DeadLetter, DeadLetterStream, refused, undecodable
 from sidecar.bus.audit_stream import FIELD_ID, FIELD_RECORD, STREAM
+from sidecar.core import audit_native
 from sidecar.core.audit import AuditEvent
 from sidecar.core.audit_trail import SIDECAR, AuditTrail
 from sidecar.core.errors import SpauthError
@@ -138,27 +139,17 @@ class AuditStreamConsumer:
     async def _store(self, entries: list[Entry]) -> int:
         if not entries:
             return 0
-        events: list[AuditEvent] = []
-        kept: list[tuple[bytes, bytes]] = []  # each event's entry id and record bytes
-        dead: list[DeadLetter] = []
-        for entry_id, fields in entries:
-            record = (fields or {}).get(FIELD_RECORD, b"")
-            try:
-                events.append(decode(record))
-            except ValueError:
-                dead.append(undecodable(entry_id, record, (fields or {}).get(FIELD_ID, b"")))
-                continue
-            kept.append((entry_id, record))
         # One trail call stores a chunk in one transaction; the records it refuses (each
         # logged there with its reason) become dead letters, and the rest are stored.
+        dead: list[DeadLetter] = []
         stored = 0
         most = self._trail.policy.max_ingest_batch
-        for start in range(0, len(events), most):
-            chunk = events[start : start + most]
-            result = await asyncio.to_thread(self._trail.ingest, self._ctx, chunk)
-            for refusal in result.refused:
-                dead.append(refused(*kept[start + refusal.index], refusal))
-            stored += len(result.acknowledged)
+        for start in range(0, len(entries), most):
+            chunk_stored, chunk_dead = await asyncio.to_thread(
+                self._ingest, entries[start : start + most]
+            )
+            stored += chunk_stored
+            dead.extend(chunk_dead)
         # Only after the trail committed: the dead letters written and every entry
         # acknowledged and deleted (so the stream holds the backlog), in one transaction.
         ids = [entry_id for entry_id, _ in entries]
@@ -173,6 +164,34 @@ class AuditStreamConsumer:
         self.dead_lettered += len(dead)
         self.ingested += stored
         return len(entries)
+
+    def _ingest(self, entries: list[Entry]) -> tuple[int, list[DeadLetter]]:
+        """Store one chunk of entries (each a serialized AuditRecord): as one message through
+        the compiled step when it takes them, else decoded one by one (an entry that is not a
+        record is dead-lettered alone). Returns (acknowledged, dead letters)."""
+        records = [
+            (entry_id, (fields or {}).get(FIELD_RECORD, b""), fields)
+            for entry_id, fields in entries
+        ]
+        latest = self._trail.latest_record_time()
+        batch = audit_native.parse(ingest_request([record for _, record, _ in records]), latest)
+        if batch is not None:
+            result = self._trail.ingest_batch(self._ctx, batch)
+            dead = [refused(*records[r.index][:2], r) for r in result.refused]
+            return len(result.acknowledged), dead
+        events: list[AuditEvent] = []
+        kept: list[tuple[bytes, bytes]] = []  # each event's entry id and record bytes
+        dead = []
+        for entry_id, record, fields in records:
+            try:
+                events.append(decode(record))
+            except ValueError:
+                dead.append(undecodable(entry_id, record, (fields or {}).get(FIELD_ID, b"")))
+                continue
+            kept.append((entry_id, record))
+        result = self._trail.ingest(self._ctx, events)
+        dead += [refused(*kept[r.index], r) for r in result.refused]
+        return len(result.acknowledged), dead
 
     async def aclose(self) -> None:
         if self._task is not None:

@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import base64
 import binascii
-import enum
 import json
 import logging
-import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from sidecar.core import permissions, validation
-from sidecar.core.audit import DECISION_ACTIONS, AuditEvent, AuditQuery, redact, scrub
+from sidecar.core.audit import AuditEvent, AuditQuery, redact
+from sidecar.core.audit_batch import (
+    NO_WORKSPACE,
+    EventBatch,
+    PreparedBatch,
+    Refusal,
+    RefusalReason,
+)
 from sidecar.core.audit_chain import (
     ChainBreak,
     ChainedRecord,
@@ -34,15 +39,9 @@ from sidecar.core.storage import Store, UnitOfWork
 
 log = logging.getLogger("sidecar.audit")
 
-# Decision records whose credential named no workspace (an unknown or malformed key) are kept
-# in a chain of their own, visible to the operator only.
-NO_WORKSPACE = "-"
 # A sidecar shipping decision records, authenticated by the sync token: it may ingest, nothing
 # else (no scopes, so every read refuses it).
 SIDECAR = Principal(key_id="sidecar", workspace=OPERATOR_WORKSPACE, scopes=frozenset())
-_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
-_MAX_FIELD = 512
-_MAX_METADATA = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,44 +63,6 @@ class AuditPage:
 
     items: list[ChainedRecord]
     next_token: str = ""
-
-
-class RefusalReason(enum.StrEnum):
-    """Why ingest refused a record: stable codes (the wire's AuditRefusalReason)."""
-
-    NOT_A_DECISION = "not_a_decision"
-    MALFORMED_ID = "malformed_id"
-    MISSING_TIME = "missing_time"
-    FUTURE_TIME = "future_time"
-    TOO_LARGE = "too_large"
-    MALFORMED_WORKSPACE = "malformed_workspace"
-    CONFLICT = "conflict"
-
-
-@dataclass(frozen=True, slots=True)
-class Refusal:
-    """A shipped record ingest refused: its id (as sent, cut to 64 characters and redacted), the
-    field at fault, why in words (never a value of the record) and as a code, and its position
-    in the batch given to ``ingest`` (the exact record, whatever its id)."""
-
-    id: str
-    field: str
-    message: str
-    reason: RefusalReason
-    index: int
-
-    def __str__(self) -> str:
-        return f"{self.id!r}: {self.field}: {self.message}"
-
-
-class _Refused(Exception):
-    """A record fails a check of ``_checked_decision`` (becomes a Refusal, never escapes)."""
-
-    def __init__(self, reason: RefusalReason, field: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.field = field
-        self.message = message
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,81 +219,84 @@ class AuditTrail:
     # -- writes -----------------------------------------------------------------------------
 
     def ingest(self, ctx: RequestContext, events: Iterable[AuditEvent]) -> IngestResult:
+        """Store decision records shipped by a sidecar (see ``ingest_batch``), checked by the
+        Python path (``EventBatch``)."""
+        permissions.require_sidecar(ctx.principal, SIDECAR, "decision records")
+        return self.ingest_batch(ctx, EventBatch(list(events), self.latest_record_time()))
+
+    def latest_record_time(self) -> float:
+        """The newest record time ingest accepts now (a batch is checked against it)."""
+        return self._clock.now() + self.policy.max_future_skew
+
+    def ingest_batch(self, ctx: RequestContext, batch: PreparedBatch) -> IngestResult:
         """Store decision records shipped by a sidecar, once each, in one transaction. Only a
         sidecar (the sync token) writes them: an API key, even ``admin:full``, could otherwise
         claim a decision id before the sidecar's record arrives. A record whose id is stored
         already (or came earlier in the batch) is acknowledged only when it is that same record
         (a re-send); different content under a stored id is refused (``conflicts`` counts
         them), as is a malformed record: each refusal is reported with its reason and the rest
-        of the batch is stored and acknowledged."""
+        of the batch is stored and acknowledged. ``batch`` was checked against
+        ``latest_record_time()``."""
         permissions.require_sidecar(ctx.principal, SIDECAR, "decision records")
-        incoming = list(events)
-        if len(incoming) > self.policy.max_ingest_batch:
+        if batch.size > self.policy.max_ingest_batch:
             raise InvalidArgument("records", f"at most {self.policy.max_ingest_batch} per message")
-        refused: list[Refusal] = []
-        batch = self._checked_batch(incoming, refused)
+        refused = list(batch.refused)
+        first, repeated = self._first_copies(batch, refused)
         acknowledged: list[str] = []
         with self._store.transaction() as uow:
-            known = uow.audit.get_many(batch.first.keys())
+            known = uow.audit.get_many(first.keys())
             new = []
-            for ev_id, (index, ev) in batch.first.items():
+            for ev_id, index in first.items():
                 stored_ev = known.get(ev_id)
                 if stored_ev is None:
-                    new.append(ev)
+                    new.append(index)
                     acknowledged.append(ev_id)
-                elif same_record(stored_ev, ev):
-                    acknowledged.append(ev_id)
+                elif canonical(stored_ev, 0, "") == batch.content(index):
+                    acknowledged.append(ev_id)  # a re-send (compared as stored: scrubbed)
                 else:
-                    refused.append(self._conflict(ev, index))
-            uow.audit.append_new(new)
+                    refused.append(self._conflict(ev_id, batch.workspace(index), index))
+            uow.audit.append_batch(batch, new)
             cursor = uow.audit.last_seq()
         # A copy repeated within the batch shares its first copy's fate.
         accepted = set(acknowledged)
-        for index, ev in batch.repeated:
-            if ev.id in accepted:
-                acknowledged.append(ev.id)
+        for index, ev_id in repeated:
+            if ev_id in accepted:
+                acknowledged.append(ev_id)
             else:
-                refused.append(self._conflict(ev, index))
+                refused.append(self._conflict(ev_id, batch.workspace(index), index))
         refused.sort(key=lambda r: r.index)
         result = IngestResult(acknowledged, len(new), cursor, refused)
         if self._on_ingested is not None:
             self._on_ingested(result)
         return result
 
-    def _checked_batch(self, events: list[AuditEvent], refused: list[Refusal]) -> _Batch:
-        """The well-formed records by id, first copy kept; malformed ones go to ``refused``,
-        as does a second copy with other content (same content: acknowledged with the first)."""
-        latest = self._clock.now() + self.policy.max_future_skew
-        batch = _Batch({}, [])
-        valid_workspaces: set[str] = set()
-        for index, raw in enumerate(events):
-            try:
-                ev = _checked_decision(raw, latest, valid_workspaces)
-            except _Refused as exc:
-                # The id goes back in the call's answer and into the sidecar's log: cut, redacted.
-                refused.append(
-                    Refusal(redact(raw.id[:64]), exc.field, exc.message, exc.reason, index)
-                )
-                continue
-            first = batch.first.get(ev.id)
-            if first is None:
-                batch.first[ev.id] = (index, ev)
-            elif same_record(scrub(first[1]), ev):
-                batch.repeated.append((index, ev))
+    def _first_copies(
+        self, batch: PreparedBatch, refused: list[Refusal]
+    ) -> tuple[dict[str, int], list[tuple[int, str]]]:
+        """The well-formed records' first copies (id -> position) and the identical copies
+        after them; a later copy with other content goes to ``refused``."""
+        first: dict[str, int] = {}
+        repeated: list[tuple[int, str]] = []
+        for index, ev_id in batch.accepted:
+            at = first.get(ev_id)
+            if at is None:
+                first[ev_id] = index
+            elif batch.content(at) == batch.content(index):
+                repeated.append((index, ev_id))
             else:
-                refused.append(self._conflict(ev, index))
-        return batch
+                refused.append(self._conflict(ev_id, batch.workspace(index), index))
+        return first, repeated
 
-    def _conflict(self, ev: AuditEvent, index: int) -> Refusal:
+    def _conflict(self, ev_id: str, workspace: str, index: int) -> Refusal:
         self.conflicts += 1
         if self._on_conflict is not None:
             self._on_conflict()
         log.warning(
             "audit ingest: a record differs from the stored one with its id",
-            extra={"event_id": ev.id, "workspace": ev.workspace},
+            extra={"event_id": ev_id, "workspace": workspace},
         )
         return Refusal(
-            redact(ev.id),
+            redact(ev_id),
             "records.id",
             "the id is stored already with different content",
             RefusalReason.CONFLICT,
@@ -364,15 +328,6 @@ class AuditTrail:
         if refused:
             raise FailedPrecondition(f"not pruning broken chains: {'; '.join(refused)}")
         return deleted
-
-
-@dataclass(frozen=True, slots=True)
-class _Batch:
-    """An ingest batch's well-formed records by id (first copy), and identical copies after,
-    each with its position in the batch."""
-
-    first: dict[str, tuple[int, AuditEvent]]
-    repeated: list[tuple[int, AuditEvent]]
 
 
 def _drifted(uow: UnitOfWork, latest: SignedHeads, current: dict[str, Link], key: bytes) -> str:
@@ -420,63 +375,6 @@ def visible_workspaces(principal: Principal, workspace: str) -> frozenset[str] |
         return frozenset({workspace})
     permissions.require(principal, principal.workspace)
     return None if principal.is_operator else frozenset({principal.workspace})
-
-
-def same_record(stored: AuditEvent, incoming: AuditEvent) -> bool:
-    """Whether ``incoming`` is a re-send of ``stored`` (compared as stored: scrubbed, time to
-    the microsecond the chain hashes)."""
-    return canonical(stored, 0, "") == canonical(scrub(incoming), 0, "")
-
-
-def _checked_decision(ev: AuditEvent, latest: float, valid_workspaces: set[str]) -> AuditEvent:
-    """Sidecars may ship decision records only, with bounded fields (a compromised sidecar
-    must not be able to forge ``key.revoked`` or flood the store with huge rows), dated no
-    later than ``latest``. ``valid_workspaces`` remembers names already checked in a batch.
-    Raises ``_Refused``, whose message never quotes the record (it reaches the sidecar's log)."""
-    if ev.action not in DECISION_ACTIONS:
-        raise _Refused(
-            RefusalReason.NOT_A_DECISION,
-            "records.action",
-            f"expected one of {sorted(DECISION_ACTIONS)}",
-        )
-    if not _ID.fullmatch(ev.id):
-        raise _Refused(
-            RefusalReason.MALFORMED_ID, "records.id", "expected 1-64 characters [A-Za-z0-9._:-]"
-        )
-    if ev.time <= 0:
-        raise _Refused(RefusalReason.MISSING_TIME, "records.time", "must be set")
-    if ev.time > latest:
-        raise _Refused(
-            RefusalReason.FUTURE_TIME,
-            "records.time",
-            "is in the future (beyond the allowed clock skew)",
-        )
-    longest = max(
-        len(ev.actor), len(ev.workspace), len(ev.target), len(ev.outcome), len(ev.reason),
-        len(ev.request_id),
-    )  # fmt: skip
-    if longest > _MAX_FIELD or len(ev.metadata) > _MAX_METADATA:
-        raise _Refused(
-            RefusalReason.TOO_LARGE, "records", f"fields are limited to {_MAX_FIELD} characters"
-        )
-    for k, v in ev.metadata.items():
-        if len(k) > 64 or len(v) > _MAX_FIELD:
-            raise _Refused(RefusalReason.TOO_LARGE, "records.metadata", "entry too long")
-    workspace = ev.workspace
-    if not workspace:
-        return ev._replace(workspace=NO_WORKSPACE)
-    if workspace not in valid_workspaces and workspace not in (NO_WORKSPACE, OPERATOR_WORKSPACE):
-        # '*': the operator key's decisions, in the operator chain.
-        try:
-            validation.workspace(workspace, "records.workspace")
-        except InvalidArgument:
-            raise _Refused(
-                RefusalReason.MALFORMED_WORKSPACE,
-                "records.workspace",
-                "malformed workspace: use 1-63 lower-case letters, digits and dashes",
-            ) from None
-        valid_workspaces.add(workspace)
-    return ev
 
 
 def encode_cursor(seq: int) -> str:

@@ -8,6 +8,7 @@ from contextlib import AbstractContextManager
 from typing import Protocol
 
 from sidecar.core.audit import AuditEvent, AuditQuery
+from sidecar.core.audit_batch import PreparedBatch
 from sidecar.core.audit_chain import ChainedRecord, Checkpoint, Link, SignedHeads
 from sidecar.core.models import ApiKey, Change, KeyState
 from sidecar.core.oauth_models import (
@@ -104,6 +105,11 @@ class AuditRepository(Protocol):
         """Store ``events`` (secrets redacted), in order, each linked to its workspace's chain,
         in the current transaction. Their ids must not be stored yet, nor repeat: the caller
         looked them up with ``get_many`` in this same transaction (a stored id is a fault)."""
+        ...
+
+    def append_batch(self, batch: PreparedBatch, indices: Sequence[int]) -> None:
+        """Store the records of an ingest batch at ``indices``, in that order, each linked to
+        its workspace's chain, in the current transaction (ids as for ``append_new``)."""
         ...
 
     def get(self, event_id: str) -> AuditEvent | None:

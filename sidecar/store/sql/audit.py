@@ -6,16 +6,16 @@ with one ``executemany``; each workspace's head is read once per batch."""
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
 from sidecar.core.audit import AuditEvent, AuditQuery, scrub
+from sidecar.core.audit_batch import PreparedBatch, linked_rows
 from sidecar.core.audit_chain import (
     ChainedRecord,
     Checkpoint,
     Link,
     SignedHeads,
-    metadata_json,
     next_link,
 )
 from sidecar.store.sql.qmark import Executes
@@ -78,33 +78,25 @@ class SqlAudit:
         """Scrub, link and insert ``events``, whose ids are not stored (the caller looked them
         up in this transaction): one head read per workspace, each record hashed once, one
         ``executemany`` (see ``AuditRepository.append_new``)."""
+        scrubbed = [scrub(event) for event in events]
+        heads = self._heads(ev.workspace for ev in scrubbed)
+        if scrubbed:
+            self._insert(linked_rows(scrubbed, heads))
+
+    def append_batch(self, batch: PreparedBatch, indices: Sequence[int]) -> None:
+        """Link and insert the records of ``batch`` at ``indices`` (ids not stored, as for
+        ``append_new``): its rows come linked from the batch, the compiled step's or Python's."""
+        if indices:
+            heads = self._heads(batch.workspaces(indices))
+            self._insert(batch.rows(indices, heads))
+
+    def _heads(self, workspaces: Iterable[str]) -> dict[str, Link | None]:
+        """Each workspace's chain head, read once."""
         heads: dict[str, Link | None] = {}
-        rows = []
-        for event in events:
-            ev = scrub(event)
-            head = heads[ev.workspace] if ev.workspace in heads else self.head(ev.workspace)
-            # Stored as the chain hashes it (compact JSON): encoded once, read back by json.
-            meta = metadata_json(ev.metadata)
-            link = heads[ev.workspace] = next_link(ev, head, meta)
-            rows.append(
-                (
-                    ev.id,
-                    ev.time,
-                    ev.actor,
-                    ev.action,
-                    ev.workspace,
-                    ev.target,
-                    ev.outcome,
-                    ev.reason,
-                    ev.request_id,
-                    json.dumps(ev.metadata, sort_keys=True) if meta is None else meta,
-                    link.chain_seq,
-                    link.prev_digest,
-                    link.digest,
-                )
-            )
-        if rows:
-            self._insert(rows)
+        for workspace in workspaces:
+            if workspace not in heads:
+                heads[workspace] = self.head(workspace)
+        return heads
 
     def _insert(self, rows: list[tuple[Any, ...]]) -> None:
         self._conn.executemany(

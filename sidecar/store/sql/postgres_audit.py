@@ -8,11 +8,14 @@ plane ≈ 400 µs of CPU per record in waits and protocol)."""
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import json
+from collections.abc import Iterable
 from typing import Any
 
 import psycopg
 
+from sidecar.core import audit_native
+from sidecar.core.audit_chain import Link
 from sidecar.store.sql.audit import SqlAudit
 from sidecar.store.sql.qmark import QmarkConnection
 
@@ -24,19 +27,42 @@ _COPY = (
 )
 
 
+# Each chain's newest record, one index probe per workspace (audit_events_chain).
+_HEADS = (
+    "SELECT w.name, h.chain_seq, h.prev_digest, h.digest "
+    "FROM jsonb_array_elements_text(?::jsonb) AS w(name) LEFT JOIN LATERAL ("
+    "SELECT chain_seq, prev_digest, digest FROM audit_events "
+    "WHERE workspace = w.name AND chain_seq > 0 ORDER BY chain_seq DESC LIMIT 1) AS h ON true"
+)
+
+
 class PgAudit(SqlAudit):
     """The SQLite repository's SQL (standard SQL) over psycopg."""
 
-    _ID_IN_BATCH = "id = ANY(?)"  # a text[] parameter
+    # A batch of ids as one JSON text parameter, as on SQLite: psycopg's list dumper cost the
+    # control plane ~2 us per id (a regex per element); json.dumps is C.
+    _ID_IN_BATCH = "id = ANY(ARRAY(SELECT jsonb_array_elements_text(?::jsonb)))"
 
     def __init__(self, conn: Conn) -> None:
         super().__init__(QmarkConnection(conn))
         self._pg = conn
 
-    def _batch_param(self, event_ids: Collection[str]) -> object:
-        return list(event_ids)
+    def _heads(self, workspaces: Iterable[str]) -> dict[str, Link | None]:
+        """Every workspace's head in one statement (a round trip per workspace cost ~150 us of
+        control-plane CPU each, ~2.7 us per record over a 500-record message in 9 chains)."""
+        names = list(dict.fromkeys(workspaces))
+        if not names:
+            return {}
+        rows = self._conn.execute(_HEADS, (json.dumps(names),)).fetchall()
+        found = {str(r[0]): Link(int(r[1]), str(r[2]), str(r[3])) for r in rows if r[1] is not None}
+        # A chain with no record: its retention checkpoint, if it was pruned whole (``head``).
+        return {name: found[name] if name in found else self.head(name) for name in names}
 
     def _insert(self, rows: list[tuple[Any, ...]]) -> None:
+        payload = audit_native.copy_text(rows)  # the whole batch in one buffer, formatted in C
         with self._pg.cursor().copy(_COPY) as copy:
-            for row in rows:
-                copy.write_row(row)
+            if payload is not None:
+                copy.write(payload)
+            else:
+                for row in rows:
+                    copy.write_row(row)
