@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from sidecar.core.audit import redact
-from sidecar.core.audit_trail import Refusal, RefusalReason
+from sidecar.core.audit_batch import Refusal, RefusalReason
 
 DEAD_LETTER_STREAM = "spauth:audit:dead-letter"
 # An entry whose bytes are not an AuditRecord: no decision record, as the wire's reason says.

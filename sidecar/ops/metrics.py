@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from sidecar.authz.decision import OUTCOMES, Decision, Outcome, Reason
 from sidecar.authz.engine import CheckInput
-from sidecar.core.audit_trail import RefusalReason
+from sidecar.core.audit_batch import RefusalReason
 from sidecar.ops.check_tally import CheckTally
 
 # The `outcome` label: what Envoy did with the request. Unavailable answers (replica not ready
