@@ -16,11 +16,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sidecar.auditship import GrpcTransport, Shipper, Spool, TransportError
-from sidecar.auditship.codec import decode, encode
+from sidecar.auditship.codec import decode, encode, ingest_request
 from sidecar.auditship.records import decision_event
 from sidecar.auditship.shipper import DEAD_LETTER_FILE
 from sidecar.auditship.spool import parse_frames
+from sidecar.core import audit_native
 from sidecar.core.audit import _SECRET, AuditEvent, event, secret_in
+from sidecar.core.audit_batch import RefusalReason
 from sidecar.core.audit_chain import GENESIS, canonical, canonical_reference
 from sidecar.core.audit_trail import NO_WORKSPACE, SIDECAR, AuditTrail
 from sidecar.core.clock import FakeClock
@@ -128,6 +130,31 @@ def test_a_refused_record_leaves_the_rest_of_its_batch_stored(
     assert stored == {e.id for e in good}
     # Refused means never stored: a corrected re-send is a new record, not a duplicate.
     assert trail.ingest(SHIPPER, [record(100, "acme", clock.now())]).stored == 1
+    all_verify(trail)
+
+
+def test_a_nul_character_is_refused_alone_on_both_backends(store: Store, clock: FakeClock) -> None:
+    """PostgreSQL's text cannot hold U+0000, and a direct caller of Check controls the method,
+    path and source its record names: stored as is, one such record failed its whole message
+    (INTERNAL) on every retry, holding back every record the sidecar shipped after it."""
+    trail = AuditTrail(store, clock, KEY)
+    good = mixed(clock, 0, 4)
+    now = clock.now()
+    in_path = record(200, "acme", now)._replace(target="/v1/\x00/checks")
+    in_meta = record(201, "acme", now)
+    in_meta = in_meta._replace(metadata={**in_meta.metadata, "method": "G\x00ET"})
+    in_actor = record(202, "globex", now)._replace(actor="key_\x00")
+    batch = [good[0], in_path, good[1], in_meta, good[2], in_actor, good[3]]
+    # The compiled step declines a message holding NUL, so the Python checks name each one.
+    assert audit_native.parse(ingest_request([encode(e) for e in batch]), now + 60) is None
+    result = trail.ingest(SHIPPER, batch)
+    assert result.acknowledged == [e.id for e in good] and result.stored == 4
+    assert [(r.index, r.reason) for r in result.refused] == [
+        (1, RefusalReason.NUL_CHARACTER),
+        (3, RefusalReason.NUL_CHARACTER),
+        (5, RefusalReason.NUL_CHARACTER),
+    ]
+    assert all("\x00" not in r.message for r in result.refused)
     all_verify(trail)
 
 

@@ -280,7 +280,9 @@ static int parse_entry(Str e, Str *key, Str *value) {
     return 0;
 }
 
+/* A NUL declines the message too: the Python path refuses that record (NUL_CHARACTER). */
 static int utf8_check(Str *s) {
+    if (s->n && memchr(s->p, 0, (size_t)s->n)) return -1;
     s->cps = utf8_decode(s->p, s->n, NULL);
     return s->cps < 0 ? -1 : 0;
 }

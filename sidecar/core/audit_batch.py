@@ -22,6 +22,7 @@ from sidecar.core.errors import InvalidArgument
 # in a chain of their own, visible to the operator only.
 NO_WORKSPACE = "-"
 OPERATOR_CHAIN = "*"  # the operator key's decisions
+_CHAINS = (NO_WORKSPACE, OPERATOR_CHAIN)
 _ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 MAX_FIELD = 512
 MAX_METADATA = 32
@@ -42,6 +43,7 @@ class RefusalReason(enum.StrEnum):
     TOO_LARGE = "too_large"
     MALFORMED_WORKSPACE = "malformed_workspace"
     CONFLICT = "conflict"
+    NUL_CHARACTER = "nul_character"
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +80,7 @@ CHECKS: tuple[tuple[RefusalReason, str, str], ...] = (
         "records.workspace",
         "malformed workspace: use 1-63 lower-case letters, digits and dashes",
     ),
+    (RefusalReason.NUL_CHARACTER, "records", "a field holds U+0000 (NUL)"),
 )
 (
     NOT_A_DECISION,
@@ -87,6 +90,7 @@ CHECKS: tuple[tuple[RefusalReason, str, str], ...] = (
     TOO_LARGE,
     ENTRY_TOO_LONG,
     MALFORMED_WORKSPACE,
+    NUL_CHARACTER,
 ) = range(len(CHECKS))
 
 
@@ -127,15 +131,19 @@ def checked_decision(ev: AuditEvent, latest: float, valid_workspaces: set[str]) 
         if len(k) > MAX_METADATA_KEY or len(v) > MAX_FIELD:
             raise Refused(ENTRY_TOO_LONG)
     workspace = ev.workspace
-    if not workspace:
-        return ev._replace(workspace=NO_WORKSPACE)
-    if workspace not in valid_workspaces and workspace not in (NO_WORKSPACE, OPERATOR_CHAIN):
+    if workspace and workspace not in valid_workspaces and workspace not in _CHAINS:
         try:
             validation.workspace(workspace, "records.workspace")
         except InvalidArgument:
             raise Refused(MALFORMED_WORKSPACE) from None
         valid_workspaces.add(workspace)
-    return ev
+    # PostgreSQL's text cannot hold NUL: stored, it would fail the whole message on every
+    # retry (a direct caller of Check controls the method, path and source a record names).
+    if "\x00" in f"{ev.actor}{ev.target}{ev.outcome}{ev.reason}{ev.request_id}" or any(
+        "\x00" in k or "\x00" in v for k, v in ev.metadata.items()
+    ):
+        raise Refused(NUL_CHARACTER)
+    return ev if workspace else ev._replace(workspace=NO_WORKSPACE)
 
 
 class PreparedBatch(Protocol):

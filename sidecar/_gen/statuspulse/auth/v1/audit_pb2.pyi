@@ -33,6 +33,7 @@ class AuditRefusalReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     AUDIT_REFUSAL_REASON_TOO_LARGE: _ClassVar[AuditRefusalReason]
     AUDIT_REFUSAL_REASON_MALFORMED_WORKSPACE: _ClassVar[AuditRefusalReason]
     AUDIT_REFUSAL_REASON_CONFLICT: _ClassVar[AuditRefusalReason]
+    AUDIT_REFUSAL_REASON_NUL_CHARACTER: _ClassVar[AuditRefusalReason]
 AUDIT_CHAIN_PROBLEM_UNSPECIFIED: AuditChainProblem
 AUDIT_CHAIN_PROBLEM_DIGEST_MISMATCH: AuditChainProblem
 AUDIT_CHAIN_PROBLEM_LINK_MISMATCH: AuditChainProblem
@@ -50,6 +51,7 @@ AUDIT_REFUSAL_REASON_FUTURE_TIME: AuditRefusalReason
 AUDIT_REFUSAL_REASON_TOO_LARGE: AuditRefusalReason
 AUDIT_REFUSAL_REASON_MALFORMED_WORKSPACE: AuditRefusalReason
 AUDIT_REFUSAL_REASON_CONFLICT: AuditRefusalReason
+AUDIT_REFUSAL_REASON_NUL_CHARACTER: AuditRefusalReason
 
 class AuditRecord(_message.Message):
     __slots__ = ("id", "time", "actor", "action", "workspace", "target", "outcome", "reason", "request_id", "metadata", "cursor", "chain_seq", "prev_digest", "digest")
