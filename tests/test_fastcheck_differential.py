@@ -2,9 +2,11 @@
 same bytes go to both — CheckRequests captured from a real Envoy, built from the policies'
 routes (every decision the C path makes and every reason it must hand over), the hostile paths
 of test_adversarial_paths, forged identity headers, raw header_map, huge and many headers, and
-hypothesis-fuzzed, truncated and bit-flipped mutations — and the answers must be byte-identical
-(or the same gRPC error), with equal decisions and observer inputs. Two engines with the same
-replica, policy, fake clock and seeded decision-id randomness; only the handler differs."""
+hypothesis-fuzzed, truncated and bit-flipped mutations, and bearer access tokens (cached, expired,
+retired keys, revoked grants and jtis, fuzzed Authorization headers) — and the answers must be
+byte-identical (or the same gRPC error), with equal decisions and observer inputs. Two engines
+with the same replica, policy, fake clock and seeded decision-id randomness; only the handler
+differs."""
 
 from __future__ import annotations
 
@@ -27,14 +29,18 @@ from sidecar.authz.engine import CheckInput, Engine
 from sidecar.authz.policy import Policy, parse_policy
 from sidecar.authz.policy_source import load_policy
 from sidecar.authz.replica import Replica
+from sidecar.authz.token_verifier import ReplicaTokenVerifier
 from sidecar.core import keyformat
+from sidecar.core.changes import signing_key_retired, signing_key_upserted
 from sidecar.core.clock import FakeClock
 from sidecar.core.models import Change
 from sidecar.dataplane.envoy_check import SERVICE, CheckHandler, parse_check_request
 from sidecar.dataplane.fastcheck import FastCheckHandler, unavailable
 from sidecar.devtools.echo_upstream import EchoUpstream
+from sidecar.oauth import rfc9068
 from sidecar.ratelimit import AbuseLimits, WindowRateLimiter
 from tests.support.envoy import EnvoyProcess
+from tests.support.signing import key_pair
 from tests.test_adversarial_paths import PATH_TRICKS
 
 pytestmark = pytest.mark.skipif(bool(unavailable()), reason=f"not built: {unavailable()}")
@@ -85,6 +91,10 @@ KEYS: dict[str, tuple[str, list[str], dict[str, Any]]] = {
     "rated": ("acme", ["checks:read"], {"rate_limit": 2, "rate_period": 60}),
 }
 SECRETS = {name: keyformat.mint_key() for name in KEYS}
+ISSUER = "http://127.0.0.1:8080"
+AUDIENCE = "statuspulse-api"
+# Two published signing keys: tokens of the second survive the first one's retirement.
+SIGNING = [key_pair(int(NOW) - 60) for _ in range(2)]
 
 
 def _replica() -> Replica:
@@ -100,6 +110,7 @@ def _replica() -> Replica:
             **extra,
         }
         entries.append(Change("credential.upserted", f"key_{name}", payload))
+    entries += [signing_key_upserted(key) for key, _ in SIGNING]
     replica.load_snapshot(1, entries)
     return replica
 
@@ -142,7 +153,8 @@ def _observe(seen: list[tuple[Any, ...]]) -> Callable[[Decision, CheckInput, str
 def _side(policy: Policy, compiled: bool, seed: int) -> Side:
     rng = random.Random(seed)
     limiter = WindowRateLimiter(AbuseLimits(source_failures=5, key_failures=3))
-    engine = Engine(_replica(), policy, FakeClock(NOW), limiter=limiter)
+    verifier = ReplicaTokenVerifier(ISSUER, AUDIENCE, max_lifetime=3600)
+    engine = Engine(_replica(), policy, FakeClock(NOW), limiter=limiter, token_verifier=verifier)
     engine.ids = DecisionIds(rng.randbytes)
     side = Side(lambda data, ctx: b"", engine)
     handler = CheckHandler(engine, [_observe(side.seen)], lambda r, _t: side.errors.append(r))
@@ -462,3 +474,184 @@ def test_a_policy_reload_is_followed(pair: tuple[Side, Side]) -> None:
         side.engine.policy = reloaded
     second = _same(pair, data)
     assert first != second and b"public_route" in second[1]
+
+
+# -- bearer access tokens -------------------------------------------------------------------
+
+
+def _jwt(
+    signer: int = 0,
+    *,
+    audience: str = AUDIENCE,
+    workspace: str = "acme",
+    scopes: tuple[str, ...] = ("checks:read",),
+    grant: str = "grt_1",
+    ttl: int = 3600,
+) -> str:
+    key, private = SIGNING[signer]
+    return rfc9068.issue(
+        (key.kid, private),
+        issuer=ISSUER,
+        audience=audience,
+        subject="usr_1",
+        client_id="app_1",
+        scopes=frozenset(scopes),
+        workspace=workspace,
+        grant_id=grant,
+        now=NOW,
+        ttl=ttl,
+    ).token
+
+
+TOKENS = {
+    "reader": _jwt(),
+    "writer": _jwt(1, scopes=("checks:read", "checks:write", "metrics:read")),
+    "admin": _jwt(scopes=("admin:full",)),
+    "globex": _jwt(workspace="globex", scopes=("checks:read", "keys:manage")),
+    "wrong-audience": _jwt(audience="someone-else"),
+    "too-long-lived": _jwt(ttl=7200),
+}
+_TOKEN_PATHS = [
+    ("GET", "/v1/workspaces/acme/checks"),
+    ("GET", "/v1/workspaces/globex/checks?x=1"),
+    ("GET", "/v1/workspaces/acme/keys"),
+    ("POST", "/v1/workspaces/acme/metrics/a"),
+    ("GET", "/v2/acme/items/7/detail"),
+    ("POST", "/v2/acme/c+c (x)/t/deep"),
+    ("GET", "/nothing"),
+    ("GET", "/healthz"),
+]
+_sources = iter(range(1 << 24))
+
+
+def _source() -> str:
+    """A new client address per request: the source failure limit never mixes cases."""
+    n = next(_sources)
+    return f"10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}"
+
+
+def _token_request(method: str, path: str, header: dict[str, str], host: str = HOST) -> bytes:
+    context = {"tier": "gold", "zone": "eu"}
+    return request_bytes(method, path, header, host=host, context=context, source=_source())
+
+
+def _allowed(pair: tuple[Side, Side], token: str) -> bytes:
+    """A request a reader's token may make under the pair's policy."""
+    header = {"authorization": f"Bearer {token}"}
+    if "x-key" in pair[0].engine.policy.credential_headers:  # EXTRA_POLICY
+        return _token_request("GET", "/v2/acme/items/7/detail", header, "api.example")
+    return _token_request("GET", "/v1/workspaces/acme/checks", header)
+
+
+def _reason(answer: tuple[Any, ...]) -> bytes:
+    assert answer[0] == "ok", answer
+    meta = ext.CheckResponse.FromString(answer[1]).dynamic_metadata
+    return str(meta.fields["reason"].string_value).encode()
+
+
+def _twice(pair: tuple[Side, Side], data: bytes) -> tuple[bytes, bytes]:
+    """The reasons of a first (verifying) and a second (cached) answer to the same request."""
+    return _reason(_same(pair, data)), _reason(_same(pair, data))
+
+
+def test_cached_tokens_are_answered_identically_and_decided_in_c(pair: tuple[Side, Side]) -> None:
+    reasons = set()
+    for method, path in _TOKEN_PATHS:
+        for token in TOKENS.values():
+            for header in (
+                {"authorization": f"Bearer {token}"},
+                {"authorization": f"bearer  {token} "},
+                {"x-key": token},
+                {"x-api-key": token},
+            ):
+                first, second = _twice(pair, _token_request(method, path, header))
+                assert first == second
+                reasons.add(second)
+    decided, _ = pair[1].handler.counts()  # type: ignore[attr-defined]
+    # Second answers of cached tokens: allows and route denials are the C path's.
+    assert decided >= 40
+    assert {b"ok", b"workspace_mismatch", b"insufficient_scope"} <= reasons
+    assert {b"wrong_audience", b"lifetime_too_long"} <= reasons
+
+
+def _apply(pair: tuple[Side, Side], change: Change) -> None:
+    for side in pair:
+        revision = side.engine.replica.revision + 1
+        side.engine.replica.apply(Change(change.kind, change.subject, change.payload, revision))
+
+
+def _advance(pair: tuple[Side, Side], seconds: float) -> None:
+    for side in pair:
+        clock = side.engine.clock
+        assert isinstance(clock, FakeClock)
+        clock.advance(seconds)
+
+
+def _fell_back(pair: tuple[Side, Side], data: bytes) -> bytes:
+    """The reason of an answer the C path must hand to the Python path."""
+    before = pair[1].handler.counts()  # type: ignore[attr-defined]
+    reason = _reason(_same(pair, data))
+    after = pair[1].handler.counts()  # type: ignore[attr-defined]
+    assert after[1] == before[1] + 1, reason
+    return reason
+
+
+def test_a_cached_token_stops_at_expiry_key_retirement_and_revocation(
+    pair: tuple[Side, Side],
+) -> None:
+    def warmed(token: str) -> bytes:
+        data = _allowed(pair, token)
+        assert _twice(pair, data) == (b"ok", b"ok")
+        return data
+
+    short = warmed(_jwt(ttl=600))
+    by_first = warmed(_jwt(grant="grt_9"))
+    by_second = warmed(_jwt(1, grant="grt_9"))
+    grant = warmed(_jwt(1, grant="grt_2"))
+    jti = _jwt(1, grant="grt_3")
+    by_jti = warmed(jti)
+    _advance(pair, 600)
+    assert _fell_back(pair, short) == b"token_expired"
+    _apply(pair, signing_key_retired(SIGNING[0][0].kid))
+    assert _fell_back(pair, by_first) == b"unknown_key"
+    assert _twice(pair, by_second) == (b"ok", b"ok")
+    _apply(pair, Change("grant.revoked", "grt_2", {"grant_id": "grt_2", "expires_at": NOW + 3600}))
+    assert _fell_back(pair, grant) == b"token_revoked"
+    identity = pair[0].engine._token_cache[hashlib.sha256(jti.encode()).digest()]
+    revoked = {"jti": identity.id, "expires_at": NOW + 3600}
+    _apply(pair, Change("token.revoked", identity.id, revoked))
+    assert _fell_back(pair, by_jti) == b"token_revoked"
+    _advance(pair, 3600)
+    assert _fell_back(pair, by_second) == b"token_expired"
+
+
+def test_without_a_token_verifier_tokens_are_not_decided_in_c(pair: tuple[Side, Side]) -> None:
+    data = _allowed(pair, TOKENS["reader"])
+    assert _twice(pair, data) == (b"ok", b"ok")
+    for side in pair:
+        side.engine.token_verifier = None
+    assert _fell_back(pair, data) == b"malformed_credential"
+
+
+_TOKEN_CHARS = st.sampled_from([*"aAzZ09-_.= \t+/", "é", "\x00", "\x7f"])
+
+
+@st.composite
+def _authorization(draw: st.DrawFn) -> str:
+    token = draw(st.sampled_from([*TOKENS.values(), SECRETS["reader"]]))
+    if draw(st.booleans()):
+        at = draw(st.integers(0, len(token)))
+        cut = draw(st.integers(0, 3))
+        token = token[:at] + draw(st.text(_TOKEN_CHARS, max_size=4)) + token[at + cut :]
+    scheme = draw(
+        st.sampled_from(["Bearer ", "bearer ", "BEARER  ", "Bearer\t", "Basic ", "", " Bearer "])
+    )
+    return scheme + token + draw(st.sampled_from(["", " ", "  ", "\t"]))
+
+
+@_FUZZ
+@given(value=_authorization(), path=st.sampled_from(_TOKEN_PATHS))
+def test_fuzzed_authorization_headers_are_answered_identically(
+    pair: tuple[Side, Side], value: str, path: tuple[str, str]
+) -> None:
+    _twice(pair, _token_request(*path, {"authorization": value}))

@@ -9,9 +9,10 @@ from typing import Any
 
 import jwt
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
+from sidecar.authz import access_tokens
 from sidecar.authz.access_tokens import (
     Reason,
     TokenRejected,
@@ -247,3 +248,78 @@ def test_verification_key_refuses_mismatched_or_weak_keys() -> None:
     }
     with pytest.raises(ValueError, match="2048"):
         verification_key("k", "RS256", jwk)
+
+
+def test_a_verification_key_holds_only_the_kind_of_key_its_algorithm_needs() -> None:
+    """_check_signature picks the routine from ``alg``: a mismatched pair cannot be built."""
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key()
+    ec_key = ec.generate_private_key(ec.SECP256R1()).public_key()
+    assert VerificationKey("k", "RS256", rsa_key).alg == "RS256"
+    assert VerificationKey("k", "ES256", ec_key).alg == "ES256"
+    for alg, key in (("RS256", ec_key), ("ES256", rsa_key), ("HS256", rsa_key)):
+        with pytest.raises(ValueError, match="cannot verify"):
+            VerificationKey("k", alg, key)
+
+
+def test_a_decoded_header_is_reused_but_checked_against_the_current_keys(signing: Any) -> None:
+    """Headers are decoded once per text (access_tokens._HEADERS); what they name is still
+    checked on every token: a kid that left the keys is unknown, a refused header stays
+    refused, and a flood of distinct headers leaves the memo bounded."""
+    kid, private, keys = signing
+    token = _sign(private, kid, _claims())
+    assert _verify(token, keys).subject == "usr_1"
+    assert token.split(".")[0] in access_tokens._HEADERS
+    assert _reason(lambda: _verify(token, {})) is Reason.UNKNOWN_KEY
+    assert _verify(token, keys).subject == "usr_1"
+    duplicate = (
+        base64.urlsafe_b64encode(b'{"alg":"RS256","typ":"at+jwt","kid":"k","kid":"k"}')
+        .rstrip(b"=")
+        .decode()
+    )
+    for _ in range(2):
+        assert _reason(lambda: _verify(f"{duplicate}.e30.AAAA", keys)) is Reason.MALFORMED_TOKEN
+    for n in range(access_tokens._HEADERS_MAX * 2):
+        other = f"{_b64({'alg': 'RS256', 'typ': 'at+jwt', 'kid': f'k{n}'})}.e30.AAAA"
+        assert _reason(lambda t=other: _verify(t, keys)) is Reason.UNKNOWN_KEY
+        assert len(access_tokens._HEADERS) <= access_tokens._HEADERS_MAX
+
+
+@pytest.mark.parametrize(
+    ("exp", "reason"),
+    [
+        (float(NOW + 3600), None),
+        (NOW + 3600.9, None),
+        (float("nan"), Reason.INSUFFICIENT_CLAIMS),
+        (False, Reason.INSUFFICIENT_CLAIMS),
+        ([NOW + 3600], Reason.INSUFFICIENT_CLAIMS),
+        (None, Reason.INSUFFICIENT_CLAIMS),
+    ],
+)
+def test_numeric_dates_are_json_numbers(signing: Any, exp: Any, reason: Reason | None) -> None:
+    """RFC 7519 §2 NumericDate: an integer or a float (compared in whole seconds); booleans,
+    NaN, arrays are not numbers."""
+    kid, private, keys = signing
+    claims = _claims(exp=exp) if exp is not None else _claims(exp=None)
+    # PyJWT refuses to sign NaN as JSON; the header and payload are assembled by hand.
+    header = _b64({"alg": "RS256", "typ": "at+jwt", "kid": kid})
+    payload = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
+    signature = private.sign(f"{header}.{payload}".encode(), padding.PKCS1v15(), hashes.SHA256())
+    token = f"{header}.{payload}.{base64.urlsafe_b64encode(signature).rstrip(b'=').decode()}"
+    if reason is None:
+        assert _verify(token, keys).expires_at == NOW + 3600
+    else:
+        assert _reason(lambda: _verify(token, keys)) is reason
+
+
+def test_header_and_payload_decode_as_json_loads_decodes_bytes(signing: Any) -> None:
+    """The JSON is decoded as json.loads decodes bytes (UTF-8, or the UTF-16/32 it detects),
+    so the verifier and PyJWT read the same members."""
+    kid, private, keys = signing
+    for encoding in ("utf-8", "utf-16-le", "utf-32-be"):
+        header = {"alg": "RS256", "typ": "at+jwt", "kid": kid}
+        raw = json.dumps(header).encode(encoding)
+        h = base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+        payload = _b64(_claims())
+        signature = private.sign(f"{h}.{payload}".encode(), padding.PKCS1v15(), hashes.SHA256())
+        token = f"{h}.{payload}.{base64.urlsafe_b64encode(signature).rstrip(b'=').decode()}"
+        assert _verify(token, keys).subject == "usr_1"

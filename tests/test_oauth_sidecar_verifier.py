@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -128,3 +130,35 @@ def test_token_cache_size_zero_verifies_every_request(
     for _ in range(3):
         assert engine.authorize(token, ["checks:read"]).reason is Reason.OK
     assert len(calls) == verifications
+
+
+def test_cached_token_answers_only_while_the_cached_verification_holds(
+    keyed: tuple[Replica, object, str],
+) -> None:
+    """The compiled Check path's lookup: an identity only when ``_access_token`` would accept
+    the token from the cache alone; None sends it to the Python path (which refuses it)."""
+    replica, private, kid = keyed
+    clock = FakeClock(NOW + 1)
+    engine = Engine(
+        replica, parse_policy('[[routes]]\nname = "c"\npath = "/**"\nscopes = ["checks:read"]\n'),
+        clock, token_verifier=ReplicaTokenVerifier(ISSUER, "statuspulse-api"),
+    )  # fmt: skip
+    token, other = _token(private, kid, ttl=600), _token(private, kid, grant="grt_2")
+    digest, other_digest = (hashlib.sha256(t.encode()).digest() for t in (token, other))
+    assert engine.cached_token(digest, clock.now()) is None  # never verified
+    allowed = engine.authorize(token, [])
+    assert allowed.reason is Reason.OK
+    assert engine.cached_token(digest, clock.now()) is allowed.identity
+    assert engine.cached_token(digest, NOW + 600) is None  # at exp
+    assert engine.authorize(other, []).reason is Reason.OK
+    replica.apply(
+        Change("grant.revoked", "grt_2", {"grant_id": "grt_2", "expires_at": NOW + 3600}, 2)
+    )
+    assert engine.cached_token(other_digest, clock.now()) is None
+    assert engine.cached_token(digest, clock.now()) is allowed.identity
+    engine.token_verifier = None
+    assert engine.cached_token(digest, clock.now()) is None
+    engine.token_verifier = ReplicaTokenVerifier(ISSUER, "statuspulse-api")
+    replica.apply(_at(signing_key_retired(kid), 3))
+    assert engine.cached_token(digest, clock.now()) is None
+    assert engine.authorize(token, []).reason is Reason.UNKNOWN_KEY

@@ -7,18 +7,23 @@ Pure: no transport, no clock (``now`` is passed in), no JWKS fetch. A rejection 
 The signature is checked with ``cryptography`` directly rather than through PyJWT: the algorithm
 is bound to the key when the key is loaded (``VerificationKey``), so a token cannot choose how it
 is verified (no ``none``, no HMAC keyed with a public key), and a verification costs the raw
-RSA operation plus parsing (see docs/oauth.md for the measurements)."""
+RSA operation plus parsing (see docs/oauth.md for the measurements).
+
+A cold token (one the sidecar has not cached) pays this whole function on the Check path, so
+the parts around the RSA operation are kept lean: padding, hash and JSON decoder objects are
+built once, the signature routine is chosen from the key's algorithm (a string compare, not an
+ABC ``isinstance``), and the identity is built once. Every check and its order stay as the RFCs
+cited below require."""
 
 from __future__ import annotations
 
-import base64
 import binascii
 import enum
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, cast
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
@@ -71,6 +76,12 @@ class VerificationKey:
     alg: str
     key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey
 
+    def __post_init__(self) -> None:
+        # _check_signature picks the routine from ``alg``: the key must be of that kind.
+        kind = {"RS256": rsa.RSAPublicKey, "ES256": ec.EllipticCurvePublicKey}.get(self.alg)
+        if kind is None or not isinstance(self.key, kind):
+            raise ValueError(f"a {type(self.key).__name__} cannot verify {self.alg!r}")
+
 
 @dataclass(frozen=True, slots=True)
 class TokenIdentity:
@@ -87,8 +98,17 @@ class TokenIdentity:
     key_id: str = ""
 
 
+# Built once: they are stateless, and building them costs as much as the claim checks.
+_PKCS1V15 = padding.PKCS1v15()
+_SHA256 = hashes.SHA256()
+_ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
+_URLSAFE = bytes.maketrans(b"-_", b"+/")
+
+
 def _b64decode(segment: str) -> bytes:
-    return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+    """base64url without padding (RFC 7515 §2), as ``base64.urlsafe_b64decode`` decodes it."""
+    raw = segment.encode("ascii").translate(_URLSAFE)
+    return binascii.a2b_base64(raw + b"=" * (-len(raw) % 4))
 
 
 def _int_from_b64(value: object) -> int:
@@ -117,17 +137,22 @@ def verification_key(kid: str, alg: str, jwk: Mapping[str, object]) -> Verificat
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     # Two parsers that disagree on a repeated member would disagree on the token's meaning.
-    out: dict[str, Any] = {}
-    for name, value in pairs:
-        if name in out:
-            raise ValueError(f"duplicate member {name!r}")
-        out[name] = value
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ValueError("duplicate member")
     return out
+
+
+# json.loads(..., object_pairs_hook=) builds a JSONDecoder per call; one is enough (its scanner
+# keeps no state between documents).
+_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates)
 
 
 def _json_object(segment: str) -> dict[str, Any]:
     try:
-        value = json.loads(_b64decode(segment), object_pairs_hook=_no_duplicates)
+        raw = _b64decode(segment)
+        # What json.loads does with bytes: UTF-8 (or the UTF-16/32 it detects), surrogatepass.
+        value = _DECODER.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
     except (ValueError, binascii.Error, UnicodeDecodeError):
         raise TokenRejected(Reason.MALFORMED_TOKEN) from None
     if not isinstance(value, dict):
@@ -135,10 +160,30 @@ def _json_object(segment: str) -> dict[str, Any]:
     return value
 
 
+# Decoded JOSE headers by their base64url text. An issuer's tokens share a few headers (one per
+# signing key: alg, kid, typ), so each is decoded once; the same text always decodes the same.
+# Bounded in entries and size, so a flood of distinct headers only clears it.
+_HEADERS: dict[str, dict[str, Any]] = {}
+_HEADERS_MAX = 64
+_HEADER_MAX_LENGTH = 512
+
+
+def _header(segment: str) -> dict[str, Any]:
+    """The token's JOSE header, decoded (read only: entries are shared between tokens)."""
+    header = _HEADERS.get(segment)
+    if header is None:
+        header = _json_object(segment)
+        if len(segment) <= _HEADER_MAX_LENGTH:
+            if len(_HEADERS) >= _HEADERS_MAX:
+                _HEADERS.clear()
+            _HEADERS[segment] = header
+    return header
+
+
 def _check_signature(key: VerificationKey, signing_input: bytes, signature: bytes) -> None:
     try:
-        if isinstance(key.key, rsa.RSAPublicKey):
-            key.key.verify(signature, signing_input, padding.PKCS1v15(), hashes.SHA256())
+        if key.alg == "RS256":  # an RSA key (VerificationKey.__post_init__)
+            cast(rsa.RSAPublicKey, key.key).verify(signature, signing_input, _PKCS1V15, _SHA256)
             return
         # JWS (RFC 7518 §3.4) carries ECDSA signatures as raw R || S, 32 bytes each for P-256.
         if len(signature) != 64:
@@ -146,7 +191,7 @@ def _check_signature(key: VerificationKey, signing_input: bytes, signature: byte
         r = int.from_bytes(signature[:32], "big")
         s = int.from_bytes(signature[32:], "big")
         der = encode_dss_signature(r, s)
-        key.key.verify(der, signing_input, ec.ECDSA(hashes.SHA256()))
+        cast(ec.EllipticCurvePublicKey, key.key).verify(der, signing_input, _ECDSA_SHA256)
     except InvalidSignature:
         raise TokenRejected(Reason.BAD_SIGNATURE) from None
 
@@ -183,7 +228,11 @@ def _number(claims: Mapping[str, Any], name: str) -> int | None:
     value = claims.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    kind = value.__class__
+    if kind is int:  # the usual case, first
+        return value  # type: ignore[no-any-return]
+    # JSON numbers decode to int or float, never to a subclass; true/false are bools.
+    if kind is not float:
         raise TokenRejected(Reason.INSUFFICIENT_CLAIMS)
     try:
         return int(value)
@@ -205,6 +254,7 @@ def _verify_claims(
     now: float,
     leeway: float,
     max_lifetime: float | None,
+    key_id: str,
 ) -> TokenIdentity:
     # RFC 9068 §4: the issuer "MUST exactly match the value of the issuer" (RFC 8414).
     if claims.get("iss") != issuer:
@@ -212,10 +262,11 @@ def _verify_claims(
     # RFC 9068 §4: "MUST validate that the aud claim contains a resource indicator value
     # corresponding to an identifier the resource server expects for itself".
     aud = claims.get("aud")
-    audiences = aud if isinstance(aud, list) else [aud]
-    # RFC 7519 §4.1.3: a string or an array of strings; anything else is not an audience.
-    if audience not in audiences or not all(isinstance(a, str) for a in audiences):
-        raise TokenRejected(Reason.WRONG_AUDIENCE)
+    if aud.__class__ is not str or aud != audience:  # the usual single string, first
+        audiences = aud if isinstance(aud, list) else [aud]
+        # RFC 7519 §4.1.3: a string or an array of strings; anything else is not an audience.
+        if audience not in audiences or not all(isinstance(a, str) for a in audiences):
+            raise TokenRejected(Reason.WRONG_AUDIENCE)
     exp = _number(claims, "exp")
     iat = _number(claims, "iat")
     if exp is None or iat is None:
@@ -245,8 +296,9 @@ def _verify_claims(
         scopes=frozenset(scope.split()),
         jti=_string(claims, "jti"),
         grant_id=_string(claims, "sid"),
-        expires_at=int(exp),
-        issued_at=int(iat),
+        expires_at=exp,
+        issued_at=iat,
+        key_id=key_id,
     )
 
 
@@ -267,7 +319,7 @@ def verify_access_token(
     if len(token) > MAX_TOKEN_LENGTH or not _SHAPE.fullmatch(token):
         raise TokenRejected(Reason.MALFORMED_TOKEN)
     header_b64, payload_b64, signature_b64 = token.split(".")
-    key = _verify_header(_json_object(header_b64), keys)
+    key = _verify_header(_header(header_b64), keys)
     try:
         signature = _b64decode(signature_b64)
     except (ValueError, binascii.Error):
@@ -275,8 +327,7 @@ def verify_access_token(
     _check_signature(key, f"{header_b64}.{payload_b64}".encode("ascii"), signature)
     claims = _json_object(payload_b64)
     try:
-        identity = _verify_claims(claims, issuer, audience, now, leeway, max_lifetime)
+        return _verify_claims(claims, issuer, audience, now, leeway, max_lifetime, key.kid)
     except TokenRejected as exc:
         exc.claims = claims  # signed by us: worth naming in the audit trail
         raise
-    return replace(identity, key_id=key.kid)

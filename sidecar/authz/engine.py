@@ -292,17 +292,43 @@ class Engine:
                 if len(self._token_cache) >= size:
                     self._token_cache.clear()
                 self._token_cache[digest] = identity
-        elif identity.expires_at <= now:
-            self._token_cache.pop(digest, None)
-            return Decision(Reason.TOKEN_EXPIRED, "", identity)
-        elif identity.key_id not in self.replica.signing_keys:
-            # Its signing key was retired since: the cached verification no longer holds.
-            self._token_cache.pop(digest, None)
-            return _DENY[Reason.UNKNOWN_KEY]
-        replica = self.replica
-        if identity.grant_id in replica.revoked_grants or identity.id in replica.revoked_jtis:
+        else:
+            stale = self._stale(identity, now)
+            if stale is not None:
+                self._token_cache.pop(digest, None)
+                return stale
+        if self._revoked(identity):
             return Decision(Reason.TOKEN_REVOKED, "", identity)
         return identity
+
+    def cached_token(self, digest: bytes, now: float) -> Identity | None:
+        """The identity of the verified token whose SHA-256 is ``digest`` when its cached
+        verification alone says it is usable at ``now`` (the compiled Check path's lookup);
+        None for a miss or for anything ``_access_token`` would refuse or re-verify."""
+        identity = self._token_cache.get(digest)
+        if (
+            identity is None
+            or self.token_verifier is None
+            or self._stale(identity, now) is not None
+            or self._revoked(identity)
+        ):
+            return None
+        return identity
+
+    def _stale(self, identity: Identity, now: float) -> Decision | None:
+        """Why a cached verification no longer holds: the token expired (its ``exp``), or its
+        signing key left the replica (retired, e.g. by ``rotate-signing-key --now``)."""
+        if identity.expires_at <= now:
+            return Decision(Reason.TOKEN_EXPIRED, "", identity)
+        if identity.key_id not in self.replica.signing_keys:
+            return _DENY[Reason.UNKNOWN_KEY]
+        return None
+
+    def _revoked(self, identity: Identity) -> bool:
+        """Whether the token's grant or the token itself (its jti) was revoked since: checked
+        on every use, cached or not (the replica's lists change, the token does not)."""
+        replica = self.replica
+        return identity.grant_id in replica.revoked_grants or identity.id in replica.revoked_jtis
 
 
 _DENY = {reason: Decision(reason, "") for reason in Reason}

@@ -1,7 +1,8 @@
 """The sidecar's TokenVerifier for OAuth access tokens: ``verify_access_token`` with the signing
 keys the replica received from the control plane (no JWKS fetch on the hot path). The engine
 caches the Identity by token digest until it expires and checks revoked grants and jtis on every
-request, so this runs once per distinct token."""
+request, so this runs once per distinct token (the compiled Check path answers the repeats from
+that same cache, through ``Engine.cached_token``)."""
 
 from __future__ import annotations
 

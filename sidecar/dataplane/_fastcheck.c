@@ -4,9 +4,10 @@
  * FastCheck(data) returns (response bytes, Decision, CheckInput) when it can decide exactly as
  * the pure-Python path would (Engine.check + ResponseEncoder), or None, and the caller runs the
  * pure-Python path: a fallback is always correct. It decides only what needs no side effect
- * besides reading: a non-canonical path, a public route, and a usable, unlimited API key on
- * a route (ok, no_route, operator_not_allowed, workspace_mismatch, insufficient_scope).
- * Everything else (tokens, credential failures, which the rate limiter counts, blocked sources
+ * besides reading: a non-canonical path, a public route, and a usable, unlimited API key or
+ * already verified access token on a route (ok, no_route, operator_not_allowed,
+ * workspace_mismatch, insufficient_scope).
+ * Everything else (tokens not verified yet, credential failures, which the rate limiter counts, blocked sources
  * or keys, client networks, per-key rates, replica not ready, raw header_map, bytes protobuf
  * might parse differently, non-ASCII where Python would compare Unicode) returns None.
  *
@@ -784,8 +785,49 @@ typedef struct {
     PyObject *detail;
 } outcome;
 
-/* Authenticate the API key in ``value`` and decide the route; 0: decided (in *out),
- * 1: fall back, -1: error. ``*cred`` is a new reference when set. */
+/* ---------------------------------------------- bearer access tokens (verified before) -- */
+
+static PyObject *S_cached_token, *S_access_token, *S_digest;
+static PyObject *hashlib_sha256; /* hashlib.sha256 (OpenSSL's) */
+
+/* Engine._authenticate: a credential that is not an API key and has exactly two dots is an
+ * access token (a JWS compact serialization). */
+static int token_shaped(span token) {
+    int dots = 0;
+    for (Py_ssize_t i = 0; i < token.n; i++) dots += token.p[i] == '.';
+    return dots == 2;
+}
+
+/* SHA-256 of a token as bytes. An access token is ≈ 700 bytes, a dozen blocks: hashlib's
+ * (OpenSSL, SHA-NI where the CPU has it) is several times faster than the carried one on that
+ * length, calls included; an API key is one block, and keeps the carried one. The token's
+ * bytes live in a temporary object dropped at once. */
+static PyObject *token_digest(span token) {
+    PyObject *data = PyBytes_FromStringAndSize((const char *)token.p, token.n);
+    if (!data) return NULL;
+    PyObject *hash = PyObject_CallOneArg(hashlib_sha256, data);
+    Py_DECREF(data);
+    if (!hash) return NULL;
+    PyObject *digest = PyObject_CallMethodNoArgs(hash, S_digest);
+    Py_DECREF(hash);
+    return digest;
+}
+
+/* Engine.cached_token(digest, now): the Identity of a token this sidecar verified before and
+ * whose cached verification still holds (not expired, its signing key still in the replica,
+ * neither its grant nor its jti revoked), or None: a miss, or anything the Python path must
+ * refuse, count or verify again. The digest is the token cache's key (SHA-256 of the token's
+ * ASCII bytes, as Engine._access_token computes it); the token itself never leaves the stack. */
+static PyObject *cached_token(FastCheck *self, PyObject *digest, double now) {
+    PyObject *when = PyFloat_FromDouble(now);
+    if (!when) return NULL;
+    PyObject *found = PyObject_CallMethodObjArgs(self->engine, S_cached_token, digest, when, NULL);
+    Py_DECREF(when);
+    return found;
+}
+
+/* Authenticate the API key or cached access token in ``value`` and decide the route;
+ * 0: decided (in *out), 1: fall back, -1: error. ``*cred`` is a new reference when set. */
 static int authenticate(FastCheck *self, const Compiled *c, const request *q, span value, const route *rt,
                         span ws, PyObject **cred, outcome *out) {
     /* Engine._credential: the first configured header present; 'authorization' must be
@@ -805,7 +847,9 @@ static int authenticate(FastCheck *self, const Compiled *c, const request *q, sp
     }
     while (token.n && token.p[0] == ' ') { token.p++; token.n--; }
     while (token.n && token.p[token.n - 1] == ' ') token.n--;
-    if (token.n < 4 || token.n > 8192 || memcmp(token.p, "spk_", 4)) return 1;
+    if (token.n < 4 || token.n > 8192) return 1;
+    int bearer = memcmp(token.p, "spk_", 4) != 0; /* an access token, not an API key */
+    if (bearer && !token_shaped(token)) return 1;
     /* Engine._decide: readiness, then the source's block. */
     PyObject *loaded = PyObject_GetAttr(self->replica, S_loaded);
     if (!loaded) return -1;
@@ -828,30 +872,38 @@ static int authenticate(FastCheck *self, const Compiled *c, const request *q, sp
     }
     if (PyDict_GET_SIZE(self->blocked_sources) && q->source.n) return 1;
     unsigned char digest[32];
-    sha256(token.p, (size_t)token.n, digest);
-    PyObject *db = PyBytes_FromStringAndSize((const char *)digest, 32);
+    PyObject *db;
+    if (bearer) db = token_digest(token);
+    else {
+        sha256(token.p, (size_t)token.n, digest);
+        db = PyBytes_FromStringAndSize((const char *)digest, 32);
+    }
     if (!db) return -1;
-    PyObject *found = PyObject_CallMethodOneArg(self->replica, S_credential, db);
+    PyObject *found = bearer ? cached_token(self, db, now)
+                             : PyObject_CallMethodOneArg(self->replica, S_credential, db);
     Py_DECREF(db);
     if (!found) return -1;
     if (found == Py_None) { Py_DECREF(found); return 1; }
     *cred = found;
-    /* Engine._api_key: revoked, suspended or expired keys are failures (counted): fall
-     * back; so are client networks and a per-key rate (both need the limiter or the
-     * source), and a blocked key id. */
-    PyObject *revoked = PyObject_GetAttr(found, S_revoked);
-    if (!revoked) return -1;
-    int r1 = PyObject_IsTrue(revoked);
-    Py_DECREF(revoked);
-    PyObject *suspended = PyObject_GetAttr(found, S_suspended);
-    if (!suspended) return -1;
-    int r2 = PyObject_IsTrue(suspended);
-    Py_DECREF(suspended);
-    if (r1 < 0 || r2 < 0) return -1;
-    if (r1 || r2) return 1;
-    PyObject *ident = PyObject_GetAttr(found, S_identity);
-    if (!ident) return -1;
-    Py_DECREF(ident); /* kept alive by the credential */
+    PyObject *ident = found; /* a token's lookup answers its Identity */
+    if (!bearer) {
+        /* Engine._api_key: revoked, suspended or expired keys are failures (counted): fall
+         * back; so are client networks and a per-key rate (both need the limiter or the
+         * source), and a blocked key id. */
+        PyObject *revoked = PyObject_GetAttr(found, S_revoked);
+        if (!revoked) return -1;
+        int r1 = PyObject_IsTrue(revoked);
+        Py_DECREF(revoked);
+        PyObject *suspended = PyObject_GetAttr(found, S_suspended);
+        if (!suspended) return -1;
+        int r2 = PyObject_IsTrue(suspended);
+        Py_DECREF(suspended);
+        if (r1 < 0 || r2 < 0) return -1;
+        if (r1 || r2) return 1;
+        ident = PyObject_GetAttr(found, S_identity);
+        if (!ident) return -1;
+        Py_DECREF(ident); /* kept alive by the credential */
+    }
     double expires;
     if (get_double(ident, S_expires_at, &expires) < 0) return -1;
     if (expires <= now) return 1;
@@ -867,7 +919,8 @@ static int authenticate(FastCheck *self, const Compiled *c, const request *q, sp
     if (any_networks || any_rate || PyDict_GET_SIZE(self->blocked_keys)) return 1;
     PyObject *kind = PyObject_GetAttr(ident, S_kind);
     if (!kind) return -1;
-    int is_key = PyUnicode_Check(kind) && PyUnicode_Compare(kind, self->api_key) == 0;
+    PyObject *expected = bearer ? S_access_token : self->api_key;
+    int is_key = PyUnicode_Check(kind) && PyUnicode_Compare(kind, expected) == 0;
     Py_DECREF(kind);
     if (!is_key) return 1;
     PyObject *ws_obj = PyObject_GetAttr(ident, S_workspace);
@@ -1081,6 +1134,13 @@ PyMODINIT_FUNC PyInit__fastcheck(void) {
     INTERN(S_expires_at, "expires_at"); INTERN(S_networks, "networks");
     INTERN(S_rate_limit, "rate_limit"); INTERN(S_kind, "kind"); INTERN(S_next, "next");
     INTERN(S_ids, "ids");
+    INTERN(S_cached_token, "cached_token"); INTERN(S_access_token, "access_token");
+    INTERN(S_digest, "digest");
+    PyObject *hashlib = PyImport_ImportModule("hashlib");
+    if (!hashlib) return NULL;
+    hashlib_sha256 = PyObject_GetAttrString(hashlib, "sha256");
+    Py_DECREF(hashlib);
+    if (!hashlib_sha256) return NULL;
     if (PyType_Ready(&FastCheckType) < 0 || PyType_Ready(&CompiledType) < 0) return NULL;
     PyObject *m = PyModule_Create(&module);
     if (!m) return NULL;

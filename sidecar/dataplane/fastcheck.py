@@ -4,15 +4,19 @@ pure-Python path (``CheckHandler``, the reference) otherwise.
 
 ``_fastcheck.FastCheck`` (sidecar/dataplane/_fastcheck.c) walks the protobuf wire format to the
 method, path, host, headers, context extensions and source address, checks the path is
-canonical, matches the route from the policy compiled here, reads the API key from the policy's
-credential headers, hashes it (SHA-256), looks it up with ``replica.credential(digest)`` and
-answers from the ResponseEncoder's templates with a new decision id spliced in. It decides only
-non-canonical paths, public routes and usable API keys without a per-key rate or client
-networks (allow, no_route, operator_not_allowed, workspace_mismatch, insufficient_scope); all
-else — tokens, every credential failure (the rate limiter counts those), blocked sources or
-keys, a replica not ready, raw ``header_map``, anything outside printable ASCII, bytes protobuf
-might read differently — goes to the pure-Python path. tests/test_fastcheck_differential.py runs
-both on captured, generated and fuzzed requests and requires byte-identical answers and equal
+canonical, matches the route from the policy compiled here, reads the credential from the
+policy's credential headers, hashes it (SHA-256) and looks it up: an API key with
+``replica.credential(digest)``, a bearer access token (two dots) with
+``engine.cached_token(digest, now)`` — the identity of a token the Python path verified before,
+only while its cached verification holds (not expired, its signing key still published, its
+grant and jti not revoked). It answers from the ResponseEncoder's templates with a new decision
+id spliced in. It decides only non-canonical paths, public routes, and usable API keys or
+cached tokens without a per-key rate or client networks (allow, no_route, operator_not_allowed,
+workspace_mismatch, insufficient_scope); all else — a token not verified yet, every credential
+failure (the rate limiter counts those), blocked sources or keys, a replica not ready, raw
+``header_map``, anything outside printable ASCII, bytes protobuf might read differently — goes
+to the pure-Python path. tests/test_fastcheck_differential.py runs both on captured, generated
+and fuzzed requests (API keys and tokens) and requires byte-identical answers and equal
 decisions and observer inputs.
 
 The extension is optional: a wheel built without a compiler has none, and this module then
