@@ -141,6 +141,10 @@ class AuditQueue:
         self._store: QueueStore = DequeStore(self.capacity, self.deny_limit)
         self._sampled_out = 0
 
+    @property
+    def store(self) -> QueueStore:
+        return self._store
+
     def use_store(self, store: QueueStore) -> None:
         """Keep records in ``store`` from now on (before the first record is queued)."""
         if self._store.counts() != (0, 0, 0, 0):

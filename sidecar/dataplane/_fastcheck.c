@@ -1020,9 +1020,11 @@ static int AuditBuffer_init(AuditBuffer *b, PyObject *args, PyObject *kwds) {
     return 0;
 }
 
-/* Room for one more record (AuditQueue._put_allow / _put_deny): 1 when it may be appended,
- * 0 when it is dropped (counted). A denial in a full queue pushes out the oldest allow. */
-static int buffer_admit(AuditBuffer *b, int allowed) {
+/* Room for one more record (DequeStore._put_allow / _put_deny): 1 when it may be appended,
+ * 0 when it is dropped (counted). A denial in a full queue pushes out the oldest allow, whose
+ * object goes to *gone (released by the caller once the new record is in: no Python code
+ * runs in between). */
+static int buffer_admit(AuditBuffer *b, int allowed, PyObject **gone) {
     if (b->allows + b->denies < b->capacity) return 1;
     if (allowed) {
         b->dropped_allows++;
@@ -1032,13 +1034,12 @@ static int buffer_admit(AuditBuffer *b, int allowed) {
         while (!(b->entries[b->oldest_allow].alive && b->entries[b->oldest_allow].allowed))
             b->oldest_allow++;
         qentry *e = &b->entries[b->oldest_allow++];
-        PyObject *gone = e->item;
+        *gone = e->item;
         e->item = NULL;
         e->alive = 0;
         b->allows--;
         b->dropped_allows++;
         b->accepted--;
-        Py_XDECREF(gone);
         return 1;
     }
     if (b->denies >= b->deny_limit) {
@@ -1083,12 +1084,16 @@ static char *buffer_reserve(AuditBuffer *b, Py_ssize_t n) {
 static PyObject *AuditBuffer_put(AuditBuffer *b, PyObject *args) {
     PyObject *item;
     int allowed;
+    PyObject *gone = NULL;
     if (!PyArg_ParseTuple(args, "Op", &item, &allowed)) return NULL;
-    if (!buffer_admit(b, allowed)) Py_RETURN_FALSE;
+    if (!buffer_admit(b, allowed, &gone)) Py_RETURN_FALSE;
     qentry *e = buffer_append(b, allowed);
+    if (e) {
+        e->item = item;
+        Py_INCREF(item);
+    }
+    Py_XDECREF(gone);
     if (!e) return NULL;
-    e->item = item;
-    Py_INCREF(item);
     Py_RETURN_TRUE;
 }
 
@@ -1189,25 +1194,18 @@ static void observing_free(observing *o) {
 
 static PyObject *S_observers, *S_keep_allow, *S_id;
 
-/* observe_in_c(owner, expected, entry_fn, metrics, audit, usage):
+/* observe_in_c(owner, expected, entry_fn, metrics, audit, usage), once:
  *   metrics: None | (slot of ok, slot of public_route, bounds, width)
  *   audit:   None | (buffer, queue, sample_all, clock, system_clock)
  *   usage:   None | max_entries
- * or observe_in_c(None) to stop (every check's observers run in Python again). */
+ * Once only: a check in flight may be inside Python code (entry_fn, the clock) holding it. */
 static PyObject *FastCheck_observe_in_c(FastCheck *self, PyObject *args) {
-    PyObject *owner, *expected = NULL, *entry_fn = NULL, *metrics = NULL, *audit = NULL,
-                     *usage = NULL;
-    if (!PyArg_ParseTuple(args, "O|O!OOOO", &owner, &PyTuple_Type, &expected, &entry_fn,
+    PyObject *owner, *expected, *entry_fn, *metrics, *audit, *usage;
+    if (!PyArg_ParseTuple(args, "OO!OOOO", &owner, &PyTuple_Type, &expected, &entry_fn,
                           &metrics, &audit, &usage))
         return NULL;
-    observing *old = self->obs;
-    self->obs = NULL;
-    if (owner == Py_None) {
-        observing_free(old);
-        Py_RETURN_NONE;
-    }
-    if (!usage) {
-        PyErr_SetString(PyExc_TypeError, "observe_in_c: 6 arguments expected");
+    if (self->obs) {
+        PyErr_SetString(PyExc_RuntimeError, "observe_in_c: already set up");
         return NULL;
     }
     observing *o = PyMem_Calloc(1, sizeof(observing));
@@ -1253,12 +1251,10 @@ static PyObject *FastCheck_observe_in_c(FastCheck *self, PyObject *args) {
         if (!(o->use_keys = PyList_New(0)) || !(o->use_index = PyDict_New())) goto fail;
         o->usage = 1;
     }
-    observing_free(old);
     self->obs = o;
     Py_RETURN_NONE;
 fail:
     observing_free(o);
-    observing_free(old);
     return NULL;
 }
 
@@ -1472,7 +1468,8 @@ static int record(observing *o, const request *q, PyObject *did, PyObject *part,
     Py_ssize_t stamp = (secs ? 1 + varint_len(secs) : 0) + (nanos ? 1 + varint_len(nanos) : 0);
     Py_ssize_t room = 2 * ld_len(idn) + ld_len(stamp) + ld_len(target.n) +
                       3 * 24 + q->method.n + q->source.n + ln + pn;
-    if (!buffer_admit(o->buffer, 1)) return 0;
+    PyObject *gone = NULL; /* an allow never pushes a record out */
+    if (!buffer_admit(o->buffer, 1, &gone)) return 0;
     char *start = buffer_reserve(o->buffer, room);
     if (!start) return -1;
     qentry *e = buffer_append(o->buffer, 1);

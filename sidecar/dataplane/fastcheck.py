@@ -250,16 +250,18 @@ def observe_in_c(native: Any, handler: CheckHandler) -> bool:
             metrics = (*slots, tally.bounds, tally.width)
         elif isinstance(observer, DecisionRecorder):
             queue = observer.queue
-            if queue.depth or queue.stats().accepted:
-                return False  # records queued already: they stay in the Python store
-            buffer = _native.AuditBuffer(queue.capacity, queue.deny_limit)
+            buffer = queue.store  # a second handler on this queue shares the first's buffer
+            if not isinstance(buffer, _native.AuditBuffer):
+                if queue.stats().accepted:
+                    return False  # records queued already: they stay in the Python store
+                buffer = _native.AuditBuffer(queue.capacity, queue.deny_limit)
             clock = observer.clock
             sample_all = queue.allow_sample_rate >= 1.0
             audit = (buffer, queue, sample_all, clock, type(clock) is SystemClock)
         elif isinstance(observer, UsageTally):
             usage = observer.max_entries
     native.observe_in_c(handler, observers, _observed, metrics, audit, usage)
-    if audit is not None:
+    if audit is not None and queue.store is not audit[0]:
         queue.use_store(audit[0])
     for observer in observers:
         if isinstance(observer, DecisionMetrics):
