@@ -1,9 +1,10 @@
 /* The API-key Check decided in C, straight from the CheckRequest bytes (issue 19, item 3).
  *
  * sidecar/dataplane/fastcheck.py is its only caller and documents the contract. In short:
- * FastCheck(data) returns (response bytes, Decision, CheckInput) when it can decide exactly as
- * the pure-Python path would (Engine.check + ResponseEncoder), or None, and the caller runs the
- * pure-Python path: a fallback is always correct. It decides only what needs no side effect
+ * FastCheck(data) returns (response bytes, Decision, CheckInput, seconds) when it can decide
+ * exactly as the pure-Python path would (Engine.check + ResponseEncoder), or None, and the
+ * caller runs the pure-Python path: a fallback is always correct. An allow it also observed
+ * itself (observe_in_c: metrics, the decision record, usage) returns the response bytes alone. It decides only what needs no side effect
  * besides reading: a non-canonical path, a public route, and a usable, unlimited API key on
  * a route (ok, no_route, operator_not_allowed, workspace_mismatch, insufficient_scope).
  * Everything else (tokens, credential failures, which the rate limiter counts, blocked sources

@@ -13,7 +13,9 @@ else — tokens, every credential failure (the rate limiter counts those), block
 keys, a replica not ready, raw ``header_map``, anything outside printable ASCII, bytes protobuf
 might read differently — goes to the pure-Python path. tests/test_fastcheck_differential.py runs
 both on captured, generated and fuzzed requests and requires byte-identical answers and equal
-decisions and observer inputs.
+decisions and observer inputs. With the sidecar's own observers (``observe_in_c``) the allows it
+decides are observed in C too: metrics tally, the decision record's spool payload, usage count,
+with the same results as the Python observers (same spool bytes, /metrics text, usage reports).
 
 The extension is optional: a wheel built without a compiler has none, and this module then
 reports why (``unavailable()``) and the sidecar runs the pure-Python path."""
