@@ -13,9 +13,11 @@ from __future__ import annotations
 import hashlib
 import http.client
 import random
+import re
 from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -23,7 +25,12 @@ import pytest
 from envoy.service.auth.v3 import external_auth_pb2 as ext
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from prometheus_client import generate_latest
 
+from sidecar.auditship import AuditPipeline, ShipConfig
+from sidecar.auditship.codec import decode
+from sidecar.auditship.observer import DecisionRecorder
+from sidecar.auditship.records import PendingDecision
 from sidecar.authz.decision import Decision, DecisionIds
 from sidecar.authz.engine import CheckInput, Engine
 from sidecar.authz.policy import Policy, parse_policy
@@ -31,14 +38,19 @@ from sidecar.authz.policy_source import load_policy
 from sidecar.authz.replica import Replica
 from sidecar.authz.token_verifier import ReplicaTokenVerifier
 from sidecar.core import keyformat
+from sidecar.core.audit import scrub
 from sidecar.core.changes import signing_key_retired, signing_key_upserted
 from sidecar.core.clock import FakeClock
 from sidecar.core.models import Change
+from sidecar.dataplane import envoy_check, fastcheck
 from sidecar.dataplane.envoy_check import SERVICE, CheckHandler, parse_check_request
 from sidecar.dataplane.fastcheck import FastCheckHandler, unavailable
 from sidecar.devtools.echo_upstream import EchoUpstream
 from sidecar.oauth import rfc9068
+from sidecar.ops.denial_log import DenialLog
+from sidecar.ops.metrics import DecisionMetrics, Metrics
 from sidecar.ratelimit import AbuseLimits, WindowRateLimiter
+from sidecar.usage import UsageTally
 from tests.support.envoy import EnvoyProcess
 from tests.support.signing import key_pair
 from tests.test_adversarial_paths import PATH_TRICKS
@@ -655,3 +667,166 @@ def test_fuzzed_authorization_headers_are_answered_identically(
     pair: tuple[Side, Side], value: str, path: tuple[str, str]
 ) -> None:
     _twice(pair, _token_request(*path, {"authorization": value}))
+
+
+# -- the observers as shipped: metrics, decision records, usage ------------------------------
+#
+# With exactly the sidecar's observers, the C path observes the allows it decides in C (the
+# tally, the record's spool payload, the usage count; sidecar.dataplane.fastcheck.observe_in_c).
+# Both sides then must leave the same spool payloads, byte for byte and in the same order, the
+# same /metrics text, queue counters and usage reports. Time is mocked: the engines' and the
+# recorders' clocks are fake, and so is the timer both paths time a check with (a constant
+# step, so every check takes the same 2**-16 s on both sides).
+
+STEP = 2.0**-16
+
+
+class StepTimer:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        self.t += STEP
+        return self.t
+
+
+@dataclass
+class Shipped:
+    """One engine and handler with the sidecar's observers."""
+
+    handler: Callable[[bytes, Any], bytes] = field(repr=False)
+    metrics: Metrics = field(repr=False)
+    pipeline: AuditPipeline = field(repr=False)
+    usage: UsageTally = field(repr=False)
+    payloads: list[bytes] = field(default_factory=list, repr=False)
+
+    def answer(self, data: bytes) -> tuple[Any, ...]:
+        try:
+            return ("ok", self.handler(data, Context()))
+        except Aborted as exc:
+            return ("aborted", *exc.args)
+
+    def flush(self) -> None:
+        self.pipeline.flush(sync=False)
+        spool = self.pipeline.spool
+        payloads, position = spool.read(spool.acked, 1 << 30)
+        spool.ack(position)
+        self.payloads += payloads
+
+
+def _shipped(
+    policy: Policy, compiled: bool, spool: Path, capacity: int, sample_rate: float
+) -> Shipped:
+    clock = FakeClock(NOW)
+    # Limits the corpus does not reach: the time never moves, and a blocked source would send
+    # every later check to the Python path.
+    limiter = WindowRateLimiter(AbuseLimits(source_failures=10**6, key_failures=10**6))
+    verifier = ReplicaTokenVerifier(ISSUER, AUDIENCE, max_lifetime=3600)
+    engine = Engine(_replica(), policy, clock, limiter=limiter, token_verifier=verifier)
+    engine.ids = DecisionIds(random.Random(7).randbytes)
+    metrics = Metrics()
+    config = ShipConfig(
+        spool, queue_capacity=capacity, deny_headroom=2, allow_sample_rate=sample_rate
+    )
+    pipeline = AuditPipeline(config, None, rand=random.Random(11).random)
+    usage = UsageTally(clock.now, max_entries=6)
+    decisions = DecisionMetrics(metrics)
+    observers = [decisions, DenialLog(), DecisionRecorder(pipeline, clock), usage]
+    handler = CheckHandler(engine, observers, decisions.error)
+    side = Shipped(lambda data, ctx: b"", metrics, pipeline, usage)
+    if compiled:
+        fast = FastCheckHandler(handler)
+        assert fast.observed_in_c
+        side.handler = fast
+    else:
+        side.handler = lambda data, ctx: handler(parse_check_request(data), ctx)
+    return side
+
+
+RECORD_CASES = [
+    # what the Python recorder redacts or the C path must hand over: credential-shaped
+    # paths, query strings cut off the target, long paths, a non-ASCII source
+    request_bytes("GET", f"/v1/workspaces/acme/checks/{SECRETS['writer']}", reader_h)
+    for reader_h in ({"x-api-key": SECRETS["reader"]},)
+] + [
+    request_bytes("GET", path, {"authorization": f"Bearer {SECRETS['reader']}"}, source=source)
+    for path, source in (
+        ("/v1/workspaces/acme/checks/eyJhbGciOi.eyJzdWIi.x", "10.0.0.1"),
+        ("/v1/workspaces/acme/checks/Bearer%20x", "10.0.0.1"),
+        ("/v1/workspaces/acme/checks/bearer", "10.0.0.1"),
+        ("/v1/workspaces/acme/checks/sp_x", "10.0.0.1"),
+        ("/v1/workspaces/acme/checks?api_key=spk_" + "a" * 30, "10.0.0.1"),
+        ("/v1/workspaces/acme/checks#frag", "10.0.0.1"),
+        ("/v1/workspaces/acme/checks/" + "x" * 700, "10.0.0.1"),
+        ("/v1/workspaces/acme/checks", "spk_" + "b" * 30),
+        ("/v1/workspaces/acme/checks", "fe80::1%é"),
+        ("/v1/workspaces/acme/checks", ""),
+        ("/v1/workspaces/acme/checksp", "_"),
+        ("/healthz", "eyJ"),
+        ("/healthz?token=abc", "10.0.0.2"),
+    )
+]
+
+
+@pytest.fixture
+def step_timer(monkeypatch: pytest.MonkeyPatch) -> StepTimer:
+    """The timer of both paths, mocked (set before the handlers are built)."""
+    timer = StepTimer()
+    monkeypatch.setattr(envoy_check, "_perf_counter", timer)
+    monkeypatch.setattr(fastcheck, "_perf_counter", timer)
+    return timer
+
+
+@pytest.mark.parametrize(("capacity", "sample_rate"), [(100_000, 1.0), (40, 1.0), (100_000, 0.5)])
+@pytest.mark.parametrize("policy_name", ["default", "extra"])
+def test_shipped_observers_leave_the_same_records_metrics_and_usage(
+    policy_name: str,
+    capacity: int,
+    sample_rate: float,
+    tmp_path: Path,
+    step_timer: StepTimer,
+) -> None:
+    policy = load_policy(None) if policy_name == "default" else parse_policy(EXTRA_POLICY)
+    python = _shipped(policy, False, tmp_path / "python", capacity, sample_rate)
+    compiled = _shipped(policy, True, tmp_path / "compiled", capacity, sample_rate)
+    # Tokens twice each: the repeat is a cached token the C path decides, observed in Python.
+    tokens = [
+        request_bytes("GET", path, {"authorization": f"Bearer {token}"}, source="10.1.0.1")
+        for token in TOKENS.values()
+        for _, path in _TOKEN_PATHS[:3]
+    ]
+    for n, data in enumerate(RECORD_CASES + CORPUS + tokens + tokens):
+        assert compiled.answer(data) == python.answer(data), data
+        if n % 97 == 0:
+            python.flush()
+            compiled.flush()
+    assert python.pipeline.queue.stats() == compiled.pipeline.queue.stats()
+    python.flush()
+    compiled.flush()
+    assert len(python.payloads) > 100
+    assert compiled.payloads == python.payloads
+    text = generate_latest(python.metrics.registry)
+    assert re.search(rb"reason=\"ok\"} [1-9]", text) and re.search(rb"public_route\"} [1-9]", text)
+    assert generate_latest(compiled.metrics.registry) == text
+    for final in (False, True):
+        assert compiled.usage.harvest(final=final)[0] == python.usage.harvest(final=final)[0]
+    assert compiled.usage.dropped == python.usage.dropped
+    decided, _ = compiled.handler.counts()  # type: ignore[attr-defined]
+    assert decided > 200
+
+
+def test_an_allow_observed_in_c_is_queued_as_its_spool_payload(
+    tmp_path: Path, step_timer: StepTimer
+) -> None:
+    """The record of an allow the C path decided reaches the queue already encoded, equal to
+    the record the Python recorder builds for the same decision."""
+    policy = load_policy(None)
+    python = _shipped(policy, False, tmp_path / "python", 100, 1.0)
+    compiled = _shipped(policy, True, tmp_path / "compiled", 100, 1.0)
+    data = request_bytes("GET", "/v1/workspaces/acme/checks", {"x-api-key": SECRETS["reader"]})
+    assert compiled.answer(data) == python.answer(data)
+    [(queued, allowed)] = compiled.pipeline.queue.drain_items()
+    [(pending, _)] = python.pipeline.queue.drain_items()
+    assert allowed and isinstance(queued, bytes) and isinstance(pending, PendingDecision)
+    assert decode(queued) == scrub(pending.event())
+    assert queued == pending.payload()

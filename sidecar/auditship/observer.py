@@ -17,17 +17,17 @@ class DecisionRecorder:
     """``observe(decision, view, source, elapsed)`` for ``CheckHandler.observers``."""
 
     def __init__(self, pipeline: AuditPipeline, clock: Clock) -> None:
-        self._queue = pipeline.queue
-        self._clock = clock
+        self.queue = pipeline.queue
+        self.clock = clock
 
     def __call__(self, decision: Decision, view: CheckInput, source: str, elapsed: float) -> None:
         allowed = decision.allowed
-        queue = self._queue
+        queue = self.queue
         if allowed and not queue.keep_allow():
             return  # sampled out before anything is queued
         # tuple.__new__: NamedTuple's own __new__ is Python code, and this runs on every check.
         pending = _new_tuple(
             PendingDecision,
-            (decision, view.method, view.path, source, elapsed, self._clock.now()),
+            (decision, view.method, view.path, source, elapsed, self.clock.now()),
         )
         queue.put_pending(pending, allowed)

@@ -26,7 +26,7 @@ from sidecar.auditship.records import PendingDecision
 from sidecar.auditship.shipper import DEAD_LETTER_FILE, Backoff, Shipper, ShipperStats
 from sidecar.auditship.spool import Spool
 from sidecar.auditship.transport import Transport
-from sidecar.core.audit import AUTHZ_ALLOW, AuditEvent, scrub
+from sidecar.core.audit import AuditEvent, scrub
 
 log = logging.getLogger("sidecar.auditship")
 
@@ -143,11 +143,11 @@ class AuditPipeline:
             return 0
         if self.spool.pending_bytes >= self.config.max_spool_bytes:
             # The control plane has been away for long: keep denials, shed allows.
-            kept = [item for item in items if not _is_allow(item)]
+            kept: list[tuple[Item, bool]] = [(item, False) for item, kind in items if not kind]
             self._spool_dropped += len(items) - len(kept)
             items = kept
         try:
-            self.spool.append([_payload(item) for item in items])
+            self.spool.append([_payload(item) for item, _ in items])
             if sync:
                 self.spool.sync()
         except OSError:
@@ -186,14 +186,11 @@ class AuditPipeline:
         )
 
 
-def _is_allow(item: Item) -> bool:
-    if isinstance(item, PendingDecision):
-        return item.decision.allowed
-    return item.action == AUTHZ_ALLOW
-
-
 def _payload(item: Item) -> bytes:
-    """A queued decision's hand-assembled record, or any other event's, scrubbed and encoded."""
+    """A record's spool payload: as the compiled Check path encoded it, a queued decision's
+    hand-assembled record, or any other event scrubbed and encoded."""
+    if isinstance(item, bytes):
+        return item
     if isinstance(item, PendingDecision):
         return item.payload()
     return encode(scrub(item))

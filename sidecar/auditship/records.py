@@ -122,7 +122,7 @@ class PendingDecision(NamedTuple):
                 _entry("method", method),
                 _entry("source", source),
                 _entry("latency_us", str(round(self.latency_s * 1e6))),
-                _fixed_part(decision),
+                fixed_part(decision),
             )
         )
 
@@ -141,9 +141,10 @@ def _who(identity: Identity | None) -> tuple[str, str, dict[str, str]]:
 _FIXED: dict[tuple[str, str], tuple[Identity | None, bytes]] = {}
 
 
-def _fixed_part(decision: Decision) -> bytes:
+def fixed_part(decision: Decision) -> bytes:
     """Fields 3, 4, 5, 7, 8 and the identity's metadata: the same for every record of one
-    reason and identity (the identity object is compared, so a replaced key is rebuilt)."""
+    reason and identity (the identity object is compared, so a replaced key is rebuilt). The
+    compiled Check path caches it per identity and writes the rest of the record in C."""
     identity = decision.identity
     key = (decision.reason.value, "" if identity is None else identity.id)
     cached = _FIXED.get(key)

@@ -1,12 +1,13 @@
 /* The API-key Check decided in C, straight from the CheckRequest bytes (issue 19, item 3).
  *
  * sidecar/dataplane/fastcheck.py is its only caller and documents the contract. In short:
- * FastCheck(data) returns (response bytes, Decision, CheckInput) when it can decide exactly as
- * the pure-Python path would (Engine.check + ResponseEncoder), or None, and the caller runs the
- * pure-Python path: a fallback is always correct. It decides only what needs no side effect
- * besides reading: a non-canonical path, a public route, and a usable, unlimited API key or
- * already verified access token on a route (ok, no_route, operator_not_allowed,
- * workspace_mismatch, insufficient_scope).
+ * FastCheck(data) returns (response bytes, Decision, CheckInput, seconds) when it can decide
+ * exactly as the pure-Python path would (Engine.check + ResponseEncoder), or None, and the
+ * caller runs the pure-Python path: a fallback is always correct. An allow it also observed
+ * itself (observe_in_c: metrics, the decision record, usage) returns the response bytes alone.
+ * It decides only what needs no side effect besides reading: a non-canonical path, a public
+ * route, and a usable, unlimited API key or already verified access token on a route (ok,
+ * no_route, operator_not_allowed, workspace_mismatch, insufficient_scope).
  * Everything else (tokens not verified yet, credential failures, which the rate limiter counts, blocked sources
  * or keys, client networks, per-key rates, replica not ready, raw header_map, bytes protobuf
  * might parse differently, non-ASCII where Python would compare Unicode) returns None.
@@ -524,6 +525,8 @@ typedef struct {
     double max_staleness;
     Compiled *compiled; /* NULL until set_policy */
     unsigned long long counts[2]; /* decided in C, fell back */
+    struct observing *obs; /* the observers done here (observe_in_c), or NULL */
+    PyObject *timer; /* what times a check (set_timer), NULL: the monotonic clock */
 } FastCheck;
 
 static PyObject *S_policy, *S_loaded, *S_last_contact, *S_now, *S_credential, *S_identity,
@@ -555,6 +558,9 @@ static PyTypeObject CompiledType = {
     .tp_doc = "A policy compiled for FastCheck.",
 };
 
+struct observing;
+static void observing_free(struct observing *o);
+
 static void FastCheck_dealloc(FastCheck *self) {
     Py_XDECREF(self->compiled);
     Py_XDECREF(self->engine); Py_XDECREF(self->replica); Py_XDECREF(self->clock);
@@ -563,6 +569,8 @@ static void FastCheck_dealloc(FastCheck *self) {
     for (int i = 0; i < D_COUNT; i++) Py_XDECREF(self->reasons[i]);
     Py_XDECREF(self->admin_full); Py_XDECREF(self->operator_ws); Py_XDECREF(self->api_key);
     Py_XDECREF(self->empty);
+    observing_free(self->obs);
+    Py_XDECREF(self->timer);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -1021,6 +1029,592 @@ static PyObject *respond(FastCheck *self, Compiled *c, const outcome *out, PyObj
     return response;
 }
 
+/* ------------------------------------------- decisions observed in C (issue 19) --------- */
+
+/* AuditBuffer: the audit queue's storage (sidecar.auditship.queue.AuditQueue.use_store): the
+ * records in the order accepted, under DequeStore's capacity and deny-headroom rules, the
+ * decision records the C path encoded kept as bytes in an arena (no Python object until the
+ * writer drains them). Each operation runs under the GIL and calls no Python code, so it needs
+ * no lock of its own. */
+
+typedef struct {
+    PyObject *item; /* a queued Python object, or NULL: the arena's bytes [off, off + len) */
+    Py_ssize_t off, len;
+    char allowed, alive;
+} qentry;
+
+typedef struct {
+    PyObject_HEAD
+    Py_ssize_t capacity, deny_limit;
+    qentry *entries;
+    Py_ssize_t n, size, oldest_allow, allows, denies;
+    char *arena;
+    Py_ssize_t used, arena_size;
+    unsigned long long accepted, dropped_allows, dropped_denials;
+} AuditBuffer;
+
+static void AuditBuffer_clear(AuditBuffer *b) {
+    for (Py_ssize_t i = 0; i < b->n; i++) Py_CLEAR(b->entries[i].item);
+    b->n = b->oldest_allow = b->allows = b->denies = b->used = 0;
+}
+
+static void AuditBuffer_dealloc(AuditBuffer *b) {
+    AuditBuffer_clear(b);
+    PyMem_Free(b->entries);
+    PyMem_Free(b->arena);
+    Py_TYPE(b)->tp_free((PyObject *)b);
+}
+
+static int AuditBuffer_init(AuditBuffer *b, PyObject *args, PyObject *kwds) {
+    if (!PyArg_ParseTuple(args, "nn", &b->capacity, &b->deny_limit)) return -1;
+    if (b->capacity < 1 || b->deny_limit < b->capacity) {
+        PyErr_SetString(PyExc_ValueError, "capacity >= 1 and deny_limit >= capacity expected");
+        return -1;
+    }
+    return 0;
+}
+
+/* Room for one more record (DequeStore._put_allow / _put_deny): 1 when it may be appended,
+ * 0 when it is dropped (counted). A denial in a full queue pushes out the oldest allow, whose
+ * object goes to *gone (released by the caller once the new record is in: no Python code
+ * runs in between). */
+static int buffer_admit(AuditBuffer *b, int allowed, PyObject **gone) {
+    if (b->allows + b->denies < b->capacity) return 1;
+    if (allowed) {
+        b->dropped_allows++;
+        return 0;
+    }
+    if (b->allows) {
+        while (!(b->entries[b->oldest_allow].alive && b->entries[b->oldest_allow].allowed))
+            b->oldest_allow++;
+        qentry *e = &b->entries[b->oldest_allow++];
+        *gone = e->item;
+        e->item = NULL;
+        e->alive = 0;
+        b->allows--;
+        b->dropped_allows++;
+        b->accepted--;
+        return 1;
+    }
+    if (b->denies >= b->deny_limit) {
+        b->dropped_denials++;
+        return 0;
+    }
+    return 1;
+}
+
+static qentry *buffer_append(AuditBuffer *b, int allowed) {
+    if (b->n == b->size) {
+        Py_ssize_t size = b->size ? 2 * b->size : 256;
+        qentry *grown = PyMem_Realloc(b->entries, (size_t)size * sizeof(qentry));
+        if (!grown) return (qentry *)PyErr_NoMemory();
+        b->entries = grown;
+        b->size = size;
+    }
+    qentry *e = &b->entries[b->n++];
+    e->item = NULL;
+    e->off = e->len = 0;
+    e->allowed = (char)allowed;
+    e->alive = 1;
+    if (allowed) b->allows++;
+    else b->denies++;
+    b->accepted++;
+    return e;
+}
+
+/* ``n`` bytes at the arena's end, or NULL (MemoryError set). */
+static char *buffer_reserve(AuditBuffer *b, Py_ssize_t n) {
+    if (b->used + n > b->arena_size) {
+        Py_ssize_t size = b->arena_size ? b->arena_size : 1 << 16;
+        while (size < b->used + n) size *= 2;
+        char *grown = PyMem_Realloc(b->arena, (size_t)size);
+        if (!grown) return (char *)PyErr_NoMemory();
+        b->arena = grown;
+        b->arena_size = size;
+    }
+    return b->arena + b->used;
+}
+
+static PyObject *AuditBuffer_put(AuditBuffer *b, PyObject *args) {
+    PyObject *item;
+    int allowed;
+    PyObject *gone = NULL;
+    if (!PyArg_ParseTuple(args, "Op", &item, &allowed)) return NULL;
+    if (!buffer_admit(b, allowed, &gone)) Py_RETURN_FALSE;
+    qentry *e = buffer_append(b, allowed);
+    if (e) {
+        e->item = item;
+        Py_INCREF(item);
+    }
+    Py_XDECREF(gone);
+    if (!e) return NULL;
+    Py_RETURN_TRUE;
+}
+
+/* drain() -> [(item, allowed)...] in the order accepted; the C path's records as bytes. */
+static PyObject *AuditBuffer_drain(AuditBuffer *b, PyObject *unused) {
+    Py_ssize_t live = b->allows + b->denies, k = 0;
+    PyObject *out = PyList_New(live);
+    if (!out) return NULL;
+    for (Py_ssize_t i = 0; i < b->n && k < live; i++) {
+        qentry *e = &b->entries[i];
+        if (!e->alive) continue;
+        PyObject *item = e->item;
+        e->item = NULL;
+        if (!item) item = PyBytes_FromStringAndSize(b->arena + e->off, e->len);
+        PyObject *pair = item ? PyTuple_New(2) : NULL;
+        if (!pair) {
+            Py_XDECREF(item);
+            Py_DECREF(out);
+            AuditBuffer_clear(b);
+            return NULL;
+        }
+        PyObject *flag = e->allowed ? Py_True : Py_False;
+        Py_INCREF(flag);
+        PyTuple_SET_ITEM(pair, 0, item);
+        PyTuple_SET_ITEM(pair, 1, flag);
+        PyList_SET_ITEM(out, k++, pair);
+    }
+    AuditBuffer_clear(b);
+    if (b->arena_size > (8 << 20)) { /* a burst grew it: give the memory back */
+        PyMem_Free(b->arena);
+        b->arena = NULL;
+        b->arena_size = 0;
+    }
+    return out;
+}
+
+static PyObject *AuditBuffer_counts(AuditBuffer *b, PyObject *unused) {
+    return Py_BuildValue("nKKK", b->allows + b->denies, b->accepted, b->dropped_allows,
+                         b->dropped_denials);
+}
+
+static PyMethodDef AuditBuffer_methods[] = {
+    {"put", (PyCFunction)AuditBuffer_put, METH_VARARGS,
+     "put(item, allowed) -> bool: queue a record, False when dropped."},
+    {"drain", (PyCFunction)AuditBuffer_drain, METH_NOARGS,
+     "Every queued (record, allowed), in the order accepted."},
+    {"counts", (PyCFunction)AuditBuffer_counts, METH_NOARGS,
+     "(depth, accepted, dropped allows, dropped denials) since start."},
+    {NULL, NULL, 0, NULL}};
+
+static PyTypeObject AuditBufferType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "sidecar.dataplane._fastcheck.AuditBuffer",
+    .tp_basicsize = sizeof(AuditBuffer),
+    .tp_dealloc = (destructor)AuditBuffer_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "AuditBuffer(capacity, deny_limit): the audit queue's storage.",
+    .tp_methods = AuditBuffer_methods,
+    .tp_init = (initproc)AuditBuffer_init,
+    .tp_new = PyType_GenericNew,
+};
+
+/* What FastCheck.observe_in_c set up: the Check observers (metrics, audit recorder, usage
+ * tally) done here for the allows the C path decides, while the handler's observer list is the
+ * one it was set up for. */
+#define MAX_BOUNDS 32
+
+typedef struct observing {
+    PyObject *owner, *expected; /* owner.observers must hold exactly ``expected`` */
+    PyObject *entry_fn; /* entry_fn(decision) -> (record part | None, usage key) | None */
+    PyObject *entries;  /* identity id -> (identity, record part | None, usage index) */
+    PyObject *anonymous; /* record part of a public_route allow, once built */
+    /* metrics: sidecar.ops.check_tally's layout */
+    int metrics;
+    Py_ssize_t slots[2], width, nlabels;
+    int nbounds;
+    double bounds[MAX_BOUNDS], *tally;
+    /* decision records */
+    AuditBuffer *buffer;
+    PyObject *queue, *clock;
+    int sample_all, system_clock;
+    /* usage */
+    int usage;
+    Py_ssize_t max_entries, nonzero, nuses, uses_size;
+    unsigned long long *uses, use_dropped;
+    PyObject *use_keys, *use_index; /* list of keys by index; key -> index */
+} observing;
+
+static void observing_free(observing *o) {
+    if (!o) return;
+    Py_XDECREF(o->owner); Py_XDECREF(o->expected); Py_XDECREF(o->entry_fn);
+    Py_XDECREF(o->entries); Py_XDECREF(o->anonymous); Py_XDECREF(o->buffer);
+    Py_XDECREF(o->queue); Py_XDECREF(o->clock);
+    Py_XDECREF(o->use_keys); Py_XDECREF(o->use_index);
+    PyMem_Free(o->tally);
+    PyMem_Free(o->uses);
+    PyMem_Free(o);
+}
+
+static PyObject *S_observers, *S_keep_allow, *S_id;
+
+/* observe_in_c(owner, expected, entry_fn, metrics, audit, usage), once:
+ *   metrics: None | (slot of ok, slot of public_route, bounds, width)
+ *   audit:   None | (buffer, queue, sample_all, clock, system_clock)
+ *   usage:   None | max_entries
+ * Once only: a check in flight may be inside Python code (entry_fn, the clock) holding it. */
+static PyObject *FastCheck_observe_in_c(FastCheck *self, PyObject *args) {
+    PyObject *owner, *expected, *entry_fn, *metrics, *audit, *usage;
+    if (!PyArg_ParseTuple(args, "OO!OOOO", &owner, &PyTuple_Type, &expected, &entry_fn,
+                          &metrics, &audit, &usage))
+        return NULL;
+    if (self->obs) {
+        PyErr_SetString(PyExc_RuntimeError, "observe_in_c: already set up");
+        return NULL;
+    }
+    observing *o = PyMem_Calloc(1, sizeof(observing));
+    if (!o) return PyErr_NoMemory();
+    o->owner = owner; Py_INCREF(owner);
+    o->expected = expected; Py_INCREF(expected);
+    o->entry_fn = entry_fn; Py_INCREF(entry_fn);
+    if (!(o->entries = PyDict_New())) goto fail;
+    if (metrics != Py_None) {
+        PyObject *bounds;
+        if (!PyArg_ParseTuple(metrics, "nnO!n", &o->slots[0], &o->slots[1], &PyTuple_Type,
+                              &bounds, &o->width))
+            goto fail;
+        o->nbounds = (int)PyTuple_GET_SIZE(bounds);
+        o->nlabels = o->width - o->nbounds - 2;
+        if (o->nbounds > MAX_BOUNDS || o->nlabels <= o->slots[0] ||
+            o->nlabels <= o->slots[1] || o->slots[0] < 0 || o->slots[1] < 0) {
+            PyErr_SetString(PyExc_ValueError, "observe_in_c: bad tally layout");
+            goto fail;
+        }
+        for (int i = 0; i < o->nbounds; i++) {
+            o->bounds[i] = PyFloat_AsDouble(PyTuple_GET_ITEM(bounds, i));
+            if (o->bounds[i] == -1.0 && PyErr_Occurred()) goto fail;
+        }
+        if (!(o->tally = PyMem_Calloc((size_t)o->width, sizeof(double)))) {
+            PyErr_NoMemory();
+            goto fail;
+        }
+        o->metrics = 1;
+    }
+    if (audit != Py_None) {
+        if (!PyArg_ParseTuple(audit, "O!OpOp", &AuditBufferType, &o->buffer, &o->queue,
+                              &o->sample_all, &o->clock, &o->system_clock)) {
+            o->buffer = NULL;
+            o->queue = o->clock = NULL;
+            goto fail;
+        }
+        Py_INCREF(o->buffer); Py_INCREF(o->queue); Py_INCREF(o->clock);
+    }
+    if (usage != Py_None) {
+        o->max_entries = PyLong_AsSsize_t(usage);
+        if (o->max_entries == -1 && PyErr_Occurred()) goto fail;
+        if (!(o->use_keys = PyList_New(0)) || !(o->use_index = PyDict_New())) goto fail;
+        o->usage = 1;
+    }
+    self->obs = o;
+    Py_RETURN_NONE;
+fail:
+    observing_free(o);
+    return NULL;
+}
+
+/* tally() -> the metrics counted here, in CheckTally's layout (None when not counting). */
+static PyObject *FastCheck_tally(FastCheck *self, PyObject *unused) {
+    observing *o = self->obs;
+    if (!o || !o->metrics) Py_RETURN_NONE;
+    PyObject *out = PyList_New(o->width);
+    for (Py_ssize_t i = 0; out && i < o->width; i++) {
+        PyObject *v = PyFloat_FromDouble(o->tally[i]);
+        if (!v) Py_CLEAR(out);
+        else PyList_SET_ITEM(out, i, v);
+    }
+    return out;
+}
+
+/* harvest_uses() -> ({usage key: uses}, dropped) counted here since the last call. */
+static PyObject *FastCheck_harvest_uses(FastCheck *self, PyObject *unused) {
+    observing *o = self->obs;
+    PyObject *counts = PyDict_New();
+    if (!counts || !o || !o->usage) return counts ? Py_BuildValue("(Ni)", counts, 0) : NULL;
+    for (Py_ssize_t i = 0; i < o->nuses; i++) {
+        if (!o->uses[i]) continue;
+        PyObject *n = PyLong_FromUnsignedLongLong(o->uses[i]);
+        if (!n || PyDict_SetItem(counts, PyList_GET_ITEM(o->use_keys, i), n) < 0) {
+            Py_XDECREF(n);
+            Py_DECREF(counts);
+            return NULL;
+        }
+        Py_DECREF(n);
+        o->uses[i] = 0;
+    }
+    unsigned long long dropped = o->use_dropped;
+    o->use_dropped = 0;
+    o->nonzero = 0;
+    return Py_BuildValue("(NK)", counts, dropped);
+}
+
+/* sidecar.core.audit._could_hold_secret on ASCII text. */
+static int could_hold_secret(const unsigned char *t, Py_ssize_t n) {
+    for (Py_ssize_t i = 0; i + 2 < n; i++) {
+        if (t[i] == 'e' && t[i + 1] == 'y' && t[i + 2] == 'J') return 1;
+        if (i + 5 < n) {
+            static const char bearer[] = "bearer";
+            int k = 0;
+            while (k < 6 && (t[i + k] | 0x20) == bearer[k] &&
+                   ((t[i + k] >= 'a' && t[i + k] <= 'z') || (t[i + k] >= 'A' && t[i + k] <= 'Z')))
+                k++;
+            if (k == 6) return 1;
+        }
+    }
+    for (Py_ssize_t at = 0; at + 1 < n; at++) {
+        if (t[at] != 's' || t[at + 1] != 'p') continue;
+        for (Py_ssize_t j = at + 3; j < at + 6 && j < n; j++)
+            if (t[j] == '_') return 1;
+    }
+    return 0;
+}
+
+static int varint_len(uint64_t v) {
+    int n = 1;
+    while (v >= 0x80) { v >>= 7; n++; }
+    return n;
+}
+
+static char *put_varint(char *w, uint64_t v) {
+    while (v >= 0x80) { *w++ = (char)((v & 0x7f) | 0x80); v >>= 7; }
+    *w++ = (char)v;
+    return w;
+}
+
+/* protowire.ld: a length-delimited field numbered 1-15. */
+static char *put_ld(char *w, int field, const void *p, Py_ssize_t n) {
+    *w++ = (char)(field << 3 | 2);
+    w = put_varint(w, (uint64_t)n);
+    memcpy(w, p, (size_t)n);
+    return w + n;
+}
+
+static Py_ssize_t ld_len(Py_ssize_t n) { return 1 + varint_len((uint64_t)n) + n; }
+
+/* records._entry: a metadata map entry (AuditRecord field 10), the value omitted when empty. */
+static char *put_entry(char *w, const char *k, Py_ssize_t kn, const void *v, Py_ssize_t vn) {
+    Py_ssize_t inner = ld_len(kn) + (vn ? ld_len(vn) : 0);
+    *w++ = (char)(10 << 3 | 2);
+    w = put_varint(w, (uint64_t)inner);
+    w = put_ld(w, 1, k, kn);
+    return vn ? put_ld(w, 2, v, vn) : w;
+}
+
+/* Python's round() of a float (half to even) in the default rounding mode, for |x| < 2**52. */
+static double round_half_even(double x) {
+    if (!(__builtin_fabs(x) < 0x1p52)) return x;
+    return x >= 0 ? (x + 0x1p52) - 0x1p52 : -((-x + 0x1p52) - 0x1p52);
+}
+
+static double timer_now(FastCheck *self) {
+    if (!self->timer) {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        return (double)((int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec) / 1e9;
+    }
+    PyObject *v = PyObject_CallNoArgs(self->timer);
+    if (!v) return -1.0;
+    double t = PyFloat_AsDouble(v);
+    Py_DECREF(v);
+    return t;
+}
+
+/* The record part of this decision (records.fixed_part) and its usage slot, built once per
+ * identity by entry_fn; 0 with *part NULL: hand the check to the Python observers. */
+static int observed_entry(observing *o, const outcome *out, PyObject *decision, PyObject **part,
+                          Py_ssize_t *index) {
+    *part = NULL;
+    *index = -1;
+    if (!out->identity) {
+        if (!o->anonymous) {
+            PyObject *got = PyObject_CallOneArg(o->entry_fn, decision);
+            if (!got) return -1;
+            if (got == Py_None || !PyTuple_Check(got) || PyTuple_GET_SIZE(got) != 2) {
+                Py_DECREF(got);
+                return 0;
+            }
+            o->anonymous = PyTuple_GET_ITEM(got, 0);
+            Py_INCREF(o->anonymous);
+            Py_DECREF(got);
+        }
+        *part = o->anonymous;
+        return 0;
+    }
+    PyObject *id = PyObject_GetAttr(out->identity, S_id);
+    if (!id) return -1;
+    PyObject *cached = PyDict_GetItemWithError(o->entries, id);
+    if (!cached && PyErr_Occurred()) { Py_DECREF(id); return -1; }
+    if (!cached || PyTuple_GET_ITEM(cached, 0) != out->identity) {
+        PyObject *got = PyObject_CallOneArg(o->entry_fn, decision);
+        if (!got) { Py_DECREF(id); return -1; }
+        PyObject *key;
+        if (got == Py_None || !PyTuple_Check(got) || PyTuple_GET_SIZE(got) != 2 ||
+            !PyUnicode_Check(key = PyTuple_GET_ITEM(got, 1))) {
+            Py_DECREF(got);
+            Py_DECREF(id);
+            return 0;
+        }
+        Py_ssize_t at = -1;
+        if (o->usage) {
+            PyObject *known = PyDict_GetItemWithError(o->use_index, key);
+            if (known) at = PyLong_AsSsize_t(known);
+            else if (PyErr_Occurred()) at = -2;
+            else {
+                PyObject *i = PyLong_FromSsize_t(PyList_GET_SIZE(o->use_keys));
+                if (!i || PyDict_SetItem(o->use_index, key, i) < 0 ||
+                    PyList_Append(o->use_keys, key) < 0)
+                    at = -2;
+                else
+                    at = PyList_GET_SIZE(o->use_keys) - 1;
+                Py_XDECREF(i);
+            }
+        }
+        PyObject *entry = at == -2 ? NULL
+                                   : Py_BuildValue("(OOn)", out->identity,
+                                                   PyTuple_GET_ITEM(got, 0), at);
+        Py_DECREF(got);
+        if (!entry) { Py_DECREF(id); return -1; }
+        if (PyDict_GET_SIZE(o->entries) >= 100000) PyDict_Clear(o->entries);
+        int failed = PyDict_SetItem(o->entries, id, entry);
+        Py_DECREF(entry);
+        if (failed) { Py_DECREF(id); return -1; }
+        cached = PyDict_GetItemWithError(o->entries, id);
+        if (!cached) { Py_DECREF(id); return -1; }
+    }
+    Py_DECREF(id);
+    *part = PyTuple_GET_ITEM(cached, 1);
+    *index = PyLong_AsSsize_t(PyTuple_GET_ITEM(cached, 2));
+    return 0;
+}
+
+static int count_use(observing *o, Py_ssize_t index) {
+    if (index < 0) return 0;
+    if (index >= o->uses_size) {
+        Py_ssize_t size = o->uses_size ? o->uses_size : 1024;
+        while (size <= index) size *= 2;
+        unsigned long long *grown =
+            PyMem_Realloc(o->uses, (size_t)size * sizeof(unsigned long long));
+        if (!grown) { PyErr_NoMemory(); return -1; }
+        memset(grown + o->uses_size, 0, (size_t)(size - o->uses_size) * sizeof *grown);
+        o->uses = grown;
+        o->uses_size = size;
+    }
+    if (index >= o->nuses) o->nuses = index + 1;
+    if (o->uses[index]) o->uses[index]++;
+    else if (o->nonzero < o->max_entries) { o->uses[index] = 1; o->nonzero++; }
+    else o->use_dropped++;
+    return 0;
+}
+
+/* The decision record (records.PendingDecision.payload, byte for byte) into the buffer. */
+static int record(observing *o, const request *q, PyObject *did, PyObject *part, double when,
+                  double elapsed) {
+    Py_ssize_t idn, pn = PyBytes_GET_SIZE(part);
+    const char *id = PyUnicode_AsUTF8AndSize(did, &idn);
+    if (!id) return -1;
+    span target = q->path;
+    for (Py_ssize_t i = 0; i < target.n; i++)
+        if (target.p[i] == '?' || target.p[i] == '#') { target.n = i; break; }
+    if (target.n > 512) target.n = 512;
+    long long us = (long long)round_half_even(when * 1e6);
+    uint64_t secs = (uint64_t)(us / 1000000), nanos = (uint64_t)(us % 1000000 * 1000);
+    char latency[32];
+    int ln = snprintf(latency, sizeof latency, "%lld", (long long)round_half_even(elapsed * 1e6));
+    Py_ssize_t stamp = (secs ? 1 + varint_len(secs) : 0) + (nanos ? 1 + varint_len(nanos) : 0);
+    Py_ssize_t room = 2 * ld_len(idn) + ld_len(stamp) + ld_len(target.n) +
+                      3 * 24 + q->method.n + q->source.n + ln + pn;
+    PyObject *gone = NULL; /* an allow never pushes a record out */
+    if (!buffer_admit(o->buffer, 1, &gone)) return 0;
+    char *start = buffer_reserve(o->buffer, room);
+    if (!start) return -1;
+    qentry *e = buffer_append(o->buffer, 1);
+    if (!e) return -1;
+    char *w = put_ld(start, 1, id, idn);
+    w = put_ld(w, 9, id, idn);
+    *w++ = 2 << 3 | 2;
+    w = put_varint(w, (uint64_t)stamp);
+    if (secs) { *w++ = 1 << 3; w = put_varint(w, secs); }
+    if (nanos) { *w++ = 2 << 3; w = put_varint(w, nanos); }
+    if (target.n) w = put_ld(w, 6, target.p, target.n);
+    w = put_entry(w, "method", 6, q->method.p, q->method.n);
+    w = put_entry(w, "source", 6, q->source.p, q->source.n);
+    w = put_entry(w, "latency_us", 10, latency, ln);
+    memcpy(w, PyBytes_AS_STRING(part), (size_t)pn);
+    w += pn;
+    e->off = o->buffer->used;
+    e->len = w - start;
+    o->buffer->used += e->len;
+    return 0;
+}
+
+/* The observers of an allow the C path decided, here: 1 observed, 0 hand over to the Python
+ * observers (nothing was counted), -1 error. */
+static int observe(FastCheck *self, const request *q, const outcome *out, PyObject *decision,
+                   PyObject *did, double elapsed) {
+    observing *o = self->obs;
+    if (!o || (out->reason != D_OK && out->reason != D_PUBLIC)) return 0;
+    PyObject *list = PyObject_GetAttr(o->owner, S_observers);
+    if (!list) return -1;
+    int same = PyList_Check(list) && PyList_GET_SIZE(list) == PyTuple_GET_SIZE(o->expected);
+    for (Py_ssize_t i = 0; same && i < PyList_GET_SIZE(list); i++)
+        same = PyList_GET_ITEM(list, i) == PyTuple_GET_ITEM(o->expected, i);
+    Py_DECREF(list);
+    if (!same) return 0;
+    /* The record's request fields must be ASCII without anything credential-shaped: else
+     * the Python recorder redacts them (records.PendingDecision.payload). */
+    if (!printable_ascii(q->source)) return 0;
+    PyObject *part;
+    Py_ssize_t index;
+    if (observed_entry(o, out, decision, &part, &index) < 0) return -1;
+    if (!part) return 0;
+    if (o->buffer) {
+        unsigned char text[600 + 2 * 256];
+        span target = q->path;
+        for (Py_ssize_t i = 0; i < target.n; i++)
+            if (target.p[i] == '?' || target.p[i] == '#') { target.n = i; break; }
+        if (target.n > 512) target.n = 512;
+        if (q->method.n > 256 || q->source.n > 256) return 0;
+        Py_ssize_t n = 0;
+        memcpy(text, q->method.p, (size_t)q->method.n); n += q->method.n;
+        text[n++] = '\n';
+        memcpy(text + n, target.p, (size_t)target.n); n += target.n;
+        text[n++] = '\n';
+        memcpy(text + n, q->source.p, (size_t)q->source.n); n += q->source.n;
+        if (could_hold_secret(text, n)) return 0;
+    }
+    /* Committed from here: every observer's effect happens below. */
+    double when = 0.0;
+    if (o->buffer) {
+        if (o->system_clock) when = wall_now();
+        else {
+            PyObject *v = PyObject_CallMethodNoArgs(o->clock, S_now);
+            if (!v) return -1;
+            when = PyFloat_AsDouble(v);
+            Py_DECREF(v);
+            if (when == -1.0 && PyErr_Occurred()) return -1;
+        }
+    }
+    int keep = 1;
+    if (o->buffer && !o->sample_all) { /* AuditQueue.keep_allow: draws and counts */
+        PyObject *v = PyObject_CallMethodNoArgs(o->queue, S_keep_allow);
+        if (!v) return -1;
+        keep = PyObject_IsTrue(v);
+        Py_DECREF(v);
+        if (keep < 0) return -1;
+    }
+    if (o->metrics) {
+        o->tally[o->slots[out->reason == D_OK ? 0 : 1]] += 1;
+        if (elapsed > 0.0) {
+            int i = 0;
+            while (i < o->nbounds && o->bounds[i] < elapsed) i++;
+            o->tally[o->nlabels + i] += 1;
+            o->tally[o->width - 1] += elapsed;
+        }
+    }
+    if (o->usage && out->reason == D_OK && count_use(o, index) < 0) return -1;
+    if (o->buffer && keep && record(o, q, did, part, when, elapsed) < 0) return -1;
+    return 1;
+}
+
 /* CheckInput(method, path, host, headers, context, source), as request_view makes it. */
 static PyObject *view_of(FastCheck *self, const request *q) {
     PyTypeObject *it = (PyTypeObject *)self->input_type;
@@ -1040,6 +1634,8 @@ static PyObject *view_of(FastCheck *self, const request *q) {
 
 static PyObject *FastCheck_call(FastCheck *self, PyObject *args, PyObject *kwds) {
     Py_buffer buf;
+    double started = timer_now(self);
+    if (started == -1.0 && PyErr_Occurred()) return NULL;
     if (!PyArg_ParseTuple(args, "y*", &buf)) return NULL;
     /* On the stack: the calls into Python below (the replica, templates) can switch threads. */
     request q;
@@ -1069,8 +1665,17 @@ static PyObject *FastCheck_call(FastCheck *self, PyObject *args, PyObject *kwds)
                     PyTuple_SET_ITEM(decision, i, items[i]);
                 }
                 if (!(response = respond(self, c, &out, decision, did))) goto done;
-                if (!(view = view_of(self, &q))) goto done;
-                result = PyTuple_Pack(3, response, decision, view);
+                double ended = timer_now(self);
+                if (ended == -1.0 && PyErr_Occurred()) goto done;
+                int seen = observe(self, &q, &out, decision, did, ended - started);
+                if (seen < 0) goto done;
+                if (seen) { /* observed here: grpc needs only the answer */
+                    result = response;
+                    Py_INCREF(result);
+                } else {
+                    if (!(view = view_of(self, &q))) goto done;
+                    result = Py_BuildValue("(OOOd)", response, decision, view, ended - started);
+                }
             }
         }
     }
@@ -1089,7 +1694,24 @@ done:
     return result;
 }
 
+/* set_timer(timer | None): what times a check for its observers (None: the monotonic clock,
+ * which is what time.perf_counter reads). */
+static PyObject *FastCheck_set_timer(FastCheck *self, PyObject *timer) {
+    if (timer == Py_None) timer = NULL;
+    Py_XINCREF(timer);
+    Py_XSETREF(self->timer, timer);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef FastCheck_methods[] = {
+    {"observe_in_c", (PyCFunction)FastCheck_observe_in_c, METH_VARARGS,
+     "Observe the allows decided here in C (see fastcheck.FastCheckHandler)."},
+    {"tally", (PyCFunction)FastCheck_tally, METH_NOARGS,
+     "The check metrics counted here, in CheckTally's layout, or None."},
+    {"harvest_uses", (PyCFunction)FastCheck_harvest_uses, METH_NOARGS,
+     "({usage key: uses}, dropped) counted here since the last harvest."},
+    {"set_timer", (PyCFunction)FastCheck_set_timer, METH_O,
+     "What times a check (None: the monotonic clock)."},
     {"set_policy", (PyCFunction)FastCheck_set_policy, METH_VARARGS,
      "Compile a policy (the tuples fastcheck.compile_policy makes)."},
     {"counts", (PyCFunction)FastCheck_counts, METH_NOARGS,
@@ -1136,17 +1758,26 @@ PyMODINIT_FUNC PyInit__fastcheck(void) {
     INTERN(S_ids, "ids");
     INTERN(S_cached_token, "cached_token"); INTERN(S_access_token, "access_token");
     INTERN(S_digest, "digest");
+    INTERN(S_observers, "observers"); INTERN(S_keep_allow, "keep_allow"); INTERN(S_id, "id");
     PyObject *hashlib = PyImport_ImportModule("hashlib");
     if (!hashlib) return NULL;
     hashlib_sha256 = PyObject_GetAttrString(hashlib, "sha256");
     Py_DECREF(hashlib);
     if (!hashlib_sha256) return NULL;
-    if (PyType_Ready(&FastCheckType) < 0 || PyType_Ready(&CompiledType) < 0) return NULL;
+    if (PyType_Ready(&FastCheckType) < 0 || PyType_Ready(&CompiledType) < 0 ||
+        PyType_Ready(&AuditBufferType) < 0)
+        return NULL;
     PyObject *m = PyModule_Create(&module);
     if (!m) return NULL;
     Py_INCREF(&FastCheckType);
     if (PyModule_AddObject(m, "FastCheck", (PyObject *)&FastCheckType) < 0) {
         Py_DECREF(&FastCheckType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(&AuditBufferType);
+    if (PyModule_AddObject(m, "AuditBuffer", (PyObject *)&AuditBufferType) < 0) {
+        Py_DECREF(&AuditBufferType);
         Py_DECREF(m);
         return NULL;
     }

@@ -17,7 +17,10 @@ failure (the rate limiter counts those), blocked sources or keys, a replica not 
 ``header_map``, anything outside printable ASCII, bytes protobuf might read differently — goes
 to the pure-Python path. tests/test_fastcheck_differential.py runs both on captured, generated
 and fuzzed requests (API keys and tokens) and requires byte-identical answers and equal
-decisions and observer inputs.
+decisions and observer inputs. With the sidecar's own observers (``observe_in_c``) the allows it
+decides for API keys are observed in C too: metrics tally, the decision record's spool payload,
+usage count, with the same results as the Python observers (same spool bytes, /metrics text,
+usage reports).
 
 The extension is optional: a wheel built without a compiler has none, and this module then
 reports why (``unavailable()``) and the sidecar runs the pure-Python path."""
@@ -33,13 +36,17 @@ from typing import Any
 
 import grpc
 
+from sidecar.auditship.observer import DecisionRecorder
+from sidecar.auditship.records import fixed_part
 from sidecar.authz.decision import Decision, Reason
 from sidecar.authz.engine import CheckInput
 from sidecar.authz.policy import Policy
 from sidecar.core.clock import SystemClock
 from sidecar.dataplane.envoy_check import CheckHandler, parse_check_request
-from sidecar.ops.metrics import INTERNAL_ERROR
+from sidecar.ops.denial_log import DenialLog
+from sidecar.ops.metrics import INTERNAL_ERROR, DecisionMetrics
 from sidecar.ratelimit import WindowRateLimiter
+from sidecar.usage.tally import UsageTally
 
 log = logging.getLogger("sidecar.check")
 
@@ -179,8 +186,11 @@ class FastCheckHandler:
             engine.ids.uses_system_random(),
             float(engine.max_staleness),
         )
+        if _perf_counter is not time.perf_counter:  # a test's timer: both paths read it
+            self._native.set_timer(_perf_counter)
         self._compiled_for: Policy | None = None
         self._compile()
+        self.observed_in_c = observe_in_c(self._native, handler)
 
     def _compile(self) -> None:
         policy = self.handler.engine.policy
@@ -197,7 +207,6 @@ class FastCheckHandler:
         return int(decided), int(fell_back)
 
     def __call__(self, data: bytes, context: grpc.ServicerContext) -> bytes:
-        started = _perf_counter()
         handler = self.handler
         try:
             out = self._native(data)
@@ -210,8 +219,9 @@ class FastCheckHandler:
             if handler.engine.policy is not self._compiled_for:
                 self._compile()
             return handler(parse_check_request(data), context)
-        response, decision, view = out
-        elapsed = _perf_counter() - started
+        if out.__class__ is bytes:  # decided and observed in C
+            return out
+        response, decision, view, elapsed = out
         # As CheckHandler.__call__ tells its observers (kept inline: this runs on every check).
         try:
             for observe in handler.observers:
@@ -221,6 +231,62 @@ class FastCheckHandler:
                 handler.on_error(INTERNAL_ERROR, 0.0)
             raise
         return response  # type: ignore[no-any-return]
+
+
+# The observers the C path can stand in for, one of each at most; DenialLog does nothing
+# for an allow, the only decisions observed in C.
+_KNOWN = (DecisionMetrics, DenialLog, DecisionRecorder, UsageTally)
+
+
+def observe_in_c(native: Any, handler: CheckHandler) -> bool:
+    """Have the C path observe the allows it decides — metrics tally, decision record, usage
+    count, in C — when ``handler.observers`` is exactly a set of the known ones: their counts
+    and records join the Python path's (``CheckTally.add_source``, ``AuditQueue.use_store``,
+    ``UsageTally.add_source``). Any other observer (tracing, a test's) keeps every check's
+    observers in Python, and so does a change to the list later (the C path compares it on
+    every check). True when set up."""
+    observers = tuple(handler.observers)
+    kinds = [type(observer) for observer in observers]
+    if any(kind not in _KNOWN for kind in kinds) or len(set(kinds)) != len(kinds):
+        return False
+    metrics = audit = usage = None
+    for observer in observers:
+        if isinstance(observer, DecisionMetrics):
+            tally = observer.tally
+            slots = (observer.slot(Reason.OK), observer.slot(Reason.PUBLIC_ROUTE))
+            metrics = (*slots, tally.bounds, tally.width)
+        elif isinstance(observer, DecisionRecorder):
+            queue = observer.queue
+            buffer = queue.store  # a second handler on this queue shares the first's buffer
+            if not isinstance(buffer, _native.AuditBuffer):
+                if queue.stats().accepted:
+                    return False  # records queued already: they stay in the Python store
+                buffer = _native.AuditBuffer(queue.capacity, queue.deny_limit)
+            clock = observer.clock
+            sample_all = queue.allow_sample_rate >= 1.0
+            audit = (buffer, queue, sample_all, clock, type(clock) is SystemClock)
+        elif isinstance(observer, UsageTally):
+            usage = observer.max_entries
+    native.observe_in_c(handler, observers, _observed, metrics, audit, usage)
+    if audit is not None and queue.store is not audit[0]:
+        queue.use_store(audit[0])
+    for observer in observers:
+        if isinstance(observer, DecisionMetrics):
+            observer.tally.add_source(native.tally)
+        elif isinstance(observer, UsageTally):
+            observer.add_source(native.harvest_uses)
+    return True
+
+
+def _observed(decision: Decision) -> tuple[bytes, str] | None:
+    """What the C path caches per identity to observe its allows: the record's fixed part and
+    the usage key (UsageTally's); None hands the identity's checks to the Python observers."""
+    identity = decision.identity
+    if identity is None:
+        return fixed_part(decision), ""
+    if identity.kind != "api_key":
+        return None
+    return fixed_part(decision), identity.grant_id or identity.id
 
 
 CheckPathFn = Callable[[bytes, grpc.ServicerContext], bytes]

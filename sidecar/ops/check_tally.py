@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 from bisect import bisect_left
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -33,7 +33,23 @@ class CheckTally(Collector):
         self._width = len(self._labels) + len(self._bounds) + 2
         self._local = threading.local()
         self._lists: list[list[float]] = []
+        self._sources: list[Callable[[], Sequence[float] | None]] = []
         self._lock = threading.Lock()  # guards _lists (a thread's first check; scrapes)
+
+    @property
+    def bounds(self) -> tuple[float, ...]:
+        return self._bounds
+
+    @property
+    def width(self) -> int:
+        """Slots per list: label pairs, buckets, +Inf, sum."""
+        return self._width
+
+    def add_source(self, source: Callable[[], Sequence[float] | None]) -> None:
+        """Counts kept elsewhere in this layout (the compiled Check path's, kept in C), added
+        to every scrape; ``source`` returns None when it counts nothing."""
+        with self._lock:
+            self._sources.append(source)
 
     def index(self, outcome: str, reason: str) -> int:
         return self._slot[(outcome, reason)]
@@ -63,7 +79,9 @@ class CheckTally(Collector):
     def totals(self) -> list[float]:
         """Every thread's slots added up (what a scrape reports)."""
         with self._lock:
-            lists = list(self._lists)
+            lists: list[Sequence[float]] = list(self._lists)
+            sources = list(self._sources)
+        lists += [counted for counted in (source() for source in sources) if counted is not None]
         out = [0.0] * self._width
         for slots in lists:
             for i, value in enumerate(slots[:]):  # a copy: the owner may be writing

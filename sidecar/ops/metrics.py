@@ -205,6 +205,7 @@ class DecisionMetrics:
 
     def __init__(self, metrics: Metrics) -> None:
         tally = metrics.check_tally
+        self.tally = tally
         self._slot = {r: tally.index(OUTCOME_LABEL[OUTCOMES[r]], r.value) for r in Reason}
         self._errors = {r: tally.index(ERROR, r) for r in ERROR_REASONS}
         self._count = tally.count
@@ -212,6 +213,11 @@ class DecisionMetrics:
     def __call__(self, decision: Decision, _req: CheckInput, _src: str, elapsed: float) -> None:
         # in-cluster Authorize passes elapsed 0: only Envoy's Check is timed
         self._count(self._slot[decision.reason], elapsed)
+
+    def slot(self, reason: Reason) -> int:
+        """The tally slot a decision with ``reason`` counts in (the compiled Check path counts
+        its allows in C, in the same layout: ``CheckTally.add_source``)."""
+        return self._slot[reason]
 
     def error(self, reason: str, elapsed: float) -> None:
         """A check that ended in a gRPC error (Envoy answers 503)."""

@@ -41,7 +41,24 @@ class UsageTally:
         self._retired: list[dict[str, int]] = []
         self._retired_at = clock()
         self._lock = threading.Lock()  # guards _slots (a thread's first use; harvests)
-        self.dropped = 0  # written by RPC threads without a lock: approximate by design
+        self._dropped = 0  # written by RPC threads without a lock: approximate by design
+        self._sources: list[Callable[[], tuple[dict[str, int], int]]] = []
+
+    @property
+    def max_entries(self) -> int:
+        return self._max
+
+    @property
+    def dropped(self) -> int:
+        """Uses not counted: over the memory bound."""
+        return self._dropped
+
+    def add_source(self, source: Callable[[], tuple[dict[str, int], int]]) -> None:
+        """Uses counted elsewhere (the compiled Check path's, kept in C): each harvest takes
+        ``source()`` — the uses since its last call and how many it dropped — with the
+        threads' counts."""
+        with self._lock:
+            self._sources.append(source)
 
     def __call__(self, decision: Decision, view: CheckInput, source: str, elapsed: float) -> None:
         identity = decision.identity
@@ -58,7 +75,7 @@ class UsageTally:
             if len(counts) < self._max:
                 counts[key] = 1
             else:
-                self.dropped += 1
+                self._dropped += 1
 
     def _register(self) -> dict[str, int]:
         slot: list[dict[str, int]] = [{}]
@@ -74,10 +91,15 @@ class UsageTally:
         now = self._clock()
         with self._lock:
             slots = list(self._slots)
+            sources = list(self._sources)
         retiring = []
         for slot in slots:
             retiring.append(slot[0])
             slot[0] = {}
+        for source in sources:
+            counts, dropped = source()
+            retiring.append(counts)
+            self._dropped += dropped
         ready, self._retired = self._retired, retiring
         at = self._retired_at
         self._retired_at = now
