@@ -149,7 +149,8 @@ def test_cached_token_answers_only_while_the_cached_verification_holds(
     allowed = engine.authorize(token, [])
     assert allowed.reason is Reason.OK
     assert engine.cached_token(digest, clock.now()) is allowed.identity
-    assert engine.cached_token(digest, NOW + 600) is None  # at exp
+    assert engine.cached_token(digest, NOW + 600) is allowed.identity  # at exp, in the leeway
+    assert engine.cached_token(digest, NOW + 630) is None  # at exp + the 30 s leeway
     assert engine.authorize(other, []).reason is Reason.OK
     replica.apply(
         Change("grant.revoked", "grt_2", {"grant_id": "grt_2", "expires_at": NOW + 3600}, 2)
@@ -162,3 +163,19 @@ def test_cached_token_answers_only_while_the_cached_verification_holds(
     replica.apply(_at(signing_key_retired(kid), 3))
     assert engine.cached_token(digest, clock.now()) is None
     assert engine.authorize(token, []).reason is Reason.UNKNOWN_KEY
+
+
+def test_repeats_inside_the_leeway_do_not_alternate(keyed: tuple[Replica, object, str]) -> None:
+    """A fresh verification accepts a token until exp plus the leeway; the cached one ended at
+    exp, so inside the leeway repeats went allowed (verified), expired (cache), allowed..."""
+    replica, private, kid = keyed
+    clock = FakeClock(NOW + 1)
+    engine = Engine(
+        replica, parse_policy('[[routes]]\nname = "c"\npath = "/**"\nscopes = ["checks:read"]\n'),
+        clock, token_verifier=ReplicaTokenVerifier(ISSUER, "statuspulse-api"),
+    )  # fmt: skip
+    token = _token(private, kid, ttl=600)
+    clock.advance(599 + 10)  # 10 s past exp
+    assert [engine.authorize(token, []).reason for _ in range(4)] == [Reason.OK] * 4
+    clock.advance(20)  # exp + 30 s
+    assert [engine.authorize(token, []).reason for _ in range(3)] == [Reason.TOKEN_EXPIRED] * 3

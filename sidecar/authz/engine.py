@@ -68,6 +68,9 @@ class Engine:
         self.clock = clock
         self.max_staleness = max_staleness
         self.token_verifier = token_verifier
+        # A cached verification ends where a fresh one would: at exp plus the verifier's leeway
+        # for clock skew (else repeats inside the leeway alternate between allowed and expired).
+        self.token_leeway = float(getattr(token_verifier, "leeway", 0.0))
         self.limiter = limiter
         self.ids = DecisionIds()
         self._token_cache: dict[bytes, Identity] = {}
@@ -316,9 +319,10 @@ class Engine:
         return identity
 
     def _stale(self, identity: Identity, now: float) -> Decision | None:
-        """Why a cached verification no longer holds: the token expired (its ``exp``), or its
-        signing key left the replica (retired, e.g. by ``rotate-signing-key --now``)."""
-        if identity.expires_at <= now:
+        """Why a cached verification no longer holds: the token expired (its ``exp`` plus the
+        verifier's leeway, as a fresh verification decides), or its signing key left the
+        replica (retired, e.g. by ``rotate-signing-key --now``)."""
+        if identity.expires_at + self.token_leeway <= now:
             return Decision(Reason.TOKEN_EXPIRED, "", identity)
         if identity.key_id not in self.replica.signing_keys:
             return _DENY[Reason.UNKNOWN_KEY]
