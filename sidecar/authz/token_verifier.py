@@ -41,8 +41,10 @@ class ReplicaTokenVerifier:
         self.leeway = leeway
         self.max_lifetime = max_lifetime
         self._lock = threading.Lock()
-        # (what the replica held, the keys loaded from it), swapped as one object.
-        self._state: tuple[tuple[tuple[str, int], ...], dict[str, VerificationKey]] = ((), {})
+        # (what the replica held, those payloads, the keys loaded from them), swapped as one.
+        self._state: tuple[
+            tuple[tuple[str, int], ...], tuple[object, ...], dict[str, VerificationKey]
+        ] = ((), (), {})
 
     def __call__(self, token: str, replica: Replica, now: float) -> Identity:
         try:
@@ -72,11 +74,12 @@ class ReplicaTokenVerifier:
 
     def keys(self, published: Mapping[str, Mapping[str, Any]]) -> dict[str, VerificationKey]:
         """The replica's keys loaded once; reloaded only when the replica's entries change
-        (payload objects are replaced, never mutated, when a key is upserted)."""
+        (payload objects are replaced, never mutated, when a key is upserted). The state keeps
+        the payloads it was loaded from alive, so no later payload can reuse their addresses."""
         seen = tuple((kid, id(payload)) for kid, payload in published.items())
         state = self._state
         if seen == state[0]:
-            return state[1]
+            return state[2]
         with self._lock:
             loaded: dict[str, VerificationKey] = {}
             for kid, payload in published.items():
@@ -85,7 +88,7 @@ class ReplicaTokenVerifier:
                     loaded[kid] = verification_key(kid, str(payload["alg"]), jwk)
                 except (KeyError, TypeError, ValueError):
                     log.warning("ignoring unusable signing key", extra={"kid": kid})
-            self._state = (seen, loaded)
+            self._state = (seen, tuple(published.values()), loaded)
         return loaded
 
 
