@@ -164,3 +164,29 @@ def test_only_a_429_carries_retry_after() -> None:
         resp = parse(enc.encode(Decision(reason, "dec_1", KEY), STRIP))
         headers = [o.header.key for o in resp.denied_response.headers]
         assert "retry-after" not in headers
+
+
+class CountingEncoder(ResponseEncoder):
+    """The real encoder, counting its full builds."""
+
+    builds = 0
+
+    def build(self, decision: Decision, strip: tuple[str, ...]) -> bytes:
+        self.builds += 1
+        return super().build(decision, strip)
+
+
+def test_an_allow_shape_is_templated_on_its_second_answer_only() -> None:
+    """Each new access token is a new shape: templating it on its first answer cost two more
+    full builds (placeholder and check) for a template never used again."""
+    encoder = CountingEncoder()
+    strip = ("authorization",)
+    answers = [Decision(Reason.OK, f"dec_{n:024x}", TOKEN) for n in range(4)]
+    out = []
+    builds = []
+    for decision in answers:
+        out.append(encoder.encode(decision, strip))
+        builds.append(encoder.builds)
+    # First answer: one build. Second: the template (two). Then no build at all.
+    assert builds == [1, 3, 3, 3]
+    assert out == [ResponseEncoder().build(d, strip) for d in answers]

@@ -126,7 +126,9 @@ class ResponseEncoder:
 
     A response differs from the previous one of the same shape (identity or denial reason,
     ``strip``, length of the decision id) only in its decision id, so each shape is built once
-    with a placeholder id, split there, and later answers are ``decision_id.join(pieces)``."""
+    with a placeholder id, split there, and later answers are ``decision_id.join(pieces)``.
+    An allow's shape is templated on its second answer: a shape answered once (each new access
+    token) is built once."""
 
     def __init__(self, failure_window: float = 60.0) -> None:
         # Retry-After of a 429 for a blocked source or key id (the block ends within a window).
@@ -135,6 +137,8 @@ class ResponseEncoder:
         self._allow: dict[
             tuple[Reason, str, int], tuple[Identity | None, tuple[str, ...], list[bytes]]
         ] = {}
+        # Allow shapes answered once (by a full build) and not yet templated.
+        self._seen_once: set[tuple[Reason, str, int]] = set()
         # (reason, detail, id length) -> pieces: a denial names no identity and strips nothing
         self._denied: dict[tuple[Reason, str, int], list[bytes]] = {}
         self._reason_meta = {r: _meta_entry("reason", r.value.encode()) for r in Reason}
@@ -148,6 +152,13 @@ class ResponseEncoder:
             cached = self._allow.get(key)
             if cached is not None and cached[0] is ident and cached[1] == strip:
                 return did.join(cached[2])
+            if key not in self._seen_once:
+                # A template costs two builds: made on a shape's second answer, so a shape seen
+                # once (every new access token's jti) costs one build, not three.
+                if len(self._seen_once) >= _CACHE_LIMIT:
+                    self._seen_once.clear()
+                self._seen_once.add(key)
+                return self.build(decision, strip)
             pieces = self._template(decision, strip)
             if pieces is None:
                 return self.build(decision, strip)
