@@ -7,22 +7,16 @@ the reference), with the same result."""
 
 from __future__ import annotations
 
-import importlib
 import logging
 from collections.abc import MutableMapping, Sequence
 from typing import Any
 
 from sidecar.core.audit_batch import CHECKS, Refusal, Row
+from sidecar.core.native import optional_module
 
 log = logging.getLogger("sidecar.audit")
 
-_native: Any = None
-try:
-    _native = importlib.import_module("sidecar.core._auditchain")
-except ImportError as exc:  # built without a compiler, or not loadable here
-    _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
-else:
-    _IMPORT_ERROR = ""
+_native, _IMPORT_ERROR = optional_module("sidecar.core._auditchain")
 _logged = False
 
 

@@ -27,7 +27,6 @@ reports why (``unavailable()``) and the sidecar runs the pure-Python path."""
 
 from __future__ import annotations
 
-import importlib
 import logging
 import re
 import time
@@ -42,6 +41,7 @@ from sidecar.authz.decision import Decision, Reason
 from sidecar.authz.engine import CheckInput
 from sidecar.authz.policy import Policy
 from sidecar.core.clock import SystemClock
+from sidecar.core.native import optional_module
 from sidecar.dataplane.envoy_check import CheckHandler, parse_check_request
 from sidecar.ops.denial_log import DenialLog
 from sidecar.ops.metrics import INTERNAL_ERROR, DecisionMetrics
@@ -50,13 +50,7 @@ from sidecar.usage.tally import UsageTally
 
 log = logging.getLogger("sidecar.check")
 
-_native: Any = None
-try:
-    _native = importlib.import_module("sidecar.dataplane._fastcheck")
-except ImportError as exc:  # built without a compiler, or not loadable here
-    _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
-else:
-    _IMPORT_ERROR = ""
+_native, _IMPORT_ERROR = optional_module("sidecar.dataplane._fastcheck")
 
 # The reasons the C path can decide, in the order of its D_* constants.
 _REASONS = (
