@@ -152,7 +152,8 @@ def count_now(meter: IngestMeter | None) -> int | None:
 def summary(reps: list[dict[str, Any]]) -> dict[str, Any]:
     """The row's figures: the median CPU per record over the reps, total records stored and
     refused, and whether every rep's records had all arrived before it was read."""
-    per_record = [r["cp_cpu_us_per_record"] for r in reps if r["cp_cpu_us_per_record"]]
+    # 0.0 is a measurement (the CPU clock ticks every 10 ms: a short rep can see none).
+    per_record = [r["cp_cpu_us_per_record"] for r in reps if r["cp_cpu_us_per_record"] is not None]
     refused: dict[str, int] = {}
     for r in reps:
         for reason, n in r["cp_refused"].items():
