@@ -223,8 +223,7 @@ def _saturation(
     skip: tuple[str, ...] = ("rps", "requests", "unexpected", "busy_before", "attempt", "tries")
     skip += ("server_cpu_util_by_process", "ceiling_rps", "ceiling_server_cpu_us_per_call")
     for key in [k for k in reps[0] if k not in skip and not k.startswith("cp_")]:
-        values = [r[key] for r in reps if r[key] is not None]
-        summary[key] = round(statistics.median(values), 3) if values else None
+        summary[key] = _median([r[key] for r in reps if r[key] is not None])
     if meter is not None:
         summary |= cp_cost.summary(reps)
     summary["unexpected"] = sum(r["unexpected"] for r in reps)
@@ -300,10 +299,15 @@ def _medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
         elif key == "other_cpu_util":
             out[key] = max(values)
         elif isinstance(first, int | float) and not isinstance(first, bool) and values:
-            out[key] = round(statistics.median(values), 3)
+            out[key] = _median(values)
         else:
             out[key] = first
     return out
+
+
+def _median(values: list[float]) -> float | None:
+    """The median to 3 decimals; None when nothing was measured."""
+    return round(statistics.median(values), 3) if values else None
 
 
 def _spread(values: list[float]) -> list[float] | None:
@@ -346,7 +350,7 @@ def _fixed_rate(
     out["baseline"] = {"target": base.name, **_medians([p["baseline"] for p in pairs])}
     for label in ("p50", "p99"):
         diffs = [d for p in pairs if (d := p[f"added_{label}_ms"]) is not None]
-        out[f"added_{label}_ms"] = round(statistics.median(diffs), 3) if diffs else None
+        out[f"added_{label}_ms"] = _median(diffs)
         out[f"added_{label}_ms_spread"] = _spread(diffs)
     out["unexpected"] += out["baseline"]["unexpected"]
     out["pairs"] = pairs
@@ -365,15 +369,14 @@ def _serial(
         run = _quietly(s, lambda: _serial_run(load, pids, s))
         cp_cost.after_load(meter, before, run["requests"])
         runs.append({"target": run, "reference": base})
-    mid = statistics.median
 
     def med(side: str, key: str) -> float | None:
-        values = [r[side][key] for r in runs if r[side][key] is not None]
-        return round(mid(values), 3) if values else None
+        return _median([r[side][key] for r in runs if r[side][key] is not None])
 
     def added(label: str) -> float | None:
-        diffs = [d for r in runs if (d := _added(r["target"], r["reference"], label)) is not None]
-        return round(mid(diffs), 3) if diffs else None
+        return _median(
+            [d for r in runs if (d := _added(r["target"], r["reference"], label)) is not None]
+        )
 
     return {
         "clients": 1,
