@@ -446,6 +446,8 @@ class ControlPlane:
                     changed += await asyncio.to_thread(self.oauth.sweep)
                 if changed:
                     log.info("swept keys", extra={"changed": changed})
+            except SpauthError as exc:  # the store down, say: expected, said without a traceback
+                log.warning("sweep failed; retrying", extra={"error": exc.message})
             except Exception:
                 log.exception("sweep failed; retrying")
             if self.clock.now() >= next_prune:

@@ -17,7 +17,7 @@ from sidecar.config import load_settings
 from sidecar.controlplane import ControlPlane
 from sidecar.core import kek
 from sidecar.core.clock import FakeClock
-from tests.conftest import LoopThread, bearer
+from tests.conftest import LoopThread, bearer, wait_until
 from tests.support.postgres import PostgresServer, postgres_available
 from tests.support.sync import TEST_SYNC_TOKEN
 
@@ -59,5 +59,39 @@ def test_subscribe_answers_unavailable_while_the_store_is_down(
                     pass
             assert info.value.code() is grpc.StatusCode.UNAVAILABLE, info.value  # type: ignore[attr-defined]
         assert not [r for r in caplog.records if r.exc_info], caplog.text  # no traceback
+    finally:
+        loop_thread.run(plane.aclose(grace=0))
+
+
+def test_the_sweeper_says_the_store_is_down_without_a_traceback(
+    pg: PostgresServer, tmp_path: Path, loop_thread: LoopThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A sweep meeting the database down is an expected condition: a warning it retries, not an
+    ERROR with a traceback (which sent the Subscribe test above red when a sweep happened to
+    run while its store was down)."""
+    settings = load_settings(
+        {
+            "data_dir": str(tmp_path),
+            "database_url": pg.create_database("sweep"),
+            "admin_addr": "127.0.0.1:0",
+            "http_addr": "127.0.0.1:0",
+            "sync_token": TEST_SYNC_TOKEN,
+            "key_encryption_key": kek.generate(),
+            "sweep_interval": 0.05,
+        },
+        environ={},
+    )
+    plane = ControlPlane(settings, clock=FakeClock())
+    loop_thread.run(plane.start())
+    try:
+        caplog.set_level(logging.WARNING, logger="sidecar.controlplane")
+        pg.kill()
+
+        def swept() -> bool:
+            return any(r.getMessage() == "sweep failed; retrying" for r in caplog.records)
+
+        wait_until(swept, timeout=30)
+        failed = [r for r in caplog.records if r.getMessage() == "sweep failed; retrying"]
+        assert all(r.levelno == logging.WARNING and not r.exc_info for r in failed)
     finally:
         loop_thread.run(plane.aclose(grace=0))
