@@ -291,6 +291,25 @@ def test_last_used_from_checks_and_of_a_replaced_key(
     assert {k.id for k in stale.api_keys} == {key_id, idle_id}
 
 
+def test_a_sidecar_with_a_sync_token_file_reports_usage(
+    sidecar_factory: StartSidecar, control_plane: RunningControlPlane, tmp_path: Path
+) -> None:
+    """The token in ``sync_token_file`` (a mounted Secret, as ``deploy/k8s`` does) is the one
+    usage reports present too: they used to send only ``sync_token``, so a sidecar given the
+    file replicated and shipped audit but every report was refused as unauthenticated."""
+    token_file = tmp_path / "sync-token"
+    token_file.write_text(TEST_SYNC_TOKEN + "\n")
+    token_file.chmod(0o600)
+    sc = sidecar_factory(usage_report_interval=0.05, sync_token="", sync_token_file=token_file)
+    client = Client(sc.port)
+    secret, key_id = mint(control_plane, ["checks:read"])
+    request = check_request(authorization=f"Bearer {secret}")
+    wait_until(lambda: client.check(request).status.code == 0)
+    wait_until(lambda: sum(d.uses for d in get_key(control_plane, key_id).daily_uses) == 1)
+    registry = sc.metrics.registry
+    wait_until(lambda: registry.get_sample_value("spauth_usage_reported_total") == 1)
+
+
 def test_an_apps_session_shows_the_last_access_token_use(store: Store) -> None:
     from sidecar.core.apps import AppService
     from sidecar.core.oauth_models import Grant

@@ -119,11 +119,13 @@ class Sidecar:
         self.denial_log = DenialLog(settings.denial_log_rate)
         # Called after every decision, on the RPC thread: keep each one to microseconds.
         self.observers: list[Observer] = [self.decision_metrics, self.denial_log]
-        self.audit = _audit_pipeline(settings)
+        # Read once: replication, audit shipping and usage reports all present this token.
+        sync_token = sidecar_sync_token(settings)
+        self.audit = _audit_pipeline(settings, sync_token)
         if self.audit is not None:
             self.observers.append(DecisionRecorder(self.audit, self.clock))
             self.metrics.registry.register(AuditMetrics(self.audit))
-        self.usage = _usage_reporter(settings, self.clock)
+        self.usage = _usage_reporter(settings, self.clock, sync_token)
         if self.usage is not None:
             self.observers.append(self.usage.tally)
             self.metrics.registry.register(UsageMetrics(self.usage))
@@ -138,7 +140,7 @@ class Sidecar:
             settings.control_plane,
             self.clock,
             state_dir=settings.state_dir,
-            sync_token=sidecar_sync_token(settings),
+            sync_token=sync_token,
             credentials=sync_channel_credentials(settings),
             channel_options=sync_channel_options(settings),
         )
@@ -343,7 +345,7 @@ class Sidecar:
         log.info("sidecar stopped")
 
 
-def _audit_pipeline(settings: SidecarSettings) -> AuditPipeline | None:
+def _audit_pipeline(settings: SidecarSettings, sync_token: str) -> AuditPipeline | None:
     """Decision records: queue → spool in the state directory → the control plane."""
     if settings.audit == "off":
         return None
@@ -362,20 +364,22 @@ def _audit_pipeline(settings: SidecarSettings) -> AuditPipeline | None:
     else:
         transport = GrpcTransport(
             settings.control_plane,
-            sidecar_sync_token(settings),
+            sync_token,
             credentials=sync_channel_credentials(settings),
             options=sync_channel_options(settings),
         )
     return AuditPipeline(config, transport)
 
 
-def _usage_reporter(settings: SidecarSettings, clock: Clock) -> UsageReporter | None:
+def _usage_reporter(
+    settings: SidecarSettings, clock: Clock, sync_token: str
+) -> UsageReporter | None:
     """Uses per API key and OAuth grant, counted on the RPC threads, reported every interval."""
     if not settings.usage_report_interval:
         return None
     transport = GrpcUsageTransport(
         settings.control_plane,
-        settings.sync_token,
+        sync_token,
         credentials=sync_channel_credentials(settings),
         options=sync_channel_options(settings),
     )
