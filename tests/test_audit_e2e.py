@@ -25,6 +25,7 @@ from sidecar.config import SidecarSettings, load_settings
 from sidecar.controlplane import ControlPlane
 from sidecar.dataplane.process import Sidecar
 from sidecar.devtools.echo_upstream import EchoUpstream
+from sidecar.ops.shutdown import stop_budget
 from tests.conftest import LoopThread, RunningControlPlane, bearer, free_port, wait_until
 from tests.support.envoy import EnvoyProcess
 from tests.support.sync import token_file
@@ -186,9 +187,17 @@ class SidecarProcess:
         self.proc.wait(10)
 
     def terminate(self) -> None:
+        """SIGTERM; the sidecar must stop cleanly (exit 0) within its stop budget (a stuck stop
+        exits 70 with every thread's stack in the log: shown here)."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
-            self.proc.wait(30)
+            budget = stop_budget(SidecarSettings().drain_delay, SidecarSettings().shutdown_grace)
+            try:
+                code = self.proc.wait(budget + 10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                code = self.proc.wait(10)
+            assert code == 0, f"sidecar stop exited {code}:\n{self.log.read_text()[-6000:]}"
 
 
 @pytest.fixture

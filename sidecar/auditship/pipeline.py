@@ -162,14 +162,17 @@ class AuditPipeline:
     def close(self, timeout: float = 5.0) -> bool:
         """Stop the writer (flushing and fsyncing the queue), then ship what is spooled for up
         to ``timeout`` seconds; what is left stays in the spool for the next start. True when
-        everything was delivered."""
+        everything was delivered. ``timeout`` bounds the whole close: the threads' exits (the
+        shipper's may be in a send) come out of the same seconds as the last shipping."""
+        end = time.monotonic() + timeout
         self._stop.set()
         self._wake.set()
         for thread in self._threads:
-            thread.join(timeout)
+            thread.join(max(0.0, end - time.monotonic()))
         self._threads.clear()
         self.flush(sync=True)
-        delivered = self.shipper.drain(self._clock() + timeout) if self.shipper else False
+        left = max(0.0, end - time.monotonic())
+        delivered = self.shipper.drain(self._clock() + left) if self.shipper else False
         self.spool.close()
         if self._transport is not None:
             self._transport.close()

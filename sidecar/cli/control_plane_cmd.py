@@ -16,6 +16,7 @@ from sidecar import logs
 from sidecar.config import Settings
 from sidecar.core.kek import KekError
 from sidecar.ops.configfile import load_control_plane_config
+from sidecar.ops.shutdown import arm, stop_budget
 from sidecar.ops.tracing import TracingUnavailable
 
 BOOTSTRAP_FILE = "bootstrap-key"
@@ -105,6 +106,7 @@ async def run_control_plane(settings: Settings) -> None:
         flush=True,
     )
     await stop.wait()
+    arm(stop_budget(settings.drain_delay, settings.shutdown_grace), "control-plane")
     await plane.aclose()
 
 

@@ -21,6 +21,7 @@ from sidecar.core.kek import KekError
 from sidecar.core.models import Minted
 from sidecar.dataplane.process import Sidecar
 from sidecar.ops.configfile import load_control_plane_config, load_sidecar_config
+from sidecar.ops.shutdown import arm, stop_budget
 from sidecar.ops.tracing import TracingUnavailable
 
 BOOTSTRAP_FILE = "bootstrap-key"
@@ -124,6 +125,12 @@ async def serve(settings: Settings, sidecar_base: SidecarSettings | None = None)
     if plane.oauth is not None:
         print(f"spauth serve: OAuth issuer {plane.oauth.config.issuer}", flush=True)
     await stop.wait()
+    # Two stops, one after the other: the sidecar's, then the control plane's.
+    arm(
+        stop_budget(base.drain_delay, base.shutdown_grace)
+        + stop_budget(settings.drain_delay, settings.shutdown_grace),
+        "serve",
+    )
     await asyncio.to_thread(sidecar.stop)
     await plane.aclose()
 

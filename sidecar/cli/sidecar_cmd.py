@@ -17,6 +17,7 @@ from sidecar.authz.policy import PolicyError
 from sidecar.config import SidecarSettings
 from sidecar.dataplane.process import Sidecar
 from sidecar.ops.configfile import load_sidecar_config
+from sidecar.ops.shutdown import arm, stop_budget
 from sidecar.ops.tracing import TracingUnavailable
 
 
@@ -109,6 +110,7 @@ def serve_one(settings: SidecarSettings) -> int:
         flush=True,
     )
     stop.wait()
+    arm(stop_budget(settings.drain_delay, settings.shutdown_grace), "sidecar")
     sidecar.stop()
     return 0
 

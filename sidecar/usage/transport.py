@@ -54,7 +54,7 @@ class GrpcUsageTransport:
         targets: str | Sequence[str],
         token: str = "",
         *,
-        timeout: float = 10.0,
+        timeout: float = 5.0,  # a report is small: a healthy control plane answers in ms
         credentials: grpc.ChannelCredentials | None = None,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
