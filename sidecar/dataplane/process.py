@@ -321,8 +321,10 @@ class Sidecar:
         if self.settings.drain_delay and self._server is not None:
             time.sleep(self.settings.drain_delay)
         self._stop.set()
-        if self._server is not None:
-            self._server.stop(grace).wait()
+        # grpc cancels what is still running at ``grace``; its shutdown then completes at
+        # once unless something in grpc core is stuck: don't let that hold the flushes.
+        if self._server is not None and not self._server.stop(grace).wait(grace + 1):
+            log.warning("gRPC server did not finish stopping; flushing anyway")
         if self.audit is not None:
             # Every answered check is in the queue now: spool it all, then ship for a while.
             self.audit.close(timeout=grace)
