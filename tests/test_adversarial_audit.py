@@ -424,3 +424,47 @@ def test_verifying_a_workspace_without_chain_or_signed_head_is_an_empty_chain(
     op = RequestContext(Principal("key_op", "*", frozenset({"admin:full"})), "req-op")
     (report,) = trail.verify(op, "nobody")
     assert report.workspace == "nobody" and report.ok and report.first_break is None
+
+
+def test_a_direct_caller_cannot_keep_its_decisions_out_of_the_trail(
+    control_plane: RunningControlPlane, sidecar_factory: Callable[..., Sidecar]
+) -> None:
+    """A caller of Check controls the method, path and source a decision record names. Ingest
+    refuses a record holding U+0000 or a field over 512 characters, so such requests used to
+    leave no trace in the trail (only in the sidecar's dead-letter file, which grew with every
+    one, an error line and an fsync each). The sidecar now writes what ingest accepts: U+0000 as
+    U+FFFD, each request field cut to 512 characters after redaction (which can lengthen a
+    value: 'Bearer x' becomes '[redacted]')."""
+    sc = sidecar_factory()
+    key, _ = create_key(control_plane.address, control_plane.operator_key, ["checks:read"])
+    wait_until(lambda: len(sc.replica.by_digest) >= 2)
+    hostile = [
+        check_request(CHECKS + "\x00/x", bearer(key)),
+        check_request(CHECKS, bearer(key), method="G\x00T"),
+        check_request(CHECKS, bearer(key), method="P" * 700),
+        check_request(CHECKS, bearer(key)),
+        check_request("/v1/workspaces/acme/" + "Bearer x " * 70, bearer(key)),
+        check_request(CHECKS, bearer(key)),  # an allow: the compiled path records those
+    ]
+    hostile[3].attributes.source.address.socket_address.address = "10.0.0.1\x00" + "9" * 600
+    hostile[5].attributes.source.address.socket_address.address = "10.0.0.1\x00"
+    ids = []
+    for request in hostile:
+        answer = call_check(sc.port, request)
+        ids.append(answer.dynamic_metadata.fields["decision_id"].string_value)
+    assert all(ids)
+    assert sc.audit is not None
+    sc.audit.flush(sync=True)
+    plane = control_plane.plane
+    wait_until(lambda: all(stored(plane, did) is not None for did in ids), 30)
+    records = [stored(plane, did) for did in ids]
+    assert all(r is not None and r.workspace == "acme" for r in records)
+    texts = [f"{r.target}{r.metadata}" for r in records if r is not None]
+    assert not any("\x00" in text for text in texts)
+    assert "\ufffd" in records[0].target and records[1].metadata["method"] == "G\ufffdT"  # type: ignore[union-attr]
+    assert records[2].metadata["method"] == "P" * 512  # type: ignore[union-attr]
+    assert len(records[3].metadata["source"]) == 512  # type: ignore[union-attr]
+    assert "[redacted]" in records[4].target and "Bearer" not in records[4].target  # type: ignore[union-attr]
+    assert records[5].metadata["source"] == "10.0.0.1\ufffd"  # type: ignore[union-attr]
+    assert sc.audit.shipper is not None and sc.audit.shipper.stats().rejected == 0
+    assert all(r.ok for r in plane.audit.verify(_operator_ctx(control_plane)))

@@ -17,6 +17,7 @@ from sidecar.core.audit import (
     scrub,
     secret_in,
 )
+from sidecar.core.audit_batch import MAX_FIELD
 from sidecar.core.audit_chain import time_us
 from sidecar.protowire import ld, uint
 
@@ -32,6 +33,27 @@ def request_path(path: str) -> str:
         if i != -1:
             cut = min(cut, i)
     return path[: min(cut, MAX_PATH)]
+
+
+def fit(value: str) -> str:
+    """A request-controlled field (method, path, source) as ingest stores it: U+0000 as U+FFFD
+    (PostgreSQL's text cannot hold NUL) and at most ``MAX_FIELD`` characters. Applied after
+    redaction, which can lengthen a value ('Bearer x' becomes '[redacted]'). Ingest refuses a
+    record that breaks either rule, so without this a caller of Check could keep its own
+    decisions out of the trail (docs/security.md)."""
+    if len(value) > MAX_FIELD or "\x00" in value:
+        return value.replace("\x00", "\ufffd")[:MAX_FIELD]
+    return value
+
+
+def fit_request_fields(ev: AuditEvent) -> AuditEvent:
+    """``ev`` with :func:`fit` applied to its target and its method and source entries."""
+    metadata = ev.metadata
+    fitted = {k: fit(metadata[k]) for k in ("method", "source") if k in metadata}
+    target = fit(ev.target)
+    if target == ev.target and all(fitted[k] == metadata[k] for k in fitted):
+        return ev
+    return ev._replace(target=target, metadata={**metadata, **fitted})
 
 
 def decision_event(
@@ -106,10 +128,11 @@ class PendingDecision(NamedTuple):
         tests/test_audit_ship.py checks it equals ``encode(scrub(event()))`` field for field."""
         decision = self.decision
         if not decision.decision_id:
-            return encode(scrub(self.event()))
+            return encode(fit_request_fields(scrub(self.event())))
         method, target, source = self.method, request_path(self.path), self.source
         if secret_in(f"{method}\n{target}\n{source}"):
             method, target, source = redact(method), redact(target), redact(source)
+        method, target, source = fit(method), fit(target), fit(source)
         us = time_us(self.time)
         did = decision.decision_id.encode()
         # Protobuf fields may come in any order; the part fixed by reason and identity is cached.
