@@ -49,7 +49,7 @@ def fit(value: str) -> str:
 def fit_request_fields(ev: AuditEvent) -> AuditEvent:
     """``ev`` with :func:`fit` applied to its target and its method and source entries."""
     metadata = ev.metadata
-    fitted = {k: fit(metadata[k]) for k in ("method", "source") if k in metadata}
+    fitted: dict[str, str] = {k: fit(metadata[k]) for k in ("method", "source") if k in metadata}
     target = fit(ev.target)
     if target == ev.target and all(fitted[k] == metadata[k] for k in fitted):
         return ev
