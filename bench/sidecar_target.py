@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import subprocess
 import time
 from collections.abc import Iterator, Mapping
@@ -79,25 +80,28 @@ def control_plane(env: TargetEnv) -> Iterator[ControlPlane]:
     it ingests thousands of records a second, work the sidecar's row must not be charged for
     (nor lose its CPU to); its CPU per stored record is reported separately."""
     data = env.workdir / "control-plane"
-    admin = f"127.0.0.1:{env.free_port()}"
-    http = f"127.0.0.1:{env.free_port()}"
-    log = (env.workdir / "control-plane.log").open("wb")
+    log_path = env.workdir / "control-plane.log"
+    log = log_path.open("wb")
+    # Port 0, read back from its start-up line: a port picked here and bound there could be
+    # taken meanwhile (an Envoy started alongside, bound to port 0).
     proc = subprocess.Popen(
         [*off_server_prefix(env.server_cpus),
          env.python, "-m", "sidecar", "control-plane", "--data-dir", str(data),
-         "--admin-addr", admin, "--http-addr", http],
+         "--admin-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"],
         stdout=log, stderr=subprocess.STDOUT, cwd=_ROOT, start_new_session=True,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 30
         key_file = data / "bootstrap-key"
-        # A health answer, not just an open port: another process that took the port between
-        # free_port() and the control plane's bind (an Envoy started alongside, bound to port 0)
-        # would otherwise pass for it and answer the admin calls.
-        while not key_file.exists() or not _serving(admin) or not _metrics_up(http):
+        ports = None
+        while ports is None or not key_file.exists() or not _serving(ports[0]):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise TargetError("control plane did not start; see control-plane.log")
             time.sleep(0.1)
+            ports = ports or _bound_ports(log_path.read_text(errors="replace"))
+        admin, http = ports
+        if not _metrics_up(http):
+            raise TargetError("control plane's /metrics did not answer; see control-plane.log")
         yield ControlPlane(admin, key_file.read_text().strip(), proc.pid, data, http)
     finally:
         proc.terminate()
@@ -110,6 +114,17 @@ def _control_plane(env: TargetEnv) -> Iterator[tuple[str, str]]:
     """:func:`control_plane` as ``(admin address, operator key)``."""
     with control_plane(env) as cp:
         yield cp.admin, cp.operator
+
+
+_STARTED = re.compile(r"admin gRPC on \S+ \(port (\d+)\), HTTP on \S+ \(port (\d+)\)")
+
+
+def _bound_ports(log: str) -> tuple[str, str] | None:
+    """``(admin, http)`` addresses from ``spauth control-plane``'s start-up line, once printed."""
+    found = _STARTED.search(log)
+    if found is None:
+        return None
+    return f"127.0.0.1:{found[1]}", f"127.0.0.1:{found[2]}"
 
 
 def _metrics_up(http: str) -> bool:
