@@ -10,8 +10,9 @@ their longest time.
 
 Cases: the allow (decided and observed in C), a missing scope (decided in C, observed in
 Python), an unknown key (the whole Python path: the failure limiter counts it) with limits high
-enough that it stays an unknown-key denial, and the same source once blocked (what a flood of
-unknown keys from one address turns into after ``failure_limit_source`` failures).
+enough that it stays an unknown-key denial, the same source once blocked (what a flood of
+unknown keys from one address turns into after ``failure_limit_source`` failures), and the
+allow while another address is blocked.
 
 Not a test: timings on a shared machine are noise; nothing asserts on them."""
 
@@ -202,7 +203,7 @@ def main() -> None:
         )
         columns = ("p50", "p90", "p99", "p99.9", "max", "mean")
         print(
-            f"{'case':15} {'denial log':13} {'time':4} "
+            f"{'case':20} {'denial log':13} {'time':4} "
             + " ".join(f"{c:>7}" for c in columns)
             + f" {'warm':>6}  gc(n, total ms, worst ms)"
         )
@@ -211,14 +212,19 @@ def main() -> None:
             ("wrong-scope", requests["wrong-scope"], never),
             ("unknown-key", requests["unknown-key"], never),
             ("source-blocked", requests["unknown-key"], AbuseLimits(source_failures=1)),
+            ("allow, other blocked", requests["allow"], AbuseLimits(source_failures=1)),
         ]
         for name, data, limits in cases:
             for where in ("in place", "writer thread"):
-                if name == "allow" and where == "in place":
+                if name.startswith("allow") and where == "in place":
                     continue  # an allow writes no line
                 denials = DenialLog(100.0, background=where == "writer thread")
                 denials.start()
                 handler, pipeline = _handler(secret, workdir, limits, denials)
+                if name == "allow, other blocked":  # another address is over its limit
+                    limiter = handler.handler.engine.limiter
+                    assert isinstance(limiter, WindowRateLimiter)
+                    limiter.failed("10.9.9.9", "", time.time())
                 ctx: Any = None
                 for _ in range(2000):
                     handler(data, ctx)
@@ -229,7 +235,7 @@ def main() -> None:
                 for kind, samples in (("wall", wall), ("cpu", cpu)):
                     p = _percentiles(samples)
                     print(
-                        f"{name:15} {where:13} {kind:4} {p['p50']:7.1f} {p['p90']:7.1f} "
+                        f"{name:20} {where:13} {kind:4} {p['p50']:7.1f} {p['p90']:7.1f} "
                         f"{p['p99']:7.1f} {p['p99.9']:7.1f} {p['max']:7.1f} {p['mean']:7.1f} "
                         f"{warm:6.1f}  ({watch.count}, {watch.seconds * 1e3:.1f}, "
                         f"{watch.worst * 1e3:.2f})"

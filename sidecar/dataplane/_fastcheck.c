@@ -836,6 +836,25 @@ static PyObject *cached_token(FastCheck *self, PyObject *digest, double now) {
 
 /* Authenticate the API key or cached access token in ``value`` and decide the route;
  * 0: decided (in *out), 1: fall back, -1: error. ``*cred`` is a new reference when set. */
+/* WindowRateLimiter.source_blocked, as Engine._decide asks it: 1 when the request's source is
+ * in the blocked table with an ``until`` still ahead of ``now`` (the check falls back: Python
+ * answers it 429), 0 when not, -1 on error. A blocked source sends only its own checks to
+ * Python: other sources stay on this path while one address is blocked (before, any entry in
+ * the table sent every check there). A source that is not UTF-8 falls back too. */
+static int source_blocked(FastCheck *self, const request *q, double now) {
+    if (!PyDict_GET_SIZE(self->blocked_sources) || !q->source.n) return 0;
+    PyObject *name = str_of(q->source);
+    if (!name) { PyErr_Clear(); return 1; }
+    PyObject *until = PyDict_GetItemWithError(self->blocked_sources, name); /* borrowed */
+    Py_DECREF(name);
+    if (!until) return PyErr_Occurred() ? -1 : 0;
+    Py_INCREF(until);
+    double u = PyFloat_AsDouble(until);
+    Py_DECREF(until);
+    if (u == -1.0 && PyErr_Occurred()) return -1;
+    return now < u;
+}
+
 static int authenticate(FastCheck *self, const Compiled *c, const request *q, span value, const route *rt,
                         span ws, PyObject **cred, outcome *out) {
     /* Engine._credential: the first configured header present; 'authorization' must be
@@ -878,7 +897,8 @@ static int authenticate(FastCheck *self, const Compiled *c, const request *q, sp
         if (get_double(self->replica, S_last_contact, &last) < 0) return -1;
         if (now - last > self->max_staleness) return 1;
     }
-    if (PyDict_GET_SIZE(self->blocked_sources) && q->source.n) return 1;
+    int blocked = source_blocked(self, q, now);
+    if (blocked) return blocked;
     unsigned char digest[32];
     PyObject *db;
     if (bearer) db = token_digest(token);
