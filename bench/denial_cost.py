@@ -85,7 +85,8 @@ def _request(path: str, header: str, value: str) -> bytes:
     )
     req.attributes.source.address.socket_address.address = SOURCE
     req.attributes.source.address.socket_address.port_value = 40312
-    return req.SerializeToString()
+    data: bytes = req.SerializeToString()
+    return data
 
 
 @contextmanager
