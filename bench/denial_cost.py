@@ -185,8 +185,13 @@ def _handler(
 
 
 def main() -> None:
-    rate = float(os.environ.get("DENIAL_COST_RATE", "1000"))
-    seconds = float(os.environ.get("DENIAL_COST_SECONDS", "5"))
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m bench.denial_cost", description=__doc__)
+    parser.add_argument("--rate", type=float, default=1000.0, help="checks per second")
+    parser.add_argument("--seconds", type=float, default=5.0, help="per case and denial log")
+    args = parser.parse_args()
+    rate, seconds = args.rate, args.seconds
     secret = keyformat.mint_key()
     unknown = keyformat.mint_key()
     requests = {
