@@ -1,6 +1,6 @@
-"""While one source is over its failure limit, the compiled Check path hands only that source's
-checks to the Python path (which answers them 429); every other source's checks stay in C, and
-both paths answer every request byte for byte the same (the pair and helpers of
+"""While one source (or key) is over its failure limit, the compiled Check path hands only that
+source's (or key's) checks to the Python path, which answers them 429; everyone else's checks
+stay in C, and both paths answer every request byte for byte the same (the pair and helpers of
 tests/test_fastcheck_differential.py)."""
 
 from __future__ import annotations
@@ -80,3 +80,17 @@ def test_a_block_that_ran_out_no_longer_sends_the_source_to_python(
     limiter: Any = pair[1].engine.limiter
     assert ATTACKER in limiter.blocked_tables()[0]  # expired, not yet swept out
     assert _answer(pair, _request(pair, reader, ATTACKER)) == (b"ok", 1, 0)
+
+
+def test_only_the_blocked_key_falls_back(pair: tuple[Side, Side]) -> None:
+    # A key blocked by another sidecar (a shared block read back from Redis) while still valid.
+    for side in pair:
+        limiter: Any = side.engine.limiter
+        now = side.engine.clock.now()
+        limiter.absorb([], {"key": {"key_reader": now + 30}}, now, 10)
+    reader = {"authorization": f"Bearer {SECRETS['reader']}"}
+    writer = {"authorization": f"Bearer {SECRETS['writer']}"}
+    assert _answer(pair, _request(pair, reader, CLIENT)) == (b"rate_limited", 0, 1)
+    assert _answer(pair, _request(pair, writer, CLIENT)) == (b"ok", 1, 0)
+    _advance(pair, 31)  # the block ran out
+    assert _answer(pair, _request(pair, reader, CLIENT)) == (b"ok", 1, 0)

@@ -855,6 +855,24 @@ static int source_blocked(FastCheck *self, const request *q, double now) {
     return now < u;
 }
 
+/* WindowRateLimiter.key_blocked, as Engine._limited asks it for an authenticated identity: 1
+ * when the identity's id is blocked with an ``until`` still ahead of ``now`` (the check falls
+ * back: Python answers it 429), 0 when not, -1 on error. Only a blocked key's checks fall back,
+ * not every key's while one is blocked. */
+static int key_blocked(FastCheck *self, PyObject *ident, double now) {
+    if (!PyDict_GET_SIZE(self->blocked_keys)) return 0;
+    PyObject *id = PyObject_GetAttrString(ident, "id");
+    if (!id) return -1;
+    PyObject *until = PyDict_GetItemWithError(self->blocked_keys, id); /* borrowed */
+    Py_XINCREF(until);
+    Py_DECREF(id);
+    if (!until) return PyErr_Occurred() ? -1 : 0;
+    double u = PyFloat_AsDouble(until);
+    Py_DECREF(until);
+    if (u == -1.0 && PyErr_Occurred()) return -1;
+    return now < u;
+}
+
 static int authenticate(FastCheck *self, const Compiled *c, const request *q, span value, const route *rt,
                         span ws, PyObject **cred, outcome *out) {
     /* Engine._credential: the first configured header present; 'authorization' must be
@@ -944,7 +962,9 @@ static int authenticate(FastCheck *self, const Compiled *c, const request *q, sp
     int any_rate = PyObject_IsTrue(rate);
     Py_DECREF(rate);
     if (any_networks < 0 || any_rate < 0) return -1;
-    if (any_networks || any_rate || PyDict_GET_SIZE(self->blocked_keys)) return 1;
+    if (any_networks || any_rate) return 1;
+    int key_is_blocked = key_blocked(self, ident, now);
+    if (key_is_blocked) return key_is_blocked;
     PyObject *kind = PyObject_GetAttr(ident, S_kind);
     if (!kind) return -1;
     PyObject *expected = bearer ? S_access_token : self->api_key;

@@ -158,8 +158,8 @@ class FastCheckHandler:
         limiter = engine.limiter
         if limiter is not None and not isinstance(limiter, WindowRateLimiter):
             raise RuntimeError("compiled check path: only with the built-in rate limiter")
-        # Read, not called, on every check: a check from a blocked source, or of a key while
-        # any key is blocked, goes to the Python path, which asks the limiter.
+        # Read, not called, on every check: a check from a blocked source or with a blocked
+        # key goes to the Python path, which asks the limiter.
         blocked = limiter.blocked_tables() if limiter is not None else ({}, {})
         encoder = handler.encoder
 
