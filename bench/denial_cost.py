@@ -14,6 +14,17 @@ enough that it stays an unknown-key denial, the same source once blocked (what a
 unknown keys from one address turns into after ``failure_limit_source`` failures), and the
 allow while another address is blocked.
 
+Also a bench target, ``bench.denial_cost:sidecar_counted``: the sidecar as shipped with a source
+failure limit no row reaches (failures still counted), so that its unknown-key and wrong-scope
+rows measure those denials. The ``sidecar`` target's requests all come from one address, which
+its unknown-key row blocks after ``failure_limit_source`` (50) failures: from then on that row,
+and the wrong-scope row run while the block lasts, measure a blocked source's 429s (a kept
+workdir's sidecar.log: 3,311 ``rate_limited`` lines, 50 ``unknown_credential``, no
+``insufficient_scope``)::
+
+    python -m bench --target bench.denial_cost:sidecar_counted --rate-pairs 2 --reps 1 \
+        --duration 2 --no-oauth-endpoints --propagation-keys 0
+
 Not a test: timings on a shared machine are noise; nothing asserts on them."""
 
 from __future__ import annotations
@@ -29,7 +40,7 @@ import timeit
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from envoy.service.auth.v3 import external_auth_pb2 as ext
 
@@ -49,9 +60,22 @@ from sidecar.ops.metrics import DecisionMetrics, Metrics
 from sidecar.ratelimit import AbuseLimits, WindowRateLimiter
 from sidecar.usage import UsageTally
 
+if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+
+    from bench.targets import RunningTarget, TargetEnv
+
 CHECKS = "/v1/workspaces/acme/checks"
 METRICS = "/v1/workspaces/acme/metrics"
 SOURCE = "10.0.0.7"
+
+
+def sidecar_counted(env: TargetEnv) -> AbstractContextManager[RunningTarget]:
+    """The sidecar as shipped, failures counted, no source ever blocked (see the docstring)."""
+    from bench.sidecar_target import _sidecar
+
+    limit = {"SPAUTH_SIDECAR_FAILURE_LIMIT_SOURCE": str(10**9)}
+    return _sidecar(env, "sidecar-counted", limit)
 
 
 def _engine(secret: str, limits: AbuseLimits) -> Engine:
