@@ -834,8 +834,6 @@ static PyObject *cached_token(FastCheck *self, PyObject *digest, double now) {
     return found;
 }
 
-/* Authenticate the API key or cached access token in ``value`` and decide the route;
- * 0: decided (in *out), 1: fall back, -1: error. ``*cred`` is a new reference when set. */
 /* WindowRateLimiter.source_blocked, as Engine._decide asks it: 1 when the request's source is
  * in the blocked table with an ``until`` still ahead of ``now`` (the check falls back: Python
  * answers it 429), 0 when not, -1 on error. A blocked source sends only its own checks to
@@ -873,6 +871,8 @@ static int key_blocked(FastCheck *self, PyObject *ident, double now) {
     return now < u;
 }
 
+/* Authenticate the API key or cached access token in ``value`` and decide the route;
+ * 0: decided (in *out), 1: fall back, -1: error. ``*cred`` is a new reference when set. */
 static int authenticate(FastCheck *self, const Compiled *c, const request *q, span value, const route *rt,
                         span ws, PyObject **cred, outcome *out) {
     /* Engine._credential: the first configured header present; 'authorization' must be
