@@ -160,3 +160,38 @@ def test_an_emit_that_fails_is_logged_and_the_rest_still_go_out(
 def test_a_writer_needs_room_and_an_interval(capacity: int, interval: float) -> None:
     with pytest.raises(ValueError, match="positive capacity and interval"):
         LineWriter(lambda _: None, capacity=capacity, interval=interval)
+
+
+def test_a_summary_never_waits_for_a_stuck_log_pipe_and_follows_the_lines(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="sidecar.decisions")
+    entered, release = threading.Event(), threading.Event()
+    written: list[str] = []
+
+    class StuckPipe(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            entered.set()
+            release.wait()
+            written.append(record.getMessage())
+
+    pipe = StuckPipe()
+    logger = logging.getLogger("sidecar.decisions")
+    logger.addHandler(pipe)
+    denials = DenialLog(rate=1, background=True)
+    denials.start()
+    try:
+        for n in range(3):  # one line, two suppressed
+            denials(_denial(n), REQUEST, "peer", 0.0)
+        assert entered.wait(10)  # the writer is stuck writing the line
+        returned = threading.Event()
+        summing = threading.Thread(target=lambda: returned.set() if denials.flush(True) else None)
+        summing.start()
+        assert returned.wait(10), "the summary waited for the stuck write"
+        summing.join()
+        release.set()
+    finally:
+        release.set()
+        denials.close()
+        logger.removeHandler(pipe)
+    assert written == ["request denied", "denial log lines suppressed (rate limit)"]

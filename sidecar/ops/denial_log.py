@@ -157,26 +157,36 @@ class DenialLog:
 
     def flush(self, force: bool = False) -> int:
         """Log how many lines were suppressed (rate limit) and dropped (writer queue full)
-        since the last summary, after the lines queued so far; return their sum."""
+        since the last summary, after the lines queued so far; return their sum. With the
+        writer running the summary is queued behind those lines, so the caller (housekeeping)
+        never waits for a write."""
         now = self._clock()
         if not force and now - self._last_summary < self._interval:
             return 0
-        if self.writer is not None:
-            self.writer.drain()
         with self._lock:
             counts, self._suppressed = self._suppressed, Counter()
             dropped, self._dropped = self._dropped, Counter()
             self._last_summary = now
-        total = sum(counts.values())
-        if total:
-            log.warning(
-                "denial log lines suppressed (rate limit)",
-                extra={"suppressed": total, "by_reason": dict(counts)},
-            )
-        lost = sum(dropped.values())
-        if lost:
-            log.warning(
-                "denial log lines dropped (writer queue full)",
-                extra={"dropped": lost, "by_reason": dict(dropped)},
-            )
+        total, lost = sum(counts.values()), sum(dropped.values())
+        if total or lost:
+            writer = self.writer
+            if writer is not None and writer.running:
+                writer.call_in_turn(lambda: _summaries(total, counts, lost, dropped))
+            else:
+                if writer is not None:
+                    writer.drain()
+                _summaries(total, counts, lost, dropped)
         return total + lost
+
+
+def _summaries(total: int, counts: Counter[str], lost: int, dropped: Counter[str]) -> None:
+    if total:
+        log.warning(
+            "denial log lines suppressed (rate limit)",
+            extra={"suppressed": total, "by_reason": dict(counts)},
+        )
+    if lost:
+        log.warning(
+            "denial log lines dropped (writer queue full)",
+            extra={"dropped": lost, "by_reason": dict(dropped)},
+        )

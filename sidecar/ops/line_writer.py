@@ -21,6 +21,15 @@ log = logging.getLogger("sidecar.logs")
 Emit = Callable[[Any], None]
 
 
+class _Call:
+    """A queued call (a summary line), run in its turn after the lines queued before it."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self.fn = fn
+
+
 class LineWriter:
     """Queue items for ``emit`` on the writer thread: ``put`` never blocks."""
 
@@ -45,9 +54,18 @@ class LineWriter:
         items.append(item)
         return True
 
+    def call_in_turn(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the writer after everything queued so far; never refused (the queue's
+        owner calls it rarely: a summary every few seconds)."""
+        self._items.append(_Call(fn))
+
     @property
     def depth(self) -> int:
         return len(self._items)
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None
 
     def drain(self) -> int:
         """Emit everything queued now, in order; returns how many. An ``emit`` that raises is
@@ -61,7 +79,10 @@ class LineWriter:
                 except IndexError:
                     return emitted
                 try:
-                    self._emit(item)
+                    if item.__class__ is _Call:
+                        item.fn()
+                    else:
+                        self._emit(item)
                 except Exception:
                     log.exception("log line not written")
                 emitted += 1
