@@ -60,10 +60,6 @@ class LineWriter:
         self._items.append(_Call(fn))
 
     @property
-    def depth(self) -> int:
-        return len(self._items)
-
-    @property
     def running(self) -> bool:
         return self._thread is not None
 
