@@ -834,6 +834,43 @@ static PyObject *cached_token(FastCheck *self, PyObject *digest, double now) {
     return found;
 }
 
+/* WindowRateLimiter.source_blocked, as Engine._decide asks it: 1 when the request's source is
+ * in the blocked table with an ``until`` still ahead of ``now`` (the check falls back: Python
+ * answers it 429), 0 when not, -1 on error. A blocked source sends only its own checks to
+ * Python: other sources stay on this path while one address is blocked (before, any entry in
+ * the table sent every check there). A source that is not UTF-8 falls back too. */
+static int source_blocked(FastCheck *self, const request *q, double now) {
+    if (!PyDict_GET_SIZE(self->blocked_sources) || !q->source.n) return 0;
+    PyObject *name = str_of(q->source);
+    if (!name) { PyErr_Clear(); return 1; }
+    PyObject *until = PyDict_GetItemWithError(self->blocked_sources, name); /* borrowed */
+    Py_DECREF(name);
+    if (!until) return PyErr_Occurred() ? -1 : 0;
+    Py_INCREF(until);
+    double u = PyFloat_AsDouble(until);
+    Py_DECREF(until);
+    if (u == -1.0 && PyErr_Occurred()) return -1;
+    return now < u;
+}
+
+/* WindowRateLimiter.key_blocked, as Engine._limited asks it for an authenticated identity: 1
+ * when the identity's id is blocked with an ``until`` still ahead of ``now`` (the check falls
+ * back: Python answers it 429), 0 when not, -1 on error. Only a blocked key's checks fall back,
+ * not every key's while one is blocked. */
+static int key_blocked(FastCheck *self, PyObject *ident, double now) {
+    if (!PyDict_GET_SIZE(self->blocked_keys)) return 0;
+    PyObject *id = PyObject_GetAttrString(ident, "id");
+    if (!id) return -1;
+    PyObject *until = PyDict_GetItemWithError(self->blocked_keys, id); /* borrowed */
+    Py_XINCREF(until);
+    Py_DECREF(id);
+    if (!until) return PyErr_Occurred() ? -1 : 0;
+    double u = PyFloat_AsDouble(until);
+    Py_DECREF(until);
+    if (u == -1.0 && PyErr_Occurred()) return -1;
+    return now < u;
+}
+
 /* Authenticate the API key or cached access token in ``value`` and decide the route;
  * 0: decided (in *out), 1: fall back, -1: error. ``*cred`` is a new reference when set. */
 static int authenticate(FastCheck *self, const Compiled *c, const request *q, span value, const route *rt,
@@ -878,7 +915,8 @@ static int authenticate(FastCheck *self, const Compiled *c, const request *q, sp
         if (get_double(self->replica, S_last_contact, &last) < 0) return -1;
         if (now - last > self->max_staleness) return 1;
     }
-    if (PyDict_GET_SIZE(self->blocked_sources) && q->source.n) return 1;
+    int blocked = source_blocked(self, q, now);
+    if (blocked) return blocked;
     unsigned char digest[32];
     PyObject *db;
     if (bearer) db = token_digest(token);
@@ -924,7 +962,9 @@ static int authenticate(FastCheck *self, const Compiled *c, const request *q, sp
     int any_rate = PyObject_IsTrue(rate);
     Py_DECREF(rate);
     if (any_networks < 0 || any_rate < 0) return -1;
-    if (any_networks || any_rate || PyDict_GET_SIZE(self->blocked_keys)) return 1;
+    if (any_networks || any_rate) return 1;
+    int key_is_blocked = key_blocked(self, ident, now);
+    if (key_is_blocked) return key_is_blocked;
     PyObject *kind = PyObject_GetAttr(ident, S_kind);
     if (!kind) return -1;
     PyObject *expected = bearer ? S_access_token : self->api_key;

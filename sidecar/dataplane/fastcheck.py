@@ -13,7 +13,7 @@ grant and jti not revoked). It answers from the ResponseEncoder's templates with
 id spliced in. It decides only non-canonical paths, public routes, and usable API keys or
 cached tokens without a per-key rate or client networks (allow, no_route, operator_not_allowed,
 workspace_mismatch, insufficient_scope); all else — a token not verified yet, every credential
-failure (the rate limiter counts those), blocked sources or keys, a replica not ready, raw
+failure (the rate limiter counts those), a blocked source or key, a replica not ready, raw
 ``header_map``, anything outside printable ASCII, bytes protobuf might read differently — goes
 to the pure-Python path. tests/test_fastcheck_differential.py runs both on captured, generated
 and fuzzed requests (API keys and tokens) and requires byte-identical answers and equal
@@ -158,8 +158,8 @@ class FastCheckHandler:
         limiter = engine.limiter
         if limiter is not None and not isinstance(limiter, WindowRateLimiter):
             raise RuntimeError("compiled check path: only with the built-in rate limiter")
-        # Read, not called, on every check: any blocked source or key sends the check to
-        # the Python path, which asks the limiter.
+        # Read, not called, on every check: a check from a blocked source or with a blocked
+        # key goes to the Python path, which asks the limiter.
         blocked = limiter.blocked_tables() if limiter is not None else ({}, {})
         encoder = handler.encoder
 

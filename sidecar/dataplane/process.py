@@ -116,7 +116,8 @@ class Sidecar:
             token_cache_size=settings.token_cache_size,
         )
         self.decision_metrics = DecisionMetrics(self.metrics)
-        self.denial_log = DenialLog(settings.denial_log_rate)
+        # Lines written by a thread of their own: never formatted or written on an RPC thread.
+        self.denial_log = DenialLog(settings.denial_log_rate, background=True)
         # Called after every decision, on the RPC thread: keep each one to microseconds.
         self.observers: list[Observer] = [self.decision_metrics, self.denial_log]
         # Read once: replication, audit shipping and usage reports all present this token.
@@ -240,6 +241,7 @@ class Sidecar:
             self.audit.start()
         if self.usage is not None:
             self.usage.start()
+        self.denial_log.start()
         self._syncing = True
         server.start()
         self._server = server
@@ -334,7 +336,7 @@ class Sidecar:
             self.sync.stop()
         if self.limit_sync is not None:
             self.limit_sync.stop()
-        self.denial_log.flush(force=True)
+        self.denial_log.close()  # the lines still queued, then the summary
         for close in self.closers:
             try:
                 close()

@@ -8,6 +8,12 @@ malformed, unknown credential) have separate buckets, so an attack with garbage 
 crowd out the lines about real keys. What is suppressed is counted and reported, by reason, in
 one summary line at most every ``summary_interval`` seconds.
 
+With ``background=True`` (the sidecar's setting) a line is written by a thread of its own
+(``sidecar.ops.line_writer``): the RPC thread takes a token and queues a tuple, and the line, with
+the time of the denial as its ``ts``, is built and written within ``LineWriter``'s interval. A
+full queue drops the line; dropped lines are counted by reason and reported like suppressed ones,
+in a summary line of their own.
+
 Never logged: the credential, the query string (clients put keys there), other headers."""
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from collections.abc import Callable
 
 from sidecar.authz.decision import OUTCOMES, Decision, Outcome, Reason
 from sidecar.authz.engine import CheckInput
+from sidecar.ops.line_writer import LineWriter
 from sidecar.ops.metrics import OUTCOME_LABEL
 
 log = logging.getLogger("sidecar.decisions")
@@ -61,8 +68,15 @@ def safe_path(path: str) -> str:
     return _KEYLIKE.sub("spk_<redacted>", path) if "spk_" in path else path
 
 
+# A line to write: the decision, the request's method and path, the source, and the wall-clock
+# time of the denial (None: now).
+Line = tuple[Decision, str, str, str, float | None]
+
+
 class DenialLog:
-    """A Check observer that logs denials; ``flush()`` reports suppressed lines."""
+    """A Check observer that logs denials; ``flush()`` reports suppressed and dropped lines.
+    With ``background`` the lines are written by ``writer`` (start it with ``start()``, stop it
+    with ``close()``); otherwise on the calling thread."""
 
     def __init__(
         self,
@@ -70,30 +84,55 @@ class DenialLog:
         *,
         summary_interval: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
+        background: bool = False,
+        capacity: int = 4096,
     ) -> None:
         self._known = TokenBucket(rate, clock=clock)
         self._anonymous = TokenBucket(rate, clock=clock)
         self._suppressed: Counter[str] = Counter()
+        self._dropped: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._clock = clock
         self._interval = summary_interval
         self._last_summary = clock()
+        self.writer = LineWriter(self._write, capacity=capacity) if background else None
 
     def __call__(self, decision: Decision, request: CheckInput, source: str, _t: float) -> None:
         if decision.reason in _ALLOWED:
             return
-        ident = decision.identity
-        if not (self._known if ident is not None else self._anonymous).take():
+        if not (self._known if decision.identity is not None else self._anonymous).take():
             with self._lock:
                 self._suppressed[decision.reason.value] += 1
             return
+        writer = self.writer
+        if writer is None:
+            self._write((decision, request.method, request.path, source, None))
+        elif not writer.put((decision, request.method, request.path, source, time.time())):
+            with self._lock:
+                self._dropped[decision.reason.value] += 1
+
+    def start(self) -> None:
+        if self.writer is not None:
+            self.writer.start()
+
+    def close(self) -> None:
+        """Write the lines still queued, stop the writer, and report what was suppressed."""
+        if self.writer is not None:
+            self.writer.close()
+        self.flush(force=True)
+
+    def _write(self, line: Line) -> None:
+        decision, method, path, source, created = line
+        if not log.isEnabledFor(logging.INFO):
+            return
+        ident = decision.identity
         fields: dict[str, object] = {
             "decision_id": decision.decision_id,
             "reason": decision.reason.value,
             "outcome": OUTCOME_LABEL[decision.outcome],
             "http_status": decision.http_status,
-            "method": request.method,
-            "path": safe_path(request.path),
+            "method": method,
+            "path": safe_path(path),
             "source": source,
         }
         if ident is not None:
@@ -104,20 +143,50 @@ class DenialLog:
                 fields.update(subject=ident.subject, client_id=ident.client_id, token_id=ident.id)
         if decision.detail:
             fields["detail"] = decision.detail
-        log.info("request denied", extra=fields)
+        if created is None:
+            log.info("request denied", extra=fields)
+            return
+        record = log.makeRecord(
+            log.name, logging.INFO, __file__, 0, "request denied", (), None, extra=fields
+        )
+        # Stamped with the time of the denial, not of the write (as LogRecord stamps it).
+        record.relativeCreated -= (record.created - created) * 1000
+        record.created = created
+        record.msecs = int((created - int(created)) * 1000) + 0.0
+        log.handle(record)
 
     def flush(self, force: bool = False) -> int:
-        """Log how many lines were suppressed since the last summary; return that number."""
+        """Log how many lines were suppressed (rate limit) and dropped (writer queue full)
+        since the last summary, after the lines queued so far; return their sum. With the
+        writer running the summary is queued behind those lines, so the caller (housekeeping)
+        never waits for a write."""
         now = self._clock()
         if not force and now - self._last_summary < self._interval:
             return 0
         with self._lock:
             counts, self._suppressed = self._suppressed, Counter()
+            dropped, self._dropped = self._dropped, Counter()
             self._last_summary = now
-        total = sum(counts.values())
-        if total:
-            log.warning(
-                "denial log lines suppressed (rate limit)",
-                extra={"suppressed": total, "by_reason": dict(counts)},
-            )
-        return total
+        total, lost = sum(counts.values()), sum(dropped.values())
+        if total or lost:
+            writer = self.writer
+            if writer is not None and writer.running:
+                writer.call_in_turn(lambda: _summaries(total, counts, lost, dropped))
+            else:
+                if writer is not None:
+                    writer.drain()
+                _summaries(total, counts, lost, dropped)
+        return total + lost
+
+
+def _summaries(total: int, counts: Counter[str], lost: int, dropped: Counter[str]) -> None:
+    if total:
+        log.warning(
+            "denial log lines suppressed (rate limit)",
+            extra={"suppressed": total, "by_reason": dict(counts)},
+        )
+    if lost:
+        log.warning(
+            "denial log lines dropped (writer queue full)",
+            extra={"dropped": lost, "by_reason": dict(dropped)},
+        )

@@ -77,7 +77,9 @@ class WindowRateLimiter:
 
     def blocked_tables(self) -> tuple[dict[str, float], dict[str, float]]:
         """The blocked sources and key ids (name -> until), for the compiled Check path, which
-        sends a check to ``source_blocked``/``key_blocked`` whenever either is non-empty."""
+        reads them as ``source_blocked`` and ``key_blocked`` do (a check from a blocked source
+        or with a blocked key goes to the Python path). The same two dicts for the limiter's
+        life: they are only ever changed in place."""
         return self._blocked_sources, self._blocked_keys
 
     def key_blocked(self, key_id: str, now: float) -> bool:
