@@ -29,6 +29,7 @@ log = logging.getLogger("sidecar.replication")
 
 SnapshotSource = Callable[[UnitOfWork, int], Iterable[Change]]
 KeySource = Callable[[UnitOfWork, int], Iterable[KeyRow]]
+PackedKeySource = Callable[[UnitOfWork, int], PackedKeys]
 CHUNK = 5000
 PACKED_CHUNK = 1 << 20  # bytes of the packed key table per message (gRPC's limit is 4 MiB)
 BATCH = 1000
@@ -54,6 +55,7 @@ class ReplicationServicer(pb_grpc.ReplicationServiceServicer):  # type: ignore[m
         sources: list[SnapshotSource],
         *,
         key_source: KeySource | None = None,
+        packed_key_source: PackedKeySource | None = None,
         heartbeat: float = 1.0,
         sync_token: str = "",
         snapshot_file: Path | None = None,
@@ -64,6 +66,9 @@ class ReplicationServicer(pb_grpc.ReplicationServiceServicer):  # type: ignore[m
         # ``sources`` give every other entry (and the keys too when there is no key_source).
         self._sources = sources
         self._key_source = key_source
+        # ``packed_key_source`` packs the keys straight from the store for the shared packed
+        # snapshot (sidecar/replication/packing.py); without it, that is packed from key_source.
+        self._packed_key_source = packed_key_source
         self._heartbeat = heartbeat
         self._token = sync_token.encode()
         self.subscribers = 0
@@ -72,9 +77,8 @@ class ReplicationServicer(pb_grpc.ReplicationServiceServicer):  # type: ignore[m
         self._log_id = ""  # read once: fixed for the life of the store
         # The packed snapshot, built once and shared by the sidecars of a rollout, kept on
         # disk at ``snapshot_file`` for the next start (None: in memory only).
-        self.snapshots = PackedSnapshots(
-            store, clock, self._read_snapshot, self.log_id, snapshot_file
-        )
+        read = self._read_snapshot if packed_key_source is None else self._read_packed_snapshot
+        self.snapshots = PackedSnapshots(store, clock, read, self.log_id, snapshot_file)
 
     def wake(self, revision: int) -> None:
         """Have every open stream re-read the change log now: another control-plane replica
@@ -150,6 +154,20 @@ class ReplicationServicer(pb_grpc.ReplicationServiceServicer):  # type: ignore[m
             keys.extend(AS_ROW(m) for m in map(_key, entries) if m is not None)
             entries = others
         return head, anchor, keys, entries
+
+    def _read_packed_snapshot(self) -> tuple[int, str, list[KeyRow] | PackedKeys, list[Change]]:
+        """As ``_read_snapshot``, the keys packed by ``packed_key_source`` in the same
+        transaction (PackError when one cannot be packed)."""
+        assert self._packed_key_source is not None
+        now = int(self._clock.now())
+        with self._store.read() as uow:
+            head = uow.changes.head()
+            anchor = anchor_of(entry_at(uow, head))
+            table = self._packed_key_source(uow, now)
+            entries = [entry for source in self._sources for entry in source(uow, now)]
+        if any(_key(entry) is not None for entry in entries):  # keys among the sources' entries
+            return self._read_snapshot()
+        return head, anchor, table, entries
 
     def log_id(self) -> str:
         """The change log's identity (sidecars resume only within the same log)."""

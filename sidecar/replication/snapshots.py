@@ -28,9 +28,9 @@ log = logging.getLogger("sidecar.replication")
 REUSE_CHANGES = 10_000
 REUSE_SECONDS = 300.0
 
-# The store read in one transaction: head revision, the fingerprint of its entry, the keys as
-# rows and every other entry.
-SnapshotRead = Callable[[], tuple[int, str, list[KeyRow], list[Change]]]
+# The store read in one transaction: head revision, the fingerprint of its entry, the keys (as
+# rows, or packed already: sidecar/replication/packing.py) and every other entry.
+SnapshotRead = Callable[[], tuple[int, str, list[KeyRow] | PackedKeys, list[Change]]]
 
 
 class PackedSnapshots:
@@ -141,14 +141,15 @@ class PackedSnapshots:
         return snap
 
     def _build(self) -> PackedSnapshot | None:
-        head, anchor, keys, entries = self._read()
-        self.builds += 1
         try:
-            packed = PackedKeys.pack_rows(keys).encode()
+            head, anchor, keys, entries = self._read()  # may pack the keys already
+            table = keys if isinstance(keys, PackedKeys) else PackedKeys.pack_rows(keys)
         except PackError as exc:
+            self.builds += 1
             log.warning("snapshot: keys sent as entries", extra={"error": str(exc)})
             return None
-        return PackedSnapshot(self._log_id(), head, anchor, packed, tuple(entries))
+        self.builds += 1
+        return PackedSnapshot(self._log_id(), head, anchor, table.encode(), tuple(entries))
 
     def _keep(self, snap: PackedSnapshot | None) -> None:
         """Write ``snap`` to the snapshot file (outside ``_build_lock``: sidecars waiting for
