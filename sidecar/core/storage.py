@@ -93,9 +93,9 @@ class KeyRepository(Protocol):
         ...
 
     def packing_rows(self, now: int) -> Iterator[PackRow]:
-        """The keys of ``usable``, each as one ``PackRow``, in no particular order: four
-        values per key instead of ten, the rest computed by the database (a cold start's
-        snapshot build reads a million of them)."""
+        """The keys of ``usable``, each as one ``PackRow``, in digest order: four values per
+        key instead of ten, the rest computed by the database (a cold start's snapshot build
+        reads a million of them)."""
         ...
 
     def has_operator(self) -> bool: ...

@@ -69,6 +69,7 @@ class PgKeys(SqlKeys):
         "json_build_array(workspace, scopes, rate_limit, rate_period, client_cidrs, "
         "suspended_at IS NOT NULL)::text"
     )
+    packing_order = "digest"
 
     def __init__(self, conn: Conn) -> None:
         super().__init__(QmarkConnection(conn))

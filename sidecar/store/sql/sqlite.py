@@ -85,11 +85,12 @@ def _key_values(key: ApiKey) -> tuple[object, ...]:
 
 
 # KeyRepository.packing_rows: the expiry folded with a grace deadline as the packed table does
-# (a deadline of NULL or 0 is none), the shared part as one JSON text ({profile}: per database).
+# (a deadline of NULL or 0 is none), the shared part as one JSON text, in digest order (the
+# table's; {profile} and {digest} per database).
 PACKING_ROWS = (
     "SELECT digest, id, CASE WHEN grace_deadline IS NULL OR grace_deadline = 0 "
     "OR grace_deadline >= expires_at THEN expires_at ELSE grace_deadline END, {profile} "
-    "FROM api_keys WHERE revoked_at IS NULL AND expires_at > ?"
+    "FROM api_keys WHERE revoked_at IS NULL AND expires_at > ? ORDER BY {digest}"
 )
 
 
@@ -100,6 +101,9 @@ class SqlKeys:
         "json_array(workspace, scopes, rate_limit, rate_period, client_cidrs, "
         "suspended_at IS NOT NULL)"
     )
+    # "+digest": sorted, not read through the digest index (a table lookup per row: 3x the cost
+    # at a million keys).
+    packing_order = "+digest"
 
     def __init__(self, conn: Executes) -> None:
         self._conn = conn
@@ -234,7 +238,8 @@ class SqlKeys:
             yield (r[0], bytes(r[1]), r[2], s, r[4], r[5], r[6], False, r[7], r[8] is not None, c)
 
     def packing_rows(self, now: int) -> Iterator[PackRow]:
-        return iter(self._conn.execute(PACKING_ROWS.format(profile=self.packing_profile), (now,)))
+        sql = PACKING_ROWS.format(profile=self.packing_profile, digest=self.packing_order)
+        return iter(self._conn.execute(sql, (now,)))
 
     def has_operator(self) -> bool:
         row = self._conn.execute("SELECT 1 FROM api_keys WHERE workspace = '*' LIMIT 1").fetchone()
