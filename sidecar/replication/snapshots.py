@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -141,6 +142,7 @@ class PackedSnapshots:
         return snap
 
     def _build(self) -> PackedSnapshot | None:
+        started = time.perf_counter()
         try:
             head, anchor, keys, entries = self._read()  # may pack the keys already
             table = keys if isinstance(keys, PackedKeys) else PackedKeys.pack_rows(keys)
@@ -149,15 +151,24 @@ class PackedSnapshots:
             log.warning("snapshot: keys sent as entries", extra={"error": str(exc)})
             return None
         self.builds += 1
-        return PackedSnapshot(self._log_id(), head, anchor, table.encode(), tuple(entries))
+        snap = PackedSnapshot(self._log_id(), head, anchor, table.encode(), tuple(entries))
+        log.info(
+            "packed snapshot built",
+            extra={"revision": head, "keys": len(table), "bytes": len(snap.packed),
+                   "seconds": round(time.perf_counter() - started, 3)},
+        )  # fmt: skip
+        return snap
 
     def _keep(self, snap: PackedSnapshot | None) -> None:
         """Write ``snap`` to the snapshot file (outside ``_build_lock``: sidecars waiting for
         the snapshot get it while it is written)."""
         if snap is None or self._file is None:
             return
+        started = time.perf_counter()
         try:
             self._file.save(snap)
+            log.info("packed snapshot kept on disk",
+                     extra={"seconds": round(time.perf_counter() - started, 3)})  # fmt: skip
         except OSError as exc:
             log.warning("cannot keep the packed snapshot on disk",
                         extra={"file": str(self._file.path), "error": str(exc)})  # fmt: skip
