@@ -5,6 +5,7 @@ change log at least every heartbeat, so a missed notification only delays, never
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 import logging
@@ -23,7 +24,7 @@ from sidecar.core.models import Change
 from sidecar.core.packed import AS_ROW, PackedKeys, PackError
 from sidecar.core.storage import KeyRow, Store, UnitOfWork
 from sidecar.replication.snapshot_file import anchor_of
-from sidecar.replication.snapshots import PackedSnapshots, entry_at
+from sidecar.replication.snapshots import PackedSnapshots, SnapshotRead, entry_at
 
 log = logging.getLogger("sidecar.replication")
 
@@ -66,9 +67,6 @@ class ReplicationServicer(pb_grpc.ReplicationServiceServicer):  # type: ignore[m
         # ``sources`` give every other entry (and the keys too when there is no key_source).
         self._sources = sources
         self._key_source = key_source
-        # ``packed_key_source`` packs the keys straight from the store for the shared packed
-        # snapshot (sidecar/replication/packing.py); without it, that is packed from key_source.
-        self._packed_key_source = packed_key_source
         self._heartbeat = heartbeat
         self._token = sync_token.encode()
         self.subscribers = 0
@@ -76,8 +74,12 @@ class ReplicationServicer(pb_grpc.ReplicationServiceServicer):  # type: ignore[m
         self._wakers: set[Callable[[int], None]] = set()
         self._log_id = ""  # read once: fixed for the life of the store
         # The packed snapshot, built once and shared by the sidecars of a rollout, kept on
-        # disk at ``snapshot_file`` for the next start (None: in memory only).
-        read = self._read_snapshot if packed_key_source is None else self._read_packed_snapshot
+        # disk at ``snapshot_file`` for the next start (None: in memory only). Its keys are
+        # packed by ``packed_key_source`` straight from the store when given (the lean read of
+        # sidecar/replication/packing.py), else from ``key_source``'s rows.
+        read: SnapshotRead = self._read_snapshot
+        if packed_key_source is not None:
+            read = functools.partial(self._read_packed_snapshot, packed_key_source)
         self.snapshots = PackedSnapshots(store, clock, read, self.log_id, snapshot_file)
 
     def wake(self, revision: int) -> None:
@@ -155,15 +157,16 @@ class ReplicationServicer(pb_grpc.ReplicationServiceServicer):  # type: ignore[m
             entries = others
         return head, anchor, keys, entries
 
-    def _read_packed_snapshot(self) -> tuple[int, str, list[KeyRow] | PackedKeys, list[Change]]:
-        """As ``_read_snapshot``, the keys packed by ``packed_key_source`` in the same
-        transaction (PackError when one cannot be packed)."""
-        assert self._packed_key_source is not None
+    def _read_packed_snapshot(
+        self, pack: PackedKeySource
+    ) -> tuple[int, str, list[KeyRow] | PackedKeys, list[Change]]:
+        """As ``_read_snapshot``, the keys packed by ``pack`` in the same transaction
+        (PackError when one cannot be packed)."""
         now = int(self._clock.now())
         with self._store.read() as uow:
             head = uow.changes.head()
             anchor = anchor_of(entry_at(uow, head))
-            table = self._packed_key_source(uow, now)
+            table = pack(uow, now)
             entries = [entry for source in self._sources for entry in source(uow, now)]
         if any(_key(entry) is not None for entry in entries):  # keys among the sources' entries
             return self._read_snapshot()
