@@ -72,6 +72,7 @@ from sidecar.ops.secrets_files import audit_signing_key, control_plane_sync_toke
 from sidecar.ops.tls import admin_server_credentials, http_ssl_files
 from sidecar.ops.tracing import start_tracing
 from sidecar.ratelimit.local import AbuseLimits, WindowRateLimiter
+from sidecar.replication.packing import packed_keys
 from sidecar.replication.server import ReplicationServicer, SnapshotSource
 from sidecar.replication.snapshot_file import FILE_NAME as SNAPSHOT_FILE_NAME
 from sidecar.store import Store, open_store
@@ -161,6 +162,7 @@ class ControlPlane:
             self.clock,
             self.snapshot_sources,
             key_source=key_rows,
+            packed_key_source=packed_keys,
             heartbeat=settings.sync_heartbeat,
             sync_token=self.sync_token,
             snapshot_file=settings.data_dir / SNAPSHOT_FILE_NAME,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import shutil
+import struct
 from dataclasses import replace
 from pathlib import Path
 
@@ -307,3 +308,15 @@ def test_the_file_round_trips(tmp_path: Path) -> None:
     f.save(snap)
     assert f.load() == snap
     assert SnapshotFile(tmp_path / "missing").load() is None
+
+
+def test_the_file_is_written_in_its_documented_layout(tmp_path: Path) -> None:
+    """Written piece by piece, the file is still the documented bytes: magic, version, header
+    length, JSON header, table length, table, SHA-256 of all before it."""
+    snap = snapshot_file.PackedSnapshot("log", 9, "ab" * 32, b"\x00table\xff" * 3, ())
+    f = SnapshotFile(tmp_path / FILE_NAME)
+    f.save(snap)
+    header = b'{"log_id":"log","revision":9,"anchor":"' + b"ab" * 32 + b'","entries":[]}'
+    body = b"SPSNAPSH" + struct.pack("<II", 1, len(header)) + header
+    body += struct.pack("<Q", len(snap.packed)) + snap.packed
+    assert f.path.read_bytes() == body + hashlib.sha256(body).digest()

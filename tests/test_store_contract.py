@@ -36,12 +36,13 @@ from sidecar.core.oauth_models import (
     RevokedToken,
     SigningKey,
 )
-from sidecar.core.packed import AS_ROW
+from sidecar.core.packed import AS_ROW, PackedKeys
 from sidecar.core.storage import Store
 from sidecar.core.users import UserService
 from sidecar.oauth.config import OAuthConfig
 from sidecar.oauth.errors import InvalidGrant
 from sidecar.oauth.server import AuthorizationServer
+from sidecar.replication.packing import pack_store_rows
 from sidecar.store import open_store
 from sidecar.store.sql import migrations
 from sidecar.store.sql.postgres import PostgresStore
@@ -164,6 +165,26 @@ def test_replica_rows_are_the_usable_keys_as_a_replica_keeps_them(store: Store) 
         expected = sorted(AS_ROW(CredentialUpserted.of(k)) for k in uow.keys.usable(2000))
     assert rows == expected
     assert [r[0] for r in rows] == ["key_0002", "key_0003", "key_0005"]
+
+
+def test_packing_rows_pack_to_the_table_the_replica_rows_pack_to(store: Store) -> None:
+    """The snapshot build's lean read (sidecar/replication/packing.py) packs byte for byte as
+    the replica rows do, on both backends: revoked and expired keys left out, a replaced key's
+    grace folded in, suspended keys, limits, networks, several workspaces."""
+    with store.transaction() as uow:
+        uow.keys.insert(make_key(1, expires_at=1500))  # expired
+        uow.keys.insert(make_key(2, grace_deadline=1800, rate_limit=5, rate_period=60))
+        uow.keys.insert(make_key(3, suspended_at=1900, client_cidrs=("10.0.0.0/8", "::1/128")))
+        uow.keys.insert(make_key(4, revoked_at=1200))
+        uow.keys.insert(make_key(5, workspace="globex", scopes=frozenset()))
+        uow.keys.insert(make_key(6, workspace='ü "quoted" \\ ws', grace_deadline=0))
+        uow.keys.insert(make_key(7, grace_deadline=20_000))  # a deadline after the expiry
+        uow.keys.insert(make_key(11, id="key_a", workspace="globex", scopes=frozenset()))
+    with store.read() as uow:
+        lean = pack_store_rows(uow.keys.packing_rows(2000)).encode()
+        reference = PackedKeys.pack_rows(list(uow.keys.replica_rows(2000))).encode()
+        assert len(list(uow.keys.packing_rows(2000))) == 6
+    assert lean == reference
 
 
 def test_key_sweep_usable_and_operator(store: Store) -> None:

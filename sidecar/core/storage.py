@@ -31,6 +31,12 @@ KeyRow = tuple[
     str, bytes, str, frozenset[str], int, int, int, bool, int | None, bool, tuple[str, ...]
 ]
 
+# A key as the packed key table takes it from the store (sidecar/replication/packing.py): digest,
+# id, expiry with a replaced key's grace deadline folded in (the earlier of the two), and what it
+# shares with other keys as the JSON text of [workspace, scopes, rate_limit, rate_period,
+# client_cidrs, suspended], scopes and networks as stored (space-separated).
+PackRow = tuple[bytes, str, int, str]
+
 Cursor = tuple[int, str]
 
 
@@ -84,6 +90,12 @@ class KeyRepository(Protocol):
     def replica_rows(self, now: int) -> Iterator[KeyRow]:
         """The keys of ``usable``, each as only what a replica keeps (a snapshot of a million
         keys is read in seconds, not tens of seconds of full ``ApiKey`` objects)."""
+        ...
+
+    def packing_rows(self, now: int) -> Iterator[PackRow]:
+        """The keys of ``usable``, each as one ``PackRow``, in digest order: four values per
+        key instead of ten, the rest computed by the database (a cold start's snapshot build
+        reads a million of them)."""
         ...
 
     def has_operator(self) -> bool: ...

@@ -5,6 +5,7 @@ change log at least every heartbeat, so a missed notification only delays, never
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 import logging
@@ -23,12 +24,13 @@ from sidecar.core.models import Change
 from sidecar.core.packed import AS_ROW, PackedKeys, PackError
 from sidecar.core.storage import KeyRow, Store, UnitOfWork
 from sidecar.replication.snapshot_file import anchor_of
-from sidecar.replication.snapshots import PackedSnapshots, entry_at
+from sidecar.replication.snapshots import PackedSnapshots, SnapshotRead, entry_at
 
 log = logging.getLogger("sidecar.replication")
 
 SnapshotSource = Callable[[UnitOfWork, int], Iterable[Change]]
 KeySource = Callable[[UnitOfWork, int], Iterable[KeyRow]]
+PackedKeySource = Callable[[UnitOfWork, int], PackedKeys]
 CHUNK = 5000
 PACKED_CHUNK = 1 << 20  # bytes of the packed key table per message (gRPC's limit is 4 MiB)
 BATCH = 1000
@@ -54,6 +56,7 @@ class ReplicationServicer(pb_grpc.ReplicationServiceServicer):  # type: ignore[m
         sources: list[SnapshotSource],
         *,
         key_source: KeySource | None = None,
+        packed_key_source: PackedKeySource | None = None,
         heartbeat: float = 1.0,
         sync_token: str = "",
         snapshot_file: Path | None = None,
@@ -71,10 +74,13 @@ class ReplicationServicer(pb_grpc.ReplicationServiceServicer):  # type: ignore[m
         self._wakers: set[Callable[[int], None]] = set()
         self._log_id = ""  # read once: fixed for the life of the store
         # The packed snapshot, built once and shared by the sidecars of a rollout, kept on
-        # disk at ``snapshot_file`` for the next start (None: in memory only).
-        self.snapshots = PackedSnapshots(
-            store, clock, self._read_snapshot, self.log_id, snapshot_file
-        )
+        # disk at ``snapshot_file`` for the next start (None: in memory only). Its keys are
+        # packed by ``packed_key_source`` straight from the store when given (the lean read of
+        # sidecar/replication/packing.py), else from ``key_source``'s rows.
+        read: SnapshotRead = self._read_snapshot
+        if packed_key_source is not None:
+            read = functools.partial(self._read_packed_snapshot, packed_key_source)
+        self.snapshots = PackedSnapshots(store, clock, read, self.log_id, snapshot_file)
 
     def wake(self, revision: int) -> None:
         """Have every open stream re-read the change log now: another control-plane replica
@@ -150,6 +156,21 @@ class ReplicationServicer(pb_grpc.ReplicationServiceServicer):  # type: ignore[m
             keys.extend(AS_ROW(m) for m in map(_key, entries) if m is not None)
             entries = others
         return head, anchor, keys, entries
+
+    def _read_packed_snapshot(
+        self, pack: PackedKeySource
+    ) -> tuple[int, str, list[KeyRow] | PackedKeys, list[Change]]:
+        """As ``_read_snapshot``, the keys packed by ``pack`` in the same transaction
+        (PackError when one cannot be packed)."""
+        now = int(self._clock.now())
+        with self._store.read() as uow:
+            head = uow.changes.head()
+            anchor = anchor_of(entry_at(uow, head))
+            table = pack(uow, now)
+            entries = [entry for source in self._sources for entry in source(uow, now)]
+        if any(_key(entry) is not None for entry in entries):  # keys among the sources' entries
+            return self._read_snapshot()
+        return head, anchor, table, entries
 
     def log_id(self) -> str:
         """The change log's identity (sidecars resume only within the same log)."""

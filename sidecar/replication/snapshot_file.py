@@ -63,6 +63,12 @@ def anchor_of(change: Change | None) -> str:
 
 
 def encode(snap: PackedSnapshot) -> bytes:
+    return b"".join(encoded_parts(snap))
+
+
+def encoded_parts(snap: PackedSnapshot) -> list[bytes]:
+    """``encode``'s bytes in pieces, the packed table itself among them (not a copy): a writer
+    that takes them one by one never holds the table twice (70 MB at a million keys)."""
     header = json.dumps(
         {
             "log_id": snap.log_id,
@@ -72,10 +78,13 @@ def encode(snap: PackedSnapshot) -> bytes:
         },
         separators=(",", ":"),
     ).encode()
-    body = b"".join(
-        (_HEAD.pack(MAGIC, VERSION, len(header)), header, _LEN.pack(len(snap.packed)), snap.packed)
-    )
-    return body + hashlib.sha256(body).digest()
+    parts = [_HEAD.pack(MAGIC, VERSION, len(header)), header, _LEN.pack(len(snap.packed))]
+    parts.append(snap.packed)
+    checksum = hashlib.sha256()
+    for part in parts:
+        checksum.update(part)
+    parts.append(checksum.digest())
+    return parts
 
 
 def decode(data: bytes) -> PackedSnapshot:
@@ -143,7 +152,8 @@ class SnapshotFile:
         fd, tmp = tempfile.mkstemp(prefix=self.path.name, suffix=".tmp", dir=self.path.parent)
         try:
             with os.fdopen(fd, "wb") as fh:
-                fh.write(encode(snap))
+                for part in encoded_parts(snap):
+                    fh.write(part)
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, self.path)

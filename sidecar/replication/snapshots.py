@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,9 +29,9 @@ log = logging.getLogger("sidecar.replication")
 REUSE_CHANGES = 10_000
 REUSE_SECONDS = 300.0
 
-# The store read in one transaction: head revision, the fingerprint of its entry, the keys as
-# rows and every other entry.
-SnapshotRead = Callable[[], tuple[int, str, list[KeyRow], list[Change]]]
+# The store read in one transaction: head revision, the fingerprint of its entry, the keys (as
+# rows, or packed already: sidecar/replication/packing.py) and every other entry.
+SnapshotRead = Callable[[], tuple[int, str, list[KeyRow] | PackedKeys, list[Change]]]
 
 
 class PackedSnapshots:
@@ -141,22 +142,34 @@ class PackedSnapshots:
         return snap
 
     def _build(self) -> PackedSnapshot | None:
-        head, anchor, keys, entries = self._read()
-        self.builds += 1
+        started, cpu = time.perf_counter(), time.thread_time()
         try:
-            packed = PackedKeys.pack_rows(keys).encode()
+            head, anchor, keys, entries = self._read()  # may pack the keys already
+            table = keys if isinstance(keys, PackedKeys) else PackedKeys.pack_rows(keys)
         except PackError as exc:
+            self.builds += 1
             log.warning("snapshot: keys sent as entries", extra={"error": str(exc)})
             return None
-        return PackedSnapshot(self._log_id(), head, anchor, packed, tuple(entries))
+        self.builds += 1
+        snap = PackedSnapshot(self._log_id(), head, anchor, table.encode(), tuple(entries))
+        log.info(
+            "packed snapshot built",
+            extra={"revision": head, "keys": len(table), "bytes": len(snap.packed),
+                   "seconds": round(time.perf_counter() - started, 3),
+                   "cpu_seconds": round(time.thread_time() - cpu, 3)},
+        )  # fmt: skip
+        return snap
 
     def _keep(self, snap: PackedSnapshot | None) -> None:
         """Write ``snap`` to the snapshot file (outside ``_build_lock``: sidecars waiting for
         the snapshot get it while it is written)."""
         if snap is None or self._file is None:
             return
+        started = time.perf_counter()
         try:
             self._file.save(snap)
+            log.info("packed snapshot kept on disk",
+                     extra={"seconds": round(time.perf_counter() - started, 3)})  # fmt: skip
         except OSError as exc:
             log.warning("cannot keep the packed snapshot on disk",
                         extra={"file": str(self._file.path), "error": str(exc)})  # fmt: skip

@@ -65,6 +65,12 @@ def is_postgres_url(url: str) -> bool:
 class PgKeys(SqlKeys):
     """KeyRepository over one PostgreSQL connection."""
 
+    packing_profile = (
+        "json_build_array(workspace, scopes, rate_limit, rate_period, client_cidrs, "
+        "suspended_at IS NOT NULL)::text"
+    )
+    packing_order = "digest"
+
     def __init__(self, conn: Conn) -> None:
         super().__init__(QmarkConnection(conn))
 

@@ -1,0 +1,222 @@
+"""The snapshot build's lean packer (sidecar/replication/packing.py) against the reference
+(``replica_rows`` + ``PackedKeys.pack_rows``): byte-identical tables from hypothesis-generated
+stores in a real SQLite file (revoked, expired, replaced and suspended keys, several workspaces,
+ids of several lengths, scopes stored in any order), PackError in the same cases, the same
+snapshot file, and a key revoked while the snapshot is built never usable."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sidecar.authz.replica import Replica
+from sidecar.core.apikeys import ApiKeyService, key_rows
+from sidecar.core.changes import oauth_snapshot
+from sidecar.core.clock import FakeClock
+from sidecar.core.models import ApiKey, Principal, RequestContext
+from sidecar.core.packed import PackedKeys, PackError
+from sidecar.core.storage import KeyRow, PackRow, Store, UnitOfWork
+from sidecar.replication.packing import pack_store_rows, packed_keys
+from sidecar.replication.server import ReplicationServicer
+from sidecar.replication.snapshot_file import FILE_NAME
+from sidecar.store.sql.sqlite import SqliteStore
+
+NOW = 1_000_000
+OPERATOR = RequestContext(Principal("key_op", "*", frozenset({"admin:full"})), "req-test")
+WORKSPACES = ["acme", "globex", "ws ü", 'q"uo\\te', "*"]
+SCOPES = ["checks:read", "keys:write", "metrics:read", "a"]
+CIDRS = ["10.0.0.0/8", "192.168.1.0/24", "::1/128"]
+
+times = st.integers(NOW - 1000, NOW + 1000)
+key_specs = st.fixed_dictionaries(
+    {
+        "id": st.text("abcdefghijklmnopqrstuvwxyz0123456789_", min_size=1, max_size=24),
+        "digest": st.binary(min_size=32, max_size=32),
+        "workspace": st.sampled_from(WORKSPACES),
+        "scopes": st.lists(st.sampled_from(SCOPES), unique=True),
+        "expires_at": times,
+        "revoked_at": st.none() | times,
+        "grace_deadline": st.none() | st.just(0) | times,
+        "suspended_at": st.none() | times,
+        "rate": st.sampled_from([(0, 0), (5, 60), (100, 1)]),
+        "client_cidrs": st.lists(st.sampled_from(CIDRS), unique=True, max_size=2),
+        # Scopes as an older version or a hand edit may have stored them: any order, spaces.
+        "scope_text": st.sampled_from(["sorted", "reversed", "spaced"]),
+    }
+)
+stores = st.lists(key_specs, max_size=40, unique_by=(lambda k: k["id"], lambda k: k["digest"]))
+
+
+def api_key(spec: dict[str, object]) -> ApiKey:
+    rate = spec["rate"]
+    assert isinstance(rate, tuple)
+    return ApiKey(
+        id=str(spec["id"]), digest=spec["digest"], last_four="abcd", name="k",  # type: ignore[arg-type]
+        workspace=str(spec["workspace"]), scopes=frozenset(spec["scopes"]),  # type: ignore[arg-type]
+        created_at=NOW - 5000, expires_at=spec["expires_at"], created_by="test",  # type: ignore[arg-type]
+        revoked_at=spec["revoked_at"], grace_deadline=spec["grace_deadline"],  # type: ignore[arg-type]
+        rate_limit=rate[0], rate_period=rate[1], suspended_at=spec["suspended_at"],  # type: ignore[arg-type]
+        client_cidrs=tuple(spec["client_cidrs"]),  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
+def scope_text(spec: dict[str, object]) -> str:
+    scopes = sorted(spec["scopes"])  # type: ignore[call-overload]
+    if spec["scope_text"] == "reversed":
+        return " ".join(reversed(scopes))
+    if spec["scope_text"] == "spaced":
+        return "  ".join(scopes) + " "
+    return " ".join(scopes)
+
+
+@pytest.fixture(scope="module")
+def db(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SqliteStore, Path]]:
+    path = tmp_path_factory.mktemp("packing") / "spauth.db"
+    store = SqliteStore(path)
+    yield store, path
+    store.close()
+
+
+def reference(uow: UnitOfWork, now: int) -> bytes:
+    return PackedKeys.pack_rows(list(uow.keys.replica_rows(now))).encode()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(specs=stores, now=times)
+def test_the_lean_packer_packs_a_store_as_the_reference_does(
+    db: tuple[SqliteStore, Path], specs: list[dict[str, object]], now: int
+) -> None:
+    store, path = db
+    with sqlite3.connect(path) as raw:
+        raw.execute("DELETE FROM api_keys")
+    with store.transaction() as uow:
+        for spec in specs:
+            uow.keys.insert(api_key(spec))
+    with sqlite3.connect(path) as raw:
+        raw.executemany(
+            "UPDATE api_keys SET scopes = ? WHERE id = ?",
+            [(scope_text(spec), spec["id"]) for spec in specs],
+        )
+    with store.read() as uow:
+        lean = packed_keys(uow, now).encode()
+        assert lean == reference(uow, now)
+    table = PackedKeys.decode(lean)
+    assert len(table) == sum(
+        spec["revoked_at"] is None and spec["expires_at"] > now  # type: ignore[operator]
+        for spec in specs
+    )
+
+
+# Rows straight to both packers, without a store: ids and digests the store would refuse too.
+row_specs = st.lists(
+    st.tuples(
+        st.text(min_size=0, max_size=6) | st.sampled_from(["key_1", "key_2", "k" * 256]),
+        st.binary(min_size=31, max_size=33) | st.sampled_from([b"\1" * 32, b"\2" * 32]),
+        st.sampled_from(WORKSPACES),
+        st.lists(st.sampled_from(SCOPES), unique=True),
+        st.integers(-(2**40), 2**40),
+        st.none() | st.just(0) | st.integers(-(2**40), 2**40),
+        st.booleans(),
+    ),
+    max_size=12,
+    unique_by=lambda r: r[0],  # ids are the store's primary key
+)
+
+
+def as_rows(
+    spec: tuple[str, bytes, str, list[str], int, int | None, bool],
+) -> tuple[KeyRow, PackRow]:
+    key_id, digest, workspace, scopes, expires, grace, suspended = spec
+    key: KeyRow = (key_id, digest, workspace, frozenset(scopes), expires, 5, 60, False, grace,
+                   suspended, ("10.0.0.0/8",))  # fmt: skip
+    folded = min(expires, grace or expires)
+    profile = json.dumps([workspace, " ".join(scopes), 5, 60, "10.0.0.0/8", int(suspended)])
+    return key, (digest, key_id, folded, profile)
+
+
+def outcome(pack: object) -> bytes | str:
+    try:
+        return pack().encode()  # type: ignore[operator, no-any-return]
+    except PackError as exc:
+        return f"PackError: {exc}"
+
+
+@settings(max_examples=300, deadline=None)
+@given(specs=row_specs)
+def test_both_packers_refuse_the_same_rows_with_the_same_error(
+    specs: list[tuple[str, bytes, str, list[str], int, int | None, bool]],
+) -> None:
+    pairs = [as_rows(spec) for spec in specs]
+    keys = [key for key, _ in pairs]
+    rows = [row for _, row in pairs]
+    assert outcome(lambda: pack_store_rows(rows)) == outcome(lambda: PackedKeys.pack_rows(keys))
+
+
+def servicer(store: Store, clock: FakeClock, path: Path, *, lean: bool) -> ReplicationServicer:
+    return ReplicationServicer(
+        store, clock, [oauth_snapshot], key_source=key_rows,
+        packed_key_source=packed_keys if lean else None, snapshot_file=path,
+    )  # fmt: skip
+
+
+def test_the_snapshot_file_is_the_one_the_reference_builder_writes(
+    store: Store, clock: FakeClock, tmp_path: Path
+) -> None:
+    service = ApiKeyService(store, clock)
+    minted = [
+        service.create(OPERATOR, workspace=f"ws{i % 3}", name=f"k{i}", scopes=["checks:read"])
+        for i in range(30)
+    ]
+    service.revoke(OPERATOR, minted[3].key.id)
+    service.replace(OPERATOR, minted[4].key.id, grace=60)
+    service.suspend(OPERATOR, minted[5].key.id)
+    lean, old = (
+        servicer(store, clock, tmp_path / "lean" / FILE_NAME, lean=True),
+        servicer(store, clock, tmp_path / "old" / FILE_NAME, lean=False),
+    )
+    lean.prepare()
+    old.prepare()
+    assert (lean.packed_builds, old.packed_builds) == (1, 1)
+    assert (tmp_path / "lean" / FILE_NAME).read_bytes() == (
+        tmp_path / "old" / FILE_NAME
+    ).read_bytes()
+
+
+def test_a_key_revoked_while_the_snapshot_is_built_is_never_usable(
+    store: Store, clock: FakeClock, tmp_path: Path
+) -> None:
+    service = ApiKeyService(store, clock)
+    minted = [
+        service.create(OPERATOR, workspace="acme", name=f"k{i}", scopes=["checks:read"])
+        for i in range(20)
+    ]
+    victim = minted[11]
+
+    def packing_then_revoke(uow: UnitOfWork, now: int) -> PackedKeys:
+        table = packed_keys(uow, now)  # the victim is in it: read before the revocation
+        # Another thread revokes it and commits while this build's transaction is still open.
+        revoker = threading.Thread(target=service.revoke, args=(OPERATOR, victim.key.id))
+        revoker.start()
+        revoker.join()
+        return table
+
+    s = ReplicationServicer(
+        store, clock, [oauth_snapshot], key_source=key_rows,
+        packed_key_source=packing_then_revoke, snapshot_file=tmp_path / FILE_NAME,
+    )  # fmt: skip
+    s.prepare()
+    assert s.snapshots.current() is not None
+    revision, packed, entries = s.shared_packed_snapshot()
+    table = PackedKeys.decode(packed)
+    assert table.row_of_id(victim.key.id) >= 0  # packed before the revocation ...
+    replica = Replica()
+    replica.load_packed(revision, table, entries)  # ... which travels with it
+    credential = replica.credential(victim.key.digest)
+    assert credential is not None and credential.revoked
