@@ -41,6 +41,7 @@ def check_request(
     path: str = "/api/v1/checks",
     host: str = "api.statuspulse.test",
     context_extensions: Mapping[str, str] | None = None,
+    source: str = "10.0.0.7",
 ) -> bytes:
     """Serialize a CheckRequest shaped like the ones Envoy sends.
 
@@ -57,7 +58,7 @@ def check_request(
     all_headers = {":authority": host, ":path": path, ":method": method, ":scheme": "http"}
     all_headers.update({k.lower(): v for k, v in headers.items()})
     http_req.headers.update(all_headers)
-    req.attributes.source.address.socket_address.address = "10.0.0.7"
+    req.attributes.source.address.socket_address.address = source
     req.attributes.source.address.socket_address.port_value = 40312
     req.attributes.destination.address.socket_address.address = "10.0.0.2"
     req.attributes.destination.address.socket_address.port_value = 10000
@@ -141,10 +142,16 @@ def grpc_case(
     path: str = "/api/v1/checks",
     host: str = "api.statuspulse.test",
     context_extensions: Mapping[str, str] | None = None,
+    source: str = "10.0.0.7",
 ) -> GrpcCase:
     """Build a :class:`GrpcCase` from request headers, shaped as in :func:`check_request`."""
     request = check_request(
-        headers, method=method, path=path, host=host, context_extensions=context_extensions
+        headers,
+        method=method,
+        path=path,
+        host=host,
+        context_extensions=context_extensions,
+        source=source,
     )
     return GrpcCase(name, request, expect, expect_code, check)
 
