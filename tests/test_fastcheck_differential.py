@@ -14,6 +14,7 @@ import hashlib
 import http.client
 import random
 import re
+import tempfile
 from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -717,7 +718,12 @@ class Shipped:
 
 
 def _shipped(
-    policy: Policy, compiled: bool, spool: Path, capacity: int, sample_rate: float
+    policy: Policy,
+    compiled: bool,
+    spool: Path,
+    capacity: int,
+    sample_rate: float,
+    max_entries: int = 6,
 ) -> Shipped:
     clock = FakeClock(NOW)
     # Limits the corpus does not reach: the time never moves, and a blocked source would send
@@ -731,7 +737,7 @@ def _shipped(
         spool, queue_capacity=capacity, deny_headroom=2, allow_sample_rate=sample_rate
     )
     pipeline = AuditPipeline(config, None, rand=random.Random(11).random)
-    usage = UsageTally(clock.now, max_entries=6)
+    usage = UsageTally(clock.now, max_entries=max_entries)
     decisions = DecisionMetrics(metrics)
     observers = [decisions, DenialLog(), DecisionRecorder(pipeline, clock), usage]
     handler = CheckHandler(engine, observers, decisions.error)
@@ -791,7 +797,7 @@ def test_shipped_observers_leave_the_same_records_metrics_and_usage(
     policy = load_policy(None) if policy_name == "default" else parse_policy(EXTRA_POLICY)
     python = _shipped(policy, False, tmp_path / "python", capacity, sample_rate)
     compiled = _shipped(policy, True, tmp_path / "compiled", capacity, sample_rate)
-    # Tokens twice each: the repeat is a cached token the C path decides, observed in Python.
+    # Tokens twice each: the repeat is a cached token the C path decides and observes.
     tokens = [
         request_bytes("GET", path, {"authorization": f"Bearer {token}"}, source="10.1.0.1")
         for token in TOKENS.values()
@@ -813,6 +819,7 @@ def test_shipped_observers_leave_the_same_records_metrics_and_usage(
     for final in (False, True):
         assert compiled.usage.harvest(final=final)[0] == python.usage.harvest(final=final)[0]
     assert compiled.usage.dropped == python.usage.dropped
+    assert python.usage.dropped > 0  # the corpus reaches the usage bound
     decided, _ = compiled.handler.counts()  # type: ignore[attr-defined]
     assert decided > 200
 
@@ -832,3 +839,45 @@ def test_an_allow_observed_in_c_is_queued_as_its_spool_payload(
     assert allowed and isinstance(queued, bytes) and isinstance(pending, PendingDecision)
     assert decode(queued) == scrub(pending.event())
     assert queued == pending.payload()
+
+
+# Tokens of five grants and two API keys, the usage bound small: a token's first use is
+# verified and observed in Python, its repeats decided and observed in C, an API key's every
+# use in C — all counted under the one bound (UsageTally.use_store), so both sides keep and
+# drop the same uses, interval after interval.
+GRANT_TOKENS = [_jwt(grant=f"grt_u{n}") for n in range(5)]
+_USERS = [{"authorization": f"Bearer {token}"} for token in GRANT_TOKENS] + [
+    {"x-api-key": SECRETS["reader"]},
+    {"authorization": f"Bearer {SECRETS['writer']}"},
+]
+_USES = [request_bytes("GET", "/v1/workspaces/acme/checks", header) for header in _USERS]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    steps=st.lists(st.one_of(st.integers(0, len(_USES) - 1), st.just(-1)), max_size=40),
+    max_entries=st.integers(0, 4),
+)
+def test_usage_is_kept_and_dropped_alike_with_tokens_observed_in_c(
+    steps: list[int], max_entries: int
+) -> None:
+    policy = load_policy(None)
+    with tempfile.TemporaryDirectory() as spool:
+        python = _shipped(policy, False, Path(spool, "p"), 100_000, 1.0, max_entries)
+        compiled = _shipped(policy, True, Path(spool, "c"), 100_000, 1.0, max_entries)
+        used: set[int] = set()
+        expected_in_c = 0
+        for step in steps:
+            if step < 0:  # the reporter's harvest, between checks
+                assert compiled.usage.harvest() == python.usage.harvest()
+                continue
+            assert compiled.answer(_USES[step]) == python.answer(_USES[step])
+            # An API key from its first use, a token once verified (cached) are observed in C.
+            expected_in_c += step >= len(GRANT_TOKENS) or step in used
+            used.add(step)
+        assert compiled.handler.observed() == expected_in_c  # type: ignore[attr-defined]
+        for final in (False, True):
+            assert compiled.usage.harvest(final=final) == python.usage.harvest(final=final)
+        assert compiled.usage.dropped == python.usage.dropped
+        python.pipeline.close(0)
+        compiled.pipeline.close(0)
