@@ -672,6 +672,73 @@ def test_fuzzed_authorization_headers_are_answered_identically(
     _twice(pair, _token_request(*path, {"authorization": value}))
 
 
+# The C path reads header text eight bytes at a time (printable ASCII, UTF-8, the token's dots):
+# a byte at each offset of a word and in the tail, at each boundary of those tests, in a
+# cached token and in another header, must be answered as the byte-at-a-time Python path does.
+_BOUNDARY_BYTES = [0x00, 0x1F, 0x20, 0x2E, 0x7E, 0x7F, 0x80, 0xBF, 0xC3, 0xFF]
+
+
+def test_every_byte_at_every_word_offset_is_answered_identically(pair: tuple[Side, Side]) -> None:
+    token = TOKENS["reader"].encode()
+    other = b"0123456789abcdefghijklmnopqrstuvwxy"
+    header = {"authorization": f"Bearer {token.decode()}", "x-other": other.decode()}
+    placeholder = b"10.255.255.255"  # each request gets its own source: no failure limit
+    path, host = "/v1/workspaces/acme/checks", HOST
+    if "x-key" in pair[0].engine.policy.credential_headers:  # EXTRA_POLICY
+        path, host = "/v2/acme/items/7/detail", "api.example"
+    request = request_bytes("GET", path, header, host=host, source=placeholder.decode())
+    assert _twice(pair, request) == (b"ok", b"ok")
+    assert request.count(token) == request.count(other) == request.count(placeholder) == 1
+    sources = iter(range(1 << 24))
+    for text in (token, other, path.encode()):  # the path: in the request and its ':path'
+        assert len(text) >= 16
+        for at in [*range(24), *range(len(text) - 9, len(text))]:
+            for byte in _BOUNDARY_BYTES:
+                n = next(sources)
+                source = f"11.{n >> 16 & 255:03}.{n >> 8 & 255:03}.{n & 255:03}".encode()
+                changed = text[:at] + bytes([byte]) + text[at + 1 :]
+                mutated = request.replace(text, changed).replace(placeholder, source)
+                _same(pair, mutated)
+                _same(pair, mutated)  # a second time: a token cached by the first answer
+    decided, _ = pair[1].handler.counts()  # type: ignore[attr-defined]
+    assert decided > 100  # the C path decided the printable ones
+
+
+def _text_tests(data: bytes) -> tuple[bool, bool, bool]:
+    """What the C walk's word-at-a-time tests must say, byte by byte in Python."""
+    try:
+        data.decode("utf-8")  # strict: no overlongs, surrogates or code points over U+10FFFF
+        utf8 = True
+    except UnicodeDecodeError:
+        utf8 = False
+    return all(0x20 <= b <= 0x7E for b in data), utf8, data.count(b".") == 2
+
+
+def test_the_word_at_a_time_text_tests_agree_with_byte_by_byte_ones() -> None:
+    native = fastcheck._native
+    assert native is not None
+    for length in range(0, 26):
+        base = bytes(0x41 + i % 26 for i in range(length))
+        for at in range(length):
+            for byte in range(256):
+                data = base[:at] + bytes([byte]) + base[at + 1 :]
+                assert native.text_tests(data) == _text_tests(data), (data, at)
+    for text in ("é", "€", "𝄞", "\ud7ff", "\ue000", "\U0010ffff"):
+        for at in range(10):
+            data = b"a" * at + text.encode() + b"bcdefghij.."
+            assert native.text_tests(data) == _text_tests(data) == (False, True, True)
+    for bad in (b"\xc0\xaf", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\xe2\x82", b"\x80"):
+        for at in range(10):
+            data = b"a" * at + bad + b"bcdefghij"
+            assert native.text_tests(data) == _text_tests(data) == (False, False, False)
+
+
+@settings(max_examples=500, deadline=None)
+@given(data=st.binary(max_size=64) | st.text(max_size=40).map(lambda t: t.encode()))
+def test_the_text_tests_agree_on_any_bytes(data: bytes) -> None:
+    assert fastcheck._native.text_tests(data) == _text_tests(data)
+
+
 # -- the observers as shipped: metrics, decision records, usage ------------------------------
 #
 # With exactly the sidecar's observers, the C path observes the allows it decides in C (the
