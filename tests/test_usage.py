@@ -132,6 +132,13 @@ def test_a_tally_counting_in_the_compiled_paths_store_keeps_its_rules() -> None:
     with pytest.raises(TypeError):
         store.count(b"key_a")  # type: ignore[arg-type]
 
+    class Name(str):
+        __slots__ = ()
+
+    store.count(Name("key_c"))
+    store.count("key_c")
+    assert store.harvest() == ({"key_c": 2}, 0)  # a str subclass counts as the str it equals
+
 
 @_compiled
 def test_the_compiled_paths_store_counts_every_thread_under_one_bound() -> None:

@@ -1294,11 +1294,17 @@ static int usage_count(UsageCounts *u, PyObject *key) {
 }
 
 static PyObject *UsageCounts_count(UsageCounts *u, PyObject *key) {
-    if (!PyUnicode_CheckExact(key)) {
+    if (!PyUnicode_Check(key)) {
         PyErr_SetString(PyExc_TypeError, "count(key): a str expected");
         return NULL;
     }
-    if (usage_count(u, key) < 0) return NULL;
+    /* A str subclass is counted as the plain str it equals: no Python __hash__ or __eq__ runs
+     * inside the count. */
+    PyObject *plain = PyUnicode_CheckExact(key) ? Py_NewRef(key) : PyUnicode_FromObject(key);
+    if (!plain) return NULL;
+    int failed = usage_count(u, plain);
+    Py_DECREF(plain);
+    if (failed) return NULL;
     Py_RETURN_NONE;
 }
 
