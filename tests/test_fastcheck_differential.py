@@ -14,6 +14,7 @@ import hashlib
 import http.client
 import random
 import re
+import tempfile
 from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -671,6 +672,73 @@ def test_fuzzed_authorization_headers_are_answered_identically(
     _twice(pair, _token_request(*path, {"authorization": value}))
 
 
+# The C path reads header text eight bytes at a time (printable ASCII, UTF-8, the token's dots):
+# a byte at each offset of a word and in the tail, at each boundary of those tests, in a
+# cached token and in another header, must be answered as the byte-at-a-time Python path does.
+_BOUNDARY_BYTES = [0x00, 0x1F, 0x20, 0x2E, 0x7E, 0x7F, 0x80, 0xBF, 0xC3, 0xFF]
+
+
+def test_every_byte_at_every_word_offset_is_answered_identically(pair: tuple[Side, Side]) -> None:
+    token = TOKENS["reader"].encode()
+    other = b"0123456789abcdefghijklmnopqrstuvwxy"
+    header = {"authorization": f"Bearer {token.decode()}", "x-other": other.decode()}
+    placeholder = b"10.255.255.255"  # each request gets its own source: no failure limit
+    path, host = "/v1/workspaces/acme/checks", HOST
+    if "x-key" in pair[0].engine.policy.credential_headers:  # EXTRA_POLICY
+        path, host = "/v2/acme/items/7/detail", "api.example"
+    request = request_bytes("GET", path, header, host=host, source=placeholder.decode())
+    assert _twice(pair, request) == (b"ok", b"ok")
+    assert request.count(token) == request.count(other) == request.count(placeholder) == 1
+    sources = iter(range(1 << 24))
+    for text in (token, other, path.encode()):  # the path: in the request and its ':path'
+        assert len(text) >= 16
+        for at in [*range(24), *range(len(text) - 9, len(text))]:
+            for byte in _BOUNDARY_BYTES:
+                n = next(sources)
+                source = f"11.{n >> 16 & 255:03}.{n >> 8 & 255:03}.{n & 255:03}".encode()
+                changed = text[:at] + bytes([byte]) + text[at + 1 :]
+                mutated = request.replace(text, changed).replace(placeholder, source)
+                _same(pair, mutated)
+                _same(pair, mutated)  # a second time: a token cached by the first answer
+    decided, _ = pair[1].handler.counts()  # type: ignore[attr-defined]
+    assert decided > 100  # the C path decided the printable ones
+
+
+def _text_tests(data: bytes) -> tuple[bool, bool, bool]:
+    """What the C walk's word-at-a-time tests must say, byte by byte in Python."""
+    try:
+        data.decode("utf-8")  # strict: no overlongs, surrogates or code points over U+10FFFF
+        utf8 = True
+    except UnicodeDecodeError:
+        utf8 = False
+    return all(0x20 <= b <= 0x7E for b in data), utf8, data.count(b".") == 2
+
+
+def test_the_word_at_a_time_text_tests_agree_with_byte_by_byte_ones() -> None:
+    native = fastcheck._native
+    assert native is not None
+    for length in range(0, 26):
+        base = bytes(0x41 + i % 26 for i in range(length))
+        for at in range(length):
+            for byte in range(256):
+                data = base[:at] + bytes([byte]) + base[at + 1 :]
+                assert native.text_tests(data) == _text_tests(data), (data, at)
+    for text in ("é", "€", "𝄞", "\ud7ff", "\ue000", "\U0010ffff"):
+        for at in range(10):
+            data = b"a" * at + text.encode() + b"bcdefghij.."
+            assert native.text_tests(data) == _text_tests(data) == (False, True, True)
+    for bad in (b"\xc0\xaf", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\xe2\x82", b"\x80"):
+        for at in range(10):
+            data = b"a" * at + bad + b"bcdefghij"
+            assert native.text_tests(data) == _text_tests(data) == (False, False, False)
+
+
+@settings(max_examples=500, deadline=None)
+@given(data=st.binary(max_size=64) | st.text(max_size=40).map(lambda t: t.encode()))
+def test_the_text_tests_agree_on_any_bytes(data: bytes) -> None:
+    assert fastcheck._native.text_tests(data) == _text_tests(data)
+
+
 # -- the observers as shipped: metrics, decision records, usage ------------------------------
 #
 # With exactly the sidecar's observers, the C path observes the allows it decides in C (the
@@ -717,7 +785,12 @@ class Shipped:
 
 
 def _shipped(
-    policy: Policy, compiled: bool, spool: Path, capacity: int, sample_rate: float
+    policy: Policy,
+    compiled: bool,
+    spool: Path,
+    capacity: int,
+    sample_rate: float,
+    max_entries: int = 6,
 ) -> Shipped:
     clock = FakeClock(NOW)
     # Limits the corpus does not reach: the time never moves, and a blocked source would send
@@ -731,7 +804,7 @@ def _shipped(
         spool, queue_capacity=capacity, deny_headroom=2, allow_sample_rate=sample_rate
     )
     pipeline = AuditPipeline(config, None, rand=random.Random(11).random)
-    usage = UsageTally(clock.now, max_entries=6)
+    usage = UsageTally(clock.now, max_entries=max_entries)
     decisions = DecisionMetrics(metrics)
     observers = [decisions, DenialLog(), DecisionRecorder(pipeline, clock), usage]
     handler = CheckHandler(engine, observers, decisions.error)
@@ -791,7 +864,7 @@ def test_shipped_observers_leave_the_same_records_metrics_and_usage(
     policy = load_policy(None) if policy_name == "default" else parse_policy(EXTRA_POLICY)
     python = _shipped(policy, False, tmp_path / "python", capacity, sample_rate)
     compiled = _shipped(policy, True, tmp_path / "compiled", capacity, sample_rate)
-    # Tokens twice each: the repeat is a cached token the C path decides, observed in Python.
+    # Tokens twice each: the repeat is a cached token the C path decides and observes.
     tokens = [
         request_bytes("GET", path, {"authorization": f"Bearer {token}"}, source="10.1.0.1")
         for token in TOKENS.values()
@@ -813,6 +886,7 @@ def test_shipped_observers_leave_the_same_records_metrics_and_usage(
     for final in (False, True):
         assert compiled.usage.harvest(final=final)[0] == python.usage.harvest(final=final)[0]
     assert compiled.usage.dropped == python.usage.dropped
+    assert python.usage.dropped > 0  # the corpus reaches the usage bound
     decided, _ = compiled.handler.counts()  # type: ignore[attr-defined]
     assert decided > 200
 
@@ -832,3 +906,45 @@ def test_an_allow_observed_in_c_is_queued_as_its_spool_payload(
     assert allowed and isinstance(queued, bytes) and isinstance(pending, PendingDecision)
     assert decode(queued) == scrub(pending.event())
     assert queued == pending.payload()
+
+
+# Tokens of five grants and two API keys, the usage bound small: a token's first use is
+# verified and observed in Python, its repeats decided and observed in C, an API key's every
+# use in C — all counted under the one bound (UsageTally.use_store), so both sides keep and
+# drop the same uses, interval after interval.
+GRANT_TOKENS = [_jwt(grant=f"grt_u{n}") for n in range(5)]
+_USERS = [{"authorization": f"Bearer {token}"} for token in GRANT_TOKENS] + [
+    {"x-api-key": SECRETS["reader"]},
+    {"authorization": f"Bearer {SECRETS['writer']}"},
+]
+_USES = [request_bytes("GET", "/v1/workspaces/acme/checks", header) for header in _USERS]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    steps=st.lists(st.one_of(st.integers(0, len(_USES) - 1), st.just(-1)), max_size=40),
+    max_entries=st.integers(0, 4),
+)
+def test_usage_is_kept_and_dropped_alike_with_tokens_observed_in_c(
+    steps: list[int], max_entries: int
+) -> None:
+    policy = load_policy(None)
+    with tempfile.TemporaryDirectory() as spool:
+        python = _shipped(policy, False, Path(spool, "p"), 100_000, 1.0, max_entries)
+        compiled = _shipped(policy, True, Path(spool, "c"), 100_000, 1.0, max_entries)
+        used: set[int] = set()
+        expected_in_c = 0
+        for step in steps:
+            if step < 0:  # the reporter's harvest, between checks
+                assert compiled.usage.harvest() == python.usage.harvest()
+                continue
+            assert compiled.answer(_USES[step]) == python.answer(_USES[step])
+            # An API key from its first use, a token once verified (cached) are observed in C.
+            expected_in_c += step >= len(GRANT_TOKENS) or step in used
+            used.add(step)
+        assert compiled.handler.observed() == expected_in_c  # type: ignore[attr-defined]
+        for final in (False, True):
+            assert compiled.usage.harvest(final=final) == python.usage.harvest(final=final)
+        assert compiled.usage.dropped == python.usage.dropped
+        python.pipeline.close(0)
+        compiled.pipeline.close(0)

@@ -103,8 +103,13 @@ def test_authorize_call_refresh_reuse_revoke_through_envoy(stack: OAuthStack) ->
     assert stack.reason(access, METRICS) == (403, "insufficient_scope")
     assert stack.reason(access, "/v1/workspaces/globex/checks") == (403, "workspace_mismatch")
     # Those two repeats of a verified token were decided by the compiled path (when built).
-    if stack.sidecar.fast_check is not None:
-        assert stack.sidecar.fast_check.counts()[0] >= 2
+    fast = stack.sidecar.fast_check
+    if fast is not None:
+        assert fast.counts()[0] >= 2
+        assert fast.observed_in_c  # the sidecar's own observers
+        observed = fast.observed()
+        assert stack.call(access)[0] == 200
+        assert fast.observed() == observed + 1  # a cached token's allow is observed in C too
 
     # Refresh: the new access token works too.
     refreshed = client.refresh_token(env.url("/oauth/token"), refresh_token=first["refresh_token"])

@@ -20,10 +20,12 @@ from sidecar.core.apikeys import ApiKeyService
 from sidecar.core.clock import FakeClock
 from sidecar.core.errors import InvalidArgument, PermissionDenied
 from sidecar.core.models import Principal, RequestContext
+from sidecar.core.native import optional_module
 from sidecar.core.storage import Store
 from sidecar.core.usage import DAY, CredentialUse, UsageReport, UsageService, UseKind
 from sidecar.dataplane.process import Sidecar
 from sidecar.usage import GrpcUsageTransport, UsageReporter, UsageTally
+from sidecar.usage.tally import UsageStore
 from sidecar.usage.transport import to_pb
 from tests.conftest import RunningControlPlane, bearer, free_port, wait_until
 from tests.support.sync import TEST_SYNC_TOKEN
@@ -89,6 +91,71 @@ def test_tally_memory_is_bounded_and_overflow_is_counted() -> None:
     counts, _ = tally.harvest(final=True)
     assert counts == {"key_a": 2, "key_b": 1}
     assert tally.dropped == 1
+
+
+_native, _why = optional_module("sidecar.dataplane._fastcheck")
+_compiled = pytest.mark.skipif(_native is None, reason=f"not built: {_why}")
+
+
+def _store(max_entries: int) -> UsageStore:
+    assert _native is not None
+    store: UsageStore = _native.UsageCounts(max_entries)
+    return store
+
+
+@_compiled
+def test_a_tally_counting_in_the_compiled_paths_store_keeps_its_rules() -> None:
+    """What the compiled Check path counts in C and what the Python observer counts share the
+    store, so one bound covers both; harvests still report a use one interval later and take
+    what the threads counted before the switch."""
+    clock = FakeClock()
+    tally = UsageTally(clock.now, max_entries=2)
+    tally(Decision(Reason.OK, "d", key_identity("key_early")), VIEW, "", 0.0)
+    store = _store(tally.max_entries)
+    tally.use_store(store)
+    tally.use_store(store)  # a second compiled handler on the same tally
+    with pytest.raises(RuntimeError):
+        tally.use_store(_store(2))
+    tally(Decision(Reason.OK, "d", token_identity("jti_1", "grt_x")), VIEW, "", 0.0)
+    store.count("key_a")  # as the C path counts
+    tally(Decision(Reason.OK, "d", key_identity("key_b")), VIEW, "", 0.0)  # over the bound
+    store.count("grt_x")
+    tally(Decision(Reason.MISSING_CREDENTIAL, "d"), VIEW, "", 0.0)
+    assert tally.dropped == 1
+    assert tally.harvest() == ({}, clock.now())
+    clock.advance(5)
+    store.count("key_b")  # a new interval: room again
+    assert tally.harvest() == ({"key_early": 1, "grt_x": 2, "key_a": 1}, clock.now() - 5)
+    assert tally.harvest(final=True)[0] == {"key_b": 1}
+    assert tally.harvest(final=True)[0] == {}
+    assert tally.dropped == 1
+    with pytest.raises(TypeError):
+        store.count(b"key_a")  # type: ignore[arg-type]
+
+    class Name(str):
+        __slots__ = ()
+
+    store.count(Name("key_c"))
+    store.count("key_c")
+    assert store.harvest() == ({"key_c": 2}, 0)  # a str subclass counts as the str it equals
+
+
+@_compiled
+def test_the_compiled_paths_store_counts_every_thread_under_one_bound() -> None:
+    tally = UsageTally(FakeClock().now, max_entries=3)
+    tally.use_store(_store(3))
+
+    def work(n: int) -> None:
+        for i in range(1000):
+            tally(Decision(Reason.OK, "d", key_identity(f"key_{(n + i) % 5}")), VIEW, "", 0.0)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    counts, _ = tally.harvest(final=True)
+    assert len(counts) == 3 and sum(counts.values()) + tally.dropped == 4000
 
 
 # -- the store, on both backends ----------------------------------------------------------------

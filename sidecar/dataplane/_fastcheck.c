@@ -122,11 +122,24 @@ static int read_varint(reader *r, uint64_t *out) {
     return -1;
 }
 
+/* Eight bytes at a time (SWAR) for the ASCII fast paths below: a token request carries ~1.2 KB
+ * of header text, walked for UTF-8, then its credential for printable ASCII and dots. */
+#define ONES 0x0101010101010101ULL
+#define HIGHS 0x8080808080808080ULL
+
+static inline uint64_t load8(const unsigned char *p) {
+    uint64_t w;
+    memcpy(&w, p, 8);
+    return w;
+}
+
 /* RFC 3629 UTF-8 (what upb requires of proto3 string fields): no overlongs, no surrogates,
  * nothing above U+10FFFF. */
 static int valid_utf8(const unsigned char *s, Py_ssize_t n) {
     Py_ssize_t i = 0;
     while (i < n) {
+        while (i + 8 <= n && !(load8(s + i) & HIGHS)) i += 8; /* ASCII: valid as it is */
+        if (i >= n) break;
         unsigned char c = s[i];
         if (c < 0x80) { i++; continue; }
         int len;
@@ -375,7 +388,15 @@ static int span_eq(span s, const char *lit, Py_ssize_t n) {
 }
 
 static int printable_ascii(span s) {
-    for (Py_ssize_t i = 0; i < s.n; i++)
+    Py_ssize_t i = 0;
+    /* A word passes when no byte has its high bit set, none is below 0x20 (the exact
+     * "has a byte less than n" test) and none is 0x7f (adding 1 sets its high bit; a carry
+     * out of a byte needs 0xff, refused by the first test already). */
+    for (; i + 8 <= s.n; i += 8) {
+        uint64_t w = load8(s.p + i);
+        if ((w | ((w - ONES * 0x20) & ~w) | (w + ONES)) & HIGHS) return 0;
+    }
+    for (; i < s.n; i++)
         if (s.p[i] < 0x20 || s.p[i] > 0x7e) return 0;
     return 1;
 }
@@ -801,8 +822,9 @@ static PyObject *hashlib_sha256; /* hashlib.sha256 (OpenSSL's) */
 /* Engine._authenticate: a credential that is not an API key and has exactly two dots is an
  * access token (a JWS compact serialization). */
 static int token_shaped(span token) {
+    const unsigned char *p = token.p, *end = token.p + token.n;
     int dots = 0;
-    for (Py_ssize_t i = 0; i < token.n; i++) dots += token.p[i] == '.';
+    while (dots < 3 && (p = memchr(p, '.', (size_t)(end - p)))) { dots++; p++; }
     return dots == 2;
 }
 
@@ -1249,6 +1271,149 @@ static PyTypeObject AuditBufferType = {
     .tp_new = PyType_GenericNew,
 };
 
+/* The usage tally's counts (sidecar.usage.tally.UsageTally.use_store) for the Python observer
+ * and the C path alike, so both share one bound: at most max_entries distinct credentials per
+ * interval (between harvests), further credentials' uses counted as dropped — what one thread's
+ * dict does in the pure-Python tally. Under the GIL: a count is never lost or split. */
+typedef struct {
+    PyObject_HEAD
+    Py_ssize_t max_entries, n, size;
+    unsigned long long *uses, dropped;
+    PyObject *keys;  /* this interval's credentials, by index */
+    PyObject *index; /* credential -> index in keys and uses */
+} UsageCounts;
+
+static void UsageCounts_dealloc(UsageCounts *u) {
+    Py_XDECREF(u->keys);
+    Py_XDECREF(u->index);
+    PyMem_Free(u->uses);
+    Py_TYPE(u)->tp_free((PyObject *)u);
+}
+
+static int UsageCounts_init(UsageCounts *u, PyObject *args, PyObject *kwds) {
+    if (!PyArg_ParseTuple(args, "n", &u->max_entries)) return -1;
+    if (u->keys) return 0; /* __init__ called again: keep the counts */
+    if (!(u->keys = PyList_New(0)) || !(u->index = PyDict_New())) return -1;
+    return 0;
+}
+
+/* One use of ``key`` (a str): 0 counted or dropped, -1 error. */
+static int usage_count(UsageCounts *u, PyObject *key) {
+    if (!u->index) {
+        PyErr_SetString(PyExc_RuntimeError, "UsageCounts not initialised");
+        return -1;
+    }
+    PyObject *at = PyDict_GetItemWithError(u->index, key);
+    if (at) {
+        u->uses[PyLong_AsSsize_t(at)]++;
+        return 0;
+    }
+    if (PyErr_Occurred()) return -1;
+    if (u->n >= u->max_entries) {
+        u->dropped++;
+        return 0;
+    }
+    if (u->n >= u->size) {
+        Py_ssize_t size = u->size ? 2 * u->size : 64;
+        unsigned long long *grown = PyMem_Realloc(u->uses, (size_t)size * sizeof *grown);
+        if (!grown) { PyErr_NoMemory(); return -1; }
+        u->uses = grown;
+        u->size = size;
+    }
+    PyObject *i = PyLong_FromSsize_t(u->n);
+    if (!i) return -1;
+    if (PyList_Append(u->keys, key) < 0) { Py_DECREF(i); return -1; }
+    if (PyDict_SetItem(u->index, key, i) < 0) {
+        Py_DECREF(i);
+        PyList_SetSlice(u->keys, u->n, u->n + 1, NULL);
+        return -1;
+    }
+    Py_DECREF(i);
+    u->uses[u->n++] = 1;
+    return 0;
+}
+
+static PyObject *UsageCounts_count(UsageCounts *u, PyObject *key) {
+    if (!PyUnicode_Check(key)) {
+        PyErr_SetString(PyExc_TypeError, "count(key): a str expected");
+        return NULL;
+    }
+    /* A str subclass is counted as the plain str it equals: no Python __hash__ or __eq__ runs
+     * inside the count. */
+    PyObject *plain = PyUnicode_CheckExact(key) ? Py_NewRef(key) : PyUnicode_FromObject(key);
+    if (!plain) return NULL;
+    int failed = usage_count(u, plain);
+    Py_DECREF(plain);
+    if (failed) return NULL;
+    Py_RETURN_NONE;
+}
+
+/* harvest() -> ({credential: uses}, dropped) since the last harvest, and a new interval. The
+ * interval's state is swapped out before anything is built from it: building can run the
+ * garbage collector, hence Python code, hence another thread's count, which lands in the new
+ * interval. */
+static PyObject *UsageCounts_harvest(UsageCounts *u, PyObject *unused) {
+    PyObject *keys = PyList_New(0), *index = PyDict_New();
+    if (!keys || !index || !u->keys) {
+        Py_XDECREF(keys);
+        Py_XDECREF(index);
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_RuntimeError, "UsageCounts not initialised");
+        return NULL;
+    }
+    PyObject *old_keys = u->keys, *old_index = u->index;
+    unsigned long long *uses = u->uses, dropped = u->dropped;
+    Py_ssize_t n = u->n;
+    u->keys = keys;
+    u->index = index;
+    u->uses = NULL;
+    u->n = u->size = 0;
+    u->dropped = 0;
+    Py_DECREF(old_index);
+    PyObject *counts = PyDict_New();
+    for (Py_ssize_t i = 0; counts && i < n; i++) {
+        PyObject *v = PyLong_FromUnsignedLongLong(uses[i]);
+        if (!v || PyDict_SetItem(counts, PyList_GET_ITEM(old_keys, i), v) < 0) Py_CLEAR(counts);
+        Py_XDECREF(v);
+    }
+    Py_DECREF(old_keys);
+    PyMem_Free(uses);
+    return counts ? Py_BuildValue("(NK)", counts, dropped) : NULL;
+}
+
+static PyObject *UsageCounts_get_dropped(UsageCounts *u, void *unused) {
+    return PyLong_FromUnsignedLongLong(u->dropped);
+}
+
+static PyObject *UsageCounts_get_max_entries(UsageCounts *u, void *unused) {
+    return PyLong_FromSsize_t(u->max_entries);
+}
+
+static PyGetSetDef UsageCounts_getset[] = {
+    {"dropped", (getter)UsageCounts_get_dropped, NULL, "Uses dropped since the last harvest.",
+     NULL},
+    {"max_entries", (getter)UsageCounts_get_max_entries, NULL,
+     "Distinct credentials counted per interval.", NULL},
+    {NULL, NULL, NULL, NULL, NULL}};
+
+static PyMethodDef UsageCounts_methods[] = {
+    {"count", (PyCFunction)UsageCounts_count, METH_O,
+     "count(key): one use of the credential ``key`` (dropped over the bound)."},
+    {"harvest", (PyCFunction)UsageCounts_harvest, METH_NOARGS,
+     "({credential: uses}, dropped) since the last harvest; starts a new interval."},
+    {NULL, NULL, 0, NULL}};
+
+static PyTypeObject UsageCountsType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "sidecar.dataplane._fastcheck.UsageCounts",
+    .tp_basicsize = sizeof(UsageCounts),
+    .tp_dealloc = (destructor)UsageCounts_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "UsageCounts(max_entries): the usage tally's counts, shared with the C path.",
+    .tp_methods = UsageCounts_methods,
+    .tp_getset = UsageCounts_getset,
+    .tp_init = (initproc)UsageCounts_init,
+    .tp_new = PyType_GenericNew,
+};
+
 /* What FastCheck.observe_in_c set up: the Check observers (metrics, audit recorder, usage
  * tally) done here for the allows the C path decides, while the handler's observer list is the
  * one it was set up for. */
@@ -1257,7 +1422,7 @@ static PyTypeObject AuditBufferType = {
 typedef struct observing {
     PyObject *owner, *expected; /* owner.observers must hold exactly ``expected`` */
     PyObject *entry_fn; /* entry_fn(decision) -> (record part | None, usage key) | None */
-    PyObject *entries;  /* identity id -> (identity, record part | None, usage index) */
+    PyObject *entries;  /* identity id -> (identity, record part | None, usage key) */
     PyObject *anonymous; /* record part of a public_route allow, once built */
     /* metrics: sidecar.ops.check_tally's layout */
     int metrics;
@@ -1268,11 +1433,9 @@ typedef struct observing {
     AuditBuffer *buffer;
     PyObject *queue, *clock;
     int sample_all, system_clock;
-    /* usage */
-    int usage;
-    Py_ssize_t max_entries, nonzero, nuses, uses_size;
-    unsigned long long *uses, use_dropped;
-    PyObject *use_keys, *use_index; /* list of keys by index; key -> index */
+    /* usage: the UsageTally's store */
+    UsageCounts *usage;
+    unsigned long long observed; /* checks observed here */
 } observing;
 
 static void observing_free(observing *o) {
@@ -1280,9 +1443,8 @@ static void observing_free(observing *o) {
     Py_XDECREF(o->owner); Py_XDECREF(o->expected); Py_XDECREF(o->entry_fn);
     Py_XDECREF(o->entries); Py_XDECREF(o->anonymous); Py_XDECREF(o->buffer);
     Py_XDECREF(o->queue); Py_XDECREF(o->clock);
-    Py_XDECREF(o->use_keys); Py_XDECREF(o->use_index);
+    Py_XDECREF(o->usage);
     PyMem_Free(o->tally);
-    PyMem_Free(o->uses);
     PyMem_Free(o);
 }
 
@@ -1291,7 +1453,7 @@ static PyObject *S_observers, *S_keep_allow, *S_id;
 /* observe_in_c(owner, expected, entry_fn, metrics, audit, usage), once:
  *   metrics: None | (slot of ok, slot of public_route, bounds, width)
  *   audit:   None | (buffer, queue, sample_all, clock, system_clock)
- *   usage:   None | max_entries
+ *   usage:   None | UsageCounts (the UsageTally's store)
  * Once only: a check in flight may be inside Python code (entry_fn, the clock) holding it. */
 static PyObject *FastCheck_observe_in_c(FastCheck *self, PyObject *args) {
     PyObject *owner, *expected, *entry_fn, *metrics, *audit, *usage;
@@ -1340,16 +1502,23 @@ static PyObject *FastCheck_observe_in_c(FastCheck *self, PyObject *args) {
         Py_INCREF(o->buffer); Py_INCREF(o->queue); Py_INCREF(o->clock);
     }
     if (usage != Py_None) {
-        o->max_entries = PyLong_AsSsize_t(usage);
-        if (o->max_entries == -1 && PyErr_Occurred()) goto fail;
-        if (!(o->use_keys = PyList_New(0)) || !(o->use_index = PyDict_New())) goto fail;
-        o->usage = 1;
+        if (!PyObject_TypeCheck(usage, &UsageCountsType)) {
+            PyErr_SetString(PyExc_TypeError, "observe_in_c: usage must be a UsageCounts");
+            goto fail;
+        }
+        o->usage = (UsageCounts *)usage;
+        Py_INCREF(usage);
     }
     self->obs = o;
     Py_RETURN_NONE;
 fail:
     observing_free(o);
     return NULL;
+}
+
+/* observed() -> how many checks were observed here (not by the Python observers). */
+static PyObject *FastCheck_observed(FastCheck *self, PyObject *unused) {
+    return PyLong_FromUnsignedLongLong(self->obs ? self->obs->observed : 0);
 }
 
 /* tally() -> the metrics counted here, in CheckTally's layout (None when not counting). */
@@ -1363,28 +1532,6 @@ static PyObject *FastCheck_tally(FastCheck *self, PyObject *unused) {
         else PyList_SET_ITEM(out, i, v);
     }
     return out;
-}
-
-/* harvest_uses() -> ({usage key: uses}, dropped) counted here since the last call. */
-static PyObject *FastCheck_harvest_uses(FastCheck *self, PyObject *unused) {
-    observing *o = self->obs;
-    PyObject *counts = PyDict_New();
-    if (!counts || !o || !o->usage) return counts ? Py_BuildValue("(Ni)", counts, 0) : NULL;
-    for (Py_ssize_t i = 0; i < o->nuses; i++) {
-        if (!o->uses[i]) continue;
-        PyObject *n = PyLong_FromUnsignedLongLong(o->uses[i]);
-        if (!n || PyDict_SetItem(counts, PyList_GET_ITEM(o->use_keys, i), n) < 0) {
-            Py_XDECREF(n);
-            Py_DECREF(counts);
-            return NULL;
-        }
-        Py_DECREF(n);
-        o->uses[i] = 0;
-    }
-    unsigned long long dropped = o->use_dropped;
-    o->use_dropped = 0;
-    o->nonzero = 0;
-    return Py_BuildValue("(NK)", counts, dropped);
 }
 
 /* sidecar.core.audit._could_hold_secret on ASCII text. */
@@ -1458,90 +1605,57 @@ static double timer_now(FastCheck *self) {
     return t;
 }
 
-/* The record part of this decision (records.fixed_part) and its usage slot, built once per
- * identity by entry_fn; 0 with *part NULL: hand the check to the Python observers. */
-static int observed_entry(observing *o, const outcome *out, PyObject *decision, PyObject **part,
-                          Py_ssize_t *index) {
-    *part = NULL;
-    *index = -1;
+/* The record part of this decision (records.fixed_part) and its usage key, built once per
+ * identity by entry_fn, as a new reference to (identity | None, part, key | None) in *entry;
+ * 0 with *entry NULL: hand the check to the Python observers. */
+static int observed_entry(observing *o, const outcome *out, PyObject *decision,
+                          PyObject **entry) {
+    *entry = NULL;
     if (!out->identity) {
         if (!o->anonymous) {
             PyObject *got = PyObject_CallOneArg(o->entry_fn, decision);
             if (!got) return -1;
-            if (got == Py_None || !PyTuple_Check(got) || PyTuple_GET_SIZE(got) != 2) {
+            if (got == Py_None || !PyTuple_Check(got) || PyTuple_GET_SIZE(got) != 2 ||
+                !PyBytes_Check(PyTuple_GET_ITEM(got, 0))) {
                 Py_DECREF(got);
                 return 0;
             }
-            o->anonymous = PyTuple_GET_ITEM(got, 0);
-            Py_INCREF(o->anonymous);
+            o->anonymous = Py_BuildValue("(OOO)", Py_None, PyTuple_GET_ITEM(got, 0), Py_None);
             Py_DECREF(got);
+            if (!o->anonymous) return -1;
         }
-        *part = o->anonymous;
+        *entry = o->anonymous;
+        Py_INCREF(*entry);
         return 0;
     }
     PyObject *id = PyObject_GetAttr(out->identity, S_id);
     if (!id) return -1;
     PyObject *cached = PyDict_GetItemWithError(o->entries, id);
     if (!cached && PyErr_Occurred()) { Py_DECREF(id); return -1; }
-    if (!cached || PyTuple_GET_ITEM(cached, 0) != out->identity) {
-        PyObject *got = PyObject_CallOneArg(o->entry_fn, decision);
-        if (!got) { Py_DECREF(id); return -1; }
-        PyObject *key;
-        if (got == Py_None || !PyTuple_Check(got) || PyTuple_GET_SIZE(got) != 2 ||
-            !PyUnicode_Check(key = PyTuple_GET_ITEM(got, 1))) {
-            Py_DECREF(got);
-            Py_DECREF(id);
-            return 0;
-        }
-        Py_ssize_t at = -1;
-        if (o->usage) {
-            PyObject *known = PyDict_GetItemWithError(o->use_index, key);
-            if (known) at = PyLong_AsSsize_t(known);
-            else if (PyErr_Occurred()) at = -2;
-            else {
-                PyObject *i = PyLong_FromSsize_t(PyList_GET_SIZE(o->use_keys));
-                if (!i || PyDict_SetItem(o->use_index, key, i) < 0 ||
-                    PyList_Append(o->use_keys, key) < 0)
-                    at = -2;
-                else
-                    at = PyList_GET_SIZE(o->use_keys) - 1;
-                Py_XDECREF(i);
-            }
-        }
-        PyObject *entry = at == -2 ? NULL
-                                   : Py_BuildValue("(OOn)", out->identity,
-                                                   PyTuple_GET_ITEM(got, 0), at);
+    if (cached && PyTuple_GET_ITEM(cached, 0) == out->identity) {
+        Py_DECREF(id);
+        *entry = cached;
+        Py_INCREF(cached);
+        return 0;
+    }
+    PyObject *got = PyObject_CallOneArg(o->entry_fn, decision);
+    if (!got) { Py_DECREF(id); return -1; }
+    if (got == Py_None || !PyTuple_Check(got) || PyTuple_GET_SIZE(got) != 2 ||
+        !PyBytes_Check(PyTuple_GET_ITEM(got, 0)) ||
+        !PyUnicode_CheckExact(PyTuple_GET_ITEM(got, 1))) {
         Py_DECREF(got);
-        if (!entry) { Py_DECREF(id); return -1; }
-        if (PyDict_GET_SIZE(o->entries) >= 100000) PyDict_Clear(o->entries);
-        int failed = PyDict_SetItem(o->entries, id, entry);
-        Py_DECREF(entry);
-        if (failed) { Py_DECREF(id); return -1; }
-        cached = PyDict_GetItemWithError(o->entries, id);
-        if (!cached) { Py_DECREF(id); return -1; }
+        Py_DECREF(id);
+        return 0;
     }
+    PyObject *fresh = Py_BuildValue("(OOO)", out->identity, PyTuple_GET_ITEM(got, 0),
+                                    PyTuple_GET_ITEM(got, 1));
+    Py_DECREF(got);
+    if (!fresh) { Py_DECREF(id); return -1; }
+    if (PyDict_GET_SIZE(o->entries) >= 100000) PyDict_Clear(o->entries);
+    int failed = PyDict_SetItem(o->entries, id, fresh);
     Py_DECREF(id);
-    *part = PyTuple_GET_ITEM(cached, 1);
-    *index = PyLong_AsSsize_t(PyTuple_GET_ITEM(cached, 2));
-    return 0;
-}
-
-static int count_use(observing *o, Py_ssize_t index) {
-    if (index < 0) return 0;
-    if (index >= o->uses_size) {
-        Py_ssize_t size = o->uses_size ? o->uses_size : 1024;
-        while (size <= index) size *= 2;
-        unsigned long long *grown =
-            PyMem_Realloc(o->uses, (size_t)size * sizeof(unsigned long long));
-        if (!grown) { PyErr_NoMemory(); return -1; }
-        memset(grown + o->uses_size, 0, (size_t)(size - o->uses_size) * sizeof *grown);
-        o->uses = grown;
-        o->uses_size = size;
-    }
-    if (index >= o->nuses) o->nuses = index + 1;
-    if (o->uses[index]) o->uses[index]++;
-    else if (o->nonzero < o->max_entries) { o->uses[index] = 1; o->nonzero++; }
-    else o->use_dropped++;
+    if (failed) { Py_DECREF(fresh); return -1; }
+    *entry = fresh;
     return 0;
 }
 
@@ -1586,26 +1700,9 @@ static int record(observing *o, const request *q, PyObject *did, PyObject *part,
     return 0;
 }
 
-/* The observers of an allow the C path decided, here: 1 observed, 0 hand over to the Python
- * observers (nothing was counted), -1 error. */
-static int observe(FastCheck *self, const request *q, const outcome *out, PyObject *decision,
-                   PyObject *did, double elapsed) {
-    observing *o = self->obs;
-    if (!o || (out->reason != D_OK && out->reason != D_PUBLIC)) return 0;
-    PyObject *list = PyObject_GetAttr(o->owner, S_observers);
-    if (!list) return -1;
-    int same = PyList_Check(list) && PyList_GET_SIZE(list) == PyTuple_GET_SIZE(o->expected);
-    for (Py_ssize_t i = 0; same && i < PyList_GET_SIZE(list); i++)
-        same = PyList_GET_ITEM(list, i) == PyTuple_GET_ITEM(o->expected, i);
-    Py_DECREF(list);
-    if (!same) return 0;
-    /* The record's request fields must be ASCII without anything credential-shaped: else
-     * the Python recorder redacts them (records.PendingDecision.payload). */
-    if (!printable_ascii(q->source)) return 0;
-    PyObject *part;
-    Py_ssize_t index;
-    if (observed_entry(o, out, decision, &part, &index) < 0) return -1;
-    if (!part) return 0;
+/* observe's effects for the cached entry's record ``part`` and usage ``key``. */
+static int observe_entry(observing *o, const request *q, const outcome *out, PyObject *did,
+                         double elapsed, PyObject *part, PyObject *key) {
     if (o->buffer) {
         unsigned char text[600 + 2 * 256];
         span target = q->path;
@@ -1650,9 +1747,36 @@ static int observe(FastCheck *self, const request *q, const outcome *out, PyObje
             o->tally[o->width - 1] += elapsed;
         }
     }
-    if (o->usage && out->reason == D_OK && count_use(o, index) < 0) return -1;
+    if (o->usage && out->reason == D_OK && key != Py_None && usage_count(o->usage, key) < 0)
+        return -1;
     if (o->buffer && keep && record(o, q, did, part, when, elapsed) < 0) return -1;
     return 1;
+}
+
+/* The observers of an allow the C path decided, here: 1 observed, 0 hand over to the Python
+ * observers (nothing was counted), -1 error. */
+static int observe(FastCheck *self, const request *q, const outcome *out, PyObject *decision,
+                   PyObject *did, double elapsed) {
+    observing *o = self->obs;
+    if (!o || (out->reason != D_OK && out->reason != D_PUBLIC)) return 0;
+    PyObject *list = PyObject_GetAttr(o->owner, S_observers);
+    if (!list) return -1;
+    int same = PyList_Check(list) && PyList_GET_SIZE(list) == PyTuple_GET_SIZE(o->expected);
+    for (Py_ssize_t i = 0; same && i < PyList_GET_SIZE(list); i++)
+        same = PyList_GET_ITEM(list, i) == PyTuple_GET_ITEM(o->expected, i);
+    Py_DECREF(list);
+    if (!same) return 0;
+    /* The record's request fields must be ASCII without anything credential-shaped: else
+     * the Python recorder redacts them (records.PendingDecision.payload). */
+    if (!printable_ascii(q->source)) return 0;
+    PyObject *entry; /* held: the calls into Python below can switch threads */
+    if (observed_entry(o, out, decision, &entry) < 0) return -1;
+    if (!entry) return 0;
+    int seen = observe_entry(o, q, out, did, elapsed, PyTuple_GET_ITEM(entry, 1),
+                             PyTuple_GET_ITEM(entry, 2));
+    Py_DECREF(entry);
+    if (seen > 0) o->observed++;
+    return seen;
 }
 
 /* CheckInput(method, path, host, headers, context, source), as request_view makes it. */
@@ -1746,10 +1870,10 @@ static PyObject *FastCheck_set_timer(FastCheck *self, PyObject *timer) {
 static PyMethodDef FastCheck_methods[] = {
     {"observe_in_c", (PyCFunction)FastCheck_observe_in_c, METH_VARARGS,
      "Observe the allows decided here in C (see fastcheck.FastCheckHandler)."},
+    {"observed", (PyCFunction)FastCheck_observed, METH_NOARGS,
+     "How many checks were observed here in C since start."},
     {"tally", (PyCFunction)FastCheck_tally, METH_NOARGS,
      "The check metrics counted here, in CheckTally's layout, or None."},
-    {"harvest_uses", (PyCFunction)FastCheck_harvest_uses, METH_NOARGS,
-     "({usage key: uses}, dropped) counted here since the last harvest."},
     {"set_timer", (PyCFunction)FastCheck_set_timer, METH_O,
      "What times a check (None: the monotonic clock)."},
     {"set_policy", (PyCFunction)FastCheck_set_policy, METH_VARARGS,
@@ -1779,8 +1903,22 @@ static PyObject *py_sha256(PyObject *mod, PyObject *arg) {
     return PyBytes_FromStringAndSize((const char *)out, 32);
 }
 
+/* The text tests of the header walk, for tests: (printable ASCII, UTF-8, two dots). */
+static PyObject *py_text_tests(PyObject *mod, PyObject *arg) {
+    Py_buffer b;
+    if (PyObject_GetBuffer(arg, &b, PyBUF_SIMPLE) < 0) return NULL;
+    span s = {b.buf, b.len};
+    PyObject *out = Py_BuildValue("(OOO)", printable_ascii(s) ? Py_True : Py_False,
+                                  valid_utf8(s.p, s.n) ? Py_True : Py_False,
+                                  token_shaped(s) ? Py_True : Py_False);
+    PyBuffer_Release(&b);
+    return out;
+}
+
 static PyMethodDef module_methods[] = {
     {"sha256", py_sha256, METH_O, "SHA-256 digest (the carried implementation, for tests)."},
+    {"text_tests", py_text_tests, METH_O,
+     "(printable ASCII, valid UTF-8, exactly two dots) of bytes, as the walk tests them."},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fastcheck",
@@ -1805,7 +1943,7 @@ PyMODINIT_FUNC PyInit__fastcheck(void) {
     Py_DECREF(hashlib);
     if (!hashlib_sha256) return NULL;
     if (PyType_Ready(&FastCheckType) < 0 || PyType_Ready(&CompiledType) < 0 ||
-        PyType_Ready(&AuditBufferType) < 0)
+        PyType_Ready(&AuditBufferType) < 0 || PyType_Ready(&UsageCountsType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (!m) return NULL;
@@ -1818,6 +1956,12 @@ PyMODINIT_FUNC PyInit__fastcheck(void) {
     Py_INCREF(&AuditBufferType);
     if (PyModule_AddObject(m, "AuditBuffer", (PyObject *)&AuditBufferType) < 0) {
         Py_DECREF(&AuditBufferType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(&UsageCountsType);
+    if (PyModule_AddObject(m, "UsageCounts", (PyObject *)&UsageCountsType) < 0) {
+        Py_DECREF(&UsageCountsType);
         Py_DECREF(m);
         return NULL;
     }

@@ -18,9 +18,9 @@ failure (the rate limiter counts those), a blocked source or key, a replica not 
 to the pure-Python path. tests/test_fastcheck_differential.py runs both on captured, generated
 and fuzzed requests (API keys and tokens) and requires byte-identical answers and equal
 decisions and observer inputs. With the sidecar's own observers (``observe_in_c``) the allows it
-decides for API keys are observed in C too: metrics tally, the decision record's spool payload,
-usage count, with the same results as the Python observers (same spool bytes, /metrics text,
-usage reports).
+decides (API keys and cached tokens) are observed in C too: metrics tally, the decision record's
+spool payload, usage count, with the same results as the Python observers (same spool bytes,
+/metrics text, usage reports; the usage tally then counts in the C path's store, one bound).
 
 The extension is optional: a wheel built without a compiler has none, and this module then
 reports why (``unavailable()``) and the sidecar runs the pure-Python path."""
@@ -200,6 +200,11 @@ class FastCheckHandler:
         decided, fell_back = self._native.counts()
         return int(decided), int(fell_back)
 
+    def observed(self) -> int:
+        """How many of the checks the C path decided were also observed in C (0 unless
+        ``observed_in_c``)."""
+        return int(self._native.observed())
+
     def __call__(self, data: bytes, context: grpc.ServicerContext) -> bytes:
         handler = self.handler
         try:
@@ -236,14 +241,15 @@ def observe_in_c(native: Any, handler: CheckHandler) -> bool:
     """Have the C path observe the allows it decides — metrics tally, decision record, usage
     count, in C — when ``handler.observers`` is exactly a set of the known ones: their counts
     and records join the Python path's (``CheckTally.add_source``, ``AuditQueue.use_store``,
-    ``UsageTally.add_source``). Any other observer (tracing, a test's) keeps every check's
+    ``UsageTally.use_store``: the usage tally then counts the Python observer's uses in the
+    same C store, under one bound). Any other observer (tracing, a test's) keeps every check's
     observers in Python, and so does a change to the list later (the C path compares it on
     every check). True when set up."""
     observers = tuple(handler.observers)
     kinds = [type(observer) for observer in observers]
     if any(kind not in _KNOWN for kind in kinds) or len(set(kinds)) != len(kinds):
         return False
-    metrics = audit = usage = None
+    metrics = audit = usage = counting = None
     for observer in observers:
         if isinstance(observer, DecisionMetrics):
             tally = observer.tally
@@ -260,26 +266,29 @@ def observe_in_c(native: Any, handler: CheckHandler) -> bool:
             sample_all = queue.allow_sample_rate >= 1.0
             audit = (buffer, queue, sample_all, clock, type(clock) is SystemClock)
         elif isinstance(observer, UsageTally):
-            usage = observer.max_entries
+            counting, usage = observer, observer.store  # a second handler shares the first's
+            if not isinstance(usage, _native.UsageCounts):
+                if usage is not None:
+                    return False
+                usage = _native.UsageCounts(observer.max_entries)
     native.observe_in_c(handler, observers, _observed, metrics, audit, usage)
     if audit is not None and queue.store is not audit[0]:
         queue.use_store(audit[0])
+    if counting is not None and usage is not None and counting.store is not usage:
+        counting.use_store(usage)  # the Python observer's counts join the C path's, one bound
     for observer in observers:
         if isinstance(observer, DecisionMetrics):
             observer.tally.add_source(native.tally)
-        elif isinstance(observer, UsageTally):
-            observer.add_source(native.harvest_uses)
     return True
 
 
 def _observed(decision: Decision) -> tuple[bytes, str] | None:
-    """What the C path caches per identity to observe its allows: the record's fixed part and
-    the usage key (UsageTally's); None hands the identity's checks to the Python observers."""
+    """What the C path caches per identity to observe its allows (an API key's or a cached
+    access token's): the record's fixed part and the usage key (UsageTally's: a token counts
+    for its grant); None hands the identity's checks to the Python observers."""
     identity = decision.identity
     if identity is None:
         return fixed_part(decision), ""
-    if identity.kind != "api_key":
-        return None
     return fixed_part(decision), identity.grant_id or identity.id
 
 

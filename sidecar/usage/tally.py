@@ -6,12 +6,18 @@ the old ones; a retired dict is read only at the *next* harvest, one interval la
 thread that fetched its dict just before the swap still lands its increment in a dict nobody
 reads yet (no lost update, no "dict changed size" while summing). Memory is bounded: a thread
 counts at most ``max_entries`` distinct credentials per interval; uses of others are counted as
-dropped."""
+dropped.
+
+With the compiled Check path observing in C, every use — the ones it counts in C and the ones
+the Python observers see (a token's first use, a rate-limited key) — goes to one store instead
+(``use_store``, the C path's ``UsageCounts``): one ``max_entries`` bound per interval for the
+whole sidecar, so both paths keep or drop exactly the same uses."""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from typing import Protocol
 
 from sidecar.authz.decision import Decision, Reason
 from sidecar.authz.engine import CheckInput
@@ -29,6 +35,26 @@ USED = frozenset(
 )
 
 
+class UsageStore(Protocol):
+    """Where a tally counts instead of its threads' dicts (``UsageTally.use_store``)."""
+
+    @property
+    def max_entries(self) -> int: ...
+
+    @property
+    def dropped(self) -> int:
+        """Uses dropped since the last harvest."""
+        ...
+
+    def count(self, key: str, /) -> None:
+        """One use of credential ``key``: dropped when ``max_entries`` others were counted
+        since the last harvest."""
+
+    def harvest(self) -> tuple[dict[str, int], int]:
+        """The uses counted since the last harvest and how many were dropped; starts anew."""
+        ...
+
+
 class UsageTally:
     """``observe(decision, view, source, elapsed)`` for ``CheckHandler.observers`` (and the
     in-cluster API): counts a use of the API key, or of the OAuth grant of an access token."""
@@ -42,7 +68,7 @@ class UsageTally:
         self._retired_at = clock()
         self._lock = threading.Lock()  # guards _slots (a thread's first use; harvests)
         self._dropped = 0  # written by RPC threads without a lock: approximate by design
-        self._sources: list[Callable[[], tuple[dict[str, int], int]]] = []
+        self._store: UsageStore | None = None
 
     @property
     def max_entries(self) -> int:
@@ -51,20 +77,31 @@ class UsageTally:
     @property
     def dropped(self) -> int:
         """Uses not counted: over the memory bound."""
-        return self._dropped
+        store = self._store
+        return self._dropped + (store.dropped if store is not None else 0)
 
-    def add_source(self, source: Callable[[], tuple[dict[str, int], int]]) -> None:
-        """Uses counted elsewhere (the compiled Check path's, kept in C): each harvest takes
-        ``source()`` — the uses since its last call and how many it dropped — with the
-        threads' counts."""
+    @property
+    def store(self) -> UsageStore | None:
+        return self._store
+
+    def use_store(self, store: UsageStore) -> None:
+        """Count every use from now on in ``store`` (the compiled Check path's, which counts
+        its own there too), under its ``max_entries``; harvests take its counts with what the
+        threads counted before."""
         with self._lock:
-            self._sources.append(source)
+            if self._store is not None and self._store is not store:
+                raise RuntimeError("usage tally: already counting in another store")
+            self._store = store
 
     def __call__(self, decision: Decision, view: CheckInput, source: str, elapsed: float) -> None:
         identity = decision.identity
         if identity is None or decision.reason not in USED:
             return
         key = identity.grant_id or identity.id  # an access token counts for its grant
+        store = self._store
+        if store is not None:
+            store.count(key)
+            return
         try:
             counts = self._local.slot[0]
         except AttributeError:
@@ -91,13 +128,13 @@ class UsageTally:
         now = self._clock()
         with self._lock:
             slots = list(self._slots)
-            sources = list(self._sources)
+            store = self._store
         retiring = []
         for slot in slots:
             retiring.append(slot[0])
             slot[0] = {}
-        for source in sources:
-            counts, dropped = source()
+        if store is not None:
+            counts, dropped = store.harvest()
             retiring.append(counts)
             self._dropped += dropped
         ready, self._retired = self._retired, retiring
