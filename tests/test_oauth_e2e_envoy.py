@@ -65,6 +65,7 @@ def stack(oauth_env: OAuthEnv, tmp_path: Path) -> Iterator[OAuthStack]:
             oauth_issuer=oauth_env.issuer,
             # The tests move the shared fake clock by hours; staleness is not under test here.
             max_staleness=0,
+            usage_report_interval=0.05,
         ),
         clock=oauth_env.clock,
     )
@@ -209,3 +210,19 @@ def test_forged_and_foreign_tokens_are_refused(stack: OAuthStack) -> None:
     assert stack.call(access)[0] == 200
     env.clock.advance(3600 + 31)
     assert stack.reason(access) == (401, "token_expired")
+
+
+def test_a_sessions_last_use_counts_verified_and_cached_token_checks(stack: OAuthStack) -> None:
+    """Usage per OAuth grant end to end: the first check of an access token is verified and
+    counted by the Python observer, its repeats are decided and counted in C (one usage store);
+    the control plane's count for the grant (the token's ``sid``) is every allowed check."""
+    env = stack.env
+    client_id, secret = env.register(scopes=["checks:read"])
+    env.member()
+    access = str(tokens(env, env.client(client_id, secret, scope="checks:read"))["access_token"])
+    grant = jwt.decode(access, options={"verify_signature": False})["sid"]
+    for _ in range(3):
+        assert stack.call(access)[0] == 200
+    usage = env.plane.usage
+    wait_until(lambda: sum(uses for _, uses in usage.of(grant).daily) == 3)
+    assert usage.of(grant).last_used_at == int(env.clock.now())
