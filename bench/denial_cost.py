@@ -30,7 +30,6 @@ Not a test: timings on a shared machine are noise; nothing asserts on them."""
 from __future__ import annotations
 
 import gc
-import hashlib
 import logging
 import os
 import sys
@@ -44,14 +43,12 @@ from typing import TYPE_CHECKING, Any
 
 from envoy.service.auth.v3 import external_auth_pb2 as ext
 
+from bench.overhead import _engine as overhead_engine
 from sidecar.auditship import AuditPipeline, ShipConfig
 from sidecar.auditship.observer import DecisionRecorder
 from sidecar.authz.engine import Engine
-from sidecar.authz.policy_source import load_policy
-from sidecar.authz.replica import Replica
 from sidecar.core import keyformat
 from sidecar.core.clock import SystemClock
-from sidecar.core.models import Change
 from sidecar.dataplane.envoy_check import CheckHandler
 from sidecar.dataplane.fastcheck import FastCheckHandler
 from sidecar.logs import JsonFormatter
@@ -79,16 +76,7 @@ def sidecar_counted(env: TargetEnv) -> AbstractContextManager[RunningTarget]:
 
 
 def _engine(secret: str, limits: AbuseLimits) -> Engine:
-    replica = Replica()
-    payload = {
-        "id": "key_bench",
-        "digest": hashlib.sha256(secret.encode()).hexdigest(),
-        "workspace": "acme",
-        "scopes": ["checks:read"],
-        "expires_at": 4_000_000_000,
-    }
-    replica.load_snapshot(1, [Change("credential.upserted", "key_bench", payload)])
-    return Engine(replica, load_policy(None), SystemClock(), limiter=WindowRateLimiter(limits))
+    return overhead_engine(secret, WindowRateLimiter(limits))
 
 
 def _request(path: str, header: str, value: str) -> bytes:

@@ -21,6 +21,7 @@ from sidecar.core.models import Change
 from sidecar.dataplane.envoy_check import CheckHandler
 from sidecar.ops.denial_log import DenialLog
 from sidecar.ops.metrics import DecisionMetrics, Metrics
+from sidecar.ratelimit import WindowRateLimiter
 
 PATH = "/v1/workspaces/acme/checks/1"
 
@@ -30,7 +31,8 @@ def per_call_us(fn: Callable[[], object], number: int) -> float:
     return min(timeit.repeat(fn, number=number, repeat=5)) / number * 1e6
 
 
-def _engine(secret: str) -> Engine:
+def _engine(secret: str, limiter: WindowRateLimiter | None = None) -> Engine:
+    """An engine whose replica holds one key, ``secret``, allowed ``checks:read`` in acme."""
     replica = Replica()
     payload = {
         "id": "key_bench",
@@ -40,7 +42,7 @@ def _engine(secret: str) -> Engine:
         "expires_at": 4_000_000_000,
     }
     replica.load_snapshot(1, [Change("credential.upserted", "key_bench", payload)])
-    return Engine(replica, load_policy(None), SystemClock())
+    return Engine(replica, load_policy(None), SystemClock(), limiter=limiter)
 
 
 def _request(secret: str) -> ext.CheckRequest:
