@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import subprocess
@@ -61,6 +62,7 @@ class IngestRow:
     database_cpu_s: float
     control_plane_idle_util: float
     source: str
+    ids: str = "random"
 
     @property
     def records_per_core_s(self) -> float:
@@ -83,12 +85,13 @@ class IngestRow:
         }
 
 
-def records(count: int, start: int, now: float) -> list[bytes]:
+def records(count: int, start: int, now: float, *, random_ids: bool = True) -> list[bytes]:
     """Spool payloads as a loaded sidecar writes them: mostly allows, every fourth a denial,
     each 10 µs after the one before across calls, as a fleet's decisions arrive (times that
     restarted with every call made SQLite insert each batch all over its time indexes, a cost
     that grew with the table: 16 → 46 µs per row from 50,000 to 200,000 rows, against a flat
-    10 µs with increasing times)."""
+    10 µs with increasing times). Decision ids are random, as a sidecar's are (``_id_bits``);
+    ``random_ids=False`` numbers them in order instead, as this bench did before."""
     out = []
     for i in range(start, start + count):
         workspace = WORKSPACES[i % len(WORKSPACES)]
@@ -102,11 +105,18 @@ def records(count: int, start: int, now: float) -> list[bytes]:
             method=("GET", "POST", "DELETE")[i % 3],
             path=f"/v1/workspaces/{workspace or 'x'}/checks/{i % 211}?page={i % 5}",
             source=f"10.{i % 7}.{i % 251}.{i % 199}:{40000 + i % 20000}",
-            decision_id=f"dec_{i:024x}",
+            decision_id=f"dec_{_id_bits(i) if random_ids else i:024x}",
             latency_s=(40 + i % 300) * 1e-6,
         )
         out.append(encode(ev))
     return out
+
+
+def _id_bits(i: int) -> int:
+    """96 bits that look random, a function of ``i`` (so runs repeat): a sidecar's decision
+    ids are ``dec_`` and 96 random bits (sidecar/authz/decision.py), so each lands at a random
+    place in the id index, where sequential ids would all land on its last page."""
+    return int.from_bytes(hashlib.blake2b(i.to_bytes(8, "big"), digest_size=12).digest(), "big")
 
 
 @contextlib.contextmanager
@@ -161,11 +171,17 @@ def measure(
     count: int,
     db_pids: list[int],
     source: Path = _ROOT,
+    *,
+    random_ids: bool = True,
 ) -> IngestRow:
     """Warm up with two calls, then ship ``count`` records and take the CPU they cost."""
     now = time.time()
-    warm = [records(SHIP_BATCH, 10**12 + k * SHIP_BATCH, now) for k in range(2)]
-    batches = [records(SHIP_BATCH, k, now) for k in range(0, count, SHIP_BATCH)]
+    warm = [
+        records(SHIP_BATCH, 10**12 + k * SHIP_BATCH, now, random_ids=random_ids) for k in range(2)
+    ]
+    batches = [
+        records(SHIP_BATCH, k, now, random_ids=random_ids) for k in range(0, count, SHIP_BATCH)
+    ]
     with control_plane(data, env, source) as (admin, pid, token, operator):
         transport = GrpcTransport(admin, token, timeout=120)
         try:
@@ -187,18 +203,19 @@ def measure(
     sent = sum(len(b) for b in batches)
     if checked < sent:
         raise RuntimeError(f"only {checked} of {sent} records are in the verified chains")
-    return IngestRow(backend, sent, wall, cp, db, idle, str(source))
+    ids = "random" if random_ids else "sequential"
+    return IngestRow(backend, sent, wall, cp, db, idle, str(source), ids)
 
 
 def _cpu(pids: list[int]) -> float:
     return sum(process_cpu_seconds(p) for root in pids for p in descendants(root))
 
 
-def run_sqlite(workdir: Path, count: int, source: Path) -> IngestRow:
-    return measure("sqlite", workdir / "sqlite", {}, count, [], source)
+def run_sqlite(workdir: Path, count: int, source: Path, random_ids: bool = True) -> IngestRow:
+    return measure("sqlite", workdir / "sqlite", {}, count, [], source, random_ids=random_ids)
 
 
-def run_postgres(workdir: Path, count: int, source: Path) -> IngestRow:
+def run_postgres(workdir: Path, count: int, source: Path, random_ids: bool = True) -> IngestRow:
     from sidecar.core import kek
     from sidecar.devtools.postgres_server import PostgresServer
 
@@ -206,7 +223,10 @@ def run_postgres(workdir: Path, count: int, source: Path) -> IngestRow:
         url = pg.create_database("ingest")
         postmaster = int((pg.data_dir / "postmaster.pid").read_text().split()[0])
         env = {"SPAUTH_DATABASE_URL": url, "SPAUTH_KEY_ENCRYPTION_KEY": kek.generate()}
-        return measure("postgres", workdir / "postgres", env, count, [postmaster], source)
+        return measure(
+            "postgres", workdir / "postgres", env, count, [postmaster], source,
+            random_ids=random_ids,
+        )  # fmt: skip
 
 
 def table(rows: list[IngestRow]) -> str:
@@ -238,12 +258,18 @@ def main(argv: list[str] | None = None) -> int:
         default=_ROOT,
         help="run the control plane from this checkout (A/B against another commit)",
     )
+    parser.add_argument(
+        "--sequential-ids",
+        action="store_true",
+        help="number the decision ids in order (as this bench did before) instead of random ids",
+    )
     args = parser.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory(prefix="spauth-ingest-") as tmp:
         for backend in args.backend or ["sqlite", "postgres"]:
             run = run_sqlite if backend == "sqlite" else run_postgres
-            rows.append(run(Path(tmp), args.records, args.control_plane_src.resolve()))
+            src = args.control_plane_src.resolve()
+            rows.append(run(Path(tmp), args.records, src, not args.sequential_ids))
             print(table(rows[-1:]).splitlines()[-1], flush=True)
     print(table(rows))
     if args.json:

@@ -22,7 +22,7 @@ from sidecar.auditship.shipper import DEAD_LETTER_FILE
 from sidecar.auditship.spool import parse_frames
 from sidecar.core import audit_native
 from sidecar.core.audit import _SECRET, AuditEvent, event, secret_in
-from sidecar.core.audit_batch import RefusalReason
+from sidecar.core.audit_batch import EventBatch, RefusalReason
 from sidecar.core.audit_chain import GENESIS, canonical, canonical_reference
 from sidecar.core.audit_trail import NO_WORKSPACE, SIDECAR, AuditTrail
 from sidecar.core.clock import FakeClock
@@ -180,6 +180,31 @@ def test_a_duplicate_within_one_batch_is_stored_once(store: Store, clock: FakeCl
     all_verify(trail)
 
 
+def test_batches_stored_together_see_the_ones_before_them(store: Store, clock: FakeClock) -> None:
+    """``ingest_batches`` (a call's messages, one transaction) answers each batch as separate
+    calls would: a later batch's re-send of an earlier one's record is acknowledged, other
+    content under its id refused, and each chain links across the batches."""
+    trail = AuditTrail(store, clock, KEY)
+    latest = trail.latest_record_time()
+    first, second = mixed(clock, 0, 6), mixed(clock, 6, 4)
+    other = record(0, "globex", first[0].time)  # first[0]'s id, other content
+    batches = [
+        EventBatch(first, latest),
+        EventBatch([*second, first[1], other], latest),
+    ]
+    one, two = trail.ingest_batches(SHIPPER, batches)
+    assert one.acknowledged == [e.id for e in first] and one.stored == 6 and one.refused == []
+    assert two.acknowledged == [*(e.id for e in second), first[1].id] and two.stored == 4
+    assert [(r.id, r.index, r.reason) for r in two.refused] == [
+        (other.id, 5, RefusalReason.CONFLICT)
+    ]
+    assert one.cursor == two.cursor and trail.conflicts == 1
+    assert [e for e, _, _, _ in chains(store)["acme"]] == [
+        e.id for e in [*first, *second] if e.workspace == "acme"
+    ]
+    assert sum(all_verify(trail).values()) == 10
+
+
 def _fail_inserts_of(store: Store, event_id: str) -> None:
     """A real database fault on one row's INSERT (a trigger raising), as a full disk or a lost
     connection would fail a statement halfway through a batch."""
@@ -333,12 +358,36 @@ def test_over_grpc_a_fault_in_a_later_message_acknowledges_nothing(
     assert not info.value.rejected
     with plane.store.read() as uow:
         kept = uow.audit.get_many([e.id for e in batch])
-    # The first two messages committed (each message is one transaction); nothing of the third.
-    assert set(kept) == {e.id for e in batch[:1000]}
+    # The call's messages are stored in one transaction (up to MESSAGES_PER_COMMIT of them):
+    # the third's fault rolls back the first two as well.
+    assert kept == {}
     _heal(plane.store)
     assert transport.send([encode(e) for e in batch]) == 1200
     reports = plane.audit.verify(OPERATOR)
     assert all(r.ok for r in reports) and sum(r.records_checked for r in reports) == already + 1200
+    transport.close()
+
+
+def test_over_grpc_a_call_commits_every_four_messages(
+    control_plane: RunningControlPlane,
+) -> None:
+    """Six messages of 500: the first four are one transaction, the last two another. A fault
+    in the sixth keeps the first four's records (committed, though unacknowledged: the re-send
+    acknowledges them as duplicates) and nothing of the fifth."""
+    plane, clock = control_plane.plane, control_plane.clock
+    batch = mixed(clock, 0, 3000)
+    already = sum(r.records_checked for r in plane.audit.verify(OPERATOR))
+    _fail_inserts_of(plane.store, batch[2900].id)
+    transport = GrpcTransport(control_plane.address, TEST_SYNC_TOKEN, timeout=10)
+    with pytest.raises(TransportError, match="INTERNAL"):
+        transport.send([encode(e) for e in batch])
+    with plane.store.read() as uow:
+        kept = uow.audit.get_many([e.id for e in batch])
+    assert set(kept) == {e.id for e in batch[: 4 * 500]}
+    _heal(plane.store)
+    assert transport.send([encode(e) for e in batch]) == 3000
+    reports = plane.audit.verify(OPERATOR)
+    assert all(r.ok for r in reports) and sum(r.records_checked for r in reports) == already + 3000
     transport.close()
 
 
@@ -358,3 +407,4 @@ def test_bench_ingest_ships_verifies_and_reports(tmp_path: Path) -> None:
     rows = json.loads(out.read_text())
     assert [(r["backend"], r["records"]) for r in rows] == [(b, 4000) for b in backends]
     assert all(r["control_plane_cpu_s"] > 0 and r["records_per_core_s"] > 0 for r in rows)
+    assert all(r["ids"] == "random" for r in rows)  # as a sidecar's decision ids are

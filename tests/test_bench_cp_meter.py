@@ -4,6 +4,8 @@ cross-checks with agrees. Fast (no h2load), so it runs where the smoke test is s
 
 from __future__ import annotations
 
+import os
+
 from bench import cp_cost
 from sidecar.auditship import decision_event
 from sidecar.core.audit import AuditEvent, event
@@ -52,3 +54,31 @@ def test_the_meter_reads_ingest_counters_and_the_database_agrees(
     # Waiting for records that have all arrived returns at once, reached.
     _, reached, _ = cp_cost.settle(meter, cp_cost.progress(meter))
     assert reached
+
+
+def test_a_window_charges_ingest_with_what_the_background_does_not_explain(
+    control_plane: RunningControlPlane,
+) -> None:
+    plane = control_plane.plane
+    # This process runs the control plane: its CPU is the control plane's.
+    meter = cp_cost.meter(
+        os.getpid(), f"127.0.0.1:{plane.http_port}", control_plane.data_dir / "spauth.db"
+    )
+    cp_cost._background.pop((os.getpid(),), None)
+    background = cp_cost.background_util(meter, seconds=0.2)
+    assert background >= 0
+    assert cp_cost.background_util(meter) == background  # read once per control plane
+
+    window = cp_cost.IngestWindow(meter)
+    now = control_plane.clock.now()
+    ctx = RequestContext(principal=SIDECAR, request_id="bench-meter", source="test")
+    for start in range(0, 600, 200):
+        records = [decision(i, now) for i in range(start, start + 200)]
+        assert plane.audit.ingest(ctx, records).stored == 200
+    out = window.close(600)
+    assert out["cp_records"] == 600 and out["cp_settled"] is True
+    assert out["cp_background_cpu_util"] == round(background, 4)
+    assert 0 <= out["cp_ingest_cpu_us_per_record"] <= out["cp_cpu_us_per_record"]
+    summary = cp_cost.summary([out])
+    assert summary["cp_ingest_cpu_us_per_record"] == out["cp_ingest_cpu_us_per_record"]
+    assert summary["cp_background_cpu_util"] == out["cp_background_cpu_util"]

@@ -175,6 +175,8 @@ def _assert_metered(sat: dict[str, Any]) -> None:
     # The process CPU clock ticks every 10 ms: a --quick rep can see no tick at all.
     assert rep["cp_cpu_us_per_record"] >= 0 and rep["cp_cpu_util"] >= 0
     assert sat["cp_cpu_us_per_record"] == rep["cp_cpu_us_per_record"]
+    assert 0 <= rep["cp_ingest_cpu_us_per_record"] <= rep["cp_cpu_us_per_record"]
+    assert sat["cp_background_cpu_util"] == rep["cp_background_cpu_util"] >= 0
     assert sat["cp_records"] == sat["cp_db_records"] == rep["cp_records"]
 
 

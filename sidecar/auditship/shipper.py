@@ -194,7 +194,9 @@ class Shipper:
         if self._consecutive:
             log.info("audit shipping resumed", extra={"after_failures": self._consecutive})
         self._consecutive = 0
-        return 0.0 if sent else self._idle
+        # A full batch leaves a backlog: send on at once. Otherwise wait ``idle``, so a loaded
+        # sidecar sends one large call per interval, as documented, not a few records per call.
+        return 0.0 if sent >= self._batch else self._idle
 
     def run(self, stop: threading.Event, wake: threading.Event) -> None:
         """Poll until ``stop``; ``wake`` cuts a wait short (shutdown)."""

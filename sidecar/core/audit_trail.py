@@ -7,7 +7,7 @@ import base64
 import binascii
 import json
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from sidecar.core import permissions, validation
@@ -237,26 +237,64 @@ class AuditTrail:
         them), as is a malformed record: each refusal is reported with its reason and the rest
         of the batch is stored and acknowledged. ``batch`` was checked against
         ``latest_record_time()``."""
+        return self.ingest_batches(ctx, [batch])[0]
+
+    def ingest_batches(
+        self, ctx: RequestContext, batches: Sequence[PreparedBatch]
+    ) -> list[IngestResult]:
+        """``ingest_batch`` for each of ``batches`` in turn, all in one transaction (one commit
+        for the messages of a call: on SQLite a commit writes every page the records dirtied,
+        and a random decision id dirties a page of the id index of its own). Each batch sees
+        the ones before it as stored, as in separate calls; one result per batch."""
         permissions.require_sidecar(ctx.principal, SIDECAR, "decision records")
-        if batch.size > self.policy.max_ingest_batch:
-            raise InvalidArgument("records", f"at most {self.policy.max_ingest_batch} per message")
-        refused = list(batch.refused)
-        first, repeated = self._first_copies(batch, refused)
-        acknowledged: list[str] = []
+        for batch in batches:
+            if batch.size > self.policy.max_ingest_batch:
+                raise InvalidArgument(
+                    "records", f"at most {self.policy.max_ingest_batch} per message"
+                )
+        staged = []
         with self._store.transaction() as uow:
-            known = uow.audit.get_many(first.keys())
-            new = []
-            for ev_id, index in first.items():
-                stored_ev = known.get(ev_id)
-                if stored_ev is None:
-                    new.append(index)
-                    acknowledged.append(ev_id)
-                elif canonical(stored_ev, 0, "") == batch.content(index):
-                    acknowledged.append(ev_id)  # a re-send (compared as stored: scrubbed)
-                else:
-                    refused.append(self._conflict(ev_id, batch.workspace(index), index))
-            uow.audit.append_batch(batch, new)
+            for batch in batches:
+                refused = list(batch.refused)
+                first, repeated = self._first_copies(batch, refused)
+                acknowledged, new = self._store_new(uow, batch, first, refused)
+                staged.append((batch, refused, repeated, acknowledged, len(new)))
             cursor = uow.audit.last_seq()
+        results = [self._result(*s, cursor) for s in staged]
+        if self._on_ingested is not None:
+            for result in results:
+                self._on_ingested(result)
+        return results
+
+    def _store_new(
+        self, uow: UnitOfWork, batch: PreparedBatch, first: dict[str, int], refused: list[Refusal]
+    ) -> tuple[list[str], list[int]]:
+        """Insert the first copies whose id is not stored; returns the ids acknowledged (new or
+        re-sent) and the positions inserted. A stored id with other content is refused."""
+        acknowledged: list[str] = []
+        known = uow.audit.get_many(first.keys())
+        new = []
+        for ev_id, index in first.items():
+            stored_ev = known.get(ev_id)
+            if stored_ev is None:
+                new.append(index)
+                acknowledged.append(ev_id)
+            elif canonical(stored_ev, 0, "") == batch.content(index):
+                acknowledged.append(ev_id)  # a re-send (compared as stored: scrubbed)
+            else:
+                refused.append(self._conflict(ev_id, batch.workspace(index), index))
+        uow.audit.append_batch(batch, new)
+        return acknowledged, new
+
+    def _result(
+        self,
+        batch: PreparedBatch,
+        refused: list[Refusal],
+        repeated: list[tuple[int, str]],
+        acknowledged: list[str],
+        stored: int,
+        cursor: int,
+    ) -> IngestResult:
         # A copy repeated within the batch shares its first copy's fate.
         accepted = set(acknowledged)
         for index, ev_id in repeated:
@@ -265,10 +303,7 @@ class AuditTrail:
             else:
                 refused.append(self._conflict(ev_id, batch.workspace(index), index))
         refused.sort(key=lambda r: r.index)
-        result = IngestResult(acknowledged, len(new), cursor, refused)
-        if self._on_ingested is not None:
-            self._on_ingested(result)
-        return result
+        return IngestResult(acknowledged, stored, cursor, refused)
 
     def _first_copies(
         self, batch: PreparedBatch, refused: list[Refusal]
