@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import logging
 import os
 import signal
 import subprocess
@@ -112,7 +113,14 @@ def serve_one(settings: SidecarSettings) -> int:
     stop.wait()
     arm(stop_budget(settings.drain_delay, settings.shutdown_grace), "sidecar")
     sidecar.stop()
-    return 0
+    # Everything a stop keeps is on disk or sent by now (spool fsynced, replica saved, spans
+    # and log lines flushed). Skip the interpreter's teardown: it joins the gRPC server's
+    # thread pool, where a handler grpc could not cancel holds the exit, and runs library
+    # atexit hooks with nothing left to do.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_workers(settings: SidecarSettings, argv: list[str]) -> int:
