@@ -28,6 +28,7 @@ from sidecar.core.audit import AuditEvent
 from sidecar.core.audit_trail import SIDECAR, AuditTrail
 from sidecar.core.errors import SpauthError
 from sidecar.core.models import RequestContext
+from sidecar.core.tasks import stop_task
 
 log = logging.getLogger("sidecar.bus.audit")
 
@@ -195,8 +196,6 @@ class AuditStreamConsumer:
 
     async def aclose(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await stop_task(self._task)
         with contextlib.suppress(RedisError, OSError):
             await self._client.aclose()

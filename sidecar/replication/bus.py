@@ -21,6 +21,7 @@ from redis.backoff import AbstractBackoff, EqualJitterBackoff, NoBackoff
 from redis.exceptions import RedisError
 
 from sidecar.core.storage import Store
+from sidecar.core.tasks import stop_task
 
 log = logging.getLogger("sidecar.bus")
 
@@ -162,10 +163,7 @@ class RedisChangeBus:
         if self._unsubscribe is not None:
             self._unsubscribe()
         for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await stop_task(task)
         self._tasks = []
         with contextlib.suppress(*RETRYABLE):
             await self._client.aclose()
