@@ -457,14 +457,32 @@ def test_a_direct_caller_cannot_keep_its_decisions_out_of_the_trail(
     sc.audit.flush(sync=True)
     plane = control_plane.plane
     wait_until(lambda: all(stored(plane, did) is not None for did in ids), 30)
-    records = [stored(plane, did) for did in ids]
-    assert all(r is not None and r.workspace == "acme" for r in records)
-    texts = [f"{r.target}{r.metadata}" for r in records if r is not None]
-    assert not any("\x00" in text for text in texts)
-    assert "\ufffd" in records[0].target and records[1].metadata["method"] == "G\ufffdT"  # type: ignore[union-attr]
-    assert records[2].metadata["method"] == "P" * 512  # type: ignore[union-attr]
-    assert len(records[3].metadata["source"]) == 512  # type: ignore[union-attr]
-    assert "[redacted]" in records[4].target and "Bearer" not in records[4].target  # type: ignore[union-attr]
-    assert records[5].metadata["source"] == "10.0.0.1\ufffd"  # type: ignore[union-attr]
+    found = [stored(plane, did) for did in ids]
+    records = [r for r in found if r is not None]
+    assert len(records) == len(ids) and all(r.workspace == "acme" for r in records)
+    assert not any("\x00" in f"{r.target}{r.metadata}" for r in records)
+    assert "\ufffd" in records[0].target and records[1].metadata["method"] == "G\ufffdT"
+    assert records[2].metadata["method"] == "P" * 512
+    assert len(records[3].metadata["source"]) == 512
+    assert "[redacted]" in records[4].target and "Bearer" not in records[4].target
+    assert len(records[4].target) == 512  # redaction lengthened it; cut again
+    assert records[5].metadata["source"] == "10.0.0.1\ufffd"
     assert sc.audit.shipper is not None and sc.audit.shipper.stats().rejected == 0
     assert all(r.ok for r in plane.audit.verify(_operator_ctx(control_plane)))
+
+
+def test_a_record_without_a_decision_id_is_fitted_the_same_way() -> None:
+    """The other way a queued decision becomes a record (no decision id: the event, scrubbed):
+    the same rules, so ingest accepts it too."""
+    from sidecar.auditship.records import PendingDecision
+    from sidecar.authz.decision import Decision
+    from sidecar.core.audit_batch import MAX_FIELD
+
+    denied = Decision(Reason.UNKNOWN_KEY, "", None, "")
+    pending = PendingDecision(
+        denied, "G\x00T" * 200, "/v1/" + "Bearer x " * 70, "10.0.0.1\x00", 0.0, 1_800_000_000.0
+    )
+    ev = decode(pending.payload())
+    assert ev.metadata["method"] == ("G\ufffdT" * 200)[:MAX_FIELD]
+    assert ev.metadata["source"] == "10.0.0.1\ufffd"
+    assert len(ev.target) == MAX_FIELD and "[redacted]" in ev.target and "Bearer" not in ev.target

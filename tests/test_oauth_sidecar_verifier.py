@@ -38,6 +38,16 @@ def _token(key: object, kid: str, grant: str = "grt_1", ttl: int = 3600) -> str:
     ).token
 
 
+ANY_PATH = parse_policy('[[routes]]\nname = "c"\npath = "/**"\nscopes = ["checks:read"]\n')
+
+
+def _verifying_engine(replica: Replica, clock: FakeClock) -> Engine:
+    """An engine verifying access tokens from ``replica``, every path needing checks:read."""
+    return Engine(
+        replica, ANY_PATH, clock, token_verifier=ReplicaTokenVerifier(ISSUER, "statuspulse-api")
+    )
+
+
 def _at(change: Change, revision: int) -> Change:
     return Change(change.kind, change.subject, change.payload, revision)
 
@@ -122,10 +132,8 @@ def test_token_cache_size_zero_verifies_every_request(
         return real(token, replica, now)
 
     engine = Engine(
-        replica, parse_policy('[[routes]]\nname = "c"\npath = "/**"\nscopes = ["checks:read"]\n'),
-        FakeClock(NOW + 1), token_verifier=counting,
-        token_cache_size=size,
-    )  # fmt: skip
+        replica, ANY_PATH, FakeClock(NOW + 1), token_verifier=counting, token_cache_size=size
+    )
     token = _token(private, kid)
     for _ in range(3):
         assert engine.authorize(token, ["checks:read"]).reason is Reason.OK
@@ -139,10 +147,7 @@ def test_cached_token_answers_only_while_the_cached_verification_holds(
     the token from the cache alone; None sends it to the Python path (which refuses it)."""
     replica, private, kid = keyed
     clock = FakeClock(NOW + 1)
-    engine = Engine(
-        replica, parse_policy('[[routes]]\nname = "c"\npath = "/**"\nscopes = ["checks:read"]\n'),
-        clock, token_verifier=ReplicaTokenVerifier(ISSUER, "statuspulse-api"),
-    )  # fmt: skip
+    engine = _verifying_engine(replica, clock)
     token, other = _token(private, kid, ttl=600), _token(private, kid, grant="grt_2")
     digest, other_digest = (hashlib.sha256(t.encode()).digest() for t in (token, other))
     assert engine.cached_token(digest, clock.now()) is None  # never verified
@@ -170,10 +175,7 @@ def test_repeats_inside_the_leeway_do_not_alternate(keyed: tuple[Replica, object
     exp, so inside the leeway repeats went allowed (verified), expired (cache), allowed..."""
     replica, private, kid = keyed
     clock = FakeClock(NOW + 1)
-    engine = Engine(
-        replica, parse_policy('[[routes]]\nname = "c"\npath = "/**"\nscopes = ["checks:read"]\n'),
-        clock, token_verifier=ReplicaTokenVerifier(ISSUER, "statuspulse-api"),
-    )  # fmt: skip
+    engine = _verifying_engine(replica, clock)
     token = _token(private, kid, ttl=600)
     clock.advance(599 + 10)  # 10 s past exp
     assert [engine.authorize(token, []).reason for _ in range(4)] == [Reason.OK] * 4
