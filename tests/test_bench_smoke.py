@@ -284,3 +284,14 @@ def test_parse_summary_counts_unexpected_statuses() -> None:
     assert h2load.parse_summary(text, range(400, 500)) == (7817.0, 39085, 39080)
     with pytest.raises(ValueError, match="not understood"):
         h2load.parse_summary("connect failed", range(200, 300))
+
+
+def test_parse_summary_reads_a_run_that_answered_nothing() -> None:
+    # Printed by a 0.1 s warm-up on a loaded CI machine: the time is in microseconds.
+    text = (
+        "finished in 9us, 0.00 req/s, 3.59KB/s\n"
+        "requests: 0 total, 128 started, 0 done, 0 succeeded, 0 failed, 0 errored, 0 timeout\n"
+        "status codes: 0 2xx, 0 3xx, 0 4xx, 0 5xx\n"
+    )
+    assert h2load.parse_summary(text, range(200, 300)) == (0.0, 0, 0)
+    assert h2load.parse_summary(text.replace("9us", "412.5ms"), range(200, 300)) == (0.0, 0, 0)
