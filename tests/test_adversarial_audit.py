@@ -168,6 +168,27 @@ def test_records_from_the_future_are_refused(control_plane: RunningControlPlane)
     transport.close()
 
 
+def test_an_id_shaped_like_a_credential_is_refused_and_never_stored(
+    control_plane: RunningControlPlane,
+) -> None:
+    """Ids are stored as sent (they name the record), so one that is a credential would put the
+    secret in the trail, its exports and every answer that names the record. Both forms a
+    record id's characters allow are refused as malformed ids, answered redacted."""
+    plane, now = control_plane.plane, control_plane.clock.now()
+    api_key = "spk_" + "A1b2" * 8
+    jwt_like = "eyJhbGciOi.eyJzdWIiOi.c2lnbmF0dXJl"
+    transport = GrpcTransport(control_plane.address, TEST_SYNC_TOKEN, timeout=5)
+    for secret in (api_key, jwt_like):
+        with pytest.raises(TransportError) as info:
+            transport.send([encode(record(secret, "acme", now - 1))])
+        assert info.value.rejected
+        assert secret not in str(info.value)
+        assert stored(plane, secret) is None
+    # A sidecar's own ids still go in.
+    assert transport.send([encode(record("dec_" + "5a" * 12, "acme", now - 1))]) == 1
+    transport.close()
+
+
 # -- every decision recorded, attributed ----------------------------------------------------
 
 

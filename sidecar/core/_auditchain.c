@@ -329,6 +329,16 @@ static int str_is(Str s, const char *lit) {
     return (size_t)s.n == n && !memcmp(s.p, lit, n);
 }
 
+/* Whether an id (ASCII, checked above) is shaped like a credential: stored unredacted, it
+ * would put a secret in the trail (audit_batch.checked_decision refuses it the same way). */
+static int id_holds_secret(Str id) {
+    Py_UCS4 s[64];
+    for (Py_ssize_t i = 0; i < id.n; i++) s[i] = (unsigned char)id.p[i];
+    for (Py_ssize_t p = 0; p < id.n; p++)
+        if (secret_at(s, id.n, p) >= 0) return 1;
+    return 0;
+}
+
 static int check(const Rec *r, double t, double latest) {
     Str action = r->f[F_ACTION], id = r->f[F_ID], ws = r->f[F_WORKSPACE];
     if (!str_is(action, "authz.allow") && !str_is(action, "authz.deny")) return R_ACTION;
@@ -337,6 +347,7 @@ static int check(const Rec *r, double t, double latest) {
         unsigned char c = id.p[i];
         if (!(is_ascii_alnum(c) || c == '.' || c == '_' || c == ':' || c == '-')) return R_ID;
     }
+    if (id_holds_secret(id)) return R_ID;
     if (t <= 0) return R_MISSING_TIME;
     if (t > latest) return R_FUTURE;
     static const int sized[] = {F_ACTOR, F_WORKSPACE, F_TARGET, F_OUTCOME, F_REASON, F_RID};

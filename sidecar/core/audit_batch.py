@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from sidecar.core import validation
-from sidecar.core.audit import DECISION_ACTIONS, AuditEvent, redact, scrub
+from sidecar.core.audit import DECISION_ACTIONS, AuditEvent, redact, scrub, secret_in
 from sidecar.core.audit_chain import Link, canonical, metadata_json, next_link
 from sidecar.core.errors import InvalidArgument
 
@@ -66,7 +66,11 @@ class Refusal:
 # position here, so this table is its only copy of the words).
 CHECKS: tuple[tuple[RefusalReason, str, str], ...] = (
     (RefusalReason.NOT_A_DECISION, "records.action", f"expected one of {sorted(DECISION_ACTIONS)}"),
-    (RefusalReason.MALFORMED_ID, "records.id", "expected 1-64 characters [A-Za-z0-9._:-]"),
+    (
+        RefusalReason.MALFORMED_ID,
+        "records.id",
+        "expected 1-64 characters [A-Za-z0-9._:-], not shaped like a credential",
+    ),
     (RefusalReason.MISSING_TIME, "records.time", "must be set"),
     (
         RefusalReason.FUTURE_TIME,
@@ -115,7 +119,9 @@ def checked_decision(ev: AuditEvent, latest: float, valid_workspaces: set[str]) 
     Raises ``Refused``, whose message never quotes the record (it reaches the sidecar's log)."""
     if ev.action not in DECISION_ACTIONS:
         raise Refused(NOT_A_DECISION)
-    if not _ID.fullmatch(ev.id):
+    # An id shaped like a credential would be stored as it is (ids are not redacted: they
+    # name the record), so it is refused like any malformed id.
+    if not _ID.fullmatch(ev.id) or secret_in(ev.id):
         raise Refused(MALFORMED_ID)
     if ev.time <= 0:
         raise Refused(MISSING_TIME)
