@@ -11,8 +11,14 @@ import time
 
 import pytest
 
+from sidecar.auditship.records import decision_event
 from sidecar.authz.decision import DECISION_ID_LENGTH, DecisionIds
+from sidecar.core.audit import AuditEvent
+from sidecar.core.audit_batch import RefusalReason
+from sidecar.core.audit_trail import SIDECAR, AuditTrail
 from sidecar.core.clock import FakeClock, SystemClock
+from sidecar.core.models import Principal, RequestContext
+from sidecar.core.storage import Store
 from sidecar.dataplane.fastcheck import unavailable
 
 ID = re.compile(r"dec_([0-9a-f]{12})([0-9a-f]{24})")
@@ -111,3 +117,43 @@ def test_the_ingest_bench_sends_ids_a_sidecar_makes() -> None:
     former = [decode(p).id for p in records(300, 0, now, ids="random")]
     assert all(re.fullmatch(r"dec_[0-9a-f]{24}", i) for i in former)
     assert former != sorted(former)
+
+
+def _record(decision_id: str, when: float, path: str = "/v1/workspaces/acme/checks") -> AuditEvent:
+    return decision_event(
+        time=when,
+        allowed=True,
+        reason="ok",
+        credential_id="key_0000000000000001",
+        workspace="acme",
+        method="GET",
+        path=path,
+        source="10.0.0.1:40000",
+        decision_id=decision_id,
+        latency_s=0.0001,
+    )
+
+
+def test_ids_stored_in_the_former_format_keep_working(store: Store, clock: FakeClock) -> None:
+    """A store holding random ids (``dec_`` + 24 hex, before 2026-12-07) takes time-ordered
+    ones after them: a re-send of either is acknowledged once stored, other content under
+    either id is a conflict, and both are found by id; the chain verifies across them."""
+    trail = AuditTrail(store, clock, b"checkpoint-key-for-tests-32bytes")
+    shipper = RequestContext(SIDECAR, "req_sidecar")
+    now = clock.now()
+    former = [_record("dec_" + os.urandom(12).hex(), now - 2 + i * 1e-3) for i in range(3)]
+    ids = DecisionIds(os.urandom, clock)
+    new = [_record(ids.next(), now - 1 + i * 1e-3) for i in range(3)]
+    assert trail.ingest(shipper, former).stored == 3 and trail.ingest(shipper, new).stored == 3
+    again = trail.ingest(shipper, [former[1], new[1]])
+    assert again.acknowledged == [former[1].id, new[1].id] and again.stored == 0
+    forged = [_record(e.id, e.time, "/v1/workspaces/acme/keys") for e in (former[0], new[0])]
+    refused = trail.ingest(shipper, forged).refused
+    assert [(r.id, r.reason) for r in refused] == [(e.id, RefusalReason.CONFLICT) for e in forged]
+    with store.read() as uow:
+        found = uow.audit.get_many([e.id for e in former + new])
+        assert uow.audit.get(former[2].id) is not None
+    assert sorted(found) == sorted(e.id for e in former + new)
+    assert all(found[e.id].target == e.target for e in former + new)
+    operator = RequestContext(Principal("key_op", "*", frozenset({"admin:full"})), "req_op")
+    assert [r.records_checked for r in trail.verify(operator) if r.ok] == [6]
