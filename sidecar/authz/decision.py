@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import enum
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network
@@ -159,10 +160,12 @@ class DecisionIds:
     ) -> None:
         self._random = random
         self._clock: Clock = clock if clock is not None else _SYSTEM_CLOCK
+        # On every Python-path check: time.time itself, not SystemClock.now's extra frame.
+        self._now = time.time if type(self._clock) is SystemClock else self._clock.now
 
     def next(self) -> str:
-        ms = int(self._clock.now() * 1000) & _MS_MASK
-        return f"dec_{ms:012x}{self._random(DECISION_ID_BYTES).hex()}"
+        ms = int(self._now() * 1000) & _MS_MASK
+        return "dec_" + (ms.to_bytes(6, "big") + self._random(DECISION_ID_BYTES)).hex()
 
     def uses_system_sources(self) -> bool:
         """Whether ids come from ``os.urandom`` and the system clock (the compiled Check path
