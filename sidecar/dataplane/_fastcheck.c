@@ -720,7 +720,7 @@ static const char HEX[] = "0123456789abcdef";
  * - fork: a pthread_atfork child handler (registered at import) wipes the buffer, so a child
  *   (``spauth sidecar --workers N``, os.fork) draws its own bytes and never hands out the
  *   parent's unused ones (tests/test_decision_ids.py forks for real);
- * - bytes are wiped as they are handed out, so a core dump holds no id's random part twice. */
+ * - bytes are wiped as they are handed out: the buffer keeps only bytes no id has used yet. */
 #define ID_RANDOM 12
 #define ID_TEXT (4 + 12 + 2 * ID_RANDOM)
 #ifndef Py_GIL_DISABLED
