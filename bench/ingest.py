@@ -3,6 +3,7 @@
     python -m bench.ingest                       # 20,000 records per backend, both backends
     python -m bench.ingest --records 50000 --backend sqlite --json out.json
     python -m bench.ingest --control-plane-src /tmp/main   # A/B: another checkout's control plane
+    python -m bench.ingest --backend sqlite --ids random --ids time-ordered --repeat 3
 
 A real control plane (``python -m sidecar control-plane``, its own process) receives realistic
 decision records (8 workspaces plus the no-workspace chain, allows and denials with their reasons,
@@ -27,6 +28,7 @@ import contextlib
 import hashlib
 import json
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -44,6 +46,7 @@ from sidecar._gen.statuspulse.auth.v1 import audit_pb2_grpc as pb_grpc
 from sidecar.auditship.codec import encode
 from sidecar.auditship.records import decision_event
 from sidecar.auditship.transport import GrpcTransport
+from sidecar.authz.decision import DecisionIds
 from sidecar.devtools.ports import free_port
 
 _ROOT = Path(__file__).resolve().parent.parent
@@ -62,7 +65,7 @@ class IngestRow:
     database_cpu_s: float
     control_plane_idle_util: float
     source: str
-    ids: str = "random"
+    ids: str = "time-ordered"
 
     @property
     def records_per_core_s(self) -> float:
@@ -85,19 +88,42 @@ class IngestRow:
         }
 
 
-def records(count: int, start: int, now: float, *, random_ids: bool = True) -> list[bytes]:
+ID_FORMATS = ("time-ordered", "random", "sequential")
+
+
+class _RecordClock:
+    """The time of the record being made (a Clock for ``DecisionIds``)."""
+
+    def __init__(self) -> None:
+        self.at = 0.0
+
+    def now(self) -> float:
+        return self.at
+
+
+def records(count: int, start: int, now: float, *, ids: str = "time-ordered") -> list[bytes]:
     """Spool payloads as a loaded sidecar writes them: mostly allows, every fourth a denial,
     each 10 µs after the one before across calls, as a fleet's decisions arrive (times that
     restarted with every call made SQLite insert each batch all over its time indexes, a cost
     that grew with the table: 16 → 46 µs per row from 50,000 to 200,000 rows, against a flat
-    10 µs with increasing times). Decision ids are random, as a sidecar's are (``_id_bits``);
-    ``random_ids=False`` numbers them in order instead, as this bench did before."""
+    10 µs with increasing times). Decision ids (``ids``, one of ``ID_FORMATS``):
+    ``time-ordered`` as a sidecar makes them now (its own ``DecisionIds`` at the record's time,
+    random bits seeded by ``start`` so runs repeat); ``random``, ``dec_`` and 96 random-looking
+    bits, as a sidecar made them before 2026-12-07; ``sequential`` numbers them in order, as
+    this bench did before that."""
+    clock = _RecordClock()
+    made = DecisionIds(random.Random(start).randbytes, clock)
     out = []
     for i in range(start, start + count):
         workspace = WORKSPACES[i % len(WORKSPACES)]
         allowed = i % 4 != 0
+        clock.at = now - 2.0 + (i % 10**7) * 1e-5
+        if ids == "time-ordered":
+            did = made.next()
+        else:
+            did = f"dec_{_id_bits(i) if ids == 'random' else i:024x}"
         ev = decision_event(
-            time=now - 2.0 + (i % 10**7) * 1e-5,
+            time=clock.at,
             allowed=allowed,
             reason="ok" if allowed else DENIALS[i // 4 % len(DENIALS)],
             credential_id=f"key_{(i * 7919) % 400:016x}" if i % 13 else "",
@@ -105,7 +131,7 @@ def records(count: int, start: int, now: float, *, random_ids: bool = True) -> l
             method=("GET", "POST", "DELETE")[i % 3],
             path=f"/v1/workspaces/{workspace or 'x'}/checks/{i % 211}?page={i % 5}",
             source=f"10.{i % 7}.{i % 251}.{i % 199}:{40000 + i % 20000}",
-            decision_id=f"dec_{_id_bits(i) if random_ids else i:024x}",
+            decision_id=did,
             latency_s=(40 + i % 300) * 1e-6,
         )
         out.append(encode(ev))
@@ -113,9 +139,8 @@ def records(count: int, start: int, now: float, *, random_ids: bool = True) -> l
 
 
 def _id_bits(i: int) -> int:
-    """96 bits that look random, a function of ``i`` (so runs repeat): a sidecar's decision
-    ids are ``dec_`` and 96 random bits (sidecar/authz/decision.py), so each lands at a random
-    place in the id index, where sequential ids would all land on its last page."""
+    """96 bits that look random, a function of ``i`` (so runs repeat): the former decision ids
+    were ``dec_`` and 96 random bits, so each landed at a random place in the id index."""
     return int.from_bytes(hashlib.blake2b(i.to_bytes(8, "big"), digest_size=12).digest(), "big")
 
 
@@ -172,16 +197,12 @@ def measure(
     db_pids: list[int],
     source: Path = _ROOT,
     *,
-    random_ids: bool = True,
+    ids: str = "time-ordered",
 ) -> IngestRow:
     """Warm up with two calls, then ship ``count`` records and take the CPU they cost."""
     now = time.time()
-    warm = [
-        records(SHIP_BATCH, 10**12 + k * SHIP_BATCH, now, random_ids=random_ids) for k in range(2)
-    ]
-    batches = [
-        records(SHIP_BATCH, k, now, random_ids=random_ids) for k in range(0, count, SHIP_BATCH)
-    ]
+    warm = [records(SHIP_BATCH, 10**12 + k * SHIP_BATCH, now, ids=ids) for k in range(2)]
+    batches = [records(SHIP_BATCH, k, now, ids=ids) for k in range(0, count, SHIP_BATCH)]
     with control_plane(data, env, source) as (admin, pid, token, operator):
         transport = GrpcTransport(admin, token, timeout=120)
         try:
@@ -203,7 +224,6 @@ def measure(
     sent = sum(len(b) for b in batches)
     if checked < sent:
         raise RuntimeError(f"only {checked} of {sent} records are in the verified chains")
-    ids = "random" if random_ids else "sequential"
     return IngestRow(backend, sent, wall, cp, db, idle, str(source), ids)
 
 
@@ -211,11 +231,11 @@ def _cpu(pids: list[int]) -> float:
     return sum(process_cpu_seconds(p) for root in pids for p in descendants(root))
 
 
-def run_sqlite(workdir: Path, count: int, source: Path, random_ids: bool = True) -> IngestRow:
-    return measure("sqlite", workdir / "sqlite", {}, count, [], source, random_ids=random_ids)
+def run_sqlite(workdir: Path, count: int, source: Path, ids: str = "time-ordered") -> IngestRow:
+    return measure("sqlite", workdir / "sqlite", {}, count, [], source, ids=ids)
 
 
-def run_postgres(workdir: Path, count: int, source: Path, random_ids: bool = True) -> IngestRow:
+def run_postgres(workdir: Path, count: int, source: Path, ids: str = "time-ordered") -> IngestRow:
     from sidecar.core import kek
     from sidecar.devtools.postgres_server import PostgresServer
 
@@ -225,20 +245,21 @@ def run_postgres(workdir: Path, count: int, source: Path, random_ids: bool = Tru
         env = {"SPAUTH_DATABASE_URL": url, "SPAUTH_KEY_ENCRYPTION_KEY": kek.generate()}
         return measure(
             "postgres", workdir / "postgres", env, count, [postmaster], source,
-            random_ids=random_ids,
+            ids=ids,
         )  # fmt: skip
 
 
 def table(rows: list[IngestRow]) -> str:
     lines = [
-        "| backend | records | records/s per control-plane core | control-plane CPU µs/record "
-        "| database CPU µs/record | wall records/s | idle control-plane CPU |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| backend | ids | records | records/s per control-plane core "
+        "| control-plane CPU µs/record | database CPU µs/record | wall records/s "
+        "| idle control-plane CPU |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         db = f"{r.database_us_per_record:.1f}" if r.backend == "postgres" else "(in process)"
         lines.append(
-            f"| {r.backend} | {r.records:,} | {r.records_per_core_s:,.0f} "
+            f"| {r.backend} | {r.ids} | {r.records:,} | {r.records_per_core_s:,.0f} "
             f"| {r.control_plane_us_per_record:.1f} | {db} | {r.records / r.wall_s:,.0f} "
             f"| {r.control_plane_idle_util:.1%} |"
         )
@@ -259,18 +280,27 @@ def main(argv: list[str] | None = None) -> int:
         help="run the control plane from this checkout (A/B against another commit)",
     )
     parser.add_argument(
-        "--sequential-ids",
-        action="store_true",
-        help="number the decision ids in order (as this bench did before) instead of random ids",
+        "--ids",
+        action="append",
+        choices=ID_FORMATS,
+        help="decision ids: time-ordered (a sidecar's now, the default), random (a sidecar's "
+        "before 2026-12-07) or sequential; repeat the flag for an A/B in one run",
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="run every backend and id format this many times"
     )
     args = parser.parse_args(argv)
-    rows = []
+    src = args.control_plane_src.resolve()
+    rows: list[IngestRow] = []
     with tempfile.TemporaryDirectory(prefix="spauth-ingest-") as tmp:
-        for backend in args.backend or ["sqlite", "postgres"]:
-            run = run_sqlite if backend == "sqlite" else run_postgres
-            src = args.control_plane_src.resolve()
-            rows.append(run(Path(tmp), args.records, src, not args.sequential_ids))
-            print(table(rows[-1:]).splitlines()[-1], flush=True)
+        for _ in range(args.repeat):
+            for backend in args.backend or ["sqlite", "postgres"]:
+                run = run_sqlite if backend == "sqlite" else run_postgres
+                for ids in args.ids or ["time-ordered"]:
+                    workdir = Path(tmp) / str(len(rows))  # each run starts from an empty store
+                    workdir.mkdir()
+                    rows.append(run(workdir, args.records, src, ids))
+                    print(table(rows[-1:]).splitlines()[-1], flush=True)
     print(table(rows))
     if args.json:
         args.json.write_text(json.dumps([r.as_json() for r in rows], indent=2) + "\n")

@@ -5,10 +5,13 @@ replication stream without the sync token. Real control plane, real sidecar, rea
 from __future__ import annotations
 
 import json
+import os
+import re
 import sqlite3
 import stat
 import time
 from collections.abc import Callable, Iterator
+from itertools import pairwise
 from pathlib import Path
 
 import grpc
@@ -73,21 +76,41 @@ def conflicts(plane: ControlPlane) -> float:
 # -- decision ids ---------------------------------------------------------------------------
 
 
-def test_decision_ids_are_96_random_bits_without_a_counter() -> None:
+def _compiled_ids() -> Callable[[], str] | None:
+    from sidecar.dataplane.fastcheck import unavailable
+
+    if unavailable():
+        return None
+    from sidecar.dataplane import _fastcheck
+
+    return _fastcheck.decision_id  # the compiled Check path's ids from the system's sources
+
+
+@pytest.mark.parametrize("path", ["python", "compiled"])
+def test_decision_ids_are_96_random_bits_without_a_counter(path: str) -> None:
+    """An id is ``dec_``, 12 hex digits of the sidecar's clock in milliseconds (public: the
+    Date header says as much) and 96 random bits; nothing of one id predicts another. Fails if
+    the random part shrinks, a counter or a per-process constant appears in it."""
     asked: list[int] = []
 
     def fixed(n: int) -> bytes:
         asked.append(n)
         return bytes(range(n))
 
-    assert DecisionIds(fixed).next() == "dec_" + bytes(range(12)).hex()
+    clock = FakeClock(1_800_000_000.0)
+    assert DecisionIds(fixed, clock).next() == "dec_" + "01a3185c5000" + bytes(range(12)).hex()
     assert asked == [12]
-    ids = [DecisionIds().next() for _ in range(2000)]
-    assert len(set(ids)) == 2000 and all(len(i) == 4 + 24 for i in ids)
-    # No shared per-process prefix and no counter: nothing but the 'dec_' tag is common.
-    engine_ids = DecisionIds()
-    a, b = engine_ids.next(), engine_ids.next()
-    assert a[:8] != b[:8] or a[8:16] != b[8:16]
+    make = DecisionIds(os.urandom, clock).next if path == "python" else _compiled_ids()
+    if make is None:
+        pytest.skip("the compiled Check path is not built here")
+    ids = [make() for _ in range(2000)]
+    assert all(re.fullmatch(r"dec_[0-9a-f]{36}", i) for i in ids)
+    randoms = [int(i[16:], 16) for i in ids]
+    assert len(set(randoms)) == 2000
+    # No counter: consecutive ids are far apart (96 random bits: < 2**64 apart has odds 2**-31).
+    assert all(abs(b - a) >= 1 << 64 for a, b in pairwise(randoms))
+    # No constant: each of the 96 bits is 0 in some ids and 1 in others.
+    assert all(0 < sum(r >> bit & 1 for r in randoms) < 2000 for bit in range(96))
 
 
 # -- who may write decision records ---------------------------------------------------------

@@ -407,4 +407,4 @@ def test_bench_ingest_ships_verifies_and_reports(tmp_path: Path) -> None:
     rows = json.loads(out.read_text())
     assert [(r["backend"], r["records"]) for r in rows] == [(b, 4000) for b in backends]
     assert all(r["control_plane_cpu_s"] > 0 and r["records_per_core_s"] > 0 for r in rows)
-    assert all(r["ids"] == "random" for r in rows)  # as a sidecar's decision ids are
+    assert all(r["ids"] == "time-ordered" for r in rows)  # as a sidecar's decision ids are

@@ -168,7 +168,7 @@ def _side(policy: Policy, compiled: bool, seed: int) -> Side:
     limiter = WindowRateLimiter(AbuseLimits(source_failures=5, key_failures=3))
     verifier = ReplicaTokenVerifier(ISSUER, AUDIENCE, max_lifetime=3600)
     engine = Engine(_replica(), policy, FakeClock(NOW), limiter=limiter, token_verifier=verifier)
-    engine.ids = DecisionIds(rng.randbytes)
+    engine.ids = DecisionIds(rng.randbytes, engine.clock)
     side = Side(lambda data, ctx: b"", engine)
     handler = CheckHandler(engine, [_observe(side.seen)], lambda r, _t: side.errors.append(r))
     if compiled:
@@ -798,7 +798,7 @@ def _shipped(
     limiter = WindowRateLimiter(AbuseLimits(source_failures=10**6, key_failures=10**6))
     verifier = ReplicaTokenVerifier(ISSUER, AUDIENCE, max_lifetime=3600)
     engine = Engine(_replica(), policy, clock, limiter=limiter, token_verifier=verifier)
-    engine.ids = DecisionIds(random.Random(7).randbytes)
+    engine.ids = DecisionIds(random.Random(7).randbytes, clock)
     metrics = Metrics()
     config = ShipConfig(
         spool, queue_capacity=capacity, deny_headroom=2, allow_sample_rate=sample_rate

@@ -19,6 +19,8 @@
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <errno.h>
+#include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
@@ -706,24 +708,76 @@ static PyObject *entries_dict(const entry *entries, int n) {
 
 static const char HEX[] = "0123456789abcdef";
 
+/* Decision ids as sidecar/authz/decision.py DecisionIds.next makes them: "dec_", the Unix time
+ * in milliseconds as 12 hex digits (48 bits, big-endian: text order is time order) and 96
+ * random bits as 24 hex digits.
+ *
+ * The random bits come from a buffer of getrandom(2) bytes, 12 per id (one getrandom per id
+ * cost ~0.3 us on the cached-token path). Safe because:
+ * - threads: it is only touched with the GIL held (every caller builds Python objects), and
+ *   this module's single-phase init keeps it out of subinterpreters with a GIL of their own; a
+ *   free-threaded build (Py_GIL_DISABLED) has no GIL to rely on, so there it draws per id;
+ * - fork: a pthread_atfork child handler (registered at import) wipes the buffer, so a child
+ *   (``spauth sidecar --workers N``, os.fork) draws its own bytes and never hands out the
+ *   parent's unused ones (tests/test_decision_ids.py forks for real);
+ * - bytes are wiped as they are handed out: the buffer keeps only bytes no id has used yet. */
+#define ID_RANDOM 12
+#define ID_TEXT (4 + 12 + 2 * ID_RANDOM)
+#ifndef Py_GIL_DISABLED
+#define ID_POOL 4092 /* 341 ids per getrandom(2) */
+static unsigned char id_pool[ID_POOL];
+static size_t id_pool_left; /* unused bytes at the end of id_pool */
+
+static void id_pool_forget(void) { /* the pthread_atfork child handler: async-signal-safe */
+    memset(id_pool, 0, sizeof id_pool);
+    id_pool_left = 0;
+}
+#endif
+
+static int id_random(unsigned char out[ID_RANDOM]) {
+#ifdef Py_GIL_DISABLED
+    if (getrandom(out, ID_RANDOM, 0) != ID_RANDOM) { PyErr_SetFromErrno(PyExc_OSError); return -1; }
+#else
+    while (id_pool_left < ID_RANDOM) { /* a signal can cut a read over 256 bytes short */
+        ssize_t got = getrandom(id_pool, sizeof id_pool, 0);
+        if (got < 0 && errno == EINTR) continue;
+        if (got < 0) { PyErr_SetFromErrno(PyExc_OSError); return -1; }
+        id_pool_left = (size_t)got - (size_t)got % ID_RANDOM;
+    }
+    unsigned char *p = id_pool + id_pool_left - ID_RANDOM;
+    memcpy(out, p, ID_RANDOM);
+    memset(p, 0, ID_RANDOM);
+    id_pool_left -= ID_RANDOM;
+#endif
+    return 0;
+}
+
+static PyObject *system_decision_id(void) {
+    unsigned char raw[ID_RANDOM];
+    char text[ID_TEXT];
+    struct timespec ts;
+    if (id_random(raw) < 0) return NULL;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    uint64_t ms = ((uint64_t)(int64_t)ts.tv_sec * 1000 + (uint64_t)(ts.tv_nsec / 1000000)) &
+                  0xffffffffffffULL;
+    memcpy(text, "dec_", 4);
+    for (int i = 0; i < 12; i++) text[4 + i] = HEX[(ms >> (44 - 4 * i)) & 15];
+    for (int i = 0; i < ID_RANDOM; i++) {
+        text[16 + 2 * i] = HEX[raw[i] >> 4];
+        text[17 + 2 * i] = HEX[raw[i] & 15];
+    }
+    return PyUnicode_FromStringAndSize(text, sizeof text);
+}
+
 static PyObject *decision_id(FastCheck *self) {
-    if (!self->system_random) {
+    if (!self->system_random) { /* an injected random source or clock: DecisionIds decides */
         PyObject *ids = PyObject_GetAttr(self->engine, S_ids);
         if (!ids) return NULL;
         PyObject *did = PyObject_CallMethodNoArgs(ids, S_next);
         Py_DECREF(ids);
         return did;
     }
-    unsigned char raw[12];
-    char text[4 + 24];
-    if (getrandom(raw, sizeof raw, 0) != (ssize_t)sizeof raw)
-        return PyErr_SetFromErrno(PyExc_OSError);
-    memcpy(text, "dec_", 4);
-    for (int i = 0; i < 12; i++) {
-        text[4 + 2 * i] = HEX[raw[i] >> 4];
-        text[5 + 2 * i] = HEX[raw[i] & 15];
-    }
-    return PyUnicode_FromStringAndSize(text, sizeof text);
+    return system_decision_id();
 }
 
 /* Pieces for ``decision`` from ``*slot`` (built by template_fn on a miss or when the id's
@@ -1915,7 +1969,11 @@ static PyObject *py_text_tests(PyObject *mod, PyObject *arg) {
     return out;
 }
 
+static PyObject *py_decision_id(PyObject *mod, PyObject *unused) { return system_decision_id(); }
+
 static PyMethodDef module_methods[] = {
+    {"decision_id", py_decision_id, METH_NOARGS,
+     "A decision id as the check path makes one from the system's sources (for tests)."},
     {"sha256", py_sha256, METH_O, "SHA-256 digest (the carried implementation, for tests)."},
     {"text_tests", py_text_tests, METH_O,
      "(printable ASCII, valid UTF-8, exactly two dots) of bytes, as the walk tests them."},
@@ -1934,6 +1992,10 @@ PyMODINIT_FUNC PyInit__fastcheck(void) {
     INTERN(S_expires_at, "expires_at"); INTERN(S_networks, "networks");
     INTERN(S_rate_limit, "rate_limit"); INTERN(S_kind, "kind"); INTERN(S_next, "next");
     INTERN(S_ids, "ids");
+#ifndef Py_GIL_DISABLED
+    if ((errno = pthread_atfork(NULL, NULL, id_pool_forget)) != 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+#endif
     INTERN(S_cached_token, "cached_token"); INTERN(S_access_token, "access_token");
     INTERN(S_digest, "digest");
     INTERN(S_observers, "observers"); INTERN(S_keep_allow, "keep_allow"); INTERN(S_id, "id");

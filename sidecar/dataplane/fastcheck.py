@@ -177,7 +177,7 @@ class FastCheckHandler:
             template,
             _REASONS,
             type(engine.clock) is SystemClock,
-            engine.ids.uses_system_random(),
+            engine.ids.uses_system_sources(),
             float(engine.max_staleness),
         )
         if _perf_counter is not time.perf_counter:  # a test's timer: both paths read it
