@@ -26,6 +26,19 @@ _COLUMNS = (
 )
 
 
+# Every workspace with records or a retention checkpoint. The distinct names of audit_events
+# are found by one index probe each (the next name after the last), not by reading every row:
+# verify, retention and the periodic head signing all start here.
+_WORKSPACES = (
+    "WITH RECURSIVE w(name) AS ("
+    "SELECT MIN(workspace) FROM audit_events UNION ALL "
+    "SELECT (SELECT MIN(workspace) FROM audit_events WHERE workspace > w.name) "
+    "FROM w WHERE w.name IS NOT NULL) "
+    "SELECT name FROM w WHERE name IS NOT NULL "
+    "UNION SELECT workspace FROM audit_checkpoints ORDER BY 1"
+)
+
+
 def _record(row: tuple[Any, ...]) -> ChainedRecord:
     seq, eid, time, actor, action, ws, target, outcome, reason, rid, meta, cseq, prev, dig = row
     ev = AuditEvent(
@@ -181,10 +194,7 @@ class SqlAudit:
         return [_record(r) for r in rows]
 
     def workspaces(self) -> list[str]:
-        rows = self._conn.execute(
-            "SELECT workspace FROM audit_events UNION SELECT workspace FROM audit_checkpoints "
-            "ORDER BY 1"
-        ).fetchall()
+        rows = self._conn.execute(_WORKSPACES).fetchall()
         return [str(r[0]) for r in rows]
 
     def checkpoint(self, workspace: str) -> Checkpoint | None:
@@ -198,8 +208,12 @@ class SqlAudit:
         return Checkpoint(str(row[0]), int(row[1]), str(row[2]), float(row[3]), str(row[4]))
 
     def prune_point(self, workspace: str, before: float) -> Link | None:
+        # The first record of the chain not older than ``before``, walking the chain from its
+        # start: it reads what is about to be pruned, where MIN(chain_seq) over the time index
+        # read every record kept.
         row = self._conn.execute(
-            "SELECT MIN(chain_seq) FROM audit_events WHERE workspace = ? AND time >= ?",
+            "SELECT chain_seq FROM audit_events WHERE workspace = ? AND chain_seq > 0 "
+            "AND time >= ? ORDER BY chain_seq LIMIT 1",
             (workspace, before),
         ).fetchone()
         newer = row[0] if row else None
@@ -236,7 +250,8 @@ class SqlAudit:
             ),
         )
         cursor = self._conn.execute(
-            "DELETE FROM audit_events WHERE workspace = ? AND chain_seq <= ?",
+            # chain_seq > 0 (every stored row's) lets the partial chain index find them.
+            "DELETE FROM audit_events WHERE workspace = ? AND chain_seq > 0 AND chain_seq <= ?",
             (checkpoint.workspace, checkpoint.chain_seq),
         )
         return int(cursor.rowcount)
