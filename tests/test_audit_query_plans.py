@@ -57,8 +57,9 @@ READS: dict[str, Callable[[SqlAudit, Executes], object]] = {
     "link_unchained": lambda _, conn: link_unchained(conn),
 }
 
-# SQLite: what each read's statements must use, in order. Three reads walk an index (or the
-# table in seq order) from the newest end and stop at their LIMIT: the only SCANs allowed.
+# SQLite: what each read's statements must use, in order. Two reads walk an index (or the
+# table in seq order) from the newest end and stop at their LIMIT; with the walk of the partial
+# index of unlinked rows (empty once linked), the only SCANs allowed.
 SQLITE_PLANS: dict[str, list[str]] = {
     "append": ["SEARCH audit_events USING INDEX audit_events_chain (workspace=? AND chain_seq>?)"],
     "get_many": ["SEARCH audit_events USING INDEX sqlite_autoindex_audit_events_1 (id=?)"],
