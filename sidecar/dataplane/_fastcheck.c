@@ -995,18 +995,20 @@ static int well_formed_key(span token) {
 static int unknown_key(FastCheck *self, const request *q, span token, double now,
                        outcome *out) {
     if (!self->unknown_in_c || !well_formed_key(token)) return 1;
-    if (self->failed != Py_None) {
+    PyObject *failed = Py_NewRef(self->failed); /* held: count_failures may replace it */
+    if (failed != Py_None) {
         PyObject *source = str_of(q->source);
-        if (!source) { PyErr_Clear(); return 1; }
+        if (!source) { PyErr_Clear(); Py_DECREF(failed); return 1; }
         PyObject *when = PyFloat_FromDouble(now);
-        PyObject *done = when ? PyObject_CallFunctionObjArgs(self->failed, source, self->empty,
+        PyObject *done = when ? PyObject_CallFunctionObjArgs(failed, source, self->empty,
                                                              when, NULL)
                               : NULL;
         Py_DECREF(source);
         Py_XDECREF(when);
-        if (!done) return -1;
+        if (!done) { Py_DECREF(failed); return -1; }
         Py_DECREF(done);
     }
+    Py_DECREF(failed);
     out->reason = D_UNKNOWN;
     out->identity = NULL;
     out->detail = self->empty;
