@@ -1,8 +1,9 @@
 """Unknown API keys (well-formed, not in the replica) on the compiled Check path: decided in C,
 counted by the failure limiter's own ``failed`` called from C, and answered, counted and
 recorded byte for byte as the pure-Python path does — up to the failure that blocks the
-source, and after it (the blocked source's checks go to Python, which answers 429). The pair,
-corpus helpers and shipped observers of tests/test_fastcheck_differential.py."""
+source, and after it (the blocked source's checks are answered 429 in C too, before their
+credential is read). The pair, corpus helpers and shipped observers of
+tests/test_fastcheck_differential.py."""
 
 from __future__ import annotations
 
@@ -87,7 +88,7 @@ def _unknown(header: str = "authorization") -> dict[str, str]:
     return {header: f"Bearer {key}"} if header == "authorization" else {header: key}
 
 
-def test_unknown_keys_are_decided_in_c_up_to_the_block_and_python_answers_after(
+def test_unknown_keys_are_decided_in_c_up_to_the_block_and_refused_after(
     pair: tuple[Side, Side],
 ) -> None:
     headers = ["authorization", "x-api-key"]
@@ -99,9 +100,12 @@ def test_unknown_keys_are_decided_in_c_up_to_the_block_and_python_answers_after(
         _same_limits(pair)
         blocked = [lim.source_blocked(ATTACKER, _now(pair)) for lim in _limiters(pair)]
         assert blocked == [n == LIMIT - 1] * 2  # the fifth failure trips the block, on both
-    # Blocked: refused before any key is looked at, by the Python path, which counts nothing.
+    # Blocked: refused before any key is looked at, in C, counting nothing; a request the C
+    # path cannot read that far (no credential, a non-ASCII one) by Python, the same way.
     reader = {"authorization": f"Bearer {SECRETS['reader']}"}
     for header in (_unknown(), reader, {"authorization": "Bearer spk_nope"}):
+        assert _answer(pair, _request(pair, header, ATTACKER)) == (b"rate_limited", 1, 0)
+    for header in ({}, {"authorization": "Bearer spk_é"}):
         assert _answer(pair, _request(pair, header, ATTACKER)) == (b"rate_limited", 0, 1)
     _same_limits(pair)
     # The window slides past every failure: unknown keys are the C path's again, counted anew.
@@ -156,8 +160,7 @@ def test_a_spray_from_many_sources_blocks_each_at_its_own_limit(pair: tuple[Side
     for round_ in range(LIMIT + 1):
         for source in sources:
             expected = b"unknown_credential" if round_ < LIMIT else b"rate_limited"
-            reason, decided, _ = _answer(pair, _request(pair, _unknown(), source))
-            assert (reason, decided) == (expected, int(round_ < LIMIT))
+            assert _answer(pair, _request(pair, _unknown(), source)) == (expected, 1, 0)
         assert _answer(pair, _request(pair, reader, VICTIM)) == (b"ok", 1, 0)
         _same_limits(pair)
     assert set(_limiters(pair)[1].blocked_tables()[0]) == set(sources)
@@ -287,11 +290,14 @@ def test_unknown_keys_observed_in_c_leave_the_same_records_lines_and_metrics(
     # A full queue (40): each denial pushed the oldest allow out, on both paths alike.
     assert len(python.payloads) == (len(requests) if capacity > len(requests) else 64)
     text = generate_latest(python.metrics.registry)
-    # Seven sources, five failures each before the block, and the four handed over.
+    # Seven sources, five failures each before the block, and the four handed over; the rest
+    # refused for their blocked source.
     assert re.search(rb'reason="unknown_credential"} 39\.0', text)
+    assert re.search(rb'reason="rate_limited"} 25\.0', text)
     assert generate_latest(compiled.metrics.registry) == text
-    # Observed in C: the allows, the 35 unknown keys and the one whose query string the record
-    # leaves out; in Python: the three with something credential-shaped in the record's fields.
-    assert compiled.handler.observed() == 60 + 35 + 1  # type: ignore[attr-defined]
+    # Observed in C: the allows, the 35 unknown keys, the 25 refused after their source's block,
+    # and the one whose query string the record leaves out; in Python: the three with something
+    # credential-shaped in the record's fields.
+    assert compiled.handler.observed() == 60 + 35 + 25 + 1  # type: ignore[attr-defined]
     for side in sides:
         side.pipeline.close(0)

@@ -524,9 +524,10 @@ static int path_matches(const route *rt, span path, span *workspace) {
 /* ------------------------------------------------------------ the object ---------------- */
 
 /* D_UNKNOWN: a well-formed API key not in the replica (unknown_credential), counted by the
- * failure limiter from here (FastCheck.count_failures). */
+ * failure limiter from here (FastCheck.count_failures); D_BLOCKED: a check from a source the
+ * limiter blocked (rate_limited, detail 'source'), which such failures lead to. */
 enum { D_OK, D_PUBLIC, D_NON_CANONICAL, D_NO_ROUTE, D_OPERATOR, D_WORKSPACE, D_SCOPE, D_UNKNOWN,
-       D_COUNT };
+       D_BLOCKED, D_COUNT };
 
 /* A compiled policy: immutable once built, with its own response caches. A call holds a
  * reference to the one it started with, so a reload (set_policy, from another thread while
@@ -559,6 +560,7 @@ typedef struct {
      * (None: no limiter) they are counted with. */
     int unknown_in_c;
     PyObject *failed;
+    PyObject *source_detail; /* 'source': a blocked source's detail */
 } FastCheck;
 
 static PyObject *S_policy, *S_loaded, *S_last_contact, *S_now, *S_credential, *S_identity,
@@ -604,6 +606,7 @@ static void FastCheck_dealloc(FastCheck *self) {
     observing_free(self->obs);
     Py_XDECREF(self->timer);
     Py_XDECREF(self->failed);
+    Py_XDECREF(self->source_detail);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -631,6 +634,7 @@ static int FastCheck_init(FastCheck *self, PyObject *args, PyObject *kwds) {
     self->operator_ws = PyUnicode_InternFromString("*");
     self->api_key = PyUnicode_InternFromString("api_key");
     self->empty = PyUnicode_InternFromString("");
+    self->source_detail = PyUnicode_InternFromString("source");
     return 0;
 }
 
@@ -921,14 +925,14 @@ static PyObject *cached_token(FastCheck *self, PyObject *digest, double now) {
 }
 
 /* WindowRateLimiter.source_blocked, as Engine._decide asks it: 1 when the request's source is
- * in the blocked table with an ``until`` still ahead of ``now`` (the check falls back: Python
- * answers it 429), 0 when not, -1 on error. A blocked source sends only its own checks to
- * Python: other sources stay on this path while one address is blocked (before, any entry in
- * the table sent every check there). A source that is not UTF-8 falls back too. */
+ * in the blocked table with an ``until`` still ahead of ``now`` (answered 429 here once
+ * count_failures is set up, else by Python), 0 when not, 2 in doubt (a source that is not
+ * UTF-8: the check falls back), -1 on error. Only a blocked source's own checks are refused:
+ * other sources stay on this path while one address is blocked. */
 static int source_blocked(FastCheck *self, const request *q, double now) {
     if (!PyDict_GET_SIZE(self->blocked_sources) || !q->source.n) return 0;
     PyObject *name = str_of(q->source);
-    if (!name) { PyErr_Clear(); return 1; }
+    if (!name) { PyErr_Clear(); return 2; }
     PyObject *until = PyDict_GetItemWithError(self->blocked_sources, name); /* borrowed */
     Py_DECREF(name);
     if (!until) return PyErr_Occurred() ? -1 : 0;
@@ -1073,7 +1077,14 @@ static int authenticate(FastCheck *self, const Compiled *c, const request *q, sp
         if (now - last > self->max_staleness) return 1;
     }
     int blocked = source_blocked(self, q, now);
-    if (blocked) return blocked;
+    if (blocked < 0) return -1;
+    if (blocked == 1 && self->unknown_in_c) { /* Engine._decide: 429 before the key is read */
+        out->reason = D_BLOCKED;
+        out->identity = NULL;
+        out->detail = self->source_detail;
+        return 0;
+    }
+    if (blocked) return 1;
     unsigned char digest[32];
     PyObject *db;
     if (bearer) db = token_digest(token);
@@ -1561,12 +1572,13 @@ typedef struct observing {
     PyObject *owner, *expected; /* owner.observers must hold exactly ``expected`` */
     PyObject *entry_fn; /* entry_fn(decision) -> (record part | None, usage key) | None */
     PyObject *entries;  /* identity id -> (identity, record part | None, usage key) */
-    PyObject *anonymous; /* record part of a public_route allow, once built */
-    PyObject *unknown;   /* record part of an unknown_credential denial, once built */
+    /* record part of a decision without an identity (public_route, unknown_credential, a
+     * blocked source's rate_limited), per reason, once built */
+    PyObject *anonymous[D_COUNT];
     PyObject *denials;   /* the DenialLog (its ``deny``), or NULL: none among the observers */
     /* metrics: sidecar.ops.check_tally's layout */
     int metrics;
-    Py_ssize_t slots[3], width, nlabels; /* tally slots of ok, public_route, unknown */
+    Py_ssize_t slots[D_COUNT], width, nlabels; /* the tally slot of each reason */
     int nbounds;
     double bounds[MAX_BOUNDS], *tally;
     /* decision records */
@@ -1581,8 +1593,8 @@ typedef struct observing {
 static void observing_free(observing *o) {
     if (!o) return;
     Py_XDECREF(o->owner); Py_XDECREF(o->expected); Py_XDECREF(o->entry_fn);
-    Py_XDECREF(o->entries); Py_XDECREF(o->anonymous); Py_XDECREF(o->buffer);
-    Py_XDECREF(o->unknown); Py_XDECREF(o->denials);
+    Py_XDECREF(o->entries); Py_XDECREF(o->buffer); Py_XDECREF(o->denials);
+    for (int i = 0; i < D_COUNT; i++) Py_XDECREF(o->anonymous[i]);
     Py_XDECREF(o->queue); Py_XDECREF(o->clock);
     Py_XDECREF(o->usage);
     PyMem_Free(o->tally);
@@ -1592,8 +1604,7 @@ static void observing_free(observing *o) {
 static PyObject *S_observers, *S_keep_allow, *S_id, *S_deny;
 
 /* observe_in_c(owner, expected, entry_fn, metrics, audit, usage, denials), once:
- *   metrics: None | (slot of ok, slot of public_route, slot of unknown_credential, bounds,
- *            width)
+ *   metrics: None | (the tally slot of each reason, in D_* order, bounds, width)
  *   audit:   None | (buffer, queue, sample_all, clock, system_clock)
  *   usage:   None | UsageCounts (the UsageTally's store)
  *   denials: None | the DenialLog (``deny(decision, method, path, source)``)
@@ -1614,14 +1625,18 @@ static PyObject *FastCheck_observe_in_c(FastCheck *self, PyObject *args) {
     o->entry_fn = entry_fn; Py_INCREF(entry_fn);
     if (!(o->entries = PyDict_New())) goto fail;
     if (metrics != Py_None) {
-        PyObject *bounds;
-        if (!PyArg_ParseTuple(metrics, "nnnO!n", &o->slots[0], &o->slots[1], &o->slots[2],
-                              &PyTuple_Type, &bounds, &o->width))
+        PyObject *bounds, *slots;
+        if (!PyArg_ParseTuple(metrics, "O!O!n", &PyTuple_Type, &slots, &PyTuple_Type, &bounds,
+                              &o->width))
             goto fail;
         o->nbounds = (int)PyTuple_GET_SIZE(bounds);
         o->nlabels = o->width - o->nbounds - 2;
-        int bad = o->nbounds > MAX_BOUNDS;
-        for (int i = 0; i < 3; i++) bad |= o->slots[i] < 0 || o->nlabels <= o->slots[i];
+        int bad = o->nbounds > MAX_BOUNDS || PyTuple_GET_SIZE(slots) != D_COUNT;
+        for (int i = 0; !bad && i < D_COUNT; i++) {
+            o->slots[i] = PyLong_AsSsize_t(PyTuple_GET_ITEM(slots, i));
+            if (o->slots[i] == -1 && PyErr_Occurred()) goto fail;
+            bad |= o->slots[i] < 0 || o->nlabels <= o->slots[i];
+        }
         if (bad) {
             PyErr_SetString(PyExc_ValueError, "observe_in_c: bad tally layout");
             goto fail;
@@ -1760,7 +1775,7 @@ static int observed_entry(observing *o, const outcome *out, PyObject *decision,
                           PyObject **entry) {
     *entry = NULL;
     if (!out->identity) { /* a public route's allow, or an unknown key's denial */
-        PyObject **slot = out->reason == D_UNKNOWN ? &o->unknown : &o->anonymous;
+        PyObject **slot = &o->anonymous[out->reason];
         if (!*slot) {
             PyObject *got = PyObject_CallOneArg(o->entry_fn, decision);
             if (!got) return -1;
@@ -1897,7 +1912,7 @@ static int observe_entry(observing *o, const request *q, const outcome *out, PyO
             if (when == -1.0 && PyErr_Occurred()) return -1;
         }
     }
-    int keep = 1, allowed = out->reason != D_UNKNOWN;
+    int keep = 1, allowed = out->reason == D_OK || out->reason == D_PUBLIC;
     if (o->buffer && !o->sample_all && allowed) { /* AuditQueue.keep_allow: draws and counts */
         PyObject *v = PyObject_CallMethodNoArgs(o->queue, S_keep_allow);
         if (!v) return -1;
@@ -1906,7 +1921,7 @@ static int observe_entry(observing *o, const request *q, const outcome *out, PyO
         if (keep < 0) return -1;
     }
     if (o->metrics) {
-        o->tally[o->slots[out->reason == D_OK ? 0 : out->reason == D_PUBLIC ? 1 : 2]] += 1;
+        o->tally[o->slots[out->reason]] += 1;
         if (elapsed > 0.0) {
             int i = 0;
             while (i < o->nbounds && o->bounds[i] < elapsed) i++;
@@ -1921,13 +1936,13 @@ static int observe_entry(observing *o, const request *q, const outcome *out, PyO
     return 1;
 }
 
-/* The observers of an allow or an unknown key the C path decided, here: 1 observed, 0 hand
- * over to the Python observers (nothing was counted), -1 error. */
+/* The observers of an allow, an unknown key or a blocked source the C path decided, here: 1
+ * observed, 0 hand over to the Python observers (nothing was counted), -1 error. */
 static int observe(FastCheck *self, const request *q, const outcome *out, PyObject *decision,
                    PyObject *did, double elapsed) {
     observing *o = self->obs;
-    if (!o || (out->reason != D_OK && out->reason != D_PUBLIC && out->reason != D_UNKNOWN))
-        return 0;
+    int r = out->reason;
+    if (!o || (r != D_OK && r != D_PUBLIC && r != D_UNKNOWN && r != D_BLOCKED)) return 0;
     PyObject *list = PyObject_GetAttr(o->owner, S_observers);
     if (!list) return -1;
     int same = PyList_Check(list) && PyList_GET_SIZE(list) == PyTuple_GET_SIZE(o->expected);

@@ -12,19 +12,21 @@ only while its cached verification holds (not expired, its signing key still pub
 grant and jti not revoked). It answers from the ResponseEncoder's templates with a new decision
 id spliced in. It decides non-canonical paths, public routes, usable API keys or cached tokens
 without a per-key rate or client networks (allow, no_route, operator_not_allowed,
-workspace_mismatch, insufficient_scope), and unknown API keys (well-formed, not in the replica:
+workspace_mismatch, insufficient_scope), unknown API keys (well-formed, not in the replica:
 unknown_credential), each counted by the failure limiter's own ``WindowRateLimiter.failed``,
-called from C exactly where ``Engine._failed`` calls it (``count_failures``); all else — a token
-not verified yet, every other credential failure, a blocked source or key, a replica not ready,
-raw ``header_map``, anything outside printable ASCII, bytes protobuf might read differently —
-goes to the pure-Python path (tests/test_fastcheck_unknown.py: unknown keys, before and after
-the block they trip). tests/test_fastcheck_differential.py runs both on captured, generated
-and fuzzed requests (API keys and tokens) and requires byte-identical answers and equal
-decisions and observer inputs. With the sidecar's own observers (``observe_in_c``) the allows it
-decides (API keys and cached tokens) and its unknown-key denials are observed in C too: metrics
-tally, the decision record's spool payload, usage count, the denial log line (``DenialLog.deny``),
-with the same results as the Python observers (same spool bytes, /metrics text, usage reports,
-log lines; the usage tally then counts in the C path's store, one bound).
+called from C exactly where ``Engine._failed`` calls it (``count_failures``), and the 429 of a
+source that limiter blocked (before its credential is read, as ``Engine._decide`` answers it);
+all else — a token not verified yet, every other credential failure, a blocked key, a replica
+not ready, raw ``header_map``, anything outside printable ASCII, bytes protobuf might read
+differently — goes to the pure-Python path. tests/test_fastcheck_differential.py runs both on
+captured, generated and fuzzed requests (API keys and tokens) and requires byte-identical
+answers and equal decisions and observer inputs (tests/test_fastcheck_unknown.py: unknown keys
+up to the block they trip and after it). With the sidecar's own observers (``observe_in_c``)
+the allows it decides (API keys and cached tokens), its unknown keys and blocked sources are
+observed in C too: metrics tally, the decision record's spool payload, usage count, the denial
+log line (``DenialLog.deny``), with the same results as the Python observers (same spool bytes,
+/metrics text, usage reports, log lines; the usage tally then counts in the C path's store, one
+bound).
 
 The extension is optional: a wheel built without a compiler has none, and this module then
 reports why (``unavailable()``) and the sidecar runs the pure-Python path."""
@@ -66,6 +68,7 @@ _REASONS = (
     Reason.WORKSPACE_MISMATCH,
     Reason.INSUFFICIENT_SCOPE,
     Reason.UNKNOWN_CREDENTIAL,
+    Reason.RATE_LIMITED,  # a blocked source
 )
 _REST = "(?:/.*)?"
 _ONE = "/[^/]+"
@@ -163,8 +166,8 @@ class FastCheckHandler:
         limiter = engine.limiter
         if limiter is not None and not isinstance(limiter, WindowRateLimiter):
             raise RuntimeError("compiled check path: only with the built-in rate limiter")
-        # Read, not called, on every check: a check from a blocked source or with a blocked
-        # key goes to the Python path, which asks the limiter.
+        # Read, not called, on every check: a check from a blocked source is answered 429 in C
+        # (count_failures below), one with a blocked key by the Python path.
         blocked = limiter.blocked_tables() if limiter is not None else ({}, {})
         encoder = handler.encoder
 
@@ -240,11 +243,10 @@ class FastCheckHandler:
         return response  # type: ignore[no-any-return]
 
 
-# The observers the C path can stand in for, one of each at most, and the reasons it observes
-# (the C side's tally slots, in this order): allows, and unknown keys, the one denial it
-# observes (DenialLog.deny writes its line; UsageTally counts no use of an unknown key).
+# The observers the C path can stand in for, one of each at most. It observes its allows, and
+# the denials without an identity it decides (an unknown key, a blocked source): DenialLog.deny
+# writes their line; UsageTally counts no use without an identity.
 _KNOWN = (DecisionMetrics, DenialLog, DecisionRecorder, UsageTally)
-_OBSERVED = (Reason.OK, Reason.PUBLIC_ROUTE, Reason.UNKNOWN_CREDENTIAL)
 
 
 def observe_in_c(native: Any, handler: CheckHandler) -> bool:
@@ -263,8 +265,8 @@ def observe_in_c(native: Any, handler: CheckHandler) -> bool:
     for observer in observers:
         if isinstance(observer, DecisionMetrics):
             tally = observer.tally
-            slots = tuple(observer.slot(r) for r in _OBSERVED)
-            metrics = (*slots, tally.bounds, tally.width)
+            slots = tuple(observer.slot(r) for r in _REASONS)
+            metrics = (slots, tally.bounds, tally.width)
         elif isinstance(observer, DenialLog):
             denials = observer
         elif isinstance(observer, DecisionRecorder):
