@@ -12,8 +12,8 @@ Cases: the allow (decided and observed in C), a missing scope (decided in C, obs
 Python), an unknown key (decided and observed in C, the failure limiter called from C) with the
 failure limits off, the same counted against a limit it never reaches (what the
 ``sidecar_counted`` target's unknown-key row does), the same source once blocked (what a flood
-of unknown keys from one address turns into after ``failure_limit_source`` failures: the Python
-path answers 429), and the allow while another address is blocked.
+of unknown keys from one address turns into after ``failure_limit_source`` failures: answered
+429 in C, before its key is read), and the allow while another address is blocked.
 
 Also a bench target, ``bench.denial_cost:sidecar_counted``: the sidecar as shipped with a source
 failure limit no row reaches (failures still counted), so that its unknown-key and wrong-scope
