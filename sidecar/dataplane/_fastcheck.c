@@ -3,16 +3,17 @@
  * sidecar/dataplane/fastcheck.py is its only caller and documents the contract. In short:
  * FastCheck(data) returns (response bytes, Decision, CheckInput, seconds) when it can decide
  * exactly as the pure-Python path would (Engine.check + ResponseEncoder), or None, and the
- * caller runs the pure-Python path: a fallback is always correct. An allow it also observed
- * itself (observe_in_c: metrics, the decision record, usage) returns the response bytes alone.
+ * caller runs the pure-Python path: a fallback is always correct. A decision it also observed
+ * itself (observe_in_c: metrics, the decision record, usage, a denial's log line) returns the
+ * response bytes alone.
  * It decides a non-canonical path, a public route, a usable, unlimited API key or already
  * verified access token on a route (ok, no_route, operator_not_allowed, workspace_mismatch,
- * insufficient_scope), and a well-formed API key the replica does not hold (unknown_credential),
+ * insufficient_scope), a well-formed API key the replica does not hold (unknown_credential),
  * the one decision with a side effect: the failure limiter's own ``failed`` counts it, called
- * from here once the decision is certain (count_failures). Everything else (tokens not verified
- * yet, other credential failures, blocked sources or keys, client networks, per-key rates,
- * replica not ready, raw header_map, bytes protobuf might parse differently, non-ASCII where
- * Python would compare Unicode) returns None.
+ * from here once the decision is certain (count_failures), and the 429 of a source that limiter
+ * blocked. Everything else (tokens not verified yet, other credential failures, blocked keys,
+ * client networks, per-key rates, replica not ready, raw header_map, bytes protobuf might parse
+ * differently, non-ASCII where Python would compare Unicode) returns None.
  *
  * Protobuf wire format: https://protobuf.dev/programming-guides/encoding/ . The walk follows the
  * schema of the messages on the way to the fields it needs and refuses (returns None for)
@@ -1564,8 +1565,8 @@ static PyTypeObject UsageCountsType = {
 };
 
 /* What FastCheck.observe_in_c set up: the Check observers (metrics, audit recorder, usage
- * tally, denial log) done here for the allows and unknown keys the C path decides, while the
- * handler's observer list is the one it was set up for. */
+ * tally, denial log) done here for the allows, unknown keys and blocked sources the C path
+ * decides, while the handler's observer list is the one it was set up for. */
 #define MAX_BOUNDS 32
 
 typedef struct observing {
@@ -1774,7 +1775,7 @@ static double timer_now(FastCheck *self) {
 static int observed_entry(observing *o, const outcome *out, PyObject *decision,
                           PyObject **entry) {
     *entry = NULL;
-    if (!out->identity) { /* a public route's allow, or an unknown key's denial */
+    if (!out->identity) { /* a public route, an unknown key, a blocked source */
         PyObject **slot = &o->anonymous[out->reason];
         if (!*slot) {
             PyObject *got = PyObject_CallOneArg(o->entry_fn, decision);
