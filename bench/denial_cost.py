@@ -9,10 +9,11 @@ call in a tight loop; gc says how many collections ran during the paced run, the
 their longest time.
 
 Cases: the allow (decided and observed in C), a missing scope (decided in C, observed in
-Python), an unknown key (the whole Python path: the failure limiter counts it) with limits high
-enough that it stays an unknown-key denial, the same source once blocked (what a flood of
-unknown keys from one address turns into after ``failure_limit_source`` failures), and the
-allow while another address is blocked.
+Python), an unknown key (decided and observed in C, the failure limiter called from C) with the
+failure limits off, the same counted against a limit it never reaches (what the
+``sidecar_counted`` target's unknown-key row does), the same source once blocked (what a flood
+of unknown keys from one address turns into after ``failure_limit_source`` failures: answered
+429 in C, before its key is read), and the allow while another address is blocked.
 
 Also a bench target, ``bench.denial_cost:sidecar_counted``: the sidecar as shipped with a source
 failure limit no row reaches (failures still counted), so that its unknown-key and wrong-scope
@@ -212,6 +213,7 @@ def main() -> None:
         "unknown-key": _request(CHECKS, "x-api-key", unknown),
     }
     never = AbuseLimits(source_failures=0, key_failures=0)
+    counted = AbuseLimits(source_failures=10**9, key_failures=10**9)
     with tempfile.TemporaryDirectory() as tmp, _json_log(Path(tmp) / "sidecar.log"):
         workdir = Path(tmp)
         print(
@@ -229,6 +231,7 @@ def main() -> None:
             ("allow", requests["allow"], never),
             ("wrong-scope", requests["wrong-scope"], never),
             ("unknown-key", requests["unknown-key"], never),
+            ("unknown-key, counted", requests["unknown-key"], counted),
             ("source-blocked", requests["unknown-key"], AbuseLimits(source_failures=1)),
             ("allow, other blocked", requests["allow"], AbuseLimits(source_failures=1)),
         ]

@@ -1,6 +1,7 @@
-"""While one source (or key) is over its failure limit, the compiled Check path hands only that
-source's (or key's) checks to the Python path, which answers them 429; everyone else's checks
-stay in C, and both paths answer every request byte for byte the same (the pair and helpers of
+"""While one source is over its failure limit, the compiled Check path answers that source's
+checks 429 itself (as Engine._decide does, before the credential is read); while a key is, it
+hands that key's checks to the Python path, which answers them 429. Everyone else's checks stay
+in C, and both paths answer every request byte for byte the same (the pair and helpers of
 tests/test_fastcheck_differential.py)."""
 
 from __future__ import annotations
@@ -55,11 +56,13 @@ def _block(pair: tuple[Side, Side], source: str) -> None:
         assert side.engine.limiter.source_blocked(source, side.engine.clock.now())
 
 
-def test_only_the_blocked_source_falls_back(pair: tuple[Side, Side]) -> None:
+def test_only_the_blocked_source_is_refused(pair: tuple[Side, Side]) -> None:
     reader = {"authorization": f"Bearer {SECRETS['reader']}"}
     _block(pair, ATTACKER)
-    # The blocked source: refused before its key is looked at, by the Python path.
-    assert _answer(pair, _request(pair, reader, ATTACKER)) == (b"rate_limited", 0, 1)
+    # The blocked source: refused before its key is looked at, in C; without a credential the
+    # C path reads no further and Python refuses it the same way.
+    assert _answer(pair, _request(pair, reader, ATTACKER)) == (b"rate_limited", 1, 0)
+    assert _answer(pair, _request(pair, {}, ATTACKER)) == (b"rate_limited", 0, 1)
     # Everyone else: decided in C as before the block, allows and denials alike.
     assert _answer(pair, _request(pair, reader, CLIENT)) == (b"ok", 1, 0)
     other = {"authorization": f"Bearer {SECRETS['globex']}"}

@@ -791,11 +791,15 @@ def _shipped(
     capacity: int,
     sample_rate: float,
     max_entries: int = 6,
+    *,
+    denials: DenialLog | None = None,
+    limits: AbuseLimits | None = None,
 ) -> Shipped:
     clock = FakeClock(NOW)
     # Limits the corpus does not reach: the time never moves, and a blocked source would send
     # every later check to the Python path.
-    limiter = WindowRateLimiter(AbuseLimits(source_failures=10**6, key_failures=10**6))
+    limits = limits or AbuseLimits(source_failures=10**6, key_failures=10**6)
+    limiter = WindowRateLimiter(limits)
     verifier = ReplicaTokenVerifier(ISSUER, AUDIENCE, max_lifetime=3600)
     engine = Engine(_replica(), policy, clock, limiter=limiter, token_verifier=verifier)
     engine.ids = DecisionIds(random.Random(7).randbytes, clock)
@@ -806,7 +810,7 @@ def _shipped(
     pipeline = AuditPipeline(config, None, rand=random.Random(11).random)
     usage = UsageTally(clock.now, max_entries=max_entries)
     decisions = DecisionMetrics(metrics)
-    observers = [decisions, DenialLog(), DecisionRecorder(pipeline, clock), usage]
+    observers = [decisions, denials or DenialLog(), DecisionRecorder(pipeline, clock), usage]
     handler = CheckHandler(engine, observers, decisions.error)
     side = Shipped(lambda data, ctx: b"", metrics, pipeline, usage)
     if compiled:

@@ -3,14 +3,17 @@
  * sidecar/dataplane/fastcheck.py is its only caller and documents the contract. In short:
  * FastCheck(data) returns (response bytes, Decision, CheckInput, seconds) when it can decide
  * exactly as the pure-Python path would (Engine.check + ResponseEncoder), or None, and the
- * caller runs the pure-Python path: a fallback is always correct. An allow it also observed
- * itself (observe_in_c: metrics, the decision record, usage) returns the response bytes alone.
- * It decides only what needs no side effect besides reading: a non-canonical path, a public
- * route, and a usable, unlimited API key or already verified access token on a route (ok,
- * no_route, operator_not_allowed, workspace_mismatch, insufficient_scope).
- * Everything else (tokens not verified yet, credential failures, which the rate limiter counts, blocked sources
- * or keys, client networks, per-key rates, replica not ready, raw header_map, bytes protobuf
- * might parse differently, non-ASCII where Python would compare Unicode) returns None.
+ * caller runs the pure-Python path: a fallback is always correct. A decision it also observed
+ * itself (observe_in_c: metrics, the decision record, usage, a denial's log line) returns the
+ * response bytes alone.
+ * It decides a non-canonical path, a public route, a usable, unlimited API key or already
+ * verified access token on a route (ok, no_route, operator_not_allowed, workspace_mismatch,
+ * insufficient_scope), a well-formed API key the replica does not hold (unknown_credential),
+ * the one decision with a side effect: the failure limiter's own ``failed`` counts it, called
+ * from here once the decision is certain (count_failures), and the 429 of a source that limiter
+ * blocked. Everything else (tokens not verified yet, other credential failures, blocked keys,
+ * client networks, per-key rates, replica not ready, raw header_map, bytes protobuf might parse
+ * differently, non-ASCII where Python would compare Unicode) returns None.
  *
  * Protobuf wire format: https://protobuf.dev/programming-guides/encoding/ . The walk follows the
  * schema of the messages on the way to the fields it needs and refuses (returns None for)
@@ -521,7 +524,11 @@ static int path_matches(const route *rt, span path, span *workspace) {
 
 /* ------------------------------------------------------------ the object ---------------- */
 
-enum { D_OK, D_PUBLIC, D_NON_CANONICAL, D_NO_ROUTE, D_OPERATOR, D_WORKSPACE, D_SCOPE, D_COUNT };
+/* D_UNKNOWN: a well-formed API key not in the replica (unknown_credential), counted by the
+ * failure limiter from here (FastCheck.count_failures); D_BLOCKED: a check from a source the
+ * limiter blocked (rate_limited, detail 'source'), which such failures lead to. */
+enum { D_OK, D_PUBLIC, D_NON_CANONICAL, D_NO_ROUTE, D_OPERATOR, D_WORKSPACE, D_SCOPE, D_UNKNOWN,
+       D_BLOCKED, D_COUNT };
 
 /* A compiled policy: immutable once built, with its own response caches. A call holds a
  * reference to the one it started with, so a reload (set_policy, from another thread while
@@ -550,6 +557,11 @@ typedef struct {
     unsigned long long counts[2]; /* decided in C, fell back */
     struct observing *obs; /* the observers done here (observe_in_c), or NULL */
     PyObject *timer; /* what times a check (set_timer), NULL: the monotonic clock */
+    /* count_failures: whether unknown keys are decided here, and the limiter's ``failed``
+     * (None: no limiter) they are counted with. */
+    int unknown_in_c;
+    PyObject *failed;
+    PyObject *source_detail; /* 'source': a blocked source's detail */
 } FastCheck;
 
 static PyObject *S_policy, *S_loaded, *S_last_contact, *S_now, *S_credential, *S_identity,
@@ -594,6 +606,8 @@ static void FastCheck_dealloc(FastCheck *self) {
     Py_XDECREF(self->empty);
     observing_free(self->obs);
     Py_XDECREF(self->timer);
+    Py_XDECREF(self->failed);
+    Py_XDECREF(self->source_detail);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -607,7 +621,7 @@ static int FastCheck_init(FastCheck *self, PyObject *args, PyObject *kwds) {
                           &self->system_clock, &self->system_random, &self->max_staleness))
         return -1;
     if (PyTuple_GET_SIZE(reasons) != D_COUNT) {
-        PyErr_SetString(PyExc_ValueError, "reasons: 7 expected");
+        PyErr_Format(PyExc_ValueError, "reasons: %d expected", D_COUNT);
         return -1;
     }
     Py_INCREF(self->engine); Py_INCREF(self->replica); Py_INCREF(self->clock);
@@ -621,6 +635,7 @@ static int FastCheck_init(FastCheck *self, PyObject *args, PyObject *kwds) {
     self->operator_ws = PyUnicode_InternFromString("*");
     self->api_key = PyUnicode_InternFromString("api_key");
     self->empty = PyUnicode_InternFromString("");
+    self->source_detail = PyUnicode_InternFromString("source");
     return 0;
 }
 
@@ -911,14 +926,14 @@ static PyObject *cached_token(FastCheck *self, PyObject *digest, double now) {
 }
 
 /* WindowRateLimiter.source_blocked, as Engine._decide asks it: 1 when the request's source is
- * in the blocked table with an ``until`` still ahead of ``now`` (the check falls back: Python
- * answers it 429), 0 when not, -1 on error. A blocked source sends only its own checks to
- * Python: other sources stay on this path while one address is blocked (before, any entry in
- * the table sent every check there). A source that is not UTF-8 falls back too. */
+ * in the blocked table with an ``until`` still ahead of ``now`` (answered 429 here once
+ * count_failures is set up, else by Python), 0 when not, 2 in doubt (a source that is not
+ * UTF-8: the check falls back), -1 on error. Only a blocked source's own checks are refused:
+ * other sources stay on this path while one address is blocked. */
 static int source_blocked(FastCheck *self, const request *q, double now) {
     if (!PyDict_GET_SIZE(self->blocked_sources) || !q->source.n) return 0;
     PyObject *name = str_of(q->source);
-    if (!name) { PyErr_Clear(); return 1; }
+    if (!name) { PyErr_Clear(); return 2; }
     PyObject *until = PyDict_GetItemWithError(self->blocked_sources, name); /* borrowed */
     Py_DECREF(name);
     if (!until) return PyErr_Occurred() ? -1 : 0;
@@ -945,6 +960,77 @@ static int key_blocked(FastCheck *self, PyObject *ident, double now) {
     Py_DECREF(until);
     if (u == -1.0 && PyErr_Occurred()) return -1;
     return now < u;
+}
+
+/* ------------------------------------------- unknown API keys, counted from here ------- */
+
+/* sidecar.core.keyformat.is_well_formed on printable ASCII: 'spk_', 32 + 6 base62 characters,
+ * the last six the base62 digits (most significant first) of the CRC-32 (zlib's) of the rest. */
+#define KEY_LENGTH 42
+#define KEY_BODY 36
+
+static int base62_digit(unsigned char c) {
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'A' && c <= 'Z') return c - 'A' + 10;
+    if (c >= 'a' && c <= 'z') return c - 'a' + 36;
+    return -1;
+}
+
+static int well_formed_key(span token) {
+    if (token.n != KEY_LENGTH || memcmp(token.p, "spk_", 4)) return 0;
+    for (Py_ssize_t i = 4; i < KEY_LENGTH; i++)
+        if (base62_digit(token.p[i]) < 0) return 0;
+    uint32_t crc = 0xffffffffu;
+    for (Py_ssize_t i = 0; i < KEY_BODY; i++) {
+        crc ^= token.p[i];
+        for (int k = 0; k < 8; k++) crc = (crc >> 1) ^ (0xedb88320u & (0u - (crc & 1)));
+    }
+    uint64_t sum = 0;
+    for (Py_ssize_t i = KEY_BODY; i < KEY_LENGTH; i++)
+        sum = sum * 62 + (uint64_t)base62_digit(token.p[i]);
+    return sum == (uint64_t)(crc ^ 0xffffffffu);
+}
+
+/* Engine._api_key's miss and Engine._failed for it: a well-formed key not in the replica is
+ * unknown_credential, counted against the request's source by the limiter's own ``failed``
+ * (source, no key id, the check's ``now``), exactly once, after everything that could still
+ * hand the check over (so a check handed to Python is never counted twice). 0: decided (*out),
+ * 1: fall back (not set up, or malformed: Python decides and counts), -1: error. The block a
+ * count may start applies from the next check on, as in Python (source_blocked above). */
+static int unknown_key(FastCheck *self, const request *q, span token, double now,
+                       outcome *out) {
+    if (!self->unknown_in_c || !well_formed_key(token)) return 1;
+    PyObject *failed = Py_NewRef(self->failed); /* held: count_failures may replace it */
+    if (failed != Py_None) {
+        PyObject *source = str_of(q->source);
+        if (!source) { PyErr_Clear(); Py_DECREF(failed); return 1; }
+        PyObject *when = PyFloat_FromDouble(now);
+        PyObject *done = when ? PyObject_CallFunctionObjArgs(failed, source, self->empty,
+                                                             when, NULL)
+                              : NULL;
+        Py_DECREF(source);
+        Py_XDECREF(when);
+        if (!done) { Py_DECREF(failed); return -1; }
+        Py_DECREF(done);
+    }
+    Py_DECREF(failed);
+    out->reason = D_UNKNOWN;
+    out->identity = NULL;
+    out->detail = self->empty;
+    return 0;
+}
+
+/* count_failures(failed | None): decide unknown API keys here from now on, counting each with
+ * ``failed(source, key_id, now)`` (WindowRateLimiter.failed; None: the engine has no limiter). */
+static PyObject *FastCheck_count_failures(FastCheck *self, PyObject *failed) {
+    if (failed != Py_None && !PyCallable_Check(failed)) {
+        PyErr_SetString(PyExc_TypeError, "count_failures: a callable or None expected");
+        return NULL;
+    }
+    Py_INCREF(failed);
+    Py_XSETREF(self->failed, failed);
+    self->unknown_in_c = 1;
+    Py_RETURN_NONE;
 }
 
 /* Authenticate the API key or cached access token in ``value`` and decide the route;
@@ -992,7 +1078,14 @@ static int authenticate(FastCheck *self, const Compiled *c, const request *q, sp
         if (now - last > self->max_staleness) return 1;
     }
     int blocked = source_blocked(self, q, now);
-    if (blocked) return blocked;
+    if (blocked < 0) return -1;
+    if (blocked == 1 && self->unknown_in_c) { /* Engine._decide: 429 before the key is read */
+        out->reason = D_BLOCKED;
+        out->identity = NULL;
+        out->detail = self->source_detail;
+        return 0;
+    }
+    if (blocked) return 1;
     unsigned char digest[32];
     PyObject *db;
     if (bearer) db = token_digest(token);
@@ -1005,7 +1098,10 @@ static int authenticate(FastCheck *self, const Compiled *c, const request *q, sp
                              : PyObject_CallMethodOneArg(self->replica, S_credential, db);
     Py_DECREF(db);
     if (!found) return -1;
-    if (found == Py_None) { Py_DECREF(found); return 1; }
+    if (found == Py_None) {
+        Py_DECREF(found);
+        return bearer ? 1 : unknown_key(self, q, token, now, out);
+    }
     *cred = found;
     PyObject *ident = found; /* a token's lookup answers its Identity */
     if (!bearer) {
@@ -1469,18 +1565,21 @@ static PyTypeObject UsageCountsType = {
 };
 
 /* What FastCheck.observe_in_c set up: the Check observers (metrics, audit recorder, usage
- * tally) done here for the allows the C path decides, while the handler's observer list is the
- * one it was set up for. */
+ * tally, denial log) done here for the allows, unknown keys and blocked sources the C path
+ * decides, while the handler's observer list is the one it was set up for. */
 #define MAX_BOUNDS 32
 
 typedef struct observing {
     PyObject *owner, *expected; /* owner.observers must hold exactly ``expected`` */
     PyObject *entry_fn; /* entry_fn(decision) -> (record part | None, usage key) | None */
     PyObject *entries;  /* identity id -> (identity, record part | None, usage key) */
-    PyObject *anonymous; /* record part of a public_route allow, once built */
+    /* record part of a decision without an identity (public_route, unknown_credential, a
+     * blocked source's rate_limited), per reason, once built */
+    PyObject *anonymous[D_COUNT];
+    PyObject *denials;   /* the DenialLog (its ``deny``), or NULL: none among the observers */
     /* metrics: sidecar.ops.check_tally's layout */
     int metrics;
-    Py_ssize_t slots[2], width, nlabels;
+    Py_ssize_t slots[D_COUNT], width, nlabels; /* the tally slot of each reason */
     int nbounds;
     double bounds[MAX_BOUNDS], *tally;
     /* decision records */
@@ -1495,24 +1594,26 @@ typedef struct observing {
 static void observing_free(observing *o) {
     if (!o) return;
     Py_XDECREF(o->owner); Py_XDECREF(o->expected); Py_XDECREF(o->entry_fn);
-    Py_XDECREF(o->entries); Py_XDECREF(o->anonymous); Py_XDECREF(o->buffer);
+    Py_XDECREF(o->entries); Py_XDECREF(o->buffer); Py_XDECREF(o->denials);
+    for (int i = 0; i < D_COUNT; i++) Py_XDECREF(o->anonymous[i]);
     Py_XDECREF(o->queue); Py_XDECREF(o->clock);
     Py_XDECREF(o->usage);
     PyMem_Free(o->tally);
     PyMem_Free(o);
 }
 
-static PyObject *S_observers, *S_keep_allow, *S_id;
+static PyObject *S_observers, *S_keep_allow, *S_id, *S_deny;
 
-/* observe_in_c(owner, expected, entry_fn, metrics, audit, usage), once:
- *   metrics: None | (slot of ok, slot of public_route, bounds, width)
+/* observe_in_c(owner, expected, entry_fn, metrics, audit, usage, denials), once:
+ *   metrics: None | (the tally slot of each reason, in D_* order, bounds, width)
  *   audit:   None | (buffer, queue, sample_all, clock, system_clock)
  *   usage:   None | UsageCounts (the UsageTally's store)
+ *   denials: None | the DenialLog (``deny(decision, method, path, source)``)
  * Once only: a check in flight may be inside Python code (entry_fn, the clock) holding it. */
 static PyObject *FastCheck_observe_in_c(FastCheck *self, PyObject *args) {
-    PyObject *owner, *expected, *entry_fn, *metrics, *audit, *usage;
-    if (!PyArg_ParseTuple(args, "OO!OOOO", &owner, &PyTuple_Type, &expected, &entry_fn,
-                          &metrics, &audit, &usage))
+    PyObject *owner, *expected, *entry_fn, *metrics, *audit, *usage, *denials;
+    if (!PyArg_ParseTuple(args, "OO!OOOOO", &owner, &PyTuple_Type, &expected, &entry_fn,
+                          &metrics, &audit, &usage, &denials))
         return NULL;
     if (self->obs) {
         PyErr_SetString(PyExc_RuntimeError, "observe_in_c: already set up");
@@ -1525,14 +1626,19 @@ static PyObject *FastCheck_observe_in_c(FastCheck *self, PyObject *args) {
     o->entry_fn = entry_fn; Py_INCREF(entry_fn);
     if (!(o->entries = PyDict_New())) goto fail;
     if (metrics != Py_None) {
-        PyObject *bounds;
-        if (!PyArg_ParseTuple(metrics, "nnO!n", &o->slots[0], &o->slots[1], &PyTuple_Type,
-                              &bounds, &o->width))
+        PyObject *bounds, *slots;
+        if (!PyArg_ParseTuple(metrics, "O!O!n", &PyTuple_Type, &slots, &PyTuple_Type, &bounds,
+                              &o->width))
             goto fail;
         o->nbounds = (int)PyTuple_GET_SIZE(bounds);
         o->nlabels = o->width - o->nbounds - 2;
-        if (o->nbounds > MAX_BOUNDS || o->nlabels <= o->slots[0] ||
-            o->nlabels <= o->slots[1] || o->slots[0] < 0 || o->slots[1] < 0) {
+        int bad = o->nbounds > MAX_BOUNDS || PyTuple_GET_SIZE(slots) != D_COUNT;
+        for (int i = 0; !bad && i < D_COUNT; i++) {
+            o->slots[i] = PyLong_AsSsize_t(PyTuple_GET_ITEM(slots, i));
+            if (o->slots[i] == -1 && PyErr_Occurred()) goto fail;
+            bad |= o->slots[i] < 0 || o->nlabels <= o->slots[i];
+        }
+        if (bad) {
             PyErr_SetString(PyExc_ValueError, "observe_in_c: bad tally layout");
             goto fail;
         }
@@ -1562,6 +1668,10 @@ static PyObject *FastCheck_observe_in_c(FastCheck *self, PyObject *args) {
         }
         o->usage = (UsageCounts *)usage;
         Py_INCREF(usage);
+    }
+    if (denials != Py_None) {
+        o->denials = denials;
+        Py_INCREF(denials);
     }
     self->obs = o;
     Py_RETURN_NONE;
@@ -1665,8 +1775,9 @@ static double timer_now(FastCheck *self) {
 static int observed_entry(observing *o, const outcome *out, PyObject *decision,
                           PyObject **entry) {
     *entry = NULL;
-    if (!out->identity) {
-        if (!o->anonymous) {
+    if (!out->identity) { /* a public route, an unknown key, a blocked source */
+        PyObject **slot = &o->anonymous[out->reason];
+        if (!*slot) {
             PyObject *got = PyObject_CallOneArg(o->entry_fn, decision);
             if (!got) return -1;
             if (got == Py_None || !PyTuple_Check(got) || PyTuple_GET_SIZE(got) != 2 ||
@@ -1674,11 +1785,12 @@ static int observed_entry(observing *o, const outcome *out, PyObject *decision,
                 Py_DECREF(got);
                 return 0;
             }
-            o->anonymous = Py_BuildValue("(OOO)", Py_None, PyTuple_GET_ITEM(got, 0), Py_None);
+            PyObject *built = Py_BuildValue("(OOO)", Py_None, PyTuple_GET_ITEM(got, 0), Py_None);
             Py_DECREF(got);
-            if (!o->anonymous) return -1;
+            if (!built) return -1;
+            Py_XSETREF(*slot, built); /* entry_fn may have run another thread's fill */
         }
-        *entry = o->anonymous;
+        *entry = *slot;
         Py_INCREF(*entry);
         return 0;
     }
@@ -1715,7 +1827,7 @@ static int observed_entry(observing *o, const outcome *out, PyObject *decision,
 
 /* The decision record (records.PendingDecision.payload, byte for byte) into the buffer. */
 static int record(observing *o, const request *q, PyObject *did, PyObject *part, double when,
-                  double elapsed) {
+                  double elapsed, int allowed) {
     Py_ssize_t idn, pn = PyBytes_GET_SIZE(part);
     const char *id = PyUnicode_AsUTF8AndSize(did, &idn);
     if (!id) return -1;
@@ -1730,12 +1842,14 @@ static int record(observing *o, const request *q, PyObject *did, PyObject *part,
     Py_ssize_t stamp = (secs ? 1 + varint_len(secs) : 0) + (nanos ? 1 + varint_len(nanos) : 0);
     Py_ssize_t room = 2 * ld_len(idn) + ld_len(stamp) + ld_len(target.n) +
                       3 * 24 + q->method.n + q->source.n + ln + pn;
-    PyObject *gone = NULL; /* an allow never pushes a record out */
-    if (!buffer_admit(o->buffer, 1, &gone)) return 0;
+    /* A denial may push the oldest allow out (DequeStore._put_deny): ``gone`` is released once
+     * the new record is in. Room first, so a failed allocation changes nothing. */
+    PyObject *gone = NULL;
     char *start = buffer_reserve(o->buffer, room);
     if (!start) return -1;
-    qentry *e = buffer_append(o->buffer, 1);
-    if (!e) return -1;
+    if (!buffer_admit(o->buffer, allowed, &gone)) return 0;
+    qentry *e = buffer_append(o->buffer, allowed);
+    if (!e) { Py_XDECREF(gone); return -1; }
     char *w = put_ld(start, 1, id, idn);
     w = put_ld(w, 9, id, idn);
     *w++ = 2 << 3 | 2;
@@ -1751,12 +1865,27 @@ static int record(observing *o, const request *q, PyObject *did, PyObject *part,
     e->off = o->buffer->used;
     e->len = w - start;
     o->buffer->used += e->len;
+    Py_XDECREF(gone);
+    return 0;
+}
+
+/* DenialLog.deny(decision, method, path, source): what DenialLog.__call__ does with a denial
+ * (its rate limit, its line written by its writer thread). 0, or -1 on error. */
+static int deny_line(observing *o, const request *q, PyObject *decision) {
+    PyObject *method = str_of(q->method), *path = method ? str_of(q->path) : NULL;
+    PyObject *source = path ? str_of(q->source) : NULL;
+    PyObject *done = source ? PyObject_CallMethodObjArgs(o->denials, S_deny, decision, method,
+                                                         path, source, NULL)
+                            : NULL;
+    Py_XDECREF(method); Py_XDECREF(path); Py_XDECREF(source);
+    if (!done) return -1;
+    Py_DECREF(done);
     return 0;
 }
 
 /* observe's effects for the cached entry's record ``part`` and usage ``key``. */
-static int observe_entry(observing *o, const request *q, const outcome *out, PyObject *did,
-                         double elapsed, PyObject *part, PyObject *key) {
+static int observe_entry(observing *o, const request *q, const outcome *out, PyObject *decision,
+                         PyObject *did, double elapsed, PyObject *part, PyObject *key) {
     if (o->buffer) {
         unsigned char text[600 + 2 * 256];
         span target = q->path;
@@ -1784,8 +1913,8 @@ static int observe_entry(observing *o, const request *q, const outcome *out, PyO
             if (when == -1.0 && PyErr_Occurred()) return -1;
         }
     }
-    int keep = 1;
-    if (o->buffer && !o->sample_all) { /* AuditQueue.keep_allow: draws and counts */
+    int keep = 1, allowed = out->reason == D_OK || out->reason == D_PUBLIC;
+    if (o->buffer && !o->sample_all && allowed) { /* AuditQueue.keep_allow: draws and counts */
         PyObject *v = PyObject_CallMethodNoArgs(o->queue, S_keep_allow);
         if (!v) return -1;
         keep = PyObject_IsTrue(v);
@@ -1793,7 +1922,7 @@ static int observe_entry(observing *o, const request *q, const outcome *out, PyO
         if (keep < 0) return -1;
     }
     if (o->metrics) {
-        o->tally[o->slots[out->reason == D_OK ? 0 : 1]] += 1;
+        o->tally[o->slots[out->reason]] += 1;
         if (elapsed > 0.0) {
             int i = 0;
             while (i < o->nbounds && o->bounds[i] < elapsed) i++;
@@ -1803,16 +1932,18 @@ static int observe_entry(observing *o, const request *q, const outcome *out, PyO
     }
     if (o->usage && out->reason == D_OK && key != Py_None && usage_count(o->usage, key) < 0)
         return -1;
-    if (o->buffer && keep && record(o, q, did, part, when, elapsed) < 0) return -1;
+    if (o->buffer && keep && record(o, q, did, part, when, elapsed, allowed) < 0) return -1;
+    if (!allowed && o->denials && deny_line(o, q, decision) < 0) return -1;
     return 1;
 }
 
-/* The observers of an allow the C path decided, here: 1 observed, 0 hand over to the Python
- * observers (nothing was counted), -1 error. */
+/* The observers of an allow, an unknown key or a blocked source the C path decided, here: 1
+ * observed, 0 hand over to the Python observers (nothing was counted), -1 error. */
 static int observe(FastCheck *self, const request *q, const outcome *out, PyObject *decision,
                    PyObject *did, double elapsed) {
     observing *o = self->obs;
-    if (!o || (out->reason != D_OK && out->reason != D_PUBLIC)) return 0;
+    int r = out->reason;
+    if (!o || (r != D_OK && r != D_PUBLIC && r != D_UNKNOWN && r != D_BLOCKED)) return 0;
     PyObject *list = PyObject_GetAttr(o->owner, S_observers);
     if (!list) return -1;
     int same = PyList_Check(list) && PyList_GET_SIZE(list) == PyTuple_GET_SIZE(o->expected);
@@ -1826,7 +1957,7 @@ static int observe(FastCheck *self, const request *q, const outcome *out, PyObje
     PyObject *entry; /* held: the calls into Python below can switch threads */
     if (observed_entry(o, out, decision, &entry) < 0) return -1;
     if (!entry) return 0;
-    int seen = observe_entry(o, q, out, did, elapsed, PyTuple_GET_ITEM(entry, 1),
+    int seen = observe_entry(o, q, out, decision, did, elapsed, PyTuple_GET_ITEM(entry, 1),
                              PyTuple_GET_ITEM(entry, 2));
     Py_DECREF(entry);
     if (seen > 0) o->observed++;
@@ -1934,6 +2065,8 @@ static PyMethodDef FastCheck_methods[] = {
      "Compile a policy (the tuples fastcheck.compile_policy makes)."},
     {"counts", (PyCFunction)FastCheck_counts, METH_NOARGS,
      "(decided here, fell back) since start."},
+    {"count_failures", (PyCFunction)FastCheck_count_failures, METH_O,
+     "Decide unknown API keys here, counted with failed(source, key_id, now) (None: no limiter)."},
     {NULL, NULL, 0, NULL}};
 
 static PyTypeObject FastCheckType = {
@@ -1999,6 +2132,7 @@ PyMODINIT_FUNC PyInit__fastcheck(void) {
     INTERN(S_cached_token, "cached_token"); INTERN(S_access_token, "access_token");
     INTERN(S_digest, "digest");
     INTERN(S_observers, "observers"); INTERN(S_keep_allow, "keep_allow"); INTERN(S_id, "id");
+    INTERN(S_deny, "deny");
     PyObject *hashlib = PyImport_ImportModule("hashlib");
     if (!hashlib) return NULL;
     hashlib_sha256 = PyObject_GetAttrString(hashlib, "sha256");

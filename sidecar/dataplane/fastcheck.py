@@ -10,17 +10,23 @@ policy's credential headers, hashes it (SHA-256) and looks it up: an API key wit
 ``engine.cached_token(digest, now)`` — the identity of a token the Python path verified before,
 only while its cached verification holds (not expired, its signing key still published, its
 grant and jti not revoked). It answers from the ResponseEncoder's templates with a new decision
-id spliced in. It decides only non-canonical paths, public routes, and usable API keys or
-cached tokens without a per-key rate or client networks (allow, no_route, operator_not_allowed,
-workspace_mismatch, insufficient_scope); all else — a token not verified yet, every credential
-failure (the rate limiter counts those), a blocked source or key, a replica not ready, raw
-``header_map``, anything outside printable ASCII, bytes protobuf might read differently — goes
-to the pure-Python path. tests/test_fastcheck_differential.py runs both on captured, generated
-and fuzzed requests (API keys and tokens) and requires byte-identical answers and equal
-decisions and observer inputs. With the sidecar's own observers (``observe_in_c``) the allows it
-decides (API keys and cached tokens) are observed in C too: metrics tally, the decision record's
-spool payload, usage count, with the same results as the Python observers (same spool bytes,
-/metrics text, usage reports; the usage tally then counts in the C path's store, one bound).
+id spliced in. It decides non-canonical paths, public routes, usable API keys or cached tokens
+without a per-key rate or client networks (allow, no_route, operator_not_allowed,
+workspace_mismatch, insufficient_scope), unknown API keys (well-formed, not in the replica:
+unknown_credential), each counted by the failure limiter's own ``WindowRateLimiter.failed``,
+called from C exactly where ``Engine._failed`` calls it (``count_failures``), and the 429 of a
+source that limiter blocked (before its credential is read, as ``Engine._decide`` answers it);
+all else — a token not verified yet, every other credential failure, a blocked key, a replica
+not ready, raw ``header_map``, anything outside printable ASCII, bytes protobuf might read
+differently — goes to the pure-Python path. tests/test_fastcheck_differential.py runs both on
+captured, generated and fuzzed requests (API keys and tokens) and requires byte-identical
+answers and equal decisions and observer inputs (tests/test_fastcheck_unknown.py: unknown keys
+up to the block they trip and after it). With the sidecar's own observers (``observe_in_c``)
+the allows it decides (API keys and cached tokens), its unknown keys and blocked sources are
+observed in C too: metrics tally, the decision record's spool payload, usage count, the denial
+log line (``DenialLog.deny``), with the same results as the Python observers (same spool bytes,
+/metrics text, usage reports, log lines; the usage tally then counts in the C path's store, one
+bound).
 
 The extension is optional: a wheel built without a compiler has none, and this module then
 reports why (``unavailable()``) and the sidecar runs the pure-Python path."""
@@ -61,6 +67,8 @@ _REASONS = (
     Reason.OPERATOR_NOT_ALLOWED,
     Reason.WORKSPACE_MISMATCH,
     Reason.INSUFFICIENT_SCOPE,
+    Reason.UNKNOWN_CREDENTIAL,
+    Reason.RATE_LIMITED,  # a blocked source
 )
 _REST = "(?:/.*)?"
 _ONE = "/[^/]+"
@@ -158,8 +166,8 @@ class FastCheckHandler:
         limiter = engine.limiter
         if limiter is not None and not isinstance(limiter, WindowRateLimiter):
             raise RuntimeError("compiled check path: only with the built-in rate limiter")
-        # Read, not called, on every check: a check from a blocked source or with a blocked
-        # key goes to the Python path, which asks the limiter.
+        # Read, not called, on every check: a check from a blocked source is answered 429 in C
+        # (count_failures below), one with a blocked key by the Python path.
         blocked = limiter.blocked_tables() if limiter is not None else ({}, {})
         encoder = handler.encoder
 
@@ -182,6 +190,9 @@ class FastCheckHandler:
         )
         if _perf_counter is not time.perf_counter:  # a test's timer: both paths read it
             self._native.set_timer(_perf_counter)
+        # An unknown key is decided in C and counted by the limiter's own method, the one
+        # Engine._failed calls (one limiting rule, one set of counters).
+        self._native.count_failures(limiter.failed if limiter is not None else None)
         self._compiled_for: Policy | None = None
         self._compile()
         self.observed_in_c = observe_in_c(self._native, handler)
@@ -232,8 +243,9 @@ class FastCheckHandler:
         return response  # type: ignore[no-any-return]
 
 
-# The observers the C path can stand in for, one of each at most; DenialLog does nothing
-# for an allow, the only decisions observed in C.
+# The observers the C path can stand in for, one of each at most. It observes its allows, and
+# the denials without an identity it decides (an unknown key, a blocked source): DenialLog.deny
+# writes their line; UsageTally counts no use without an identity.
 _KNOWN = (DecisionMetrics, DenialLog, DecisionRecorder, UsageTally)
 
 
@@ -249,12 +261,14 @@ def observe_in_c(native: Any, handler: CheckHandler) -> bool:
     kinds = [type(observer) for observer in observers]
     if any(kind not in _KNOWN for kind in kinds) or len(set(kinds)) != len(kinds):
         return False
-    metrics = audit = usage = counting = None
+    metrics = audit = usage = counting = denials = None
     for observer in observers:
         if isinstance(observer, DecisionMetrics):
             tally = observer.tally
-            slots = (observer.slot(Reason.OK), observer.slot(Reason.PUBLIC_ROUTE))
-            metrics = (*slots, tally.bounds, tally.width)
+            slots = tuple(observer.slot(r) for r in _REASONS)
+            metrics = (slots, tally.bounds, tally.width)
+        elif isinstance(observer, DenialLog):
+            denials = observer
         elif isinstance(observer, DecisionRecorder):
             queue = observer.queue
             buffer = queue.store  # a second handler on this queue shares the first's buffer
@@ -271,7 +285,7 @@ def observe_in_c(native: Any, handler: CheckHandler) -> bool:
                 if usage is not None:
                     return False
                 usage = _native.UsageCounts(observer.max_entries)
-    native.observe_in_c(handler, observers, _observed, metrics, audit, usage)
+    native.observe_in_c(handler, observers, _observed, metrics, audit, usage, denials)
     if audit is not None and queue.store is not audit[0]:
         queue.use_store(audit[0])
     if counting is not None and usage is not None and counting.store is not usage:

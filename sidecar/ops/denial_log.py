@@ -100,14 +100,19 @@ class DenialLog:
     def __call__(self, decision: Decision, request: CheckInput, source: str, _t: float) -> None:
         if decision.reason in _ALLOWED:
             return
+        self.deny(decision, request.method, request.path, source)
+
+    def deny(self, decision: Decision, method: str, path: str, source: str) -> None:
+        """Log one denial (rate-limited). The compiled Check path calls this directly for the
+        denials it observes in C, with the request fields a line names."""
         if not (self._known if decision.identity is not None else self._anonymous).take():
             with self._lock:
                 self._suppressed[decision.reason.value] += 1
             return
         writer = self.writer
         if writer is None:
-            self._write((decision, request.method, request.path, source, None))
-        elif not writer.put((decision, request.method, request.path, source, time.time())):
+            self._write((decision, method, path, source, None))
+        elif not writer.put((decision, method, path, source, time.time())):
             with self._lock:
                 self._dropped[decision.reason.value] += 1
 
