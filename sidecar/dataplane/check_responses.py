@@ -10,6 +10,7 @@ class."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -231,14 +232,32 @@ def _allow_part(ident: Identity | None, strip: tuple[str, ...]) -> bytes:
         ident.client_id,
         " ".join(sort_scopes(ident.scopes)),
     )
-    ok = ext.OkHttpResponse(headers_to_remove=[*strip, *FOREIGN_SPELLINGS])
-    for name, value in zip(IDENTITY_HEADERS, values, strict=True):
+    # The OkHttpResponse protobuf would serialize, assembled from pre-encoded pieces (its
+    # fields in number order: headers, then headers_to_remove in list order); building the
+    # message cost ≈ 15 µs, paid once per identity: for every new access token.
+    # tests/test_check_responses.py compares the two on every shape.
+    headers = []
+    empty = []
+    for key, removal, value in zip(_IDENTITY_KEYS, _IDENTITY_REMOVALS, values, strict=True):
         if value:
-            ok.headers.add(header=HeaderValue(key=name, value=value), append_action=OVERWRITE)
+            header = _ld(_OPT_HEADER, key + _ld(_HV_VALUE, value.encode())) + _APPEND_ACTION
+            headers.append(_ld(_OK_HEADERS, header))
         else:
             # Never let a client-supplied identity header through.
-            ok.headers_to_remove.append(name)
-    return bytes(ok.SerializeToString())
+            empty.append(removal)
+    return b"".join((*headers, _removals(strip), *empty))
+
+
+_OK_REMOVE = _field("headers_to_remove", ext.OkHttpResponse)
+_IDENTITY_KEYS = tuple(_ld(_HV_KEY, name.encode()) for name in IDENTITY_HEADERS)
+_IDENTITY_REMOVALS = tuple(_ld(_OK_REMOVE, name.encode()) for name in IDENTITY_HEADERS)
+_FOREIGN_REMOVALS = b"".join(_ld(_OK_REMOVE, name.encode()) for name in FOREIGN_SPELLINGS)
+
+
+@functools.lru_cache(maxsize=16)
+def _removals(strip: tuple[str, ...]) -> bytes:
+    """``strip`` then the foreign spellings as headers_to_remove entries (one per policy)."""
+    return b"".join(_ld(_OK_REMOVE, name.encode()) for name in strip) + _FOREIGN_REMOVALS
 
 
 def _deny_parts(decision: Decision, retry_after: int | None) -> tuple[bytes, bytes, bytes]:
