@@ -3,6 +3,7 @@ the response Envoy must see — for every reason code."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -194,6 +195,21 @@ def test_an_allow_shape_is_templated_on_its_second_answer_only() -> None:
         builds.append(encoder.builds)
     # First answer: one build. Second: the template (two). Then no build at all.
     assert builds == [1, 3, 3, 3]
+    assert out == [ResponseEncoder().build(d, strip) for d in answers]
+
+
+def test_a_token_verified_again_is_built_once_per_answer() -> None:
+    """With the token cache off, every answer for one token carries a new, equal Identity: the
+    template (placeholder and check builds) made for one would never serve the next."""
+    encoder = CountingEncoder()
+    strip = ("authorization",)
+    answers = [Decision(Reason.OK, f"dec_{n:024x}", dataclasses.replace(TOKEN)) for n in range(4)]
+    out = []
+    builds = []
+    for decision in answers:
+        out.append(encoder.encode(decision, strip))
+        builds.append(encoder.builds)
+    assert builds == [1, 2, 3, 4]
     assert out == [ResponseEncoder().build(d, strip) for d in answers]
 
 

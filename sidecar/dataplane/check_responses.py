@@ -128,8 +128,9 @@ class ResponseEncoder:
     A response differs from the previous one of the same shape (identity or denial reason,
     ``strip``, length of the decision id) only in its decision id, so each shape is built once
     with a placeholder id, split there, and later answers are ``decision_id.join(pieces)``.
-    An allow's shape is templated on its second answer: a shape answered once (each new access
-    token) is built once."""
+    An allow's shape is templated on the second answer of the same identity object: a shape
+    answered once (each new access token), or a token verified again (a new Identity each time),
+    is built once per answer."""
 
     def __init__(self, failure_window: float = 60.0) -> None:
         # Retry-After of a 429 for a blocked source or key id (the block ends within a window).
@@ -138,8 +139,9 @@ class ResponseEncoder:
         self._allow: dict[
             tuple[Reason, str, int], tuple[Identity | None, tuple[str, ...], list[bytes]]
         ] = {}
-        # Allow shapes answered once (by a full build) and not yet templated.
-        self._seen_once: set[tuple[Reason, str, int]] = set()
+        # Allow shapes answered once (by a full build) and not yet templated -> the id() of the
+        # identity answered (a reused address only costs a template, never a wrong answer).
+        self._seen_once: dict[tuple[Reason, str, int], int] = {}
         # (reason, detail, id length) -> pieces: a denial names no identity and strips nothing
         self._denied: dict[tuple[Reason, str, int], list[bytes]] = {}
         self._reason_meta = {r: _meta_entry("reason", r.value.encode()) for r in Reason}
@@ -153,12 +155,14 @@ class ResponseEncoder:
             cached = self._allow.get(key)
             if cached is not None and cached[0] is ident and cached[1] == strip:
                 return did.join(cached[2])
-            if key not in self._seen_once:
-                # A template costs two builds: made on a shape's second answer, so a shape seen
-                # once (every new access token's jti) costs one build, not three.
+            if self._seen_once.get(key) != id(ident):
+                # A template costs two builds and serves only this very identity object (the
+                # check above): made on its second answer, so a shape seen once (every new
+                # access token's jti) costs one build, not three, and so does a token verified
+                # again into a new Identity (token cache off), whose template nothing would use.
                 if len(self._seen_once) >= _CACHE_LIMIT:
                     self._seen_once.clear()
-                self._seen_once.add(key)
+                self._seen_once[key] = id(ident)
                 return self.build(decision, strip)
             pieces = self._template(decision, strip)
             if pieces is None:
