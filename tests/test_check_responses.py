@@ -3,18 +3,24 @@ the response Envoy must see — for every reason code."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
-from envoy.config.core.v3.base_pb2 import HeaderValueOption
+from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
 from envoy.service.auth.v3 import external_auth_pb2 as ext
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sidecar.authz.decision import Decision, Identity, Outcome, Reason
+from sidecar.core.scopes import sort_scopes
 from sidecar.dataplane.check_responses import (
     FOREIGN_SPELLINGS,
     GRPC_CODE,
     IDENTITY_HEADERS,
+    OVERWRITE,
     ResponseEncoder,
+    _allow_part,
 )
 
 STRIP = ("authorization", "x-api-key")
@@ -190,3 +196,75 @@ def test_an_allow_shape_is_templated_on_its_second_answer_only() -> None:
     # First answer: one build. Second: the template (two). Then no build at all.
     assert builds == [1, 3, 3, 3]
     assert out == [ResponseEncoder().build(d, strip) for d in answers]
+
+
+def test_a_token_verified_again_is_built_once_per_answer() -> None:
+    """With the token cache off, every answer for one token carries a new, equal Identity: the
+    template (placeholder and check builds) made for one would never serve the next."""
+    encoder = CountingEncoder()
+    strip = ("authorization",)
+    answers = [Decision(Reason.OK, f"dec_{n:024x}", dataclasses.replace(TOKEN)) for n in range(4)]
+    out = []
+    builds = []
+    for decision in answers:
+        out.append(encoder.encode(decision, strip))
+        builds.append(encoder.builds)
+    assert builds == [1, 2, 3, 4]
+    assert out == [ResponseEncoder().build(d, strip) for d in answers]
+
+
+def _protobuf_allow_part(ident: Identity, strip: tuple[str, ...]) -> bytes:
+    """The identity part of an allow as protobuf serializes the message (what the encoder
+    built before it assembled the bytes itself): the oracle."""
+    values = (
+        "" if ident.workspace == "*" else ident.workspace,
+        ident.id if ident.kind == "api_key" else "",
+        ident.subject,
+        ident.client_id,
+        " ".join(sort_scopes(ident.scopes)),
+    )
+    ok = ext.OkHttpResponse(headers_to_remove=[*strip, *FOREIGN_SPELLINGS])
+    for name, value in zip(IDENTITY_HEADERS, values, strict=True):
+        if value:
+            ok.headers.add(header=HeaderValue(key=name, value=value), append_action=OVERWRITE)
+        else:
+            ok.headers_to_remove.append(name)
+    return bytes(ok.SerializeToString())
+
+
+# Empty, short, non-ASCII and > 127 bytes (a two-byte length prefix).
+_texts = st.one_of(st.just(""), st.text(max_size=8), st.text(min_size=120, max_size=300))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    kind=st.sampled_from(["api_key", "access_token"]),
+    ident_id=_texts,
+    workspace=st.one_of(st.just("*"), _texts),
+    subject=_texts,
+    client_id=_texts,
+    scopes=st.frozensets(st.one_of(st.sampled_from(["checks:read", "admin:full"]), _texts)),
+    strip=st.sampled_from([(), ("authorization",), STRIP, ("x-é-key", "a" * 200)]),
+)
+def test_an_allow_is_the_bytes_protobuf_serializes(
+    kind: str,
+    ident_id: str,
+    workspace: str,
+    subject: str,
+    client_id: str,
+    scopes: frozenset[str],
+    strip: tuple[str, ...],
+) -> None:
+    ident = Identity(kind, ident_id, workspace, scopes, 2e9, subject=subject, client_id=client_id)
+    try:
+        expected = _protobuf_allow_part(ident, strip)
+    except UnicodeEncodeError:  # a lone surrogate: protobuf refuses it, and so must we
+        with pytest.raises(UnicodeEncodeError):
+            _allow_part(ident, strip)
+        return
+    assert _allow_part(ident, strip) == expected
+    # The whole allow: its decision-id header, then exactly that part.
+    ok = parse(ResponseEncoder().build(Decision(Reason.OK, "dec_1", ident), strip)).ok_response
+    assert ok.headers[0].header.key == "x-statuspulse-decision-id"
+    del ok.headers[0]
+    assert ok == ext.OkHttpResponse.FromString(expected)

@@ -21,6 +21,7 @@ SCOPES: tuple[str, ...] = (
     ADMIN_FULL,
 )
 _KNOWN = frozenset(SCOPES)
+_ORDER = {s: i for i, s in enumerate(SCOPES)}
 
 
 def parse_scopes(values: Iterable[str], field: str = "scopes") -> frozenset[str]:
@@ -44,5 +45,5 @@ def satisfies(held: Iterable[str], required: str) -> bool:
 
 def sort_scopes(scopes: Iterable[str]) -> list[str]:
     """Scopes in the canonical vocabulary order (stable output for humans and tests)."""
-    order = {s: i for i, s in enumerate(SCOPES)}
-    return sorted(scopes, key=lambda s: (order.get(s, len(order)), s))
+    # Built once: every new access token's allow sorts its scopes (sidecar/dataplane).
+    return sorted(scopes, key=lambda s: (_ORDER.get(s, len(_ORDER)), s))
