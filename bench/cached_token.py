@@ -33,39 +33,25 @@ AUDIENCE = "statuspulse-api"
 PATH = "/v1/workspaces/acme/checks"
 
 
-def _handlers(audit: bool) -> tuple[Any, Any, Any, bytes]:
-    """(CheckHandler, its AuditPipeline, FastCheckHandler on a second engine, request bytes),
-    the token verified and cached by both."""
-    import logging
-
+def issue_token(now: float) -> tuple[Any, Any, str]:
+    """A signing key as the control plane stores it (private key encrypted under a fresh KEK),
+    its private key, and an RS256 access token it signed at ``now`` for acme (checks:read, one
+    hour): what the token rows of bench.cached_token and bench.cold_token send."""
     from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
 
-    from sidecar.auditship import AuditPipeline, ShipConfig
-    from sidecar.auditship.observer import DecisionRecorder
-    from sidecar.authz.engine import Engine
-    from sidecar.authz.policy_source import load_policy
-    from sidecar.authz.replica import Replica
-    from sidecar.authz.token_verifier import ReplicaTokenVerifier
-    from sidecar.core.changes import signing_key_upserted
-    from sidecar.core.clock import SystemClock
     from sidecar.core.kek import KEK_BYTES, KeyEncryption
-    from sidecar.dataplane.envoy_check import CheckHandler, parse_check_request
-    from sidecar.dataplane.fastcheck import FastCheckHandler
     from sidecar.oauth import rfc9068
     from sidecar.oauth.signing import generate_key
-    from sidecar.ops.denial_log import DenialLog
-    from sidecar.ops.metrics import DecisionMetrics, Metrics
-    from sidecar.usage import UsageTally
 
-    logging.getLogger().handlers[:] = [logging.NullHandler()]
     kek = KeyEncryption([secrets.token_bytes(KEK_BYTES)])
-    now = time.time()
     key = generate_key(int(now) - 60, kek)
     private = serialization.load_der_private_key(
         kek.decrypt(key.private_pem, key.kid), password=None
     )
+    assert isinstance(private, rsa.RSAPrivateKey)
     token = rfc9068.issue(
-        (key.kid, private),  # type: ignore[arg-type]
+        (key.kid, private),
         issuer=ISSUER,
         audience=AUDIENCE,
         subject="usr_1",
@@ -76,6 +62,30 @@ def _handlers(audit: bool) -> tuple[Any, Any, Any, bytes]:
         now=now,
         ttl=3600,
     ).token
+    return key, private, token
+
+
+def _handlers(audit: bool) -> tuple[Any, Any, Any, bytes]:
+    """(CheckHandler, its AuditPipeline, FastCheckHandler on a second engine, request bytes),
+    the token verified and cached by both."""
+    import logging
+
+    from sidecar.auditship import AuditPipeline, ShipConfig
+    from sidecar.auditship.observer import DecisionRecorder
+    from sidecar.authz.engine import Engine
+    from sidecar.authz.policy_source import load_policy
+    from sidecar.authz.replica import Replica
+    from sidecar.authz.token_verifier import ReplicaTokenVerifier
+    from sidecar.core.changes import signing_key_upserted
+    from sidecar.core.clock import SystemClock
+    from sidecar.dataplane.envoy_check import CheckHandler, parse_check_request
+    from sidecar.dataplane.fastcheck import FastCheckHandler
+    from sidecar.ops.denial_log import DenialLog
+    from sidecar.ops.metrics import DecisionMetrics, Metrics
+    from sidecar.usage import UsageTally
+
+    logging.getLogger().handlers[:] = [logging.NullHandler()]
+    key, _, token = issue_token(time.time())
     data = check_request(
         typical_headers(authorization=f"Bearer {token}"), path=PATH, host="api.statuspulse.test"
     )

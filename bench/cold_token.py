@@ -1,6 +1,6 @@
 """A cold RS256 access token on the Check path, in process (docs/performance.md, "Cold tokens"):
 
-    python -m bench.cold_token            # thread CPU µs per call, best of --runs runs
+    python -m bench.cold_token [RUNS]     # thread CPU µs per call, best of RUNS runs (15)
     python bench/cold_token.py            # the same, for whatever sidecar is first on sys.path
 
 Each row is the thread CPU of one call (not wall time: on a shared box the neighbours then
@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import secrets
 import sys
 import tempfile
 import time
@@ -54,9 +53,10 @@ def _cpu_us(call: Callable[[], object], flush: Callable[[], object], runs: int) 
 
 def rows() -> dict[str, tuple[Callable[[], object], Callable[[], object]]]:
     """(call, flush) per row name."""
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import padding, rsa
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding
 
+    from bench.cached_token import issue_token
     from bench.cases import check_request, typical_headers
     from sidecar.auditship import AuditPipeline, ShipConfig
     from sidecar.auditship.observer import DecisionRecorder
@@ -67,36 +67,15 @@ def rows() -> dict[str, tuple[Callable[[], object], Callable[[], object]]]:
     from sidecar.core import keyformat
     from sidecar.core.changes import signing_key_upserted
     from sidecar.core.clock import SystemClock
-    from sidecar.core.kek import KEK_BYTES, KeyEncryption
     from sidecar.core.models import Change
     from sidecar.dataplane.envoy_check import CheckHandler, parse_check_request
     from sidecar.dataplane.fastcheck import FastCheckHandler
-    from sidecar.oauth import rfc9068
-    from sidecar.oauth.signing import generate_key
     from sidecar.ops.denial_log import DenialLog
     from sidecar.ops.metrics import DecisionMetrics, Metrics
     from sidecar.usage import UsageTally
 
     logging.getLogger().handlers[:] = [logging.NullHandler()]
-    kek = KeyEncryption([secrets.token_bytes(KEK_BYTES)])
-    now = time.time()
-    key = generate_key(int(now) - 60, kek)
-    private = serialization.load_der_private_key(
-        kek.decrypt(key.private_pem, key.kid), password=None
-    )
-    assert isinstance(private, rsa.RSAPrivateKey)
-    token = rfc9068.issue(
-        (key.kid, private),
-        issuer=ISSUER,
-        audience=AUDIENCE,
-        subject="usr_1",
-        client_id="app_1",
-        scopes=frozenset({"checks:read"}),
-        workspace="acme",
-        grant_id="grt_1",
-        now=now,
-        ttl=3600,
-    ).token
+    key, private, token = issue_token(time.time())
     secret = keyformat.mint_key()
     clock = SystemClock()
 

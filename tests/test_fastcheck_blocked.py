@@ -29,14 +29,14 @@ __all__ = ["pair"]  # the fixture, imported to be used here
 ATTACKER, CLIENT = "10.9.9.9", "10.1.1.1"
 
 
-def _request(pair: tuple[Side, Side], header: dict[str, str], source: str) -> bytes:
+def request_for(pair: tuple[Side, Side], header: dict[str, str], source: str) -> bytes:
     if "x-key" in pair[0].engine.policy.credential_headers:  # the extra policy's route
         return request_bytes("GET", "/v2/acme/items/7/detail", header, host="api.example",
                              source=source)  # fmt: skip
     return request_bytes("GET", "/v1/workspaces/acme/checks", header, host=HOST, source=source)
 
 
-def _answer(pair: tuple[Side, Side], data: bytes) -> tuple[bytes, int, int]:
+def answer_of(pair: tuple[Side, Side], data: bytes) -> tuple[bytes, int, int]:
     """The reason both paths gave, and how many the C path decided and handed over for it."""
     before = pair[1].handler.counts()  # type: ignore[attr-defined]
     reason = _reason(_same(pair, data))
@@ -47,8 +47,8 @@ def _answer(pair: tuple[Side, Side], data: bytes) -> tuple[bytes, int, int]:
 def _block(pair: tuple[Side, Side], source: str) -> None:
     """Unknown keys from ``source`` until both engines block it (source_failures=5)."""
     for _ in range(5):
-        reason, _, _ = _answer(
-            pair, _request(pair, {"authorization": f"Bearer {keyformat.mint_key()}"}, source)
+        reason, _, _ = answer_of(
+            pair, request_for(pair, {"authorization": f"Bearer {keyformat.mint_key()}"}, source)
         )
         assert reason == b"unknown_credential"
     for side in pair:
@@ -61,15 +61,15 @@ def test_only_the_blocked_source_is_refused(pair: tuple[Side, Side]) -> None:
     _block(pair, ATTACKER)
     # The blocked source: refused before its key is looked at, in C; without a credential the
     # C path reads no further and Python refuses it the same way.
-    assert _answer(pair, _request(pair, reader, ATTACKER)) == (b"rate_limited", 1, 0)
-    assert _answer(pair, _request(pair, {}, ATTACKER)) == (b"rate_limited", 0, 1)
+    assert answer_of(pair, request_for(pair, reader, ATTACKER)) == (b"rate_limited", 1, 0)
+    assert answer_of(pair, request_for(pair, {}, ATTACKER)) == (b"rate_limited", 0, 1)
     # Everyone else: decided in C as before the block, allows and denials alike.
-    assert _answer(pair, _request(pair, reader, CLIENT)) == (b"ok", 1, 0)
+    assert answer_of(pair, request_for(pair, reader, CLIENT)) == (b"ok", 1, 0)
     other = {"authorization": f"Bearer {SECRETS['globex']}"}
-    assert _answer(pair, _request(pair, other, CLIENT)) == (b"workspace_mismatch", 1, 0)
+    assert answer_of(pair, request_for(pair, other, CLIENT)) == (b"workspace_mismatch", 1, 0)
     # A request without a source is never blocked; IPv6 and odd sources are looked up as is.
     for source in ("", "::1", "10.9.9.9 ", "10.9.9.90"):
-        reason, decided, _ = _answer(pair, _request(pair, reader, source))
+        reason, decided, _ = answer_of(pair, request_for(pair, reader, source))
         assert (reason, decided) == (b"ok", 1), source
 
 
@@ -78,11 +78,11 @@ def test_a_block_that_ran_out_no_longer_sends_the_source_to_python(
 ) -> None:
     reader = {"authorization": f"Bearer {SECRETS['reader']}"}
     _block(pair, ATTACKER)
-    assert _answer(pair, _request(pair, reader, ATTACKER))[0] == b"rate_limited"
+    assert answer_of(pair, request_for(pair, reader, ATTACKER))[0] == b"rate_limited"
     _advance(pair, 61)  # the failure window (60 s) has slid past every counted failure
     limiter: Any = pair[1].engine.limiter
     assert ATTACKER in limiter.blocked_tables()[0]  # expired, not yet swept out
-    assert _answer(pair, _request(pair, reader, ATTACKER)) == (b"ok", 1, 0)
+    assert answer_of(pair, request_for(pair, reader, ATTACKER)) == (b"ok", 1, 0)
 
 
 def test_only_the_blocked_key_falls_back(pair: tuple[Side, Side]) -> None:
@@ -93,7 +93,7 @@ def test_only_the_blocked_key_falls_back(pair: tuple[Side, Side]) -> None:
         limiter.absorb([], {"key": {"key_reader": now + 30}}, now, 10)
     reader = {"authorization": f"Bearer {SECRETS['reader']}"}
     writer = {"authorization": f"Bearer {SECRETS['writer']}"}
-    assert _answer(pair, _request(pair, reader, CLIENT)) == (b"rate_limited", 0, 1)
-    assert _answer(pair, _request(pair, writer, CLIENT)) == (b"ok", 1, 0)
+    assert answer_of(pair, request_for(pair, reader, CLIENT)) == (b"rate_limited", 0, 1)
+    assert answer_of(pair, request_for(pair, writer, CLIENT)) == (b"ok", 1, 0)
     _advance(pair, 31)  # the block ran out
-    assert _answer(pair, _request(pair, reader, CLIENT)) == (b"ok", 1, 0)
+    assert answer_of(pair, request_for(pair, reader, CLIENT)) == (b"ok", 1, 0)

@@ -23,6 +23,7 @@ from sidecar.core import keyformat
 from sidecar.dataplane.fastcheck import unavailable
 from sidecar.ops.denial_log import DenialLog
 from sidecar.ratelimit import AbuseLimits
+from tests.test_fastcheck_blocked import answer_of, request_for
 from tests.test_fastcheck_differential import (
     EXTRA_POLICY,
     HOST,
@@ -30,8 +31,6 @@ from tests.test_fastcheck_differential import (
     Side,
     StepTimer,
     _advance,
-    _reason,
-    _same,
     _shipped,
     _side,
     _source,
@@ -45,21 +44,6 @@ __all__ = ["pair", "step_timer"]  # fixtures, imported to be used here
 
 ATTACKER, VICTIM = "10.66.6.6", "10.1.1.1"
 LIMIT = 5  # the pair's source_failures
-
-
-def _request(pair: tuple[Side, Side], header: dict[str, str], source: str) -> bytes:
-    if "x-key" in pair[0].engine.policy.credential_headers:  # the extra policy's route
-        return request_bytes("GET", "/v2/acme/items/7/detail", header, host="api.example",
-                             source=source)  # fmt: skip
-    return request_bytes("GET", "/v1/workspaces/acme/checks", header, host=HOST, source=source)
-
-
-def _answer(pair: tuple[Side, Side], data: bytes) -> tuple[bytes, int, int]:
-    """The reason both paths gave, and how many the C path decided and handed over for it."""
-    before = pair[1].handler.counts()  # type: ignore[attr-defined]
-    reason = _reason(_same(pair, data))
-    after = pair[1].handler.counts()  # type: ignore[attr-defined]
-    return reason, after[0] - before[0], after[1] - before[1]
 
 
 def _limiters(pair: tuple[Side, Side]) -> list[Any]:
@@ -96,7 +80,11 @@ def test_unknown_keys_are_decided_in_c_up_to_the_block_and_refused_after(
         headers = ["x-key", "authorization"]
     for n in range(LIMIT):
         unknown = _unknown(headers[n % 2])
-        assert _answer(pair, _request(pair, unknown, ATTACKER)) == (b"unknown_credential", 1, 0)
+        assert answer_of(pair, request_for(pair, unknown, ATTACKER)) == (
+            b"unknown_credential",
+            1,
+            0,
+        )
         _same_limits(pair)
         blocked = [lim.source_blocked(ATTACKER, _now(pair)) for lim in _limiters(pair)]
         assert blocked == [n == LIMIT - 1] * 2  # the fifth failure trips the block, on both
@@ -104,13 +92,13 @@ def test_unknown_keys_are_decided_in_c_up_to_the_block_and_refused_after(
     # path cannot read that far (no credential, a non-ASCII one) by Python, the same way.
     reader = {"authorization": f"Bearer {SECRETS['reader']}"}
     for header in (_unknown(), reader, {"authorization": "Bearer spk_nope"}):
-        assert _answer(pair, _request(pair, header, ATTACKER)) == (b"rate_limited", 1, 0)
+        assert answer_of(pair, request_for(pair, header, ATTACKER)) == (b"rate_limited", 1, 0)
     for header in ({}, {"authorization": "Bearer spk_é"}):
-        assert _answer(pair, _request(pair, header, ATTACKER)) == (b"rate_limited", 0, 1)
+        assert answer_of(pair, request_for(pair, header, ATTACKER)) == (b"rate_limited", 0, 1)
     _same_limits(pair)
     # The window slides past every failure: unknown keys are the C path's again, counted anew.
     _advance(pair, 61)
-    assert _answer(pair, _request(pair, _unknown(), ATTACKER)) == (b"unknown_credential", 1, 0)
+    assert answer_of(pair, request_for(pair, _unknown(), ATTACKER)) == (b"unknown_credential", 1, 0)
     _same_limits(pair)
 
 
@@ -127,18 +115,18 @@ def test_malformed_keys_go_to_python_and_count_toward_the_same_block(
     ]
     for key in malformed:
         assert not keyformat.is_well_formed(key)
-        reason = _answer(pair, _request(pair, {header: key}, ATTACKER))
+        reason = answer_of(pair, request_for(pair, {header: key}, ATTACKER))
         assert reason == (b"malformed_credential", 0, 1)
     not_a_key = {header: minted.replace("spk_", "spk-", 1)}
-    assert _answer(pair, _request(pair, not_a_key, VICTIM)) == (b"malformed_credential", 0, 1)
+    assert answer_of(pair, request_for(pair, not_a_key, VICTIM)) == (b"malformed_credential", 0, 1)
     _same_limits(pair)
     # Four malformed (Python) and one unknown (C) failures: the fifth trips the block.
     assert not any(lim.source_blocked(ATTACKER, _now(pair)) for lim in _limiters(pair))
-    assert _answer(pair, _request(pair, _unknown(header), ATTACKER)) == (
+    assert answer_of(pair, request_for(pair, _unknown(header), ATTACKER)) == (
         b"unknown_credential", 1, 0,
     )  # fmt: skip
     assert all(lim.source_blocked(ATTACKER, _now(pair)) for lim in _limiters(pair))
-    assert _answer(pair, _request(pair, _unknown(header), ATTACKER)) == (b"rate_limited", 1, 0)
+    assert answer_of(pair, request_for(pair, _unknown(header), ATTACKER)) == (b"rate_limited", 1, 0)
     _same_limits(pair)
 
 
@@ -148,10 +136,10 @@ def test_a_spray_from_one_source_blocks_it_and_the_victim_keeps_its_allows_in_c(
     reader = {"authorization": f"Bearer {SECRETS['reader']}"}
     reasons: dict[bytes, int] = {}
     for _ in range(200):
-        reason, _, _ = _answer(pair, _request(pair, _unknown(), ATTACKER))
+        reason, _, _ = answer_of(pair, request_for(pair, _unknown(), ATTACKER))
         reasons[reason] = reasons.get(reason, 0) + 1
         # The victim tenant, between the attacker's requests: allowed, from C, every time.
-        assert _answer(pair, _request(pair, reader, VICTIM)) == (b"ok", 1, 0)
+        assert answer_of(pair, request_for(pair, reader, VICTIM)) == (b"ok", 1, 0)
     assert reasons == {b"unknown_credential": LIMIT, b"rate_limited": 200 - LIMIT}
     _same_limits(pair)
 
@@ -162,16 +150,16 @@ def test_a_spray_from_many_sources_blocks_each_at_its_own_limit(pair: tuple[Side
     for round_ in range(LIMIT + 1):
         for source in sources:
             expected = b"unknown_credential" if round_ < LIMIT else b"rate_limited"
-            assert _answer(pair, _request(pair, _unknown(), source)) == (expected, 1, 0)
-        assert _answer(pair, _request(pair, reader, VICTIM)) == (b"ok", 1, 0)
+            assert answer_of(pair, request_for(pair, _unknown(), source)) == (expected, 1, 0)
+        assert answer_of(pair, request_for(pair, reader, VICTIM)) == (b"ok", 1, 0)
         _same_limits(pair)
     assert set(_limiters(pair)[1].blocked_tables()[0]) == set(sources)
     # An IPv6 client, and a request without a source (never blocked, never counted).
     for source in ("2001:db8::7", ""):
         for _ in range(LIMIT + 1):
-            _answer(pair, _request(pair, _unknown(), source))
+            answer_of(pair, request_for(pair, _unknown(), source))
         _same_limits(pair)
-    assert _answer(pair, _request(pair, _unknown(), ""))[:2] == (b"unknown_credential", 1)
+    assert answer_of(pair, request_for(pair, _unknown(), ""))[:2] == (b"unknown_credential", 1)
 
 
 _BASE62 = st.sampled_from(keyformat.ALPHABET)
@@ -199,7 +187,7 @@ def _near_keys(draw: st.DrawFn) -> str:
 @given(key=_near_keys())
 def test_the_c_path_decides_exactly_the_well_formed_unknown_keys(key: str) -> None:
     sides = (_side(load_policy(None), False, 3), _side(load_policy(None), True, 3))
-    reason, decided, fell_back = _answer(sides, _request(sides, {"x-api-key": key}, _source()))
+    reason, decided, fell_back = answer_of(sides, request_for(sides, {"x-api-key": key}, _source()))
     well_formed = keyformat.is_well_formed(key)
     assert reason == (b"unknown_credential" if well_formed else b"malformed_credential")
     assert (decided, fell_back) == ((1, 0) if well_formed else (0, 1))
