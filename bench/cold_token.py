@@ -14,7 +14,6 @@ on ``PYTHONPATH`` to compare two trees in one session."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import sys
@@ -58,6 +57,7 @@ def rows() -> dict[str, tuple[Callable[[], object], Callable[[], object]]]:
 
     from bench.cached_token import issue_token
     from bench.cases import check_request, typical_headers
+    from bench.overhead import key_change
     from sidecar.auditship import AuditPipeline, ShipConfig
     from sidecar.auditship.observer import DecisionRecorder
     from sidecar.authz.engine import Engine
@@ -67,7 +67,6 @@ def rows() -> dict[str, tuple[Callable[[], object], Callable[[], object]]]:
     from sidecar.core import keyformat
     from sidecar.core.changes import signing_key_upserted
     from sidecar.core.clock import SystemClock
-    from sidecar.core.models import Change
     from sidecar.dataplane.envoy_check import CheckHandler, parse_check_request
     from sidecar.dataplane.fastcheck import FastCheckHandler
     from sidecar.ops.denial_log import DenialLog
@@ -81,16 +80,7 @@ def rows() -> dict[str, tuple[Callable[[], object], Callable[[], object]]]:
 
     def handler(credential: str) -> tuple[Any, Any, Any]:
         replica = Replica()
-        payload = {
-            "id": "key_bench",
-            "digest": hashlib.sha256(secret.encode()).hexdigest(),
-            "workspace": "acme",
-            "scopes": ["checks:read"],
-            "expires_at": 4_000_000_000,
-        }
-        replica.load_snapshot(
-            1, [signing_key_upserted(key), Change("credential.upserted", "key_bench", payload)]
-        )
+        replica.load_snapshot(1, [signing_key_upserted(key), key_change(secret)])
         verifier = ReplicaTokenVerifier(ISSUER, AUDIENCE, max_lifetime=3600)
         engine = Engine(
             replica, load_policy(None), clock, token_verifier=verifier, token_cache_size=0

@@ -31,9 +31,8 @@ def per_call_us(fn: Callable[[], object], number: int) -> float:
     return min(timeit.repeat(fn, number=number, repeat=5)) / number * 1e6
 
 
-def _engine(secret: str, limiter: WindowRateLimiter | None = None) -> Engine:
-    """An engine whose replica holds one key, ``secret``, allowed ``checks:read`` in acme."""
-    replica = Replica()
+def key_change(secret: str) -> Change:
+    """The replica change that holds one key, ``secret``, allowed ``checks:read`` in acme."""
     payload = {
         "id": "key_bench",
         "digest": hashlib.sha256(secret.encode()).hexdigest(),
@@ -41,7 +40,13 @@ def _engine(secret: str, limiter: WindowRateLimiter | None = None) -> Engine:
         "scopes": ["checks:read"],
         "expires_at": 4_000_000_000,
     }
-    replica.load_snapshot(1, [Change("credential.upserted", "key_bench", payload)])
+    return Change("credential.upserted", "key_bench", payload)
+
+
+def _engine(secret: str, limiter: WindowRateLimiter | None = None) -> Engine:
+    """An engine whose replica holds one key, ``secret``, allowed ``checks:read`` in acme."""
+    replica = Replica()
+    replica.load_snapshot(1, [key_change(secret)])
     return Engine(replica, load_policy(None), SystemClock(), limiter=limiter)
 
 
