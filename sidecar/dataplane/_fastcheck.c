@@ -526,9 +526,12 @@ static int path_matches(const route *rt, span path, span *workspace) {
 
 /* D_UNKNOWN: a well-formed API key not in the replica (unknown_credential), counted by the
  * failure limiter from here (FastCheck.count_failures); D_BLOCKED: a check from a source the
- * limiter blocked (rate_limited, detail 'source'), which such failures lead to. */
+ * limiter blocked (rate_limited, detail 'source'), which such failures lead to; D_REVOKED,
+ * D_SUSPENDED, D_EXPIRED: a key the replica holds but refuses (revoked_credential,
+ * suspended_credential, expired_credential: a replaced key past its grace deadline too),
+ * counted against the source and the key id (refused_key). */
 enum { D_OK, D_PUBLIC, D_NON_CANONICAL, D_NO_ROUTE, D_OPERATOR, D_WORKSPACE, D_SCOPE, D_UNKNOWN,
-       D_BLOCKED, D_COUNT };
+       D_BLOCKED, D_REVOKED, D_SUSPENDED, D_EXPIRED, D_COUNT };
 
 /* A compiled policy: immutable once built, with its own response caches. A call holds a
  * reference to the one it started with, so a reload (set_policy, from another thread while
@@ -1020,6 +1023,45 @@ static int unknown_key(FastCheck *self, const request *q, span token, double now
     return 0;
 }
 
+/* Engine._failed for a key the replica holds and Engine._api_key refuses (``reason``: revoked,
+ * suspended or expired, in that order): unless the key id is blocked (then Python answers its
+ * 429), the limiter's own ``failed`` counts it against the request's source and the key id
+ * (source, identity.id, the check's ``now``), exactly once, after everything that could still
+ * hand the check over; the denial carries the identity, as in Python. 0: decided (*out), 1:
+ * fall back (not set up, not an API key's identity, a blocked key id), -1: error. */
+static int refused_key(FastCheck *self, const request *q, PyObject *ident, int reason,
+                       double now, outcome *out) {
+    if (!self->unknown_in_c) return 1;
+    PyObject *kind = PyObject_GetAttr(ident, S_kind);
+    if (!kind) return -1;
+    int is_key = PyUnicode_Check(kind) && PyUnicode_Compare(kind, self->api_key) == 0;
+    Py_DECREF(kind);
+    if (!is_key) return PyErr_Occurred() ? -1 : 1;
+    PyObject *failed = Py_NewRef(self->failed); /* held: count_failures may replace it */
+    if (failed != Py_None) {
+        int key_is_blocked = key_blocked(self, ident, now);
+        if (key_is_blocked) { Py_DECREF(failed); return key_is_blocked; }
+        PyObject *id = PyObject_GetAttrString(ident, "id");
+        if (!id) { Py_DECREF(failed); return -1; }
+        if (!PyUnicode_Check(id)) { Py_DECREF(id); Py_DECREF(failed); return 1; }
+        PyObject *source = str_of(q->source);
+        if (!source) { PyErr_Clear(); Py_DECREF(id); Py_DECREF(failed); return 1; }
+        PyObject *when = PyFloat_FromDouble(now);
+        PyObject *done =
+            when ? PyObject_CallFunctionObjArgs(failed, source, id, when, NULL) : NULL;
+        Py_DECREF(source);
+        Py_DECREF(id);
+        Py_XDECREF(when);
+        if (!done) { Py_DECREF(failed); return -1; }
+        Py_DECREF(done);
+    }
+    Py_DECREF(failed);
+    out->reason = reason;
+    out->identity = ident;
+    out->detail = self->empty;
+    return 0;
+}
+
 /* count_failures(failed | None): decide unknown API keys here from now on, counting each with
  * ``failed(source, key_id, now)`` (WindowRateLimiter.failed; None: the engine has no limiter). */
 static PyObject *FastCheck_count_failures(FastCheck *self, PyObject *failed) {
@@ -1105,9 +1147,9 @@ static int authenticate(FastCheck *self, const Compiled *c, const request *q, sp
     *cred = found;
     PyObject *ident = found; /* a token's lookup answers its Identity */
     if (!bearer) {
-        /* Engine._api_key: revoked, suspended or expired keys are failures (counted): fall
-         * back; so are client networks and a per-key rate (both need the limiter or the
-         * source), and a blocked key id. */
+        /* Engine._api_key: revoked, suspended or expired keys are failures, counted against
+         * the source and the key id (refused_key); client networks and a per-key rate (both
+         * need the limiter or the source), and a blocked key id fall back. */
         PyObject *revoked = PyObject_GetAttr(found, S_revoked);
         if (!revoked) return -1;
         int r1 = PyObject_IsTrue(revoked);
@@ -1117,14 +1159,14 @@ static int authenticate(FastCheck *self, const Compiled *c, const request *q, sp
         int r2 = PyObject_IsTrue(suspended);
         Py_DECREF(suspended);
         if (r1 < 0 || r2 < 0) return -1;
-        if (r1 || r2) return 1;
         ident = PyObject_GetAttr(found, S_identity);
         if (!ident) return -1;
         Py_DECREF(ident); /* kept alive by the credential */
+        if (r1 || r2) return refused_key(self, q, ident, r1 ? D_REVOKED : D_SUSPENDED, now, out);
     }
     double expires;
     if (get_double(ident, S_expires_at, &expires) < 0) return -1;
-    if (expires <= now) return 1;
+    if (expires <= now) return bearer ? 1 : refused_key(self, q, ident, D_EXPIRED, now, out);
     PyObject *networks = PyObject_GetAttr(ident, S_networks);
     if (!networks) return -1;
     int any_networks = PyObject_IsTrue(networks);

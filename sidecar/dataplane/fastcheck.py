@@ -69,6 +69,9 @@ _REASONS = (
     Reason.INSUFFICIENT_SCOPE,
     Reason.UNKNOWN_CREDENTIAL,
     Reason.RATE_LIMITED,  # a blocked source
+    Reason.REVOKED_CREDENTIAL,
+    Reason.SUSPENDED_CREDENTIAL,
+    Reason.EXPIRED_CREDENTIAL,
 )
 _REST = "(?:/.*)?"
 _ONE = "/[^/]+"
