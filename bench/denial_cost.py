@@ -13,7 +13,11 @@ Python), an unknown key (decided and observed in C, the failure limiter called f
 failure limits off, the same counted against a limit it never reaches (what the
 ``sidecar_counted`` target's unknown-key row does), the same source once blocked (what a flood
 of unknown keys from one address turns into after ``failure_limit_source`` failures: answered
-429 in C, before its key is read), and the allow while another address is blocked.
+429 in C, before its key is read), and the allow while another address is blocked; a revoked
+key (the old key a client keeps sending after a rotation: decided in C, counted against the
+source and key id, observed in Python) counted against limits it never reaches, and the same
+check through the pure-Python path (``CheckHandler`` on the parsed request: what every revoked
+key took before it was decided in C).
 
 Also a bench target, ``bench.denial_cost:sidecar_counted``: the sidecar as shipped with a source
 failure limit no row reaches (failures still counted), so that its unknown-key and wrong-scope
@@ -45,12 +49,14 @@ from typing import TYPE_CHECKING, Any
 from envoy.service.auth.v3 import external_auth_pb2 as ext
 
 from bench.overhead import _engine as overhead_engine
+from bench.overhead import key_change
 from sidecar.auditship import AuditPipeline, ShipConfig
 from sidecar.auditship.observer import DecisionRecorder
 from sidecar.authz.engine import Engine
 from sidecar.core import keyformat
 from sidecar.core.clock import SystemClock
-from sidecar.dataplane.envoy_check import CheckHandler
+from sidecar.core.models import Change
+from sidecar.dataplane.envoy_check import CheckHandler, parse_check_request
 from sidecar.dataplane.fastcheck import FastCheckHandler
 from sidecar.logs import JsonFormatter
 from sidecar.ops.denial_log import DenialLog
@@ -77,7 +83,19 @@ def sidecar_counted(env: TargetEnv) -> AbstractContextManager[RunningTarget]:
 
 
 def _engine(secret: str, limits: AbuseLimits) -> Engine:
-    return overhead_engine(secret, WindowRateLimiter(limits))
+    engine = overhead_engine(secret, WindowRateLimiter(limits))
+    engine.replica.apply(_revoked_change(engine.replica.revision + 1))
+    return engine
+
+
+REVOKED = keyformat.mint_key()
+
+
+def _revoked_change(revision: int) -> Change:
+    """A second key in the replica, ``REVOKED``, revoked (as a rotation leaves the old one)."""
+    change = key_change(REVOKED)
+    payload = {**change.payload, "id": "key_revoked", "revoked": True}
+    return Change(change.kind, "key_revoked", payload, revision)
 
 
 def _request(path: str, header: str, value: str) -> bytes:
@@ -211,6 +229,7 @@ def main() -> None:
         "allow": _request(CHECKS, "authorization", f"Bearer {secret}"),
         "wrong-scope": _request(METRICS, "x-api-key", secret),
         "unknown-key": _request(CHECKS, "x-api-key", unknown),
+        "revoked-key": _request(CHECKS, "x-api-key", REVOKED),
     }
     never = AbuseLimits(source_failures=0, key_failures=0)
     counted = AbuseLimits(source_failures=10**9, key_failures=10**9)
@@ -234,6 +253,8 @@ def main() -> None:
             ("unknown-key, counted", requests["unknown-key"], counted),
             ("source-blocked", requests["unknown-key"], AbuseLimits(source_failures=1)),
             ("allow, other blocked", requests["allow"], AbuseLimits(source_failures=1)),
+            ("revoked-key, counted", requests["revoked-key"], counted),
+            ("revoked-key, Python", requests["revoked-key"], counted),
         ]
         for name, data, limits in cases:
             for where in ("in place", "writer thread"):
@@ -247,10 +268,14 @@ def main() -> None:
                     assert isinstance(limiter, WindowRateLimiter)
                     limiter.failed("10.9.9.9", "", time.time())
                 ctx: Any = None
+                call: Callable[[], object] = lambda: handler(data, ctx)  # noqa: B023, E731
+                if name.endswith("Python"):  # the reference path, as the fallback runs it
+                    python = handler.handler
+                    call = lambda: python(parse_check_request(data), ctx)  # noqa: B023, E731
                 for _ in range(2000):
-                    handler(data, ctx)
-                warm = _best(lambda: handler(data, ctx))  # noqa: B023
-                wall, cpu, watch = paced(lambda: handler(data, ctx), rate, seconds)  # noqa: B023
+                    call()
+                warm = _best(call)
+                wall, cpu, watch = paced(call, rate, seconds)
                 denials.close()
                 pipeline.close(0)
                 for kind, samples in (("wall", wall), ("cpu", cpu)):
