@@ -769,6 +769,7 @@ class Shipped:
     pipeline: AuditPipeline = field(repr=False)
     usage: UsageTally = field(repr=False)
     payloads: list[bytes] = field(default_factory=list, repr=False)
+    engine: Engine | None = field(default=None, repr=False)
 
     def answer(self, data: bytes) -> tuple[Any, ...]:
         try:
@@ -812,7 +813,7 @@ def _shipped(
     decisions = DecisionMetrics(metrics)
     observers = [decisions, denials or DenialLog(), DecisionRecorder(pipeline, clock), usage]
     handler = CheckHandler(engine, observers, decisions.error)
-    side = Shipped(lambda data, ctx: b"", metrics, pipeline, usage)
+    side = Shipped(lambda data, ctx: b"", metrics, pipeline, usage, engine=engine)
     if compiled:
         fast = FastCheckHandler(handler)
         assert fast.observed_in_c

@@ -16,9 +16,11 @@ from pathlib import Path
 import pytest
 from prometheus_client import generate_latest
 
+from sidecar.authz.engine import Engine
 from sidecar.authz.policy import parse_policy
 from sidecar.authz.policy_source import load_policy
 from sidecar.core import keyformat
+from sidecar.core.clock import FakeClock
 from sidecar.core.models import Change
 from sidecar.dataplane.fastcheck import unavailable
 from sidecar.ops.denial_log import DenialLog
@@ -32,7 +34,7 @@ from tests.test_fastcheck_differential import (
     Side,
     StepTimer,
     _advance,
-    _apply,
+    _reason,
     _shipped,
     pair,
     request_bytes,
@@ -110,6 +112,10 @@ def test_refused_keys_count_toward_the_source_block_with_unknown_keys(
 
 def _replaced(pair: tuple[Side, Side], grace_deadline: int) -> str:
     """A key replaced with a grace deadline (the replica ends it there, like an expiry)."""
+    return _replaced_in([side.engine for side in pair], grace_deadline)
+
+
+def _replaced_in(engines: list[Engine], grace_deadline: int) -> str:
     secret = keyformat.mint_key()
     payload = {
         "id": "key_replaced",
@@ -119,7 +125,9 @@ def _replaced(pair: tuple[Side, Side], grace_deadline: int) -> str:
         "expires_at": 4_000_000_000,
         "grace_deadline": grace_deadline,
     }
-    _apply(pair, Change("credential.upserted", "key_replaced", payload))
+    for engine in engines:
+        revision = engine.replica.revision + 1
+        engine.replica.apply(Change("credential.upserted", "key_replaced", payload, revision))
     return secret
 
 
@@ -205,5 +213,52 @@ def test_refused_keys_decided_in_c_leave_the_same_records_lines_and_metrics(
     decided, fell_back = compiled.handler.counts()  # type: ignore[attr-defined]
     # The allows and the nine refused keys in C; the 21 blocked key ids in Python.
     assert (decided, fell_back) == (30 + 9, 21)
+    # Observed in C too: the allows and the refused keys (metrics slot, record, denial line).
+    assert compiled.handler.observed() == 30 + 9  # type: ignore[attr-defined]
+    for side in sides:
+        side.pipeline.close(0)
+
+
+def test_a_replaced_key_observed_in_c_allows_then_expires_with_its_own_records(
+    tmp_path: Path, step_timer: StepTimer
+) -> None:
+    """One identity allowed, then refused at its grace deadline: the C path caches its record
+    part per reason, so the expired checks' records and lines name expired_credential."""
+    limits = AbuseLimits(source_failures=100, key_failures=KEY_LIMIT)
+    sides = [
+        _shipped(load_policy(None), compiled, tmp_path / str(compiled), 100, 1.0, limits=limits)
+        for compiled in (False, True)
+    ]
+    engines = [side.engine for side in sides]
+    secret = _replaced_in([e for e in engines if e is not None], int(NOW) + 10)
+    data = request_bytes("GET", "/v1/workspaces/acme/checks", {"x-api-key": secret}, host=HOST)
+    lines = [_Lines(), _Lines()]
+    logger = logging.getLogger("sidecar.decisions")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    reasons = []
+    try:
+        for step in range(8):
+            if step == 3:
+                for engine in engines:
+                    assert engine is not None and isinstance(engine.clock, FakeClock)
+                    engine.clock.advance(10)
+            answers = []
+            for side, sink in zip(sides, lines, strict=True):
+                logger.addHandler(sink)
+                answers.append(side.answer(data))
+                logger.removeHandler(sink)
+            assert answers[1] == answers[0]
+            reasons.append(_reason(answers[0]))
+    finally:
+        logger.setLevel(level)
+    assert reasons == [b"ok"] * 3 + [b"expired_credential"] * 3 + [b"rate_limited"] * 2
+    for side in sides:
+        side.flush()
+    python, compiled = sides
+    assert compiled.payloads == python.payloads and len(python.payloads) == 8
+    assert lines[1].lines == lines[0].lines and len(lines[0].lines) == 5
+    assert generate_latest(compiled.metrics.registry) == generate_latest(python.metrics.registry)
+    assert compiled.handler.observed() == 6  # type: ignore[attr-defined]
     for side in sides:
         side.pipeline.close(0)

@@ -1615,6 +1615,9 @@ typedef struct observing {
     PyObject *owner, *expected; /* owner.observers must hold exactly ``expected`` */
     PyObject *entry_fn; /* entry_fn(decision) -> (record part | None, usage key) | None */
     PyObject *entries;  /* identity id -> (identity, record part | None, usage key) */
+    /* the same for the keys refused in C, one table per reason (D_REVOKED, D_SUSPENDED,
+     * D_EXPIRED): the record part names the reason, and one identity can allow, then expire */
+    PyObject *refused[3];
     /* record part of a decision without an identity (public_route, unknown_credential, a
      * blocked source's rate_limited), per reason, once built */
     PyObject *anonymous[D_COUNT];
@@ -1637,6 +1640,7 @@ static void observing_free(observing *o) {
     if (!o) return;
     Py_XDECREF(o->owner); Py_XDECREF(o->expected); Py_XDECREF(o->entry_fn);
     Py_XDECREF(o->entries); Py_XDECREF(o->buffer); Py_XDECREF(o->denials);
+    for (int i = 0; i < 3; i++) Py_XDECREF(o->refused[i]);
     for (int i = 0; i < D_COUNT; i++) Py_XDECREF(o->anonymous[i]);
     Py_XDECREF(o->queue); Py_XDECREF(o->clock);
     Py_XDECREF(o->usage);
@@ -1667,6 +1671,8 @@ static PyObject *FastCheck_observe_in_c(FastCheck *self, PyObject *args) {
     o->expected = expected; Py_INCREF(expected);
     o->entry_fn = entry_fn; Py_INCREF(entry_fn);
     if (!(o->entries = PyDict_New())) goto fail;
+    for (int i = 0; i < 3; i++)
+        if (!(o->refused[i] = PyDict_New())) goto fail;
     if (metrics != Py_None) {
         PyObject *bounds, *slots;
         if (!PyArg_ParseTuple(metrics, "O!O!n", &PyTuple_Type, &slots, &PyTuple_Type, &bounds,
@@ -1836,9 +1842,10 @@ static int observed_entry(observing *o, const outcome *out, PyObject *decision,
         Py_INCREF(*entry);
         return 0;
     }
+    PyObject *table = out->reason == D_OK ? o->entries : o->refused[out->reason - D_REVOKED];
     PyObject *id = PyObject_GetAttr(out->identity, S_id);
     if (!id) return -1;
-    PyObject *cached = PyDict_GetItemWithError(o->entries, id);
+    PyObject *cached = PyDict_GetItemWithError(table, id);
     if (!cached && PyErr_Occurred()) { Py_DECREF(id); return -1; }
     if (cached && PyTuple_GET_ITEM(cached, 0) == out->identity) {
         Py_DECREF(id);
@@ -1859,8 +1866,8 @@ static int observed_entry(observing *o, const outcome *out, PyObject *decision,
                                     PyTuple_GET_ITEM(got, 1));
     Py_DECREF(got);
     if (!fresh) { Py_DECREF(id); return -1; }
-    if (PyDict_GET_SIZE(o->entries) >= 100000) PyDict_Clear(o->entries);
-    int failed = PyDict_SetItem(o->entries, id, fresh);
+    if (PyDict_GET_SIZE(table) >= 100000) PyDict_Clear(table);
+    int failed = PyDict_SetItem(table, id, fresh);
     Py_DECREF(id);
     if (failed) { Py_DECREF(fresh); return -1; }
     *entry = fresh;
@@ -1979,13 +1986,16 @@ static int observe_entry(observing *o, const request *q, const outcome *out, PyO
     return 1;
 }
 
-/* The observers of an allow, an unknown key or a blocked source the C path decided, here: 1
- * observed, 0 hand over to the Python observers (nothing was counted), -1 error. */
+/* The observers of an allow, an unknown, revoked, suspended or expired key, or a blocked source
+ * the C path decided, here: 1 observed, 0 hand over to the Python observers (nothing was
+ * counted), -1 error. */
 static int observe(FastCheck *self, const request *q, const outcome *out, PyObject *decision,
                    PyObject *did, double elapsed) {
     observing *o = self->obs;
     int r = out->reason;
-    if (!o || (r != D_OK && r != D_PUBLIC && r != D_UNKNOWN && r != D_BLOCKED)) return 0;
+    if (!o || (r != D_OK && r != D_PUBLIC && r != D_UNKNOWN && r != D_BLOCKED &&
+               r != D_REVOKED && r != D_SUSPENDED && r != D_EXPIRED))
+        return 0;
     PyObject *list = PyObject_GetAttr(o->owner, S_observers);
     if (!list) return -1;
     int same = PyList_Check(list) && PyList_GET_SIZE(list) == PyTuple_GET_SIZE(o->expected);
