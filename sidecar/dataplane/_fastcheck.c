@@ -8,11 +8,14 @@
  * response bytes alone.
  * It decides a non-canonical path, a public route, a usable, unlimited API key or already
  * verified access token on a route (ok, no_route, operator_not_allowed, workspace_mismatch,
- * insufficient_scope), a well-formed API key the replica does not hold (unknown_credential),
- * the one decision with a side effect: the failure limiter's own ``failed`` counts it, called
- * from here once the decision is certain (count_failures), and the 429 of a source that limiter
- * blocked. Everything else (tokens not verified yet, other credential failures, blocked keys,
- * client networks, per-key rates, replica not ready, raw header_map, bytes protobuf might parse
+ * insufficient_scope), a well-formed API key the replica does not hold (unknown_credential)
+ * and a key it holds but refuses (revoked_credential, suspended_credential, expired_credential
+ * — a replaced key past its grace deadline, which the replica stores as its expiry; inside the
+ * grace window it allows), the decisions with a side effect: the failure limiter's own
+ * ``failed`` counts them (source, and the key id for a refused key), called from here once the
+ * decision is certain (count_failures), and the 429 of a source that limiter blocked.
+ * Everything else (tokens not verified yet, other credential failures, a blocked key id, client
+ * networks, per-key rates, replica not ready, raw header_map, bytes protobuf might parse
  * differently, non-ASCII where Python would compare Unicode) returns None.
  *
  * Protobuf wire format: https://protobuf.dev/programming-guides/encoding/ . The walk follows the
