@@ -17,17 +17,14 @@ import pytest
 from prometheus_client import generate_latest
 
 from sidecar.authz.engine import Engine
-from sidecar.authz.policy import parse_policy
 from sidecar.authz.policy_source import load_policy
 from sidecar.core import keyformat
 from sidecar.core.clock import FakeClock
 from sidecar.core.models import Change
 from sidecar.dataplane.fastcheck import unavailable
-from sidecar.ops.denial_log import DenialLog
 from sidecar.ratelimit import AbuseLimits
 from tests.test_fastcheck_blocked import answer_of, request_for
 from tests.test_fastcheck_differential import (
-    EXTRA_POLICY,
     HOST,
     NOW,
     SECRETS,
@@ -40,7 +37,7 @@ from tests.test_fastcheck_differential import (
     request_bytes,
     step_timer,
 )
-from tests.test_fastcheck_unknown import _limiters, _Lines, _now, _same_limits, _Tick
+from tests.test_fastcheck_unknown import _limiters, _Lines, _now, _same_limits, shipped_pair
 
 pytestmark = pytest.mark.skipif(bool(unavailable()), reason=f"not built: {unavailable()}")
 __all__ = ["pair", "step_timer"]  # fixtures, imported to be used here
@@ -156,24 +153,9 @@ def test_a_replaced_key_is_allowed_in_its_grace_window_and_expired_after_it(
 def test_refused_keys_decided_in_c_leave_the_same_records_lines_and_metrics(
     policy_name: str, capacity: int, tmp_path: Path, step_timer: StepTimer
 ) -> None:
-    policy = load_policy(None) if policy_name == "default" else parse_policy(EXTRA_POLICY)
     limits = AbuseLimits(source_failures=100, key_failures=KEY_LIMIT)
-    denials = [DenialLog(50.0, clock=_Tick()) for _ in range(2)]
-    sides = [
-        _shipped(
-            policy,
-            compiled,
-            tmp_path / str(compiled),
-            capacity,
-            1.0,
-            denials=denials[compiled],
-            limits=limits,
-        )
-        for compiled in (False, True)
-    ]
-    header = "x-key" if policy_name == "extra" else "x-api-key"
-    path = "/v2/acme/items/7/detail" if policy_name == "extra" else "/v1/workspaces/acme/checks"
-    host = "api.example" if policy_name == "extra" else HOST
+    shipped = shipped_pair(policy_name, tmp_path, capacity, limits)
+    header, path, host = shipped.header, shipped.path, shipped.host
     reader = {"authorization": f"Bearer {SECRETS['reader']}"}
     requests = []
     for n in range(30):
@@ -183,20 +165,8 @@ def test_refused_keys_decided_in_c_leave_the_same_records_lines_and_metrics(
             request_bytes("GET", path, {header: SECRETS[name]}, host=host, source=source)
         )
         requests.append(request_bytes("GET", path, reader, host=host, source="10.9.0.1"))
-    logger = logging.getLogger("sidecar.decisions")
-    lines = [_Lines(), _Lines()]
-    level = logger.level
-    logger.setLevel(logging.INFO)
-    try:
-        for data in requests:
-            answers = []
-            for side, sink in zip(sides, lines, strict=True):
-                logger.addHandler(sink)
-                answers.append(side.answer(data))
-                logger.removeHandler(sink)
-            assert answers[1] == answers[0], data
-    finally:
-        logger.setLevel(level)
+    shipped.answer_alike(requests)
+    lines, sides = shipped.lines, shipped.sides
     for side in sides:
         side.flush()
     python, compiled = sides

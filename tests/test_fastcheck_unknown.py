@@ -7,8 +7,11 @@ tests/test_fastcheck_differential.py."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,7 @@ from tests.test_fastcheck_differential import (
     EXTRA_POLICY,
     HOST,
     SECRETS,
+    Shipped,
     Side,
     StepTimer,
     _advance,
@@ -215,14 +219,48 @@ class _Tick:
         return self.t
 
 
-@pytest.mark.parametrize("capacity", [100_000, 40])
-@pytest.mark.parametrize("policy_name", ["default", "extra"])
-def test_unknown_keys_observed_in_c_leave_the_same_records_lines_and_metrics(
-    policy_name: str, capacity: int, tmp_path: Path, step_timer: StepTimer
-) -> None:
+@dataclass(frozen=True)
+class ShippedPair:
+    """The pure-Python and the compiled side with the shipped observers under one policy (the
+    default or the extra one), and that policy's credential header, protected path and host;
+    ``lines`` catches each side's decision log lines."""
+
+    sides: list[Shipped]
+    denials: list[DenialLog]
+    header: str
+    path: str
+    host: str
+    lines: list[_Lines] = field(default_factory=lambda: [_Lines(), _Lines()])
+
+    def answer_alike(self, requests: list[bytes]) -> None:
+        """Each request answered by both sides, byte for byte the same."""
+        for data in requests:
+            answers = []
+            for side, sink in zip(self.sides, self.lines, strict=True):
+                with _catching(sink):
+                    answers.append(side.answer(data))
+            assert answers[1] == answers[0], data
+
+
+@contextlib.contextmanager
+def _catching(sink: _Lines) -> Iterator[None]:
+    """``sink`` catches the decision log's lines (INFO and up) meanwhile."""
+    logger = logging.getLogger("sidecar.decisions")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(sink)
+    try:
+        yield
+    finally:
+        logger.removeHandler(sink)
+        logger.setLevel(level)
+
+
+def shipped_pair(
+    policy_name: str, tmp_path: Path, capacity: int, limits: AbuseLimits
+) -> ShippedPair:
     policy = load_policy(None) if policy_name == "default" else parse_policy(EXTRA_POLICY)
-    limits = AbuseLimits(source_failures=LIMIT, key_failures=3)
-    # A burst of 50 lines, then suppressed (and summed up in one line by flush).
+    # The denial logs' buckets on a mocked clock: a burst of 50 lines, then suppressed.
     denials = [DenialLog(50.0, clock=_Tick()) for _ in range(2)]
     sides = [
         _shipped(
@@ -236,9 +274,19 @@ def test_unknown_keys_observed_in_c_leave_the_same_records_lines_and_metrics(
         )
         for compiled in (False, True)
     ]
-    header = "x-key" if policy_name == "extra" else "x-api-key"
-    path = "/v2/acme/items/7/detail" if policy_name == "extra" else "/v1/workspaces/acme/checks"
-    host = "api.example" if policy_name == "extra" else HOST
+    if policy_name == "extra":
+        return ShippedPair(sides, denials, "x-key", "/v2/acme/items/7/detail", "api.example")
+    return ShippedPair(sides, denials, "x-api-key", "/v1/workspaces/acme/checks", HOST)
+
+
+@pytest.mark.parametrize("capacity", [100_000, 40])
+@pytest.mark.parametrize("policy_name", ["default", "extra"])
+def test_unknown_keys_observed_in_c_leave_the_same_records_lines_and_metrics(
+    policy_name: str, capacity: int, tmp_path: Path, step_timer: StepTimer
+) -> None:
+    limits = AbuseLimits(source_failures=LIMIT, key_failures=3)
+    shipped = shipped_pair(policy_name, tmp_path, capacity, limits)
+    header, path, host = shipped.header, shipped.path, shipped.host
     reader = {"authorization": f"Bearer {SECRETS['reader']}"}
     requests = []
     for n in range(60):
@@ -252,24 +300,11 @@ def test_unknown_keys_observed_in_c_leave_the_same_records_lines_and_metrics(
         request_bytes("GET", path, _unknown(header), host=host, source="spk_" + "b" * 30),
         request_bytes("GET", path + "?api_key=x", _unknown(header), host=host, source="::1"),
     ]
-    logger = logging.getLogger("sidecar.decisions")
-    lines = [_Lines(), _Lines()]
-    level = logger.level
-    logger.setLevel(logging.INFO)
-    try:
-        for data in requests:
-            answers = []
-            for side, sink in zip(sides, lines, strict=True):
-                logger.addHandler(sink)
-                answers.append(side.answer(data))
-                logger.removeHandler(sink)
-            assert answers[1] == answers[0], data
-        for log, sink in zip(denials, lines, strict=True):
-            logger.addHandler(sink)
+    shipped.answer_alike(requests)
+    lines, sides = shipped.lines, shipped.sides
+    for log, sink in zip(shipped.denials, lines, strict=True):
+        with _catching(sink):
             assert log.flush(force=True) > 0  # some were suppressed: the summary says how many
-            logger.removeHandler(sink)
-    finally:
-        logger.setLevel(level)
     for side in sides:
         side.flush()
     python, compiled = sides
