@@ -217,8 +217,8 @@ def _saturation(
         reps.append(rep)
     summary: dict[str, Any] = {"rps": statistics.median(r["rps"] for r in reps)}
     if baseline is not None:
-        summary["paired_ratio"] = round(
-            statistics.median(r["rps"] / r["ceiling_rps"] for r in reps if r["ceiling_rps"]), 3
+        summary["paired_ratio"] = _median(
+            [r["rps"] / r["ceiling_rps"] for r in reps if r["ceiling_rps"]]
         )
     skip: tuple[str, ...] = ("rps", "requests", "unexpected", "busy_before", "attempt", "tries")
     skip += ("server_cpu_util_by_process", "ceiling_rps", "ceiling_server_cpu_us_per_call")

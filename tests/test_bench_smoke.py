@@ -5,10 +5,14 @@ No timing assertions: the machine is noisy; we only check shape and positivity.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -295,3 +299,31 @@ def test_parse_summary_reads_a_run_that_answered_nothing() -> None:
     )
     assert h2load.parse_summary(text, range(200, 300)) == (0.0, 0, 0)
     assert h2load.parse_summary(text.replace("9us", "412.5ms"), range(200, 300)) == (0.0, 0, 0)
+
+
+def test_a_timed_run_that_answers_nothing_is_retried_then_refused(tmp_path: Path) -> None:
+    """A server that accepts and never answers: saturate() runs h2load EMPTY_RUN_TRIES times
+    (one connection each), then refuses to return a run that measured nothing."""
+    if shutil.which("h2load") is None:
+        pytest.skip("h2load not installed")
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                held.append(listener.accept()[0])
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    load = h2load.Load(f"http://127.0.0.1:{port}/", [], None)
+    cpus = set(os.sched_getaffinity(0))
+    try:
+        with pytest.raises(RuntimeError, match="answered nothing in 3 runs"):
+            h2load.saturate(load, duration=0.2, clients=1, streams=1, cpus=cpus, workdir=tmp_path)
+    finally:
+        listener.close()
+        for conn in held:
+            conn.close()
+    assert len(held) == h2load.EMPTY_RUN_TRIES
