@@ -997,6 +997,27 @@ static int well_formed_key(span token) {
     return sum == (uint64_t)(crc ^ 0xffffffffu);
 }
 
+/* Engine._failed's count: the limiter's own ``failed(source, key_id, now)`` (key_id: '' for a
+ * key the replica does not hold), once. 0: counted (or no limiter), 1: fall back (a source that
+ * is not UTF-8: Python decides and counts), -1: error. */
+static int count_failure(FastCheck *self, const request *q, PyObject *key_id, double now) {
+    PyObject *failed = Py_NewRef(self->failed); /* held: count_failures may replace it */
+    int rc = 0;
+    if (failed != Py_None) {
+        PyObject *source = str_of(q->source);
+        PyObject *when = source ? PyFloat_FromDouble(now) : NULL;
+        PyObject *done =
+            when ? PyObject_CallFunctionObjArgs(failed, source, key_id, when, NULL) : NULL;
+        if (!source) { PyErr_Clear(); rc = 1; }
+        else if (!done) rc = -1;
+        Py_XDECREF(done);
+        Py_XDECREF(when);
+        Py_XDECREF(source);
+    }
+    Py_DECREF(failed);
+    return rc;
+}
+
 /* Engine._api_key's miss and Engine._failed for it: a well-formed key not in the replica is
  * unknown_credential, counted against the request's source by the limiter's own ``failed``
  * (source, no key id, the check's ``now``), exactly once, after everything that could still
@@ -1006,20 +1027,8 @@ static int well_formed_key(span token) {
 static int unknown_key(FastCheck *self, const request *q, span token, double now,
                        outcome *out) {
     if (!self->unknown_in_c || !well_formed_key(token)) return 1;
-    PyObject *failed = Py_NewRef(self->failed); /* held: count_failures may replace it */
-    if (failed != Py_None) {
-        PyObject *source = str_of(q->source);
-        if (!source) { PyErr_Clear(); Py_DECREF(failed); return 1; }
-        PyObject *when = PyFloat_FromDouble(now);
-        PyObject *done = when ? PyObject_CallFunctionObjArgs(failed, source, self->empty,
-                                                             when, NULL)
-                              : NULL;
-        Py_DECREF(source);
-        Py_XDECREF(when);
-        if (!done) { Py_DECREF(failed); return -1; }
-        Py_DECREF(done);
-    }
-    Py_DECREF(failed);
+    int counted = count_failure(self, q, self->empty, now);
+    if (counted) return counted;
     out->reason = D_UNKNOWN;
     out->identity = NULL;
     out->detail = self->empty;
@@ -1040,25 +1049,15 @@ static int refused_key(FastCheck *self, const request *q, PyObject *ident, int r
     int is_key = PyUnicode_Check(kind) && PyUnicode_Compare(kind, self->api_key) == 0;
     Py_DECREF(kind);
     if (!is_key) return PyErr_Occurred() ? -1 : 1;
-    PyObject *failed = Py_NewRef(self->failed); /* held: count_failures may replace it */
-    if (failed != Py_None) {
+    if (self->failed != Py_None) {
         int key_is_blocked = key_blocked(self, ident, now);
-        if (key_is_blocked) { Py_DECREF(failed); return key_is_blocked; }
+        if (key_is_blocked) return key_is_blocked;
         PyObject *id = PyObject_GetAttrString(ident, "id");
-        if (!id) { Py_DECREF(failed); return -1; }
-        if (!PyUnicode_Check(id)) { Py_DECREF(id); Py_DECREF(failed); return 1; }
-        PyObject *source = str_of(q->source);
-        if (!source) { PyErr_Clear(); Py_DECREF(id); Py_DECREF(failed); return 1; }
-        PyObject *when = PyFloat_FromDouble(now);
-        PyObject *done =
-            when ? PyObject_CallFunctionObjArgs(failed, source, id, when, NULL) : NULL;
-        Py_DECREF(source);
+        if (!id) return -1;
+        int counted = PyUnicode_Check(id) ? count_failure(self, q, id, now) : 1;
         Py_DECREF(id);
-        Py_XDECREF(when);
-        if (!done) { Py_DECREF(failed); return -1; }
-        Py_DECREF(done);
+        if (counted) return counted;
     }
-    Py_DECREF(failed);
     out->reason = reason;
     out->identity = ident;
     out->detail = self->empty;
