@@ -95,6 +95,15 @@ static Py_ssize_t utf8_decode(const unsigned char *p, Py_ssize_t n, Py_UCS4 *out
     Py_ssize_t count = 0;
     for (Py_ssize_t i = 0; i < n;) {
         unsigned char c = p[i];
+        if (!out) { /* counting only (utf8_check): skip ASCII eight bytes at a time */
+            uint64_t w;
+            while (i + 8 <= n && (memcpy(&w, p + i, 8), !(w & 0x8080808080808080ull))) {
+                i += 8;
+                count += 8;
+            }
+            if (i == n) break;
+            c = p[i];
+        }
         Py_UCS4 cp;
         int more;
         if (c < 0x80) { cp = c; more = 0; }
@@ -130,16 +139,21 @@ static Py_ssize_t utf8_decode(const unsigned char *p, Py_ssize_t n, Py_UCS4 *out
 
 static const char REDACTED[] = "[redacted]";
 
-static int is_word(Py_UCS4 c) { return c == '_' || Py_UNICODE_ISALNUM(c); }
 static int is_ascii_alnum(Py_UCS4 c) {
     return (c >= '0' && c <= '9') || (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z');
 }
+/* Below U+0080 Python's alphanumerics are exactly [0-9A-Za-z]: no call into its tables. */
+static int is_word(Py_UCS4 c) {
+    return c == '_' || (c < 0x80 ? is_ascii_alnum(c) : Py_UNICODE_ISALNUM(c));
+}
+/* Only these start a credential (secret_at's first test, kept inline for the common case). */
+static int may_start_secret(Py_UCS4 c) { return c == 's' || c == 'e' || c == 'b' || c == 'B'; }
 static int is_word_dash(Py_UCS4 c) { return c == '-' || is_word(c); }
 
 /* The end of a credential starting at ``p``, or -1. */
 static Py_ssize_t secret_at(const Py_UCS4 *s, Py_ssize_t n, Py_ssize_t p) {
     Py_UCS4 c = s[p];
-    if (c != 's' && c != 'e' && c != 'b' && c != 'B') return -1;
+    if (!may_start_secret(c)) return -1;
     if (p > 0 && is_word(s[p - 1])) return -1; /* \b: s[p] is a word character */
     Py_ssize_t q, r;
     if (c == 's') {
@@ -181,6 +195,7 @@ static Py_ssize_t secret_at(const Py_UCS4 *s, Py_ssize_t n, Py_ssize_t p) {
 static Py_ssize_t redact(const Py_UCS4 *s, Py_ssize_t n, Py_UCS4 *out) {
     Py_ssize_t o = 0;
     for (Py_ssize_t p = 0; p < n;) {
+        if (!may_start_secret(s[p])) { out[o++] = s[p++]; continue; }
         Py_ssize_t end = secret_at(s, n, p);
         if (end < 0) { out[o++] = s[p++]; continue; }
         for (int k = 0; k < 10; k++) out[o++] = (Py_UCS4)REDACTED[k];
@@ -335,7 +350,7 @@ static int id_holds_secret(Str id) {
     Py_UCS4 s[64];
     for (Py_ssize_t i = 0; i < id.n; i++) s[i] = (unsigned char)id.p[i];
     for (Py_ssize_t p = 0; p < id.n; p++)
-        if (secret_at(s, id.n, p) >= 0) return 1;
+        if (may_start_secret(s[p]) && secret_at(s, id.n, p) >= 0) return 1;
     return 0;
 }
 

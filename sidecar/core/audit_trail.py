@@ -271,8 +271,12 @@ class AuditTrail:
     ) -> tuple[list[str], list[int]]:
         """Insert the first copies whose id is not stored; returns the ids acknowledged (new or
         re-sent) and the positions inserted. A stored id with other content is refused."""
-        acknowledged: list[str] = []
         known = uow.audit.get_many(first.keys())
+        if not known:  # the steady state: nothing re-sent, every first copy is new
+            new = list(first.values())
+            uow.audit.append_batch(batch, new)
+            return list(first), new
+        acknowledged: list[str] = []
         new = []
         for ev_id, index in first.items():
             stored_ev = known.get(ev_id)
@@ -296,7 +300,7 @@ class AuditTrail:
         cursor: int,
     ) -> IngestResult:
         # A copy repeated within the batch shares its first copy's fate.
-        accepted = set(acknowledged)
+        accepted = set(acknowledged) if repeated else set()
         for index, ev_id in repeated:
             if ev_id in accepted:
                 acknowledged.append(ev_id)
@@ -310,7 +314,12 @@ class AuditTrail:
     ) -> tuple[dict[str, int], list[tuple[int, str]]]:
         """The well-formed records' first copies (id -> position) and the identical copies
         after them; a later copy with other content goes to ``refused``."""
-        first: dict[str, int] = {}
+        # The steady state, no id twice in the batch, in one C-level pass; a repeated id keeps
+        # its first position in the dict but took a later copy's index, so the loop decides.
+        first = {ev_id: index for index, ev_id in batch.accepted}
+        if len(first) == len(batch.accepted):
+            return first, []
+        first = {}
         repeated: list[tuple[int, str]] = []
         for index, ev_id in batch.accepted:
             at = first.get(ev_id)
