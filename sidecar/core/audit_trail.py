@@ -314,12 +314,7 @@ class AuditTrail:
     ) -> tuple[dict[str, int], list[tuple[int, str]]]:
         """The well-formed records' first copies (id -> position) and the identical copies
         after them; a later copy with other content goes to ``refused``."""
-        # The steady state, no id twice in the batch, in one C-level pass; a repeated id keeps
-        # its first position in the dict but took a later copy's index, so the loop decides.
-        first = {ev_id: index for index, ev_id in batch.accepted}
-        if len(first) == len(batch.accepted):
-            return first, []
-        first = {}
+        first: dict[str, int] = {}
         repeated: list[tuple[int, str]] = []
         for index, ev_id in batch.accepted:
             at = first.get(ev_id)
