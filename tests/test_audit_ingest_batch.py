@@ -279,6 +279,25 @@ def test_a_fault_inside_a_multi_row_insert_rolls_back_the_whole_call(
     assert sum(all_verify(trail).values()) == 1008
 
 
+@pytest.mark.parametrize("count", [0, 1, 499, 500, 501, 1000, 1001])
+def test_looking_up_ids_finds_exactly_the_stored_ones_at_any_count(
+    store: Store, clock: FakeClock, count: int
+) -> None:
+    """SQLite looks ids up 500 to a statement, the last padded with NULL: every count around
+    that length finds each stored id once, and no absent one (PostgreSQL: one JSON array)."""
+    trail = AuditTrail(store, clock, KEY)
+    stored = mixed(clock, 0, 1200)
+    trail.ingest_batches(
+        SHIPPER,
+        [EventBatch(stored[:600], clock.now() + 60), EventBatch(stored[600:], clock.now() + 60)],
+    )
+    wanted = [e.id if i % 3 else f"dec_absent_{i}" for i, e in enumerate(stored[:count])]
+    with store.read() as uow:
+        found = uow.audit.get_many(wanted)
+    assert sorted(found) == sorted(i for i in wanted if not i.startswith("dec_absent"))
+    assert all(found[e.id].target == e.target for e in stored[:count] if e.id in found)
+
+
 def _key_event_then(store: Store, first: AuditEvent, events: list[AuditEvent]) -> None:
     with store.transaction() as uow:
         uow.audit.append(first)
