@@ -429,7 +429,7 @@ static U text(Str s, int scrub, Py_UCS4 **pool) {
     U u;
     if (s.cps == s.n && !(scrub && may_hold_secret_ascii((const char *)s.p, s.n))) {
         u.s = NULL;
-        u.a = (const char *)s.p;
+        u.a = s.n ? (const char *)s.p : ""; /* an absent field has no bytes to point at */
         u.n = s.n;
         return u;
     }
