@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sqlite3
 import time
 from pathlib import Path
 
+import psycopg
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -247,6 +249,78 @@ def test_a_fault_mid_batch_stores_and_acknowledges_nothing_of_it(
     result = trail.ingest(SHIPPER, batch)  # the shipper's re-send
     assert result.stored == 40 and result.acknowledged == [e.id for e in batch]
     assert sum(all_verify(trail).values()) == 48
+
+
+def test_a_fault_inside_a_multi_row_insert_rolls_back_the_whole_call(
+    store: Store, clock: FakeClock
+) -> None:
+    """SQLite inserts a message's rows 250 to a statement, without a statement journal (``INSERT
+    OR ROLLBACK``): a fault in the middle of such a statement, in a call's second message, still
+    leaves nothing of the call, and the re-send stores it whole, in order."""
+    trail = AuditTrail(store, clock, KEY)
+    trail.ingest(SHIPPER, mixed(clock, 0, 8))
+    heads = {w: rows[-1] for w, rows in chains(store).items()}
+    sent = mixed(clock, 8, 1000)
+    latest = trail.latest_record_time()
+    _fail_inserts_of(store, sent[500 + 130].id)  # inside the second message's first 250
+    with pytest.raises(Exception, match="injected fault"):
+        trail.ingest_batches(
+            SHIPPER, [EventBatch(sent[:500], latest), EventBatch(sent[500:], latest)]
+        )
+    assert {w: rows[-1] for w, rows in chains(store).items()} == heads
+    _heal(store)
+    results = trail.ingest_batches(
+        SHIPPER, [EventBatch(sent[:500], latest), EventBatch(sent[500:], latest)]
+    )
+    assert [r.stored for r in results] == [500, 500]
+    with raw(store) as conn:
+        stored = [str(r[0]) for r in conn.execute("SELECT id FROM audit_events ORDER BY seq")]
+    assert stored[8:] == [e.id for e in sent]  # storage order is the order sent
+    assert sum(all_verify(trail).values()) == 1008
+
+
+@pytest.mark.parametrize("count", [0, 1, 499, 500, 501, 1000, 1001])
+def test_looking_up_ids_finds_exactly_the_stored_ones_at_any_count(
+    store: Store, clock: FakeClock, count: int
+) -> None:
+    """SQLite looks ids up 500 to a statement, the last padded with NULL: every count around
+    that length finds each stored id once, and no absent one (PostgreSQL: one JSON array)."""
+    trail = AuditTrail(store, clock, KEY)
+    stored = mixed(clock, 0, 1200)
+    trail.ingest_batches(
+        SHIPPER,
+        [EventBatch(stored[:600], clock.now() + 60), EventBatch(stored[600:], clock.now() + 60)],
+    )
+    wanted = [e.id if i % 3 else f"dec_absent_{i}" for i, e in enumerate(stored[:count])]
+    with store.read() as uow:
+        found = uow.audit.get_many(wanted)
+    assert sorted(found) == sorted(i for i in wanted if not i.startswith("dec_absent"))
+    assert all(found[e.id].target == e.target for e in stored[:count] if e.id in found)
+
+
+def _key_event_then(store: Store, first: AuditEvent, events: list[AuditEvent]) -> None:
+    with store.transaction() as uow:
+        uow.audit.append(first)
+        uow.audit.append_new(events)
+
+
+@pytest.mark.parametrize("count", [300, 260, 7])  # 250-row statements, 25-row ones, one by one
+def test_a_constraint_failing_mid_insert_rolls_back_the_whole_transaction(
+    store: Store, clock: FakeClock, count: int
+) -> None:
+    """A row the table refuses (here an id twice, which ingest never sends: it looks ids up
+    first) fails the transaction it is in, with the change before it in that transaction, and
+    the store takes the next transaction as if nothing happened."""
+    trail = AuditTrail(store, clock, KEY)
+    trail.ingest(SHIPPER, mixed(clock, 0, 4))
+    before = chains(store)
+    events = [e._replace(workspace=e.workspace or NO_WORKSPACE) for e in mixed(clock, 4, count)]
+    events[count - 3] = events[count - 3]._replace(id=events[2].id)
+    with pytest.raises((sqlite3.IntegrityError, psycopg.errors.UniqueViolation)):
+        _key_event_then(store, event(clock.now(), "key_op", "key.created", "acme", "key_x"), events)
+    assert chains(store) == before
+    assert trail.ingest(SHIPPER, mixed(clock, 4, count)).stored == count
+    assert sum(all_verify(trail).values()) == 4 + count
 
 
 def test_records_stored_before_batching_still_verify(store: Store, clock: FakeClock) -> None:

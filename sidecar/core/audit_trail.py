@@ -271,8 +271,12 @@ class AuditTrail:
     ) -> tuple[list[str], list[int]]:
         """Insert the first copies whose id is not stored; returns the ids acknowledged (new or
         re-sent) and the positions inserted. A stored id with other content is refused."""
-        acknowledged: list[str] = []
         known = uow.audit.get_many(first.keys())
+        if not known:  # the steady state: nothing re-sent, every first copy is new
+            new = list(first.values())
+            uow.audit.append_batch(batch, new)
+            return list(first), new
+        acknowledged: list[str] = []
         new = []
         for ev_id, index in first.items():
             stored_ev = known.get(ev_id)
@@ -296,7 +300,7 @@ class AuditTrail:
         cursor: int,
     ) -> IngestResult:
         # A copy repeated within the batch shares its first copy's fate.
-        accepted = set(acknowledged)
+        accepted = set(acknowledged) if repeated else set()
         for index, ev_id in repeated:
             if ev_id in accepted:
                 acknowledged.append(ev_id)

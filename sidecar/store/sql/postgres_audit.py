@@ -9,14 +9,14 @@ plane ≈ 400 µs of CPU per record in waits and protocol)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Any
 
 import psycopg
 
 from sidecar.core import audit_native
 from sidecar.core.audit_chain import Link
-from sidecar.store.sql.audit import SqlAudit
+from sidecar.store.sql.audit import _COLUMNS, SqlAudit
 from sidecar.store.sql.qmark import QmarkConnection
 
 Conn = psycopg.Connection[Any]
@@ -39,9 +39,15 @@ _HEADS = (
 class PgAudit(SqlAudit):
     """The SQLite repository's SQL (standard SQL) over psycopg."""
 
-    # A batch of ids as one JSON text parameter, as on SQLite: psycopg's list dumper cost the
-    # control plane ~2 us per id (a regex per element); json.dumps is C.
-    _ID_IN_BATCH = "id = ANY(ARRAY(SELECT jsonb_array_elements_text(?::jsonb)))"
+    # A batch of ids as one JSON text parameter: psycopg's list dumper cost the control plane
+    # ~2 us per id (a regex per element); json.dumps is C.
+    _GET_MANY = (
+        f"SELECT {_COLUMNS} FROM audit_events "
+        "WHERE id = ANY(ARRAY(SELECT jsonb_array_elements_text(?::jsonb)))"
+    )
+
+    def _id_params(self, event_ids: Collection[str]) -> list[tuple[object, ...]]:
+        return [(json.dumps(list(event_ids)),)] if event_ids else []
 
     def __init__(self, conn: Conn) -> None:
         super().__init__(QmarkConnection(conn))
