@@ -36,10 +36,11 @@ from sidecar.ops.health import Health, Status
 from sidecar.ops.metrics import DecisionMetrics, Metrics
 from sidecar.ops.secrets_files import sidecar_sync_token
 from sidecar.ops.status_server import StatusServer
-from sidecar.ops.tls import sync_channel_credentials, sync_channel_options
+from sidecar.ops.tls import sync_channel_credentials, sync_channel_options, sync_tls_files
 from sidecar.ops.tracing import CheckFn, span_annotator, start_tracing, traced_check
 from sidecar.ratelimit import AbuseLimits, WindowRateLimiter
 from sidecar.replication.client import SyncClient
+from sidecar.replication.link import Link, TlsFiles
 from sidecar.usage import GrpcUsageTransport, UsageReporter, UsageTally
 from sidecar.usage.metrics import UsageMetrics
 
@@ -136,6 +137,9 @@ class Sidecar:
             self.decision_metrics.error,
             failure_window=settings.failure_window,
         )
+        # The replication stream in a child process (docs/performance.md, "The replication
+        # link"): a client call held here would share gRPC's pollers with the Check server.
+        self.link = _replication_link(settings)
         self.sync = SyncClient(
             self.replica,
             settings.control_plane,
@@ -144,6 +148,7 @@ class Sidecar:
             sync_token=sync_token,
             credentials=sync_channel_credentials(settings),
             channel_options=sync_channel_options(settings),
+            channel_factory=None if self.link is None else self.link.channel,
         )
         self.policy_watcher = PolicyWatcher(
             settings.policy_file, self._set_policy, self._policy_reloaded
@@ -334,6 +339,8 @@ class Sidecar:
             self.usage.close()
         if self._syncing:
             self.sync.stop()
+        if self.link is not None:
+            self.link.close()
         if self.limit_sync is not None:
             self.limit_sync.stop()
         self.denial_log.close()  # the lines still queued, then the summary
@@ -347,6 +354,15 @@ class Sidecar:
         if self.status_server is not None:
             self.status_server.stop()
         log.info("sidecar stopped")
+
+
+def _replication_link(settings: SidecarSettings) -> Link | None:
+    """The replication link process, unless ``replication_link = "inprocess"``."""
+    if settings.replication_link != "process":
+        return None
+    files = sync_tls_files(settings)
+    tls = None if files is None else TlsFiles(*files)
+    return Link(tls, sync_channel_options(settings))
 
 
 def _audit_pipeline(settings: SidecarSettings, sync_token: str) -> AuditPipeline | None:
