@@ -142,6 +142,7 @@ class LinkCall:
         self.inbox: queue.SimpleQueue[bytes | _End] = queue.SimpleQueue()
         self.cancelled_at: float | None = None
         self.ended = False
+        self.sock: socket.socket | None = None  # the link process it was sent to
 
     def __iter__(self) -> Iterator[Any]:
         return self
@@ -267,6 +268,7 @@ class Link:
             except OSError as exc:
                 call.inbox.put(_End(grpc.StatusCode.UNAVAILABLE, f"link did not start: {exc}"))
                 return call
+            call.sock = self._sock
             self._calls[call.id] = call
         head = json.dumps({"target": target, "method": method, "metadata": list(metadata)})
         self.send(Kind.OPEN, call.id, head.encode() + b"\0" + request)
@@ -320,7 +322,11 @@ class Link:
         sock, proc = self._sock, self._proc
         self._sock = self._proc = None
         if sock is not None:
-            sock.close()  # the link exits at end of stream; the reader ends the calls
+            # The link exits at end of stream; the reader wakes, ends that link's calls and
+            # closes the socket (closing it here would leave the reader blocked on a number
+            # the next socket may reuse).
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
         if proc is not None:
             try:
                 proc.wait(1)
@@ -348,8 +354,9 @@ class Link:
         with self._lock:
             if self._sock is sock:
                 self._sock = None
-            orphans = list(self._calls.values())
-            self._calls.clear()
+            orphans = [c for c in self._calls.values() if c.sock is sock]
+            for call in orphans:
+                del self._calls[call.id]
         sock.close()
         for call in orphans:
             call.inbox.put(_End(grpc.StatusCode.UNAVAILABLE, reason))
