@@ -240,3 +240,25 @@ def test_inprocess_keeps_the_stream_in_the_sidecar(sidecar_factory: object) -> N
     sc: Sidecar = sidecar_factory(replication_link="inprocess")  # type: ignore[operator]
     assert sc.link is None
     wait_until(lambda: sc.sync.connected)
+
+
+def test_the_link_ignores_a_group_sigterm_and_exits_with_its_sidecar(
+    control_plane: RunningControlPlane,
+) -> None:
+    # SIGTERM to the process group (systemd, a terminal) reaches the link too: the sidecar is
+    # draining then, and decides when the link goes (by closing its socket).
+    link = Link()
+    stub = pb_grpc.ReplicationServiceStub(link.channel(control_plane.address))
+    md = (("authorization", f"Bearer {TEST_SYNC_TOKEN}"),)
+    try:
+        first = stub.Subscribe(pb.SubscribeRequest(sidecar_id="group"), metadata=md)
+        next(first)
+        pid = link.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGTERM)
+        again = stub.Subscribe(pb.SubscribeRequest(sidecar_id="group"), metadata=md)
+        assert next(again).WhichOneof("event") == "snapshot"
+        assert link.pid == pid and link.starts == 1
+    finally:
+        link.close()
+    wait_until(lambda: not _alive(pid))

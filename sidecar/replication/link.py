@@ -26,6 +26,7 @@ import enum
 import json
 import logging
 import queue
+import signal
 import socket
 import struct
 import subprocess
@@ -461,6 +462,10 @@ class _Serve:
 def main(argv: Sequence[str]) -> int:
     """``python -m sidecar.replication.link FD``: serve the sidecar on socket ``FD`` until it
     closes its end."""
+    # A terminal's Ctrl-C or a SIGTERM to the whole group reaches this process too: the sidecar
+    # decides when it stops (it is draining meanwhile), and its socket closing ends this one.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     sock = socket.socket(fileno=int(argv[0]))
     serve = _Serve(sock)
     try:
