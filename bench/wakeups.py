@@ -21,6 +21,7 @@ which thread woke, not just how often. The targets:
   by the link process, docs/performance.md "The replication link");
 - ``sidecar-inprocess``: the same with ``replication_link = "inprocess"`` (the stream held by a
   thread of the serving process, as before issue #19);
+- ``sidecar-audit-off``: the sidecar as shipped with decision records off (no audit shipping);
 - ``sidecar-cut``: the sidecar with audit and usage reports off and its control plane stopped
   once it serves: it decides from its replica with no outgoing call at all.
 
@@ -316,7 +317,7 @@ def sidecar(
 
 TARGETS = (
     "nothing", "nothing+stream", "nothing+stream1", "nothing+unary",
-    "sidecar", "sidecar-inprocess", "sidecar-cut",
+    "sidecar", "sidecar-inprocess", "sidecar-audit-off", "sidecar-cut",
 )  # fmt: skip
 
 
@@ -331,6 +332,9 @@ def _factory(
     }
     if name in clients:
         return lambda env: nothing(env, name, clients[name], peer_address, extra)
+    if name == "sidecar-audit-off":
+        audit_off = {**extra, "SPAUTH_SIDECAR_AUDIT": "off"}
+        return lambda env: sidecar(env, name, audit_off, cut=False)
     if name == "sidecar-inprocess":
         inprocess = {**extra, "SPAUTH_SIDECAR_REPLICATION_LINK": "inprocess"}
         return lambda env: sidecar(env, name, inprocess, cut=False)
@@ -460,6 +464,14 @@ def sidecar_epoll1(env: TargetEnv) -> AbstractContextManager[RunningTarget]:
     from bench.sidecar_target import _sidecar
 
     return _sidecar(env, "sidecar-epoll1", {"GRPC_POLL_STRATEGY": "epoll1"})
+
+
+def sidecar_inprocess(env: TargetEnv) -> AbstractContextManager[RunningTarget]:
+    """The sidecar with its replication stream held in the serving process (as before the
+    link): the "before" row of the link's A/B next to ``sidecar``."""
+    from bench.sidecar_target import _sidecar
+
+    return _sidecar(env, "sidecar-inprocess", {"SPAUTH_SIDECAR_REPLICATION_LINK": "inprocess"})
 
 
 def sidecar_poll(env: TargetEnv) -> AbstractContextManager[RunningTarget]:
