@@ -17,10 +17,10 @@ which thread woke, not just how often. The targets:
   usage reports do;
 - ``nothing+stream1``: the same stream with ``SingleThreadedUnaryStream`` (no channel spin
   thread: the consuming thread polls);
-- ``sidecar``: the sidecar as shipped, fed by a real control plane (its replication stream held
-  by the link process, docs/performance.md "The replication link");
-- ``sidecar-inprocess``: the same with ``replication_link = "inprocess"`` (the stream held by a
-  thread of the serving process, as before issue #19);
+- ``sidecar``: the sidecar as shipped, fed by a real control plane (its calls to the control
+  plane made by the link process, docs/performance.md "The control-plane link");
+- ``sidecar-inprocess``: the same with ``control_plane_link = "inprocess"`` (the calls made by
+  threads of the serving process, as before issue #19);
 - ``sidecar-audit-off``: the sidecar as shipped with decision records off (no audit shipping);
 - ``sidecar-cut``: the sidecar with audit and usage reports off and its control plane stopped
   once it serves: it decides from its replica with no outgoing call at all.
@@ -336,7 +336,7 @@ def _factory(
         audit_off = {**extra, "SPAUTH_SIDECAR_AUDIT": "off"}
         return lambda env: sidecar(env, name, audit_off, cut=False)
     if name == "sidecar-inprocess":
-        inprocess = {**extra, "SPAUTH_SIDECAR_REPLICATION_LINK": "inprocess"}
+        inprocess = {**extra, "SPAUTH_SIDECAR_CONTROL_PLANE_LINK": "inprocess"}
         return lambda env: sidecar(env, name, inprocess, cut=False)
     if name in ("sidecar", "sidecar-cut"):
         return lambda env: sidecar(env, name, extra, cut=name == "sidecar-cut")
@@ -467,11 +467,11 @@ def sidecar_epoll1(env: TargetEnv) -> AbstractContextManager[RunningTarget]:
 
 
 def sidecar_inprocess(env: TargetEnv) -> AbstractContextManager[RunningTarget]:
-    """The sidecar with its replication stream held in the serving process (as before the
+    """The sidecar making its calls to the control plane from the serving process (as before the
     link): the "before" row of the link's A/B next to ``sidecar``."""
     from bench.sidecar_target import _sidecar
 
-    return _sidecar(env, "sidecar-inprocess", {"SPAUTH_SIDECAR_REPLICATION_LINK": "inprocess"})
+    return _sidecar(env, "sidecar-inprocess", {"SPAUTH_SIDECAR_CONTROL_PLANE_LINK": "inprocess"})
 
 
 def sidecar_poll(env: TargetEnv) -> AbstractContextManager[RunningTarget]:

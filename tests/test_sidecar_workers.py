@@ -37,7 +37,7 @@ def _alive(pid: int) -> bool:
 
 
 def _workers(supervisor: int) -> list[int]:
-    """The supervisor's children (each worker has a replication link process of its own)."""
+    """The supervisor's children (each worker has a control-plane link process of its own)."""
     return [p for p in descendants(supervisor)[1:] if (_stat(p) or ["", ""])[1] == str(supervisor)]
 
 

@@ -48,7 +48,7 @@ def sync_channel_credentials(settings: SidecarSettings) -> grpc.ChannelCredentia
 
 def sync_tls_files(settings: SidecarSettings) -> tuple[bytes, bytes | None, bytes | None] | None:
     """The sync stream's CA, client key and client certificate as read from their files (the
-    replication link process builds its credentials from them), or None for plaintext."""
+    control-plane link process builds its credentials from them), or None for plaintext."""
     if settings.control_plane_tls_ca is None:
         return None
     cert, key = settings.control_plane_tls_cert, settings.control_plane_tls_key

@@ -188,7 +188,7 @@ class SyncClient:
     ) -> None:
         self.replica = replica
         # How a channel to a target is made: in this process (the default), or through the
-        # replication link's process (sidecar/replication/link.py), which the sidecar uses.
+        # control-plane link's process (sidecar/dataplane/link.py), which the sidecar uses.
         self.channel_factory = channel_factory
         self.targets = parse_targets(targets)
         self._current = 0

@@ -1,17 +1,19 @@
-"""The replication link: the sidecar's replication stream held by a child process.
+"""The control-plane link: the sidecar's gRPC calls to the control plane made by a child process.
 
-gRPC's pollers are shared by a process: while the serving process holds a streaming call to the
-control plane, an incoming Check often wakes the client call's polling thread first, which then
-hands the request to the server's. Measured with ``python -m bench.wakeups``
-(docs/performance.md, "The replication link"), that is ≈ 2.3 of the sidecar's extra context
-switches per check. Here the stream lives in a child process (``python -m
-sidecar.replication.link FD``); the sidecar talks to it over a socketpair, read by a plain thread
-that wakes only when the control plane sends something.
+gRPC's pollers are shared by a process: while the serving process has a client call open (the
+replication stream always; an audit shipment or usage report while it runs), an incoming Check
+often wakes that call's polling thread first, which then hands the request to the server's.
+Measured with ``python -m bench.wakeups`` (docs/performance.md, "The control-plane link"),
+the held replication stream alone was ≈ 2.5 of the sidecar's extra context switches per check.
+Here the calls are made by a child process (``python -m sidecar.dataplane.link FD``); the
+sidecar talks to it over a socketpair, read by a plain thread that wakes only when the control
+plane sends something.
 
-The sidecar side is a channel look-alike (:class:`LinkChannel`) with the one method the
-replication stub needs, ``unary_stream``, so :class:`~sidecar.replication.client.SyncClient`
-keeps every rule it has (resume, failover, silence watchdog, persistence). A dead link ends the
-open call with ``UNAVAILABLE``; the client then reconnects as after any lost stream, and the
+The sidecar side is a channel look-alike (:class:`LinkChannel`) with the three kinds of call the
+stubs use — server-streaming (replication), client-streaming (audit ingest) and unary (usage
+reports) — so :class:`~sidecar.replication.client.SyncClient` and the two transports keep every
+rule they have (resume, failover, silence watchdog, retries, acknowledgements). A dead link ends
+its open calls ``UNAVAILABLE``; the callers then retry as after any lost connection, and the
 next call starts a new link process. The child exits when the sidecar's end of the socket
 closes, so a sidecar killed with ``-9`` leaves no link behind.
 
@@ -33,13 +35,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
-log = logging.getLogger("sidecar.sync.link")
+log = logging.getLogger("sidecar.link")
 
 _HEAD = struct.Struct(">IBI")  # length of (kind + id + body), kind, call id
 MAX_FRAME = 64 << 20  # a snapshot chunk is far smaller; larger is a broken peer
@@ -52,10 +54,13 @@ class Kind(enum.IntEnum):
     """What a frame carries."""
 
     HELLO = 1  # sidecar → link: JSON {"tls": {ca, key, cert} (latin-1) | null, "options": [...]}
-    OPEN = 2  # sidecar → link: JSON {"target", "method", "metadata"} NUL request bytes
+    # sidecar → link: JSON {"target", "method", "metadata", "shape", "timeout"} NUL request bytes
+    # (empty for a client stream, whose requests follow as MESSAGE frames, then HALF_CLOSE)
+    OPEN = 2
     CANCEL = 3  # sidecar → link: empty
-    MESSAGE = 4  # link → sidecar: one response, serialized
+    MESSAGE = 4  # either way: one message, serialized
     END = 5  # link → sidecar: JSON {"code": name, "details": str}
+    HALF_CLOSE = 6  # sidecar → link: a client stream's last request was sent
 
 
 class LinkError(Exception):
@@ -165,12 +170,33 @@ class LinkCall:
             return False
         self.cancelled_at = time.monotonic()
         self.inbox.put(_End(grpc.StatusCode.CANCELLED, "cancelled by the sidecar"))
-        self._link.send(Kind.CANCEL, self.id)
+        self._link.send(self, Kind.CANCEL)
         return True
+
+    def result(self, timeout: float | None) -> Any:
+        """The one response of a unary-response call, or its status raised. The link enforces
+        ``timeout`` with gRPC's deadline; a link that does not answer within it (and a grace)
+        gets the call cancelled here, ``DEADLINE_EXCEEDED``."""
+        wait = None if timeout is None else timeout + CANCEL_GRACE
+        try:
+            item = self.inbox.get(timeout=wait)
+        except queue.Empty:
+            self.cancel()
+            raise LinkRpcError(
+                grpc.StatusCode.DEADLINE_EXCEEDED, "the link did not answer"
+            ) from None
+        if isinstance(item, bytes):
+            response = item if self._deserialize is None else self._deserialize(item)
+            with contextlib.suppress(StopIteration):
+                next(self)  # the END after the response: OK, or how the call failed after all
+            return response
+        self.inbox.put(item)
+        return next(self)  # raises the status
 
 
 class LinkChannel:
-    """What the replication stub needs of a ``grpc.Channel``, carried by the link."""
+    """What the sidecar's stubs need of a ``grpc.Channel`` (server-streaming, unary and
+    client-streaming calls), carried by the link."""
 
     def __init__(self, link: Link, target: str) -> None:
         self._link = link
@@ -192,6 +218,49 @@ class LinkChannel:
             body = request if request_serializer is None else request_serializer(request)
             return self._link.open(self._target, method, metadata or (), body,
                                    response_deserializer)  # fmt: skip
+
+        return call
+
+    def unary_unary(
+        self,
+        method: str,
+        request_serializer: Callable[[Any], bytes] | None = None,
+        response_deserializer: Callable[[bytes], Any] | None = None,
+        **_options: object,
+    ) -> Callable[..., Any]:
+        def call(
+            request: Any,
+            timeout: float | None = None,
+            metadata: Sequence[tuple[str, str]] | None = None,
+            **_kwargs: object,
+        ) -> Any:
+            body = request if request_serializer is None else request_serializer(request)
+            pending = self._link.open(self._target, method, metadata or (), body,
+                                      response_deserializer, "unary_unary", timeout)  # fmt: skip
+            return pending.result(timeout)
+
+        return call
+
+    def stream_unary(
+        self,
+        method: str,
+        request_serializer: Callable[[Any], bytes] | None = None,
+        response_deserializer: Callable[[bytes], Any] | None = None,
+        **_options: object,
+    ) -> Callable[..., Any]:
+        def call(
+            requests: Iterable[Any],
+            timeout: float | None = None,
+            metadata: Sequence[tuple[str, str]] | None = None,
+            **_kwargs: object,
+        ) -> Any:
+            pending = self._link.open(self._target, method, metadata or (), b"",
+                                      response_deserializer, "stream_unary", timeout)  # fmt: skip
+            for request in requests:
+                body = request if request_serializer is None else request_serializer(request)
+                self._link.send(pending, Kind.MESSAGE, body)
+            self._link.send(pending, Kind.HALF_CLOSE)
+            return pending.result(timeout)
 
         return call
 
@@ -256,8 +325,11 @@ class Link:
         metadata: Sequence[tuple[str, str]],
         request: bytes,
         deserialize: Callable[[bytes], Any] | None,
+        shape: str = "unary_stream",
+        timeout: float | None = None,
     ) -> LinkCall:
-        """Start a server-streaming call; a link that cannot start ends it UNAVAILABLE."""
+        """Start a call (``shape`` is grpc's name for it); a link that cannot start ends it
+        UNAVAILABLE."""
         with self._lock:
             call = LinkCall(self, self._next_id, deserialize)
             self._next_id += 1
@@ -271,17 +343,20 @@ class Link:
                 return call
             call.sock = self._sock
             self._calls[call.id] = call
-        head = json.dumps({"target": target, "method": method, "metadata": list(metadata)})
-        self.send(Kind.OPEN, call.id, head.encode() + b"\0" + request)
+        head = json.dumps(
+            {"target": target, "method": method, "metadata": list(metadata), "shape": shape,
+             "timeout": timeout}
+        )  # fmt: skip
+        self.send(call, Kind.OPEN, head.encode() + b"\0" + request)
         return call
 
-    def send(self, kind: Kind, call: int, body: bytes = b"") -> None:
-        """Write one frame; a broken link shows up on the reader, which ends the calls."""
-        sock = self._sock
-        if sock is None:
+    def send(self, call: LinkCall, kind: Kind, body: bytes = b"") -> None:
+        """Write one frame of ``call`` to the link process it went to; a broken link shows up
+        on the reader, which ends the calls."""
+        if call.sock is None:
             return
         with self._send_lock, contextlib.suppress(OSError):
-            sock.sendall(encode(kind, call, body))
+            call.sock.sendall(encode(kind, call.id, body))
 
     def forget(self, call_id: int) -> None:
         with self._lock:
@@ -295,7 +370,7 @@ class Link:
         ours, theirs = socket.socketpair()
         try:
             self._proc = subprocess.Popen(
-                [self._python, "-m", "sidecar.replication.link", str(theirs.fileno())],
+                [self._python, "-m", "sidecar.dataplane.link", str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
             )
@@ -307,10 +382,8 @@ class Link:
         self._sock = ours
         self.starts += 1
         ours.sendall(encode(Kind.HELLO, 0, self._hello))
-        threading.Thread(
-            target=self._read, args=(ours,), name="spauth-sync-link", daemon=True
-        ).start()
-        log.info("replication link started", extra={"pid": self._proc.pid})
+        threading.Thread(target=self._read, args=(ours,), name="spauth-link", daemon=True).start()
+        log.info("control-plane link started", extra={"pid": self._proc.pid})
 
     def _stuck(self) -> bool:
         now = time.monotonic()
@@ -351,7 +424,7 @@ class Link:
                     raise LinkError(f"unexpected frame {kind.name} from the link")
         except (OSError, LinkError) as exc:
             reason = f"link failed: {exc}"
-            log.warning("replication link failed", extra={"error": str(exc)})
+            log.warning("control-plane link failed", extra={"error": str(exc)})
         with self._lock:
             if self._sock is sock:
                 self._sock = None
@@ -390,6 +463,7 @@ class _Serve:
         self.sock = sock
         self.send_lock = threading.Lock()
         self.calls: dict[int, Any] = {}
+        self.inputs: dict[int, queue.SimpleQueue[bytes | None]] = {}  # client streams' requests
         self.channels: dict[str, grpc.Channel] = {}
         self.credentials: grpc.ChannelCredentials | None = None
         self.options: list[tuple[str, str]] = []
@@ -422,11 +496,46 @@ class _Serve:
         head, _, request = body.partition(b"\0")
         fields = json.loads(head)
         metadata = tuple((str(k), str(v)) for k, v in fields["metadata"])
-        call = self.channel(fields["target"]).unary_stream(fields["method"], None, None)(
-            request, metadata=metadata
-        )
-        self.calls[call_id] = call
-        threading.Thread(target=self.follow, args=(call_id, call), daemon=True).start()
+        timeout = fields.get("timeout")
+        channel, method = self.channel(fields["target"]), fields["method"]
+        shape = fields.get("shape", "unary_stream")
+        if shape == "unary_stream":
+            call = channel.unary_stream(method, None, None)(
+                request, metadata=metadata, timeout=timeout
+            )
+            self.calls[call_id] = call
+            threading.Thread(target=self.follow, args=(call_id, call), daemon=True).start()
+            return
+        if shape == "unary_unary":
+            future = channel.unary_unary(method, None, None).future(
+                request, metadata=metadata, timeout=timeout
+            )
+        elif shape == "stream_unary":
+            requests: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+            self.inputs[call_id] = requests
+            future = channel.stream_unary(method, None, None).future(
+                iter(requests.get, None), metadata=metadata, timeout=timeout
+            )
+        else:
+            raise LinkError(f"unknown call shape {shape!r}")
+        self.calls[call_id] = future
+        future.add_done_callback(lambda done: self.finish(call_id, done))
+
+    def finish(self, call_id: int, future: Any) -> None:
+        """A unary-response call ended: its response (if any), then its status."""
+        self.calls.pop(call_id, None)
+        code, details = grpc.StatusCode.OK, ""
+        try:
+            response = future.result()
+        except grpc.RpcError as exc:
+            code, details = exc.code(), exc.details() or ""
+        except grpc.FutureCancelledError:
+            code, details = grpc.StatusCode.CANCELLED, "cancelled by the sidecar"
+        end = json.dumps({"code": code.name, "details": details}).encode()
+        with contextlib.suppress(OSError):  # the sidecar went: main() exits
+            if code is grpc.StatusCode.OK:
+                self.send(Kind.MESSAGE, call_id, response)
+            self.send(Kind.END, call_id, end)
 
     def follow(self, call_id: int, call: Any) -> None:
         code, details = grpc.StatusCode.OK, ""
@@ -451,16 +560,27 @@ class _Serve:
                 self.hello(body)
             elif kind is Kind.OPEN:
                 self.open(call_id, body)
+            elif kind is Kind.MESSAGE:
+                inbox = self.inputs.get(call_id)
+                if inbox is not None:
+                    inbox.put(body)
+            elif kind is Kind.HALF_CLOSE:
+                inbox = self.inputs.pop(call_id, None)
+                if inbox is not None:
+                    inbox.put(None)
             elif kind is Kind.CANCEL:
                 call = self.calls.get(call_id)
                 if call is not None:
                     call.cancel()
+                inbox = self.inputs.pop(call_id, None)
+                if inbox is not None:
+                    inbox.put(None)
             else:
                 raise LinkError(f"unexpected frame {kind.name} from the sidecar")
 
 
 def main(argv: Sequence[str]) -> int:
-    """``python -m sidecar.replication.link FD``: serve the sidecar on socket ``FD`` until it
+    """``python -m sidecar.dataplane.link FD``: serve the sidecar on socket ``FD`` until it
     closes its end."""
     # A terminal's Ctrl-C or a SIGTERM to the whole group reaches this process too: the sidecar
     # decides when it stops (it is draining meanwhile), and its socket closing ends this one.

@@ -1,5 +1,6 @@
-"""The replication link (sidecar/replication/link.py): the sidecar's replication stream held by a
-child process. Real control planes, real sidecars, real link processes; kill -9 is real."""
+"""The control-plane link (sidecar/dataplane/link.py): the sidecar's calls to the control plane
+(replication stream, audit shipping, usage reports) made by a child process. Real control
+planes, real sidecars, real link processes; kill -9 is real."""
 
 from __future__ import annotations
 
@@ -19,12 +20,17 @@ from envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
 
 from sidecar._gen.statuspulse.auth.v1 import replication_pb2 as pb
 from sidecar._gen.statuspulse.auth.v1 import replication_pb2_grpc as pb_grpc
+from sidecar.auditship import GrpcTransport, TransportError
 from sidecar.config import ConfigError, load_sidecar_settings
 from sidecar.core.models import RequestContext
+from sidecar.core.usage import CredentialUse, UsageReport, UseKind
+from sidecar.dataplane.link import Kind, Link, LinkError, encode, read_frame
 from sidecar.dataplane.process import Sidecar
-from sidecar.replication.link import Kind, Link, LinkError, encode, read_frame
+from sidecar.usage import GrpcUsageTransport
+from sidecar.usage.transport import UsageTransportError
 from tests.conftest import RunningControlPlane, wait_until
 from tests.support.sync import TEST_SYNC_TOKEN
+from tests.test_audit_e2e import trail_decisions
 
 
 def _operator(cp: RunningControlPlane) -> RequestContext:
@@ -98,7 +104,7 @@ def test_the_link_exits_when_the_sidecar_is_killed(tmp_path: Path) -> None:
     script = textwrap.dedent(
         """
         import sys, time
-        from sidecar.replication.link import Link
+        from sidecar.dataplane.link import Link
         link = Link()
         link.channel("127.0.0.1:9").unary_stream("/x.Y/Z")(b"")
         print(link.pid, flush=True)
@@ -231,13 +237,13 @@ def test_a_stuck_link_is_replaced_on_the_next_call(control_plane: RunningControl
 
 
 def test_the_setting_names_itself_when_wrong() -> None:
-    with pytest.raises(ConfigError, match=r"replication_link: expected process\|inprocess"):
-        load_sidecar_settings({"replication_link": "thread"}, environ={})
-    assert load_sidecar_settings({}, environ={}).replication_link == "process"
+    with pytest.raises(ConfigError, match=r"control_plane_link: expected process\|inprocess"):
+        load_sidecar_settings({"control_plane_link": "thread"}, environ={})
+    assert load_sidecar_settings({}, environ={}).control_plane_link == "process"
 
 
 def test_inprocess_keeps_the_stream_in_the_sidecar(sidecar_factory: object) -> None:
-    sc: Sidecar = sidecar_factory(replication_link="inprocess")  # type: ignore[operator]
+    sc: Sidecar = sidecar_factory(control_plane_link="inprocess")  # type: ignore[operator]
     assert sc.link is None
     wait_until(lambda: sc.sync.connected)
 
@@ -262,3 +268,64 @@ def test_the_link_ignores_a_group_sigterm_and_exits_with_its_sidecar(
     finally:
         link.close()
     wait_until(lambda: not _alive(pid))
+
+
+def _decision_id(sc: Sidecar, key: str) -> str:
+    req = ext.CheckRequest()
+    http = req.attributes.request.http
+    http.method, http.path, http.host = "GET", "/v1/workspaces/acme/checks", "api.test"
+    http.headers["authorization"] = f"Bearer {key}"
+    with grpc.insecure_channel(f"127.0.0.1:{sc.port}") as ch:
+        resp = ext_grpc.AuthorizationStub(ch).Check(req, timeout=5)
+    assert resp.status.code == 0
+    return str(resp.dynamic_metadata.fields["decision_id"].string_value)
+
+
+def test_decision_records_ship_through_the_link_and_past_a_killed_one(
+    control_plane: RunningControlPlane, sidecar_factory: object
+) -> None:
+    operator = _operator(control_plane)
+    minted = control_plane.plane.keys.create(
+        operator, workspace="acme", name="k", scopes=["checks:read"]
+    )
+    sc: Sidecar = sidecar_factory()  # type: ignore[operator]
+    assert sc.audit is not None and sc.link is not None
+    wait_until(lambda: _allowed(sc, minted.secret))
+    before = [_decision_id(sc, minted.secret) for _ in range(5)]
+    wait_until(lambda: set(before) <= set(trail_decisions(control_plane.plane)))
+    first = sc.link.pid
+    assert first is not None
+    os.kill(first, signal.SIGKILL)
+    after = [_decision_id(sc, minted.secret) for _ in range(5)]
+    wait_until(lambda: set(after) <= set(trail_decisions(control_plane.plane)), timeout=20)
+    counts = trail_decisions(control_plane.plane)
+    assert all(counts[d] == 1 for d in before + after)
+    assert sc.link.starts >= 2
+
+
+def test_unary_and_client_stream_statuses_come_through_unchanged(
+    control_plane: RunningControlPlane,
+) -> None:
+    link = Link()
+    report = UsageReport("rep_link_test", (CredentialUse("key_x", UseKind.API_KEY, 1, 1),))
+    try:
+        for token in ("not-the-token", TEST_SYNC_TOKEN):
+            via = GrpcUsageTransport(control_plane.address, token, channel_factory=link.channel)
+            direct = GrpcUsageTransport(control_plane.address, token)
+            outcomes = []
+            for transport in (via, direct):
+                try:
+                    transport.send(report)
+                    outcomes.append("ok")
+                except UsageTransportError as exc:
+                    outcomes.append(str(exc))
+                transport.close()
+            assert outcomes[0] == outcomes[1], outcomes
+        assert "UNAUTHENTICATED" in outcomes[0] or outcomes[0] == "ok"
+        ingest = GrpcTransport(control_plane.address, "not-the-token", channel_factory=link.channel)
+        with pytest.raises(TransportError, match="UNAUTHENTICATED") as info:
+            ingest.send([b"\x0a\x01x"])
+        assert not info.value.rejected
+        assert link.starts == 1
+    finally:
+        link.close()
