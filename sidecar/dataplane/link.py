@@ -137,7 +137,8 @@ class _End:
 
 
 class LinkCall:
-    """A server-streaming call through the link: iterate its responses; ``cancel()`` ends it."""
+    """A call through the link: iterate a server stream's responses, or take a unary response
+    with ``result()``; ``cancel()`` ends it."""
 
     def __init__(
         self, link: Link, call_id: int, deserialize: Callable[[bytes], Any] | None
@@ -190,8 +191,10 @@ class LinkCall:
             with contextlib.suppress(StopIteration):
                 next(self)  # the END after the response: OK, or how the call failed after all
             return response
-        self.inbox.put(item)
-        return next(self)  # raises the status
+        self.ended = True
+        if item.code is grpc.StatusCode.OK:  # a link that ended a unary call without its answer
+            raise LinkRpcError(grpc.StatusCode.INTERNAL, "the call ended without a response")
+        raise LinkRpcError(item.code, item.details)
 
 
 class LinkChannel:
