@@ -194,6 +194,11 @@ class SidecarSettings:
     # Credential uses (last used, daily counts) are reported to the control plane every
     # usage_report_interval seconds; 0 turns usage reporting off.
     usage_report_interval: float = 10.0
+    # Who makes the calls to the control plane (replication stream, audit shipping, usage
+    # reports): "process" (a child process started and replaced by the sidecar: the serving
+    # process holds no gRPC client call, ≈ 2.5 fewer context switches per check,
+    # docs/performance.md) or "inprocess" (threads of the serving process).
+    control_plane_link: str = "process"
 
 
 _DURATIONS = {
@@ -500,6 +505,10 @@ def load_sidecar_settings(
         errors.add("denial_log_rate", "must be 0 (log every denial) or positive")
     if s.check_path not in ("python", "compiled"):
         errors.add("check_path", f"expected python|compiled, got {s.check_path!r}")
+    if s.control_plane_link not in ("process", "inprocess"):
+        errors.add(
+            "control_plane_link", f"expected process|inprocess, got {s.control_plane_link!r}"
+        )
     for name in ("policy_file", "control_plane_tls_ca", "control_plane_tls_cert"):
         _check_file(errors, name, getattr(s, name))
     _check_file(errors, "control_plane_tls_key", s.control_plane_tls_key)

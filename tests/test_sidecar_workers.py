@@ -21,8 +21,33 @@ from tests.support.sync import token_file
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name, or None once the pid is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2 :].split()
+
+
 def _alive(pid: int) -> bool:
-    return Path(f"/proc/{pid}").exists()
+    # A zombie has exited: an orphan's reaper (PID 1 of this machine) may never collect it.
+    fields = _stat(pid)
+    return fields is not None and fields[0] != "Z"
+
+
+def _workers(supervisor: int) -> list[int]:
+    """The supervisor's children (each worker has a control-plane link process of its own)."""
+    return [p for p in descendants(supervisor)[1:] if (_stat(p) or ["", ""])[1] == str(supervisor)]
+
+
+def _all_gone(pids: list[int]) -> bool:
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 @pytest.fixture
@@ -40,7 +65,7 @@ def supervisor(
         proc = subprocess.Popen(argv, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 30
-        while len(workers := descendants(proc.pid)[1:]) < 2 or not all(
+        while len(workers := _workers(proc.pid)) < 2 or not all(
             (tmp_path / "state" / f"worker-{i}").exists() for i in range(2)
         ):
             assert proc.poll() is None, log.read_text()
@@ -59,18 +84,23 @@ def test_sigterm_to_the_supervisor_stops_every_worker(
     supervisor: tuple[subprocess.Popen[bytes], list[int]],
 ) -> None:
     proc, workers = supervisor
+    below = descendants(proc.pid)[1:]  # the workers and their link processes
     proc.send_signal(signal.SIGTERM)  # to the supervisor only, not its process group
     assert proc.wait(30) == 0
     assert not any(_alive(pid) for pid in workers)
+    assert _all_gone(below)
 
 
 def test_a_worker_dying_stops_the_others_and_fails(
     supervisor: tuple[subprocess.Popen[bytes], list[int]], tmp_path: Path
 ) -> None:
     proc, workers = supervisor
+    below = descendants(proc.pid)[1:]
     os.kill(workers[0], signal.SIGKILL)
     assert proc.wait(30) == 128 + signal.SIGKILL
     assert not any(_alive(pid) for pid in workers)
+    # The killed worker's link sees its socket close and exits too.
+    assert _all_gone(below)
     assert "exited with -9; stopping the other workers" in (tmp_path / "supervisor.log").read_text()
 
 

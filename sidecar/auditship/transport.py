@@ -3,7 +3,7 @@ uses the IngestAuditRecords client stream; ``TrailTransport`` calls the trail in
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -75,10 +75,15 @@ class GrpcTransport:
         timeout: float = 10.0,
         credentials: grpc.ChannelCredentials | None = None,
         options: Sequence[tuple[str, str]] = (),
+        channel_factory: Callable[[str], grpc.Channel] | None = None,
     ) -> None:
         self._targets = [t.strip() for t in targets.split(",") if t.strip()]
+        # ``channel_factory``: channels made elsewhere (the sidecar's link process,
+        # sidecar/dataplane/link.py) instead of in this process.
         self._channels = [
-            grpc.secure_channel(t, credentials, options=options)
+            channel_factory(t)
+            if channel_factory is not None
+            else grpc.secure_channel(t, credentials, options=options)
             if credentials is not None
             else grpc.insecure_channel(t, options=options)
             for t in self._targets

@@ -31,12 +31,13 @@ from sidecar.dataplane.envoy_check import SERVICE as CHECK_SERVICE
 from sidecar.dataplane.envoy_check import CheckHandler, Observer, check_method, raw_check_method
 from sidecar.dataplane.fastcheck import check_path
 from sidecar.dataplane.incluster import AuthorizationServicer
+from sidecar.dataplane.link import Link, TlsFiles
 from sidecar.ops.denial_log import DenialLog
 from sidecar.ops.health import Health, Status
 from sidecar.ops.metrics import DecisionMetrics, Metrics
 from sidecar.ops.secrets_files import sidecar_sync_token
 from sidecar.ops.status_server import StatusServer
-from sidecar.ops.tls import sync_channel_credentials, sync_channel_options
+from sidecar.ops.tls import sync_channel_credentials, sync_channel_options, sync_tls_files
 from sidecar.ops.tracing import CheckFn, span_annotator, start_tracing, traced_check
 from sidecar.ratelimit import AbuseLimits, WindowRateLimiter
 from sidecar.replication.client import SyncClient
@@ -122,11 +123,16 @@ class Sidecar:
         self.observers: list[Observer] = [self.decision_metrics, self.denial_log]
         # Read once: replication, audit shipping and usage reports all present this token.
         sync_token = sidecar_sync_token(settings)
-        self.audit = _audit_pipeline(settings, sync_token)
+        # The calls to the control plane made by a child process (docs/performance.md, "The
+        # control-plane link"): a client call held here shares gRPC's pollers with the Check
+        # server.
+        self.link = _control_plane_link(settings)
+        channels = None if self.link is None else self.link.channel
+        self.audit = _audit_pipeline(settings, sync_token, channels)
         if self.audit is not None:
             self.observers.append(DecisionRecorder(self.audit, self.clock))
             self.metrics.registry.register(AuditMetrics(self.audit))
-        self.usage = _usage_reporter(settings, self.clock, sync_token)
+        self.usage = _usage_reporter(settings, self.clock, sync_token, channels)
         if self.usage is not None:
             self.observers.append(self.usage.tally)
             self.metrics.registry.register(UsageMetrics(self.usage))
@@ -144,6 +150,7 @@ class Sidecar:
             sync_token=sync_token,
             credentials=sync_channel_credentials(settings),
             channel_options=sync_channel_options(settings),
+            channel_factory=channels,
         )
         self.policy_watcher = PolicyWatcher(
             settings.policy_file, self._set_policy, self._policy_reloaded
@@ -334,6 +341,8 @@ class Sidecar:
             self.usage.close()
         if self._syncing:
             self.sync.stop()
+        if self.link is not None:
+            self.link.close()
         if self.limit_sync is not None:
             self.limit_sync.stop()
         self.denial_log.close()  # the lines still queued, then the summary
@@ -349,7 +358,19 @@ class Sidecar:
         log.info("sidecar stopped")
 
 
-def _audit_pipeline(settings: SidecarSettings, sync_token: str) -> AuditPipeline | None:
+def _control_plane_link(settings: SidecarSettings) -> Link | None:
+    """The link process for calls to the control plane, unless ``control_plane_link =
+    "inprocess"``."""
+    if settings.control_plane_link != "process":
+        return None
+    files = sync_tls_files(settings)
+    tls = None if files is None else TlsFiles(*files)
+    return Link(tls, sync_channel_options(settings))
+
+
+def _audit_pipeline(
+    settings: SidecarSettings, sync_token: str, channels: Callable[[str], grpc.Channel] | None
+) -> AuditPipeline | None:
     """Decision records: queue → spool in the state directory → the control plane."""
     if settings.audit == "off":
         return None
@@ -371,12 +392,16 @@ def _audit_pipeline(settings: SidecarSettings, sync_token: str) -> AuditPipeline
             sync_token,
             credentials=sync_channel_credentials(settings),
             options=sync_channel_options(settings),
+            channel_factory=channels,
         )
     return AuditPipeline(config, transport)
 
 
 def _usage_reporter(
-    settings: SidecarSettings, clock: Clock, sync_token: str
+    settings: SidecarSettings,
+    clock: Clock,
+    sync_token: str,
+    channels: Callable[[str], grpc.Channel] | None,
 ) -> UsageReporter | None:
     """Uses per API key and OAuth grant, counted on the RPC threads, reported every interval."""
     if not settings.usage_report_interval:
@@ -386,6 +411,7 @@ def _usage_reporter(
         sync_token,
         credentials=sync_channel_credentials(settings),
         options=sync_channel_options(settings),
+        channel_factory=channels,
     )
     return UsageReporter(
         UsageTally(clock.now),

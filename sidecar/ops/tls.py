@@ -37,13 +37,25 @@ def admin_server_credentials(settings: Settings) -> grpc.ServerCredentials | Non
 
 def sync_channel_credentials(settings: SidecarSettings) -> grpc.ChannelCredentials | None:
     """Credentials for the sidecar's sync stream, or None for plaintext."""
+    files = sync_tls_files(settings)
+    if files is None:
+        return None
+    ca, key, cert = files
+    return grpc.ssl_channel_credentials(
+        root_certificates=ca, private_key=key, certificate_chain=cert
+    )
+
+
+def sync_tls_files(settings: SidecarSettings) -> tuple[bytes, bytes | None, bytes | None] | None:
+    """The sync stream's CA, client key and client certificate as read from their files (the
+    control-plane link process builds its credentials from them), or None for plaintext."""
     if settings.control_plane_tls_ca is None:
         return None
     cert, key = settings.control_plane_tls_cert, settings.control_plane_tls_key
-    return grpc.ssl_channel_credentials(
-        root_certificates=_read("control_plane_tls_ca", settings.control_plane_tls_ca),
-        private_key=_read("control_plane_tls_key", key) if key is not None else None,
-        certificate_chain=_read("control_plane_tls_cert", cert) if cert is not None else None,
+    return (
+        _read("control_plane_tls_ca", settings.control_plane_tls_ca),
+        _read("control_plane_tls_key", key) if key is not None else None,
+        _read("control_plane_tls_cert", cert) if cert is not None else None,
     )
 
 

@@ -14,7 +14,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import grpc
@@ -184,8 +184,12 @@ class SyncClient:
         credentials: grpc.ChannelCredentials | None = None,
         channel_options: Sequence[tuple[str, str]] = (),
         packed_keys: bool = True,
+        channel_factory: Callable[[str], grpc.Channel] | None = None,
     ) -> None:
         self.replica = replica
+        # How a channel to a target is made: in this process (the default), or through the
+        # control-plane link's process (sidecar/dataplane/link.py), which the sidecar uses.
+        self.channel_factory = channel_factory
         self.targets = parse_targets(targets)
         self._current = 0
         # A stream with no message (not even the 1 s heartbeat) for this long is dead even if
@@ -289,6 +293,8 @@ class SyncClient:
                 call.cancel()
 
     def _channel(self) -> grpc.Channel:
+        if self.channel_factory is not None:
+            return self.channel_factory(self.target)
         if self.credentials is not None:
             return grpc.secure_channel(self.target, self.credentials, self.channel_options)
         return grpc.insecure_channel(self.target, self.channel_options)

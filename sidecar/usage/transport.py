@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import grpc
@@ -57,8 +57,11 @@ class GrpcUsageTransport:
         timeout: float = 5.0,  # a report is small: a healthy control plane answers in ms
         credentials: grpc.ChannelCredentials | None = None,
         options: Sequence[tuple[str, Any]] = (),
+        channel_factory: Callable[[str], grpc.Channel] | None = None,
     ) -> None:
         self._targets = parse_targets(targets)
+        # Channels made elsewhere (the sidecar's link process) instead of in this process.
+        self._channel_factory = channel_factory
         self._current = 0
         self._credentials = credentials
         self._options = list(options)
@@ -68,6 +71,8 @@ class GrpcUsageTransport:
 
     def _open(self) -> grpc.Channel:
         target = self._targets[self._current]
+        if self._channel_factory is not None:
+            return self._channel_factory(target)
         if self._credentials is None:
             return grpc.insecure_channel(target, options=self._options)
         return grpc.secure_channel(target, self._credentials, options=self._options)
