@@ -17,6 +17,7 @@ builder it replaced.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import hashlib
 import json
@@ -68,11 +69,27 @@ def _listening(address: str) -> bool:
     return True
 
 
-def _rss_mb(pid: int) -> float:
+def _rss_mb(pid: int, field: str = "VmRSS") -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+def _children_rss_mb(pid: int) -> float:
+    """Anonymous RSS of ``pid``'s child processes (the sidecar's control-plane link), in MB:
+    the memory they add, since their file-backed pages (the interpreter, grpc's library) are
+    the sidecar's own pages, shared."""
+    children = {  # each thread's own children: the link is started from the sync thread
+        child
+        for task in Path(f"/proc/{pid}/task").iterdir()
+        for child in (task / "children").read_text().split()
+    }
+    total = 0.0
+    for child in children:
+        with contextlib.suppress(OSError):  # a child that just exited holds nothing
+            total += _rss_mb(int(child), "RssAnon")
+    return total
 
 
 def _kept(path: Path, n: int) -> dict[str, float]:
@@ -167,9 +184,10 @@ def _sidecar(
     logs: Path | None,
     log: str,
     cp: _Started | None = None,
-) -> tuple[float, float]:
-    """Launch a sidecar; (seconds to SERVING, RSS in MB a second later). With ``cp``, the
-    control plane started just before is watched too, until its health says SERVING."""
+) -> tuple[float, float, float]:
+    """Launch a sidecar; (seconds to SERVING, RSS in MB a second later, its children's RSS in
+    MB: the control-plane link). With ``cp``, the control plane started just before is watched
+    too, until its health says SERVING."""
     started = time.monotonic()
     sc = subprocess.Popen(
         [sys.executable, "-m", "sidecar", "sidecar", "--listen", listen, "--control-plane",
@@ -189,7 +207,7 @@ def _sidecar(
                 raise RuntimeError(f"sidecar with {n} keys never became SERVING")
             time.sleep(0.05)
         time.sleep(1)
-        return round(cold, 2), round(_rss_mb(sc.pid), 1)
+        return round(cold, 2), round(_rss_mb(sc.pid), 1), round(_children_rss_mb(sc.pid), 1)
     finally:
         sc.terminate()
         sc.wait(30)
@@ -254,6 +272,7 @@ def measure(n: int, work: Path, logs: Path | None = None) -> dict[str, float]:
         "load_average": round(load, 2),
         "cold_start_s": first[0],
         "rss_mb": first[1],
+        "link_rss_mb": first[2],
         "cold_start_warm_cp_s": second[0],
         "cold_start_restarted_cp_s": third[0],
         "cp_ready_s": round(cp_ready, 2),
@@ -277,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"control plane just started (ready in {row['cp_ready_s']:.2f} s), "
                   f"{row['cold_start_warm_cp_s']:.2f} s with a running one, "
                   f"{row['cold_start_restarted_cp_s']:.2f} s with one just restarted (ready in "
-                  f"{row['cp_restart_ready_s']:.2f} s)  RSS {row['rss_mb']:.1f} MB  "
+                  f"{row['cp_restart_ready_s']:.2f} s)  RSS {row['rss_mb']:.1f} MB "
+                  f"(+ its link process {row['link_rss_mb']:.1f} MB anonymous)  "
                   f"kept {row['kept_bytes_per_key']:.1f} B/key  "
                   f"load {row['load_us_per_key']:.2f} us/key  "
                   f"first build {row['build_us_per_key']:.2f} us/key, CPU "
