@@ -795,6 +795,7 @@ def _shipped(
     *,
     denials: DenialLog | None = None,
     limits: AbuseLimits | None = None,
+    token_cache_size: int = 100_000,
 ) -> Shipped:
     clock = FakeClock(NOW)
     # Limits the corpus does not reach: the time never moves, and a blocked source would send
@@ -802,7 +803,14 @@ def _shipped(
     limits = limits or AbuseLimits(source_failures=10**6, key_failures=10**6)
     limiter = WindowRateLimiter(limits)
     verifier = ReplicaTokenVerifier(ISSUER, AUDIENCE, max_lifetime=3600)
-    engine = Engine(_replica(), policy, clock, limiter=limiter, token_verifier=verifier)
+    engine = Engine(
+        _replica(),
+        policy,
+        clock,
+        limiter=limiter,
+        token_verifier=verifier,
+        token_cache_size=token_cache_size,
+    )
     engine.ids = DecisionIds(random.Random(7).randbytes, clock)
     metrics = Metrics()
     config = ShipConfig(
