@@ -228,3 +228,39 @@ def test_uncached_tokens_keep_nothing_per_check(tmp_path: Path) -> None:
     assert compiled.usage.harvest(final=True) == python.usage.harvest(final=True)
     python.pipeline.close(0)
     compiled.pipeline.close(0)
+
+
+class _Counting:
+    """The real verifier, counting its calls (how many verifications a check cost)."""
+
+    def __init__(self, verifier: ReplicaTokenVerifier) -> None:
+        self.verifier = verifier
+        self.leeway = verifier.leeway
+        self.calls = 0
+
+    def __call__(self, token: str, replica: Replica, now: float) -> Identity:
+        self.calls += 1
+        return self.verifier(token, replica, now)
+
+
+def test_a_refused_token_sent_again_is_verified_once_and_a_later_valid_one_allowed() -> None:
+    pair = _pair(0)
+    counting = [_Counting(side.engine.token_verifier) for side in pair]  # type: ignore[arg-type]
+    for side, verifier in zip(pair, counting, strict=True):
+        side.engine.token_verifier = verifier
+    later = _jwt(grant="grt_5")  # issued at NOW: not yet valid before NOW - leeway
+    data = _token_request("GET", "/v1/workspaces/acme/checks", {"authorization": f"Bearer {later}"})
+    _advance(pair, -3600)
+    # The first refusal costs the C path's verification and the Python path's; the same token
+    # again goes straight to the Python path: one verification, as on the pure-Python path.
+    assert _answer(pair, data) == ("token_not_yet_valid", False)
+    assert (counting[0].calls, counting[1].calls) == (1, 2)
+    assert _answer(pair, data) == ("token_not_yet_valid", False)
+    assert (counting[0].calls, counting[1].calls) == (2, 3)
+    _advance(pair, 3600)  # valid now: allowed (by the Python path, which remembers nothing)
+    assert _answer(pair, data) == ("ok", False)
+    fresh = _token_request(
+        "GET", "/v1/workspaces/acme/checks", {"authorization": f"Bearer {_jwt(grant='grt_6')}"}
+    )
+    assert _answer(pair, fresh) == ("ok", True)
+    assert (counting[0].calls, counting[1].calls) == (4, 5)

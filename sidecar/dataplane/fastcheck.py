@@ -46,8 +46,8 @@ import grpc
 
 from sidecar.auditship.observer import DecisionRecorder
 from sidecar.auditship.records import fixed_part
-from sidecar.authz.decision import Decision, Reason
-from sidecar.authz.engine import CheckInput
+from sidecar.authz.decision import Decision, Identity, Reason
+from sidecar.authz.engine import CheckInput, Engine
 from sidecar.authz.policy import Policy
 from sidecar.core.clock import SystemClock
 from sidecar.core.native import optional_module
@@ -201,9 +201,9 @@ class FastCheckHandler:
         self._native.count_failures(limiter.failed if limiter is not None else None)
         # A token the cache does not hold is verified from here by the engine's rule and its
         # allow answered here (one build, no template, observed here): the Python path would
-        # parse the request again, build its view and observe in Python (≈ 30 µs of a ≈ 120
+        # parse the request again, build its view and observe in Python (≈ 25 µs of a ≈ 130
         # µs cold check). A refusal is still the Python path's answer.
-        self._native.verify_tokens(engine.fresh_token, encoder.build)
+        self._native.verify_tokens(_fresh_tokens(engine), encoder.build)
         self._compiled_for: Policy | None = None
         self._compile()
         self.observed_in_c = observe_in_c(self._native, handler)
@@ -252,6 +252,33 @@ class FastCheckHandler:
                 handler.on_error(INTERNAL_ERROR, 0.0)
             raise
         return response  # type: ignore[no-any-return]
+
+
+# Digests of tokens ``Engine.fresh_token`` refused (or found cached but no longer usable),
+# at most this many: their next checks go straight to the Python path.
+_REFUSED_MAX = 4096
+
+
+def _fresh_tokens(engine: Engine) -> Callable[[str, bytes, float], Identity | None]:
+    """``engine.fresh_token`` for the C path, remembering the tokens it refused: a refusal is
+    the Python path's answer, which verifies the token once more, so a refused token sent again
+    (a replayed expired or revoked one) skips the first verification. Only digests are kept,
+    and only which path answers depends on them, never what it answers; bounded (cleared when
+    full)."""
+    fresh_token = engine.fresh_token
+    refused: set[bytes] = set()
+
+    def verify(token: str, digest: bytes, now: float) -> Identity | None:
+        if digest in refused:
+            return None
+        found = fresh_token(token, digest, now)
+        if found is None:
+            if len(refused) >= _REFUSED_MAX:
+                refused.clear()
+            refused.add(digest)
+        return found
+
+    return verify
 
 
 # The observers the C path can stand in for, one of each at most. It observes its allows, and
