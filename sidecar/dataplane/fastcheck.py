@@ -7,25 +7,28 @@ method, path, host, headers, context extensions and source address, checks the p
 canonical, matches the route from the policy compiled here, reads the credential from the
 policy's credential headers, hashes it (SHA-256) and looks it up: an API key with
 ``replica.credential(digest)``, a bearer access token (two dots) with
-``engine.cached_token(digest, now)`` — the identity of a token the Python path verified before,
-only while its cached verification holds (not expired, its signing key still published, its
-grant and jti not revoked). It answers from the ResponseEncoder's templates with a new decision
-id spliced in. It decides non-canonical paths, public routes, usable API keys or cached tokens
-without a per-key rate or client networks (allow, no_route, operator_not_allowed,
+``engine.cached_token(digest, now)`` — the identity of a token verified before, only while its
+cached verification holds (not expired, its signing key still published, its grant and jti not
+revoked) — and a token not cached is verified from here by ``engine.fresh_token`` (the engine's
+own rule: verify, cache, revocation; a refusal is left to the pure-Python path). It answers from
+the ResponseEncoder's templates with a new decision id spliced in, and a token verified for
+this check with one build (``ResponseEncoder.build``), keeping nothing per identity. It
+decides non-canonical paths, public routes, usable API keys or verified tokens without a per-key
+rate or client networks (allow, no_route, operator_not_allowed,
 workspace_mismatch, insufficient_scope), unknown API keys (well-formed, not in the replica:
 unknown_credential) and keys it holds but refuses (revoked, suspended, expired — a replaced key
 past its grace deadline), each counted by the failure limiter's own
 ``WindowRateLimiter.failed`` (against the source, and a refused key's id), called from C
 exactly where ``Engine._failed`` calls it (``count_failures``), and the 429 of a source that
 limiter blocked (before its credential is read, as ``Engine._decide`` answers it); all else —
-a token not verified yet, every other credential failure, a blocked key id, a replica
+a refused token, every other credential failure, a blocked key id, a replica
 not ready, raw ``header_map``, anything outside printable ASCII, bytes protobuf might read
 differently — goes to the pure-Python path. tests/test_fastcheck_differential.py runs both on
 captured, generated and fuzzed requests (API keys and tokens) and requires byte-identical
 answers and equal decisions and observer inputs (tests/test_fastcheck_unknown.py: unknown keys
 up to the block they trip and after it; tests/test_fastcheck_refused.py: refused keys up to
 their key id's block). With the sidecar's own observers (``observe_in_c``) the allows it
-decides (API keys and cached tokens), its unknown and refused keys and blocked sources are
+decides (API keys and tokens), its unknown and refused keys and blocked sources are
 observed in C too: metrics tally, the decision record's spool payload, usage count, the denial
 log line (``DenialLog.deny``), with the same results as the Python observers (same spool bytes,
 /metrics text, usage reports, log lines; the usage tally then counts in the C path's store, one
