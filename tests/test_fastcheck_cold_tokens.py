@@ -264,3 +264,10 @@ def test_a_refused_token_sent_again_is_verified_once_and_a_later_valid_one_allow
     )
     assert _answer(pair, fresh) == ("ok", True)
     assert (counting[0].calls, counting[1].calls) == (4, 5)
+
+
+def test_the_verification_hook_is_set_up_once() -> None:
+    """A check in flight may be inside the hook: it is never replaced once set."""
+    compiled = _pair(0)[1].handler
+    with pytest.raises(RuntimeError, match="already set up"):
+        compiled._native.verify_tokens(lambda *a: None, lambda *a: b"")  # type: ignore[attr-defined]

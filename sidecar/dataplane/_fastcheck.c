@@ -568,9 +568,10 @@ typedef struct {
     int unknown_in_c;
     PyObject *failed;
     PyObject *source_detail; /* 'source': a blocked source's detail */
-    /* verify_tokens: verify_fn(token, now) -> the Identity of a token not cached, verified as
-     * Engine._access_token does, or None (refused: the Python path answers); build_fn(decision,
-     * strip) -> one allow's response, built once. NULL: an uncached token falls back. */
+    /* verify_tokens, once: verify_fn(token, digest, now) -> the Identity of a token not cached,
+     * verified as Engine._access_token does, or None (refused: the Python path answers);
+     * build_fn(decision, strip) -> one allow's response, built once. NULL: an uncached token
+     * falls back. Never changed once set: a check in flight may be inside either. */
     PyObject *verify_fn, *build_fn;
 } FastCheck;
 
@@ -2152,20 +2153,23 @@ done:
     return result;
 }
 
-/* verify_tokens(verify_fn, build_fn) | verify_tokens(None, None): verify the tokens the cache
- * does not answer here, through verify_fn, and answer their allows with build_fn (see the
- * FastCheck fields); None: such tokens fall back. */
+/* verify_tokens(verify_fn, build_fn), once: verify the tokens the cache does not answer here,
+ * through verify_fn, and answer their allows with build_fn (see the FastCheck fields). */
 static PyObject *FastCheck_verify_tokens(FastCheck *self, PyObject *args) {
     PyObject *verify_fn, *build_fn;
     if (!PyArg_ParseTuple(args, "OO", &verify_fn, &build_fn)) return NULL;
-    if ((verify_fn == Py_None) != (build_fn == Py_None)) {
-        PyErr_SetString(PyExc_ValueError, "verify_tokens: both or neither");
+    if (self->verify_fn) {
+        PyErr_SetString(PyExc_RuntimeError, "verify_tokens: already set up");
         return NULL;
     }
-    if (verify_fn == Py_None) verify_fn = build_fn = NULL;
-    Py_XINCREF(verify_fn); Py_XINCREF(build_fn);
-    Py_XSETREF(self->verify_fn, verify_fn);
-    Py_XSETREF(self->build_fn, build_fn);
+    if (!PyCallable_Check(verify_fn) || !PyCallable_Check(build_fn)) {
+        PyErr_SetString(PyExc_TypeError, "verify_tokens: two callables expected");
+        return NULL;
+    }
+    Py_INCREF(build_fn);
+    self->build_fn = build_fn; /* first: a check that sees verify_fn may need it */
+    Py_INCREF(verify_fn);
+    self->verify_fn = verify_fn;
     Py_RETURN_NONE;
 }
 
@@ -2186,7 +2190,7 @@ static PyMethodDef FastCheck_methods[] = {
     {"tally", (PyCFunction)FastCheck_tally, METH_NOARGS,
      "The check metrics counted here, in CheckTally's layout, or None."},
     {"verify_tokens", (PyCFunction)FastCheck_verify_tokens, METH_VARARGS,
-     "Verify uncached tokens here with verify_fn(token, now), one-shot answers by build_fn."},
+     "Verify uncached tokens here with verify_fn(token, digest, now), answers by build_fn."},
     {"set_timer", (PyCFunction)FastCheck_set_timer, METH_O,
      "What times a check (None: the monotonic clock)."},
     {"set_policy", (PyCFunction)FastCheck_set_policy, METH_VARARGS,
