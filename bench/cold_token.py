@@ -9,8 +9,9 @@ observers as shipped (metrics, denial log, decision records, usage), a spool wri
 60 checks (not timed), and the request of the bench's ``sidecar-jwt-nocache`` row: a 737-byte
 token in ``typical_headers`` (1,264 bytes), the engine's token cache off
 (``token_cache_size = 0``), so every check verifies the token. The API-key rows are the same
-request with a key instead, for what is token-specific. Run as a script with another tree first
-on ``PYTHONPATH`` to compare two trees in one session."""
+request with a key instead, for what is token-specific; the expired-token rows a refused token
+(its signature good) sent again and again, which both paths answer in Python. Run as a script
+with another tree first on ``PYTHONPATH`` to compare two trees in one session."""
 
 from __future__ import annotations
 
@@ -115,6 +116,16 @@ def rows() -> dict[str, tuple[Callable[[], object], Callable[[], object]]]:
         lambda: fast(data, None),
         lambda: compiled_pipeline.flush(sync=False),
     )
+    # A refused token (expired, its signature good), sent again and again: the Python path
+    # answers it on both paths; what the compiled path adds in front of that answer.
+    expired = _expired_token(key.kid, private)
+    for name, make in (("python", lambda h: h), ("compiled", FastCheckHandler)):
+        refusing, refused_pipeline, refused_data = handler(expired)
+        answer = make(refusing)
+        out[f"expired token, {name} path"] = (
+            _data_call(answer, refused_data, name == "python"),
+            lambda p=refused_pipeline: p.flush(sync=False),
+        )
     key_python, key_pipeline, key_data = handler(secret)
     out["API key, python path"] = (
         lambda: key_python(parse_check_request(key_data), None),
@@ -128,12 +139,38 @@ def rows() -> dict[str, tuple[Callable[[], object], Callable[[], object]]]:
     )
     from envoy.service.auth.v3.external_auth_pb2 import CheckResponse
 
-    for name, (call, _) in out.items():  # every check row is an allow
+    for name, (call, _) in out.items():  # every check row is an allow but the expired one
         if "path" in name:
             answer = call()
             assert isinstance(answer, bytes), name
-            assert CheckResponse.FromString(answer).status.code == 0, name
+            assert (CheckResponse.FromString(answer).status.code == 0) != ("expired" in name)
     return out
+
+
+def _data_call(answer: Any, data: bytes, python: bool) -> Callable[[], object]:
+    from sidecar.dataplane.envoy_check import parse_check_request
+
+    if python:
+        return lambda: answer(parse_check_request(data), None)
+    return lambda: answer(data, None)
+
+
+def _expired_token(kid: str, private: Any) -> str:
+    """An access token of the bench's signing key that expired an hour ago."""
+    from sidecar.oauth import rfc9068
+
+    return rfc9068.issue(
+        (kid, private),
+        issuer=ISSUER,
+        audience=AUDIENCE,
+        subject="usr_1",
+        client_id="app_1",
+        scopes=frozenset({"checks:read"}),
+        workspace="acme",
+        grant_id="grt_1",
+        now=time.time() - 7200,
+        ttl=3600,
+    ).token
 
 
 def rfc9068_signature(segment: str) -> bytes:

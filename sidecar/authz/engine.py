@@ -318,6 +318,17 @@ class Engine:
             return None
         return identity
 
+    def fresh_token(self, token: str, digest: bytes, now: float) -> Identity | None:
+        """The compiled Check path's verification of a token ``cached_token`` did not answer:
+        when no entry is cached under ``digest`` (its SHA-256), what ``_access_token`` answers
+        if that is an ``Identity`` (verified, cached if the engine caches tokens, not revoked);
+        None for a cached entry (its stale or revoked answer is the Python path's) and for a
+        refusal (the Python path answers and counts it, verifying once more)."""
+        if self.token_verifier is None or digest in self._token_cache:
+            return None
+        found = self._access_token(token, now)
+        return found if isinstance(found, Identity) else None
+
     def _stale(self, identity: Identity, now: float) -> Decision | None:
         """Why a cached verification no longer holds: the token expired (its ``exp`` plus the
         verifier's leeway, as a fresh verification decides), or its signing key left the

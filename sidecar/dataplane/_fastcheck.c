@@ -568,6 +568,11 @@ typedef struct {
     int unknown_in_c;
     PyObject *failed;
     PyObject *source_detail; /* 'source': a blocked source's detail */
+    /* verify_tokens, once: verify_fn(token, digest, now) -> the Identity of a token not cached,
+     * verified as Engine._access_token does, or None (refused: the Python path answers);
+     * build_fn(decision, strip) -> one allow's response, built once. NULL: an uncached token
+     * falls back. Never changed once set: a check in flight may be inside either. */
+    PyObject *verify_fn, *build_fn;
 } FastCheck;
 
 static PyObject *S_policy, *S_loaded, *S_last_contact, *S_now, *S_credential, *S_identity,
@@ -614,6 +619,7 @@ static void FastCheck_dealloc(FastCheck *self) {
     Py_XDECREF(self->timer);
     Py_XDECREF(self->failed);
     Py_XDECREF(self->source_detail);
+    Py_XDECREF(self->verify_fn); Py_XDECREF(self->build_fn);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -887,6 +893,10 @@ typedef struct {
     const route *rt;
     PyObject *identity; /* borrowed from cred (kept alive by the caller) */
     PyObject *detail;
+    /* 1: a token verified for this check (verify_fn), answered once: no per-identity
+     * template or observer entry is kept for it (the next check of the token may bring a new,
+     * equal Identity: the cache off, or the token cached only from now on). */
+    int fresh;
 } outcome;
 
 /* ---------------------------------------------- bearer access tokens (verified before) -- */
@@ -928,6 +938,24 @@ static PyObject *cached_token(FastCheck *self, PyObject *digest, double now) {
     if (!when) return NULL;
     PyObject *found = PyObject_CallMethodObjArgs(self->engine, S_cached_token, digest, when, NULL);
     Py_DECREF(when);
+    return found;
+}
+
+/* verify_fn(token, digest, now) for a token the cache did not answer: its Identity when the
+ * engine holds no entry for it and it verifies and is not revoked (Engine.fresh_token: the
+ * engine's own rule, which caches it when the engine caches tokens), or None: a cached token
+ * no longer usable, or a refusal, which the Python path answers (and counts). The token is a
+ * str object only for that call, dropped at once; it is in no record, log line or answer. */
+static PyObject *verified_token(FastCheck *self, span token, PyObject *digest, double now) {
+    PyObject *verify = self->verify_fn;
+    Py_INCREF(verify);
+    PyObject *text = PyUnicode_DecodeASCII((const char *)token.p, token.n, NULL);
+    PyObject *when = text ? PyFloat_FromDouble(now) : NULL;
+    PyObject *found = when ? PyObject_CallFunctionObjArgs(verify, text, digest, when, NULL)
+                           : NULL;
+    Py_XDECREF(when);
+    Py_XDECREF(text);
+    Py_DECREF(verify);
     return found;
 }
 
@@ -1140,6 +1168,12 @@ static int authenticate(FastCheck *self, const Compiled *c, const request *q, sp
     if (!db) return -1;
     PyObject *found = bearer ? cached_token(self, db, now)
                              : PyObject_CallMethodOneArg(self->replica, S_credential, db);
+    if (found == Py_None && bearer && self->verify_fn) {
+        /* Not cached: verified here, by the engine's own rule. */
+        Py_DECREF(found);
+        found = verified_token(self, token, db, now);
+        out->fresh = 1;
+    }
     Py_DECREF(db);
     if (!found) return -1;
     if (found == Py_None) {
@@ -1255,7 +1289,18 @@ static PyObject *respond(FastCheck *self, Compiled *c, const outcome *out, PyObj
                          PyObject *did) {
     PyObject *pieces = NULL;
     Py_ssize_t id_len = PyUnicode_GET_LENGTH(did);
-    if (out->reason == D_OK) {
+    if (out->reason == D_OK && out->fresh) { /* answered once: one build, nothing kept */
+        PyObject *build = self->build_fn;
+        Py_INCREF(build);
+        PyObject *built = PyObject_CallFunctionObjArgs(build, decision, c->strip, NULL);
+        Py_DECREF(build);
+        if (built && !PyBytes_CheckExact(built)) {
+            Py_DECREF(built);
+            PyErr_SetString(PyExc_TypeError, "build_fn must return bytes");
+            return NULL;
+        }
+        return built;
+    } else if (out->reason == D_OK) {
         PyObject *ident = out->identity;
         PyObject *key = PyLong_FromVoidPtr(ident);
         if (!key) return NULL;
@@ -1844,6 +1889,17 @@ static int observed_entry(observing *o, const outcome *out, PyObject *decision,
         Py_INCREF(*entry);
         return 0;
     }
+    if (out->fresh) { /* a token verified for this check: its entry is built, not kept */
+        PyObject *got = PyObject_CallOneArg(o->entry_fn, decision);
+        if (!got) return -1;
+        if (got != Py_None && PyTuple_Check(got) && PyTuple_GET_SIZE(got) == 2 &&
+            PyBytes_Check(PyTuple_GET_ITEM(got, 0)) &&
+            PyUnicode_CheckExact(PyTuple_GET_ITEM(got, 1)))
+            *entry = Py_BuildValue("(OOO)", out->identity, PyTuple_GET_ITEM(got, 0),
+                                   PyTuple_GET_ITEM(got, 1));
+        Py_DECREF(got);
+        return *entry || !PyErr_Occurred() ? 0 : -1;
+    }
     PyObject *table = out->reason == D_OK ? o->entries : o->refused[out->reason - D_REVOKED];
     PyObject *id = PyObject_GetAttr(out->identity, S_id);
     if (!id) return -1;
@@ -2053,7 +2109,7 @@ static PyObject *FastCheck_call(FastCheck *self, PyObject *args, PyObject *kwds)
         if (!policy) goto done;
         Py_DECREF(policy);
         if (policy == c->policy) {
-            outcome out = {-1, NULL, NULL, self->empty};
+            outcome out = {-1, NULL, NULL, self->empty, 0};
             got = decide(self, c, &q, &out, &cred);
             if (got < 0) goto done;
             if (got == 0) {
@@ -2097,6 +2153,26 @@ done:
     return result;
 }
 
+/* verify_tokens(verify_fn, build_fn), once: verify the tokens the cache does not answer here,
+ * through verify_fn, and answer their allows with build_fn (see the FastCheck fields). */
+static PyObject *FastCheck_verify_tokens(FastCheck *self, PyObject *args) {
+    PyObject *verify_fn, *build_fn;
+    if (!PyArg_ParseTuple(args, "OO", &verify_fn, &build_fn)) return NULL;
+    if (self->verify_fn) {
+        PyErr_SetString(PyExc_RuntimeError, "verify_tokens: already set up");
+        return NULL;
+    }
+    if (!PyCallable_Check(verify_fn) || !PyCallable_Check(build_fn)) {
+        PyErr_SetString(PyExc_TypeError, "verify_tokens: two callables expected");
+        return NULL;
+    }
+    Py_INCREF(build_fn);
+    self->build_fn = build_fn; /* first: a check that sees verify_fn may need it */
+    Py_INCREF(verify_fn);
+    self->verify_fn = verify_fn;
+    Py_RETURN_NONE;
+}
+
 /* set_timer(timer | None): what times a check for its observers (None: the monotonic clock,
  * which is what time.perf_counter reads). */
 static PyObject *FastCheck_set_timer(FastCheck *self, PyObject *timer) {
@@ -2113,6 +2189,8 @@ static PyMethodDef FastCheck_methods[] = {
      "How many checks were observed here in C since start."},
     {"tally", (PyCFunction)FastCheck_tally, METH_NOARGS,
      "The check metrics counted here, in CheckTally's layout, or None."},
+    {"verify_tokens", (PyCFunction)FastCheck_verify_tokens, METH_VARARGS,
+     "Verify uncached tokens here with verify_fn(token, digest, now), answers by build_fn."},
     {"set_timer", (PyCFunction)FastCheck_set_timer, METH_O,
      "What times a check (None: the monotonic clock)."},
     {"set_policy", (PyCFunction)FastCheck_set_policy, METH_VARARGS,
