@@ -222,7 +222,7 @@ def test_quick_run_has_workers_and_propagation(quick_run: tuple[Path, str]) -> N
     assert row["info"]["clients"] == 8
     (rep,) = row["saturation"]["reps"]
     by_process = rep["server_cpu_util_by_process"]
-    assert len(by_process) == 3  # the supervisor and two workers
+    assert len(by_process) == 5  # the supervisor, two workers and each worker's control-plane link
     assert all(p["cpu_util"] >= 0 for p in by_process)
 
     section = latest["propagation"]
