@@ -33,25 +33,13 @@ AUDIENCE = "statuspulse-api"
 PATH = "/v1/workspaces/acme/checks"
 
 
-def issue_token(now: float) -> tuple[Any, Any, str]:
-    """A signing key as the control plane stores it (private key encrypted under a fresh KEK),
-    its private key, and an RS256 access token it signed at ``now`` for acme (checks:read, one
-    hour): what the token rows of bench.cached_token and bench.cold_token send."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
-
-    from sidecar.core.kek import KEK_BYTES, KeyEncryption
+def signed_token(kid: str, private: Any, now: float) -> str:
+    """The bench's RS256 access token for acme (checks:read, one hour), signed at ``now`` by
+    ``private`` under ``kid``."""
     from sidecar.oauth import rfc9068
-    from sidecar.oauth.signing import generate_key
 
-    kek = KeyEncryption([secrets.token_bytes(KEK_BYTES)])
-    key = generate_key(int(now) - 60, kek)
-    private = serialization.load_der_private_key(
-        kek.decrypt(key.private_pem, key.kid), password=None
-    )
-    assert isinstance(private, rsa.RSAPrivateKey)
-    token = rfc9068.issue(
-        (key.kid, private),
+    return rfc9068.issue(
+        (kid, private),
         issuer=ISSUER,
         audience=AUDIENCE,
         subject="usr_1",
@@ -62,6 +50,25 @@ def issue_token(now: float) -> tuple[Any, Any, str]:
         now=now,
         ttl=3600,
     ).token
+
+
+def issue_token(now: float) -> tuple[Any, Any, str]:
+    """A signing key as the control plane stores it (private key encrypted under a fresh KEK),
+    its private key, and an RS256 access token it signed at ``now`` for acme (checks:read, one
+    hour): what the token rows of bench.cached_token and bench.cold_token send."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from sidecar.core.kek import KEK_BYTES, KeyEncryption
+    from sidecar.oauth.signing import generate_key
+
+    kek = KeyEncryption([secrets.token_bytes(KEK_BYTES)])
+    key = generate_key(int(now) - 60, kek)
+    private = serialization.load_der_private_key(
+        kek.decrypt(key.private_pem, key.kid), password=None
+    )
+    assert isinstance(private, rsa.RSAPrivateKey)
+    token = signed_token(key.kid, private, now)
     return key, private, token
 
 

@@ -157,20 +157,9 @@ def _data_call(answer: Any, data: bytes, python: bool) -> Callable[[], object]:
 
 def _expired_token(kid: str, private: Any) -> str:
     """An access token of the bench's signing key that expired an hour ago."""
-    from sidecar.oauth import rfc9068
+    from bench.cached_token import signed_token
 
-    return rfc9068.issue(
-        (kid, private),
-        issuer=ISSUER,
-        audience=AUDIENCE,
-        subject="usr_1",
-        client_id="app_1",
-        scopes=frozenset({"checks:read"}),
-        workspace="acme",
-        grant_id="grt_1",
-        now=time.time() - 7200,
-        ttl=3600,
-    ).token
+    return signed_token(kid, private, time.time() - 7200)
 
 
 def rfc9068_signature(segment: str) -> bytes:
