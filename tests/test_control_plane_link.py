@@ -31,20 +31,11 @@ from sidecar.usage.transport import UsageTransportError
 from tests.conftest import RunningControlPlane, wait_until
 from tests.support.sync import TEST_SYNC_TOKEN
 from tests.test_audit_e2e import trail_decisions
+from tests.test_sync_failover import allowed
 
 
 def _operator(cp: RunningControlPlane) -> RequestContext:
     return RequestContext(cp.plane.keys.authenticate(cp.operator_key), "req-link-test")
-
-
-def _allowed(sc: Sidecar, key: str) -> bool:
-    req = ext.CheckRequest()
-    http = req.attributes.request.http
-    http.method, http.path, http.host = "GET", "/v1/workspaces/acme/checks", "api.test"
-    http.headers["authorization"] = f"Bearer {key}"
-    with grpc.insecure_channel(f"127.0.0.1:{sc.port}") as ch:
-        resp = ext_grpc.AuthorizationStub(ch).Check(req, timeout=5)
-    return bool(resp.status.code == 0)
 
 
 def _alive(pid: int) -> bool:
@@ -67,9 +58,9 @@ def test_the_sidecar_streams_through_a_child_process_and_revocations_arrive(
     minted = control_plane.plane.keys.create(
         operator, workspace="acme", name="k", scopes=["checks:read"]
     )
-    wait_until(lambda: _allowed(sc, minted.secret))
+    wait_until(lambda: allowed(sc, minted.secret))
     control_plane.plane.keys.revoke(operator, minted.key.id, reason="leaked")
-    wait_until(lambda: not _allowed(sc, minted.secret), timeout=5)
+    wait_until(lambda: not allowed(sc, minted.secret), timeout=5)
     assert sc.sync.connected and sc.link.starts == 1
 
 
@@ -81,7 +72,7 @@ def test_a_killed_link_fails_safe_and_is_replaced(
         operator, workspace="acme", name="kept", scopes=["checks:read"]
     )
     sc: Sidecar = sidecar_factory()  # type: ignore[operator]
-    wait_until(lambda: sc.sync.connected and _allowed(sc, kept.secret))
+    wait_until(lambda: sc.sync.connected and allowed(sc, kept.secret))
     assert sc.link is not None
     first = sc.link.pid
     assert first is not None
@@ -90,12 +81,12 @@ def test_a_killed_link_fails_safe_and_is_replaced(
     os.kill(first, signal.SIGKILL)
     # The open call ends UNAVAILABLE; the replica keeps deciding meanwhile.
     wait_until(lambda: sc.sync.reconnects > reconnects)
-    assert _allowed(sc, kept.secret) and sc.ready()
+    assert allowed(sc, kept.secret) and sc.ready()
     # A new link process, and changes flow through it.
     wait_until(lambda: sc.sync.connected and sc.link is not None and sc.link.starts == 2)
     assert sc.link.pid not in (None, first)
     control_plane.plane.keys.revoke(operator, kept.key.id)
-    wait_until(lambda: not _allowed(sc, kept.secret), timeout=5)
+    wait_until(lambda: not allowed(sc, kept.secret), timeout=5)
 
 
 def test_the_link_exits_when_the_sidecar_is_killed(tmp_path: Path) -> None:
@@ -290,7 +281,7 @@ def test_decision_records_ship_through_the_link_and_past_a_killed_one(
     )
     sc: Sidecar = sidecar_factory()  # type: ignore[operator]
     assert sc.audit is not None and sc.link is not None
-    wait_until(lambda: _allowed(sc, minted.secret))
+    wait_until(lambda: allowed(sc, minted.secret))
     before = [_decision_id(sc, minted.secret) for _ in range(5)]
     wait_until(lambda: set(before) <= set(trail_decisions(control_plane.plane)))
     first = sc.link.pid
