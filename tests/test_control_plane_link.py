@@ -320,3 +320,24 @@ def test_unary_and_client_stream_statuses_come_through_unchanged(
         assert link.starts == 1
     finally:
         link.close()
+
+
+def test_the_link_carries_no_secret_in_its_command_line_or_environment(
+    control_plane: RunningControlPlane,
+    sidecar_factory: object,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Another local user (or a crash reporter) reads a process's command line; its environment
+    # goes wherever the process's does. The sidecar's secrets reach the link over the socket.
+    planted = "spauth-env-secret-0123456789abcdef"
+    monkeypatch.setenv("SPAUTH_SIDECAR_SYNC_TOKEN", planted)
+    sc: Sidecar = sidecar_factory()  # type: ignore[operator]
+    wait_until(lambda: sc.sync.connected)
+    assert sc.link is not None and sc.link.pid is not None
+    cmdline = Path(f"/proc/{sc.link.pid}/cmdline").read_bytes()
+    environ = Path(f"/proc/{sc.link.pid}/environ").read_bytes()
+    assert cmdline.split(b"\0")[1:3] == [b"-m", b"sidecar.dataplane.link"]
+    for secret in (TEST_SYNC_TOKEN, planted):
+        assert secret.encode() not in cmdline
+        assert secret.encode() not in environ
+    assert b"SPAUTH_" not in environ

@@ -27,6 +27,7 @@ import contextlib
 import enum
 import json
 import logging
+import os
 import queue
 import signal
 import socket
@@ -376,6 +377,7 @@ class Link:
                 [self._python, "-m", "sidecar.dataplane.link", str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
+                env=_link_environment(),
             )
         except OSError:
             ours.close()
@@ -457,6 +459,13 @@ class Link:
 
 
 # --- the link process ---------------------------------------------------------------------
+
+
+def _link_environment() -> dict[str, str]:
+    """The link's environment: the sidecar's without its settings. The link reads none (it is
+    handed the TLS material and the sync token over the socket), and ``SPAUTH_*`` may hold a
+    secret (``SPAUTH_SIDECAR_SYNC_TOKEN``) that a second process need not carry."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("SPAUTH_")}
 
 
 class _Serve:
@@ -600,7 +609,5 @@ def main(argv: Sequence[str]) -> int:
 
 
 if __name__ == "__main__":
-    import os
-
     code = main(sys.argv[1:])
     os._exit(code)  # open calls' threads are daemons; grpc's teardown has nothing to flush
