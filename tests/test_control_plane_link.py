@@ -15,8 +15,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from envoy.service.auth.v3 import external_auth_pb2 as ext
-from envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
 
 from sidecar._gen.statuspulse.auth.v1 import replication_pb2 as pb
 from sidecar._gen.statuspulse.auth.v1 import replication_pb2_grpc as pb_grpc
@@ -31,7 +29,7 @@ from sidecar.usage.transport import UsageTransportError
 from tests.conftest import RunningControlPlane, wait_until
 from tests.support.sync import TEST_SYNC_TOKEN
 from tests.test_audit_e2e import trail_decisions
-from tests.test_sync_failover import allowed
+from tests.test_sync_failover import allowed, check
 
 
 def _operator(cp: RunningControlPlane) -> RequestContext:
@@ -262,12 +260,7 @@ def test_the_link_ignores_a_group_sigterm_and_exits_with_its_sidecar(
 
 
 def _decision_id(sc: Sidecar, key: str) -> str:
-    req = ext.CheckRequest()
-    http = req.attributes.request.http
-    http.method, http.path, http.host = "GET", "/v1/workspaces/acme/checks", "api.test"
-    http.headers["authorization"] = f"Bearer {key}"
-    with grpc.insecure_channel(f"127.0.0.1:{sc.port}") as ch:
-        resp = ext_grpc.AuthorizationStub(ch).Check(req, timeout=5)
+    resp = check(sc, key)
     assert resp.status.code == 0
     return str(resp.dynamic_metadata.fields["decision_id"].string_value)
 

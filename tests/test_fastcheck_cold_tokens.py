@@ -30,8 +30,7 @@ from sidecar.authz.token_verifier import ReplicaTokenVerifier
 from sidecar.core.changes import SigningKeyUpserted
 from sidecar.core.clock import FakeClock
 from sidecar.core.models import Change
-from sidecar.dataplane.envoy_check import CheckHandler, parse_check_request
-from sidecar.dataplane.fastcheck import FastCheckHandler, unavailable
+from sidecar.dataplane.fastcheck import unavailable
 from sidecar.ratelimit import AbuseLimits, WindowRateLimiter
 from tests.support import token_corpus
 from tests.test_fastcheck_differential import (
@@ -45,13 +44,13 @@ from tests.test_fastcheck_differential import (
     _apply,
     _authorization,
     _jwt,
-    _observe,
     _replica,
     _same,
     _shipped,
     _token_request,
     request_bytes,
     step_timer,  # noqa: F401 (a fixture)
+    wired,
 )
 
 pytestmark = pytest.mark.skipif(bool(unavailable()), reason=f"no compiled path: {unavailable()}")
@@ -80,13 +79,7 @@ def _side(
         token_cache_size=cache,
     )
     engine.ids = DecisionIds(random.Random(7).randbytes, clock)
-    side = Side(lambda data, ctx: b"", engine)
-    handler = CheckHandler(engine, [_observe(side.seen)], lambda r, _t: side.errors.append(r))
-    if compiled:
-        side.handler = FastCheckHandler(handler)
-    else:
-        side.handler = lambda data, ctx: handler(parse_check_request(data), ctx)
-    return side
+    return wired(engine, compiled)
 
 
 def _pair(cache: int) -> tuple[Side, Side]:

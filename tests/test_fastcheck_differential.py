@@ -169,6 +169,12 @@ def _side(policy: Policy, compiled: bool, seed: int) -> Side:
     verifier = ReplicaTokenVerifier(ISSUER, AUDIENCE, max_lifetime=3600)
     engine = Engine(_replica(), policy, FakeClock(NOW), limiter=limiter, token_verifier=verifier)
     engine.ids = DecisionIds(rng.randbytes, engine.clock)
+    return wired(engine, compiled)
+
+
+def wired(engine: Engine, compiled: bool) -> Side:
+    """``engine`` behind the compiled handler or the Python path, its observations and
+    errors kept."""
     side = Side(lambda data, ctx: b"", engine)
     handler = CheckHandler(engine, [_observe(side.seen)], lambda r, _t: side.errors.append(r))
     if compiled:

@@ -115,14 +115,18 @@ def start_sidecar(
     return sc
 
 
-def allowed(sc: Sidecar, key: str) -> bool:
+def check(sc: Sidecar, key: str) -> ext.CheckResponse:
+    """The sidecar's answer to a GET of acme's checks with ``key``, over gRPC."""
     req = ext.CheckRequest()
     http = req.attributes.request.http
     http.method, http.path, http.host = "GET", "/v1/workspaces/acme/checks", "api.test"
     http.headers["authorization"] = f"Bearer {key}"
     with grpc.insecure_channel(f"127.0.0.1:{sc.port}") as ch:
-        resp = ext_grpc.AuthorizationStub(ch).Check(req, timeout=5)
-    return bool(resp.status.code == 0)
+        return ext_grpc.AuthorizationStub(ch).Check(req, timeout=5)
+
+
+def allowed(sc: Sidecar, key: str) -> bool:
+    return bool(check(sc, key).status.code == 0)
 
 
 def test_a_sidecar_moves_to_the_other_replica_and_misses_no_revision(
