@@ -285,21 +285,28 @@ class Engine:
         digest = _sha256(raw).digest()
         identity = self._token_cache.get(digest)
         if identity is None:
-            assert self.token_verifier is not None
-            try:
-                identity = self.token_verifier(token, self.replica, now)
-            except TokenDenied as exc:
-                return Decision(exc.reason, "", exc.identity, exc.detail)
-            size = self._token_cache_size
-            if size:
-                if len(self._token_cache) >= size:
-                    self._token_cache.clear()
-                self._token_cache[digest] = identity
-        else:
-            stale = self._stale(identity, now)
-            if stale is not None:
-                self._token_cache.pop(digest, None)
-                return stale
+            return self._verified_token(token, digest, now)
+        stale = self._stale(identity, now)
+        if stale is not None:
+            self._token_cache.pop(digest, None)
+            return stale
+        if self._revoked(identity):
+            return Decision(Reason.TOKEN_REVOKED, "", identity)
+        return identity
+
+    def _verified_token(self, token: str, digest: bytes, now: float) -> Identity | Decision:
+        """A token no cache entry answers (``digest`` is its SHA-256): verified, cached if the
+        engine caches tokens, then refused if its grant or jti is revoked."""
+        assert self.token_verifier is not None
+        try:
+            identity = self.token_verifier(token, self.replica, now)
+        except TokenDenied as exc:
+            return Decision(exc.reason, "", exc.identity, exc.detail)
+        size = self._token_cache_size
+        if size:
+            if len(self._token_cache) >= size:
+                self._token_cache.clear()
+            self._token_cache[digest] = identity
         if self._revoked(identity):
             return Decision(Reason.TOKEN_REVOKED, "", identity)
         return identity
@@ -321,12 +328,13 @@ class Engine:
     def fresh_token(self, token: str, digest: bytes, now: float) -> Identity | None:
         """The compiled Check path's verification of a token ``cached_token`` did not answer:
         when no entry is cached under ``digest`` (its SHA-256), what ``_access_token`` answers
-        if that is an ``Identity`` (verified, cached if the engine caches tokens, not revoked);
+        for a miss (``_verified_token``, the same code) if that is an ``Identity``;
         None for a cached entry (its stale or revoked answer is the Python path's) and for a
-        refusal (the Python path answers and counts it, verifying once more)."""
+        refusal (the Python path answers and counts it, verifying once more). ``token`` is
+        ASCII and ``digest`` its SHA-256, as the C path read and hashed it."""
         if self.token_verifier is None or digest in self._token_cache:
             return None
-        found = self._access_token(token, now)
+        found = self._verified_token(token, digest, now)
         return found if isinstance(found, Identity) else None
 
     def _stale(self, identity: Identity, now: float) -> Decision | None:
