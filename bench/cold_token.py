@@ -68,7 +68,7 @@ def rows() -> dict[str, tuple[Callable[[], object], Callable[[], object]]]:
     from sidecar.core import keyformat
     from sidecar.core.changes import signing_key_upserted
     from sidecar.core.clock import SystemClock
-    from sidecar.dataplane.envoy_check import CheckHandler, parse_check_request
+    from sidecar.dataplane.envoy_check import CheckHandler
     from sidecar.dataplane.fastcheck import FastCheckHandler
     from sidecar.ops.denial_log import DenialLog
     from sidecar.ops.metrics import DecisionMetrics, Metrics
@@ -102,41 +102,24 @@ def rows() -> dict[str, tuple[Callable[[], object], Callable[[], object]]]:
         lambda: public.verify(sig, signed, padding.PKCS1v15(), hashes.SHA256()),
         lambda: None,
     )
-    python, pipeline, data = handler(token)
-    engine = python.engine
+    engine = handler(token)[0].engine
     verifier, replica = engine.token_verifier, engine.replica
     out["ReplicaTokenVerifier"] = (lambda: verifier(token, replica, time.time()), lambda: None)
-    out["cold token, python path"] = (
-        lambda: python(parse_check_request(data), None),
-        lambda: pipeline.flush(sync=False),
+    # Each credential through both paths. The expired token (its signature good) is sent again
+    # and again: the Python path answers it on both paths, so its compiled row is what the
+    # compiled path adds in front of that answer.
+    credentials = (
+        ("cold token", token),
+        ("expired token", _expired_token(key.kid, private)),
+        ("API key", secret),
     )
-    compiled, compiled_pipeline, _ = handler(token)
-    fast = FastCheckHandler(compiled)
-    out["cold token, compiled path"] = (
-        lambda: fast(data, None),
-        lambda: compiled_pipeline.flush(sync=False),
-    )
-    # A refused token (expired, its signature good), sent again and again: the Python path
-    # answers it on both paths; what the compiled path adds in front of that answer.
-    expired = _expired_token(key.kid, private)
-    for name, make in (("python", lambda h: h), ("compiled", FastCheckHandler)):
-        refusing, refused_pipeline, refused_data = handler(expired)
-        answer = make(refusing)
-        out[f"expired token, {name} path"] = (
-            _data_call(answer, refused_data, name == "python"),
-            lambda p=refused_pipeline: p.flush(sync=False),
-        )
-    key_python, key_pipeline, key_data = handler(secret)
-    out["API key, python path"] = (
-        lambda: key_python(parse_check_request(key_data), None),
-        lambda: key_pipeline.flush(sync=False),
-    )
-    key_compiled, key_compiled_pipeline, _ = handler(secret)
-    key_fast = FastCheckHandler(key_compiled)
-    out["API key, compiled path"] = (
-        lambda: key_fast(key_data, None),
-        lambda: key_compiled_pipeline.flush(sync=False),
-    )
+    for label, credential in credentials:
+        for name, make in (("python", lambda h: h), ("compiled", FastCheckHandler)):
+            checking, pipeline, data = handler(credential)
+            out[f"{label}, {name} path"] = (
+                _data_call(make(checking), data, name == "python"),
+                lambda p=pipeline: p.flush(sync=False),
+            )
     from envoy.service.auth.v3.external_auth_pb2 import CheckResponse
 
     for name, (call, _) in out.items():  # every check row is an allow but the expired one
