@@ -20,7 +20,7 @@ from sidecar._gen.statuspulse.auth.v1 import replication_pb2 as pb
 from sidecar._gen.statuspulse.auth.v1 import replication_pb2_grpc as pb_grpc
 from sidecar.auditship import GrpcTransport, TransportError
 from sidecar.config import ConfigError, load_sidecar_settings
-from sidecar.core.models import RequestContext
+from sidecar.core.models import Minted, RequestContext
 from sidecar.core.usage import CredentialUse, UsageReport, UseKind
 from sidecar.dataplane.link import Kind, Link, LinkError, encode, read_frame
 from sidecar.dataplane.process import Sidecar
@@ -32,8 +32,12 @@ from tests.test_audit_e2e import trail_decisions
 from tests.test_sync_failover import allowed, check
 
 
-def _operator(cp: RunningControlPlane) -> RequestContext:
-    return RequestContext(cp.plane.keys.authenticate(cp.operator_key), "req-link-test")
+def _reader_key(cp: RunningControlPlane) -> tuple[RequestContext, Minted]:
+    """The operator, and a key it minted for acme with checks:read."""
+    operator = RequestContext(cp.plane.keys.authenticate(cp.operator_key), "req-link-test")
+    return operator, cp.plane.keys.create(
+        operator, workspace="acme", name="k", scopes=["checks:read"]
+    )
 
 
 def _alive(pid: int) -> bool:
@@ -52,10 +56,7 @@ def test_the_sidecar_streams_through_a_child_process_and_revocations_arrive(
     sc: Sidecar = sidecar_factory()  # type: ignore[operator]
     assert sc.link is not None and sc.link.pid is not None
     assert sc.link.pid != os.getpid()
-    operator = _operator(control_plane)
-    minted = control_plane.plane.keys.create(
-        operator, workspace="acme", name="k", scopes=["checks:read"]
-    )
+    operator, minted = _reader_key(control_plane)
     wait_until(lambda: allowed(sc, minted.secret))
     control_plane.plane.keys.revoke(operator, minted.key.id, reason="leaked")
     wait_until(lambda: not allowed(sc, minted.secret), timeout=5)
@@ -65,10 +66,7 @@ def test_the_sidecar_streams_through_a_child_process_and_revocations_arrive(
 def test_a_killed_link_fails_safe_and_is_replaced(
     control_plane: RunningControlPlane, sidecar_factory: object
 ) -> None:
-    operator = _operator(control_plane)
-    kept = control_plane.plane.keys.create(
-        operator, workspace="acme", name="kept", scopes=["checks:read"]
-    )
+    operator, kept = _reader_key(control_plane)
     sc: Sidecar = sidecar_factory()  # type: ignore[operator]
     wait_until(lambda: sc.sync.connected and allowed(sc, kept.secret))
     assert sc.link is not None
@@ -268,10 +266,7 @@ def _decision_id(sc: Sidecar, key: str) -> str:
 def test_decision_records_ship_through_the_link_and_past_a_killed_one(
     control_plane: RunningControlPlane, sidecar_factory: object
 ) -> None:
-    operator = _operator(control_plane)
-    minted = control_plane.plane.keys.create(
-        operator, workspace="acme", name="k", scopes=["checks:read"]
-    )
+    _, minted = _reader_key(control_plane)
     sc: Sidecar = sidecar_factory()  # type: ignore[operator]
     assert sc.audit is not None and sc.link is not None
     wait_until(lambda: allowed(sc, minted.secret))
