@@ -459,13 +459,6 @@ def ceiling_poll(env: TargetEnv) -> AbstractContextManager[RunningTarget]:
     )
 
 
-def sidecar_epoll1(env: TargetEnv) -> AbstractContextManager[RunningTarget]:
-    """The sidecar with gRPC's ``epoll1`` polling engine (its default before issue #19)."""
-    from bench.sidecar_target import _sidecar
-
-    return _sidecar(env, "sidecar-epoll1", {"GRPC_POLL_STRATEGY": "epoll1"})
-
-
 def sidecar_inprocess(env: TargetEnv) -> AbstractContextManager[RunningTarget]:
     """The sidecar making its calls to the control plane from the serving process (as before the
     link): the "before" row of the link's A/B next to ``sidecar``."""
