@@ -7,8 +7,9 @@ runs; context switches do not. For each target this sends one-at-a-time checks (
 the switches per check by thread, next to the same threads' switches per second while idle.
 
 Python threads are named by what they run (``Thread.run`` is wrapped to set the kernel's
-15-byte thread name: ``_run_channel_spin_thread`` reads ``_run_channel_s``), so a row says
-which thread woke, not just how often. The targets:
+15-byte thread name, cut at 15 bytes: grpc's channel spin thread, which runs the inner
+``_run`` of ``_run_channel_spin_thread``, reads ``_run``), so a row says which thread woke, not
+just how often. The targets:
 
 - ``nothing``: the do-nothing ext_authz server (``bench.ceiling``);
 - ``nothing+stream``: the same holding an idle outgoing server-streaming call to a peer process,
@@ -435,7 +436,7 @@ def main(argv: Sequence[str]) -> int:
                             "cpu_us": r.cpu_us,
                             "checks": r.checks,
                             "idle_per_second": r.idle_per_second(),
-                            "threads": {t.name: t.total / r.checks for t in r.busy},
+                            "threads": {t.name: t.total / max(1, r.checks) for t in r.busy},
                         }
                         for r in rows
                     ]
