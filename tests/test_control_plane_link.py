@@ -123,7 +123,7 @@ def test_cancel_ends_the_call_here_and_in_the_link(control_plane: RunningControl
         assert first.WhichOneof("event") == "snapshot"
         assert call.cancel()
         with pytest.raises(grpc.RpcError) as err:
-            list(call)  # what had arrived, then the end
+            list(call)  # what had arrived is dropped: the end at once
         assert err.value.code() is grpc.StatusCode.CANCELLED
         # The link acknowledges: the call is forgotten, no cancelled call outstanding.
         wait_until(lambda: not link._calls)
