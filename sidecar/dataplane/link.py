@@ -533,11 +533,21 @@ class Link:
 # --- the link process ---------------------------------------------------------------------
 
 
+# glibc's allocator, for the link only (docs/performance.md, "The link's memory"): two arenas
+# instead of one per thread (a thread per open call, and gRPC's own), and buffers from 128 KiB
+# up (snapshot chunks are 1 MiB) mapped and unmapped on their own instead of the threshold
+# rising after the first and their pages staying in the heap: 22 → 16 MB anonymous after a
+# 100,000-key snapshot went through. An operator's own setting wins.
+MALLOC_ENV = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
 def _link_environment() -> dict[str, str]:
-    """The link's environment: the sidecar's without its settings. The link reads none (it is
-    handed the TLS material and the sync token over the socket), and ``SPAUTH_*`` may hold a
-    secret (``SPAUTH_SIDECAR_SYNC_TOKEN``) that a second process need not carry."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("SPAUTH_")}
+    """The link's environment: the sidecar's without its settings, plus :data:`MALLOC_ENV`.
+    The link reads no setting (it is handed the TLS material and the sync token over the
+    socket), and ``SPAUTH_*`` may hold a secret (``SPAUTH_SIDECAR_SYNC_TOKEN``) that a second
+    process need not carry."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SPAUTH_")}
+    return {**MALLOC_ENV, **env}
 
 
 class _Credit:
