@@ -1,19 +1,28 @@
 """The control-plane link's flow control (sidecar/dataplane/link.py): a consumer that does not
 read keeps its call's unread bytes in the sidecar within the call's window, while the other
 calls through the same link start, answer and end, and a cancel still ends the stalled call.
-A real gRPC server on port 0 and a real link process; the bound is read from the link's
-counters, never from timing."""
+A real gRPC server on port 0 or a real control plane, and a real link process; the bound is
+read from the link's counters, never from timing."""
 
 from __future__ import annotations
 
+import hashlib
 import threading
+import time
 from collections.abc import Iterable, Iterator
 
 import grpc
 import pytest
 
+from sidecar._gen.statuspulse.auth.v1 import replication_pb2 as pb
+from sidecar._gen.statuspulse.auth.v1 import replication_pb2_grpc as pb_grpc
+from sidecar.auditship import GrpcTransport, TransportError
+from sidecar.core.models import ApiKey
+from sidecar.core.usage import CredentialUse, UsageReport, UseKind
 from sidecar.dataplane.link import Link, LinkCall, LinkError
-from tests.conftest import wait_until
+from sidecar.usage import GrpcUsageTransport
+from tests.conftest import RunningControlPlane, wait_until
+from tests.support.sync import TEST_SYNC_TOKEN
 
 SERVICE = "linkflow.Test"
 MESSAGE = 64 << 10
@@ -172,5 +181,53 @@ def test_window_updates_reach_a_link_waiting_on_one_message_more(server: _Server
             t.join(60)
         assert counts == [MESSAGES, MESSAGES]
         assert link.peak_buffered_bytes <= 2 * WINDOW
+    finally:
+        link.close()
+
+
+def test_a_snapshot_consumer_that_stops_holds_one_message_while_usage_and_audit_go_through(
+    control_plane: RunningControlPlane,
+) -> None:
+    # A real control plane with 15,000 keys sends its snapshot as entries, 5,000 to a message
+    # (≈ 1 MB each); the window is smaller than one, so each message travels alone. (The keys
+    # expire in 90 days, outside the control plane's expiry sweeps.)
+    now = int(time.time())
+    with control_plane.plane.store.transaction() as uow:
+        for i in range(15_000):
+            uow.keys.insert(
+                ApiKey(f"key_flow{i:08d}", hashlib.sha256(b"%d" % i).digest(), "abcd", "flow",
+                       f"ws{i % 100}", frozenset({"checks:read"}), now, now + 90 * 86400,
+                       "test")
+            )  # fmt: skip
+    link = Link(window=64 << 10)
+    md = (("authorization", f"Bearer {TEST_SYNC_TOKEN}"),)
+    try:
+        stub = pb_grpc.ReplicationServiceStub(link.channel(control_plane.address))
+        call = stub.Subscribe(pb.SubscribeRequest(sidecar_id="flow"), metadata=md)
+        assert isinstance(call, LinkCall)
+        first = next(call)
+        sizes = [first.ByteSize()]
+        entries = len(first.snapshot.entries)
+        assert entries and not first.snapshot.complete
+        wait_until(lambda: call.buffered > 0)  # the next message is here; nothing after it
+        usage = GrpcUsageTransport(
+            control_plane.address, TEST_SYNC_TOKEN, channel_factory=link.channel
+        )
+        usage.send(UsageReport("rep_flow", (CredentialUse("key_x", UseKind.API_KEY, 1, 1),)))
+        ingest = GrpcTransport(control_plane.address, "not-the-token", channel_factory=link.channel)
+        with pytest.raises(TransportError, match="UNAUTHENTICATED"):
+            ingest.send([b"\x0a\x01x"])
+        held = call.buffered
+        # Taken again, the rest of the snapshot comes, every key of it, one message at a time.
+        for message in call:
+            sizes.append(message.ByteSize())
+            entries += len(message.snapshot.entries)
+            if message.snapshot.complete:
+                break
+        assert held == sizes[1]  # what waited was the next message alone
+        assert link.peak_buffered_bytes == max(sizes)  # never two at once
+        assert entries >= 15_000 and len(sizes) >= 3
+        assert call.cancel()
+        wait_until(lambda: not link._calls)
     finally:
         link.close()
