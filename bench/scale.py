@@ -11,6 +11,16 @@ replica keeps (tracemalloc) and the load time per key; and, on the same store, w
 plane's first snapshot build goes (reading the keys, packing them, writing the file) beside the
 builder it replaced.
 
+Memory, read a second after SERVING: the sidecar's RSS and peak RSS (VmHWM: the snapshot's
+load included), and the same of its control-plane link process; and the pod's share, the PSS
+of both (``/proc/PID/smaps_rollup``: each page divided among the processes that map it, so the
+interpreter's and grpc's library pages the two share count once in the sum).
+
+The processes run with their bytecode cached, as in the image (pip compiles what it installs):
+this checkout's venv is installed ``--no-compile`` with ``PYTHONDONTWRITEBYTECODE=1``, and a
+process that compiles its modules at start spends ≈ 0.5 s of CPU and keeps ≈ 4 MB of the
+compiler's heap. ``--no-bytecode-cache`` measures that way instead.
+
     python -m bench.scale [--keys 10000 100000 1000000] [--out bench/results] [--logs DIR]
 """
 
@@ -76,20 +86,45 @@ def _rss_mb(pid: int, field: str = "VmRSS") -> float:
     return 0.0
 
 
-def _children_rss_mb(pid: int) -> float:
-    """Anonymous RSS of ``pid``'s child processes (the sidecar's control-plane link), in MB:
-    the memory they add, since their file-backed pages (the interpreter, grpc's library) are
-    the sidecar's own pages, shared."""
-    children = {  # each thread's own children: the link is started from the sync thread
-        child
+def _pss_mb(pid: int) -> float:
+    """Proportional set size: the process's own pages plus its share of those it maps with
+    others (``/proc/PID/smaps_rollup``)."""
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _children(pid: int) -> set[int]:
+    """``pid``'s child processes (the sidecar's control-plane link)."""
+    return {  # each thread's own children: the link is started from the sync thread
+        int(child)
         for task in Path(f"/proc/{pid}/task").iterdir()
         for child in (task / "children").read_text().split()
     }
-    total = 0.0
-    for child in children:
+
+
+def _memory(pid: int) -> dict[str, float]:
+    """The sidecar's and its link's memory in MB: RSS and peak RSS of each, the link's
+    anonymous RSS (what it adds beyond the library pages it shares with the sidecar), and the
+    PSS of both and their sum (the pod's share)."""
+    link = {"rss": 0.0, "peak": 0.0, "anon": 0.0, "pss": 0.0}
+    for child in _children(pid):
         with contextlib.suppress(OSError):  # a child that just exited holds nothing
-            total += _rss_mb(int(child), "RssAnon")
-    return total
+            read = {"rss": _rss_mb(child), "peak": _rss_mb(child, "VmHWM"),
+                    "anon": _rss_mb(child, "RssAnon"), "pss": _pss_mb(child)}  # fmt: skip
+            link = {k: link[k] + read[k] for k in link}
+    pss = _pss_mb(pid)
+    return {
+        "rss_mb": round(_rss_mb(pid), 1),
+        "peak_rss_mb": round(_rss_mb(pid, "VmHWM"), 1),
+        "pss_mb": round(pss, 1),
+        "link_rss_mb": round(link["anon"], 1),  # the figure earlier runs reported
+        "link_total_rss_mb": round(link["rss"], 1),
+        "link_peak_rss_mb": round(link["peak"], 1),
+        "link_pss_mb": round(link["pss"], 1),
+        "pod_pss_mb": round(pss + link["pss"], 1),
+    }
 
 
 def _kept(path: Path, n: int) -> dict[str, float]:
@@ -184,10 +219,10 @@ def _sidecar(
     logs: Path | None,
     log: str,
     cp: _Started | None = None,
-) -> tuple[float, float, float]:
-    """Launch a sidecar; (seconds to SERVING, RSS in MB a second later, its children's RSS in
-    MB: the control-plane link). With ``cp``, the control plane started just before is watched
-    too, until its health says SERVING."""
+) -> dict[str, float]:
+    """Launch a sidecar; seconds to SERVING (``cold_start_s``) and, a second later, its
+    memory and its link's (:func:`_memory`). With ``cp``, the control plane started just
+    before is watched too, until its health says SERVING."""
     started = time.monotonic()
     sc = subprocess.Popen(
         [sys.executable, "-m", "sidecar", "sidecar", "--listen", listen, "--control-plane",
@@ -207,7 +242,7 @@ def _sidecar(
                 raise RuntimeError(f"sidecar with {n} keys never became SERVING")
             time.sleep(0.05)
         time.sleep(1)
-        return round(cold, 2), round(_rss_mb(sc.pid), 1), round(_children_rss_mb(sc.pid), 1)
+        return {"cold_start_s": round(cold, 2), **_memory(sc.pid)}
     finally:
         sc.terminate()
         sc.wait(30)
@@ -270,11 +305,10 @@ def measure(n: int, work: Path, logs: Path | None = None) -> dict[str, float]:
     return {
         "keys": n,
         "load_average": round(load, 2),
-        "cold_start_s": first[0],
-        "rss_mb": first[1],
-        "link_rss_mb": first[2],
-        "cold_start_warm_cp_s": second[0],
-        "cold_start_restarted_cp_s": third[0],
+        **first,
+        **{f"warm_cp_{k}": v for k, v in second.items() if k != "cold_start_s"},
+        "cold_start_warm_cp_s": second["cold_start_s"],
+        "cold_start_restarted_cp_s": third["cold_start_s"],
         "cp_ready_s": round(cp_ready, 2),
         "cp_restart_ready_s": round(cp.ready, 2),
         **_kept(work / f"sc-{n}" / SNAPSHOT_FILE, n),
@@ -282,14 +316,30 @@ def measure(n: int, work: Path, logs: Path | None = None) -> dict[str, float]:
     }
 
 
+def _cache_bytecode(work: Path) -> None:
+    """Have the processes started from here read and write their bytecode in a cache of this
+    run (``PYTHONPYCACHEPREFIX``), filled by one short run of a control plane and a sidecar
+    (with its link) first, so the measured ones start as they do in the image."""
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    os.environ["PYTHONPYCACHEPREFIX"] = str(work / "pycache")
+    measure(10, work / "bytecode")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--keys", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     p.add_argument("--logs", type=Path, help="keep the control plane's and sidecar's logs here")
+    p.add_argument(
+        "--no-bytecode-cache",
+        action="store_true",
+        help="every process compiles its modules at start (this venv's way)",
+    )
     args = p.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        if not args.no_bytecode_cache:
+            _cache_bytecode(Path(tmp))
         for n in args.keys:
             row = measure(n, Path(tmp), args.logs)
             print(f"{row['keys']:>9} keys  cold start {row['cold_start_s']:>6.2f} s with a "
@@ -297,7 +347,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"{row['cold_start_warm_cp_s']:.2f} s with a running one, "
                   f"{row['cold_start_restarted_cp_s']:.2f} s with one just restarted (ready in "
                   f"{row['cp_restart_ready_s']:.2f} s)  RSS {row['rss_mb']:.1f} MB "
-                  f"(+ its link process {row['link_rss_mb']:.1f} MB anonymous)  "
+                  f"(peak {row['peak_rss_mb']:.1f}; + its link process "
+                  f"{row['link_rss_mb']:.1f} MB anonymous, RSS {row['link_total_rss_mb']:.1f}, "
+                  f"peak {row['link_peak_rss_mb']:.1f})  PSS sidecar {row['pss_mb']:.1f} + link "
+                  f"{row['link_pss_mb']:.1f} = pod {row['pod_pss_mb']:.1f} MB  "
                   f"kept {row['kept_bytes_per_key']:.1f} B/key  "
                   f"load {row['load_us_per_key']:.2f} us/key  "
                   f"first build {row['build_us_per_key']:.2f} us/key, CPU "

@@ -123,7 +123,7 @@ def test_cancel_ends_the_call_here_and_in_the_link(control_plane: RunningControl
         assert first.WhichOneof("event") == "snapshot"
         assert call.cancel()
         with pytest.raises(grpc.RpcError) as err:
-            list(call)  # what had arrived, then the end
+            list(call)  # what had arrived is dropped: the end at once
         assert err.value.code() is grpc.StatusCode.CANCELLED
         # The link acknowledges: the call is forgotten, no cancelled call outstanding.
         wait_until(lambda: not link._calls)
@@ -329,3 +329,21 @@ def test_the_link_carries_no_secret_in_its_command_line_or_environment(
         assert secret.encode() not in cmdline
         assert secret.encode() not in environ
     assert b"SPAUTH_" not in environ
+
+
+def test_the_link_runs_with_its_allocator_settings_unless_the_operator_set_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Two arenas and a fixed mmap threshold keep the link's heap small (MALLOC_ENV); a value
+    # the operator exported for the pod is theirs.
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    link = Link()
+    try:
+        link.channel("127.0.0.1:9").unary_stream("/x.Y/Z")(b"")
+        assert link.pid is not None
+        environ = Path(f"/proc/{link.pid}/environ").read_bytes().split(b"\0")
+        assert b"MALLOC_ARENA_MAX=4" in environ
+        assert b"MALLOC_MMAP_THRESHOLD_=131072" in environ
+    finally:
+        link.close()
