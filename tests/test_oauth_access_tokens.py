@@ -412,3 +412,18 @@ def test_the_fast_json_decode_answers_as_the_decoder(text: str) -> None:
             return False, None
 
     assert answer(access_tokens._decode) == answer(access_tokens._DECODER.decode)
+
+
+@pytest.mark.parametrize("segment", ["header", "payload"])
+def test_json_nested_past_the_recursion_limit_is_malformed(signing: Any, segment: str) -> None:
+    """A header is decoded before any signature is checked: thousands of nested '[' in an
+    8 KB token made the JSON scanner raise RecursionError out of the verifier (a crash, not a
+    refusal). Now malformed, in the header as in a (signed) payload."""
+    kid, private, keys = signing
+    deep = b'{"a":' + b"[" * 2500 + b"]" * 2500 + b"}"
+    header = json.dumps({"alg": "RS256", "typ": "at+jwt", "kid": kid}).encode()
+    raw_header, raw_payload = (deep, b"{}") if segment == "header" else (header, deep)
+    signing_input, signature = _signed(private, _segment(raw_header), _segment(raw_payload))
+    token = f"{signing_input}.{_segment(signature)}"
+    assert len(token) <= access_tokens.MAX_TOKEN_LENGTH
+    assert _reason(lambda: _verify(token, keys)) is Reason.MALFORMED_TOKEN

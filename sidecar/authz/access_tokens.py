@@ -183,7 +183,9 @@ def _json_object(segment: bytes) -> dict[str, Any]:
         else:
             text = raw.decode(json.detect_encoding(raw), "surrogatepass")
         value = _decode(text)
-    except (ValueError, binascii.Error, UnicodeDecodeError):
+    except (ValueError, binascii.Error, UnicodeDecodeError, RecursionError):
+        # RecursionError: arrays or objects nested deeper than the interpreter's recursion
+        # limit (an 8 KB header holds thousands of '['), read before any signature is checked.
         raise TokenRejected(Reason.MALFORMED_TOKEN) from None
     if not isinstance(value, dict):
         raise TokenRejected(Reason.MALFORMED_TOKEN)
