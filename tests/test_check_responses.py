@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from sidecar.authz.decision import Decision, Identity, Outcome, Reason
 from sidecar.core.scopes import sort_scopes
+from sidecar.dataplane import check_responses
 from sidecar.dataplane.check_responses import (
     FOREIGN_SPELLINGS,
     GRPC_CODE,
@@ -22,6 +23,7 @@ from sidecar.dataplane.check_responses import (
     ResponseEncoder,
     _allow_part,
 )
+from sidecar.protowire import ld
 
 STRIP = ("authorization", "x-api-key")
 KEY = Identity("api_key", "key_abc", "acme", frozenset({"metrics:read", "checks:read"}), 2e9)
@@ -268,3 +270,72 @@ def test_an_allow_is_the_bytes_protobuf_serializes(
     assert ok.headers[0].header.key == "x-statuspulse-decision-id"
     del ok.headers[0]
     assert ok == ext.OkHttpResponse.FromString(expected)
+
+
+def _reference_allow(decision: Decision, strip: tuple[str, ...]) -> bytes:
+    """An allow assembled field by field, every length prefix computed for this answer (what
+    ``build`` did before it looked the prefixes around a value up by the value's length)."""
+    did = decision.decision_id.encode()
+    value = ld(3, did)
+    entry = ld(1, ld(1, b"decision_id") + ld(2, value))
+    reason = ld(1, ld(1, b"reason") + ld(2, ld(3, decision.reason.value.encode())))
+    append = HeaderValueOption(append_action=OVERWRITE).SerializeToString()
+    header = ld(1, ld(1, b"x-statuspulse-decision-id") + ld(2, did)) + append
+    ident = decision.identity
+    part = _allow_part(None, strip) if ident is None else _protobuf_allow_part(ident, strip)
+    ok = ld(2, header) + part
+    # CheckResponse: status 1 (code 0: empty), ok_response 3, dynamic_metadata 4.
+    return ld(1, b"") + ld(3, ok) + ld(4, entry + reason)
+
+
+_ids = st.one_of(st.text(max_size=4), st.text(min_size=100, max_size=300), st.just("é" * 64))
+_identities = st.one_of(
+    st.none(),
+    st.builds(
+        Identity,
+        kind=st.sampled_from(["api_key", "access_token"]),
+        id=_texts,
+        workspace=st.one_of(st.just("*"), _texts),
+        scopes=st.frozensets(st.one_of(st.sampled_from(["checks:read", "admin:full"]), _texts)),
+        expires_at=st.just(2e9),
+        subject=_texts,
+        client_id=_texts,
+    ),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    did=_ids,
+    reason=st.sampled_from([Reason.OK, Reason.PUBLIC_ROUTE]),
+    ident=_identities,
+    strip=st.sampled_from([(), ("authorization",), STRIP]),
+)
+def test_an_allow_is_its_field_by_field_assembly(
+    did: str, reason: Reason, ident: Identity | None, strip: tuple[str, ...]
+) -> None:
+    """The prefixes looked up by length give the bytes of the field-by-field assembly, for ids
+    and identity values of every length (one- and two-byte prefixes, non-ASCII), and the
+    response parses back to the decision."""
+    decision = Decision(reason, did, ident)
+    try:
+        expected = _reference_allow(decision, strip)
+    except UnicodeEncodeError:  # a lone surrogate: refused by both
+        with pytest.raises(UnicodeEncodeError):
+            ResponseEncoder().build(decision, strip)
+        return
+    assert ResponseEncoder().build(decision, strip) == expected
+    resp = parse(expected)
+    assert resp.dynamic_metadata.fields["decision_id"].string_value == did
+    assert resp.dynamic_metadata.fields["reason"].string_value == reason.value
+
+
+def test_the_prefixes_by_length_are_bounded() -> None:
+    """Each value length adds a prefix entry: past the bound the table starts again, and the
+    answers stay the field-by-field assembly."""
+    heads = check_responses._HEADS
+    for n in range(0, 3 * check_responses._HEADS_MAX // 5 + 50, 7):
+        ident = dataclasses.replace(TOKEN, subject="s" * n, client_id="c" * (n + 1))
+        decision = Decision(Reason.OK, "d" * (n % 400), ident)
+        assert ResponseEncoder().build(decision, STRIP) == _reference_allow(decision, STRIP)
+        assert len(heads) <= check_responses._HEADS_MAX

@@ -12,6 +12,7 @@ from the Python path, and no refused token may be allowed."""
 
 from __future__ import annotations
 
+import base64
 import gc
 import json
 import random
@@ -264,3 +265,35 @@ def test_the_verification_hook_is_set_up_once() -> None:
     compiled = _pair(0)[1].handler
     with pytest.raises(RuntimeError, match="already set up"):
         compiled._native.verify_tokens(lambda *a: None, lambda *a: b"")  # type: ignore[attr-defined]
+
+
+def _b64url(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def test_signature_lengths_and_deep_json_are_refused_by_the_python_path() -> None:
+    """What the verifier's cheaper parts must still refuse, on both paths alike: a valid RS256
+    signature with its leading zero byte left out or one added (the RSA recovery alone would
+    read the same number), and a header nested past the recursion limit (it raised out of the
+    verifier before: an internal error, not a refusal)."""
+    pair = _pair(0)
+    for grant in range(100_000):  # about one signature in 256 starts with a zero byte
+        token = _jwt(grant=f"grt_{grant}")
+        head, _, signature = token.rpartition(".")
+        raw = base64.urlsafe_b64decode(signature + "=" * (-len(signature) % 4))
+        if raw[0] == 0:
+            break
+    assert raw[0] == 0
+    deep = _b64url(b'{"a":' + b"[" * 2500 + b"]" * 2500 + b"}")
+    longer = _b64url(bytes(1) + raw)
+    cases = [
+        (token, "ok"),
+        (f"{head}.{_b64url(raw[1:])}", "bad_signature"),
+        (f"{head}.{longer}", "bad_signature"),
+        (f"{deep}.{head.partition('.')[2]}.{signature}", "malformed_token"),
+    ]
+    for credential, expected in cases:
+        data = _token_request(
+            "GET", "/v1/workspaces/acme/checks", {"authorization": f"Bearer {credential}"}
+        )
+        assert _answer(pair, data) == (expected, expected == "ok")

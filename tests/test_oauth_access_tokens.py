@@ -323,3 +323,107 @@ def test_header_and_payload_decode_as_json_loads_decodes_bytes(signing: Any) -> 
         signature = private.sign(f"{h}.{payload}".encode(), padding.PKCS1v15(), hashes.SHA256())
         token = f"{h}.{payload}.{base64.urlsafe_b64encode(signature).rstrip(b'=').decode()}"
         assert _verify(token, keys).subject == "usr_1"
+
+
+def _signed(private: Any, header: str, payload: str) -> tuple[str, bytes]:
+    """The signing input and its RS256 signature."""
+    signing_input = f"{header}.{payload}"
+    return signing_input, private.sign(signing_input.encode(), padding.PKCS1v15(), hashes.SHA256())
+
+
+def _segment(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def test_an_rs256_signature_must_be_as_long_as_the_modulus(signing: Any) -> None:
+    """RFC 8017 §8.2.2 step 1. The RSA operation alone reads a signature as a number, so a
+    valid signature whose leading zero byte is left out (or that gains one) is the same number:
+    refused, as cryptography's verify and PyJWT refuse it. A signature not below the modulus is
+    refused too."""
+    kid, private, keys = signing
+    header = _segment(json.dumps({"alg": "RS256", "typ": "at+jwt", "kid": kid}).encode())
+    for jti in range(100_000):  # about one signature in 256 starts with a zero byte
+        payload = _b64(_claims(jti=f"at_{jti}"))
+        signing_input, signature = _signed(private, header, payload)
+        if signature[0] == 0:
+            break
+    assert signature[0] == 0
+    assert _verify(f"{signing_input}.{_segment(signature)}", keys).jti == f"at_{jti}"
+    modulus = private.public_key().public_numbers().n.to_bytes(256, "big")
+    for bad in (signature[1:], b"\x00" + signature, modulus, b"\xff" * 256, b"\x00" * 256):
+        token = f"{signing_input}.{_segment(bad)}"
+        assert _reason(lambda t=token: _verify(t, keys)) is Reason.BAD_SIGNATURE
+        with pytest.raises(jwt.InvalidSignatureError):
+            jwt.decode(token, private.public_key(), algorithms=["RS256"], audience=AUDIENCE)
+
+
+def test_an_rs256_signature_must_cover_exactly_this_sha256(signing: Any) -> None:
+    """What the RSA operation recovers is compared with the whole encoding (DigestInfo and
+    hash): another input's signature, or one over the same input with another hash, fails."""
+    kid, private, keys = signing
+    header = _segment(json.dumps({"alg": "RS256", "typ": "at+jwt", "kid": kid}).encode())
+    signing_input, _ = _signed(private, header, _b64(_claims()))
+    others = [
+        private.sign(signing_input.encode(), padding.PKCS1v15(), hashes.SHA384()),
+        private.sign(signing_input.encode(), padding.PKCS1v15(), hashes.SHA512()),
+        private.sign(signing_input.encode() + b" ", padding.PKCS1v15(), hashes.SHA256()),
+        private.sign(
+            signing_input.encode(),
+            padding.PSS(padding.MGF1(hashes.SHA256()), padding.PSS.DIGEST_LENGTH),
+            hashes.SHA256(),
+        ),
+    ]
+    for signature in others:
+        token = f"{signing_input}.{_segment(signature)}"
+        assert _reason(lambda t=token: _verify(t, keys)) is Reason.BAD_SIGNATURE
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        ".e30.AA", "e30..AA", "e30.e30.", "e30.e30.AA.", "e30.e30.AA.AA", "e30.e30+.AA",
+        "e30/.e30.AA", "e30.e30.AA=", "e30 .e30.AA", "e30.e30.AA\n", "é30.e30.AA", "e30.e30.A\x00",
+        "e30.e30.AA\u0660", "..", "...", "e30.e30",
+    ],
+)  # fmt: skip
+def test_the_token_shape_is_three_base64url_segments(signing: Any, token: str) -> None:
+    """RFC 7515 §7.1, checked without a regex: anything but three non-empty base64url
+    segments joined by two dots is malformed, before any key or signature is looked at."""
+    _, _, keys = signing
+    assert _reason(lambda: _verify(token, keys)) is Reason.MALFORMED_TOKEN
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"a":1}', '{"a":1} ', '{"a":1}\n\t\r ', ' {"a":1}', '{"a":1}x', '{"a":1} x',
+        '{"a":1}{}', '{"a":', "{", "{}", '{"a":1,"a":2}', '{"a":{"b":1,"b":1}}', "[]", "1",
+        '{"a":NaN}', '{"a":1}\u00a0', '{"a":1}\x0b', "", " ", '{"a":"\\ud800"}',
+    ],
+)  # fmt: skip
+def test_the_fast_json_decode_answers_as_the_decoder(text: str) -> None:
+    """access_tokens._decode runs the decoder's scanner itself for a document starting with
+    '{': the same value, or a ValueError wherever JSONDecoder.decode raises one."""
+
+    def answer(decode: Callable[[str], Any]) -> tuple[bool, Any]:
+        try:
+            return True, decode(text)
+        except ValueError:
+            return False, None
+
+    assert answer(access_tokens._decode) == answer(access_tokens._DECODER.decode)
+
+
+@pytest.mark.parametrize("segment", ["header", "payload"])
+def test_json_nested_past_the_recursion_limit_is_malformed(signing: Any, segment: str) -> None:
+    """A header is decoded before any signature is checked: thousands of nested '[' in an
+    8 KB token made the JSON scanner raise RecursionError out of the verifier (a crash, not a
+    refusal). Now malformed, in the header as in a (signed) payload."""
+    kid, private, keys = signing
+    deep = b'{"a":' + b"[" * 2500 + b"]" * 2500 + b"}"
+    header = json.dumps({"alg": "RS256", "typ": "at+jwt", "kid": kid}).encode()
+    raw_header, raw_payload = (deep, b"{}") if segment == "header" else (header, deep)
+    signing_input, signature = _signed(private, _segment(raw_header), _segment(raw_payload))
+    token = f"{signing_input}.{_segment(signature)}"
+    assert len(token) <= access_tokens.MAX_TOKEN_LENGTH
+    assert _reason(lambda: _verify(token, keys)) is Reason.MALFORMED_TOKEN

@@ -12,16 +12,20 @@ RSA operation plus parsing (see docs/oauth.md for the measurements).
 A cold token (one the sidecar has not cached) pays this whole function on the Check path, so
 the parts around the RSA operation are kept lean: padding, hash and JSON decoder objects are
 built once, the signature routine is chosen from the key's algorithm (a string compare, not an
-ABC ``isinstance``), and the identity is built once. Every check and its order stay as the RFCs
-cited below require."""
+ABC ``isinstance``), the shape is checked with one ``bytes.translate``, an RS256 signature is
+compared by its encoding (``_check_rs256``), and the identity is built once. Every check and
+its order stay as the RFCs cited below require."""
 
 from __future__ import annotations
 
 import binascii
 import enum
+import hashlib
+import hmac
 import json
 import re
-from collections.abc import Mapping
+import string
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple, cast
 
@@ -35,7 +39,8 @@ ACCESS_TOKEN_TYPES = frozenset({"at+jwt", "application/at+jwt"})
 # Asymmetric only. RFC 9068 §4: RS256 must be supported; "none" must not be.
 ALLOWED_ALGS = frozenset({"RS256", "ES256"})
 MAX_TOKEN_LENGTH = 8192
-_SHAPE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
+# The base64url alphabet (RFC 4648 §5): a token's bytes less these must be its two dots.
+_BASE64URL = (string.ascii_letters + string.digits + "-_").encode("ascii")
 # A workspace slug (sidecar.core.validation.workspace).
 _WORKSPACE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 
@@ -100,8 +105,9 @@ class TokenIdentity(NamedTuple):
 
 # Built once: they are stateless, and building them costs as much as the claim checks.
 _PKCS1V15 = padding.PKCS1v15()
-_SHA256 = hashes.SHA256()
 _ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
+# RFC 8017 §9.2, note 1: the DER DigestInfo of SHA-256, in front of the hash in EMSA-PKCS1-v1_5.
+_SHA256_DIGEST_INFO = bytes.fromhex("3031300d060960864801650304020105000420")
 _URLSAFE = bytes.maketrans(b"-_", b"+/")
 
 
@@ -146,6 +152,24 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 # json.loads(..., object_pairs_hook=) builds a JSONDecoder per call; one is enough (its scanner
 # keeps no state between documents).
 _DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates)
+# The decoder's own scanner (the C one), and the whitespace JSON allows around a document.
+_SCAN: Callable[[str, int], tuple[Any, int]] = cast(Any, _DECODER).scan_once
+_WHITESPACE = re.compile(r"[ \t\n\r]*").fullmatch
+
+
+def _decode(text: str) -> Any:
+    """``_DECODER.decode(text)``: for a document starting with '{' (every token's), its
+    scanner straight from index 0, then only whitespace may follow, as ``decode`` requires
+    (skipping ``decode`` and ``raw_decode``'s Python frames and a whitespace match)."""
+    if text[:1] != "{":
+        return _DECODER.decode(text)
+    try:
+        value, end = _SCAN(text, 0)
+    except StopIteration:
+        raise ValueError("not a JSON document") from None
+    if end != len(text) and not _WHITESPACE(text, end):
+        raise ValueError("extra data after the JSON document")
+    return value
 
 
 def _json_object(segment: bytes) -> dict[str, Any]:
@@ -158,8 +182,10 @@ def _json_object(segment: bytes) -> dict[str, Any]:
             text = raw.decode("utf-8", "surrogatepass")
         else:
             text = raw.decode(json.detect_encoding(raw), "surrogatepass")
-        value = _DECODER.decode(text)
-    except (ValueError, binascii.Error, UnicodeDecodeError):
+        value = _decode(text)
+    except (ValueError, binascii.Error, UnicodeDecodeError, RecursionError):
+        # RecursionError: arrays or objects nested deeper than the interpreter's recursion
+        # limit (an 8 KB header holds thousands of '['), read before any signature is checked.
         raise TokenRejected(Reason.MALFORMED_TOKEN) from None
     if not isinstance(value, dict):
         raise TokenRejected(Reason.MALFORMED_TOKEN)
@@ -189,7 +215,7 @@ def _header(segment: str) -> dict[str, Any]:
 def _check_signature(key: VerificationKey, signing_input: bytes, signature: bytes) -> None:
     try:
         if key.alg == "RS256":  # an RSA key (VerificationKey.__post_init__)
-            cast(rsa.RSAPublicKey, key.key).verify(signature, signing_input, _PKCS1V15, _SHA256)
+            _check_rs256(cast(rsa.RSAPublicKey, key.key), signing_input, signature)
             return
         # JWS (RFC 7518 §3.4) carries ECDSA signatures as raw R || S, 32 bytes each for P-256.
         if len(signature) != 64:
@@ -200,6 +226,22 @@ def _check_signature(key: VerificationKey, signing_input: bytes, signature: byte
         cast(ec.EllipticCurvePublicKey, key.key).verify(der, signing_input, _ECDSA_SHA256)
     except InvalidSignature:
         raise TokenRejected(Reason.BAD_SIGNATURE) from None
+
+
+def _check_rs256(key: rsa.RSAPublicKey, signing_input: bytes, signature: bytes) -> None:
+    """RSASSA-PKCS1-v1_5 verification with SHA-256 (RFC 8017 §8.2.2), its comparison by
+    encoding (step 3-4): OpenSSL applies the RSA operation and checks the 00 01 FF..FF 00
+    padding; what it recovers must then be exactly the DigestInfo of the input's SHA-256, byte
+    for byte (no DigestInfo is parsed). ``verify`` did the same in cryptography, ≈ 1.5 µs more
+    per call (a digest fetched by name, its context set up for the comparison)."""
+    # Step 1: a signature must be as long as the modulus. The recovery alone would take a
+    # shorter one (leading zero bytes left out) as the same number; verify refuses it.
+    if len(signature) != (key.key_size + 7) // 8:
+        raise TokenRejected(Reason.BAD_SIGNATURE)
+    recovered = key.recover_data_from_signature(signature, _PKCS1V15, None)
+    expected = _SHA256_DIGEST_INFO + hashlib.sha256(signing_input).digest()
+    if not hmac.compare_digest(recovered, expected):
+        raise TokenRejected(Reason.BAD_SIGNATURE)
 
 
 def _verify_header(
@@ -322,12 +364,20 @@ def verify_access_token(
     TokenRejected. ``keys`` maps ``kid`` to the published keys; ``max_lifetime`` (the issuer's
     access-token TTL) bounds ``exp - iat``. Revocation (grant or jti) is the caller's next
     step: it needs the replica, not the token."""
-    if len(token) > MAX_TOKEN_LENGTH or not _SHAPE.fullmatch(token):
+    if len(token) > MAX_TOKEN_LENGTH or not token.isascii():
         raise TokenRejected(Reason.MALFORMED_TOKEN)
-    # ASCII (the shape says so): encoded once, its segments and the signing input sliced out.
+    # Encoded once, its segments and the signing input sliced out. RFC 7515 §7.1: three
+    # non-empty base64url segments separated by dots (one translate, not a regex: ≈ 0.8 µs).
     raw = token.encode("ascii")
-    first = raw.index(b".")
-    second = raw.index(b".", first + 1)
+    first = raw.find(b".")
+    second = raw.find(b".", first + 1)
+    if (
+        raw.translate(None, _BASE64URL) != b".."
+        or first < 1
+        or second == first + 1
+        or second == len(raw) - 1
+    ):
+        raise TokenRejected(Reason.MALFORMED_TOKEN)
     key = _verify_header(_header(token[:first]), keys)
     try:
         signature = _b64decode(raw[second + 1 :])

@@ -203,10 +203,15 @@ class ResponseEncoder:
     def build(self, decision: Decision, strip: tuple[str, ...]) -> bytes:
         """The response assembled piece by piece (no whole-response cache)."""
         did = decision.decision_id.encode()
-        meta = _ld(_RESP_META, _meta_entry("decision_id", did) + self._reason_meta[decision.reason])
+        n = len(did)
         if decision.outcome is Outcome.ALLOW:
-            ok = _decision_header(_OK_HEADERS, did) + _allow_part(decision.identity, strip)
+            # Every allow of a new access token comes here: what surrounds the id is looked up
+            # by the id's length (_HEADS), not length-prefixed piece by piece.
+            ok = _ok_id_head(n) + did + _APPEND_ACTION + _allow_part(decision.identity, strip)
+            reason_meta = self._reason_meta[decision.reason]
+            meta = _meta_head(decision.reason, reason_meta, n) + did + reason_meta
             return _STATUS_OK + _ld(_RESP_OK, ok) + meta
+        meta = _ld(_RESP_META, _meta_entry("decision_id", did) + self._reason_meta[decision.reason])
         status, denied, body_prefix = _deny_parts(decision, self.retry_after(decision))
         body = _ld(_DENIED_BODY, body_prefix + did + b'"}')
         denied_bytes = denied + _decision_header(_DENIED_HEADERS, did) + body
@@ -240,12 +245,12 @@ def _allow_part(ident: Identity | None, strip: tuple[str, ...]) -> bytes:
     # fields in number order: headers, then headers_to_remove in list order); building the
     # message cost ≈ 15 µs, paid once per identity: for every new access token.
     # tests/test_check_responses.py compares the two on every shape.
-    headers = []
+    headers: list[bytes] = []
     empty = []
-    for key, removal, value in zip(_IDENTITY_KEYS, _IDENTITY_REMOVALS, values, strict=True):
+    for slot, (removal, value) in enumerate(zip(_IDENTITY_REMOVALS, values, strict=True)):
         if value:
-            header = _ld(_OPT_HEADER, key + _ld(_HV_VALUE, value.encode())) + _APPEND_ACTION
-            headers.append(_ld(_OK_HEADERS, header))
+            raw = value.encode()
+            headers += (_identity_head(slot, len(raw)), raw, _APPEND_ACTION)
         else:
             # Never let a client-supplied identity header through.
             empty.append(removal)
@@ -256,6 +261,57 @@ _OK_REMOVE = _field("headers_to_remove", ext.OkHttpResponse)
 _IDENTITY_KEYS = tuple(_ld(_HV_KEY, name.encode()) for name in IDENTITY_HEADERS)
 _IDENTITY_REMOVALS = tuple(_ld(_OK_REMOVE, name.encode()) for name in IDENTITY_HEADERS)
 _FOREIGN_REMOVALS = b"".join(_ld(_OK_REMOVE, name.encode()) for name in FOREIGN_SPELLINGS)
+
+
+# What comes before a value of each length in a header or the metadata (a header's value sits
+# right before its append action, the decision id's metadata entry right before the reason's):
+# the nested length prefixes depend on the value's length only, so each is built once around a
+# placeholder of that length and looked up after. Keyed by (identity header slot 0-4, length),
+# (-1, length) for the decision-id header, (reason, length) for the metadata: a Reason is a
+# str, never equal to an int. Bounded: cleared when full.
+_HEADS: dict[tuple[int | Reason, int], bytes] = {}
+_HEADS_MAX = 4096
+
+
+def _head(key: tuple[int | Reason, int], whole: bytes, after: int) -> bytes:
+    """``whole`` (built around a placeholder of ``key[1]`` bytes, ``after`` bytes before its
+    end) up to the placeholder, kept under ``key``."""
+    head = whole[: len(whole) - key[1] - after]
+    if len(_HEADS) >= _HEADS_MAX:
+        _HEADS.clear()
+    _HEADS[key] = head
+    return head
+
+
+def _identity_head(slot: int, n: int) -> bytes:
+    """An identity header (``IDENTITY_HEADERS[slot]``) up to its ``n``-byte value."""
+    key = (slot, n)
+    head = _HEADS.get(key)
+    if head is None:
+        value = _ld(_HV_VALUE, b"\x00" * n)
+        option = _ld(_OPT_HEADER, _IDENTITY_KEYS[slot] + value) + _APPEND_ACTION
+        head = _head(key, _ld(_OK_HEADERS, option), len(_APPEND_ACTION))
+    return head
+
+
+def _ok_id_head(n: int) -> bytes:
+    """An allow's decision-id header up to its ``n``-byte id."""
+    key = (-1, n)
+    head = _HEADS.get(key)
+    if head is None:
+        whole = _decision_header(_OK_HEADERS, b"\x00" * n)
+        head = _head(key, whole, len(_APPEND_ACTION))
+    return head
+
+
+def _meta_head(reason: Reason, reason_meta: bytes, n: int) -> bytes:
+    """The dynamic metadata up to an ``n``-byte decision id (its entry, then the reason's)."""
+    key = (reason, n)
+    head = _HEADS.get(key)
+    if head is None:
+        whole = _ld(_RESP_META, _meta_entry("decision_id", b"\x00" * n) + reason_meta)
+        head = _head(key, whole, len(reason_meta))
+    return head
 
 
 @functools.lru_cache(maxsize=16)
