@@ -23,6 +23,7 @@ import pytest
 from envoy.service.auth.v3 import external_auth_pb2 as ext
 from hypothesis import HealthCheck, given, settings
 
+from sidecar.auditship import records
 from sidecar.authz.decision import DecisionIds, Identity
 from sidecar.authz.engine import Engine
 from sidecar.authz.policy_source import load_policy
@@ -221,6 +222,39 @@ def test_uncached_tokens_keep_nothing_per_check(tmp_path: Path) -> None:
     assert compiled.payloads == python.payloads and len(python.payloads) == 201
     assert compiled.usage.harvest(final=True) == python.usage.harvest(final=True)
     python.pipeline.close(0)
+    compiled.pipeline.close(0)
+
+
+def test_distinct_uncached_tokens_keep_a_bounded_number_of_identities(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each new token is a new identity: with the cache off the records' fixed-part memo is
+    the only thing that could keep them, and it keeps at most FIXED_TOKENS of them (here 8), so
+    a sidecar that sees many distinct tokens does not grow by one identity per token."""
+    monkeypatch.setattr(records, "FIXED_TOKENS", 8)
+    monkeypatch.setattr(records, "_FIXED_TOKENS", {})
+    policy = load_policy(None)
+    compiled = _shipped(policy, True, tmp_path / "c", 10_000, 1.0, token_cache_size=0)
+
+    def identities() -> int:
+        compiled.flush()
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if type(o) is Identity)
+
+    def request(grant: int) -> bytes:
+        token = _jwt(grant=f"grt_{grant}")
+        return request_bytes(
+            "GET", "/v1/workspaces/acme/checks", {"authorization": f"Bearer {token}"}
+        )
+
+    compiled.answer(request(0))
+    held = identities()
+    for grant in range(1, 41):
+        compiled.answer(request(grant))
+    assert compiled.handler.observed() == 41  # type: ignore[attr-defined]
+    assert identities() - held <= 8
+    compiled.flush()
+    assert len(compiled.payloads) == 41
     compiled.pipeline.close(0)
 
 
