@@ -90,15 +90,34 @@ static int buf_json(Buf *b, const Py_UCS4 *s, Py_ssize_t n) {
     return 0;
 }
 
-/* The same for ASCII bytes (a code point each). */
+/* The same for ASCII bytes (a code point each): runs that need no escape are copied whole. */
 static int buf_json_ascii(Buf *b, const char *s, Py_ssize_t n) {
     if (buf_grow(b, 2 + 6 * n) < 0) return -1;
     char *o = b->p + b->n;
     *o++ = '"';
-    for (Py_ssize_t i = 0; i < n; i++) o = json_char(o, (unsigned char)s[i]);
+    for (Py_ssize_t i = 0; i < n;) {
+        Py_ssize_t j = i;
+        while (j < n && s[j] >= ' ' && s[j] <= '~' && s[j] != '\\' && s[j] != '"') j++;
+        memcpy(o, s + i, (size_t)(j - i));
+        o += j - i;
+        if (j < n) o = json_char(o, (unsigned char)s[j++]);
+        i = j;
+    }
     *o++ = '"';
     b->n = o - b->p;
     return 0;
+}
+
+/* ``v`` in decimal into ``out`` (room for 21 bytes), as "%lld" writes it; returns the length. */
+static int put_ll(char *out, long long v) {
+    char tmp[24];
+    int n = 0;
+    unsigned long long u = v < 0 ? 0ull - (unsigned long long)v : (unsigned long long)v;
+    do { tmp[n++] = (char)('0' + u % 10); u /= 10; } while (u);
+    int len = 0;
+    if (v < 0) out[len++] = '-';
+    while (n) out[len++] = tmp[--n];
+    return len;
 }
 
 /* -------------------------------------------------------------------------------- UTF-8 -- */
@@ -532,7 +551,7 @@ static PyObject *accepted(const Rec *r, double t, Py_UCS4 *pool, Buf *b) {
     meta_end = b->n;
     char us[32];
     /* audit_chain.time_us: round(seconds * 1_000_000), half to even */
-    int usn = snprintf(us, sizeof us, "%lld", (long long)nearbyint(t * 1000000.0));
+    int usn = put_ll(us, (long long)nearbyint(t * 1000000.0));
     if (PUTS(b, ",\"outcome\":") < 0 || buf_json_u(b, &f[F_OUTCOME]) < 0 ||
         PUTS(b, ",\"prev_digest\":\0,\"reason\":") < 0 ||
         buf_json_u(b, &f[F_REASON]) < 0 || PUTS(b, ",\"request_id\":") < 0 ||
@@ -758,7 +777,7 @@ static PyObject *digest(Buf *b, const char *c, Py_ssize_t cn, long long seq, PyO
         return NULL;
     }
     char num[24];
-    int numn = snprintf(num, sizeof num, "%lld", seq);
+    int numn = put_ll(num, seq);
     b->n = 0;
     if (buf_put(b, c, z1 - c) < 0 || buf_put(b, num, numn) < 0 ||
         buf_put(b, z1 + 1, z2 - z1 - 1) < 0 || put_json_str(b, prev) < 0 ||
@@ -886,7 +905,7 @@ static int copy_value(Buf *b, PyObject *v) {
         long long x = PyLong_AsLongLong(v);
         if (x == -1 && PyErr_Occurred()) { PyErr_Clear(); return 1; }
         char num[24];
-        return buf_put(b, num, snprintf(num, sizeof num, "%lld", x));
+        return buf_put(b, num, put_ll(num, x));
     }
     return 1;
 }
