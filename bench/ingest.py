@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -44,9 +45,9 @@ from bench.sidecar_target import _admin_up
 from sidecar._gen.statuspulse.auth.v1 import audit_pb2 as pb
 from sidecar._gen.statuspulse.auth.v1 import audit_pb2_grpc as pb_grpc
 from sidecar.auditship.codec import encode
-from sidecar.auditship.records import decision_event
+from sidecar.auditship.records import PendingDecision, decision_event
 from sidecar.auditship.transport import GrpcTransport
-from sidecar.authz.decision import DecisionIds
+from sidecar.authz.decision import Decision, DecisionIds, Identity, Reason
 from sidecar.devtools.ports import free_port
 
 _ROOT = Path(__file__).resolve().parent.parent
@@ -66,6 +67,7 @@ class IngestRow:
     control_plane_idle_util: float
     source: str
     ids: str = "time-ordered"
+    shape: str = "mix"
 
     @property
     def records_per_core_s(self) -> float:
@@ -101,7 +103,9 @@ class _RecordClock:
         return self.at
 
 
-def records(count: int, start: int, now: float, *, ids: str = "time-ordered") -> list[bytes]:
+def records(
+    count: int, start: int, now: float, *, ids: str = "time-ordered", shape: str = "mix"
+) -> list[bytes]:
     """Spool payloads as a loaded sidecar writes them: mostly allows, every fourth a denial,
     each 10 µs after the one before across calls, as a fleet's decisions arrive (times that
     restarted with every call made SQLite insert each batch all over its time indexes, a cost
@@ -110,32 +114,98 @@ def records(count: int, start: int, now: float, *, ids: str = "time-ordered") ->
     ``time-ordered`` as a sidecar makes them now (its own ``DecisionIds`` at the record's time,
     random bits seeded by ``start`` so runs repeat); ``random``, ``dec_`` and 96 random-looking
     bits, as a sidecar made them before 2026-12-07; ``sequential`` numbers them in order, as
-    this bench did before that."""
+    this bench did before that. ``shape`` (one of ``SHAPES``): ``mix`` as above, or every
+    record one kind of decision as the sidecar's own record builder ships it (``_shaped``)."""
     clock = _RecordClock()
     made = DecisionIds(random.Random(start).randbytes, clock)
     out = []
     for i in range(start, start + count):
-        workspace = WORKSPACES[i % len(WORKSPACES)]
-        allowed = i % 4 != 0
         clock.at = now - 2.0 + (i % 10**7) * 1e-5
         if ids == "time-ordered":
             did = made.next()
         else:
             did = f"dec_{_id_bits(i) if ids == 'random' else i:024x}"
-        ev = decision_event(
-            time=clock.at,
-            allowed=allowed,
-            reason="ok" if allowed else DENIALS[i // 4 % len(DENIALS)],
-            credential_id=f"key_{(i * 7919) % 400:016x}" if i % 13 else "",
-            workspace=workspace,
-            method=("GET", "POST", "DELETE")[i % 3],
-            path=f"/v1/workspaces/{workspace or 'x'}/checks/{i % 211}?page={i % 5}",
-            source=f"10.{i % 7}.{i % 251}.{i % 199}:{40000 + i % 20000}",
-            decision_id=did,
-            latency_s=(40 + i % 300) * 1e-6,
-        )
-        out.append(encode(ev))
+        out.append(_mixed(i, did, clock.at) if shape == "mix" else _shaped(shape, i, did, clock.at))
     return out
+
+
+def _mixed(i: int, did: str, at: float) -> bytes:
+    """The ``mix`` shape's record ``i``: allows and every fourth a denial, over 8 workspaces
+    and the no-workspace chain, built as an ``AuditEvent`` (this bench's records before
+    ``--shape``; its figures in docs/performance.md are of these)."""
+    workspace = WORKSPACES[i % len(WORKSPACES)]
+    allowed = i % 4 != 0
+    ev = decision_event(
+        time=at,
+        allowed=allowed,
+        reason="ok" if allowed else DENIALS[i // 4 % len(DENIALS)],
+        credential_id=f"key_{(i * 7919) % 400:016x}" if i % 13 else "",
+        workspace=workspace,
+        method=("GET", "POST", "DELETE")[i % 3],
+        path=f"/v1/workspaces/{workspace or 'x'}/checks/{i % 211}?page={i % 5}",
+        source=f"10.{i % 7}.{i % 251}.{i % 199}:{40000 + i % 20000}",
+        decision_id=did,
+        latency_s=(40 + i % 300) * 1e-6,
+    )
+    return encode(ev)
+
+
+SHAPES = ("mix", "allow", "unknown-key", "wrong-scope", "token")
+_B62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
+def _token(seed: int, n: int) -> str:
+    """``n`` base-62 characters, a function of ``seed``: a minted id's random part."""
+    rng = random.Random(seed)
+    return "".join(rng.choice(_B62) for _ in range(n))
+
+
+# What a sidecar's replica holds: 400 API keys over the 8 workspaces, and 50 access tokens
+# (RFC 9068: the jti is the credential id, the subject the actor, the client alongside).
+_KEYS = tuple(
+    Identity("api_key", "key_" + _token(k, 16), WORKSPACES[k % 8], frozenset({"checks:read"}), 0)
+    for k in range(400)
+)
+
+
+def _access_token(k: int) -> Identity:
+    return Identity(
+        "access_token",
+        "at_" + _token(10**6 + k, 22),
+        WORKSPACES[k % 8],
+        frozenset({"checks:read"}),
+        0,
+        subject="usr_" + _token(2 * 10**6 + k, 16),
+        client_id="app_" + _token(3 * 10**6 + k, 16),
+        grant_id="grt_" + _token(4 * 10**6 + k, 16),
+    )
+
+
+_TOKENS = tuple(_access_token(k) for k in range(50))
+_SHAPE_DECISION = {
+    "allow": (Reason.OK, _KEYS),
+    "unknown-key": (Reason.UNKNOWN_CREDENTIAL, ()),
+    "wrong-scope": (Reason.INSUFFICIENT_SCOPE, _KEYS),
+    "token": (Reason.OK, _TOKENS),
+}
+
+
+def _shaped(shape: str, i: int, did: str, at: float) -> bytes:
+    """Record ``i`` of ``shape`` as the sidecar ships it (``PendingDecision.payload``, the
+    bytes its writer thread spools): an allow or a wrong scope by one of 400 keys, an unknown
+    key's denial (no identity: actor ``anonymous``, the no-workspace chain), or an allow by
+    one of 50 access tokens."""
+    reason, identities = _SHAPE_DECISION[shape]
+    identity = identities[(i * 7919) % len(identities)] if identities else None
+    workspace = identity.workspace if identity else "x"
+    return PendingDecision(
+        Decision(reason, did, identity),
+        method=("GET", "POST", "DELETE")[i % 3],
+        path=f"/v1/workspaces/{workspace}/checks/{i % 211}?page={i % 5}",
+        source=f"10.{i % 7}.{i % 251}.{i % 199}:{40000 + i % 20000}",
+        latency_s=(40 + i % 300) * 1e-6,
+        time=at,
+    ).payload()
 
 
 def _id_bits(i: int) -> int:
@@ -198,11 +268,15 @@ def measure(
     source: Path = _ROOT,
     *,
     ids: str = "time-ordered",
+    shape: str = "mix",
 ) -> IngestRow:
     """Warm up with two calls, then ship ``count`` records and take the CPU they cost."""
     now = time.time()
-    warm = [records(SHIP_BATCH, 10**12 + k * SHIP_BATCH, now, ids=ids) for k in range(2)]
-    batches = [records(SHIP_BATCH, k, now, ids=ids) for k in range(0, count, SHIP_BATCH)]
+    made = [
+        records(SHIP_BATCH, start, now, ids=ids, shape=shape)
+        for start in [10**12, 10**12 + SHIP_BATCH, *range(0, count, SHIP_BATCH)]
+    ]
+    warm, batches = made[:2], made[2:]
     with control_plane(data, env, source) as (admin, pid, token, operator):
         transport = GrpcTransport(admin, token, timeout=120)
         try:
@@ -224,18 +298,22 @@ def measure(
     sent = sum(len(b) for b in batches)
     if checked < sent:
         raise RuntimeError(f"only {checked} of {sent} records are in the verified chains")
-    return IngestRow(backend, sent, wall, cp, db, idle, str(source), ids)
+    return IngestRow(backend, sent, wall, cp, db, idle, str(source), ids, shape)
 
 
 def _cpu(pids: list[int]) -> float:
     return sum(process_cpu_seconds(p) for root in pids for p in descendants(root))
 
 
-def run_sqlite(workdir: Path, count: int, source: Path, ids: str = "time-ordered") -> IngestRow:
-    return measure("sqlite", workdir / "sqlite", {}, count, [], source, ids=ids)
+def run_sqlite(
+    workdir: Path, count: int, source: Path, ids: str = "time-ordered", shape: str = "mix"
+) -> IngestRow:
+    return measure("sqlite", workdir / "sqlite", {}, count, [], source, ids=ids, shape=shape)
 
 
-def run_postgres(workdir: Path, count: int, source: Path, ids: str = "time-ordered") -> IngestRow:
+def run_postgres(
+    workdir: Path, count: int, source: Path, ids: str = "time-ordered", shape: str = "mix"
+) -> IngestRow:
     from sidecar.core import kek
     from sidecar.devtools.postgres_server import PostgresServer
 
@@ -245,21 +323,21 @@ def run_postgres(workdir: Path, count: int, source: Path, ids: str = "time-order
         env = {"SPAUTH_DATABASE_URL": url, "SPAUTH_KEY_ENCRYPTION_KEY": kek.generate()}
         return measure(
             "postgres", workdir / "postgres", env, count, [postmaster], source,
-            ids=ids,
+            ids=ids, shape=shape,
         )  # fmt: skip
 
 
 def table(rows: list[IngestRow]) -> str:
     lines = [
-        "| backend | ids | records | records/s per control-plane core "
+        "| backend | shape | ids | records | records/s per control-plane core "
         "| control-plane CPU µs/record | database CPU µs/record | wall records/s "
         "| idle control-plane CPU |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         db = f"{r.database_us_per_record:.1f}" if r.backend == "postgres" else "(in process)"
         lines.append(
-            f"| {r.backend} | {r.ids} | {r.records:,} | {r.records_per_core_s:,.0f} "
+            f"| {r.backend} | {r.shape} | {r.ids} | {r.records:,} | {r.records_per_core_s:,.0f} "
             f"| {r.control_plane_us_per_record:.1f} | {db} | {r.records / r.wall_s:,.0f} "
             f"| {r.control_plane_idle_util:.1%} |"
         )
@@ -287,19 +365,31 @@ def main(argv: list[str] | None = None) -> int:
         "before 2026-12-07) or sequential; repeat the flag for an A/B in one run",
     )
     parser.add_argument(
-        "--repeat", type=int, default=1, help="run every backend and id format this many times"
+        "--shape",
+        action="append",
+        choices=SHAPES,
+        help="the records: mix (allows, every fourth a denial; the default), or all allows by "
+        "API keys, unknown-key denials, wrong-scope denials or allows by access tokens, as the "
+        "sidecar ships each; repeat the flag to compare them in one run",
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run every backend, id format and shape this many times",
     )
     args = parser.parse_args(argv)
     src = args.control_plane_src.resolve()
+    shapes = args.shape or ["mix"]
     rows: list[IngestRow] = []
     with tempfile.TemporaryDirectory(prefix="spauth-ingest-") as tmp:
         for _ in range(args.repeat):
             for backend in args.backend or ["sqlite", "postgres"]:
                 run = run_sqlite if backend == "sqlite" else run_postgres
-                for ids in args.ids or ["time-ordered"]:
+                for ids, shape in itertools.product(args.ids or ["time-ordered"], shapes):
                     workdir = Path(tmp) / str(len(rows))  # each run starts from an empty store
                     workdir.mkdir()
-                    rows.append(run(workdir, args.records, src, ids))
+                    rows.append(run(workdir, args.records, src, ids, shape))
                     print(table(rows[-1:]).splitlines()[-1], flush=True)
     print(table(rows))
     if args.json:
