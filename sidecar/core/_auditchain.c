@@ -659,86 +659,6 @@ done:
 
 static const char GENESIS[] = "0000000000000000000000000000000000000000000000000000000000000000";
 
-/* SHA-256 with the x86 SHA extensions (SHA-NI), where the CPU has them: the canonical form is
- * hashed straight from the buffer it was written into, with no bytes object, no hash object
- * and no three method calls per record (hashlib's path below, ~0.9 us per record, against
- * ~0.3 us here). The round structure is Intel's ("Intel SHA Extensions", 2013): two rounds
- * per sha256rnds2 on the state held as ABEF/CDGH, the schedule four words at a time with
- * sha256msg1/msg2. tests/test_audit_native.py holds every digest to hashlib's. */
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#include <cpuid.h>
-#include <immintrin.h>
-#define HAVE_SHANI_CODE 1
-
-static const uint32_t SHA256_K[64] = {
-    0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
-    0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
-    0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
-    0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967,
-    0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
-    0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
-    0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
-    0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2};
-
-__attribute__((target("sha,sse4.1,ssse3")))
-static void sha256_blocks(uint32_t state[8], const unsigned char *data, size_t blocks) {
-    const __m128i bswap = _mm_set_epi64x(0x0c0d0e0f08090a0bULL, 0x0405060700010203ULL);
-    __m128i tmp = _mm_shuffle_epi32(_mm_loadu_si128((const __m128i *)&state[0]), 0xB1); /* CDAB */
-    __m128i s1 = _mm_shuffle_epi32(_mm_loadu_si128((const __m128i *)&state[4]), 0x1B);  /* EFGH */
-    __m128i s0 = _mm_alignr_epi8(tmp, s1, 8);                                           /* ABEF */
-    s1 = _mm_blend_epi16(s1, tmp, 0xF0);                                                 /* CDGH */
-    for (; blocks; blocks--, data += 64) {
-        __m128i abef = s0, cdgh = s1, w[4];
-        for (int j = 0; j < 4; j++)
-            w[j] = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(data + 16 * j)), bswap);
-        for (int i = 0; i < 16; i++) {
-            __m128i k = _mm_loadu_si128((const __m128i *)&SHA256_K[4 * i]);
-            __m128i msg = _mm_add_epi32(w[i & 3], k);
-            s1 = _mm_sha256rnds2_epu32(s1, s0, msg);
-            if (i < 12) { /* words 4(i+4)..4(i+4)+3 replace words 4i..4i+3 */
-                __m128i t7 = _mm_alignr_epi8(w[(i + 3) & 3], w[(i + 2) & 3], 4);
-                __m128i x = _mm_add_epi32(_mm_sha256msg1_epu32(w[i & 3], w[(i + 1) & 3]), t7);
-                w[i & 3] = _mm_sha256msg2_epu32(x, w[(i + 3) & 3]);
-            }
-            s0 = _mm_sha256rnds2_epu32(s0, s1, _mm_shuffle_epi32(msg, 0x0E));
-        }
-        s0 = _mm_add_epi32(s0, abef);
-        s1 = _mm_add_epi32(s1, cdgh);
-    }
-    tmp = _mm_shuffle_epi32(s0, 0x1B);                                                   /* FEBA */
-    s1 = _mm_shuffle_epi32(s1, 0xB1);                                                    /* DCHG */
-    _mm_storeu_si128((__m128i *)&state[0], _mm_blend_epi16(tmp, s1, 0xF0));              /* DCBA */
-    _mm_storeu_si128((__m128i *)&state[4], _mm_alignr_epi8(s1, tmp, 8));                 /* HGFE */
-}
-
-static int cpu_has_shani(void) {
-    unsigned a, b, c, d;
-    if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 19)) || !(c & (1u << 9))) return 0;
-    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
-    return (b >> 29) & 1; /* SSE4.1, SSSE3 and SHA */
-}
-
-/* The lower-case hex SHA-256 of ``n`` bytes at ``p`` into ``hex`` (64 characters). */
-static void sha256_hex(const unsigned char *p, size_t n, char *hex) {
-    static const char digits[] = "0123456789abcdef";
-    uint32_t st[8] = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a,
-                      0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19};
-    size_t whole = n / 64, rest = n % 64;
-    unsigned char tail[128] = {0};
-    sha256_blocks(st, p, whole);
-    memcpy(tail, p + 64 * whole, rest);
-    tail[rest] = 0x80;
-    size_t tn = rest < 56 ? 64 : 128;
-    uint64_t bits = (uint64_t)n * 8;
-    for (int k = 0; k < 8; k++) tail[tn - 1 - k] = (unsigned char)(bits >> (8 * k));
-    sha256_blocks(st, tail, tn / 64);
-    for (int i = 0; i < 8; i++)
-        for (int k = 0; k < 8; k++) hex[8 * i + k] = digits[(st[i] >> (28 - 4 * k)) & 15];
-}
-#endif
-
-static int use_shani; /* set once at import: the CPU has the SHA extensions */
-
 /* hashlib.sha256: OpenSSL's (with the CPU's SHA extensions where it has them), 2-3 times
  * faster than a portable C SHA-256 such as sidecar/dataplane/_fastcheck.c's on ~450 bytes.
  * Each record's hash starts as a copy of one empty hash object: OpenSSL 3 pays more to set a
@@ -783,13 +703,6 @@ static PyObject *digest(Buf *b, const char *c, Py_ssize_t cn, long long seq, PyO
         buf_put(b, z1 + 1, z2 - z1 - 1) < 0 || put_json_str(b, prev) < 0 ||
         buf_put(b, z2 + 1, c + cn - z2 - 1) < 0)
         return NULL;
-#ifdef HAVE_SHANI_CODE
-    if (use_shani) {
-        PyObject *hex = PyUnicode_New(64, 127);
-        if (hex) sha256_hex((const unsigned char *)b->p, (size_t)b->n, PyUnicode_DATA(hex));
-        return hex;
-    }
-#endif
     PyObject *bytes = PyBytes_FromStringAndSize(b->p, b->n);
     PyObject *h = bytes ? PyObject_CallMethodNoArgs(sha256_empty, S_copy) : NULL;
     PyObject *updated = h ? PyObject_CallMethodOneArg(h, S_update, bytes) : NULL;
@@ -953,48 +866,12 @@ static PyObject *py_redact(PyObject *mod, PyObject *arg) {
     return res;
 }
 
-static PyObject *py_uses_shani(PyObject *mod, PyObject *unused) {
-    return PyBool_FromLong(use_shani);
-}
-
-/* sha256(data) -> hex digest, by the path link() takes on this CPU (for the differential tests). */
-static PyObject *py_sha256(PyObject *mod, PyObject *arg) {
-    Py_buffer view;
-    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0) return NULL;
-    Buf b = {0};
-    PyObject *hex = NULL;
-    if (buf_put(&b, view.buf, view.len) == 0) {
-#ifdef HAVE_SHANI_CODE
-        if (use_shani) {
-            hex = PyUnicode_New(64, 127);
-            if (hex) sha256_hex((const unsigned char *)b.p, (size_t)b.n, PyUnicode_DATA(hex));
-            goto out;
-        }
-#endif
-        PyObject *bytes = PyBytes_FromStringAndSize(b.p, b.n);
-        PyObject *h = bytes ? PyObject_CallMethodNoArgs(sha256_empty, S_copy) : NULL;
-        PyObject *updated = h ? PyObject_CallMethodOneArg(h, S_update, bytes) : NULL;
-        hex = updated ? PyObject_CallMethodNoArgs(h, S_hexdigest) : NULL;
-        Py_XDECREF(updated);
-        Py_XDECREF(h);
-        Py_XDECREF(bytes);
-    }
-#ifdef HAVE_SHANI_CODE
-out:
-#endif
-    PyMem_Free(b.p);
-    PyBuffer_Release(&view);
-    return hex;
-}
-
 static PyMethodDef module_methods[] = {
     {"parse", py_parse, METH_VARARGS,
      "parse(request_bytes, latest) -> None | (report_refused, count, refused, accepted, records)."},
     {"link", py_link, METH_VARARGS, "link(accepted_records, heads) -> rows to insert."},
     {"copy_text", py_copy_text, METH_O, "copy_text(rows) -> COPY text payload | None."},
     {"redact", py_redact, METH_O, "audit.redact, compiled (for the differential tests)."},
-    {"sha256", py_sha256, METH_O, "sha256(data) -> hex digest, as link() hashes (for the tests)."},
-    {"uses_sha_extensions", py_uses_shani, METH_NOARGS, "Whether link() hashes with SHA-NI."},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_auditchain",
@@ -1009,8 +886,5 @@ PyMODINIT_FUNC PyInit__auditchain(void) {
         !(S_update = PyUnicode_InternFromString("update")) ||
         !(S_hexdigest = PyUnicode_InternFromString("hexdigest")))
         return NULL;
-#ifdef HAVE_SHANI_CODE
-    use_shani = cpu_has_shani();
-#endif
     return PyModule_Create(&module);
 }
