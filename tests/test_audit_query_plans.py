@@ -51,6 +51,10 @@ READS: dict[str, Callable[[SqlAudit, Executes], object]] = {
     "last_seq": lambda a, _: a.last_seq(),
     "head": lambda a, _: a.head("acme"),
     "chain": lambda a, _: a.chain("acme", 0, 500),
+    # Every batch of a chain walk after the first resumes after a position: the partial index
+    # serves it only if the statement itself says chain_seq > 0 (a bound ``chain_seq > ?``
+    # does not imply it), else SQLite read and sorted the workspace's whole trail per batch.
+    "chain_resume": lambda a, _: a.chain("acme", 7, 500),
     "workspaces": lambda a, _: a.workspaces(),
     "prune_point": lambda a, _: a.prune_point("acme", T),
     "prune": lambda a, _: a.prune(Checkpoint("acme", 3, "00" * 32, T, "sig")),
@@ -83,6 +87,9 @@ SQLITE_PLANS: dict[str, list[str]] = {
     "last_seq": ["SEARCH audit_events"],
     "head": ["SEARCH audit_events USING INDEX audit_events_chain (workspace=? AND chain_seq>?)"],
     "chain": ["SEARCH audit_events USING INDEX audit_events_chain (workspace=? AND chain_seq>?)"],
+    "chain_resume": [
+        "SEARCH audit_events USING INDEX audit_events_chain (workspace=? AND chain_seq>?)"
+    ],
     "workspaces": ["SEARCH audit_events USING COVERING INDEX"],
     "prune_point": [
         "SEARCH audit_events USING INDEX audit_events_chain (workspace=? AND chain_seq>?)",
@@ -162,6 +169,7 @@ PG_INDEX: dict[str, str] = {
     "after_one": "audit_events_workspace",
     "head": "Index Scan Backward using audit_events_chain",
     "chain": "Index Scan using audit_events_chain",
+    "chain_resume": "Index Scan using audit_events_chain",
     "prune_point": "audit_events_chain",
     "prune": "audit_events_chain",
     "workspaces": "Index Only Scan using audit_events_workspace",

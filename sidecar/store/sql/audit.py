@@ -219,8 +219,11 @@ class SqlAudit:
 
     def chain(self, workspace: str, after_chain_seq: int, limit: int) -> list[ChainedRecord]:
         rows = self._conn.execute(
-            f"SELECT {_COLUMNS} FROM audit_events WHERE workspace = ? AND chain_seq > ? "
-            "ORDER BY chain_seq LIMIT ?",
+            # chain_seq > 0 (every linked row's) lets the partial chain index serve a walk that
+            # resumes after a position: ``chain_seq > ?`` alone does not imply it, and SQLite
+            # then read and sorted the workspace's whole trail for every batch of a verify.
+            f"SELECT {_COLUMNS} FROM audit_events WHERE workspace = ? AND chain_seq > 0 "
+            "AND chain_seq > ? ORDER BY chain_seq LIMIT ?",
             (workspace, after_chain_seq, limit),
         ).fetchall()
         return [_record(r) for r in rows]
