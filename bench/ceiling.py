@@ -47,8 +47,8 @@ def allow_response() -> external_auth_pb2.CheckResponse:
 class DoNothingAuthorization(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
     """Answers every Check with one response built at start-up."""
 
-    def __init__(self) -> None:
-        self._response = allow_response()
+    def __init__(self, response: external_auth_pb2.CheckResponse | None = None) -> None:
+        self._response = allow_response() if response is None else response
 
     def Check(  # name fixed by the proto
         self, request: external_auth_pb2.CheckRequest, context: grpc.ServicerContext
@@ -56,13 +56,20 @@ class DoNothingAuthorization(external_auth_pb2_grpc.AuthorizationServicer):  # t
         return self._response
 
 
-def serve(listen: str, *, reuseport: bool = False) -> None:
+def serve(
+    listen: str,
+    *,
+    reuseport: bool = False,
+    response: external_auth_pb2.CheckResponse | None = None,
+) -> None:
     """Serve until SIGTERM/SIGINT, then stop with a short grace period."""
     options = dict(SERVER_OPTIONS) | ({"grpc.so_reuseport": 1} if reuseport else {})
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=MAX_WORKERS), options=list(options.items())
     )
-    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(DoNothingAuthorization(), server)
+    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
+        DoNothingAuthorization(response), server
+    )
     if server.add_insecure_port(listen) == 0:
         raise SystemExit(f"cannot listen on {listen}")
     server.start()
@@ -94,17 +101,29 @@ def serve_processes(listen: str, processes: int) -> None:
         child.wait()
 
 
+def response_from_file(path: str) -> external_auth_pb2.CheckResponse:
+    """A serialized CheckResponse (``--response-file``); DecodeError if it is not one."""
+    with open(path, "rb") as fh:
+        return external_auth_pb2.CheckResponse.FromString(fh.read())
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--listen", default="127.0.0.1:9191", help="host:port to serve on")
     parser.add_argument("--processes", type=int, default=1, help="servers on the port (1)")
     parser.add_argument("--reuseport", action="store_true", help="bind with SO_REUSEPORT")
+    parser.add_argument(
+        "--response-file",
+        help="answer with this serialized CheckResponse instead (e.g. the sidecar's own allow, "
+        "written by bench.envoy_targets: what Envoy does with a real answer, at no authz cost)",
+    )
     args = parser.parse_args(argv)
     if args.processes > 1:
         serve_processes(args.listen, args.processes)
     else:
-        serve(args.listen, reuseport=args.reuseport)
+        response = response_from_file(args.response_file) if args.response_file else None
+        serve(args.listen, reuseport=args.reuseport, response=response)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, TypeVar
 
 from bench.cases import HttpCase
@@ -94,8 +95,12 @@ def _envoy_noauth(env: TargetEnv, name: str = "envoy") -> Iterator[RunningTarget
 
 
 @contextlib.contextmanager
-def _envoy_ceiling(env: TargetEnv, name: str = "envoy+ceiling") -> Iterator[RunningTarget]:
+def _envoy_ceiling(
+    env: TargetEnv, name: str = "envoy+ceiling", response_file: Path | None = None
+) -> Iterator[RunningTarget]:
     argv = [env.python, "-m", "bench.ceiling", "--listen", "{listen}"]
+    if response_file is not None:
+        argv += ["--response-file", str(response_file)]
     with launch_process(
         env, f"ceiling-behind-{name}", argv, [], extra_env=SERVER_ENV, cwd=_PROJECT_ROOT
     ) as authz:
@@ -160,6 +165,41 @@ def envoy_noauth(env: TargetEnv) -> AbstractContextManager[RunningTarget]:
 def envoy_ceiling(env: TargetEnv) -> AbstractContextManager[RunningTarget]:
     """Envoy asking the do-nothing ext_authz server (Envoy alone alongside, as reference)."""
     return _envoy_ceiling_vs_envoy(env)
+
+
+def sidecar_allow_response() -> bytes:
+    """The sidecar's own allow for an API key of the bench's shape (its ResponseEncoder, the
+    default policy's credential headers stripped): five identity headers, the decision-id
+    header, the headers to remove and the decision's dynamic metadata."""
+    from sidecar.authz.decision import Decision, Identity, Reason
+    from sidecar.authz.policy_source import load_policy
+    from sidecar.dataplane.check_responses import ResponseEncoder
+
+    policy = load_policy(None)
+    identity = Identity(
+        "api_key", "key_" + "0" * 24, "acme", frozenset({"checks:read"}), 4_102_444_800.0
+    )
+    decision = Decision(Reason.OK, "dec_" + "0" * 36, identity)
+    strip = policy.credential_headers if policy.strip_credentials else ()
+    return ResponseEncoder().build(decision, strip)
+
+
+@contextlib.contextmanager
+def _envoy_ceiling_full(env: TargetEnv) -> Iterator[RunningTarget]:
+    response = env.workdir / "sidecar-allow.bin"
+    response.write_bytes(sidecar_allow_response())
+    with (
+        _meanwhile(_envoy_ceiling(env, "envoy+ceiling (reference)")) as reference,
+        _envoy_ceiling(env, "envoy+ceiling-full", response) as target,
+    ):
+        yield replace(target, reference=reference())
+
+
+def envoy_ceiling_full(env: TargetEnv) -> AbstractContextManager[RunningTarget]:
+    """Envoy asking the do-nothing server, which answers with the sidecar's own allow
+    (identity headers, headers to remove, metadata) instead of one header: what handling a
+    real answer costs Envoy, at no authz cost (Envoy + do-nothing alongside, as reference)."""
+    return _envoy_ceiling_full(env)
 
 
 def envoy_sidecar(env: TargetEnv) -> AbstractContextManager[RunningTarget]:
