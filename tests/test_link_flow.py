@@ -10,6 +10,7 @@ import hashlib
 import threading
 import time
 from collections.abc import Iterable, Iterator
+from concurrent import futures
 
 import grpc
 import pytest
@@ -36,15 +37,14 @@ class _Server:
 
     def __init__(self) -> None:
         self.produced = 0
-        self.server = grpc.server(
-            __import__("concurrent.futures").futures.ThreadPoolExecutor(max_workers=8)
-        )
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
         self.server.add_generic_rpc_handlers(
             (
                 grpc.method_handlers_generic_handler(
                     SERVICE,
                     {
                         "Big": grpc.unary_stream_rpc_method_handler(self.big),
+                        "Hang": grpc.unary_stream_rpc_method_handler(self.hang),
                         "Echo": grpc.unary_unary_rpc_method_handler(lambda r, _c: r),
                         "Sum": grpc.stream_unary_rpc_method_handler(self.sum),
                     },
@@ -58,6 +58,15 @@ class _Server:
         for i in range(MESSAGES):
             self.produced = i + 1
             yield bytes([i % 256]) * MESSAGE
+
+    @staticmethod
+    def hang(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        """One message, then nothing until the caller's deadline ends the call (or 20 s pass:
+        then it ends OK, so a call without its deadline fails the test instead of hanging)."""
+        yield b"first"
+        done = threading.Event()
+        context.add_callback(done.set)
+        done.wait(20)
 
     @staticmethod
     def sum(requests: Iterable[bytes], _context: grpc.ServicerContext) -> bytes:
@@ -105,6 +114,22 @@ def test_a_consumer_that_does_not_read_stays_within_its_window_and_blocks_nobody
         wait_until(lambda: not link._calls)
         assert link.buffered_bytes == 0
         assert link.starts == 1
+    finally:
+        link.close()
+
+
+def test_a_server_stream_through_the_link_keeps_its_deadline(server: _Server) -> None:
+    """``timeout`` on a server-streaming call is the whole call's deadline, as on a grpc
+    channel: the link once dropped it, and such a call waited for ever."""
+    link = Link(window=WINDOW)
+    try:
+        call = link.channel(f"127.0.0.1:{server.port}").unary_stream(f"/{SERVICE}/Hang")(
+            b"", timeout=0.5
+        )
+        assert next(call) == b"first"
+        with pytest.raises(grpc.RpcError) as err:
+            next(call)
+        assert err.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
     finally:
         link.close()
 

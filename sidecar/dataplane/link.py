@@ -219,6 +219,11 @@ class LinkCall:
         raise LinkRpcError(item.code, item.details)
 
 
+def _serialized(serializer: Callable[[Any], bytes] | None, request: Any) -> bytes:
+    """A request as grpc would send it: its serializer's bytes, or the bytes given."""
+    return request if serializer is None else serializer(request)
+
+
 class LinkChannel:
     """What the sidecar's stubs need of a ``grpc.Channel`` (server-streaming, unary and
     client-streaming calls), carried by the link."""
@@ -240,9 +245,9 @@ class LinkChannel:
             metadata: Sequence[tuple[str, str]] | None = None,
             **_kwargs: object,
         ) -> LinkCall:
-            body = request if request_serializer is None else request_serializer(request)
-            return self._link.open(self._target, method, metadata or (), body,
-                                   response_deserializer)  # fmt: skip
+            return self._link.open(self._target, method, metadata or (),
+                                   _serialized(request_serializer, request),
+                                   response_deserializer, "unary_stream", timeout)  # fmt: skip
 
         return call
 
@@ -259,8 +264,8 @@ class LinkChannel:
             metadata: Sequence[tuple[str, str]] | None = None,
             **_kwargs: object,
         ) -> Any:
-            body = request if request_serializer is None else request_serializer(request)
-            pending = self._link.open(self._target, method, metadata or (), body,
+            pending = self._link.open(self._target, method, metadata or (),
+                                      _serialized(request_serializer, request),
                                       response_deserializer, "unary_unary", timeout)  # fmt: skip
             return pending.result(timeout)
 
@@ -282,8 +287,7 @@ class LinkChannel:
             pending = self._link.open(self._target, method, metadata or (), b"",
                                       response_deserializer, "stream_unary", timeout)  # fmt: skip
             for request in requests:
-                body = request if request_serializer is None else request_serializer(request)
-                self._link.send(pending, Kind.MESSAGE, body)
+                self._link.send(pending, Kind.MESSAGE, _serialized(request_serializer, request))
             self._link.send(pending, Kind.HALF_CLOSE)
             return pending.result(timeout)
 
