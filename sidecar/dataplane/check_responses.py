@@ -107,6 +107,10 @@ def _meta_entry(key: str, value: bytes) -> bytes:
     return _ld(_STRUCT_FIELDS, _ld(1, key.encode()) + _ld(2, _ld(3, value)))
 
 
+# The dynamic metadata's reason entry, per reason (the same for every response).
+_REASON_META = {r: _meta_entry("reason", r.value.encode()) for r in Reason}
+
+
 def www_authenticate(decision: Decision) -> str | None:
     """RFC 6750 §3: no error code when the request carried no credential at all."""
     reason = decision.reason
@@ -144,7 +148,6 @@ class ResponseEncoder:
         self._seen_once: dict[tuple[Reason, str, int], int] = {}
         # (reason, detail, id length) -> pieces: a denial names no identity and strips nothing
         self._denied: dict[tuple[Reason, str, int], list[bytes]] = {}
-        self._reason_meta = {r: _meta_entry("reason", r.value.encode()) for r in Reason}
 
     def encode(self, decision: Decision, strip: tuple[str, ...]) -> bytes:
         did = decision.decision_id.encode()
@@ -208,10 +211,9 @@ class ResponseEncoder:
             # Every allow of a new access token comes here: what surrounds the id is looked up
             # by the id's length (_HEADS), not length-prefixed piece by piece.
             ok = _ok_id_head(n) + did + _APPEND_ACTION + _allow_part(decision.identity, strip)
-            reason_meta = self._reason_meta[decision.reason]
-            meta = _meta_head(decision.reason, reason_meta, n) + did + reason_meta
+            meta = _meta_head(decision.reason, n) + did + _REASON_META[decision.reason]
             return _STATUS_OK + _ld(_RESP_OK, ok) + meta
-        meta = _ld(_RESP_META, _meta_entry("decision_id", did) + self._reason_meta[decision.reason])
+        meta = _ld(_RESP_META, _meta_entry("decision_id", did) + _REASON_META[decision.reason])
         status, denied, body_prefix = _deny_parts(decision, self.retry_after(decision))
         body = _ld(_DENIED_BODY, body_prefix + did + b'"}')
         denied_bytes = denied + _decision_header(_DENIED_HEADERS, did) + body
@@ -304,11 +306,12 @@ def _ok_id_head(n: int) -> bytes:
     return head
 
 
-def _meta_head(reason: Reason, reason_meta: bytes, n: int) -> bytes:
+def _meta_head(reason: Reason, n: int) -> bytes:
     """The dynamic metadata up to an ``n``-byte decision id (its entry, then the reason's)."""
     key = (reason, n)
     head = _HEADS.get(key)
     if head is None:
+        reason_meta = _REASON_META[reason]
         whole = _ld(_RESP_META, _meta_entry("decision_id", b"\x00" * n) + reason_meta)
         head = _head(key, whole, len(reason_meta))
     return head
