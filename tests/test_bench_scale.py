@@ -52,4 +52,6 @@ def test_memory_reads_the_peak_the_link_and_the_pods_proportional_share() -> Non
     # share is their sum.
     assert mem["pss_mb"] < mem["rss_mb"]
     assert mem["link_pss_mb"] < mem["link_total_rss_mb"]
-    assert abs(mem["pod_pss_mb"] - (mem["pss_mb"] + mem["link_pss_mb"])) <= 0.1
+    # The pod's figure is the sum rounded once; its two parts are each rounded too, so the
+    # three can differ by up to 3 x 0.05 MB.
+    assert abs(mem["pod_pss_mb"] - (mem["pss_mb"] + mem["link_pss_mb"])) <= 0.15 + 1e-9
