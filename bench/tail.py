@@ -241,6 +241,7 @@ class Run:
     threads: list[ThreadUse]
     other_cores: float  # CPU used by everything but the target's tree and h2load, in cores
     load: float
+    gc: list[tuple[int, int]] = field(default_factory=list)  # (generation, µs) per collection
     attribution: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def pct(self, q: float) -> int:
@@ -263,7 +264,13 @@ RPC_THREADS = frozenset({"_serve", "ThreadPoolExecu", "spauth-rpc"})
 
 
 def measure(
-    target: RunningTarget, *, rate: float, duration: float, workdir: Path, use_perf: bool
+    target: RunningTarget,
+    *,
+    rate: float,
+    duration: float,
+    workdir: Path,
+    use_perf: bool,
+    gc_log_path: Path | None = None,
 ) -> Run:
     pid = target.pids[0]
     load = load_for(target.cases[0], target.address, workdir)
@@ -293,6 +300,7 @@ def measure(
         max(0.0, busy - tree_cpu - client_cpu) / seconds,
         os.getloadavg()[0],
     )
+    run.gc = collections(gc_log_path, t0, t0 + seconds) if gc_log_path else []
     if use_perf:
         run.attribution = _attribution(perf_file, pid, tree, workdir, offset)
     return run
@@ -312,7 +320,10 @@ def _attribution(
     cut = sorted(took)[int(0.99 * len(took))]
     for cpu in (SERVER_CPU, CLIENT_CPU):
         per = attribute(requests, slices, kinds, cpu)
-        for label, chosen in (("all", per), ("slowest 1%", [u for u, t in zip(per, took) if t >= cut])):
+        for label, chosen in (
+            ("all", per),
+            ("slowest 1%", [u for u, t in zip(per, took) if t >= cut]),
+        ):
             totals: dict[str, float] = defaultdict(float)
             for used in chosen:
                 for k, v in used.items():
@@ -331,8 +342,10 @@ def _attribution(
             "p99": lengths[int(0.99 * len(lengths))],
             "max": lengths[-1],
         }
-    out["mean µs"] = {"all": statistics.mean(took) * 1e6, "slowest 1%": statistics.mean(
-        [t for t in took if t >= cut]) * 1e6}
+    out["mean µs"] = {
+        "all": statistics.mean(took) * 1e6,
+        "slowest 1%": statistics.mean([t for t in took if t >= cut]) * 1e6,
+    }
     return out
 
 
@@ -351,6 +364,27 @@ def factory(spec: str, env: TargetEnv) -> AbstractContextManager[RunningTarget]:
 
 
 SWITCH_ENV = "BENCH_TAIL_SWITCH_INTERVAL_MS"  # read by this module's own sidecar entry point
+GC_LOG_ENV = "BENCH_TAIL_GC_LOG"  # the same: a file each collection appends a line to
+
+
+def log_collections(path: Path) -> None:
+    """Append ``monotonic-seconds generation µs thread`` to ``path`` after every collection of
+    this process (line-buffered; the write happens outside the timed span)."""
+    import gc
+    import threading
+
+    sink = path.open("a", buffering=1)
+    started = [0.0]
+
+    def watch(phase: str, info: dict[str, int]) -> None:
+        now = time.monotonic()
+        if phase == "start":
+            started[0] = now
+            return
+        took = (now - started[0]) * 1e6
+        sink.write(f"{now:.6f} {info['generation']} {took:.0f} {threading.current_thread().name}\n")
+
+    gc.callbacks.append(watch)
 
 
 @contextlib.contextmanager
@@ -374,11 +408,27 @@ def _sidecar(env: TargetEnv, name: str, extra: Mapping[str, str]) -> Iterator[Ru
             name,
             argv,
             st.sidecar_cases(valid)[:1],
-            extra_env={**SERVER_ENV, **extra},
+            extra_env={**SERVER_ENV, GC_LOG_ENV: str(gc_log(env, name)), **extra},
             cwd=wakeups._ROOT,
             ready=st._serving,
         ) as target:
             yield target
+
+
+def gc_log(env: TargetEnv, name: str) -> Path:
+    return env.workdir / f"{name}-gc.log".replace("/", "_")
+
+
+def collections(path: Path, start: float, end: float) -> list[tuple[int, int]]:
+    """(generation, µs) of every collection logged in ``path`` between two monotonic times."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        at, gen, took = line.split()[:3]
+        if start <= float(at) <= end:
+            out.append((int(gen), int(took)))
+    return out
 
 
 # --- report ---------------------------------------------------------------------------------
@@ -432,18 +482,21 @@ def run(args: argparse.Namespace) -> dict[str, list[Run]]:
         running = {name: stack.enter_context(factory(name, env)) for name in args.target}
         for target in running.values():  # warm up: connections, caches, the link
             load = load_for(target.cases[0], target.address, workdir)
-            h2load.fixed_rate(load, rate=args.rate, duration=1.0, cpus={CLIENT_CPU}, workdir=workdir)
+            h2load.fixed_rate(
+                load, rate=args.rate, duration=1.0, cpus={CLIENT_CPU}, workdir=workdir
+            )
         for rnd in range(args.rounds):
             for name, target in running.items():
                 wait_quiet(0.3, args.wait_quiet)
                 one = measure(
                     target, rate=args.rate, duration=args.duration, workdir=workdir,
-                    use_perf=args.perf,
+                    use_perf=args.perf, gc_log_path=gc_log(env, name),
                 )  # fmt: skip
                 runs[name].append(one)
                 print(
                     f"round {rnd} {name}: p50 {one.pct(0.5)} p99 {one.pct(0.99)} "
                     f"p99.9 {one.pct(0.999)} µs, others {one.other_cores:.2f} cores, "
+                    f"gc {[g for g in one.gc]}, "
                     f"load {one.load:.2f}",
                     file=sys.stderr,
                     flush=True,
@@ -456,6 +509,8 @@ def main(argv: Sequence[str]) -> int:
         wakeups.name_threads()
         if interval := os.environ.get(SWITCH_ENV):
             sys.setswitchinterval(float(interval) / 1e3)
+        if gc_log := os.environ.get(GC_LOG_ENV):
+            log_collections(Path(gc_log))
         from sidecar.cli.main import main as spauth
 
         return spauth(list(argv))
@@ -477,9 +532,14 @@ def main(argv: Sequence[str]) -> int:
                 {
                     name: [
                         {
-                            "p50": r.pct(0.5), "p90": r.pct(0.9), "p99": r.pct(0.99),
-                            "p999": r.pct(0.999), "max": max(r.latencies_us),
-                            "other_cores": r.other_cores, "load": r.load,
+                            "p50": r.pct(0.5),
+                            "p90": r.pct(0.9),
+                            "p99": r.pct(0.99),
+                            "p999": r.pct(0.999),
+                            "max": max(r.latencies_us),
+                            "other_cores": r.other_cores,
+                            "load": r.load,
+                            "gc": r.gc,
                             "threads": [t.__dict__ for t in r.threads],
                             "attribution": r.attribution,
                         }  # fmt: skip

@@ -22,6 +22,8 @@ import threading
 import zlib
 from pathlib import Path
 
+from sidecar.auditship import gil
+
 FRAME = struct.Struct("<II")
 SUFFIX = ".spool"
 ACK_FILE = "shipped"
@@ -39,10 +41,14 @@ def frame(payload: bytes) -> bytes:
 
 def parse_frames(data: bytes, limit: int = 1 << 62) -> tuple[list[bytes], int]:
     """Up to ``limit`` whole frames at the start of ``data`` and the offset after the last one;
-    stops at a partial or corrupt frame."""
+    stops at a partial or corrupt frame. Lets go of the GIL every ``gil.SLICE_RECORDS`` frames
+    (the shipper parses hundreds at a time)."""
     out: list[bytes] = []
     offset = 0
+    every = gil.SLICE_RECORDS or limit
     while offset + FRAME.size <= len(data) and len(out) < limit:
+        if out and len(out) % every == 0:
+            gil.let_go()
         length, crc = FRAME.unpack_from(data, offset)
         end = offset + FRAME.size + length
         if length > MAX_FRAME or end > len(data):
@@ -125,7 +131,7 @@ class Spool:
         """Append records in order; returns once they are in the kernel (not yet fsynced)."""
         if not payloads:
             return
-        data = b"".join(frame(p) for p in payloads)
+        data = b"".join(b"".join(frame(p) for p in piece) for piece in gil.slices(payloads))
         last = max(self._sizes)
         if self._sizes[last] and self._sizes[last] + len(data) > self.segment_bytes:
             last = self._rotate(last)

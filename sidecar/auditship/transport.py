@@ -10,7 +10,7 @@ from typing import Protocol
 import grpc
 
 from sidecar._gen.statuspulse.auth.v1 import audit_pb2 as pb
-from sidecar.auditship.codec import REPORT_REFUSED, decode, ingest_request
+from sidecar.auditship.codec import REPORT_REFUSED, decode, ingest_request_sliced
 from sidecar.core.audit_trail import AuditTrail
 from sidecar.core.errors import InvalidArgument, SpauthError
 from sidecar.core.models import RequestContext
@@ -107,7 +107,8 @@ class GrpcTransport:
             # knows the field answers OK naming them; an older one ignores it and answers
             # INVALID_ARGUMENT, which stays a rejection (the shipper then isolates them).
             for start in range(0, len(records), MESSAGE_RECORDS):
-                yield ingest_request(records[start : start + MESSAGE_RECORDS]) + REPORT_REFUSED
+                chunk = records[start : start + MESSAGE_RECORDS]
+                yield ingest_request_sliced(chunk) + REPORT_REFUSED
 
         errors: list[str] = []
         for step in range(len(self._ingests)):

@@ -87,6 +87,16 @@ GC_GEN0_THRESHOLD = 20_000
 WORKER_ENV = "SPAUTH_SIDECAR_WORKER_INDEX"  # internal: marks a process run_workers started
 
 
+def settle_for_serving() -> None:
+    """The process settings of a started sidecar (``python -m bench.tail --inprocess`` applies
+    the same ones to the sidecar it measures)."""
+    # This process only serves checks from here on. What it holds now (modules, descriptors,
+    # the policy) lives as long as it does: keep it out of the collector's way, and collect the
+    # young generation less often — a check allocates short-lived objects, not cycles.
+    gc.freeze()
+    gc.set_threshold(GC_GEN0_THRESHOLD, 20, 20)
+
+
 def serve_one(settings: SidecarSettings) -> int:
     """Run one sidecar process until SIGTERM/SIGINT, then drain and exit 0."""
     stop = threading.Event()
@@ -99,11 +109,7 @@ def serve_one(settings: SidecarSettings) -> int:
     except (PolicyError, OSError, TracingUnavailable) as exc:
         print(f"spauth: error: {exc}", file=sys.stderr)
         return 1
-    # This process only serves checks from here on. What it holds now (modules, descriptors,
-    # the policy) lives as long as it does: keep it out of the collector's way, and collect the
-    # young generation less often — a check allocates short-lived objects, not cycles.
-    gc.freeze()
-    gc.set_threshold(GC_GEN0_THRESHOLD, 20, 20)
+    settle_for_serving()
     port = sidecar.status_server.port if sidecar.status_server else 0
     print(
         f"spauth sidecar: listening on {settings.listen} (port {sidecar.port})"
