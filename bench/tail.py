@@ -20,7 +20,8 @@ them, and says what ran while the slowest requests waited:
 
 Targets: ``nothing`` (``bench.wakeups``'s do-nothing server), ``sidecar`` (as shipped, fed by a
 real control plane), and either with ``+NAME=VALUE`` appended (an extra environment variable,
-e.g. ``sidecar+SPAUTH_SIDECAR_SWITCH_INTERVAL_MS=0.5``); several ``+`` may follow. Not a test:
+e.g. ``sidecar+BENCH_TAIL_SWITCH_INTERVAL_MS=0.5`` or ``sidecar+BENCH_TAIL_SLICE_RECORDS=0``, which
+this module's sidecar entry point applies before it starts); several ``+`` may follow. Not a test:
 timings on a shared machine are noise; nothing asserts on them."""
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,6 +150,9 @@ def parse_timehist(text: str) -> list[Slice]:
         except ValueError:
             continue
         task = " ".join(parts[2:-3])
+        if task == "<idle>":  # the CPU's idle task has no ids on these lines
+            slices.append(Slice(cpu, end - run_ms / 1e3, end, 0, 0, task))
+            continue
         name, _, ids = task.rpartition("[")
         tid_s, _, pid_s = ids.rstrip("]").partition("/")
         try:
@@ -322,7 +326,7 @@ def _attribution(
         per = attribute(requests, slices, kinds, cpu)
         for label, chosen in (
             ("all", per),
-            ("slowest 1%", [u for u, t in zip(per, took) if t >= cut]),
+            ("slowest 1%", [u for u, t in zip(per, took, strict=True) if t >= cut]),
         ):
             totals: dict[str, float] = defaultdict(float)
             for used in chosen:
@@ -365,11 +369,13 @@ def factory(spec: str, env: TargetEnv) -> AbstractContextManager[RunningTarget]:
 
 SWITCH_ENV = "BENCH_TAIL_SWITCH_INTERVAL_MS"  # read by this module's own sidecar entry point
 GC_LOG_ENV = "BENCH_TAIL_GC_LOG"  # the same: a file each collection appends a line to
+SLICE_ENV = "BENCH_TAIL_SLICE_RECORDS"  # the same: sidecar.auditship.gil.SLICE_RECORDS (0: off)
 
 
-def log_collections(path: Path) -> None:
+def log_collections(path: Path) -> Callable[[], None]:
     """Append ``monotonic-seconds generation µs thread`` to ``path`` after every collection of
-    this process (line-buffered; the write happens outside the timed span)."""
+    this process (line-buffered; the write happens outside the timed span); returns what stops
+    it."""
     import gc
     import threading
 
@@ -385,6 +391,12 @@ def log_collections(path: Path) -> None:
         sink.write(f"{now:.6f} {info['generation']} {took:.0f} {threading.current_thread().name}\n")
 
     gc.callbacks.append(watch)
+
+    def stop() -> None:
+        gc.callbacks.remove(watch)
+        sink.close()
+
+    return stop
 
 
 @contextlib.contextmanager
@@ -452,7 +464,7 @@ def report(runs: Mapping[str, list[Run]]) -> str:
         )
     first = names[0]
     for name in names[1:]:
-        diffs = [b.pct(0.99) - a.pct(0.99) for a, b in zip(runs[first], runs[name])]
+        diffs = [b.pct(0.99) - a.pct(0.99) for a, b in zip(runs[first], runs[name], strict=True)]
         lines.append(
             f"p99 {name} minus {first}, per round: {diffs} µs; median "
             f"{statistics.median(diffs):.0f}"
@@ -496,7 +508,7 @@ def run(args: argparse.Namespace) -> dict[str, list[Run]]:
                 print(
                     f"round {rnd} {name}: p50 {one.pct(0.5)} p99 {one.pct(0.99)} "
                     f"p99.9 {one.pct(0.999)} µs, others {one.other_cores:.2f} cores, "
-                    f"gc {[g for g in one.gc]}, "
+                    f"gc {one.gc}, "
                     f"load {one.load:.2f}",
                     file=sys.stderr,
                     flush=True,
@@ -511,6 +523,10 @@ def main(argv: Sequence[str]) -> int:
             sys.setswitchinterval(float(interval) / 1e3)
         if gc_log := os.environ.get(GC_LOG_ENV):
             log_collections(Path(gc_log))
+        if (records := os.environ.get(SLICE_ENV)) is not None:
+            from sidecar.auditship import gil
+
+            gil.SLICE_RECORDS = int(records)
         from sidecar.cli.main import main as spauth
 
         return spauth(list(argv))
@@ -542,7 +558,7 @@ def main(argv: Sequence[str]) -> int:
                             "gc": r.gc,
                             "threads": [t.__dict__ for t in r.threads],
                             "attribution": r.attribution,
-                        }  # fmt: skip
+                        }
                         for r in rows
                     ]
                     for name, rows in runs.items()

@@ -317,12 +317,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                     for n in slice_sizes
                 ]
                 if args.bare:
-                    phases.append(("bare loop, no sidecar", lambda: bare(args.rate, args.seconds)))
+                    phases.append(("bare loop, no sidecar", _bare(args.rate, args.seconds)))
                 for name, run in phases:
                     summary = run()
                     results.setdefault(name, []).append(summary)
-                    print(f"round {rnd} {name}: " + _line(summary) +
-                          f" load {os.getloadavg()[0]:.2f}", file=sys.stderr, flush=True)  # fmt: skip
+                    load = os.getloadavg()[0]
+                    print(f"round {rnd} {name}: {_line(summary)} load {load:.2f}", file=sys.stderr)
         finally:
             sys.setswitchinterval(0.005)
             sidecar.stop()  # type: ignore[attr-defined]
@@ -372,6 +372,10 @@ def _phase(
         }
 
     return run
+
+
+def _bare(rate: float, seconds: float) -> Callable[[], dict[str, dict[str, float]]]:
+    return lambda: bare(rate, seconds)
 
 
 def _line(summary: dict[str, dict[str, float]]) -> str:

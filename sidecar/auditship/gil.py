@@ -15,7 +15,7 @@ from typing import TypeVar
 
 T = TypeVar("T")
 
-# Records per slice: ≈ 100–130 µs of Python on this machine's loaded 2 cores (≈ 2 µs a record
+# Records per slice: ≈ 100-130 µs of Python on this machine's loaded 2 cores (≈ 2 µs a record
 # unloaded to parse a frame, ≈ 1 µs to frame one). 0 never lets go (one slice per loop).
 SLICE_RECORDS = 64
 
