@@ -2,7 +2,7 @@
 
 A Python thread keeps the GIL until it blocks or another thread has waited a switch interval
 (5 ms) for it. The shipper's loops over a batch (parsing ≈ 500 spool frames, framing them into
-an ingest request) held it ≈ 1.5 ms in one go, twice a second at 1,000 checks/s: a check that
+an ingest request) held it ≈ 1 ms each in one go, twice a second at 1,000 checks/s: a check that
 arrived meanwhile waited for the rest (docs/performance.md, "The sidecar's own tail"). Between
 slices of ``SLICE_RECORDS`` records these loops call :func:`let_go`, which releases the GIL so a
 waiting RPC thread takes it. Same bytes, same total work."""

@@ -88,7 +88,7 @@ WORKER_ENV = "SPAUTH_SIDECAR_WORKER_INDEX"  # internal: marks a process run_work
 
 
 def settle_for_serving() -> None:
-    """The process settings of a started sidecar (``python -m bench.tail --inprocess`` applies
+    """The process settings of a started sidecar (``python -m bench.tail_inprocess`` applies
     the same ones to the sidecar it measures)."""
     # This process only serves checks from here on. What it holds now (modules, descriptors,
     # the policy) lives as long as it does: keep it out of the collector's way, and collect the
