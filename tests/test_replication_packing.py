@@ -2,11 +2,14 @@
 (``replica_rows`` + ``PackedKeys.pack_rows``): byte-identical tables from hypothesis-generated
 stores in a real SQLite file (revoked, expired, replaced and suspended keys, several workspaces,
 ids of several lengths, scopes stored in any order), PackError in the same cases, the same
-snapshot file, and a key revoked while the snapshot is built never usable."""
+snapshot file, and a key revoked while the snapshot is built never usable. The compiled packing
+(sidecar/replication/_packing.c) is held to the same bytes, on rows in any order, and hands the
+rows that end in a PackError back to the Python path (returns None) instead of packing them."""
 
 from __future__ import annotations
 
 import json
+import random
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -23,7 +26,8 @@ from sidecar.core.clock import FakeClock
 from sidecar.core.models import ApiKey, Principal, RequestContext
 from sidecar.core.packed import PackedKeys, PackError
 from sidecar.core.storage import KeyRow, PackRow, Store, UnitOfWork
-from sidecar.replication.packing import pack_store_rows, packed_keys
+from sidecar.replication import packing
+from sidecar.replication.packing import native_table, pack_store_rows, packed_keys
 from sidecar.replication.server import ReplicationServicer
 from sidecar.replication.snapshot_file import FILE_NAME
 from sidecar.store.sql.sqlite import SqliteStore
@@ -105,8 +109,9 @@ def test_the_lean_packer_packs_a_store_as_the_reference_does(
             [(scope_text(spec), spec["id"]) for spec in specs],
         )
     with store.read() as uow:
-        lean = packed_keys(uow, now).encode()
+        lean = packed_keys(uow, now).encode()  # compiled where it is built
         assert lean == reference(uow, now)
+        assert pack_store_rows(uow.keys.packing_rows(now)).encode() == lean  # the Python path
     table = PackedKeys.decode(lean)
     assert len(table) == sum(
         spec["revoked_at"] is None and spec["expires_at"] > now  # type: ignore[operator]
@@ -156,7 +161,80 @@ def test_both_packers_refuse_the_same_rows_with_the_same_error(
     pairs = [as_rows(spec) for spec in specs]
     keys = [key for key, _ in pairs]
     rows = [row for _, row in pairs]
-    assert outcome(lambda: pack_store_rows(rows)) == outcome(lambda: PackedKeys.pack_rows(keys))
+    expected = outcome(lambda: PackedKeys.pack_rows(keys))
+    assert outcome(lambda: pack_store_rows(rows)) == expected
+    assert_compiled_packs(rows, expected)
+
+
+def assert_compiled_packs(rows: list[PackRow], expected: bytes | str, seed: int = 0) -> None:
+    """The compiled packing of ``rows`` in any order is ``expected`` (the reference's table),
+    or None (the Python path then packs them) exactly when the reference raises PackError."""
+    shuffled = random.Random(seed).sample(rows, len(rows))
+    native = native_table(shuffled)
+    if packing.unavailable():
+        assert native is None
+    elif isinstance(expected, str):
+        assert native is None, expected
+    else:
+        assert native is not None and native.encode() == expected
+
+
+# Many rows (the radix sorts take over from an insertion sort at 32), with ids and digests that
+# share long prefixes and tie on whole 8-byte windows, so every refinement step runs.
+ID_HEADS = ["", "key_", "tenant-0000000000000000-", "k" * 30]
+DIGEST_HEADS = [b"", b"\0" * 8, b"\7" * 16, b"\1" * 24, b"\1" * 31]
+many_rows = st.lists(
+    st.tuples(
+        st.sampled_from(ID_HEADS),
+        st.text("ab0~ ", max_size=12),
+        st.sampled_from(DIGEST_HEADS),
+        st.binary(min_size=32, max_size=32),
+        st.integers(-(2**62), 2**62),
+        st.sampled_from(WORKSPACES),
+    ),
+    min_size=33,
+    max_size=300,
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(specs=many_rows, seed=st.integers(0, 2**32))
+def test_the_compiled_packing_sorts_as_the_reference_does(
+    specs: list[tuple[str, str, bytes, bytes, int, str]], seed: int
+) -> None:
+    by_id = {head + tail: ((head + tail)[:255], (d_head + digest)[:32], expires, ws)
+             for head, tail, d_head, digest, expires, ws in specs}  # fmt: skip
+    keys: list[KeyRow] = [(key_id, digest, ws, frozenset(), expires, 0, 0, False, None, False, ())
+                          for key_id, digest, expires, ws in by_id.values()]  # fmt: skip
+    rows: list[PackRow] = [(digest, key_id, expires, json.dumps([ws, "", 0, 0, "", 0]))
+                           for key_id, digest, expires, ws in by_id.values()]  # fmt: skip
+    expected = outcome(lambda: PackedKeys.pack_rows(keys))
+    assert outcome(lambda: pack_store_rows(rows)) == expected
+    assert_compiled_packs(rows, expected, seed)
+
+
+def test_the_compiled_packing_hands_odd_rows_back_to_the_python_path() -> None:
+    if packing.unavailable():
+        pytest.skip(f"the compiled packing is not built here: {packing.unavailable()}")
+    good: PackRow = (b"\1" * 32, "key_1", 5, '["acme","",0,0,"",0]')
+    assert native_table([good]) is not None
+    assert native_table([]) is not None and len(native_table([]) or ()) == 0
+    odd: list[object] = [
+        [good[0], good[1], good[2], good[3]],  # not a tuple
+        good[:3],
+        (memoryview(good[0]), *good[1:]),
+        (good[0], "key_\u00e9", *good[2:]),  # not ASCII
+        (good[0], "key\t1", *good[2:]),  # not printable
+        (good[0], "", *good[2:]),
+        (good[0], "k" * 256, *good[2:]),
+        (good[0], good[1], 2**63, good[3]),  # beyond int64
+        (good[0], good[1], True, good[3]),
+        (good[0], good[1], good[2], b"[]"),
+        (good[0], "key_2", *good[2:]),  # the same digest twice
+        (b"\2" * 32, good[1], *good[2:]),  # the same id twice
+    ]
+    for row in odd:
+        assert native_table([good, row]) is None, row  # type: ignore[list-item]
 
 
 def servicer(store: Store, clock: FakeClock, path: Path, *, lean: bool) -> ReplicationServicer:

@@ -42,7 +42,8 @@ from sidecar.core.users import UserService
 from sidecar.oauth.config import OAuthConfig
 from sidecar.oauth.errors import InvalidGrant
 from sidecar.oauth.server import AuthorizationServer
-from sidecar.replication.packing import pack_store_rows
+from sidecar.replication import packing
+from sidecar.replication.packing import native_table, pack_store_rows
 from sidecar.store import open_store
 from sidecar.store.sql import migrations
 from sidecar.store.sql.postgres import PostgresStore
@@ -184,7 +185,13 @@ def test_packing_rows_pack_to_the_table_the_replica_rows_pack_to(store: Store) -
         lean = pack_store_rows(uow.keys.packing_rows(2000)).encode()
         reference = PackedKeys.pack_rows(list(uow.keys.replica_rows(2000))).encode()
         assert len(list(uow.keys.packing_rows(2000))) == 6
+        # In the table's own order, for the compiled packing (when it is built here).
+        unordered = sorted(uow.keys.packing_rows(2000, ordered=False))
+        assert unordered == sorted(uow.keys.packing_rows(2000))
+        native = native_table(uow.keys.packing_rows(2000, ordered=False))
+        assert native is None if packing.unavailable() else native is not None
     assert lean == reference
+    assert native is None or native.encode() == reference
 
 
 def test_key_sweep_usable_and_operator(store: Store) -> None:

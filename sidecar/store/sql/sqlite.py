@@ -85,12 +85,12 @@ def _key_values(key: ApiKey) -> tuple[object, ...]:
 
 
 # KeyRepository.packing_rows: the expiry folded with a grace deadline as the packed table does
-# (a deadline of NULL or 0 is none), the shared part as one JSON text, in digest order (the
-# table's; {profile} and {digest} per database).
+# (a deadline of NULL or 0 is none), the shared part as one JSON text ({profile} per database);
+# "ORDER BY" the digest (the table's order) appended unless the caller sorts them itself.
 PACKING_ROWS = (
     "SELECT digest, id, CASE WHEN grace_deadline IS NULL OR grace_deadline = 0 "
     "OR grace_deadline >= expires_at THEN expires_at ELSE grace_deadline END, {profile} "
-    "FROM api_keys WHERE revoked_at IS NULL AND expires_at > ? ORDER BY {digest}"
+    "FROM api_keys WHERE revoked_at IS NULL AND expires_at > ?"
 )
 
 
@@ -237,8 +237,9 @@ class SqlKeys:
                 c = cidrs.setdefault(r[9], tuple(r[9].split()))
             yield (r[0], bytes(r[1]), r[2], s, r[4], r[5], r[6], False, r[7], r[8] is not None, c)
 
-    def packing_rows(self, now: int) -> Iterator[PackRow]:
-        sql = PACKING_ROWS.format(profile=self.packing_profile, digest=self.packing_order)
+    def packing_rows(self, now: int, *, ordered: bool = True) -> Iterator[PackRow]:
+        order = f" ORDER BY {self.packing_order}" if ordered else ""
+        sql = PACKING_ROWS.format(profile=self.packing_profile) + order
         return iter(self._conn.execute(sql, (now,)))
 
     def has_operator(self) -> bool:
