@@ -194,6 +194,19 @@ def test_packing_rows_pack_to_the_table_the_replica_rows_pack_to(store: Store) -
     assert native is None or native.encode() == reference
 
 
+def test_expiring_keys_are_counted_per_workspace(store: Store) -> None:
+    """The expiry metric's count: unrevoked keys expiring inside the window, per workspace."""
+    with store.transaction() as uow:
+        uow.keys.insert(make_key(1, expires_at=2500))
+        uow.keys.insert(make_key(2, expires_at=3000))  # the window's end is inside it
+        uow.keys.insert(make_key(3, expires_at=2500, workspace="globex"))
+        uow.keys.insert(make_key(4, expires_at=2500, revoked_at=1500))
+        uow.keys.insert(make_key(5, expires_at=2000))  # expired at ``now``
+        uow.keys.insert(make_key(6, expires_at=3001))
+    with store.read() as uow:
+        assert uow.keys.expiring_by_workspace(2000, 3000) == {"acme": 2, "globex": 1}
+
+
 def test_key_sweep_usable_and_operator(store: Store) -> None:
     with store.transaction() as uow:
         assert not uow.keys.has_operator()
