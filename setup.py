@@ -21,10 +21,11 @@ setup(
             optional=True,
             extra_compile_args=["-O2", "-std=c11", "-Wall", "-ffp-contract=off"],
         ),
-        # The snapshot build's columns moved and sorted in C (sidecar/replication/packing.py).
+        # The packed key table in C (sidecar/replication/packing.py builds the control plane's
+        # snapshot with it, sidecar/core/packed.py checks a received table's id order).
         Extension(
-            "sidecar.replication._packing",
-            ["sidecar/replication/_packing.c"],
+            "sidecar.core._packing",
+            ["sidecar/core/_packing.c"],
             optional=True,
             extra_compile_args=["-O2", "-std=c11", "-Wall"],
         ),

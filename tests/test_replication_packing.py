@@ -3,7 +3,7 @@
 stores in a real SQLite file (revoked, expired, replaced and suspended keys, several workspaces,
 ids of several lengths, scopes stored in any order), PackError in the same cases, the same
 snapshot file, and a key revoked while the snapshot is built never usable. The compiled packing
-(sidecar/replication/_packing.c) is held to the same bytes, on rows in any order, and hands the
+(sidecar/core/_packing.c) is held to the same bytes, on rows in any order, and hands the
 rows that end in a PackError back to the Python path (returns None) instead of packing them."""
 
 from __future__ import annotations
@@ -298,3 +298,62 @@ def test_a_key_revoked_while_the_snapshot_is_built_is_never_usable(
     replica.load_packed(revision, table, entries)  # ... which travels with it
     credential = replica.credential(victim.key.digest)
     assert credential is not None and credential.revoked
+
+
+id_blocks = st.integers(1, 5).flatmap(
+    lambda w: st.tuples(
+        st.just(w),
+        st.lists(
+            st.binary(min_size=w, max_size=w).map(lambda b: b.replace(b"\x01", b"\0")), max_size=40
+        ),
+    )
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(block=id_blocks, data=st.data())
+def test_the_compiled_id_order_check_agrees_with_the_loop(
+    block: tuple[int, list[bytes]], data: st.DataObject
+) -> None:
+    """``ids_ascending`` compiled and in Python, on id orders that are right (the ids sorted)
+    and wrong (any permutation, a row out of range, NULs anywhere, repeated ids)."""
+    from array import array
+
+    from sidecar.core import packed
+
+    width, rows = block
+    ids = b"".join(rows)
+    order = array("I", data.draw(st.permutations(range(len(rows)))))
+    if data.draw(st.booleans()):  # mostly sorted: the orders a valid table holds
+        order = array("I", sorted(range(len(rows)), key=rows.__getitem__))
+    if rows and data.draw(st.booleans()):
+        order[data.draw(st.integers(0, len(rows) - 1))] = data.draw(st.integers(0, len(rows) + 1))
+    expected = packed.ids_ascending(ids, width, order)
+    if packed._native is not None:
+        got = packed._native.ids_ascending(ids, width, order)
+        assert got is expected or (got is None and max(order) >= len(rows))
+
+
+def test_a_table_with_its_ids_out_of_order_is_refused_either_way(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from sidecar.core import packed
+
+    table = PackedKeys.pack_rows(
+        [
+            (f"key_{i}", bytes([i]) * 32, "acme", frozenset(), 5, 0, 0, False, None, False, ())
+            for i in range(40)
+        ]
+    )
+    good = table.encode()
+    bad = bytearray(good)
+    at = len(good) - 4 * len(table)  # the id order, the last column: swap its first two rows
+    bad[at : at + 8] = good[at + 4 : at + 8] + good[at : at + 4]
+    refusals = []
+    for native in (packed._native, None):
+        monkeypatch.setattr(packed, "_native", native)
+        assert PackedKeys.decode(good).encode() == good
+        with pytest.raises(PackError) as refused:
+            PackedKeys.decode(bytes(bad))
+        refusals.append(str(refused.value))
+    assert refusals == ["packed keys: key ids are empty, padded wrongly or out of order"] * 2

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from itertools import compress, islice
 
 from sidecar.core.changes import CredentialUpserted
+from sidecar.core.native import optional_module
 from sidecar.core.storage import KeyRow
 
 MAGIC = b"SPKT"
@@ -36,6 +37,7 @@ DIGEST_SIZE = 32
 MAX_ID_WIDTH = 255
 _HEADER = struct.Struct("<4sHHII")
 _LITTLE = sys.byteorder == "little"
+_native, _ = optional_module("sidecar.core._packing")
 
 for _code, _size in (("q", 8), ("I", 4), ("Q", 8)):
     if array(_code).itemsize != _size:  # pragma: no cover - every platform we ship to
@@ -365,14 +367,11 @@ class PackedKeys:
         self.check_digests()
         if len(self.id_order) != n or (n and max(self.id_order) >= n):
             raise PackError("packed keys: the id order is not a permutation of the rows")
-        ids, w = self.ids, self.width
-        previous = b""
-        for row in self.id_order:
-            key_id = ids[row * w : row * w + w]
-            stripped = key_id.rstrip(b"\0")
-            if not stripped or b"\0" in stripped or not key_id > previous:
-                raise PackError("packed keys: key ids are empty, padded wrongly or out of order")
-            previous = key_id
+        # In C where it is built: this loop was 1.2 s of a sidecar's 1M-key load.
+        ascending = _native.ids_ascending(self.ids, self.width, self.id_order) if _native else None
+        if not (ids_ascending(self.ids, self.width, self.id_order) if ascending is None
+                else ascending):  # fmt: skip
+            raise PackError("packed keys: key ids are empty, padded wrongly or out of order")
 
     def check_digests(self) -> None:
         """The digests are strictly ascending (so each appears once)."""
@@ -386,6 +385,20 @@ class PackedKeys:
                 self.digest_at(row) < self.digest_at(row + 1)
             ):
                 raise PackError("packed keys: a digest appears twice")
+
+
+def ids_ascending(ids: bytes, w: int, id_order: array[int]) -> bool:
+    """Whether the ids in ``id_order`` (rows of ``ids``, ``w`` bytes each) are each non-empty,
+    NUL-padded only at the end, and strictly ascending (sidecar/core/_packing.c's
+    ``ids_ascending`` is this loop compiled)."""
+    previous = b""
+    for row in id_order:
+        key_id = ids[row * w : row * w + w]
+        stripped = key_id.rstrip(b"\0")
+        if not stripped or b"\0" in stripped or not key_id > previous:
+            return False
+        previous = key_id
+    return True
 
 
 def _merge_order(kept: array[int], added: array[int], ids: bytes, w: int) -> array[int]:

@@ -10,7 +10,7 @@ text, so a row is four values; the rows are taken in chunks (the JSON texts of a
 dropped once interned) and every column is moved with C-level iteration, never a Python loop
 body per key. Only the few distinct profiles are parsed.
 
-Where the C extension is built (sidecar/replication/_packing.c, optional like the others), the
+Where the C extension is built (sidecar/core/_packing.c, optional like the others), the
 rows are read in table order instead (the database's sort by digest was ≈ 1.1 µs of the ≈ 5 µs
 per key left) and handed to it one at a time: it copies the columns, sorts by digest and by id
 (radix sorts) and returns the table's columns. Rows it would not pack exactly as this module
@@ -29,7 +29,7 @@ from sidecar.core.native import optional_module
 from sidecar.core.packed import DIGEST_SIZE, MAX_ID_WIDTH, PackedKeys, PackError, Profile
 from sidecar.core.storage import PackRow, UnitOfWork
 
-_native, _IMPORT_ERROR = optional_module("sidecar.replication._packing")
+_native, _IMPORT_ERROR = optional_module("sidecar.core._packing")
 
 CHUNK = 1 << 16
 _DIGEST, _ID, _EXPIRES, _PROFILE = (operator.itemgetter(i) for i in range(4))

@@ -1,5 +1,6 @@
-/* The control plane's first snapshot build, its columns moved and sorted in C
- * (sidecar/replication/packing.py is the caller and keeps the pure-Python reference).
+/* The packed key table (sidecar/core/packed.py) in C: the control plane's first snapshot build,
+ * its columns moved and sorted (sidecar/replication/packing.py is the caller and keeps the
+ * pure-Python reference), and the check of a received table's id order (PackedKeys.check).
  *
  * columns(rows) takes the store's packing rows (digest, id, expiry, profile text) in any order,
  * one at a time (a row is dropped as soon as it is copied), and returns the packed table's
@@ -12,7 +13,12 @@
  * a digest that is not 32 bytes, an id that is not 1 to 255 printable ASCII characters, an
  * expiry outside int64, a profile that is not a str, a digest or an id that appears twice):
  * the caller then reads the rows again and packs them in Python, which raises the PackError
- * those rows deserve. tests/test_replication_packing.py holds both paths to the same bytes. */
+ * those rows deserve. tests/test_replication_packing.py holds both paths to the same bytes.
+ *
+ * ids_ascending(ids, width, id_order) is PackedKeys.check's loop over the id order: each id
+ * (``width`` bytes, NUL-padded) not empty, no NUL before its padding, each one greater than the
+ * one before; None when the arguments are not what a table holds (the caller then runs its
+ * loop). tests/test_replication_packing.py compares the two on valid and corrupted orders. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
@@ -294,14 +300,47 @@ done:
     return result;
 }
 
+static PyObject *py_ids_ascending(PyObject *self, PyObject *args) {
+    Py_buffer ids, order;
+    Py_ssize_t w;
+    if (!PyArg_ParseTuple(args, "y*ny*", &ids, &w, &order)) return NULL;
+    PyObject *result = Py_None;
+    Py_ssize_t n = order.len / 4;
+    if (w >= 1 && w <= MAX_WIDTH && order.len % 4 == 0 && order.itemsize == 4 &&
+        ids.len == n * w) {
+        const unsigned char *block = ids.buf;
+        const uint32_t *rows = order.buf;
+        const unsigned char *previous = NULL;
+        result = Py_True;
+        for (Py_ssize_t i = 0; i < n && result == Py_True; i++) {
+            if (rows[i] >= (uint32_t)n) {
+                result = Py_None; /* not a permutation: checked before, by the caller */
+                break;
+            }
+            const unsigned char *id = block + (Py_ssize_t)rows[i] * w;
+            Py_ssize_t len = w;
+            while (len > 0 && id[len - 1] == 0) len--;
+            if (len == 0 || memchr(id, 0, (size_t)len) != NULL ||
+                (previous && memcmp(id, previous, (size_t)w) <= 0))
+                result = Py_False;
+            previous = id;
+        }
+    }
+    PyBuffer_Release(&ids);
+    PyBuffer_Release(&order);
+    return Py_NewRef(result);
+}
+
 static PyMethodDef methods[] = {
+    {"ids_ascending", py_ids_ascending, METH_VARARGS,
+     "ids_ascending(ids, width, id_order) -> bool | None: PackedKeys.check's id-order loop."},
     {"columns", py_columns, METH_O,
      "columns(rows) -> (digests, ids, width, expires, profiles, id_order, texts) | None."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_packing",
-                                    "The packed snapshot's columns, moved and sorted in C.", -1,
+                                    "The packed key table's columns built, and its id order checked, in C.", -1,
                                     methods};
 
 PyMODINIT_FUNC PyInit__packing(void) { return PyModule_Create(&module); }
