@@ -8,6 +8,7 @@ rows that end in a PackError back to the Python path (returns None) instead of p
 
 from __future__ import annotations
 
+import bisect
 import json
 import random
 import sqlite3
@@ -357,3 +358,34 @@ def test_a_table_with_its_ids_out_of_order_is_refused_either_way(
             PackedKeys.decode(bytes(bad))
         refusals.append(str(refused.value))
     assert refusals == ["packed keys: key ids are empty, padded wrongly or out of order"] * 2
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    digests=st.lists(
+        st.sampled_from([b"", b"\0\0", b"\xff\xff", b"\x80"]).flatmap(
+            lambda head: st.binary(min_size=32, max_size=32).map(lambda d: (head + d)[:32])
+        ),
+        unique=True,
+        max_size=200,
+    ),
+    bits=st.integers(0, 12),
+)
+def test_the_compiled_bucket_index_is_the_bisections(digests: list[bytes], bits: int) -> None:
+    """KeyTable's bucket index (the first row of each digest bucket) compiled and bisected."""
+    from array import array
+
+    from sidecar.authz import keytable
+    from sidecar.core.packed import prefix_column
+
+    block = b"".join(sorted(digests))
+    prefixes = prefix_column(block)
+    expected = array(
+        "I", (bisect.bisect_left(prefixes, b << (64 - bits)) for b in range(1 << bits))
+    )
+    expected.append(len(digests))
+    assert keytable.bucket_starts(block, bits) == expected
+    if keytable._native is None:
+        pytest.skip(f"the compiled packing is not built here: {packing.unavailable()}")
+    assert keytable._native.bucket_starts(block + b"x", bits) is None  # not whole digests
+    assert keytable._native.bucket_starts(block, 25) is None

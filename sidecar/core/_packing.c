@@ -331,7 +331,40 @@ static PyObject *py_ids_ascending(PyObject *self, PyObject *args) {
     return Py_NewRef(result);
 }
 
+/* bucket_starts(digests, bits): for each of the 2**bits buckets (a digest's top ``bits`` bits),
+ * the first row whose digest is in it or a later one, then the row count: KeyTable's index,
+ * in one pass over the sorted digests instead of a bisection per bucket (0.4 s at 1M keys). */
+static PyObject *py_bucket_starts(PyObject *self, PyObject *args) {
+    Py_buffer digests;
+    int bits;
+    if (!PyArg_ParseTuple(args, "y*i", &digests, &bits)) return NULL;
+    if (bits < 0 || bits > 24 || digests.len % DIGEST != 0 || digests.len / DIGEST > UINT32_MAX) {
+        PyBuffer_Release(&digests);
+        Py_RETURN_NONE;
+    }
+    Py_ssize_t n = digests.len / DIGEST, buckets = (Py_ssize_t)1 << bits;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, (buckets + 1) * 4);
+    if (!out) {
+        PyBuffer_Release(&digests);
+        return NULL;
+    }
+    uint32_t *starts = (uint32_t *)PyBytes_AS_STRING(out);
+    const unsigned char *d = digests.buf;
+    Py_ssize_t b = 0;
+    for (Py_ssize_t row = 0; row < n; row++) {
+        const unsigned char *p = d + row * DIGEST;
+        Py_ssize_t bucket = (Py_ssize_t)(((uint32_t)p[0] << 16 | (uint32_t)p[1] << 8 | p[2]) >>
+                                         (24 - bits));
+        while (b <= bucket) starts[b++] = (uint32_t)row; /* buckets up to this row's start here */
+    }
+    while (b <= buckets) starts[b++] = (uint32_t)n;
+    PyBuffer_Release(&digests);
+    return out;
+}
+
 static PyMethodDef methods[] = {
+    {"bucket_starts", py_bucket_starts, METH_VARARGS,
+     "bucket_starts(digests, bits) -> bytes | None: KeyTable's bucket index (uint32s)."},
     {"ids_ascending", py_ids_ascending, METH_VARARGS,
      "ids_ascending(ids, width, id_order) -> bool | None: PackedKeys.check's id-order loop."},
     {"columns", py_columns, METH_O,
