@@ -14,6 +14,7 @@ import random
 import sqlite3
 import threading
 from collections.abc import Iterator
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -389,3 +390,47 @@ def test_the_compiled_bucket_index_is_the_bisections(digests: list[bytes], bits:
         pytest.skip(f"the compiled packing is not built here: {packing.unavailable()}")
     assert keytable._native.bucket_starts(block + b"x", bits) is None  # not whole digests
     assert keytable._native.bucket_starts(block, 25) is None
+
+
+def table_bytes() -> bytes:
+    return PackedKeys.pack_rows(
+        [
+            (f"key_{i}" + "x" * (i % 3), bytes([i, 7]) * 16, f"ws{i % 3}", frozenset({"a"}),
+             1000 + i, 0, 0, False, None, i % 5 == 0, ())
+            for i in range(50)
+        ]
+    ).encode()  # fmt: skip
+
+
+def pieces(data: bytes, cuts: list[int]) -> list[bytes | memoryview]:
+    bounds = [0, *sorted(c % (len(data) + 1) for c in cuts), len(data)]
+    return [data[a:b] for a, b in pairwise(bounds)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    cuts=st.lists(st.integers(0, 10_000), max_size=12),
+    damage=st.sampled_from(["none", "truncate", "trail", "flip", "header"]),
+    at=st.integers(0, 10_000),
+)
+def test_a_table_decoded_from_its_pieces_is_the_table_decoded_whole(
+    cuts: list[int], damage: str, at: int
+) -> None:
+    """``decode_chunks`` (a snapshot's pieces as they arrived, never joined) gives the table
+    ``decode`` gives, or the same PackError, however the bytes are cut and damaged."""
+    data = bytearray(table_bytes())
+    where = at % len(data)
+    if damage == "truncate":
+        del data[where:]
+    elif damage == "trail":
+        data += b"\0"
+    elif damage == "flip":
+        data[where] ^= 0x41
+    elif damage == "header":
+        data[at % 16] ^= 0x01
+    whole = bytes(data)
+    chunks = pieces(whole, cuts)
+    assert outcome(lambda: PackedKeys.decode_chunks(chunks)) == outcome(
+        lambda: PackedKeys.decode(whole)
+    )
+    assert chunks == []  # emptied: the caller holds no piece of the table any more
