@@ -21,5 +21,13 @@ setup(
             optional=True,
             extra_compile_args=["-O2", "-std=c11", "-Wall", "-ffp-contract=off"],
         ),
+        # The packed key table in C (sidecar/replication/packing.py builds the control plane's
+        # snapshot with it, sidecar/core/packed.py checks a received table's id order).
+        Extension(
+            "sidecar.core._packing",
+            ["sidecar/core/_packing.c"],
+            optional=True,
+            extra_compile_args=["-O2", "-std=c11", "-Wall"],
+        ),
     ]
 )

@@ -149,14 +149,14 @@ def _kept(path: Path, n: int) -> dict[str, float]:
     return {"kept_bytes_per_key": round(kept / n, 1), "load_us_per_key": round(best / n * 1e6, 2)}
 
 
-def _build_parts(db: Path, n: int) -> dict[str, float]:
+def _build_parts(db: Path, n: int) -> dict[str, float | str]:
     """Where a control plane's first snapshot build goes, in this process on the same store
     (µs per key, wall and CPU, best of two; one at a million keys): reading the keys
     (``packing_rows``), reading and packing them (``packed_keys``), writing and checksumming
     the snapshot file; and the builder it replaced (``replica_rows`` + ``PackedKeys.pack_rows``)
     for comparison."""
     from sidecar.core.packed import PackedKeys
-    from sidecar.replication.packing import packed_keys
+    from sidecar.replication.packing import packed_keys, unavailable
     from sidecar.replication.snapshot_file import PackedSnapshot, SnapshotFile
     from sidecar.store.sql.sqlite import SqliteStore
 
@@ -165,9 +165,9 @@ def _build_parts(db: Path, n: int) -> dict[str, float]:
     file = SnapshotFile(db.parent / "build-parts.bin")
     packed = b""
 
-    def read() -> None:
+    def read() -> None:  # as the build reads: in table order when it packs in C
         with store.read() as uow:
-            for _ in uow.keys.packing_rows(now):
+            for _ in uow.keys.packing_rows(now, ordered=bool(unavailable())):
                 pass
 
     def build() -> None:
@@ -183,7 +183,7 @@ def _build_parts(db: Path, n: int) -> dict[str, float]:
             rows = list(uow.keys.replica_rows(now))
         assert PackedKeys.pack_rows(rows).encode() == packed  # the same table, byte for byte
 
-    parts = {}
+    parts: dict[str, float | str] = {"packing": "python" if unavailable() else "compiled"}
     try:
         for name, step in (("read", read), ("build", build), ("file_write", write),
                            ("reference_build", reference)):  # fmt: skip
@@ -279,7 +279,7 @@ def _control_plane(data: Path, admin: str, http: str, logs: Path | None, log: st
     return cp
 
 
-def measure(n: int, work: Path, logs: Path | None = None) -> dict[str, float]:
+def measure(n: int, work: Path, logs: Path | None = None) -> dict[str, float | str]:
     """Cold starts (launch → SERVING) and RSS of sidecars with ``n`` keys in their replica."""
     env = TargetEnv(frozenset({0}), work)
     data = work / f"cp-{n}"
@@ -353,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{row['link_pss_mb']:.1f} = pod {row['pod_pss_mb']:.1f} MB  "
                   f"kept {row['kept_bytes_per_key']:.1f} B/key  "
                   f"load {row['load_us_per_key']:.2f} us/key  "
-                  f"first build {row['build_us_per_key']:.2f} us/key, CPU "
+                  f"first build ({row['packing']}) {row['build_us_per_key']:.2f} us/key, CPU "
                   f"{row['build_cpu_us_per_key']:.2f} (read "
                   f"{row['read_us_per_key']:.2f}, file {row['file_write_us_per_key']:.2f}; "
                   f"the former builder {row['reference_build_us_per_key']:.2f}, CPU "

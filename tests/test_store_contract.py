@@ -42,7 +42,8 @@ from sidecar.core.users import UserService
 from sidecar.oauth.config import OAuthConfig
 from sidecar.oauth.errors import InvalidGrant
 from sidecar.oauth.server import AuthorizationServer
-from sidecar.replication.packing import pack_store_rows
+from sidecar.replication import packing
+from sidecar.replication.packing import native_table, pack_store_rows
 from sidecar.store import open_store
 from sidecar.store.sql import migrations
 from sidecar.store.sql.postgres import PostgresStore
@@ -184,7 +185,26 @@ def test_packing_rows_pack_to_the_table_the_replica_rows_pack_to(store: Store) -
         lean = pack_store_rows(uow.keys.packing_rows(2000)).encode()
         reference = PackedKeys.pack_rows(list(uow.keys.replica_rows(2000))).encode()
         assert len(list(uow.keys.packing_rows(2000))) == 6
+        # In the table's own order, for the compiled packing (when it is built here).
+        unordered = sorted(uow.keys.packing_rows(2000, ordered=False))
+        assert unordered == sorted(uow.keys.packing_rows(2000))
+        native = native_table(uow.keys.packing_rows(2000, ordered=False))
+        assert native is None if packing.unavailable() else native is not None
     assert lean == reference
+    assert native is None or native.encode() == reference
+
+
+def test_expiring_keys_are_counted_per_workspace(store: Store) -> None:
+    """The expiry metric's count: unrevoked keys expiring inside the window, per workspace."""
+    with store.transaction() as uow:
+        uow.keys.insert(make_key(1, expires_at=2500))
+        uow.keys.insert(make_key(2, expires_at=3000))  # the window's end is inside it
+        uow.keys.insert(make_key(3, expires_at=2500, workspace="globex"))
+        uow.keys.insert(make_key(4, expires_at=2500, revoked_at=1500))
+        uow.keys.insert(make_key(5, expires_at=2000))  # expired at ``now``
+        uow.keys.insert(make_key(6, expires_at=3001))
+    with store.read() as uow:
+        assert uow.keys.expiring_by_workspace(2000, 3000) == {"acme": 2, "globex": 1}
 
 
 def test_key_sweep_usable_and_operator(store: Store) -> None:

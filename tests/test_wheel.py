@@ -76,6 +76,8 @@ def test_the_wheel_holds_every_data_file_of_the_package(wheel: Path) -> None:
     assert any(n.startswith("sidecar/dataplane/_fastcheck.") and n.endswith(".so") for n in names)
     # And the compiled audit ingest step, the same way.
     assert any(n.startswith("sidecar/core/_auditchain.") and n.endswith(".so") for n in names)
+    # And the packed key table's (the snapshot build, a sidecar's load).
+    assert any(n.startswith("sidecar/core/_packing.") and n.endswith(".so") for n in names)
 
 
 def _env(bin_dir: Path, **extra: str) -> dict[str, str]:

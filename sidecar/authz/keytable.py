@@ -13,9 +13,11 @@ from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network, ip_network
 
 from sidecar.authz.decision import Identity
+from sidecar.core.native import optional_module
 from sidecar.core.packed import DIGEST_SIZE, PackedKeys, Profile, prefix_column
 
 KIND = "api_key"
+_native, _ = optional_module("sidecar.core._packing")
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,10 +75,7 @@ class KeyTable:
         # 24, so the first three bytes hold them).
         bits = max(0, min(24, n.bit_length() - 1))
         self.shift = 24 - bits
-        prefixes = prefix_column(packed.digests)  # only while the buckets are built
-        top = 64 - bits
-        self.starts = array("I", (bisect_left(prefixes, b << top) for b in range(1 << bits)))
-        self.starts.append(n)
+        self.starts = bucket_starts(packed.digests, bits)
         self.shared = [Shared.of(p) for p in packed.profiles]
 
     @classmethod
@@ -114,3 +113,19 @@ class KeyTable:
             networks=s.networks,
         )
         return Credential(identity, s.revoked, s.suspended)
+
+
+def bucket_starts(digests: bytes, bits: int) -> array[int]:
+    """For each of the ``2**bits`` buckets (a digest's top ``bits`` bits), the first row of
+    the sorted ``digests`` in it or after it, then the row count (in C where it is built: one
+    pass instead of a bisection per bucket, 0.4 s of a 1M-key load)."""
+    starts = array("I")
+    raw = _native.bucket_starts(digests, bits) if _native is not None else None
+    if raw is not None:
+        starts.frombytes(raw)
+        return starts
+    prefixes = prefix_column(digests)
+    top = 64 - bits
+    starts.extend(bisect_left(prefixes, b << top) for b in range(1 << bits))
+    starts.append(len(prefixes))
+    return starts

@@ -216,7 +216,7 @@ class SyncClient:
         self._last_save = 0.0
         self._save_every = persist_interval
         self._pending: list[Change] = []
-        self._packed = bytearray()
+        self._packed: list[bytes] = []  # the pieces of a packed key table, as they arrived
         self._unsaved: list[Change] = []  # applied since the last save, for the log
         self._whole = True  # the next save writes the whole replica (a snapshot, a restart)
         # Ask for the snapshot's keys as a packed table (a control plane that predates it
@@ -314,7 +314,7 @@ class SyncClient:
         self._last_message = time.monotonic()
         self._call = call
         self._pending = []
-        self._packed = bytearray()
+        self._packed = []
         received = False
         for message in call:
             received = True
@@ -332,7 +332,8 @@ class SyncClient:
             elif kind == "snapshot":
                 snap = message.snapshot
                 self._pending.extend(from_pb(e) for e in snap.entries)
-                self._packed += snap.packed_keys
+                if snap.packed_keys:
+                    self._packed.append(snap.packed_keys)
                 if snap.complete:
                     self._load_snapshot(snap.revision, snap.log_id)
             self._save()
@@ -341,11 +342,13 @@ class SyncClient:
     def _load_snapshot(self, revision: int, log_id: str) -> None:
         """Swap in the snapshot just completed: a packed key table when the control plane
         sent one, else (a control plane that predates it) every key as an entry."""
-        packed, self._packed = bytes(self._packed), bytearray()
+        chunks: list[bytes | memoryview]
+        chunks, self._packed = list(self._packed), []
         pending, self._pending = self._pending, []
+        packed = bool(chunks)
         if packed:
-            try:
-                table = PackedKeys.decode(packed)
+            try:  # decoded from the pieces (never joined first: one copy of the table less)
+                table = PackedKeys.decode_chunks(chunks)
             except PackError as exc:
                 raise ReplicaError(f"snapshot at revision {revision}: {exc}") from exc
             self.replica.load_packed(revision, table, pending, log_id)

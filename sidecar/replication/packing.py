@@ -8,7 +8,14 @@ row, a frozenset and a tuple per key for its profile, and the rows sorted and re
 Here the database folds the grace deadline into the expiry and writes the shared part as one JSON
 text, so a row is four values; the rows are taken in chunks (the JSON texts of a chunk are
 dropped once interned) and every column is moved with C-level iteration, never a Python loop
-body per key. Only the few distinct profiles are parsed."""
+body per key. Only the few distinct profiles are parsed.
+
+Where the C extension is built (sidecar/core/_packing.c, optional like the others), the
+rows are read in table order instead (the database's sort by digest was ≈ 1.1 µs of the ≈ 5 µs
+per key left) and handed to it one at a time: it copies the columns, sorts by digest and by id
+(radix sorts) and returns the table's columns. Rows it would not pack exactly as this module
+does (the cases that end in a PackError) make it return None, and the keys are read again and
+packed here, the reference, which raises the error those rows deserve."""
 
 from __future__ import annotations
 
@@ -18,8 +25,11 @@ from array import array
 from collections.abc import Iterable
 from itertools import islice, repeat
 
+from sidecar.core.native import optional_module
 from sidecar.core.packed import DIGEST_SIZE, MAX_ID_WIDTH, PackedKeys, PackError, Profile
 from sidecar.core.storage import PackRow, UnitOfWork
+
+_native, _IMPORT_ERROR = optional_module("sidecar.core._packing")
 
 CHUNK = 1 << 16
 _DIGEST, _ID, _EXPIRES, _PROFILE = (operator.itemgetter(i) for i in range(4))
@@ -32,7 +42,44 @@ _Canonical = tuple[str, frozenset[str], int, int, tuple[str, ...], bool, bool]
 def packed_keys(uow: UnitOfWork, now: int) -> PackedKeys:
     """Every usable key as one packed key table (the API-key part of a packed snapshot), read
     in ``uow``'s transaction; PackError when a key cannot be packed."""
+    if _native is not None:
+        table = native_table(uow.keys.packing_rows(now, ordered=False))
+        if table is not None:
+            return table
     return pack_store_rows(uow.keys.packing_rows(now))
+
+
+def unavailable() -> str:
+    """Why the compiled packing cannot run here ('' when it can)."""
+    return _IMPORT_ERROR
+
+
+def native_table(rows: Iterable[PackRow]) -> PackedKeys | None:
+    """``pack_store_rows(rows)`` (``rows`` in any order) packed in C; None when the extension is
+    not built or a row needs the Python path (which then gives the table or the PackError)."""
+    columns = _native.columns(rows) if _native is not None else None
+    if columns is None:
+        return None
+    digests, ids, width, expires, raw, id_order, texts = columns
+    profile_of, profiles = _profiles(_column("I", raw), texts)
+    table = PackedKeys(
+        digests=digests,
+        ids=ids,
+        width=width,
+        expires=_column("q", expires),
+        profile_of=profile_of,
+        id_order=_column("I", id_order),
+        profiles=profiles,
+    )
+    table.check_digests()  # sorted and unique in C; checked here, never trusted
+    return table
+
+
+def _column(code: str, raw: bytes) -> array[int]:
+    """A column the extension wrote in this machine's byte order."""
+    column = array(code)
+    column.frombytes(raw)
+    return column
 
 
 def pack_store_rows(rows: Iterable[PackRow]) -> PackedKeys:

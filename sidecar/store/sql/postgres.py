@@ -70,6 +70,7 @@ class PgKeys(SqlKeys):
         "suspended_at IS NOT NULL)::text"
     )
     packing_order = "digest"
+    expiring_group = "workspace"
 
     def __init__(self, conn: Conn) -> None:
         super().__init__(QmarkConnection(conn))
