@@ -3,7 +3,6 @@ the response Envoy must see — for every reason code."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pytest
@@ -205,7 +204,7 @@ def test_a_token_verified_again_is_built_once_per_answer() -> None:
     template (placeholder and check builds) made for one would never serve the next."""
     encoder = CountingEncoder()
     strip = ("authorization",)
-    answers = [Decision(Reason.OK, f"dec_{n:024x}", dataclasses.replace(TOKEN)) for n in range(4)]
+    answers = [Decision(Reason.OK, f"dec_{n:024x}", TOKEN._replace()) for n in range(4)]
     out = []
     builds = []
     for decision in answers:
@@ -335,7 +334,7 @@ def test_the_prefixes_by_length_are_bounded() -> None:
     answers stay the field-by-field assembly."""
     heads = check_responses._HEADS
     for n in range(0, 3 * check_responses._HEADS_MAX // 5 + 50, 7):
-        ident = dataclasses.replace(TOKEN, subject="s" * n, client_id="c" * (n + 1))
+        ident = TOKEN._replace(subject="s" * n, client_id="c" * (n + 1))
         decision = Decision(Reason.OK, "d" * (n % 400), ident)
         assert ResponseEncoder().build(decision, STRIP) == _reference_allow(decision, STRIP)
         assert len(heads) <= check_responses._HEADS_MAX
