@@ -3,7 +3,6 @@ the response Envoy must see — for every reason code."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pytest
@@ -205,7 +204,7 @@ def test_a_token_verified_again_is_built_once_per_answer() -> None:
     template (placeholder and check builds) made for one would never serve the next."""
     encoder = CountingEncoder()
     strip = ("authorization",)
-    answers = [Decision(Reason.OK, f"dec_{n:024x}", dataclasses.replace(TOKEN)) for n in range(4)]
+    answers = [Decision(Reason.OK, f"dec_{n:024x}", TOKEN._replace()) for n in range(4)]
     out = []
     builds = []
     for decision in answers:
@@ -335,7 +334,31 @@ def test_the_prefixes_by_length_are_bounded() -> None:
     answers stay the field-by-field assembly."""
     heads = check_responses._HEADS
     for n in range(0, 3 * check_responses._HEADS_MAX // 5 + 50, 7):
-        ident = dataclasses.replace(TOKEN, subject="s" * n, client_id="c" * (n + 1))
+        ident = TOKEN._replace(subject="s" * n, client_id="c" * (n + 1))
         decision = Decision(Reason.OK, "d" * (n % 400), ident)
         assert ResponseEncoder().build(decision, STRIP) == _reference_allow(decision, STRIP)
         assert len(heads) <= check_responses._HEADS_MAX
+
+
+def test_identity_is_immutable_hashable_and_equal_by_value() -> None:
+    """Identity is a NamedTuple (cheaper to build than the frozen dataclass it was) and keeps
+    its contract: no field can be set, two built from the same values are equal and hash the
+    same (it is used as a key), and any field's difference makes them unequal."""
+    import typing
+
+    def make(**changed: typing.Any) -> Identity:
+        fields: dict[str, typing.Any] = {
+            "kind": "access_token", "id": "jti_1", "workspace": "acme",
+            "scopes": frozenset({"checks:read"}), "expires_at": 2e9, "subject": "usr_1",
+            "client_id": "app_1", "grant_id": "g_1", "key_id": "k_1",
+        }  # fmt: skip
+        return Identity(**{**fields, **changed})
+
+    a, b = make(), make()
+    assert a == b and hash(a) == hash(b) and a is not b and {a: 1}[b] == 1
+    with pytest.raises(AttributeError):
+        a.workspace = "other"  # type: ignore[misc]
+    for name, other in [("workspace", "other"), ("kind", "api_key"), ("scopes", frozenset()),
+                        ("key_id", "k_2"), ("rate_limit", 5), ("networks", ("x",))]:  # fmt: skip
+        assert make(**{name: other}) != a
+    assert a.workspace == "acme"

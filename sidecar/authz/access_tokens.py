@@ -288,13 +288,6 @@ def _number(claims: Mapping[str, Any], name: str) -> int | None:
         raise TokenRejected(Reason.INSUFFICIENT_CLAIMS) from None
 
 
-def _string(claims: Mapping[str, Any], name: str) -> str:
-    value = claims.get(name)
-    if not isinstance(value, str) or not value:
-        raise TokenRejected(Reason.INSUFFICIENT_CLAIMS)
-    return value
-
-
 def _verify_claims(
     claims: Mapping[str, Any],
     issuer: str,
@@ -315,38 +308,53 @@ def _verify_claims(
         # RFC 7519 §4.1.3: a string or an array of strings; anything else is not an audience.
         if audience not in audiences or not all(isinstance(a, str) for a in audiences):
             raise TokenRejected(Reason.WRONG_AUDIENCE)
-    exp = _number(claims, "exp")
-    iat = _number(claims, "iat")
+    get = claims.get
+    exp = get("exp")
+    if exp.__class__ is not int:  # an int is the usual case: no call
+        exp = _number(claims, "exp")
+    iat = get("iat")
+    if iat.__class__ is not int:
+        iat = _number(claims, "iat")
     if exp is None or iat is None:
         raise TokenRejected(Reason.INSUFFICIENT_CLAIMS)
     # RFC 7519 §4.1.4: not accepted on or after exp (with a small leeway for clock skew).
     if now >= exp + leeway:
         raise TokenRejected(Reason.TOKEN_EXPIRED)
-    nbf = _number(claims, "nbf")
+    nbf = get("nbf")
+    if nbf is not None and nbf.__class__ is not int:
+        nbf = _number(claims, "nbf")
     if (nbf is not None and now + leeway < nbf) or now + leeway < iat:
         raise TokenRejected(Reason.TOKEN_NOT_YET_VALID)
     # The issuer never signs a token that lives longer than its access-token TTL: a longer
     # one was signed by someone else holding a key (a stolen key mints century-long tokens).
     if max_lifetime is not None and exp - iat > max_lifetime + leeway:
         raise TokenRejected(Reason.LIFETIME_TOO_LONG)
-    scope = claims.get("scope", "")
+    scope = get("scope", "")
     if not isinstance(scope, str):
         raise TokenRejected(Reason.INSUFFICIENT_CLAIMS)
-    workspace = _string(claims, "workspace")
+    workspace = get("workspace")
+    if not isinstance(workspace, str) or not workspace:
+        raise TokenRejected(Reason.INSUFFICIENT_CLAIMS)
     # An access token acts for one member in one workspace: never "*" (the operator's), never
     # something that is not a workspace name.
     if not _WORKSPACE.fullmatch(workspace):
         raise TokenRejected(Reason.INVALID_WORKSPACE)
+    # Then sub, client_id, jti and sid, in that order, each a non-empty string (checked inline:
+    # a call fewer per claim on every cold token; all four refuse with the same reason).
+    sub, client_id, jti, sid = get("sub"), get("client_id"), get("jti"), get("sid")
+    if not (
+        isinstance(sub, str)
+        and sub
+        and isinstance(client_id, str)
+        and client_id
+        and isinstance(jti, str)
+        and jti
+        and isinstance(sid, str)
+        and sid
+    ):
+        raise TokenRejected(Reason.INSUFFICIENT_CLAIMS)
     return TokenIdentity(
-        subject=_string(claims, "sub"),
-        client_id=_string(claims, "client_id"),
-        workspace=workspace,
-        scopes=frozenset(scope.split()),
-        jti=_string(claims, "jti"),
-        grant_id=_string(claims, "sid"),
-        expires_at=exp,
-        issued_at=iat,
-        key_id=key_id,
+        sub, client_id, workspace, frozenset(scope.split()), jti, sid, exp, iat, key_id
     )
 
 
