@@ -5,12 +5,12 @@ with a few multi-row statements; each workspace's head is read once per batch.""
 
 from __future__ import annotations
 
-import itertools
 import json
 import sqlite3
 from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
+from sidecar.core import audit_native
 from sidecar.core.audit import AuditEvent, AuditQuery, scrub
 from sidecar.core.audit_batch import PreparedBatch, linked_rows
 from sidecar.core.audit_chain import (
@@ -154,10 +154,7 @@ class SqlAudit:
             if size == 1:
                 self._conn.executemany(sql, rows[at:end])
             else:
-                flat = itertools.chain.from_iterable
-                self._conn.executemany(
-                    sql, [tuple(flat(rows[i : i + size])) for i in range(at, end, size)]
-                )
+                self._conn.executemany(sql, audit_native.flat(rows[at:end], size))
             at = end
 
     def get_many(self, event_ids: Collection[str]) -> dict[str, AuditEvent]:
