@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sqlite3
 import time
 from pathlib import Path
 
-import psycopg
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -29,8 +27,9 @@ from sidecar.core.audit_chain import GENESIS, canonical, canonical_reference
 from sidecar.core.audit_trail import NO_WORKSPACE, SIDECAR, AuditTrail
 from sidecar.core.clock import FakeClock
 from sidecar.core.models import Principal, RequestContext
-from sidecar.core.storage import Store
+from sidecar.core.storage import IdAlreadyStored, Store
 from sidecar.store.sql.postgres import PostgresStore
+from sidecar.store.sql.sqlite import SqliteStore
 from tests.conftest import RunningControlPlane
 from tests.support.postgres import postgres_available
 from tests.support.rawsql import raw
@@ -207,6 +206,60 @@ def test_batches_stored_together_see_the_ones_before_them(store: Store, clock: F
     assert sum(all_verify(trail).values()) == 10
 
 
+def test_a_stored_id_late_in_a_call_stores_the_call_again_with_the_lookup(
+    store: Store, clock: FakeClock
+) -> None:
+    """Ingest inserts a call's records without looking their ids up; the id index refuses a
+    stored one, which voids the transaction, and the call is stored again with the lookup. The
+    answer is the lookup's: re-sends acknowledged, a conflict refused and counted once, and
+    nothing of the first attempt left behind (no row twice, chains without a gap)."""
+    trail = AuditTrail(store, clock, KEY)
+    earlier = mixed(clock, 0, 30)
+    trail.ingest(SHIPPER, earlier)
+    latest = trail.latest_record_time()
+    one, two, three = mixed(clock, 30, 500), mixed(clock, 530, 500), mixed(clock, 1030, 20)
+    other = record(3, "globex", earlier[3].time)  # earlier[3]'s id, other content
+    assert other.id == earlier[3].id and other != earlier[3]
+    resent = [*three[:10], earlier[7], other, *three[10:], earlier[20]]
+    results = trail.ingest_batches(
+        SHIPPER,
+        [EventBatch(one, latest), EventBatch(two, latest), EventBatch(resent, latest)],
+    )
+    assert [r.stored for r in results] == [500, 500, 20] and trail.conflicts == 1
+    assert results[2].acknowledged == [
+        *(e.id for e in three[:10]),
+        earlier[7].id,
+        *(e.id for e in three[10:]),
+        earlier[20].id,
+    ]
+    assert [(r.id, r.index, r.reason) for r in results[2].refused] == [
+        (other.id, 11, RefusalReason.CONFLICT)
+    ]
+    with raw(store) as conn:
+        stored = [str(r[0]) for r in conn.execute("SELECT id FROM audit_events ORDER BY seq")]
+    assert stored == [e.id for e in [*earlier, *one, *two, *three]]
+    assert sum(all_verify(trail).values()) == 1050
+
+
+def test_a_call_of_new_records_looks_no_id_up(tmp_path: Path, clock: FakeClock) -> None:
+    """The steady state (nothing re-sent) costs no id lookup: the id index's own check finds a
+    stored id (above). SQLite's statements, traced on the store's connection."""
+    store = SqliteStore(tmp_path / "trail.db")
+    trail = AuditTrail(store, clock, KEY)
+    trail.ingest(SHIPPER, mixed(clock, 0, 10))
+    statements: list[str] = []
+    store._connect().set_trace_callback(statements.append)
+    latest = trail.latest_record_time()
+    sent = mixed(clock, 10, 600)
+    trail.ingest_batches(SHIPPER, [EventBatch(sent[:500], latest), EventBatch(sent[500:], latest)])
+    inserts = [s for s in statements if s.startswith("INSERT OR ROLLBACK INTO audit_events")]
+    assert len(inserts) == 2 + 4  # 250, 250; then 100: 25 x 4
+    assert not [s for s in statements if "WHERE id IN" in s]
+    trail.ingest(SHIPPER, sent[:3])  # a re-send: looked up in the second attempt
+    assert [s for s in statements if "WHERE id IN" in s]
+    store.close()
+
+
 def _fail_inserts_of(store: Store, event_id: str) -> None:
     """A real database fault on one row's INSERT (a trigger raising), as a full disk or a lost
     connection would fail a statement halfway through a batch."""
@@ -308,15 +361,16 @@ def _key_event_then(store: Store, first: AuditEvent, events: list[AuditEvent]) -
 def test_a_constraint_failing_mid_insert_rolls_back_the_whole_transaction(
     store: Store, clock: FakeClock, count: int
 ) -> None:
-    """A row the table refuses (here an id twice, which ingest never sends: it looks ids up
-    first) fails the transaction it is in, with the change before it in that transaction, and
-    the store takes the next transaction as if nothing happened."""
+    """A row the table refuses (here an id twice in one insert) fails the transaction it is in,
+    with the change before it in that transaction, and the store takes the next transaction as
+    if nothing happened. A stored id is reported as such (ingest then stores its call again,
+    looking ids up)."""
     trail = AuditTrail(store, clock, KEY)
     trail.ingest(SHIPPER, mixed(clock, 0, 4))
     before = chains(store)
     events = [e._replace(workspace=e.workspace or NO_WORKSPACE) for e in mixed(clock, 4, count)]
     events[count - 3] = events[count - 3]._replace(id=events[2].id)
-    with pytest.raises((sqlite3.IntegrityError, psycopg.errors.UniqueViolation)):
+    with pytest.raises(IdAlreadyStored):
         _key_event_then(store, event(clock.now(), "key_op", "key.created", "acme", "key_x"), events)
     assert chains(store) == before
     assert trail.ingest(SHIPPER, mixed(clock, 4, count)).stored == count

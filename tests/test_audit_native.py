@@ -455,6 +455,31 @@ def test_genesis_links_the_first_record() -> None:
     assert row[10:12] == (1, GENESIS)
 
 
+@pytest.mark.parametrize("size", [1, 2, 25, 250])
+def test_insert_parameters_are_the_rows_values_in_order(
+    monkeypatch: pytest.MonkeyPatch, size: int
+) -> None:
+    """``flat`` (the multi-row INSERTs' parameters) holds each row's values in order, ``size``
+    rows to a tuple, the same compiled and in Python; it refuses what it cannot lay out."""
+    batch = audit_native.parse(_valid_message(250), LATEST)
+    assert batch is not None
+    rows = batch.rows([i for i, _ in batch.accepted], {})
+    compiled = audit_native.flat(rows, size)
+    assert [len(p) for p in compiled] == [size * 13] * (250 // size)
+    assert [v for p in compiled for v in p] == [v for row in rows for v in row]
+    monkeypatch.setattr(audit_native, "_native", None)
+    assert audit_native.flat(rows, size) == compiled
+    for bad, error in [
+        ((rows, 3), ValueError),
+        ((rows, 0), ValueError),
+        (([*rows[:2], rows[0][:5]], 1), TypeError),
+        (([*rows[:1], [1]], 1), TypeError),
+        ((tuple(rows), 1), TypeError),
+    ]:
+        with pytest.raises(error):
+            _native.flat(*bad)
+
+
 def test_without_the_extension_the_python_path_runs_and_says_so_once(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -866,11 +866,53 @@ static PyObject *py_redact(PyObject *mod, PyObject *arg) {
     return res;
 }
 
+/* ------------------------------------------------------------------- INSERT params -- */
+
+/* flat(rows, size) -> [tuple]: ``rows`` (tuples of one length) as the parameters of multi-row
+ * INSERTs, ``size`` rows to a tuple, in order; len(rows) must be a multiple of ``size``. What
+ * ``tuple(itertools.chain.from_iterable(rows[i:i + size]))`` per statement builds, without
+ * an iterator and a resized tuple per statement (≈ 0.4 us per row in Python). */
+static PyObject *py_flat(PyObject *mod, PyObject *args) {
+    PyObject *rows;
+    Py_ssize_t size;
+    if (!PyArg_ParseTuple(args, "O!n", &PyList_Type, &rows, &size)) return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(rows), width = 0;
+    if (size < 1 || n % size) {
+        PyErr_SetString(PyExc_ValueError, "flat() needs a positive size dividing len(rows)");
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *row = PyList_GET_ITEM(rows, i);
+        if (!PyTuple_Check(row) || (i && PyTuple_GET_SIZE(row) != width)) {
+            PyErr_SetString(PyExc_TypeError, "flat() takes a list of tuples of one length");
+            return NULL;
+        }
+        width = PyTuple_GET_SIZE(row);
+    }
+    PyObject *out = PyList_New(n / size);
+    if (!out) return NULL;
+    for (Py_ssize_t s = 0; s < n / size; s++) {
+        PyObject *params = PyTuple_New(size * width);
+        if (!params) { Py_DECREF(out); return NULL; }
+        for (Py_ssize_t r = 0; r < size; r++) {
+            PyObject *row = PyList_GET_ITEM(rows, s * size + r);
+            for (Py_ssize_t k = 0; k < width; k++) {
+                PyObject *v = PyTuple_GET_ITEM(row, k);
+                Py_INCREF(v);
+                PyTuple_SET_ITEM(params, r * width + k, v);
+            }
+        }
+        PyList_SET_ITEM(out, s, params);
+    }
+    return out;
+}
+
 static PyMethodDef module_methods[] = {
     {"parse", py_parse, METH_VARARGS,
      "parse(request_bytes, latest) -> None | (report_refused, count, refused, accepted, records)."},
     {"link", py_link, METH_VARARGS, "link(accepted_records, heads) -> rows to insert."},
     {"copy_text", py_copy_text, METH_O, "copy_text(rows) -> COPY text payload | None."},
+    {"flat", py_flat, METH_VARARGS, "flat(rows, size) -> rows' values, size rows per tuple."},
     {"redact", py_redact, METH_O, "audit.redact, compiled (for the differential tests)."},
     {NULL, NULL, 0, NULL}};
 

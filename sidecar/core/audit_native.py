@@ -7,6 +7,7 @@ the reference), with the same result."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import MutableMapping, Sequence
 from typing import Any
@@ -64,6 +65,16 @@ def copy_text(rows: list[Row]) -> bytes | None:
     ``write_row`` sends row by row, at a fraction of its per-row cost); None without the
     compiled step or when a value is not one it writes (a NUL: psycopg then refuses it)."""
     return None if _native is None else _native.copy_text(rows)
+
+
+def flat(rows: list[Row], size: int) -> list[tuple[Any, ...]]:
+    """``rows`` as the parameters of ``size``-row INSERT statements (``len(rows)`` a multiple of
+    ``size``): each tuple the values of ``size`` consecutive rows, in order."""
+    if _native is not None:
+        params: list[tuple[Any, ...]] = _native.flat(rows, size)
+        return params
+    chain = itertools.chain.from_iterable
+    return [tuple(chain(rows[at : at + size])) for at in range(0, len(rows), size)]
 
 
 def parse(data: bytes, latest: float) -> NativeBatch | None:

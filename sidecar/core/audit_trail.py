@@ -35,9 +35,14 @@ from sidecar.core.audit_chain import (
 from sidecar.core.clock import Clock
 from sidecar.core.errors import FailedPrecondition, InvalidArgument
 from sidecar.core.models import OPERATOR_WORKSPACE, Principal, RequestContext
-from sidecar.core.storage import Store, UnitOfWork
+from sidecar.core.storage import IdAlreadyStored, Store, UnitOfWork
 
 log = logging.getLogger("sidecar.audit")
+
+# Per batch of a call: the batch, its refusals so far, its first copies (id -> position) and
+# the identical copies after them; once stored, with the ids acknowledged and how many were new.
+_FirstCopies = tuple[PreparedBatch, list[Refusal], dict[str, int], list[tuple[int, str]]]
+_Staged = tuple[PreparedBatch, list[Refusal], list[tuple[int, str]], list[str], int]
 
 # A sidecar shipping decision records, authenticated by the sync token: it may ingest, nothing
 # else (no scopes, so every read refuses it).
@@ -252,26 +257,50 @@ class AuditTrail:
                 raise InvalidArgument(
                     "records", f"at most {self.policy.max_ingest_batch} per message"
                 )
-        staged = []
-        with self._store.transaction() as uow:
-            for batch in batches:
-                refused = list(batch.refused)
-                first, repeated = self._first_copies(batch, refused)
-                acknowledged, new = self._store_new(uow, batch, first, refused)
-                staged.append((batch, refused, repeated, acknowledged, len(new)))
-            cursor = uow.audit.last_seq()
+        firsts = []
+        for batch in batches:
+            refused = list(batch.refused)
+            first, repeated = self._first_copies(batch, refused)
+            firsts.append((batch, refused, first, repeated))
+        try:
+            # The steady state: nothing re-sent. The ids go in without a lookup (a statement
+            # per message and a probe of the id index per record); the id index refuses a
+            # stored one, which voids the transaction, and the call is stored again with the
+            # lookup, so a re-send costs a second transaction.
+            staged, cursor = self._store_all(firsts, look_up=False)
+        except IdAlreadyStored:
+            log.debug("audit ingest: a record id is stored already; storing with a lookup")
+            staged, cursor = self._store_all(firsts, look_up=True)
         results = [self._result(*s, cursor) for s in staged]
         if self._on_ingested is not None:
             for result in results:
                 self._on_ingested(result)
         return results
 
+    def _store_all(self, firsts: list[_FirstCopies], *, look_up: bool) -> tuple[list[_Staged], int]:
+        """Each batch's first copies stored, in one transaction; with ``look_up``, stored ids
+        are found first (re-sends acknowledged, conflicts refused), else a stored id raises
+        ``IdAlreadyStored``. Returns what ``_result`` needs per batch and the trail's end."""
+        staged: list[_Staged] = []
+        with self._store.transaction() as uow:
+            for batch, refused_before, first, repeated in firsts:
+                refused = list(refused_before)  # a second attempt starts from the same ones
+                acknowledged, new = self._store_new(uow, batch, first, refused, look_up)
+                staged.append((batch, refused, repeated, acknowledged, len(new)))
+            cursor = uow.audit.last_seq()
+        return staged, cursor
+
     def _store_new(
-        self, uow: UnitOfWork, batch: PreparedBatch, first: dict[str, int], refused: list[Refusal]
+        self,
+        uow: UnitOfWork,
+        batch: PreparedBatch,
+        first: dict[str, int],
+        refused: list[Refusal],
+        look_up: bool,
     ) -> tuple[list[str], list[int]]:
         """Insert the first copies whose id is not stored; returns the ids acknowledged (new or
         re-sent) and the positions inserted. A stored id with other content is refused."""
-        known = uow.audit.get_many(first.keys())
+        known = uow.audit.get_many(first.keys()) if look_up else {}
         if not known:  # the steady state: nothing re-sent, every first copy is new
             new = list(first.values())
             uow.audit.append_batch(batch, new)

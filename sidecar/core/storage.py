@@ -106,6 +106,13 @@ class KeyRepository(Protocol):
         ...
 
 
+class IdAlreadyStored(Exception):
+    """``append_batch`` met a record whose id is stored already (the caller did not look its ids
+    up): the transaction is void (rolled back on SQLite, aborted on PostgreSQL), so nothing more
+    may run in it. Never reaches a transport: the audit trail stores the call again, with the
+    lookup."""
+
+
 class AuditRepository(Protocol):
     """The audit trail: append-only, one hash chain per workspace."""
 
@@ -122,7 +129,9 @@ class AuditRepository(Protocol):
 
     def append_batch(self, batch: PreparedBatch, indices: Sequence[int]) -> None:
         """Store the records of an ingest batch at ``indices``, in that order, each linked to
-        its workspace's chain, in the current transaction (ids as for ``append_new``)."""
+        its workspace's chain, in the current transaction. Their ids must not repeat; they need
+        not have been looked up: a stored one raises ``IdAlreadyStored``, and the transaction
+        is then void."""
         ...
 
     def get(self, event_id: str) -> AuditEvent | None:

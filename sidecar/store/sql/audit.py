@@ -5,12 +5,12 @@ with a few multi-row statements; each workspace's head is read once per batch.""
 
 from __future__ import annotations
 
-import itertools
 import json
 import sqlite3
 from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
+from sidecar.core import audit_native
 from sidecar.core.audit import AuditEvent, AuditQuery, scrub
 from sidecar.core.audit_batch import PreparedBatch, linked_rows
 from sidecar.core.audit_chain import (
@@ -20,6 +20,7 @@ from sidecar.core.audit_chain import (
     SignedHeads,
     next_link,
 )
+from sidecar.core.storage import IdAlreadyStored
 from sidecar.store.sql.qmark import Executes
 
 _COLUMNS = (
@@ -45,6 +46,8 @@ _ROW = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 # prepared once per connection (the sqlite3 module's statement cache).
 _ROWS_PER_INSERT = (250 if sqlite3.sqlite_version_info >= (3, 32) else 64, 25, 1)
 _INSERTS = tuple((n, _INSERT + ", ".join([_ROW] * n)) for n in _ROWS_PER_INSERT)
+# What SQLite says when a row's id is stored already (the UNIQUE index on id).
+_ID_TAKEN = "UNIQUE constraint failed: audit_events.id"
 
 
 # Every workspace with records or a retention checkpoint. The distinct names of audit_events
@@ -133,7 +136,16 @@ class SqlAudit:
         return heads
 
     def _insert(self, rows: list[tuple[Any, ...]]) -> None:
-        """``rows`` in order, as few statements as ``_INSERTS`` allow."""
+        """``rows`` in order, as few statements as ``_INSERTS`` allow. A stored id raises
+        ``IdAlreadyStored``, the transaction rolled back (``OR ROLLBACK``)."""
+        try:
+            self._insert_rows(rows)
+        except sqlite3.IntegrityError as exc:
+            if str(exc) == _ID_TAKEN:
+                raise IdAlreadyStored from None
+            raise
+
+    def _insert_rows(self, rows: list[tuple[Any, ...]]) -> None:
         at = 0
         for size, sql in _INSERTS:
             end = at + (len(rows) - at) // size * size
@@ -142,10 +154,7 @@ class SqlAudit:
             if size == 1:
                 self._conn.executemany(sql, rows[at:end])
             else:
-                flat = itertools.chain.from_iterable
-                self._conn.executemany(
-                    sql, [tuple(flat(rows[i : i + size])) for i in range(at, end, size)]
-                )
+                self._conn.executemany(sql, audit_native.flat(rows[at:end], size))
             at = end
 
     def get_many(self, event_ids: Collection[str]) -> dict[str, AuditEvent]:

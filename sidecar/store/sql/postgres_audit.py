@@ -16,6 +16,7 @@ import psycopg
 
 from sidecar.core import audit_native
 from sidecar.core.audit_chain import Link
+from sidecar.core.storage import IdAlreadyStored
 from sidecar.store.sql.audit import _COLUMNS, SqlAudit
 from sidecar.store.sql.qmark import QmarkConnection
 
@@ -65,10 +66,17 @@ class PgAudit(SqlAudit):
         return {name: found[name] if name in found else self.head(name) for name in names}
 
     def _insert(self, rows: list[tuple[Any, ...]]) -> None:
+        """``rows`` with one COPY. A stored id raises ``IdAlreadyStored`` (the transaction is
+        aborted: the store's ``transaction`` then rolls it back)."""
         payload = audit_native.copy_text(rows)  # the whole batch in one buffer, formatted in C
-        with self._pg.cursor().copy(_COPY) as copy:
-            if payload is not None:
-                copy.write(payload)
-            else:
-                for row in rows:
-                    copy.write_row(row)
+        try:
+            with self._pg.cursor().copy(_COPY) as copy:
+                if payload is not None:
+                    copy.write(payload)
+                else:
+                    for row in rows:
+                        copy.write_row(row)
+        except psycopg.errors.UniqueViolation as exc:
+            if exc.diag.constraint_name == "audit_events_id_key":
+                raise IdAlreadyStored from None
+            raise
