@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -104,6 +105,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.syscalls", description=__doc__)
     p.add_argument("--requests", type=int, default=2000, help="requests per traced run (2000)")
     args = p.parse_args(argv)
+    # A SIGTERM (``timeout``, a CI job's end) unwinds the targets' context managers as Ctrl-C
+    # does, so Envoy, the sidecar and the control plane stop with this process.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with tempfile.TemporaryDirectory(prefix="bench-syscalls-") as tmp:
         env = TargetEnv(server_cpus=frozenset(os.sched_getaffinity(0)), workdir=Path(tmp))
         with envoy_sidecar(env) as sidecar:
