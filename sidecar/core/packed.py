@@ -373,8 +373,9 @@ class PackedKeys:
             raise PackError("packed keys: the id order is not a permutation of the rows")
         # In C where it is built: this loop was 1.2 s of a sidecar's 1M-key load.
         ascending = _native.ids_ascending(self.ids, self.width, self.id_order) if _native else None
-        if not (ids_ascending(self.ids, self.width, self.id_order) if ascending is None
-                else ascending):  # fmt: skip
+        if ascending is None:  # not built, or arguments that are not a table's
+            ascending = ids_ascending(self.ids, self.width, self.id_order)
+        if not ascending:
             raise PackError("packed keys: key ids are empty, padded wrongly or out of order")
 
     def check_digests(self) -> None:
