@@ -20,6 +20,7 @@ from bench.tail import (
     read_sched,
     thread_use,
 )
+from tests.support.lockstep import lockstep_child
 from tests.test_bench_smoke import needs_h2load
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -91,24 +92,11 @@ def test_a_busy_thread_shows_under_its_name_with_its_cpu_and_runs(tmp_path: Path
         t.join()
         """
     )
-    with subprocess.Popen(
-        [sys.executable, "-c", code], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE
-    ) as proc:
-        assert proc.stdin is not None and proc.stdout is not None
-
-        def say(line: bytes) -> None:
-            assert proc.stdin is not None and proc.stdout is not None
-            proc.stdin.write(line)
-            proc.stdin.flush()
-            assert proc.stdout.readline() == line
-
-        try:
-            say(b"warm\n")
-            before = read_sched(proc.pid)
-            say(b"go\n")
-            after = read_sched(proc.pid)
-        finally:
-            proc.kill()
+    with lockstep_child(code) as (pid, say):
+        say(b"warm\n")
+        before = read_sched(pid)
+        say(b"go\n")
+        after = read_sched(pid)
     rows = {row.name: row for row in thread_use(before, after, 1.0)}
     assert rows["burner"].threads == 1
     assert rows["burner"].cpu_ms_s >= 50  # it burnt 50 ms of its own CPU time

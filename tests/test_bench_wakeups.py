@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 from bench.wakeups import deltas, read_threads
+from tests.support.lockstep import lockstep_child
 from tests.test_bench_smoke import needs_h2load
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,23 +37,11 @@ _NAPS = textwrap.dedent(
 
 
 def test_a_threads_sleeps_are_counted_under_the_name_of_what_it_runs() -> None:
-    with subprocess.Popen(
-        [sys.executable, "-c", _NAPS], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE
-    ) as proc:
-
-        def say(line: bytes) -> None:
-            assert proc.stdin is not None and proc.stdout is not None
-            proc.stdin.write(line)
-            proc.stdin.flush()
-            assert proc.stdout.readline() == line
-
-        try:
-            say(b"warm\n")  # the thread exists and is named
-            before = read_threads(proc.pid)
-            say(b"go\n")
-            after = read_threads(proc.pid)
-        finally:
-            proc.kill()
+    with lockstep_child(_NAPS) as (pid, say):
+        say(b"warm\n")  # the thread exists and is named
+        before = read_threads(pid)
+        say(b"go\n")
+        after = read_threads(pid)
     rows = deltas(before, after)
     naps = [row for row in rows if row.name == "naps"]
     assert [(row.threads, row.voluntary >= 50) for row in naps] == [(1, True)]
