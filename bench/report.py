@@ -112,7 +112,26 @@ def table(results: Sequence[CaseResult]) -> str:
         "the pairs' smallest and largest difference (bench/README.md, 'Reading p99 at a fixed "
         "rate'); cp us/rec: control-plane CPU per stored decision record."
     )
-    return "\n".join(lines + _serial_table(results))
+    return "\n".join(lines + _reference_lines(results) + _serial_table(results))
+
+
+def _reference_lines(results: Sequence[CaseResult]) -> list[str]:
+    """Rows with a reference: their saturation reps over a reference rep run just before each
+    (the Envoy rows' own do-nothing counterpart), the median and every rep."""
+    lines = []
+    for r in results:
+        ratio = r.saturation.get("reference_paired_ratio")
+        if ratio is None:
+            continue
+        reps = " ".join(
+            f"{rep['rps'] / rep['reference_rps']:.2f}"
+            for rep in r.saturation.get("reps", [])
+            if rep.get("reference_rps")
+        )
+        lines.append(
+            f"{r.target + ' / ' + r.case:<36.36} ÷ its reference, rep by rep: {ratio:.2f} ({reps})"
+        )
+    return ["", *lines] if lines else []
 
 
 def _serial_table(results: Sequence[CaseResult]) -> list[str]:

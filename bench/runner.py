@@ -196,7 +196,11 @@ def _saturation(
     s: Settings,
     baseline: Baseline | None = None,
     meter: IngestMeter | None = None,
+    reference: Baseline | None = None,
 ) -> dict[str, Any]:
+    """The saturation reps; each after one rep of ``baseline`` (the ceiling) and then of
+    ``reference`` (the target's own do-nothing counterpart, e.g. Envoy + do-nothing for Envoy +
+    sidecar) when given, so both ratios are of reps seconds apart."""
     before = cp_cost.count_now(meter)
     warm = h2load.saturate(  # warm-up, not measured
         load,
@@ -210,18 +214,27 @@ def _saturation(
     reps = []
     for _ in range(s.reps):
         ceiling = baseline() if baseline is not None else None
+        ref = reference() if reference is not None else None
         rep = _quietly(s, lambda: _saturation_run(load, pids, s, meter))
         if ceiling is not None:
             rep["ceiling_rps"] = ceiling["rps"]
             rep["ceiling_server_cpu_us_per_call"] = ceiling["server_cpu_us_per_call"]
+        if ref is not None:
+            rep["reference_rps"] = ref["rps"]
+            rep["reference_server_cpu_us_per_call"] = ref["server_cpu_us_per_call"]
         reps.append(rep)
     summary: dict[str, Any] = {"rps": statistics.median(r["rps"] for r in reps)}
     if baseline is not None:
         summary["paired_ratio"] = _median(
             [r["rps"] / r["ceiling_rps"] for r in reps if r["ceiling_rps"]]
         )
+    if reference is not None:
+        summary["reference_paired_ratio"] = _median(
+            [r["rps"] / r["reference_rps"] for r in reps if r["reference_rps"]]
+        )
     skip: tuple[str, ...] = ("rps", "requests", "unexpected", "busy_before", "attempt", "tries")
     skip += ("server_cpu_util_by_process", "ceiling_rps", "ceiling_server_cpu_us_per_call")
+    skip += ("reference_rps", "reference_server_cpu_us_per_call")
     for key in [k for k in reps[0] if k not in skip and not k.startswith("cp_")]:
         summary[key] = _median([r[key] for r in reps if r[key] is not None])
     if meter is not None:
@@ -420,11 +433,12 @@ def measure_case(
     s: Settings,
     baseline: Baseline | None = None,
     base: _Side | None = None,
+    reference: Baseline | None = None,
 ) -> CaseResult:
     """Verify ``case`` with one real call, then load it; a failed check skips the load.
-    ``baseline`` (one ceiling rep) runs before each saturation rep when given; ``base`` (the
-    reference, else the ceiling) before the fixed-rate run, and, when it is the target's
-    reference, before each one-at-a-time rep."""
+    ``baseline`` (one ceiling rep) and ``reference`` (one rep of the target's reference) run
+    before each saturation rep when given; ``base`` (the reference, else the ceiling) before
+    the fixed-rate run, and, when it is the target's reference, before each one-at-a-time rep."""
     result = CaseResult(target.name, case.name, case.kind, case.expect, info=dict(target.info))
     if target.clients is not None:
         result.info["clients"] = target.clients
@@ -437,7 +451,7 @@ def measure_case(
     load = load_for(case, target.address, s.workdir)
     meter = target.ingest
     try:
-        result.saturation = _saturation(load, target.pids, s, baseline, meter)
+        result.saturation = _saturation(load, target.pids, s, baseline, meter, reference)
         result.fixed_rate = _fixed_rate(load, target.pids, s, base, meter)
         if target.reference is not None and base is not None:
             result.serial = _serial(load, target.pids, s, base, meter)
@@ -478,7 +492,9 @@ def run_target(
 ) -> list[CaseResult]:
     """Measure every case of a started target, in order; with a running ``ceiling``, each
     saturation rep is paired with a ceiling rep just before it (``paired_ratio``), and the
-    fixed-rate run with a ceiling run at the same rate (unless the target has a reference)."""
+    fixed-rate run with a ceiling run at the same rate (unless the target has a reference).
+    A target with a reference also has a reference rep before each saturation rep
+    (``reference_paired_ratio``: Envoy + sidecar over Envoy + do-nothing, seconds apart)."""
     if target.pin:
         pin_tree(target.pids, set(s.server_cpus))
     if target.clients is not None:
@@ -494,10 +510,16 @@ def run_target(
         def baseline() -> dict[str, Any]:
             return _quietly(plain, lambda: _saturation_run(ceiling_load, ceiling.pids, plain))
 
+    reference: Baseline | None = None
     if target.reference is not None:
-        base = _reference_side(target.reference, s)
+        ref = base = _reference_side(target.reference, s)
+        own = replace(s, clients=target.reference.clients or s.clients)
+
+        def reference() -> dict[str, Any]:
+            return _quietly(own, lambda: _saturation_run(ref.load, ref.pids, own))
+
     results = []
     for case in target.cases:
         print(f"  {target.name} / {case.name} …", file=sys.stderr, flush=True)
-        results.append(measure_case(target, case, s, baseline, base))
+        results.append(measure_case(target, case, s, baseline, base, reference))
     return results

@@ -98,6 +98,7 @@ def test_quick_run_writes_complete_json(quick_run: tuple[Path, str]) -> None:
     assert sat["unexpected"] == rate["unexpected"] == 0
     # The ceiling is its own baseline: no differences, no one-at-a-time runs, no records.
     assert "baseline" not in rate and row["serial"] == {}
+    assert "reference_paired_ratio" not in sat and "reference_rps" not in sat["reps"][0]
     assert not [key for key in sat if key.startswith("cp_")]
 
 
@@ -158,6 +159,15 @@ def test_quick_run_has_envoy_sidecar_row_with_its_reference(quick_run: tuple[Pat
     assert serial["reference_p99_ms"] == rep["reference"]["p99_ms"]
     assert serial["added_p50_ms"] == round(rep["target"]["p50_ms"] - rep["reference"]["p50_ms"], 3)
     assert serial["added_p99_ms"] == round(rep["target"]["p99_ms"] - rep["reference"]["p99_ms"], 3)
+    # Each saturation rep also follows a rep of the reference: Envoy + sidecar over Envoy +
+    # do-nothing, seconds apart (the gRPC ceiling's pairing stays as it was).
+    sat = row["saturation"]
+    (rep,) = sat["reps"]
+    assert rep["reference_rps"] > 0 and rep["reference_server_cpu_us_per_call"] > 0
+    assert rep["ceiling_rps"] > 0
+    assert sat["reference_paired_ratio"] == round(rep["rps"] / rep["reference_rps"], 3)
+    assert row["ratio_to_ceiling"] == sat["paired_ratio"]
+    assert "envoy+sidecar / allow" in stdout and "÷ its reference, rep by rep" in stdout
     # The fixed-rate run's baseline is the same reference, not the gRPC ceiling.
     rate = row["fixed_rate"]
     assert rate["baseline"]["target"] == "envoy+ceiling (reference)"
