@@ -8,18 +8,25 @@ shipped observers of tests/test_fastcheck_differential.py and tests/test_fastche
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 
 import pytest
 from prometheus_client import generate_latest
 
+from sidecar.authz.decision import Reason
+from sidecar.authz.policy_source import load_policy
+from sidecar.core import keyformat
+from sidecar.core.models import Change
+from sidecar.dataplane.fastcheck import _REASONS as REASONS
 from sidecar.dataplane.fastcheck import unavailable
 from sidecar.ratelimit import AbuseLimits
 from tests.test_fastcheck_differential import (
     SECRETS,
     TOKENS,
     StepTimer,
+    _shipped,
     request_bytes,
     step_timer,
 )
@@ -29,6 +36,7 @@ pytestmark = pytest.mark.skipif(bool(unavailable()), reason=f"not built: {unavai
 __all__ = ["step_timer"]  # a fixture, imported to be used here
 
 ACME = "/v1/workspaces/acme"
+DENIAL_ENTRIES = 4096  # _fastcheck.c's bound on a denial's entries per reason
 
 
 def _key(name: str) -> dict[str, str]:
@@ -109,3 +117,32 @@ def test_route_denials_observed_in_c_leave_the_same_records_lines_metrics_and_us
     assert compiled.handler.observed() == len(requests) - len(HANDED_OVER)  # type: ignore[attr-defined]
     for side in shipped.sides:
         side.pipeline.close(0)
+
+
+def test_a_denials_observer_entries_are_bounded_per_reason(
+    tmp_path: Path, step_timer: StepTimer
+) -> None:
+    """The C path keeps one observer entry per reason and identity (its record part and usage
+    key); a tenant chooses which denials it is refused, and an entry keeps a token's identity
+    alive, so a denial's table keeps at most 4,096 (then starts over), the allows' 100,000."""
+    side = _shipped(load_policy(None), True, tmp_path / "spool", 100_000, 1.0)
+    assert side.engine is not None
+    replica = side.engine.replica
+    secrets = [keyformat.mint_key() for _ in range(DENIAL_ENTRIES + 50)]
+    for n, secret in enumerate(secrets):
+        payload = {
+            "id": f"key_many{n}",
+            "digest": hashlib.sha256(secret.encode()).hexdigest(),
+            "workspace": "acme",
+            "scopes": ["checks:read"],
+            "expires_at": 4_000_000_000,
+        }
+        replica.apply(Change("credential.upserted", f"key_many{n}", payload, replica.revision + 1))
+    for secret in secrets:
+        for path in (f"{ACME}/checks", f"{ACME}/metrics"):  # an allow, an insufficient_scope
+            side.answer(request_bytes("GET", path, {"x-api-key": secret}))
+    counts = side.handler._native.entry_counts()  # type: ignore[attr-defined]
+    assert counts[REASONS.index(Reason.OK)] == len(secrets)
+    assert 0 < counts[REASONS.index(Reason.INSUFFICIENT_SCOPE)] <= DENIAL_ENTRIES
+    assert side.handler.observed() == 2 * len(secrets)  # type: ignore[attr-defined]
+    side.pipeline.close(0)

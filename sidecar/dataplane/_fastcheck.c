@@ -1659,6 +1659,13 @@ static PyTypeObject UsageCountsType = {
  * handler's observer list is the one it was set up for. */
 #define MAX_BOUNDS 32
 
+/* Entries kept per reason (cleared when full): an allow's up to ALLOW_ENTRIES, a denial's up to
+ * DENIAL_ENTRIES per reason. A token's identity is ≈ 0.9 KB that an entry keeps alive after the
+ * token cache let it go, and a tenant chooses which of its denials it is refused: seven denial
+ * tables of the allows' bound would be seven times the memory. A miss costs one entry_fn call. */
+#define ALLOW_ENTRIES 100000
+#define DENIAL_ENTRIES 4096
+
 typedef struct observing {
     PyObject *owner, *expected; /* owner.observers must hold exactly ``expected`` */
     PyObject *entry_fn; /* entry_fn(decision) -> (record part | None, usage key) | None */
@@ -1785,6 +1792,19 @@ static PyObject *FastCheck_observe_in_c(FastCheck *self, PyObject *args) {
 fail:
     observing_free(o);
     return NULL;
+}
+
+/* entry_counts() -> the entries kept per reason, in D_* order (0 where none are kept). */
+static PyObject *FastCheck_entry_counts(FastCheck *self, PyObject *unused) {
+    PyObject *counts = PyTuple_New(D_COUNT);
+    if (!counts) return NULL;
+    for (int i = 0; i < D_COUNT; i++) {
+        PyObject *table = self->obs ? self->obs->entries[i] : NULL;
+        PyObject *n = PyLong_FromSsize_t(table ? PyDict_GET_SIZE(table) : 0);
+        if (!n) { Py_DECREF(counts); return NULL; }
+        PyTuple_SET_ITEM(counts, i, n);
+    }
+    return counts;
 }
 
 /* observed() -> how many checks were observed here (not by the Python observers). */
@@ -1937,7 +1957,8 @@ static int observed_entry(observing *o, const outcome *out, PyObject *decision,
                                     PyTuple_GET_ITEM(got, 1));
     Py_DECREF(got);
     if (!fresh) { Py_DECREF(id); return -1; }
-    if (PyDict_GET_SIZE(table) >= 100000) PyDict_Clear(table);
+    if (PyDict_GET_SIZE(table) >= (out->reason == D_OK ? ALLOW_ENTRIES : DENIAL_ENTRIES))
+        PyDict_Clear(table);
     int failed = PyDict_SetItem(table, id, fresh);
     Py_DECREF(id);
     if (failed) { Py_DECREF(fresh); return -1; }
@@ -2196,9 +2217,11 @@ static PyObject *FastCheck_set_timer(FastCheck *self, PyObject *timer) {
 
 static PyMethodDef FastCheck_methods[] = {
     {"observe_in_c", (PyCFunction)FastCheck_observe_in_c, METH_VARARGS,
-     "Observe the allows decided here in C (see fastcheck.FastCheckHandler)."},
+     "Observe the decisions taken here in C (see fastcheck.FastCheckHandler)."},
     {"observed", (PyCFunction)FastCheck_observed, METH_NOARGS,
      "How many checks were observed here in C since start."},
+    {"entry_counts", (PyCFunction)FastCheck_entry_counts, METH_NOARGS,
+     "The observer entries kept per reason, in D_* order."},
     {"tally", (PyCFunction)FastCheck_tally, METH_NOARGS,
      "The check metrics counted here, in CheckTally's layout, or None."},
     {"verify_tokens", (PyCFunction)FastCheck_verify_tokens, METH_VARARGS,
