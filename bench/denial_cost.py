@@ -8,14 +8,15 @@ CPU time, which a loaded machine's preemptions do not inflate), reported as a di
 call in a tight loop; gc says how many collections ran during the paced run, their total and
 their longest time.
 
-Cases: the allow (decided and observed in C), a missing scope (decided in C, observed in
-Python), an unknown key (decided and observed in C, the failure limiter called from C) with the
-failure limits off, the same counted against a limit it never reaches (what the
-``sidecar_counted`` target's unknown-key row does), the same source once blocked (what a flood
-of unknown keys from one address turns into after ``failure_limit_source`` failures: answered
-429 in C, before its key is read), and the allow while another address is blocked; a revoked
-key (the old key a client keeps sending after a rotation: decided in C, counted against the
-source and key id, observed in Python) counted against limits it never reaches, and the same
+Cases: the allow (decided and observed in C), a missing scope (decided and observed in C;
+observed in Python before 2026-12-08), an unknown key (decided and observed in C, the failure
+limiter called from C) with the failure limits off, the same counted against a limit it never
+reaches (what the ``sidecar_counted`` target's unknown-key row does), the same source once
+blocked (what a flood of unknown keys from one address turns into after
+``failure_limit_source`` failures: answered 429 in C, before its key is read), and the allow
+while another address is blocked; a revoked key (the old key a client keeps sending after a
+rotation: decided and observed in C, counted against the source and key id) counted against
+limits it never reaches, and the same
 check through the pure-Python path (``CheckHandler`` on the parsed request: what every revoked
 key took before it was decided in C).
 
@@ -221,6 +222,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.denial_cost", description=__doc__)
     parser.add_argument("--rate", type=float, default=1000.0, help="checks per second")
     parser.add_argument("--seconds", type=float, default=5.0, help="per case and denial log")
+    parser.add_argument(
+        "--case", action="append", help="run only these cases (repeatable; default: all)"
+    )
+    parser.add_argument(
+        "--log",
+        choices=("both", "in place", "writer thread"),
+        default="both",
+        help="where the denial log writes its lines (default: both, one after the other)",
+    )
     args = parser.parse_args()
     rate, seconds = args.rate, args.seconds
     secret = keyformat.mint_key()
@@ -256,10 +266,17 @@ def main() -> None:
             ("revoked-key, counted", requests["revoked-key"], counted),
             ("revoked-key, Python", requests["revoked-key"], counted),
         ]
+        unknown_cases = set(args.case or ()) - {name for name, _, _ in cases}
+        if unknown_cases:
+            parser.error(f"no such case: {', '.join(sorted(unknown_cases))}")
         for name, data, limits in cases:
+            if args.case and name not in args.case:
+                continue
             for where in ("in place", "writer thread"):
                 if name.startswith("allow") and where == "in place":
                     continue  # an allow writes no line
+                if args.log not in ("both", where):
+                    continue
                 denials = DenialLog(100.0, background=where == "writer thread")
                 denials.start()
                 handler, pipeline = _handler(secret, workdir, limits, denials)

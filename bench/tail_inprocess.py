@@ -4,7 +4,10 @@ A real ``Sidecar`` (as ``spauth sidecar`` builds it: replication, the control-pl
 audit writer and shipper, usage reports, the denial log's writer, housekeeping), fed by a real
 control plane, started in this process and settled as ``serve_one`` settles it (gc frozen, its
 thresholds). One thread then does what an RPC thread does at ``--rate`` checks a second: sleeps
-until the next check is due, wakes, and calls the compiled Check handler with an allow's bytes.
+until the next check is due, wakes, and calls the compiled Check handler with the bytes of
+``--case``: an allow (the default), a missing scope (``wrong-scope``: the key on a metrics path)
+or a well-formed key the replica does not hold (``unknown-key``; the source failure limit is
+raised out of reach, so it stays that denial and does not become a blocked source's 429).
 Each check is timed from its due time (µs):
 
 - ``late``: due → the thread runs Python again (the OS wake-up, then the GIL if a background
@@ -242,13 +245,17 @@ def bare(rate: float, seconds: float) -> dict[str, dict[str, float]]:
     return summary
 
 
+CASES = ("allow", "wrong-scope", "unknown-key")
+
+
 def _sidecar_check(
-    workdir: Path, admin: str, token_file: Path, key: str
+    workdir: Path, admin: str, token_file: Path, key: str, case: str = "allow"
 ) -> tuple[object, Callable[[], object]]:
     from envoy.service.auth.v3 import external_auth_pb2 as ext
 
-    from bench.denial_cost import CHECKS, _request
+    from bench.denial_cost import CHECKS, METRICS, _request
     from sidecar.cli.sidecar_cmd import settle_for_serving
+    from sidecar.core import keyformat
     from sidecar.dataplane.process import Sidecar
     from sidecar.ops.configfile import load_sidecar_config
 
@@ -261,6 +268,7 @@ def _sidecar_check(
             "sync_token_file": str(token_file),
             "metrics_addr": "",
             "threads": "4",
+            "failure_limit_source": str(10**9),  # an unknown key's row stays that denial
         },
     )
     sidecar = Sidecar(settings)
@@ -273,6 +281,10 @@ def _sidecar_check(
         if time.monotonic() > deadline:
             raise RuntimeError("the sidecar never allowed the minted key")
         time.sleep(0.05)
+    if case == "wrong-scope":  # the key holds checks:read only
+        data = _request(METRICS, "x-api-key", key)
+    elif case == "unknown-key":
+        data = _request(CHECKS, "x-api-key", keyformat.mint_key())
     settle_for_serving()
     return sidecar, lambda: fast(data, None)  # type: ignore[arg-type]
 
@@ -290,6 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="the shipper's records per GIL slice to compare (0: whole batches; default 64)",
     )
     parser.add_argument("--bare", action="store_true", help="add the no-sidecar loop per round")
+    parser.add_argument("--case", choices=CASES, default="allow", help="what every check is")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     intervals = args.switch_ms or [5.0]
@@ -303,7 +316,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: dict[str, list[dict[str, dict[str, float]]]] = {}
     with st.control_plane(env) as cp:
         key = st._mint(cp.admin, cp.operator, ["checks:read"])
-        sidecar, check = _sidecar_check(workdir, cp.admin, st.sync_token_file(env), key)
+        token_file = st.sync_token_file(env)
+        sidecar, check = _sidecar_check(workdir, cp.admin, token_file, key, args.case)
+        print(f"case: {args.case}", file=sys.stderr)
         units = watch_units(sidecar)
         try:
             paced(check, args.rate, 1.0)  # warm
@@ -333,7 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\n{name}: background units, last round (µs of the thread's CPU)")
         for label, row in rounds[-1]["units"].items():
             print(f"  {label:<34} " + ", ".join(f"{k} {v}" for k, v in row.items()))
-        for what in ("during shipper", "during writer"):
+        for what in ("during shipper", "during writer", "during log-writer"):
             print(f"  checks due {what[7:]} work, per round: "
                   + "; ".join(", ".join(f"{k} {v:.0f}" for k, v in r[what].items())
                               for r in rounds))  # fmt: skip
@@ -369,6 +384,7 @@ def _phase(
             "units": units.summary(),
             "during shipper": samples.during(units.during("audit-shipper: s")),
             "during writer": samples.during(units.during("audit-writer: queue")),
+            "during log-writer": samples.during(units.during("log-writer")),
         }
 
     return run

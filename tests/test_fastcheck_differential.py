@@ -747,8 +747,9 @@ def test_the_text_tests_agree_on_any_bytes(data: bytes) -> None:
 
 # -- the observers as shipped: metrics, decision records, usage ------------------------------
 #
-# With exactly the sidecar's observers, the C path observes the allows it decides in C (the
-# tally, the record's spool payload, the usage count; sidecar.dataplane.fastcheck.observe_in_c).
+# With exactly the sidecar's observers, the C path observes the decisions it takes in C (the
+# tally, the record's spool payload, the usage count, a denial's log line;
+# sidecar.dataplane.fastcheck.observe_in_c).
 # Both sides then must leave the same spool payloads, byte for byte and in the same order, the
 # same /metrics text, queue counters and usage reports. Time is mocked: the engines' and the
 # recorders' clocks are fake, and so is the timer both paths time a check with (a constant

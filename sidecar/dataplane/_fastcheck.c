@@ -1654,17 +1654,26 @@ static PyTypeObject UsageCountsType = {
 };
 
 /* What FastCheck.observe_in_c set up: the Check observers (metrics, audit recorder, usage
- * tally, denial log) done here for the allows, unknown keys and blocked sources the C path
- * decides, while the handler's observer list is the one it was set up for. */
+ * tally, denial log) done here for every decision the C path takes — allows, a route's
+ * denials, unknown and refused keys, blocked sources, non-canonical paths — while the
+ * handler's observer list is the one it was set up for. */
 #define MAX_BOUNDS 32
+
+/* Entries kept per reason (cleared when full): an allow's up to ALLOW_ENTRIES, a denial's up to
+ * DENIAL_ENTRIES per reason. A token's identity is ≈ 0.9 KB that an entry keeps alive after the
+ * token cache let it go, and a tenant chooses which of its denials it is refused: seven denial
+ * tables of the allows' bound would be seven times the memory. A miss costs one entry_fn call. */
+#define ALLOW_ENTRIES 100000
+#define DENIAL_ENTRIES 4096
 
 typedef struct observing {
     PyObject *owner, *expected; /* owner.observers must hold exactly ``expected`` */
     PyObject *entry_fn; /* entry_fn(decision) -> (record part | None, usage key) | None */
-    PyObject *entries;  /* identity id -> (identity, record part | None, usage key) */
-    /* the same for the keys refused in C, one table per reason (D_REVOKED, D_SUSPENDED,
-     * D_EXPIRED): the record part names the reason, and one identity can allow, then expire */
-    PyObject *refused[3];
+    /* per reason decided with an identity (an allow, a route's denial, a refused key):
+     * identity id -> (identity, record part | None, usage key); one table per reason, as the
+     * record part names the reason and one identity can allow, then be refused its route or
+     * expire. NULL for the reasons decided without an identity. */
+    PyObject *entries[D_COUNT];
     /* record part of a decision without an identity (public_route, unknown_credential, a
      * blocked source's rate_limited), per reason, once built */
     PyObject *anonymous[D_COUNT];
@@ -1678,16 +1687,17 @@ typedef struct observing {
     AuditBuffer *buffer;
     PyObject *queue, *clock;
     int sample_all, system_clock;
-    /* usage: the UsageTally's store */
+    /* usage: the UsageTally's store, and the reasons that count as a use (tally.USED) */
     UsageCounts *usage;
+    int used[D_COUNT];
     unsigned long long observed; /* checks observed here */
 } observing;
 
 static void observing_free(observing *o) {
     if (!o) return;
     Py_XDECREF(o->owner); Py_XDECREF(o->expected); Py_XDECREF(o->entry_fn);
-    Py_XDECREF(o->entries); Py_XDECREF(o->buffer); Py_XDECREF(o->denials);
-    for (int i = 0; i < 3; i++) Py_XDECREF(o->refused[i]);
+    Py_XDECREF(o->buffer); Py_XDECREF(o->denials);
+    for (int i = 0; i < D_COUNT; i++) Py_XDECREF(o->entries[i]);
     for (int i = 0; i < D_COUNT; i++) Py_XDECREF(o->anonymous[i]);
     Py_XDECREF(o->queue); Py_XDECREF(o->clock);
     Py_XDECREF(o->usage);
@@ -1700,7 +1710,8 @@ static PyObject *S_observers, *S_keep_allow, *S_id, *S_deny;
 /* observe_in_c(owner, expected, entry_fn, metrics, audit, usage, denials), once:
  *   metrics: None | (the tally slot of each reason, in D_* order, bounds, width)
  *   audit:   None | (buffer, queue, sample_all, clock, system_clock)
- *   usage:   None | UsageCounts (the UsageTally's store)
+ *   usage:   None | (UsageCounts (the UsageTally's store), whether each reason, in D_* order,
+ *            is a use: sidecar.usage.tally.USED)
  *   denials: None | the DenialLog (``deny(decision, method, path, source)``)
  * Once only: a check in flight may be inside Python code (entry_fn, the clock) holding it. */
 static PyObject *FastCheck_observe_in_c(FastCheck *self, PyObject *args) {
@@ -1717,9 +1728,10 @@ static PyObject *FastCheck_observe_in_c(FastCheck *self, PyObject *args) {
     o->owner = owner; Py_INCREF(owner);
     o->expected = expected; Py_INCREF(expected);
     o->entry_fn = entry_fn; Py_INCREF(entry_fn);
-    if (!(o->entries = PyDict_New())) goto fail;
-    for (int i = 0; i < 3; i++)
-        if (!(o->refused[i] = PyDict_New())) goto fail;
+    static const int with_identity[] = {D_OK, D_NO_ROUTE, D_OPERATOR, D_WORKSPACE, D_SCOPE,
+                                        D_REVOKED, D_SUSPENDED, D_EXPIRED};
+    for (size_t i = 0; i < sizeof with_identity / sizeof with_identity[0]; i++)
+        if (!(o->entries[with_identity[i]] = PyDict_New())) goto fail;
     if (metrics != Py_None) {
         PyObject *bounds, *slots;
         if (!PyArg_ParseTuple(metrics, "O!O!n", &PyTuple_Type, &slots, &PyTuple_Type, &bounds,
@@ -1757,12 +1769,19 @@ static PyObject *FastCheck_observe_in_c(FastCheck *self, PyObject *args) {
         Py_INCREF(o->buffer); Py_INCREF(o->queue); Py_INCREF(o->clock);
     }
     if (usage != Py_None) {
-        if (!PyObject_TypeCheck(usage, &UsageCountsType)) {
-            PyErr_SetString(PyExc_TypeError, "observe_in_c: usage must be a UsageCounts");
+        PyObject *counts, *used;
+        if (!PyArg_ParseTuple(usage, "O!O!", &UsageCountsType, &counts, &PyTuple_Type, &used))
+            goto fail;
+        if (PyTuple_GET_SIZE(used) != D_COUNT) {
+            PyErr_SetString(PyExc_ValueError, "observe_in_c: one use flag per reason");
             goto fail;
         }
-        o->usage = (UsageCounts *)usage;
-        Py_INCREF(usage);
+        for (int i = 0; i < D_COUNT; i++) {
+            o->used[i] = PyObject_IsTrue(PyTuple_GET_ITEM(used, i));
+            if (o->used[i] < 0) goto fail;
+        }
+        o->usage = (UsageCounts *)counts;
+        Py_INCREF(counts);
     }
     if (denials != Py_None) {
         o->denials = denials;
@@ -1773,6 +1792,19 @@ static PyObject *FastCheck_observe_in_c(FastCheck *self, PyObject *args) {
 fail:
     observing_free(o);
     return NULL;
+}
+
+/* entry_counts() -> the entries kept per reason, in D_* order (0 where none are kept). */
+static PyObject *FastCheck_entry_counts(FastCheck *self, PyObject *unused) {
+    PyObject *counts = PyTuple_New(D_COUNT);
+    if (!counts) return NULL;
+    for (int i = 0; i < D_COUNT; i++) {
+        PyObject *table = self->obs ? self->obs->entries[i] : NULL;
+        PyObject *n = PyLong_FromSsize_t(table ? PyDict_GET_SIZE(table) : 0);
+        if (!n) { Py_DECREF(counts); return NULL; }
+        PyTuple_SET_ITEM(counts, i, n);
+    }
+    return counts;
 }
 
 /* observed() -> how many checks were observed here (not by the Python observers). */
@@ -1900,7 +1932,8 @@ static int observed_entry(observing *o, const outcome *out, PyObject *decision,
         Py_DECREF(got);
         return *entry || !PyErr_Occurred() ? 0 : -1;
     }
-    PyObject *table = out->reason == D_OK ? o->entries : o->refused[out->reason - D_REVOKED];
+    PyObject *table = o->entries[out->reason];
+    if (!table) return 0; /* not a reason decided with an identity: Python observes it */
     PyObject *id = PyObject_GetAttr(out->identity, S_id);
     if (!id) return -1;
     PyObject *cached = PyDict_GetItemWithError(table, id);
@@ -1924,7 +1957,8 @@ static int observed_entry(observing *o, const outcome *out, PyObject *decision,
                                     PyTuple_GET_ITEM(got, 1));
     Py_DECREF(got);
     if (!fresh) { Py_DECREF(id); return -1; }
-    if (PyDict_GET_SIZE(table) >= 100000) PyDict_Clear(table);
+    if (PyDict_GET_SIZE(table) >= (out->reason == D_OK ? ALLOW_ENTRIES : DENIAL_ENTRIES))
+        PyDict_Clear(table);
     int failed = PyDict_SetItem(table, id, fresh);
     Py_DECREF(id);
     if (failed) { Py_DECREF(fresh); return -1; }
@@ -2037,23 +2071,22 @@ static int observe_entry(observing *o, const request *q, const outcome *out, PyO
             o->tally[o->width - 1] += elapsed;
         }
     }
-    if (o->usage && out->reason == D_OK && key != Py_None && usage_count(o->usage, key) < 0)
+    /* UsageTally: an authenticated identity's use (tally.USED), its route refused or not */
+    if (o->usage && o->used[out->reason] && key != Py_None && usage_count(o->usage, key) < 0)
         return -1;
     if (o->buffer && keep && record(o, q, did, part, when, elapsed, allowed) < 0) return -1;
     if (!allowed && o->denials && deny_line(o, q, decision) < 0) return -1;
     return 1;
 }
 
-/* The observers of an allow, an unknown, revoked, suspended or expired key, or a blocked source
- * the C path decided, here: 1 observed, 0 hand over to the Python observers (nothing was
- * counted), -1 error. */
+/* The observers of a decision the C path took (an allow, a route's denial — no_route,
+ * operator_not_allowed, workspace_mismatch, insufficient_scope —, an unknown, revoked,
+ * suspended or expired key, a blocked source, a non-canonical path), here: 1 observed, 0 hand
+ * over to the Python observers (nothing was counted), -1 error. */
 static int observe(FastCheck *self, const request *q, const outcome *out, PyObject *decision,
                    PyObject *did, double elapsed) {
     observing *o = self->obs;
-    int r = out->reason;
-    if (!o || (r != D_OK && r != D_PUBLIC && r != D_UNKNOWN && r != D_BLOCKED &&
-               r != D_REVOKED && r != D_SUSPENDED && r != D_EXPIRED))
-        return 0;
+    if (!o) return 0;
     PyObject *list = PyObject_GetAttr(o->owner, S_observers);
     if (!list) return -1;
     int same = PyList_Check(list) && PyList_GET_SIZE(list) == PyTuple_GET_SIZE(o->expected);
@@ -2184,9 +2217,11 @@ static PyObject *FastCheck_set_timer(FastCheck *self, PyObject *timer) {
 
 static PyMethodDef FastCheck_methods[] = {
     {"observe_in_c", (PyCFunction)FastCheck_observe_in_c, METH_VARARGS,
-     "Observe the allows decided here in C (see fastcheck.FastCheckHandler)."},
+     "Observe the decisions taken here in C (see fastcheck.FastCheckHandler)."},
     {"observed", (PyCFunction)FastCheck_observed, METH_NOARGS,
      "How many checks were observed here in C since start."},
+    {"entry_counts", (PyCFunction)FastCheck_entry_counts, METH_NOARGS,
+     "The observer entries kept per reason, in D_* order."},
     {"tally", (PyCFunction)FastCheck_tally, METH_NOARGS,
      "The check metrics counted here, in CheckTally's layout, or None."},
     {"verify_tokens", (PyCFunction)FastCheck_verify_tokens, METH_VARARGS,

@@ -27,12 +27,13 @@ differently — goes to the pure-Python path. tests/test_fastcheck_differential.
 captured, generated and fuzzed requests (API keys and tokens) and requires byte-identical
 answers and equal decisions and observer inputs (tests/test_fastcheck_unknown.py: unknown keys
 up to the block they trip and after it; tests/test_fastcheck_refused.py: refused keys up to
-their key id's block). With the sidecar's own observers (``observe_in_c``) the allows it
-decides (API keys and tokens), its unknown and refused keys and blocked sources are
-observed in C too: metrics tally, the decision record's spool payload, usage count, the denial
-log line (``DenialLog.deny``), with the same results as the Python observers (same spool bytes,
-/metrics text, usage reports, log lines; the usage tally then counts in the C path's store, one
-bound).
+their key id's block). With the sidecar's own observers (``observe_in_c``) every decision
+it takes is observed in C too — its allows (API keys and tokens), a route's denials (no_route,
+operator_not_allowed, workspace_mismatch, insufficient_scope), non-canonical paths, unknown and
+refused keys, blocked sources: metrics tally, the decision record's spool payload, usage count,
+the denial log line (``DenialLog.deny``), with the same results as the Python observers (same
+spool bytes, /metrics text, usage reports, log lines; the usage tally then counts in the C
+path's store, one bound).
 
 The extension is optional: a wheel built without a compiler has none, and this module then
 reports why (``unavailable()``) and the sidecar runs the pure-Python path."""
@@ -58,7 +59,7 @@ from sidecar.dataplane.envoy_check import CheckHandler, parse_check_request
 from sidecar.ops.denial_log import DenialLog
 from sidecar.ops.metrics import INTERNAL_ERROR, DecisionMetrics
 from sidecar.ratelimit import WindowRateLimiter
-from sidecar.usage.tally import UsageTally
+from sidecar.usage.tally import USED, UsageTally
 
 log = logging.getLogger("sidecar.check")
 
@@ -284,20 +285,21 @@ def _fresh_tokens(engine: Engine) -> Callable[[str, bytes, float], Identity | No
     return verify
 
 
-# The observers the C path can stand in for, one of each at most. It observes its allows, and
-# the denials it decides without a route (an unknown, revoked, suspended or expired key, a
-# blocked source): DenialLog.deny writes their line; UsageTally counts no use for them.
+# The observers the C path can stand in for, one of each at most. It observes every decision
+# it takes: DenialLog.deny writes a denial's line; UsageTally counts a use for the reasons in
+# its USED (an authenticated identity, its route refused or not), passed to C as one flag per
+# reason.
 _KNOWN = (DecisionMetrics, DenialLog, DecisionRecorder, UsageTally)
 
 
 def observe_in_c(native: Any, handler: CheckHandler) -> bool:
-    """Have the C path observe the allows it decides — metrics tally, decision record, usage
-    count, in C — when ``handler.observers`` is exactly a set of the known ones: their counts
-    and records join the Python path's (``CheckTally.add_source``, ``AuditQueue.use_store``,
-    ``UsageTally.use_store``: the usage tally then counts the Python observer's uses in the
-    same C store, under one bound). Any other observer (tracing, a test's) keeps every check's
-    observers in Python, and so does a change to the list later (the C path compares it on
-    every check). True when set up."""
+    """Have the C path observe the decisions it takes — metrics tally, decision record, usage
+    count, a denial's log line, in C — when ``handler.observers`` is exactly a set of the known
+    ones: their counts and records join the Python path's (``CheckTally.add_source``,
+    ``AuditQueue.use_store``, ``UsageTally.use_store``: the usage tally then counts the Python
+    observer's uses in the same C store, under one bound). Any other observer (tracing, a
+    test's) keeps every check's observers in Python, and so does a change to the list later
+    (the C path compares it on every check). True when set up."""
     observers = tuple(handler.observers)
     kinds = [type(observer) for observer in observers]
     if any(kind not in _KNOWN for kind in kinds) or len(set(kinds)) != len(kinds):
@@ -326,7 +328,8 @@ def observe_in_c(native: Any, handler: CheckHandler) -> bool:
                 if usage is not None:
                     return False
                 usage = _native.UsageCounts(observer.max_entries)
-    native.observe_in_c(handler, observers, _observed, metrics, audit, usage, denials)
+    uses = None if usage is None else (usage, tuple(r in USED for r in _REASONS))
+    native.observe_in_c(handler, observers, _observed, metrics, audit, uses, denials)
     if audit is not None and queue.store is not audit[0]:
         queue.use_store(audit[0])
     if counting is not None and usage is not None and counting.store is not usage:
@@ -338,9 +341,9 @@ def observe_in_c(native: Any, handler: CheckHandler) -> bool:
 
 
 def _observed(decision: Decision) -> tuple[bytes, str] | None:
-    """What the C path caches per identity to observe its allows (an API key's or a cached
-    access token's): the record's fixed part and the usage key (UsageTally's: a token counts
-    for its grant); None hands the identity's checks to the Python observers."""
+    """What the C path caches per reason and identity to observe its decisions (an API key's
+    or a cached access token's): the record's fixed part and the usage key (UsageTally's: a
+    token counts for its grant); None hands the identity's checks to the Python observers."""
     identity = decision.identity
     if identity is None:
         return fixed_part(decision), ""
