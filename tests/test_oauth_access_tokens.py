@@ -18,6 +18,7 @@ from sidecar.authz.access_tokens import (
     TokenRejected,
     VerificationKey,
     verification_key,
+    verified_claims,
     verify_access_token,
 )
 from sidecar.oauth import rfc9068
@@ -88,6 +89,20 @@ def test_issued_token_verifies_and_carries_the_identity(signing: Any) -> None:
     assert identity.workspace == "acme" and identity.grant_id == "grt_9"
     assert identity.scopes == frozenset({"dashboard:read"})
     assert identity.jti == issued.jti and identity.expires_at == NOW + 3600
+
+
+def test_verified_claims_are_the_identity_as_a_plain_tuple(signing: Any) -> None:
+    # What the sidecar's verifier builds its Identity from (no TokenIdentity first): the same
+    # fields in TokenIdentity's order, and the same refusal with the verified claims attached.
+    kid, private, keys = signing
+    token = _sign(private, kid, _claims())
+    claims = verified_claims(token, keys, issuer=ISSUER, audience=AUDIENCE, now=NOW + 10)
+    assert type(claims) is tuple
+    assert claims == tuple(_verify(token, keys))
+    late = NOW + 7200
+    with pytest.raises(TokenRejected) as info:
+        verified_claims(token, keys, issuer=ISSUER, audience=AUDIENCE, now=late)
+    assert info.value.reason is Reason.TOKEN_EXPIRED and info.value.claims["sid"] == "grt_1"
 
 
 def _reason(call: Callable[[], object]) -> Reason:

@@ -103,6 +103,12 @@ class TokenIdentity(NamedTuple):
     key_id: str = ""
 
 
+# What a verified token says, in TokenIdentity's field order. A plain tuple: a caller with an
+# identity type of its own (the sidecar's ``Identity``) builds it straight from this instead of
+# from a TokenIdentity built first (≈ 1 µs per cold token).
+VerifiedClaims = tuple[str, str, str, frozenset[str], str, str, int, int, str]
+
+
 # Built once: they are stateless, and building them costs as much as the claim checks.
 _PKCS1V15 = padding.PKCS1v15()
 _ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
@@ -296,7 +302,7 @@ def _verify_claims(
     leeway: float,
     max_lifetime: float | None,
     key_id: str,
-) -> TokenIdentity:
+) -> VerifiedClaims:
     # RFC 9068 §4: the issuer "MUST exactly match the value of the issuer" (RFC 8414).
     if claims.get("iss") != issuer:
         raise TokenRejected(Reason.WRONG_ISSUER)
@@ -353,9 +359,7 @@ def _verify_claims(
         and sid
     ):
         raise TokenRejected(Reason.INSUFFICIENT_CLAIMS)
-    return TokenIdentity(
-        sub, client_id, workspace, frozenset(scope.split()), jti, sid, exp, iat, key_id
-    )
+    return sub, client_id, workspace, frozenset(scope.split()), jti, sid, exp, iat, key_id
 
 
 def verify_access_token(
@@ -372,6 +376,30 @@ def verify_access_token(
     TokenRejected. ``keys`` maps ``kid`` to the published keys; ``max_lifetime`` (the issuer's
     access-token TTL) bounds ``exp - iat``. Revocation (grant or jti) is the caller's next
     step: it needs the replica, not the token."""
+    claims = verified_claims(
+        token,
+        keys,
+        issuer=issuer,
+        audience=audience,
+        now=now,
+        leeway=leeway,
+        max_lifetime=max_lifetime,
+    )
+    return TokenIdentity(*claims)
+
+
+def verified_claims(
+    token: str,
+    keys: Mapping[str, VerificationKey],
+    *,
+    issuer: str,
+    audience: str,
+    now: float,
+    leeway: float = 30,
+    max_lifetime: float | None = None,
+) -> VerifiedClaims:
+    """``verify_access_token``'s checks, answering the identity's fields as a tuple
+    (``VerifiedClaims``, TokenIdentity's order) for a caller that builds its own identity."""
     if len(token) > MAX_TOKEN_LENGTH or not token.isascii():
         raise TokenRejected(Reason.MALFORMED_TOKEN)
     # Encoded once, its segments and the signing input sliced out. RFC 7515 §7.1: three

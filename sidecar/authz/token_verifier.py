@@ -15,7 +15,7 @@ from sidecar.authz.access_tokens import (
     TokenRejected,
     VerificationKey,
     verification_key,
-    verify_access_token,
+    verified_claims,
 )
 from sidecar.authz.decision import Identity, Reason
 from sidecar.authz.engine import TokenDenied
@@ -48,28 +48,31 @@ class ReplicaTokenVerifier:
 
     def __call__(self, token: str, replica: Replica, now: float) -> Identity:
         try:
-            found = verify_access_token(
-                token,
-                self.keys(replica.signing_keys),
-                issuer=self.issuer,
-                audience=self.audience,
-                now=now,
-                leeway=self.leeway,
-                max_lifetime=self.max_lifetime,
+            # Straight into the sidecar's Identity: no TokenIdentity built first.
+            subject, client_id, workspace, scopes, jti, grant_id, expires_at, _, key_id = (
+                verified_claims(
+                    token,
+                    self.keys(replica.signing_keys),
+                    issuer=self.issuer,
+                    audience=self.audience,
+                    now=now,
+                    leeway=self.leeway,
+                    max_lifetime=self.max_lifetime,
+                )
             )
         except TokenRejected as exc:
             # The verifier's reasons are a subset of the engine's, with the same spelling.
             raise TokenDenied(Reason(exc.reason.value), identity=_signed_by_us(exc)) from None
         return Identity(
             kind=ACCESS_TOKEN,
-            id=found.jti,
-            workspace=found.workspace,
-            scopes=found.scopes,
-            expires_at=found.expires_at,
-            subject=found.subject,
-            client_id=found.client_id,
-            grant_id=found.grant_id,
-            key_id=found.key_id,
+            id=jti,
+            workspace=workspace,
+            scopes=scopes,
+            expires_at=expires_at,
+            subject=subject,
+            client_id=client_id,
+            grant_id=grant_id,
+            key_id=key_id,
         )
 
     def keys(self, published: Mapping[str, Mapping[str, Any]]) -> dict[str, VerificationKey]:
