@@ -63,6 +63,7 @@ def add_ratios(results: Sequence[CaseResult], ceiling_rps: float | None) -> None
     for r in results:
         rps = r.saturation.get("rps")
         paired = r.saturation.get("paired_ratio")
+        r.ratio_to_ceiling_same_request = r.saturation.get("same_request_paired_ratio")
         if paired is not None:
             r.ratio_to_ceiling = paired
         elif ceiling_rps and rps is not None:
@@ -112,7 +113,8 @@ def table(results: Sequence[CaseResult]) -> str:
         "the pairs' smallest and largest difference (bench/README.md, 'Reading p99 at a fixed "
         "rate'); cp us/rec: control-plane CPU per stored decision record."
     )
-    return "\n".join(lines + _reference_lines(results) + _serial_table(results))
+    lines += _reference_lines(results) + _same_request_lines(results)
+    return "\n".join(lines + _serial_table(results))
 
 
 def _reference_lines(results: Sequence[CaseResult]) -> list[str]:
@@ -132,6 +134,33 @@ def _reference_lines(results: Sequence[CaseResult]) -> list[str]:
             f"{r.target + ' / ' + r.case:<36.36} ÷ its reference, rep by rep: {ratio:.2f} ({reps})"
         )
     return ["", *lines] if lines else []
+
+
+def _same_request_lines(results: Sequence[CaseResult]) -> list[str]:
+    """Rows whose request differs in size from the ceiling's: their saturation reps over a
+    ceiling rep sent the row's own bytes just before each, the median and every rep."""
+    lines = []
+    for r in results:
+        ratio = r.ratio_to_ceiling_same_request
+        if ratio is None:
+            continue
+        reps = r.saturation.get("reps", [])
+        each = " ".join(
+            f"{rep['rps'] / rep['ceiling_same_request_rps']:.2f}"
+            for rep in reps
+            if rep.get("ceiling_same_request_rps")
+        )
+        lines.append(
+            f"{r.target + ' / ' + r.case:<36.36} ÷ the ceiling sent this row's "
+            f"{r.request_bytes}-byte request, rep by rep: {ratio:.2f} ({each})"
+        )
+    if not lines:
+        return []
+    note = (
+        "(xceil above is over the ceiling sent its own request; a longer request costs the "
+        "do-nothing server more too: bench/README.md, 'The ceiling's request')"
+    )
+    return ["", *lines, note]
 
 
 def _serial_table(results: Sequence[CaseResult]) -> list[str]:

@@ -19,6 +19,13 @@ from bench.targets import IngestMeter, RunningTarget
 # CPU (in cores) used by processes other than server and h2load above which a run is suspect.
 # A quiet machine shows 0.00-0.05 (kernel threads, this process polling).
 NOISE_LIMIT = 0.1
+# A gRPC row whose request is at least this many bytes longer or shorter than the ceiling's own
+# (the access-token rows: 1,325 bytes against 532) also gets a ceiling rep sent the row's own
+# bytes before each of its saturation reps (``same_request_paired_ratio``): the do-nothing
+# server pays for a longer request too (+2.7 µs per call for those 800 bytes, bench/README.md,
+# "The ceiling's request"), which the usual ratio charges to the row. Rows a few bytes off the
+# ceiling's (the API-key rows, ≈ 35) are not worth the extra reps.
+SAME_REQUEST_MIN_BYTES = 128
 # With --wait-quiet, a disturbed run is repeated up to this many times.
 NOISY_RETRIES = 2
 
@@ -88,6 +95,8 @@ class CaseResult:
     fixed_rate: dict[str, Any] = field(default_factory=dict)
     serial: dict[str, Any] = field(default_factory=dict)  # one at a time, vs the reference
     ratio_to_ceiling: float | None = None
+    # Over the ceiling sent this row's own request bytes (rows whose request size differs).
+    ratio_to_ceiling_same_request: float | None = None
     info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -197,10 +206,12 @@ def _saturation(
     baseline: Baseline | None = None,
     meter: IngestMeter | None = None,
     reference: Baseline | None = None,
+    same_request: Baseline | None = None,
 ) -> dict[str, Any]:
-    """The saturation reps; each after one rep of ``baseline`` (the ceiling) and then of
+    """The saturation reps; each after one rep of ``baseline`` (the ceiling), then of
     ``reference`` (the target's own do-nothing counterpart, e.g. Envoy + do-nothing for Envoy +
-    sidecar) when given, so both ratios are of reps seconds apart."""
+    sidecar), then of ``same_request`` (the ceiling sent this row's request bytes) when given,
+    so every ratio is of reps seconds apart."""
     before = cp_cost.count_now(meter)
     warm = h2load.saturate(  # warm-up, not measured
         load,
@@ -215,6 +226,7 @@ def _saturation(
     for _ in range(s.reps):
         ceiling = baseline() if baseline is not None else None
         ref = reference() if reference is not None else None
+        same = same_request() if same_request is not None else None
         rep = _quietly(s, lambda: _saturation_run(load, pids, s, meter))
         if ceiling is not None:
             rep["ceiling_rps"] = ceiling["rps"]
@@ -222,6 +234,9 @@ def _saturation(
         if ref is not None:
             rep["reference_rps"] = ref["rps"]
             rep["reference_server_cpu_us_per_call"] = ref["server_cpu_us_per_call"]
+        if same is not None:
+            rep["ceiling_same_request_rps"] = same["rps"]
+            rep["ceiling_same_request_server_cpu_us_per_call"] = same["server_cpu_us_per_call"]
         reps.append(rep)
     summary: dict[str, Any] = {"rps": statistics.median(r["rps"] for r in reps)}
     if baseline is not None:
@@ -232,9 +247,18 @@ def _saturation(
         summary["reference_paired_ratio"] = _median(
             [r["rps"] / r["reference_rps"] for r in reps if r["reference_rps"]]
         )
+    if same_request is not None:
+        summary["same_request_paired_ratio"] = _median(
+            [
+                r["rps"] / r["ceiling_same_request_rps"]
+                for r in reps
+                if r["ceiling_same_request_rps"]
+            ]
+        )
     skip: tuple[str, ...] = ("rps", "requests", "unexpected", "busy_before", "attempt", "tries")
     skip += ("server_cpu_util_by_process", "ceiling_rps", "ceiling_server_cpu_us_per_call")
     skip += ("reference_rps", "reference_server_cpu_us_per_call")
+    skip += ("ceiling_same_request_rps", "ceiling_same_request_server_cpu_us_per_call")
     for key in [k for k in reps[0] if k not in skip and not k.startswith("cp_")]:
         summary[key] = _median([r[key] for r in reps if r[key] is not None])
     if meter is not None:
@@ -434,10 +458,12 @@ def measure_case(
     baseline: Baseline | None = None,
     base: _Side | None = None,
     reference: Baseline | None = None,
+    same_request: Baseline | None = None,
 ) -> CaseResult:
     """Verify ``case`` with one real call, then load it; a failed check skips the load.
-    ``baseline`` (one ceiling rep) and ``reference`` (one rep of the target's reference) run
-    before each saturation rep when given; ``base`` (the reference, else the ceiling) before
+    ``baseline`` (one ceiling rep), ``reference`` (one rep of the target's reference) and
+    ``same_request`` (one ceiling rep with the case's bytes) run before each saturation rep
+    when given; ``base`` (the reference, else the ceiling) before
     the fixed-rate run, and, when it is the target's reference, before each one-at-a-time rep."""
     result = CaseResult(target.name, case.name, case.kind, case.expect, info=dict(target.info))
     if target.clients is not None:
@@ -451,7 +477,9 @@ def measure_case(
     load = load_for(case, target.address, s.workdir)
     meter = target.ingest
     try:
-        result.saturation = _saturation(load, target.pids, s, baseline, meter, reference)
+        result.saturation = _saturation(
+            load, target.pids, s, baseline, meter, reference, same_request
+        )
         result.fixed_rate = _fixed_rate(load, target.pids, s, base, meter)
         if target.reference is not None and base is not None:
             result.serial = _serial(load, target.pids, s, base, meter)
@@ -494,13 +522,16 @@ def run_target(
     saturation rep is paired with a ceiling rep just before it (``paired_ratio``), and the
     fixed-rate run with a ceiling run at the same rate (unless the target has a reference).
     A target with a reference also has a reference rep before each saturation rep
-    (``reference_paired_ratio``: Envoy + sidecar over Envoy + do-nothing, seconds apart)."""
+    (``reference_paired_ratio``: Envoy + sidecar over Envoy + do-nothing, seconds apart), and
+    a case whose request differs in size from the ceiling's a ceiling rep sent its own bytes
+    (``same_request_paired_ratio``, see SAME_REQUEST_MIN_BYTES)."""
     if target.pin:
         pin_tree(target.pids, set(s.server_cpus))
     if target.clients is not None:
         s = replace(s, clients=target.clients)
     baseline: Baseline | None = None
     base: _Side | None = None
+    plain = s
     if ceiling is not None:
         ceiling_load = load_for(ceiling.cases[0], ceiling.address, s.workdir)
         # The ceiling's own h2load settings (connections), not the target's.
@@ -521,5 +552,27 @@ def run_target(
     results = []
     for case in target.cases:
         print(f"  {target.name} / {case.name} …", file=sys.stderr, flush=True)
-        results.append(measure_case(target, case, s, baseline, base, reference))
+        same: Baseline | None = None
+        if ceiling is not None and (same_load := same_request_load(case, ceiling, s)):
+            same = _ceiling_rep(same_load, ceiling.pids, plain)
+        results.append(measure_case(target, case, s, baseline, base, reference, same))
     return results
+
+
+def same_request_load(case: Case, ceiling: RunningTarget, s: Settings) -> h2load.Load | None:
+    """The ceiling sent ``case``'s own request bytes (the do-nothing server answers any request
+    alike), when their size differs from the ceiling's own case's by at least
+    SAME_REQUEST_MIN_BYTES; None otherwise, and for HTTP cases."""
+    own = ceiling.cases[0]
+    if not isinstance(case, GrpcCase) or not isinstance(own, GrpcCase):
+        return None
+    if abs(len(case.request) - len(own.request)) < SAME_REQUEST_MIN_BYTES:
+        return None
+    return load_for(case, ceiling.address, s.workdir)
+
+
+def _ceiling_rep(load: h2load.Load, pids: Sequence[int], s: Settings) -> Baseline:
+    def run() -> dict[str, Any]:
+        return _quietly(s, lambda: _saturation_run(load, pids, s))
+
+    return run

@@ -19,10 +19,10 @@ from typing import Any
 
 import pytest
 
-from bench import h2load
+from bench import h2load, report
 from bench.cases import grpc_case, grpc_frame, typical_headers
-from bench.runner import Settings, run_target
-from bench.targets import TargetEnv, ceiling
+from bench.runner import SAME_REQUEST_MIN_BYTES, Settings, run_target, same_request_load
+from bench.targets import RunningTarget, TargetEnv, ceiling, ceiling_cases
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -98,6 +98,8 @@ def test_quick_run_writes_complete_json(quick_run: tuple[Path, str]) -> None:
     assert sat["unexpected"] == rate["unexpected"] == 0
     # The ceiling is its own baseline: no differences, no one-at-a-time runs, no records.
     assert "baseline" not in rate and row["serial"] == {}
+    assert row["ratio_to_ceiling_same_request"] is None
+    assert "same_request_paired_ratio" not in sat
     assert "reference_paired_ratio" not in sat and "reference_rps" not in sat["reps"][0]
     assert not [key for key in sat if key.startswith("cp_")]
 
@@ -137,6 +139,14 @@ def test_quick_run_has_jwt_rows(quick_run: tuple[Path, str]) -> None:
         # metered from its own counters, cross-checked by the database's count.
         assert row["info"]["check_path"] in ("compiled", "python")
         _assert_metered(row["saturation"])
+        # A token request is ≈ 800 bytes longer than the ceiling's: each rep also follows a
+        # ceiling rep sent the row's own bytes, reported beside (not instead of) the ratio.
+        assert row["request_bytes"] - latest["results"][0]["request_bytes"] > 500
+        assert rep["ceiling_same_request_rps"] > 0
+        assert rep["ceiling_same_request_server_cpu_us_per_call"] > 0
+        same = row["saturation"]["same_request_paired_ratio"]
+        assert same == round(rep["rps"] / rep["ceiling_same_request_rps"], 3)
+        assert row["ratio_to_ceiling_same_request"] == same
 
 
 @needs_h2load
@@ -266,6 +276,48 @@ def test_wrong_expected_outcome_fails_the_case(tmp_path: Path) -> None:
     assert result.error is not None
     assert "expected deny" in result.error
     assert result.saturation == {}
+
+
+def test_only_a_request_of_another_size_gets_a_same_request_ceiling(tmp_path: Path) -> None:
+    settings = Settings(frozenset({0}), frozenset({0}), tmp_path)
+    running = RunningTarget("ceiling", "127.0.0.1:50051", ceiling_cases(), [])
+    own = len(running.cases[0].request)  # type: ignore[union-attr]
+    padded = [grpc_case("padded", typical_headers(x_pad="p" * n), "allow") for n in range(400)]
+    near = [c for c in padded if len(c.request) - own < SAME_REQUEST_MIN_BYTES]
+    longer = next(c for c in padded if len(c.request) - own >= SAME_REQUEST_MIN_BYTES)
+    assert len(near[-1].request) - own == SAME_REQUEST_MIN_BYTES - 1
+    assert same_request_load(near[-1], running, settings) is None
+    assert same_request_load(running.cases[0], running, settings) is None
+    load = same_request_load(longer, running, settings)
+    # The ceiling's address, the row's own bytes.
+    assert load is not None and load.url.startswith("http://127.0.0.1:50051/")
+    assert load.body_file is not None and load.body_file.read_bytes() == longer.body()
+
+
+@needs_h2load
+def test_a_longer_request_is_also_paired_with_the_ceiling_sent_it(tmp_path: Path) -> None:
+    settings = Settings(frozenset({0}), frozenset({0}), tmp_path).quick()
+    with ceiling(TargetEnv(settings.server_cpus, tmp_path)) as running:
+        big = grpc_case("big", typical_headers(x_pad="p" * 800), "allow")
+        small = grpc_case("small", typical_headers(x_pad="p"), "allow")
+        target = replace(running, name="row", cases=[big, small])
+        big_row, small_row = run_target(target, settings, running)
+    report.add_ratios([big_row, small_row], None)
+    (rep,) = big_row.saturation["reps"]
+    assert rep["ceiling_rps"] > 0 and rep["ceiling_same_request_rps"] > 0
+    assert rep["ceiling_same_request_server_cpu_us_per_call"] > 0
+    same = round(rep["rps"] / rep["ceiling_same_request_rps"], 3)
+    assert big_row.ratio_to_ceiling_same_request == same
+    assert big_row.saturation["same_request_paired_ratio"] == same
+    # The usual ratio is unchanged: over the ceiling sent its own request.
+    assert big_row.ratio_to_ceiling == round(rep["rps"] / rep["ceiling_rps"], 3)
+    assert small_row.ratio_to_ceiling_same_request is None
+    assert "ceiling_same_request_rps" not in small_row.saturation["reps"][0]
+    lines = [
+        x for x in report.table([big_row, small_row]).splitlines() if "÷ the ceiling sent" in x
+    ]
+    assert len(lines) == 1 and lines[0].startswith("row / big")
+    assert f"this row's {big_row.request_bytes}-byte request, rep by rep: {same:.2f}" in lines[0]
 
 
 def test_grpc_frame_prefix() -> None:
