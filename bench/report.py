@@ -117,6 +117,12 @@ def table(results: Sequence[CaseResult]) -> str:
     return "\n".join(lines + _serial_table(results))
 
 
+def _rep_ratios(r: CaseResult, key: str) -> str:
+    """Each saturation rep's rps over its paired run's (``key``), as printed."""
+    reps = r.saturation.get("reps", [])
+    return " ".join(f"{rep['rps'] / rep[key]:.2f}" for rep in reps if rep.get(key))
+
+
 def _reference_lines(results: Sequence[CaseResult]) -> list[str]:
     """Rows with a reference: their saturation reps over a reference rep run just before each
     (the Envoy rows' own do-nothing counterpart), the median and every rep."""
@@ -125,11 +131,7 @@ def _reference_lines(results: Sequence[CaseResult]) -> list[str]:
         ratio = r.saturation.get("reference_paired_ratio")
         if ratio is None:
             continue
-        reps = " ".join(
-            f"{rep['rps'] / rep['reference_rps']:.2f}"
-            for rep in r.saturation.get("reps", [])
-            if rep.get("reference_rps")
-        )
+        reps = _rep_ratios(r, "reference_rps")
         lines.append(
             f"{r.target + ' / ' + r.case:<36.36} ÷ its reference, rep by rep: {ratio:.2f} ({reps})"
         )
@@ -144,12 +146,7 @@ def _same_request_lines(results: Sequence[CaseResult]) -> list[str]:
         ratio = r.ratio_to_ceiling_same_request
         if ratio is None:
             continue
-        reps = r.saturation.get("reps", [])
-        each = " ".join(
-            f"{rep['rps'] / rep['ceiling_same_request_rps']:.2f}"
-            for rep in reps
-            if rep.get("ceiling_same_request_rps")
-        )
+        each = _rep_ratios(r, "ceiling_same_request_rps")
         lines.append(
             f"{r.target + ' / ' + r.case:<36.36} ÷ the ceiling sent this row's "
             f"{r.request_bytes}-byte request, rep by rep: {ratio:.2f} ({each})"

@@ -222,43 +222,32 @@ def _saturation(
         workdir=s.workdir,
     )
     cp_cost.after_load(meter, before, warm.done)
+    # Each pairing: its rep's keys are "<prefix>_rps" and "<prefix>_server_cpu_us_per_call",
+    # its summary the median of the reps' rps over that rps.
+    sides = [
+        (prefix, summary_key, run)
+        for prefix, summary_key, run in (
+            ("ceiling", "paired_ratio", baseline),
+            ("reference", "reference_paired_ratio", reference),
+            ("ceiling_same_request", "same_request_paired_ratio", same_request),
+        )
+        if run is not None
+    ]
     reps = []
     for _ in range(s.reps):
-        ceiling = baseline() if baseline is not None else None
-        ref = reference() if reference is not None else None
-        same = same_request() if same_request is not None else None
+        paired = [(prefix, run()) for prefix, _, run in sides]
         rep = _quietly(s, lambda: _saturation_run(load, pids, s, meter))
-        if ceiling is not None:
-            rep["ceiling_rps"] = ceiling["rps"]
-            rep["ceiling_server_cpu_us_per_call"] = ceiling["server_cpu_us_per_call"]
-        if ref is not None:
-            rep["reference_rps"] = ref["rps"]
-            rep["reference_server_cpu_us_per_call"] = ref["server_cpu_us_per_call"]
-        if same is not None:
-            rep["ceiling_same_request_rps"] = same["rps"]
-            rep["ceiling_same_request_server_cpu_us_per_call"] = same["server_cpu_us_per_call"]
+        for prefix, side in paired:
+            rep[f"{prefix}_rps"] = side["rps"]
+            rep[f"{prefix}_server_cpu_us_per_call"] = side["server_cpu_us_per_call"]
         reps.append(rep)
     summary: dict[str, Any] = {"rps": statistics.median(r["rps"] for r in reps)}
-    if baseline is not None:
-        summary["paired_ratio"] = _median(
-            [r["rps"] / r["ceiling_rps"] for r in reps if r["ceiling_rps"]]
-        )
-    if reference is not None:
-        summary["reference_paired_ratio"] = _median(
-            [r["rps"] / r["reference_rps"] for r in reps if r["reference_rps"]]
-        )
-    if same_request is not None:
-        summary["same_request_paired_ratio"] = _median(
-            [
-                r["rps"] / r["ceiling_same_request_rps"]
-                for r in reps
-                if r["ceiling_same_request_rps"]
-            ]
-        )
     skip: tuple[str, ...] = ("rps", "requests", "unexpected", "busy_before", "attempt", "tries")
-    skip += ("server_cpu_util_by_process", "ceiling_rps", "ceiling_server_cpu_us_per_call")
-    skip += ("reference_rps", "reference_server_cpu_us_per_call")
-    skip += ("ceiling_same_request_rps", "ceiling_same_request_server_cpu_us_per_call")
+    skip += ("server_cpu_util_by_process",)
+    for prefix, summary_key, _ in sides:
+        rps = f"{prefix}_rps"
+        summary[summary_key] = _median([r["rps"] / r[rps] for r in reps if r[rps]])
+        skip += (rps, f"{prefix}_server_cpu_us_per_call")
     for key in [k for k in reps[0] if k not in skip and not k.startswith("cp_")]:
         summary[key] = _median([r[key] for r in reps if r[key] is not None])
     if meter is not None:
