@@ -47,7 +47,9 @@ AUTHZ_TIMEOUT = "5s"
 _DIRECT = {"status": 200, "body": {"inline_string": "ok"}}
 
 
-def _direct_responses(config: dict[str, Any], *, authz: bool) -> None:
+def direct_responses(config: dict[str, Any], *, authz: bool) -> None:
+    """The rows' Envoy configuration: every route answered by Envoy itself, the ext_authz
+    filter (kept with ``authz``, else removed) given :data:`AUTHZ_TIMEOUT`."""
     listener = config["static_resources"]["listeners"][0]
     hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
     for vhost in hcm["route_config"]["virtual_hosts"]:
@@ -78,7 +80,7 @@ def _envoy(
     with EnvoyProcess(
         authz=("127.0.0.1", authz_port or 1),
         upstream=("127.0.0.1", 1),
-        customize=lambda c: _direct_responses(c, authz=authz),
+        customize=lambda c: direct_responses(c, authz=authz),
     ) as envoy:
         info = {"ext_authz_timeout": AUTHZ_TIMEOUT, **(authz_info or {})} if authz else {}
         yield envoy_target(name, envoy.url, cases, [envoy.pid, *pids], info=info)
@@ -130,13 +132,12 @@ def _envoy_ceiling_vs_envoy(env: TargetEnv) -> Iterator[RunningTarget]:
 
 
 @contextlib.contextmanager
-def _envoy_sidecar(env: TargetEnv) -> Iterator[RunningTarget]:
-    # Envoy + do-nothing runs next to it, so latency runs alternate between the two and the row
-    # reports what the sidecar adds (the machine drifts too much for rows minutes apart).
-    with (
-        _meanwhile(_envoy_ceiling(env, "envoy+ceiling (reference)")) as reference,
-        control_plane(env) as cp,
-    ):
+def _sidecar_behind_envoy(
+    env: TargetEnv, extra_env: Mapping[str, str] | None = None
+) -> Iterator[RunningTarget]:
+    """Envoy asking our sidecar (as shipped unless ``extra_env`` says otherwise, its control
+    plane off the server CPUs) with a valid key; no reference alongside."""
+    with control_plane(env) as cp:
         key = _mint(cp.admin, cp.operator, ["checks:read"])
         argv = [
             env.python, "-m", "sidecar", "sidecar", "--listen", "{listen}",
@@ -145,8 +146,8 @@ def _envoy_sidecar(env: TargetEnv) -> Iterator[RunningTarget]:
             "--sync-token-file", str(sync_token_file(env)),
         ]  # fmt: skip
         with launch_process(
-            env, "sidecar-behind-envoy", argv, [], extra_env=SERVER_ENV, cwd=_PROJECT_ROOT,
-            ready=_serving,
+            env, "sidecar-behind-envoy", argv, [], extra_env={**SERVER_ENV, **(extra_env or {})},
+            cwd=_PROJECT_ROOT, ready=_serving,
         ) as authz:  # fmt: skip
             port = int(authz.address.rsplit(":", 1)[1])
             cases = _case({"authorization": f"Bearer {key}"})
@@ -154,7 +155,36 @@ def _envoy_sidecar(env: TargetEnv) -> Iterator[RunningTarget]:
             path = reported_check_path(log_path(env, "sidecar-behind-envoy"))
             info = {"check_path": path}
             with _envoy(env, "envoy+sidecar", port, cases, list(authz.pids), True, info) as target:
-                yield replace(target, reference=reference(), ingest=cp.ingest_meter())
+                yield replace(target, ingest=cp.ingest_meter())
+
+
+@contextlib.contextmanager
+def _envoy_sidecar(env: TargetEnv) -> Iterator[RunningTarget]:
+    # Envoy + do-nothing runs next to it, so latency runs alternate between the two and the row
+    # reports what the sidecar adds (the machine drifts too much for rows minutes apart).
+    with (
+        _meanwhile(_envoy_ceiling(env, "envoy+ceiling (reference)")) as reference,
+        _sidecar_behind_envoy(env) as target,
+    ):
+        yield replace(target, reference=reference())
+
+
+def sidecar_behind_envoy(
+    env: TargetEnv, extra_env: Mapping[str, str] | None = None
+) -> AbstractContextManager[RunningTarget]:
+    """Envoy + sidecar without its reference alongside (bench.side_by_side_envoy loads the two
+    at once instead), ``extra_env`` added to the sidecar's environment; ``pids`` are Envoy's
+    first, then the sidecar's."""
+    return _sidecar_behind_envoy(env, extra_env)
+
+
+def ceiling_behind_envoy(
+    env: TargetEnv, response_file: Path | None = None
+) -> AbstractContextManager[RunningTarget]:
+    """Envoy + do-nothing without a reference alongside (answering ``response_file``'s bytes
+    when given, e.g. :func:`sidecar_allow_response`); ``pids`` are Envoy's first."""
+    name = "envoy+ceiling" if response_file is None else "envoy+ceiling-full"
+    return _envoy_ceiling(env, name, response_file)
 
 
 def envoy_noauth(env: TargetEnv) -> AbstractContextManager[RunningTarget]:

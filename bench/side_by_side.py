@@ -25,8 +25,8 @@ import statistics
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from bench import h2load
@@ -64,12 +64,18 @@ def ceiling_token_request(env: TargetEnv) -> Iterator[RunningTarget]:
         yield replace(running, name="ceiling (token-sized request)", cases=[token_sized_case()])
 
 
+# A target's processes in groups whose CPU is reported apart (Envoy, the ext_authz server).
+Parts = Callable[[RunningTarget], Sequence[Sequence[int]]]
+
+
 @dataclass(frozen=True)
 class Window:
-    """One window: each side's req/s and server CPU µs per call."""
+    """One window: each side's req/s and server CPU µs per call (all its processes), and with
+    ``parts`` the CPU µs per call of each group of its processes."""
 
     rps: tuple[float, float]
     cpu_us: tuple[float, float]
+    parts_us: tuple[tuple[float, ...], tuple[float, ...]] = field(default=((), ()))
 
 
 def measure(
@@ -81,10 +87,12 @@ def measure(
     client_cpus: set[int],
     workdir: Path,
     swap: bool = False,
+    parts: Parts | None = None,
 ) -> list[Window]:
     """``windows`` windows of both targets loaded at once (A's first case to A, B's to B; with
     ``swap``, every second window sends A's case to B and B's to A, and the window is still
-    reported as A's case, B's case)."""
+    reported as A's case, B's case). ``parts`` splits each side's CPU into groups of its
+    processes (e.g. Envoy and the ext_authz server behind it)."""
     out = []
     for w in range(windows):
         crossed = swap and w % 2 == 1
@@ -96,13 +104,18 @@ def measure(
         loads = [
             load_for(case, t.address, d) for case, t, d in zip(cases, servers, dirs, strict=True)
         ]
-        before = [tree_cpu_seconds(t.pids) for t in servers]
+        groups = [[t.pids, *(parts(t) if parts else ())] for t in servers]
+        before = [[tree_cpu_seconds(g) for g in side] for side in groups]
         done = _at_once(loads, dirs, duration, client_cpus)
         cpu = [
-            (tree_cpu_seconds(t.pids) - spent) / run.done * 1e6
-            for t, spent, run in zip(servers, before, done, strict=True)
+            [
+                (tree_cpu_seconds(g) - spent) / run.done * 1e6
+                for g, spent in zip(side, b, strict=True)
+            ]
+            for side, b, run in zip(groups, before, done, strict=True)
         ]
-        out.append(Window((done[0].rps, done[1].rps), (cpu[0], cpu[1])))
+        split = (tuple(cpu[0][1:]), tuple(cpu[1][1:]))
+        out.append(Window((done[0].rps, done[1].rps), (cpu[0][0], cpu[1][0]), split))
     return out
 
 
@@ -139,6 +152,17 @@ def summary(windows: Sequence[Window]) -> dict[str, float]:
     }
 
 
+def prepare(target: RunningTarget, server_cpu: int, client: set[int], workdir: Path) -> str | None:
+    """Pin ``target`` to the server CPU, check its first case answers as expected (else say
+    why) and warm it up for a second."""
+    pin_tree(target.pids, {server_cpu})
+    error = target.cases[0].verify(target.address)
+    if error is None:
+        warm = load_for(target.cases[0], target.address, workdir)
+        h2load.saturate(warm, duration=1.0, clients=4, streams=16, cpus=client, workdir=workdir)
+    return error
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.side_by_side", description=__doc__)
     parser.add_argument("a")
@@ -156,13 +180,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         a = stack.enter_context(resolve(args.a)(env))
         b = stack.enter_context(resolve(args.b)(env))
         for t in (a, b):
-            pin_tree(t.pids, {args.server_cpu})
-            error = t.cases[0].verify(t.address)
+            error = prepare(t, args.server_cpu, client, workdir)
             if error is not None:
                 print(f"{t.name}: {error}", file=sys.stderr)
                 return 1
-            warm = load_for(t.cases[0], t.address, workdir)
-            h2load.saturate(warm, duration=1.0, clients=4, streams=16, cpus=client, workdir=workdir)
         print(f"A = {a.name}, B = {b.name} (load average {os.getloadavg()[0]:.1f})")
         windows = measure(
             a, b, windows=args.windows, duration=args.duration, client_cpus=client,
