@@ -15,6 +15,7 @@ with another tree first on ``PYTHONPATH`` to compare two trees in one session.""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -118,7 +119,7 @@ def rows() -> dict[str, tuple[Callable[[], object], Callable[[], object]]]:
             checking, pipeline, data = handler(credential)
             out[f"{label}, {name} path"] = (
                 _data_call(make(checking), data, name == "python"),
-                lambda p=pipeline: p.flush(sync=False),
+                functools.partial(pipeline.flush, sync=False),
             )
     from envoy.service.auth.v3.external_auth_pb2 import CheckResponse
 

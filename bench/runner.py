@@ -360,7 +360,7 @@ def _fixed_rate(
 
     if base is None:
         return measured()
-    pairs = []
+    pairs: list[dict[str, Any]] = []
     for _ in range(max(1, s.rate_pairs)):
         baseline = _quietly(s, lambda: _fixed_rate_run(base.load, base.pids, s))
         run = measured()

@@ -66,7 +66,8 @@ class Samples:
     def during(self, intervals: Sequence[tuple[float, float]]) -> dict[str, float]:
         """``late`` of the checks due while one of ``intervals`` (sorted) was under way, against
         the others'."""
-        inside, outside = [], []
+        inside: list[float] = []
+        outside: list[float] = []
         j = 0
         for due, late in zip(self.due, self.late, strict=True):
             while j < len(intervals) and intervals[j][1] < due:
@@ -313,7 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     workdir = Path(tempfile.mkdtemp(prefix="tail-inprocess-"))
     env = TargetEnv(frozenset({SERVER_CPU}), workdir)
-    results: dict[str, list[dict[str, dict[str, float]]]] = {}
+    results: dict[str, list[dict[str, Any]]] = {}
     with st.control_plane(env) as cp:
         key = st._mint(cp.admin, cp.operator, ["checks:read"])
         token_file = st.sync_token_file(env)
@@ -364,12 +365,12 @@ def _phase(
     rate: float,
     seconds: float,
     units: Units,
-) -> Callable[[], dict[str, dict[str, float]]]:
+) -> Callable[[], dict[str, Any]]:
     """A phase with the GIL switch interval ``ms`` and the audit shipper's slices of
     ``slice_records`` (sidecar.auditship.gil; 0: whole batches, as before)."""
     from sidecar.auditship import gil
 
-    def run() -> dict[str, dict[str, float]]:
+    def run() -> dict[str, Any]:
         shipped = gil.SLICE_RECORDS
         sys.setswitchinterval(ms / 1e3)
         gil.SLICE_RECORDS = slice_records
@@ -390,7 +391,7 @@ def _phase(
     return run
 
 
-def _bare(rate: float, seconds: float) -> Callable[[], dict[str, dict[str, float]]]:
+def _bare(rate: float, seconds: float) -> Callable[[], dict[str, Any]]:
     return lambda: bare(rate, seconds)
 
 

@@ -223,14 +223,14 @@ def _hold_stream(peer: str, options: Sequence[tuple[str, int]] = ()) -> None:
     import grpc
 
     channel = grpc.insecure_channel(peer, options=options)
-    for _ in channel.unary_stream(f"/{PEER_SERVICE}/Watch")(b""):
+    for _ in channel.unary_stream(f"/{PEER_SERVICE}/Watch", None, None)(b""):
         pass
 
 
 def _tick_unary(peer: str) -> None:
     import grpc
 
-    ping = grpc.insecure_channel(peer).unary_unary(f"/{PEER_SERVICE}/Ping")
+    ping = grpc.insecure_channel(peer).unary_unary(f"/{PEER_SERVICE}/Ping", None, None)
     while True:
         with contextlib.suppress(grpc.RpcError):
             ping(b"", timeout=1)
