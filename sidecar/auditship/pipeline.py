@@ -104,6 +104,11 @@ class AuditPipeline:
         self._clock = clock
         self._transport = transport
         self._stop = threading.Event()
+        # The writer sleeps on this lock, held until ``close``: one C call per tick where
+        # ``Event.wait`` ran ≈ 15 lines of Python (threading.Condition) around its sleep, on
+        # waking too, holding the GIL (docs/performance.md, "The audit writer's tick").
+        self._halt = threading.Lock()
+        self._halt.acquire()
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
         self._written = 0
@@ -128,7 +133,7 @@ class AuditPipeline:
 
     def _write_loop(self) -> None:
         last_sync = self._clock()
-        while not self._stop.wait(self.config.write_interval):
+        while not self._halt.acquire(timeout=self.config.write_interval):
             self.flush(sync=False)
             if self._clock() - last_sync >= self.config.fsync_interval:
                 self.spool.sync()
@@ -141,7 +146,7 @@ class AuditPipeline:
             if sync:
                 self.spool.sync()
             return 0
-        if self.spool.pending_bytes >= self.config.max_spool_bytes:
+        if not self.spool.below(self.config.max_spool_bytes):
             # The control plane has been away for long: keep denials, shed allows.
             kept: list[tuple[Item, bool]] = [(item, False) for item, kind in items if not kind]
             self._spool_dropped += len(items) - len(kept)
@@ -166,6 +171,8 @@ class AuditPipeline:
         shipper's may be in a send) come out of the same seconds as the last shipping."""
         end = time.monotonic() + timeout
         self._stop.set()
+        if self._halt.locked():
+            self._halt.release()
         self._wake.set()
         for thread in self._threads:
             thread.join(max(0.0, end - time.monotonic()))
