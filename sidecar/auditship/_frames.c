@@ -35,13 +35,12 @@ static void put_u32(unsigned char *o, uint32_t v) {
     o[3] = (unsigned char)(v >> 24);
 }
 
+static void frame_into(const unsigned char *p, Py_ssize_t len, unsigned char *o);
+
 static void frame_all(PyObject *const *items, Py_ssize_t n, unsigned char *o) {
     for (Py_ssize_t i = 0; i < n; i++) {
-        const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(items[i]);
         Py_ssize_t len = PyBytes_GET_SIZE(items[i]);
-        put_u32(o, (uint32_t)len);
-        put_u32(o + 4, crc32_of(p, len));
-        memcpy(o + 8, p, (size_t)len);
+        frame_into((const unsigned char *)PyBytes_AS_STRING(items[i]), len, o);
         o += 8 + len;
     }
 }
@@ -92,4 +91,23 @@ static PyMethodDef module_methods[] = {
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_frames",
                                     "The audit spool's framing in C.", -1, module_methods};
 
-PyMODINIT_FUNC PyInit__frames(void) { return PyModule_Create(&module); }
+/* For the compiled Check path's AuditBuffer.drain_frames (sidecar/dataplane/_fastcheck.c),
+ * which frames the records it encoded straight from its arena: frame_into(payload, length,
+ * out) writes one frame (8 + length bytes) at ``out``; no Python object, no GIL needed. */
+static void frame_into(const unsigned char *p, Py_ssize_t len, unsigned char *o) {
+    put_u32(o, (uint32_t)len);
+    put_u32(o + 4, crc32_of(p, len));
+    memcpy(o + 8, p, (size_t)len);
+}
+
+PyMODINIT_FUNC PyInit__frames(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (!m) return NULL;
+    PyObject *api = PyCapsule_New((void *)frame_into, "sidecar.auditship._frames.frame_into", NULL);
+    if (!api || PyModule_AddObject(m, "frame_into", api) < 0) {
+        Py_XDECREF(api);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -146,9 +146,13 @@ class Spool:
 
     def append(self, payloads: list[bytes]) -> None:
         """Append records in order; returns once they are in the kernel (not yet fsynced)."""
-        if not payloads:
+        if payloads:
+            self.append_framed(frames(payloads))
+
+    def append_framed(self, data: bytes) -> None:
+        """Append records already framed (``frames``); returns once they are in the kernel."""
+        if not data:
             return
-        data = frames(payloads)
         last = max(self._sizes)
         if self._sizes[last] and self._sizes[last] + len(data) > self.segment_bytes:
             last = self._rotate(last)
