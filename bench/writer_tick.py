@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import importlib
 import json
 import os
 import statistics
@@ -34,8 +35,8 @@ SERVER_CPU = 0
 
 def run(seconds: float, rate: float, size: int) -> dict[str, Any]:
     from sidecar.auditship.pipeline import AuditPipeline, ShipConfig
-    from sidecar.dataplane import _fastcheck
 
+    _fastcheck: Any = importlib.import_module("sidecar.dataplane._fastcheck")
     pipeline = AuditPipeline(ShipConfig(spool_dir=Path(tempfile.mkdtemp())), None)
     buffer = _fastcheck.AuditBuffer(pipeline.queue.capacity, pipeline.queue.deny_limit)
     pipeline.queue.use_store(buffer)
@@ -77,9 +78,9 @@ def run(seconds: float, rate: float, size: int) -> dict[str, Any]:
     starts = [start for start, _ in spans]
     during: list[float] = []
     others: list[float] = []
-    for due, late in zip(samples.due, samples.late, strict=True):
+    for due, wait in zip(samples.due, samples.late, strict=True):
         i = bisect.bisect_right(starts, due) - 1
-        (during if i >= 0 and due <= spans[i][1] else others).append(late)
+        (during if i >= 0 and due <= spans[i][1] else others).append(wait)
     late = sorted(samples.late)
     return {
         "writer cpu per tick": round((e1 - e0) / 1e3 / max(ticks, 1), 1),
