@@ -29,5 +29,15 @@ setup(
             optional=True,
             extra_compile_args=["-O2", "-std=c11", "-Wall"],
         ),
+        # The audit spool's framing in C (sidecar/auditship/spool.py ``frames``), optional the
+        # same way (it also needs zlib's headers): without it the writer frames each record in
+        # Python.
+        Extension(
+            "sidecar.auditship._frames",
+            ["sidecar/auditship/_frames.c"],
+            optional=True,
+            libraries=["z"],
+            extra_compile_args=["-O2", "-std=c11", "-Wall"],
+        ),
     ]
 )

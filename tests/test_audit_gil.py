@@ -14,7 +14,7 @@ import pytest
 from sidecar._gen.statuspulse.auth.v1 import audit_pb2 as pb
 from sidecar.auditship import Spool, gil
 from sidecar.auditship.codec import ingest_request, ingest_request_sliced
-from sidecar.auditship.spool import frame, parse_frames
+from sidecar.auditship.spool import frame, frames, parse_frames
 
 
 def _payloads(n: int) -> list[bytes]:
@@ -97,3 +97,12 @@ def test_a_thread_waiting_for_the_gil_runs_while_a_batch_is_parsed_and_framed(
     slice_records(64)
     assert _waiter_ran_during(lambda: parse_frames(data))
     assert _waiter_ran_during(lambda: ingest_request_sliced(records))
+
+
+def test_a_thread_waiting_for_the_gil_runs_while_the_writer_frames_a_backlog_in_c() -> None:
+    """The C framing (sidecar/auditship/_frames.c) checksums and copies a backlog of 64 KiB
+    or more without the GIL; a tick's few records (≈ 3 µs) keep it."""
+    pytest.importorskip("sidecar.auditship._frames")
+    records = _payloads(20_000) * 5
+    assert _waiter_ran_during(lambda: frames(records))
+    assert not _waiter_ran_during(lambda: frames(records[:10]))

@@ -24,7 +24,7 @@ from sidecar.auditship.codec import encode
 from sidecar.auditship.queue import AuditQueue, Item, QueueStats
 from sidecar.auditship.records import PendingDecision
 from sidecar.auditship.shipper import DEAD_LETTER_FILE, Backoff, Shipper, ShipperStats
-from sidecar.auditship.spool import Spool
+from sidecar.auditship.spool import Spool, frames
 from sidecar.auditship.transport import Transport
 from sidecar.core.audit import AuditEvent, scrub
 
@@ -104,6 +104,11 @@ class AuditPipeline:
         self._clock = clock
         self._transport = transport
         self._stop = threading.Event()
+        # The writer sleeps on this lock, held until ``close``: one C call per tick where
+        # ``Event.wait`` ran ≈ 15 lines of Python (threading.Condition) around its sleep, on
+        # waking too, holding the GIL (docs/performance.md, "The audit writer's tick").
+        self._halt = threading.Lock()
+        self._halt.acquire()
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
         self._written = 0
@@ -128,7 +133,7 @@ class AuditPipeline:
 
     def _write_loop(self) -> None:
         last_sync = self._clock()
-        while not self._stop.wait(self.config.write_interval):
+        while not self._halt.acquire(timeout=self.config.write_interval):
             self.flush(sync=False)
             if self._clock() - last_sync >= self.config.fsync_interval:
                 self.spool.sync()
@@ -136,28 +141,42 @@ class AuditPipeline:
 
     def flush(self, *, sync: bool = True) -> int:
         """Move everything queued into the spool now; returns how many records it wrote."""
-        items = self.queue.drain_items()
-        if not items:
+        limit = self.config.max_spool_bytes
+        # Below the limit nothing is shed, and only this thread adds to the spool: the C path's
+        # records come framed in one call (the 10 ms tick's GIL, issue #19). Else, or with a
+        # Python record queued, the records are drained one by one.
+        framed = self.queue.drain_frames() if self.spool.below(limit) else None
+        items: list[tuple[Item, bool]] = []
+        if framed is None:
+            items = self.queue.drain_items()
+            count = len(items)
+        else:
+            count = framed[1]
+        if not count:
             if sync:
                 self.spool.sync()
             return 0
-        if self.spool.pending_bytes >= self.config.max_spool_bytes:
+        if framed is None and not self.spool.below(limit):
             # The control plane has been away for long: keep denials, shed allows.
             kept: list[tuple[Item, bool]] = [(item, False) for item, kind in items if not kind]
             self._spool_dropped += len(items) - len(kept)
             items = kept
+            count = len(kept)
         try:
-            self.spool.append([_payload(item) for item, _ in items])
+            if framed is None:
+                self.spool.append_framed(frames([_payload(item) for item, _ in items]))
+            else:
+                self.spool.append_framed(framed[0])
             if sync:
                 self.spool.sync()
         except OSError:
-            self._write_errors += len(items)
-            log.exception("audit spool write failed; records lost", extra={"count": len(items)})
+            self._write_errors += count
+            log.exception("audit spool write failed; records lost", extra={"count": count})
             return 0
         # The shipper is not woken here: it wakes every ship_interval and sends everything in
         # large batches (one call per 2000 records, not one per 10 ms write).
-        self._written += len(items)
-        return len(items)
+        self._written += count
+        return count
 
     def close(self, timeout: float = 5.0) -> bool:
         """Stop the writer (flushing and fsyncing the queue), then ship what is spooled for up
@@ -166,6 +185,8 @@ class AuditPipeline:
         shipper's may be in a send) come out of the same seconds as the last shipping."""
         end = time.monotonic() + timeout
         self._stop.set()
+        if self._halt.locked():
+            self._halt.release()
         self._wake.set()
         for thread in self._threads:
             thread.join(max(0.0, end - time.monotonic()))

@@ -183,6 +183,16 @@ class AuditQueue:
         """Everything queued, in the order it was accepted, as (item, allowed)."""
         return self._store.drain()
 
+    def drain_frames(self) -> tuple[bytes, int] | None:
+        """Everything queued as the spool's frames and how many records, in one call, when the
+        store can (the C ``AuditBuffer`` holding only records the C path encoded, 64 KiB in
+        all at most); None, draining nothing, otherwise: ``drain_items`` then."""
+        drain = getattr(self._store, "drain_frames", None)
+        if drain is None:
+            return None
+        framed: tuple[bytes, int] | None = drain()
+        return framed
+
     @property
     def depth(self) -> int:
         return self._store.counts()[0]

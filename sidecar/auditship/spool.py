@@ -23,6 +23,7 @@ import zlib
 from pathlib import Path
 
 from sidecar.auditship import gil
+from sidecar.core.native import optional_module
 
 FRAME = struct.Struct("<II")
 SUFFIX = ".spool"
@@ -31,12 +32,26 @@ MAX_FRAME = 1 << 20
 
 log = logging.getLogger("sidecar.auditship")
 
+# The framing in C (sidecar/auditship/_frames.c), where it was built.
+_native, _ = optional_module("sidecar.auditship._frames")
+
 Position = tuple[int, int]  # (segment number, byte offset)
 
 
 def frame(payload: bytes) -> bytes:
     """One record as stored: length, CRC32, payload."""
     return FRAME.pack(len(payload), zlib.crc32(payload)) + payload
+
+
+def frames(payloads: list[bytes]) -> bytes:
+    """Every record as stored, in order: ``b"".join(frame(p) for p in payloads)``. The writer
+    frames each tick's records with it: one C call where built (it lets go of the GIL while it
+    copies a backlog of 64 KiB or more), else ``frame`` per record, letting go of the GIL every
+    ``gil.SLICE_RECORDS`` records (docs/performance.md, "The audit writer's tick")."""
+    if _native is not None:
+        framed: bytes = _native.frames(payloads)
+        return framed
+    return b"".join(b"".join(frame(p) for p in piece) for piece in gil.slices(payloads))
 
 
 def parse_frames(data: bytes, limit: int = 1 << 62) -> tuple[list[bytes], int]:
@@ -74,6 +89,7 @@ class Spool:
         self._lock = threading.Lock()
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._sizes: dict[int, int] = {}
+        self._stored = 0  # sum(self._sizes.values()), kept with it under the lock
         self._acked: Position = (0, 0)
         self._fd = -1
         self._dirty = False
@@ -107,6 +123,7 @@ class Spool:
         self._fd = os.open(self._path(last), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         os.ftruncate(self._fd, good)
         self._sizes[last] = good
+        self._stored = sum(self._sizes.values())
         self._acked = self._clamp(self._acked)
 
     def _clamp(self, acked: Position) -> Position:
@@ -129,9 +146,13 @@ class Spool:
 
     def append(self, payloads: list[bytes]) -> None:
         """Append records in order; returns once they are in the kernel (not yet fsynced)."""
-        if not payloads:
+        if payloads:
+            self.append_framed(frames(payloads))
+
+    def append_framed(self, data: bytes) -> None:
+        """Append records already framed (``frames``); returns once they are in the kernel."""
+        if not data:
             return
-        data = b"".join(b"".join(frame(p) for p in piece) for piece in gil.slices(payloads))
         last = max(self._sizes)
         if self._sizes[last] and self._sizes[last] + len(data) > self.segment_bytes:
             last = self._rotate(last)
@@ -141,6 +162,7 @@ class Spool:
             view = view[written:]
         with self._lock:
             self._sizes[last] += len(data)
+            self._stored += len(data)
         self._dirty = True
 
     def _rotate(self, last: int) -> int:
@@ -213,9 +235,18 @@ class Spool:
         with self._lock:
             done = [s for s in self._sizes if s < position[0]]
             for s in done:
-                del self._sizes[s]
+                self._stored -= self._sizes.pop(s)
         for s in done:
             self._path(s).unlink(missing_ok=True)
+
+    def below(self, limit: int) -> bool:
+        """``pending_bytes < limit``, for the writer's every tick without the sum when the spool
+        is far from ``limit``. ``_stored`` is read first: only the writer (the caller) adds
+        bytes, and ``ack`` moves ``_acked`` before it deletes a shipped segment, so this bound
+        is never below ``pending_bytes`` at the moment ``_acked`` is read."""
+        if self._stored - self._acked[1] < limit:
+            return True
+        return self.pending_bytes < limit
 
     @property
     def pending_bytes(self) -> int:
