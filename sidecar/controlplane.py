@@ -48,7 +48,7 @@ from sidecar.core.apps import AppService
 from sidecar.core.audit_trail import AuditPolicy, AuditTrail
 from sidecar.core.changes import oauth_snapshot
 from sidecar.core.clock import Clock, SystemClock
-from sidecar.core.errors import SpauthError
+from sidecar.core.errors import SpauthError, Unavailable
 from sidecar.core.kek import KeyEncryption
 from sidecar.core.models import Minted
 from sidecar.core.usage import UsageService
@@ -474,6 +474,8 @@ class ControlPlane:
         while True:
             try:
                 await asyncio.to_thread(self.deliverer.run_once)
+            except Unavailable as exc:  # the store down: expected, retried, no traceback
+                log.warning("webhook delivery pass failed; retrying", extra={"error": exc.message})
             except Exception:
                 log.exception("webhook delivery pass failed; retrying")
             await asyncio.sleep(self.settings.webhook_poll_interval)

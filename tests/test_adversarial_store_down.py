@@ -13,7 +13,7 @@ import pytest
 
 from sidecar._gen.statuspulse.auth.v1 import replication_pb2 as rpb
 from sidecar._gen.statuspulse.auth.v1 import replication_pb2_grpc as rpb_grpc
-from sidecar.config import load_settings
+from sidecar.config import Settings, load_settings
 from sidecar.controlplane import ControlPlane
 from sidecar.core import kek
 from sidecar.core.clock import FakeClock
@@ -33,17 +33,7 @@ def pg() -> Iterator[PostgresServer]:
 def test_subscribe_answers_unavailable_while_the_store_is_down(
     pg: PostgresServer, tmp_path: Path, loop_thread: LoopThread, caplog: pytest.LogCaptureFixture
 ) -> None:
-    settings = load_settings(
-        {
-            "data_dir": str(tmp_path),
-            "database_url": pg.create_database("down"),
-            "admin_addr": "127.0.0.1:0",
-            "http_addr": "127.0.0.1:0",
-            "sync_token": TEST_SYNC_TOKEN,
-            "key_encryption_key": kek.generate(),  # a shared store needs one (issue #14)
-        },
-        environ={},
-    )
+    settings = _settings(pg, tmp_path, "down")
     plane = ControlPlane(settings, clock=FakeClock())
     loop_thread.run(plane.start())
     try:
@@ -63,24 +53,28 @@ def test_subscribe_answers_unavailable_while_the_store_is_down(
         loop_thread.run(plane.aclose(grace=0))
 
 
+def _settings(pg: PostgresServer, tmp_path: Path, database: str, **extra: float) -> Settings:
+    return load_settings(
+        {
+            "data_dir": str(tmp_path),
+            "database_url": pg.create_database(database),
+            "admin_addr": "127.0.0.1:0",
+            "http_addr": "127.0.0.1:0",
+            "sync_token": TEST_SYNC_TOKEN,
+            "key_encryption_key": kek.generate(),  # a shared store needs one (issue #14)
+            **extra,
+        },
+        environ={},
+    )
+
+
 def test_the_sweeper_says_the_store_is_down_without_a_traceback(
     pg: PostgresServer, tmp_path: Path, loop_thread: LoopThread, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A sweep meeting the database down is an expected condition: a warning it retries, not an
     ERROR with a traceback (which sent the Subscribe test above red when a sweep happened to
     run while its store was down)."""
-    settings = load_settings(
-        {
-            "data_dir": str(tmp_path),
-            "database_url": pg.create_database("sweep"),
-            "admin_addr": "127.0.0.1:0",
-            "http_addr": "127.0.0.1:0",
-            "sync_token": TEST_SYNC_TOKEN,
-            "key_encryption_key": kek.generate(),
-            "sweep_interval": 0.05,
-        },
-        environ={},
-    )
+    settings = _settings(pg, tmp_path, "sweep", sweep_interval=0.05)
     plane = ControlPlane(settings, clock=FakeClock())
     loop_thread.run(plane.start())
     try:
@@ -93,5 +87,30 @@ def test_the_sweeper_says_the_store_is_down_without_a_traceback(
         wait_until(swept, timeout=30)
         failed = [r for r in caplog.records if r.getMessage() == "sweep failed; retrying"]
         assert all(r.levelno == logging.WARNING and not r.exc_info for r in failed)
+    finally:
+        loop_thread.run(plane.aclose(grace=0))
+
+
+def test_the_webhook_outbox_says_the_store_is_down_without_a_traceback(
+    pg: PostgresServer, tmp_path: Path, loop_thread: LoopThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The webhook delivery pass (every webhook_poll_interval, 1 s by default) reads the outbox
+    from the store: with the database down that is the same expected condition as a sweep. Its
+    ERROR with a traceback could send the Subscribe test above red: a pass that starts after the
+    kill gives up when the pool's 3 s wait ends, and on a loaded machine that can come before the
+    Subscribe's own read gives up. Here the pass runs every 50 ms, so it meets the store down at
+    once, whatever the load."""
+    settings = _settings(pg, tmp_path, "outbox", webhook_poll_interval=0.05)
+    plane = ControlPlane(settings, clock=FakeClock())
+    loop_thread.run(plane.start())
+    try:
+        caplog.set_level(logging.WARNING, logger="sidecar.controlplane")
+        pg.kill()
+
+        def failed() -> list[logging.LogRecord]:
+            return [r for r in caplog.records if r.getMessage().startswith("webhook delivery")]
+
+        wait_until(lambda: failed(), timeout=30)
+        assert all(r.levelno == logging.WARNING and not r.exc_info for r in failed()), caplog.text
     finally:
         loop_thread.run(plane.aclose(grace=0))

@@ -7,7 +7,8 @@ gRPC health NOT_SERVING but keeps answering for `drain_delay`; Envoy's active gR
 sees it and sends new checks to the other sidecar (with `update_merge_window: 0s`, so the change
 is applied at once); then the sidecar stops accepting, finishes in-flight checks and exits 0. A
 restarted sidecar is NOT_SERVING until its replica is loaded. The shipped front-proxy.yaml has
-neither health check nor merge window yet; the test adds exactly what the docs recommend."""
+neither health check nor merge window yet; the test adds exactly what the docs recommend, and
+lengthens the two per-call timeouts to hang detectors (see HANG_TIMEOUT)."""
 
 from __future__ import annotations
 
@@ -47,9 +48,21 @@ from tests.support.sync import token_file
 pytestmark = [pytest.mark.envoy, pytest.mark.slow]
 
 CHECKS = "/v1/workspaces/acme/checks/1"
+# This test proves the hand-over (drain, Envoy's health check, restart), not latency. The shipped
+# ext_authz timeout (0.25 s) and the recommended health-check timeout (0.5 s) are per-call
+# deadlines, and on a loaded box the sidecar left serving alone, while the other one starts
+# (seconds of Python start-up on one of two cores), pauses past them: at load 9-13 on 2 cores,
+# 5 runs in 15 had 1-5 checks answered 503 by ext_authz timeout, every one while a single
+# sidecar was up, every health transition in order. A check sent to a sidecar that no longer
+# accepts fails at once (refused, reset), whatever the timeout, and a restarted sidecar that
+# said SERVING too soon answers 401 or 503 for the allowed key; so both deadlines are
+# lengthened to hang detectors here, below the clients' 5 s socket timeout. (A health check
+# timing out on the one healthy sidecar would eject it, and Envoy's panic routing would then
+# send checks to the stopped one.)
+HANG_TIMEOUT = "4s"
 # The recommended Envoy health check (docs/operating.md), with shorter intervals for the test.
 HEALTH_CHECK = {
-    "timeout": "0.5s",
+    "timeout": HANG_TIMEOUT,
     "interval": "0.2s",
     "no_traffic_interval": "0.2s",
     "unhealthy_threshold": 1,
@@ -67,6 +80,19 @@ def with_health_checks(config: dict[str, Any]) -> None:
             # of the previous membership update: a sidecar restarted a moment ago would make
             # the next one's NOT_SERVING wait, and traffic would still reach it.
             cluster["common_lb_config"] = {"update_merge_window": "0s"}
+    _ext_authz(config)["grpc_service"]["timeout"] = HANG_TIMEOUT
+
+
+def _ext_authz(config: dict[str, Any]) -> dict[str, Any]:
+    """The ext_authz filter's typed_config in the front proxy's listener."""
+    for listener in config["static_resources"]["listeners"]:
+        for chain in listener["filter_chains"]:
+            for network_filter in chain["filters"]:
+                for http_filter in network_filter["typed_config"].get("http_filters", []):
+                    if http_filter["name"] == "envoy.filters.http.ext_authz":
+                        typed: dict[str, Any] = http_filter["typed_config"]
+                        return typed
+    raise AssertionError("no ext_authz filter in the front proxy config")
 
 
 class SidecarProcess:
