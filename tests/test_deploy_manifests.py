@@ -1127,25 +1127,107 @@ def test_dockerfile_passes_hadolint() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def _stages() -> list[list[tuple[str, str]]]:
+    """The Dockerfile's instructions split at each FROM (each stage starts with its FROM)."""
+    stages: list[list[tuple[str, str]]] = []
+    for keyword, args in _dockerfile_instructions():
+        if keyword == "FROM":
+            stages.append([])
+        stages[-1].append((keyword, args))
+    return stages
+
+
 def test_dockerfile_structure() -> None:
     instructions = _dockerfile_instructions()
+    build, final = _stages()
     by_kind: dict[str, list[str]] = {}
-    for keyword, args in instructions:
+    for keyword, args in final:
         by_kind.setdefault(keyword, []).append(args)
     (base,) = by_kind["FROM"]
+    assert build[0] == ("FROM", f"{base} AS build"), "both stages on the same base"
     assert re.fullmatch(r"python:3\.11[\w.-]*-slim[\w.-]*", base), base
     assert not base.endswith(":latest")
+    # The image gets the built wheel, not the compiler: no apt-get in the final stage.
+    assert not any("apt-get" in args for args in by_kind["RUN"])
+    assert any(args.startswith("--from=build ") for args in by_kind["COPY"])
     # Runs as a numeric non-root user, and the last USER wins.
     user = by_kind["USER"][-1].split(":")[0]
     assert user.isdigit()
     assert int(user) != 0
     assert instructions[-2:] == [("ENTRYPOINT", '["spauth"]'), ("CMD", '["--help"]')]
     assert "ADD" not in by_kind, "use COPY; ADD fetches URLs and unpacks archives"
-    copied = {args.split()[0] for args in by_kind["COPY"]}
-    assert {"pyproject.toml", "protos/", "sidecar/"} <= copied
+    copied = {src for keyword, args in build if keyword == "COPY" for src in args.split()[:-1]}
+    assert {"pyproject.toml", "setup.py", "protos/", "sidecar/"} <= copied
     assert "HEALTHCHECK" not in by_kind
     for env in by_kind.get("ENV", []) + by_kind.get("ARG", []):
         assert not re.search(r"(?i)(password|secret|token|api_key|database_url)", env), env
+
+
+def _docker_ignored(relative: Path) -> bool:
+    """Whether .dockerignore keeps ``relative`` (a path under the repository) out of the build
+    context: its patterns as Docker reads these ones (``**/`` any depth, else from the root)."""
+    import fnmatch
+
+    for pattern in (ROOT / ".dockerignore").read_text().splitlines():
+        pattern = pattern.strip()
+        if not pattern or pattern.startswith("#"):
+            continue
+        if pattern.startswith("**/"):
+            if any(fnmatch.fnmatch(part, pattern[3:]) for part in relative.parts):
+                return True
+        elif any(
+            fnmatch.fnmatch("/".join(relative.parts[: i + 1]), pattern)
+            for i in range(len(relative.parts))
+        ):
+            return True
+    return False
+
+
+@pytest.mark.slow
+def test_the_image_build_stage_compiles_every_extension(tmp_path: Path) -> None:
+    """The build stage's wheel, built from exactly what it copies (less what .dockerignore keeps
+    out of the context), holds every C extension setup.py names. They are optional, so a stage
+    that forgot setup.py or the compiler would build a wheel without them, silently, and the
+    image's sidecar would run the pure-Python Check path."""
+    build = _stages()[0]
+    context = tmp_path / "src"
+    for keyword, args in build:
+        if keyword != "COPY":
+            continue
+        *sources, dest = args.split()
+        for source in sources:
+            origin = ROOT / source
+            target = (
+                context / dest / (origin.name if dest.endswith("/") and origin.is_file() else "")
+            )
+            if origin.is_dir():
+                shutil.copytree(
+                    origin,
+                    target,
+                    ignore=lambda d, names: [
+                        n for n in names if _docker_ignored((Path(d) / n).relative_to(ROOT))
+                    ],
+                )
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(origin, target)
+    assert not list(context.rglob("*.so")), ".dockerignore keeps the host's builds out"
+    dist = tmp_path / "dist"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dist), str(context)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    (wheel,) = dist.glob("statuspulse_auth-*.whl")
+    import zipfile
+
+    names = zipfile.ZipFile(wheel).namelist()
+    declared = re.findall(r'Extension\(\s*"([\w.]+)"', (ROOT / "setup.py").read_text())
+    assert len(declared) >= 4, declared
+    for module in declared:
+        stem = module.replace(".", "/")
+        assert any(n.startswith(stem + ".") and n.endswith(".so") for n in names), module
 
 
 # --------------------------------------------------------------------------------------------
