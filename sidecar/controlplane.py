@@ -483,8 +483,12 @@ class ControlPlane:
     async def _prune_usage(self) -> None:
         try:
             await asyncio.to_thread(self.usage.prune)
+        except Unavailable as exc:  # the store down: expected, retried, no traceback
+            log.warning("usage retention failed; retrying", extra={"error": exc.message})
         except SpauthError as exc:
             log.error("usage retention failed", extra={"error": exc.message})
+        except Exception:  # never the end of the sweeper, whose loop calls this
+            log.exception("usage retention failed; retrying")
 
     async def _prune_audit(self) -> None:
         before = self.clock.now() - self.settings.audit_retention
@@ -492,8 +496,12 @@ class ControlPlane:
             pruned = await asyncio.to_thread(self.audit.prune, before)
             if pruned:
                 log.info("pruned audit records", extra={"pruned": pruned})
+        except Unavailable as exc:  # the store down: expected, retried, no traceback
+            log.warning("audit retention failed; retrying", extra={"error": exc.message})
         except SpauthError as exc:
             log.error("audit retention refused", extra={"error": exc.message})
+        except Exception:  # never the end of the sweeper, whose loop calls this
+            log.exception("audit retention failed; retrying")
 
     async def aclose(self, grace: float | None = None) -> None:
         """Health NOT_SERVING (gRPC and /readyz); keep serving for ``drain_delay``; stop

@@ -14,7 +14,7 @@ import pytest
 from sidecar._gen.statuspulse.auth.v1 import replication_pb2 as rpb
 from sidecar._gen.statuspulse.auth.v1 import replication_pb2_grpc as rpb_grpc
 from sidecar.config import Settings, load_settings
-from sidecar.controlplane import ControlPlane
+from sidecar.controlplane import AUDIT_PRUNE_INTERVAL, ControlPlane
 from sidecar.core import kek
 from sidecar.core.clock import FakeClock
 from tests.conftest import LoopThread, bearer, wait_until
@@ -87,6 +87,32 @@ def test_the_sweeper_says_the_store_is_down_without_a_traceback(
         wait_until(swept, timeout=30)
         failed = [r for r in caplog.records if r.getMessage() == "sweep failed; retrying"]
         assert all(r.levelno == logging.WARNING and not r.exc_info for r in failed)
+    finally:
+        loop_thread.run(plane.aclose(grace=0))
+
+
+def test_the_retention_passes_say_the_store_is_down_without_an_error(
+    pg: PostgresServer, tmp_path: Path, loop_thread: LoopThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The hourly retention passes (usage, and audit when a retention is set) meeting the
+    database down: a warning they retry, like the sweep's, not an ERROR an operator's alert on
+    ERROR lines would page for. The clock is moved past the prune interval after the kill, so
+    the next sweep runs both passes against the down store."""
+    settings = _settings(pg, tmp_path, "retention", sweep_interval=0.05, audit_retention=86400)
+    clock = FakeClock()
+    plane = ControlPlane(settings, clock=clock)
+    loop_thread.run(plane.start())
+    try:
+        caplog.set_level(logging.WARNING, logger="sidecar.controlplane")
+        pg.kill()
+        clock.advance(AUDIT_PRUNE_INTERVAL + 1)
+
+        def failed() -> list[logging.LogRecord]:
+            return [r for r in caplog.records if "retention" in r.getMessage()]
+
+        kinds = {"usage", "audit"}
+        wait_until(lambda: {r.getMessage().split()[0] for r in failed()} >= kinds, timeout=30)
+        assert all(r.levelno == logging.WARNING and not r.exc_info for r in failed()), caplog.text
     finally:
         loop_thread.run(plane.aclose(grace=0))
 
