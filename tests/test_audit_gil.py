@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from sidecar._gen.statuspulse.auth.v1 import audit_pb2 as pb
-from sidecar.auditship import Spool, gil
+from sidecar.auditship import Spool, codec, gil, spool
 from sidecar.auditship.codec import ingest_request, ingest_request_sliced
 from sidecar.auditship.spool import frame, frames, parse_frames
 
@@ -87,8 +87,11 @@ def _waiter_ran_during(work: Callable[[], object]) -> bool:
 
 
 def test_a_thread_waiting_for_the_gil_runs_while_a_batch_is_parsed_and_framed(
-    slice_records: Callable[[int], None],
+    slice_records: Callable[[int], None], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The Python path (where the C module is not built)."""
+    monkeypatch.setattr(spool, "_native", None)
+    monkeypatch.setattr(codec, "_native", None)
     records = _payloads(20_000)
     data = b"".join(frame(r) for r in records)
     slice_records(0)  # one go: the waiter only gets in once the loops are done
@@ -106,3 +109,18 @@ def test_a_thread_waiting_for_the_gil_runs_while_the_writer_frames_a_backlog_in_
     records = _payloads(20_000) * 5
     assert _waiter_ran_during(lambda: frames(records))
     assert not _waiter_ran_during(lambda: frames(records[:10]))
+
+
+def test_a_thread_waiting_for_the_gil_runs_while_the_shipper_reads_back_a_batch_in_c() -> None:
+    """The C read-back (parse_frames) checks 64 KiB or more of frames, and the C ingest request
+    copies as much, without the GIL; a few records keep it."""
+    pytest.importorskip("sidecar.auditship._frames")
+    # 32 MiB: milliseconds without the GIL, time for the waiter to be scheduled on a busy box.
+    large = [bytes(range(256)) * 256] * 512
+    data = b"".join(frame(r) for r in large)
+    assert _waiter_ran_during(lambda: parse_frames(data))
+    assert _waiter_ran_during(lambda: ingest_request_sliced(large))
+    records = _payloads(10)
+    few = b"".join(frame(r) for r in records)
+    assert not _waiter_ran_during(lambda: parse_frames(few))
+    assert not _waiter_ran_during(lambda: ingest_request_sliced(records))

@@ -83,9 +83,157 @@ static PyObject *py_frames(PyObject *mod, PyObject *arg) {
     return out;
 }
 
+/* One frame's checks at ``offset`` of ``d`` (``n`` bytes): the offset after it, or -1 where
+ * parse_frames stops (a partial frame, one longer than ``max_frame``, a CRC that does not
+ * match). No Python object: runs without the GIL. */
+static Py_ssize_t next_frame(const unsigned char *d, Py_ssize_t n, Py_ssize_t offset,
+                             Py_ssize_t max_frame) {
+    if (n - offset < 8) return -1;
+    const unsigned char *h = d + offset;
+    uint32_t length = (uint32_t)h[0] | (uint32_t)h[1] << 8 | (uint32_t)h[2] << 16 |
+                      (uint32_t)h[3] << 24;
+    uint32_t crc = (uint32_t)h[4] | (uint32_t)h[5] << 8 | (uint32_t)h[6] << 16 |
+                   (uint32_t)h[7] << 24;
+    if ((Py_ssize_t)length > max_frame || (Py_ssize_t)length > n - offset - 8) return -1;
+    if (crc32_of(h + 8, (Py_ssize_t)length) != crc) return -1;
+    return offset + 8 + (Py_ssize_t)length;
+}
+
+/* parse_frames(data, limit, max_frame) -> (list of payloads, offset): spool.py ``parse_frames``
+ * (the reference), up to ``limit`` whole frames at the start of ``data`` (bytes) and the
+ * offset after the last; stops at a partial or corrupt frame. The shipper's batches (hundreds
+ * of frames) are checked first without the GIL (``data`` is immutable and this call holds a
+ * reference); the payloads' bytes objects are then made with it. */
+static PyObject *py_parse_frames(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    Py_ssize_t limit, max_frame;
+    if (nargs != 3 || !PyBytes_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "parse_frames(data: bytes, limit: int, max_frame: int)");
+        return NULL;
+    }
+    limit = PyLong_AsSsize_t(args[1]);
+    if (limit == -1 && PyErr_Occurred()) return NULL;
+    max_frame = PyLong_AsSsize_t(args[2]);
+    if (max_frame == -1 && PyErr_Occurred()) return NULL;
+    const unsigned char *d = (const unsigned char *)PyBytes_AS_STRING(args[0]);
+    Py_ssize_t n = PyBytes_GET_SIZE(args[0]);
+    /* At most one frame per 8 bytes: the ends array never needs more. */
+    Py_ssize_t cap = n / 8 < limit ? n / 8 : limit;
+    if (cap < 0) cap = 0;
+    Py_ssize_t *ends = PyMem_Malloc((size_t)(cap + 1) * sizeof(Py_ssize_t));
+    if (!ends) return PyErr_NoMemory();
+    Py_ssize_t count = 0, offset = 0;
+    if (n >= RELEASE_BYTES) {
+        Py_BEGIN_ALLOW_THREADS
+        while (count < cap) {
+            Py_ssize_t end = next_frame(d, n, offset, max_frame);
+            if (end < 0) break;
+            ends[count++] = offset = end;
+        }
+        Py_END_ALLOW_THREADS
+    } else {
+        while (count < cap) {
+            Py_ssize_t end = next_frame(d, n, offset, max_frame);
+            if (end < 0) break;
+            ends[count++] = offset = end;
+        }
+    }
+    PyObject *list = PyList_New(count);
+    if (!list) {
+        PyMem_Free(ends);
+        return NULL;
+    }
+    Py_ssize_t start = 0;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *payload =
+            PyBytes_FromStringAndSize((const char *)d + start + 8, ends[i] - start - 8);
+        if (!payload) {
+            Py_DECREF(list);
+            PyMem_Free(ends);
+            return NULL;
+        }
+        PyList_SET_ITEM(list, i, payload);
+        start = ends[i];
+    }
+    PyMem_Free(ends);
+    return Py_BuildValue("(Nn)", list, offset);
+}
+
+static Py_ssize_t varint_size(uint64_t v) {
+    Py_ssize_t k = 1;
+    while (v >= 0x80) {
+        v >>= 7;
+        k++;
+    }
+    return k;
+}
+
+static unsigned char *put_varint(unsigned char *o, uint64_t v) {
+    while (v >= 0x80) {
+        *o++ = (unsigned char)(v | 0x80);
+        v >>= 7;
+    }
+    *o++ = (unsigned char)v;
+    return o;
+}
+
+static void records_all(PyObject *const *items, Py_ssize_t n, unsigned char *o) {
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_ssize_t len = PyBytes_GET_SIZE(items[i]);
+        *o++ = 0x0a; /* field 1 (records), length-delimited */
+        o = put_varint(o, (uint64_t)len);
+        memcpy(o, PyBytes_AS_STRING(items[i]), (size_t)len);
+        o += len;
+    }
+}
+
+/* ingest_request(payloads) -> bytes: codec.py ``ingest_request`` (the reference), a serialized
+ * IngestAuditRecordsRequest whose ``records`` (field 1) are ``payloads`` in order. Copied
+ * without the GIL from RELEASE_BYTES on, as ``frames``. */
+static PyObject *py_ingest_request(PyObject *mod, PyObject *arg) {
+    PyObject *items = PySequence_Tuple(arg);
+    if (!items) return NULL;
+    Py_ssize_t n = PyTuple_GET_SIZE(items), total = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *p = PyTuple_GET_ITEM(items, i);
+        if (!PyBytes_Check(p)) {
+            PyErr_Format(PyExc_TypeError, "ingest_request: payload %zd is %.100s, not bytes", i,
+                         Py_TYPE(p)->tp_name);
+            Py_DECREF(items);
+            return NULL;
+        }
+        Py_ssize_t len = PyBytes_GET_SIZE(p);
+        Py_ssize_t size = 1 + varint_size((uint64_t)len) + len;
+        if (total > PY_SSIZE_T_MAX - size) {
+            PyErr_SetString(PyExc_OverflowError, "ingest_request: too long");
+            Py_DECREF(items);
+            return NULL;
+        }
+        total += size;
+    }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, total);
+    if (!out) {
+        Py_DECREF(items);
+        return NULL;
+    }
+    unsigned char *o = (unsigned char *)PyBytes_AS_STRING(out);
+    PyObject *const *refs = &PyTuple_GET_ITEM(items, 0);
+    if (total >= RELEASE_BYTES) {
+        Py_BEGIN_ALLOW_THREADS records_all(refs, n, o);
+        Py_END_ALLOW_THREADS
+    } else {
+        records_all(refs, n, o);
+    }
+    Py_DECREF(items);
+    return out;
+}
+
 static PyMethodDef module_methods[] = {
     {"frames", py_frames, METH_O,
      "frames(payloads) -> bytes: b''.join(frame(p) for p in payloads), framed in C."},
+    {"parse_frames", (PyCFunction)(void (*)(void))py_parse_frames, METH_FASTCALL,
+     "parse_frames(data, limit, max_frame) -> (payloads, offset): spool.parse_frames in C."},
+    {"ingest_request", py_ingest_request, METH_O,
+     "ingest_request(payloads) -> bytes: codec.ingest_request in C."},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_frames",
