@@ -37,34 +37,42 @@ static void put_u32(unsigned char *o, uint32_t v) {
 
 static void frame_into(const unsigned char *p, Py_ssize_t len, unsigned char *o);
 
-static void frame_all(PyObject *const *items, Py_ssize_t n, unsigned char *o) {
+/* Each payload's encoded size (-1: too long for its encoding) and its encoding at ``o``. */
+typedef Py_ssize_t (*size_fn)(Py_ssize_t len);
+typedef void (*put_fn)(const unsigned char *p, Py_ssize_t len, unsigned char *o);
+
+static void put_all(PyObject *const *items, Py_ssize_t n, unsigned char *o, size_fn size,
+                    put_fn put) {
     for (Py_ssize_t i = 0; i < n; i++) {
         Py_ssize_t len = PyBytes_GET_SIZE(items[i]);
-        frame_into((const unsigned char *)PyBytes_AS_STRING(items[i]), len, o);
-        o += 8 + len;
+        put((const unsigned char *)PyBytes_AS_STRING(items[i]), len, o);
+        o += size(len);
     }
 }
 
-static PyObject *py_frames(PyObject *mod, PyObject *arg) {
-    /* A tuple of the payloads: our own references, whatever happens to the caller's list. */
+/* Every payload of ``arg`` (a sequence of bytes) encoded by ``put``, concatenated in order.
+ * A tuple of the payloads holds our own references, whatever happens to the caller's list;
+ * from RELEASE_BYTES on the encoding runs without the GIL (the payloads are immutable bytes
+ * and the result is not visible to any other thread until this returns). */
+static PyObject *encode_each(PyObject *arg, const char *name, size_fn size, put_fn put) {
     PyObject *items = PySequence_Tuple(arg);
     if (!items) return NULL;
     Py_ssize_t n = PyTuple_GET_SIZE(items), total = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *p = PyTuple_GET_ITEM(items, i);
         if (!PyBytes_Check(p)) {
-            PyErr_Format(PyExc_TypeError, "frames: payload %zd is %.100s, not bytes", i,
+            PyErr_Format(PyExc_TypeError, "%s: payload %zd is %.100s, not bytes", name, i,
                          Py_TYPE(p)->tp_name);
             Py_DECREF(items);
             return NULL;
         }
-        Py_ssize_t len = PyBytes_GET_SIZE(p);
-        if ((uint64_t)len > UINT32_MAX || total > PY_SSIZE_T_MAX - 8 - len) {
-            PyErr_SetString(PyExc_OverflowError, "frames: a payload or the whole is too long");
+        Py_ssize_t one = size(PyBytes_GET_SIZE(p));
+        if (one < 0 || total > PY_SSIZE_T_MAX - one) {
+            PyErr_Format(PyExc_OverflowError, "%s: a payload or the whole is too long", name);
             Py_DECREF(items);
             return NULL;
         }
-        total += 8 + len;
+        total += one;
     }
     PyObject *out = PyBytes_FromStringAndSize(NULL, total);
     if (!out) {
@@ -74,13 +82,21 @@ static PyObject *py_frames(PyObject *mod, PyObject *arg) {
     unsigned char *o = (unsigned char *)PyBytes_AS_STRING(out);
     PyObject *const *refs = &PyTuple_GET_ITEM(items, 0);
     if (total >= RELEASE_BYTES) {
-        Py_BEGIN_ALLOW_THREADS frame_all(refs, n, o);
+        Py_BEGIN_ALLOW_THREADS put_all(refs, n, o, size, put);
         Py_END_ALLOW_THREADS
     } else {
-        frame_all(refs, n, o);
+        put_all(refs, n, o, size, put);
     }
     Py_DECREF(items);
     return out;
+}
+
+static Py_ssize_t frame_size(Py_ssize_t len) {
+    return (uint64_t)len > UINT32_MAX || len > PY_SSIZE_T_MAX - 8 ? -1 : 8 + len;
+}
+
+static PyObject *py_frames(PyObject *mod, PyObject *arg) {
+    return encode_each(arg, "frames", frame_size, frame_into);
 }
 
 /* One frame's checks at ``offset`` of ``d`` (``n`` bytes): the offset after it, or -1 where
@@ -176,55 +192,22 @@ static unsigned char *put_varint(unsigned char *o, uint64_t v) {
     return o;
 }
 
-static void records_all(PyObject *const *items, Py_ssize_t n, unsigned char *o) {
-    for (Py_ssize_t i = 0; i < n; i++) {
-        Py_ssize_t len = PyBytes_GET_SIZE(items[i]);
-        *o++ = 0x0a; /* field 1 (records), length-delimited */
-        o = put_varint(o, (uint64_t)len);
-        memcpy(o, PyBytes_AS_STRING(items[i]), (size_t)len);
-        o += len;
-    }
+/* One repeated ``records`` entry (field 1, length-delimited): tag, length, bytes. */
+static Py_ssize_t record_size(Py_ssize_t len) {
+    Py_ssize_t head = 1 + varint_size((uint64_t)len);
+    return len > PY_SSIZE_T_MAX - head ? -1 : head + len;
+}
+
+static void record_into(const unsigned char *p, Py_ssize_t len, unsigned char *o) {
+    *o++ = 0x0a;
+    o = put_varint(o, (uint64_t)len);
+    memcpy(o, p, (size_t)len);
 }
 
 /* ingest_request(payloads) -> bytes: codec.py ``ingest_request`` (the reference), a serialized
- * IngestAuditRecordsRequest whose ``records`` (field 1) are ``payloads`` in order. Copied
- * without the GIL from RELEASE_BYTES on, as ``frames``. */
+ * IngestAuditRecordsRequest whose ``records`` (field 1) are ``payloads`` in order. */
 static PyObject *py_ingest_request(PyObject *mod, PyObject *arg) {
-    PyObject *items = PySequence_Tuple(arg);
-    if (!items) return NULL;
-    Py_ssize_t n = PyTuple_GET_SIZE(items), total = 0;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *p = PyTuple_GET_ITEM(items, i);
-        if (!PyBytes_Check(p)) {
-            PyErr_Format(PyExc_TypeError, "ingest_request: payload %zd is %.100s, not bytes", i,
-                         Py_TYPE(p)->tp_name);
-            Py_DECREF(items);
-            return NULL;
-        }
-        Py_ssize_t len = PyBytes_GET_SIZE(p);
-        Py_ssize_t size = 1 + varint_size((uint64_t)len) + len;
-        if (total > PY_SSIZE_T_MAX - size) {
-            PyErr_SetString(PyExc_OverflowError, "ingest_request: too long");
-            Py_DECREF(items);
-            return NULL;
-        }
-        total += size;
-    }
-    PyObject *out = PyBytes_FromStringAndSize(NULL, total);
-    if (!out) {
-        Py_DECREF(items);
-        return NULL;
-    }
-    unsigned char *o = (unsigned char *)PyBytes_AS_STRING(out);
-    PyObject *const *refs = &PyTuple_GET_ITEM(items, 0);
-    if (total >= RELEASE_BYTES) {
-        Py_BEGIN_ALLOW_THREADS records_all(refs, n, o);
-        Py_END_ALLOW_THREADS
-    } else {
-        records_all(refs, n, o);
-    }
-    Py_DECREF(items);
-    return out;
+    return encode_each(arg, "ingest_request", record_size, record_into);
 }
 
 static PyMethodDef module_methods[] = {
