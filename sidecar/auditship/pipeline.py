@@ -141,11 +141,12 @@ class AuditPipeline:
 
     def flush(self, *, sync: bool = True) -> int:
         """Move everything queued into the spool now; returns how many records it wrote."""
-        limit = self.config.max_spool_bytes
-        # Below the limit nothing is shed, and only this thread adds to the spool: the C path's
-        # records come framed in one call (the 10 ms tick's GIL, issue #19). Else, or with a
-        # Python record queued, the records are drained one by one.
-        framed = self.queue.drain_frames() if self.spool.below(limit) else None
+        # Only this thread adds to the spool, so whether it is below its limit holds for the
+        # whole flush. Below it nothing is shed: the C path's records come framed in one call
+        # (the 10 ms tick's GIL, issue #19). Else, or with a Python record queued, the records
+        # are drained one by one.
+        room = self.spool.below(self.config.max_spool_bytes)
+        framed = self.queue.drain_frames() if room else None
         items: list[tuple[Item, bool]] = []
         if framed is None:
             items = self.queue.drain_items()
@@ -156,7 +157,7 @@ class AuditPipeline:
             if sync:
                 self.spool.sync()
             return 0
-        if framed is None and not self.spool.below(limit):
+        if not room:
             # The control plane has been away for long: keep denials, shed allows.
             kept: list[tuple[Item, bool]] = [(item, False) for item, kind in items if not kind]
             self._spool_dropped += len(items) - len(kept)
