@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import zipfile
@@ -22,6 +21,7 @@ from envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
 
 from tests.conftest import wait_until
 from tests.support.ports import free_ports, wait_for_port
+from tests.support.wheel import build_wheel, missing_extensions
 
 pytestmark = pytest.mark.slow
 
@@ -33,15 +33,7 @@ PINNED = ("--disable-pip-version-check", "-c", str(ROOT / "constraints.txt"))
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("dist")
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(ROOT)],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
-    (built,) = out.glob("statuspulse_auth-*.whl")
-    return built
+    return build_wheel(ROOT, tmp_path_factory.mktemp("dist"))
 
 
 @pytest.fixture(scope="module")
@@ -72,14 +64,9 @@ def test_the_wheel_holds_every_data_file_of_the_package(wheel: Path) -> None:
     ]
     assert "sidecar/authz/default_policy.toml" in data
     assert sorted(set(data) - names) == []
-    # Every C extension setup.py names (the compiled Check path, the audit ingest step, the
-    # packed key table, the spool's framing) is built into the wheel where a compiler exists:
-    # here, since `make test` installs one.
-    declared = re.findall(r'Extension\(\s*"([\w.]+)"', (ROOT / "setup.py").read_text())
-    assert "sidecar.dataplane._fastcheck" in declared
-    for module in declared:
-        stem = module.replace(".", "/")
-        assert any(n.startswith(stem + ".") and n.endswith(".so") for n in names), module
+    # Every C extension setup.py names is built into the wheel where a compiler exists: here,
+    # since `make test` installs one.
+    assert missing_extensions(wheel) == []
 
 
 def _env(bin_dir: Path, **extra: str) -> dict[str, str]:
