@@ -68,6 +68,36 @@ def _settings(pg: PostgresServer, tmp_path: Path, database: str, **extra: float)
     )
 
 
+def _passes_said_while_down(
+    pg: PostgresServer,
+    tmp_path: Path,
+    loop_thread: LoopThread,
+    caplog: pytest.LogCaptureFixture,
+    settings: Settings,
+    messages: set[str],
+    *,
+    after_kill: float = 0.0,
+) -> None:
+    """A control plane on ``settings`` whose database is killed (its fake clock then moved on
+    ``after_kill`` seconds): waits until each of ``messages`` was logged, and requires every
+    such line to be a WARNING without a traceback."""
+    clock = FakeClock()
+    plane = ControlPlane(settings, clock=clock)
+    loop_thread.run(plane.start())
+    try:
+        caplog.set_level(logging.WARNING, logger="sidecar.controlplane")
+        pg.kill()
+        clock.advance(after_kill)
+
+        def said() -> list[logging.LogRecord]:
+            return [r for r in caplog.records if r.getMessage() in messages]
+
+        wait_until(lambda: {r.getMessage() for r in said()} == messages, timeout=30)
+        assert all(r.levelno == logging.WARNING and not r.exc_info for r in said()), caplog.text
+    finally:
+        loop_thread.run(plane.aclose(grace=0))
+
+
 def test_the_sweeper_says_the_store_is_down_without_a_traceback(
     pg: PostgresServer, tmp_path: Path, loop_thread: LoopThread, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -75,20 +105,8 @@ def test_the_sweeper_says_the_store_is_down_without_a_traceback(
     ERROR with a traceback (which sent the Subscribe test above red when a sweep happened to
     run while its store was down)."""
     settings = _settings(pg, tmp_path, "sweep", sweep_interval=0.05)
-    plane = ControlPlane(settings, clock=FakeClock())
-    loop_thread.run(plane.start())
-    try:
-        caplog.set_level(logging.WARNING, logger="sidecar.controlplane")
-        pg.kill()
-
-        def swept() -> bool:
-            return any(r.getMessage() == "sweep failed; retrying" for r in caplog.records)
-
-        wait_until(swept, timeout=30)
-        failed = [r for r in caplog.records if r.getMessage() == "sweep failed; retrying"]
-        assert all(r.levelno == logging.WARNING and not r.exc_info for r in failed)
-    finally:
-        loop_thread.run(plane.aclose(grace=0))
+    messages = {"sweep failed; retrying"}
+    _passes_said_while_down(pg, tmp_path, loop_thread, caplog, settings, messages)
 
 
 def test_the_retention_passes_say_the_store_is_down_without_an_error(
@@ -99,22 +117,10 @@ def test_the_retention_passes_say_the_store_is_down_without_an_error(
     ERROR lines would page for. The clock is moved past the prune interval after the kill, so
     the next sweep runs both passes against the down store."""
     settings = _settings(pg, tmp_path, "retention", sweep_interval=0.05, audit_retention=86400)
-    clock = FakeClock()
-    plane = ControlPlane(settings, clock=clock)
-    loop_thread.run(plane.start())
-    try:
-        caplog.set_level(logging.WARNING, logger="sidecar.controlplane")
-        pg.kill()
-        clock.advance(AUDIT_PRUNE_INTERVAL + 1)
-
-        def failed() -> list[logging.LogRecord]:
-            return [r for r in caplog.records if "retention" in r.getMessage()]
-
-        kinds = {"usage", "audit"}
-        wait_until(lambda: {r.getMessage().split()[0] for r in failed()} >= kinds, timeout=30)
-        assert all(r.levelno == logging.WARNING and not r.exc_info for r in failed()), caplog.text
-    finally:
-        loop_thread.run(plane.aclose(grace=0))
+    messages = {"usage retention failed; retrying", "audit retention failed; retrying"}
+    _passes_said_while_down(
+        pg, tmp_path, loop_thread, caplog, settings, messages, after_kill=AUDIT_PRUNE_INTERVAL + 1
+    )
 
 
 def test_the_webhook_outbox_says_the_store_is_down_without_a_traceback(
@@ -127,16 +133,5 @@ def test_the_webhook_outbox_says_the_store_is_down_without_a_traceback(
     Subscribe's own read gives up. Here the pass runs every 50 ms, so it meets the store down at
     once, whatever the load."""
     settings = _settings(pg, tmp_path, "outbox", webhook_poll_interval=0.05)
-    plane = ControlPlane(settings, clock=FakeClock())
-    loop_thread.run(plane.start())
-    try:
-        caplog.set_level(logging.WARNING, logger="sidecar.controlplane")
-        pg.kill()
-
-        def failed() -> list[logging.LogRecord]:
-            return [r for r in caplog.records if r.getMessage().startswith("webhook delivery")]
-
-        wait_until(lambda: failed(), timeout=30)
-        assert all(r.levelno == logging.WARNING and not r.exc_info for r in failed()), caplog.text
-    finally:
-        loop_thread.run(plane.aclose(grace=0))
+    messages = {"webhook delivery pass failed; retrying"}
+    _passes_said_while_down(pg, tmp_path, loop_thread, caplog, settings, messages)
