@@ -47,6 +47,9 @@ def test_summary_is_the_medians_over_both_orders() -> None:
         "all_us_sidecar_minus_ceiling": 20.0,
         "envoy_us_sidecar_minus_ceiling": 2.0,
         "authz_us_sidecar_minus_ceiling": 18.0,
+        "all_cpu_ratio_ceiling_over_sidecar": round(280 / 300, 3),
+        "envoy_cpu_ratio_ceiling_over_sidecar": round(118 / 120, 3),
+        "authz_cpu_ratio_ceiling_over_sidecar": round(162 / 180, 3),
         "rps_ratio_sidecar_over_ceiling": round(1000 / 1100, 3),
     }
 
